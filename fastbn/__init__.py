@@ -1,0 +1,18 @@
+"""fastbn: Batch Normalization for NumPy arrays, in typed Cython with OpenMP.
+
+The public names are the three functions of :mod:`fastbn.functional`,
+the oracle :mod:`fastbn.reference`, and :func:`show_config`.
+"""
+
+from fastbn import reference
+from fastbn._config import __version__, show_config
+from fastbn.functional import batch_norm_backward, batch_norm_forward, batch_norm_inference
+
+__all__ = [
+    "__version__",
+    "batch_norm_backward",
+    "batch_norm_forward",
+    "batch_norm_inference",
+    "reference",
+    "show_config",
+]

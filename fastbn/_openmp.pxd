@@ -1,0 +1,41 @@
+# OpenMP shim: the kernels cimport what they need of OpenMP from here, so that
+# the package also builds, and runs on one thread, without OpenMP.
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    #define FASTBN_HAVE_OPENMP 1
+    #else
+    #define FASTBN_HAVE_OPENMP 0
+    static inline int omp_get_max_threads(void) { return 1; }
+    #endif
+    #ifndef FASTBN_COMPILE_ARGS
+    #define FASTBN_COMPILE_ARGS ""
+    #endif
+    """
+    bint FASTBN_HAVE_OPENMP
+    const char* FASTBN_COMPILE_ARGS
+    int omp_get_max_threads() noexcept nogil
+
+
+cdef enum:
+    # Below this many elements per thread, another thread costs more than it
+    # gives (an OpenMP fork/join is a few microseconds).
+    MIN_ELEMENTS_PER_THREAD = 32768
+
+
+cdef inline int threads_for(Py_ssize_t n_elements, Py_ssize_t n_units,
+                            int num_threads) noexcept nogil:
+    """Threads to use for ``n_elements`` split into ``n_units`` work units.
+
+    ``num_threads`` is the caller's resolved count (>= 1). The result never
+    changes a result's bits: the kernels' partitions depend on the shape only.
+    """
+    cdef Py_ssize_t by_size = n_elements // MIN_ELEMENTS_PER_THREAD
+    cdef Py_ssize_t n = num_threads
+    if by_size < n:
+        n = by_size
+    if n_units < n:
+        n = n_units
+    return <int>n if n > 1 else 1

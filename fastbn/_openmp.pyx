@@ -1,0 +1,31 @@
+"""Python-visible facts about the OpenMP runtime fastbn was built with."""
+
+from fastbn._openmp cimport FASTBN_HAVE_OPENMP, FASTBN_COMPILE_ARGS, omp_get_max_threads
+
+
+def openmp_enabled():
+    """True when the extension was compiled with OpenMP."""
+    return bool(FASTBN_HAVE_OPENMP)
+
+
+def compile_args():
+    """The C compiler flags the extension was built with, as one string."""
+    return FASTBN_COMPILE_ARGS.decode("ascii")
+
+
+def default_num_threads():
+    """``omp_get_max_threads()``: honours OMP_NUM_THREADS and threadpoolctl."""
+    return omp_get_max_threads()
+
+
+def effective_num_threads(num_threads):
+    """Resolve the public ``num_threads`` argument to a thread count.
+
+    None gives the OpenMP default; a positive int is used as given. The
+    caller has already rejected anything else. Without OpenMP it is 1.
+    """
+    if not FASTBN_HAVE_OPENMP:
+        return 1
+    if num_threads is None:
+        return omp_get_max_threads()
+    return num_threads

@@ -1,0 +1,85 @@
+# Per-channel arithmetic shared by both kernel families (_planar, _columnar):
+# turning accumulated sums into statistics and coefficients, in double.
+#
+# Forward: the sums are shifted by ``shift`` (one value of the channel), so
+#   s = sum(x - shift), q = sum((x - shift)**2), over m values,
+#   mean = shift + s/m,  var = q/m - (s/m)**2  (biased).
+# With the shift inside the data's range the subtraction loses nothing even
+# when the data sit far from zero (the textbook "shifted data" algorithm;
+# Chan, Golub & LeVeque, "Algorithms for computing the sample variance", 1983).
+#
+# Backward (Ioffe & Szegedy 2015, Section 3), with sdy = sum(dy) and
+# sdyc = sum(dy * (x - mean)):
+#   dbeta = sdy,  dgamma = invstd * sdyc,
+#   dx = gamma*invstd/m * (m*dy - dbeta - xhat*dgamma)
+#      = a*dy - b*(x - mean) - c,
+#   a = gamma*invstd,  b = a*invstd*dgamma/m,  c = a*dbeta/m.
+
+from cython cimport floating
+from libc.math cimport sqrt
+
+
+ctypedef struct Coef:
+    # y = (x - center) * scale + offset            (forward, inference)
+    # dx = scale*dy - slope*(x - center) - offset  (backward)
+    double center
+    double scale
+    double slope
+    double offset
+
+
+cdef inline Coef forward_coef(double s, double q, double m, double shift, double eps,
+                              const floating* gamma, const floating* beta,
+                              floating* mean_out, floating* invstd_out,
+                              floating* running_mean, floating* running_var,
+                              double factor, Py_ssize_t c) noexcept nogil:
+    """Finish channel c's statistics, store them and return the affine map."""
+    cdef Coef k
+    cdef double mu = s / m
+    cdef double var = q / m - mu * mu
+    if var < 0.0:  # rounding only; NaN stays NaN
+        var = 0.0
+    cdef double invstd = 1.0 / sqrt(var + eps)
+    k.center = shift + mu
+    k.scale = invstd * (<double>gamma[c] if gamma != NULL else 1.0)
+    k.slope = 0.0
+    k.offset = <double>beta[c] if beta != NULL else 0.0
+    mean_out[c] = <floating>k.center
+    invstd_out[c] = <floating>invstd
+    if running_mean != NULL:
+        running_mean[c] = <floating>((1.0 - factor) * running_mean[c] + factor * k.center)
+        running_var[c] = <floating>((1.0 - factor) * running_var[c]
+                                    + factor * var * m / (m - 1.0))
+    return k
+
+
+cdef inline Coef inference_coef(const floating* running_mean, const floating* running_var,
+                                double eps, const floating* gamma, const floating* beta,
+                                Py_ssize_t c) noexcept nogil:
+    """The affine map of channel c from the running statistics."""
+    cdef Coef k
+    k.center = running_mean[c]
+    k.scale = (1.0 / sqrt(<double>running_var[c] + eps)) * (
+        <double>gamma[c] if gamma != NULL else 1.0)
+    k.slope = 0.0
+    k.offset = <double>beta[c] if beta != NULL else 0.0
+    return k
+
+
+cdef inline Coef backward_coef(double sdy, double sdyc, double m,
+                               const floating* mean, const floating* invstd,
+                               const floating* gamma,
+                               floating* dgamma_out, floating* dbeta_out,
+                               Py_ssize_t c) noexcept nogil:
+    """Store dgamma[c] and dbeta[c] and return the map that gives dx."""
+    cdef Coef k
+    cdef double istd = invstd[c]
+    cdef double dgamma = istd * sdyc
+    cdef double a = istd * (<double>gamma[c] if gamma != NULL else 1.0)
+    dgamma_out[c] = <floating>dgamma
+    dbeta_out[c] = <floating>sdy
+    k.center = mean[c]
+    k.scale = a
+    k.slope = a * istd * dgamma / m
+    k.offset = a * sdy / m
+    return k

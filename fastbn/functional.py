@@ -1,0 +1,431 @@
+"""The public Batch Normalization functions.
+
+Each function checks its arguments, views the input as one of the two kernel
+layouts, allocates or checks the output, and calls the compiled kernel:
+
+- planar ``(N, C, S)``: channel axis 1 with spatial size S > 1 (NCHW and its
+  1-D and 3-D relatives), in :mod:`fastbn._planar`;
+- columnar ``(M, C)``: 2-D input, channels-last input, and channel axis 1
+  with S == 1, in :mod:`fastbn._columnar`.
+
+The formulas are those of Ioffe & Szegedy (2015), "Batch Normalization:
+Accelerating Deep Network Training by Reducing Internal Covariate Shift",
+arXiv:1502.03167; the running statistics follow PyTorch's ``BatchNorm``.
+Every check runs before anything is written, so a call that raises leaves
+every array the caller passed as it was.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from fastbn import _columnar, _openmp, _planar
+
+__all__ = ["batch_norm_forward", "batch_norm_inference", "batch_norm_backward"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# ------------------------------------------------------------- checking ----
+
+def _check_x(name, x):
+    """x must be a float32/float64 ndarray of 2 to 5 dimensions, none empty."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+    if not 2 <= x.ndim <= 5:
+        raise ValueError(f"{name} must have 2 to 5 dimensions (N, C, ...), got shape {x.shape}")
+    if 0 in x.shape:
+        raise ValueError(f"{name} must not have a zero-size axis, got shape {x.shape}")
+
+
+def _check_channel_axis(channel_axis, ndim):
+    """The channel axis as 1 or ndim - 1; accepts 1, -1 and their equivalents."""
+    if isinstance(channel_axis, bool) or not isinstance(channel_axis, numbers.Integral):
+        raise TypeError(f"channel_axis must be an int, got {type(channel_axis).__name__}")
+    if channel_axis not in (1, -1, ndim - 1, 1 - ndim):
+        raise ValueError(f"channel_axis must be 1 (channels first) or -1 (channels last), "
+                         f"got {channel_axis} for an input of {ndim} dimensions")
+    return int(channel_axis) % ndim
+
+
+def _check_vector(name, v, dtype, num_features, *, writeable=False):
+    """A (C,) array of the call's dtype; returns a C-contiguous view or copy."""
+    if not isinstance(v, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray or None, got {type(v).__name__}")
+    if v.dtype != dtype:
+        raise TypeError(f"{name} must have the dtype of x ({dtype}), got {v.dtype}")
+    if v.shape != (num_features,):
+        raise ValueError(f"{name} must have shape ({num_features},) (one value per channel), "
+                         f"got shape {v.shape}")
+    if writeable and not v.flags.writeable:
+        raise ValueError(f"{name} is updated in place and must be writeable, "
+                         f"got a read-only array")
+    return np.ascontiguousarray(v)
+
+
+def _check_eps(eps):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be finite and > 0, got {eps}")
+    return float(eps)
+
+
+def _check_momentum(momentum):
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a real number or None, got {type(momentum).__name__}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+    return float(momentum)
+
+
+def _check_num_threads(num_threads):
+    if num_threads is None:
+        return _openmp.effective_num_threads(None)
+    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
+        raise TypeError(f"num_threads must be a positive int or None, "
+                        f"got {type(num_threads).__name__}")
+    if num_threads <= 0:
+        raise ValueError(f"num_threads must be a positive int or None, got {num_threads}")
+    return _openmp.effective_num_threads(min(int(num_threads), 2**31 - 1))
+
+
+def _check_counter(num_batches_tracked):
+    if not isinstance(num_batches_tracked, np.ndarray):
+        raise TypeError(f"num_batches_tracked must be a numpy.ndarray of one integer "
+                        f"(updated in place), got {type(num_batches_tracked).__name__}")
+    if num_batches_tracked.dtype.kind not in "iu" or num_batches_tracked.size != 1:
+        raise ValueError(f"num_batches_tracked must hold one integer, got dtype "
+                         f"{num_batches_tracked.dtype} and shape {num_batches_tracked.shape}")
+    if not num_batches_tracked.flags.writeable:
+        raise ValueError("num_batches_tracked is updated in place and must be writeable, "
+                         "got a read-only array")
+
+
+def _same_memory(a, b):
+    """True when a and b are the very same elements in the same layout."""
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.shape == b.shape and a.strides == b.strides)
+
+
+def _check_out(out, x, others, in_place):
+    """out must be a writeable C-contiguous array shaped and typed like x.
+
+    It may be the array ``others[in_place]`` itself (the result then replaces
+    that input); it may overlap no other array of ``others`` (name -> array
+    or None).
+    """
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray or None, got {type(out).__name__}")
+    if out.dtype != x.dtype:
+        raise ValueError(f"out must have the dtype of x ({x.dtype}), got {out.dtype}")
+    if out.shape != x.shape:
+        raise ValueError(f"out must have the shape of x {x.shape}, got {out.shape}")
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous, got a non-contiguous array")
+    if not out.flags.writeable:
+        raise ValueError("out must be writeable, got a read-only array")
+    for name, other in others.items():
+        if other is None or not np.may_share_memory(out, other):
+            continue
+        if name == in_place and _same_memory(out, other):
+            continue
+        raise ValueError(f"out overlaps {name}; out may be {in_place} itself (in place) "
+                         f"or memory of its own, nothing else")
+
+
+def _check_same_dtype(x, **arrays):
+    """Every array given must have x's dtype (TypeError otherwise)."""
+    for name, a in arrays.items():
+        if isinstance(a, np.ndarray) and a.dtype != x.dtype:
+            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {a.dtype}")
+
+
+# --------------------------------------------------------------- layout ----
+
+def _kernel_view(x, channel_axis):
+    """(module, view): the kernel family and x viewed as (N, C, S) or (M, C).
+
+    x must be C-contiguous; the views share its memory.
+    """
+    if channel_axis == x.ndim - 1:
+        return _columnar, x.reshape(-1, x.shape[-1])
+    spatial = math.prod(x.shape[2:])
+    if spatial == 1:
+        return _columnar, x.reshape(x.shape[0], x.shape[1])
+    return _planar, x.reshape(x.shape[0], x.shape[1], spatial)
+
+
+def _output(out, x):
+    return np.empty_like(x, order="C") if out is None else out
+
+
+# ---------------------------------------------------------- public API ----
+
+def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_var=None,
+                       momentum=0.1, num_batches_tracked=None, channel_axis=1, out=None,
+                       num_threads=None):
+    """Batch Normalization in training mode: normalize with the batch statistics.
+
+    For every channel c, over the m values of that channel (m = N times the
+    spatial size)::
+
+        mean[c]   = sum(x[..c..]) / m
+        var[c]    = sum((x[..c..] - mean[c])**2) / m                  (biased)
+        invstd[c] = 1 / sqrt(var[c] + eps)
+        y[..c..]  = (x[..c..] - mean[c]) * invstd[c] * gamma[c] + beta[c]
+
+    (Ioffe & Szegedy 2015, arXiv:1502.03167, Algorithm 1.) The sums run in
+    float64 around a shift taken from the data, so data far from zero keep
+    their digits; the result is the same to the bit for any ``num_threads``.
+
+    Parameters
+    ----------
+    x : ndarray of float32 or float64
+        (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W) with
+        ``channel_axis=1``; the channel axis last with ``channel_axis=-1``.
+        Read-only input is fine; non-contiguous input is copied first.
+    gamma, beta : ndarray, shape (C,), dtype of x, or None
+        Scale and shift. None means 1 and 0 (no affine transform).
+    eps : float, default 1e-5
+        Added to the variance; finite and > 0.
+    running_mean, running_var : ndarray, shape (C,), dtype of x, or None
+        Running statistics, both or neither, updated in place as in PyTorch:
+        ``running = (1 - f) * running + f * batch`` with ``f = momentum``;
+        the running variance takes the unbiased batch variance
+        ``var * m / (m - 1)``.
+    momentum : float in [0, 1] or None, default 0.1
+        Weight of the new batch. None is a cumulative average, with
+        ``f = 1 / num_batches_tracked`` after the increment; it needs
+        ``num_batches_tracked``.
+    num_batches_tracked : ndarray holding one integer, or None
+        Batches seen so far (PyTorch's buffer of that name). When given with
+        the running statistics it is incremented in place.
+    channel_axis : {1, -1}, default 1
+        Axis of the channels: 1 for NCHW-style, -1 for channels last (the
+        positive equivalent ``x.ndim - 1`` is accepted).
+    out : ndarray or None
+        C-contiguous, writeable, x's shape and dtype, for y. ``out=x``
+        normalizes in place; any other overlap with an argument is an error.
+    num_threads : int > 0 or None
+        OpenMP threads; None uses the OpenMP default (``OMP_NUM_THREADS``,
+        threadpoolctl). Small inputs run on fewer threads.
+
+    Returns
+    -------
+    y : ndarray, shape and dtype of x (``out`` when given)
+    mean : ndarray, shape (C,), dtype of x
+        The batch mean, to pass to :func:`batch_norm_backward`.
+    invstd : ndarray, shape (C,), dtype of x
+        ``1 / sqrt(var + eps)``, to pass to :func:`batch_norm_backward`.
+
+    Raises
+    ------
+    TypeError
+        An argument that is not an ndarray, a dtype other than float32 or
+        float64, or arrays of different dtypes.
+    ValueError
+        x with fewer than 2 or more than 5 dimensions or a zero-size axis;
+        only one value per channel (as PyTorch: "Expected more than 1 value
+        per channel when training, got input size ..."); a per-channel array
+        not of shape (C,); only one of the running statistics; momentum None
+        with running statistics but no ``num_batches_tracked``; a bad
+        ``out``, ``eps``, ``momentum``, ``channel_axis`` or ``num_threads``.
+    """
+    _check_x("x", x)
+    ca = _check_channel_axis(channel_axis, x.ndim)
+    _check_same_dtype(x, gamma=gamma, beta=beta, running_mean=running_mean,
+                      running_var=running_var)
+    num_features = x.shape[ca]
+    if x.size // num_features <= 1:
+        raise ValueError("Expected more than 1 value per channel when training, "
+                         f"got input size {x.shape}")
+    eps = _check_eps(eps)
+    momentum = _check_momentum(momentum)
+    nthreads = _check_num_threads(num_threads)
+    g = None if gamma is None else _check_vector("gamma", gamma, x.dtype, num_features)
+    b = None if beta is None else _check_vector("beta", beta, x.dtype, num_features)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together, got only "
+                         + ("running_mean" if running_var is None else "running_var"))
+    tracking = running_mean is not None
+    rm = rv = None
+    if tracking:
+        rm = _check_vector("running_mean", running_mean, x.dtype, num_features, writeable=True)
+        rv = _check_vector("running_var", running_var, x.dtype, num_features, writeable=True)
+        if num_batches_tracked is not None:
+            _check_counter(num_batches_tracked)
+        elif momentum is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, "
+                             "got None")
+    if out is not None:
+        _check_out(out, x, {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean,
+                            "running_var": running_var}, in_place="x")
+    factor = 0.0
+    if tracking:
+        count = 0 if num_batches_tracked is None else int(num_batches_tracked.reshape(()))
+        factor = momentum if momentum is not None else 1.0 / (count + 1)
+
+    xc = np.ascontiguousarray(x)
+    y = _output(out, xc)
+    mean = np.empty(num_features, dtype=x.dtype)
+    invstd = np.empty(num_features, dtype=x.dtype)
+    kernel, xv = _kernel_view(xc, ca)
+    _, yv = _kernel_view(y, ca)
+    kernel.forward_train(xv, g, b, yv, mean, invstd, rm, rv, eps, factor, nthreads)
+    if tracking:
+        if rm is not running_mean:  # a non-contiguous caller's array got a copy
+            running_mean[...] = rm
+        if rv is not running_var:
+            running_var[...] = rv
+        if num_batches_tracked is not None:
+            num_batches_tracked += 1
+    return y, mean, invstd
+
+
+def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
+                         channel_axis=1, out=None, num_threads=None):
+    """Batch Normalization in inference mode: normalize with running statistics.
+
+    For every channel c::
+
+        y[..c..] = (x[..c..] - running_mean[c]) / sqrt(running_var[c] + eps)
+                   * gamma[c] + beta[c]
+
+    computed in float64 and rounded once to x's dtype (Ioffe & Szegedy 2015,
+    arXiv:1502.03167, Algorithm 2, step 11).
+
+    Parameters
+    ----------
+    x : ndarray of float32 or float64
+        (N, C, ...) with ``channel_axis=1`` or (N, ..., C) with
+        ``channel_axis=-1``, 2 to 5 dimensions. Non-contiguous input is
+        copied first.
+    gamma, beta : ndarray, shape (C,), dtype of x, or None
+        Scale and shift; None means 1 and 0.
+    running_mean, running_var : ndarray, shape (C,), dtype of x
+        The statistics to normalize with. Not modified.
+    eps : float, default 1e-5
+        Added to the variance; finite and > 0.
+    channel_axis : {1, -1}, default 1
+    out : ndarray or None
+        As in :func:`batch_norm_forward`; ``out=x`` works in place.
+    num_threads : int > 0 or None
+
+    Returns
+    -------
+    y : ndarray, shape and dtype of x (``out`` when given)
+
+    Raises
+    ------
+    TypeError
+        Non-ndarray arguments, unsupported or mixed dtypes.
+    ValueError
+        Bad shapes, ``out``, ``eps``, ``channel_axis`` or ``num_threads``.
+    """
+    _check_x("x", x)
+    ca = _check_channel_axis(channel_axis, x.ndim)
+    _check_same_dtype(x, gamma=gamma, beta=beta, running_mean=running_mean,
+                      running_var=running_var)
+    num_features = x.shape[ca]
+    eps = _check_eps(eps)
+    nthreads = _check_num_threads(num_threads)
+    g = None if gamma is None else _check_vector("gamma", gamma, x.dtype, num_features)
+    b = None if beta is None else _check_vector("beta", beta, x.dtype, num_features)
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var are required in inference, got None")
+    rm = _check_vector("running_mean", running_mean, x.dtype, num_features)
+    rv = _check_vector("running_var", running_var, x.dtype, num_features)
+    if out is not None:
+        _check_out(out, x, {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean,
+                            "running_var": running_var}, in_place="x")
+
+    xc = np.ascontiguousarray(x)
+    y = _output(out, xc)
+    kernel, xv = _kernel_view(xc, ca)
+    _, yv = _kernel_view(y, ca)
+    kernel.inference(xv, g, b, rm, rv, yv, eps, nthreads)
+    return y
+
+
+def batch_norm_backward(dy, x, gamma, mean, invstd, *, channel_axis=1, out=None,
+                        num_threads=None):
+    """Gradients of training-mode Batch Normalization, fused in two sweeps.
+
+    With ``xhat = (x - mean) * invstd`` recomputed from x (never stored) and
+    m the number of values per channel (Ioffe & Szegedy 2015,
+    arXiv:1502.03167, Section 3, gathered into one expression)::
+
+        dbeta[c]  = sum(dy[..c..])
+        dgamma[c] = sum(dy[..c..] * xhat[..c..])
+        dx[..c..] = gamma[c] * invstd[c] / m
+                    * (m * dy[..c..] - dbeta[c] - xhat[..c..] * dgamma[c])
+
+    The sums run in float64; dx is the same to the bit for any
+    ``num_threads``.
+
+    Parameters
+    ----------
+    dy : ndarray
+        Gradient of the loss with respect to y; shape and dtype of x.
+    x : ndarray of float32 or float64
+        The forward's input, 2 to 5 dimensions.
+    gamma : ndarray, shape (C,), dtype of x, or None
+        None means a scale of 1 (no affine); dgamma and dbeta are still
+        returned, as the gradients of an implicit gamma = 1 and beta = 0.
+    mean, invstd : ndarray, shape (C,), dtype of x
+        As returned by :func:`batch_norm_forward`.
+    channel_axis : {1, -1}, default 1
+    out : ndarray or None
+        C-contiguous, writeable, x's shape and dtype, for dx. ``out=dy``
+        computes in place; any other overlap is an error.
+    num_threads : int > 0 or None
+
+    Returns
+    -------
+    dx : ndarray, shape and dtype of x (``out`` when given)
+    dgamma, dbeta : ndarray, shape (C,), dtype of x
+
+    Raises
+    ------
+    TypeError
+        Non-ndarray arguments, unsupported or mixed dtypes.
+    ValueError
+        dy not shaped like x; per-channel arrays not of shape (C,); a bad
+        ``out``, ``channel_axis`` or ``num_threads``.
+    """
+    _check_x("x", x)
+    ca = _check_channel_axis(channel_axis, x.ndim)
+    if not isinstance(dy, np.ndarray):
+        raise TypeError(f"dy must be a numpy.ndarray, got {type(dy).__name__}")
+    _check_same_dtype(x, dy=dy, gamma=gamma, mean=mean, invstd=invstd)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have the shape of x {x.shape}, got {dy.shape}")
+    num_features = x.shape[ca]
+    nthreads = _check_num_threads(num_threads)
+    g = None if gamma is None else _check_vector("gamma", gamma, x.dtype, num_features)
+    if mean is None or invstd is None:
+        raise ValueError("mean and invstd (from batch_norm_forward) are required, got None")
+    mu = _check_vector("mean", mean, x.dtype, num_features)
+    istd = _check_vector("invstd", invstd, x.dtype, num_features)
+    if out is not None:
+        _check_out(out, x, {"dy": dy, "x": x, "gamma": gamma, "mean": mean, "invstd": invstd},
+                   in_place="dy")
+
+    dyc = np.ascontiguousarray(dy)
+    xc = np.ascontiguousarray(x)
+    dx = _output(out, xc)
+    dgamma = np.empty(num_features, dtype=x.dtype)
+    dbeta = np.empty(num_features, dtype=x.dtype)
+    kernel, xv = _kernel_view(xc, ca)
+    _, dyv = _kernel_view(dyc, ca)
+    _, dxv = _kernel_view(dx, ca)
+    kernel.backward(dyv, xv, g, mu, istd, dxv, dgamma, dbeta, nthreads)
+    return dx, dgamma, dbeta

@@ -1,0 +1,146 @@
+"""Pure-NumPy oracle for Batch Normalization.
+
+Every compiled kernel of fastbn is tested against the functions here. They
+have the signatures of :mod:`fastbn.functional`, accumulate in float64 and are
+written for clarity, not speed: each step is one line of the formula.
+
+Source of the formulas: S. Ioffe and C. Szegedy, "Batch Normalization:
+Accelerating Deep Network Training by Reducing Internal Covariate Shift",
+ICML 2015, arXiv:1502.03167, Algorithm 1 (forward) and Section 3 (backward).
+The running statistics follow PyTorch's ``torch.nn.BatchNorm2d``: the new
+batch is weighted by ``momentum`` and the running variance takes the unbiased
+batch variance.
+
+The oracle checks no input beyond what it needs to compute; the argument
+checking lives in :mod:`fastbn.functional`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["batch_norm_forward", "batch_norm_inference", "batch_norm_backward"]
+
+
+def _reduce_axes(ndim, channel_axis):
+    """Axes summed over: every axis but the channel axis."""
+    channel_axis = channel_axis % ndim
+    return tuple(a for a in range(ndim) if a != channel_axis), channel_axis
+
+
+def _per_channel(v, ndim, channel_axis):
+    """Reshape a (C,) vector so that it broadcasts along ``channel_axis``."""
+    shape = [1] * ndim
+    shape[channel_axis] = -1
+    return np.asarray(v, dtype=np.float64).reshape(shape)
+
+
+def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None,
+                       running_var=None, momentum=0.1, num_batches_tracked=None,
+                       channel_axis=1, out=None, num_threads=None):
+    """Training-mode Batch Normalization, computed in float64.
+
+    ``mean = E[x]``, ``var = E[(x - mean)**2]`` (biased) over every axis but
+    the channel axis; ``y = (x - mean) / sqrt(var + eps) * gamma + beta``
+    (Ioffe & Szegedy 2015, Algorithm 1). When ``running_mean`` and
+    ``running_var`` are given they are updated in place with
+    ``running = (1 - f) * running + f * batch`` where ``f = momentum``, or
+    ``f = 1 / num_batches_tracked`` after incrementing it when ``momentum`` is
+    None; the running variance takes the unbiased variance ``var * m / (m-1)``.
+
+    Returns
+    -------
+    y : ndarray, shape and dtype of x
+    mean, invstd : ndarray, shape (C,), dtype of x
+        The batch mean and ``1 / sqrt(var + eps)``.
+    """
+    del num_threads
+    axes, channel_axis = _reduce_axes(x.ndim, channel_axis)
+    x64 = np.asarray(x, dtype=np.float64)
+    m = x64.size // x64.shape[channel_axis]
+    mean = x64.mean(axis=axes)
+    var = ((x64 - _per_channel(mean, x.ndim, channel_axis)) ** 2).mean(axis=axes)
+    invstd = 1.0 / np.sqrt(var + eps)
+    xhat = (x64 - _per_channel(mean, x.ndim, channel_axis)) * _per_channel(invstd, x.ndim, channel_axis)
+    y = xhat
+    if gamma is not None:
+        y = y * _per_channel(gamma, x.ndim, channel_axis)
+    if beta is not None:
+        y = y + _per_channel(beta, x.ndim, channel_axis)
+    if running_mean is not None and running_var is not None:
+        if momentum is None:
+            num_batches_tracked += 1
+            factor = 1.0 / float(num_batches_tracked)
+        else:
+            if num_batches_tracked is not None:
+                num_batches_tracked += 1
+            factor = momentum
+        unbiased = var * m / (m - 1)
+        running_mean[...] = (1.0 - factor) * running_mean.astype(np.float64) + factor * mean
+        running_var[...] = (1.0 - factor) * running_var.astype(np.float64) + factor * unbiased
+    y = y.astype(x.dtype)
+    if out is not None:
+        out[...] = y
+        y = out
+    return y, mean.astype(x.dtype), invstd.astype(x.dtype)
+
+
+def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
+                         channel_axis=1, out=None, num_threads=None):
+    """Inference-mode Batch Normalization with the running statistics.
+
+    ``y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta``,
+    computed in float64 and returned in x's dtype.
+    """
+    del num_threads
+    _, channel_axis = _reduce_axes(x.ndim, channel_axis)
+    x64 = np.asarray(x, dtype=np.float64)
+    mean = _per_channel(running_mean, x.ndim, channel_axis)
+    invstd = 1.0 / np.sqrt(_per_channel(running_var, x.ndim, channel_axis) + eps)
+    y = (x64 - mean) * invstd
+    if gamma is not None:
+        y = y * _per_channel(gamma, x.ndim, channel_axis)
+    if beta is not None:
+        y = y + _per_channel(beta, x.ndim, channel_axis)
+    y = y.astype(x.dtype)
+    if out is not None:
+        out[...] = y
+        y = out
+    return y
+
+
+def batch_norm_backward(dy, x, gamma, mean, invstd, *, channel_axis=1, out=None,
+                        num_threads=None):
+    """Gradients of training-mode Batch Normalization, computed in float64.
+
+    With ``xhat = (x - mean) * invstd`` and m the number of values per
+    channel (Ioffe & Szegedy 2015, Section 3, simplified)::
+
+        dbeta  = sum(dy)
+        dgamma = sum(dy * xhat)
+        dx     = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)
+
+    Returns
+    -------
+    dx : ndarray, shape and dtype of x
+    dgamma, dbeta : ndarray, shape (C,), dtype of x
+    """
+    del num_threads
+    axes, channel_axis = _reduce_axes(x.ndim, channel_axis)
+    x64 = np.asarray(x, dtype=np.float64)
+    dy64 = np.asarray(dy, dtype=np.float64)
+    m = x64.size // x64.shape[channel_axis]
+    mean_b = _per_channel(mean, x.ndim, channel_axis)
+    invstd_b = _per_channel(invstd, x.ndim, channel_axis)
+    xhat = (x64 - mean_b) * invstd_b
+    dbeta = dy64.sum(axis=axes)
+    dgamma = (dy64 * xhat).sum(axis=axes)
+    g = np.ones(x.shape[channel_axis]) if gamma is None else np.asarray(gamma, dtype=np.float64)
+    g = _per_channel(g, x.ndim, channel_axis)
+    dx = g * invstd_b / m * (m * dy64 - _per_channel(dbeta, x.ndim, channel_axis)
+                            - xhat * _per_channel(dgamma, x.ndim, channel_axis))
+    dx = dx.astype(x.dtype)
+    if out is not None:
+        out[...] = dx
+        dx = out
+    return dx, dgamma.astype(x.dtype), dbeta.astype(x.dtype)

@@ -1,0 +1,120 @@
+"""Build fastbn's compiled kernels.
+
+Environment switches (read at build time):
+
+- ``FASTBN_OPENMP=0|1``: force the serial build, or require OpenMP. Unset,
+  OpenMP is used when a test compile with ``-fopenmp`` succeeds.
+- ``FASTBN_NATIVE=1``: add ``-march=native`` (the wheel then only runs on
+  CPUs like the build machine's). Off by default: the build is portable.
+- ``FASTBN_SANITIZE=1``: build with ``-fsanitize=address,undefined`` for
+  testing (run Python with the ASan runtime preloaded).
+- ``FASTBN_DEBUG=1``: turn Cython's bounds and wraparound checks back on.
+
+No ``-ffast-math``: it breaks NaN and Inf. The reductions are written with
+independent lanes so that the compiler vectorizes them without reassociating.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+MODULES = ["_openmp", "_planar", "_columnar"]
+BASE_ARGS = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+OPENMP_PROBE = r"""
+#include <omp.h>
+int main(void) {
+    int n = 0;
+    #pragma omp parallel reduction(+:n)
+    n += 1;
+    return n > 0 ? 0 : 1;
+}
+"""
+
+
+def _flag(name):
+    value = os.environ.get(name, "").strip()
+    if value not in ("", "0", "1"):
+        sys.exit(f"setup.py: {name} must be 0 or 1, got {value!r}")
+    return None if value == "" else value == "1"
+
+
+def _compiles_with_openmp(compiler):
+    """Compile and link the OpenMP probe with the extension's compiler."""
+    tmp = tempfile.mkdtemp(prefix="fastbn-openmp-")
+    try:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write(OPENMP_PROBE)
+        objects = compiler.compile([src], output_dir=tmp, extra_postargs=["-fopenmp"])
+        compiler.link_executable(objects, "probe", output_dir=tmp, extra_postargs=["-fopenmp"])
+        return subprocess.run([os.path.join(tmp, "probe")], check=False).returncode == 0
+    except Exception:  # any compile, link or run failure means: no OpenMP
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class BuildExt(build_ext):
+    """build_ext that decides the OpenMP and architecture flags once."""
+
+    def build_extensions(self):
+        want_openmp = _flag("FASTBN_OPENMP")
+        if want_openmp is None:
+            use_openmp = _compiles_with_openmp(self.compiler)
+        elif want_openmp:
+            if not _compiles_with_openmp(self.compiler):
+                sys.exit("setup.py: FASTBN_OPENMP=1 but the compiler cannot build OpenMP code")
+            use_openmp = True
+        else:
+            use_openmp = False
+
+        compile_args = list(BASE_ARGS)
+        link_args = []
+        if _flag("FASTBN_NATIVE"):
+            compile_args.append("-march=native")
+        if _flag("FASTBN_SANITIZE"):
+            compile_args += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+            link_args += ["-fsanitize=address,undefined"]
+        if use_openmp:
+            compile_args.append("-fopenmp")
+            link_args.append("-fopenmp")
+        print(f"fastbn: building {'with OpenMP' if use_openmp else 'a serial extension (no OpenMP)'}; "
+              f"compile flags: {' '.join(compile_args)}")
+
+        for ext in self.extensions:
+            ext.extra_compile_args = compile_args
+            ext.extra_link_args = link_args
+            ext.define_macros.append(("FASTBN_COMPILE_ARGS", '"' + " ".join(compile_args) + '"'))
+        super().build_extensions()
+
+
+debug = bool(_flag("FASTBN_DEBUG"))
+directives = {
+    "language_level": 3,
+    "boundscheck": debug,
+    "wraparound": debug,
+    "initializedcheck": debug,
+    "cdivision": True,
+    "embedsignature": True,
+}
+extensions = [
+    Extension(
+        f"fastbn.{name}",
+        [f"fastbn/{name}.pyx"],
+        include_dirs=[np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
+    )
+    for name in MODULES
+]
+
+setup(
+    ext_modules=cythonize(extensions, compiler_directives=directives),
+    cmdclass={"build_ext": BuildExt},
+)
