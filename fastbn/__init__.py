@@ -1,14 +1,20 @@
 """fastbn: Batch Normalization for NumPy arrays, in typed Cython with OpenMP.
 
-The public names are the three functions of :mod:`fastbn.functional`,
-the oracle :mod:`fastbn.reference`, and :func:`show_config`.
+The public names are the three functions of :mod:`fastbn.functional`, the
+layers of :mod:`fastbn.layers`, the oracle :mod:`fastbn.reference`, and
+:func:`show_config`.
 """
 
 from fastbn import reference
 from fastbn._config import __version__, show_config
 from fastbn.functional import batch_norm_backward, batch_norm_forward, batch_norm_inference
+from fastbn.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
     "__version__",
     "batch_norm_backward",
     "batch_norm_forward",

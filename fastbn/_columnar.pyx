@@ -39,6 +39,7 @@ cdef enum:
     MAX_ROW_BLOCKS = 64
     TILE_ALIGN = 16           # a tile's width is a multiple of this many columns
     TILE_BYTES = 512 * 1024   # target size of one tile of x (y or dx adds as much)
+    PAGE_BYTES = 4096
 
 
 cdef struct Grid:
@@ -76,8 +77,12 @@ cdef inline Grid make_grid(Py_ssize_t M, Py_ssize_t C, Py_ssize_t bytes_per_row_
 
 
 cdef inline bint by_tile(const Grid* g, Py_ssize_t bytes_per_row_value, int nthreads) noexcept nogil:
-    """Tiles when even the narrowest stays near cache and the threads balance."""
-    if g.M * min(g.C, <Py_ssize_t>TILE_ALIGN) * bytes_per_row_value > 4 * TILE_BYTES:
+    """Tiles when a tile stays in cache, its pieces of a row are at least a
+    page long (shorter pieces, one per page, defeat the hardware prefetcher)
+    or cover whole rows, and the tiles balance over the threads."""
+    if g.M * g.tile * bytes_per_row_value > 2 * TILE_BYTES:
+        return False
+    if g.tile < g.C and g.tile * bytes_per_row_value < PAGE_BYTES:
         return False
     return nthreads == 1 or g.ntiles % nthreads == 0 or g.ntiles >= 4 * nthreads
 

@@ -13,15 +13,11 @@ def compile_args():
     return FASTBN_COMPILE_ARGS.decode("ascii")
 
 
-def default_num_threads():
-    """``omp_get_max_threads()``: honours OMP_NUM_THREADS and threadpoolctl."""
-    return omp_get_max_threads()
-
-
 def effective_num_threads(num_threads):
     """Resolve the public ``num_threads`` argument to a thread count.
 
-    None gives the OpenMP default; a positive int is used as given. The
+    None gives the OpenMP default, ``omp_get_max_threads()``, which honours
+    OMP_NUM_THREADS and threadpoolctl; a positive int is used as given. The
     caller has already rejected anything else. Without OpenMP it is 1.
     """
     if not FASTBN_HAVE_OPENMP:

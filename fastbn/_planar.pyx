@@ -39,7 +39,7 @@ from fastbn._views cimport cptr, wptr
 
 
 cdef enum:
-    LANES = 16      # independent accumulators per block
+    LANES = 8       # independent accumulators per block
     BLOCK = 16384   # values per block of a channel (shape-fixed summation order)
 
 

@@ -1,0 +1,580 @@
+"""Batch Normalization layers with PyTorch's semantics, on NumPy arrays.
+
+:class:`BatchNorm1d`, :class:`BatchNorm2d` and :class:`BatchNorm3d` (and the
+rank-agnostic :class:`BatchNorm`) hold the parameters, the running statistics
+and the train/eval switch of ``torch.nn.BatchNorm*d`` and do their arithmetic
+through the three public functions of :mod:`fastbn.functional` (or of any
+module with the same signatures, such as :mod:`fastbn.reference`, passed as
+``backend=``). The layer itself computes nothing of full size but the
+gradient of an eval-mode forward (see :meth:`BatchNorm.backward`).
+
+The formulas are those of Ioffe & Szegedy (2015), "Batch Normalization:
+Accelerating Deep Network Training by Reducing Internal Covariate Shift",
+arXiv:1502.03167; the running statistics follow PyTorch (momentum weights the
+new batch, the running variance takes the unbiased batch variance,
+``momentum=None`` is a cumulative average over ``num_batches_tracked``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+import types
+
+import numpy as np
+
+from fastbn import functional as _functional
+
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_BACKEND_FUNCTIONS = ("batch_norm_forward", "batch_norm_inference", "batch_norm_backward")
+
+
+def _check_backend(backend):
+    """The backend module: fastbn.functional for None, else anything with its three functions."""
+    if backend is None:
+        return _functional
+    missing = [name for name in _BACKEND_FUNCTIONS if not callable(getattr(backend, name, None))]
+    if missing:
+        raise TypeError(f"backend must provide {', '.join(_BACKEND_FUNCTIONS)} with the "
+                        f"signatures of fastbn.functional (e.g. fastbn.functional or "
+                        f"fastbn.reference), got {backend!r} without {', '.join(missing)}")
+    return backend
+
+
+def _to_numpy(value):
+    """A state-dict value as an ndarray; torch tensors are detached first."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor, no torch import
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+class BatchNorm:
+    """Batch Normalization over the channel axis of 2-D to 5-D input.
+
+    In training mode the input is normalized with the statistics of the batch
+    and the running statistics are updated; in eval mode it is normalized with
+    the running statistics (Ioffe & Szegedy 2015, arXiv:1502.03167,
+    Algorithms 1 and 2)::
+
+        y = (x - mean) / sqrt(var + eps) * gamma + beta
+
+    where mean and the biased var are taken per channel over every other
+    axis. Semantics, defaults and ``state_dict`` keys are those of
+    ``torch.nn.BatchNorm2d``; :class:`BatchNorm1d`, :class:`BatchNorm2d` and
+    :class:`BatchNorm3d` differ from this class only in the number of
+    dimensions they accept.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels.
+    eps : float, default 1e-5
+        Added to the variance; finite and > 0.
+    momentum : float in [0, 1] or None, default 0.1
+        Weight of the new batch in the running statistics:
+        ``running = (1 - momentum) * running + momentum * batch``. None makes
+        them the cumulative average over the ``num_batches_tracked`` batches.
+    affine : bool, default True
+        Learn a scale ``gamma`` (initialized to 1) and a shift ``beta``
+        (initialized to 0). Without it, ``gamma``, ``beta``, ``dgamma`` and
+        ``dbeta`` are None and ``params``/``grads`` are empty.
+    track_running_stats : bool, default True
+        Keep ``running_mean`` (initialized to 0), ``running_var``
+        (initialized to 1) and ``num_batches_tracked``. Without them, eval
+        mode normalizes with the batch statistics, as PyTorch does.
+    dtype : {numpy.float32, numpy.float64}, default numpy.float32
+        dtype of the parameters and statistics; the input must have it.
+    channel_axis : {1, -1}, default 1
+        1 for channels first (NCHW and relatives), -1 for channels last.
+    num_threads : int > 0 or None, default None
+        OpenMP threads for the kernels; None uses the OpenMP default.
+    backend : module or None, keyword-only, default None
+        Where the arithmetic is done: anything providing
+        ``batch_norm_forward``, ``batch_norm_inference`` and
+        ``batch_norm_backward`` with the signatures of
+        :mod:`fastbn.functional`. None is :mod:`fastbn.functional`;
+        :mod:`fastbn.reference` runs the same layer on the NumPy oracle.
+
+    Attributes
+    ----------
+    gamma, beta : ndarray, shape (C,), or None
+        Scale and shift, also reachable as ``weight`` and ``bias``. Plain
+        arrays that an optimizer may update in place or replace by another
+        (C,) array of the layer's dtype.
+    dgamma, dbeta : ndarray, shape (C,), or None
+        Gradients with respect to ``gamma`` and ``beta`` from the last
+        :meth:`backward` (None before it, or without ``affine``).
+    params, grads : list of ndarray
+        ``[gamma, beta]`` and ``[dgamma, dbeta]`` in that fixed order (empty
+        without ``affine``), for solvers that walk the layers of a net.
+    running_mean, running_var : ndarray, shape (C,), or None
+        Running statistics, updated in place by training-mode forwards.
+    num_batches_tracked : ndarray of int64, shape (), or None
+        Training-mode forwards seen since the last reset, updated in place.
+    training : bool
+        True after :meth:`train` (the initial state), False after
+        :meth:`eval`.
+
+    Raises
+    ------
+    TypeError
+        A non-integer ``num_features``, a ``dtype`` other than float32 or
+        float64, or a ``backend`` without the three functions.
+    ValueError
+        ``num_features`` < 1, a bad ``eps``, ``momentum``, ``channel_axis``
+        or ``num_threads``.
+
+    See Also
+    --------
+    fastbn.batch_norm_forward, fastbn.batch_norm_inference,
+    fastbn.batch_norm_backward : the functions the layer calls.
+
+    Notes
+    -----
+    The layer keeps a reference to the last input (not a copy) for
+    :meth:`backward`: modifying that array in place between the forward and
+    the backward changes the gradient.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn import BatchNorm2d
+    >>> bn = BatchNorm2d(16)
+    >>> x = np.random.default_rng(0).standard_normal((8, 16, 5, 5), dtype=np.float32)
+    >>> y = bn(x)                       # training mode: batch statistics
+    >>> dx = bn.backward(np.ones_like(y))
+    >>> bn.dgamma.shape
+    (16,)
+    >>> y_eval = bn.eval()(x)           # eval mode: running statistics
+    """
+
+    #: numbers of dimensions the layer accepts, and how to say it in an error
+    _ndims = (2, 3, 4, 5)
+    _expected = "2-D to 5-D input (N, C, ...)"
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, dtype=np.float32, channel_axis=1,
+                 num_threads=None, *, backend=None):
+        cls = type(self).__name__
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+            raise TypeError(f"{cls}: num_features must be an int, "
+                            f"got {type(num_features).__name__}")
+        if num_features < 1:
+            raise ValueError(f"{cls}: num_features must be >= 1, got {num_features}")
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"{cls}: dtype must be float32 or float64, got {dtype!r}") from None
+        if dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{cls}: dtype must be float32 or float64, got {dtype}")
+        if isinstance(channel_axis, bool) or not isinstance(channel_axis, numbers.Integral):
+            raise TypeError(f"{cls}: channel_axis must be an int, "
+                            f"got {type(channel_axis).__name__}")
+        if channel_axis not in (1, -1):
+            raise ValueError(f"{cls}: channel_axis must be 1 (channels first) or "
+                             f"-1 (channels last), got {channel_axis}")
+        # The functions check these again at every call; checking them here makes
+        # a bad layer fail at construction rather than at its first forward.
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+            raise TypeError(f"{cls}: eps must be a real number, got {type(eps).__name__}")
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"{cls}: eps must be finite and > 0, got {eps}")
+        if momentum is not None:
+            if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+                raise TypeError(f"{cls}: momentum must be a real number or None, "
+                                f"got {type(momentum).__name__}")
+            if not 0.0 <= momentum <= 1.0:
+                raise ValueError(f"{cls}: momentum must be in [0, 1] or None, got {momentum}")
+        if num_threads is not None:
+            if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
+                raise TypeError(f"{cls}: num_threads must be a positive int or None, "
+                                f"got {type(num_threads).__name__}")
+            if num_threads <= 0:
+                raise ValueError(f"{cls}: num_threads must be a positive int or None, "
+                                 f"got {num_threads}")
+
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.dtype = dtype
+        self.channel_axis = int(channel_axis)
+        self.num_threads = num_threads
+        self.backend = _check_backend(backend)
+        self.training = True
+
+        c = self.num_features
+        self._gamma = np.ones(c, dtype=dtype) if self.affine else None
+        self._beta = np.zeros(c, dtype=dtype) if self.affine else None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(c, dtype=dtype)
+            self.running_var = np.ones(c, dtype=dtype)
+            self.num_batches_tracked = np.zeros((), dtype=np.int64)
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+        self.dgamma = None
+        self.dbeta = None
+        self._cache = None  # (x, mean, invstd) of the last forward; mean is None in eval
+
+    # ---------------------------------------------------------- parameters
+
+    def _set_param(self, name, value):
+        if not self.affine:
+            if value is not None:
+                raise ValueError(f"{type(self).__name__}(affine=False) has no {name}; "
+                                 f"got an array to assign")
+            return None
+        if not isinstance(value, np.ndarray):
+            raise TypeError(f"{type(self).__name__}.{name} must be a numpy.ndarray, "
+                            f"got {type(value).__name__}")
+        if value.shape != (self.num_features,):
+            raise ValueError(f"{type(self).__name__}.{name} must have shape "
+                             f"({self.num_features},), got {value.shape}")
+        if value.dtype != self.dtype:
+            raise TypeError(f"{type(self).__name__}.{name} must have the layer's dtype "
+                            f"({self.dtype}), got {value.dtype}")
+        return value
+
+    @property
+    def gamma(self):
+        """Scale, shape (C,), the layer's dtype; None without ``affine``."""
+        return self._gamma
+
+    @gamma.setter
+    def gamma(self, value):
+        self._gamma = self._set_param("gamma", value)
+
+    @property
+    def beta(self):
+        """Shift, shape (C,), the layer's dtype; None without ``affine``."""
+        return self._beta
+
+    @beta.setter
+    def beta(self, value):
+        self._beta = self._set_param("beta", value)
+
+    weight = property(gamma.fget, gamma.fset, doc="PyTorch's name for :attr:`gamma`.")
+    bias = property(beta.fget, beta.fset, doc="PyTorch's name for :attr:`beta`.")
+
+    @property
+    def params(self):
+        """``[gamma, beta]`` (the arrays themselves), or ``[]`` without ``affine``."""
+        return [self._gamma, self._beta] if self.affine else []
+
+    @property
+    def grads(self):
+        """``[dgamma, dbeta]`` in the order of :attr:`params` (None before a backward)."""
+        return [self.dgamma, self.dbeta] if self.affine else []
+
+    def reset_running_stats(self):
+        """Running mean to 0, running variance to 1, ``num_batches_tracked`` to 0, in place."""
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked[...] = 0
+
+    def reset_parameters(self):
+        """Reset the running statistics and set ``gamma`` to 1 and ``beta`` to 0, in place."""
+        self.reset_running_stats()
+        if self.affine:
+            self._gamma[...] = 1
+            self._beta[...] = 0
+
+    # ---------------------------------------------------------------- mode
+
+    def train(self, mode=True):
+        """Set training mode (``mode=True``) or eval mode; returns the layer."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Set eval mode (the same as ``train(False)``); returns the layer."""
+        return self.train(False)
+
+    # -------------------------------------------------------------- compute
+
+    def _check_input(self, x):
+        cls = type(self).__name__
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"{cls}: x must be a numpy.ndarray, got {type(x).__name__}")
+        if x.ndim not in self._ndims:
+            raise ValueError(f"{cls} expects {self._expected}, got {x.ndim}-D input "
+                             f"of shape {x.shape}")
+        axis = self.channel_axis % x.ndim
+        if x.shape[axis] != self.num_features:
+            raise ValueError(f"{cls}({self.num_features}) expects {self.num_features} "
+                             f"channels on axis {self.channel_axis}, got input of shape "
+                             f"{x.shape}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"{cls}: x must have the layer's dtype ({self.dtype}), "
+                            f"got {x.dtype}")
+
+    def _per_channel(self, v, ndim):
+        """A (C,) vector reshaped to broadcast along the channel axis."""
+        shape = [1] * ndim
+        shape[self.channel_axis % ndim] = -1
+        return v.reshape(shape)
+
+    def forward(self, x):
+        """Normalize x; in training mode also update the running statistics.
+
+        Training mode, or eval mode without running statistics: normalize
+        with the batch statistics (:func:`fastbn.batch_norm_forward`); in
+        training mode with ``track_running_stats`` the running statistics are
+        updated in place and ``num_batches_tracked`` is incremented. Eval
+        mode with running statistics: :func:`fastbn.batch_norm_inference`.
+
+        Parameters
+        ----------
+        x : ndarray, the layer's dtype
+            (N, C, ...) with ``channel_axis=1``, (N, ..., C) with
+            ``channel_axis=-1``; the number of dimensions the class accepts.
+            A reference to it (not a copy) is kept for :meth:`backward`.
+
+        Returns
+        -------
+        y : ndarray, shape and dtype of x
+
+        Raises
+        ------
+        TypeError
+            x not an ndarray or not of the layer's dtype.
+        ValueError
+            x with a number of dimensions the class does not accept (the
+            message names the class and the shape), or not C channels on
+            the channel axis; training with one value per channel.
+        """
+        self._check_input(x)
+        f = self.backend
+        common = dict(channel_axis=self.channel_axis, num_threads=self.num_threads)
+        if self.training or not self.track_running_stats:
+            tracking = self.training and self.track_running_stats
+            y, mean, invstd = f.batch_norm_forward(
+                x, self._gamma, self._beta, eps=self.eps,
+                running_mean=self.running_mean if tracking else None,
+                running_var=self.running_var if tracking else None,
+                momentum=self.momentum,
+                num_batches_tracked=self.num_batches_tracked if tracking else None,
+                **common)
+            self._cache = (x, mean, invstd)
+        else:
+            y = f.batch_norm_inference(x, self._gamma, self._beta, self.running_mean,
+                                       self.running_var, eps=self.eps, **common)
+            self._cache = (x, None, None)
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy):
+        """Gradient with respect to the input of the last forward; stores dgamma, dbeta.
+
+        After a forward with batch statistics (training mode, or eval mode
+        without running statistics) this is the Batch Normalization backward
+        of :func:`fastbn.batch_norm_backward`, with m values per channel and
+        ``xhat = (x - mean) * invstd``::
+
+            dbeta  = sum(dy)
+            dgamma = sum(dy * xhat)
+            dx     = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)
+
+        After an eval-mode forward with running statistics the normalization
+        is a fixed affine map, and with ``invstd = 1 / sqrt(running_var +
+        eps)`` and ``xhat = (x - running_mean) * invstd``::
+
+            dbeta  = sum(dy)
+            dgamma = sum(dy * xhat)
+            dx     = dy * gamma * invstd
+
+        The two sums are those of :func:`fastbn.batch_norm_backward` given
+        the running statistics as mean and invstd (so they run in the
+        kernel, in float64); dx is then one NumPy multiply written over the
+        kernel's output.
+
+        Parameters
+        ----------
+        dy : ndarray
+            Gradient of the loss with respect to the output; shape and dtype
+            of the last forward's input.
+
+        Returns
+        -------
+        dx : ndarray, shape and dtype of x
+
+        Raises
+        ------
+        RuntimeError
+            No forward has been run yet.
+        TypeError
+            dy not an ndarray, or of another dtype than x.
+        ValueError
+            dy not shaped like the last forward's input.
+        """
+        cls = type(self).__name__
+        if self._cache is None:
+            raise RuntimeError(f"{cls}.backward called before forward: there is no input "
+                               f"to take the gradient at")
+        x, mean, invstd = self._cache
+        if not isinstance(dy, np.ndarray):
+            raise TypeError(f"{cls}.backward: dy must be a numpy.ndarray, "
+                            f"got {type(dy).__name__}")
+        if dy.shape != x.shape:
+            raise ValueError(f"{cls}.backward: dy must have the shape of the last forward's "
+                             f"input {x.shape}, got {dy.shape}")
+        f = self.backend
+        common = dict(channel_axis=self.channel_axis, num_threads=self.num_threads)
+        if mean is not None:
+            dx, dgamma, dbeta = f.batch_norm_backward(dy, x, self._gamma, mean, invstd, **common)
+        else:
+            invstd64 = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+            dx, dgamma, dbeta = f.batch_norm_backward(
+                dy, x, self._gamma, self.running_mean, invstd64.astype(self.dtype), **common)
+            scale = invstd64 if self._gamma is None else self._gamma * invstd64
+            np.multiply(dy, self._per_channel(scale.astype(self.dtype), x.ndim), out=dx)
+        if self.affine:
+            self.dgamma, self.dbeta = dgamma, dbeta
+        return dx
+
+    # --------------------------------------------------------------- state
+
+    def state_dict(self):
+        """The learnable parameters and running statistics under PyTorch's key names.
+
+        Returns
+        -------
+        dict of str to ndarray
+            Copies, in PyTorch's order: ``weight`` and ``bias`` (with
+            ``affine``), ``running_mean``, ``running_var`` and
+            ``num_batches_tracked`` (0-d int64; with
+            ``track_running_stats``).
+        """
+        state = {}
+        if self.affine:
+            state["weight"] = self._gamma.copy()
+            state["bias"] = self._beta.copy()
+        if self.track_running_stats:
+            state["running_mean"] = self.running_mean.copy()
+            state["running_var"] = self.running_var.copy()
+            state["num_batches_tracked"] = self.num_batches_tracked.copy()
+        return state
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy parameters and running statistics in place from a state dict.
+
+        The layer's arrays keep their identity (an optimizer holding them
+        sees the new values); values are cast to the layer's dtype. A state
+        from ``torch.nn.BatchNorm*d`` loads as is, its tensors converted by
+        ``numpy.asarray`` (tensors that require grad are detached first). As
+        in PyTorch, a missing ``num_batches_tracked`` keeps the current
+        count.
+
+        Parameters
+        ----------
+        state_dict : mapping of str to array_like
+            Keys ``weight``, ``bias``, ``running_mean``, ``running_var``,
+            ``num_batches_tracked`` as :meth:`state_dict` gives them.
+        strict : bool, default True
+            Require exactly the keys of :meth:`state_dict`.
+
+        Raises
+        ------
+        KeyError
+            With ``strict``, missing or unexpected keys (all of them named).
+        ValueError
+            A value whose shape does not match (nothing is modified then).
+        """
+        cls = type(self).__name__
+        own = {}
+        if self.affine:
+            own["weight"] = self._gamma
+            own["bias"] = self._beta
+        if self.track_running_stats:
+            own["running_mean"] = self.running_mean
+            own["running_var"] = self.running_var
+            own["num_batches_tracked"] = self.num_batches_tracked
+        if strict:
+            missing = [k for k in own if k not in state_dict and k != "num_batches_tracked"]
+            unexpected = [k for k in state_dict if k not in own]
+            if missing or unexpected:
+                raise KeyError(f"{cls}.load_state_dict: missing keys {missing}, "
+                               f"unexpected keys {unexpected}")
+        staged = []
+        for key, target in own.items():
+            if key not in state_dict:
+                continue
+            value = _to_numpy(state_dict[key])
+            if value.shape != target.shape and not (key == "num_batches_tracked"
+                                                    and value.size == 1):
+                raise ValueError(f"{cls}.load_state_dict: {key} must have shape "
+                                 f"{target.shape}, got {value.shape}")
+            staged.append((target, value.reshape(target.shape)))
+        for target, value in staged:
+            target[...] = value
+
+    # ------------------------------------------------------------- python
+
+    def __repr__(self):
+        momentum = "None" if self.momentum is None else f"{self.momentum:g}"
+        extra = ""
+        if self.dtype != np.float32:
+            extra += f", dtype={self.dtype.name}"
+        if self.channel_axis != 1:
+            extra += f", channel_axis={self.channel_axis}"
+        if self.backend is not _functional:
+            extra += f", backend={getattr(self.backend, '__name__', self.backend)!s}"
+        return (f"{type(self).__name__}({self.num_features}, eps={self.eps:g}, "
+                f"momentum={momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}{extra})")
+
+    def __getstate__(self):
+        # Modules do not pickle: keep a backend module by name. The cached input
+        # of the last forward is not part of the layer's state.
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        if isinstance(self.backend, types.ModuleType):
+            state["backend"] = self.backend.__name__
+        return state
+
+    def __setstate__(self, state):
+        if isinstance(state.get("backend"), str):
+            state["backend"] = importlib.import_module(state["backend"])
+        self.__dict__.update(state)
+
+
+class BatchNorm1d(BatchNorm):
+    """Batch Normalization over (N, C) or (N, C, L) input, as ``torch.nn.BatchNorm1d``.
+
+    With ``channel_axis=-1`` the input is (N, C) or (N, L, C). Everything else
+    is as in :class:`BatchNorm`; a 1-, 4- or 5-D input raises ``ValueError``
+    naming the class and the shape.
+    """
+
+    _ndims = (2, 3)
+    _expected = "2-D or 3-D input (N, C) or (N, C, L)"
+
+
+class BatchNorm2d(BatchNorm):
+    """Batch Normalization over (N, C, H, W) input, as ``torch.nn.BatchNorm2d``.
+
+    With ``channel_axis=-1`` the input is (N, H, W, C). Everything else is as
+    in :class:`BatchNorm`; input that is not 4-D raises ``ValueError`` naming
+    the class and the shape.
+    """
+
+    _ndims = (4,)
+    _expected = "4-D input (N, C, H, W)"
+
+
+class BatchNorm3d(BatchNorm):
+    """Batch Normalization over (N, C, D, H, W) input, as ``torch.nn.BatchNorm3d``.
+
+    With ``channel_axis=-1`` the input is (N, D, H, W, C). Everything else is
+    as in :class:`BatchNorm`; input that is not 5-D raises ``ValueError``
+    naming the class and the shape.
+    """
+
+    _ndims = (5,)
+    _expected = "5-D input (N, C, D, H, W)"
