@@ -34,12 +34,27 @@ from cython.parallel cimport prange
 from libc.stdlib cimport malloc, free
 
 from fastbn._openmp cimport threads_for
-from fastbn._stats cimport Coef, forward_coef, inference_coef, backward_coef
+from fastbn._stats cimport Coef, forward_coef, inference_coef, backward_coef, float_safe
 from fastbn._views cimport cptr, wptr
 
 
+cdef extern from *:
+    """
+    /* Independent double accumulators per block: enough to hide the add
+       latency with the widest vectors the build targets, no more than the
+       registers hold. A build for another target may round differently. */
+    #if defined(__AVX512F__)
+    #define FASTBN_LANES 32
+    #elif defined(__AVX__)
+    #define FASTBN_LANES 16
+    #else
+    #define FASTBN_LANES 8
+    #endif
+    """
+    enum: LANES "FASTBN_LANES"
+
+
 cdef enum:
-    LANES = 8       # independent accumulators per block
     BLOCK = 16384   # values per block of a channel (shape-fixed summation order)
 
 
@@ -123,18 +138,50 @@ cdef inline void row_grad_sums(const floating* dy, const floating* x, Py_ssize_t
 
 cdef inline void row_affine(const floating* x, floating* y, Py_ssize_t n,
                             double center, double scale, double offset) noexcept nogil:
-    """y = (x - center) * scale + offset, in double. y may be x."""
+    """y = (x - center) * scale + offset. y may be x.
+
+    float64 computes in double. float32 computes in float with the center
+    split in two floats, hi + lo: x - hi is exact when x is near the center
+    (Sterbenz), so data far from zero lose nothing, and the float vectors
+    are twice as wide as double ones. Coefficients that float cannot carry
+    (extreme scales, NaN) take the double path.
+    """
     cdef Py_ssize_t i
-    for i in range(n):
-        y[i] = <floating>((<double>x[i] - center) * scale + offset)
+    cdef float hi, lo, s, o
+    if floating is double or not (float_safe(center) and float_safe(scale)
+                                  and float_safe(offset)):
+        for i in range(n):
+            y[i] = <floating>((<double>x[i] - center) * scale + offset)
+    else:
+        hi = <float>center
+        lo = <float>(center - <double>hi)
+        s = <float>scale
+        o = <float>offset
+        for i in range(n):
+            y[i] = ((x[i] - hi) - lo) * s + o
 
 
 cdef inline void row_grad(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
                           double center, double scale, double slope, double offset) noexcept nogil:
-    """dx = scale*dy - slope*(x - center) - offset, in double. dx may be dy."""
+    """dx = scale*dy - slope*(x - center) - offset. dx may be dy.
+
+    float32 computes in float with the center split as in row_affine, when
+    float can carry the coefficients; in double otherwise.
+    """
     cdef Py_ssize_t i
-    for i in range(n):
-        dx[i] = <floating>(scale * <double>dy[i] - slope * (<double>x[i] - center) - offset)
+    cdef float hi, lo, s, k, o
+    if floating is double or not (float_safe(center) and float_safe(scale)
+                                  and float_safe(slope) and float_safe(offset)):
+        for i in range(n):
+            dx[i] = <floating>(scale * <double>dy[i] - slope * (<double>x[i] - center) - offset)
+    else:
+        hi = <float>center
+        lo = <float>(center - <double>hi)
+        s = <float>scale
+        k = <float>slope
+        o = <float>offset
+        for i in range(n):
+            dx[i] = s * dy[i] - k * ((x[i] - hi) - lo) - o
 
 
 # -------------------------------------------------------------- blocks ----

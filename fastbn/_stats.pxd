@@ -16,7 +16,7 @@
 #   a = gamma*invstd,  b = a*invstd*dgamma/m,  c = a*dbeta/m.
 
 from cython cimport floating
-from libc.math cimport sqrt
+from libc.math cimport fabs, sqrt
 
 
 ctypedef struct Coef:
@@ -83,3 +83,10 @@ cdef inline Coef backward_coef(double sdy, double sdyc, double m,
     k.slope = a * istd * dgamma / m
     k.offset = a * sdy / m
     return k
+
+
+cdef inline bint float_safe(double v) noexcept nogil:
+    """v can be applied in float arithmetic without overflow or underflow
+    (0, or a magnitude in (2**-100, 2**100)); False for NaN and Inf, which
+    then take the double path."""
+    return v == 0.0 or (fabs(v) > 7.888609052210118e-31 and fabs(v) < 1.2676506002282294e+30)

@@ -43,9 +43,20 @@ def _check_x(name, x):
         raise ValueError(f"{name} must not have a zero-size axis, got shape {x.shape}")
 
 
+def _is_int(v):
+    """An integer that is not a bool (fast path for the built-in int)."""
+    return type(v) is int or (isinstance(v, numbers.Integral) and not isinstance(v, bool))
+
+
+def _is_real(v):
+    """A real number that is not a bool (fast path for built-in float and int)."""
+    return type(v) is float or _is_int(v) or (isinstance(v, numbers.Real)
+                                               and not isinstance(v, bool))
+
+
 def _check_channel_axis(channel_axis, ndim):
     """The channel axis as 1 or ndim - 1; accepts 1, -1 and their equivalents."""
-    if isinstance(channel_axis, bool) or not isinstance(channel_axis, numbers.Integral):
+    if not _is_int(channel_axis):
         raise TypeError(f"channel_axis must be an int, got {type(channel_axis).__name__}")
     if channel_axis not in (1, -1, ndim - 1, 1 - ndim):
         raise ValueError(f"channel_axis must be 1 (channels first) or -1 (channels last), "
@@ -65,11 +76,11 @@ def _check_vector(name, v, dtype, num_features, *, writeable=False):
     if writeable and not v.flags.writeable:
         raise ValueError(f"{name} is updated in place and must be writeable, "
                          f"got a read-only array")
-    return np.ascontiguousarray(v)
+    return v if v.flags.c_contiguous else np.ascontiguousarray(v)
 
 
 def _check_eps(eps):
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+    if not _is_real(eps):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be finite and > 0, got {eps}")
@@ -79,7 +90,7 @@ def _check_eps(eps):
 def _check_momentum(momentum):
     if momentum is None:
         return None
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+    if not _is_real(momentum):
         raise TypeError(f"momentum must be a real number or None, got {type(momentum).__name__}")
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
@@ -89,7 +100,7 @@ def _check_momentum(momentum):
 def _check_num_threads(num_threads):
     if num_threads is None:
         return _openmp.effective_num_threads(None)
-    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
+    if not _is_int(num_threads):
         raise TypeError(f"num_threads must be a positive int or None, "
                         f"got {type(num_threads).__name__}")
     if num_threads <= 0:
@@ -141,26 +152,21 @@ def _check_out(out, x, others, in_place):
                          f"or memory of its own, nothing else")
 
 
-def _check_same_dtype(x, **arrays):
-    """Every array given must have x's dtype (TypeError otherwise)."""
-    for name, a in arrays.items():
-        if isinstance(a, np.ndarray) and a.dtype != x.dtype:
-            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {a.dtype}")
-
-
 # --------------------------------------------------------------- layout ----
 
-def _kernel_view(x, channel_axis):
-    """(module, view): the kernel family and x viewed as (N, C, S) or (M, C).
+def _kernel_view(shape, channel_axis):
+    """(module, view_shape): the kernel family and the shape to view x as.
 
-    x must be C-contiguous; the views share its memory.
+    Channels last (and 2-D) inputs are columnar (M, C); channels first
+    inputs are planar (N, C, S), or columnar (N, C) when S == 1. The views
+    of a C-contiguous array share its memory.
     """
-    if channel_axis == x.ndim - 1:
-        return _columnar, x.reshape(-1, x.shape[-1])
-    spatial = math.prod(x.shape[2:])
+    if channel_axis == len(shape) - 1:
+        return _columnar, (-1, shape[-1])
+    spatial = math.prod(shape[2:])
     if spatial == 1:
-        return _columnar, x.reshape(x.shape[0], x.shape[1])
-    return _planar, x.reshape(x.shape[0], x.shape[1], spatial)
+        return _columnar, shape[:2]
+    return _planar, (shape[0], shape[1], spatial)
 
 
 def _output(out, x):
@@ -241,8 +247,6 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
     """
     _check_x("x", x)
     ca = _check_channel_axis(channel_axis, x.ndim)
-    _check_same_dtype(x, gamma=gamma, beta=beta, running_mean=running_mean,
-                      running_var=running_var)
     num_features = x.shape[ca]
     if x.size // num_features <= 1:
         raise ValueError("Expected more than 1 value per channel when training, "
@@ -260,6 +264,10 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
     if tracking:
         rm = _check_vector("running_mean", running_mean, x.dtype, num_features, writeable=True)
         rv = _check_vector("running_var", running_var, x.dtype, num_features, writeable=True)
+        for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+            if np.may_share_memory(stat, x):
+                raise ValueError(f"{name} overlaps x; it is updated in place and needs "
+                                 f"memory of its own")
         if num_batches_tracked is not None:
             _check_counter(num_batches_tracked)
         elif momentum is None:
@@ -277,9 +285,9 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
     y = _output(out, xc)
     mean = np.empty(num_features, dtype=x.dtype)
     invstd = np.empty(num_features, dtype=x.dtype)
-    kernel, xv = _kernel_view(xc, ca)
-    _, yv = _kernel_view(y, ca)
-    kernel.forward_train(xv, g, b, yv, mean, invstd, rm, rv, eps, factor, nthreads)
+    kernel, view = _kernel_view(x.shape, ca)
+    kernel.forward_train(xc.reshape(view), g, b, y.reshape(view), mean, invstd, rm, rv, eps,
+                         factor, nthreads)
     if tracking:
         if rm is not running_mean:  # a non-contiguous caller's array got a copy
             running_mean[...] = rm
@@ -332,8 +340,6 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
     """
     _check_x("x", x)
     ca = _check_channel_axis(channel_axis, x.ndim)
-    _check_same_dtype(x, gamma=gamma, beta=beta, running_mean=running_mean,
-                      running_var=running_var)
     num_features = x.shape[ca]
     eps = _check_eps(eps)
     nthreads = _check_num_threads(num_threads)
@@ -349,9 +355,8 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
 
     xc = np.ascontiguousarray(x)
     y = _output(out, xc)
-    kernel, xv = _kernel_view(xc, ca)
-    _, yv = _kernel_view(y, ca)
-    kernel.inference(xv, g, b, rm, rv, yv, eps, nthreads)
+    kernel, view = _kernel_view(x.shape, ca)
+    kernel.inference(xc.reshape(view), g, b, rm, rv, y.reshape(view), eps, nthreads)
     return y
 
 
@@ -405,7 +410,8 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, channel_axis=1, out=None,
     ca = _check_channel_axis(channel_axis, x.ndim)
     if not isinstance(dy, np.ndarray):
         raise TypeError(f"dy must be a numpy.ndarray, got {type(dy).__name__}")
-    _check_same_dtype(x, dy=dy, gamma=gamma, mean=mean, invstd=invstd)
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
     if dy.shape != x.shape:
         raise ValueError(f"dy must have the shape of x {x.shape}, got {dy.shape}")
     num_features = x.shape[ca]
@@ -424,8 +430,7 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, channel_axis=1, out=None,
     dx = _output(out, xc)
     dgamma = np.empty(num_features, dtype=x.dtype)
     dbeta = np.empty(num_features, dtype=x.dtype)
-    kernel, xv = _kernel_view(xc, ca)
-    _, dyv = _kernel_view(dyc, ca)
-    _, dxv = _kernel_view(dx, ca)
-    kernel.backward(dyv, xv, g, mu, istd, dxv, dgamma, dbeta, nthreads)
+    kernel, view = _kernel_view(x.shape, ca)
+    kernel.backward(dyc.reshape(view), xc.reshape(view), g, mu, istd, dx.reshape(view), dgamma,
+                    dbeta, nthreads)
     return dx, dgamma, dbeta

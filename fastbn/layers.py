@@ -51,6 +51,17 @@ def _to_numpy(value):
     return np.asarray(value)
 
 
+def _parameter(attr, name, doc):
+    """A property over ``attr`` whose setter checks the array (named ``name`` in errors)."""
+    def get(self):
+        return getattr(self, attr)
+
+    def set(self, value):
+        setattr(self, attr, self._set_param(name, value))
+
+    return property(get, set, doc=doc)
+
+
 class BatchNorm:
     """Batch Normalization over the channel axis of 2-D to 5-D input.
 
@@ -239,26 +250,12 @@ class BatchNorm:
                             f"({self.dtype}), got {value.dtype}")
         return value
 
-    @property
-    def gamma(self):
-        """Scale, shape (C,), the layer's dtype; None without ``affine``."""
-        return self._gamma
-
-    @gamma.setter
-    def gamma(self, value):
-        self._gamma = self._set_param("gamma", value)
-
-    @property
-    def beta(self):
-        """Shift, shape (C,), the layer's dtype; None without ``affine``."""
-        return self._beta
-
-    @beta.setter
-    def beta(self, value):
-        self._beta = self._set_param("beta", value)
-
-    weight = property(gamma.fget, gamma.fset, doc="PyTorch's name for :attr:`gamma`.")
-    bias = property(beta.fget, beta.fset, doc="PyTorch's name for :attr:`beta`.")
+    gamma = _parameter("_gamma", "gamma", "Scale, shape (C,), the layer's dtype; None without "
+                       "``affine``.")
+    beta = _parameter("_beta", "beta", "Shift, shape (C,), the layer's dtype; None without "
+                      "``affine``.")
+    weight = _parameter("_gamma", "weight", "PyTorch's name for :attr:`gamma`.")
+    bias = _parameter("_beta", "bias", "PyTorch's name for :attr:`beta`.")
 
     @property
     def params(self):

@@ -99,6 +99,19 @@ def assert_close(actual, expected, dtype=None, *, rtol=None, scale=None, err_msg
                                err_msg=err_msg)
 
 
+def dx_scale(dy, gamma, invstd):
+    """The magnitude of the terms that make up dx: max|gamma * invstd| * max|dy|.
+
+    dx = gamma*invstd/m * (m*dy - dbeta - xhat*dgamma) is a difference of
+    terms of this size, which cancel entirely when a channel has two values;
+    its rounding error is relative to them, not to dx.
+    """
+    g = np.ones_like(invstd) if gamma is None else gamma
+    gi = np.abs(np.asarray(g, np.float64) * np.asarray(invstd, np.float64))
+    dy = np.abs(np.asarray(dy, np.float64))
+    return gi[np.isfinite(gi)].max(initial=0.0) * dy[np.isfinite(dy)].max(initial=0.0)
+
+
 def assert_bitwise_equal(actual, expected, err_msg=""):
     """Same dtype, shape and bytes (NaN payloads and signed zeros included)."""
     actual = np.asarray(actual)

@@ -19,7 +19,7 @@ import pytest
 import fastbn
 from fastbn import reference
 
-from conftest import assert_close, layout_id
+from conftest import assert_close, dx_scale, layout_id
 
 EPS = 1e-12
 VAR_RTOL = 1e-5
@@ -71,10 +71,10 @@ def test_forward_variance_far_from_zero(shape, channel_axis, offset, rng):
     var_from_invstd = 1.0 / invstd.astype(np.float64) ** 2 - EPS
     np.testing.assert_allclose(var_from_invstd, true_var, rtol=VAR_RTOL, atol=0,
                                err_msg="1/invstd**2 - eps (biased variance)")
-    # The mean to within one float32 ulp of its magnitude.
-    np.testing.assert_array_less(np.abs(mean.astype(np.float64) - true_mean),
-                                 np.spacing(np.abs(true_mean).astype(np.float32)).astype(np.float64) + 1e-12)
-    np.testing.assert_allclose(rm.astype(np.float64), true_mean, rtol=1e-7, atol=0)
+    # The mean (and running_mean = mean) to within one float32 ulp.
+    ulp = np.spacing(np.abs(true_mean).astype(np.float32)).astype(np.float64)
+    assert np.all(np.abs(mean.astype(np.float64) - true_mean) <= ulp), "mean"
+    assert np.all(np.abs(rm.astype(np.float64) - true_mean) <= ulp), "running_mean"
     # y is standardized data: compare with float64 arithmetic on the same values.
     ref_y, _, _ = reference.batch_norm_forward(x, None, None, eps=EPS,
                                                channel_axis=channel_axis)
@@ -96,7 +96,7 @@ def test_backward_far_from_zero(shape, channel_axis, offset, rng):
 
     rdx, rdgamma, rdbeta = reference.batch_norm_backward(dy, x, gamma, mean, invstd,
                                                          channel_axis=channel_axis)
-    assert_close(dx, rdx, np.float32, err_msg="dx")
+    assert_close(dx, rdx, np.float32, scale=dx_scale(dy, gamma, invstd), err_msg="dx")
     assert_close(dgamma, rdgamma, np.float32, err_msg="dgamma")
     assert_close(dbeta, rdbeta, np.float32, err_msg="dbeta")
 
@@ -112,12 +112,63 @@ def test_inference_far_from_zero(offset, rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-def test_constant_channel(dtype):
-    """A constant channel has variance 0 exactly: invstd = 1/sqrt(eps), y = beta."""
+@pytest.mark.parametrize("channel_axis", [1, -1])
+@pytest.mark.parametrize("eps", [1e-4, 1e-30, 1e-80])
+def test_constant_channel(dtype, channel_axis, eps):
+    """A constant channel has variance 0: y = beta exactly, in training and inference.
+
+    With a tiny eps, 1/sqrt(eps) may not fit the dtype (1e40 for eps = 1e-80
+    in float32): (x - mean) is still exactly 0, so y is still beta.
+    """
     x = np.full((8, 2, 50), 1234.5, dtype=dtype)
     x[:, 1] = np.linspace(-1, 1, 400, dtype=dtype).reshape(8, 50)
+    if channel_axis == -1:
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
     beta = np.array([0.25, 0.0], dtype)
-    y, mean, invstd = fastbn.batch_norm_forward(x, None, beta, eps=1e-4)
+    constant = (slice(None), 0) if channel_axis == 1 else (Ellipsis, 0)
+
+    y, mean, invstd = fastbn.batch_norm_forward(x, None, beta, eps=eps,
+                                                channel_axis=channel_axis)
+
     assert mean[0] == dtype(1234.5)
-    assert invstd[0] == dtype(1 / np.sqrt(1e-4))
-    assert np.all(y[:, 0] == dtype(0.25))
+    with np.errstate(over="ignore"):
+        assert invstd[0] == dtype(1 / np.sqrt(eps))
+    np.testing.assert_array_equal(y[constant], dtype(0.25), err_msg="training y")
+    y = fastbn.batch_norm_inference(x, None, beta, mean, np.zeros(2, dtype), eps=eps,
+                                    channel_axis=channel_axis)
+    np.testing.assert_array_equal(y[constant], dtype(0.25), err_msg="inference y")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("shape, channel_axis", [
+    pytest.param((4, 3, 50), 1, id="planar"), pytest.param((4, 50, 3), -1, id="columnar")])
+@pytest.mark.parametrize("exponent", [-70, -40, 40, 75])
+def test_data_far_from_unit_scale(dtype, shape, channel_axis, exponent, rng):
+    """Data of magnitude 2**exponent (eps scaled by its square) keep full accuracy.
+
+    Every value involved stays a normal number of the dtype (x and invstd near
+    2**exponent and 2**-exponent, dx near 2**-exponent), so the oracle's
+    results are representable and fastbn must match them.
+    """
+    scale = 2.0 ** exponent
+    x = (scale * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    eps = 1e-5 * scale**2
+    C = shape[channel_axis]
+    gamma = rng.uniform(0.5, 1.5, C).astype(dtype)
+
+    y, mean, invstd = fastbn.batch_norm_forward(x, gamma, None, eps=eps,
+                                                channel_axis=channel_axis)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(dy, x, gamma, mean, invstd,
+                                                   channel_axis=channel_axis)
+
+    ry, rmean, rinvstd = reference.batch_norm_forward(x, gamma, None, eps=eps,
+                                                      channel_axis=channel_axis)
+    rdx, rdgamma, rdbeta = reference.batch_norm_backward(dy, x, gamma, mean, invstd,
+                                                         channel_axis=channel_axis)
+    assert_close(y, ry, dtype, err_msg="y")
+    assert_close(mean, rmean, dtype, err_msg="mean")
+    assert_close(invstd, rinvstd, dtype, err_msg="invstd")
+    assert_close(dx, rdx, dtype, scale=dx_scale(dy, gamma, invstd), err_msg="dx")
+    assert_close(dgamma, rdgamma, dtype, err_msg="dgamma")
+    assert_close(dbeta, rdbeta, dtype, err_msg="dbeta")

@@ -13,7 +13,8 @@ import pytest
 import fastbn
 from fastbn import reference
 
-from conftest import DTYPES, THREADS, assert_close, dtype_id, layout_id, make_inputs
+from conftest import (DTYPES, THREADS, assert_close, dtype_id, dx_scale, layout_id,
+                      make_inputs)
 
 SMALL_LAYOUTS = [
     ((2, 1), 1),            # N = 2, C = 1
@@ -23,7 +24,9 @@ SMALL_LAYOUTS = [
     ((2, 3, 1), 1),         # S = 1: columnar
     ((3, 5, 7), 1),
     ((3, 5, 7), -2),        # equivalent of 1
-    ((2, 1, 37), 1),        # C = 1, S with a tail past the 16 lanes
+    ((2, 1, 37), 1),        # C = 1, S with a tail past the 8, 16 or 32 lanes
+    ((1, 3, 2), 1),         # N = 1, two values per channel (planar)
+    ((1, 2, 3, 1), 1),      # N = 1, planar
     ((3, 7, 2), -1),
     ((3, 7, 2), 2),         # equivalent of -1
     ((13, 11, 17), 1),      # primes
@@ -44,8 +47,11 @@ LARGE_LAYOUTS = [
     ((2, 3, 40000), 1),     # S > 16384: three blocks per row, the last one short
     ((1, 2, 70000), 1),     # N = 1, five blocks per row
     ((41, 3, 997), 1),      # whole rows per block, a short last block
-    ((4099, 40), 1),        # columnar: two tiles (one short), 64 row blocks (one short)
+    ((4099, 40), 1),        # columnar: 64 row blocks, the last one short
     ((3, 20011, 2), -1),    # channels last, many rows, C = 2
+    ((3, 2, 16385), 1),     # S = BLOCK + 1: a one-value block per row
+    ((2, 1, 16384), 1),     # S = BLOCK
+    ((3, 50021), 1),        # columnar, wide: several tiles, the last one short
 ]
 
 LAYOUTS = [pytest.param(shape, ca, id=layout_id(shape, ca))
@@ -148,7 +154,7 @@ def test_backward(shape, channel_axis, dtype, num_threads, out_mode, affine, rng
     gamma = a.gamma if affine else None
     ref_dx, ref_dgamma, ref_dbeta = reference.batch_norm_backward(
         a.dy.copy(), a.x, gamma, a.mean, a.invstd, channel_axis=channel_axis)
-    x_before = a.x.copy()
+    x_before, dy_before = a.x.copy(), a.dy.copy()
     dy = a.dy
     out = _out_for(out_mode, dy)
 
@@ -160,7 +166,7 @@ def test_backward(shape, channel_axis, dtype, num_threads, out_mode, affine, rng
     assert dx.shape == shape and dx.dtype == dtype
     assert dgamma.shape == dbeta.shape == (a.C,)
     assert dgamma.dtype == dbeta.dtype == dtype
-    assert_close(dx, ref_dx, dtype, err_msg="dx")
+    assert_close(dx, ref_dx, dtype, scale=dx_scale(dy_before, gamma, a.invstd), err_msg="dx")
     assert_close(dgamma, ref_dgamma, dtype, err_msg="dgamma")
     assert_close(dbeta, ref_dbeta, dtype, err_msg="dbeta")
     np.testing.assert_array_equal(a.x, x_before)

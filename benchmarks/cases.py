@@ -1,0 +1,233 @@
+"""What is timed: the shapes, the input data, and one call per implementation.
+
+A :class:`Workload` holds the inputs of one shape and dtype. When x is large
+enough to matter for bandwidth it keeps several identical copies of x, dy and
+the ``out=`` buffers, and the timed loop rotates through them so that the
+data one call touches was last touched a whole working set earlier, a working
+set at least twice the last-level cache: every call starts from main memory
+("cold"). The tiny latency shapes are instead timed "hot", as when the layer
+before has just written them.
+
+:func:`make_call` returns, for one implementation, operation and workload, a
+function ``call(i)`` that runs the operation on copy ``i`` and returns its
+main result (y or dx) without converting it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+import fastbn
+from fastbn import reference
+
+try:
+    import torch
+except ImportError:  # the suite runs without PyTorch, minus its column
+    torch = None
+
+EPS = 1e-5
+MOMENTUM = 0.1
+OPERATIONS = ("forward", "inference", "backward")
+OPERATION_TITLES = {"forward": "Training forward", "inference": "Inference",
+                    "backward": "Backward"}
+# Minimal traffic of one call, in multiples of x.nbytes: forward and
+# inference read x and write y; the backward reads x and dy and writes dx.
+TRAFFIC_FACTOR = {"forward": 2, "inference": 2, "backward": 3}
+
+# Inputs smaller than this are timed hot (they fit in the per-core cache).
+COLD_MIN_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Shape:
+    dims: tuple
+    channels_last: bool = False
+
+    @property
+    def channel_axis(self):
+        return -1 if self.channels_last else 1
+
+    @property
+    def num_features(self):
+        return self.dims[self.channel_axis]
+
+    @property
+    def label(self):
+        return f"({', '.join(map(str, self.dims))})" + (" NHWC" if self.channels_last else "")
+
+
+SHAPES = (
+    Shape((64, 64, 56, 56)),
+    Shape((32, 256, 14, 14)),
+    Shape((128, 32, 32, 32)),
+    Shape((32, 2048, 7, 7)),
+    Shape((8, 16, 8, 8)),
+    Shape((4096, 1024)),
+    Shape((256, 4096)),
+    Shape((65536, 64)),
+    Shape((64, 128)),
+    Shape((64, 56, 56, 64), channels_last=True),
+)
+# float64 on a subset: one planar, one columnar, channels last, both tiny.
+FLOAT64_SHAPES = (
+    Shape((32, 256, 14, 14)),
+    Shape((4096, 1024)),
+    Shape((64, 56, 56, 64), channels_last=True),
+    Shape((8, 16, 8, 8)),
+    Shape((64, 128)),
+)
+QUICK_SHAPES = (Shape((32, 256, 14, 14)), Shape((4096, 1024)), Shape((8, 16, 8, 8)),
+                Shape((64, 128)))
+QUICK_FLOAT64_SHAPES = (Shape((32, 256, 14, 14)),)
+TINY_SHAPES = (Shape((8, 16, 8, 8)), Shape((64, 128)))
+
+
+def suite(quick):
+    """The (shape, dtype) pairs to run, float32 first."""
+    f32, f64 = (QUICK_SHAPES, QUICK_FLOAT64_SHAPES) if quick else (SHAPES, FLOAT64_SHAPES)
+    return ([(s, np.dtype(np.float32)) for s in f32]
+            + [(s, np.dtype(np.float64)) for s in f64])
+
+
+# ------------------------------------------------------- implementations ----
+
+@dataclass(frozen=True)
+class Implementation:
+    name: str
+    label: str
+    warmup_calls: int = 2
+    max_reps: int = 20_000
+
+
+FASTBN_OUT = Implementation("fastbn_out", "fastbn (out=)")
+FASTBN = Implementation("fastbn", "fastbn")
+TORCH = Implementation("torch", "PyTorch")
+# The oracle is slow on big shapes: one warm-up call, at most 9 repetitions.
+REFERENCE = Implementation("reference", "reference", warmup_calls=1, max_reps=9)
+
+
+def implementations():
+    """Implementations in timing order: the reference first (it is the oracle)."""
+    return [REFERENCE] + ([TORCH] if torch is not None else []) + [FASTBN, FASTBN_OUT]
+
+
+# ------------------------------------------------------------ workload ----
+
+class Workload:
+    """Inputs of one (shape, dtype), in ``copies`` identical rotating copies.
+
+    ``copies`` is chosen so that the bytes one forward sweep over all copies
+    touches (x read + y written) reach ``flush_bytes``; 1 for inputs below
+    :data:`COLD_MIN_BYTES`. Every buffer is written once here, so no timed
+    call pays for first-touch page faults of its inputs or ``out=`` buffers.
+    """
+
+    def __init__(self, shape, dtype, flush_bytes, seed=0):
+        rng = np.random.default_rng(seed)
+        self.shape = shape
+        self.dtype = np.dtype(dtype)
+        c = shape.num_features
+        x0 = rng.standard_normal(shape.dims, dtype=self.dtype)
+        dy0 = rng.standard_normal(shape.dims, dtype=self.dtype)
+        self.nbytes = x0.nbytes
+        self.cold = self.nbytes >= COLD_MIN_BYTES
+        self.copies = max(1, math.ceil(flush_bytes / (2 * self.nbytes))) if self.cold else 1
+        self.x = [x0] + [x0.copy() for _ in range(self.copies - 1)]
+        self.dy = [dy0] + [dy0.copy() for _ in range(self.copies - 1)]
+        self.out = [np.full_like(x0, 0.0) for _ in range(self.copies)]
+        self.gamma = rng.uniform(0.5, 1.5, c).astype(self.dtype)
+        self.beta = rng.standard_normal(c).astype(self.dtype)
+        self.running_mean = (0.1 * rng.standard_normal(c)).astype(self.dtype)
+        self.running_var = rng.uniform(0.5, 2.0, c).astype(self.dtype)
+        _, self.mean, self.invstd = fastbn.batch_norm_forward(
+            x0, self.gamma, self.beta, eps=EPS, channel_axis=shape.channel_axis)
+        self._torch = None
+
+    @property
+    def label(self):
+        return f"{self.shape.label} {self.dtype.name}"
+
+    @property
+    def pool_bytes(self):
+        return 3 * self.copies * self.nbytes
+
+    def torch_inputs(self):
+        """x and dy copies as torch tensors sharing the NumPy memory.
+
+        Channels-last arrays become NCHW-shaped tensors in the channels_last
+        memory format (``permute(0, 3, 1, 2)`` of the NHWC array).
+        """
+        if self._torch is None:
+            def view(a):
+                t = torch.from_numpy(a)
+                return t.permute(0, 3, 1, 2) if self.shape.channels_last else t
+            self._torch = ([view(a) for a in self.x], [view(a) for a in self.dy])
+        return self._torch
+
+    def release(self):
+        self.x = self.dy = self.out = self._torch = None
+
+
+def as_array(result, shape):
+    """A result of any implementation as an ndarray in the layout of x."""
+    if torch is not None and isinstance(result, torch.Tensor):
+        if shape.channels_last:
+            result = result.permute(0, 2, 3, 1)
+        return result.numpy()
+    return result
+
+
+# --------------------------------------------------------------- calls ----
+
+def make_call(impl, op, w, num_threads):
+    """``call(i)``: one ``op`` by ``impl`` on copy ``i`` of workload ``w``.
+
+    Forward calls update running statistics (each implementation has its
+    own), as a training step does. The backward takes the mean and invstd of
+    a forward on the same x (PyTorch: its own saved statistics).
+    """
+    if impl.name == "torch":
+        return _torch_call(op, w)
+    module = reference if impl.name == "reference" else fastbn
+    out = w.out if impl.name == "fastbn_out" else [None] * w.copies
+    kw = {"channel_axis": w.shape.channel_axis, "num_threads": num_threads}
+    g, b, x, dy = w.gamma, w.beta, w.x, w.dy
+    if op == "forward":
+        rm, rv = w.running_mean.copy(), w.running_var.copy()
+        return lambda i: module.batch_norm_forward(
+            x[i], g, b, eps=EPS, running_mean=rm, running_var=rv, momentum=MOMENTUM,
+            out=out[i], **kw)[0]
+    if op == "inference":
+        rm, rv = w.running_mean, w.running_var
+        return lambda i: module.batch_norm_inference(x[i], g, b, rm, rv, eps=EPS,
+                                                     out=out[i], **kw)
+    if op == "backward":
+        mean, invstd = w.mean, w.invstd
+        return lambda i: module.batch_norm_backward(dy[i], x[i], g, mean, invstd,
+                                                    out=out[i], **kw)[0]
+    raise ValueError(f"unknown operation {op!r}")
+
+
+def _torch_call(op, w):
+    """PyTorch's CPU kernels, as BatchNorm2d calls them (thread count set by the caller)."""
+    aten = torch.ops.aten
+    x, dy = w.torch_inputs()
+    weight, bias = torch.from_numpy(w.gamma), torch.from_numpy(w.beta)
+    rm, rv = torch.from_numpy(w.running_mean.copy()), torch.from_numpy(w.running_var.copy())
+    if op == "forward":
+        return lambda i: aten.native_batch_norm(x[i], weight, bias, rm, rv, True,
+                                                MOMENTUM, EPS)[0]
+    if op == "inference":
+        batch_norm = torch.nn.functional.batch_norm
+        return lambda i: batch_norm(x[i], rm, rv, weight, bias, False, MOMENTUM, EPS)
+    if op == "backward":
+        _, save_mean, save_invstd = aten.native_batch_norm(x[0], weight, bias, None, None,
+                                                           True, MOMENTUM, EPS)
+        mask = [True, True, True]
+        return lambda i: aten.native_batch_norm_backward(dy[i], x[i], weight, rm, rv,
+                                                         save_mean, save_invstd, True, EPS,
+                                                         mask)[0]
+    raise ValueError(f"unknown operation {op!r}")

@@ -1,0 +1,116 @@
+"""Timing and peak memory of one call.
+
+- :func:`time_calls`: warm-up, then an adaptive number of individually timed
+  calls (``time.perf_counter_ns``, garbage collector off), rotating through
+  the workload's input copies.
+- :func:`peak_rss_growth`: how far the process's resident set rises above its
+  level before one call, read from the kernel's high-water mark (VmHWM)
+  after resetting it through ``/proc/self/clear_refs``. Unlike tracemalloc it
+  sees every allocator (NumPy's, PyTorch's, the C library's) alike.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import time
+
+import numpy as np
+
+
+def time_calls(call, copies, *, warmup_calls, max_reps, min_reps=5, target_seconds=0.3,
+               start=0):
+    """Per-call wall times, in seconds, of ``call(i)`` for i rotating over copies.
+
+    Warm-up: at least ``warmup_calls`` calls and a tenth of ``target_seconds``.
+    Then ``target_seconds / (typical warm-up call)`` repetitions, clipped to
+    ``[min_reps, max_reps]``. Returns ``(times, next_index)``.
+    """
+    index = start
+    warm = []
+    deadline = time.perf_counter_ns() + int(0.1 * target_seconds * 1e9)
+    while len(warm) < warmup_calls or time.perf_counter_ns() < deadline:
+        t0 = time.perf_counter_ns()
+        call(index % copies)
+        warm.append(time.perf_counter_ns() - t0)
+        index += 1
+    typical = float(np.median(warm[1:] if len(warm) > 1 else warm)) * 1e-9
+    reps = int(min(max(target_seconds / max(typical, 1e-9), min_reps), max_reps))
+
+    times = np.empty(reps, dtype=np.int64)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(reps):
+            i = index % copies
+            t0 = time.perf_counter_ns()
+            call(i)
+            times[r] = time.perf_counter_ns() - t0
+            index += 1
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times * 1e-9, index
+
+
+def summarize(times):
+    """Order statistics of a sample of times (seconds)."""
+    q = np.percentile(times, [0, 25, 50, 75, 100])
+    return {"reps": int(len(times)), "min_s": q[0], "q1_s": q[1], "median_s": q[2],
+            "q3_s": q[3], "max_s": q[4], "mean_s": float(np.mean(times))}
+
+
+# ------------------------------------------------------------ peak RSS ----
+
+def _load_libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def _memory_status():
+    """(VmRSS, VmHWM) of this process in bytes, from /proc/self/status."""
+    values = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) * 1024
+    return values["VmRSS"], values["VmHWM"]
+
+
+def peak_rss_available():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _memory_status()
+    except (OSError, KeyError):
+        return False
+    return True
+
+
+def peak_rss_growth(call, i):
+    """``(bytes, result)``: peak resident-set growth during ``call(i)``, and its result.
+
+    Free heap memory is returned to the OS first (``malloc_trim``), so that an
+    allocation cannot reuse pages already resident and go unseen. The figure
+    includes the result (a fresh output), page-granular, and None where
+    ``/proc/self/clear_refs`` is not available (not Linux).
+    """
+    gc.collect()
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current VmRSS
+        rss_before, _ = _memory_status()
+    except (OSError, KeyError):
+        return None, call(i)
+    result = call(i)
+    _, hwm = _memory_status()
+    return max(0, hwm - rss_before), result

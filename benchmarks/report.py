@@ -1,0 +1,299 @@
+"""Turning the measurements into the Markdown table, the targets, JSON and a chart.
+
+A *record* is one implementation on one case (operation, shape, dtype,
+threads), as a flat JSON-ready dict built by ``run.py``; every function here
+reads records and writes nothing but its output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from collections import defaultdict
+
+import numpy as np
+
+from cases import OPERATION_TITLES, OPERATIONS, TINY_SHAPES
+from machine import format_bytes
+
+IMPL_ORDER = ("fastbn_out", "fastbn", "torch", "reference")
+IMPL_LABELS = {"fastbn_out": "fastbn (out=)", "fastbn": "fastbn", "torch": "PyTorch",
+               "reference": "reference"}
+FASTBN_VARIANTS = {"fastbn_out": "out=", "fastbn": "fresh"}
+
+# The issue's targets.
+TARGET_COPY_FRACTION = 60.0    # percent of copy bandwidth ...
+TARGET_MIN_BYTES = 4 * 2**20   # ... for x of at least 4 MiB, float32, out=, all cores
+TARGET_GEOMEAN_SPEEDUP = 2.0   # over PyTorch, forward and backward
+TARGET_TINY_SECONDS = 5e-6     # one call on the tiny shapes
+
+# Rows measured while other processes took this many cores or more are marked.
+BUSY_CORES = 0.1
+
+
+def format_time(seconds):
+    """3 significant digits in µs, ms or s."""
+    for scale, unit in ((1e-6, "µs"), (1e-3, "ms"), (1.0, "s")):
+        if seconds < 1000 * scale or unit == "s":
+            value = seconds / scale
+            return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def _case_key(r):
+    return (r["operation"], r["shape_label"], r["dtype"], r["threads"])
+
+
+def group_cases(records):
+    """{case key: {implementation: record}} in the order the cases ran."""
+    cases = {}
+    for r in records:
+        cases.setdefault(_case_key(r), {})[r["implementation"]] = r
+    return cases
+
+
+# ------------------------------------------------------------ Markdown ----
+
+def _impl_cell(r):
+    if r is None:
+        return "—"
+    return f"{format_time(r['median_s'])} · {r['gbps']:.3g} GB/s · {r['pct_copy']:.0f}%"
+
+
+def _speedup_cell(impls, peer):
+    values = [impls[v]["speedup"].get(peer) if v in impls else None for v in FASTBN_VARIANTS]
+    if all(v is None for v in values):
+        return "—"
+    return " / ".join("—" if v is None else f"{v:.2f}×" for v in values)
+
+
+def _memory_cell(impls):
+    return " / ".join(format_bytes(impls[name]["peak_rss_bytes"]) if name in impls else "—"
+                      for name in IMPL_ORDER)
+
+
+def markdown_tables(records):
+    """One Markdown table per operation; rows are shape, dtype, threads."""
+    cases = group_cases(records)
+    has_torch = any("torch" in impls for impls in cases.values())
+    impls_shown = [n for n in IMPL_ORDER if n != "torch" or has_torch]
+    header = (["shape", "dtype", "x size", "threads", "data"]
+              + [IMPL_LABELS[n] for n in impls_shown]
+              + (["speedup vs PyTorch (out= / fresh)"] if has_torch else [])
+              + ["speedup vs reference (out= / fresh)",
+                 "peak RSS growth (" + " / ".join(IMPL_LABELS[n] for n in IMPL_ORDER
+                                                  if n in impls_shown) + ")"])
+    blocks = []
+    for op in OPERATIONS:
+        rows = [impls for (o, *_), impls in cases.items() if o == op]
+        if not rows:
+            continue
+        lines = [f"### {OPERATION_TITLES[op]}", "",
+                 "| " + " | ".join(header) + " |",
+                 "|" + "|".join("---" if i < 5 else "--:" for i in range(len(header))) + "|"]
+        for impls in rows:
+            first = next(iter(impls.values()))
+            busy = (first.get("background_cores") or 0.0) >= BUSY_CORES
+            cells = [first["shape_label"], first["dtype"], format_bytes(first["nbytes"]),
+                     str(first["threads"]), first["data"] + (" †" if busy else "")]
+            cells += [_impl_cell(impls.get(n)) for n in impls_shown]
+            if has_torch:
+                cells.append(_speedup_cell(impls, "torch"))
+            cells.append(_speedup_cell(impls, "reference"))
+            cells.append(_memory_cell(impls))
+            lines.append("| " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def load_line(settings):
+    """How busy the machine was with other work, before and during the run."""
+    before = settings.get("background_cores_before_start")
+    during = settings.get("background_cores_during_run")
+    if before is None or during is None:
+        return "Load of other processes: unknown (no /proc/stat)."
+    return (f"Load of other processes: {before:.2f} cores before the start, {during:.2f} "
+            f"on average during the run (rows marked † had >= {BUSY_CORES:g}).")
+
+
+def legend(settings, copy_bandwidth):
+    bw = ", ".join(f"{t} thread{'s' if t > 1 else ''}: {v['gbps']:.1f} GB/s"
+                   for t, v in sorted(copy_bandwidth.items()))
+    return "\n".join([
+        "Each cell: median time per call · effective bandwidth at the minimal traffic "
+        "(forward and inference: x read + y written = 2 × x bytes; backward: x and dy read "
+        "+ dx written = 3 × x bytes; 1 GB = 1e9 bytes) · that bandwidth as a percentage of "
+        f"the copy bandwidth measured in the same run at the same thread count ({bw}; "
+        "a parallel `np.copyto` of "
+        f"{format_bytes(copy_bandwidth[min(copy_bandwidth)]['nbytes'])}, counted as read + "
+        "write).",
+        "",
+        f"Medians over at least {settings['min_reps']} individually timed calls "
+        "(`time.perf_counter_ns`, garbage collector off) after warm-up calls, about "
+        f"{settings['target_seconds']:g} s per cell; the reference is capped at "
+        f"{settings['reference_max_reps']} calls. All implementations run in the same "
+        "process at the same thread count (threadpoolctl limits for OpenMP and BLAS, "
+        "`num_threads=` for fastbn, `torch.set_num_threads` for PyTorch).",
+        "",
+        "data: **cold** = the timed loop rotates through identical copies of x, dy and the "
+        f"`out=` buffers whose working set is at least {format_bytes(settings['flush_bytes'])} "
+        "(2 × the last-level cache), so every call reads its inputs from main memory; "
+        f"**hot** = inputs under {format_bytes(settings['cold_min_bytes'])}, not flushed: the "
+        "same arrays every call, in cache, as when the previous layer has just written them. "
+        f"†: other processes took >= {BUSY_CORES:g} core on average while the row was "
+        "measured (machine-wide busy time from /proc/stat minus this process's CPU time); "
+        "its figures are less reliable.",
+        "",
+        "fastbn (out=): results written into preallocated, already-touched buffers; "
+        "fastbn: a fresh output per call (as PyTorch, which allocates its output); "
+        "PyTorch: `torch.ops.aten.native_batch_norm` (training forward), "
+        "`torch.nn.functional.batch_norm` with `training=False` (inference), "
+        "`torch.ops.aten.native_batch_norm_backward` (backward); NHWC rows give PyTorch "
+        "a channels_last tensor; reference: `fastbn.reference` (NumPy, float64 "
+        "accumulation). Forward calls update running statistics.",
+        "",
+        "speedup = peer's median / fastbn's median, for fastbn with `out=` and with fresh "
+        "outputs. peak RSS growth: how far the process's resident set rises during one call "
+        "above its level before it (kernel high-water mark VmHWM, reset through "
+        "`/proc/self/clear_refs`, after `malloc_trim`), result included, page-granular; "
+        "measured the same way for every implementation, PyTorch included.",
+    ])
+
+
+# ------------------------------------------------------------- targets ----
+
+def _geomean(values):
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def _where(r):
+    return f"{r['operation']} {r['shape_label']} {r['dtype']} {r['threads']} thr"
+
+
+def evaluate_targets(records, all_cores):
+    """The issue's targets, each as a dict with ``passed`` (None: not measured)."""
+    cases = group_cases(records)
+    targets = []
+
+    for op in OPERATIONS:
+        rows = [impls["fastbn_out"] for (o, _, dtype, threads), impls in cases.items()
+                if o == op and dtype == "float32" and threads == all_cores
+                and "fastbn_out" in impls and impls["fastbn_out"]["nbytes"] >= TARGET_MIN_BYTES]
+        worst = min(rows, key=lambda r: r["pct_copy"], default=None)
+        targets.append({
+            "name": f"{op} >= {TARGET_COPY_FRACTION:.0f}% of copy bandwidth "
+                    f"(float32, out=, {all_cores} threads, x >= 4 MiB)",
+            "passed": None if worst is None else worst["pct_copy"] >= TARGET_COPY_FRACTION,
+            "detail": "not measured" if worst is None else
+                      f"{sum(r['pct_copy'] >= TARGET_COPY_FRACTION for r in rows)}/{len(rows)} "
+                      f"shapes pass; worst {worst['pct_copy']:.0f}% on {worst['shape_label']}",
+        })
+
+    for op in OPERATIONS:
+        for variant, short in FASTBN_VARIANTS.items():
+            ratios = [impls[variant]["speedup"]["torch"] for (o, *_), impls in cases.items()
+                      if o == op and variant in impls and "torch" in impls[variant]["speedup"]]
+            g = _geomean(ratios)
+            targets.append({
+                "name": f"{op} geomean speedup vs PyTorch >= {TARGET_GEOMEAN_SPEEDUP:g}× "
+                        f"(fastbn {short}, all shapes, dtypes, thread counts)"
+                        + ("" if op != "inference" else " [informational]"),
+                "passed": None if g is None else g >= TARGET_GEOMEAN_SPEEDUP,
+                "informational": op == "inference",
+                "detail": "PyTorch not available" if g is None else
+                          f"{g:.2f}× over {len(ratios)} cases",
+            })
+
+    for variant, short in FASTBN_VARIANTS.items():
+        with_torch = [impls[variant] for impls in cases.values()
+                      if variant in impls and "torch" in impls[variant]["speedup"]]
+        slower = [r for r in with_torch if r["speedup"]["torch"] < 1.0]
+        targets.append({
+            "name": f"slower than PyTorch on no case (fastbn {short})",
+            "passed": None if not with_torch else not slower,
+            "detail": "PyTorch not available" if not with_torch else
+                      f"slower on {len(slower)}/{len(with_torch)}"
+                      + (": " + "; ".join(f"{_where(r)} ({r['speedup']['torch']:.2f}×)"
+                                          for r in slower) if slower else ""),
+        })
+
+    tiny_labels = {s.label for s in TINY_SHAPES}
+    for variant, short in FASTBN_VARIANTS.items():
+        rows = [r for r in records if r["implementation"] == variant
+                and r["shape_label"] in tiny_labels]
+        worst = max(rows, key=lambda r: r["median_s"], default=None)
+        over = [r for r in rows if r["median_s"] > TARGET_TINY_SECONDS]
+        targets.append({
+            "name": f"tiny call <= {TARGET_TINY_SECONDS * 1e6:g} µs "
+                    f"({', '.join(sorted(tiny_labels))}; fastbn {short})",
+            "passed": None if worst is None else not over,
+            "detail": "not measured" if worst is None else
+                      f"{len(rows) - len(over)}/{len(rows)} calls pass; worst "
+                      f"{format_time(worst['median_s'])} ({_where(worst)})",
+        })
+    return targets
+
+
+def targets_text(targets):
+    lines = ["Targets:"]
+    for t in targets:
+        status = {True: "PASS", False: "FAIL", None: "n/a "}[t["passed"]]
+        if t.get("informational"):
+            status = "info"
+        lines.append(f"  [{status}] {t['name']}: {t['detail']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- JSON ----
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def write_json(path, document):
+    path.write_text(json.dumps(document, indent=1, default=_plain) + "\n")
+
+
+# --------------------------------------------------------------- chart ----
+
+def write_chart(path, records, copy_bandwidth, title):
+    """Grouped bars of GB/s: one panel per operation and thread count."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = group_cases(records)
+    threads = sorted({r["threads"] for r in records})
+    ops = [op for op in OPERATIONS if any(k[0] == op for k in cases)]
+    impls = [n for n in IMPL_ORDER if any(r["implementation"] == n for r in records)]
+    colors = dict(zip(IMPL_ORDER, ("tab:blue", "tab:cyan", "tab:orange", "tab:gray")))
+    width = 0.8 / len(impls)
+
+    fig, axes = plt.subplots(len(ops), len(threads), squeeze=False, sharey=True,
+                             figsize=(7 * len(threads), 4 * len(ops)), layout="constrained")
+    for row, op in enumerate(ops):
+        for col, t in enumerate(threads):
+            ax = axes[row][col]
+            keys = [k for k in cases if k[0] == op and k[3] == t]
+            xs = np.arange(len(keys))
+            by_impl = defaultdict(list)
+            for k in keys:
+                for n in impls:
+                    by_impl[n].append(cases[k][n]["gbps"] if n in cases[k] else 0.0)
+            for j, n in enumerate(impls):
+                ax.bar(xs + (j - (len(impls) - 1) / 2) * width, by_impl[n], width,
+                       label=IMPL_LABELS[n], color=colors[n])
+            ax.axhline(copy_bandwidth[t]["gbps"], color="k", linestyle="--", linewidth=1,
+                       label="copy bandwidth")
+            ax.set_xticks(xs, [f"{k[1]} {'f64' if k[2] == 'float64' else 'f32'}"
+                               for k in keys], rotation=60, ha="right", fontsize=7)
+            ax.set_title(f"{OPERATION_TITLES[op]}, {t} thread{'s' if t > 1 else ''}")
+            if col == 0:
+                ax.set_ylabel("GB/s at minimal traffic")
+    axes[0][0].legend(fontsize=7, loc="upper right")
+    fig.suptitle("\n".join(textwrap.wrap(title, 150 * len(threads) // 2)), fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,99 @@
+"""Results are bitwise identical for any thread count and on repeated calls.
+
+The shapes are chosen to run each schedule of each kernel family with more
+than one thread (more than 2 * 32768 elements), and some to switch schedule
+with the thread count:
+
+- planar, by block: C = 1, and C = 3 (by block with 2 threads, by channel
+  with 3), with blocks that cut rows and blocks of whole rows;
+- planar, by channel: C = 64;
+- columnar, by tile: (100, 16384), many columns in tiles of whole pages;
+- columnar, by row block: (65536, 16), few columns, and (4096, 1024);
+- columnar, switching: shapes whose columns fit one tile run it on one
+  thread and switch to row blocks with more ((8, 16, 16, 48) channels last,
+  (16384, 8, 1, 1)).
+"""
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+import fastbn
+
+from conftest import DTYPES, assert_bitwise_equal, dtype_id, layout_id, make_inputs
+
+SHAPES = [
+    ((8, 1, 40000), 1),       # planar by block, blocks cut rows
+    ((64, 3, 1000), 1),       # planar, C = 3: by block or by channel; whole-row blocks
+    ((4, 3, 50000), 1),       # planar, C = 3, blocks cut rows
+    ((4, 64, 33, 33), 1),     # planar by channel
+    ((100, 16384), 1),        # columnar, many columns: by tile
+    ((4096, 1024), 1),        # columnar, many columns and rows
+    ((65536, 16), 1),         # columnar, few columns: by row block
+    ((4096, 64), 1),          # columnar
+    ((8, 16, 16, 48), -1),    # channels last: one tile on 1 thread, row blocks on more
+    ((16384, 8, 1, 1), 1),    # (N, C, 1, 1): columnar, one tile or row blocks
+]
+
+THREAD_COUNTS = (1, 2, 3, 4)
+
+
+def run_all(a, channel_axis, num_threads):
+    """Every output of the three functions for one thread count."""
+    rm, rv = a.running_mean.copy(), a.running_var.copy()
+    y, mean, invstd = fastbn.batch_norm_forward(
+        a.x, a.gamma, a.beta, running_mean=rm, running_var=rv, channel_axis=channel_axis,
+        num_threads=num_threads)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(
+        a.dy, a.x, a.gamma, mean, invstd, channel_axis=channel_axis, num_threads=num_threads)
+    y_inf = fastbn.batch_norm_inference(
+        a.x, a.gamma, a.beta, a.running_mean, a.running_var, channel_axis=channel_axis,
+        num_threads=num_threads)
+    return {"y": y, "mean": mean, "invstd": invstd, "running_mean": rm, "running_var": rv,
+            "dx": dx, "dgamma": dgamma, "dbeta": dbeta, "inference y": y_inf}
+
+
+def assert_same(results, expected, what):
+    for name, value in expected.items():
+        assert_bitwise_equal(results[name], value, err_msg=f"{name}, {what}")
+
+
+@pytest.mark.parametrize("shape, channel_axis",
+                         [pytest.param(s, ca, id=layout_id(s, ca)) for s, ca in SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_bitwise_identical_across_threads_and_calls(shape, channel_axis, dtype, rng):
+    """Every output is the same to the bit for 1 to 4 threads and on a second call."""
+    a = make_inputs(shape, dtype, channel_axis, rng)
+    expected = run_all(a, channel_axis, 1)
+    for num_threads in THREAD_COUNTS:
+        for call in range(2):
+            assert_same(run_all(a, channel_axis, num_threads), expected,
+                        f"num_threads={num_threads}, call {call + 1}")
+
+
+@pytest.mark.parametrize("shape, channel_axis", [((8, 1, 40000), 1), ((4096, 64), 1)])
+def test_default_threads_follow_threadpoolctl(shape, channel_axis, rng):
+    """num_threads=None under a threadpoolctl limit gives the same bits."""
+    a = make_inputs(shape, np.float32, channel_axis, rng)
+    expected = run_all(a, channel_axis, 1)
+    for limit in (1, 2, 3):
+        with threadpool_limits(limits=limit, user_api="openmp"):
+            assert_same(run_all(a, channel_axis, None), expected, f"threadpoolctl limit {limit}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_in_place_equals_out_of_place(dtype, rng):
+    """out=x and out=dy give the same bits as fresh results."""
+    for shape, channel_axis in [((8, 1, 40000), 1), ((4096, 64), 1), ((4, 64, 33, 33), 1)]:
+        a = make_inputs(shape, dtype, channel_axis, rng)
+        expected = run_all(a, channel_axis, 2)
+        x, dy = a.x.copy(), a.dy.copy()
+        fastbn.batch_norm_forward(x, a.gamma, a.beta, channel_axis=channel_axis, out=x)
+        fastbn.batch_norm_backward(dy, a.x, a.gamma, expected["mean"], expected["invstd"],
+                                   channel_axis=channel_axis, out=dy)
+        assert_bitwise_equal(x, expected["y"], err_msg=f"y in place, {shape}")
+        assert_bitwise_equal(dy, expected["dx"], err_msg=f"dx in place, {shape}")
+        x = a.x.copy()
+        fastbn.batch_norm_inference(x, a.gamma, a.beta, a.running_mean, a.running_var,
+                                    channel_axis=channel_axis, out=x)
+        assert_bitwise_equal(x, expected["inference y"], err_msg=f"inference in place, {shape}")

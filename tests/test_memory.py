@@ -1,0 +1,106 @@
+"""No full-size temporaries: with ``out=`` a call allocates O(C), not O(x).
+
+tracemalloc sees NumPy's array allocations (and Python's), not the kernels'
+malloc'd O(threads x C) work space, which is what the design allows. Each
+function runs on a 32 MB input; the peak of the traced allocations during
+the call must stay under 1% of the input. A call without ``out`` is also
+measured, to show that the measurement does see a new full-size array.
+"""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import fastbn
+
+from conftest import layout_id
+
+INPUT_BYTES = 32 * 2**20
+LIMIT = INPUT_BYTES // 100
+
+LAYOUTS = [
+    ((8, 64, 128, 128), 1, np.float32),     # planar
+    ((4, 64, 128, 128), 1, np.float64),     # planar
+    ((32768, 256), 1, np.float32),          # columnar
+    ((8, 128, 128, 32), -1, np.float64),    # channels last
+]
+
+
+def peak_bytes(call):
+    """The peak of traced allocations while ``call()`` runs (after a warm-up call)."""
+    call()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        call()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak - base
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param(p, id=f"{np.dtype(p[2]).name}-{layout_id(p[0], p[1])}") for p in LAYOUTS])
+def big(request):
+    """x, dy, out and per-channel arrays for a 32 MB input."""
+    shape, channel_axis, dtype = request.param
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape, dtype=dtype)
+    assert x.nbytes == INPUT_BYTES
+    C = shape[channel_axis]
+    return dict(x=x, dy=rng.standard_normal(shape, dtype=dtype), out=np.empty_like(x),
+                channel_axis=channel_axis, gamma=np.ones(C, dtype), beta=np.zeros(C, dtype),
+                rm=np.zeros(C, dtype), rv=np.ones(C, dtype))
+
+
+def test_forward_with_out_allocates_no_temporaries(big):
+    """batch_norm_forward with out=, running stats included."""
+    b = big
+    peak = peak_bytes(lambda: fastbn.batch_norm_forward(
+        b["x"], b["gamma"], b["beta"], running_mean=b["rm"], running_var=b["rv"],
+        channel_axis=b["channel_axis"], out=b["out"]))
+    assert peak < LIMIT, f"peak {peak} bytes >= {LIMIT}"
+
+
+def test_inference_with_out_allocates_no_temporaries(big):
+    """batch_norm_inference with out=."""
+    b = big
+    peak = peak_bytes(lambda: fastbn.batch_norm_inference(
+        b["x"], b["gamma"], b["beta"], b["rm"], b["rv"], channel_axis=b["channel_axis"],
+        out=b["out"]))
+    assert peak < LIMIT, f"peak {peak} bytes >= {LIMIT}"
+
+
+def test_backward_with_out_allocates_no_temporaries(big):
+    """batch_norm_backward with out=."""
+    b = big
+    peak = peak_bytes(lambda: fastbn.batch_norm_backward(
+        b["dy"], b["x"], b["gamma"], b["rm"], b["rv"], channel_axis=b["channel_axis"],
+        out=b["out"]))
+    assert peak < LIMIT, f"peak {peak} bytes >= {LIMIT}"
+
+
+def test_in_place_allocates_no_temporaries(big):
+    """out=x (forward, inference) and out=dy (backward) allocate nothing full-size either."""
+    b = big
+    x, dy, ca = b["out"], b["dy"].copy(), b["channel_axis"]
+    x[...] = b["x"]
+    for call in (
+        lambda: fastbn.batch_norm_forward(x, b["gamma"], b["beta"], channel_axis=ca, out=x),
+        lambda: fastbn.batch_norm_inference(x, None, None, b["rm"], b["rv"], channel_axis=ca,
+                                            out=x),
+        lambda: fastbn.batch_norm_backward(dy, b["x"], None, b["rm"], b["rv"],
+                                           channel_axis=ca, out=dy),
+    ):
+        peak = peak_bytes(call)
+        assert peak < LIMIT, f"peak {peak} bytes >= {LIMIT}"
+
+
+def test_measurement_sees_a_new_result(big):
+    """Without out=, the new result shows up in the peak (the check above can fail)."""
+    b = big
+    peak = peak_bytes(lambda: fastbn.batch_norm_inference(
+        b["x"], None, None, b["rm"], b["rv"], channel_axis=b["channel_axis"]))
+    assert peak >= INPUT_BYTES
