@@ -18,6 +18,13 @@ both one after the other with the same seed (``--bn both``), which reports
 the BN speedup. The time spent inside the BatchNorm layers (forward in
 training and eval mode, backward) is measured around their calls.
 
+fastbn runs on one thread here by default (``--num-threads 1``; 0 means
+the OpenMP default). The BN inputs of this small net are 0.5 MB per training
+call, where a second thread can save a few microseconds at best, while an
+OpenMP worker that spins between calls takes a core away from NumPy and
+OpenBLAS, which run between the BN calls; on a machine whose cores are
+shared (a VM, other jobs) that costs far more than it gives.
+
 Usage::
 
     python examples/train_digits.py                      # fastbn
@@ -299,7 +306,7 @@ class Result:
 
 
 def train(epochs=12, batch_size=64, seed=0, optimizer="sgd", lr=None, channels=32, hidden=128,
-          bn="fastbn", num_threads=None, log=print):
+          bn="fastbn", num_threads=1, log=print):
     """Train the net; returns a :class:`Result`.
 
     Parameters
@@ -313,7 +320,7 @@ def train(epochs=12, batch_size=64, seed=0, optimizer="sgd", lr=None, channels=3
     bn : {"fastbn", "reference"}
         The BatchNorm back end: :mod:`fastbn.functional` or :mod:`fastbn.reference`.
     num_threads : int or None
-        OpenMP threads for fastbn.
+        OpenMP threads for fastbn (None: the OpenMP default).
     log : callable or None
         Called with one line per epoch; None is silent.
     """
@@ -332,6 +339,9 @@ def train(epochs=12, batch_size=64, seed=0, optimizer="sgd", lr=None, channels=3
 
     history = Result(bn, [], [], [], 0.0, 0.0, 0.0, 0.0)
     n = len(x_train)
+    if not 2 <= batch_size <= n:
+        raise ValueError(f"batch_size must be between 2 (BatchNorm trains on batch statistics) "
+                         f"and the {n} training images, got {batch_size}")
     for epoch in range(1, epochs + 1):
         order = rng.permutation(n)
         losses = []
@@ -367,18 +377,21 @@ def plot(results, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for r in results:
+    for r, style in zip(results, ("-", "--")):   # one line style per back end
         epochs = np.arange(1, len(r.loss) + 1)
-        ax_loss.plot(epochs, r.loss, marker="o", label=f"{r.bn}")
-        ax_acc.plot(epochs, 100 * np.asarray(r.train_accuracy), marker="o", label=f"{r.bn} train")
-        ax_acc.plot(epochs, 100 * np.asarray(r.test_accuracy), marker="s", linestyle="--",
-                    label=f"{r.bn} test")
+        ax_loss.plot(epochs, r.loss, style, color="C0", marker="o", label=r.bn)
+        ax_acc.plot(epochs, 100 * np.asarray(r.train_accuracy), style, color="C0", marker="o",
+                    label=f"{r.bn}, train")
+        ax_acc.plot(epochs, 100 * np.asarray(r.test_accuracy), style, color="C1", marker="s",
+                    label=f"{r.bn}, test")
     ax_loss.set(xlabel="epoch", ylabel="training loss (cross-entropy)", yscale="log",
                 title="Loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.suptitle("Conv net with fastbn BatchNorm on scikit-learn digits")
@@ -392,14 +405,17 @@ def main(argv=None):
     parser.add_argument("--bn", choices=["fastbn", "reference", "both"], default="fastbn",
                         help="BatchNorm back end; 'both' runs fastbn then the reference and "
                              "reports the BN speedup (default: fastbn)")
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    parser.add_argument("--epochs", type=int, default=12, help="epochs (default: 12)")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the split, the weights and the batches (default: 0)")
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                        help="SGD with momentum 0.9, or Adam (default: sgd)")
     parser.add_argument("--lr", type=float, default=None,
                         help="learning rate (default: 0.05 for sgd, 2e-3 for adam)")
-    parser.add_argument("--channels", type=int, default=32, help="convolution channels")
-    parser.add_argument("--hidden", type=int, default=128, help="hidden units")
+    parser.add_argument("--channels", type=int, default=32,
+                        help="convolution channels (default: 32)")
+    parser.add_argument("--hidden", type=int, default=128, help="hidden units (default: 128)")
     parser.add_argument("--num-threads", type=int, default=1,
                         help="OpenMP threads for fastbn; 0 means the OpenMP default "
                              "(default: 1, see the module docstring)")
@@ -429,6 +445,8 @@ def main(argv=None):
               f"{ref.bn_time / fast.bn_time:.1f}x ({ref.bn_time:.3f} s -> {fast.bn_time:.3f} s); "
               f"test accuracy {100 * fast.test_accuracy[-1]:.1f}% vs "
               f"{100 * ref.test_accuracy[-1]:.1f}%")
+    else:
+        print("(--bn both runs the two back ends with the same seed and reports the speedup)")
     if args.plot:
         plot(results, args.plot)
         print(f"saved the curves to {args.plot}")

@@ -35,7 +35,7 @@ from libc.stdlib cimport malloc, free
 
 from fastbn._openmp cimport threads_for
 from fastbn._stats cimport Coef, forward_coef, inference_coef, backward_coef, float_safe
-from fastbn._views cimport cptr, wptr
+from fastbn._views cimport cptr, cptr3, wptr
 
 
 cdef extern from *:
@@ -194,62 +194,106 @@ cdef inline double lane_total(const double* acc) noexcept nogil:
     return t
 
 
-cdef void block_shifted_sums(const floating* xc, const Plane* p, Py_ssize_t b, double shift,
-                             double* s, double* q) noexcept nogil:
-    """Shifted sums of block b of the channel that starts at xc."""
-    cdef double acc_s[LANES]
-    cdef double acc_q[LANES]
-    cdef Py_ssize_t n0, n1, s0, s1, n, k
-    for k in range(LANES):
-        acc_s[k] = 0.0
-        acc_q[k] = 0.0
-    block_span(p, b, &n0, &n1, &s0, &s1)
-    for n in range(n0, n1):
-        row_shifted_sums(xc + n * p.row_stride + s0, s1 - s0, shift, acc_s, acc_q)
-    s[0] = lane_total(acc_s)
-    q[0] = lane_total(acc_q)
+cdef void block_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t blk,
+                     double center, double* sa, double* sb) noexcept nogil:
+    """Sums over block blk of the channel whose first value a (and b) point to.
 
-
-cdef void block_grad_sums(const floating* dyc, const floating* xc, const Plane* p,
-                          Py_ssize_t b, double center, double* sg, double* sc) noexcept nogil:
-    """sum(dy) and sum(dy * (x - center)) over block b of a channel."""
-    cdef double acc_g[LANES]
-    cdef double acc_c[LANES]
+    b == NULL: shifted sums of a, sum(a - center) and sum((a - center)**2).
+    Otherwise, with a = dy and b = x: sum(a) and sum(a * (b - center)).
+    """
+    cdef double acc_a[LANES]
+    cdef double acc_b[LANES]
     cdef Py_ssize_t n0, n1, s0, s1, n, k, off
     for k in range(LANES):
-        acc_g[k] = 0.0
-        acc_c[k] = 0.0
-    block_span(p, b, &n0, &n1, &s0, &s1)
+        acc_a[k] = 0.0
+        acc_b[k] = 0.0
+    block_span(p, blk, &n0, &n1, &s0, &s1)
     for n in range(n0, n1):
         off = n * p.row_stride + s0
-        row_grad_sums(dyc + off, xc + off, s1 - s0, center, acc_g, acc_c)
-    sg[0] = lane_total(acc_g)
-    sc[0] = lane_total(acc_c)
+        if b == NULL:
+            row_shifted_sums(a + off, s1 - s0, center, acc_a, acc_b)
+        else:
+            row_grad_sums(a + off, b + off, s1 - s0, center, acc_a, acc_b)
+    sa[0] = lane_total(acc_a)
+    sb[0] = lane_total(acc_b)
 
 
-cdef void block_affine(const floating* xc, floating* yc, const Plane* p, Py_ssize_t b,
-                       const Coef* k) noexcept nogil:
+cdef void block_apply(const floating* a, const floating* b, floating* out, const Plane* p,
+                      Py_ssize_t blk, const Coef* k) noexcept nogil:
+    """Block blk of a channel: y from x (a = x, b == NULL), or dx from a = dy, b = x."""
     cdef Py_ssize_t n0, n1, s0, s1, n, off
-    block_span(p, b, &n0, &n1, &s0, &s1)
+    block_span(p, blk, &n0, &n1, &s0, &s1)
     for n in range(n0, n1):
         off = n * p.row_stride + s0
-        row_affine(xc + off, yc + off, s1 - s0, k.center, k.scale, k.offset)
+        if b == NULL:
+            row_affine(a + off, out + off, s1 - s0, k.center, k.scale, k.offset)
+        else:
+            row_grad(a + off, b + off, out + off, s1 - s0, k.center, k.scale, k.slope,
+                     k.offset)
 
 
-cdef void block_grad(const floating* dyc, const floating* xc, floating* dxc, const Plane* p,
-                     Py_ssize_t b, const Coef* k) noexcept nogil:
-    cdef Py_ssize_t n0, n1, s0, s1, n, off
-    block_span(p, b, &n0, &n1, &s0, &s1)
-    for n in range(n0, n1):
-        off = n * p.row_stride + s0
-        row_grad(dyc + off, xc + off, dxc + off, s1 - s0, k.center, k.scale, k.slope, k.offset)
-
-
-# ----------------------------------------------------------- schedules ----
+# ---------------------------------------------------------- schedules ----
+#
+# a is x (b == NULL) in the forward, dy (b = x) in the backward; see block_sums.
 
 cdef inline bint by_channel(Py_ssize_t C, int nthreads) noexcept nogil:
     """Whole channels per thread when that keeps the threads evenly loaded."""
     return nthreads == 1 or C % nthreads == 0 or C >= 4 * nthreads
+
+
+cdef inline const floating* at(const floating* a, Py_ssize_t off) noexcept nogil:
+    """a + off, or NULL for an absent array."""
+    if a == NULL:
+        return NULL
+    return a + off
+
+
+cdef void channel_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t c,
+                       double center, double* sa, double* sb) noexcept nogil:
+    """Totals of channel c: block sums added in block order."""
+    cdef Py_ssize_t blk, off = c * p.S
+    cdef double ta = 0.0, tb = 0.0, xa, xb
+    for blk in range(p.nblocks):
+        block_sums(a + off, at(b, off), p, blk, center, &xa, &xb)
+        ta += xa
+        tb += xb
+    sa[0] = ta
+    sb[0] = tb
+
+
+cdef void channel_apply(const floating* a, const floating* b, floating* out, const Plane* p,
+                        Py_ssize_t c, const Coef* k) noexcept nogil:
+    cdef Py_ssize_t blk, off = c * p.S
+    for blk in range(p.nblocks):
+        block_apply(a + off, at(b, off), out + off, p, blk, k)
+
+
+cdef void table_sums(const floating* a, const floating* b, const Plane* p,
+                     const double* center, double* totals, double* part, int nt) noexcept nogil:
+    """Totals of every channel into totals[2c], totals[2c + 1], with the
+    (channel, block) pairs summed in parallel into part (2 * C * nblocks)
+    and merged per channel in block order: the same sums as channel_sums."""
+    cdef Py_ssize_t u, c, blk, nb = p.nblocks
+    cdef double ta, tb
+    for u in prange(p.C * nb, num_threads=nt, schedule="static"):
+        block_sums(a + (u // nb) * p.S, at(b, (u // nb) * p.S), p, u % nb, center[u // nb],
+                   &part[2 * u], &part[2 * u + 1])
+    for c in range(p.C):
+        ta = 0.0
+        tb = 0.0
+        for blk in range(nb):
+            ta = ta + part[2 * (c * nb + blk)]
+            tb = tb + part[2 * (c * nb + blk) + 1]
+        totals[2 * c] = ta
+        totals[2 * c + 1] = tb
+
+
+cdef void table_apply(const floating* a, const floating* b, floating* out, const Plane* p,
+                      const Coef* coef, int nt) noexcept nogil:
+    cdef Py_ssize_t u, nb = p.nblocks
+    for u in prange(p.C * nb, num_threads=nt, schedule="static"):
+        block_apply(a + (u // nb) * p.S, at(b, (u // nb) * p.S), out + (u // nb) * p.S, p,
+                    u % nb, &coef[u // nb])
 
 
 cdef void forward_channel(const floating* x, floating* y, const Plane* p, Py_ssize_t c,
@@ -258,19 +302,13 @@ cdef void forward_channel(const floating* x, floating* y, const Plane* p, Py_ssi
                           floating* running_mean, floating* running_var,
                           double eps, double factor) noexcept nogil:
     """Statistics, then normalization, of channel c: one sweep from memory."""
-    cdef const floating* xc = x + c * p.S
-    cdef double shift = xc[0]
-    cdef double s = 0.0, q = 0.0, sb, qb
-    cdef Py_ssize_t b
+    cdef double shift = x[c * p.S]
+    cdef double s, q
     cdef Coef k
-    for b in range(p.nblocks):
-        block_shifted_sums(xc, p, b, shift, &sb, &qb)
-        s += sb
-        q += qb
+    channel_sums(x, NULL, p, c, shift, &s, &q)
     k = forward_coef(s, q, <double>(p.N * p.S), shift, eps, gamma, beta, mean, invstd,
                      running_mean, running_var, factor, c)
-    for b in range(p.nblocks):
-        block_affine(xc, y + c * p.S, p, b, &k)
+    channel_apply(x, NULL, y, p, c, &k)
 
 
 cdef void backward_channel(const floating* dy, const floating* x, floating* dx,
@@ -278,19 +316,37 @@ cdef void backward_channel(const floating* dy, const floating* x, floating* dx,
                            const floating* mean, const floating* invstd,
                            floating* dgamma, floating* dbeta) noexcept nogil:
     """Both reductions, then dx, of channel c: one sweep from memory."""
-    cdef Py_ssize_t off = c * p.S
-    cdef double center = mean[c]
-    cdef double sg = 0.0, sc = 0.0, gb, cb
-    cdef Py_ssize_t b
+    cdef double sg, sc
     cdef Coef k
-    for b in range(p.nblocks):
-        block_grad_sums(dy + off, x + off, p, b, center, &gb, &cb)
-        sg += gb
-        sc += cb
+    channel_sums(dy, x, p, c, mean[c], &sg, &sc)
     k = backward_coef(sg, sc, <double>(p.N * p.S), mean, invstd, gamma, dgamma, dbeta, c)
-    for b in range(p.nblocks):
-        block_grad(dy + off, x + off, dx + off, p, b, &k)
+    channel_apply(dy, x, dx, p, c, &k)
 
+
+cdef class Work:
+    """O(C) work space of a split schedule: centers, totals, the (channel,
+    block) table and the per-channel maps. Freed with the object."""
+    cdef double* center
+    cdef double* totals
+    cdef double* part
+    cdef Coef* coef
+
+    def __cinit__(self, Py_ssize_t C, Py_ssize_t nblocks):
+        self.center = <double*>malloc(C * sizeof(double))
+        self.totals = <double*>malloc(2 * C * sizeof(double))
+        self.part = <double*>malloc(2 * C * nblocks * sizeof(double))
+        self.coef = <Coef*>malloc(C * sizeof(Coef))
+        if not (self.center and self.totals and self.part and self.coef):
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.center)
+        free(self.totals)
+        free(self.part)
+        free(self.coef)
+
+
+# ----------------------------------------------------------- wrappers ----
 
 def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,
                   const floating[::1] beta, floating[:, :, ::1] y,
@@ -306,39 +362,23 @@ def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,
     cdef const floating* bt = cptr(beta)
     cdef floating* rm = wptr(running_mean)
     cdef floating* rv = wptr(running_var)
-    cdef Py_ssize_t c, u, b, nb = p.nblocks
-    cdef double* part = NULL
-    cdef Coef* coef = NULL
-    cdef double s, q
-
+    cdef Py_ssize_t c
+    cdef Work w
     if by_channel(p.C, nt):
         with nogil:
             for c in prange(p.C, num_threads=nt, schedule="static"):
                 forward_channel(xp, yp, &p, c, g, bt, &mean[0], &invstd[0], rm, rv, eps, factor)
         return
-
-    part = <double*>malloc(2 * p.C * nb * sizeof(double))
-    coef = <Coef*>malloc(p.C * sizeof(Coef))
-    if part == NULL or coef == NULL:
-        free(part)
-        free(coef)
-        raise MemoryError()
+    w = Work(p.C, p.nblocks)
     with nogil:
-        for u in prange(p.C * nb, num_threads=nt, schedule="static"):
-            block_shifted_sums(xp + (u // nb) * p.S, &p, u % nb, xp[(u // nb) * p.S],
-                               &part[2 * u], &part[2 * u + 1])
         for c in range(p.C):
-            s = 0.0
-            q = 0.0
-            for b in range(nb):
-                s = s + part[2 * (c * nb + b)]
-                q = q + part[2 * (c * nb + b) + 1]
-            coef[c] = forward_coef(s, q, <double>(p.N * p.S), <double>xp[c * p.S], eps, g, bt,
-                                   &mean[0], &invstd[0], rm, rv, factor, c)
-        for u in prange(p.C * nb, num_threads=nt, schedule="static"):
-            block_affine(xp + (u // nb) * p.S, yp + (u // nb) * p.S, &p, u % nb, &coef[u // nb])
-    free(part)
-    free(coef)
+            w.center[c] = xp[c * p.S]
+        table_sums(xp, NULL, &p, w.center, w.totals, w.part, nt)
+        for c in range(p.C):
+            w.coef[c] = forward_coef(w.totals[2 * c], w.totals[2 * c + 1], <double>(p.N * p.S),
+                                     w.center[c], eps, g, bt, &mean[0], &invstd[0], rm, rv,
+                                     factor, c)
+        table_apply(xp, NULL, yp, &p, w.coef, nt)
 
 
 def inference(const floating[:, :, ::1] x, const floating[::1] gamma,
@@ -352,16 +392,13 @@ def inference(const floating[:, :, ::1] x, const floating[::1] gamma,
     cdef floating* yp = &y[0, 0, 0]
     cdef const floating* g = cptr(gamma)
     cdef const floating* bt = cptr(beta)
-    cdef Coef* coef = <Coef*>malloc(C * sizeof(Coef))
-    if coef == NULL:
-        raise MemoryError()
+    cdef Work w = Work(C, 0)
     with nogil:
         for c in range(C):
-            coef[c] = inference_coef(&running_mean[0], &running_var[0], eps, g, bt, c)
+            w.coef[c] = inference_coef(&running_mean[0], &running_var[0], eps, g, bt, c)
         for u in prange(N * C, num_threads=nt, schedule="static"):
-            row_affine(xp + u * S, yp + u * S, S, coef[u % C].center, coef[u % C].scale,
-                       coef[u % C].offset)
-    free(coef)
+            row_affine(xp + u * S, yp + u * S, S, w.coef[u % C].center, w.coef[u % C].scale,
+                       w.coef[u % C].offset)
 
 
 def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
@@ -375,39 +412,57 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* dxp = &dx[0, 0, 0]
     cdef const floating* g = cptr(gamma)
-    cdef Py_ssize_t c, u, b, off, nb = p.nblocks
-    cdef double* part = NULL
-    cdef Coef* coef = NULL
-    cdef double sg, sc
-
+    cdef Py_ssize_t c
+    cdef Work w
     if by_channel(p.C, nt):
         with nogil:
             for c in prange(p.C, num_threads=nt, schedule="static"):
                 backward_channel(dyp, xp, dxp, &p, c, g, &mean[0], &invstd[0],
                                  &dgamma[0], &dbeta[0])
         return
-
-    part = <double*>malloc(2 * p.C * nb * sizeof(double))
-    coef = <Coef*>malloc(p.C * sizeof(Coef))
-    if part == NULL or coef == NULL:
-        free(part)
-        free(coef)
-        raise MemoryError()
+    w = Work(p.C, p.nblocks)
     with nogil:
-        for u in prange(p.C * nb, num_threads=nt, schedule="static"):
-            off = (u // nb) * p.S
-            block_grad_sums(dyp + off, xp + off, &p, u % nb, <double>mean[u // nb],
-                            &part[2 * u], &part[2 * u + 1])
         for c in range(p.C):
-            sg = 0.0
-            sc = 0.0
-            for b in range(nb):
-                sg = sg + part[2 * (c * nb + b)]
-                sc = sc + part[2 * (c * nb + b) + 1]
-            coef[c] = backward_coef(sg, sc, <double>(p.N * p.S), &mean[0], &invstd[0], g,
-                                    &dgamma[0], &dbeta[0], c)
-        for u in prange(p.C * nb, num_threads=nt, schedule="static"):
-            off = (u // nb) * p.S
-            block_grad(dyp + off, xp + off, dxp + off, &p, u % nb, &coef[u // nb])
-    free(part)
-    free(coef)
+            w.center[c] = mean[c]
+        table_sums(dyp, xp, &p, w.center, w.totals, w.part, nt)
+        for c in range(p.C):
+            w.coef[c] = backward_coef(w.totals[2 * c], w.totals[2 * c + 1], <double>(p.N * p.S),
+                                      &mean[0], &invstd[0], g, &dgamma[0], &dbeta[0], c)
+        table_apply(dyp, xp, dxp, &p, w.coef, nt)
+
+
+def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[::1] center,
+         double[:, ::1] out, int num_threads):
+    """Per-channel sums of an (N, C, S) view into out (C, 2), in double.
+
+    b None: ``sum(a - center)`` and ``sum((a - center)**2)``; otherwise
+    ``sum(a)`` and ``sum(a * (b - center))`` (a = dy, b = x). The first
+    half of each pass, for a reduction across processes in between.
+    """
+    cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2])
+    cdef int nt = threads_for(p.N * p.C * p.S, p.C * p.nblocks, num_threads)
+    cdef const floating* ap = &a[0, 0, 0]
+    cdef const floating* bp = cptr3(b)
+    cdef Py_ssize_t c
+    cdef Work w
+    if by_channel(p.C, nt):
+        with nogil:
+            for c in prange(p.C, num_threads=nt, schedule="static"):
+                channel_sums(ap, bp, &p, c, center[c], &out[c, 0], &out[c, 1])
+        return
+    w = Work(p.C, p.nblocks)
+    with nogil:
+        table_sums(ap, bp, &p, &center[0], &out[0, 0], w.part, nt)
+
+
+def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, :, ::1] out,
+          const double[:, ::1] coef, int num_threads):
+    """The second half of each pass on an (N, C, S) view, with the per-channel
+    map coef (C, 4) = (center, scale, slope, offset), see fastbn._stats.Coef:
+    b None: out = (a - center) * scale + offset; otherwise
+    out = scale * a - slope * (b - center) - offset (a = dy, b = x)."""
+    cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2])
+    cdef int nt = threads_for(p.N * p.C * p.S, p.C * p.nblocks, num_threads)
+    cdef const floating* bp = cptr3(b)
+    with nogil:
+        table_apply(&a[0, 0, 0], bp, &out[0, 0, 0], &p, <const Coef*>&coef[0, 0], nt)

@@ -229,7 +229,9 @@ class BatchNorm:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self.dgamma = None
         self.dbeta = None
-        self._cache = None  # (x, mean, invstd) of the last forward; mean is None in eval
+        # (x, mean, invstd, batch) of the last forward: x itself (no copy), the (C,)
+        # statistics it was normalized with, and whether they were the batch's own
+        self._cache = None
 
     # ---------------------------------------------------------- parameters
 
@@ -357,11 +359,12 @@ class BatchNorm:
                 momentum=self.momentum,
                 num_batches_tracked=self.num_batches_tracked if tracking else None,
                 **common)
-            self._cache = (x, mean, invstd)
+            self._cache = (x, mean, invstd, True)
         else:
             y = f.batch_norm_inference(x, self._gamma, self._beta, self.running_mean,
                                        self.running_var, eps=self.eps, **common)
-            self._cache = (x, None, None)
+            invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+            self._cache = (x, self.running_mean.copy(), invstd.astype(self.dtype), False)
         return y
 
     __call__ = forward
@@ -386,10 +389,11 @@ class BatchNorm:
             dgamma = sum(dy * xhat)
             dx     = dy * gamma * invstd
 
-        The two sums are those of :func:`fastbn.batch_norm_backward` given
-        the running statistics as mean and invstd (so they run in the
-        kernel, in float64); dx is then one NumPy multiply written over the
-        kernel's output.
+        using the running statistics as they were at that forward. The two
+        sums are those of :func:`fastbn.batch_norm_backward` given the
+        running statistics as mean and invstd (so they run in the kernel, in
+        float64); dx is then one NumPy multiply written over the kernel's
+        output.
 
         Parameters
         ----------
@@ -414,7 +418,7 @@ class BatchNorm:
         if self._cache is None:
             raise RuntimeError(f"{cls}.backward called before forward: there is no input "
                                f"to take the gradient at")
-        x, mean, invstd = self._cache
+        x, mean, invstd, batch = self._cache
         if not isinstance(dy, np.ndarray):
             raise TypeError(f"{cls}.backward: dy must be a numpy.ndarray, "
                             f"got {type(dy).__name__}")
@@ -423,13 +427,11 @@ class BatchNorm:
                              f"input {x.shape}, got {dy.shape}")
         f = self.backend
         common = dict(channel_axis=self.channel_axis, num_threads=self.num_threads)
-        if mean is not None:
-            dx, dgamma, dbeta = f.batch_norm_backward(dy, x, self._gamma, mean, invstd, **common)
-        else:
-            invstd64 = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-            dx, dgamma, dbeta = f.batch_norm_backward(
-                dy, x, self._gamma, self.running_mean, invstd64.astype(self.dtype), **common)
-            scale = invstd64 if self._gamma is None else self._gamma * invstd64
+        dx, dgamma, dbeta = f.batch_norm_backward(dy, x, self._gamma, mean, invstd, **common)
+        if not batch:  # the running statistics are constants: dx = dy * gamma * invstd
+            scale = invstd.astype(np.float64)
+            if self._gamma is not None:
+                scale = scale * self._gamma
             np.multiply(dy, self._per_channel(scale.astype(self.dtype), x.ndim), out=dx)
         if self.affine:
             self.dgamma, self.dbeta = dgamma, dbeta
