@@ -31,7 +31,7 @@ from libc.stdlib cimport malloc, free
 
 from fastbn._openmp cimport threads_for
 from fastbn._stats cimport Coef, forward_coef, inference_coef, backward_coef
-from fastbn._views cimport cptr, wptr
+from fastbn._views cimport cptr, cptr2, wptr
 
 
 cdef enum:
@@ -322,5 +322,68 @@ def backward(const floating[:, ::1] dy, const floating[:, ::1] x,
                     gp, &dgamma[0], &dbeta[0], c))
             for blk in prange(g.nblocks, num_threads=nt, schedule="static"):
                 block_apply(dyp, xp, dxp, &g, blk * g.rows_per_block,
+                            min(g.M, (blk + 1) * g.rows_per_block), 0, C, w)
+    free(w)
+
+
+def sums(const floating[:, ::1] a, const floating[:, ::1] b, const double[::1] center,
+         double[:, ::1] out, int num_threads):
+    """Per-column sums of an (M, C) view into out (C, 2), in double.
+
+    b None: ``sum(a - center)`` and ``sum((a - center)**2)``; otherwise
+    ``sum(a)`` and ``sum(a * (b - center))`` (a = dy, b = x). The first
+    half of each pass, for a reduction across processes in between.
+    """
+    cdef Py_ssize_t value_bytes = sizeof(floating) if b is None else 2 * sizeof(floating)
+    cdef Grid g = make_grid(a.shape[0], a.shape[1], value_bytes)
+    cdef int nt = threads_for(g.M * g.C, max(g.ntiles, g.nblocks), num_threads)
+    cdef bint tiles = by_tile(&g, value_bytes, nt)
+    cdef const floating* ap = &a[0, 0]
+    cdef const floating* bp = cptr2(b)
+    cdef double* w = alloc_work(&g, not tiles)
+    cdef double* part = w + NWORK * g.C
+    cdef Py_ssize_t t, c, blk, C = g.C
+    with nogil:
+        for c in range(C):
+            w[W_CENTER * C + c] = center[c]
+        if tiles:
+            for t in prange(g.ntiles, num_threads=nt, schedule="static"):
+                tile_totals(ap, bp, &g, t * g.tile, min(C, (t + 1) * g.tile), w)
+        else:
+            for blk in prange(g.nblocks, num_threads=nt, schedule="static"):
+                block_sums(ap, bp, &g, blk, 0, C, w + W_CENTER * C,
+                           part + 2 * blk * C, part + (2 * blk + 1) * C)
+            merge_parts(part, &g, w)
+        for c in range(C):
+            out[c, 0] = w[W_TOTAL_A * C + c]
+            out[c, 1] = w[W_TOTAL_B * C + c]
+    free(w)
+
+
+def apply(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] out,
+          const double[:, ::1] coef, int num_threads):
+    """The second half of each pass on an (M, C) view, with the per-column
+    map coef (C, 4) = (center, scale, slope, offset), see fastbn._stats.Coef:
+    b None: out = (a - center) * scale + offset; otherwise
+    out = scale * a - slope * (b - center) - offset (a = dy, b = x)."""
+    cdef Grid g = make_grid(a.shape[0], a.shape[1], sizeof(floating))
+    cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)
+    cdef const floating* ap = &a[0, 0]
+    cdef const floating* bp = cptr2(b)
+    cdef double* w = alloc_work(&g, False)
+    cdef Py_ssize_t c, blk, C = g.C
+    with nogil:
+        for c in range(C):
+            w[W_CENTER * C + c] = coef[c, 0]
+            w[W_MEAN * C + c] = coef[c, 0]
+            w[W_SCALE * C + c] = coef[c, 1]
+            w[W_SLOPE * C + c] = coef[c, 2]
+            w[W_OFFSET * C + c] = coef[c, 3]
+        for blk in prange(g.nblocks, num_threads=nt, schedule="static"):
+            if bp == NULL:
+                block_apply(NULL, ap, &out[0, 0], &g, blk * g.rows_per_block,
+                            min(g.M, (blk + 1) * g.rows_per_block), 0, C, w)
+            else:
+                block_apply(ap, bp, &out[0, 0], &g, blk * g.rows_per_block,
                             min(g.M, (blk + 1) * g.rows_per_block), 0, C, w)
     free(w)

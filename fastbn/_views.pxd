@@ -20,3 +20,9 @@ cdef inline const floating* cptr3(const floating[:, :, ::1] v) noexcept:
     if v is None:
         return NULL
     return &v[0, 0, 0]
+
+
+cdef inline const floating* cptr2(const floating[:, ::1] v) noexcept:
+    if v is None:
+        return NULL
+    return &v[0, 0]
