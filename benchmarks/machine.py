@@ -4,7 +4,7 @@
   ``/sys/devices/system/cpu``), memory, software versions and fastbn's build
   configuration into one JSON-ready dict; :func:`summary_line` turns it into
   the one line that goes above the README table.
-- :func:`copy_bandwidth` times a parallel copy of a buffer larger than the
+- :class:`CopyBandwidth` times a parallel copy of a buffer larger than the
   last-level cache: the ceiling a memory-bound kernel is measured against.
 - :class:`BackgroundLoad` tells how much CPU other processes took while we
   measured, so that figures from a busy machine are marked as such.
@@ -194,43 +194,59 @@ def summary_line(machine):
 
 # ---------------------------------------------------- copy bandwidth ----
 
-def copy_bandwidth(num_threads, nbytes, *, min_reps=5, target_seconds=0.5):
-    """Median bandwidth of copying ``nbytes`` with ``num_threads`` Python threads.
+class CopyBandwidth:
+    """Bandwidth of a parallel copy of ``nbytes``, sampled repeatedly over a run.
 
-    Each thread copies one contiguous slice with :func:`numpy.copyto` (which
-    releases the GIL), so the copy runs at ``num_threads`` cores. Both buffers
-    are written once beforehand, so no page fault is timed. Bandwidth counts
-    read + write: ``2 * nbytes / time``.
+    Each of ``num_threads`` Python threads copies one contiguous slice with
+    :func:`numpy.copyto` (which releases the GIL), so the copy runs on
+    ``num_threads`` cores. Both buffers are written once beforehand, so no
+    page fault is timed. Bandwidth counts read + write: ``2 * nbytes / time``
+    (1e9 bytes/s).
 
-    Returns a dict with ``gbps`` (1e9 bytes/s), ``median_s``, ``nbytes`` and
-    ``reps``.
+    A sample is the median of several copies. Other processes can only slow
+    a copy down, so on a shared machine the run's figure is the best sample
+    (:meth:`result`), and sampling throughout the run makes it robust.
     """
-    src = np.empty(nbytes, dtype=np.uint8)
-    dst = np.empty_like(src)
-    src.fill(1)
-    dst.fill(0)
-    page = 4096
-    bounds = [min(nbytes, (nbytes * k // num_threads) // page * page)
-              for k in range(num_threads)] + [nbytes]
-    slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
-    with ThreadPoolExecutor(max_workers=num_threads) as pool:
-        def copy():
-            for future in [pool.submit(np.copyto, dst[s], src[s]) for s in slices]:
-                future.result()
+    def __init__(self, nbytes):
+        self.nbytes = nbytes
+        self._src = np.empty(nbytes, dtype=np.uint8)
+        self._dst = np.empty_like(self._src)
+        self._src.fill(1)
+        self._dst.fill(0)
+        self.samples = {}
 
-        copy()  # warm-up: threads started, TLBs and pages touched
-        times = []
-        deadline = time.perf_counter() + target_seconds
-        while len(times) < min_reps or time.perf_counter() < deadline:
-            start = time.perf_counter_ns()
-            copy()
-            times.append((time.perf_counter_ns() - start) * 1e-9)
-            if len(times) >= 50:
-                break
-    median = statistics.median(times)
-    return {"gbps": 2 * nbytes / median / 1e9, "median_s": median, "nbytes": nbytes,
-            "reps": len(times), "threads": num_threads}
+    def sample(self, num_threads, *, min_reps=5, target_seconds=0.3):
+        """Time copies at ``num_threads``; returns and records the sample's GB/s."""
+        page = 4096
+        bounds = [(self.nbytes * k // num_threads) // page * page
+                  for k in range(num_threads)] + [self.nbytes]
+        slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        with ThreadPoolExecutor(max_workers=num_threads) as pool:
+            def copy():
+                for future in [pool.submit(np.copyto, self._dst[s], self._src[s])
+                               for s in slices]:
+                    future.result()
+
+            copy()  # warm-up: threads started, TLB entries loaded
+            times = []
+            deadline = time.perf_counter() + target_seconds
+            while len(times) < min_reps or (time.perf_counter() < deadline and len(times) < 50):
+                start = time.perf_counter_ns()
+                copy()
+                times.append((time.perf_counter_ns() - start) * 1e-9)
+        gbps = 2 * self.nbytes / statistics.median(times) / 1e9
+        self.samples.setdefault(num_threads, []).append(gbps)
+        return gbps
+
+    def result(self, num_threads):
+        """{gbps: best sample, samples, nbytes, threads} for ``num_threads``."""
+        samples = self.samples[num_threads]
+        return {"gbps": max(samples), "samples_gbps": samples, "nbytes": self.nbytes,
+                "threads": num_threads}
+
+    def close(self):
+        self._src = self._dst = None
 
 
 # --------------------------------------------------- background load ----

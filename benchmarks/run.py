@@ -72,7 +72,7 @@ def thread_limit(num_threads):
                 torch.set_num_threads(previous)
 
 
-def run_case(op, w, threads, settings, copy_gbps):
+def run_case(op, w, threads, settings):
     """Time every implementation on one case; returns their records."""
     records = []
     oracle = None
@@ -103,7 +103,7 @@ def run_case(op, w, threads, settings, copy_gbps):
             "threads": threads, "implementation": impl.name, "label": impl.label,
             "nbytes": w.nbytes, "traffic_bytes": traffic,
             "data": "cold" if w.cold else "hot", "copies": w.copies,
-            **stats, "gbps": gbps, "pct_copy": 100 * gbps / copy_gbps,
+            **stats, "gbps": gbps,
             "peak_rss_bytes": peak, "max_rel_error": error, "matches_reference": error <= tolerance,
         })
         del result, y
@@ -141,24 +141,31 @@ class QuietWaiter:
         return self.total - self.budget
 
 
-def measure_copy_bandwidth(threads_list, nbytes, waiter):
-    """{threads: copy bandwidth dict} at every thread count."""
-    result = {}
+def sample_copy_bandwidth(copy, threads_list, waiter):
+    """One copy-bandwidth sample at every thread count."""
     for t in threads_list:
         load = waiter.before()
         with thread_limit(t):
-            result[t] = machine.copy_bandwidth(t, nbytes)
-        result[t]["background_cores"] = waiter.after(load)
-        log(f"copy bandwidth, {t} thread(s), {machine.format_bytes(nbytes)}: "
-            f"{result[t]['gbps']:.1f} GB/s (read + write)")
-    return result
+            gbps = copy.sample(t)
+        background = waiter.after(load)
+        log(f"copy bandwidth, {t} thread(s), {machine.format_bytes(copy.nbytes)}: "
+            f"{gbps:.1f} GB/s (read + write)"
+            + (f"  († load {background:.1f})" if (background or 0.0) >= report.BUSY_CORES
+               else ""))
 
 
-def run_suite(suite, threads_list, settings, copy_bandwidth, waiter, started):
-    """Every (shape, dtype) x threads x operation; returns the records."""
+def run_suite(suite, threads_list, settings, copy, waiter, started):
+    """Every (shape, dtype) x threads x operation; returns the records.
+
+    The copy bandwidth is sampled at the start and the end and, unless
+    quick, before every workload, so that its best sample comes from a quiet
+    moment on a shared machine.
+    """
     total = len(suite) * len(threads_list) * len(OPERATIONS)
     records = []
-    for shape, dtype in suite:
+    for k, (shape, dtype) in enumerate(suite):
+        if k == 0 or not settings["quick"]:
+            sample_copy_bandwidth(copy, threads_list, waiter)
         w = Workload(shape, dtype, settings["flush_bytes"])
         log(f"{w.label}: x {machine.format_bytes(w.nbytes)}, "
             + (f"{w.copies} rotating copies ({machine.format_bytes(w.pool_bytes)} of x, dy, out)"
@@ -167,7 +174,7 @@ def run_suite(suite, threads_list, settings, copy_bandwidth, waiter, started):
             with thread_limit(t):
                 for op in OPERATIONS:
                     load = waiter.before()
-                    rows = run_case(op, w, t, settings, copy_bandwidth[t]["gbps"])
+                    rows = run_case(op, w, t, settings)
                     background = waiter.after(load)
                     for r in rows:
                         r["background_cores"] = background
@@ -179,6 +186,7 @@ def run_suite(suite, threads_list, settings, copy_bandwidth, waiter, started):
                         + (f"  († load {background:.1f})"
                            if (background or 0.0) >= report.BUSY_CORES else ""))
         w.release()
+    sample_copy_bandwidth(copy, threads_list, waiter)
     return records
 
 
@@ -216,10 +224,12 @@ def main(argv=None):
     run_load = machine.BackgroundLoad()
     waiter = QuietWaiter(args.wait_quiet, idle_load)
     machine_info = machine.describe(cases.torch)
-    copy_bandwidth = measure_copy_bandwidth(
-        threads_list, max(settings["flush_bytes"], COPY_MIN_BYTES), waiter)
-    records = run_suite(cases.suite(args.quick), threads_list, settings, copy_bandwidth,
-                        waiter, started)
+    copy = machine.CopyBandwidth(max(settings["flush_bytes"], COPY_MIN_BYTES))
+    records = run_suite(cases.suite(args.quick), threads_list, settings, copy, waiter, started)
+    copy.close()
+    copy_bandwidth = {t: copy.result(t) for t in threads_list}
+    for r in records:
+        r["pct_copy"] = 100 * r["gbps"] / copy_bandwidth[r["threads"]]["gbps"]
     runtime = time.perf_counter() - started
     settings["background_cores_before_start"] = idle_load
     settings["background_cores_during_run"] = run_load.cores()
@@ -238,7 +248,7 @@ def main(argv=None):
     markdown = "\n\n".join([header, report.markdown_tables(records),
                             report.legend(settings, copy_bandwidth)])
     targets = report.evaluate_targets(records, max(threads_list))
-    summary = report.targets_text(targets)
+    summary = report.targets_text(targets, records)
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "benchmark-quick" if args.quick else "benchmark"
@@ -250,7 +260,7 @@ def main(argv=None):
     })
     (args.out / f"{stem}.md").write_text(markdown + "\n\n" + summary + "\n")
     report.write_chart(args.out / f"{stem}.png", records, copy_bandwidth,
-                       f"{machine_line} Copy bandwidth: {bandwidth_line}.")
+                       f"{machine_line}. Copy bandwidth: {bandwidth_line}.")
 
     print(markdown)
     print()

@@ -1,8 +1,7 @@
 """fastbn: Batch Normalization for NumPy arrays, in typed Cython with OpenMP.
 
-The public names are the three functions of :mod:`fastbn.functional`, the
-layers of :mod:`fastbn.layers`, the oracle :mod:`fastbn.reference`, and
-:func:`show_config`.
+The public names are the three functions of :mod:`fastbn.functional`,
+the oracle :mod:`fastbn.reference`, and :func:`show_config`.
 """
 
 from fastbn import reference
@@ -11,6 +10,7 @@ from fastbn.functional import batch_norm_backward, batch_norm_forward, batch_nor
 from fastbn.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = [
+    "SyncBatchNorm",
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",
@@ -22,3 +22,11 @@ __all__ = [
     "reference",
     "show_config",
 ]
+
+
+def __getattr__(name):
+    # fastbn.SyncBatchNorm: fastbn.distributed is imported on first use only.
+    if name == "SyncBatchNorm":
+        from fastbn.distributed import SyncBatchNorm
+        return SyncBatchNorm
+    raise AttributeError(f"module 'fastbn' has no attribute {name!r}")
