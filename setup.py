@@ -5,7 +5,9 @@ Environment switches (read at build time):
 - ``FASTBN_OPENMP=0|1``: force the serial build, or require OpenMP. Unset,
   OpenMP is used when a test compile with ``-fopenmp`` succeeds.
 - ``FASTBN_NATIVE=1``: add ``-march=native`` (the wheel then only runs on
-  CPUs like the build machine's). Off by default: the build is portable.
+  CPUs like the build machine's). Off by default: the build is portable, and
+  on x86-64 the kernels are built a second time for x86-64-v3 (AVX2, FMA),
+  chosen at run time when the CPU has those instructions.
 - ``FASTBN_SANITIZE=1``: build with ``-fsanitize=address,undefined`` for
   testing (run Python with the ASan runtime preloaded).
 - ``FASTBN_DEBUG=1``: turn Cython's bounds and wraparound checks back on.
@@ -26,6 +28,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 MODULES = ["_openmp", "_planar", "_columnar"]
+# Kernel modules built again for a newer x86-64 level: (module, extra flag).
+VARIANTS = [("_planar_v3", "-march=x86-64-v3"), ("_columnar_v3", "-march=x86-64-v3")]
 BASE_ARGS = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
 OPENMP_PROBE = r"""
 #include <omp.h>
@@ -43,6 +47,21 @@ def _flag(name):
     if value not in ("", "0", "1"):
         sys.exit(f"setup.py: {name} must be 0 or 1, got {value!r}")
     return None if value == "" else value == "1"
+
+
+def _compiles_with(compiler, flag):
+    """Whether the compiler accepts a flag (on a one-line C file)."""
+    tmp = tempfile.mkdtemp(prefix="fastbn-flag-")
+    try:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write("int main(void) { return 0; }\n")
+        compiler.compile([src], output_dir=tmp, extra_postargs=[flag])
+        return True
+    except Exception:  # any compile failure means: not supported
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _compiles_with_openmp(compiler):
@@ -88,8 +107,14 @@ class BuildExt(build_ext):
         print(f"fastbn: building {'with OpenMP' if use_openmp else 'a serial extension (no OpenMP)'}; "
               f"compile flags: {' '.join(compile_args)}")
 
+        variant_flags = dict(VARIANTS)
+        if _flag("FASTBN_NATIVE") or not _compiles_with(self.compiler, "-march=x86-64-v3"):
+            self.extensions = [e for e in self.extensions
+                               if e.name.split(".")[-1] not in variant_flags]
+            print("fastbn: no x86-64-v3 kernel variants (native build, or not supported)")
         for ext in self.extensions:
-            ext.extra_compile_args = compile_args
+            extra = variant_flags.get(ext.name.split(".")[-1])
+            ext.extra_compile_args = compile_args + ([extra] if extra else [])
             ext.extra_link_args = link_args
             ext.define_macros.append(("FASTBN_COMPILE_ARGS", '"' + " ".join(compile_args) + '"'))
         super().build_extensions()
@@ -111,7 +136,7 @@ extensions = [
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
     )
-    for name in MODULES
+    for name in MODULES + [name for name, _ in VARIANTS]
 ]
 
 setup(

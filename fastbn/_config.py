@@ -2,7 +2,7 @@
 
 from importlib import metadata
 
-from fastbn import _openmp
+from fastbn import _dispatch, _openmp
 
 try:
     __version__ = metadata.version("fastbn")
@@ -11,7 +11,8 @@ except metadata.PackageNotFoundError:  # running from a source tree that was bui
 
 
 def show_config():
-    """Print the version, OpenMP status, default thread count and compile flags.
+    """Print the version, OpenMP status, default thread count, compile flags
+    and the kernel variant chosen for this CPU.
 
     The default thread count is what ``num_threads=None`` resolves to now
     (``omp_get_max_threads()``, which honours ``OMP_NUM_THREADS`` and
@@ -22,3 +23,4 @@ def show_config():
     print(f"  OpenMP:              {'yes' if openmp else 'no (serial build)'}")
     print(f"  default num_threads: {_openmp.effective_num_threads(None)}")
     print(f"  compile flags:       {_openmp.compile_args()}")
+    print(f"  kernels:             {_dispatch.level}")

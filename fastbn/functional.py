@@ -22,7 +22,9 @@ import numbers
 
 import numpy as np
 
-from fastbn import _columnar, _openmp, _planar
+from fastbn import _openmp
+from fastbn._dispatch import columnar as _columnar
+from fastbn._dispatch import planar as _planar
 
 __all__ = ["batch_norm_forward", "batch_norm_inference", "batch_norm_backward"]
 
