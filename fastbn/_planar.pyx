@@ -8,9 +8,10 @@ Summation order (fixed by the shape, never by the thread count)
 ----------------------------------------------------------------
 A channel's m = N*S values are cut into blocks of about BLOCK values: whole
 rows when S < BLOCK, pieces of one row otherwise. Each block is summed in
-LANES independent double accumulators (the compiler vectorizes them without
-reassociating), the lanes are added in order, and the block sums are added in
-block order. So every schedule below gives the same bits.
+LANES independent double accumulators (the inner loop runs along the lanes,
+which the compiler vectorizes without reassociating any sum), the lanes are
+added in order, and the block sums are added in block order. So every
+schedule below gives the same bits.
 
 Schedules
 ---------
@@ -38,23 +39,8 @@ from fastbn._stats cimport Coef, forward_coef, inference_coef, backward_coef, fl
 from fastbn._views cimport cptr, cptr3, wptr
 
 
-cdef extern from *:
-    """
-    /* Independent double accumulators per block: enough to hide the add
-       latency with the widest vectors the build targets, no more than the
-       registers hold. A build for another target may round differently. */
-    #if defined(__AVX512F__)
-    #define FASTBN_LANES 32
-    #elif defined(__AVX__)
-    #define FASTBN_LANES 16
-    #else
-    #define FASTBN_LANES 8
-    #endif
-    """
-    enum: LANES "FASTBN_LANES"
-
-
 cdef enum:
+    LANES = 64      # accumulators per block, k = i % LANES: arrays that stay in L1
     BLOCK = 16384   # values per block of a channel (shape-fixed summation order)
 
 
@@ -104,19 +90,19 @@ cdef inline void block_span(const Plane* p, Py_ssize_t b, Py_ssize_t* n0, Py_ssi
 
 cdef inline void row_shifted_sums(const floating* x, Py_ssize_t n, double shift,
                                   double* acc_s, double* acc_q) noexcept nogil:
-    """acc_s[k] += x[i] - shift, acc_q[k] += (x[i] - shift)**2 with k = i % LANES."""
+    """acc_s[k] += x[i] - shift, acc_q[k] += (x[i] - shift)**2 with k = i % LANES.
+
+    The inner loop runs along the lanes (arrays in L1), the shape the loop
+    vectorizer takes without reassociating any sum.
+    """
     cdef Py_ssize_t i = 0, k
     cdef double d
-    while i + LANES <= n:
-        for k in range(LANES):
+    while i < n:
+        for k in range(min(LANES, n - i)):
             d = <double>x[i + k] - shift
             acc_s[k] += d
             acc_q[k] += d * d
         i += LANES
-    for k in range(n - i):
-        d = <double>x[i + k] - shift
-        acc_s[k] += d
-        acc_q[k] += d * d
 
 
 cdef inline void row_grad_sums(const floating* dy, const floating* x, Py_ssize_t n,
@@ -124,16 +110,12 @@ cdef inline void row_grad_sums(const floating* dy, const floating* x, Py_ssize_t
     """acc_g[k] += dy[i], acc_c[k] += dy[i] * (x[i] - center) with k = i % LANES."""
     cdef Py_ssize_t i = 0, k
     cdef double g
-    while i + LANES <= n:
-        for k in range(LANES):
+    while i < n:
+        for k in range(min(LANES, n - i)):
             g = dy[i + k]
             acc_g[k] += g
             acc_c[k] += g * (<double>x[i + k] - center)
         i += LANES
-    for k in range(n - i):
-        g = dy[i + k]
-        acc_g[k] += g
-        acc_c[k] += g * (<double>x[i + k] - center)
 
 
 cdef inline void row_affine(const floating* x, floating* y, Py_ssize_t n,
