@@ -21,8 +21,9 @@ cdef extern from *:
 
 cdef enum:
     # Below this many elements per thread, another thread costs more than it
-    # gives (an OpenMP fork/join is a few microseconds).
-    MIN_ELEMENTS_PER_THREAD = 32768
+    # gives: a fork/join is a few microseconds on idle cores, and far more when
+    # a core is busy with other work (a shared machine, NumPy's BLAS threads).
+    MIN_ELEMENTS_PER_THREAD = 131072
 
 
 cdef inline int threads_for(Py_ssize_t n_elements, Py_ssize_t n_units,

@@ -1,17 +1,17 @@
 """Results are bitwise identical for any thread count and on repeated calls.
 
 The shapes are chosen to run each schedule of each kernel family with more
-than one thread (more than 2 * 32768 elements), and some to switch schedule
-with the thread count:
+than one thread (more than 2 * 131072 elements, MIN_ELEMENTS_PER_THREAD in
+fastbn/_openmp.pxd), and some to switch schedule with the thread count:
 
 - planar, by block: C = 1, and C = 3 (by block with 2 threads, by channel
   with 3), with blocks that cut rows and blocks of whole rows;
 - planar, by channel: C = 64;
 - columnar, by tile: (100, 16384), many columns in tiles of whole pages;
 - columnar, by row block: (65536, 16), few columns, and (4096, 1024);
-- columnar, switching: shapes whose columns fit one tile run it on one
-  thread and switch to row blocks with more ((8, 16, 16, 48) channels last,
-  (16384, 8, 1, 1)).
+- columnar, switching: (128, 3072) makes three tiles of a page per row,
+  run by tile on 1 and 3 threads and by row block on 2; channels last and
+  (N, C, 1, 1) inputs.
 """
 
 import numpy as np
@@ -31,8 +31,9 @@ SHAPES = [
     ((4096, 1024), 1),        # columnar, many columns and rows
     ((65536, 16), 1),         # columnar, few columns: by row block
     ((4096, 64), 1),          # columnar
-    ((8, 16, 16, 48), -1),    # channels last: one tile on 1 thread, row blocks on more
-    ((16384, 8, 1, 1), 1),    # (N, C, 1, 1): columnar, one tile or row blocks
+    ((128, 3072), 1),         # columnar, 3 tiles: by tile on 1 or 3 threads, rows on 2
+    ((16, 32, 32, 48), -1),   # channels last: columnar by row block
+    ((65536, 8, 1, 1), 1),    # (N, C, 1, 1): columnar by row block
 ]
 
 THREAD_COUNTS = (1, 2, 3, 4)
