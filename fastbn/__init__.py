@@ -1,7 +1,9 @@
 """fastbn: Batch Normalization for NumPy arrays, in typed Cython with OpenMP.
 
-The public names are the three functions of :mod:`fastbn.functional`,
-the oracle :mod:`fastbn.reference`, and :func:`show_config`.
+The public names are the three functions of :mod:`fastbn.functional`, the
+layer classes of :mod:`fastbn.layers`, the oracle :mod:`fastbn.reference`,
+:func:`show_config`, and ``SyncBatchNorm`` (:mod:`fastbn.distributed`),
+imported on first use: mpi4py is optional, ``pip install "fastbn[mpi]"``.
 """
 
 from fastbn import reference

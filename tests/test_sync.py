@@ -1,0 +1,796 @@
+"""SyncBatchNorm and the synchronized functions of fastbn.distributed.
+
+Two kinds of tests:
+
+- in-process, everywhere (no MPI needed): the reduction operator
+  :func:`merge_records`, and the synchronized passes run by K threads that
+  stand for K ranks, joined by a fake all-reduce (a barrier and the merge
+  operator). They check exactness against the single-process functions
+  for uneven and empty slices, one reduction per pass, the errors every
+  rank raises when one rank's input is bad, and the layer API;
+- under MPI (skipped without ``mpirun`` or mpi4py): ``mpirun -n K`` of
+  ``tests/mpi_worker_sync.py`` for K = 1, 2, 3, 4 (oversubscribed on small
+  machines) and for K = 3 with each of Open MPI's allreduce algorithms
+  forced, with a timeout so that a hang fails instead of blocking; the calls
+  one layer makes on a wrapped communicator; the MPI example against the
+  one-process training.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from conftest import assert_bitwise_equal
+
+import fastbn
+from fastbn.distributed import (TAG_CONFLICT, TAG_FIRST, TAG_RANGE, TAG_STATS, TAG_SUM,
+                                SyncBatchNorm, merge_records, sync_batch_norm_backward,
+                                sync_batch_norm_forward)
+from fastbn.layers import BatchNorm, BatchNorm2d
+
+HERE = pathlib.Path(__file__).resolve().parent
+WORKER = HERE / "mpi_worker_sync.py"
+EXAMPLE = HERE.parent / "examples" / "train_digits_mpi.py"
+TOL = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-13}
+
+LAYOUTS = {  # global shape, channel axis
+    "NCHW": ((13, 6, 5, 7), 1),
+    "NCHW-3ch": ((13, 3, 40, 40), 1),
+    "ND": ((13, 11), 1),
+    "NHWC": ((13, 4, 3, 6), -1),
+}
+SPLITS = {1: [13], 2: [9, 4], 3: [6, 0, 7], 4: [1, 5, 0, 7]}
+
+
+# ------------------------------------------------------------- fake ranks ----
+
+class FakeGroup:
+    """K ranks as threads; ``member(rank)`` is that rank's allreduce callable.
+
+    Each call deposits the rank's records, waits for every rank, lets rank 0
+    merge them in the group's order (sequential, reversed or pairwise tree)
+    and hands every rank the result. A rank that never arrives breaks the
+    barrier after ``timeout`` seconds, so a hang fails the test.
+    """
+
+    def __init__(self, size, order="sequential", timeout=30):
+        self.size = size
+        self.order = order
+        self.barrier = threading.Barrier(size, timeout=timeout)
+        self.slots = [None] * size
+        self.calls = 0
+        self.result = None
+
+    def merge(self, records):
+        if self.order == "reversed":
+            records = records[::-1]
+        if self.order == "tree":
+            while len(records) > 1:
+                pairs = [merge_records(records[i], records[i + 1].copy())
+                         for i in range(0, len(records) - 1, 2)]
+                records = pairs + ([records[-1]] if len(records) % 2 else [])
+            return records[0]
+        acc = records[0].copy()
+        for other in records[1:]:
+            merge_records(other, acc)
+        return acc
+
+    def member(self, rank):
+        group = self
+
+        class Allreduce:
+            def __init__(self):
+                self.rank, self.size = rank, group.size
+
+            def __call__(self, records):
+                group.slots[rank] = records.copy()
+                group.barrier.wait()
+                if rank == 0:
+                    group.result = group.merge(list(group.slots))
+                    group.calls += 1
+                group.barrier.wait()
+                records[...] = group.result
+                group.barrier.wait()
+
+        return Allreduce()
+
+
+def run_ranks(size, work, order="sequential"):
+    """work(rank, allreduce) on ``size`` threads; the results (or exceptions) by rank."""
+    group = FakeGroup(size, order)
+    results = [None] * size
+
+    def target(rank):
+        try:
+            results[rank] = work(rank, group.member(rank))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            results[rank] = exc
+
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a rank hangs"
+    return results, group
+
+
+def values(results):
+    for r, result in enumerate(results):
+        if isinstance(result, BaseException):
+            raise AssertionError(f"rank {r} raised {result!r}") from result
+    return results
+
+
+def global_batch(shape, ca, dtype, seed=0, offset=3.0):
+    rng = np.random.default_rng(seed)
+    ndim = len(shape)
+    C = shape[ca % ndim]
+    per = [1] * ndim
+    per[ca % ndim] = C
+    x = (offset + rng.uniform(-2, 2, C).reshape(per)
+         + rng.uniform(0.5, 2, C).reshape(per) * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    gamma = (rng.uniform(0.5, 1.5, C) * rng.choice([-1, 1], C)).astype(dtype)
+    beta = rng.standard_normal(C).astype(dtype)
+    return x, dy, gamma, beta, C
+
+
+def close(actual, expected, dtype, what):
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-300)
+    diff = float(np.abs(actual - expected).max(initial=0.0))
+    assert diff <= TOL[np.dtype(dtype)] * scale, f"{what}: max abs diff {diff:.3g}, " \
+                                                 f"scale {scale:.3g}"
+
+
+# -------------------------------------------------------------- the merge ----
+
+def stats_record(v):
+    v = np.asarray(v, np.float64)
+    return (TAG_STATS, v.size, v.mean() if v.size else 0.0, v.var() if v.size else 0.0)
+
+
+def test_merge_is_commutative_to_the_bit():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        a = np.empty((12, 4))
+        b = np.empty((12, 4))
+        for rec in (a, b):
+            rec[:, 0] = rng.choice([TAG_STATS, TAG_SUM, TAG_FIRST, TAG_RANGE], 12)
+            rec[:, 1] = rng.choice([0, 1, 2, 7, 1e6], 12)
+            rec[:, 2:] = rng.standard_normal((12, 2)) * 10.0 ** rng.integers(-3, 7, (12, 1))
+        b[:, 0] = np.where(rng.random(12) < 0.9, a[:, 0], b[:, 0])
+        numeric = (a[:, 0] == TAG_STATS) | (a[:, 0] == TAG_SUM)  # NaN data reach these only
+        a[numeric & (rng.random(12) < 0.1), 2] = np.nan
+        b[numeric & (rng.random(12) < 0.1), 2] = -np.nan
+        ab = merge_records(a, b.copy())
+        ba = merge_records(b, a.copy())
+        assert_bitwise_equal(ab, ba)
+
+
+def test_merge_gives_the_statistics_of_the_union_whatever_the_order():
+    rng = np.random.default_rng(2)
+    for trial in range(20):
+        sizes = rng.integers(0, 50, rng.integers(1, 9))
+        sizes[0] += 2
+        pieces = [1e4 + rng.standard_normal(n) * rng.uniform(0.1, 5) for n in sizes]
+        whole = np.concatenate(pieces)
+        records = [np.array([stats_record(p)]) for p in pieces]
+        for order in ("sequential", "reversed", "tree"):
+            merged = FakeGroup(len(records), order).merge(list(records))[0]
+            assert merged[1] == whole.size
+            assert abs(merged[2] - whole.mean()) <= 1e-15 * abs(whole.mean())
+            assert abs(merged[3] - whole.var()) <= 1e-12 * whole.var()
+
+
+def test_merge_with_an_empty_side_is_exact():
+    a = np.array([[TAG_STATS, 7, 0.1 + 0.2, 1 / 3]])
+    empty = np.array([[TAG_STATS, 0, 0, 0]])
+    assert_bitwise_equal(merge_records(empty, a.copy()), a)
+    assert_bitwise_equal(merge_records(a, empty.copy()), a)
+    assert_bitwise_equal(merge_records(empty, empty.copy()), empty)
+
+
+def test_merge_rules_of_the_header_tags():
+    a = np.array([[TAG_SUM, 1, 2, 3], [TAG_FIRST, 2, 5, 6], [TAG_FIRST, np.inf, 0, 0],
+                  [TAG_RANGE, 4, 4, 1], [TAG_STATS, 1, 0, 0]])
+    b = np.array([[TAG_SUM, 10, 20, 30], [TAG_FIRST, 1, 9, 9], [TAG_FIRST, 3, 1, 1],
+                  [TAG_RANGE, 8, 8, 1], [TAG_SUM, 1, 0, 0]])
+    out = merge_records(a, b.copy())
+    assert out[0].tolist() == [TAG_SUM, 11, 22, 33]
+    assert out[1].tolist() == [TAG_FIRST, 1, 9, 9]
+    assert out[2].tolist() == [TAG_FIRST, 3, 1, 1]
+    assert out[3].tolist() == [TAG_RANGE, 4, 8, 2]
+    assert out[4, 0] == TAG_CONFLICT and np.isnan(out[4, 1:]).all()
+    with pytest.raises(ValueError, match="same number of records"):
+        merge_records(a, b[:2].copy())
+
+
+# ------------------------------------------------------- functional, exact ----
+
+def sync_step(x, dy, gamma, beta, C, ca, bounds, order="sequential", **kwargs):
+    """Forward and backward of every rank's slice.
+
+    Per rank: (y, mean, invstd, dx, dgamma, dbeta, running_mean, running_var).
+    """
+    def work(rank, allreduce):
+        part = slice(bounds[rank], bounds[rank + 1])
+        rm = np.zeros(C, x.dtype)
+        rv = np.ones(C, x.dtype)
+        y, mean, invstd = sync_batch_norm_forward(
+            x[part], gamma, beta, allreduce=allreduce, num_features=C, running_mean=rm,
+            running_var=rv, channel_axis=ca, num_threads=1, **kwargs)
+        dx, dgamma, dbeta = sync_batch_norm_backward(
+            dy[part], x[part], gamma, mean, invstd, allreduce=allreduce, num_features=C,
+            channel_axis=ca, num_threads=1)
+        return y, mean, invstd, dx, dgamma, dbeta, rm, rv
+    return run_ranks(len(bounds) - 1, work, order=order)
+
+
+def single_step(x, dy, gamma, beta, C, ca, **kwargs):
+    rm = np.zeros(C, x.dtype)
+    rv = np.ones(C, x.dtype)
+    y, mean, invstd = fastbn.batch_norm_forward(x, gamma, beta, running_mean=rm,
+                                                running_var=rv, channel_axis=ca, **kwargs)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(dy, x, gamma, mean, invstd, channel_axis=ca)
+    return y, mean, invstd, dx, dgamma, dbeta, rm, rv
+
+
+NAMES = ("y", "mean", "invstd", "dx", "dgamma", "dbeta", "running_mean", "running_var")
+
+
+@pytest.fixture(params=["dispatched", "baseline"])
+def kernels(request, monkeypatch):
+    """The kernel modules fastbn.functional (and so fastbn.distributed) runs: the ones
+    chosen for this CPU, or the portable baseline ones."""
+    if request.param == "baseline":
+        monkeypatch.setattr(fastbn.functional, "_planar", importlib.import_module(
+            "fastbn._planar"))
+        monkeypatch.setattr(fastbn.functional, "_columnar", importlib.import_module(
+            "fastbn._columnar"))
+    return "baseline" if request.param == "baseline" or getattr(
+        importlib.import_module("fastbn._dispatch"), "level", "baseline") == "baseline" \
+        else "fma"
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_one_rank_is_the_single_process_function(layout, dtype, affine, kernels):
+    """To the bit with the baseline kernels; the x86-64-v3 kernels fuse multiply-adds
+    in the per-channel formulas, which NumPy does not, so there to round-off."""
+    shape, ca = LAYOUTS[layout]
+    x, dy, gamma, beta, C = global_batch(shape, ca, dtype)
+    if not affine:
+        gamma = beta = None
+    (ours,), group = sync_step(x, dy, gamma, beta, C, ca, [0, shape[0]])
+    expected = single_step(x, dy, gamma, beta, C, ca)
+    for name, a, e in zip(NAMES, values([ours])[0], expected):
+        if kernels == "baseline":
+            assert_bitwise_equal(a, e, name)
+        else:
+            close(a, e, dtype, name)
+    assert group.calls == 2
+
+
+@pytest.mark.parametrize("order", ["sequential", "reversed", "tree"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_uneven_slices_give_the_single_process_result(size, layout, dtype, order):
+    shape, ca = LAYOUTS[layout]
+    x, dy, gamma, beta, C = global_batch(shape, ca, dtype, seed=size)
+    bounds = np.cumsum([0] + SPLITS[size])
+    results, group = sync_step(x, dy, gamma, beta, C, ca, bounds, order=order)
+    results = values(results)
+    expected = single_step(x, dy, gamma, beta, C, ca)
+    y = np.concatenate([r[0] for r in results])
+    dx = np.concatenate([r[3] for r in results])
+    close(y, expected[0], dtype, "y")
+    close(dx, expected[3], dtype, "dx")
+    for i in (1, 2, 4, 5, 6, 7):
+        close(results[0][i], expected[i], dtype, NAMES[i])
+        for r in results[1:]:  # the same bits on every rank
+            assert_bitwise_equal(r[i], results[0][i], NAMES[i])
+    assert group.calls == 2  # one reduction forward, one backward
+
+
+def test_data_far_from_zero_keep_their_digits():
+    shape, ca = (40, 5, 6, 6), 1
+    x, dy, gamma, beta, C = global_batch(shape, ca, np.float64, offset=1e6)
+    results, _ = sync_step(x, dy, gamma, beta, C, ca, [0, 3, 3, 25, 40])
+    y = np.concatenate([r[0] for r in values(results)])
+    expected, _, invstd = fastbn.reference.batch_norm_forward(x, gamma, beta)
+    # the mean itself is known to half an ulp of 1e6 at best: y to a few of those
+    ulp = np.spacing(1e6) * np.abs(gamma * invstd).max()
+    assert np.abs(y - expected).max() <= 2 * ulp
+
+
+def test_momentum_none_and_counter():
+    shape, ca = (13, 6, 5, 7), 1
+    x, dy, gamma, beta, C = global_batch(shape, ca, np.float64)
+    counters = [np.zeros((), np.int64) for _ in range(3)]
+
+    def work(rank, allreduce):
+        part = slice(*[(0, 6), (6, 6), (6, 13)][rank])
+        rm, rv = np.zeros(C), np.ones(C)
+        for _ in range(2):
+            sync_batch_norm_forward(x[part], gamma, beta, allreduce=allreduce, num_features=C,
+                                    running_mean=rm, running_var=rv, momentum=None,
+                                    num_batches_tracked=counters[rank])
+        return rm, rv
+
+    results = values(run_ranks(3, work)[0])
+    rm, rv, count = np.zeros(C), np.ones(C), np.zeros((), np.int64)
+    for _ in range(2):
+        fastbn.batch_norm_forward(x, gamma, beta, running_mean=rm, running_var=rv,
+                                  momentum=None, num_batches_tracked=count)
+    for got_rm, got_rv in results:
+        close(got_rm, rm, np.float64, "running_mean")
+        close(got_rv, rv, np.float64, "running_var")
+    assert [int(c) for c in counters] == [2, 2, 2]
+
+
+def test_out_and_in_place():
+    shape, ca = (10, 4, 3, 3), 1
+    x, dy, gamma, beta, C = global_batch(shape, ca, np.float32)
+    expected = single_step(x, dy, gamma, beta, C, ca)
+
+    def work(rank, allreduce):
+        part = slice(0, 4) if rank == 0 else slice(4, 10)
+        xl, dyl = x[part].copy(), dy[part].copy()
+        y, mean, invstd = sync_batch_norm_forward(xl.copy(), gamma, beta, allreduce=allreduce,
+                                                  num_features=C)
+        out = np.empty_like(xl)
+        y2, _, _ = sync_batch_norm_forward(xl, gamma, beta, allreduce=allreduce,
+                                           num_features=C, out=out)
+        assert y2 is out
+        dx, _, _ = sync_batch_norm_backward(dyl, x[part], gamma, mean, invstd,
+                                            allreduce=allreduce, num_features=C, out=dyl)
+        assert dx is dyl
+        return y2, dx
+
+    results = values(run_ranks(2, work)[0])
+    close(np.concatenate([r[0] for r in results]), expected[0], np.float32, "y")
+    close(np.concatenate([r[1] for r in results]), expected[3], np.float32, "dx")
+
+
+# -------------------------------------------------------------- errors ----
+
+def bad_rank_case(size, bad, make_bad, action, **kwargs):
+    """Rank ``bad`` passes make_bad(x) instead of x; every rank's exception."""
+    x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
+
+    def work(rank, allreduce):
+        xl = make_bad(x) if rank in bad else x
+        return action(xl, allreduce)
+
+    results, group = run_ranks(size, work)
+    return results, group
+
+
+def forward_action(xl, allreduce):
+    return sync_batch_norm_forward(xl, None, None, allreduce=allreduce, num_features=3)
+
+
+@pytest.mark.parametrize("case", ["channels", "dtype", "ndim", "not-an-array", "eps"])
+def test_a_bad_rank_makes_every_rank_raise(case):
+    make_bad, error, words = {
+        "channels": (lambda x: np.concatenate([x, x[:, :1]], axis=1), ValueError,
+                     ["rank 1", "4 channels"]),
+        "dtype": (lambda x: x.astype(np.int64), TypeError, ["rank 1", "int64"]),
+        "ndim": (lambda x: x[0, 0, 0], ValueError, ["rank 1", "1-D"]),
+        "not-an-array": (lambda x: x.tolist(), TypeError, ["rank 1", "numpy.ndarray"]),
+        "eps": (lambda x: x, ValueError, ["rank 1", "ValueError"]),
+    }[case]
+    bad_eps = case == "eps"
+
+    def action(xl, allreduce):
+        eps = -1.0 if (bad_eps and allreduce.rank == 1) else 1e-5
+        return sync_batch_norm_forward(xl, None, None, allreduce=allreduce, num_features=3,
+                                       eps=eps)
+
+    results, group = bad_rank_case(3, {1}, make_bad, action)
+    assert group.calls == 1
+    for rank, exc in enumerate(results):
+        assert isinstance(exc, error), (rank, exc)
+        if rank == 1:
+            assert "rank 1 of 3" in str(exc)  # its own message, with its rank
+        else:
+            for word in words:
+                assert word in str(exc), (rank, str(exc))
+
+
+def test_two_bad_ranks_are_both_named():
+    results, _ = bad_rank_case(4, {0, 3}, lambda x: x.astype(np.float64).astype(np.float16),
+                               forward_action)
+    for exc in results:
+        assert isinstance(exc, TypeError)
+        assert "ranks 0 and 3" in str(exc)
+
+
+def test_different_dtypes_on_the_ranks():
+    results, _ = bad_rank_case(2, {0}, lambda x: x.astype(np.float64), forward_action)
+    for exc in results:
+        assert isinstance(exc, TypeError) and "disagree on the dtype" in str(exc)
+
+
+def test_bad_dy_in_the_backward():
+    x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
+
+    def work(rank, allreduce):
+        y, mean, invstd = sync_batch_norm_forward(x, None, None, allreduce=allreduce,
+                                                  num_features=3)
+        dy = np.ones_like(x)[:3] if rank == 2 else np.ones_like(x)
+        return sync_batch_norm_backward(dy, x, None, mean, invstd, allreduce=allreduce,
+                                        num_features=3)
+
+    results, group = run_ranks(3, work)
+    assert group.calls == 2
+    for exc in results:
+        assert isinstance(exc, ValueError) and "rank 2" in str(exc) and "shape" in str(exc)
+
+
+def test_a_forward_meeting_a_backward_is_an_error_on_every_rank():
+    x = np.ones((4, 3), np.float32)
+    mean, invstd = np.zeros(3, np.float32), np.ones(3, np.float32)
+
+    def work(rank, allreduce):
+        if rank == 0:
+            return sync_batch_norm_forward(x, None, None, allreduce=allreduce, num_features=3)
+        return sync_batch_norm_backward(x, x, None, mean, invstd, allreduce=allreduce,
+                                        num_features=3)
+
+    for exc in run_ranks(2, work)[0]:
+        assert isinstance(exc, RuntimeError) and "different calls" in str(exc)
+
+
+def test_one_value_per_channel_in_the_global_batch():
+    def work(rank, allreduce):
+        x = np.ones((1 if rank == 1 else 0, 5), np.float64)
+        return sync_batch_norm_forward(x, None, None, allreduce=allreduce, num_features=5)
+
+    for exc in run_ranks(3, work)[0]:
+        assert isinstance(exc, ValueError)
+        assert "Expected more than 1 value per channel when training" in str(exc)
+
+
+def test_a_call_that_fails_changes_nothing():
+    x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
+
+    def work(rank, allreduce):
+        xl = x.copy() if rank == 0 else x[:, :2].copy()
+        rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+        count = np.zeros((), np.int64)
+        before = xl.copy()
+        with pytest.raises(ValueError):
+            sync_batch_norm_forward(xl, None, None, allreduce=allreduce, num_features=3,
+                                    running_mean=rm, running_var=rv, num_batches_tracked=count,
+                                    out=xl if rank == 0 else None)
+        assert_bitwise_equal(xl, before)
+        assert (rm == 0).all() and (rv == 1).all() and int(count) == 0
+
+    values(run_ranks(2, work)[0])
+
+
+def test_functional_argument_errors():
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(TypeError, match="allreduce must be callable"):
+        sync_batch_norm_forward(x, None, None, allreduce=None, num_features=3)
+    with pytest.raises(TypeError, match="num_features"):
+        sync_batch_norm_forward(x, None, None, allreduce=lambda r: r, num_features=3.0)
+    with pytest.raises(ValueError, match="num_features"):
+        sync_batch_norm_backward(x, x, None, x[0], x[0], allreduce=lambda r: r, num_features=0)
+
+
+# --------------------------------------------------------------- layer ----
+
+def layer_work(shape, ca, dtype, bounds, steps=2, **config):
+    """SyncBatchNorm over fake ranks and BatchNorm on the whole batch, step by step."""
+    C = shape[ca % len(shape)]
+    batches = [global_batch(shape, ca, dtype, seed=s)[:2] for s in range(steps + 1)]
+
+    def work(rank, allreduce):
+        part = slice(bounds[rank], bounds[rank + 1])
+        bn = SyncBatchNorm(C, dtype=dtype, channel_axis=ca, num_threads=1,
+                           allreduce=allreduce, **config)
+        out = []
+        for x, dy in batches[:steps]:
+            y = bn(x[part])
+            dx = bn.backward(dy[part])
+            out.append((y, dx, bn.dgamma, bn.dbeta))
+        out.append((bn.eval()(batches[-1][0][part]),))
+        return bn, out
+
+    results, group = run_ranks(len(bounds) - 1, work)
+    ref = BatchNorm(C, dtype=dtype, channel_axis=ca, **config)
+    expected = []
+    for x, dy in batches[:steps]:
+        expected.append((ref(x), ref.backward(dy), ref.dgamma, ref.dbeta))
+    expected.append((ref.eval()(batches[-1][0]),))
+    return values(results), expected, ref, group
+
+
+@pytest.mark.parametrize("config", [dict(), dict(momentum=None), dict(affine=False),
+                                    dict(track_running_stats=False)],
+                         ids=["default", "momentum=None", "affine=False", "no-running-stats"])
+def test_layer_matches_the_single_process_layer(config):
+    shape, ca, dtype = (13, 6, 5, 7), 1, np.float64
+    bounds = [0, 6, 6, 13]
+    results, expected, ref, group = layer_work(shape, ca, dtype, bounds, **config)
+    assert group.calls == 4  # two training steps, one reduction each way; eval: none
+    for step, want in enumerate(expected):
+        for k, w in enumerate(want):
+            if w is None:
+                continue
+            if k in (0, 1):  # y, dx: per rank slices
+                got = np.concatenate([r[1][step][k] for r in results])
+                if step == len(expected) - 1 and not ref.track_running_stats:
+                    continue  # eval without running stats: local batch statistics
+                close(got, w, dtype, f"step {step} output {k}")
+            else:
+                for r in results:
+                    close(r[1][step][k], w, dtype, f"step {step} output {k}")
+    for bn, _ in results:
+        for key, value in ref.state_dict().items():
+            close(bn.state_dict()[key], value, dtype, key)
+
+
+def test_layer_eval_communicates_nothing_and_takes_empty_slices():
+    shape, ca = (8, 3, 4, 4), 1
+    x, dy, *_ = global_batch(shape, ca, np.float32)
+
+    def work(rank, allreduce):
+        bn = SyncBatchNorm(3, num_threads=1, allreduce=allreduce)
+        part = slice(0, 8) if rank == 0 else slice(8, 8)  # rank 1: empty
+        bn(x[part])
+        dx = bn.backward(dy[part])
+        bn.eval()
+        y = bn(x[part])
+        dx_eval = bn.backward(dy[part])
+        return dx.shape, y.shape, dx_eval.shape, bn.dgamma
+
+    results, group = run_ranks(2, work)
+    results = values(results)
+    assert group.calls == 2
+    assert results[1][:3] == ((0, 3, 4, 4),) * 3
+
+
+def test_layer_bad_input_on_one_rank():
+    x = np.ones((4, 3, 2, 2), np.float32)
+
+    def work(rank, allreduce):
+        bn = BatchNorm2d(3)
+        sync = SyncBatchNorm.from_batch_norm(bn, allreduce=allreduce)
+        return sync(x[:, :, 0] if rank == 0 else x)
+
+    for exc in run_ranks(2, work)[0]:
+        assert isinstance(exc, ValueError) and "rank 0" in str(exc)
+        assert "4-D" in str(exc)
+
+
+def test_from_batch_norm_shares_the_arrays_and_the_mode():
+    bn = BatchNorm2d(5, momentum=0.3, dtype=np.float64).eval()
+    sync = SyncBatchNorm.from_batch_norm(bn, allreduce=lambda r: r)
+    assert sync.gamma is bn.gamma and sync.beta is bn.beta
+    assert sync.running_mean is bn.running_mean and sync.running_var is bn.running_var
+    assert sync.num_batches_tracked is bn.num_batches_tracked
+    assert not sync.training and sync.momentum == 0.3 and sync.dtype == np.float64
+    assert sync._ndims == (4,)
+    with pytest.raises(TypeError, match="BatchNorm layer"):
+        SyncBatchNorm.from_batch_norm(object(), allreduce=lambda r: r)
+
+
+def test_layer_pickles_without_its_communicator():
+    bn = SyncBatchNorm(4, allreduce=lambda r: r).eval()
+    bn.running_mean[...] = 2.0
+    copy = pickle.loads(pickle.dumps(bn.state_dict()))
+    again = SyncBatchNorm(4, allreduce=lambda r: r)
+    again.load_state_dict(copy)
+    assert (again.running_mean == 2.0).all()
+    state = bn.__getstate__()
+    assert state["comm"] is None and state["_allreduce"] is None
+
+
+def test_layer_constructor_errors():
+    with pytest.raises(ValueError, match="not both"):
+        SyncBatchNorm(4, comm=object(), allreduce=lambda r: r)
+    with pytest.raises(TypeError, match="allreduce must be callable"):
+        SyncBatchNorm(4, allreduce=3)
+    with pytest.raises(TypeError, match="mpi4py.MPI.Comm"):
+        SyncBatchNorm(4, comm=object())
+    with pytest.raises(ValueError, match="num_features"):
+        SyncBatchNorm(0, allreduce=lambda r: r)
+
+
+def test_import_fastbn_does_not_import_mpi4py():
+    code = ("import sys, fastbn, fastbn.distributed; fastbn.SyncBatchNorm; "
+            "print('mpi4py' in sys.modules, 'SyncBatchNorm' in fastbn.__all__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=subprocess_env(), timeout=60, check=True, cwd=HERE).stdout.split()
+    assert out == ["False", "True"]
+
+
+def test_missing_mpi4py_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    with pytest.raises(ImportError, match=r'pip install "fastbn\[mpi\]"') as info:
+        SyncBatchNorm(4)
+    assert "Open MPI" in str(info.value) and "mpirun" in str(info.value)
+
+
+def test_missing_mpi_library_says_how_to_install_it():
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip('no mpi4py (pip install "fastbn[mpi]")')
+    env = subprocess_env()
+    env["MPI4PY_LIBMPI"] = "/nonexistent/libmpi.so"  # mpi4py >= 4 loads the library at import
+    code = ("import fastbn\n"
+            "try:\n    fastbn.SyncBatchNorm(4)\n"
+            "except ImportError as exc:\n    print('ImportError', exc)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=60, cwd=HERE)
+    if "ImportError" not in run.stdout and run.returncode == 0:
+        pytest.skip("this mpi4py found an MPI library anyway")
+    assert 'pip install "fastbn[mpi]"' in run.stdout, run.stdout + run.stderr
+
+
+class CountingComm:
+    """Wraps an mpi4py communicator and counts every call but rank/size queries."""
+
+    LOCAL = {"Get_rank", "Get_size", "Is_inter", "Is_intra"}
+
+    def __init__(self, comm):
+        self._comm = comm
+        self.calls = {}
+
+    def __getattr__(self, name):
+        attr = getattr(self._comm, name)
+        if not callable(attr) or name in self.LOCAL:
+            return attr
+
+        def counted(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return attr(*args, **kwargs)
+        return counted
+
+
+def test_single_process_mpi_layer_counts_one_allreduce_per_pass():
+    require_mpi()
+    # mpi4py initializes MPI in this process (a singleton, no mpirun needed)
+    run = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; sys.path.insert(0, sys.argv[1]); import numpy as np;"
+         "from mpi4py import MPI; from test_sync import CountingComm, check_counts;"
+         "check_counts(CountingComm(MPI.COMM_WORLD))", str(HERE)],
+        capture_output=True, text=True, env=subprocess_env(), timeout=120, cwd=HERE)
+    if run.returncode != 0 and "mpirun" in run.stderr + run.stdout and "singleton" in (
+            run.stderr + run.stdout).lower():
+        pytest.skip("this MPI cannot start a process without mpirun")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {
+        "construction": {"allgather": 1}, "forward": {"Allreduce": 1},
+        "backward": {"Allreduce": 1}, "eval": {}}
+
+
+def check_counts(comm):
+    """Run in a subprocess by the test above: calls per construction, forward, backward."""
+    counts = {}
+    bn = SyncBatchNorm(3, comm=comm, num_threads=1)
+    counts["construction"], comm.calls = comm.calls, {}
+    x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
+    y = bn(x)
+    counts["forward"], comm.calls = comm.calls, {}
+    bn.backward(np.ones_like(y))
+    counts["backward"], comm.calls = comm.calls, {}
+    bn.eval()(x)
+    counts["eval"] = comm.calls
+    np.testing.assert_allclose(y, BatchNorm(3)(x), rtol=1e-6, atol=1e-6)
+    print(json.dumps(counts))
+
+
+# ------------------------------------------------------------------ MPI ----
+
+def subprocess_env():
+    """The environment of a child: this fastbn importable, one OpenMP thread, root allowed."""
+    env = dict(os.environ)
+    package_root = str(pathlib.Path(fastbn.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"          # Open MPI refuses root without these
+    env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+    env["OMPI_MCA_rmaps_base_oversubscribe"] = "1"  # more ranks than cores
+    return env
+
+
+def require_mpi():
+    """mpirun's path; skips the test without an MPI installation or without mpi4py.
+
+    (This process never imports mpi4py.MPI: that would initialize MPI here.)
+    """
+    mpirun = shutil.which("mpirun") or shutil.which("mpiexec")
+    if mpirun is None:
+        pytest.skip("no mpirun (Debian/Ubuntu: apt-get install openmpi-bin libopenmpi-dev)")
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip('no mpi4py (pip install "fastbn[mpi]")')
+    return mpirun
+
+
+def mpirun_command(size):
+    mpirun = require_mpi()
+    version = subprocess.run([mpirun, "--version"], capture_output=True, text=True).stdout
+    flags = ["--oversubscribe"] if "Open MPI" in version or "OpenRTE" in version else []
+    return [mpirun, *flags, "-n", str(size)]
+
+
+def run_mpi(size, args, timeout, env=()):
+    command = mpirun_command(size) + [sys.executable, "-m", "mpi4py", *map(str, args)]
+    # a session of its own, so that a hang is ended with every process mpirun started
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**subprocess_env(), **dict(env)}, cwd=HERE,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"mpirun -n {size} hung: no result in {timeout} s\n{stdout}\n{stderr}")
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n{stdout}\n{stderr}"
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(lines) == 1, stdout + stderr
+    return json.loads(lines[0][len("RESULT "):])
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_mpi_ranks_match_one_process(size):
+    # one rank: with the baseline kernels, the worker checks the single-process bits
+    result = run_mpi(size, [WORKER], timeout=300,
+                     env={"FASTBN_KERNELS": "baseline"} if size == 1 else {})
+    assert result["failures"] == []
+    assert result["size"] == size and sum(result["splits"]) == 13
+    assert len(result["cases"]) >= 14
+    assert result["calls"]["forward"] == ['{"Allreduce": 1}']
+    assert result["calls"]["backward"] == ['{"Allreduce": 1}']
+    assert result["calls"]["eval forward"] == ["{}"]
+    if size > 1:
+        assert {"channels", "dtype", "ndim", "backward dy shape", "construction",
+                "functional dtypes", "mixed calls"} <= set(result["errors"])
+        for per_rank in result["errors"].values():
+            assert len(per_rank) == size and all(kind is not None for _, kind, _ in per_rank)
+
+
+@pytest.mark.parametrize("algorithm", range(1, 7))
+def test_every_open_mpi_allreduce_algorithm_gives_every_rank_the_same_bits(algorithm):
+    """Open MPI's tuned allreduce: 1 linear, 2 reduce + bcast, 3 recursive doubling, 4 ring,
+    5 segmented ring, 6 Rabenseifner; the worker checks the statistics, running statistics
+    and gradients to be the same bits on every rank and to match one process."""
+    version = subprocess.run([require_mpi(), "--version"], capture_output=True,
+                             text=True).stdout
+    if "Open MPI" not in version and "OpenRTE" not in version:
+        pytest.skip("Open MPI's algorithm switches")
+    result = run_mpi(3, [WORKER], timeout=300,
+                     env={"OMPI_MCA_coll_tuned_use_dynamic_rules": "1",
+                          "OMPI_MCA_coll_tuned_allreduce_algorithm": str(algorithm)})
+    assert result["failures"] == []
+
+
+def test_mpi_example_matches_one_process():
+    pytest.importorskip("sklearn")
+    if not EXAMPLE.exists():
+        pytest.skip("no examples/ beside tests/ (a copy of the tests alone)")
+    result = run_mpi(2, [EXAMPLE, "--epochs", "2", "--channels", "8", "--hidden", "32",
+                         "--compare", "--json"], timeout=600)
+    assert result["same_params"]
+    np.testing.assert_allclose(result["loss"], result["one_loss"], rtol=1e-4)
+    assert abs(result["test_accuracy"][-1] - result["one_test_accuracy"][-1]) <= 0.01
+    assert result["test_accuracy"][-1] > 0.85
