@@ -9,6 +9,7 @@ cdef extern from *:
     #else
     #define FASTBN_HAVE_OPENMP 0
     static inline int omp_get_max_threads(void) { return 1; }
+    static inline int omp_get_num_procs(void) { return 1; }
     #endif
     #ifndef FASTBN_COMPILE_ARGS
     #define FASTBN_COMPILE_ARGS ""
@@ -17,6 +18,7 @@ cdef extern from *:
     bint FASTBN_HAVE_OPENMP
     const char* FASTBN_COMPILE_ARGS
     int omp_get_max_threads() noexcept nogil
+    int omp_get_num_procs() noexcept nogil
 
 
 cdef enum:

@@ -122,6 +122,19 @@ def _check_counter(num_batches_tracked):
                          "got a read-only array")
 
 
+def _check_disjoint(written, others):
+    """Arrays updated in place (``written``, name -> array) may share memory
+    neither with each other nor with the call's other arrays."""
+    names = list(written)
+    for i, name in enumerate(names):
+        rivals = {n: written[n] for n in names[:i]}
+        rivals.update(others)
+        for other_name, other in rivals.items():
+            if other is not None and np.may_share_memory(written[name], other):
+                raise ValueError(f"{name} overlaps {other_name}; it is updated in place and "
+                                 f"needs memory of its own")
+
+
 def _same_memory(a, b):
     """True when a and b are the very same elements in the same layout."""
     return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
@@ -266,18 +279,20 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
     if tracking:
         rm = _check_vector("running_mean", running_mean, x.dtype, num_features, writeable=True)
         rv = _check_vector("running_var", running_var, x.dtype, num_features, writeable=True)
-        for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
-            if np.may_share_memory(stat, x):
-                raise ValueError(f"{name} overlaps x; it is updated in place and needs "
-                                 f"memory of its own")
+        _check_disjoint({"running_mean": running_mean, "running_var": running_var},
+                        {"x": x, "gamma": gamma, "beta": beta})
         if num_batches_tracked is not None:
             _check_counter(num_batches_tracked)
+            _check_disjoint({"num_batches_tracked": num_batches_tracked},
+                            {"x": x, "gamma": gamma, "beta": beta,
+                             "running_mean": running_mean, "running_var": running_var})
         elif momentum is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, "
                              "got None")
     if out is not None:
         _check_out(out, x, {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean,
-                            "running_var": running_var}, in_place="x")
+                            "running_var": running_var,
+                            "num_batches_tracked": num_batches_tracked}, in_place="x")
     factor = 0.0
     if tracking:
         count = 0 if num_batches_tracked is None else int(num_batches_tracked.reshape(()))

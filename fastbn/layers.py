@@ -483,7 +483,8 @@ class BatchNorm:
         KeyError
             With ``strict``, missing or unexpected keys (all of them named).
         ValueError
-            A value whose shape does not match (nothing is modified then).
+            A value whose shape does not match, or not of a real dtype
+            (nothing is modified then).
         """
         cls = type(self).__name__
         own = {}
@@ -509,7 +510,11 @@ class BatchNorm:
                                                     and value.size == 1):
                 raise ValueError(f"{cls}.load_state_dict: {key} must have shape "
                                  f"{target.shape}, got {value.shape}")
-            staged.append((target, value.reshape(target.shape)))
+            real = "iu" if key == "num_batches_tracked" else "fiub"
+            if value.dtype.kind not in real:
+                raise ValueError(f"{cls}.load_state_dict: {key} must hold real numbers, "
+                                 f"got dtype {value.dtype}")
+            staged.append((target, value.reshape(target.shape).astype(target.dtype)))
         for target, value in staged:
             target[...] = value
 

@@ -176,6 +176,8 @@ class Batchnorm:
         ------
         RuntimeError
             No forward has been run.
+        TypeError
+            dout not of a real dtype (complex, object, strings).
         ValueError
             dout not shaped like the last X.
         """
@@ -183,6 +185,9 @@ class Batchnorm:
             raise RuntimeError("Batchnorm.backward called before forward")
         X_flat, shape, mean, invstd = self._cache
         dout = np.asarray(dout)
+        if dout.dtype.kind not in "fiub":
+            raise TypeError(f"Batchnorm.backward: dout must hold real numbers, got dtype "
+                            f"{dout.dtype}")
         if dout.shape != shape:
             raise ValueError(f"Batchnorm.backward: dout must have the shape of X {shape}, "
                              f"got {dout.shape}")

@@ -1,0 +1,720 @@
+"""Hostile input: a table of bad calls across the whole public surface.
+
+Every row of :data:`TABLE` is one bad call of a public function, a layer
+class or an adapter, with the exception it must raise and the start of its
+message (which names the argument). The test of a row makes the call on
+fresh, otherwise valid arguments and checks
+
+- the exception type and that the message starts with the given text;
+- that nothing it was given changed: a byte snapshot of every array reachable
+  from the arguments (x, dy, the per-channel arrays, the running statistics,
+  ``num_batches_tracked``, ``out``, the arrays inside a layer, a ``bn_param``
+  dict or an adapter's cache) and the identity of every attribute of a layer
+  and every entry of a dict.
+
+The table is the documentation too: ``docs/hostile_inputs.md`` is generated
+from it (``python tests/test_hostile.py > docs/hostile_inputs.md``) and a test
+checks that the file is up to date. Rows with ``bug`` set are known gaps: the
+call does not yet behave as the row says; the test is an xfail (strict, so it
+turns red when the gap is fixed and the mark should go) and the docs say so.
+
+The exhaustive per-rule tests (every dtype, every per-channel argument, every
+``out`` defect of every function, the accepted inputs) are in
+``test_inputs.py``, whose helpers this module reuses.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import types
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn import BatchNorm1d, BatchNorm2d
+from fastbn.compat import cs231n, deepnet
+
+from test_inputs import C, SHAPE, call, overlapping, read_only, valid_args
+
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "hostile_inputs.md"
+
+
+@dataclass(frozen=True)
+class Bad:
+    """One bad call: where, what is wrong, and what it must raise."""
+
+    api: str                  # the function, layer or adapter called
+    bad: str                  # what is wrong with the call
+    exc: type                 # the exception it raises
+    message: str              # the start of the message (literal text)
+    make: Callable            # () -> (the call, {name: every object it was given})
+    bug: str | None = None    # a known gap: how the call behaves today instead
+
+
+# ----------------------------------------------------- building the calls ----
+
+def fn(func, *edits, **changes):
+    """A call of fastbn.batch_norm_<func> on valid arguments (test_inputs.valid_args)
+    with ``changes`` (a value, or a function of the arguments) and ``edits``
+    (functions that modify the argument dict) applied."""
+    def make():
+        args = valid_args(func)
+        for name, value in changes.items():
+            args[name] = value(args) if callable(value) else value
+        for edit in edits:
+            edit(args)
+        return (lambda: call(func, args)), args
+    return make
+
+
+def overlap(name, shift):
+    """An edit: ``name`` and ``out`` in one buffer, ``shift`` items apart."""
+    def edit(args):
+        args[name], args["out"] = overlapping(args[name], shift)
+    return edit
+
+
+def both(shape, dtype=np.float32):
+    """An edit: x and dy replaced by ones of ``shape`` (backward)."""
+    def edit(args):
+        args["x"] = np.ones(shape, dtype)
+        args["dy"] = np.ones(shape, dtype)
+    return edit
+
+
+def image(n=4, c=3, dtype=np.float32):
+    """An (n, c, 5, 2) input, as the layers take it."""
+    return np.random.default_rng(1).standard_normal((n, c, 5, 2)).astype(dtype)
+
+
+def layer(cls, action, *, trained=False, mode="train", setup=None, **kwargs):
+    """A call ``action(layer, x)`` on a fresh ``cls(3, **kwargs)``; ``trained``
+    runs one valid forward first (in ``mode``), so that backward has a cache;
+    ``setup(layer)`` runs before the snapshot."""
+    def make():
+        bn = cls(C, **kwargs)
+        x = image()
+        if setup is not None:
+            setup(bn)
+        if trained:
+            bn.train(mode == "train")
+            bn(x)
+            bn.eval() if mode == "eval" else bn.train()
+        return (lambda: action(bn, x)), {"layer": bn, "x": x}
+    return make
+
+
+def construct(cls, **kwargs):
+    """A constructor call with bad arguments."""
+    def make():
+        return (lambda: cls(**kwargs)), dict(kwargs)
+    return make
+
+
+def assign(name, value):
+    """``layer.<name> = value`` on a BatchNorm1d(3)."""
+    def make():
+        bn = BatchNorm1d(C)
+        v = value()
+        return (lambda: setattr(bn, name, v)), {"layer": bn, "value": v}
+    return make
+
+
+def load(**entries):
+    """``layer.load_state_dict(state)`` on a BatchNorm2d(3) that has trained a
+    step, with ``entries`` replacing those of its own state dict."""
+    def make():
+        bn = BatchNorm2d(C)
+        bn(image())
+        state = bn.state_dict()
+        state["weight"] = np.full(C, 7.0, np.float32)     # a valid change, listed first
+        state.update({k: v() for k, v in entries.items()})
+        return (lambda: bn.load_state_dict(state)), {"layer": bn, "state": state}
+    return make
+
+
+def cs(function, x=None, gamma=None, beta=None, **bn_param):
+    """``cs231n.<function>(x, gamma, beta, bn_param)`` with bn_param
+    {'mode': 'train', running statistics of the right shape} updated by
+    ``bn_param`` (a value of None removes the key)."""
+    def make():
+        spatial = function.startswith("spatial")
+        xx = image(4, C, np.float64) if spatial else image(4, C, np.float64)[:, :, 0, 0].copy()
+        param = {"mode": "train", "running_mean": np.zeros(C), "running_var": np.ones(C)}
+        for k, v in bn_param.items():
+            if v is None:
+                param.pop(k)
+            else:
+                param[k] = v() if callable(v) else v
+        args = dict(x=xx if x is None else x(xx), gamma=np.ones(C) if gamma is None else gamma(),
+                    beta=np.zeros(C) if beta is None else beta(), bn_param=param)
+        f = getattr(cs231n, function)
+        return (lambda: f(args["x"], args["gamma"], args["beta"], args["bn_param"])), args
+    return make
+
+
+def cs_backward(function, dout=None, cache=None):
+    """``cs231n.<function>(dout, cache)`` after a valid 'train' forward."""
+    def make():
+        x = image(4, C, np.float64)
+        if not function.startswith("spatial"):
+            x = x[:, :, 0, 0].copy()
+        forward = cs231n.spatial_batchnorm_forward if x.ndim == 4 else cs231n.batchnorm_forward
+        _, good_cache = forward(x, np.ones(C), np.zeros(C), {"mode": "train"})
+        args = dict(dout=np.ones_like(x) if dout is None else dout(x),
+                    cache=good_cache if cache is None else cache(good_cache), x=x)
+        f = getattr(cs231n, function)
+        return (lambda: f(args["dout"], args["cache"])), args
+    return make
+
+
+def dn(action, *, trained=False, **kwargs):
+    """``action(layer, X)`` on a fresh deepnet Batchnorm((3, 2, 2)), X (4, 3, 2, 2)."""
+    def make():
+        bn = deepnet.Batchnorm((3, 2, 2), **kwargs)
+        X = np.random.default_rng(2).standard_normal((4, 3, 2, 2))
+        if trained:
+            bn.forward(X)
+        return (lambda: action(bn, X)), {"layer": bn, "X": X}
+    return make
+
+
+F32 = np.float32
+
+
+# ---------------------------------------------------------------- the table ----
+# x is (4, 3, 5, 2) float32 (C = 3) unless the row says otherwise; the
+# functional rows start from test_inputs.valid_args, which passes every
+# argument, out= included.
+
+TABLE = [
+    # -- functions: number of dimensions, zero-size axes, 0-d and lists
+    Bad("batch_norm_forward", "x 1-D (12,)", ValueError,
+        "x must have 2 to 5 dimensions (N, C, ...), got shape (12,)",
+        fn("forward", x=np.ones(12, F32))),
+    Bad("batch_norm_forward", "x 6-D", ValueError, "x must have 2 to 5 dimensions",
+        fn("forward", x=np.ones((2, 3, 1, 1, 1, 2), F32))),
+    Bad("batch_norm_inference", "x a 0-d array", ValueError,
+        "x must have 2 to 5 dimensions (N, C, ...), got shape ()",
+        fn("inference", x=np.array(1.0, F32))),
+    Bad("batch_norm_backward", "x and dy 0-d arrays", ValueError,
+        "x must have 2 to 5 dimensions", fn("backward", both(()))),
+    Bad("batch_norm_forward", "x with a zero-size batch axis (0, 3, 5, 2)", ValueError,
+        "x must not have a zero-size axis, got shape (0, 3, 5, 2)",
+        fn("forward", x=np.ones((0, 3, 5, 2), F32))),
+    Bad("batch_norm_inference", "x with zero channels (4, 0)", ValueError,
+        "x must not have a zero-size axis, got shape (4, 0)",
+        fn("inference", x=np.ones((4, 0), F32))),
+    Bad("batch_norm_backward", "x and dy with a zero-size spatial axis", ValueError,
+        "x must not have a zero-size axis", fn("backward", both((4, 3, 0, 2)))),
+    Bad("batch_norm_forward", "x a nested list", TypeError,
+        "x must be a numpy.ndarray, got list", fn("forward", x=lambda a: a["x"].tolist())),
+    Bad("batch_norm_forward", "x a NumPy scalar", TypeError,
+        "x must be a numpy.ndarray, got float32", fn("forward", x=F32(1.0))),
+    Bad("batch_norm_inference", "gamma a list", TypeError,
+        "gamma must be a numpy.ndarray or None, got list",
+        fn("inference", gamma=[1.0, 1.0, 1.0])),
+    Bad("batch_norm_backward", "dy a list", TypeError, "dy must be a numpy.ndarray, got list",
+        fn("backward", dy=lambda a: a["dy"].tolist())),
+    Bad("batch_norm_forward", "training with one value per channel, x (1, 3)", ValueError,
+        "Expected more than 1 value per channel when training, got input size (1, 3)",
+        fn("forward", x=np.ones((1, 3), F32), out=None)),
+
+    # -- functions: channel counts of every per-channel argument
+    Bad("batch_norm_forward", "gamma with 4 channels", ValueError,
+        "gamma must have shape (3,) (one value per channel), got shape (4,)",
+        fn("forward", gamma=np.ones(4, F32))),
+    Bad("batch_norm_forward", "beta with 2 channels", ValueError,
+        "beta must have shape (3,) (one value per channel), got shape (2,)",
+        fn("forward", beta=np.ones(2, F32))),
+    Bad("batch_norm_forward", "running_mean with 1 channel", ValueError,
+        "running_mean must have shape (3,) (one value per channel), got shape (1,)",
+        fn("forward", running_mean=np.zeros(1, F32))),
+    Bad("batch_norm_forward", "running_var shaped (3, 1)", ValueError,
+        "running_var must have shape (3,) (one value per channel), got shape (3, 1)",
+        fn("forward", running_var=np.ones((3, 1), F32))),
+    Bad("batch_norm_inference", "running_mean a 0-d array", ValueError,
+        "running_mean must have shape (3,) (one value per channel), got shape ()",
+        fn("inference", running_mean=np.array(0.0, F32))),
+    Bad("batch_norm_inference", "running_var with 4 channels", ValueError,
+        "running_var must have shape (3,) (one value per channel), got shape (4,)",
+        fn("inference", running_var=np.ones(4, F32))),
+    Bad("batch_norm_backward", "gamma shaped (1, 3)", ValueError,
+        "gamma must have shape (3,) (one value per channel), got shape (1, 3)",
+        fn("backward", gamma=np.ones((1, 3), F32))),
+    Bad("batch_norm_backward", "mean of another shape (4,)", ValueError,
+        "mean must have shape (3,) (one value per channel), got shape (4,)",
+        fn("backward", mean=np.zeros(4, F32))),
+    Bad("batch_norm_backward", "invstd of another shape (2,)", ValueError,
+        "invstd must have shape (3,) (one value per channel), got shape (2,)",
+        fn("backward", invstd=np.ones(2, F32))),
+    Bad("batch_norm_backward", "dy of another shape than x", ValueError,
+        "dy must have the shape of x (4, 3, 5, 2), got (4, 3, 2, 5)",
+        fn("backward", dy=np.ones((4, 3, 2, 5), F32))),
+
+    # -- functions: dtypes
+    Bad("batch_norm_forward", "x int32", TypeError,
+        "x must have dtype float32 or float64, got int32",
+        fn("forward", x=lambda a: a["x"].astype(np.int32))),
+    Bad("batch_norm_forward", "x bool", TypeError,
+        "x must have dtype float32 or float64, got bool",
+        fn("forward", x=lambda a: a["x"] > 0)),
+    Bad("batch_norm_inference", "x complex64", TypeError,
+        "x must have dtype float32 or float64, got complex64",
+        fn("inference", x=lambda a: a["x"].astype(np.complex64))),
+    Bad("batch_norm_backward", "x object", TypeError,
+        "x must have dtype float32 or float64, got object",
+        fn("backward", x=lambda a: a["x"].astype(object))),
+    Bad("batch_norm_forward", "x float16", TypeError,
+        "x must have dtype float32 or float64, got float16",
+        fn("forward", x=lambda a: a["x"].astype(np.float16))),
+    Bad("batch_norm_forward", "x big-endian float32 ('>f4')", TypeError,
+        "x must have dtype float32 or float64, got >f4",
+        fn("forward", x=lambda a: a["x"].astype(">f4"))),
+    Bad("batch_norm_forward", "gamma float64, x float32", TypeError,
+        "gamma must have the dtype of x (float32), got float64",
+        fn("forward", gamma=lambda a: a["gamma"].astype(np.float64))),
+    Bad("batch_norm_inference", "running_var float16, x float32", TypeError,
+        "running_var must have the dtype of x (float32), got float16",
+        fn("inference", running_var=lambda a: a["running_var"].astype(np.float16))),
+    Bad("batch_norm_backward", "dy float64, x float32", TypeError,
+        "dy must have the dtype of x (float32), got float64",
+        fn("backward", dy=lambda a: a["dy"].astype(np.float64))),
+    Bad("batch_norm_backward", "mean int64", TypeError,
+        "mean must have the dtype of x (float32), got int64",
+        fn("backward", mean=np.zeros(3, np.int64))),
+
+    # -- functions: out
+    Bad("batch_norm_forward", "out of another shape", ValueError,
+        "out must have the shape of x (4, 3, 5, 2), got (4, 3, 5, 3)",
+        fn("forward", out=np.empty((4, 3, 5, 3), F32))),
+    Bad("batch_norm_forward", "out float64, x float32", ValueError,
+        "out must have the dtype of x (float32), got float64",
+        fn("forward", out=np.empty(SHAPE, np.float64))),
+    Bad("batch_norm_inference", "out in Fortran order", ValueError,
+        "out must be C-contiguous, got a non-contiguous array",
+        fn("inference", out=np.empty(SHAPE, F32, order="F"))),
+    Bad("batch_norm_backward", "out a strided view", ValueError, "out must be C-contiguous",
+        fn("backward", out=np.empty((4, 3, 5, 4), F32)[..., ::2])),
+    Bad("batch_norm_forward", "out read-only", ValueError,
+        "out must be writeable, got a read-only array",
+        fn("forward", out=read_only(np.empty(SHAPE, F32)))),
+    Bad("batch_norm_inference", "out=x with x read-only", ValueError, "out must be writeable",
+        fn("inference", lambda a: a.update(x=read_only(a["x"])),
+           lambda a: a.update(out=a["x"]))),
+    Bad("batch_norm_forward", "out a list", TypeError,
+        "out must be a numpy.ndarray or None, got list", fn("forward", out=[0.0] * 120)),
+    Bad("batch_norm_forward", "out overlapping x, one item apart", ValueError,
+        "out overlaps x; out may be x itself (in place)", fn("forward", overlap("x", 1))),
+    Bad("batch_norm_inference", "out overlapping x, 7 items before it", ValueError,
+        "out overlaps x", fn("inference", overlap("x", -7))),
+    Bad("batch_norm_backward", "out overlapping dy, 29 items apart", ValueError,
+        "out overlaps dy; out may be dy itself (in place)", fn("backward", overlap("dy", 29))),
+    Bad("batch_norm_backward", "out=x (only out=dy is in place)", ValueError,
+        "out overlaps x; out may be dy itself (in place)",
+        fn("backward", out=lambda a: a["x"])),
+    Bad("batch_norm_forward", "running_mean inside out", ValueError,
+        "out overlaps running_mean",
+        fn("forward", running_mean=lambda a: a["out"].reshape(-1)[5:8])),
+    Bad("batch_norm_backward", "invstd inside out", ValueError, "out overlaps invstd",
+        fn("backward", invstd=lambda a: a["out"].reshape(-1)[:3])),
+
+    # -- functions: eps, momentum, num_threads, channel_axis
+    Bad("batch_norm_forward", "eps NaN", ValueError, "eps must be finite and > 0, got nan",
+        fn("forward", eps=float("nan"))),
+    Bad("batch_norm_forward", "eps negative", ValueError,
+        "eps must be finite and > 0, got -1e-05", fn("forward", eps=-1e-5)),
+    Bad("batch_norm_inference", "eps zero", ValueError, "eps must be finite and > 0, got 0.0",
+        fn("inference", eps=0.0)),
+    Bad("batch_norm_inference", "eps infinite", ValueError,
+        "eps must be finite and > 0, got inf", fn("inference", eps=float("inf"))),
+    Bad("batch_norm_inference", "eps a string", TypeError,
+        "eps must be a real number, got str", fn("inference", eps="1e-5")),
+    Bad("batch_norm_forward", "momentum 1.5", ValueError,
+        "momentum must be in [0, 1] or None, got 1.5", fn("forward", momentum=1.5)),
+    Bad("batch_norm_forward", "momentum negative", ValueError,
+        "momentum must be in [0, 1] or None, got -0.1", fn("forward", momentum=-0.1)),
+    Bad("batch_norm_forward", "momentum NaN", ValueError,
+        "momentum must be in [0, 1] or None, got nan", fn("forward", momentum=float("nan"))),
+    Bad("batch_norm_forward", "momentum a list", TypeError,
+        "momentum must be a real number or None, got list", fn("forward", momentum=[0.1])),
+    Bad("batch_norm_forward", "num_threads 0", ValueError,
+        "num_threads must be a positive int or None, got 0", fn("forward", num_threads=0)),
+    Bad("batch_norm_inference", "num_threads negative", ValueError,
+        "num_threads must be a positive int or None, got -2",
+        fn("inference", num_threads=-2)),
+    Bad("batch_norm_backward", "num_threads 2.0 (a float)", TypeError,
+        "num_threads must be a positive int or None, got float",
+        fn("backward", num_threads=2.0)),
+    Bad("batch_norm_forward", "num_threads True (a bool)", TypeError,
+        "num_threads must be a positive int or None, got bool",
+        fn("forward", num_threads=True)),
+    Bad("batch_norm_backward", "channel_axis 2", ValueError,
+        "channel_axis must be 1 (channels first) or -1 (channels last), got 2",
+        fn("backward", channel_axis=2)),
+    Bad("batch_norm_inference", "channel_axis 1.0 (a float)", TypeError,
+        "channel_axis must be an int, got float", fn("inference", channel_axis=1.0)),
+
+    # -- functions: running statistics and the counter
+    Bad("batch_norm_forward", "running_mean read-only", ValueError,
+        "running_mean is updated in place and must be writeable",
+        fn("forward", running_mean=lambda a: read_only(a["running_mean"]))),
+    Bad("batch_norm_forward", "running_var without running_mean", ValueError,
+        "running_mean and running_var must be given together, got only running_var",
+        fn("forward", running_mean=None)),
+    Bad("batch_norm_forward", "running_var a view into x", ValueError,
+        "running_var overlaps x",
+        fn("forward", running_var=lambda a: a["x"].reshape(-1)[:3])),
+    Bad("batch_norm_forward", "momentum=None without num_batches_tracked", ValueError,
+        "momentum=None (cumulative average) needs num_batches_tracked",
+        fn("forward", momentum=None, num_batches_tracked=None)),
+    Bad("batch_norm_forward", "num_batches_tracked float", ValueError,
+        "num_batches_tracked must hold one integer, got dtype float64",
+        fn("forward", num_batches_tracked=np.array(0.0))),
+    Bad("batch_norm_inference", "running_var None", ValueError,
+        "running_mean and running_var are required in inference", fn("inference",
+                                                                     running_var=None)),
+    Bad("batch_norm_backward", "invstd None", ValueError,
+        "mean and invstd (from batch_norm_forward) are required", fn("backward", invstd=None)),
+    Bad("batch_norm_forward", "running_var the same array as running_mean", ValueError,
+        "running_var overlaps running_mean",
+        fn("forward", running_var=lambda a: a["running_mean"]),),
+    Bad("batch_norm_forward", "num_batches_tracked a view of out's first 8 bytes", ValueError,
+        "out overlaps num_batches_tracked",
+        fn("forward", lambda a: a.update(x=a["x"].astype(np.float64),
+                                         gamma=None, beta=None,
+                                         running_mean=a["running_mean"].astype(np.float64),
+                                         running_var=a["running_var"].astype(np.float64),
+                                         out=np.empty(SHAPE)),
+           lambda a: a.update(num_batches_tracked=a["out"].reshape(-1)[:1].view(np.int64))),),
+
+    # -- layers
+    Bad("BatchNorm2d(3)", "x 3-D", ValueError,
+        "BatchNorm2d expects 4-D input (N, C, H, W), got 3-D input of shape (4, 3, 5)",
+        layer(BatchNorm2d, lambda bn, x: bn(x[..., 0]))),
+    Bad("BatchNorm1d(3)", "x 4-D", ValueError,
+        "BatchNorm1d expects 2-D or 3-D input (N, C) or (N, C, L), got 4-D input",
+        layer(BatchNorm1d, lambda bn, x: bn(x))),
+    Bad("BatchNorm2d(3)", "x with 4 channels", ValueError,
+        "BatchNorm2d(3) expects 3 channels on axis 1, got input of shape (4, 4, 5, 2)",
+        layer(BatchNorm2d, lambda bn, x: bn(image(4, 4)))),
+    Bad("BatchNorm2d(3, channel_axis=-1)", "x channels first", ValueError,
+        "BatchNorm2d(3) expects 3 channels on axis -1, got input of shape (4, 3, 5, 2)",
+        layer(BatchNorm2d, lambda bn, x: bn(x), channel_axis=-1)),
+    Bad("BatchNorm2d(3)", "x float64 (the layer is float32)", TypeError,
+        "BatchNorm2d: x must have the layer's dtype (float32), got float64",
+        layer(BatchNorm2d, lambda bn, x: bn(x.astype(np.float64)))),
+    Bad("BatchNorm2d(3)", "x int64", TypeError,
+        "BatchNorm2d: x must have the layer's dtype (float32), got int64",
+        layer(BatchNorm2d, lambda bn, x: bn(x.astype(np.int64)))),
+    Bad("BatchNorm2d(3)", "x a list", TypeError,
+        "BatchNorm2d: x must be a numpy.ndarray, got list",
+        layer(BatchNorm2d, lambda bn, x: bn(x.tolist()))),
+    Bad("BatchNorm2d(3)", "training with one value per channel", ValueError,
+        "Expected more than 1 value per channel when training, got input size (1, 3, 1, 1)",
+        layer(BatchNorm2d, lambda bn, x: bn(x[:1, :, :1, :1].copy()))),
+    Bad("BatchNorm2d(3)", "read-only running_mean (set by the user)", ValueError,
+        "running_mean is updated in place and must be writeable",
+        layer(BatchNorm2d, lambda bn, x: bn(x),
+              setup=lambda bn: setattr(bn.running_mean.flags, "writeable", False))),
+    Bad("BatchNorm2d(3)", "backward before any forward", RuntimeError,
+        "BatchNorm2d.backward called before forward",
+        layer(BatchNorm2d, lambda bn, x: bn.backward(np.ones_like(x)))),
+    Bad("BatchNorm2d(3)", "backward dy of another shape", ValueError,
+        "BatchNorm2d.backward: dy must have the shape of the last forward's input "
+        "(4, 3, 5, 2), got (4, 3, 2, 5)",
+        layer(BatchNorm2d, lambda bn, x: bn.backward(np.ones((4, 3, 2, 5), F32)),
+              trained=True)),
+    Bad("BatchNorm2d(3)", "backward dy float64", TypeError,
+        "dy must have the dtype of x (float32), got float64",
+        layer(BatchNorm2d, lambda bn, x: bn.backward(np.ones(x.shape)), trained=True)),
+    Bad("BatchNorm2d(3), eval mode", "backward dy a list", TypeError,
+        "BatchNorm2d.backward: dy must be a numpy.ndarray, got list",
+        layer(BatchNorm2d, lambda bn, x: bn.backward(np.ones_like(x).tolist()), trained=True,
+              mode="eval")),
+    Bad("BatchNorm2d", "num_features 0", ValueError,
+        "BatchNorm2d: num_features must be >= 1, got 0", construct(BatchNorm2d, num_features=0)),
+    Bad("BatchNorm2d", "eps NaN", ValueError, "BatchNorm2d: eps must be finite and > 0, got nan",
+        construct(BatchNorm2d, num_features=3, eps=float("nan"))),
+    Bad("BatchNorm2d", "momentum 1.5", ValueError,
+        "BatchNorm2d: momentum must be in [0, 1] or None, got 1.5",
+        construct(BatchNorm2d, num_features=3, momentum=1.5)),
+    Bad("BatchNorm1d", "num_threads 0", ValueError,
+        "BatchNorm1d: num_threads must be a positive int or None, got 0",
+        construct(BatchNorm1d, num_features=3, num_threads=0)),
+    Bad("BatchNorm1d", "num_threads '2' (a string)", TypeError,
+        "BatchNorm1d: num_threads must be a positive int or None, got str",
+        construct(BatchNorm1d, num_features=3, num_threads="2")),
+    Bad("BatchNorm2d", "dtype float16", TypeError,
+        "BatchNorm2d: dtype must be float32 or float64, got float16",
+        construct(BatchNorm2d, num_features=3, dtype=np.float16)),
+    Bad("BatchNorm1d(3)", "gamma assigned a (4,) array", ValueError,
+        "BatchNorm1d.gamma must have shape (3,), got (4,)",
+        assign("gamma", lambda: np.ones(4, F32))),
+    Bad("BatchNorm1d(3)", "beta assigned a list", TypeError,
+        "BatchNorm1d.beta must be a numpy.ndarray, got list",
+        assign("beta", lambda: [0.0, 0.0, 0.0])),
+    Bad("BatchNorm2d(3)", "load_state_dict with running_var of 4 channels", ValueError,
+        "BatchNorm2d.load_state_dict: running_var must have shape (3,), got (4,)",
+        load(running_var=lambda: np.ones(4, F32))),
+    Bad("BatchNorm2d(3)", "load_state_dict with a bias of strings", ValueError,
+        "BatchNorm2d.load_state_dict: bias",
+        load(bias=lambda: np.array(["a", "b", "c"])),),
+
+    # -- adapters: cs231n
+    Bad("cs231n.batchnorm_forward", "x 3-D", ValueError,
+        "batchnorm_forward: x must be 2-D (N, D), got shape (4, 3, 5)",
+        cs("batchnorm_forward", x=lambda x: np.ones((4, 3, 5)))),
+    Bad("cs231n.spatial_batchnorm_forward", "x 2-D", ValueError,
+        "spatial_batchnorm_forward: x must be 4-D (N, C, H, W), got shape (4, 3)",
+        cs("spatial_batchnorm_forward", x=lambda x: x[:, :, 0, 0].copy())),
+    Bad("cs231n.batchnorm_forward", "x of objects", TypeError,
+        "x must hold real numbers, got dtype object",
+        cs("batchnorm_forward", x=lambda x: x.astype(object))),
+    Bad("cs231n.batchnorm_forward", "gamma with 4 features", ValueError,
+        "gamma must have shape (3,), got (4,)", cs("batchnorm_forward", gamma=lambda: np.ones(4))),
+    Bad("cs231n.spatial_batchnorm_forward", "beta complex", TypeError,
+        "beta must hold real numbers, got dtype complex128",
+        cs("spatial_batchnorm_forward", beta=lambda: np.zeros(3, complex))),
+    Bad("cs231n.batchnorm_forward", "bn_param without 'mode'", ValueError,
+        "bn_param['mode'] must be 'train' or 'test', got None (no 'mode' key)",
+        cs("batchnorm_forward", mode=None)),
+    Bad("cs231n.batchnorm_forward", "bn_param['momentum'] 1.5", ValueError,
+        "bn_param['momentum'] must be in [0, 1], got 1.5", cs("batchnorm_forward", momentum=1.5)),
+    Bad("cs231n.batchnorm_forward", "bn_param['eps'] negative", ValueError,
+        "eps must be finite and > 0, got -1", cs("batchnorm_forward", eps=-1)),
+    Bad("cs231n.batchnorm_forward", "bn_param['running_var'] with 4 features", ValueError,
+        "bn_param['running_var'] must have shape (3,), got (4,)",
+        cs("batchnorm_forward", running_var=lambda: np.ones(4))),
+    Bad("cs231n.batchnorm_forward", "training on one sample", ValueError,
+        "Expected more than 1 value per channel when training, got input size (1, 3)",
+        cs("batchnorm_forward", x=lambda x: x[:1].copy())),
+    Bad("cs231n.batchnorm_backward", "dout transposed", ValueError,
+        "batchnorm_backward: dout must have the shape of x (4, 3), got (3, 4)",
+        cs_backward("batchnorm_backward", dout=lambda x: np.ones(x.T.shape))),
+    Bad("cs231n.spatial_batchnorm_backward", "cache a tuple, not the forward's", TypeError,
+        "spatial_batchnorm_backward: cache must be the cache returned by the fastbn forward",
+        cs_backward("spatial_batchnorm_backward", cache=lambda c: (c.x, c.gamma))),
+
+    # -- adapters: deepnet
+    Bad("deepnet.Batchnorm((3, 2, 2))", "X without 12 values per sample", ValueError,
+        "Batchnorm: X must have shape (N, 3, 2, 2) or hold 12 values per sample, "
+        "got shape (4, 3, 2, 3)",
+        dn(lambda bn, X: bn.forward(np.ones((4, 3, 2, 3))))),
+    Bad("deepnet.Batchnorm((3, 2, 2))", "X int64", TypeError,
+        "Batchnorm: X must have dtype float32 or float64, got int64",
+        dn(lambda bn, X: bn.forward(X.astype(np.int64)))),
+    Bad("deepnet.Batchnorm((3, 2, 2))", "X a list", TypeError,
+        "Batchnorm: X must be a numpy.ndarray, got list",
+        dn(lambda bn, X: bn.forward(X.tolist()))),
+    Bad("deepnet.Batchnorm((3, 2, 2))", "backward before forward", RuntimeError,
+        "Batchnorm.backward called before forward", dn(lambda bn, X: bn.backward(X))),
+    Bad("deepnet.Batchnorm((3, 2, 2))", "backward dout of another shape", ValueError,
+        "Batchnorm.backward: dout must have the shape of X (4, 3, 2, 2), got (4, 12)",
+        dn(lambda bn, X: bn.backward(np.ones((4, 12))), trained=True)),
+    Bad("deepnet.Batchnorm", "X_dim with a 0", ValueError,
+        "Batchnorm: X_dim entries must be >= 1, got (3, 0)",
+        construct(deepnet.Batchnorm, X_dim=(3, 0))),
+    Bad("deepnet.Batchnorm", "eps NaN", ValueError,
+        "Batchnorm: eps must be a finite number > 0, got nan",
+        construct(deepnet.Batchnorm, X_dim=(3,), eps=float("nan"))),
+    Bad("deepnet.Batchnorm((3, 2, 2))", "backward dout complex", TypeError,
+        "Batchnorm.backward: dout",
+        dn(lambda bn, X: bn.backward(np.ones(X.shape, complex)), trained=True),),
+]
+
+
+# ------------------------------------------------------------ the snapshot ----
+
+def _freeze(obj, where, out, seen):
+    """Append (where, object, its state) for obj and everything reachable from it
+    through dicts, lists, tuples and the attributes of fastbn's own objects."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, np.ndarray):
+        out.append((where, obj, (obj.dtype, obj.shape, obj.flags.writeable, obj.tobytes())))
+    elif isinstance(obj, dict):
+        out.append((where, obj, {k: id(v) for k, v in obj.items()}))
+        for k, v in obj.items():
+            _freeze(v, f"{where}[{k!r}]", out, seen)
+    elif isinstance(obj, (list, tuple)):
+        out.append((where, obj, [id(v) for v in obj]))
+        for i, v in enumerate(obj):
+            _freeze(v, f"{where}[{i}]", out, seen)
+    elif type(obj).__module__.startswith("fastbn") and not isinstance(obj, types.ModuleType):
+        names = list(getattr(obj, "__dict__", {}))
+        names += [n for cls in type(obj).__mro__ for n in getattr(cls, "__slots__", ())]
+        attrs = {n: getattr(obj, n) for n in names if hasattr(obj, n)}
+        out.append((where, obj, {n: id(v) for n, v in attrs.items()}))
+        for n, v in attrs.items():
+            _freeze(v, f"{where}.{n}", out, seen)
+
+
+def freeze(objects):
+    """The state of every array, dict, list and fastbn object reachable from ``objects``."""
+    out, seen = [], set()
+    for name, obj in objects.items():
+        _freeze(obj, name, out, seen)
+    return out
+
+
+def assert_thawed_equal(frozen):
+    """Everything :func:`freeze` recorded is as it was."""
+    for where, obj, state in frozen:
+        if freeze({where: obj})[0][2] != state:
+            raise AssertionError(f"{where} was modified by the failed call")
+
+
+# ------------------------------------------------------------------- tests ----
+
+def _case_id(i, case):
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{case.api} {case.bad}").strip("-").lower()
+    return f"{i + 1:03d}-{slug[:60]}"
+
+
+CASES = [pytest.param(case, id=_case_id(i, case),
+                      marks=[pytest.mark.xfail(strict=True, reason=f"known gap: {case.bug}"),
+                             pytest.mark.filterwarnings("ignore:Casting complex values")]
+                      if case.bug else [])
+         for i, case in enumerate(TABLE)]
+
+
+def test_the_table_is_large_and_covers_every_public_entry_point():
+    assert len(TABLE) >= 30
+    apis = {case.api.split("(")[0].split(",")[0] for case in TABLE}
+    for name in ("batch_norm_forward", "batch_norm_inference", "batch_norm_backward",
+                 "BatchNorm1d", "BatchNorm2d", "cs231n.batchnorm_forward",
+                 "cs231n.spatial_batchnorm_forward", "cs231n.batchnorm_backward",
+                 "deepnet.Batchnorm"):
+        assert name in apis, name
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_call_raises_and_changes_nothing(case):
+    """The row's exception, a message that starts as the row says, nothing modified."""
+    thunk, objects = case.make()
+    frozen = freeze(objects)
+    with pytest.raises(case.exc) as info:
+        thunk()
+    message = str(info.value)
+    assert message.startswith(case.message), (
+        f"message {message!r} does not start with {case.message!r}")
+    assert_thawed_equal(frozen)
+
+
+def test_the_snapshot_sees_a_change():
+    """Control: for every row, flipping one bit of any array the call was given, or
+    rebinding an attribute of a layer, is seen by the check (so it can fail)."""
+    arrays_checked = 0
+    for case in TABLE:
+        thunk, objects = case.make()
+        frozen = freeze(objects)
+        assert_thawed_equal(frozen)
+        for where, obj, _ in frozen:
+            if (isinstance(obj, np.ndarray) and obj.size and obj.flags.writeable
+                    and obj.dtype.kind in "biufc"):
+                first = (0,) * obj.ndim
+                saved = obj[first].copy()
+                obj[first] = 0 if saved != 0 else 1     # NaN != 0 too
+                with pytest.raises(AssertionError, match="was modified by the failed call"):
+                    assert_thawed_equal(frozen)
+                obj[first] = saved
+                assert_thawed_equal(frozen)
+                arrays_checked += 1
+        bn = objects.get("layer")
+        if isinstance(bn, BatchNorm2d):
+            saved = bn.training
+            bn.training = not saved
+            with pytest.raises(AssertionError, match="layer was modified"):
+                assert_thawed_equal(frozen)
+            bn.training = saved
+    assert arrays_checked > 3 * len(TABLE)
+
+
+@pytest.mark.parametrize("func", ["forward", "inference", "backward"])
+def test_valid_arguments_are_accepted(func):
+    """The starting point of the functional rows is a valid call."""
+    args = valid_args(func)
+    call(func, args)
+
+
+# ------------------------------------------------- num_threads far too big ----
+
+THREAD_COUNT_SCRIPT = """
+import os
+import numpy as np
+import fastbn
+print(len(os.listdir("/proc/self/task")))          # before: Python and NumPy's BLAS threads
+x = np.zeros((64, 1, 2**20), np.float32)           # 2**26 values
+rm, rv = np.zeros(1, np.float32), np.ones(1, np.float32)
+fastbn.batch_norm_inference(x, None, None, rm, rv, num_threads=10**6, out=x)
+assert (x == 0).all()
+print(len(os.listdir("/proc/self/task")))          # OpenMP keeps its pool after the call
+"""
+
+
+@pytest.mark.skipif(not fastbn._openmp.openmp_enabled(),
+                    reason="a serial build (FASTBN_OPENMP=0) starts no threads")
+@pytest.mark.skipif(not pathlib.Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_a_huge_num_threads_does_not_start_hundreds_of_threads():
+    """num_threads=10**6 is accepted (it is a cap) but must not start hundreds of
+    threads: at most four per core. Run in a child process (the pool stays)."""
+    done = subprocess.run([sys.executable, "-c", THREAD_COUNT_SCRIPT], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    before, after = (int(n) for n in done.stdout.split()[-2:])
+    assert after - before + 1 <= 4 * (os.cpu_count() or 1), f"{after - before} threads started"
+
+
+# --------------------------------------------------------------------- docs ----
+
+def markdown():
+    """docs/hostile_inputs.md, generated from :data:`TABLE`."""
+    lines = [
+        "# Hostile inputs",
+        "",
+        "Generated from the table in `tests/test_hostile.py` "
+        "(`python tests/test_hostile.py > docs/hostile_inputs.md`); "
+        "`tests/test_hostile.py` checks that this file is up to date.",
+        "",
+        "Every row is one bad call, made by the test suite on otherwise valid arguments "
+        "(x is (4, 3, 5, 2) float32 unless the row says otherwise; the function rows pass "
+        "every argument, `out=` included). It raises the exception shown, with a message "
+        "that starts with the text shown, and afterwards every array it was given "
+        "(running statistics, `num_batches_tracked`, `out`, a layer's arrays, "
+        "`bn_param`) holds the same bytes as before.",
+        "",
+        "Rows marked **known gap** do not behave so yet: the column says what happens "
+        "instead; their tests are strict xfails until the gap is fixed.",
+        "",
+        "| # | called | bad input | raises | message starts with |",
+        "| ---: | --- | --- | --- | --- |",
+    ]
+    for i, case in enumerate(TABLE):
+        raises = case.exc.__name__
+        if case.bug:
+            raises = f"**known gap**: {case.bug}; should raise {raises}"
+        message = case.message.replace("|", "\\|")
+        lines.append(f"| {i + 1} | `{case.api}` | {case.bad} | {raises} | `{message}` |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def test_docs_table_is_up_to_date():
+    if not DOCS.exists():
+        pytest.skip(f"{DOCS} is not here (a copy of tests/ without the repository)")
+    assert DOCS.read_text() == markdown(), (
+        "docs/hostile_inputs.md is out of date: "
+        "python tests/test_hostile.py > docs/hostile_inputs.md")
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown())
