@@ -39,6 +39,7 @@ change the statistics of the channel far beyond the tolerance.
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -214,8 +215,9 @@ def test_a_huge_num_threads_on_a_huge_array_does_not_kill_the_process():
     kernel writes it; a watchdog ends the child successfully once the kernel has
     written 2 GB. First in the module, before the 8.6 GB buffers exist."""
     require_memory(3 * GB, "the child's first 2 GB")
+    # cwd: the tests' folder, so that the child imports the installed fastbn, not a source tree
     done = subprocess.run([sys.executable, "-c", CRASH_SCRIPT], capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, cwd=pathlib.Path(__file__).parent)
     if done.returncode == 4:
         pytest.skip("the system would not reserve 17 GB of address space")
     assert done.returncode == 3, f"exit status {done.returncode}: {done.stderr.strip()}"
