@@ -194,3 +194,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def same_fastbn():
+    """subprocess.run arguments that make a child Python import the very fastbn
+    this process imported (an installed wheel or an in-place build), never a
+    source tree that happens to be the working directory."""
+    import pathlib
+
+    import fastbn
+
+    here = pathlib.Path(__file__).parent
+    home = str(pathlib.Path(fastbn.__file__).resolve().parents[1])
+    return {"cwd": here, "env": {**os.environ, "PYTHONPATH": home}}

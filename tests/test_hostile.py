@@ -41,6 +41,7 @@ import fastbn
 from fastbn import BatchNorm1d, BatchNorm2d
 from fastbn.compat import cs231n, deepnet
 
+from conftest import same_fastbn
 from test_inputs import C, SHAPE, call, overlapping, read_only, valid_args
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "hostile_inputs.md"
@@ -667,9 +668,8 @@ print(len(os.listdir("/proc/self/task")))          # OpenMP keeps its pool after
 def test_a_huge_num_threads_does_not_start_hundreds_of_threads():
     """num_threads=10**6 is accepted (it is a cap) but must not start hundreds of
     threads: at most four per core. Run in a child process (the pool stays)."""
-    # cwd: the tests' folder, so that the child imports the installed fastbn, not a source tree
     done = subprocess.run([sys.executable, "-c", THREAD_COUNT_SCRIPT], capture_output=True,
-                          cwd=pathlib.Path(__file__).parent,
+                          **same_fastbn(),
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     before, after = (int(n) for n in done.stdout.split()[-2:])

@@ -39,7 +39,6 @@ change the statistics of the channel far beyond the tolerance.
 
 from __future__ import annotations
 
-import pathlib
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +47,7 @@ import numpy as np
 import pytest
 
 import fastbn
+from conftest import same_fastbn
 
 pytestmark = pytest.mark.slow
 
@@ -215,9 +215,8 @@ def test_a_huge_num_threads_on_a_huge_array_does_not_kill_the_process():
     kernel writes it; a watchdog ends the child successfully once the kernel has
     written 2 GB. First in the module, before the 8.6 GB buffers exist."""
     require_memory(3 * GB, "the child's first 2 GB")
-    # cwd: the tests' folder, so that the child imports the installed fastbn, not a source tree
     done = subprocess.run([sys.executable, "-c", CRASH_SCRIPT], capture_output=True,
-                          text=True, timeout=600, cwd=pathlib.Path(__file__).parent)
+                          text=True, timeout=600, **same_fastbn())
     if done.returncode == 4:
         pytest.skip("the system would not reserve 17 GB of address space")
     assert done.returncode == 3, f"exit status {done.returncode}: {done.stderr.strip()}"
