@@ -589,20 +589,14 @@ def _forward(x, gamma, beta, *, allreduce, num_features, eps, running_mean, runn
         if b is not None:
             coef[:, 3] = b
         if tracking:
-            count = 0 if num_batches_tracked is None else int(num_batches_tracked.reshape(()))
-            factor = momentum if momentum is not None else 1.0 / (count + 1)
+            factor = _f._running_factor(momentum, num_batches_tracked)
             rm[...] = (1.0 - factor) * rm.astype(_F64) + factor * mean
             rv[...] = (1.0 - factor) * rv.astype(_F64) + factor * var * m / (m - 1.0)
     y = np.empty_like(xc, order="C") if out is None else out
     if n:
         kernel.apply(xv, None, y.reshape(xv.shape), coef, nthreads)
     if tracking:
-        if rm is not running_mean:  # a non-contiguous caller's array got a copy
-            running_mean[...] = rm
-        if rv is not running_var:
-            running_var[...] = rv
-        if num_batches_tracked is not None:
-            num_batches_tracked += 1
+        _f._commit_running(running_mean, rm, running_var, rv, num_batches_tracked)
     return y, mean.astype(x.dtype), invstd.astype(x.dtype)
 
 

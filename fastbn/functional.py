@@ -135,6 +135,27 @@ def _check_disjoint(written, others):
                                  f"needs memory of its own")
 
 
+def _running_factor(momentum, num_batches_tracked):
+    """Weight of the new batch in the running statistics: ``momentum``, or
+    ``1 / (batches seen + 1)`` for the cumulative average (momentum None)."""
+    if momentum is not None:
+        return momentum
+    count = 0 if num_batches_tracked is None else int(num_batches_tracked.reshape(()))
+    return 1.0 / (count + 1)
+
+
+def _commit_running(running_mean, rm, running_var, rv, num_batches_tracked):
+    """After a successful update of the checked running statistics rm, rv:
+    copy them back where the caller's arrays were not contiguous (rm, rv are
+    copies then), and count the batch."""
+    if rm is not running_mean:
+        running_mean[...] = rm
+    if rv is not running_var:
+        running_var[...] = rv
+    if num_batches_tracked is not None:
+        num_batches_tracked += 1
+
+
 def _same_memory(a, b):
     """True when a and b are the very same elements in the same layout."""
     return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
@@ -293,10 +314,7 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
         _check_out(out, x, {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean,
                             "running_var": running_var,
                             "num_batches_tracked": num_batches_tracked}, in_place="x")
-    factor = 0.0
-    if tracking:
-        count = 0 if num_batches_tracked is None else int(num_batches_tracked.reshape(()))
-        factor = momentum if momentum is not None else 1.0 / (count + 1)
+    factor = _running_factor(momentum, num_batches_tracked) if tracking else 0.0
 
     xc = np.ascontiguousarray(x)
     y = _output(out, xc)
@@ -306,12 +324,7 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
     kernel.forward_train(xc.reshape(view), g, b, y.reshape(view), mean, invstd, rm, rv, eps,
                          factor, nthreads)
     if tracking:
-        if rm is not running_mean:  # a non-contiguous caller's array got a copy
-            running_mean[...] = rm
-        if rv is not running_var:
-            running_var[...] = rv
-        if num_batches_tracked is not None:
-            num_batches_tracked += 1
+        _commit_running(running_mean, rm, running_var, rv, num_batches_tracked)
     return y, mean, invstd
 
 
