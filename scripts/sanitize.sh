@@ -29,16 +29,9 @@ else
     trap 'rm -rf "$work"' EXIT
 fi
 
-# The sources: what git tracks plus new files it does not ignore (less
-# virtual environments, which .gitignore does not list); no build products,
-# no generated .c files.
-mkdir -p "$work/src"
-(cd "$repo" && git ls-files -z --cached --others --exclude-standard \
-    | while IFS= read -r -d '' f; do
-          case "$f" in .venv/*|venv/*|.tox/*|.benchmarks/*) continue ;; esac
-          [ -f "$f" ] && printf '%s\0' "$f"
-      done \
-    | xargs -0 cp --parents -t "$work/src")
+# The sources, without build products (scripts/copy_sources.sh).
+. "$repo/scripts/copy_sources.sh"
+copy_sources "$repo" "$work/src"
 
 echo "sanitize: virtual environment with the build and test requirements"
 "$python" -m venv "$work/venv"
