@@ -7,41 +7,57 @@ size (S > 1; S == 1 goes to ``_columnar``). Channel c is the N x S matrix
 Summation order (fixed by the shape, never by the thread count)
 ----------------------------------------------------------------
 A channel's m = N*S values are cut into blocks of about BLOCK values: whole
-rows when S < BLOCK, pieces of one row otherwise. Each block is summed in
-LANES independent double accumulators (the inner loop runs along the lanes,
-which the compiler vectorizes without reassociating any sum), the lanes are
-added in order, and the block sums are added in block order. So every
-schedule below gives the same bits.
+rows when S < BLOCK, pieces of one row otherwise. Within a block, each row
+piece is summed in LANES double accumulators (value i of the piece goes to
+lane i % LANES; the loop over the lanes is what the compiler vectorizes,
+so no sum is reassociated), the lanes are added in order, and the block
+sums are added in block order. Every schedule below computes the same
+block sums and adds them in the same order, so every schedule and every
+thread count gives the same bits.
 
-Schedules
----------
-- by channel, when there are enough channels for the threads: one thread
-  takes a whole channel, sums its blocks and then normalizes (or, in the
-  backward, writes dx for) the channel while it is still in cache: one sweep
-  from memory.
-- by block, when channels are few (C = 1, 3, ...): every (channel, block)
-  pair is summed in parallel into a small table, the table is merged per
-  channel in block order, then every pair is normalized in parallel.
+Schedules (one parallel region per call, units handed out dynamically)
+----------------------------------------------------------------------
+- by channel, when there are channels enough for the threads: a unit is a
+  whole channel; its thread sums the channel's blocks and then normalizes
+  (or, in the backward, writes dx for) the channel while it is still in
+  cache: one sweep from memory.
+- by block, when channels are few (C = 1, 3, ...): a unit is a (channel,
+  block) pair; all pairs are summed into a small table, the table is merged
+  per channel in block order, then every pair is normalized, the pairs
+  summed last first (they are the ones still cached).
 
-The three levels (scikit-learn's habit): ``noexcept nogil`` row and block
+Units are handed out one at a time as threads come for them
+(``schedule="dynamic"``): which thread takes a unit never changes a bit,
+and a thread that the operating system deschedules holds up at most the
+one unit it has, not a fixed share of the call.
+
+Outputs of at least STREAM_MIN_BYTES that are not written in place go
+through streaming stores (``fastbn._store``): no read-for-ownership of a
+cold output buffer.
+
+The three levels (scikit-learn's habit): ``noexcept nogil`` run and block
 functions, the ``prange`` schedules, and thin ``def`` wrappers that take
 memoryviews, allocate the O(C) work space and release the GIL. The caller
-(``fastbn.functional``) has validated everything; nothing here raises except
-MemoryError for the work space.
+(``fastbn.functional``) has validated everything; nothing here raises
+except MemoryError for the work space.
 """
 
 from cython cimport floating
-from cython.parallel cimport prange
-from libc.stdlib cimport malloc, free
+from cython.parallel cimport parallel, prange
 
 from fastbn._openmp cimport threads_for
-from fastbn._stats cimport Coef, forward_coef, inference_coef, backward_coef, float_safe
-from fastbn._views cimport cptr, cptr3, wptr
+from fastbn._stats cimport (Coef, Coef32, forward_coef, inference_coef, backward_coef,
+                            to_float)
+from fastbn._simd cimport (LANES, STREAM_CHUNK, STREAM_MIN_BYTES, fence, grad_sums_f32,
+                           grad_sums_f64, shifted_sums_f32, shifted_sums_f64, stream)
+from fastbn._views cimport cptr, cptr3, wptr, workspace
 
 
 cdef enum:
-    LANES = 64      # accumulators per block, k = i % LANES: arrays that stay in L1
-    BLOCK = 16384   # values per block of a channel (shape-fixed summation order)
+    BLOCK = 16384                     # values per block of a channel (summation order)
+    GROUP_VALUES = 2048               # values of one sample a group's slab aims at
+    GROUP_MAX = 64                    # channels per group at most
+    GROUP_CACHE_BYTES = 1024 * 1024   # a group's inputs, cached between its two steps
 
 
 cdef struct Plane:
@@ -50,14 +66,16 @@ cdef struct Plane:
     Py_ssize_t rows_per_block    # when S < BLOCK: whole rows per block
     Py_ssize_t blocks_per_row    # when S >= BLOCK: blocks per row
     Py_ssize_t nblocks           # blocks per channel
+    bint streaming               # the output is streamed
 
 
-cdef inline Plane make_plane(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
+cdef inline Plane make_plane(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint streaming) noexcept nogil:
     cdef Plane p
     p.N = N
     p.C = C
     p.S = S
     p.row_stride = C * S
+    p.streaming = streaming
     if S < BLOCK:
         p.rows_per_block = BLOCK // S
         p.blocks_per_row = 0
@@ -67,6 +85,12 @@ cdef inline Plane make_plane(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept 
         p.blocks_per_row = (S + BLOCK - 1) // BLOCK
         p.nblocks = N * p.blocks_per_row
     return p
+
+
+cdef inline bint streams(const void* out, const void* a, const void* b,
+                         Py_ssize_t nbytes) noexcept nogil:
+    """Stream an output that is large and not written over an input."""
+    return nbytes >= STREAM_MIN_BYTES and out != a and out != b
 
 
 cdef inline void block_span(const Plane* p, Py_ssize_t b, Py_ssize_t* n0, Py_ssize_t* n1,
@@ -86,143 +110,7 @@ cdef inline void block_span(const Plane* p, Py_ssize_t b, Py_ssize_t* n0, Py_ssi
         s1[0] = min(p.S, s0[0] + BLOCK)
 
 
-# ---------------------------------------------------------------- rows ----
-
-cdef inline void row_shifted_sums(const floating* x, Py_ssize_t n, double shift,
-                                  double* acc_s, double* acc_q) noexcept nogil:
-    """acc_s[k] += x[i] - shift, acc_q[k] += (x[i] - shift)**2 with k = i % LANES.
-
-    The inner loop runs along the lanes (arrays in L1), the shape the loop
-    vectorizer takes without reassociating any sum.
-    """
-    cdef Py_ssize_t i = 0, k
-    cdef double d
-    while i < n:
-        for k in range(min(LANES, n - i)):
-            d = <double>x[i + k] - shift
-            acc_s[k] += d
-            acc_q[k] += d * d
-        i += LANES
-
-
-cdef inline void row_grad_sums(const floating* dy, const floating* x, Py_ssize_t n,
-                               double center, double* acc_g, double* acc_c) noexcept nogil:
-    """acc_g[k] += dy[i], acc_c[k] += dy[i] * (x[i] - center) with k = i % LANES."""
-    cdef Py_ssize_t i = 0, k
-    cdef double g
-    while i < n:
-        for k in range(min(LANES, n - i)):
-            g = dy[i + k]
-            acc_g[k] += g
-            acc_c[k] += g * (<double>x[i + k] - center)
-        i += LANES
-
-
-cdef inline void row_affine(const floating* x, floating* y, Py_ssize_t n,
-                            double center, double scale, double offset) noexcept nogil:
-    """y = (x - center) * scale + offset. y may be x.
-
-    float64 computes in double. float32 computes in float with the center
-    split in two floats, hi + lo: x - hi is exact when x is near the center
-    (Sterbenz), so data far from zero lose nothing, and the float vectors
-    are twice as wide as double ones. Coefficients that float cannot carry
-    (extreme scales, NaN) take the double path.
-    """
-    cdef Py_ssize_t i
-    cdef float hi, lo, s, o
-    if floating is double or not (float_safe(center) and float_safe(scale)
-                                  and float_safe(offset)):
-        for i in range(n):
-            y[i] = <floating>((<double>x[i] - center) * scale + offset)
-    else:
-        hi = <float>center
-        lo = <float>(center - <double>hi)
-        s = <float>scale
-        o = <float>offset
-        for i in range(n):
-            y[i] = ((x[i] - hi) - lo) * s + o
-
-
-cdef inline void row_grad(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
-                          double center, double scale, double slope, double offset) noexcept nogil:
-    """dx = scale*dy - slope*(x - center) - offset. dx may be dy.
-
-    float32 computes in float with the center split as in row_affine, when
-    float can carry the coefficients; in double otherwise.
-    """
-    cdef Py_ssize_t i
-    cdef float hi, lo, s, k, o
-    if floating is double or not (float_safe(center) and float_safe(scale)
-                                  and float_safe(slope) and float_safe(offset)):
-        for i in range(n):
-            dx[i] = <floating>(scale * <double>dy[i] - slope * (<double>x[i] - center) - offset)
-    else:
-        hi = <float>center
-        lo = <float>(center - <double>hi)
-        s = <float>scale
-        k = <float>slope
-        o = <float>offset
-        for i in range(n):
-            dx[i] = s * dy[i] - k * ((x[i] - hi) - lo) - o
-
-
-# -------------------------------------------------------------- blocks ----
-
-cdef inline double lane_total(const double* acc) noexcept nogil:
-    cdef double t = 0.0
-    cdef Py_ssize_t k
-    for k in range(LANES):
-        t += acc[k]
-    return t
-
-
-cdef void block_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t blk,
-                     double center, double* sa, double* sb) noexcept nogil:
-    """Sums over block blk of the channel whose first value a (and b) point to.
-
-    b == NULL: shifted sums of a, sum(a - center) and sum((a - center)**2).
-    Otherwise, with a = dy and b = x: sum(a) and sum(a * (b - center)).
-    """
-    cdef double acc_a[LANES]
-    cdef double acc_b[LANES]
-    cdef Py_ssize_t n0, n1, s0, s1, n, k, off
-    for k in range(LANES):
-        acc_a[k] = 0.0
-        acc_b[k] = 0.0
-    block_span(p, blk, &n0, &n1, &s0, &s1)
-    for n in range(n0, n1):
-        off = n * p.row_stride + s0
-        if b == NULL:
-            row_shifted_sums(a + off, s1 - s0, center, acc_a, acc_b)
-        else:
-            row_grad_sums(a + off, b + off, s1 - s0, center, acc_a, acc_b)
-    sa[0] = lane_total(acc_a)
-    sb[0] = lane_total(acc_b)
-
-
-cdef void block_apply(const floating* a, const floating* b, floating* out, const Plane* p,
-                      Py_ssize_t blk, const Coef* k) noexcept nogil:
-    """Block blk of a channel: y from x (a = x, b == NULL), or dx from a = dy, b = x."""
-    cdef Py_ssize_t n0, n1, s0, s1, n, off
-    block_span(p, blk, &n0, &n1, &s0, &s1)
-    for n in range(n0, n1):
-        off = n * p.row_stride + s0
-        if b == NULL:
-            row_affine(a + off, out + off, s1 - s0, k.center, k.scale, k.offset)
-        else:
-            row_grad(a + off, b + off, out + off, s1 - s0, k.center, k.scale, k.slope,
-                     k.offset)
-
-
-# ---------------------------------------------------------- schedules ----
-#
-# a is x (b == NULL) in the forward, dy (b = x) in the backward; see block_sums.
-
-cdef inline bint by_channel(Py_ssize_t C, int nthreads) noexcept nogil:
-    """Whole channels per thread when that keeps the threads evenly loaded."""
-    return nthreads == 1 or C % nthreads == 0 or C >= 4 * nthreads
-
-
+# ---------------------------------------------------------------- runs ----
 cdef inline const floating* at(const floating* a, Py_ssize_t off) noexcept nogil:
     """a + off, or NULL for an absent array."""
     if a == NULL:
@@ -230,102 +118,267 @@ cdef inline const floating* at(const floating* a, Py_ssize_t off) noexcept nogil
     return a + off
 
 
-cdef void channel_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t c,
-                       double center, double* sa, double* sb) noexcept nogil:
-    """Totals of channel c: block sums added in block order."""
-    cdef Py_ssize_t blk, off = c * p.S
-    cdef double ta = 0.0, tb = 0.0, xa, xb
-    for blk in range(p.nblocks):
-        block_sums(a + off, at(b, off), p, blk, center, &xa, &xb)
-        ta += xa
-        tb += xb
+# A run is n contiguous values of one channel.
+
+cdef inline void run_shifted_sums(const floating* x, Py_ssize_t n, double shift,
+                                  double* acc_s, double* acc_q) noexcept nogil:
+    """acc_s[k] += x[i] - shift, acc_q[k] += (x[i] - shift)**2, k = i % LANES
+    (in the order fastbn._simd states)."""
+    if floating is float:
+        shifted_sums_f32(x, n, shift, acc_s, acc_q)
+    else:
+        shifted_sums_f64(x, n, shift, acc_s, acc_q)
+
+
+cdef inline void run_grad_sums(const floating* dy, const floating* x, Py_ssize_t n,
+                               double center, double* acc_g, double* acc_c) noexcept nogil:
+    """acc_g[k] += dy[i], acc_c[k] += dy[i] * (x[i] - center), k = i % LANES."""
+    if floating is float:
+        grad_sums_f32(dy, x, n, center, acc_g, acc_c)
+    else:
+        grad_sums_f64(dy, x, n, center, acc_g, acc_c)
+
+
+cdef inline void run_map(const floating* a, const floating* b, floating* out, Py_ssize_t n,
+                         const Coef* k, const Coef32* f) noexcept nogil:
+    """out = (a - center) * scale + offset (b NULL: the forward, a = x), or
+    out = scale * a - slope * (b - center) - offset (the backward, a = dy,
+    b = x). out may be a or b. float32 with f != NULL computes in float
+    (Coef32), anything else in double."""
+    cdef Py_ssize_t i
+    cdef double center = k.center, scale = k.scale, slope = k.slope, offset = k.offset
+    cdef float hi, lo, s, q, o
+    if floating is float and f != NULL:
+        hi = f.hi
+        lo = f.lo
+        s = f.scale
+        q = f.slope
+        o = f.offset
+        if b == NULL:
+            for i in range(n):
+                out[i] = ((a[i] - hi) - lo) * s + o
+        else:
+            for i in range(n):
+                out[i] = s * a[i] - q * ((b[i] - hi) - lo) - o
+    elif b == NULL:
+        for i in range(n):
+            out[i] = <floating>((<double>a[i] - center) * scale + offset)
+    else:
+        for i in range(n):
+            out[i] = <floating>(scale * <double>a[i] - slope * (<double>b[i] - center) - offset)
+
+
+cdef inline void run_apply(const floating* a, const floating* b, floating* out, Py_ssize_t n,
+                           const Coef* k, const Coef32* f, bint streaming) noexcept nogil:
+    """run_map into out, through a stack buffer and streaming stores when
+    ``streaming``."""
+    cdef floating buf[STREAM_CHUNK]
+    cdef Py_ssize_t i = 0, m
+    if not streaming:
+        run_map(a, b, out, n, k, f)
+        return
+    while i < n:
+        m = min(<Py_ssize_t>STREAM_CHUNK, n - i)
+        run_map(a + i, at(b, i), buf, m, k, f)
+        stream(out + i, buf, m * sizeof(floating))
+        i += m
+
+
+# -------------------------------------------------------------- blocks ----
+
+cdef void block_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t c,
+                     Py_ssize_t blk, double center, double* sa, double* sb) noexcept nogil:
+    """Sums over block blk of channel c.
+
+    b == NULL: shifted sums of a, sum(a - center) and sum((a - center)**2).
+    Otherwise, with a = dy and b = x: sum(a) and sum(a * (b - center)).
+    """
+    cdef double acc_a[LANES]
+    cdef double acc_b[LANES]
+    cdef double ta = 0.0, tb = 0.0
+    cdef Py_ssize_t n0, n1, s0, s1, n, k, off
+    for k in range(LANES):
+        acc_a[k] = 0.0
+        acc_b[k] = 0.0
+    block_span(p, blk, &n0, &n1, &s0, &s1)
+    for n in range(n0, n1):
+        off = n * p.row_stride + c * p.S + s0
+        if b == NULL:
+            run_shifted_sums(a + off, s1 - s0, center, acc_a, acc_b)
+        else:
+            run_grad_sums(a + off, b + off, s1 - s0, center, acc_a, acc_b)
+    for k in range(LANES):
+        ta += acc_a[k]
+        tb += acc_b[k]
     sa[0] = ta
     sb[0] = tb
 
 
-cdef void channel_apply(const floating* a, const floating* b, floating* out, const Plane* p,
-                        Py_ssize_t c, const Coef* k) noexcept nogil:
-    cdef Py_ssize_t blk, off = c * p.S
+cdef void block_apply(const floating* a, const floating* b, floating* out, const Plane* p,
+                      Py_ssize_t c, Py_ssize_t blk, const Coef* k) noexcept nogil:
+    """Block blk of channel c: y from x (a = x, b == NULL), or dx from a = dy, b = x."""
+    cdef Py_ssize_t n0, n1, s0, s1, n, off
+    cdef Coef32 f
+    cdef const Coef32* fp = &f if (floating is float and to_float(k, &f)) else NULL
+    block_span(p, blk, &n0, &n1, &s0, &s1)
+    for n in range(n0, n1):
+        off = n * p.row_stride + c * p.S + s0
+        run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming)
+    if p.streaming:
+        fence()
+
+
+cdef void merge_blocks(const double* part, const Plane* p, Py_ssize_t c,
+                       double* sa, double* sb) noexcept nogil:
+    """Totals of channel c from the (channel, block) table, in block order:
+    the same sums as channel_sums."""
+    cdef Py_ssize_t blk
+    cdef const double* row = part + 2 * c * p.nblocks
+    cdef double ta = 0.0, tb = 0.0
     for blk in range(p.nblocks):
-        block_apply(a + off, at(b, off), out + off, p, blk, k)
+        ta += row[2 * blk]
+        tb += row[2 * blk + 1]
+    sa[0] = ta
+    sb[0] = tb
 
 
-cdef void table_sums(const floating* a, const floating* b, const Plane* p,
-                     const double* center, double* totals, double* part, int nt) noexcept nogil:
-    """Totals of every channel into totals[2c], totals[2c + 1], with the
-    (channel, block) pairs summed in parallel into part (2 * C * nblocks)
-    and merged per channel in block order: the same sums as channel_sums."""
-    cdef Py_ssize_t u, c, blk, nb = p.nblocks
+# -------------------------------------------------------------- groups ----
+# A group is a run of channels [c0, c1) taken as one unit: for small S the
+# rows of the group's channels in one sample are contiguous (G * S values),
+# so the group is read as N slabs rather than N * G short scattered rows.
+
+cdef inline Py_ssize_t group_size(const Plane* p, Py_ssize_t bytes_per_value) noexcept nogil:
+    """Channels per group: a slab of about GROUP_VALUES values, and the
+    whole group small enough to stay cached between its sums and its
+    normalization. One channel when S is large."""
+    cdef Py_ssize_t g = min(<Py_ssize_t>GROUP_MAX, max(1, GROUP_VALUES // p.S))
+    g = min(g, max(1, GROUP_CACHE_BYTES // (p.N * p.S * bytes_per_value)))
+    return min(g, p.C)
+
+
+cdef void group_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t c0,
+                     Py_ssize_t c1, const double* center, double* totals) noexcept nogil:
+    """totals[2j], totals[2j + 1] for channel c0 + j of the group: the block
+    sums of block_sums, added in block order, with the group's rows of one
+    sample read together."""
+    cdef double lanes[2 * GROUP_MAX * LANES]
+    cdef Py_ssize_t G = c1 - c0, blk, n0, n1, s0, s1, n, j, k, off
     cdef double ta, tb
-    for u in prange(p.C * nb, num_threads=nt, schedule="static"):
-        block_sums(a + (u // nb) * p.S, at(b, (u // nb) * p.S), p, u % nb, center[u // nb],
-                   &part[2 * u], &part[2 * u + 1])
-    for c in range(p.C):
-        ta = 0.0
-        tb = 0.0
-        for blk in range(nb):
-            ta = ta + part[2 * (c * nb + blk)]
-            tb = tb + part[2 * (c * nb + blk) + 1]
-        totals[2 * c] = ta
-        totals[2 * c + 1] = tb
+    for j in range(2 * G):
+        totals[j] = 0.0
+    for blk in range(p.nblocks):
+        block_span(p, blk, &n0, &n1, &s0, &s1)
+        for j in range(2 * G * LANES):
+            lanes[j] = 0.0
+        for n in range(n0, n1):
+            for j in range(G):
+                off = n * p.row_stride + (c0 + j) * p.S + s0
+                if b == NULL:
+                    run_shifted_sums(a + off, s1 - s0, center[j], &lanes[2 * j * LANES],
+                                     &lanes[(2 * j + 1) * LANES])
+                else:
+                    run_grad_sums(a + off, b + off, s1 - s0, center[j], &lanes[2 * j * LANES],
+                                  &lanes[(2 * j + 1) * LANES])
+        for j in range(G):
+            ta = 0.0
+            tb = 0.0
+            for k in range(LANES):
+                ta += lanes[2 * j * LANES + k]
+                tb += lanes[(2 * j + 1) * LANES + k]
+            totals[2 * j] += ta
+            totals[2 * j + 1] += tb
 
 
-cdef void table_apply(const floating* a, const floating* b, floating* out, const Plane* p,
-                      const Coef* coef, int nt) noexcept nogil:
-    cdef Py_ssize_t u, nb = p.nblocks
-    for u in prange(p.C * nb, num_threads=nt, schedule="static"):
-        block_apply(a + (u // nb) * p.S, at(b, (u // nb) * p.S), out + (u // nb) * p.S, p,
-                    u % nb, &coef[u // nb])
+cdef void group_apply(const floating* a, const floating* b, floating* out, const Plane* p,
+                      Py_ssize_t c0, Py_ssize_t c1, const Coef* coef) noexcept nogil:
+    """The group's output, slab by slab (streamed whole when streaming)."""
+    cdef floating buf[GROUP_VALUES]
+    cdef Coef32 f[GROUP_MAX]
+    cdef bint ok[GROUP_MAX]
+    cdef Py_ssize_t G = c1 - c0, blk, n, j, base, off
+    if G == 1:
+        for blk in range(p.nblocks):
+            block_apply(a, b, out, p, c0, blk, coef)
+        return
+    for j in range(G):
+        ok[j] = floating is float and to_float(&coef[j], &f[j])
+    for n in range(p.N):
+        base = n * p.row_stride + c0 * p.S
+        for j in range(G):
+            off = base + j * p.S
+            run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,
+                    &coef[j], &f[j] if ok[j] else NULL)
+        if p.streaming:
+            stream(out + base, buf, G * p.S * sizeof(floating))
+    if p.streaming:
+        fence()
 
 
-cdef void forward_channel(const floating* x, floating* y, const Plane* p, Py_ssize_t c,
-                          const floating* gamma, const floating* beta,
-                          floating* mean, floating* invstd,
-                          floating* running_mean, floating* running_var,
-                          double eps, double factor) noexcept nogil:
-    """Statistics, then normalization, of channel c: one sweep from memory."""
-    cdef double shift = x[c * p.S]
+cdef void forward_group(const floating* x, floating* y, const Plane* p, Py_ssize_t c0,
+                        Py_ssize_t c1, const floating* gamma, const floating* beta,
+                        floating* mean, floating* invstd,
+                        floating* running_mean, floating* running_var,
+                        double eps, double factor) noexcept nogil:
+    """Statistics, then normalization, of channels [c0, c1): one sweep from memory."""
+    cdef double center[GROUP_MAX]
+    cdef double totals[2 * GROUP_MAX]
+    cdef Coef coef[GROUP_MAX]
+    cdef Py_ssize_t j
+    for j in range(c1 - c0):
+        center[j] = x[(c0 + j) * p.S]
+    group_sums(x, NULL, p, c0, c1, center, totals)
+    for j in range(c1 - c0):
+        coef[j] = forward_coef(totals[2 * j], totals[2 * j + 1], <double>(p.N * p.S),
+                               center[j], eps, gamma, beta, mean, invstd, running_mean,
+                               running_var, factor, c0 + j)
+    group_apply(x, NULL, y, p, c0, c1, coef)
+
+
+cdef void backward_group(const floating* dy, const floating* x, floating* dx,
+                         const Plane* p, Py_ssize_t c0, Py_ssize_t c1,
+                         const floating* gamma, const floating* mean,
+                         const floating* invstd, floating* dgamma,
+                         floating* dbeta) noexcept nogil:
+    """Both reductions, then dx, of channels [c0, c1): one sweep from memory."""
+    cdef double center[GROUP_MAX]
+    cdef double totals[2 * GROUP_MAX]
+    cdef Coef coef[GROUP_MAX]
+    cdef Py_ssize_t j
+    for j in range(c1 - c0):
+        center[j] = mean[c0 + j]
+    group_sums(dy, x, p, c0, c1, center, totals)
+    for j in range(c1 - c0):
+        coef[j] = backward_coef(totals[2 * j], totals[2 * j + 1], <double>(p.N * p.S),
+                                mean, invstd, gamma, dgamma, dbeta, c0 + j)
+    group_apply(dy, x, dx, p, c0, c1, coef)
+
+
+# ---------------------------------------------------------- schedules ----
+
+cdef inline bint by_group(Py_ssize_t ngroups, int nthreads) noexcept nogil:
+    """Whole groups per unit when there are enough to keep the threads busy."""
+    return nthreads == 1 or ngroups % nthreads == 0 or ngroups >= 4 * nthreads
+
+
+cdef Coef forward_merged(const double* part, const Plane* p, Py_ssize_t c, double shift,
+                         double eps, const floating* gamma, const floating* beta,
+                         floating* mean, floating* invstd, floating* running_mean,
+                         floating* running_var, double factor) noexcept nogil:
+    """Channel c's map from the (channel, block) table of shifted sums."""
     cdef double s, q
-    cdef Coef k
-    channel_sums(x, NULL, p, c, shift, &s, &q)
-    k = forward_coef(s, q, <double>(p.N * p.S), shift, eps, gamma, beta, mean, invstd,
-                     running_mean, running_var, factor, c)
-    channel_apply(x, NULL, y, p, c, &k)
+    merge_blocks(part, p, c, &s, &q)
+    return forward_coef(s, q, <double>(p.N * p.S), shift, eps, gamma, beta, mean, invstd,
+                        running_mean, running_var, factor, c)
 
 
-cdef void backward_channel(const floating* dy, const floating* x, floating* dx,
-                           const Plane* p, Py_ssize_t c, const floating* gamma,
-                           const floating* mean, const floating* invstd,
-                           floating* dgamma, floating* dbeta) noexcept nogil:
-    """Both reductions, then dx, of channel c: one sweep from memory."""
+cdef Coef backward_merged(const double* part, const Plane* p, Py_ssize_t c,
+                          const floating* mean, const floating* invstd,
+                          const floating* gamma, floating* dgamma,
+                          floating* dbeta) noexcept nogil:
+    """Channel c's map from the (channel, block) table of gradient sums."""
     cdef double sg, sc
-    cdef Coef k
-    channel_sums(dy, x, p, c, mean[c], &sg, &sc)
-    k = backward_coef(sg, sc, <double>(p.N * p.S), mean, invstd, gamma, dgamma, dbeta, c)
-    channel_apply(dy, x, dx, p, c, &k)
-
-
-cdef class Work:
-    """O(C) work space of a split schedule: centers, totals, the (channel,
-    block) table and the per-channel maps. Freed with the object."""
-    cdef double* center
-    cdef double* totals
-    cdef double* part
-    cdef Coef* coef
-
-    def __cinit__(self, Py_ssize_t C, Py_ssize_t nblocks):
-        self.center = <double*>malloc(C * sizeof(double))
-        self.totals = <double*>malloc(2 * C * sizeof(double))
-        self.part = <double*>malloc(2 * C * nblocks * sizeof(double))
-        self.coef = <Coef*>malloc(C * sizeof(Coef))
-        if not (self.center and self.totals and self.part and self.coef):
-            raise MemoryError()
-
-    def __dealloc__(self):
-        free(self.center)
-        free(self.totals)
-        free(self.part)
-        free(self.coef)
+    merge_blocks(part, p, c, &sg, &sc)
+    return backward_coef(sg, sc, <double>(p.N * p.S), mean, invstd, gamma, dgamma, dbeta, c)
 
 
 # ----------------------------------------------------------- wrappers ----
@@ -336,51 +389,74 @@ def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,
                   floating[::1] running_mean, floating[::1] running_var,
                   double eps, double factor, int num_threads):
     """Training forward on an (N, C, S) view; see fastbn.functional."""
-    cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2])
-    cdef int nt = threads_for(p.N * p.C * p.S, p.C * p.nblocks, num_threads)
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* yp = &y[0, 0, 0]
+    cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]
+    cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],
+                              streams(yp, xp, NULL, size * sizeof(floating)))
+    cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
+    cdef int nt = threads_for(size, nu, num_threads)
     cdef const floating* g = cptr(gamma)
     cdef const floating* bt = cptr(beta)
     cdef floating* rm = wptr(running_mean)
     cdef floating* rv = wptr(running_var)
-    cdef Py_ssize_t c
-    cdef Work w
-    if by_channel(p.C, nt):
+    cdef Py_ssize_t G = group_size(&p, sizeof(floating)), ng = (p.C + G - 1) // G
+    cdef Py_ssize_t c, u
+    cdef bytearray mem
+    cdef double* part
+    cdef Coef* coef
+    if by_group(ng, nt):
         with nogil:
-            for c in prange(p.C, num_threads=nt, schedule="static"):
-                forward_channel(xp, yp, &p, c, g, bt, &mean[0], &invstd[0], rm, rv, eps, factor)
+            for u in prange(ng, num_threads=nt, schedule="dynamic"):
+                forward_group(xp, yp, &p, u * G, min(p.C, (u + 1) * G), g, bt, &mean[0],
+                              &invstd[0], rm, rv, eps, factor)
         return
-    w = Work(p.C, p.nblocks)
-    with nogil:
-        for c in range(p.C):
-            w.center[c] = xp[c * p.S]
-        table_sums(xp, NULL, &p, w.center, w.totals, w.part, nt)
-        for c in range(p.C):
-            w.coef[c] = forward_coef(w.totals[2 * c], w.totals[2 * c + 1], <double>(p.N * p.S),
-                                     w.center[c], eps, g, bt, &mean[0], &invstd[0], rm, rv,
-                                     factor, c)
-        table_apply(xp, NULL, yp, &p, w.coef, nt)
+    mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
+    coef = <Coef*><char*>mem
+    part = <double*>(coef + p.C)
+    with nogil, parallel(num_threads=nt):
+        for u in prange(nu, schedule="dynamic"):
+            block_sums(xp, NULL, &p, u // nb, u % nb, xp[(u // nb) * p.S],
+                       &part[2 * u], &part[2 * u + 1])
+        for c in prange(p.C, schedule="dynamic"):
+            coef[c] = forward_merged(part, &p, c, xp[c * p.S], eps, g, bt, &mean[0],
+                                     &invstd[0], rm, rv, factor)
+        for u in prange(nu, schedule="dynamic"):
+            block_apply(xp, NULL, yp, &p, (nu - 1 - u) // nb, (nu - 1 - u) % nb,
+                        &coef[(nu - 1 - u) // nb])
 
 
 def inference(const floating[:, :, ::1] x, const floating[::1] gamma,
               const floating[::1] beta, const floating[::1] running_mean,
               const floating[::1] running_var, floating[:, :, ::1] y,
               double eps, int num_threads):
-    """Inference forward on an (N, C, S) view; see fastbn.functional."""
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, u
-    cdef int nt = threads_for(N * C * S, N * C, num_threads)
+    """Inference forward on an (N, C, S) view; see fastbn.functional.
+
+    A unit is a run of whole (n, c) rows of about BLOCK values or more,
+    contiguous in memory."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, u, r, r1
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* yp = &y[0, 0, 0]
+    cdef bint streaming = streams(yp, xp, NULL, N * C * S * sizeof(floating))
+    cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows
+    cdef int nt = threads_for(N * C * S, nu, num_threads)
     cdef const floating* g = cptr(gamma)
     cdef const floating* bt = cptr(beta)
-    cdef Work w = Work(C, 0)
+    cdef bytearray mem = workspace(C, sizeof(Coef) + sizeof(Coef32) + 1)
+    cdef Coef* coef = <Coef*><char*>mem
+    cdef Coef32* coef32 = <Coef32*>(coef + C)
+    cdef char* ok = <char*>(coef32 + C)
     with nogil:
         for c in range(C):
-            w.coef[c] = inference_coef(&running_mean[0], &running_var[0], eps, g, bt, c)
-        for u in prange(N * C, num_threads=nt, schedule="static"):
-            row_affine(xp + u * S, yp + u * S, S, w.coef[u % C].center, w.coef[u % C].scale,
-                       w.coef[u % C].offset)
+            coef[c] = inference_coef(&running_mean[0], &running_var[0], eps, g, bt, c)
+            ok[c] = floating is float and to_float(&coef[c], &coef32[c])
+        for u in prange(nu, num_threads=nt, schedule="dynamic"):
+            r1 = min(N * C, (u + 1) * rows)
+            for r in range(u * rows, r1):
+                run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
+                          &coef32[r % C] if ok[r % C] else NULL, streaming)
+            if streaming:
+                fence()
 
 
 def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
@@ -388,29 +464,39 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
              const floating[::1] invstd, floating[:, :, ::1] dx,
              floating[::1] dgamma, floating[::1] dbeta, int num_threads):
     """Fused backward on (N, C, S) views; see fastbn.functional."""
-    cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2])
-    cdef int nt = threads_for(p.N * p.C * p.S, p.C * p.nblocks, num_threads)
     cdef const floating* dyp = &dy[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* dxp = &dx[0, 0, 0]
+    cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]
+    cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],
+                              streams(dxp, dyp, xp, size * sizeof(floating)))
+    cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
+    cdef int nt = threads_for(size, nu, num_threads)
     cdef const floating* g = cptr(gamma)
-    cdef Py_ssize_t c
-    cdef Work w
-    if by_channel(p.C, nt):
+    cdef Py_ssize_t G = group_size(&p, 2 * sizeof(floating)), ng = (p.C + G - 1) // G
+    cdef Py_ssize_t c, u
+    cdef bytearray mem
+    cdef double* part
+    cdef Coef* coef
+    if by_group(ng, nt):
         with nogil:
-            for c in prange(p.C, num_threads=nt, schedule="static"):
-                backward_channel(dyp, xp, dxp, &p, c, g, &mean[0], &invstd[0],
-                                 &dgamma[0], &dbeta[0])
+            for u in prange(ng, num_threads=nt, schedule="dynamic"):
+                backward_group(dyp, xp, dxp, &p, u * G, min(p.C, (u + 1) * G), g, &mean[0],
+                               &invstd[0], &dgamma[0], &dbeta[0])
         return
-    w = Work(p.C, p.nblocks)
-    with nogil:
-        for c in range(p.C):
-            w.center[c] = mean[c]
-        table_sums(dyp, xp, &p, w.center, w.totals, w.part, nt)
-        for c in range(p.C):
-            w.coef[c] = backward_coef(w.totals[2 * c], w.totals[2 * c + 1], <double>(p.N * p.S),
-                                      &mean[0], &invstd[0], g, &dgamma[0], &dbeta[0], c)
-        table_apply(dyp, xp, dxp, &p, w.coef, nt)
+    mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
+    coef = <Coef*><char*>mem
+    part = <double*>(coef + p.C)
+    with nogil, parallel(num_threads=nt):
+        for u in prange(nu, schedule="dynamic"):
+            block_sums(dyp, xp, &p, u // nb, u % nb, mean[u // nb],
+                       &part[2 * u], &part[2 * u + 1])
+        for c in prange(p.C, schedule="dynamic"):
+            coef[c] = backward_merged(part, &p, c, &mean[0], &invstd[0], g, &dgamma[0],
+                                      &dbeta[0])
+        for u in prange(nu, schedule="dynamic"):
+            block_apply(dyp, xp, dxp, &p, (nu - 1 - u) // nb, (nu - 1 - u) % nb,
+                        &coef[(nu - 1 - u) // nb])
 
 
 def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[::1] center,
@@ -419,22 +505,23 @@ def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[
 
     b None: ``sum(a - center)`` and ``sum((a - center)**2)``; otherwise
     ``sum(a)`` and ``sum(a * (b - center))`` (a = dy, b = x). The first
-    half of each pass, for a reduction across processes in between.
+    half of each pass, for a reduction across processes in between; the
+    same sums, to the bit, as the fused kernels take.
     """
-    cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2])
-    cdef int nt = threads_for(p.N * p.C * p.S, p.C * p.nblocks, num_threads)
+    cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2], False)
+    cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
+    cdef int nt = threads_for(p.N * p.C * p.S, nu, num_threads)
     cdef const floating* ap = &a[0, 0, 0]
     cdef const floating* bp = cptr3(b)
-    cdef Py_ssize_t c
-    cdef Work w
-    if by_channel(p.C, nt):
-        with nogil:
-            for c in prange(p.C, num_threads=nt, schedule="static"):
-                channel_sums(ap, bp, &p, c, center[c], &out[c, 0], &out[c, 1])
-        return
-    w = Work(p.C, p.nblocks)
-    with nogil:
-        table_sums(ap, bp, &p, &center[0], &out[0, 0], w.part, nt)
+    cdef Py_ssize_t c, u
+    cdef bytearray mem = workspace(2 * nu, sizeof(double))
+    cdef double* part = <double*><char*>mem
+    with nogil, parallel(num_threads=nt):
+        for u in prange(nu, schedule="dynamic"):
+            block_sums(ap, bp, &p, u // nb, u % nb, center[u // nb],
+                       &part[2 * u], &part[2 * u + 1])
+        for c in prange(p.C, schedule="dynamic"):
+            merge_blocks(part, &p, c, &out[c, 0], &out[c, 1])
 
 
 def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, :, ::1] out,
@@ -443,8 +530,16 @@ def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, 
     map coef (C, 4) = (center, scale, slope, offset), see fastbn._stats.Coef:
     b None: out = (a - center) * scale + offset; otherwise
     out = scale * a - slope * (b - center) - offset (a = dy, b = x)."""
-    cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2])
-    cdef int nt = threads_for(p.N * p.C * p.S, p.C * p.nblocks, num_threads)
+    cdef const floating* ap = &a[0, 0, 0]
     cdef const floating* bp = cptr3(b)
+    cdef floating* op = &out[0, 0, 0]
+    cdef Py_ssize_t size = a.shape[0] * a.shape[1] * a.shape[2]
+    cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2],
+                              streams(op, ap, bp, size * sizeof(floating)))
+    cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
+    cdef int nt = threads_for(size, nu, num_threads)
+    cdef const Coef* k = <const Coef*>&coef[0, 0]
+    cdef Py_ssize_t u
     with nogil:
-        table_apply(&a[0, 0, 0], bp, &out[0, 0, 0], &p, <const Coef*>&coef[0, 0], nt)
+        for u in prange(nu, num_threads=nt, schedule="dynamic"):
+            block_apply(ap, bp, op, &p, u // nb, u % nb, &k[u // nb])

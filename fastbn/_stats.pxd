@@ -85,8 +85,33 @@ cdef inline Coef backward_coef(double sdy, double sdyc, double m,
     return k
 
 
+ctypedef struct Coef32:
+    # A Coef for float32 arithmetic: the center split into hi + lo, so that
+    # x - hi is exact for x near the center (Sterbenz) and data far from
+    # zero lose nothing while the vectors are twice as wide as double ones.
+    float hi
+    float lo
+    float scale
+    float slope
+    float offset
+
+
 cdef inline bint float_safe(double v) noexcept nogil:
     """v can be applied in float arithmetic without overflow or underflow
     (0, or a magnitude in (2**-100, 2**100)); False for NaN and Inf, which
     then take the double path."""
     return v == 0.0 or (fabs(v) > 7.888609052210118e-31 and fabs(v) < 1.2676506002282294e+30)
+
+
+cdef inline bint to_float(const Coef* k, Coef32* f) noexcept nogil:
+    """The map k in float (Coef32); False when float cannot carry it (then
+    the caller applies k in double)."""
+    if not (float_safe(k.center) and float_safe(k.scale) and float_safe(k.slope)
+            and float_safe(k.offset)):
+        return False
+    f.hi = <float>k.center
+    f.lo = <float>(k.center - <double>f.hi)
+    f.scale = <float>k.scale
+    f.slope = <float>k.slope
+    f.offset = <float>k.offset
+    return True

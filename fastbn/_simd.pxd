@@ -1,0 +1,194 @@
+# Machine-level primitives the kernels cannot say in Cython, as C in one
+# place: lane sums in explicit vectors, streaming stores, prefetch.
+#
+# Lane sums. A run of n contiguous values is summed in LANES double lanes:
+# value i goes to lane i % LANES. The whole LANES-wide steps are summed in
+# vector registers (GCC's vector extensions: the compiler lowers a
+# LANES-wide vector to whatever width the target has, SSE2 to AVX-512, and
+# adds lane by lane, never reassociating), then added to the caller's lanes
+# once per run; the last n % LANES values go straight to the caller's
+# lanes. The order of every addition depends on n alone. The loop prefetches
+# PREFETCH_BYTES ahead: a run is often a few pages at a large stride, where
+# the hardware prefetcher starts late on every page.
+#
+# Streaming stores. A normal store to a line that is not cached first
+# reads the line from memory (read-for-ownership): writing y costs a read
+# and a write. A streaming store writes whole lines straight to memory, so
+# writing a large y into a cold buffer costs one write. The kernels compute
+# a short piece of output into a buffer on the stack (in L1) and hand it to
+# ``stream``. Lines only partly covered by the piece are written with normal
+# stores, so a piece never touches memory outside itself. ``fence`` orders
+# the streaming stores before the thread's next synchronization (the end of
+# a work unit). Without SSE2 (non-x86 builds) streaming is a plain copy.
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    #if defined(__SSE2__)
+    #include <immintrin.h>
+    #endif
+
+    #define FASTBN_LANES 16
+    #define FASTBN_PREFETCH_BYTES 2048
+    /* Vectors of the target's width (VW doubles); LANES / VW of them hold
+       the LANES lanes: lane k is element k % VW of vector k / VW. */
+    #if defined(__AVX512F__)
+    #define FASTBN_VW 8
+    #elif defined(__AVX__)
+    #define FASTBN_VW 4
+    #else
+    #define FASTBN_VW 2
+    #endif
+    #define FASTBN_NV (FASTBN_LANES / FASTBN_VW)
+    typedef double fastbn_vd __attribute__((vector_size(FASTBN_VW * sizeof(double))));
+    typedef float fastbn_vf __attribute__((vector_size(FASTBN_VW * sizeof(float))));
+
+    static inline fastbn_vd fastbn_load_f32(const float *p)
+    {
+        fastbn_vf v;
+        memcpy(&v, p, sizeof v);
+        return __builtin_convertvector(v, fastbn_vd);
+    }
+
+    static inline fastbn_vd fastbn_load_f64(const double *p)
+    {
+        fastbn_vd v;
+        memcpy(&v, p, sizeof v);
+        return v;
+    }
+
+    /* acc_s[k] += x[i] - shift, acc_q[k] += (x[i] - shift)^2, k = i % LANES */
+    #define FASTBN_SHIFTED_SUMS(S, T)                                                \
+    static inline void fastbn_shifted_sums_##S(const T *x, Py_ssize_t n, double shift, \
+                                               double *acc_s, double *acc_q)          \
+    {                                                                                \
+        Py_ssize_t i = 0, j, k;                                                      \
+        double d;                                                                    \
+        if (n >= FASTBN_LANES) {                                                     \
+            fastbn_vd s[FASTBN_NV], q[FASTBN_NV], v, sh = (fastbn_vd){0} + shift;     \
+            _Pragma("GCC unroll 8")                                                  \
+            for (j = 0; j < FASTBN_NV; j++)                                          \
+                s[j] = q[j] = (fastbn_vd){0};                                        \
+            for (; i + FASTBN_LANES <= n; i += FASTBN_LANES) {                       \
+                __builtin_prefetch((const char *)(x + i) + FASTBN_PREFETCH_BYTES);   \
+                _Pragma("GCC unroll 8")                                              \
+                for (j = 0; j < FASTBN_NV; j++) {                                    \
+                    v = fastbn_load_##S(x + i + j * FASTBN_VW) - sh;                 \
+                    s[j] += v;                                                       \
+                    q[j] += v * v;                                                   \
+                }                                                                    \
+            }                                                                        \
+            for (k = 0; k < FASTBN_LANES; k++) {                                     \
+                acc_s[k] += s[k / FASTBN_VW][k % FASTBN_VW];                         \
+                acc_q[k] += q[k / FASTBN_VW][k % FASTBN_VW];                         \
+            }                                                                        \
+        }                                                                            \
+        for (k = 0; i < n; i++, k++) {                                               \
+            d = (double)x[i] - shift;                                                \
+            acc_s[k] += d;                                                           \
+            acc_q[k] += d * d;                                                       \
+        }                                                                            \
+    }
+
+    /* acc_g[k] += dy[i], acc_c[k] += dy[i] * (x[i] - center), k = i % LANES */
+    #define FASTBN_GRAD_SUMS(S, T)                                                   \
+    static inline void fastbn_grad_sums_##S(const T *dy, const T *x, Py_ssize_t n,   \
+                                            double center, double *acc_g,            \
+                                            double *acc_c)                           \
+    {                                                                                \
+        Py_ssize_t i = 0, j, k;                                                      \
+        double g;                                                                    \
+        if (n >= FASTBN_LANES) {                                                     \
+            fastbn_vd sg[FASTBN_NV], sc[FASTBN_NV], v, ce = (fastbn_vd){0} + center;  \
+            _Pragma("GCC unroll 8")                                                  \
+            for (j = 0; j < FASTBN_NV; j++)                                          \
+                sg[j] = sc[j] = (fastbn_vd){0};                                      \
+            for (; i + FASTBN_LANES <= n; i += FASTBN_LANES) {                       \
+                __builtin_prefetch((const char *)(dy + i) + FASTBN_PREFETCH_BYTES);  \
+                __builtin_prefetch((const char *)(x + i) + FASTBN_PREFETCH_BYTES);   \
+                _Pragma("GCC unroll 8")                                              \
+                for (j = 0; j < FASTBN_NV; j++) {                                    \
+                    v = fastbn_load_##S(dy + i + j * FASTBN_VW);                     \
+                    sg[j] += v;                                                      \
+                    sc[j] += v * (fastbn_load_##S(x + i + j * FASTBN_VW) - ce);      \
+                }                                                                    \
+            }                                                                        \
+            for (k = 0; k < FASTBN_LANES; k++) {                                     \
+                acc_g[k] += sg[k / FASTBN_VW][k % FASTBN_VW];                        \
+                acc_c[k] += sc[k / FASTBN_VW][k % FASTBN_VW];                        \
+            }                                                                        \
+        }                                                                            \
+        for (k = 0; i < n; i++, k++) {                                               \
+            g = (double)dy[i];                                                       \
+            acc_g[k] += g;                                                           \
+            acc_c[k] += g * ((double)x[i] - center);                                 \
+        }                                                                            \
+    }
+
+    FASTBN_SHIFTED_SUMS(f32, float)
+    FASTBN_SHIFTED_SUMS(f64, double)
+    FASTBN_GRAD_SUMS(f32, float)
+    FASTBN_GRAD_SUMS(f64, double)
+
+    static inline void fastbn_stream(void *dst, const void *src, Py_ssize_t nbytes)
+    {
+        char *d = (char *)dst;
+        const char *s = (const char *)src;
+        size_t n = (size_t)nbytes;
+    #if defined(__SSE2__)
+        size_t head = (size_t)(-(uintptr_t)d) & 63;
+        if (head > n)
+            head = n;
+        memcpy(d, s, head);
+        d += head;
+        s += head;
+        n -= head;
+        for (; n >= 64; n -= 64, d += 64, s += 64) {
+    #if defined(__AVX512F__)
+            _mm512_stream_si512((__m512i *)d, _mm512_loadu_si512((const void *)s));
+    #elif defined(__AVX__)
+            _mm256_stream_si256((__m256i *)d, _mm256_loadu_si256((const __m256i *)s));
+            _mm256_stream_si256((__m256i *)(d + 32), _mm256_loadu_si256((const __m256i *)(s + 32)));
+    #else
+            _mm_stream_si128((__m128i *)d, _mm_loadu_si128((const __m128i *)s));
+            _mm_stream_si128((__m128i *)(d + 16), _mm_loadu_si128((const __m128i *)(s + 16)));
+            _mm_stream_si128((__m128i *)(d + 32), _mm_loadu_si128((const __m128i *)(s + 32)));
+            _mm_stream_si128((__m128i *)(d + 48), _mm_loadu_si128((const __m128i *)(s + 48)));
+    #endif
+        }
+    #endif
+        memcpy(d, s, n);
+    }
+
+    static inline void fastbn_fence(void)
+    {
+    #if defined(__SSE2__)
+        _mm_sfence();
+    #endif
+    }
+    """
+    enum: LANES "FASTBN_LANES"
+    enum: PREFETCH_BYTES "FASTBN_PREFETCH_BYTES"
+    void shifted_sums_f32 "fastbn_shifted_sums_f32"(
+        const float* x, Py_ssize_t n, double shift, double* acc_s, double* acc_q) noexcept nogil
+    void shifted_sums_f64 "fastbn_shifted_sums_f64"(
+        const double* x, Py_ssize_t n, double shift, double* acc_s, double* acc_q) noexcept nogil
+    void grad_sums_f32 "fastbn_grad_sums_f32"(
+        const float* dy, const float* x, Py_ssize_t n, double center, double* acc_g,
+        double* acc_c) noexcept nogil
+    void grad_sums_f64 "fastbn_grad_sums_f64"(
+        const double* dy, const double* x, Py_ssize_t n, double center, double* acc_g,
+        double* acc_c) noexcept nogil
+    void stream "fastbn_stream"(void* dst, const void* src, Py_ssize_t nbytes) noexcept nogil
+    void fence "fastbn_fence"() noexcept nogil
+    void prefetch "__builtin_prefetch"(const void* addr) noexcept nogil
+
+
+cdef enum:
+    # Outputs of at least this many bytes, not written in place, are
+    # streamed: larger than the per-core caches, they would be evicted
+    # before anything reads them again.
+    STREAM_MIN_BYTES = 4 * 1024 * 1024
+    # Values computed into the stack buffer per streaming store.
+    STREAM_CHUNK = 512
