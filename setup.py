@@ -6,14 +6,15 @@ Environment switches (read at build time):
   OpenMP is used when a test compile with ``-fopenmp`` succeeds.
 - ``FASTBN_NATIVE=1``: add ``-march=native`` (the wheel then only runs on
   CPUs like the build machine's). Off by default: the build is portable, and
-  on x86-64 the kernels are built a second time for x86-64-v3 (AVX2, FMA),
-  chosen at run time when the CPU has those instructions.
+  on x86-64 the kernels are built again for x86-64-v3 (AVX2, FMA) and
+  x86-64-v4 (AVX-512), each chosen at run time when the CPU has every
+  feature of that level (``fastbn._cpu``).
 - ``FASTBN_SANITIZE=1``: build with ``-fsanitize=address,undefined`` for
   testing (run Python with the ASan runtime preloaded).
 - ``FASTBN_DEBUG=1``: turn Cython's bounds and wraparound checks back on.
 
 No ``-ffast-math``: it breaks NaN and Inf. The reductions are written with
-independent lanes so that the compiler vectorizes them without reassociating.
+independent lanes (``fastbn/_simd.pxd``), so nothing needs reassociating.
 """
 
 import os
@@ -27,9 +28,15 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-MODULES = ["_openmp", "_planar", "_columnar"]
-# Kernel modules built again for a newer x86-64 level: (module, extra flag).
-VARIANTS = [("_planar_v3", "-march=x86-64-v3"), ("_columnar_v3", "-march=x86-64-v3")]
+MODULES = ["_openmp", "_cpu", "_planar", "_columnar"]
+# Kernel modules built again for newer x86-64 levels: module -> extra flags.
+# v4 prefers 512-bit vectors (GCC's default tuning stays at 256 bits).
+LEVEL_FLAGS = {
+    "v3": ["-march=x86-64-v3"],
+    "v4": ["-march=x86-64-v4", "-mprefer-vector-width=512"],
+}
+VARIANTS = {f"{kernel}_{level}": flags for level, flags in LEVEL_FLAGS.items()
+            for kernel in ("_planar", "_columnar")}
 BASE_ARGS = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
 OPENMP_PROBE = r"""
 #include <omp.h>
@@ -107,16 +114,18 @@ class BuildExt(build_ext):
         print(f"fastbn: building {'with OpenMP' if use_openmp else 'a serial extension (no OpenMP)'}; "
               f"compile flags: {' '.join(compile_args)}")
 
-        variant_flags = dict(VARIANTS)
-        if _flag("FASTBN_NATIVE") or not _compiles_with(self.compiler, "-march=x86-64-v3"):
-            self.extensions = [e for e in self.extensions
-                               if e.name.split(".")[-1] not in variant_flags]
-            print("fastbn: no x86-64-v3 kernel variants (native build, or not supported)")
+        native = _flag("FASTBN_NATIVE")
+        for level, flags in LEVEL_FLAGS.items():
+            if native or not all(_compiles_with(self.compiler, f) for f in flags):
+                self.extensions = [e for e in self.extensions
+                                   if not e.name.endswith("_" + level)]
+                print(f"fastbn: no x86-64-{level} kernel variants (native build, or the "
+                      f"compiler lacks {' '.join(flags)})")
         for ext in self.extensions:
-            extra = variant_flags.get(ext.name.split(".")[-1])
-            ext.extra_compile_args = compile_args + ([extra] if extra else [])
+            args = compile_args + VARIANTS.get(ext.name.split(".")[-1], [])
+            ext.extra_compile_args = args
             ext.extra_link_args = link_args
-            ext.define_macros.append(("FASTBN_COMPILE_ARGS", '"' + " ".join(compile_args) + '"'))
+            ext.define_macros.append(("FASTBN_COMPILE_ARGS", '"' + " ".join(args) + '"'))
         super().build_extensions()
 
 
@@ -136,7 +145,7 @@ extensions = [
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
     )
-    for name in MODULES + [name for name, _ in VARIANTS]
+    for name in MODULES + list(VARIANTS)
 ]
 
 setup(

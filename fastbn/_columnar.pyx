@@ -6,125 +6,159 @@ contiguous values; channel c is column c.
 
 Summation order (fixed by the shape, never by the thread count)
 ----------------------------------------------------------------
-The M rows are cut into at most MAX_ROW_BLOCKS blocks of whole rows. A
-block's per-column sums are taken row after row in double (the loop runs
-along the row, so the compiler vectorizes across columns with no
-reassociation), and the block sums are added in block order.
+The M rows are cut into at most MAX_ROW_BLOCKS blocks of whole rows. In a
+block, a column's values are taken four rows at a time, ``s += (v0 + v1) +
+(v2 + v3)`` in double (the loop runs along the row, so the compiler
+vectorizes across columns and reassociates nothing), the last rows of the
+block one at a time; the block sums are added in block order. Both
+schedules compute the same block sums and add them in the same order.
 
-Schedules
----------
-- by tile, when a tile of columns over all M rows stays in cache and there
-  are tiles enough for the threads: one thread takes a tile, sums its row
-  blocks, then normalizes (or writes dx for) the tile while it is still
-  cached: one sweep from memory.
-- by row block, otherwise (few wide columns, many rows): every row block's
-  per-column sums in parallel into a table of MAX_ROW_BLOCKS x C, a serial
-  merge in block order, then every row block normalized in parallel.
+Schedules (one parallel region per call, units handed out dynamically)
+----------------------------------------------------------------------
+- by tile, when a tile of columns over all M rows stays in cache: a unit
+  is a tile; its thread sums the tile's row blocks, then normalizes (or
+  writes dx for) the tile while it is still cached: one sweep from memory.
+- by row block, otherwise (many rows): every row block's per-column sums
+  into a table of MAX_ROW_BLOCKS x C, a merge per column in block order,
+  then every row block normalized, the blocks summed last first (they are
+  the ones still cached).
 
-Work space: O(C) doubles (O(MAX_ROW_BLOCKS * C) in the second schedule),
-allocated by the ``def`` wrappers; nothing here raises but MemoryError.
+Outputs of at least STREAM_MIN_BYTES that are not written in place go
+through streaming stores (``fastbn._simd``). The conventions are those of
+``fastbn._planar``: apply steps take (a, b, out) with b NULL in the forward
+(a = x) and b = x in the backward (a = dy); work space is a bytearray that
+frees itself; float32 outputs are computed in float with the split center
+(``fastbn._stats.Coef32``) where float can carry a column's map.
 """
 
 from cython cimport floating
-from cython.parallel cimport prange
-from libc.stdlib cimport malloc, free
+from cython.parallel cimport parallel, prange
+from cython.view cimport array
 
 from fastbn._openmp cimport threads_for
-from fastbn._stats cimport Coef, forward_coef, inference_coef, backward_coef
-from fastbn._views cimport cptr, cptr2, wptr
+from fastbn._simd cimport STREAM_CHUNK, fence, stream, streams
+from fastbn._stats cimport (Coef, Coef32, forward_coef, inference_coef, backward_coef,
+                            to_float)
+from fastbn._views cimport at, cptr, cptr2, wptr, workspace
 
 
 cdef enum:
-    MIN_BLOCK_ROWS = 64
     MAX_ROW_BLOCKS = 64
-    TILE_ALIGN = 16           # a tile's width is a multiple of this many columns
-    TILE_BYTES = 512 * 1024   # target size of one tile of x (y or dx adds as much)
-    PAGE_BYTES = 4096
+    MERGE_COLUMNS = 256         # columns per unit of the merge
+    BLOCK_VALUES = 65536        # a row block holds at least this many values (or all rows)
+    TILE_BYTES = 512 * 1024     # a tile of the inputs over all rows, cached between its steps
+    MIN_TILE_BYTES = 1024       # narrower row pieces defeat the hardware prefetcher
 
 
 cdef struct Grid:
     Py_ssize_t M, C
     Py_ssize_t rows_per_block, nblocks
-    Py_ssize_t tile, ntiles       # columns per tile, tiles
+    Py_ssize_t tile, ntiles       # columns per tile, tiles (tile == 0: by row block)
+    bint streaming
 
 
-# Work space: NWORK vectors of C doubles, by column (tiles never share one).
-cdef enum:
-    W_CENTER = 0    # the shift (forward) or the saved mean (backward)
-    W_TOTAL_A = 1   # running totals over row blocks
-    W_TOTAL_B = 2
-    W_PART_A = 3    # one row block's sums
-    W_PART_B = 4
-    W_SCALE = 5     # the per-column map, see fastbn._stats.Coef
-    W_SLOPE = 6
-    W_OFFSET = 7
-    W_MEAN = 8      # forward: the batch mean (the map's center)
-    NWORK = 9
+cdef struct Maps:
+    # The per-column maps, by column (vectorizable across columns), in
+    # double (Coef) and, where ok[c], in float (Coef32).
+    double* center
+    double* scale
+    double* slope
+    double* offset
+    float* hi
+    float* lo
+    float* scale32
+    float* slope32
+    float* offset32
+    char* ok
 
 
-cdef inline Grid make_grid(Py_ssize_t M, Py_ssize_t C, Py_ssize_t bytes_per_row_value) noexcept nogil:
-    """bytes_per_row_value: bytes read per value (itemsize, or twice it for dy and x)."""
+cdef inline Grid make_grid(Py_ssize_t M, Py_ssize_t C, Py_ssize_t bytes_per_value,
+                           bint streaming) noexcept nogil:
+    """bytes_per_value: bytes read per value (itemsize, or twice it for dy and x)."""
     cdef Grid g
     g.M = M
     g.C = C
-    g.nblocks = min(MAX_ROW_BLOCKS, max(1, M // MIN_BLOCK_ROWS))
-    g.rows_per_block = (M + g.nblocks - 1) // g.nblocks
+    g.streaming = streaming
+    g.rows_per_block = max((M + MAX_ROW_BLOCKS - 1) // MAX_ROW_BLOCKS,
+                           (BLOCK_VALUES + C - 1) // C)
     g.nblocks = (M + g.rows_per_block - 1) // g.rows_per_block
-    g.tile = TILE_BYTES // (M * bytes_per_row_value) // TILE_ALIGN * TILE_ALIGN
-    g.tile = min(C, max(<Py_ssize_t>TILE_ALIGN, g.tile))
-    g.ntiles = (C + g.tile - 1) // g.tile
+    g.tile = TILE_BYTES // (M * bytes_per_value)
+    if g.tile >= C:
+        g.tile = C
+    elif g.tile * bytes_per_value < MIN_TILE_BYTES:
+        g.tile = 0
+    g.ntiles = (C + g.tile - 1) // g.tile if g.tile else 0
     return g
 
 
-cdef inline bint by_tile(const Grid* g, Py_ssize_t bytes_per_row_value, int nthreads) noexcept nogil:
-    """Tiles when a tile stays in cache, its pieces of a row are at least a
-    page long (shorter pieces, one per page, defeat the hardware prefetcher)
-    or cover whole rows, and the tiles balance over the threads."""
-    if g.M * g.tile * bytes_per_row_value > 2 * TILE_BYTES:
-        return False
-    if g.tile < g.C and g.tile * bytes_per_row_value < PAGE_BYTES:
-        return False
-    return nthreads == 1 or g.ntiles % nthreads == 0 or g.ntiles >= 4 * nthreads
+cdef inline Maps maps_in(char* mem, Py_ssize_t C) noexcept nogil:
+    """Carve the per-column maps out of 4 * C doubles, 5 * C floats and C chars."""
+    cdef Maps k
+    k.center = <double*>mem
+    k.scale = k.center + C
+    k.slope = k.scale + C
+    k.offset = k.slope + C
+    k.hi = <float*>(k.offset + C)
+    k.lo = k.hi + C
+    k.scale32 = k.lo + C
+    k.slope32 = k.scale32 + C
+    k.offset32 = k.slope32 + C
+    k.ok = <char*>(k.offset32 + C)
+    return k
+
+
+cdef enum:
+    MAPS_BYTES = 4 * sizeof(double) + 5 * sizeof(float) + sizeof(char)   # per column
+
+
+cdef inline void store_map(const Maps* k, Py_ssize_t c, Coef m) noexcept nogil:
+    cdef Coef32 f
+    f.hi = f.lo = f.scale = f.slope = f.offset = 0.0
+    k.center[c] = m.center
+    k.scale[c] = m.scale
+    k.slope[c] = m.slope
+    k.offset[c] = m.offset
+    k.ok[c] = to_float(&m, &f)
+    k.hi[c] = f.hi
+    k.lo[c] = f.lo
+    k.scale32[c] = f.scale
+    k.slope32[c] = f.slope
+    k.offset32[c] = f.offset
 
 
 # ---------------------------------------------------------------- rows ----
 
-cdef inline void row_shifted_sums(const floating* x, Py_ssize_t c0, Py_ssize_t c1,
-                                  const double* shift, double* s, double* q) noexcept nogil:
+cdef inline void row_map(const floating* a, const floating* b, floating* out,
+                         Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
+                         bint in_float) noexcept nogil:
+    """out[c - c0] for columns [c0, c1) of one row (a, b point at column 0):
+    (a - center) * scale + offset with b NULL (the forward, a = x), or
+    scale * a - slope * (b - center) - offset (the backward, a = dy, b = x).
+    float32 with in_float computes in float (Coef32), else in double."""
     cdef Py_ssize_t c
-    cdef double d
-    for c in range(c0, c1):
-        d = <double>x[c] - shift[c]
-        s[c] += d
-        q[c] += d * d
-
-
-cdef inline void row_grad_sums(const floating* dy, const floating* x, Py_ssize_t c0,
-                               Py_ssize_t c1, const double* center,
-                               double* sg, double* sc) noexcept nogil:
-    cdef Py_ssize_t c
-    cdef double g
-    for c in range(c0, c1):
-        g = dy[c]
-        sg[c] += g
-        sc[c] += g * (<double>x[c] - center[c])
-
-
-cdef inline void row_affine(const floating* x, floating* y, Py_ssize_t c0, Py_ssize_t c1,
-                            const double* center, const double* scale,
-                            const double* offset) noexcept nogil:
-    cdef Py_ssize_t c
-    for c in range(c0, c1):
-        y[c] = <floating>((<double>x[c] - center[c]) * scale[c] + offset[c])
-
-
-cdef inline void row_grad(const floating* dy, const floating* x, floating* dx, Py_ssize_t c0,
-                          Py_ssize_t c1, const double* center, const double* scale,
-                          const double* slope, const double* offset) noexcept nogil:
-    cdef Py_ssize_t c
-    for c in range(c0, c1):
-        dx[c] = <floating>(scale[c] * <double>dy[c] - slope[c] * (<double>x[c] - center[c])
-                           - offset[c])
+    cdef const double* ce = k.center
+    cdef const double* sc = k.scale
+    cdef const double* sl = k.slope
+    cdef const double* of = k.offset
+    cdef const float* hi = k.hi
+    cdef const float* lo = k.lo
+    cdef const float* s = k.scale32
+    cdef const float* q = k.slope32
+    cdef const float* o = k.offset32
+    if floating is float and in_float:
+        if b == NULL:
+            for c in range(c0, c1):
+                out[c - c0] = ((a[c] - hi[c]) - lo[c]) * s[c] + o[c]
+        else:
+            for c in range(c0, c1):
+                out[c - c0] = s[c] * a[c] - q[c] * ((b[c] - hi[c]) - lo[c]) - o[c]
+    elif b == NULL:
+        for c in range(c0, c1):
+            out[c - c0] = <floating>((<double>a[c] - ce[c]) * sc[c] + of[c])
+    else:
+        for c in range(c0, c1):
+            out[c - c0] = <floating>(sc[c] * <double>a[c] - sl[c] * (<double>b[c] - ce[c])
+                                     - of[c])
 
 
 # -------------------------------------------------------------- blocks ----
@@ -132,85 +166,256 @@ cdef inline void row_grad(const floating* dy, const floating* x, floating* dx, P
 cdef void block_sums(const floating* a, const floating* b, const Grid* g, Py_ssize_t blk,
                      Py_ssize_t c0, Py_ssize_t c1, const double* center,
                      double* sa, double* sb) noexcept nogil:
-    """Columns [c0, c1) of row block blk: shifted sums of a (b == NULL), or
-    sum(a) and sum(a * (b - center)) with a = dy, b = x."""
-    cdef Py_ssize_t r, c
+    """Columns [c0, c1) of row block blk into sa[c], sb[c]: shifted sums of a
+    (b NULL), or sum(a) and sum(a * (b - center)) with a = dy, b = x."""
+    cdef Py_ssize_t C = g.C, r, c
     cdef Py_ssize_t r0 = blk * g.rows_per_block
     cdef Py_ssize_t r1 = min(g.M, r0 + g.rows_per_block)
+    cdef const floating* a0
+    cdef const floating* a1
+    cdef const floating* a2
+    cdef const floating* a3
+    cdef const floating* b0
+    cdef const floating* b1
+    cdef const floating* b2
+    cdef const floating* b3
+    cdef double h, d0, d1, d2, d3
     for c in range(c0, c1):
         sa[c] = 0.0
         sb[c] = 0.0
-    if b == NULL:
-        for r in range(r0, r1):
-            row_shifted_sums(a + r * g.C, c0, c1, center, sa, sb)
-    else:
-        for r in range(r0, r1):
-            row_grad_sums(a + r * g.C, b + r * g.C, c0, c1, center, sa, sb)
+    r = r0
+    while r + 4 <= r1:
+        a0 = a + r * C
+        a1 = a0 + C
+        a2 = a1 + C
+        a3 = a2 + C
+        if b == NULL:
+            for c in range(c0, c1):
+                h = center[c]
+                d0 = <double>a0[c] - h
+                d1 = <double>a1[c] - h
+                d2 = <double>a2[c] - h
+                d3 = <double>a3[c] - h
+                sa[c] += (d0 + d1) + (d2 + d3)
+                sb[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        else:
+            b0 = b + r * C
+            b1 = b0 + C
+            b2 = b1 + C
+            b3 = b2 + C
+            for c in range(c0, c1):
+                h = center[c]
+                d0 = a0[c]
+                d1 = a1[c]
+                d2 = a2[c]
+                d3 = a3[c]
+                sa[c] += (d0 + d1) + (d2 + d3)
+                sb[c] += ((d0 * (<double>b0[c] - h) + d1 * (<double>b1[c] - h))
+                          + (d2 * (<double>b2[c] - h) + d3 * (<double>b3[c] - h)))
+        r += 4
+    while r < r1:
+        a0 = a + r * C
+        if b == NULL:
+            for c in range(c0, c1):
+                d0 = <double>a0[c] - center[c]
+                sa[c] += d0
+                sb[c] += d0 * d0
+        else:
+            b0 = b + r * C
+            for c in range(c0, c1):
+                d0 = a0[c]
+                sa[c] += d0
+                sb[c] += d0 * (<double>b0[c] - center[c])
+        r += 1
 
 
-cdef void block_apply(const floating* dy, const floating* x, floating* out, const Grid* g,
+cdef inline void row_apply(const floating* a, const floating* b, floating* out,
+                           Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
+                           int mode) noexcept nogil:
+    """row_map over columns [c0, c1): mode 1 all in float, 0 all in double,
+    -1 each column in float where its map allows (k.ok[c]) and in double
+    otherwise: a column's bits never depend on another column's map."""
+    cdef Py_ssize_t c, e
+    if mode >= 0:
+        row_map(a, b, out, c0, c1, k, mode == 1)
+        return
+    c = c0
+    while c < c1:
+        e = c + 1
+        while e < c1 and k.ok[e] == k.ok[c]:
+            e += 1
+        row_map(a, b, out + (c - c0), c, e, k, k.ok[c])
+        c = e
+
+
+cdef void block_apply(const floating* a, const floating* b, floating* out, const Grid* g,
                       Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
-                      const double* w) noexcept nogil:
-    """Rows [r0, r1), columns [c0, c1): y from x (dy == NULL), or dx from dy, x."""
-    cdef Py_ssize_t r
-    cdef const double* center = w + W_CENTER * g.C
-    if dy == NULL:
+                      const Maps* k) noexcept nogil:
+    """Rows [r0, r1), columns [c0, c1): y from a = x (b NULL), or dx from
+    a = dy, b = x; streamed through a stack buffer when g.streaming."""
+    cdef floating buf[STREAM_CHUNK]
+    cdef Py_ssize_t C = g.C, r, c, j, m
+    cdef int mode = 1 if floating is float else 0
+    if floating is float:
+        for c in range(c0, c1):
+            if not k.ok[c]:
+                mode = -1
+                break
+    if not g.streaming:
         for r in range(r0, r1):
-            row_affine(x + r * g.C, out + r * g.C, c0, c1, w + W_MEAN * g.C,
-                       w + W_SCALE * g.C, w + W_OFFSET * g.C)
+            row_apply(a + r * C, at(b, r * C), out + r * C + c0, c0, c1, k, mode)
+    elif c1 - c0 == C and C <= STREAM_CHUNK:
+        # whole rows, contiguous: several rows per buffer
+        m = STREAM_CHUNK // C
+        r = r0
+        while r < r1:
+            m = min(m, r1 - r)
+            for j in range(m):
+                row_apply(a + (r + j) * C, at(b, (r + j) * C), &buf[j * C], 0, C, k,
+                          mode)
+            stream(out + r * C, buf, m * C * sizeof(floating))
+            r += m
     else:
         for r in range(r0, r1):
-            row_grad(dy + r * g.C, x + r * g.C, out + r * g.C, c0, c1, center,
-                     w + W_SCALE * g.C, w + W_SLOPE * g.C, w + W_OFFSET * g.C)
+            c = c0
+            while c < c1:
+                m = min(<Py_ssize_t>STREAM_CHUNK, c1 - c)
+                row_apply(a + r * C, at(b, r * C), buf, c, c + m, k, mode)
+                stream(out + r * C + c, buf, m * sizeof(floating))
+                c += m
+    if g.streaming:
+        fence()
 
 
-cdef inline void add_into(double* total, const double* part, Py_ssize_t c0,
-                          Py_ssize_t c1) noexcept nogil:
-    cdef Py_ssize_t c
-    for c in range(c0, c1):
-        total[c] += part[c]
-
-
-cdef inline void store_coef(double* w, Py_ssize_t C, Py_ssize_t c, Coef k) noexcept nogil:
-    w[W_MEAN * C + c] = k.center
-    w[W_SCALE * C + c] = k.scale
-    w[W_SLOPE * C + c] = k.slope
-    w[W_OFFSET * C + c] = k.offset
-
-
-cdef void tile_totals(const floating* a, const floating* b, const Grid* g,
-                      Py_ssize_t c0, Py_ssize_t c1, double* w) noexcept nogil:
-    """Totals over all row blocks, in block order, for columns [c0, c1)."""
+cdef void tile_totals(const floating* a, const floating* b, const Grid* g, Py_ssize_t c0,
+                      Py_ssize_t c1, const double* center, double* part,
+                      double* total) noexcept nogil:
+    """Totals over all row blocks, in block order, for columns [c0, c1):
+    total[c], total[C + c]; part is 2 * C doubles of scratch."""
     cdef Py_ssize_t C = g.C, c, blk
     for c in range(c0, c1):
-        w[W_TOTAL_A * C + c] = 0.0
-        w[W_TOTAL_B * C + c] = 0.0
+        total[c] = 0.0
+        total[C + c] = 0.0
     for blk in range(g.nblocks):
-        block_sums(a, b, g, blk, c0, c1, w + W_CENTER * C, w + W_PART_A * C, w + W_PART_B * C)
-        add_into(w + W_TOTAL_A * C, w + W_PART_A * C, c0, c1)
-        add_into(w + W_TOTAL_B * C, w + W_PART_B * C, c0, c1)
+        block_sums(a, b, g, blk, c0, c1, center, part, part + C)
+        for c in range(c0, c1):
+            total[c] += part[c]
+            total[C + c] += part[C + c]
 
 
-cdef void merge_parts(const double* part, const Grid* g, double* w) noexcept nogil:
-    """Totals from the per-row-block table, in block order (same sums as tile_totals)."""
+cdef void merge_blocks(const double* table, const Grid* g, Py_ssize_t c0, Py_ssize_t c1,
+                       double* total) noexcept nogil:
+    """Totals from the per-row-block table, in block order: the same sums as
+    tile_totals."""
     cdef Py_ssize_t C = g.C, c, blk
-    for c in range(C):
-        w[W_TOTAL_A * C + c] = 0.0
-        w[W_TOTAL_B * C + c] = 0.0
+    for c in range(c0, c1):
+        total[c] = 0.0
+        total[C + c] = 0.0
     for blk in range(g.nblocks):
-        add_into(w + W_TOTAL_A * C, part + 2 * blk * C, 0, C)
-        add_into(w + W_TOTAL_B * C, part + (2 * blk + 1) * C, 0, C)
+        for c in range(c0, c1):
+            total[c] += table[2 * blk * C + c]
+            total[C + c] += table[(2 * blk + 1) * C + c]
 
 
-# ------------------------------------------------------------ wrappers ----
+# ---------------------------------------------------------- schedules ----
+#
+# A pass: sums of (a, b) around center, the per-column maps, the apply.
+# ``Pass`` carries what the maps need; its arrays have the call's dtype.
 
-cdef double* alloc_work(const Grid* g, bint with_table) except NULL:
-    cdef Py_ssize_t n = NWORK * g.C + (2 * g.nblocks * g.C if with_table else 0)
-    cdef double* w = <double*>malloc(n * sizeof(double))
-    if w == NULL:
-        raise MemoryError()
-    return w
+cdef struct Pass:
+    bint backward
+    double m, eps, factor
+    const void* gamma
+    const void* beta
+    void* mean             # forward: written; backward: read
+    void* invstd           # forward: written; backward: read
+    void* running_mean
+    void* running_var
+    void* dgamma
+    void* dbeta
 
+
+cdef inline Coef finish(const Pass* ps, const double* total, Py_ssize_t C,
+                        const double* center, Py_ssize_t c, const floating* like) noexcept nogil:
+    """Column c's map from its totals (fastbn._stats); ``like`` is any array
+    of the call, for its dtype."""
+    if ps.backward:
+        return backward_coef(total[c], total[C + c], ps.m, <const floating*>ps.mean,
+                             <const floating*>ps.invstd, <const floating*>ps.gamma,
+                             <floating*>ps.dgamma, <floating*>ps.dbeta, c)
+    return forward_coef(total[c], total[C + c], ps.m, center[c], ps.eps,
+                        <const floating*>ps.gamma, <const floating*>ps.beta,
+                        <floating*>ps.mean, <floating*>ps.invstd,
+                        <floating*>ps.running_mean, <floating*>ps.running_var, ps.factor, c)
+
+
+cdef inline Py_ssize_t nunits(const Grid* g) noexcept nogil:
+    """Units of the first step: tiles, or row blocks."""
+    return g.ntiles if g.tile else g.nblocks
+
+
+cdef inline Py_ssize_t pass_bytes(const Grid* g) noexcept nogil:
+    """Work space of run_pass: totals, centers, the scratch (2 * C doubles by
+    tile, the table by row block), then the maps."""
+    return g.C * (MAPS_BYTES + 3 * sizeof(double)) + (
+        2 * g.C * sizeof(double) if g.tile else 2 * g.nblocks * g.C * sizeof(double))
+
+
+cdef void run_pass(const floating* a, const floating* b, floating* out, const Grid* g,
+                   const Pass* ps, char* mem, int nt) noexcept nogil:
+    """Sums, maps and apply in one parallel region (see the module docstring).
+
+    mem: pass_bytes(g): 2 * C doubles of totals, C of centers (already set
+    by the caller), the scratch, then the maps.
+    out NULL: the sums only, left in ``totals(mem, g)`` (C of the first sum,
+    then C of the second)."""
+    cdef Py_ssize_t C = g.C, u, t, c, c0, c1, blk, nb = g.nblocks
+    cdef Maps k = maps_in(maps_at(mem, g), C)
+    cdef double* total = totals(mem, g)
+    cdef const double* center = total + 2 * C
+    cdef double* scratch = total + 3 * C
+    if g.tile:
+        with parallel(num_threads=nt):
+            for t in prange(g.ntiles, schedule="dynamic"):
+                c0 = t * g.tile
+                c1 = min(C, c0 + g.tile)
+                tile_totals(a, b, g, c0, c1, center, scratch, total)
+                if out != NULL:
+                    for c in range(c0, c1):
+                        store_map(&k, c, finish(ps, total, C, center, c, a))
+                    block_apply(a, b, out, g, 0, g.M, c0, c1, &k)
+        return
+    with parallel(num_threads=nt):
+        for blk in prange(nb, schedule="dynamic"):
+            block_sums(a, b, g, blk, 0, C, center, scratch + 2 * blk * C,
+                       scratch + (2 * blk + 1) * C)
+        for u in prange((C + MERGE_COLUMNS - 1) // MERGE_COLUMNS, schedule="dynamic"):
+            c0 = u * MERGE_COLUMNS
+            c1 = min(C, c0 + MERGE_COLUMNS)
+            merge_blocks(scratch, g, c0, c1, total)
+            if out != NULL:
+                for c in range(c0, c1):
+                    store_map(&k, c, finish(ps, total, C, center, c, a))
+        if out != NULL:
+            for blk in prange(nb, schedule="dynamic"):
+                block_apply(a, b, out, g, (nb - 1 - blk) * g.rows_per_block,
+                            min(g.M, (nb - blk) * g.rows_per_block), 0, C, &k)
+
+
+cdef inline double* totals(char* mem, const Grid* g) noexcept nogil:
+    return <double*>mem
+
+
+cdef inline double* centers(char* mem, const Grid* g) noexcept nogil:
+    return totals(mem, g) + 2 * g.C
+
+
+cdef inline char* maps_at(char* mem, const Grid* g) noexcept nogil:
+    """The maps follow the doubles: totals, centers and the scratch."""
+    return mem + pass_bytes(g) - MAPS_BYTES * g.C
+
+
+# ----------------------------------------------------------- wrappers ----
 
 def forward_train(const floating[:, ::1] x, const floating[::1] gamma,
                   const floating[::1] beta, floating[:, ::1] y,
@@ -218,45 +423,30 @@ def forward_train(const floating[:, ::1] x, const floating[::1] gamma,
                   floating[::1] running_mean, floating[::1] running_var,
                   double eps, double factor, int num_threads):
     """Training forward on an (M, C) view; see fastbn.functional."""
-    cdef Grid g = make_grid(x.shape[0], x.shape[1], sizeof(floating))
-    cdef int nt = threads_for(g.M * g.C, max(g.ntiles, g.nblocks), num_threads)
-    cdef bint tiles = by_tile(&g, sizeof(floating), nt)
     cdef const floating* xp = &x[0, 0]
     cdef floating* yp = &y[0, 0]
-    cdef const floating* gp = cptr(gamma)
-    cdef const floating* bp = cptr(beta)
-    cdef floating* rm = wptr(running_mean)
-    cdef floating* rv = wptr(running_var)
-    cdef double* w = alloc_work(&g, not tiles)
-    cdef double* part = w + NWORK * g.C
-    cdef double m = <double>g.M
-    cdef Py_ssize_t t, c, c0, c1, blk, C = g.C
+    cdef Grid g = make_grid(x.shape[0], x.shape[1], sizeof(floating),
+                            streams(yp, xp, NULL, x.shape[0] * x.shape[1] * sizeof(floating)))
+    cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
+    cdef array mem = workspace(pass_bytes(&g), 1)
+    cdef char* wp = mem.data
+    cdef double* center = centers(wp, &g)
+    cdef Pass ps
+    cdef Py_ssize_t c
+    ps.backward = False
+    ps.m = <double>g.M
+    ps.eps = eps
+    ps.factor = factor
+    ps.gamma = cptr(gamma)
+    ps.beta = cptr(beta)
+    ps.mean = &mean[0]
+    ps.invstd = &invstd[0]
+    ps.running_mean = wptr(running_mean)
+    ps.running_var = wptr(running_var)
     with nogil:
-        for c in range(C):
-            w[W_CENTER * C + c] = xp[c]
-        if tiles:
-            for t in prange(g.ntiles, num_threads=nt, schedule="static"):
-                c0 = t * g.tile
-                c1 = min(C, c0 + g.tile)
-                tile_totals(xp, NULL, &g, c0, c1, w)
-                for c in range(c0, c1):
-                    store_coef(w, C, c, forward_coef(
-                        w[W_TOTAL_A * C + c], w[W_TOTAL_B * C + c], m, w[W_CENTER * C + c],
-                        eps, gp, bp, &mean[0], &invstd[0], rm, rv, factor, c))
-                block_apply(NULL, xp, yp, &g, 0, g.M, c0, c1, w)
-        else:
-            for blk in prange(g.nblocks, num_threads=nt, schedule="static"):
-                block_sums(xp, NULL, &g, blk, 0, C, w + W_CENTER * C,
-                           part + 2 * blk * C, part + (2 * blk + 1) * C)
-            merge_parts(part, &g, w)
-            for c in range(C):
-                store_coef(w, C, c, forward_coef(
-                    w[W_TOTAL_A * C + c], w[W_TOTAL_B * C + c], m, w[W_CENTER * C + c],
-                    eps, gp, bp, &mean[0], &invstd[0], rm, rv, factor, c))
-            for blk in prange(g.nblocks, num_threads=nt, schedule="static"):
-                block_apply(NULL, xp, yp, &g, blk * g.rows_per_block,
-                            min(g.M, (blk + 1) * g.rows_per_block), 0, C, w)
-    free(w)
+        for c in range(g.C):
+            center[c] = xp[c]
+        run_pass(xp, NULL, yp, &g, &ps, wp, nt)
 
 
 def inference(const floating[:, ::1] x, const floating[::1] gamma,
@@ -264,22 +454,22 @@ def inference(const floating[:, ::1] x, const floating[::1] gamma,
               const floating[::1] running_var, floating[:, ::1] y,
               double eps, int num_threads):
     """Inference forward on an (M, C) view; see fastbn.functional."""
-    cdef Grid g = make_grid(x.shape[0], x.shape[1], sizeof(floating))
-    cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)
     cdef const floating* xp = &x[0, 0]
     cdef floating* yp = &y[0, 0]
+    cdef Grid g = make_grid(x.shape[0], x.shape[1], sizeof(floating),
+                            streams(yp, xp, NULL, x.shape[0] * x.shape[1] * sizeof(floating)))
+    cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)
     cdef const floating* gp = cptr(gamma)
     cdef const floating* bp = cptr(beta)
-    cdef double* w = alloc_work(&g, False)
+    cdef array mem = workspace(g.C, MAPS_BYTES)
+    cdef Maps k = maps_in(mem.data, g.C)
     cdef Py_ssize_t c, blk
     with nogil:
         for c in range(g.C):
-            store_coef(w, g.C, c, inference_coef(&running_mean[0], &running_var[0], eps,
-                                                  gp, bp, c))
-        for blk in prange(g.nblocks, num_threads=nt, schedule="static"):
-            block_apply(NULL, xp, yp, &g, blk * g.rows_per_block,
-                        min(g.M, (blk + 1) * g.rows_per_block), 0, g.C, w)
-    free(w)
+            store_map(&k, c, inference_coef(&running_mean[0], &running_var[0], eps, gp, bp, c))
+        for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):
+            block_apply(xp, NULL, yp, &g, blk * g.rows_per_block,
+                        min(g.M, (blk + 1) * g.rows_per_block), 0, g.C, &k)
 
 
 def backward(const floating[:, ::1] dy, const floating[:, ::1] x,
@@ -287,43 +477,28 @@ def backward(const floating[:, ::1] dy, const floating[:, ::1] x,
              const floating[::1] invstd, floating[:, ::1] dx,
              floating[::1] dgamma, floating[::1] dbeta, int num_threads):
     """Fused backward on (M, C) views; see fastbn.functional."""
-    cdef Grid g = make_grid(x.shape[0], x.shape[1], 2 * sizeof(floating))
-    cdef int nt = threads_for(g.M * g.C, max(g.ntiles, g.nblocks), num_threads)
-    cdef bint tiles = by_tile(&g, 2 * sizeof(floating), nt)
     cdef const floating* dyp = &dy[0, 0]
     cdef const floating* xp = &x[0, 0]
     cdef floating* dxp = &dx[0, 0]
-    cdef const floating* gp = cptr(gamma)
-    cdef double* w = alloc_work(&g, not tiles)
-    cdef double* part = w + NWORK * g.C
-    cdef double m = <double>g.M
-    cdef Py_ssize_t t, c, c0, c1, blk, C = g.C
+    cdef Grid g = make_grid(x.shape[0], x.shape[1], 2 * sizeof(floating),
+                            streams(dxp, dyp, xp, x.shape[0] * x.shape[1] * sizeof(floating)))
+    cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
+    cdef array mem = workspace(pass_bytes(&g), 1)
+    cdef char* wp = mem.data
+    cdef double* center = centers(wp, &g)
+    cdef Pass ps
+    cdef Py_ssize_t c
+    ps.backward = True
+    ps.m = <double>g.M
+    ps.gamma = cptr(gamma)
+    ps.mean = <void*>&mean[0]
+    ps.invstd = <void*>&invstd[0]
+    ps.dgamma = &dgamma[0]
+    ps.dbeta = &dbeta[0]
     with nogil:
-        for c in range(C):
-            w[W_CENTER * C + c] = mean[c]
-        if tiles:
-            for t in prange(g.ntiles, num_threads=nt, schedule="static"):
-                c0 = t * g.tile
-                c1 = min(C, c0 + g.tile)
-                tile_totals(dyp, xp, &g, c0, c1, w)
-                for c in range(c0, c1):
-                    store_coef(w, C, c, backward_coef(
-                        w[W_TOTAL_A * C + c], w[W_TOTAL_B * C + c], m, &mean[0], &invstd[0],
-                        gp, &dgamma[0], &dbeta[0], c))
-                block_apply(dyp, xp, dxp, &g, 0, g.M, c0, c1, w)
-        else:
-            for blk in prange(g.nblocks, num_threads=nt, schedule="static"):
-                block_sums(dyp, xp, &g, blk, 0, C, w + W_CENTER * C,
-                           part + 2 * blk * C, part + (2 * blk + 1) * C)
-            merge_parts(part, &g, w)
-            for c in range(C):
-                store_coef(w, C, c, backward_coef(
-                    w[W_TOTAL_A * C + c], w[W_TOTAL_B * C + c], m, &mean[0], &invstd[0],
-                    gp, &dgamma[0], &dbeta[0], c))
-            for blk in prange(g.nblocks, num_threads=nt, schedule="static"):
-                block_apply(dyp, xp, dxp, &g, blk * g.rows_per_block,
-                            min(g.M, (blk + 1) * g.rows_per_block), 0, C, w)
-    free(w)
+        for c in range(g.C):
+            center[c] = mean[c]
+        run_pass(dyp, xp, dxp, &g, &ps, wp, nt)
 
 
 def sums(const floating[:, ::1] a, const floating[:, ::1] b, const double[::1] center,
@@ -332,32 +507,26 @@ def sums(const floating[:, ::1] a, const floating[:, ::1] b, const double[::1] c
 
     b None: ``sum(a - center)`` and ``sum((a - center)**2)``; otherwise
     ``sum(a)`` and ``sum(a * (b - center))`` (a = dy, b = x). The first
-    half of each pass, for a reduction across processes in between.
+    half of each pass, for a reduction across processes in between; the
+    same sums, to the bit, as the fused kernels take.
     """
-    cdef Py_ssize_t value_bytes = sizeof(floating) if b is None else 2 * sizeof(floating)
-    cdef Grid g = make_grid(a.shape[0], a.shape[1], value_bytes)
-    cdef int nt = threads_for(g.M * g.C, max(g.ntiles, g.nblocks), num_threads)
-    cdef bint tiles = by_tile(&g, value_bytes, nt)
+    cdef Grid g = make_grid(a.shape[0], a.shape[1],
+                            sizeof(floating) if b is None else 2 * sizeof(floating), False)
+    cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
+    cdef array mem = workspace(pass_bytes(&g), 1)
+    cdef char* wp = mem.data
+    cdef double* total = totals(wp, &g)
+    cdef double* cp = centers(wp, &g)
     cdef const floating* ap = &a[0, 0]
     cdef const floating* bp = cptr2(b)
-    cdef double* w = alloc_work(&g, not tiles)
-    cdef double* part = w + NWORK * g.C
-    cdef Py_ssize_t t, c, blk, C = g.C
+    cdef Py_ssize_t c
     with nogil:
-        for c in range(C):
-            w[W_CENTER * C + c] = center[c]
-        if tiles:
-            for t in prange(g.ntiles, num_threads=nt, schedule="static"):
-                tile_totals(ap, bp, &g, t * g.tile, min(C, (t + 1) * g.tile), w)
-        else:
-            for blk in prange(g.nblocks, num_threads=nt, schedule="static"):
-                block_sums(ap, bp, &g, blk, 0, C, w + W_CENTER * C,
-                           part + 2 * blk * C, part + (2 * blk + 1) * C)
-            merge_parts(part, &g, w)
-        for c in range(C):
-            out[c, 0] = w[W_TOTAL_A * C + c]
-            out[c, 1] = w[W_TOTAL_B * C + c]
-    free(w)
+        for c in range(g.C):
+            cp[c] = center[c]
+        run_pass(ap, bp, NULL, &g, NULL, wp, nt)
+        for c in range(g.C):
+            out[c, 0] = total[c]
+            out[c, 1] = total[g.C + c]
 
 
 def apply(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] out,
@@ -366,24 +535,19 @@ def apply(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] o
     map coef (C, 4) = (center, scale, slope, offset), see fastbn._stats.Coef:
     b None: out = (a - center) * scale + offset; otherwise
     out = scale * a - slope * (b - center) - offset (a = dy, b = x)."""
-    cdef Grid g = make_grid(a.shape[0], a.shape[1], sizeof(floating))
-    cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)
     cdef const floating* ap = &a[0, 0]
     cdef const floating* bp = cptr2(b)
-    cdef double* w = alloc_work(&g, False)
-    cdef Py_ssize_t c, blk, C = g.C
+    cdef floating* op = &out[0, 0]
+    cdef Grid g = make_grid(a.shape[0], a.shape[1], sizeof(floating),
+                            streams(op, ap, bp, a.shape[0] * a.shape[1] * sizeof(floating)))
+    cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)
+    cdef array mem = workspace(g.C, MAPS_BYTES)
+    cdef Maps k = maps_in(mem.data, g.C)
+    cdef const Coef* maps = <const Coef*>&coef[0, 0]
+    cdef Py_ssize_t c, blk
     with nogil:
-        for c in range(C):
-            w[W_CENTER * C + c] = coef[c, 0]
-            w[W_MEAN * C + c] = coef[c, 0]
-            w[W_SCALE * C + c] = coef[c, 1]
-            w[W_SLOPE * C + c] = coef[c, 2]
-            w[W_OFFSET * C + c] = coef[c, 3]
-        for blk in prange(g.nblocks, num_threads=nt, schedule="static"):
-            if bp == NULL:
-                block_apply(NULL, ap, &out[0, 0], &g, blk * g.rows_per_block,
-                            min(g.M, (blk + 1) * g.rows_per_block), 0, C, w)
-            else:
-                block_apply(ap, bp, &out[0, 0], &g, blk * g.rows_per_block,
-                            min(g.M, (blk + 1) * g.rows_per_block), 0, C, w)
-    free(w)
+        for c in range(g.C):
+            store_map(&k, c, maps[c])
+        for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):
+            block_apply(ap, bp, op, &g, blk * g.rows_per_block,
+                        min(g.M, (blk + 1) * g.rows_per_block), 0, g.C, &k)

@@ -11,8 +11,8 @@ except metadata.PackageNotFoundError:  # running from a source tree that was bui
 
 
 def show_config():
-    """Print the version, OpenMP status, default thread count, compile flags
-    and the kernel variant chosen for this CPU.
+    """Print the version, OpenMP status, default thread count, the kernel
+    variant chosen for this CPU and the flags it was compiled with.
 
     The default thread count is what ``num_threads=None`` resolves to now
     (``omp_get_max_threads()``, which honours ``OMP_NUM_THREADS`` and
@@ -22,5 +22,5 @@ def show_config():
     print(f"fastbn {__version__}")
     print(f"  OpenMP:              {'yes' if openmp else 'no (serial build)'}")
     print(f"  default num_threads: {_openmp.effective_num_threads(None)}")
-    print(f"  compile flags:       {_openmp.compile_args()}")
+    print(f"  compile flags:       {_dispatch.planar.compile_args()}")
     print(f"  kernels:             {_dispatch.level}")

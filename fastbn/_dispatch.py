@@ -1,44 +1,57 @@
 """Choose the compiled kernel modules for this CPU, once, at import.
 
-On x86-64 the build makes each kernel module twice: the portable baseline
-(``_planar``, ``_columnar``) and a copy compiled for x86-64-v3, with AVX2
-and FMA (``_planar_v3``, ``_columnar_v3``), as PyTorch and NumPy pick their
-kernels at run time. The v3 copy is used when the CPU has AVX2 and FMA.
-``FASTBN_KERNELS=baseline`` in the environment forces the portable modules
-(for testing them on a newer CPU). Both compute the same formulas; their
-last bits can differ (wider vectors add in another order, FMA rounds once),
-while each is bitwise reproducible for any thread count.
+On x86-64 the build makes each kernel module three times: the portable
+baseline (``_planar``, ``_columnar``), a copy compiled for x86-64-v3
+(AVX2, FMA; ``_planar_v3``, ``_columnar_v3``) and one for x86-64-v4
+(AVX-512; ``_planar_v4``, ``_columnar_v4``), as PyTorch and NumPy pick
+their kernels at run time. The newest level whose every feature the CPU
+has (:func:`fastbn._cpu.supports`, the compiler's own check) is used.
+``FASTBN_KERNELS`` in the environment forces a level: ``baseline``,
+``v3`` or ``v4`` (for testing the older ones on a newer CPU; a level the
+CPU lacks is an ImportError). The variants compute the same formulas in the
+same order; their last bits can differ (FMA rounds once), while each is
+bitwise reproducible for any thread count.
 """
 
+import importlib
 import os
 
-import numpy as np
-
-from fastbn import _columnar, _planar
+from fastbn import _cpu
 
 __all__ = ["columnar", "planar", "level"]
 
+_LEVELS = {"v4": "x86-64-v4 (AVX-512)", "v3": "x86-64-v3 (AVX2, FMA)"}
 
-def _cpu_has_v3():
-    """AVX2 and FMA, as NumPy's own CPU dispatch detected them."""
+
+def _variant(name):
+    """(planar, columnar) of level ``name``, or None when it was not built."""
     try:
-        features = np._core._multiarray_umath.__cpu_features__
-    except AttributeError:  # NumPy < 2
-        features = np.core._multiarray_umath.__cpu_features__
-    return bool(features.get("AVX2") and features.get("FMA3"))
+        return (importlib.import_module(f"fastbn._planar_{name}"),
+                importlib.import_module(f"fastbn._columnar_{name}"))
+    except ImportError:  # built without it (native build, non-x86, old compiler)
+        return None
 
 
 def _select():
     choice = os.environ.get("FASTBN_KERNELS", "auto")
-    if choice not in ("auto", "baseline"):
-        raise ImportError(f"FASTBN_KERNELS must be 'auto' or 'baseline', got {choice!r}")
-    if choice == "auto" and _cpu_has_v3():
-        try:
-            from fastbn import _columnar_v3, _planar_v3
-        except ImportError:  # built without the variants (native, non-x86, old compiler)
-            pass
-        else:
-            return _planar_v3, _columnar_v3, "x86-64-v3 (AVX2, FMA)"
+    if choice not in ("auto", "baseline", *_LEVELS):
+        raise ImportError(f"FASTBN_KERNELS must be 'auto', 'baseline', 'v3' or 'v4', "
+                          f"got {choice!r}")
+    for name, label in _LEVELS.items():
+        if choice not in ("auto", name):
+            continue
+        if not _cpu.supports(int(name[1:])):
+            if choice == name:
+                raise ImportError(f"FASTBN_KERNELS={name}, but this CPU lacks features "
+                                  f"of {label}")
+            continue
+        modules = _variant(name)
+        if modules is not None:
+            return (*modules, label)
+        if choice == name:
+            raise ImportError(f"FASTBN_KERNELS={name}, but fastbn was built without "
+                              f"the {label} kernels")
+    from fastbn import _columnar, _planar
     return _planar, _columnar, "baseline"
 
 

@@ -44,13 +44,14 @@ except MemoryError for the work space.
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange
+from cython.view cimport array
 
-from fastbn._openmp cimport threads_for
+from fastbn._openmp cimport FASTBN_COMPILE_ARGS, threads_for
 from fastbn._stats cimport (Coef, Coef32, forward_coef, inference_coef, backward_coef,
                             to_float)
-from fastbn._simd cimport (LANES, STREAM_CHUNK, STREAM_MIN_BYTES, fence, grad_sums_f32,
-                           grad_sums_f64, shifted_sums_f32, shifted_sums_f64, stream)
-from fastbn._views cimport cptr, cptr3, wptr, workspace
+from fastbn._simd cimport (LANES, STREAM_CHUNK, fence, grad_sums_f32, grad_sums_f64,
+                           shifted_sums_f32, shifted_sums_f64, stream, streams)
+from fastbn._views cimport at, cptr, cptr3, wptr, workspace
 
 
 cdef enum:
@@ -87,12 +88,6 @@ cdef inline Plane make_plane(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint stre
     return p
 
 
-cdef inline bint streams(const void* out, const void* a, const void* b,
-                         Py_ssize_t nbytes) noexcept nogil:
-    """Stream an output that is large and not written over an input."""
-    return nbytes >= STREAM_MIN_BYTES and out != a and out != b
-
-
 cdef inline void block_span(const Plane* p, Py_ssize_t b, Py_ssize_t* n0, Py_ssize_t* n1,
                             Py_ssize_t* s0, Py_ssize_t* s1) noexcept nogil:
     """Rows [n0, n1) and columns [s0, s1) of block b of a channel."""
@@ -111,13 +106,6 @@ cdef inline void block_span(const Plane* p, Py_ssize_t b, Py_ssize_t* n0, Py_ssi
 
 
 # ---------------------------------------------------------------- runs ----
-cdef inline const floating* at(const floating* a, Py_ssize_t off) noexcept nogil:
-    """a + off, or NULL for an absent array."""
-    if a == NULL:
-        return NULL
-    return a + off
-
-
 # A run is n contiguous values of one channel.
 
 cdef inline void run_shifted_sums(const floating* x, Py_ssize_t n, double shift,
@@ -402,7 +390,7 @@ def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,
     cdef floating* rv = wptr(running_var)
     cdef Py_ssize_t G = group_size(&p, sizeof(floating)), ng = (p.C + G - 1) // G
     cdef Py_ssize_t c, u
-    cdef bytearray mem
+    cdef array mem
     cdef double* part
     cdef Coef* coef
     if by_group(ng, nt):
@@ -412,7 +400,7 @@ def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,
                               &invstd[0], rm, rv, eps, factor)
         return
     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
-    coef = <Coef*><char*>mem
+    coef = <Coef*>mem.data
     part = <double*>(coef + p.C)
     with nogil, parallel(num_threads=nt):
         for u in prange(nu, schedule="dynamic"):
@@ -442,8 +430,8 @@ def inference(const floating[:, :, ::1] x, const floating[::1] gamma,
     cdef int nt = threads_for(N * C * S, nu, num_threads)
     cdef const floating* g = cptr(gamma)
     cdef const floating* bt = cptr(beta)
-    cdef bytearray mem = workspace(C, sizeof(Coef) + sizeof(Coef32) + 1)
-    cdef Coef* coef = <Coef*><char*>mem
+    cdef array mem = workspace(C, sizeof(Coef) + sizeof(Coef32) + 1)
+    cdef Coef* coef = <Coef*>mem.data
     cdef Coef32* coef32 = <Coef32*>(coef + C)
     cdef char* ok = <char*>(coef32 + C)
     with nogil:
@@ -475,7 +463,7 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
     cdef const floating* g = cptr(gamma)
     cdef Py_ssize_t G = group_size(&p, 2 * sizeof(floating)), ng = (p.C + G - 1) // G
     cdef Py_ssize_t c, u
-    cdef bytearray mem
+    cdef array mem
     cdef double* part
     cdef Coef* coef
     if by_group(ng, nt):
@@ -485,7 +473,7 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                                &invstd[0], &dgamma[0], &dbeta[0])
         return
     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
-    coef = <Coef*><char*>mem
+    coef = <Coef*>mem.data
     part = <double*>(coef + p.C)
     with nogil, parallel(num_threads=nt):
         for u in prange(nu, schedule="dynamic"):
@@ -514,8 +502,8 @@ def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[
     cdef const floating* ap = &a[0, 0, 0]
     cdef const floating* bp = cptr3(b)
     cdef Py_ssize_t c, u
-    cdef bytearray mem = workspace(2 * nu, sizeof(double))
-    cdef double* part = <double*><char*>mem
+    cdef array mem = workspace(2 * nu, sizeof(double))
+    cdef double* part = <double*>mem.data
     with nogil, parallel(num_threads=nt):
         for u in prange(nu, schedule="dynamic"):
             block_sums(ap, bp, &p, u // nb, u % nb, center[u // nb],
@@ -543,3 +531,9 @@ def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, 
     with nogil:
         for u in prange(nu, num_threads=nt, schedule="dynamic"):
             block_apply(ap, bp, op, &p, u // nb, u % nb, &k[u // nb])
+
+
+def compile_args():
+    """The C compiler flags this kernel module was built with, as one string
+    (the columnar module of the same level is built with the same)."""
+    return FASTBN_COMPILE_ARGS.decode("ascii")

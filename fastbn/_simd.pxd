@@ -192,3 +192,9 @@ cdef enum:
     STREAM_MIN_BYTES = 4 * 1024 * 1024
     # Values computed into the stack buffer per streaming store.
     STREAM_CHUNK = 512
+
+
+cdef inline bint streams(const void* out, const void* a, const void* b,
+                         Py_ssize_t nbytes) noexcept nogil:
+    """Stream an output that is large and not written over an input."""
+    return nbytes >= STREAM_MIN_BYTES and out != a and out != b

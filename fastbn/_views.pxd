@@ -2,6 +2,7 @@
 # None (an argument the caller left out) becomes NULL.
 
 from cython cimport floating
+from cython.view cimport array
 
 
 cdef inline const floating* cptr(const floating[::1] v) noexcept:
@@ -16,6 +17,13 @@ cdef inline floating* wptr(floating[::1] v) noexcept:
     return &v[0]
 
 
+cdef inline const floating* at(const floating* a, Py_ssize_t off) noexcept nogil:
+    """a + off, or NULL for an absent array."""
+    if a == NULL:
+        return NULL
+    return a + off
+
+
 cdef inline const floating* cptr3(const floating[:, :, ::1] v) noexcept:
     if v is None:
         return NULL
@@ -28,9 +36,9 @@ cdef inline const floating* cptr2(const floating[:, ::1] v) noexcept:
     return &v[0, 0]
 
 
-cdef inline bytearray workspace(Py_ssize_t count, size_t itemsize):
-    """Zeroed work space for ``count`` items of ``itemsize`` bytes (at least
-    one, never a zero-size allocation), owned and freed by the returned
-    bytearray: the caller keeps a reference while it uses ``<char*>`` of it.
-    Raises MemoryError when the memory cannot be had."""
-    return bytearray(max(count, 1) * itemsize)
+cdef inline array workspace(Py_ssize_t count, size_t itemsize):
+    """Work space for ``count`` items of ``itemsize`` bytes (at least one
+    item: never a zero-size allocation), malloc'd and freed with the
+    returned array: the caller keeps a reference while it uses
+    ``<char*>ws.data``. Raises MemoryError when the memory cannot be had."""
+    return array(shape=(max(count, 1) * itemsize,), itemsize=1, format="c")

@@ -1,0 +1,3 @@
+# Stub for the compiled module fastbn._cpu (fastbn/_cpu.pyx).
+
+def supports(level: int) -> bool: ...
