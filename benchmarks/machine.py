@@ -24,7 +24,7 @@ import numpy as np
 import threadpoolctl
 
 import fastbn
-from fastbn import _openmp
+from fastbn import _dispatch, _openmp
 
 _CPU_SYSFS = Path("/sys/devices/system/cpu")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -148,7 +148,8 @@ def describe(torch=None):
         "versions": versions,
         "fastbn_config": {
             "openmp": _openmp.openmp_enabled(),
-            "compile_args": _openmp.compile_args(),
+            "kernels": _dispatch.level,
+            "compile_args": _dispatch.planar.compile_args(),
             "default_num_threads": _openmp.effective_num_threads(None),
             "git_revision": _git_revision(),
         },
@@ -177,7 +178,8 @@ def summary_line(machine):
         for c in machine["caches"] if c["type"] != "Instruction")
     v = machine["versions"]
     cfg = machine["fastbn_config"]
-    build = (f"OpenMP, {cfg['compile_args']}" if cfg["openmp"] else "serial build, no OpenMP")
+    build = (f"OpenMP, {cfg['kernels']} kernels, {cfg['compile_args']}" if cfg["openmp"]
+             else "serial build, no OpenMP")
     memory = machine["memory_bytes"]
     parts = [
         f"{machine['cpu_model']}, {machine['available_cores']} cores",

@@ -1,17 +1,11 @@
 """Python-visible facts about the OpenMP runtime fastbn was built with."""
 
-from fastbn._openmp cimport (FASTBN_HAVE_OPENMP, FASTBN_COMPILE_ARGS, omp_get_max_threads,
-                             omp_get_num_procs)
+from fastbn._openmp cimport FASTBN_HAVE_OPENMP, omp_get_max_threads, omp_get_num_procs
 
 
 def openmp_enabled():
     """True when the extension was compiled with OpenMP."""
     return bool(FASTBN_HAVE_OPENMP)
-
-
-def compile_args():
-    """The C compiler flags the extension was built with, as one string."""
-    return FASTBN_COMPILE_ARGS.decode("ascii")
 
 
 def effective_num_threads(num_threads):

@@ -1,16 +1,20 @@
-# Stub for the compiled module fastbn._planar (fastbn/_planar.pyx).
+# Stub for the compiled kernel modules: fastbn._planar (fastbn/_planar.pyx)
+# and, with the same functions (the stubs of the others import these), the
+# columnar family fastbn._columnar and the x86-64-v3/v4 builds of both.
 # Arrays are C-contiguous; every array of a call has one dtype, float32 or
-# float64 (the kernels are fused over both). x, y: (N, C, S); vectors: (C,).
+# float64 (the kernels are fused over both). x, y: (N, C, S) in the planar
+# family, (M, C) in the columnar one; vectors: (C,). sums and apply work in
+# float64 whatever the dtype of the data.
 import numpy as np
 import numpy.typing as npt
 
 _Array = npt.NDArray[np.float32] | npt.NDArray[np.float64]
 
 def forward_train(
-    x: _Array,  # const floating[:, :, ::1]
+    x: _Array,  # const floating[:, :, ::1] (planar), [:, ::1] (columnar)
     gamma: _Array | None,  # const floating[::1]
     beta: _Array | None,  # const floating[::1]
-    y: _Array,  # floating[:, :, ::1], may be x
+    y: _Array,  # floating[:, :, ::1] (planar), [:, ::1] (columnar), may be x
     mean: _Array,  # floating[::1], written
     invstd: _Array,  # floating[::1], written
     running_mean: _Array | None,  # floating[::1], updated
@@ -20,23 +24,38 @@ def forward_train(
     num_threads: int,
 ) -> None: ...
 def inference(
-    x: _Array,  # const floating[:, :, ::1]
+    x: _Array,  # const floating[:, :, ::1] (planar), [:, ::1] (columnar)
     gamma: _Array | None,  # const floating[::1]
     beta: _Array | None,  # const floating[::1]
     running_mean: _Array,  # const floating[::1]
     running_var: _Array,  # const floating[::1]
-    y: _Array,  # floating[:, :, ::1], may be x
+    y: _Array,  # floating[:, :, ::1] (planar), [:, ::1] (columnar), may be x
     eps: float,
     num_threads: int,
 ) -> None: ...
 def backward(
-    dy: _Array,  # const floating[:, :, ::1]
-    x: _Array,  # const floating[:, :, ::1]
+    dy: _Array,  # const floating[:, :, ::1] (planar), [:, ::1] (columnar)
+    x: _Array,  # const floating[:, :, ::1] (planar), [:, ::1] (columnar)
     gamma: _Array | None,  # const floating[::1]
     mean: _Array,  # const floating[::1]
     invstd: _Array,  # const floating[::1]
-    dx: _Array,  # floating[:, :, ::1], may be dy
+    dx: _Array,  # floating[:, :, ::1] (planar), [:, ::1] (columnar), may be dy
     dgamma: _Array,  # floating[::1], written
     dbeta: _Array,  # floating[::1], written
     num_threads: int,
 ) -> None: ...
+def sums(
+    a: _Array,  # const floating[:, :, ::1] (planar), [:, ::1] (columnar)
+    b: _Array | None,  # like a, or None
+    center: npt.NDArray[np.float64],  # const double[::1], (C,)
+    out: npt.NDArray[np.float64],  # double[:, ::1], (C, 2), written
+    num_threads: int,
+) -> None: ...
+def apply(
+    a: _Array,  # const floating[:, :, ::1] (planar), [:, ::1] (columnar)
+    b: _Array | None,  # like a, or None
+    out: _Array,  # like a, written; may be a
+    coef: npt.NDArray[np.float64],  # const double[:, ::1], (C, 4)
+    num_threads: int,
+) -> None: ...
+def compile_args() -> str: ...

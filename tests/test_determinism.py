@@ -5,13 +5,14 @@ than one thread (more than 2 * 131072 elements, MIN_ELEMENTS_PER_THREAD in
 fastbn/_openmp.pxd), and some to switch schedule with the thread count:
 
 - planar, by block: C = 1, and C = 3 (by block with 2 threads, by channel
-  with 3), with blocks that cut rows and blocks of whole rows;
-- planar, by channel: C = 64;
-- columnar, by tile: (100, 16384), many columns in tiles of whole pages;
-- columnar, by row block: (65536, 16), few columns, and (4096, 1024);
-- columnar, switching: (128, 3072) makes three tiles of a page per row,
-  run by tile on 1 and 3 threads and by row block on 2; channels last and
-  (N, C, 1, 1) inputs.
+  group with 3), with blocks that cut rows and blocks of whole rows;
+- planar, by channel group: C = 64 (one channel per group);
+- planar, switching: (64, 128, 7, 7) makes four groups of up to 41 channels
+  (slabs of 7x7 maps), run by group on 1, 2 and 4 threads and by block on 3;
+- columnar, by tile: (100, 16384) and (128, 3072), tiles of whole pages per
+  row over all rows;
+- columnar, by row block: (65536, 16), few columns, and (4096, 1024), rows
+  too many for a tile; channels last and (N, C, 1, 1) inputs.
 """
 
 import numpy as np
@@ -27,11 +28,12 @@ SHAPES = [
     ((64, 3, 1000), 1),       # planar, C = 3: by block or by channel; whole-row blocks
     ((4, 3, 50000), 1),       # planar, C = 3, blocks cut rows
     ((4, 64, 33, 33), 1),     # planar by channel
+    ((64, 128, 7, 7), 1),     # planar, groups of channels: by group or by block
     ((100, 16384), 1),        # columnar, many columns: by tile
     ((4096, 1024), 1),        # columnar, many columns and rows
     ((65536, 16), 1),         # columnar, few columns: by row block
     ((4096, 64), 1),          # columnar
-    ((128, 3072), 1),         # columnar, 3 tiles: by tile on 1 or 3 threads, rows on 2
+    ((128, 3072), 1),         # columnar, 3 tiles
     ((16, 32, 32, 48), -1),   # channels last: columnar by row block
     ((65536, 8, 1, 1), 1),    # (N, C, 1, 1): columnar by row block
 ]
