@@ -70,6 +70,8 @@ SHAPES = (
     Shape((65536, 64)),
     Shape((64, 128)),
     Shape((64, 56, 56, 64), channels_last=True),
+    Shape((16, 3, 224, 224)),
+    Shape((1, 64, 256, 256)),
 )
 # float64 on a subset: one planar, one columnar, channels last, both tiny.
 FLOAT64_SHAPES = (

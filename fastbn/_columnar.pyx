@@ -421,12 +421,13 @@ def forward_train(const floating[:, ::1] x, const floating[::1] gamma,
                   const floating[::1] beta, floating[:, ::1] y,
                   floating[::1] mean, floating[::1] invstd,
                   floating[::1] running_mean, floating[::1] running_var,
-                  double eps, double factor, int num_threads):
+                  double eps, double factor, int num_threads, bint stream):
     """Training forward on an (M, C) view; see fastbn.functional."""
     cdef const floating* xp = &x[0, 0]
     cdef floating* yp = &y[0, 0]
     cdef Grid g = make_grid(x.shape[0], x.shape[1], sizeof(floating),
-                            streams(yp, xp, NULL, x.shape[0] * x.shape[1] * sizeof(floating)))
+                            streams(stream, yp, xp, NULL,
+                                    x.shape[0] * x.shape[1] * sizeof(floating)))
     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
     cdef array mem = workspace(pass_bytes(&g), 1)
     cdef char* wp = mem.data
@@ -452,12 +453,13 @@ def forward_train(const floating[:, ::1] x, const floating[::1] gamma,
 def inference(const floating[:, ::1] x, const floating[::1] gamma,
               const floating[::1] beta, const floating[::1] running_mean,
               const floating[::1] running_var, floating[:, ::1] y,
-              double eps, int num_threads):
+              double eps, int num_threads, bint stream):
     """Inference forward on an (M, C) view; see fastbn.functional."""
     cdef const floating* xp = &x[0, 0]
     cdef floating* yp = &y[0, 0]
     cdef Grid g = make_grid(x.shape[0], x.shape[1], sizeof(floating),
-                            streams(yp, xp, NULL, x.shape[0] * x.shape[1] * sizeof(floating)))
+                            streams(stream, yp, xp, NULL,
+                                    x.shape[0] * x.shape[1] * sizeof(floating)))
     cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)
     cdef const floating* gp = cptr(gamma)
     cdef const floating* bp = cptr(beta)
@@ -475,13 +477,15 @@ def inference(const floating[:, ::1] x, const floating[::1] gamma,
 def backward(const floating[:, ::1] dy, const floating[:, ::1] x,
              const floating[::1] gamma, const floating[::1] mean,
              const floating[::1] invstd, floating[:, ::1] dx,
-             floating[::1] dgamma, floating[::1] dbeta, int num_threads):
+             floating[::1] dgamma, floating[::1] dbeta, int num_threads,
+             bint stream):
     """Fused backward on (M, C) views; see fastbn.functional."""
     cdef const floating* dyp = &dy[0, 0]
     cdef const floating* xp = &x[0, 0]
     cdef floating* dxp = &dx[0, 0]
     cdef Grid g = make_grid(x.shape[0], x.shape[1], 2 * sizeof(floating),
-                            streams(dxp, dyp, xp, x.shape[0] * x.shape[1] * sizeof(floating)))
+                            streams(stream, dxp, dyp, xp,
+                                    x.shape[0] * x.shape[1] * sizeof(floating)))
     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
     cdef array mem = workspace(pass_bytes(&g), 1)
     cdef char* wp = mem.data
@@ -530,7 +534,7 @@ def sums(const floating[:, ::1] a, const floating[:, ::1] b, const double[::1] c
 
 
 def apply(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] out,
-          const double[:, ::1] coef, int num_threads):
+          const double[:, ::1] coef, int num_threads, bint stream):
     """The second half of each pass on an (M, C) view, with the per-column
     map coef (C, 4) = (center, scale, slope, offset), see fastbn._stats.Coef:
     b None: out = (a - center) * scale + offset; otherwise
@@ -539,7 +543,8 @@ def apply(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] o
     cdef const floating* bp = cptr2(b)
     cdef floating* op = &out[0, 0]
     cdef Grid g = make_grid(a.shape[0], a.shape[1], sizeof(floating),
-                            streams(op, ap, bp, a.shape[0] * a.shape[1] * sizeof(floating)))
+                            streams(stream, op, ap, bp,
+                                    a.shape[0] * a.shape[1] * sizeof(floating)))
     cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)
     cdef array mem = workspace(g.C, MAPS_BYTES)
     cdef Maps k = maps_in(mem.data, g.C)

@@ -3636,7 +3636,7 @@ static PyObject *__pyx_memoryviewslice__get_base(struct __pyx_memoryviewslice_ob
 static CYTHON_INLINE int __pyx_f_6fastbn_7_openmp_threads_for(Py_ssize_t, Py_ssize_t, int); /*proto*/
 
 /* Module declarations from "fastbn._simd" */
-static CYTHON_INLINE int __pyx_f_6fastbn_5_simd_streams(void const *, void const *, void const *, Py_ssize_t); /*proto*/
+static CYTHON_INLINE int __pyx_f_6fastbn_5_simd_streams(int, void const *, void const *, void const *, Py_ssize_t); /*proto*/
 
 /* Module declarations from "libc.math" */
 
@@ -3807,20 +3807,20 @@ static PyObject *__pyx_pf___pyx_memoryviewslice___reduce_cython__(CYTHON_UNUSED 
 static PyObject *__pyx_pf___pyx_memoryviewslice_2__setstate_cython__(CYTHON_UNUSED struct __pyx_memoryviewslice_obj *__pyx_v_self, CYTHON_UNUSED PyObject *__pyx_v___pyx_state); /* proto */
 static PyObject *__pyx_pf_15View_dot_MemoryView___pyx_unpickle_Enum(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v___pyx_type, long __pyx_v___pyx_checksum, PyObject *__pyx_v___pyx_state); /* proto */
 static PyObject *__pyx_pf_6fastbn_12_columnar_v4_forward_train(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_signatures, PyObject *__pyx_v_args, PyObject *__pyx_v_kwargs, CYTHON_UNUSED PyObject *__pyx_v_defaults, CYTHON_UNUSED PyObject *__pyx_v__fused_sigindex); /* proto */
-static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_y, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, double __pyx_v_eps, double __pyx_v_factor, int __pyx_v_num_threads); /* proto */
-static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_y, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, double __pyx_v_eps, double __pyx_v_factor, int __pyx_v_num_threads); /* proto */
+static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_y, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, double __pyx_v_eps, double __pyx_v_factor, int __pyx_v_num_threads, int __pyx_v_stream); /* proto */
+static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_y, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, double __pyx_v_eps, double __pyx_v_factor, int __pyx_v_num_threads, int __pyx_v_stream); /* proto */
 static PyObject *__pyx_pf_6fastbn_12_columnar_v4_2inference(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_signatures, PyObject *__pyx_v_args, PyObject *__pyx_v_kwargs, CYTHON_UNUSED PyObject *__pyx_v_defaults, CYTHON_UNUSED PyObject *__pyx_v__fused_sigindex); /* proto */
-static PyObject *__pyx_pf_6fastbn_12_columnar_v4_16inference(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, __Pyx_memviewslice __pyx_v_y, double __pyx_v_eps, int __pyx_v_num_threads); /* proto */
-static PyObject *__pyx_pf_6fastbn_12_columnar_v4_18inference(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, __Pyx_memviewslice __pyx_v_y, double __pyx_v_eps, int __pyx_v_num_threads); /* proto */
+static PyObject *__pyx_pf_6fastbn_12_columnar_v4_16inference(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, __Pyx_memviewslice __pyx_v_y, double __pyx_v_eps, int __pyx_v_num_threads, int __pyx_v_stream); /* proto */
+static PyObject *__pyx_pf_6fastbn_12_columnar_v4_18inference(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, __Pyx_memviewslice __pyx_v_y, double __pyx_v_eps, int __pyx_v_num_threads, int __pyx_v_stream); /* proto */
 static PyObject *__pyx_pf_6fastbn_12_columnar_v4_4backward(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_signatures, PyObject *__pyx_v_args, PyObject *__pyx_v_kwargs, CYTHON_UNUSED PyObject *__pyx_v_defaults, CYTHON_UNUSED PyObject *__pyx_v__fused_sigindex); /* proto */
-static PyObject *__pyx_pf_6fastbn_12_columnar_v4_22backward(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_dy, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_dx, __Pyx_memviewslice __pyx_v_dgamma, __Pyx_memviewslice __pyx_v_dbeta, int __pyx_v_num_threads); /* proto */
-static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_dy, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_dx, __Pyx_memviewslice __pyx_v_dgamma, __Pyx_memviewslice __pyx_v_dbeta, int __pyx_v_num_threads); /* proto */
+static PyObject *__pyx_pf_6fastbn_12_columnar_v4_22backward(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_dy, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_dx, __Pyx_memviewslice __pyx_v_dgamma, __Pyx_memviewslice __pyx_v_dbeta, int __pyx_v_num_threads, int __pyx_v_stream); /* proto */
+static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_dy, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_dx, __Pyx_memviewslice __pyx_v_dgamma, __Pyx_memviewslice __pyx_v_dbeta, int __pyx_v_num_threads, int __pyx_v_stream); /* proto */
 static PyObject *__pyx_pf_6fastbn_12_columnar_v4_6sums(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_signatures, PyObject *__pyx_v_args, PyObject *__pyx_v_kwargs, CYTHON_UNUSED PyObject *__pyx_v_defaults, CYTHON_UNUSED PyObject *__pyx_v__fused_sigindex); /* proto */
 static PyObject *__pyx_pf_6fastbn_12_columnar_v4_28sums(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_a, __Pyx_memviewslice __pyx_v_b, __Pyx_memviewslice __pyx_v_center, __Pyx_memviewslice __pyx_v_out, int __pyx_v_num_threads); /* proto */
 static PyObject *__pyx_pf_6fastbn_12_columnar_v4_30sums(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_a, __Pyx_memviewslice __pyx_v_b, __Pyx_memviewslice __pyx_v_center, __Pyx_memviewslice __pyx_v_out, int __pyx_v_num_threads); /* proto */
 static PyObject *__pyx_pf_6fastbn_12_columnar_v4_8apply(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_signatures, PyObject *__pyx_v_args, PyObject *__pyx_v_kwargs, CYTHON_UNUSED PyObject *__pyx_v_defaults, CYTHON_UNUSED PyObject *__pyx_v__fused_sigindex); /* proto */
-static PyObject *__pyx_pf_6fastbn_12_columnar_v4_34apply(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_a, __Pyx_memviewslice __pyx_v_b, __Pyx_memviewslice __pyx_v_out, __Pyx_memviewslice __pyx_v_coef, int __pyx_v_num_threads); /* proto */
-static PyObject *__pyx_pf_6fastbn_12_columnar_v4_36apply(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_a, __Pyx_memviewslice __pyx_v_b, __Pyx_memviewslice __pyx_v_out, __Pyx_memviewslice __pyx_v_coef, int __pyx_v_num_threads); /* proto */
+static PyObject *__pyx_pf_6fastbn_12_columnar_v4_34apply(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_a, __Pyx_memviewslice __pyx_v_b, __Pyx_memviewslice __pyx_v_out, __Pyx_memviewslice __pyx_v_coef, int __pyx_v_num_threads, int __pyx_v_stream); /* proto */
+static PyObject *__pyx_pf_6fastbn_12_columnar_v4_36apply(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_a, __Pyx_memviewslice __pyx_v_b, __Pyx_memviewslice __pyx_v_out, __Pyx_memviewslice __pyx_v_coef, int __pyx_v_num_threads, int __pyx_v_stream); /* proto */
 static PyObject *__pyx_tp_new__initialisation_6fastbn_12_columnar_v4___pyx_defaults(PyObject *o, 
 #if CYTHON_VECTORCALL_TPNEW
     PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames
@@ -3982,7 +3982,7 @@ namespace {
     PyObject *__pyx_slice[1];
     PyObject *__pyx_tuple[3];
     PyObject *__pyx_codeobj_tab[15];
-    PyObject *__pyx_string_tab[165];
+    PyObject *__pyx_string_tab[166];
     PyObject *__pyx_number_tab[4];
 /* #### Code section: module_state_contents ### */
 /* PyFrozenDict.module_state_decls */
@@ -4188,25 +4188,26 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #define __pyx_n_u_start __pyx_string_tab[143]
 #define __pyx_n_u_step __pyx_string_tab[144]
 #define __pyx_n_u_stop __pyx_string_tab[145]
-#define __pyx_n_u_struct __pyx_string_tab[146]
-#define __pyx_n_u_sums __pyx_string_tab[147]
-#define __pyx_n_u_sums_const_double_1_const_double __pyx_string_tab[148]
-#define __pyx_n_u_sums_const_float_1_const_float_1 __pyx_string_tab[149]
-#define __pyx_n_u_total __pyx_string_tab[150]
-#define __pyx_n_u_unpack __pyx_string_tab[151]
-#define __pyx_n_u_update __pyx_string_tab[152]
-#define __pyx_n_u_values __pyx_string_tab[153]
-#define __pyx_n_u_wp __pyx_string_tab[154]
-#define __pyx_n_u_x __pyx_string_tab[155]
-#define __pyx_n_u_xp __pyx_string_tab[156]
-#define __pyx_n_u_y __pyx_string_tab[157]
-#define __pyx_n_u_yp __pyx_string_tab[158]
-#define __pyx_n_b_O __pyx_string_tab[159]
-#define __pyx_kp_b_iso88591_aq_A_3a_1AV1D_q_A_1D_F_6_Rq_as_2 __pyx_string_tab[160]
-#define __pyx_kp_b_iso88591_q_3a_aq_A_AS_1AV1D_q_Bb_1E_d_6 __pyx_string_tab[161]
-#define __pyx_kp_b_iso88591_aq_A_3a_1AV1D_q_A_1D_F_6_Rq_as __pyx_string_tab[162]
-#define __pyx_kp_b_iso88591_aq_A_e1A_AS_1AV1D_q_A_1D_D_q_2Q __pyx_string_tab[163]
-#define __pyx_kp_b_iso88591_1AV1D_q_0_Zr_CUUV_Qas_AT_q_Q_Ya __pyx_string_tab[164]
+#define __pyx_n_u_stream __pyx_string_tab[146]
+#define __pyx_n_u_struct __pyx_string_tab[147]
+#define __pyx_n_u_sums __pyx_string_tab[148]
+#define __pyx_n_u_sums_const_double_1_const_double __pyx_string_tab[149]
+#define __pyx_n_u_sums_const_float_1_const_float_1 __pyx_string_tab[150]
+#define __pyx_n_u_total __pyx_string_tab[151]
+#define __pyx_n_u_unpack __pyx_string_tab[152]
+#define __pyx_n_u_update __pyx_string_tab[153]
+#define __pyx_n_u_values __pyx_string_tab[154]
+#define __pyx_n_u_wp __pyx_string_tab[155]
+#define __pyx_n_u_x __pyx_string_tab[156]
+#define __pyx_n_u_xp __pyx_string_tab[157]
+#define __pyx_n_u_y __pyx_string_tab[158]
+#define __pyx_n_u_yp __pyx_string_tab[159]
+#define __pyx_n_b_O __pyx_string_tab[160]
+#define __pyx_kp_b_iso88591_aq_A_3a_1AV1D_q_A_1HD_A_V1Cr_Ba_2 __pyx_string_tab[161]
+#define __pyx_kp_b_iso88591_aq_A_3a_1AV1D_q_A_1HD_A_V1Cr_Ba __pyx_string_tab[162]
+#define __pyx_kp_b_iso88591_aq_A_e1A_AS_1AV1D_q_A_1HD_A_V1C __pyx_string_tab[163]
+#define __pyx_kp_b_iso88591_q_3a_aq_A_AS_1AV1D_q_Bb_1HE_a_V __pyx_string_tab[164]
+#define __pyx_kp_b_iso88591_1AV1D_q_0_Zr_CUUV_Qas_AT_q_Q_Ya __pyx_string_tab[165]
 #define __pyx_int_0 __pyx_number_tab[0]
 #define __pyx_int_neg_1 __pyx_number_tab[1]
 #define __pyx_int_1 __pyx_number_tab[2]
@@ -4242,7 +4243,7 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   for (int i=0; i<1; ++i) { Py_CLEAR(clear_module_state->__pyx_slice[i]); }
   for (int i=0; i<3; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
   for (int i=0; i<15; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<165; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<166; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<4; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_clear_contents ### */
 /* CommonTypesMetaclass.module_state_clear */
@@ -4286,7 +4287,7 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   for (int i=0; i<1; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_slice[i]); }
   for (int i=0; i<3; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
   for (int i=0; i<15; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<165; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<166; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<4; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_traverse_contents ### */
 /* CommonTypesMetaclass.module_state_traverse */
@@ -19596,21 +19597,27 @@ static CYTHON_INLINE int __pyx_f_6fastbn_7_openmp_threads_for(Py_ssize_t __pyx_v
 /* "fastbn/_simd.pxd":197
  * 
  * 
- * cdef inline bint streams(const void* out, const void* a, const void* b,             # <<<<<<<<<<<<<<
+ * cdef inline bint streams(bint wanted, const void* out, const void* a, const void* b,             # <<<<<<<<<<<<<<
  *                          Py_ssize_t nbytes) noexcept nogil:
- *     """Stream an output that is large and not written over an input."""
+ *     """Stream an output that is wanted streamed, large and not written over
 */
 
-static CYTHON_INLINE int __pyx_f_6fastbn_5_simd_streams(void const *__pyx_v_out, void const *__pyx_v_a, void const *__pyx_v_b, Py_ssize_t __pyx_v_nbytes) {
+static CYTHON_INLINE int __pyx_f_6fastbn_5_simd_streams(int __pyx_v_wanted, void const *__pyx_v_out, void const *__pyx_v_a, void const *__pyx_v_b, Py_ssize_t __pyx_v_nbytes) {
   int __pyx_r;
   int __pyx_t_1;
   int __pyx_t_2;
 
-  /* "fastbn/_simd.pxd":200
- *                          Py_ssize_t nbytes) noexcept nogil:
- *     """Stream an output that is large and not written over an input."""
- *     return nbytes >= STREAM_MIN_BYTES and out != a and out != b             # <<<<<<<<<<<<<<
+  /* "fastbn/_simd.pxd":203
+ *     (a buffer the user passed), not for a fresh one, which malloc often
+ *     hands back still cached and which the next layer reads soon."""
+ *     return wanted and nbytes >= STREAM_MIN_BYTES and out != a and out != b             # <<<<<<<<<<<<<<
 */
+  if (__pyx_v_wanted) {
+  } else {
+
+    __pyx_t_1 = __pyx_v_wanted;
+    goto __pyx_L3_bool_binop_done;
+  }
   __pyx_t_2 = (__pyx_v_nbytes >= __pyx_e_6fastbn_5_simd_STREAM_MIN_BYTES);
 
   if (__pyx_t_2) {
@@ -19645,9 +19652,9 @@ static CYTHON_INLINE int __pyx_f_6fastbn_5_simd_streams(void const *__pyx_v_out,
   /* "fastbn/_simd.pxd":197
  * 
  * 
- * cdef inline bint streams(const void* out, const void* a, const void* b,             # <<<<<<<<<<<<<<
+ * cdef inline bint streams(bint wanted, const void* out, const void* a, const void* b,             # <<<<<<<<<<<<<<
  *                          Py_ssize_t nbytes) noexcept nogil:
- *     """Stream an output that is large and not written over an input."""
+ *     """Stream an output that is wanted streamed, large and not written over
 */
 
   /* function exit code */
@@ -27086,7 +27093,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_forward_train(CYTHON_UNUSED PyO
     goto __pyx_L6;
   }
   /*else*/ {
-    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_x, 0, 11, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 420, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_x, 0, 12, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 420, __pyx_L1_error)
 
   }
   __pyx_L6:;
@@ -27139,9 +27146,10 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_12_columnar_v4_11forward_train(PyO
   double __pyx_v_eps;
   double __pyx_v_factor;
   int __pyx_v_num_threads;
+  int __pyx_v_stream;
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
-  PyObject* values[11] = {0,0,0,0,0,0,0,0,0,0,0};
+  PyObject* values[12] = {0,0,0,0,0,0,0,0,0,0,0,0};
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -27155,11 +27163,15 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_12_columnar_v4_11forward_train(PyO
   #endif
   __pyx_kwvalues = __Pyx_KwValues_VARARGS(__pyx_args, __pyx_nargs);
   {
-    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_beta,&__pyx_mstate_global->__pyx_n_u_y,&__pyx_mstate_global->__pyx_n_u_mean,&__pyx_mstate_global->__pyx_n_u_invstd,&__pyx_mstate_global->__pyx_n_u_running_mean,&__pyx_mstate_global->__pyx_n_u_running_var,&__pyx_mstate_global->__pyx_n_u_eps,&__pyx_mstate_global->__pyx_n_u_factor,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_beta,&__pyx_mstate_global->__pyx_n_u_y,&__pyx_mstate_global->__pyx_n_u_mean,&__pyx_mstate_global->__pyx_n_u_invstd,&__pyx_mstate_global->__pyx_n_u_running_mean,&__pyx_mstate_global->__pyx_n_u_running_var,&__pyx_mstate_global->__pyx_n_u_eps,&__pyx_mstate_global->__pyx_n_u_factor,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
     if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 420, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
+        case 12:
+        values[11] = __Pyx_ArgRef_VARARGS(__pyx_args, 11);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[11])) __PYX_ERR(3, 420, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case 11:
         values[10] = __Pyx_ArgRef_VARARGS(__pyx_args, 10);
         if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[10])) __PYX_ERR(3, 420, __pyx_L3_error)
@@ -27209,10 +27221,10 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_12_columnar_v4_11forward_train(PyO
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
       if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "forward_train", 0) < (0)) __PYX_ERR(3, 420, __pyx_L3_error)
-      for (Py_ssize_t i = __pyx_nargs; i < 11; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forward_train", 1, 11, 11, i); __PYX_ERR(3, 420, __pyx_L3_error) }
+      for (Py_ssize_t i = __pyx_nargs; i < 12; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forward_train", 1, 12, 12, i); __PYX_ERR(3, 420, __pyx_L3_error) }
       }
-    } else if (unlikely(__pyx_nargs != 11)) {
+    } else if (unlikely(__pyx_nargs != 12)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
@@ -27237,6 +27249,8 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_12_columnar_v4_11forward_train(PyO
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 420, __pyx_L3_error)
       values[10] = __Pyx_ArgRef_VARARGS(__pyx_args, 10);
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[10])) __PYX_ERR(3, 420, __pyx_L3_error)
+      values[11] = __Pyx_ArgRef_VARARGS(__pyx_args, 11);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[11])) __PYX_ERR(3, 420, __pyx_L3_error)
     }
     __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 420, __pyx_L3_error)
     __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 420, __pyx_L3_error)
@@ -27249,10 +27263,11 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_12_columnar_v4_11forward_train(PyO
     __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[8]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 424, __pyx_L3_error)
     __pyx_v_factor = __Pyx_PyFloat_AsDouble(values[9]); if (unlikely((__pyx_v_factor == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 424, __pyx_L3_error)
     __pyx_v_num_threads = __Pyx_PyLong_As_int(values[10]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 424, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[11]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 424, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("forward_train", 1, 11, 11, __pyx_nargs); __PYX_ERR(3, 420, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("forward_train", 1, 12, 12, __pyx_nargs); __PYX_ERR(3, 420, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -27271,7 +27286,7 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_12_columnar_v4_11forward_train(PyO
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_6fastbn_12_columnar_v4_10forward_train(__pyx_self, __pyx_v_x, __pyx_v_gamma, __pyx_v_beta, __pyx_v_y, __pyx_v_mean, __pyx_v_invstd, __pyx_v_running_mean, __pyx_v_running_var, __pyx_v_eps, __pyx_v_factor, __pyx_v_num_threads);
+  __pyx_r = __pyx_pf_6fastbn_12_columnar_v4_10forward_train(__pyx_self, __pyx_v_x, __pyx_v_gamma, __pyx_v_beta, __pyx_v_y, __pyx_v_mean, __pyx_v_invstd, __pyx_v_running_mean, __pyx_v_running_var, __pyx_v_eps, __pyx_v_factor, __pyx_v_num_threads, __pyx_v_stream);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -27288,11 +27303,12 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_12_columnar_v4_11forward_train(PyO
 
 
 
+
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_y, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, double __pyx_v_eps, double __pyx_v_factor, int __pyx_v_num_threads) {
+static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_y, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, double __pyx_v_eps, double __pyx_v_factor, int __pyx_v_num_threads, int __pyx_v_stream) {
   float const *__pyx_v_xp;
   float *__pyx_v_yp;
   struct __pyx_t_6fastbn_12_columnar_v4_Grid __pyx_v_g;
@@ -27317,7 +27333,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED P
   __Pyx_RefNannySetupContext("__pyx_fuse_0forward_train", 0);
 
   /* "fastbn/_columnar.pyx":426
- *                   double eps, double factor, int num_threads):
+ *                   double eps, double factor, int num_threads, bint stream):
  *     """Training forward on an (M, C) view; see fastbn.functional."""
  *     cdef const floating* xp = &x[0, 0]             # <<<<<<<<<<<<<<
  *     cdef floating* yp = &y[0, 0]
@@ -27332,7 +27348,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED P
  *     cdef const floating* xp = &x[0, 0]
  *     cdef floating* yp = &y[0, 0]             # <<<<<<<<<<<<<<
  *     cdef Grid g = make_grid(x.shape[0], x.shape[1], sizeof(floating),
- *                             streams(yp, xp, NULL, x.shape[0] * x.shape[1] * sizeof(floating)))
+ *                             streams(stream, yp, xp, NULL,
 */
   __pyx_t_2 = 0;
   __pyx_t_1 = 0;
@@ -27342,33 +27358,33 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED P
  *     cdef const floating* xp = &x[0, 0]
  *     cdef floating* yp = &y[0, 0]
  *     cdef Grid g = make_grid(x.shape[0], x.shape[1], sizeof(floating),             # <<<<<<<<<<<<<<
- *                             streams(yp, xp, NULL, x.shape[0] * x.shape[1] * sizeof(floating)))
- *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
+ *                             streams(stream, yp, xp, NULL,
+ *                                     x.shape[0] * x.shape[1] * sizeof(floating)))
 */
-  __pyx_v_g = __pyx_f_6fastbn_12_columnar_v4_make_grid((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (sizeof(float)), __pyx_f_6fastbn_5_simd_streams(__pyx_v_yp, __pyx_v_xp, NULL, (((__pyx_v_x.shape[0]) * (__pyx_v_x.shape[1])) * (sizeof(float)))));
+  __pyx_v_g = __pyx_f_6fastbn_12_columnar_v4_make_grid((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (sizeof(float)), __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_yp, __pyx_v_xp, NULL, (((__pyx_v_x.shape[0]) * (__pyx_v_x.shape[1])) * (sizeof(float)))));
 
-  /* "fastbn/_columnar.pyx":430
- *     cdef Grid g = make_grid(x.shape[0], x.shape[1], sizeof(floating),
- *                             streams(yp, xp, NULL, x.shape[0] * x.shape[1] * sizeof(floating)))
+  /* "fastbn/_columnar.pyx":431
+ *                             streams(stream, yp, xp, NULL,
+ *                                     x.shape[0] * x.shape[1] * sizeof(floating)))
  *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)             # <<<<<<<<<<<<<<
  *     cdef array mem = workspace(pass_bytes(&g), 1)
  *     cdef char* wp = mem.data
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for((__pyx_v_g.M * __pyx_v_g.C), __pyx_f_6fastbn_12_columnar_v4_nunits((&__pyx_v_g)), __pyx_v_num_threads);
 
-  /* "fastbn/_columnar.pyx":431
- *                             streams(yp, xp, NULL, x.shape[0] * x.shape[1] * sizeof(floating)))
+  /* "fastbn/_columnar.pyx":432
+ *                                     x.shape[0] * x.shape[1] * sizeof(floating)))
  *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
  *     cdef array mem = workspace(pass_bytes(&g), 1)             # <<<<<<<<<<<<<<
  *     cdef char* wp = mem.data
  *     cdef double* center = centers(wp, &g)
 */
-  __pyx_t_3 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_f_6fastbn_12_columnar_v4_pass_bytes((&__pyx_v_g)), 1)); if (unlikely(!__pyx_t_3)) __PYX_ERR(3, 431, __pyx_L1_error)
+  __pyx_t_3 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_f_6fastbn_12_columnar_v4_pass_bytes((&__pyx_v_g)), 1)); if (unlikely(!__pyx_t_3)) __PYX_ERR(3, 432, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_3);
   __pyx_t_3 = 0;
 
-  /* "fastbn/_columnar.pyx":432
+  /* "fastbn/_columnar.pyx":433
  *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
  *     cdef array mem = workspace(pass_bytes(&g), 1)
  *     cdef char* wp = mem.data             # <<<<<<<<<<<<<<
@@ -27379,7 +27395,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED P
 
   __pyx_v_wp = __pyx_t_4;
 
-  /* "fastbn/_columnar.pyx":433
+  /* "fastbn/_columnar.pyx":434
  *     cdef array mem = workspace(pass_bytes(&g), 1)
  *     cdef char* wp = mem.data
  *     cdef double* center = centers(wp, &g)             # <<<<<<<<<<<<<<
@@ -27388,7 +27404,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED P
 */
   __pyx_v_center = __pyx_f_6fastbn_12_columnar_v4_centers(__pyx_v_wp, (&__pyx_v_g));
 
-  /* "fastbn/_columnar.pyx":436
+  /* "fastbn/_columnar.pyx":437
  *     cdef Pass ps
  *     cdef Py_ssize_t c
  *     ps.backward = False             # <<<<<<<<<<<<<<
@@ -27397,7 +27413,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED P
 */
   __pyx_v_ps.backward = 0;
 
-  /* "fastbn/_columnar.pyx":437
+  /* "fastbn/_columnar.pyx":438
  *     cdef Py_ssize_t c
  *     ps.backward = False
  *     ps.m = <double>g.M             # <<<<<<<<<<<<<<
@@ -27406,7 +27422,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED P
 */
   __pyx_v_ps.m = ((double)__pyx_v_g.M);
 
-  /* "fastbn/_columnar.pyx":438
+  /* "fastbn/_columnar.pyx":439
  *     ps.backward = False
  *     ps.m = <double>g.M
  *     ps.eps = eps             # <<<<<<<<<<<<<<
@@ -27415,7 +27431,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED P
 */
   __pyx_v_ps.eps = __pyx_v_eps;
 
-  /* "fastbn/_columnar.pyx":439
+  /* "fastbn/_columnar.pyx":440
  *     ps.m = <double>g.M
  *     ps.eps = eps
  *     ps.factor = factor             # <<<<<<<<<<<<<<
@@ -27424,7 +27440,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED P
 */
   __pyx_v_ps.factor = __pyx_v_factor;
 
-  /* "fastbn/_columnar.pyx":440
+  /* "fastbn/_columnar.pyx":441
  *     ps.eps = eps
  *     ps.factor = factor
  *     ps.gamma = cptr(gamma)             # <<<<<<<<<<<<<<
@@ -27433,7 +27449,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED P
 */
   __pyx_v_ps.gamma = __pyx_fuse_0__pyx_f_6fastbn_6_views_cptr(__pyx_v_gamma);
 
-  /* "fastbn/_columnar.pyx":441
+  /* "fastbn/_columnar.pyx":442
  *     ps.factor = factor
  *     ps.gamma = cptr(gamma)
  *     ps.beta = cptr(beta)             # <<<<<<<<<<<<<<
@@ -27442,7 +27458,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED P
 */
   __pyx_v_ps.beta = __pyx_fuse_0__pyx_f_6fastbn_6_views_cptr(__pyx_v_beta);
 
-  /* "fastbn/_columnar.pyx":442
+  /* "fastbn/_columnar.pyx":443
  *     ps.gamma = cptr(gamma)
  *     ps.beta = cptr(beta)
  *     ps.mean = &mean[0]             # <<<<<<<<<<<<<<
@@ -27452,7 +27468,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED P
   __pyx_t_1 = 0;
   __pyx_v_ps.mean = (&(*((float *) ( /* dim=0 */ ((char *) (((float *) __pyx_v_mean.data) + __pyx_t_1)) ))));
 
-  /* "fastbn/_columnar.pyx":443
+  /* "fastbn/_columnar.pyx":444
  *     ps.beta = cptr(beta)
  *     ps.mean = &mean[0]
  *     ps.invstd = &invstd[0]             # <<<<<<<<<<<<<<
@@ -27462,7 +27478,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED P
   __pyx_t_1 = 0;
   __pyx_v_ps.invstd = (&(*((float *) ( /* dim=0 */ ((char *) (((float *) __pyx_v_invstd.data) + __pyx_t_1)) ))));
 
-  /* "fastbn/_columnar.pyx":444
+  /* "fastbn/_columnar.pyx":445
  *     ps.mean = &mean[0]
  *     ps.invstd = &invstd[0]
  *     ps.running_mean = wptr(running_mean)             # <<<<<<<<<<<<<<
@@ -27471,7 +27487,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED P
 */
   __pyx_v_ps.running_mean = __pyx_fuse_0__pyx_f_6fastbn_6_views_wptr(__pyx_v_running_mean);
 
-  /* "fastbn/_columnar.pyx":445
+  /* "fastbn/_columnar.pyx":446
  *     ps.invstd = &invstd[0]
  *     ps.running_mean = wptr(running_mean)
  *     ps.running_var = wptr(running_var)             # <<<<<<<<<<<<<<
@@ -27480,7 +27496,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED P
 */
   __pyx_v_ps.running_var = __pyx_fuse_0__pyx_f_6fastbn_6_views_wptr(__pyx_v_running_var);
 
-  /* "fastbn/_columnar.pyx":446
+  /* "fastbn/_columnar.pyx":447
  *     ps.running_mean = wptr(running_mean)
  *     ps.running_var = wptr(running_var)
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -27493,7 +27509,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED P
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "fastbn/_columnar.pyx":447
+        /* "fastbn/_columnar.pyx":448
  *     ps.running_var = wptr(running_var)
  *     with nogil:
  *         for c in range(g.C):             # <<<<<<<<<<<<<<
@@ -27507,7 +27523,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED P
         for (__pyx_t_7 = 0; __pyx_t_7 < __pyx_t_6; __pyx_t_7+=1) {
           __pyx_v_c = __pyx_t_7;
 
-          /* "fastbn/_columnar.pyx":448
+          /* "fastbn/_columnar.pyx":449
  *     with nogil:
  *         for c in range(g.C):
  *             center[c] = xp[c]             # <<<<<<<<<<<<<<
@@ -27518,7 +27534,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED P
         }
 
 
-        /* "fastbn/_columnar.pyx":449
+        /* "fastbn/_columnar.pyx":450
  *         for c in range(g.C):
  *             center[c] = xp[c]
  *         run_pass(xp, NULL, yp, &g, &ps, wp, nt)             # <<<<<<<<<<<<<<
@@ -27528,7 +27544,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_10forward_train(CYTHON_UNUSED P
         __pyx_fuse_0__pyx_f_6fastbn_12_columnar_v4_run_pass(__pyx_v_xp, NULL, __pyx_v_yp, (&__pyx_v_g), (&__pyx_v_ps), __pyx_v_wp, __pyx_v_nt);
       }
 
-      /* "fastbn/_columnar.pyx":446
+      /* "fastbn/_columnar.pyx":447
  *     ps.running_mean = wptr(running_mean)
  *     ps.running_var = wptr(running_var)
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -27590,9 +27606,10 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_12_columnar_v4_13forward_train(PyO
   double __pyx_v_eps;
   double __pyx_v_factor;
   int __pyx_v_num_threads;
+  int __pyx_v_stream;
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
-  PyObject* values[11] = {0,0,0,0,0,0,0,0,0,0,0};
+  PyObject* values[12] = {0,0,0,0,0,0,0,0,0,0,0,0};
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -27606,11 +27623,15 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_12_columnar_v4_13forward_train(PyO
   #endif
   __pyx_kwvalues = __Pyx_KwValues_VARARGS(__pyx_args, __pyx_nargs);
   {
-    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_beta,&__pyx_mstate_global->__pyx_n_u_y,&__pyx_mstate_global->__pyx_n_u_mean,&__pyx_mstate_global->__pyx_n_u_invstd,&__pyx_mstate_global->__pyx_n_u_running_mean,&__pyx_mstate_global->__pyx_n_u_running_var,&__pyx_mstate_global->__pyx_n_u_eps,&__pyx_mstate_global->__pyx_n_u_factor,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_beta,&__pyx_mstate_global->__pyx_n_u_y,&__pyx_mstate_global->__pyx_n_u_mean,&__pyx_mstate_global->__pyx_n_u_invstd,&__pyx_mstate_global->__pyx_n_u_running_mean,&__pyx_mstate_global->__pyx_n_u_running_var,&__pyx_mstate_global->__pyx_n_u_eps,&__pyx_mstate_global->__pyx_n_u_factor,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
     if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 420, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
+        case 12:
+        values[11] = __Pyx_ArgRef_VARARGS(__pyx_args, 11);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[11])) __PYX_ERR(3, 420, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case 11:
         values[10] = __Pyx_ArgRef_VARARGS(__pyx_args, 10);
         if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[10])) __PYX_ERR(3, 420, __pyx_L3_error)
@@ -27660,10 +27681,10 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_12_columnar_v4_13forward_train(PyO
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
       if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "forward_train", 0) < (0)) __PYX_ERR(3, 420, __pyx_L3_error)
-      for (Py_ssize_t i = __pyx_nargs; i < 11; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forward_train", 1, 11, 11, i); __PYX_ERR(3, 420, __pyx_L3_error) }
+      for (Py_ssize_t i = __pyx_nargs; i < 12; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forward_train", 1, 12, 12, i); __PYX_ERR(3, 420, __pyx_L3_error) }
       }
-    } else if (unlikely(__pyx_nargs != 11)) {
+    } else if (unlikely(__pyx_nargs != 12)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
@@ -27688,6 +27709,8 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_12_columnar_v4_13forward_train(PyO
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 420, __pyx_L3_error)
       values[10] = __Pyx_ArgRef_VARARGS(__pyx_args, 10);
       if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[10])) __PYX_ERR(3, 420, __pyx_L3_error)
+      values[11] = __Pyx_ArgRef_VARARGS(__pyx_args, 11);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[11])) __PYX_ERR(3, 420, __pyx_L3_error)
     }
     __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 420, __pyx_L3_error)
     __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 420, __pyx_L3_error)
@@ -27700,10 +27723,11 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_12_columnar_v4_13forward_train(PyO
     __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[8]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 424, __pyx_L3_error)
     __pyx_v_factor = __Pyx_PyFloat_AsDouble(values[9]); if (unlikely((__pyx_v_factor == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 424, __pyx_L3_error)
     __pyx_v_num_threads = __Pyx_PyLong_As_int(values[10]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 424, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[11]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 424, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("forward_train", 1, 11, 11, __pyx_nargs); __PYX_ERR(3, 420, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("forward_train", 1, 12, 12, __pyx_nargs); __PYX_ERR(3, 420, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -27722,7 +27746,7 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_12_columnar_v4_13forward_train(PyO
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_6fastbn_12_columnar_v4_12forward_train(__pyx_self, __pyx_v_x, __pyx_v_gamma, __pyx_v_beta, __pyx_v_y, __pyx_v_mean, __pyx_v_invstd, __pyx_v_running_mean, __pyx_v_running_var, __pyx_v_eps, __pyx_v_factor, __pyx_v_num_threads);
+  __pyx_r = __pyx_pf_6fastbn_12_columnar_v4_12forward_train(__pyx_self, __pyx_v_x, __pyx_v_gamma, __pyx_v_beta, __pyx_v_y, __pyx_v_mean, __pyx_v_invstd, __pyx_v_running_mean, __pyx_v_running_var, __pyx_v_eps, __pyx_v_factor, __pyx_v_num_threads, __pyx_v_stream);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -27739,11 +27763,12 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_12_columnar_v4_13forward_train(PyO
 
 
 
+
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_y, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, double __pyx_v_eps, double __pyx_v_factor, int __pyx_v_num_threads) {
+static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_y, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, double __pyx_v_eps, double __pyx_v_factor, int __pyx_v_num_threads, int __pyx_v_stream) {
   double const *__pyx_v_xp;
   double *__pyx_v_yp;
   struct __pyx_t_6fastbn_12_columnar_v4_Grid __pyx_v_g;
@@ -27768,7 +27793,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED P
   __Pyx_RefNannySetupContext("__pyx_fuse_1forward_train", 0);
 
   /* "fastbn/_columnar.pyx":426
- *                   double eps, double factor, int num_threads):
+ *                   double eps, double factor, int num_threads, bint stream):
  *     """Training forward on an (M, C) view; see fastbn.functional."""
  *     cdef const floating* xp = &x[0, 0]             # <<<<<<<<<<<<<<
  *     cdef floating* yp = &y[0, 0]
@@ -27783,7 +27808,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED P
  *     cdef const floating* xp = &x[0, 0]
  *     cdef floating* yp = &y[0, 0]             # <<<<<<<<<<<<<<
  *     cdef Grid g = make_grid(x.shape[0], x.shape[1], sizeof(floating),
- *                             streams(yp, xp, NULL, x.shape[0] * x.shape[1] * sizeof(floating)))
+ *                             streams(stream, yp, xp, NULL,
 */
   __pyx_t_2 = 0;
   __pyx_t_1 = 0;
@@ -27793,33 +27818,33 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED P
  *     cdef const floating* xp = &x[0, 0]
  *     cdef floating* yp = &y[0, 0]
  *     cdef Grid g = make_grid(x.shape[0], x.shape[1], sizeof(floating),             # <<<<<<<<<<<<<<
- *                             streams(yp, xp, NULL, x.shape[0] * x.shape[1] * sizeof(floating)))
- *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
+ *                             streams(stream, yp, xp, NULL,
+ *                                     x.shape[0] * x.shape[1] * sizeof(floating)))
 */
-  __pyx_v_g = __pyx_f_6fastbn_12_columnar_v4_make_grid((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (sizeof(double)), __pyx_f_6fastbn_5_simd_streams(__pyx_v_yp, __pyx_v_xp, NULL, (((__pyx_v_x.shape[0]) * (__pyx_v_x.shape[1])) * (sizeof(double)))));
+  __pyx_v_g = __pyx_f_6fastbn_12_columnar_v4_make_grid((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (sizeof(double)), __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_yp, __pyx_v_xp, NULL, (((__pyx_v_x.shape[0]) * (__pyx_v_x.shape[1])) * (sizeof(double)))));
 
-  /* "fastbn/_columnar.pyx":430
- *     cdef Grid g = make_grid(x.shape[0], x.shape[1], sizeof(floating),
- *                             streams(yp, xp, NULL, x.shape[0] * x.shape[1] * sizeof(floating)))
+  /* "fastbn/_columnar.pyx":431
+ *                             streams(stream, yp, xp, NULL,
+ *                                     x.shape[0] * x.shape[1] * sizeof(floating)))
  *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)             # <<<<<<<<<<<<<<
  *     cdef array mem = workspace(pass_bytes(&g), 1)
  *     cdef char* wp = mem.data
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for((__pyx_v_g.M * __pyx_v_g.C), __pyx_f_6fastbn_12_columnar_v4_nunits((&__pyx_v_g)), __pyx_v_num_threads);
 
-  /* "fastbn/_columnar.pyx":431
- *                             streams(yp, xp, NULL, x.shape[0] * x.shape[1] * sizeof(floating)))
+  /* "fastbn/_columnar.pyx":432
+ *                                     x.shape[0] * x.shape[1] * sizeof(floating)))
  *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
  *     cdef array mem = workspace(pass_bytes(&g), 1)             # <<<<<<<<<<<<<<
  *     cdef char* wp = mem.data
  *     cdef double* center = centers(wp, &g)
 */
-  __pyx_t_3 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_f_6fastbn_12_columnar_v4_pass_bytes((&__pyx_v_g)), 1)); if (unlikely(!__pyx_t_3)) __PYX_ERR(3, 431, __pyx_L1_error)
+  __pyx_t_3 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_f_6fastbn_12_columnar_v4_pass_bytes((&__pyx_v_g)), 1)); if (unlikely(!__pyx_t_3)) __PYX_ERR(3, 432, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_3);
   __pyx_t_3 = 0;
 
-  /* "fastbn/_columnar.pyx":432
+  /* "fastbn/_columnar.pyx":433
  *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
  *     cdef array mem = workspace(pass_bytes(&g), 1)
  *     cdef char* wp = mem.data             # <<<<<<<<<<<<<<
@@ -27830,7 +27855,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED P
 
   __pyx_v_wp = __pyx_t_4;
 
-  /* "fastbn/_columnar.pyx":433
+  /* "fastbn/_columnar.pyx":434
  *     cdef array mem = workspace(pass_bytes(&g), 1)
  *     cdef char* wp = mem.data
  *     cdef double* center = centers(wp, &g)             # <<<<<<<<<<<<<<
@@ -27839,7 +27864,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED P
 */
   __pyx_v_center = __pyx_f_6fastbn_12_columnar_v4_centers(__pyx_v_wp, (&__pyx_v_g));
 
-  /* "fastbn/_columnar.pyx":436
+  /* "fastbn/_columnar.pyx":437
  *     cdef Pass ps
  *     cdef Py_ssize_t c
  *     ps.backward = False             # <<<<<<<<<<<<<<
@@ -27848,7 +27873,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED P
 */
   __pyx_v_ps.backward = 0;
 
-  /* "fastbn/_columnar.pyx":437
+  /* "fastbn/_columnar.pyx":438
  *     cdef Py_ssize_t c
  *     ps.backward = False
  *     ps.m = <double>g.M             # <<<<<<<<<<<<<<
@@ -27857,7 +27882,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED P
 */
   __pyx_v_ps.m = ((double)__pyx_v_g.M);
 
-  /* "fastbn/_columnar.pyx":438
+  /* "fastbn/_columnar.pyx":439
  *     ps.backward = False
  *     ps.m = <double>g.M
  *     ps.eps = eps             # <<<<<<<<<<<<<<
@@ -27866,7 +27891,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED P
 */
   __pyx_v_ps.eps = __pyx_v_eps;
 
-  /* "fastbn/_columnar.pyx":439
+  /* "fastbn/_columnar.pyx":440
  *     ps.m = <double>g.M
  *     ps.eps = eps
  *     ps.factor = factor             # <<<<<<<<<<<<<<
@@ -27875,7 +27900,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED P
 */
   __pyx_v_ps.factor = __pyx_v_factor;
 
-  /* "fastbn/_columnar.pyx":440
+  /* "fastbn/_columnar.pyx":441
  *     ps.eps = eps
  *     ps.factor = factor
  *     ps.gamma = cptr(gamma)             # <<<<<<<<<<<<<<
@@ -27884,7 +27909,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED P
 */
   __pyx_v_ps.gamma = __pyx_fuse_1__pyx_f_6fastbn_6_views_cptr(__pyx_v_gamma);
 
-  /* "fastbn/_columnar.pyx":441
+  /* "fastbn/_columnar.pyx":442
  *     ps.factor = factor
  *     ps.gamma = cptr(gamma)
  *     ps.beta = cptr(beta)             # <<<<<<<<<<<<<<
@@ -27893,7 +27918,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED P
 */
   __pyx_v_ps.beta = __pyx_fuse_1__pyx_f_6fastbn_6_views_cptr(__pyx_v_beta);
 
-  /* "fastbn/_columnar.pyx":442
+  /* "fastbn/_columnar.pyx":443
  *     ps.gamma = cptr(gamma)
  *     ps.beta = cptr(beta)
  *     ps.mean = &mean[0]             # <<<<<<<<<<<<<<
@@ -27903,7 +27928,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED P
   __pyx_t_1 = 0;
   __pyx_v_ps.mean = (&(*((double *) ( /* dim=0 */ ((char *) (((double *) __pyx_v_mean.data) + __pyx_t_1)) ))));
 
-  /* "fastbn/_columnar.pyx":443
+  /* "fastbn/_columnar.pyx":444
  *     ps.beta = cptr(beta)
  *     ps.mean = &mean[0]
  *     ps.invstd = &invstd[0]             # <<<<<<<<<<<<<<
@@ -27913,7 +27938,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED P
   __pyx_t_1 = 0;
   __pyx_v_ps.invstd = (&(*((double *) ( /* dim=0 */ ((char *) (((double *) __pyx_v_invstd.data) + __pyx_t_1)) ))));
 
-  /* "fastbn/_columnar.pyx":444
+  /* "fastbn/_columnar.pyx":445
  *     ps.mean = &mean[0]
  *     ps.invstd = &invstd[0]
  *     ps.running_mean = wptr(running_mean)             # <<<<<<<<<<<<<<
@@ -27922,7 +27947,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED P
 */
   __pyx_v_ps.running_mean = __pyx_fuse_1__pyx_f_6fastbn_6_views_wptr(__pyx_v_running_mean);
 
-  /* "fastbn/_columnar.pyx":445
+  /* "fastbn/_columnar.pyx":446
  *     ps.invstd = &invstd[0]
  *     ps.running_mean = wptr(running_mean)
  *     ps.running_var = wptr(running_var)             # <<<<<<<<<<<<<<
@@ -27931,7 +27956,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED P
 */
   __pyx_v_ps.running_var = __pyx_fuse_1__pyx_f_6fastbn_6_views_wptr(__pyx_v_running_var);
 
-  /* "fastbn/_columnar.pyx":446
+  /* "fastbn/_columnar.pyx":447
  *     ps.running_mean = wptr(running_mean)
  *     ps.running_var = wptr(running_var)
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -27944,7 +27969,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED P
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "fastbn/_columnar.pyx":447
+        /* "fastbn/_columnar.pyx":448
  *     ps.running_var = wptr(running_var)
  *     with nogil:
  *         for c in range(g.C):             # <<<<<<<<<<<<<<
@@ -27958,7 +27983,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED P
         for (__pyx_t_7 = 0; __pyx_t_7 < __pyx_t_6; __pyx_t_7+=1) {
           __pyx_v_c = __pyx_t_7;
 
-          /* "fastbn/_columnar.pyx":448
+          /* "fastbn/_columnar.pyx":449
  *     with nogil:
  *         for c in range(g.C):
  *             center[c] = xp[c]             # <<<<<<<<<<<<<<
@@ -27969,7 +27994,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED P
         }
 
 
-        /* "fastbn/_columnar.pyx":449
+        /* "fastbn/_columnar.pyx":450
  *         for c in range(g.C):
  *             center[c] = xp[c]
  *         run_pass(xp, NULL, yp, &g, &ps, wp, nt)             # <<<<<<<<<<<<<<
@@ -27979,7 +28004,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED P
         __pyx_fuse_1__pyx_f_6fastbn_12_columnar_v4_run_pass(__pyx_v_xp, NULL, __pyx_v_yp, (&__pyx_v_g), (&__pyx_v_ps), __pyx_v_wp, __pyx_v_nt);
       }
 
-      /* "fastbn/_columnar.pyx":446
+      /* "fastbn/_columnar.pyx":447
  *     ps.running_mean = wptr(running_mean)
  *     ps.running_var = wptr(running_var)
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -28026,7 +28051,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_12forward_train(CYTHON_UNUSED P
   return __pyx_r;
 }
 
-/* "fastbn/_columnar.pyx":452
+/* "fastbn/_columnar.pyx":453
  * 
  * 
  * def inference(const floating[:, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
@@ -28063,53 +28088,53 @@ static PyObject *__pyx_pw_6fastbn_12_columnar_v4_3inference(PyObject *__pyx_self
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_signatures,&__pyx_mstate_global->__pyx_n_u_args,&__pyx_mstate_global->__pyx_n_u_kwargs,&__pyx_mstate_global->__pyx_n_u_defaults,&__pyx_mstate_global->__pyx_n_u_fused_sigindex,0};
     struct __pyx_defaults *__pyx_dynamic_args = __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self);
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 452, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 453, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 452, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 453, __pyx_L3_error)
       if (!values[4]) values[4] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
       for (Py_ssize_t i = __pyx_nargs; i < 4; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 452, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 453, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 453, __pyx_L3_error)
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 453, __pyx_L3_error)
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 453, __pyx_L3_error)
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 453, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -28123,7 +28148,7 @@ static PyObject *__pyx_pw_6fastbn_12_columnar_v4_3inference(PyObject *__pyx_self
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 452, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 453, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -28175,7 +28200,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_2inference(CYTHON_UNUSED PyObje
   else
   {
     Py_ssize_t __pyx_temp = __Pyx_PyDict_GET_SIZE(__pyx_v_kwargs);
-    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 452, __pyx_L1_error)
+    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 453, __pyx_L1_error)
     __pyx_t_2 = (__pyx_temp != 0);
   }
 
@@ -28193,11 +28218,11 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_2inference(CYTHON_UNUSED PyObje
   }
   if (unlikely(__pyx_v_args == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(3, 452, __pyx_L1_error)
+    __PYX_ERR(3, 453, __pyx_L1_error)
   }
-  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 452, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 453, __pyx_L1_error)
   __pyx_v_arg_count = __pyx_t_4;
-  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 452, __pyx_L1_error)
+  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 453, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_ndarray = ((PyTypeObject*)__pyx_t_5);
   __pyx_t_5 = 0;
@@ -28207,7 +28232,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_2inference(CYTHON_UNUSED PyObje
 
     if (unlikely(__pyx_v_args == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 452, __pyx_L1_error)
+      __PYX_ERR(3, 453, __pyx_L1_error)
     }
     __pyx_t_5 = __Pyx_PyTuple_GET_ITEM(((PyObject*)__pyx_v_args), 0);
     __Pyx_INCREF(__pyx_t_5);
@@ -28226,9 +28251,9 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_2inference(CYTHON_UNUSED PyObje
   }
   if (unlikely(__pyx_v_kwargs == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not iterable");
-    __PYX_ERR(3, 452, __pyx_L1_error)
+    __PYX_ERR(3, 453, __pyx_L1_error)
   }
-  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_x, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 452, __pyx_L1_error)
+  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_x, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 453, __pyx_L1_error)
 
   __pyx_t_1 = __pyx_t_3;
 
@@ -28237,25 +28262,25 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_2inference(CYTHON_UNUSED PyObje
 
     if (unlikely(__pyx_v_kwargs == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 452, __pyx_L1_error)
+      __PYX_ERR(3, 453, __pyx_L1_error)
     }
-    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_x); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 452, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_x); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 453, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_v_arg = __pyx_t_5;
     __pyx_t_5 = 0;
     goto __pyx_L6;
   }
   /*else*/ {
-    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_x, 0, 8, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 452, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_x, 0, 9, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 453, __pyx_L1_error)
 
   }
   __pyx_L6:;
-  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 452, __pyx_L1_error) }
-  __pyx_t_5 = __pyx_ff_map_fused_988187_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 452, __pyx_L1_error)
+  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 453, __pyx_L1_error) }
+  __pyx_t_5 = __pyx_ff_map_fused_988187_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 453, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_dest_sig0 = ((PyObject*)__pyx_t_5);
   __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 452, __pyx_L1_error)
+  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 453, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   {
     PyObject *__pyx_temp;
@@ -28296,9 +28321,10 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_12_columnar_v4_17inference(PyObjec
   __Pyx_memviewslice __pyx_v_y = { 0, 0, { 0 }, { 0 }, { 0 } };
   double __pyx_v_eps;
   int __pyx_v_num_threads;
+  int __pyx_v_stream;
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
-  PyObject* values[8] = {0,0,0,0,0,0,0,0};
+  PyObject* values[9] = {0,0,0,0,0,0,0,0,0};
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -28312,83 +28338,90 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_12_columnar_v4_17inference(PyObjec
   #endif
   __pyx_kwvalues = __Pyx_KwValues_VARARGS(__pyx_args, __pyx_nargs);
   {
-    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_beta,&__pyx_mstate_global->__pyx_n_u_running_mean,&__pyx_mstate_global->__pyx_n_u_running_var,&__pyx_mstate_global->__pyx_n_u_y,&__pyx_mstate_global->__pyx_n_u_eps,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_beta,&__pyx_mstate_global->__pyx_n_u_running_mean,&__pyx_mstate_global->__pyx_n_u_running_var,&__pyx_mstate_global->__pyx_n_u_y,&__pyx_mstate_global->__pyx_n_u_eps,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 452, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 453, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
+        case  9:
+        values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 453, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case  8:
         values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  7:
         values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "inference", 0) < (0)) __PYX_ERR(3, 452, __pyx_L3_error)
-      for (Py_ssize_t i = __pyx_nargs; i < 8; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("inference", 1, 8, 8, i); __PYX_ERR(3, 452, __pyx_L3_error) }
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "inference", 0) < (0)) __PYX_ERR(3, 453, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 9; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("inference", 1, 9, 9, i); __PYX_ERR(3, 453, __pyx_L3_error) }
       }
-    } else if (unlikely(__pyx_nargs != 8)) {
+    } else if (unlikely(__pyx_nargs != 9)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 452, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 453, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 452, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 453, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 452, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 453, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 452, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 453, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 452, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 453, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 452, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 453, __pyx_L3_error)
       values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 452, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 453, __pyx_L3_error)
       values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 452, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 453, __pyx_L3_error)
+      values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 453, __pyx_L3_error)
     }
-    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 452, __pyx_L3_error)
-    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 452, __pyx_L3_error)
-    __pyx_v_beta = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[2], 0); if (unlikely(!__pyx_v_beta.memview)) __PYX_ERR(3, 453, __pyx_L3_error)
-    __pyx_v_running_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[3], 0); if (unlikely(!__pyx_v_running_mean.memview)) __PYX_ERR(3, 453, __pyx_L3_error)
-    __pyx_v_running_var = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[4], 0); if (unlikely(!__pyx_v_running_var.memview)) __PYX_ERR(3, 454, __pyx_L3_error)
-    __pyx_v_y = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_y.memview)) __PYX_ERR(3, 454, __pyx_L3_error)
-    __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[6]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 455, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[7]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 455, __pyx_L3_error)
+    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 453, __pyx_L3_error)
+    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 453, __pyx_L3_error)
+    __pyx_v_beta = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[2], 0); if (unlikely(!__pyx_v_beta.memview)) __PYX_ERR(3, 454, __pyx_L3_error)
+    __pyx_v_running_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[3], 0); if (unlikely(!__pyx_v_running_mean.memview)) __PYX_ERR(3, 454, __pyx_L3_error)
+    __pyx_v_running_var = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[4], 0); if (unlikely(!__pyx_v_running_var.memview)) __PYX_ERR(3, 455, __pyx_L3_error)
+    __pyx_v_y = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_y.memview)) __PYX_ERR(3, 455, __pyx_L3_error)
+    __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[6]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 456, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[7]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 456, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[8]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 456, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("inference", 1, 8, 8, __pyx_nargs); __PYX_ERR(3, 452, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("inference", 1, 9, 9, __pyx_nargs); __PYX_ERR(3, 453, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -28405,7 +28438,7 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_12_columnar_v4_17inference(PyObjec
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_6fastbn_12_columnar_v4_16inference(__pyx_self, __pyx_v_x, __pyx_v_gamma, __pyx_v_beta, __pyx_v_running_mean, __pyx_v_running_var, __pyx_v_y, __pyx_v_eps, __pyx_v_num_threads);
+  __pyx_r = __pyx_pf_6fastbn_12_columnar_v4_16inference(__pyx_self, __pyx_v_x, __pyx_v_gamma, __pyx_v_beta, __pyx_v_running_mean, __pyx_v_running_var, __pyx_v_y, __pyx_v_eps, __pyx_v_num_threads, __pyx_v_stream);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -28419,11 +28452,12 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_12_columnar_v4_17inference(PyObjec
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_y, 1);
 
 
+
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6fastbn_12_columnar_v4_16inference(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, __Pyx_memviewslice __pyx_v_y, double __pyx_v_eps, int __pyx_v_num_threads) {
+static PyObject *__pyx_pf_6fastbn_12_columnar_v4_16inference(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, __Pyx_memviewslice __pyx_v_y, double __pyx_v_eps, int __pyx_v_num_threads, int __pyx_v_stream) {
   float const *__pyx_v_xp;
   float *__pyx_v_yp;
   struct __pyx_t_6fastbn_12_columnar_v4_Grid __pyx_v_g;
@@ -28451,8 +28485,8 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_16inference(CYTHON_UNUSED PyObj
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_0inference", 0);
 
-  /* "fastbn/_columnar.pyx":457
- *               double eps, int num_threads):
+  /* "fastbn/_columnar.pyx":458
+ *               double eps, int num_threads, bint stream):
  *     """Inference forward on an (M, C) view; see fastbn.functional."""
  *     cdef const floating* xp = &x[0, 0]             # <<<<<<<<<<<<<<
  *     cdef floating* yp = &y[0, 0]
@@ -28462,37 +28496,37 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_16inference(CYTHON_UNUSED PyObj
   __pyx_t_2 = 0;
   __pyx_v_xp = (&(*((float const  *) ( /* dim=1 */ ((char *) (((float const  *) ( /* dim=0 */ (__pyx_v_x.data + __pyx_t_1 * __pyx_v_x.strides[0]) )) + __pyx_t_2)) ))));
 
-  /* "fastbn/_columnar.pyx":458
+  /* "fastbn/_columnar.pyx":459
  *     """Inference forward on an (M, C) view; see fastbn.functional."""
  *     cdef const floating* xp = &x[0, 0]
  *     cdef floating* yp = &y[0, 0]             # <<<<<<<<<<<<<<
  *     cdef Grid g = make_grid(x.shape[0], x.shape[1], sizeof(floating),
- *                             streams(yp, xp, NULL, x.shape[0] * x.shape[1] * sizeof(floating)))
+ *                             streams(stream, yp, xp, NULL,
 */
   __pyx_t_2 = 0;
   __pyx_t_1 = 0;
   __pyx_v_yp = (&(*((float *) ( /* dim=1 */ ((char *) (((float *) ( /* dim=0 */ (__pyx_v_y.data + __pyx_t_2 * __pyx_v_y.strides[0]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_columnar.pyx":459
+  /* "fastbn/_columnar.pyx":460
  *     cdef const floating* xp = &x[0, 0]
  *     cdef floating* yp = &y[0, 0]
  *     cdef Grid g = make_grid(x.shape[0], x.shape[1], sizeof(floating),             # <<<<<<<<<<<<<<
- *                             streams(yp, xp, NULL, x.shape[0] * x.shape[1] * sizeof(floating)))
- *     cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)
+ *                             streams(stream, yp, xp, NULL,
+ *                                     x.shape[0] * x.shape[1] * sizeof(floating)))
 */
-  __pyx_v_g = __pyx_f_6fastbn_12_columnar_v4_make_grid((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (sizeof(float)), __pyx_f_6fastbn_5_simd_streams(__pyx_v_yp, __pyx_v_xp, NULL, (((__pyx_v_x.shape[0]) * (__pyx_v_x.shape[1])) * (sizeof(float)))));
+  __pyx_v_g = __pyx_f_6fastbn_12_columnar_v4_make_grid((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (sizeof(float)), __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_yp, __pyx_v_xp, NULL, (((__pyx_v_x.shape[0]) * (__pyx_v_x.shape[1])) * (sizeof(float)))));
 
-  /* "fastbn/_columnar.pyx":461
- *     cdef Grid g = make_grid(x.shape[0], x.shape[1], sizeof(floating),
- *                             streams(yp, xp, NULL, x.shape[0] * x.shape[1] * sizeof(floating)))
+  /* "fastbn/_columnar.pyx":463
+ *                             streams(stream, yp, xp, NULL,
+ *                                     x.shape[0] * x.shape[1] * sizeof(floating)))
  *     cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)             # <<<<<<<<<<<<<<
  *     cdef const floating* gp = cptr(gamma)
  *     cdef const floating* bp = cptr(beta)
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for((__pyx_v_g.M * __pyx_v_g.C), __pyx_v_g.nblocks, __pyx_v_num_threads);
 
-  /* "fastbn/_columnar.pyx":462
- *                             streams(yp, xp, NULL, x.shape[0] * x.shape[1] * sizeof(floating)))
+  /* "fastbn/_columnar.pyx":464
+ *                                     x.shape[0] * x.shape[1] * sizeof(floating)))
  *     cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)
  *     cdef const floating* gp = cptr(gamma)             # <<<<<<<<<<<<<<
  *     cdef const floating* bp = cptr(beta)
@@ -28500,7 +28534,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_16inference(CYTHON_UNUSED PyObj
 */
   __pyx_v_gp = __pyx_fuse_0__pyx_f_6fastbn_6_views_cptr(__pyx_v_gamma);
 
-  /* "fastbn/_columnar.pyx":463
+  /* "fastbn/_columnar.pyx":465
  *     cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)
  *     cdef const floating* gp = cptr(gamma)
  *     cdef const floating* bp = cptr(beta)             # <<<<<<<<<<<<<<
@@ -28509,19 +28543,19 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_16inference(CYTHON_UNUSED PyObj
 */
   __pyx_v_bp = __pyx_fuse_0__pyx_f_6fastbn_6_views_cptr(__pyx_v_beta);
 
-  /* "fastbn/_columnar.pyx":464
+  /* "fastbn/_columnar.pyx":466
  *     cdef const floating* gp = cptr(gamma)
  *     cdef const floating* bp = cptr(beta)
  *     cdef array mem = workspace(g.C, MAPS_BYTES)             # <<<<<<<<<<<<<<
  *     cdef Maps k = maps_in(mem.data, g.C)
  *     cdef Py_ssize_t c, blk
 */
-  __pyx_t_3 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_v_g.C, __pyx_e_6fastbn_12_columnar_v4_MAPS_BYTES)); if (unlikely(!__pyx_t_3)) __PYX_ERR(3, 464, __pyx_L1_error)
+  __pyx_t_3 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_v_g.C, __pyx_e_6fastbn_12_columnar_v4_MAPS_BYTES)); if (unlikely(!__pyx_t_3)) __PYX_ERR(3, 466, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_3);
   __pyx_t_3 = 0;
 
-  /* "fastbn/_columnar.pyx":465
+  /* "fastbn/_columnar.pyx":467
  *     cdef const floating* bp = cptr(beta)
  *     cdef array mem = workspace(g.C, MAPS_BYTES)
  *     cdef Maps k = maps_in(mem.data, g.C)             # <<<<<<<<<<<<<<
@@ -28530,7 +28564,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_16inference(CYTHON_UNUSED PyObj
 */
   __pyx_v_k = __pyx_f_6fastbn_12_columnar_v4_maps_in(__pyx_v_mem->data, __pyx_v_g.C);
 
-  /* "fastbn/_columnar.pyx":467
+  /* "fastbn/_columnar.pyx":469
  *     cdef Maps k = maps_in(mem.data, g.C)
  *     cdef Py_ssize_t c, blk
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -28543,7 +28577,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_16inference(CYTHON_UNUSED PyObj
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "fastbn/_columnar.pyx":468
+        /* "fastbn/_columnar.pyx":470
  *     cdef Py_ssize_t c, blk
  *     with nogil:
  *         for c in range(g.C):             # <<<<<<<<<<<<<<
@@ -28557,7 +28591,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_16inference(CYTHON_UNUSED PyObj
         for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
           __pyx_v_c = __pyx_t_6;
 
-          /* "fastbn/_columnar.pyx":469
+          /* "fastbn/_columnar.pyx":471
  *     with nogil:
  *         for c in range(g.C):
  *             store_map(&k, c, inference_coef(&running_mean[0], &running_var[0], eps, gp, bp, c))             # <<<<<<<<<<<<<<
@@ -28570,7 +28604,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_16inference(CYTHON_UNUSED PyObj
         }
 
 
-        /* "fastbn/_columnar.pyx":470
+        /* "fastbn/_columnar.pyx":472
  *         for c in range(g.C):
  *             store_map(&k, c, inference_coef(&running_mean[0], &running_var[0], eps, gp, bp, c))
  *         for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -28600,7 +28634,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_16inference(CYTHON_UNUSED PyObj
                         {
                             __pyx_v_blk = (Py_ssize_t)(0 + 1 * __pyx_t_5);
 
-                            /* "fastbn/_columnar.pyx":472
+                            /* "fastbn/_columnar.pyx":474
  *         for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):
  *             block_apply(xp, NULL, yp, &g, blk * g.rows_per_block,
  *                         min(g.M, (blk + 1) * g.rows_per_block), 0, g.C, &k)             # <<<<<<<<<<<<<<
@@ -28622,7 +28656,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_16inference(CYTHON_UNUSED PyObj
                             }
 
 
-                            /* "fastbn/_columnar.pyx":471
+                            /* "fastbn/_columnar.pyx":473
  *             store_map(&k, c, inference_coef(&running_mean[0], &running_var[0], eps, gp, bp, c))
  *         for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):
  *             block_apply(xp, NULL, yp, &g, blk * g.rows_per_block,             # <<<<<<<<<<<<<<
@@ -28645,7 +28679,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_16inference(CYTHON_UNUSED PyObj
 
       }
 
-      /* "fastbn/_columnar.pyx":467
+      /* "fastbn/_columnar.pyx":469
  *     cdef Maps k = maps_in(mem.data, g.C)
  *     cdef Py_ssize_t c, blk
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -28662,7 +28696,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_16inference(CYTHON_UNUSED PyObj
       }
   }
 
-  /* "fastbn/_columnar.pyx":452
+  /* "fastbn/_columnar.pyx":453
  * 
  * 
  * def inference(const floating[:, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
@@ -28705,9 +28739,10 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_12_columnar_v4_19inference(PyObjec
   __Pyx_memviewslice __pyx_v_y = { 0, 0, { 0 }, { 0 }, { 0 } };
   double __pyx_v_eps;
   int __pyx_v_num_threads;
+  int __pyx_v_stream;
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
-  PyObject* values[8] = {0,0,0,0,0,0,0,0};
+  PyObject* values[9] = {0,0,0,0,0,0,0,0,0};
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -28721,83 +28756,90 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_12_columnar_v4_19inference(PyObjec
   #endif
   __pyx_kwvalues = __Pyx_KwValues_VARARGS(__pyx_args, __pyx_nargs);
   {
-    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_beta,&__pyx_mstate_global->__pyx_n_u_running_mean,&__pyx_mstate_global->__pyx_n_u_running_var,&__pyx_mstate_global->__pyx_n_u_y,&__pyx_mstate_global->__pyx_n_u_eps,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_beta,&__pyx_mstate_global->__pyx_n_u_running_mean,&__pyx_mstate_global->__pyx_n_u_running_var,&__pyx_mstate_global->__pyx_n_u_y,&__pyx_mstate_global->__pyx_n_u_eps,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 452, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 453, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
+        case  9:
+        values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 453, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case  8:
         values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  7:
         values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 452, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 453, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "inference", 0) < (0)) __PYX_ERR(3, 452, __pyx_L3_error)
-      for (Py_ssize_t i = __pyx_nargs; i < 8; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("inference", 1, 8, 8, i); __PYX_ERR(3, 452, __pyx_L3_error) }
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "inference", 0) < (0)) __PYX_ERR(3, 453, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 9; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("inference", 1, 9, 9, i); __PYX_ERR(3, 453, __pyx_L3_error) }
       }
-    } else if (unlikely(__pyx_nargs != 8)) {
+    } else if (unlikely(__pyx_nargs != 9)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 452, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 453, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 452, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 453, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 452, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 453, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 452, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 453, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 452, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 453, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 452, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 453, __pyx_L3_error)
       values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 452, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 453, __pyx_L3_error)
       values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 452, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 453, __pyx_L3_error)
+      values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 453, __pyx_L3_error)
     }
-    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 452, __pyx_L3_error)
-    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 452, __pyx_L3_error)
-    __pyx_v_beta = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_beta.memview)) __PYX_ERR(3, 453, __pyx_L3_error)
-    __pyx_v_running_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_running_mean.memview)) __PYX_ERR(3, 453, __pyx_L3_error)
-    __pyx_v_running_var = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[4], 0); if (unlikely(!__pyx_v_running_var.memview)) __PYX_ERR(3, 454, __pyx_L3_error)
-    __pyx_v_y = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_y.memview)) __PYX_ERR(3, 454, __pyx_L3_error)
-    __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[6]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 455, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[7]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 455, __pyx_L3_error)
+    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 453, __pyx_L3_error)
+    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 453, __pyx_L3_error)
+    __pyx_v_beta = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_beta.memview)) __PYX_ERR(3, 454, __pyx_L3_error)
+    __pyx_v_running_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_running_mean.memview)) __PYX_ERR(3, 454, __pyx_L3_error)
+    __pyx_v_running_var = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[4], 0); if (unlikely(!__pyx_v_running_var.memview)) __PYX_ERR(3, 455, __pyx_L3_error)
+    __pyx_v_y = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_y.memview)) __PYX_ERR(3, 455, __pyx_L3_error)
+    __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[6]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 456, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[7]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 456, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[8]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 456, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("inference", 1, 8, 8, __pyx_nargs); __PYX_ERR(3, 452, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("inference", 1, 9, 9, __pyx_nargs); __PYX_ERR(3, 453, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -28814,7 +28856,7 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_12_columnar_v4_19inference(PyObjec
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_6fastbn_12_columnar_v4_18inference(__pyx_self, __pyx_v_x, __pyx_v_gamma, __pyx_v_beta, __pyx_v_running_mean, __pyx_v_running_var, __pyx_v_y, __pyx_v_eps, __pyx_v_num_threads);
+  __pyx_r = __pyx_pf_6fastbn_12_columnar_v4_18inference(__pyx_self, __pyx_v_x, __pyx_v_gamma, __pyx_v_beta, __pyx_v_running_mean, __pyx_v_running_var, __pyx_v_y, __pyx_v_eps, __pyx_v_num_threads, __pyx_v_stream);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -28828,11 +28870,12 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_12_columnar_v4_19inference(PyObjec
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_y, 1);
 
 
+
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6fastbn_12_columnar_v4_18inference(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, __Pyx_memviewslice __pyx_v_y, double __pyx_v_eps, int __pyx_v_num_threads) {
+static PyObject *__pyx_pf_6fastbn_12_columnar_v4_18inference(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, __Pyx_memviewslice __pyx_v_y, double __pyx_v_eps, int __pyx_v_num_threads, int __pyx_v_stream) {
   double const *__pyx_v_xp;
   double *__pyx_v_yp;
   struct __pyx_t_6fastbn_12_columnar_v4_Grid __pyx_v_g;
@@ -28860,8 +28903,8 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_18inference(CYTHON_UNUSED PyObj
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_1inference", 0);
 
-  /* "fastbn/_columnar.pyx":457
- *               double eps, int num_threads):
+  /* "fastbn/_columnar.pyx":458
+ *               double eps, int num_threads, bint stream):
  *     """Inference forward on an (M, C) view; see fastbn.functional."""
  *     cdef const floating* xp = &x[0, 0]             # <<<<<<<<<<<<<<
  *     cdef floating* yp = &y[0, 0]
@@ -28871,37 +28914,37 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_18inference(CYTHON_UNUSED PyObj
   __pyx_t_2 = 0;
   __pyx_v_xp = (&(*((double const  *) ( /* dim=1 */ ((char *) (((double const  *) ( /* dim=0 */ (__pyx_v_x.data + __pyx_t_1 * __pyx_v_x.strides[0]) )) + __pyx_t_2)) ))));
 
-  /* "fastbn/_columnar.pyx":458
+  /* "fastbn/_columnar.pyx":459
  *     """Inference forward on an (M, C) view; see fastbn.functional."""
  *     cdef const floating* xp = &x[0, 0]
  *     cdef floating* yp = &y[0, 0]             # <<<<<<<<<<<<<<
  *     cdef Grid g = make_grid(x.shape[0], x.shape[1], sizeof(floating),
- *                             streams(yp, xp, NULL, x.shape[0] * x.shape[1] * sizeof(floating)))
+ *                             streams(stream, yp, xp, NULL,
 */
   __pyx_t_2 = 0;
   __pyx_t_1 = 0;
   __pyx_v_yp = (&(*((double *) ( /* dim=1 */ ((char *) (((double *) ( /* dim=0 */ (__pyx_v_y.data + __pyx_t_2 * __pyx_v_y.strides[0]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_columnar.pyx":459
+  /* "fastbn/_columnar.pyx":460
  *     cdef const floating* xp = &x[0, 0]
  *     cdef floating* yp = &y[0, 0]
  *     cdef Grid g = make_grid(x.shape[0], x.shape[1], sizeof(floating),             # <<<<<<<<<<<<<<
- *                             streams(yp, xp, NULL, x.shape[0] * x.shape[1] * sizeof(floating)))
- *     cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)
+ *                             streams(stream, yp, xp, NULL,
+ *                                     x.shape[0] * x.shape[1] * sizeof(floating)))
 */
-  __pyx_v_g = __pyx_f_6fastbn_12_columnar_v4_make_grid((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (sizeof(double)), __pyx_f_6fastbn_5_simd_streams(__pyx_v_yp, __pyx_v_xp, NULL, (((__pyx_v_x.shape[0]) * (__pyx_v_x.shape[1])) * (sizeof(double)))));
+  __pyx_v_g = __pyx_f_6fastbn_12_columnar_v4_make_grid((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (sizeof(double)), __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_yp, __pyx_v_xp, NULL, (((__pyx_v_x.shape[0]) * (__pyx_v_x.shape[1])) * (sizeof(double)))));
 
-  /* "fastbn/_columnar.pyx":461
- *     cdef Grid g = make_grid(x.shape[0], x.shape[1], sizeof(floating),
- *                             streams(yp, xp, NULL, x.shape[0] * x.shape[1] * sizeof(floating)))
+  /* "fastbn/_columnar.pyx":463
+ *                             streams(stream, yp, xp, NULL,
+ *                                     x.shape[0] * x.shape[1] * sizeof(floating)))
  *     cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)             # <<<<<<<<<<<<<<
  *     cdef const floating* gp = cptr(gamma)
  *     cdef const floating* bp = cptr(beta)
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for((__pyx_v_g.M * __pyx_v_g.C), __pyx_v_g.nblocks, __pyx_v_num_threads);
 
-  /* "fastbn/_columnar.pyx":462
- *                             streams(yp, xp, NULL, x.shape[0] * x.shape[1] * sizeof(floating)))
+  /* "fastbn/_columnar.pyx":464
+ *                                     x.shape[0] * x.shape[1] * sizeof(floating)))
  *     cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)
  *     cdef const floating* gp = cptr(gamma)             # <<<<<<<<<<<<<<
  *     cdef const floating* bp = cptr(beta)
@@ -28909,7 +28952,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_18inference(CYTHON_UNUSED PyObj
 */
   __pyx_v_gp = __pyx_fuse_1__pyx_f_6fastbn_6_views_cptr(__pyx_v_gamma);
 
-  /* "fastbn/_columnar.pyx":463
+  /* "fastbn/_columnar.pyx":465
  *     cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)
  *     cdef const floating* gp = cptr(gamma)
  *     cdef const floating* bp = cptr(beta)             # <<<<<<<<<<<<<<
@@ -28918,19 +28961,19 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_18inference(CYTHON_UNUSED PyObj
 */
   __pyx_v_bp = __pyx_fuse_1__pyx_f_6fastbn_6_views_cptr(__pyx_v_beta);
 
-  /* "fastbn/_columnar.pyx":464
+  /* "fastbn/_columnar.pyx":466
  *     cdef const floating* gp = cptr(gamma)
  *     cdef const floating* bp = cptr(beta)
  *     cdef array mem = workspace(g.C, MAPS_BYTES)             # <<<<<<<<<<<<<<
  *     cdef Maps k = maps_in(mem.data, g.C)
  *     cdef Py_ssize_t c, blk
 */
-  __pyx_t_3 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_v_g.C, __pyx_e_6fastbn_12_columnar_v4_MAPS_BYTES)); if (unlikely(!__pyx_t_3)) __PYX_ERR(3, 464, __pyx_L1_error)
+  __pyx_t_3 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_v_g.C, __pyx_e_6fastbn_12_columnar_v4_MAPS_BYTES)); if (unlikely(!__pyx_t_3)) __PYX_ERR(3, 466, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_3);
   __pyx_t_3 = 0;
 
-  /* "fastbn/_columnar.pyx":465
+  /* "fastbn/_columnar.pyx":467
  *     cdef const floating* bp = cptr(beta)
  *     cdef array mem = workspace(g.C, MAPS_BYTES)
  *     cdef Maps k = maps_in(mem.data, g.C)             # <<<<<<<<<<<<<<
@@ -28939,7 +28982,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_18inference(CYTHON_UNUSED PyObj
 */
   __pyx_v_k = __pyx_f_6fastbn_12_columnar_v4_maps_in(__pyx_v_mem->data, __pyx_v_g.C);
 
-  /* "fastbn/_columnar.pyx":467
+  /* "fastbn/_columnar.pyx":469
  *     cdef Maps k = maps_in(mem.data, g.C)
  *     cdef Py_ssize_t c, blk
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -28952,7 +28995,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_18inference(CYTHON_UNUSED PyObj
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "fastbn/_columnar.pyx":468
+        /* "fastbn/_columnar.pyx":470
  *     cdef Py_ssize_t c, blk
  *     with nogil:
  *         for c in range(g.C):             # <<<<<<<<<<<<<<
@@ -28966,7 +29009,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_18inference(CYTHON_UNUSED PyObj
         for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
           __pyx_v_c = __pyx_t_6;
 
-          /* "fastbn/_columnar.pyx":469
+          /* "fastbn/_columnar.pyx":471
  *     with nogil:
  *         for c in range(g.C):
  *             store_map(&k, c, inference_coef(&running_mean[0], &running_var[0], eps, gp, bp, c))             # <<<<<<<<<<<<<<
@@ -28979,7 +29022,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_18inference(CYTHON_UNUSED PyObj
         }
 
 
-        /* "fastbn/_columnar.pyx":470
+        /* "fastbn/_columnar.pyx":472
  *         for c in range(g.C):
  *             store_map(&k, c, inference_coef(&running_mean[0], &running_var[0], eps, gp, bp, c))
  *         for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -29009,7 +29052,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_18inference(CYTHON_UNUSED PyObj
                         {
                             __pyx_v_blk = (Py_ssize_t)(0 + 1 * __pyx_t_5);
 
-                            /* "fastbn/_columnar.pyx":472
+                            /* "fastbn/_columnar.pyx":474
  *         for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):
  *             block_apply(xp, NULL, yp, &g, blk * g.rows_per_block,
  *                         min(g.M, (blk + 1) * g.rows_per_block), 0, g.C, &k)             # <<<<<<<<<<<<<<
@@ -29031,7 +29074,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_18inference(CYTHON_UNUSED PyObj
                             }
 
 
-                            /* "fastbn/_columnar.pyx":471
+                            /* "fastbn/_columnar.pyx":473
  *             store_map(&k, c, inference_coef(&running_mean[0], &running_var[0], eps, gp, bp, c))
  *         for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):
  *             block_apply(xp, NULL, yp, &g, blk * g.rows_per_block,             # <<<<<<<<<<<<<<
@@ -29054,7 +29097,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_18inference(CYTHON_UNUSED PyObj
 
       }
 
-      /* "fastbn/_columnar.pyx":467
+      /* "fastbn/_columnar.pyx":469
  *     cdef Maps k = maps_in(mem.data, g.C)
  *     cdef Py_ssize_t c, blk
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -29071,7 +29114,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_18inference(CYTHON_UNUSED PyObj
       }
   }
 
-  /* "fastbn/_columnar.pyx":452
+  /* "fastbn/_columnar.pyx":453
  * 
  * 
  * def inference(const floating[:, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
@@ -29102,7 +29145,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_18inference(CYTHON_UNUSED PyObj
   return __pyx_r;
 }
 
-/* "fastbn/_columnar.pyx":475
+/* "fastbn/_columnar.pyx":477
  * 
  * 
  * def backward(const floating[:, ::1] dy, const floating[:, ::1] x,             # <<<<<<<<<<<<<<
@@ -29139,53 +29182,53 @@ static PyObject *__pyx_pw_6fastbn_12_columnar_v4_5backward(PyObject *__pyx_self,
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_signatures,&__pyx_mstate_global->__pyx_n_u_args,&__pyx_mstate_global->__pyx_n_u_kwargs,&__pyx_mstate_global->__pyx_n_u_defaults,&__pyx_mstate_global->__pyx_n_u_fused_sigindex,0};
     struct __pyx_defaults *__pyx_dynamic_args = __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self);
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 475, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 477, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 475, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 477, __pyx_L3_error)
       if (!values[4]) values[4] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
       for (Py_ssize_t i = __pyx_nargs; i < 4; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 475, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 477, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 477, __pyx_L3_error)
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 477, __pyx_L3_error)
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 477, __pyx_L3_error)
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 477, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -29199,7 +29242,7 @@ static PyObject *__pyx_pw_6fastbn_12_columnar_v4_5backward(PyObject *__pyx_self,
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 475, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 477, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -29251,7 +29294,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_4backward(CYTHON_UNUSED PyObjec
   else
   {
     Py_ssize_t __pyx_temp = __Pyx_PyDict_GET_SIZE(__pyx_v_kwargs);
-    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 475, __pyx_L1_error)
+    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 477, __pyx_L1_error)
     __pyx_t_2 = (__pyx_temp != 0);
   }
 
@@ -29269,11 +29312,11 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_4backward(CYTHON_UNUSED PyObjec
   }
   if (unlikely(__pyx_v_args == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(3, 475, __pyx_L1_error)
+    __PYX_ERR(3, 477, __pyx_L1_error)
   }
-  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 475, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 477, __pyx_L1_error)
   __pyx_v_arg_count = __pyx_t_4;
-  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 475, __pyx_L1_error)
+  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 477, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_ndarray = ((PyTypeObject*)__pyx_t_5);
   __pyx_t_5 = 0;
@@ -29283,7 +29326,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_4backward(CYTHON_UNUSED PyObjec
 
     if (unlikely(__pyx_v_args == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 475, __pyx_L1_error)
+      __PYX_ERR(3, 477, __pyx_L1_error)
     }
     __pyx_t_5 = __Pyx_PyTuple_GET_ITEM(((PyObject*)__pyx_v_args), 0);
     __Pyx_INCREF(__pyx_t_5);
@@ -29302,9 +29345,9 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_4backward(CYTHON_UNUSED PyObjec
   }
   if (unlikely(__pyx_v_kwargs == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not iterable");
-    __PYX_ERR(3, 475, __pyx_L1_error)
+    __PYX_ERR(3, 477, __pyx_L1_error)
   }
-  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_dy, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 475, __pyx_L1_error)
+  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_dy, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 477, __pyx_L1_error)
 
   __pyx_t_1 = __pyx_t_3;
 
@@ -29313,25 +29356,25 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_4backward(CYTHON_UNUSED PyObjec
 
     if (unlikely(__pyx_v_kwargs == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 475, __pyx_L1_error)
+      __PYX_ERR(3, 477, __pyx_L1_error)
     }
-    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_dy); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 475, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_dy); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 477, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_v_arg = __pyx_t_5;
     __pyx_t_5 = 0;
     goto __pyx_L6;
   }
   /*else*/ {
-    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_dy, 0, 9, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 475, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_dy, 0, 10, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 477, __pyx_L1_error)
 
   }
   __pyx_L6:;
-  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 475, __pyx_L1_error) }
-  __pyx_t_5 = __pyx_ff_map_fused_988187_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 475, __pyx_L1_error)
+  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 477, __pyx_L1_error) }
+  __pyx_t_5 = __pyx_ff_map_fused_988187_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 477, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_dest_sig0 = ((PyObject*)__pyx_t_5);
   __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 475, __pyx_L1_error)
+  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 477, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   {
     PyObject *__pyx_temp;
@@ -29373,9 +29416,10 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_12_columnar_v4_23backward(PyObject
   __Pyx_memviewslice __pyx_v_dgamma = { 0, 0, { 0 }, { 0 }, { 0 } };
   __Pyx_memviewslice __pyx_v_dbeta = { 0, 0, { 0 }, { 0 }, { 0 } };
   int __pyx_v_num_threads;
+  int __pyx_v_stream;
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
-  PyObject* values[9] = {0,0,0,0,0,0,0,0,0};
+  PyObject* values[10] = {0,0,0,0,0,0,0,0,0,0};
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -29389,90 +29433,97 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_12_columnar_v4_23backward(PyObject
   #endif
   __pyx_kwvalues = __Pyx_KwValues_VARARGS(__pyx_args, __pyx_nargs);
   {
-    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_dy,&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_mean,&__pyx_mstate_global->__pyx_n_u_invstd,&__pyx_mstate_global->__pyx_n_u_dx,&__pyx_mstate_global->__pyx_n_u_dgamma,&__pyx_mstate_global->__pyx_n_u_dbeta,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_dy,&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_mean,&__pyx_mstate_global->__pyx_n_u_invstd,&__pyx_mstate_global->__pyx_n_u_dx,&__pyx_mstate_global->__pyx_n_u_dgamma,&__pyx_mstate_global->__pyx_n_u_dbeta,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 475, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 477, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
+        case 10:
+        values[9] = __Pyx_ArgRef_VARARGS(__pyx_args, 9);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 477, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case  9:
         values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  8:
         values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  7:
         values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "backward", 0) < (0)) __PYX_ERR(3, 475, __pyx_L3_error)
-      for (Py_ssize_t i = __pyx_nargs; i < 9; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("backward", 1, 9, 9, i); __PYX_ERR(3, 475, __pyx_L3_error) }
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "backward", 0) < (0)) __PYX_ERR(3, 477, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 10; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("backward", 1, 10, 10, i); __PYX_ERR(3, 477, __pyx_L3_error) }
       }
-    } else if (unlikely(__pyx_nargs != 9)) {
+    } else if (unlikely(__pyx_nargs != 10)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 475, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 477, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 475, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 477, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 475, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 477, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 475, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 477, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 475, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 477, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 475, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 477, __pyx_L3_error)
       values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 475, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 477, __pyx_L3_error)
       values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 475, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 477, __pyx_L3_error)
       values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 475, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 477, __pyx_L3_error)
+      values[9] = __Pyx_ArgRef_VARARGS(__pyx_args, 9);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 477, __pyx_L3_error)
     }
-    __pyx_v_dy = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_dy.memview)) __PYX_ERR(3, 475, __pyx_L3_error)
-    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 475, __pyx_L3_error)
-    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[2], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 476, __pyx_L3_error)
-    __pyx_v_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[3], 0); if (unlikely(!__pyx_v_mean.memview)) __PYX_ERR(3, 476, __pyx_L3_error)
-    __pyx_v_invstd = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[4], 0); if (unlikely(!__pyx_v_invstd.memview)) __PYX_ERR(3, 477, __pyx_L3_error)
-    __pyx_v_dx = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dx.memview)) __PYX_ERR(3, 477, __pyx_L3_error)
-    __pyx_v_dgamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[6], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dgamma.memview)) __PYX_ERR(3, 478, __pyx_L3_error)
-    __pyx_v_dbeta = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[7], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dbeta.memview)) __PYX_ERR(3, 478, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[8]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 478, __pyx_L3_error)
+    __pyx_v_dy = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_dy.memview)) __PYX_ERR(3, 477, __pyx_L3_error)
+    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 477, __pyx_L3_error)
+    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[2], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 478, __pyx_L3_error)
+    __pyx_v_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[3], 0); if (unlikely(!__pyx_v_mean.memview)) __PYX_ERR(3, 478, __pyx_L3_error)
+    __pyx_v_invstd = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[4], 0); if (unlikely(!__pyx_v_invstd.memview)) __PYX_ERR(3, 479, __pyx_L3_error)
+    __pyx_v_dx = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dx.memview)) __PYX_ERR(3, 479, __pyx_L3_error)
+    __pyx_v_dgamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[6], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dgamma.memview)) __PYX_ERR(3, 480, __pyx_L3_error)
+    __pyx_v_dbeta = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[7], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dbeta.memview)) __PYX_ERR(3, 480, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[8]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 480, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[9]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 481, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("backward", 1, 9, 9, __pyx_nargs); __PYX_ERR(3, 475, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("backward", 1, 10, 10, __pyx_nargs); __PYX_ERR(3, 477, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -29491,7 +29542,7 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_12_columnar_v4_23backward(PyObject
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_6fastbn_12_columnar_v4_22backward(__pyx_self, __pyx_v_dy, __pyx_v_x, __pyx_v_gamma, __pyx_v_mean, __pyx_v_invstd, __pyx_v_dx, __pyx_v_dgamma, __pyx_v_dbeta, __pyx_v_num_threads);
+  __pyx_r = __pyx_pf_6fastbn_12_columnar_v4_22backward(__pyx_self, __pyx_v_dy, __pyx_v_x, __pyx_v_gamma, __pyx_v_mean, __pyx_v_invstd, __pyx_v_dx, __pyx_v_dgamma, __pyx_v_dbeta, __pyx_v_num_threads, __pyx_v_stream);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -29506,11 +29557,12 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_12_columnar_v4_23backward(PyObject
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_dgamma, 1);
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_dbeta, 1);
 
+
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6fastbn_12_columnar_v4_22backward(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_dy, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_dx, __Pyx_memviewslice __pyx_v_dgamma, __Pyx_memviewslice __pyx_v_dbeta, int __pyx_v_num_threads) {
+static PyObject *__pyx_pf_6fastbn_12_columnar_v4_22backward(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_dy, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_dx, __Pyx_memviewslice __pyx_v_dgamma, __Pyx_memviewslice __pyx_v_dbeta, int __pyx_v_num_threads, int __pyx_v_stream) {
   float const *__pyx_v_dyp;
   float const *__pyx_v_xp;
   float *__pyx_v_dxp;
@@ -29535,8 +29587,8 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_22backward(CYTHON_UNUSED PyObje
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_0backward", 0);
 
-  /* "fastbn/_columnar.pyx":480
- *              floating[::1] dgamma, floating[::1] dbeta, int num_threads):
+  /* "fastbn/_columnar.pyx":483
+ *              bint stream):
  *     """Fused backward on (M, C) views; see fastbn.functional."""
  *     cdef const floating* dyp = &dy[0, 0]             # <<<<<<<<<<<<<<
  *     cdef const floating* xp = &x[0, 0]
@@ -29546,7 +29598,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_22backward(CYTHON_UNUSED PyObje
   __pyx_t_2 = 0;
   __pyx_v_dyp = (&(*((float const  *) ( /* dim=1 */ ((char *) (((float const  *) ( /* dim=0 */ (__pyx_v_dy.data + __pyx_t_1 * __pyx_v_dy.strides[0]) )) + __pyx_t_2)) ))));
 
-  /* "fastbn/_columnar.pyx":481
+  /* "fastbn/_columnar.pyx":484
  *     """Fused backward on (M, C) views; see fastbn.functional."""
  *     cdef const floating* dyp = &dy[0, 0]
  *     cdef const floating* xp = &x[0, 0]             # <<<<<<<<<<<<<<
@@ -29557,48 +29609,48 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_22backward(CYTHON_UNUSED PyObje
   __pyx_t_1 = 0;
   __pyx_v_xp = (&(*((float const  *) ( /* dim=1 */ ((char *) (((float const  *) ( /* dim=0 */ (__pyx_v_x.data + __pyx_t_2 * __pyx_v_x.strides[0]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_columnar.pyx":482
+  /* "fastbn/_columnar.pyx":485
  *     cdef const floating* dyp = &dy[0, 0]
  *     cdef const floating* xp = &x[0, 0]
  *     cdef floating* dxp = &dx[0, 0]             # <<<<<<<<<<<<<<
  *     cdef Grid g = make_grid(x.shape[0], x.shape[1], 2 * sizeof(floating),
- *                             streams(dxp, dyp, xp, x.shape[0] * x.shape[1] * sizeof(floating)))
+ *                             streams(stream, dxp, dyp, xp,
 */
   __pyx_t_1 = 0;
   __pyx_t_2 = 0;
   __pyx_v_dxp = (&(*((float *) ( /* dim=1 */ ((char *) (((float *) ( /* dim=0 */ (__pyx_v_dx.data + __pyx_t_1 * __pyx_v_dx.strides[0]) )) + __pyx_t_2)) ))));
 
-  /* "fastbn/_columnar.pyx":483
+  /* "fastbn/_columnar.pyx":486
  *     cdef const floating* xp = &x[0, 0]
  *     cdef floating* dxp = &dx[0, 0]
  *     cdef Grid g = make_grid(x.shape[0], x.shape[1], 2 * sizeof(floating),             # <<<<<<<<<<<<<<
- *                             streams(dxp, dyp, xp, x.shape[0] * x.shape[1] * sizeof(floating)))
- *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
+ *                             streams(stream, dxp, dyp, xp,
+ *                                     x.shape[0] * x.shape[1] * sizeof(floating)))
 */
-  __pyx_v_g = __pyx_f_6fastbn_12_columnar_v4_make_grid((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (2 * (sizeof(float))), __pyx_f_6fastbn_5_simd_streams(__pyx_v_dxp, __pyx_v_dyp, __pyx_v_xp, (((__pyx_v_x.shape[0]) * (__pyx_v_x.shape[1])) * (sizeof(float)))));
+  __pyx_v_g = __pyx_f_6fastbn_12_columnar_v4_make_grid((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (2 * (sizeof(float))), __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_dxp, __pyx_v_dyp, __pyx_v_xp, (((__pyx_v_x.shape[0]) * (__pyx_v_x.shape[1])) * (sizeof(float)))));
 
-  /* "fastbn/_columnar.pyx":485
- *     cdef Grid g = make_grid(x.shape[0], x.shape[1], 2 * sizeof(floating),
- *                             streams(dxp, dyp, xp, x.shape[0] * x.shape[1] * sizeof(floating)))
+  /* "fastbn/_columnar.pyx":489
+ *                             streams(stream, dxp, dyp, xp,
+ *                                     x.shape[0] * x.shape[1] * sizeof(floating)))
  *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)             # <<<<<<<<<<<<<<
  *     cdef array mem = workspace(pass_bytes(&g), 1)
  *     cdef char* wp = mem.data
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for((__pyx_v_g.M * __pyx_v_g.C), __pyx_f_6fastbn_12_columnar_v4_nunits((&__pyx_v_g)), __pyx_v_num_threads);
 
-  /* "fastbn/_columnar.pyx":486
- *                             streams(dxp, dyp, xp, x.shape[0] * x.shape[1] * sizeof(floating)))
+  /* "fastbn/_columnar.pyx":490
+ *                                     x.shape[0] * x.shape[1] * sizeof(floating)))
  *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
  *     cdef array mem = workspace(pass_bytes(&g), 1)             # <<<<<<<<<<<<<<
  *     cdef char* wp = mem.data
  *     cdef double* center = centers(wp, &g)
 */
-  __pyx_t_3 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_f_6fastbn_12_columnar_v4_pass_bytes((&__pyx_v_g)), 1)); if (unlikely(!__pyx_t_3)) __PYX_ERR(3, 486, __pyx_L1_error)
+  __pyx_t_3 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_f_6fastbn_12_columnar_v4_pass_bytes((&__pyx_v_g)), 1)); if (unlikely(!__pyx_t_3)) __PYX_ERR(3, 490, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_3);
   __pyx_t_3 = 0;
 
-  /* "fastbn/_columnar.pyx":487
+  /* "fastbn/_columnar.pyx":491
  *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
  *     cdef array mem = workspace(pass_bytes(&g), 1)
  *     cdef char* wp = mem.data             # <<<<<<<<<<<<<<
@@ -29609,7 +29661,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_22backward(CYTHON_UNUSED PyObje
 
   __pyx_v_wp = __pyx_t_4;
 
-  /* "fastbn/_columnar.pyx":488
+  /* "fastbn/_columnar.pyx":492
  *     cdef array mem = workspace(pass_bytes(&g), 1)
  *     cdef char* wp = mem.data
  *     cdef double* center = centers(wp, &g)             # <<<<<<<<<<<<<<
@@ -29618,7 +29670,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_22backward(CYTHON_UNUSED PyObje
 */
   __pyx_v_center = __pyx_f_6fastbn_12_columnar_v4_centers(__pyx_v_wp, (&__pyx_v_g));
 
-  /* "fastbn/_columnar.pyx":491
+  /* "fastbn/_columnar.pyx":495
  *     cdef Pass ps
  *     cdef Py_ssize_t c
  *     ps.backward = True             # <<<<<<<<<<<<<<
@@ -29627,7 +29679,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_22backward(CYTHON_UNUSED PyObje
 */
   __pyx_v_ps.backward = 1;
 
-  /* "fastbn/_columnar.pyx":492
+  /* "fastbn/_columnar.pyx":496
  *     cdef Py_ssize_t c
  *     ps.backward = True
  *     ps.m = <double>g.M             # <<<<<<<<<<<<<<
@@ -29636,7 +29688,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_22backward(CYTHON_UNUSED PyObje
 */
   __pyx_v_ps.m = ((double)__pyx_v_g.M);
 
-  /* "fastbn/_columnar.pyx":493
+  /* "fastbn/_columnar.pyx":497
  *     ps.backward = True
  *     ps.m = <double>g.M
  *     ps.gamma = cptr(gamma)             # <<<<<<<<<<<<<<
@@ -29645,7 +29697,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_22backward(CYTHON_UNUSED PyObje
 */
   __pyx_v_ps.gamma = __pyx_fuse_0__pyx_f_6fastbn_6_views_cptr(__pyx_v_gamma);
 
-  /* "fastbn/_columnar.pyx":494
+  /* "fastbn/_columnar.pyx":498
  *     ps.m = <double>g.M
  *     ps.gamma = cptr(gamma)
  *     ps.mean = <void*>&mean[0]             # <<<<<<<<<<<<<<
@@ -29655,7 +29707,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_22backward(CYTHON_UNUSED PyObje
   __pyx_t_2 = 0;
   __pyx_v_ps.mean = ((void *)(&(*((float const  *) ( /* dim=0 */ ((char *) (((float const  *) __pyx_v_mean.data) + __pyx_t_2)) )))));
 
-  /* "fastbn/_columnar.pyx":495
+  /* "fastbn/_columnar.pyx":499
  *     ps.gamma = cptr(gamma)
  *     ps.mean = <void*>&mean[0]
  *     ps.invstd = <void*>&invstd[0]             # <<<<<<<<<<<<<<
@@ -29665,7 +29717,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_22backward(CYTHON_UNUSED PyObje
   __pyx_t_2 = 0;
   __pyx_v_ps.invstd = ((void *)(&(*((float const  *) ( /* dim=0 */ ((char *) (((float const  *) __pyx_v_invstd.data) + __pyx_t_2)) )))));
 
-  /* "fastbn/_columnar.pyx":496
+  /* "fastbn/_columnar.pyx":500
  *     ps.mean = <void*>&mean[0]
  *     ps.invstd = <void*>&invstd[0]
  *     ps.dgamma = &dgamma[0]             # <<<<<<<<<<<<<<
@@ -29675,7 +29727,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_22backward(CYTHON_UNUSED PyObje
   __pyx_t_2 = 0;
   __pyx_v_ps.dgamma = (&(*((float *) ( /* dim=0 */ ((char *) (((float *) __pyx_v_dgamma.data) + __pyx_t_2)) ))));
 
-  /* "fastbn/_columnar.pyx":497
+  /* "fastbn/_columnar.pyx":501
  *     ps.invstd = <void*>&invstd[0]
  *     ps.dgamma = &dgamma[0]
  *     ps.dbeta = &dbeta[0]             # <<<<<<<<<<<<<<
@@ -29685,7 +29737,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_22backward(CYTHON_UNUSED PyObje
   __pyx_t_2 = 0;
   __pyx_v_ps.dbeta = (&(*((float *) ( /* dim=0 */ ((char *) (((float *) __pyx_v_dbeta.data) + __pyx_t_2)) ))));
 
-  /* "fastbn/_columnar.pyx":498
+  /* "fastbn/_columnar.pyx":502
  *     ps.dgamma = &dgamma[0]
  *     ps.dbeta = &dbeta[0]
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -29698,7 +29750,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_22backward(CYTHON_UNUSED PyObje
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "fastbn/_columnar.pyx":499
+        /* "fastbn/_columnar.pyx":503
  *     ps.dbeta = &dbeta[0]
  *     with nogil:
  *         for c in range(g.C):             # <<<<<<<<<<<<<<
@@ -29712,7 +29764,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_22backward(CYTHON_UNUSED PyObje
         for (__pyx_t_7 = 0; __pyx_t_7 < __pyx_t_6; __pyx_t_7+=1) {
           __pyx_v_c = __pyx_t_7;
 
-          /* "fastbn/_columnar.pyx":500
+          /* "fastbn/_columnar.pyx":504
  *     with nogil:
  *         for c in range(g.C):
  *             center[c] = mean[c]             # <<<<<<<<<<<<<<
@@ -29724,7 +29776,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_22backward(CYTHON_UNUSED PyObje
         }
 
 
-        /* "fastbn/_columnar.pyx":501
+        /* "fastbn/_columnar.pyx":505
  *         for c in range(g.C):
  *             center[c] = mean[c]
  *         run_pass(dyp, xp, dxp, &g, &ps, wp, nt)             # <<<<<<<<<<<<<<
@@ -29734,7 +29786,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_22backward(CYTHON_UNUSED PyObje
         __pyx_fuse_0__pyx_f_6fastbn_12_columnar_v4_run_pass(__pyx_v_dyp, __pyx_v_xp, __pyx_v_dxp, (&__pyx_v_g), (&__pyx_v_ps), __pyx_v_wp, __pyx_v_nt);
       }
 
-      /* "fastbn/_columnar.pyx":498
+      /* "fastbn/_columnar.pyx":502
  *     ps.dgamma = &dgamma[0]
  *     ps.dbeta = &dbeta[0]
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -29751,7 +29803,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_22backward(CYTHON_UNUSED PyObje
       }
   }
 
-  /* "fastbn/_columnar.pyx":475
+  /* "fastbn/_columnar.pyx":477
  * 
  * 
  * def backward(const floating[:, ::1] dy, const floating[:, ::1] x,             # <<<<<<<<<<<<<<
@@ -29795,9 +29847,10 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_12_columnar_v4_25backward(PyObject
   __Pyx_memviewslice __pyx_v_dgamma = { 0, 0, { 0 }, { 0 }, { 0 } };
   __Pyx_memviewslice __pyx_v_dbeta = { 0, 0, { 0 }, { 0 }, { 0 } };
   int __pyx_v_num_threads;
+  int __pyx_v_stream;
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
-  PyObject* values[9] = {0,0,0,0,0,0,0,0,0};
+  PyObject* values[10] = {0,0,0,0,0,0,0,0,0,0};
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -29811,90 +29864,97 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_12_columnar_v4_25backward(PyObject
   #endif
   __pyx_kwvalues = __Pyx_KwValues_VARARGS(__pyx_args, __pyx_nargs);
   {
-    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_dy,&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_mean,&__pyx_mstate_global->__pyx_n_u_invstd,&__pyx_mstate_global->__pyx_n_u_dx,&__pyx_mstate_global->__pyx_n_u_dgamma,&__pyx_mstate_global->__pyx_n_u_dbeta,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_dy,&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_mean,&__pyx_mstate_global->__pyx_n_u_invstd,&__pyx_mstate_global->__pyx_n_u_dx,&__pyx_mstate_global->__pyx_n_u_dgamma,&__pyx_mstate_global->__pyx_n_u_dbeta,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 475, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 477, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
+        case 10:
+        values[9] = __Pyx_ArgRef_VARARGS(__pyx_args, 9);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 477, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case  9:
         values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  8:
         values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  7:
         values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 475, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 477, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "backward", 0) < (0)) __PYX_ERR(3, 475, __pyx_L3_error)
-      for (Py_ssize_t i = __pyx_nargs; i < 9; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("backward", 1, 9, 9, i); __PYX_ERR(3, 475, __pyx_L3_error) }
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "backward", 0) < (0)) __PYX_ERR(3, 477, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 10; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("backward", 1, 10, 10, i); __PYX_ERR(3, 477, __pyx_L3_error) }
       }
-    } else if (unlikely(__pyx_nargs != 9)) {
+    } else if (unlikely(__pyx_nargs != 10)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 475, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 477, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 475, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 477, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 475, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 477, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 475, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 477, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 475, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 477, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 475, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 477, __pyx_L3_error)
       values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 475, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 477, __pyx_L3_error)
       values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 475, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 477, __pyx_L3_error)
       values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 475, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 477, __pyx_L3_error)
+      values[9] = __Pyx_ArgRef_VARARGS(__pyx_args, 9);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 477, __pyx_L3_error)
     }
-    __pyx_v_dy = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_dy.memview)) __PYX_ERR(3, 475, __pyx_L3_error)
-    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 475, __pyx_L3_error)
-    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 476, __pyx_L3_error)
-    __pyx_v_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_mean.memview)) __PYX_ERR(3, 476, __pyx_L3_error)
-    __pyx_v_invstd = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[4], 0); if (unlikely(!__pyx_v_invstd.memview)) __PYX_ERR(3, 477, __pyx_L3_error)
-    __pyx_v_dx = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dx.memview)) __PYX_ERR(3, 477, __pyx_L3_error)
-    __pyx_v_dgamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[6], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dgamma.memview)) __PYX_ERR(3, 478, __pyx_L3_error)
-    __pyx_v_dbeta = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[7], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dbeta.memview)) __PYX_ERR(3, 478, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[8]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 478, __pyx_L3_error)
+    __pyx_v_dy = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_dy.memview)) __PYX_ERR(3, 477, __pyx_L3_error)
+    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 477, __pyx_L3_error)
+    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 478, __pyx_L3_error)
+    __pyx_v_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_mean.memview)) __PYX_ERR(3, 478, __pyx_L3_error)
+    __pyx_v_invstd = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[4], 0); if (unlikely(!__pyx_v_invstd.memview)) __PYX_ERR(3, 479, __pyx_L3_error)
+    __pyx_v_dx = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dx.memview)) __PYX_ERR(3, 479, __pyx_L3_error)
+    __pyx_v_dgamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[6], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dgamma.memview)) __PYX_ERR(3, 480, __pyx_L3_error)
+    __pyx_v_dbeta = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[7], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dbeta.memview)) __PYX_ERR(3, 480, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[8]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 480, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[9]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 481, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("backward", 1, 9, 9, __pyx_nargs); __PYX_ERR(3, 475, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("backward", 1, 10, 10, __pyx_nargs); __PYX_ERR(3, 477, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -29913,7 +29973,7 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_12_columnar_v4_25backward(PyObject
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_6fastbn_12_columnar_v4_24backward(__pyx_self, __pyx_v_dy, __pyx_v_x, __pyx_v_gamma, __pyx_v_mean, __pyx_v_invstd, __pyx_v_dx, __pyx_v_dgamma, __pyx_v_dbeta, __pyx_v_num_threads);
+  __pyx_r = __pyx_pf_6fastbn_12_columnar_v4_24backward(__pyx_self, __pyx_v_dy, __pyx_v_x, __pyx_v_gamma, __pyx_v_mean, __pyx_v_invstd, __pyx_v_dx, __pyx_v_dgamma, __pyx_v_dbeta, __pyx_v_num_threads, __pyx_v_stream);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -29928,11 +29988,12 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_12_columnar_v4_25backward(PyObject
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_dgamma, 1);
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_dbeta, 1);
 
+
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_dy, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_dx, __Pyx_memviewslice __pyx_v_dgamma, __Pyx_memviewslice __pyx_v_dbeta, int __pyx_v_num_threads) {
+static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_dy, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_dx, __Pyx_memviewslice __pyx_v_dgamma, __Pyx_memviewslice __pyx_v_dbeta, int __pyx_v_num_threads, int __pyx_v_stream) {
   double const *__pyx_v_dyp;
   double const *__pyx_v_xp;
   double *__pyx_v_dxp;
@@ -29957,8 +30018,8 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObje
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_1backward", 0);
 
-  /* "fastbn/_columnar.pyx":480
- *              floating[::1] dgamma, floating[::1] dbeta, int num_threads):
+  /* "fastbn/_columnar.pyx":483
+ *              bint stream):
  *     """Fused backward on (M, C) views; see fastbn.functional."""
  *     cdef const floating* dyp = &dy[0, 0]             # <<<<<<<<<<<<<<
  *     cdef const floating* xp = &x[0, 0]
@@ -29968,7 +30029,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObje
   __pyx_t_2 = 0;
   __pyx_v_dyp = (&(*((double const  *) ( /* dim=1 */ ((char *) (((double const  *) ( /* dim=0 */ (__pyx_v_dy.data + __pyx_t_1 * __pyx_v_dy.strides[0]) )) + __pyx_t_2)) ))));
 
-  /* "fastbn/_columnar.pyx":481
+  /* "fastbn/_columnar.pyx":484
  *     """Fused backward on (M, C) views; see fastbn.functional."""
  *     cdef const floating* dyp = &dy[0, 0]
  *     cdef const floating* xp = &x[0, 0]             # <<<<<<<<<<<<<<
@@ -29979,48 +30040,48 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObje
   __pyx_t_1 = 0;
   __pyx_v_xp = (&(*((double const  *) ( /* dim=1 */ ((char *) (((double const  *) ( /* dim=0 */ (__pyx_v_x.data + __pyx_t_2 * __pyx_v_x.strides[0]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_columnar.pyx":482
+  /* "fastbn/_columnar.pyx":485
  *     cdef const floating* dyp = &dy[0, 0]
  *     cdef const floating* xp = &x[0, 0]
  *     cdef floating* dxp = &dx[0, 0]             # <<<<<<<<<<<<<<
  *     cdef Grid g = make_grid(x.shape[0], x.shape[1], 2 * sizeof(floating),
- *                             streams(dxp, dyp, xp, x.shape[0] * x.shape[1] * sizeof(floating)))
+ *                             streams(stream, dxp, dyp, xp,
 */
   __pyx_t_1 = 0;
   __pyx_t_2 = 0;
   __pyx_v_dxp = (&(*((double *) ( /* dim=1 */ ((char *) (((double *) ( /* dim=0 */ (__pyx_v_dx.data + __pyx_t_1 * __pyx_v_dx.strides[0]) )) + __pyx_t_2)) ))));
 
-  /* "fastbn/_columnar.pyx":483
+  /* "fastbn/_columnar.pyx":486
  *     cdef const floating* xp = &x[0, 0]
  *     cdef floating* dxp = &dx[0, 0]
  *     cdef Grid g = make_grid(x.shape[0], x.shape[1], 2 * sizeof(floating),             # <<<<<<<<<<<<<<
- *                             streams(dxp, dyp, xp, x.shape[0] * x.shape[1] * sizeof(floating)))
- *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
+ *                             streams(stream, dxp, dyp, xp,
+ *                                     x.shape[0] * x.shape[1] * sizeof(floating)))
 */
-  __pyx_v_g = __pyx_f_6fastbn_12_columnar_v4_make_grid((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (2 * (sizeof(double))), __pyx_f_6fastbn_5_simd_streams(__pyx_v_dxp, __pyx_v_dyp, __pyx_v_xp, (((__pyx_v_x.shape[0]) * (__pyx_v_x.shape[1])) * (sizeof(double)))));
+  __pyx_v_g = __pyx_f_6fastbn_12_columnar_v4_make_grid((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (2 * (sizeof(double))), __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_dxp, __pyx_v_dyp, __pyx_v_xp, (((__pyx_v_x.shape[0]) * (__pyx_v_x.shape[1])) * (sizeof(double)))));
 
-  /* "fastbn/_columnar.pyx":485
- *     cdef Grid g = make_grid(x.shape[0], x.shape[1], 2 * sizeof(floating),
- *                             streams(dxp, dyp, xp, x.shape[0] * x.shape[1] * sizeof(floating)))
+  /* "fastbn/_columnar.pyx":489
+ *                             streams(stream, dxp, dyp, xp,
+ *                                     x.shape[0] * x.shape[1] * sizeof(floating)))
  *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)             # <<<<<<<<<<<<<<
  *     cdef array mem = workspace(pass_bytes(&g), 1)
  *     cdef char* wp = mem.data
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for((__pyx_v_g.M * __pyx_v_g.C), __pyx_f_6fastbn_12_columnar_v4_nunits((&__pyx_v_g)), __pyx_v_num_threads);
 
-  /* "fastbn/_columnar.pyx":486
- *                             streams(dxp, dyp, xp, x.shape[0] * x.shape[1] * sizeof(floating)))
+  /* "fastbn/_columnar.pyx":490
+ *                                     x.shape[0] * x.shape[1] * sizeof(floating)))
  *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
  *     cdef array mem = workspace(pass_bytes(&g), 1)             # <<<<<<<<<<<<<<
  *     cdef char* wp = mem.data
  *     cdef double* center = centers(wp, &g)
 */
-  __pyx_t_3 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_f_6fastbn_12_columnar_v4_pass_bytes((&__pyx_v_g)), 1)); if (unlikely(!__pyx_t_3)) __PYX_ERR(3, 486, __pyx_L1_error)
+  __pyx_t_3 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_f_6fastbn_12_columnar_v4_pass_bytes((&__pyx_v_g)), 1)); if (unlikely(!__pyx_t_3)) __PYX_ERR(3, 490, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_3);
   __pyx_t_3 = 0;
 
-  /* "fastbn/_columnar.pyx":487
+  /* "fastbn/_columnar.pyx":491
  *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
  *     cdef array mem = workspace(pass_bytes(&g), 1)
  *     cdef char* wp = mem.data             # <<<<<<<<<<<<<<
@@ -30031,7 +30092,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObje
 
   __pyx_v_wp = __pyx_t_4;
 
-  /* "fastbn/_columnar.pyx":488
+  /* "fastbn/_columnar.pyx":492
  *     cdef array mem = workspace(pass_bytes(&g), 1)
  *     cdef char* wp = mem.data
  *     cdef double* center = centers(wp, &g)             # <<<<<<<<<<<<<<
@@ -30040,7 +30101,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObje
 */
   __pyx_v_center = __pyx_f_6fastbn_12_columnar_v4_centers(__pyx_v_wp, (&__pyx_v_g));
 
-  /* "fastbn/_columnar.pyx":491
+  /* "fastbn/_columnar.pyx":495
  *     cdef Pass ps
  *     cdef Py_ssize_t c
  *     ps.backward = True             # <<<<<<<<<<<<<<
@@ -30049,7 +30110,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObje
 */
   __pyx_v_ps.backward = 1;
 
-  /* "fastbn/_columnar.pyx":492
+  /* "fastbn/_columnar.pyx":496
  *     cdef Py_ssize_t c
  *     ps.backward = True
  *     ps.m = <double>g.M             # <<<<<<<<<<<<<<
@@ -30058,7 +30119,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObje
 */
   __pyx_v_ps.m = ((double)__pyx_v_g.M);
 
-  /* "fastbn/_columnar.pyx":493
+  /* "fastbn/_columnar.pyx":497
  *     ps.backward = True
  *     ps.m = <double>g.M
  *     ps.gamma = cptr(gamma)             # <<<<<<<<<<<<<<
@@ -30067,7 +30128,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObje
 */
   __pyx_v_ps.gamma = __pyx_fuse_1__pyx_f_6fastbn_6_views_cptr(__pyx_v_gamma);
 
-  /* "fastbn/_columnar.pyx":494
+  /* "fastbn/_columnar.pyx":498
  *     ps.m = <double>g.M
  *     ps.gamma = cptr(gamma)
  *     ps.mean = <void*>&mean[0]             # <<<<<<<<<<<<<<
@@ -30077,7 +30138,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObje
   __pyx_t_2 = 0;
   __pyx_v_ps.mean = ((void *)(&(*((double const  *) ( /* dim=0 */ ((char *) (((double const  *) __pyx_v_mean.data) + __pyx_t_2)) )))));
 
-  /* "fastbn/_columnar.pyx":495
+  /* "fastbn/_columnar.pyx":499
  *     ps.gamma = cptr(gamma)
  *     ps.mean = <void*>&mean[0]
  *     ps.invstd = <void*>&invstd[0]             # <<<<<<<<<<<<<<
@@ -30087,7 +30148,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObje
   __pyx_t_2 = 0;
   __pyx_v_ps.invstd = ((void *)(&(*((double const  *) ( /* dim=0 */ ((char *) (((double const  *) __pyx_v_invstd.data) + __pyx_t_2)) )))));
 
-  /* "fastbn/_columnar.pyx":496
+  /* "fastbn/_columnar.pyx":500
  *     ps.mean = <void*>&mean[0]
  *     ps.invstd = <void*>&invstd[0]
  *     ps.dgamma = &dgamma[0]             # <<<<<<<<<<<<<<
@@ -30097,7 +30158,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObje
   __pyx_t_2 = 0;
   __pyx_v_ps.dgamma = (&(*((double *) ( /* dim=0 */ ((char *) (((double *) __pyx_v_dgamma.data) + __pyx_t_2)) ))));
 
-  /* "fastbn/_columnar.pyx":497
+  /* "fastbn/_columnar.pyx":501
  *     ps.invstd = <void*>&invstd[0]
  *     ps.dgamma = &dgamma[0]
  *     ps.dbeta = &dbeta[0]             # <<<<<<<<<<<<<<
@@ -30107,7 +30168,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObje
   __pyx_t_2 = 0;
   __pyx_v_ps.dbeta = (&(*((double *) ( /* dim=0 */ ((char *) (((double *) __pyx_v_dbeta.data) + __pyx_t_2)) ))));
 
-  /* "fastbn/_columnar.pyx":498
+  /* "fastbn/_columnar.pyx":502
  *     ps.dgamma = &dgamma[0]
  *     ps.dbeta = &dbeta[0]
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -30120,7 +30181,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObje
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "fastbn/_columnar.pyx":499
+        /* "fastbn/_columnar.pyx":503
  *     ps.dbeta = &dbeta[0]
  *     with nogil:
  *         for c in range(g.C):             # <<<<<<<<<<<<<<
@@ -30134,7 +30195,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObje
         for (__pyx_t_7 = 0; __pyx_t_7 < __pyx_t_6; __pyx_t_7+=1) {
           __pyx_v_c = __pyx_t_7;
 
-          /* "fastbn/_columnar.pyx":500
+          /* "fastbn/_columnar.pyx":504
  *     with nogil:
  *         for c in range(g.C):
  *             center[c] = mean[c]             # <<<<<<<<<<<<<<
@@ -30146,7 +30207,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObje
         }
 
 
-        /* "fastbn/_columnar.pyx":501
+        /* "fastbn/_columnar.pyx":505
  *         for c in range(g.C):
  *             center[c] = mean[c]
  *         run_pass(dyp, xp, dxp, &g, &ps, wp, nt)             # <<<<<<<<<<<<<<
@@ -30156,7 +30217,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObje
         __pyx_fuse_1__pyx_f_6fastbn_12_columnar_v4_run_pass(__pyx_v_dyp, __pyx_v_xp, __pyx_v_dxp, (&__pyx_v_g), (&__pyx_v_ps), __pyx_v_wp, __pyx_v_nt);
       }
 
-      /* "fastbn/_columnar.pyx":498
+      /* "fastbn/_columnar.pyx":502
  *     ps.dgamma = &dgamma[0]
  *     ps.dbeta = &dbeta[0]
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -30173,7 +30234,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObje
       }
   }
 
-  /* "fastbn/_columnar.pyx":475
+  /* "fastbn/_columnar.pyx":477
  * 
  * 
  * def backward(const floating[:, ::1] dy, const floating[:, ::1] x,             # <<<<<<<<<<<<<<
@@ -30204,7 +30265,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_24backward(CYTHON_UNUSED PyObje
   return __pyx_r;
 }
 
-/* "fastbn/_columnar.pyx":504
+/* "fastbn/_columnar.pyx":508
  * 
  * 
  * def sums(const floating[:, ::1] a, const floating[:, ::1] b, const double[::1] center,             # <<<<<<<<<<<<<<
@@ -30241,53 +30302,53 @@ static PyObject *__pyx_pw_6fastbn_12_columnar_v4_7sums(PyObject *__pyx_self, PyO
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_signatures,&__pyx_mstate_global->__pyx_n_u_args,&__pyx_mstate_global->__pyx_n_u_kwargs,&__pyx_mstate_global->__pyx_n_u_defaults,&__pyx_mstate_global->__pyx_n_u_fused_sigindex,0};
     struct __pyx_defaults *__pyx_dynamic_args = __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self);
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 504, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 508, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 504, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 508, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 504, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 508, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 504, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 508, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 504, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 508, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 504, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 508, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 504, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 508, __pyx_L3_error)
       if (!values[4]) values[4] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
       for (Py_ssize_t i = __pyx_nargs; i < 4; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 504, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 508, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 504, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 508, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 504, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 508, __pyx_L3_error)
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 504, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 508, __pyx_L3_error)
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 504, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 508, __pyx_L3_error)
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 504, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 508, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -30301,7 +30362,7 @@ static PyObject *__pyx_pw_6fastbn_12_columnar_v4_7sums(PyObject *__pyx_self, PyO
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 504, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 508, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -30353,7 +30414,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_6sums(CYTHON_UNUSED PyObject *_
   else
   {
     Py_ssize_t __pyx_temp = __Pyx_PyDict_GET_SIZE(__pyx_v_kwargs);
-    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 504, __pyx_L1_error)
+    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 508, __pyx_L1_error)
     __pyx_t_2 = (__pyx_temp != 0);
   }
 
@@ -30371,11 +30432,11 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_6sums(CYTHON_UNUSED PyObject *_
   }
   if (unlikely(__pyx_v_args == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(3, 504, __pyx_L1_error)
+    __PYX_ERR(3, 508, __pyx_L1_error)
   }
-  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 504, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 508, __pyx_L1_error)
   __pyx_v_arg_count = __pyx_t_4;
-  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 504, __pyx_L1_error)
+  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 508, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_ndarray = ((PyTypeObject*)__pyx_t_5);
   __pyx_t_5 = 0;
@@ -30385,7 +30446,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_6sums(CYTHON_UNUSED PyObject *_
 
     if (unlikely(__pyx_v_args == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 504, __pyx_L1_error)
+      __PYX_ERR(3, 508, __pyx_L1_error)
     }
     __pyx_t_5 = __Pyx_PyTuple_GET_ITEM(((PyObject*)__pyx_v_args), 0);
     __Pyx_INCREF(__pyx_t_5);
@@ -30404,9 +30465,9 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_6sums(CYTHON_UNUSED PyObject *_
   }
   if (unlikely(__pyx_v_kwargs == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not iterable");
-    __PYX_ERR(3, 504, __pyx_L1_error)
+    __PYX_ERR(3, 508, __pyx_L1_error)
   }
-  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_a, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 504, __pyx_L1_error)
+  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_a, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 508, __pyx_L1_error)
 
   __pyx_t_1 = __pyx_t_3;
 
@@ -30415,25 +30476,25 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_6sums(CYTHON_UNUSED PyObject *_
 
     if (unlikely(__pyx_v_kwargs == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 504, __pyx_L1_error)
+      __PYX_ERR(3, 508, __pyx_L1_error)
     }
-    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_a); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 504, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_a); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 508, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_v_arg = __pyx_t_5;
     __pyx_t_5 = 0;
     goto __pyx_L6;
   }
   /*else*/ {
-    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_a, 0, 5, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 504, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_a, 0, 5, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 508, __pyx_L1_error)
 
   }
   __pyx_L6:;
-  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 504, __pyx_L1_error) }
-  __pyx_t_5 = __pyx_ff_map_fused_988187_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 504, __pyx_L1_error)
+  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 508, __pyx_L1_error) }
+  __pyx_t_5 = __pyx_ff_map_fused_988187_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 508, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_dest_sig0 = ((PyObject*)__pyx_t_5);
   __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 504, __pyx_L1_error)
+  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 508, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   {
     PyObject *__pyx_temp;
@@ -30489,60 +30550,60 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_12_columnar_v4_29sums(PyObject *__
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_a,&__pyx_mstate_global->__pyx_n_u_b,&__pyx_mstate_global->__pyx_n_u_center,&__pyx_mstate_global->__pyx_n_u_out,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 504, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 508, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 504, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 508, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 504, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 508, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 504, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 508, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 504, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 508, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 504, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 508, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "sums", 0) < (0)) __PYX_ERR(3, 504, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "sums", 0) < (0)) __PYX_ERR(3, 508, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 5; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, i); __PYX_ERR(3, 504, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, i); __PYX_ERR(3, 508, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 5)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 504, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 508, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 504, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 508, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 504, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 508, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 504, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 508, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 504, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 508, __pyx_L3_error)
     }
-    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 504, __pyx_L3_error)
-    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 504, __pyx_L3_error)
-    __pyx_v_center = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_center.memview)) __PYX_ERR(3, 504, __pyx_L3_error)
-    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 505, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 505, __pyx_L3_error)
+    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 508, __pyx_L3_error)
+    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 508, __pyx_L3_error)
+    __pyx_v_center = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_center.memview)) __PYX_ERR(3, 508, __pyx_L3_error)
+    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 509, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 509, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, __pyx_nargs); __PYX_ERR(3, 504, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, __pyx_nargs); __PYX_ERR(3, 508, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -30598,7 +30659,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_28sums(CYTHON_UNUSED PyObject *
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_0sums", 0);
 
-  /* "fastbn/_columnar.pyx":514
+  /* "fastbn/_columnar.pyx":518
  *     """
  *     cdef Grid g = make_grid(a.shape[0], a.shape[1],
  *                             sizeof(floating) if b is None else 2 * sizeof(floating), False)             # <<<<<<<<<<<<<<
@@ -30616,7 +30677,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_28sums(CYTHON_UNUSED PyObject *
   }
 
 
-  /* "fastbn/_columnar.pyx":513
+  /* "fastbn/_columnar.pyx":517
  *     same sums, to the bit, as the fused kernels take.
  *     """
  *     cdef Grid g = make_grid(a.shape[0], a.shape[1],             # <<<<<<<<<<<<<<
@@ -30626,7 +30687,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_28sums(CYTHON_UNUSED PyObject *
   __pyx_v_g = __pyx_f_6fastbn_12_columnar_v4_make_grid((__pyx_v_a.shape[0]), (__pyx_v_a.shape[1]), __pyx_t_1, 0);
 
 
-  /* "fastbn/_columnar.pyx":515
+  /* "fastbn/_columnar.pyx":519
  *     cdef Grid g = make_grid(a.shape[0], a.shape[1],
  *                             sizeof(floating) if b is None else 2 * sizeof(floating), False)
  *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)             # <<<<<<<<<<<<<<
@@ -30635,19 +30696,19 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_28sums(CYTHON_UNUSED PyObject *
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for((__pyx_v_g.M * __pyx_v_g.C), __pyx_f_6fastbn_12_columnar_v4_nunits((&__pyx_v_g)), __pyx_v_num_threads);
 
-  /* "fastbn/_columnar.pyx":516
+  /* "fastbn/_columnar.pyx":520
  *                             sizeof(floating) if b is None else 2 * sizeof(floating), False)
  *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
  *     cdef array mem = workspace(pass_bytes(&g), 1)             # <<<<<<<<<<<<<<
  *     cdef char* wp = mem.data
  *     cdef double* total = totals(wp, &g)
 */
-  __pyx_t_3 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_f_6fastbn_12_columnar_v4_pass_bytes((&__pyx_v_g)), 1)); if (unlikely(!__pyx_t_3)) __PYX_ERR(3, 516, __pyx_L1_error)
+  __pyx_t_3 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_f_6fastbn_12_columnar_v4_pass_bytes((&__pyx_v_g)), 1)); if (unlikely(!__pyx_t_3)) __PYX_ERR(3, 520, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_3);
   __pyx_t_3 = 0;
 
-  /* "fastbn/_columnar.pyx":517
+  /* "fastbn/_columnar.pyx":521
  *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
  *     cdef array mem = workspace(pass_bytes(&g), 1)
  *     cdef char* wp = mem.data             # <<<<<<<<<<<<<<
@@ -30658,7 +30719,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_28sums(CYTHON_UNUSED PyObject *
 
   __pyx_v_wp = __pyx_t_4;
 
-  /* "fastbn/_columnar.pyx":518
+  /* "fastbn/_columnar.pyx":522
  *     cdef array mem = workspace(pass_bytes(&g), 1)
  *     cdef char* wp = mem.data
  *     cdef double* total = totals(wp, &g)             # <<<<<<<<<<<<<<
@@ -30667,7 +30728,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_28sums(CYTHON_UNUSED PyObject *
 */
   __pyx_v_total = __pyx_f_6fastbn_12_columnar_v4_totals(__pyx_v_wp, (&__pyx_v_g));
 
-  /* "fastbn/_columnar.pyx":519
+  /* "fastbn/_columnar.pyx":523
  *     cdef char* wp = mem.data
  *     cdef double* total = totals(wp, &g)
  *     cdef double* cp = centers(wp, &g)             # <<<<<<<<<<<<<<
@@ -30676,7 +30737,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_28sums(CYTHON_UNUSED PyObject *
 */
   __pyx_v_cp = __pyx_f_6fastbn_12_columnar_v4_centers(__pyx_v_wp, (&__pyx_v_g));
 
-  /* "fastbn/_columnar.pyx":520
+  /* "fastbn/_columnar.pyx":524
  *     cdef double* total = totals(wp, &g)
  *     cdef double* cp = centers(wp, &g)
  *     cdef const floating* ap = &a[0, 0]             # <<<<<<<<<<<<<<
@@ -30687,7 +30748,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_28sums(CYTHON_UNUSED PyObject *
   __pyx_t_6 = 0;
   __pyx_v_ap = (&(*((float const  *) ( /* dim=1 */ ((char *) (((float const  *) ( /* dim=0 */ (__pyx_v_a.data + __pyx_t_5 * __pyx_v_a.strides[0]) )) + __pyx_t_6)) ))));
 
-  /* "fastbn/_columnar.pyx":521
+  /* "fastbn/_columnar.pyx":525
  *     cdef double* cp = centers(wp, &g)
  *     cdef const floating* ap = &a[0, 0]
  *     cdef const floating* bp = cptr2(b)             # <<<<<<<<<<<<<<
@@ -30696,7 +30757,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_28sums(CYTHON_UNUSED PyObject *
 */
   __pyx_v_bp = __pyx_fuse_0__pyx_f_6fastbn_6_views_cptr2(__pyx_v_b);
 
-  /* "fastbn/_columnar.pyx":523
+  /* "fastbn/_columnar.pyx":527
  *     cdef const floating* bp = cptr2(b)
  *     cdef Py_ssize_t c
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -30709,7 +30770,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_28sums(CYTHON_UNUSED PyObject *
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "fastbn/_columnar.pyx":524
+        /* "fastbn/_columnar.pyx":528
  *     cdef Py_ssize_t c
  *     with nogil:
  *         for c in range(g.C):             # <<<<<<<<<<<<<<
@@ -30723,7 +30784,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_28sums(CYTHON_UNUSED PyObject *
         for (__pyx_t_9 = 0; __pyx_t_9 < __pyx_t_8; __pyx_t_9+=1) {
           __pyx_v_c = __pyx_t_9;
 
-          /* "fastbn/_columnar.pyx":525
+          /* "fastbn/_columnar.pyx":529
  *     with nogil:
  *         for c in range(g.C):
  *             cp[c] = center[c]             # <<<<<<<<<<<<<<
@@ -30735,7 +30796,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_28sums(CYTHON_UNUSED PyObject *
         }
 
 
-        /* "fastbn/_columnar.pyx":526
+        /* "fastbn/_columnar.pyx":530
  *         for c in range(g.C):
  *             cp[c] = center[c]
  *         run_pass(ap, bp, NULL, &g, NULL, wp, nt)             # <<<<<<<<<<<<<<
@@ -30744,7 +30805,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_28sums(CYTHON_UNUSED PyObject *
 */
         __pyx_fuse_0__pyx_f_6fastbn_12_columnar_v4_run_pass(__pyx_v_ap, __pyx_v_bp, NULL, (&__pyx_v_g), NULL, __pyx_v_wp, __pyx_v_nt);
 
-        /* "fastbn/_columnar.pyx":527
+        /* "fastbn/_columnar.pyx":531
  *             cp[c] = center[c]
  *         run_pass(ap, bp, NULL, &g, NULL, wp, nt)
  *         for c in range(g.C):             # <<<<<<<<<<<<<<
@@ -30758,7 +30819,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_28sums(CYTHON_UNUSED PyObject *
         for (__pyx_t_9 = 0; __pyx_t_9 < __pyx_t_8; __pyx_t_9+=1) {
           __pyx_v_c = __pyx_t_9;
 
-          /* "fastbn/_columnar.pyx":528
+          /* "fastbn/_columnar.pyx":532
  *         run_pass(ap, bp, NULL, &g, NULL, wp, nt)
  *         for c in range(g.C):
  *             out[c, 0] = total[c]             # <<<<<<<<<<<<<<
@@ -30769,7 +30830,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_28sums(CYTHON_UNUSED PyObject *
           __pyx_t_5 = 0;
           *((double *) ( /* dim=1 */ ((char *) (((double *) ( /* dim=0 */ (__pyx_v_out.data + __pyx_t_6 * __pyx_v_out.strides[0]) )) + __pyx_t_5)) )) = (__pyx_v_total[__pyx_v_c]);
 
-          /* "fastbn/_columnar.pyx":529
+          /* "fastbn/_columnar.pyx":533
  *         for c in range(g.C):
  *             out[c, 0] = total[c]
  *             out[c, 1] = total[g.C + c]             # <<<<<<<<<<<<<<
@@ -30783,7 +30844,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_28sums(CYTHON_UNUSED PyObject *
 
       }
 
-      /* "fastbn/_columnar.pyx":523
+      /* "fastbn/_columnar.pyx":527
  *     cdef const floating* bp = cptr2(b)
  *     cdef Py_ssize_t c
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -30800,7 +30861,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_28sums(CYTHON_UNUSED PyObject *
       }
   }
 
-  /* "fastbn/_columnar.pyx":504
+  /* "fastbn/_columnar.pyx":508
  * 
  * 
  * def sums(const floating[:, ::1] a, const floating[:, ::1] b, const double[::1] center,             # <<<<<<<<<<<<<<
@@ -30857,60 +30918,60 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_12_columnar_v4_31sums(PyObject *__
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_a,&__pyx_mstate_global->__pyx_n_u_b,&__pyx_mstate_global->__pyx_n_u_center,&__pyx_mstate_global->__pyx_n_u_out,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 504, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 508, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 504, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 508, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 504, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 508, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 504, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 508, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 504, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 508, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 504, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 508, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "sums", 0) < (0)) __PYX_ERR(3, 504, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "sums", 0) < (0)) __PYX_ERR(3, 508, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 5; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, i); __PYX_ERR(3, 504, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, i); __PYX_ERR(3, 508, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 5)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 504, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 508, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 504, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 508, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 504, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 508, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 504, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 508, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 504, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 508, __pyx_L3_error)
     }
-    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 504, __pyx_L3_error)
-    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 504, __pyx_L3_error)
-    __pyx_v_center = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_center.memview)) __PYX_ERR(3, 504, __pyx_L3_error)
-    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 505, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 505, __pyx_L3_error)
+    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 508, __pyx_L3_error)
+    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 508, __pyx_L3_error)
+    __pyx_v_center = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_center.memview)) __PYX_ERR(3, 508, __pyx_L3_error)
+    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 509, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 509, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, __pyx_nargs); __PYX_ERR(3, 504, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, __pyx_nargs); __PYX_ERR(3, 508, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -30966,7 +31027,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_30sums(CYTHON_UNUSED PyObject *
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_1sums", 0);
 
-  /* "fastbn/_columnar.pyx":514
+  /* "fastbn/_columnar.pyx":518
  *     """
  *     cdef Grid g = make_grid(a.shape[0], a.shape[1],
  *                             sizeof(floating) if b is None else 2 * sizeof(floating), False)             # <<<<<<<<<<<<<<
@@ -30984,7 +31045,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_30sums(CYTHON_UNUSED PyObject *
   }
 
 
-  /* "fastbn/_columnar.pyx":513
+  /* "fastbn/_columnar.pyx":517
  *     same sums, to the bit, as the fused kernels take.
  *     """
  *     cdef Grid g = make_grid(a.shape[0], a.shape[1],             # <<<<<<<<<<<<<<
@@ -30994,7 +31055,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_30sums(CYTHON_UNUSED PyObject *
   __pyx_v_g = __pyx_f_6fastbn_12_columnar_v4_make_grid((__pyx_v_a.shape[0]), (__pyx_v_a.shape[1]), __pyx_t_1, 0);
 
 
-  /* "fastbn/_columnar.pyx":515
+  /* "fastbn/_columnar.pyx":519
  *     cdef Grid g = make_grid(a.shape[0], a.shape[1],
  *                             sizeof(floating) if b is None else 2 * sizeof(floating), False)
  *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)             # <<<<<<<<<<<<<<
@@ -31003,19 +31064,19 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_30sums(CYTHON_UNUSED PyObject *
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for((__pyx_v_g.M * __pyx_v_g.C), __pyx_f_6fastbn_12_columnar_v4_nunits((&__pyx_v_g)), __pyx_v_num_threads);
 
-  /* "fastbn/_columnar.pyx":516
+  /* "fastbn/_columnar.pyx":520
  *                             sizeof(floating) if b is None else 2 * sizeof(floating), False)
  *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
  *     cdef array mem = workspace(pass_bytes(&g), 1)             # <<<<<<<<<<<<<<
  *     cdef char* wp = mem.data
  *     cdef double* total = totals(wp, &g)
 */
-  __pyx_t_3 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_f_6fastbn_12_columnar_v4_pass_bytes((&__pyx_v_g)), 1)); if (unlikely(!__pyx_t_3)) __PYX_ERR(3, 516, __pyx_L1_error)
+  __pyx_t_3 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_f_6fastbn_12_columnar_v4_pass_bytes((&__pyx_v_g)), 1)); if (unlikely(!__pyx_t_3)) __PYX_ERR(3, 520, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_3);
   __pyx_t_3 = 0;
 
-  /* "fastbn/_columnar.pyx":517
+  /* "fastbn/_columnar.pyx":521
  *     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
  *     cdef array mem = workspace(pass_bytes(&g), 1)
  *     cdef char* wp = mem.data             # <<<<<<<<<<<<<<
@@ -31026,7 +31087,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_30sums(CYTHON_UNUSED PyObject *
 
   __pyx_v_wp = __pyx_t_4;
 
-  /* "fastbn/_columnar.pyx":518
+  /* "fastbn/_columnar.pyx":522
  *     cdef array mem = workspace(pass_bytes(&g), 1)
  *     cdef char* wp = mem.data
  *     cdef double* total = totals(wp, &g)             # <<<<<<<<<<<<<<
@@ -31035,7 +31096,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_30sums(CYTHON_UNUSED PyObject *
 */
   __pyx_v_total = __pyx_f_6fastbn_12_columnar_v4_totals(__pyx_v_wp, (&__pyx_v_g));
 
-  /* "fastbn/_columnar.pyx":519
+  /* "fastbn/_columnar.pyx":523
  *     cdef char* wp = mem.data
  *     cdef double* total = totals(wp, &g)
  *     cdef double* cp = centers(wp, &g)             # <<<<<<<<<<<<<<
@@ -31044,7 +31105,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_30sums(CYTHON_UNUSED PyObject *
 */
   __pyx_v_cp = __pyx_f_6fastbn_12_columnar_v4_centers(__pyx_v_wp, (&__pyx_v_g));
 
-  /* "fastbn/_columnar.pyx":520
+  /* "fastbn/_columnar.pyx":524
  *     cdef double* total = totals(wp, &g)
  *     cdef double* cp = centers(wp, &g)
  *     cdef const floating* ap = &a[0, 0]             # <<<<<<<<<<<<<<
@@ -31055,7 +31116,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_30sums(CYTHON_UNUSED PyObject *
   __pyx_t_6 = 0;
   __pyx_v_ap = (&(*((double const  *) ( /* dim=1 */ ((char *) (((double const  *) ( /* dim=0 */ (__pyx_v_a.data + __pyx_t_5 * __pyx_v_a.strides[0]) )) + __pyx_t_6)) ))));
 
-  /* "fastbn/_columnar.pyx":521
+  /* "fastbn/_columnar.pyx":525
  *     cdef double* cp = centers(wp, &g)
  *     cdef const floating* ap = &a[0, 0]
  *     cdef const floating* bp = cptr2(b)             # <<<<<<<<<<<<<<
@@ -31064,7 +31125,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_30sums(CYTHON_UNUSED PyObject *
 */
   __pyx_v_bp = __pyx_fuse_1__pyx_f_6fastbn_6_views_cptr2(__pyx_v_b);
 
-  /* "fastbn/_columnar.pyx":523
+  /* "fastbn/_columnar.pyx":527
  *     cdef const floating* bp = cptr2(b)
  *     cdef Py_ssize_t c
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -31077,7 +31138,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_30sums(CYTHON_UNUSED PyObject *
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "fastbn/_columnar.pyx":524
+        /* "fastbn/_columnar.pyx":528
  *     cdef Py_ssize_t c
  *     with nogil:
  *         for c in range(g.C):             # <<<<<<<<<<<<<<
@@ -31091,7 +31152,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_30sums(CYTHON_UNUSED PyObject *
         for (__pyx_t_9 = 0; __pyx_t_9 < __pyx_t_8; __pyx_t_9+=1) {
           __pyx_v_c = __pyx_t_9;
 
-          /* "fastbn/_columnar.pyx":525
+          /* "fastbn/_columnar.pyx":529
  *     with nogil:
  *         for c in range(g.C):
  *             cp[c] = center[c]             # <<<<<<<<<<<<<<
@@ -31103,7 +31164,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_30sums(CYTHON_UNUSED PyObject *
         }
 
 
-        /* "fastbn/_columnar.pyx":526
+        /* "fastbn/_columnar.pyx":530
  *         for c in range(g.C):
  *             cp[c] = center[c]
  *         run_pass(ap, bp, NULL, &g, NULL, wp, nt)             # <<<<<<<<<<<<<<
@@ -31112,7 +31173,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_30sums(CYTHON_UNUSED PyObject *
 */
         __pyx_fuse_1__pyx_f_6fastbn_12_columnar_v4_run_pass(__pyx_v_ap, __pyx_v_bp, NULL, (&__pyx_v_g), NULL, __pyx_v_wp, __pyx_v_nt);
 
-        /* "fastbn/_columnar.pyx":527
+        /* "fastbn/_columnar.pyx":531
  *             cp[c] = center[c]
  *         run_pass(ap, bp, NULL, &g, NULL, wp, nt)
  *         for c in range(g.C):             # <<<<<<<<<<<<<<
@@ -31126,7 +31187,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_30sums(CYTHON_UNUSED PyObject *
         for (__pyx_t_9 = 0; __pyx_t_9 < __pyx_t_8; __pyx_t_9+=1) {
           __pyx_v_c = __pyx_t_9;
 
-          /* "fastbn/_columnar.pyx":528
+          /* "fastbn/_columnar.pyx":532
  *         run_pass(ap, bp, NULL, &g, NULL, wp, nt)
  *         for c in range(g.C):
  *             out[c, 0] = total[c]             # <<<<<<<<<<<<<<
@@ -31137,7 +31198,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_30sums(CYTHON_UNUSED PyObject *
           __pyx_t_5 = 0;
           *((double *) ( /* dim=1 */ ((char *) (((double *) ( /* dim=0 */ (__pyx_v_out.data + __pyx_t_6 * __pyx_v_out.strides[0]) )) + __pyx_t_5)) )) = (__pyx_v_total[__pyx_v_c]);
 
-          /* "fastbn/_columnar.pyx":529
+          /* "fastbn/_columnar.pyx":533
  *         for c in range(g.C):
  *             out[c, 0] = total[c]
  *             out[c, 1] = total[g.C + c]             # <<<<<<<<<<<<<<
@@ -31151,7 +31212,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_30sums(CYTHON_UNUSED PyObject *
 
       }
 
-      /* "fastbn/_columnar.pyx":523
+      /* "fastbn/_columnar.pyx":527
  *     cdef const floating* bp = cptr2(b)
  *     cdef Py_ssize_t c
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -31168,7 +31229,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_30sums(CYTHON_UNUSED PyObject *
       }
   }
 
-  /* "fastbn/_columnar.pyx":504
+  /* "fastbn/_columnar.pyx":508
  * 
  * 
  * def sums(const floating[:, ::1] a, const floating[:, ::1] b, const double[::1] center,             # <<<<<<<<<<<<<<
@@ -31198,11 +31259,11 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_30sums(CYTHON_UNUSED PyObject *
   return __pyx_r;
 }
 
-/* "fastbn/_columnar.pyx":532
+/* "fastbn/_columnar.pyx":536
  * 
  * 
  * def apply(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] out,             # <<<<<<<<<<<<<<
- *           const double[:, ::1] coef, int num_threads):
+ *           const double[:, ::1] coef, int num_threads, bint stream):
  *     """The second half of each pass on an (M, C) view, with the per-column
 */
 
@@ -31235,53 +31296,53 @@ static PyObject *__pyx_pw_6fastbn_12_columnar_v4_9apply(PyObject *__pyx_self, Py
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_signatures,&__pyx_mstate_global->__pyx_n_u_args,&__pyx_mstate_global->__pyx_n_u_kwargs,&__pyx_mstate_global->__pyx_n_u_defaults,&__pyx_mstate_global->__pyx_n_u_fused_sigindex,0};
     struct __pyx_defaults *__pyx_dynamic_args = __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self);
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 532, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 536, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 532, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 536, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 532, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 536, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 532, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 536, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 532, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 536, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 532, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 536, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 532, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 536, __pyx_L3_error)
       if (!values[4]) values[4] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
       for (Py_ssize_t i = __pyx_nargs; i < 4; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 532, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 536, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 532, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 536, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 532, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 536, __pyx_L3_error)
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 532, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 536, __pyx_L3_error)
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 532, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 536, __pyx_L3_error)
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 532, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 536, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -31295,7 +31356,7 @@ static PyObject *__pyx_pw_6fastbn_12_columnar_v4_9apply(PyObject *__pyx_self, Py
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 532, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 536, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -31347,7 +31408,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_8apply(CYTHON_UNUSED PyObject *
   else
   {
     Py_ssize_t __pyx_temp = __Pyx_PyDict_GET_SIZE(__pyx_v_kwargs);
-    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 532, __pyx_L1_error)
+    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 536, __pyx_L1_error)
     __pyx_t_2 = (__pyx_temp != 0);
   }
 
@@ -31365,11 +31426,11 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_8apply(CYTHON_UNUSED PyObject *
   }
   if (unlikely(__pyx_v_args == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(3, 532, __pyx_L1_error)
+    __PYX_ERR(3, 536, __pyx_L1_error)
   }
-  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 532, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 536, __pyx_L1_error)
   __pyx_v_arg_count = __pyx_t_4;
-  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 532, __pyx_L1_error)
+  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 536, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_ndarray = ((PyTypeObject*)__pyx_t_5);
   __pyx_t_5 = 0;
@@ -31379,7 +31440,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_8apply(CYTHON_UNUSED PyObject *
 
     if (unlikely(__pyx_v_args == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 532, __pyx_L1_error)
+      __PYX_ERR(3, 536, __pyx_L1_error)
     }
     __pyx_t_5 = __Pyx_PyTuple_GET_ITEM(((PyObject*)__pyx_v_args), 0);
     __Pyx_INCREF(__pyx_t_5);
@@ -31398,9 +31459,9 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_8apply(CYTHON_UNUSED PyObject *
   }
   if (unlikely(__pyx_v_kwargs == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not iterable");
-    __PYX_ERR(3, 532, __pyx_L1_error)
+    __PYX_ERR(3, 536, __pyx_L1_error)
   }
-  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_a, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 532, __pyx_L1_error)
+  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_a, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 536, __pyx_L1_error)
 
   __pyx_t_1 = __pyx_t_3;
 
@@ -31409,25 +31470,25 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_8apply(CYTHON_UNUSED PyObject *
 
     if (unlikely(__pyx_v_kwargs == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 532, __pyx_L1_error)
+      __PYX_ERR(3, 536, __pyx_L1_error)
     }
-    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_a); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 532, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_a); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 536, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_v_arg = __pyx_t_5;
     __pyx_t_5 = 0;
     goto __pyx_L6;
   }
   /*else*/ {
-    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_a, 0, 5, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 532, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_a, 0, 6, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 536, __pyx_L1_error)
 
   }
   __pyx_L6:;
-  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 532, __pyx_L1_error) }
-  __pyx_t_5 = __pyx_ff_map_fused_988187_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 532, __pyx_L1_error)
+  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 536, __pyx_L1_error) }
+  __pyx_t_5 = __pyx_ff_map_fused_988187_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 536, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_dest_sig0 = ((PyObject*)__pyx_t_5);
   __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 532, __pyx_L1_error)
+  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 536, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   {
     PyObject *__pyx_temp;
@@ -31465,9 +31526,10 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_12_columnar_v4_35apply(PyObject *_
   __Pyx_memviewslice __pyx_v_out = { 0, 0, { 0 }, { 0 }, { 0 } };
   __Pyx_memviewslice __pyx_v_coef = { 0, 0, { 0 }, { 0 }, { 0 } };
   int __pyx_v_num_threads;
+  int __pyx_v_stream;
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
-  PyObject* values[5] = {0,0,0,0,0};
+  PyObject* values[6] = {0,0,0,0,0,0};
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -31481,62 +31543,69 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_12_columnar_v4_35apply(PyObject *_
   #endif
   __pyx_kwvalues = __Pyx_KwValues_VARARGS(__pyx_args, __pyx_nargs);
   {
-    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_a,&__pyx_mstate_global->__pyx_n_u_b,&__pyx_mstate_global->__pyx_n_u_out,&__pyx_mstate_global->__pyx_n_u_coef,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_a,&__pyx_mstate_global->__pyx_n_u_b,&__pyx_mstate_global->__pyx_n_u_out,&__pyx_mstate_global->__pyx_n_u_coef,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 532, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 536, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
+        case  6:
+        values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 536, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 532, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 536, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 532, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 536, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 532, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 536, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 532, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 536, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 532, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 536, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "apply", 0) < (0)) __PYX_ERR(3, 532, __pyx_L3_error)
-      for (Py_ssize_t i = __pyx_nargs; i < 5; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("apply", 1, 5, 5, i); __PYX_ERR(3, 532, __pyx_L3_error) }
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "apply", 0) < (0)) __PYX_ERR(3, 536, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 6; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("apply", 1, 6, 6, i); __PYX_ERR(3, 536, __pyx_L3_error) }
       }
-    } else if (unlikely(__pyx_nargs != 5)) {
+    } else if (unlikely(__pyx_nargs != 6)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 532, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 536, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 532, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 536, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 532, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 536, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 532, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 536, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 532, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 536, __pyx_L3_error)
+      values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 536, __pyx_L3_error)
     }
-    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 532, __pyx_L3_error)
-    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 532, __pyx_L3_error)
-    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 532, __pyx_L3_error)
-    __pyx_v_coef = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_coef.memview)) __PYX_ERR(3, 533, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 533, __pyx_L3_error)
+    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 536, __pyx_L3_error)
+    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 536, __pyx_L3_error)
+    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 536, __pyx_L3_error)
+    __pyx_v_coef = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_coef.memview)) __PYX_ERR(3, 537, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 537, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[5]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 537, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("apply", 1, 5, 5, __pyx_nargs); __PYX_ERR(3, 532, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("apply", 1, 6, 6, __pyx_nargs); __PYX_ERR(3, 536, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -31551,7 +31620,7 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_12_columnar_v4_35apply(PyObject *_
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_6fastbn_12_columnar_v4_34apply(__pyx_self, __pyx_v_a, __pyx_v_b, __pyx_v_out, __pyx_v_coef, __pyx_v_num_threads);
+  __pyx_r = __pyx_pf_6fastbn_12_columnar_v4_34apply(__pyx_self, __pyx_v_a, __pyx_v_b, __pyx_v_out, __pyx_v_coef, __pyx_v_num_threads, __pyx_v_stream);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -31562,11 +31631,12 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_12_columnar_v4_35apply(PyObject *_
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_out, 1);
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_coef, 1);
 
+
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6fastbn_12_columnar_v4_34apply(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_a, __Pyx_memviewslice __pyx_v_b, __Pyx_memviewslice __pyx_v_out, __Pyx_memviewslice __pyx_v_coef, int __pyx_v_num_threads) {
+static PyObject *__pyx_pf_6fastbn_12_columnar_v4_34apply(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_a, __Pyx_memviewslice __pyx_v_b, __Pyx_memviewslice __pyx_v_out, __Pyx_memviewslice __pyx_v_coef, int __pyx_v_num_threads, int __pyx_v_stream) {
   float const *__pyx_v_ap;
   float const *__pyx_v_bp;
   float *__pyx_v_op;
@@ -31594,7 +31664,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_34apply(CYTHON_UNUSED PyObject 
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_0apply", 0);
 
-  /* "fastbn/_columnar.pyx":538
+  /* "fastbn/_columnar.pyx":542
  *     b None: out = (a - center) * scale + offset; otherwise
  *     out = scale * a - slope * (b - center) - offset (a = dy, b = x)."""
  *     cdef const floating* ap = &a[0, 0]             # <<<<<<<<<<<<<<
@@ -31605,7 +31675,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_34apply(CYTHON_UNUSED PyObject 
   __pyx_t_2 = 0;
   __pyx_v_ap = (&(*((float const  *) ( /* dim=1 */ ((char *) (((float const  *) ( /* dim=0 */ (__pyx_v_a.data + __pyx_t_1 * __pyx_v_a.strides[0]) )) + __pyx_t_2)) ))));
 
-  /* "fastbn/_columnar.pyx":539
+  /* "fastbn/_columnar.pyx":543
  *     out = scale * a - slope * (b - center) - offset (a = dy, b = x)."""
  *     cdef const floating* ap = &a[0, 0]
  *     cdef const floating* bp = cptr2(b)             # <<<<<<<<<<<<<<
@@ -31614,48 +31684,48 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_34apply(CYTHON_UNUSED PyObject 
 */
   __pyx_v_bp = __pyx_fuse_0__pyx_f_6fastbn_6_views_cptr2(__pyx_v_b);
 
-  /* "fastbn/_columnar.pyx":540
+  /* "fastbn/_columnar.pyx":544
  *     cdef const floating* ap = &a[0, 0]
  *     cdef const floating* bp = cptr2(b)
  *     cdef floating* op = &out[0, 0]             # <<<<<<<<<<<<<<
  *     cdef Grid g = make_grid(a.shape[0], a.shape[1], sizeof(floating),
- *                             streams(op, ap, bp, a.shape[0] * a.shape[1] * sizeof(floating)))
+ *                             streams(stream, op, ap, bp,
 */
   __pyx_t_2 = 0;
   __pyx_t_1 = 0;
   __pyx_v_op = (&(*((float *) ( /* dim=1 */ ((char *) (((float *) ( /* dim=0 */ (__pyx_v_out.data + __pyx_t_2 * __pyx_v_out.strides[0]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_columnar.pyx":541
+  /* "fastbn/_columnar.pyx":545
  *     cdef const floating* bp = cptr2(b)
  *     cdef floating* op = &out[0, 0]
  *     cdef Grid g = make_grid(a.shape[0], a.shape[1], sizeof(floating),             # <<<<<<<<<<<<<<
- *                             streams(op, ap, bp, a.shape[0] * a.shape[1] * sizeof(floating)))
- *     cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)
+ *                             streams(stream, op, ap, bp,
+ *                                     a.shape[0] * a.shape[1] * sizeof(floating)))
 */
-  __pyx_v_g = __pyx_f_6fastbn_12_columnar_v4_make_grid((__pyx_v_a.shape[0]), (__pyx_v_a.shape[1]), (sizeof(float)), __pyx_f_6fastbn_5_simd_streams(__pyx_v_op, __pyx_v_ap, __pyx_v_bp, (((__pyx_v_a.shape[0]) * (__pyx_v_a.shape[1])) * (sizeof(float)))));
+  __pyx_v_g = __pyx_f_6fastbn_12_columnar_v4_make_grid((__pyx_v_a.shape[0]), (__pyx_v_a.shape[1]), (sizeof(float)), __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_op, __pyx_v_ap, __pyx_v_bp, (((__pyx_v_a.shape[0]) * (__pyx_v_a.shape[1])) * (sizeof(float)))));
 
-  /* "fastbn/_columnar.pyx":543
- *     cdef Grid g = make_grid(a.shape[0], a.shape[1], sizeof(floating),
- *                             streams(op, ap, bp, a.shape[0] * a.shape[1] * sizeof(floating)))
+  /* "fastbn/_columnar.pyx":548
+ *                             streams(stream, op, ap, bp,
+ *                                     a.shape[0] * a.shape[1] * sizeof(floating)))
  *     cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)             # <<<<<<<<<<<<<<
  *     cdef array mem = workspace(g.C, MAPS_BYTES)
  *     cdef Maps k = maps_in(mem.data, g.C)
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for((__pyx_v_g.M * __pyx_v_g.C), __pyx_v_g.nblocks, __pyx_v_num_threads);
 
-  /* "fastbn/_columnar.pyx":544
- *                             streams(op, ap, bp, a.shape[0] * a.shape[1] * sizeof(floating)))
+  /* "fastbn/_columnar.pyx":549
+ *                                     a.shape[0] * a.shape[1] * sizeof(floating)))
  *     cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)
  *     cdef array mem = workspace(g.C, MAPS_BYTES)             # <<<<<<<<<<<<<<
  *     cdef Maps k = maps_in(mem.data, g.C)
  *     cdef const Coef* maps = <const Coef*>&coef[0, 0]
 */
-  __pyx_t_3 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_v_g.C, __pyx_e_6fastbn_12_columnar_v4_MAPS_BYTES)); if (unlikely(!__pyx_t_3)) __PYX_ERR(3, 544, __pyx_L1_error)
+  __pyx_t_3 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_v_g.C, __pyx_e_6fastbn_12_columnar_v4_MAPS_BYTES)); if (unlikely(!__pyx_t_3)) __PYX_ERR(3, 549, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_3);
   __pyx_t_3 = 0;
 
-  /* "fastbn/_columnar.pyx":545
+  /* "fastbn/_columnar.pyx":550
  *     cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)
  *     cdef array mem = workspace(g.C, MAPS_BYTES)
  *     cdef Maps k = maps_in(mem.data, g.C)             # <<<<<<<<<<<<<<
@@ -31664,7 +31734,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_34apply(CYTHON_UNUSED PyObject 
 */
   __pyx_v_k = __pyx_f_6fastbn_12_columnar_v4_maps_in(__pyx_v_mem->data, __pyx_v_g.C);
 
-  /* "fastbn/_columnar.pyx":546
+  /* "fastbn/_columnar.pyx":551
  *     cdef array mem = workspace(g.C, MAPS_BYTES)
  *     cdef Maps k = maps_in(mem.data, g.C)
  *     cdef const Coef* maps = <const Coef*>&coef[0, 0]             # <<<<<<<<<<<<<<
@@ -31675,7 +31745,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_34apply(CYTHON_UNUSED PyObject 
   __pyx_t_2 = 0;
   __pyx_v_maps = ((__pyx_t_6fastbn_6_stats_Coef const *)(&(*((double const  *) ( /* dim=1 */ ((char *) (((double const  *) ( /* dim=0 */ (__pyx_v_coef.data + __pyx_t_1 * __pyx_v_coef.strides[0]) )) + __pyx_t_2)) )))));
 
-  /* "fastbn/_columnar.pyx":548
+  /* "fastbn/_columnar.pyx":553
  *     cdef const Coef* maps = <const Coef*>&coef[0, 0]
  *     cdef Py_ssize_t c, blk
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -31688,7 +31758,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_34apply(CYTHON_UNUSED PyObject 
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "fastbn/_columnar.pyx":549
+        /* "fastbn/_columnar.pyx":554
  *     cdef Py_ssize_t c, blk
  *     with nogil:
  *         for c in range(g.C):             # <<<<<<<<<<<<<<
@@ -31702,7 +31772,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_34apply(CYTHON_UNUSED PyObject 
         for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
           __pyx_v_c = __pyx_t_6;
 
-          /* "fastbn/_columnar.pyx":550
+          /* "fastbn/_columnar.pyx":555
  *     with nogil:
  *         for c in range(g.C):
  *             store_map(&k, c, maps[c])             # <<<<<<<<<<<<<<
@@ -31713,7 +31783,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_34apply(CYTHON_UNUSED PyObject 
         }
 
 
-        /* "fastbn/_columnar.pyx":551
+        /* "fastbn/_columnar.pyx":556
  *         for c in range(g.C):
  *             store_map(&k, c, maps[c])
  *         for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -31743,7 +31813,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_34apply(CYTHON_UNUSED PyObject 
                         {
                             __pyx_v_blk = (Py_ssize_t)(0 + 1 * __pyx_t_5);
 
-                            /* "fastbn/_columnar.pyx":553
+                            /* "fastbn/_columnar.pyx":558
  *         for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):
  *             block_apply(ap, bp, op, &g, blk * g.rows_per_block,
  *                         min(g.M, (blk + 1) * g.rows_per_block), 0, g.C, &k)             # <<<<<<<<<<<<<<
@@ -31763,7 +31833,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_34apply(CYTHON_UNUSED PyObject 
                             }
 
 
-                            /* "fastbn/_columnar.pyx":552
+                            /* "fastbn/_columnar.pyx":557
  *             store_map(&k, c, maps[c])
  *         for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):
  *             block_apply(ap, bp, op, &g, blk * g.rows_per_block,             # <<<<<<<<<<<<<<
@@ -31785,7 +31855,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_34apply(CYTHON_UNUSED PyObject 
 
       }
 
-      /* "fastbn/_columnar.pyx":548
+      /* "fastbn/_columnar.pyx":553
  *     cdef const Coef* maps = <const Coef*>&coef[0, 0]
  *     cdef Py_ssize_t c, blk
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -31802,11 +31872,11 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_34apply(CYTHON_UNUSED PyObject 
       }
   }
 
-  /* "fastbn/_columnar.pyx":532
+  /* "fastbn/_columnar.pyx":536
  * 
  * 
  * def apply(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] out,             # <<<<<<<<<<<<<<
- *           const double[:, ::1] coef, int num_threads):
+ *           const double[:, ::1] coef, int num_threads, bint stream):
  *     """The second half of each pass on an (M, C) view, with the per-column
 */
 
@@ -31842,9 +31912,10 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_12_columnar_v4_37apply(PyObject *_
   __Pyx_memviewslice __pyx_v_out = { 0, 0, { 0 }, { 0 }, { 0 } };
   __Pyx_memviewslice __pyx_v_coef = { 0, 0, { 0 }, { 0 }, { 0 } };
   int __pyx_v_num_threads;
+  int __pyx_v_stream;
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
-  PyObject* values[5] = {0,0,0,0,0};
+  PyObject* values[6] = {0,0,0,0,0,0};
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -31858,62 +31929,69 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_12_columnar_v4_37apply(PyObject *_
   #endif
   __pyx_kwvalues = __Pyx_KwValues_VARARGS(__pyx_args, __pyx_nargs);
   {
-    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_a,&__pyx_mstate_global->__pyx_n_u_b,&__pyx_mstate_global->__pyx_n_u_out,&__pyx_mstate_global->__pyx_n_u_coef,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_a,&__pyx_mstate_global->__pyx_n_u_b,&__pyx_mstate_global->__pyx_n_u_out,&__pyx_mstate_global->__pyx_n_u_coef,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 532, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 536, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
+        case  6:
+        values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 536, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 532, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 536, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 532, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 536, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 532, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 536, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 532, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 536, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 532, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 536, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "apply", 0) < (0)) __PYX_ERR(3, 532, __pyx_L3_error)
-      for (Py_ssize_t i = __pyx_nargs; i < 5; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("apply", 1, 5, 5, i); __PYX_ERR(3, 532, __pyx_L3_error) }
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "apply", 0) < (0)) __PYX_ERR(3, 536, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 6; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("apply", 1, 6, 6, i); __PYX_ERR(3, 536, __pyx_L3_error) }
       }
-    } else if (unlikely(__pyx_nargs != 5)) {
+    } else if (unlikely(__pyx_nargs != 6)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 532, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 536, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 532, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 536, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 532, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 536, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 532, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 536, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 532, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 536, __pyx_L3_error)
+      values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 536, __pyx_L3_error)
     }
-    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 532, __pyx_L3_error)
-    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 532, __pyx_L3_error)
-    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 532, __pyx_L3_error)
-    __pyx_v_coef = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_coef.memview)) __PYX_ERR(3, 533, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 533, __pyx_L3_error)
+    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 536, __pyx_L3_error)
+    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 536, __pyx_L3_error)
+    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 536, __pyx_L3_error)
+    __pyx_v_coef = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_coef.memview)) __PYX_ERR(3, 537, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 537, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[5]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 537, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("apply", 1, 5, 5, __pyx_nargs); __PYX_ERR(3, 532, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("apply", 1, 6, 6, __pyx_nargs); __PYX_ERR(3, 536, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -31928,7 +32006,7 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_12_columnar_v4_37apply(PyObject *_
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_6fastbn_12_columnar_v4_36apply(__pyx_self, __pyx_v_a, __pyx_v_b, __pyx_v_out, __pyx_v_coef, __pyx_v_num_threads);
+  __pyx_r = __pyx_pf_6fastbn_12_columnar_v4_36apply(__pyx_self, __pyx_v_a, __pyx_v_b, __pyx_v_out, __pyx_v_coef, __pyx_v_num_threads, __pyx_v_stream);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -31939,11 +32017,12 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_12_columnar_v4_37apply(PyObject *_
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_out, 1);
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_coef, 1);
 
+
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6fastbn_12_columnar_v4_36apply(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_a, __Pyx_memviewslice __pyx_v_b, __Pyx_memviewslice __pyx_v_out, __Pyx_memviewslice __pyx_v_coef, int __pyx_v_num_threads) {
+static PyObject *__pyx_pf_6fastbn_12_columnar_v4_36apply(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_a, __Pyx_memviewslice __pyx_v_b, __Pyx_memviewslice __pyx_v_out, __Pyx_memviewslice __pyx_v_coef, int __pyx_v_num_threads, int __pyx_v_stream) {
   double const *__pyx_v_ap;
   double const *__pyx_v_bp;
   double *__pyx_v_op;
@@ -31971,7 +32050,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_36apply(CYTHON_UNUSED PyObject 
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_1apply", 0);
 
-  /* "fastbn/_columnar.pyx":538
+  /* "fastbn/_columnar.pyx":542
  *     b None: out = (a - center) * scale + offset; otherwise
  *     out = scale * a - slope * (b - center) - offset (a = dy, b = x)."""
  *     cdef const floating* ap = &a[0, 0]             # <<<<<<<<<<<<<<
@@ -31982,7 +32061,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_36apply(CYTHON_UNUSED PyObject 
   __pyx_t_2 = 0;
   __pyx_v_ap = (&(*((double const  *) ( /* dim=1 */ ((char *) (((double const  *) ( /* dim=0 */ (__pyx_v_a.data + __pyx_t_1 * __pyx_v_a.strides[0]) )) + __pyx_t_2)) ))));
 
-  /* "fastbn/_columnar.pyx":539
+  /* "fastbn/_columnar.pyx":543
  *     out = scale * a - slope * (b - center) - offset (a = dy, b = x)."""
  *     cdef const floating* ap = &a[0, 0]
  *     cdef const floating* bp = cptr2(b)             # <<<<<<<<<<<<<<
@@ -31991,48 +32070,48 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_36apply(CYTHON_UNUSED PyObject 
 */
   __pyx_v_bp = __pyx_fuse_1__pyx_f_6fastbn_6_views_cptr2(__pyx_v_b);
 
-  /* "fastbn/_columnar.pyx":540
+  /* "fastbn/_columnar.pyx":544
  *     cdef const floating* ap = &a[0, 0]
  *     cdef const floating* bp = cptr2(b)
  *     cdef floating* op = &out[0, 0]             # <<<<<<<<<<<<<<
  *     cdef Grid g = make_grid(a.shape[0], a.shape[1], sizeof(floating),
- *                             streams(op, ap, bp, a.shape[0] * a.shape[1] * sizeof(floating)))
+ *                             streams(stream, op, ap, bp,
 */
   __pyx_t_2 = 0;
   __pyx_t_1 = 0;
   __pyx_v_op = (&(*((double *) ( /* dim=1 */ ((char *) (((double *) ( /* dim=0 */ (__pyx_v_out.data + __pyx_t_2 * __pyx_v_out.strides[0]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_columnar.pyx":541
+  /* "fastbn/_columnar.pyx":545
  *     cdef const floating* bp = cptr2(b)
  *     cdef floating* op = &out[0, 0]
  *     cdef Grid g = make_grid(a.shape[0], a.shape[1], sizeof(floating),             # <<<<<<<<<<<<<<
- *                             streams(op, ap, bp, a.shape[0] * a.shape[1] * sizeof(floating)))
- *     cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)
+ *                             streams(stream, op, ap, bp,
+ *                                     a.shape[0] * a.shape[1] * sizeof(floating)))
 */
-  __pyx_v_g = __pyx_f_6fastbn_12_columnar_v4_make_grid((__pyx_v_a.shape[0]), (__pyx_v_a.shape[1]), (sizeof(double)), __pyx_f_6fastbn_5_simd_streams(__pyx_v_op, __pyx_v_ap, __pyx_v_bp, (((__pyx_v_a.shape[0]) * (__pyx_v_a.shape[1])) * (sizeof(double)))));
+  __pyx_v_g = __pyx_f_6fastbn_12_columnar_v4_make_grid((__pyx_v_a.shape[0]), (__pyx_v_a.shape[1]), (sizeof(double)), __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_op, __pyx_v_ap, __pyx_v_bp, (((__pyx_v_a.shape[0]) * (__pyx_v_a.shape[1])) * (sizeof(double)))));
 
-  /* "fastbn/_columnar.pyx":543
- *     cdef Grid g = make_grid(a.shape[0], a.shape[1], sizeof(floating),
- *                             streams(op, ap, bp, a.shape[0] * a.shape[1] * sizeof(floating)))
+  /* "fastbn/_columnar.pyx":548
+ *                             streams(stream, op, ap, bp,
+ *                                     a.shape[0] * a.shape[1] * sizeof(floating)))
  *     cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)             # <<<<<<<<<<<<<<
  *     cdef array mem = workspace(g.C, MAPS_BYTES)
  *     cdef Maps k = maps_in(mem.data, g.C)
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for((__pyx_v_g.M * __pyx_v_g.C), __pyx_v_g.nblocks, __pyx_v_num_threads);
 
-  /* "fastbn/_columnar.pyx":544
- *                             streams(op, ap, bp, a.shape[0] * a.shape[1] * sizeof(floating)))
+  /* "fastbn/_columnar.pyx":549
+ *                                     a.shape[0] * a.shape[1] * sizeof(floating)))
  *     cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)
  *     cdef array mem = workspace(g.C, MAPS_BYTES)             # <<<<<<<<<<<<<<
  *     cdef Maps k = maps_in(mem.data, g.C)
  *     cdef const Coef* maps = <const Coef*>&coef[0, 0]
 */
-  __pyx_t_3 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_v_g.C, __pyx_e_6fastbn_12_columnar_v4_MAPS_BYTES)); if (unlikely(!__pyx_t_3)) __PYX_ERR(3, 544, __pyx_L1_error)
+  __pyx_t_3 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_v_g.C, __pyx_e_6fastbn_12_columnar_v4_MAPS_BYTES)); if (unlikely(!__pyx_t_3)) __PYX_ERR(3, 549, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_3);
   __pyx_t_3 = 0;
 
-  /* "fastbn/_columnar.pyx":545
+  /* "fastbn/_columnar.pyx":550
  *     cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)
  *     cdef array mem = workspace(g.C, MAPS_BYTES)
  *     cdef Maps k = maps_in(mem.data, g.C)             # <<<<<<<<<<<<<<
@@ -32041,7 +32120,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_36apply(CYTHON_UNUSED PyObject 
 */
   __pyx_v_k = __pyx_f_6fastbn_12_columnar_v4_maps_in(__pyx_v_mem->data, __pyx_v_g.C);
 
-  /* "fastbn/_columnar.pyx":546
+  /* "fastbn/_columnar.pyx":551
  *     cdef array mem = workspace(g.C, MAPS_BYTES)
  *     cdef Maps k = maps_in(mem.data, g.C)
  *     cdef const Coef* maps = <const Coef*>&coef[0, 0]             # <<<<<<<<<<<<<<
@@ -32052,7 +32131,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_36apply(CYTHON_UNUSED PyObject 
   __pyx_t_2 = 0;
   __pyx_v_maps = ((__pyx_t_6fastbn_6_stats_Coef const *)(&(*((double const  *) ( /* dim=1 */ ((char *) (((double const  *) ( /* dim=0 */ (__pyx_v_coef.data + __pyx_t_1 * __pyx_v_coef.strides[0]) )) + __pyx_t_2)) )))));
 
-  /* "fastbn/_columnar.pyx":548
+  /* "fastbn/_columnar.pyx":553
  *     cdef const Coef* maps = <const Coef*>&coef[0, 0]
  *     cdef Py_ssize_t c, blk
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -32065,7 +32144,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_36apply(CYTHON_UNUSED PyObject 
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "fastbn/_columnar.pyx":549
+        /* "fastbn/_columnar.pyx":554
  *     cdef Py_ssize_t c, blk
  *     with nogil:
  *         for c in range(g.C):             # <<<<<<<<<<<<<<
@@ -32079,7 +32158,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_36apply(CYTHON_UNUSED PyObject 
         for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
           __pyx_v_c = __pyx_t_6;
 
-          /* "fastbn/_columnar.pyx":550
+          /* "fastbn/_columnar.pyx":555
  *     with nogil:
  *         for c in range(g.C):
  *             store_map(&k, c, maps[c])             # <<<<<<<<<<<<<<
@@ -32090,7 +32169,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_36apply(CYTHON_UNUSED PyObject 
         }
 
 
-        /* "fastbn/_columnar.pyx":551
+        /* "fastbn/_columnar.pyx":556
  *         for c in range(g.C):
  *             store_map(&k, c, maps[c])
  *         for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -32120,7 +32199,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_36apply(CYTHON_UNUSED PyObject 
                         {
                             __pyx_v_blk = (Py_ssize_t)(0 + 1 * __pyx_t_5);
 
-                            /* "fastbn/_columnar.pyx":553
+                            /* "fastbn/_columnar.pyx":558
  *         for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):
  *             block_apply(ap, bp, op, &g, blk * g.rows_per_block,
  *                         min(g.M, (blk + 1) * g.rows_per_block), 0, g.C, &k)             # <<<<<<<<<<<<<<
@@ -32140,7 +32219,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_36apply(CYTHON_UNUSED PyObject 
                             }
 
 
-                            /* "fastbn/_columnar.pyx":552
+                            /* "fastbn/_columnar.pyx":557
  *             store_map(&k, c, maps[c])
  *         for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):
  *             block_apply(ap, bp, op, &g, blk * g.rows_per_block,             # <<<<<<<<<<<<<<
@@ -32162,7 +32241,7 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_36apply(CYTHON_UNUSED PyObject 
 
       }
 
-      /* "fastbn/_columnar.pyx":548
+      /* "fastbn/_columnar.pyx":553
  *     cdef const Coef* maps = <const Coef*>&coef[0, 0]
  *     cdef Py_ssize_t c, blk
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -32179,11 +32258,11 @@ static PyObject *__pyx_pf_6fastbn_12_columnar_v4_36apply(CYTHON_UNUSED PyObject 
       }
   }
 
-  /* "fastbn/_columnar.pyx":532
+  /* "fastbn/_columnar.pyx":536
  * 
  * 
  * def apply(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] out,             # <<<<<<<<<<<<<<
- *           const double[:, ::1] coef, int num_threads):
+ *           const double[:, ::1] coef, int num_threads, bint stream):
  *     """The second half of each pass on an (M, C) view, with the per-column
 */
 
@@ -34630,38 +34709,38 @@ __Pyx_RefNannySetupContext("PyInit__columnar_v4", 0);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "fastbn/_columnar.pyx":452
+  /* "fastbn/_columnar.pyx":453
  * 
  * 
  * def inference(const floating[:, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
  *               const floating[::1] beta, const floating[::1] running_mean,
  *               const floating[::1] running_var, floating[:, ::1] y,
 */
-  __pyx_t_5 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 452, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 453, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_12_columnar_v4_17inference, 0, __pyx_mstate_global->__pyx_n_u_inference_const_float_1_const_fl, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 452, __pyx_L1_error)
+  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_12_columnar_v4_17inference, 0, __pyx_mstate_global->__pyx_n_u_inference_const_float_1_const_fl, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 453, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_4, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_4) < (0)) __PYX_ERR(3, 452, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_4) < (0)) __PYX_ERR(3, 453, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_12_columnar_v4_19inference, 0, __pyx_mstate_global->__pyx_n_u_inference_const_double_1_const_d, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 452, __pyx_L1_error)
+  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_12_columnar_v4_19inference, 0, __pyx_mstate_global->__pyx_n_u_inference_const_double_1_const_d, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 453, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_4, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_4) < (0)) __PYX_ERR(3, 452, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_4) < (0)) __PYX_ERR(3, 453, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_12_columnar_v4_3inference, 0, __pyx_mstate_global->__pyx_n_u_inference, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[5])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 452, __pyx_L1_error)
+  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_12_columnar_v4_3inference, 0, __pyx_mstate_global->__pyx_n_u_inference, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[5])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 453, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_4, __pyx_mstate_global->__pyx_ptype_6fastbn_12_columnar_v4___pyx_defaults)) __PYX_ERR(3, 452, __pyx_L1_error)
-  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 452, __pyx_L1_error)
+  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_4, __pyx_mstate_global->__pyx_ptype_6fastbn_12_columnar_v4___pyx_defaults)) __PYX_ERR(3, 453, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 453, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
   __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_4)->arg0 = __pyx_t_9;
   __Pyx_GIVEREF(__pyx_t_9);
@@ -34672,42 +34751,42 @@ __Pyx_RefNannySetupContext("PyInit__columnar_v4", 0);
   __pyx_t_5 = 0;
   __pyx_t_5 = __pyx_t_4;
   __Pyx_INCREF(__pyx_t_5);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_inference, __pyx_t_5) < (0)) __PYX_ERR(3, 452, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_inference, __pyx_t_5) < (0)) __PYX_ERR(3, 453, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "fastbn/_columnar.pyx":475
+  /* "fastbn/_columnar.pyx":477
  * 
  * 
  * def backward(const floating[:, ::1] dy, const floating[:, ::1] x,             # <<<<<<<<<<<<<<
  *              const floating[::1] gamma, const floating[::1] mean,
  *              const floating[::1] invstd, floating[:, ::1] dx,
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 475, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 477, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_12_columnar_v4_23backward, 0, __pyx_mstate_global->__pyx_n_u_backward_const_float_1_const_flo, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[6])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 475, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_12_columnar_v4_23backward, 0, __pyx_mstate_global->__pyx_n_u_backward_const_float_1_const_flo, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[6])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 477, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_5) < (0)) __PYX_ERR(3, 475, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_5) < (0)) __PYX_ERR(3, 477, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_12_columnar_v4_25backward, 0, __pyx_mstate_global->__pyx_n_u_backward_const_double_1_const_do, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[7])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 475, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_12_columnar_v4_25backward, 0, __pyx_mstate_global->__pyx_n_u_backward_const_double_1_const_do, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[7])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 477, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_5) < (0)) __PYX_ERR(3, 475, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_5) < (0)) __PYX_ERR(3, 477, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_12_columnar_v4_5backward, 0, __pyx_mstate_global->__pyx_n_u_backward, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[8])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 475, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_12_columnar_v4_5backward, 0, __pyx_mstate_global->__pyx_n_u_backward, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[8])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 477, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_5, __pyx_mstate_global->__pyx_ptype_6fastbn_12_columnar_v4___pyx_defaults)) __PYX_ERR(3, 475, __pyx_L1_error)
-  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 475, __pyx_L1_error)
+  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_5, __pyx_mstate_global->__pyx_ptype_6fastbn_12_columnar_v4___pyx_defaults)) __PYX_ERR(3, 477, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 477, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
   __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_5)->arg0 = __pyx_t_9;
   __Pyx_GIVEREF(__pyx_t_9);
@@ -34718,42 +34797,42 @@ __Pyx_RefNannySetupContext("PyInit__columnar_v4", 0);
   __pyx_t_4 = 0;
   __pyx_t_4 = __pyx_t_5;
   __Pyx_INCREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_backward, __pyx_t_4) < (0)) __PYX_ERR(3, 475, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_backward, __pyx_t_4) < (0)) __PYX_ERR(3, 477, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "fastbn/_columnar.pyx":504
+  /* "fastbn/_columnar.pyx":508
  * 
  * 
  * def sums(const floating[:, ::1] a, const floating[:, ::1] b, const double[::1] center,             # <<<<<<<<<<<<<<
  *          double[:, ::1] out, int num_threads):
  *     """Per-column sums of an (M, C) view into out (C, 2), in double.
 */
-  __pyx_t_5 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 504, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 508, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_12_columnar_v4_29sums, 0, __pyx_mstate_global->__pyx_n_u_sums_const_float_1_const_float_1, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[9])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 504, __pyx_L1_error)
+  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_12_columnar_v4_29sums, 0, __pyx_mstate_global->__pyx_n_u_sums_const_float_1_const_float_1, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[9])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 508, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_4, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_4) < (0)) __PYX_ERR(3, 504, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_4) < (0)) __PYX_ERR(3, 508, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_12_columnar_v4_31sums, 0, __pyx_mstate_global->__pyx_n_u_sums_const_double_1_const_double, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[10])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 504, __pyx_L1_error)
+  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_12_columnar_v4_31sums, 0, __pyx_mstate_global->__pyx_n_u_sums_const_double_1_const_double, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[10])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 508, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_4, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_4) < (0)) __PYX_ERR(3, 504, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_4) < (0)) __PYX_ERR(3, 508, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_12_columnar_v4_7sums, 0, __pyx_mstate_global->__pyx_n_u_sums, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[11])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 504, __pyx_L1_error)
+  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_12_columnar_v4_7sums, 0, __pyx_mstate_global->__pyx_n_u_sums, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[11])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 508, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_4, __pyx_mstate_global->__pyx_ptype_6fastbn_12_columnar_v4___pyx_defaults)) __PYX_ERR(3, 504, __pyx_L1_error)
-  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 504, __pyx_L1_error)
+  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_4, __pyx_mstate_global->__pyx_ptype_6fastbn_12_columnar_v4___pyx_defaults)) __PYX_ERR(3, 508, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 508, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
   __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_4)->arg0 = __pyx_t_9;
   __Pyx_GIVEREF(__pyx_t_9);
@@ -34764,42 +34843,42 @@ __Pyx_RefNannySetupContext("PyInit__columnar_v4", 0);
   __pyx_t_5 = 0;
   __pyx_t_5 = __pyx_t_4;
   __Pyx_INCREF(__pyx_t_5);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_sums, __pyx_t_5) < (0)) __PYX_ERR(3, 504, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_sums, __pyx_t_5) < (0)) __PYX_ERR(3, 508, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "fastbn/_columnar.pyx":532
+  /* "fastbn/_columnar.pyx":536
  * 
  * 
  * def apply(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] out,             # <<<<<<<<<<<<<<
- *           const double[:, ::1] coef, int num_threads):
+ *           const double[:, ::1] coef, int num_threads, bint stream):
  *     """The second half of each pass on an (M, C) view, with the per-column
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 532, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 536, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_12_columnar_v4_35apply, 0, __pyx_mstate_global->__pyx_n_u_apply_const_float_1_const_float, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[12])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 532, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_12_columnar_v4_35apply, 0, __pyx_mstate_global->__pyx_n_u_apply_const_float_1_const_float, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[12])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 536, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_5) < (0)) __PYX_ERR(3, 532, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_5) < (0)) __PYX_ERR(3, 536, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_12_columnar_v4_37apply, 0, __pyx_mstate_global->__pyx_n_u_apply_const_double_1_const_doubl, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[13])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 532, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_12_columnar_v4_37apply, 0, __pyx_mstate_global->__pyx_n_u_apply_const_double_1_const_doubl, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[13])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 536, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_5) < (0)) __PYX_ERR(3, 532, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_5) < (0)) __PYX_ERR(3, 536, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_12_columnar_v4_9apply, 0, __pyx_mstate_global->__pyx_n_u_apply, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[14])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 532, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_12_columnar_v4_9apply, 0, __pyx_mstate_global->__pyx_n_u_apply, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__columnar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[14])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 536, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_5, __pyx_mstate_global->__pyx_ptype_6fastbn_12_columnar_v4___pyx_defaults)) __PYX_ERR(3, 532, __pyx_L1_error)
-  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 532, __pyx_L1_error)
+  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_5, __pyx_mstate_global->__pyx_ptype_6fastbn_12_columnar_v4___pyx_defaults)) __PYX_ERR(3, 536, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 536, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
   __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_5)->arg0 = __pyx_t_9;
   __Pyx_GIVEREF(__pyx_t_9);
@@ -34810,7 +34889,7 @@ __Pyx_RefNannySetupContext("PyInit__columnar_v4", 0);
   __pyx_t_4 = 0;
   __pyx_t_4 = __pyx_t_5;
   __Pyx_INCREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_apply, __pyx_t_4) < (0)) __PYX_ERR(3, 532, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_apply, __pyx_t_4) < (0)) __PYX_ERR(3, 536, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
@@ -35003,38 +35082,38 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
-    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{27},{179},{8},{15},{7},{6},{20},{2},{9},{50},{30},{37},{1},{5},{8},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{15},{13},{1},{3},{15},{2},{5},{63},{60},{4},{18},{1},{8},{144},{136},{4},{4},{3},{2},{1},{6},{18},{4},{5},{2},{5},{8},{6},{6},{5},{15},{2},{3},{2},{3},{6},{9},{3},{5},{6},{19},{5},{5},{6},{7},{13},{134},{126},{1},{5},{3},{2},{2},{5},{9},{118},{112},{6},{5},{8},{1},{4},{6},{4},{4},{3},{7},{4},{4},{4},{2},{11},{5},{3},{2},{3},{4},{3},{2},{8},{12},{11},{10},{5},{10},{4},{5},{4},{4},{6},{4},{47},{45},{5},{6},{6},{6},{2},{1},{2},{1},{2}};
-    const struct { const unsigned int length: 9; } bytes_length_index[] = {{1},{278},{308},{309},{259},{244}};
+    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{27},{179},{8},{15},{7},{6},{20},{2},{9},{50},{30},{37},{1},{5},{8},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{15},{13},{1},{3},{15},{2},{5},{63},{60},{4},{18},{1},{8},{144},{136},{4},{4},{3},{2},{1},{6},{18},{4},{5},{2},{5},{8},{6},{6},{5},{15},{2},{3},{2},{3},{6},{9},{3},{5},{6},{19},{5},{5},{6},{7},{13},{134},{126},{1},{5},{3},{2},{2},{5},{9},{118},{112},{6},{5},{8},{1},{4},{6},{4},{4},{3},{7},{4},{4},{4},{2},{11},{5},{3},{2},{3},{4},{3},{2},{8},{12},{11},{10},{5},{10},{4},{5},{4},{4},{6},{6},{4},{47},{45},{5},{6},{6},{6},{2},{1},{2},{1},{2}};
+    const struct { const unsigned int length: 9; } bytes_length_index[] = {{1},{281},{312},{262},{311},{244}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (1590 bytes) */
-static const char cstring[] = "x\332\275V\315s\323F\024\307\211\023(\223i\233\220\244\245\245tM\322\361\264\r.\206\224a2\014\255\311\307L\016PL\002\245\r\256f\255]\313\"\322\256\254]\031\233\366\3001G\035u\324QG\037}\364\321G\037}\354\237\320?\241o\345\330\261\363\re\232\211\245\267o\337{\373\336\357}\254\020\226\350V\r\361\342+\252\313\007\231\025t\377\021\265\271[\177n\322\327\210\227\320}\2353i\032\036\367\004\302\214 b\272J\3600\333d\375\r!]\223P2$\214\270{\352\376(o \371\340\247U\314\030\227\010\013a\032\014I\216\\\212\311M\316\254:\262c\047\253\340\344&\253b\313$\310\346\204.!Zs@\027L\245\365\264:7]\342\256t1K/!\003L\365\205E\031;\024\216B\270f\n\364\230#\033K\275l2\003\251\243\260\364\\\212J\334c\3441\227\024\3112\200\264Z\227e\316\020\210\023j\231E\352bI\301\021\345:\034\350*!\206\236\254?\271\271|o9\016\304\245\nR\201\204W\324-\210\201\n\205g\3213-\t\007\313\272CE\006m\226P\235{\210Qp\031\002t@nXA\226)C\202JE\240t\014\007\226&g\032\250\203\267\351}\004\315*U\332\033\330\0224\203\t\321@\216\352\334\262\324\036g\"\203\213:1\005.Z\2242\365,a!\213\354\007\rd<\233a7\343\324k\206n\212\336.a\034\202,a\317\222H\323\\J<\235j\032\"^|\n\343\354&\004]5\261\005\273\272\311L\251i^\254\250\266\261eq\035\260A\330uq\035\021,q\346\230\335^\006\024N\275\344\213\314_\271\255\325\315\315u\3132\035a\212-Z\361(\323\251\252\303\314AIj\332\223z\r~k\000\272\366\230\326\344SZ\322\264}`\300IpHAw@\030T\232\222\332\212A\224\016\374\225<\246\2537l\211\276\226i;P(\212\262\261\311\3427\047\236\025\3571l\367\336\352xM\003\2504\275L\365]\341\331\275\325\276\025E\252\264\366(\2179\246\276\013\026\326Y_\256*\025\014\312F\305\303V\337l\037\337\001\245\307\2256\304\2405\265\2002\030\270\"\206\\\037\320\007z\222\n\031\007*(\321\240\242\241\247\300\206) \337.\367\240\374(\206\212\350\347B+z\245\022\324\263\203\035\307\252\307\217\035ho!\021\341\0368\274\263\262\204VV\262\205\245c\231\243\313\302\260z\311\342X\036\322\036\345\215\254\n\3305\004\026u\246\233<3\360T\024\213X\337}\215]\322\177\277\203s\243\314\363rN\210\360\020]8""\344\317\331\321\216\360\316\3078\026\256Q\022\374\020\264HUm\355\026\035]\247\014\306\221n\001t\032T2\014?\235*OuNK:\2144\251;DI\3577\270 \006\266m\334\213\213\250\362\215\037\252Xzw\002\251\221\232C\352\004\230L\207\031K\241\234\343\341G\035A]\227\273%\254K\365T\023%3\230(Zu\271daC\304~\302\020\266\343\247\032\305\360R\250)\317\314\321\305\316{\347\360|\031;1\223\307y\361\256\251;G\246N\310\237\021g\000\246\221\341\230$nU\300\205\272j\372\r\210\235\017X\336g\301W8|\352\177\256\342\323\301\202\363\252B\0225\246E\357\361\206\356\356\002\020\252\273\014acG\330\0243\270\362\341_]\371\352\252W\223\020\276\024l&\325x\225e\365i \200t\352P\266\334\201\331\341@\321;\334q\204K\rS@O\270\036cpij\312X\237\256b\027\346g\277\027\324\2354\370\000\020\312\017\230\254.\214W\250u\311\341\347zp\243{\266P\277\363\217\241\302\220\370\231S\242 \341*\263\340\366\000\367=\007\256O\n\237,\036\025\257\235Z\315\251\327\235_\336&\376\271|a\342\353\000\007\2250\021^\ts\335\344\347A\"\230\016R\301\235\000w\2233\376\267A6\310\005\317\303l\270\026%\242\371\250\322H6r\335k\0131#\031m4R\215\273\315\351\346B\363i\263\322\232l\341\226h\337h\347\224\346\367A\036\354\212\360F\230\013\267\243\351\350;\320K^\017H\230\n\263C\304\234\377[||2\214\265\322p\370B\360+\350\344\377\376\350r\367\322\324\336\272?\347c\277\022$\272Ss~\036H\001\002\177D\331(\027\275\204\223\027\233\270\371g;\325^n{\235\355\027\235\027/;/\013\335\251\253*\206\316\227\331\306tw\3523PN\006\033\341b\210C\021-F\305F\002\330\327\276\n\236\001\253\030\215G\267\243|\047\363sk\274\225m\255\265\023\355\351\036*\010\234\032\003\037\357\204X\271;\004\2212~\003P\331\n\023\047A\364\260Ql&z0\255Gs\0219/LJ;\321\230m\344\373\300\274\001\344R\321rT\351&g\375U\037^_\004\351p:\016\246\362\317\344\205\211\213o-?\325MN\276\245{\367\374\254\237S\244\271\047\373dy\317\000\320\010$4\253\226\257\374\213\200\306\244\212\246\267L\370\3631\266\261V\305\237P\010w\217\000?\343\247\374\037\001\304\\\220\357^\372\024\224\346\300\3447\200\310\370~\035\344\000\263""\251\377\247\222>\014D\306^~\037\200#\200\021\0106\333#\361\001\177\030\252\316\344\374\001\244\334\337Va\236\004\332X,\027\2036\353?\017\226\317\000\355z@aw\037\275+\247\027\331\020zk\000\311|\243\322\034o\336n\346\233\245V\256\265\325\036k\247N\354\303\223\273\256\233\274\026<\002\261\305\010G\242\221:\255\t\267\001\344\324q\275\266\246\354\206[\340\327C\260R9\243\327f.L\\9&>h\237[\215\261\306B\343\367\246\333\232\351\254>\353<{\376^\325p5\230\357E\252\202\233\367\r\320\037\014\241\243\310\037\r\370c(\003\317\337\030\316\343vlr<\274\033\315F\371C\342\237@\033\215C\342\047\224\237\207\226=\267\377\005\274\341\311 ";
-    PyObject *data = __Pyx_DecompressString(cstring, 1590, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (1573 bytes) */
+static const char cstring[] = "x\332\275V\315s\323F\024\307\304\t\224\311\264\315gKK\351\032B=m\203\213K\332a2\014\255I\3024\007(nBJ\033\\\315J\273\226E\244]Y\27326\355\201c\216:\352\250\243\216>\372\3101G\037}\354\237\300\237\320\267r\354\330&_\320\226L\254}z\373\336\333\367~\373\333\267BX\242\033u\304\365\247\324\220wr\313\350\366}\352p\257\261e\321g\210\227\321m\2033i\231>\367\005\302\214 by\312pTm\261\336\204\220\236E(\0310F\334;v~X\327\267\274\363\303\nf\214K\204\205\260L\206$G\036\305\344:gv\0039I\2225Hr\235\325\260m\021\344pB\027\021\255\273\340\013\241\262FV\255\233-sOz\230e\027\221\t\241z\306\242\202]\nK!\\\267\004z\300\221\203\245Q\261\230\211\324RX\372\036Ee\3563\362\200K\212d\005@Zi\310\ng\010\314\t\265-\235zXRHD\245\016\013z\312\210\241\207k\017\257/\335ZJ\n\361\250\202T \341\353\206\r5P\241\360\324}\313\226\260\260l\270T\344\320z\0315\270\217\030\205\224\241@\027\354\006\035d\2052$\250T\002\312&p`iq\246\201;d\233\335G\320\252Q\345}\017\333\202\3460!\032\330Q\203\333\266\232\343L\344\260n\020K`\335\246\224\251g\031\013\251\263o4\260\361\035\206\275\234\333\250\233\206%\272\263\204q(\262\214}[\"M\363(\361\r\252i\210\370\311*\214\263\353Pt\315\3026\314\032\026\263\244\246\371\211\243\232\306\266\315\r\300\006a\317\303\rD\260\304\271Cf\273;\240p\352n\276\310\375U\330XY__\263m\313\025\226\330\240U\2372\203*\036\346\016(\251i\017\033u\370\255\002\350\332\003Z\227\277\320\262\246\355\003\003IBB\n\272\003\301\244\322\222\324Q\n\242|\340\257\3543C\2150%z^\226\343\002Q\224\344`\213%#\047\276\235\3141\354tG\265\274\246\001T\232Q\241\306\216\360\235\356\333~\024%\252m\355J>s-c\007\"\254\261\236]M*\030T\214\252\217\355^\330\036\276}\311H\2306\240\240u\365\0024\350\247\"\006R\357\313\007~\222\n\231\024*(\321\200\321p\246 \206%`\277=\356\003\375(\006F\364\366B\323\375r\031\370\354b\327\265\033\311c\033\216\267\220\210p\037\022\336^^D\313\313\371\322\342\241\312\341\327\322\240{\331\346X\216x\017\353\206\336J\3303\005\026\rfX<\327\317T\350:6v\236a\217\364\3067HnXyZ\315\021\025\216\310\245\221|N""\256vHw:\305\241p\r\213\220\207\240:U\334\332\321]\303\240\014\332\221a\003t\0320\031\232\237AU\246\006\247e\003Z\2324\\\242\254\367\017\270 &v\034\334\255\213(\372&\017E\226\356\235@\352\244\356\222\006\001%3\240\307R\240s\322\374\250+\250\347q\257\214\r\251\236\252\243\344\372\035E\253-\225ml\212$Oh\302N\362T\255\030\006\205\232\312\314\032~\331~\353=<\335\216\035\271\223\207e\361\246[w\212\235:b\377\314d\007\240\033\231\256E\222\243\n\270POu\277\276\260\375\037\322\373$\370J\243\253\376k\026\037\017\026\254W\023\222\2506-\272\217\347tg\007\200P\247\313\024\016v\205C1\203+\037\376\325\225\257\256z\325\t\341K\301aR\265WYQ\237\006\002D\267\001\264\345.\364\016\027H\357r\327\025\0365-\001g\302\363\031\203KSS\301zr\r{\320?{gA\335I\375\017\000\241\362\200\316\352A{\005\256K\016?X\305\201\247\017\367\272\357\010\365;}3*\r\230\237\330+J\022.4\033\356\020(\302w\341\022\245\360\341\342S\361\314\255\327\335F\303\375\371E\352\325\2053\343\237\2078\254F\251h&*t\322\037\207\251p*\314\2047C\334IO\007_\206\371\260\020nE\371h5N\305\363q\265\231n\026:\227\256\202\342\247x5yY\270\026m\305\371x%\366\232S\315/Z\251\326L\353n+q\376:,Bh\021]\211\n\321f<\025\177\005\326\351\313!\2112Q~@\230\013~K2H\253\365\247\203,\254\1775\374\025|\212\177\277w\241s~rw-\230\013pP\rS\235\311\271\240\010\242\000\203?`\315B\374\2445\325Zh\341\326\237{\231\275\245=\277\275\371\270\375\370I\373I\2513yQ\225\321\3764\337\234\352L~\004\316\351\360^\264\020\341H\304\013\261\336L\201\372\322g\341#P\351\361X\374m\\l\347~|9\3662\377ru/\2657\005\300L\2763`\224s\2529\333,\366\240x\016Xe\342\245\270\332I\317\006+\001\014\237\204\331h*I\277\372j\342\314\370\271\027v\220\351\244\047^\320\335[A>((\321\334-\252\341i\220R\203\265+{\023\225]\022d\202|W\304\007z\260\014\346\023T\323\023\355\211\371\200@q\211\025\0176U\245\235\327\300\237\2068\337\205g\023\273\363\037\202\373l\260\025.\001Dc\t\014\351\270p\010n\227C\n\263\373\000\316\000f\033Q\352\377a\326\321<\352\244/\205\367\301l!\306\261hf\216\243\325&\340\2349\214=\253*""n\264\001U\336\205(\325\223\331\203 \225\263\300\360\233\021V(\014@\242\202_9\036\211\273M\275\225\352\241\261\326\234k\342wL\247!\002\231\000O\237\036O\203s\000\310\204*h\224F\340U\r\306\025\226G\221\047\r\225\026\273\344\231\203\220\327F\3103}f|\346\020<\000\211\033\315\263\315\253\315\337[\336\313\351\366\312\243\366\243\255\267*\374b8\337%\210\342\304|`\202\177\277\033\275\316\331\327y\362>\034 ?\2707x\0026\223\220c\321\367\361l\\\0341\377\000\340\030\203\252\307U\236#\257\335\264\377\001;_\316.";
+    PyObject *data = __Pyx_DecompressString(cstring, 1573, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (2079 bytes) */
-static const char cstring[] = "\377 at 0x o\377bject>.:\377 <Memory\377View of \377<contigu\377ous and gdir%\001\007\rin\021\005\177strided\"\010o or \004\031><(\t\376A\006>?Canno\377t assign\377 to read\177-only m\240\002\375v\242\000Invali\377d mode, \347exp\305\000|\000\047c\047\376t\001\047fortra\237n\047, gH\000%\005s\357hape\222\000 ax\377is No ma\177tching g\001\377ature fo\377undNote \373th\242 Cytho\373n ,\000delib\237erate\206\000\353\001c\367ter!\001n PE\337P-484\245\"re\376\317!s subcl\366\301\000es\314!buil\373ti\313\000ypes.\377 If you \223ne\257 \336\000p\351\000%\tt\177hen set\200\000\367e \047\212\"atio_n_typ\253\000\047\210D\373iv\242\000o Fal\177se.add_\264 \237ecoll\321@+\000s\377.abcdisa\337bleen\002\001fa\277stbn/_!\000u\377mnar.pyx\357gcis\030\003dno\377 default\377 __reduc\277e__ dua\002n\367on-\341@vial\376\033\000cinit__\371uR\002\240Aalloc\376\231  array \037data.\013\020\374#\316a\376\253cs.|ASCI\377IEllipsi\377sSequenc\365e\204\204\001.\211\204\007__Py\375x\001\000Dict_N\377extRef__l\222$\242\000__\347\"__\001\005\177getitem\r\001yd0\001\027\000func\035\001\346\030\000st\303@)\001imp\274\246`3\001main\003\002owdulM\002nam\002\003\363ewT\001\250 _che\017cksuT\000\n\001?\004\025\001\370\225@\250 \037\001unpicmk?\000En \005vt\376!\036\230\001qualO\005\330%\341&1c\345b\277\001\364$ex\314\001\204`\301_\203\005\220`\262\006\003\006.\007te\373st\344\002sed_s\337igindA\000isn\355@rou\374`ea\217`\376\242E_buffer\177apapply\000\002\377[const d\373ou\260`[:, :O:1],\000\022\026\013]3\t\037float/\014\006\013\025\n\377]argsasy\177ncio.co\243\004\377sbbackwa\003rd\000\005r(\271\013\262\017\304\017\344\001\020\350\014\376\005\017\t\214 ]\201\014\314\037\317#\000\217$\307\047\000\016\027\010\2322\210A<\007\205\000\357sebe\330akbp\377ccenterc\377line_in_\337trace\276!co\377efcountc\363pd*\001\332\206\004sdga\227mma\344Cd\273\204\001\000\002_\374\252`\216\213\003dxdxpd\377ydypenco\277deenum\370\210\002e\377pserrorf\247act\002\001\316\207\001.\311\207\006_\177v4flags\377B\277format\204""\212\004f3or\312A\226\001in\000\n\322\203!\202\366\2019,\262Ur\021\242\204\030\246R\207\202 ,\364\307O\304ag\375\"getggpid\246\206\002\225 er\372\210\001\000\000\006\341\2007\337\204!\265\206\014f\r\333\200-\306\204\037\352\206\013\277invstd\243\212\001s\376\000\002izekkin\375d\362\206\001gsmaps\377meanmemm\343em\357\216\001\347\216\001\221\212\001ndi\267mnt\333\211\001th\227\217\001s\377numpyobj\377opoutpac\377kpoppsre\377gisterru?nning_I\001\004\005?varset\204\205\005\222\217\001\366\370\216\006ss\205\000star\275t:\000psto\001\000r\177uctsums\000\001\362\372\210\047]$\010\363\210\036]tot\357alun\273\001upd\357atev\014\000esw\377pxxpyypO\377\200\001\360\n\000\005\037\230\377a\230q\240\001\240\023\240\377A\330\004\030\230\001\230\021\377\230!\2303\230a\330\004\377\022\220)\2301\230A\230\377V\2401\240D\250\001\250\377\026\250q\260\004\260A\330\373\034#\014\002\004\250F\260!\377\2606\270\021\270#\270R\377\270q\300\006\300a\300s\367\310\"\310D\000\022\220+\230\375QU\000s\240\"\240A\240\337T\250\021\250*5\000\004\036\177\230d\240!\2401\330\000\006\257\004\025\220Yz\002\004y\001\022\273\220\047z\000#\230W1\000Q\377\340\t\n\330\010\014\210E\377\220\025\220a\220q\230\001\337\330\014\025\220Q\010\000s\230\377#\230^\2501\250A\250\375\\w\000$\270a\270{\310\377!\3104\310u\320TX\377\320X\\\320\\]\330\014\375\031\300\001\320\0331\260\021\330\373\014\027:\000\004\230F\240$\377\240a\240s\250$\250b{\260\001\024\000\034\035\230U\020\000\377b\250\003\2502\250Q\320\377.@\300\003\3001\300D\257\310\001\310\021\220# \221 \002\226\252\0003\240\206 \036\227)Y\001\"\356\223 S\240\001\2135B\260b\373\270\001\241#E\250\025\250d\374\377\200%\335!\001\260\024\260Q\330\372\222$z\267 !\2504\250q\277\330\004\024\220C\220\004\000\032\357\230\047\240\021\310\002q\360\006\377\000\005\007\200l\220!\330\377\004\006\200e\2108\2201}\220\277@\006\200i\210t\003\005\227h\210g\262 d\316@\362 \006/\200j\220\007\310 \006\355A0\001\237j\220\001\220\026\327\">\000i\257\210q\220\005\336!\330\350.\022\277\220!\2205""\230\004\207`Q\367\330\010\0202\000\025\220d\230U%\262`\003\201dA\307`\014\344\202c\216\335\200Cg\210Q\372\004\270!\244*d\234\352\000\250\"h\210a\277\047\237)\320w\006\026\220\312&o\220T\255\205\001\362\2355\002\366\"\260\"\024\220V\230}4\226<\036\230e\2401\200\206\005\371\023\307{\375\205\010D\260\001\260\026\377\260q\270\003\2702\270Q\377\270f\300A\300S\310\002\361\310\225`\361\205\024\334\205\027\330\004\034\230\377M\250\021\250$\250a\250\367s\260!\351\205\031T\240\021\240\375!\330\205\021D\240\004\240A\240\337S\250\004\250BC\000q\330\336\316\205\033\022\000\005\023\325\207\020\001\330\377\0340\260\002\260#\260Z\377\270r\300\022\320CU\320\343UV\216\210\001\312\207\013\216\205 \031\230\026\373\230q\215\002Q\330\004\026\220\207g\230Q\373\207\007\356\210\010\363$\344\207\017\016\256\204`u\220F\274ITN\002\003\277\2406\250\024\250Q\226\210\014\017\377\210q\220\003\2205\230\005\026\374\210\001\330\014\002\n\230\212\211\002";
-    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 2079, 3880);
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (2065 bytes) */
+static const char cstring[] = "\377 at 0x o\377bject>.:\377 <Memory\377View of \377<contigu\377ous and gdir%\001\007\rin\021\005\177strided\"\010o or \004\031><(\t\376A\006>?Canno\377t assign\377 to read\177-only m\240\002\375v\242\000Invali\377d mode, \347exp\305\000|\000\047c\047\376t\001\047fortra\237n\047, gH\000%\005s\357hape\222\000 ax\377is No ma\177tching g\001\377ature fo\377undNote \373th\242 Cytho\373n ,\000delib\237erate\206\000\353\001c\367ter!\001n PE\337P-484\245\"re\376\317!s subcl\366\301\000es\314!buil\373ti\313\000ypes.\377 If you \223ne\257 \336\000p\351\000%\tt\177hen set\200\000\367e \047\212\"atio_n_typ\253\000\047\210D\373iv\242\000o Fal\177se.add_\264 \237ecoll\321@+\000s\377.abcdisa\337bleen\002\001fa\277stbn/_!\000u\377mnar.pyx\357gcis\030\003dno\377 default\377 __reduc\277e__ dua\002n\367on-\341@vial\376\033\000cinit__\371uR\002\240Aalloc\376\231  array \037data.\013\020\374#\316a\376\253cs.|ASCI\377IEllipsi\377sSequenc\365e\204\204\001.\211\204\007__Py\375x\001\000Dict_N\377extRef__l\222$\242\000__\347\"__\001\005\177getitem\r\001yd0\001\027\000func\035\001\346\030\000st\303@)\001imp\274\246`3\001main\003\002owdulM\002nam\002\003\363ewT\001\250 _che\017cksuT\000\n\001?\004\025\001\370\225@\250 \037\001unpicmk?\000En \005vt\376!\036\230\001qualO\005\330%\341&1c\345b\277\001\364$ex\314\001\204`\301_\203\005\220`\262\006\003\006.\007te\373st\344\002sed_s\337igindA\000isn\355@rou\374`ea\217`\376\242E_buffer\177apapply\000\002\377[const d\373ou\260`[:, :O:1],\000\022\026\013]3\t\037float/\014\006\013\025\n\377]argsasy\177ncio.co\243\004\377sbbackwa\003rd\000\005r(\271\013\262\017\304\017\344\001\020\350\014\376\005\017\t\214 ]\201\014\314\037\317#\000\217$\307\047\000\016\027\010\2322\210A<\007\205\000\357sebe\330akbp\377ccenterc\377line_in_\337trace\276!co\377efcountc\363pd*\001\332\206\004sdga\227mma\344Cd\273\204\001\000\002_\374\252`\216\213\003dxdxpd\377ydypenco\277deenum\370\210\002e\377pserrorf\247act\002\001\316\207\001.\311\207\006_\177v4flags\377B\277format\204""\212\004f3or\312A\226\001in\000\n\322\203!\202\366\2019,\262Ur\021\242\204\030\246R\207\202 ,\364\307O\304ag\375\"getggpid\246\206\002\225 er\372\210\001\000\000\006\341\2007\337\204!\265\206\014f\r\333\200-\306\204\037\352\206\013\277invstd\243\212\001s\376\000\002izekkin\375d\362\206\001gsmaps\377meanmemm\343em\357\216\001\347\216\001\221\212\001ndi\267mnt\333\211\001th\227\217\001s\377numpyobj\377opoutpac\377kpoppsre\377gisterru?nning_I\001\004\005?varset\204\205\005\222\217\001\366\370\216\006ss\205\000star\275t:\000psto\001\000r\377eamstruc\237tsums\000\001\200\211\047]\374$\010\371\210\036]total\373un\301\001updat\373ev\014\000eswpx\377xpyypO\200\001\377\360\n\000\005\037\230a\230\377q\240\001\240\023\240A\330\377\004\030\230\001\230\021\230!\377\2303\230a\330\004\022\220\377)\2301\230A\230V\240\3771\240D\250\001\250\026\250\377q\260\004\260A\330\034#\356\016\000H\250D\010\002$%\240\377V\2501\250C\250r\260\377\021\260&\270\001\270\023\270\273B\2708\002+\230QX\000s\377\240\"\240A\240T\250\021\373\250*8\000\004\036\230d\240\357!\2401\330\000\006\004\025\220uY}\002\004|\001\022\220\047}\000\367#\230W1\000Q\340\t\n\377\330\010\014\210E\220\025\220\377a\220q\230\001\330\014\025\373\220Q\010\000s\230#\230^\376q\000A\250\\\270\021\270$\377\270a\270{\310!\3104\377\310u\320TX\320X\\\277\320\\]\330\014\031\303\001\320\177\0331\260\021\330\014\027:\000\377\004\230F\240$\240a\240\177s\250$\250b\260\001\024\000\357\034\035\230U\020\000b\250\003\377\2502\250Q\320.@\300\377\003\3001\300D\310\001\310\345\021\226 \014\260\200f\322!\001\260\024\327\260Q\330\204$z\251 !\250\3774\250q\330\004\024\220C}\220\004\000\032\230\047\240\021\272\002\377q\360\006\000\005\007\200l\377\220!\330\004\006\200e\210\3578\2201\220\264@\006\200g}\210=\000\006\200j\220\001\025\001\367i\210t\021\005h\210d\220\373!\220\356 \006\200h\210a\354\016\007\047\000\220\026\321\"\004\006\320\317\006\026\220d\363@!\002o\220\325T\377A\330\354.\022E\0005\230\375\002#\002\010\020\220\001\220\024\257\220V\2304""\271`\003\233b\004;\250A\2450\036\230e\273`\323d\235\023\312`S\240\001\204\203S\256w\330\357\004\034\230M\376`$\250a\257\250s\260!\273yT\345 !\376\252qD\240\004\240A\240So\250\004\250BC\000q\330\235~\377 \230q\240\002\240!\240G3\240a\351\204\001\331\205\010\227\204\001\"\354\033\337B\260b\270\001\340\205\005E\260\217\025\260a\330\300\205%\211\203C\264jg\373\220Q\225gj\220\007\220q\343\230\006\261\207\001\377a\273i\200i\210\347q\220\005\237\206\001\245u\004\230AW\230Q\330\270b\025\357`%\256l\317\022\000\005\023\341\207\020\207 0\260\377\002\260#\260Z\270r\300\177\022\320CU\320UV\232\210\001|\323\207\013\245\205 \031\230\026\230q\304B\377Q\330\004\026\220g\230Q\360\204\210\007\372\210\010\255\204\004\355\207\017\016\210a\210\327u\220F\366\204\tTN\002\003\240_6\250\024\250Q\237\210\014\017\214 \337\003\2205\230\005\205\211\001\330\014\002\002\n\230\223\211\002";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 2065, 3898);
     #define __Pyx_DecompressString_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (3880 bytes) */
-static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis No matching signature foundNote that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecollections.abcdisableenablefastbn/_columnar.pyxgcisenabledno default __reduce__ due to non-trivial __cinit__unable to allocate array data.unable to allocate shape and strides.|ASCIIEllipsisSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___fused_sigindex_is_coroutineaabcallocate_bufferapapplyapply[const double[:, ::1],const double[:, ::1],double[:, ::1]]apply[const float[:, ::1],const float[:, ::1],float[:, ::1]]argsasyncio.coroutinesbbackwardbackward[const double[:, ::1],const double[:, ::1],const double[::1],const double[::1],const double[::1],double[:, ::1],double[::1],double[::1]]backward[const float[:, ::1],const float[:, ::1],const float[::1],const float[::1],const float[::1],float[:, ::1],float[::1],float[::1]]basebetablkbpccentercline_in_tracebackcoefcountcpdbetadefaultsdgammadoubledtypedtype_is_objectdxdxpdydypencodeenumerateepserrorfactorfastbn._columnar_v4flagsfloatformatfortranforward_trainforward_train[const double[:, ::1],const double[::1],const double[::1],double[:, ::1],double[::1],double[::1],double[::1],double[::1]]forward_train[const float[:, ::1],const float[::1],const float[::1],float[:, ::1],float[::1],float[::1],float[::1],float[::1]]ggammagetgpidindexinferenceinference[const double[:, ::1],c""onst double[::1],const double[::1],const double[::1],const double[::1],double[:, ::1]]inference[const float[:, ::1],const float[::1],const float[::1],const float[::1],const float[::1],float[:, ::1]]invstditemsitemsizekkindkwargsmapsmeanmemmemviewmodenamendimntnum_threadsnumpyobjopoutpackpoppsregisterrunning_meanrunning_varsetdefaultshapesignaturessizestartstepstopstructsumssums[const double[:, ::1],const double[:, ::1]]sums[const float[:, ::1],const float[:, ::1]]totalunpackupdatevalueswpxxpyypO\200\001\360\n\000\005\037\230a\230q\240\001\240\023\240A\330\004\030\230\001\230\021\230!\2303\230a\330\004\022\220)\2301\230A\230V\2401\240D\250\001\250\026\250q\260\004\260A\330\034#\2401\240D\250\004\250F\260!\2606\270\021\270#\270R\270q\300\006\300a\300s\310\"\310A\330\004\022\220+\230Q\230a\230s\240\"\240A\240T\250\021\250*\260A\330\004\036\230d\240!\2401\330\004\036\230d\240!\2401\330\004\025\220Y\230a\230q\240\004\240A\330\004\022\220\047\230\021\230#\230W\240A\240Q\340\t\n\330\010\014\210E\220\025\220a\220q\230\001\330\014\025\220Q\220a\220s\230#\230^\2501\250A\250\\\270\021\270$\270a\270{\310!\3104\310u\320TX\320X\\\320\\]\330\014\031\230\021\230!\320\0331\260\021\330\014\027\220q\230\004\230F\240$\240a\240s\250$\250b\260\001\260\021\330\034\035\230U\240$\240b\250\003\2502\250Q\320.@\300\003\3001\300D\310\001\310\021\200\001\360\n\000\005 \230q\240\002\240!\2403\240a\330\004\036\230a\230q\240\001\240\023\240A\330\004\031\230\021\230\"\230A\230S\240\001\330\004\022\220)\2301\230A\230V\2401\240D\250\001\250\026\250q\260\004\260B\260b\270\001\330\034#\2401\240E\250\025\250d\260!\2606\270\021\270#\270R\270q\300\006\300a\300s\310\"\310A\330\004\022\220+\230Q\230a\230s\240\"\240A\240T\250\026\250q\260\001\260\024\260Q\330\004\025\220Y\230a\230z\250\021\250!\2504\250q\330\004\024\220C\220q\330\004\032\230\047\240\021\240$\240a\240q\360\006\000\005\007\200l\220!\330\004\006\200e\2108\2201\220A\330\004\006\200i\210t\2201\220A\330\004\006\200h\210g\220Q\220d\230!\2301\330""\004\006\200j\220\007\220q\230\006\230a\230q\330\004\006\200j\220\001\220\026\220q\230\001\330\004\006\200i\210q\220\005\220Q\220a\330\t\n\330\010\014\210E\220\025\220a\220q\230\001\330\014\022\220!\2205\230\004\230A\230Q\330\010\020\220\001\220\025\220d\230%\230q\240\003\2401\240D\250\004\250A\200\001\360\014\000\005\037\230a\230q\240\001\240\023\240A\330\004\030\230\001\230\021\230!\2303\230a\330\004\022\220)\2301\230A\230V\2401\240D\250\001\250\026\250q\260\004\260A\330\034#\2401\240D\250\004\250F\260!\2606\270\021\270#\270R\270q\300\006\300a\300s\310\"\310A\330\004\022\220+\230Q\230a\230s\240\"\240A\240T\250\026\250q\260\001\260\024\260Q\330\004\025\220Y\230a\230z\250\021\250!\2504\250q\330\004\024\220C\220q\330\004\032\230\047\240\021\240$\240a\240q\360\006\000\005\007\200l\220!\330\004\006\200e\2108\2201\220A\330\004\006\200g\210Q\330\004\006\200j\220\001\330\004\006\200i\210t\2201\220A\330\004\006\200h\210d\220!\2201\330\004\006\200h\210a\210t\2201\220A\330\004\006\200j\220\001\220\026\220q\230\001\330\004\006\320\006\026\220d\230!\2301\330\004\006\200o\220T\230\021\230!\330\t\n\330\010\014\210E\220\025\220a\220q\230\001\330\014\022\220!\2205\230\002\230!\2301\330\010\020\220\001\220\024\220V\2304\230q\240\003\2401\240D\250\004\250A\200\001\360\014\000\005\037\230a\230q\240\001\240\023\240A\330\004\036\230e\2401\240A\330\004\030\230\001\230\023\230A\230S\240\001\330\004\022\220)\2301\230A\230V\2401\240D\250\001\250\026\250q\260\004\260A\330\034#\2401\240D\250\004\250D\260\001\260\026\260q\270\003\2702\270Q\270f\300A\300S\310\002\310!\330\004\022\220+\230Q\230a\230s\240\"\240A\240T\250\021\250*\260A\330\004\025\220Y\230a\230q\240\004\240A\330\004\022\220\047\230\021\230#\230W\240A\240Q\330\004\034\230M\250\021\250$\250a\250s\260!\340\t\n\330\010\014\210E\220\025\220a\220q\230\001\330\014\025\220Q\220a\220s\230#\230T\240\021\240!\330\014\031\230\021\230!\320\0331\260\021\330\014\027\220q\230\004\230D\240\004\240A\240S\250\004\250B\250a\250q\330\034\035\230U""\240$\240b\250\003\2502\250Q\320.@\300\003\3001\300D\310\001\310\021\200\001\360\022\000\005\023\220)\2301\230A\230V\2401\240D\250\001\250\026\250q\260\001\330\0340\260\002\260#\260Z\270r\300\022\320CU\320UV\330\004\022\220+\230Q\230a\230s\240\"\240A\240T\250\026\250q\260\001\260\024\260Q\330\004\025\220Y\230a\230z\250\021\250!\2504\250q\330\004\024\220C\220q\330\004\031\230\026\230q\240\004\240A\240Q\330\004\026\220g\230Q\230d\240!\2401\330\004\036\230a\230q\240\001\240\023\240A\330\004\036\230e\2401\240A\340\t\n\330\010\014\210E\220\025\220a\220q\230\001\330\014\016\210a\210u\220F\230!\2301\330\010\020\220\001\220\024\220T\230\026\230q\240\003\2406\250\024\250Q\330\010\014\210E\220\025\220a\220q\230\001\330\014\017\210q\220\003\2205\230\005\230Q\230a\330\014\017\210q\220\003\2205\230\005\230Q\230a\230s\240\"\240A";
+    #else /* compression: none (3898 bytes) */
+static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis No matching signature foundNote that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecollections.abcdisableenablefastbn/_columnar.pyxgcisenabledno default __reduce__ due to non-trivial __cinit__unable to allocate array data.unable to allocate shape and strides.|ASCIIEllipsisSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___fused_sigindex_is_coroutineaabcallocate_bufferapapplyapply[const double[:, ::1],const double[:, ::1],double[:, ::1]]apply[const float[:, ::1],const float[:, ::1],float[:, ::1]]argsasyncio.coroutinesbbackwardbackward[const double[:, ::1],const double[:, ::1],const double[::1],const double[::1],const double[::1],double[:, ::1],double[::1],double[::1]]backward[const float[:, ::1],const float[:, ::1],const float[::1],const float[::1],const float[::1],float[:, ::1],float[::1],float[::1]]basebetablkbpccentercline_in_tracebackcoefcountcpdbetadefaultsdgammadoubledtypedtype_is_objectdxdxpdydypencodeenumerateepserrorfactorfastbn._columnar_v4flagsfloatformatfortranforward_trainforward_train[const double[:, ::1],const double[::1],const double[::1],double[:, ::1],double[::1],double[::1],double[::1],double[::1]]forward_train[const float[:, ::1],const float[::1],const float[::1],float[:, ::1],float[::1],float[::1],float[::1],float[::1]]ggammagetgpidindexinferenceinference[const double[:, ::1],c""onst double[::1],const double[::1],const double[::1],const double[::1],double[:, ::1]]inference[const float[:, ::1],const float[::1],const float[::1],const float[::1],const float[::1],float[:, ::1]]invstditemsitemsizekkindkwargsmapsmeanmemmemviewmodenamendimntnum_threadsnumpyobjopoutpackpoppsregisterrunning_meanrunning_varsetdefaultshapesignaturessizestartstepstopstreamstructsumssums[const double[:, ::1],const double[:, ::1]]sums[const float[:, ::1],const float[:, ::1]]totalunpackupdatevalueswpxxpyypO\200\001\360\n\000\005\037\230a\230q\240\001\240\023\240A\330\004\030\230\001\230\021\230!\2303\230a\330\004\022\220)\2301\230A\230V\2401\240D\250\001\250\026\250q\260\004\260A\330\034#\2401\240H\250D\260\004\260A\330$%\240V\2501\250C\250r\260\021\260&\270\001\270\023\270B\270a\330\004\022\220+\230Q\230a\230s\240\"\240A\240T\250\021\250*\260A\330\004\036\230d\240!\2401\330\004\036\230d\240!\2401\330\004\025\220Y\230a\230q\240\004\240A\330\004\022\220\047\230\021\230#\230W\240A\240Q\340\t\n\330\010\014\210E\220\025\220a\220q\230\001\330\014\025\220Q\220a\220s\230#\230^\2501\250A\250\\\270\021\270$\270a\270{\310!\3104\310u\320TX\320X\\\320\\]\330\014\031\230\021\230!\320\0331\260\021\330\014\027\220q\230\004\230F\240$\240a\240s\250$\250b\260\001\260\021\330\034\035\230U\240$\240b\250\003\2502\250Q\320.@\300\003\3001\300D\310\001\310\021\200\001\360\014\000\005\037\230a\230q\240\001\240\023\240A\330\004\030\230\001\230\021\230!\2303\230a\330\004\022\220)\2301\230A\230V\2401\240D\250\001\250\026\250q\260\004\260A\330\034#\2401\240H\250D\260\004\260A\330$%\240V\2501\250C\250r\260\021\260&\270\001\270\023\270B\270a\330\004\022\220+\230Q\230a\230s\240\"\240A\240T\250\026\250q\260\001\260\024\260Q\330\004\025\220Y\230a\230z\250\021\250!\2504\250q\330\004\024\220C\220q\330\004\032\230\047\240\021\240$\240a\240q\360\006\000\005\007\200l\220!\330\004\006\200e\2108\2201\220A\330\004\006\200g\210Q\330\004\006\200j\220\001\330\004\006\200i\210t\2201\220A\330\004\006\200h\210d\220!""\2201\330\004\006\200h\210a\210t\2201\220A\330\004\006\200j\220\001\220\026\220q\230\001\330\004\006\320\006\026\220d\230!\2301\330\004\006\200o\220T\230\021\230!\330\t\n\330\010\014\210E\220\025\220a\220q\230\001\330\014\022\220!\2205\230\002\230!\2301\330\010\020\220\001\220\024\220V\2304\230q\240\003\2401\240D\250\004\250A\200\001\360\014\000\005\037\230a\230q\240\001\240\023\240A\330\004\036\230e\2401\240A\330\004\030\230\001\230\023\230A\230S\240\001\330\004\022\220)\2301\230A\230V\2401\240D\250\001\250\026\250q\260\004\260A\330\034#\2401\240H\250D\260\004\260A\330$%\240V\2501\250C\250r\260\021\260&\270\001\270\023\270B\270a\330\004\022\220+\230Q\230a\230s\240\"\240A\240T\250\021\250*\260A\330\004\025\220Y\230a\230q\240\004\240A\330\004\022\220\047\230\021\230#\230W\240A\240Q\330\004\034\230M\250\021\250$\250a\250s\260!\340\t\n\330\010\014\210E\220\025\220a\220q\230\001\330\014\025\220Q\220a\220s\230#\230T\240\021\240!\330\014\031\230\021\230!\320\0331\260\021\330\014\027\220q\230\004\230D\240\004\240A\240S\250\004\250B\250a\250q\330\034\035\230U\240$\240b\250\003\2502\250Q\320.@\300\003\3001\300D\310\001\310\021\200\001\360\014\000\005 \230q\240\002\240!\2403\240a\330\004\036\230a\230q\240\001\240\023\240A\330\004\031\230\021\230\"\230A\230S\240\001\330\004\022\220)\2301\230A\230V\2401\240D\250\001\250\026\250q\260\004\260B\260b\270\001\330\034#\2401\240H\250E\260\025\260a\330$%\240V\2501\250C\250r\260\021\260&\270\001\270\023\270B\270a\330\004\022\220+\230Q\230a\230s\240\"\240A\240T\250\026\250q\260\001\260\024\260Q\330\004\025\220Y\230a\230z\250\021\250!\2504\250q\330\004\024\220C\220q\330\004\032\230\047\240\021\240$\240a\240q\360\006\000\005\007\200l\220!\330\004\006\200e\2108\2201\220A\330\004\006\200i\210t\2201\220A\330\004\006\200h\210g\220Q\220d\230!\2301\330\004\006\200j\220\007\220q\230\006\230a\230q\330\004\006\200j\220\001\220\026\220q\230\001\330\004\006\200i\210q\220\005\220Q\220a\330\t\n\330\010\014\210E\220\025\220a\220q\230\001\330\014\022""\220!\2205\230\004\230A\230Q\330\010\020\220\001\220\025\220d\230%\230q\240\003\2401\240D\250\004\250A\200\001\360\022\000\005\023\220)\2301\230A\230V\2401\240D\250\001\250\026\250q\260\001\330\0340\260\002\260#\260Z\270r\300\022\320CU\320UV\330\004\022\220+\230Q\230a\230s\240\"\240A\240T\250\026\250q\260\001\260\024\260Q\330\004\025\220Y\230a\230z\250\021\250!\2504\250q\330\004\024\220C\220q\330\004\031\230\026\230q\240\004\240A\240Q\330\004\026\220g\230Q\230d\240!\2401\330\004\036\230a\230q\240\001\240\023\240A\330\004\036\230e\2401\240A\340\t\n\330\010\014\210E\220\025\220a\220q\230\001\330\014\016\210a\210u\220F\230!\2301\330\010\020\220\001\220\024\220T\230\026\230q\240\003\2406\250\024\250Q\330\010\014\210E\220\025\220a\220q\230\001\330\014\017\210q\220\003\2205\230\005\230Q\230a\330\014\017\210q\220\003\2205\230\005\230Q\230a\230s\240\"\240A";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
     #endif
     PyObject **stringtab = __pyx_mstate->__pyx_string_tab;
     Py_ssize_t pos = 0;
-    for (int i = 0; i < 159; i++) {
+    for (int i = 0; i < 160; i++) {
       Py_ssize_t bytes_length = str_length_index[i].length;
       PyObject *string = PyUnicode_DecodeUTF8(bytes + pos, bytes_length, NULL);
       if (likely(string) && i >= 28) PyUnicode_InternInPlace(&string);
@@ -35045,8 +35124,8 @@ static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and dir
       stringtab[i] = string;
       pos += bytes_length;
     }
-    for (int i = 159; i < 165; i++) {
-      Py_ssize_t bytes_length = bytes_length_index[i-159].length;
+    for (int i = 160; i < 166; i++) {
+      Py_ssize_t bytes_length = bytes_length_index[i-160].length;
       PyObject *string = PyBytes_FromStringAndSize(bytes + pos, bytes_length);
       stringtab[i] = string;
       pos += bytes_length;
@@ -35056,14 +35135,14 @@ static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and dir
       }
     }
     Py_XDECREF(data);
-    for (Py_ssize_t i = 0; i < 165; i++) {
+    for (Py_ssize_t i = 0; i < 166; i++) {
       if (unlikely(PyObject_Hash(stringtab[i]) == -1)) {
         __PYX_ERR(0, 1, __pyx_L1_error)
       }
     }
     #if CYTHON_IMMORTAL_CONSTANTS
     {
-      PyObject **table = stringtab + 159;
+      PyObject **table = stringtab + 160;
       for (Py_ssize_t i=0; i<6; ++i) {
         #if PY_VERSION_HEX >= 0x030F0000
         PyUnstable_SetImmortal(table[i]);
@@ -35151,79 +35230,79 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   PyObject* tuple_dedup_map = PyDict_New();
   if (unlikely(!tuple_dedup_map)) return -1;
   {
-    const __Pyx_PyCode_New_function_description descr = {11, 0, 0, 11, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 420};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_factor, __pyx_mstate->__pyx_n_u_num_threads};
-    __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_forward_train_const_float_1_cons, __pyx_mstate->__pyx_kp_b_iso88591_aq_A_3a_1AV1D_q_A_1D_F_6_Rq_as, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
+    const __Pyx_PyCode_New_function_description descr = {12, 0, 0, 12, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 420};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_factor, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
+    __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_forward_train_const_float_1_cons, __pyx_mstate->__pyx_kp_b_iso88591_aq_A_3a_1AV1D_q_A_1HD_A_V1Cr_Ba, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {11, 0, 0, 11, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 420};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_factor, __pyx_mstate->__pyx_n_u_num_threads};
-    __pyx_mstate_global->__pyx_codeobj_tab[1] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_forward_train_const_double_1_con, __pyx_mstate->__pyx_kp_b_iso88591_aq_A_3a_1AV1D_q_A_1D_F_6_Rq_as, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[1])) goto bad;
+    const __Pyx_PyCode_New_function_description descr = {12, 0, 0, 12, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 420};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_factor, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
+    __pyx_mstate_global->__pyx_codeobj_tab[1] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_forward_train_const_double_1_con, __pyx_mstate->__pyx_kp_b_iso88591_aq_A_3a_1AV1D_q_A_1HD_A_V1Cr_Ba, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[1])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {11, 0, 0, 20, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 420};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_factor, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_xp, __pyx_mstate->__pyx_n_u_yp, __pyx_mstate->__pyx_n_u_g, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_mem, __pyx_mstate->__pyx_n_u_wp, __pyx_mstate->__pyx_n_u_center, __pyx_mstate->__pyx_n_u_ps, __pyx_mstate->__pyx_n_u_c};
-    __pyx_mstate_global->__pyx_codeobj_tab[2] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_forward_train_const_float_1_cons, __pyx_mstate->__pyx_kp_b_iso88591_aq_A_3a_1AV1D_q_A_1D_F_6_Rq_as, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[2])) goto bad;
+    const __Pyx_PyCode_New_function_description descr = {12, 0, 0, 21, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 420};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_factor, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream, __pyx_mstate->__pyx_n_u_xp, __pyx_mstate->__pyx_n_u_yp, __pyx_mstate->__pyx_n_u_g, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_mem, __pyx_mstate->__pyx_n_u_wp, __pyx_mstate->__pyx_n_u_center, __pyx_mstate->__pyx_n_u_ps, __pyx_mstate->__pyx_n_u_c};
+    __pyx_mstate_global->__pyx_codeobj_tab[2] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_forward_train_const_float_1_cons, __pyx_mstate->__pyx_kp_b_iso88591_aq_A_3a_1AV1D_q_A_1HD_A_V1Cr_Ba, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[2])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {8, 0, 0, 8, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 452};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_num_threads};
-    __pyx_mstate_global->__pyx_codeobj_tab[3] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_inference_const_float_1_const_fl, __pyx_mstate->__pyx_kp_b_iso88591_aq_A_3a_1AV1D_q_A_1D_F_6_Rq_as_2, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[3])) goto bad;
+    const __Pyx_PyCode_New_function_description descr = {9, 0, 0, 9, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 453};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
+    __pyx_mstate_global->__pyx_codeobj_tab[3] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_inference_const_float_1_const_fl, __pyx_mstate->__pyx_kp_b_iso88591_aq_A_3a_1AV1D_q_A_1HD_A_V1Cr_Ba_2, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[3])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {8, 0, 0, 8, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 452};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_num_threads};
-    __pyx_mstate_global->__pyx_codeobj_tab[4] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_inference_const_double_1_const_d, __pyx_mstate->__pyx_kp_b_iso88591_aq_A_3a_1AV1D_q_A_1D_F_6_Rq_as_2, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[4])) goto bad;
+    const __Pyx_PyCode_New_function_description descr = {9, 0, 0, 9, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 453};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
+    __pyx_mstate_global->__pyx_codeobj_tab[4] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_inference_const_double_1_const_d, __pyx_mstate->__pyx_kp_b_iso88591_aq_A_3a_1AV1D_q_A_1HD_A_V1Cr_Ba_2, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[4])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {8, 0, 0, 18, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 452};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_xp, __pyx_mstate->__pyx_n_u_yp, __pyx_mstate->__pyx_n_u_g, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_gp, __pyx_mstate->__pyx_n_u_bp, __pyx_mstate->__pyx_n_u_mem, __pyx_mstate->__pyx_n_u_k, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_blk};
-    __pyx_mstate_global->__pyx_codeobj_tab[5] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_inference_const_float_1_const_fl, __pyx_mstate->__pyx_kp_b_iso88591_aq_A_3a_1AV1D_q_A_1D_F_6_Rq_as_2, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[5])) goto bad;
+    const __Pyx_PyCode_New_function_description descr = {9, 0, 0, 19, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 453};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream, __pyx_mstate->__pyx_n_u_xp, __pyx_mstate->__pyx_n_u_yp, __pyx_mstate->__pyx_n_u_g, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_gp, __pyx_mstate->__pyx_n_u_bp, __pyx_mstate->__pyx_n_u_mem, __pyx_mstate->__pyx_n_u_k, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_blk};
+    __pyx_mstate_global->__pyx_codeobj_tab[5] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_inference_const_float_1_const_fl, __pyx_mstate->__pyx_kp_b_iso88591_aq_A_3a_1AV1D_q_A_1HD_A_V1Cr_Ba_2, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[5])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {9, 0, 0, 9, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 475};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_dy, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_dx, __pyx_mstate->__pyx_n_u_dgamma, __pyx_mstate->__pyx_n_u_dbeta, __pyx_mstate->__pyx_n_u_num_threads};
-    __pyx_mstate_global->__pyx_codeobj_tab[6] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_backward_const_float_1_const_flo, __pyx_mstate->__pyx_kp_b_iso88591_q_3a_aq_A_AS_1AV1D_q_Bb_1E_d_6, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[6])) goto bad;
+    const __Pyx_PyCode_New_function_description descr = {10, 0, 0, 10, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 477};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_dy, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_dx, __pyx_mstate->__pyx_n_u_dgamma, __pyx_mstate->__pyx_n_u_dbeta, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
+    __pyx_mstate_global->__pyx_codeobj_tab[6] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_backward_const_float_1_const_flo, __pyx_mstate->__pyx_kp_b_iso88591_q_3a_aq_A_AS_1AV1D_q_Bb_1HE_a_V, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[6])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {9, 0, 0, 9, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 475};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_dy, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_dx, __pyx_mstate->__pyx_n_u_dgamma, __pyx_mstate->__pyx_n_u_dbeta, __pyx_mstate->__pyx_n_u_num_threads};
-    __pyx_mstate_global->__pyx_codeobj_tab[7] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_backward_const_double_1_const_do, __pyx_mstate->__pyx_kp_b_iso88591_q_3a_aq_A_AS_1AV1D_q_Bb_1E_d_6, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[7])) goto bad;
+    const __Pyx_PyCode_New_function_description descr = {10, 0, 0, 10, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 477};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_dy, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_dx, __pyx_mstate->__pyx_n_u_dgamma, __pyx_mstate->__pyx_n_u_dbeta, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
+    __pyx_mstate_global->__pyx_codeobj_tab[7] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_backward_const_double_1_const_do, __pyx_mstate->__pyx_kp_b_iso88591_q_3a_aq_A_AS_1AV1D_q_Bb_1HE_a_V, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[7])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {9, 0, 0, 19, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 475};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_dy, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_dx, __pyx_mstate->__pyx_n_u_dgamma, __pyx_mstate->__pyx_n_u_dbeta, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_dyp, __pyx_mstate->__pyx_n_u_xp, __pyx_mstate->__pyx_n_u_dxp, __pyx_mstate->__pyx_n_u_g, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_mem, __pyx_mstate->__pyx_n_u_wp, __pyx_mstate->__pyx_n_u_center, __pyx_mstate->__pyx_n_u_ps, __pyx_mstate->__pyx_n_u_c};
-    __pyx_mstate_global->__pyx_codeobj_tab[8] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_backward_const_float_1_const_flo, __pyx_mstate->__pyx_kp_b_iso88591_q_3a_aq_A_AS_1AV1D_q_Bb_1E_d_6, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[8])) goto bad;
+    const __Pyx_PyCode_New_function_description descr = {10, 0, 0, 20, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 477};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_dy, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_dx, __pyx_mstate->__pyx_n_u_dgamma, __pyx_mstate->__pyx_n_u_dbeta, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream, __pyx_mstate->__pyx_n_u_dyp, __pyx_mstate->__pyx_n_u_xp, __pyx_mstate->__pyx_n_u_dxp, __pyx_mstate->__pyx_n_u_g, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_mem, __pyx_mstate->__pyx_n_u_wp, __pyx_mstate->__pyx_n_u_center, __pyx_mstate->__pyx_n_u_ps, __pyx_mstate->__pyx_n_u_c};
+    __pyx_mstate_global->__pyx_codeobj_tab[8] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_backward_const_float_1_const_flo, __pyx_mstate->__pyx_kp_b_iso88591_q_3a_aq_A_AS_1AV1D_q_Bb_1HE_a_V, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[8])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 504};
+    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 508};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_center, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_num_threads};
     __pyx_mstate_global->__pyx_codeobj_tab[9] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_sums_const_float_1_const_float_1, __pyx_mstate->__pyx_kp_b_iso88591_1AV1D_q_0_Zr_CUUV_Qas_AT_q_Q_Ya, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[9])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 504};
+    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 508};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_center, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_num_threads};
     __pyx_mstate_global->__pyx_codeobj_tab[10] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_sums_const_double_1_const_double, __pyx_mstate->__pyx_kp_b_iso88591_1AV1D_q_0_Zr_CUUV_Qas_AT_q_Q_Ya, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[10])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 14, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 504};
+    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 14, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 508};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_center, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_g, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_mem, __pyx_mstate->__pyx_n_u_wp, __pyx_mstate->__pyx_n_u_total, __pyx_mstate->__pyx_n_u_cp, __pyx_mstate->__pyx_n_u_ap, __pyx_mstate->__pyx_n_u_bp, __pyx_mstate->__pyx_n_u_c};
     __pyx_mstate_global->__pyx_codeobj_tab[11] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_sums_const_float_1_const_float_1, __pyx_mstate->__pyx_kp_b_iso88591_1AV1D_q_0_Zr_CUUV_Qas_AT_q_Q_Ya, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[11])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 532};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_coef, __pyx_mstate->__pyx_n_u_num_threads};
-    __pyx_mstate_global->__pyx_codeobj_tab[12] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_apply_const_float_1_const_float, __pyx_mstate->__pyx_kp_b_iso88591_aq_A_e1A_AS_1AV1D_q_A_1D_D_q_2Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[12])) goto bad;
+    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 6, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 536};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_coef, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
+    __pyx_mstate_global->__pyx_codeobj_tab[12] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_apply_const_float_1_const_float, __pyx_mstate->__pyx_kp_b_iso88591_aq_A_e1A_AS_1AV1D_q_A_1HD_A_V1C, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[12])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 532};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_coef, __pyx_mstate->__pyx_n_u_num_threads};
-    __pyx_mstate_global->__pyx_codeobj_tab[13] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_apply_const_double_1_const_doubl, __pyx_mstate->__pyx_kp_b_iso88591_aq_A_e1A_AS_1AV1D_q_A_1D_D_q_2Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[13])) goto bad;
+    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 6, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 536};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_coef, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
+    __pyx_mstate_global->__pyx_codeobj_tab[13] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_apply_const_double_1_const_doubl, __pyx_mstate->__pyx_kp_b_iso88591_aq_A_e1A_AS_1AV1D_q_A_1HD_A_V1C, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[13])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 15, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 532};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_coef, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_ap, __pyx_mstate->__pyx_n_u_bp, __pyx_mstate->__pyx_n_u_op, __pyx_mstate->__pyx_n_u_g, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_mem, __pyx_mstate->__pyx_n_u_k, __pyx_mstate->__pyx_n_u_maps, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_blk};
-    __pyx_mstate_global->__pyx_codeobj_tab[14] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_apply_const_float_1_const_float, __pyx_mstate->__pyx_kp_b_iso88591_aq_A_e1A_AS_1AV1D_q_A_1D_D_q_2Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[14])) goto bad;
+    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 16, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 536};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_coef, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream, __pyx_mstate->__pyx_n_u_ap, __pyx_mstate->__pyx_n_u_bp, __pyx_mstate->__pyx_n_u_op, __pyx_mstate->__pyx_n_u_g, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_mem, __pyx_mstate->__pyx_n_u_k, __pyx_mstate->__pyx_n_u_maps, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_blk};
+    __pyx_mstate_global->__pyx_codeobj_tab[14] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__columnar_pyx, __pyx_mstate->__pyx_n_u_apply_const_float_1_const_float, __pyx_mstate->__pyx_kp_b_iso88591_aq_A_e1A_AS_1AV1D_q_A_1HD_A_V1C, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[14])) goto bad;
   }
   Py_DECREF(tuple_dedup_map);
   return 0;

@@ -22,6 +22,7 @@ def forward_train(
     eps: float,
     factor: float,
     num_threads: int,
+    stream: bool,  # y (dx, out) is the caller's buffer: stream it when large
 ) -> None: ...
 def inference(
     x: _Array,  # const floating[:, :, ::1] (planar), [:, ::1] (columnar)
@@ -32,6 +33,7 @@ def inference(
     y: _Array,  # floating[:, :, ::1] (planar), [:, ::1] (columnar), may be x
     eps: float,
     num_threads: int,
+    stream: bool,  # y (dx, out) is the caller's buffer: stream it when large
 ) -> None: ...
 def backward(
     dy: _Array,  # const floating[:, :, ::1] (planar), [:, ::1] (columnar)
@@ -43,6 +45,7 @@ def backward(
     dgamma: _Array,  # floating[::1], written
     dbeta: _Array,  # floating[::1], written
     num_threads: int,
+    stream: bool,  # y (dx, out) is the caller's buffer: stream it when large
 ) -> None: ...
 def sums(
     a: _Array,  # const floating[:, :, ::1] (planar), [:, ::1] (columnar)
@@ -57,5 +60,6 @@ def apply(
     out: _Array,  # like a, written; may be a
     coef: npt.NDArray[np.float64],  # const double[:, ::1], (C, 4)
     num_threads: int,
+    stream: bool,  # y (dx, out) is the caller's buffer: stream it when large
 ) -> None: ...
 def compile_args() -> str: ...

@@ -70,7 +70,8 @@ cdef struct Plane:
     bint streaming               # the output is streamed
 
 
-cdef inline Plane make_plane(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint streaming) noexcept nogil:
+cdef inline Plane make_plane(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                             bint streaming) noexcept nogil:
     cdef Plane p
     p.N = N
     p.C = C
@@ -375,13 +376,13 @@ def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,
                   const floating[::1] beta, floating[:, :, ::1] y,
                   floating[::1] mean, floating[::1] invstd,
                   floating[::1] running_mean, floating[::1] running_var,
-                  double eps, double factor, int num_threads):
+                  double eps, double factor, int num_threads, bint stream):
     """Training forward on an (N, C, S) view; see fastbn.functional."""
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* yp = &y[0, 0, 0]
     cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]
     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],
-                              streams(yp, xp, NULL, size * sizeof(floating)))
+                              streams(stream, yp, xp, NULL, size * sizeof(floating)))
     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
     cdef int nt = threads_for(size, nu, num_threads)
     cdef const floating* g = cptr(gamma)
@@ -417,7 +418,7 @@ def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,
 def inference(const floating[:, :, ::1] x, const floating[::1] gamma,
               const floating[::1] beta, const floating[::1] running_mean,
               const floating[::1] running_var, floating[:, :, ::1] y,
-              double eps, int num_threads):
+              double eps, int num_threads, bint stream):
     """Inference forward on an (N, C, S) view; see fastbn.functional.
 
     A unit is a run of whole (n, c) rows of about BLOCK values or more,
@@ -425,7 +426,7 @@ def inference(const floating[:, :, ::1] x, const floating[::1] gamma,
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, u, r, r1
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* yp = &y[0, 0, 0]
-    cdef bint streaming = streams(yp, xp, NULL, N * C * S * sizeof(floating))
+    cdef bint streaming = streams(stream, yp, xp, NULL, N * C * S * sizeof(floating))
     cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows
     cdef int nt = threads_for(N * C * S, nu, num_threads)
     cdef const floating* g = cptr(gamma)
@@ -450,14 +451,15 @@ def inference(const floating[:, :, ::1] x, const floating[::1] gamma,
 def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
              const floating[::1] gamma, const floating[::1] mean,
              const floating[::1] invstd, floating[:, :, ::1] dx,
-             floating[::1] dgamma, floating[::1] dbeta, int num_threads):
+             floating[::1] dgamma, floating[::1] dbeta, int num_threads,
+             bint stream):
     """Fused backward on (N, C, S) views; see fastbn.functional."""
     cdef const floating* dyp = &dy[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* dxp = &dx[0, 0, 0]
     cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]
     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],
-                              streams(dxp, dyp, xp, size * sizeof(floating)))
+                              streams(stream, dxp, dyp, xp, size * sizeof(floating)))
     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
     cdef int nt = threads_for(size, nu, num_threads)
     cdef const floating* g = cptr(gamma)
@@ -513,7 +515,7 @@ def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[
 
 
 def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, :, ::1] out,
-          const double[:, ::1] coef, int num_threads):
+          const double[:, ::1] coef, int num_threads, bint stream):
     """The second half of each pass on an (N, C, S) view, with the per-channel
     map coef (C, 4) = (center, scale, slope, offset), see fastbn._stats.Coef:
     b None: out = (a - center) * scale + offset; otherwise
@@ -523,7 +525,7 @@ def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, 
     cdef floating* op = &out[0, 0, 0]
     cdef Py_ssize_t size = a.shape[0] * a.shape[1] * a.shape[2]
     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2],
-                              streams(op, ap, bp, size * sizeof(floating)))
+                              streams(stream, op, ap, bp, size * sizeof(floating)))
     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
     cdef int nt = threads_for(size, nu, num_threads)
     cdef const Coef* k = <const Coef*>&coef[0, 0]

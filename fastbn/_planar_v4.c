@@ -1964,7 +1964,7 @@ struct __pyx_t_6fastbn_10_planar_v4_Plane {
   int streaming;
 };
 
-/* "fastbn/_planar.pyx":374
+/* "fastbn/_planar.pyx":375
  * # ----------------------------------------------------------- wrappers ----
  * 
  * def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
@@ -3608,7 +3608,7 @@ static CYTHON_INLINE __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_0__pyx_f_6fastbn_6_
 static CYTHON_INLINE __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_1__pyx_f_6fastbn_6_stats_backward_coef(double, double, double, double const *, double const *, double const *, double *, double *, Py_ssize_t); /*proto*/
 
 /* Module declarations from "fastbn._simd" */
-static CYTHON_INLINE int __pyx_f_6fastbn_5_simd_streams(void const *, void const *, void const *, Py_ssize_t); /*proto*/
+static CYTHON_INLINE int __pyx_f_6fastbn_5_simd_streams(int, void const *, void const *, void const *, Py_ssize_t); /*proto*/
 
 /* Module declarations from "fastbn._views" */
 static CYTHON_INLINE struct __pyx_array_obj *__pyx_f_6fastbn_6_views_workspace(Py_ssize_t, size_t); /*proto*/
@@ -3773,20 +3773,20 @@ static PyObject *__pyx_pf___pyx_memoryviewslice___reduce_cython__(CYTHON_UNUSED 
 static PyObject *__pyx_pf___pyx_memoryviewslice_2__setstate_cython__(CYTHON_UNUSED struct __pyx_memoryviewslice_obj *__pyx_v_self, CYTHON_UNUSED PyObject *__pyx_v___pyx_state); /* proto */
 static PyObject *__pyx_pf_15View_dot_MemoryView___pyx_unpickle_Enum(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v___pyx_type, long __pyx_v___pyx_checksum, PyObject *__pyx_v___pyx_state); /* proto */
 static PyObject *__pyx_pf_6fastbn_10_planar_v4_forward_train(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_signatures, PyObject *__pyx_v_args, PyObject *__pyx_v_kwargs, CYTHON_UNUSED PyObject *__pyx_v_defaults, CYTHON_UNUSED PyObject *__pyx_v__fused_sigindex); /* proto */
-static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_y, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, double __pyx_v_eps, double __pyx_v_factor, int __pyx_v_num_threads); /* proto */
-static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_y, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, double __pyx_v_eps, double __pyx_v_factor, int __pyx_v_num_threads); /* proto */
+static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_y, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, double __pyx_v_eps, double __pyx_v_factor, int __pyx_v_num_threads, int __pyx_v_stream); /* proto */
+static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_y, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, double __pyx_v_eps, double __pyx_v_factor, int __pyx_v_num_threads, int __pyx_v_stream); /* proto */
 static PyObject *__pyx_pf_6fastbn_10_planar_v4_2inference(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_signatures, PyObject *__pyx_v_args, PyObject *__pyx_v_kwargs, CYTHON_UNUSED PyObject *__pyx_v_defaults, CYTHON_UNUSED PyObject *__pyx_v__fused_sigindex); /* proto */
-static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, __Pyx_memviewslice __pyx_v_y, double __pyx_v_eps, int __pyx_v_num_threads); /* proto */
-static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, __Pyx_memviewslice __pyx_v_y, double __pyx_v_eps, int __pyx_v_num_threads); /* proto */
+static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, __Pyx_memviewslice __pyx_v_y, double __pyx_v_eps, int __pyx_v_num_threads, int __pyx_v_stream); /* proto */
+static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, __Pyx_memviewslice __pyx_v_y, double __pyx_v_eps, int __pyx_v_num_threads, int __pyx_v_stream); /* proto */
 static PyObject *__pyx_pf_6fastbn_10_planar_v4_4backward(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_signatures, PyObject *__pyx_v_args, PyObject *__pyx_v_kwargs, CYTHON_UNUSED PyObject *__pyx_v_defaults, CYTHON_UNUSED PyObject *__pyx_v__fused_sigindex); /* proto */
-static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_dy, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_dx, __Pyx_memviewslice __pyx_v_dgamma, __Pyx_memviewslice __pyx_v_dbeta, int __pyx_v_num_threads); /* proto */
-static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_dy, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_dx, __Pyx_memviewslice __pyx_v_dgamma, __Pyx_memviewslice __pyx_v_dbeta, int __pyx_v_num_threads); /* proto */
+static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_dy, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_dx, __Pyx_memviewslice __pyx_v_dgamma, __Pyx_memviewslice __pyx_v_dbeta, int __pyx_v_num_threads, int __pyx_v_stream); /* proto */
+static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_dy, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_dx, __Pyx_memviewslice __pyx_v_dgamma, __Pyx_memviewslice __pyx_v_dbeta, int __pyx_v_num_threads, int __pyx_v_stream); /* proto */
 static PyObject *__pyx_pf_6fastbn_10_planar_v4_6sums(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_signatures, PyObject *__pyx_v_args, PyObject *__pyx_v_kwargs, CYTHON_UNUSED PyObject *__pyx_v_defaults, CYTHON_UNUSED PyObject *__pyx_v__fused_sigindex); /* proto */
 static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_a, __Pyx_memviewslice __pyx_v_b, __Pyx_memviewslice __pyx_v_center, __Pyx_memviewslice __pyx_v_out, int __pyx_v_num_threads); /* proto */
 static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_a, __Pyx_memviewslice __pyx_v_b, __Pyx_memviewslice __pyx_v_center, __Pyx_memviewslice __pyx_v_out, int __pyx_v_num_threads); /* proto */
 static PyObject *__pyx_pf_6fastbn_10_planar_v4_8apply(CYTHON_UNUSED PyObject *__pyx_self, PyObject *__pyx_v_signatures, PyObject *__pyx_v_args, PyObject *__pyx_v_kwargs, CYTHON_UNUSED PyObject *__pyx_v_defaults, CYTHON_UNUSED PyObject *__pyx_v__fused_sigindex); /* proto */
-static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_a, __Pyx_memviewslice __pyx_v_b, __Pyx_memviewslice __pyx_v_out, __Pyx_memviewslice __pyx_v_coef, int __pyx_v_num_threads); /* proto */
-static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_a, __Pyx_memviewslice __pyx_v_b, __Pyx_memviewslice __pyx_v_out, __Pyx_memviewslice __pyx_v_coef, int __pyx_v_num_threads); /* proto */
+static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_a, __Pyx_memviewslice __pyx_v_b, __Pyx_memviewslice __pyx_v_out, __Pyx_memviewslice __pyx_v_coef, int __pyx_v_num_threads, int __pyx_v_stream); /* proto */
+static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_a, __Pyx_memviewslice __pyx_v_b, __Pyx_memviewslice __pyx_v_out, __Pyx_memviewslice __pyx_v_coef, int __pyx_v_num_threads, int __pyx_v_stream); /* proto */
 static PyObject *__pyx_pf_6fastbn_10_planar_v4_10compile_args(CYTHON_UNUSED PyObject *__pyx_self); /* proto */
 static PyObject *__pyx_tp_new__initialisation_6fastbn_10_planar_v4___pyx_defaults(PyObject *o, 
 #if CYTHON_VECTORCALL_TPNEW
@@ -3949,7 +3949,7 @@ namespace {
     PyObject *__pyx_slice[1];
     PyObject *__pyx_tuple[3];
     PyObject *__pyx_codeobj_tab[16];
-    PyObject *__pyx_string_tab[180];
+    PyObject *__pyx_string_tab[181];
     PyObject *__pyx_number_tab[4];
 /* #### Code section: module_state_contents ### */
 /* PyFrozenDict.module_state_decls */
@@ -4168,27 +4168,28 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #define __pyx_n_u_start __pyx_string_tab[156]
 #define __pyx_n_u_step __pyx_string_tab[157]
 #define __pyx_n_u_stop __pyx_string_tab[158]
-#define __pyx_n_u_streaming __pyx_string_tab[159]
-#define __pyx_n_u_struct __pyx_string_tab[160]
-#define __pyx_n_u_sums __pyx_string_tab[161]
-#define __pyx_n_u_sums_const_double_1_const_double __pyx_string_tab[162]
-#define __pyx_n_u_sums_const_float_1_const_float_1 __pyx_string_tab[163]
-#define __pyx_n_u_u __pyx_string_tab[164]
-#define __pyx_n_u_unpack __pyx_string_tab[165]
-#define __pyx_n_u_update __pyx_string_tab[166]
-#define __pyx_n_u_values __pyx_string_tab[167]
-#define __pyx_n_u_x __pyx_string_tab[168]
-#define __pyx_n_u_xp __pyx_string_tab[169]
-#define __pyx_n_u_y __pyx_string_tab[170]
-#define __pyx_n_u_yp __pyx_string_tab[171]
-#define __pyx_n_b_O __pyx_string_tab[172]
-#define __pyx_kp_b_iso88591_gQa __pyx_string_tab[173]
-#define __pyx_kp_b_iso88591_q_3c_aq_Cq_AS_1_1F_3b_q_2QfAQ_Q __pyx_string_tab[174]
+#define __pyx_n_u_stream __pyx_string_tab[159]
+#define __pyx_n_u_streaming __pyx_string_tab[160]
+#define __pyx_n_u_struct __pyx_string_tab[161]
+#define __pyx_n_u_sums __pyx_string_tab[162]
+#define __pyx_n_u_sums_const_double_1_const_double __pyx_string_tab[163]
+#define __pyx_n_u_sums_const_float_1_const_float_1 __pyx_string_tab[164]
+#define __pyx_n_u_u __pyx_string_tab[165]
+#define __pyx_n_u_unpack __pyx_string_tab[166]
+#define __pyx_n_u_update __pyx_string_tab[167]
+#define __pyx_n_u_values __pyx_string_tab[168]
+#define __pyx_n_u_x __pyx_string_tab[169]
+#define __pyx_n_u_xp __pyx_string_tab[170]
+#define __pyx_n_u_y __pyx_string_tab[171]
+#define __pyx_n_u_yp __pyx_string_tab[172]
+#define __pyx_n_b_O __pyx_string_tab[173]
+#define __pyx_kp_b_iso88591_gQa __pyx_string_tab[174]
 #define __pyx_kp_b_iso88591_aq_Cq_3c_1F_3b_q_2QfAQ_QavQd_6 __pyx_string_tab[175]
 #define __pyx_kp_b_iso88591_aq_Cq_e1A_AS_1_1F_3b_q_2QfAQ_Qa __pyx_string_tab[176]
-#define __pyx_kp_b_iso88591_q_q_q_aq_Cq_3c_d_Bb_A_s_Rr_2U_C_2 __pyx_string_tab[177]
-#define __pyx_kp_b_iso88591_q_q_q_aq_Cq_3c_d_Bb_A_s_Rr_2U_C __pyx_string_tab[178]
-#define __pyx_kp_b_iso88591_QavQd_6_avQd_Rq_Qas_AS_4t1_aq_C __pyx_string_tab[179]
+#define __pyx_kp_b_iso88591_q_3c_aq_Cq_AS_1_1F_3b_q_2QfAQ_Q __pyx_string_tab[177]
+#define __pyx_kp_b_iso88591_q_q_q_aq_Cq_3c_d_Bb_A_s_Rr_2U_C_2 __pyx_string_tab[178]
+#define __pyx_kp_b_iso88591_q_q_q_aq_Cq_3c_d_Bb_A_s_Rr_2U_C __pyx_string_tab[179]
+#define __pyx_kp_b_iso88591_QavQd_6_avQd_Rq_Qas_AS_4t1_aq_C __pyx_string_tab[180]
 #define __pyx_int_0 __pyx_number_tab[0]
 #define __pyx_int_neg_1 __pyx_number_tab[1]
 #define __pyx_int_1 __pyx_number_tab[2]
@@ -4224,7 +4225,7 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   for (int i=0; i<1; ++i) { Py_CLEAR(clear_module_state->__pyx_slice[i]); }
   for (int i=0; i<3; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
   for (int i=0; i<16; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<180; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<181; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<4; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_clear_contents ### */
 /* CommonTypesMetaclass.module_state_clear */
@@ -4268,7 +4269,7 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   for (int i=0; i<1; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_slice[i]); }
   for (int i=0; i<3; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
   for (int i=0; i<16; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<180; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<181; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<4; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_traverse_contents ### */
 /* CommonTypesMetaclass.module_state_traverse */
@@ -20712,21 +20713,27 @@ static CYTHON_INLINE int __pyx_f_6fastbn_6_stats_to_float(__pyx_t_6fastbn_6_stat
 /* "fastbn/_simd.pxd":197
  * 
  * 
- * cdef inline bint streams(const void* out, const void* a, const void* b,             # <<<<<<<<<<<<<<
+ * cdef inline bint streams(bint wanted, const void* out, const void* a, const void* b,             # <<<<<<<<<<<<<<
  *                          Py_ssize_t nbytes) noexcept nogil:
- *     """Stream an output that is large and not written over an input."""
+ *     """Stream an output that is wanted streamed, large and not written over
 */
 
-static CYTHON_INLINE int __pyx_f_6fastbn_5_simd_streams(void const *__pyx_v_out, void const *__pyx_v_a, void const *__pyx_v_b, Py_ssize_t __pyx_v_nbytes) {
+static CYTHON_INLINE int __pyx_f_6fastbn_5_simd_streams(int __pyx_v_wanted, void const *__pyx_v_out, void const *__pyx_v_a, void const *__pyx_v_b, Py_ssize_t __pyx_v_nbytes) {
   int __pyx_r;
   int __pyx_t_1;
   int __pyx_t_2;
 
-  /* "fastbn/_simd.pxd":200
- *                          Py_ssize_t nbytes) noexcept nogil:
- *     """Stream an output that is large and not written over an input."""
- *     return nbytes >= STREAM_MIN_BYTES and out != a and out != b             # <<<<<<<<<<<<<<
+  /* "fastbn/_simd.pxd":203
+ *     (a buffer the user passed), not for a fresh one, which malloc often
+ *     hands back still cached and which the next layer reads soon."""
+ *     return wanted and nbytes >= STREAM_MIN_BYTES and out != a and out != b             # <<<<<<<<<<<<<<
 */
+  if (__pyx_v_wanted) {
+  } else {
+
+    __pyx_t_1 = __pyx_v_wanted;
+    goto __pyx_L3_bool_binop_done;
+  }
   __pyx_t_2 = (__pyx_v_nbytes >= __pyx_e_6fastbn_5_simd_STREAM_MIN_BYTES);
 
   if (__pyx_t_2) {
@@ -20761,9 +20768,9 @@ static CYTHON_INLINE int __pyx_f_6fastbn_5_simd_streams(void const *__pyx_v_out,
   /* "fastbn/_simd.pxd":197
  * 
  * 
- * cdef inline bint streams(const void* out, const void* a, const void* b,             # <<<<<<<<<<<<<<
+ * cdef inline bint streams(bint wanted, const void* out, const void* a, const void* b,             # <<<<<<<<<<<<<<
  *                          Py_ssize_t nbytes) noexcept nogil:
- *     """Stream an output that is large and not written over an input."""
+ *     """Stream an output that is wanted streamed, large and not written over
 */
 
   /* function exit code */
@@ -21602,9 +21609,9 @@ static CYTHON_INLINE struct __pyx_array_obj *__pyx_f_6fastbn_6_views_workspace(P
 /* "fastbn/_planar.pyx":73
  * 
  * 
- * cdef inline Plane make_plane(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint streaming) noexcept nogil:             # <<<<<<<<<<<<<<
+ * cdef inline Plane make_plane(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,             # <<<<<<<<<<<<<<
+ *                              bint streaming) noexcept nogil:
  *     cdef Plane p
- *     p.N = N
 */
 
 static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_10_planar_v4_make_plane(Py_ssize_t __pyx_v_N, Py_ssize_t __pyx_v_C, Py_ssize_t __pyx_v_S, int __pyx_v_streaming) {
@@ -21612,8 +21619,8 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
   struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_r;
   int __pyx_t_1;
 
-  /* "fastbn/_planar.pyx":75
- * cdef inline Plane make_plane(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint streaming) noexcept nogil:
+  /* "fastbn/_planar.pyx":76
+ *                              bint streaming) noexcept nogil:
  *     cdef Plane p
  *     p.N = N             # <<<<<<<<<<<<<<
  *     p.C = C
@@ -21621,7 +21628,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
 */
   __pyx_v_p.N = __pyx_v_N;
 
-  /* "fastbn/_planar.pyx":76
+  /* "fastbn/_planar.pyx":77
  *     cdef Plane p
  *     p.N = N
  *     p.C = C             # <<<<<<<<<<<<<<
@@ -21630,7 +21637,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
 */
   __pyx_v_p.C = __pyx_v_C;
 
-  /* "fastbn/_planar.pyx":77
+  /* "fastbn/_planar.pyx":78
  *     p.N = N
  *     p.C = C
  *     p.S = S             # <<<<<<<<<<<<<<
@@ -21639,7 +21646,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
 */
   __pyx_v_p.S = __pyx_v_S;
 
-  /* "fastbn/_planar.pyx":78
+  /* "fastbn/_planar.pyx":79
  *     p.C = C
  *     p.S = S
  *     p.row_stride = C * S             # <<<<<<<<<<<<<<
@@ -21648,7 +21655,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
 */
   __pyx_v_p.row_stride = (__pyx_v_C * __pyx_v_S);
 
-  /* "fastbn/_planar.pyx":79
+  /* "fastbn/_planar.pyx":80
  *     p.S = S
  *     p.row_stride = C * S
  *     p.streaming = streaming             # <<<<<<<<<<<<<<
@@ -21657,7 +21664,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
 */
   __pyx_v_p.streaming = __pyx_v_streaming;
 
-  /* "fastbn/_planar.pyx":80
+  /* "fastbn/_planar.pyx":81
  *     p.row_stride = C * S
  *     p.streaming = streaming
  *     if S < BLOCK:             # <<<<<<<<<<<<<<
@@ -21669,7 +21676,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
   if (__pyx_t_1) {
 
 
-    /* "fastbn/_planar.pyx":81
+    /* "fastbn/_planar.pyx":82
  *     p.streaming = streaming
  *     if S < BLOCK:
  *         p.rows_per_block = BLOCK // S             # <<<<<<<<<<<<<<
@@ -21678,7 +21685,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
 */
     __pyx_v_p.rows_per_block = (__pyx_e_6fastbn_10_planar_v4_BLOCK / __pyx_v_S);
 
-    /* "fastbn/_planar.pyx":82
+    /* "fastbn/_planar.pyx":83
  *     if S < BLOCK:
  *         p.rows_per_block = BLOCK // S
  *         p.blocks_per_row = 0             # <<<<<<<<<<<<<<
@@ -21687,7 +21694,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
 */
     __pyx_v_p.blocks_per_row = 0;
 
-    /* "fastbn/_planar.pyx":83
+    /* "fastbn/_planar.pyx":84
  *         p.rows_per_block = BLOCK // S
  *         p.blocks_per_row = 0
  *         p.nblocks = (N + p.rows_per_block - 1) // p.rows_per_block             # <<<<<<<<<<<<<<
@@ -21696,7 +21703,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
 */
     __pyx_v_p.nblocks = (((__pyx_v_N + __pyx_v_p.rows_per_block) - 1) / __pyx_v_p.rows_per_block);
 
-    /* "fastbn/_planar.pyx":80
+    /* "fastbn/_planar.pyx":81
  *     p.row_stride = C * S
  *     p.streaming = streaming
  *     if S < BLOCK:             # <<<<<<<<<<<<<<
@@ -21706,7 +21713,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
     goto __pyx_L3;
   }
 
-  /* "fastbn/_planar.pyx":85
+  /* "fastbn/_planar.pyx":86
  *         p.nblocks = (N + p.rows_per_block - 1) // p.rows_per_block
  *     else:
  *         p.rows_per_block = 0             # <<<<<<<<<<<<<<
@@ -21716,7 +21723,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
   /*else*/ {
     __pyx_v_p.rows_per_block = 0;
 
-    /* "fastbn/_planar.pyx":86
+    /* "fastbn/_planar.pyx":87
  *     else:
  *         p.rows_per_block = 0
  *         p.blocks_per_row = (S + BLOCK - 1) // BLOCK             # <<<<<<<<<<<<<<
@@ -21725,7 +21732,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
 */
     __pyx_v_p.blocks_per_row = (((__pyx_v_S + __pyx_e_6fastbn_10_planar_v4_BLOCK) - 1) / __pyx_e_6fastbn_10_planar_v4_BLOCK);
 
-    /* "fastbn/_planar.pyx":87
+    /* "fastbn/_planar.pyx":88
  *         p.rows_per_block = 0
  *         p.blocks_per_row = (S + BLOCK - 1) // BLOCK
  *         p.nblocks = N * p.blocks_per_row             # <<<<<<<<<<<<<<
@@ -21736,7 +21743,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
   }
   __pyx_L3:;
 
-  /* "fastbn/_planar.pyx":88
+  /* "fastbn/_planar.pyx":89
  *         p.blocks_per_row = (S + BLOCK - 1) // BLOCK
  *         p.nblocks = N * p.blocks_per_row
  *     return p             # <<<<<<<<<<<<<<
@@ -21752,9 +21759,9 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
   /* "fastbn/_planar.pyx":73
  * 
  * 
- * cdef inline Plane make_plane(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint streaming) noexcept nogil:             # <<<<<<<<<<<<<<
+ * cdef inline Plane make_plane(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,             # <<<<<<<<<<<<<<
+ *                              bint streaming) noexcept nogil:
  *     cdef Plane p
- *     p.N = N
 */
 
   /* function exit code */
@@ -21763,7 +21770,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
   return __pyx_r;
 }
 
-/* "fastbn/_planar.pyx":91
+/* "fastbn/_planar.pyx":92
  * 
  * 
  * cdef inline void block_span(const Plane* p, Py_ssize_t b, Py_ssize_t* n0, Py_ssize_t* n1,             # <<<<<<<<<<<<<<
@@ -21778,7 +21785,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
   Py_ssize_t __pyx_t_3;
   Py_ssize_t __pyx_t_4;
 
-  /* "fastbn/_planar.pyx":95
+  /* "fastbn/_planar.pyx":96
  *     """Rows [n0, n1) and columns [s0, s1) of block b of a channel."""
  *     cdef Py_ssize_t j
  *     if p.blocks_per_row == 0:             # <<<<<<<<<<<<<<
@@ -21790,7 +21797,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
   if (__pyx_t_1) {
 
 
-    /* "fastbn/_planar.pyx":96
+    /* "fastbn/_planar.pyx":97
  *     cdef Py_ssize_t j
  *     if p.blocks_per_row == 0:
  *         n0[0] = b * p.rows_per_block             # <<<<<<<<<<<<<<
@@ -21799,7 +21806,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
 */
     (__pyx_v_n0[0]) = (__pyx_v_b * __pyx_v_p->rows_per_block);
 
-    /* "fastbn/_planar.pyx":97
+    /* "fastbn/_planar.pyx":98
  *     if p.blocks_per_row == 0:
  *         n0[0] = b * p.rows_per_block
  *         n1[0] = min(p.N, n0[0] + p.rows_per_block)             # <<<<<<<<<<<<<<
@@ -21823,7 +21830,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
     (__pyx_v_n1[0]) = __pyx_t_4;
 
 
-    /* "fastbn/_planar.pyx":98
+    /* "fastbn/_planar.pyx":99
  *         n0[0] = b * p.rows_per_block
  *         n1[0] = min(p.N, n0[0] + p.rows_per_block)
  *         s0[0] = 0             # <<<<<<<<<<<<<<
@@ -21832,7 +21839,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
 */
     (__pyx_v_s0[0]) = 0;
 
-    /* "fastbn/_planar.pyx":99
+    /* "fastbn/_planar.pyx":100
  *         n1[0] = min(p.N, n0[0] + p.rows_per_block)
  *         s0[0] = 0
  *         s1[0] = p.S             # <<<<<<<<<<<<<<
@@ -21844,7 +21851,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
     (__pyx_v_s1[0]) = __pyx_t_4;
 
 
-    /* "fastbn/_planar.pyx":95
+    /* "fastbn/_planar.pyx":96
  *     """Rows [n0, n1) and columns [s0, s1) of block b of a channel."""
  *     cdef Py_ssize_t j
  *     if p.blocks_per_row == 0:             # <<<<<<<<<<<<<<
@@ -21854,7 +21861,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
     goto __pyx_L3;
   }
 
-  /* "fastbn/_planar.pyx":101
+  /* "fastbn/_planar.pyx":102
  *         s1[0] = p.S
  *     else:
  *         n0[0] = b // p.blocks_per_row             # <<<<<<<<<<<<<<
@@ -21864,7 +21871,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
   /*else*/ {
     (__pyx_v_n0[0]) = (__pyx_v_b / __pyx_v_p->blocks_per_row);
 
-    /* "fastbn/_planar.pyx":102
+    /* "fastbn/_planar.pyx":103
  *     else:
  *         n0[0] = b // p.blocks_per_row
  *         n1[0] = n0[0] + 1             # <<<<<<<<<<<<<<
@@ -21873,7 +21880,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
 */
     (__pyx_v_n1[0]) = ((__pyx_v_n0[0]) + 1);
 
-    /* "fastbn/_planar.pyx":103
+    /* "fastbn/_planar.pyx":104
  *         n0[0] = b // p.blocks_per_row
  *         n1[0] = n0[0] + 1
  *         j = b % p.blocks_per_row             # <<<<<<<<<<<<<<
@@ -21882,7 +21889,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
 */
     __pyx_v_j = (__pyx_v_b % __pyx_v_p->blocks_per_row);
 
-    /* "fastbn/_planar.pyx":104
+    /* "fastbn/_planar.pyx":105
  *         n1[0] = n0[0] + 1
  *         j = b % p.blocks_per_row
  *         s0[0] = j * BLOCK             # <<<<<<<<<<<<<<
@@ -21891,7 +21898,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
 */
     (__pyx_v_s0[0]) = (__pyx_v_j * __pyx_e_6fastbn_10_planar_v4_BLOCK);
 
-    /* "fastbn/_planar.pyx":105
+    /* "fastbn/_planar.pyx":106
  *         j = b % p.blocks_per_row
  *         s0[0] = j * BLOCK
  *         s1[0] = min(p.S, s0[0] + BLOCK)             # <<<<<<<<<<<<<<
@@ -21917,7 +21924,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
   }
   __pyx_L3:;
 
-  /* "fastbn/_planar.pyx":91
+  /* "fastbn/_planar.pyx":92
  * 
  * 
  * cdef inline void block_span(const Plane* p, Py_ssize_t b, Py_ssize_t* n0, Py_ssize_t* n1,             # <<<<<<<<<<<<<<
@@ -21929,7 +21936,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
 
 }
 
-/* "fastbn/_planar.pyx":111
+/* "fastbn/_planar.pyx":112
  * # A run is n contiguous values of one channel.
  * 
  * cdef inline void run_shifted_sums(const floating* x, Py_ssize_t n, double shift,             # <<<<<<<<<<<<<<
@@ -21939,7 +21946,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
 
 static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_shifted_sums(float const *__pyx_v_x, Py_ssize_t __pyx_v_n, double __pyx_v_shift, double *__pyx_v_acc_s, double *__pyx_v_acc_q) {
 
-  /* "fastbn/_planar.pyx":116
+  /* "fastbn/_planar.pyx":117
  *     (in the order fastbn._simd states)."""
  *     if floating is float:
  *         shifted_sums_f32(x, n, shift, acc_s, acc_q)             # <<<<<<<<<<<<<<
@@ -21948,7 +21955,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_shifted_s
 */
   fastbn_shifted_sums_f32(__pyx_v_x, __pyx_v_n, __pyx_v_shift, __pyx_v_acc_s, __pyx_v_acc_q);
 
-  /* "fastbn/_planar.pyx":111
+  /* "fastbn/_planar.pyx":112
  * # A run is n contiguous values of one channel.
  * 
  * cdef inline void run_shifted_sums(const floating* x, Py_ssize_t n, double shift,             # <<<<<<<<<<<<<<
@@ -21961,7 +21968,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_shifted_s
 
 static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_shifted_sums(double const *__pyx_v_x, Py_ssize_t __pyx_v_n, double __pyx_v_shift, double *__pyx_v_acc_s, double *__pyx_v_acc_q) {
 
-  /* "fastbn/_planar.pyx":118
+  /* "fastbn/_planar.pyx":119
  *         shifted_sums_f32(x, n, shift, acc_s, acc_q)
  *     else:
  *         shifted_sums_f64(x, n, shift, acc_s, acc_q)             # <<<<<<<<<<<<<<
@@ -21970,7 +21977,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_shifted_s
 */
   fastbn_shifted_sums_f64(__pyx_v_x, __pyx_v_n, __pyx_v_shift, __pyx_v_acc_s, __pyx_v_acc_q);
 
-  /* "fastbn/_planar.pyx":111
+  /* "fastbn/_planar.pyx":112
  * # A run is n contiguous values of one channel.
  * 
  * cdef inline void run_shifted_sums(const floating* x, Py_ssize_t n, double shift,             # <<<<<<<<<<<<<<
@@ -21981,7 +21988,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_shifted_s
   /* function exit code */
 }
 
-/* "fastbn/_planar.pyx":121
+/* "fastbn/_planar.pyx":122
  * 
  * 
  * cdef inline void run_grad_sums(const floating* dy, const floating* x, Py_ssize_t n,             # <<<<<<<<<<<<<<
@@ -21991,7 +21998,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_shifted_s
 
 static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_grad_sums(float const *__pyx_v_dy, float const *__pyx_v_x, Py_ssize_t __pyx_v_n, double __pyx_v_center, double *__pyx_v_acc_g, double *__pyx_v_acc_c) {
 
-  /* "fastbn/_planar.pyx":125
+  /* "fastbn/_planar.pyx":126
  *     """acc_g[k] += dy[i], acc_c[k] += dy[i] * (x[i] - center), k = i % LANES."""
  *     if floating is float:
  *         grad_sums_f32(dy, x, n, center, acc_g, acc_c)             # <<<<<<<<<<<<<<
@@ -22000,7 +22007,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_grad_sums
 */
   fastbn_grad_sums_f32(__pyx_v_dy, __pyx_v_x, __pyx_v_n, __pyx_v_center, __pyx_v_acc_g, __pyx_v_acc_c);
 
-  /* "fastbn/_planar.pyx":121
+  /* "fastbn/_planar.pyx":122
  * 
  * 
  * cdef inline void run_grad_sums(const floating* dy, const floating* x, Py_ssize_t n,             # <<<<<<<<<<<<<<
@@ -22013,7 +22020,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_grad_sums
 
 static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_grad_sums(double const *__pyx_v_dy, double const *__pyx_v_x, Py_ssize_t __pyx_v_n, double __pyx_v_center, double *__pyx_v_acc_g, double *__pyx_v_acc_c) {
 
-  /* "fastbn/_planar.pyx":127
+  /* "fastbn/_planar.pyx":128
  *         grad_sums_f32(dy, x, n, center, acc_g, acc_c)
  *     else:
  *         grad_sums_f64(dy, x, n, center, acc_g, acc_c)             # <<<<<<<<<<<<<<
@@ -22022,7 +22029,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_grad_sums
 */
   fastbn_grad_sums_f64(__pyx_v_dy, __pyx_v_x, __pyx_v_n, __pyx_v_center, __pyx_v_acc_g, __pyx_v_acc_c);
 
-  /* "fastbn/_planar.pyx":121
+  /* "fastbn/_planar.pyx":122
  * 
  * 
  * cdef inline void run_grad_sums(const floating* dy, const floating* x, Py_ssize_t n,             # <<<<<<<<<<<<<<
@@ -22033,7 +22040,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_grad_sums
   /* function exit code */
 }
 
-/* "fastbn/_planar.pyx":130
+/* "fastbn/_planar.pyx":131
  * 
  * 
  * cdef inline void run_map(const floating* a, const floating* b, floating* out, Py_ssize_t n,             # <<<<<<<<<<<<<<
@@ -22059,7 +22066,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
   Py_ssize_t __pyx_t_5;
   Py_ssize_t __pyx_t_6;
 
-  /* "fastbn/_planar.pyx":137
+  /* "fastbn/_planar.pyx":138
  *     (Coef32), anything else in double."""
  *     cdef Py_ssize_t i
  *     cdef double center = k.center, scale = k.scale, slope = k.slope, offset = k.offset             # <<<<<<<<<<<<<<
@@ -22079,7 +22086,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
 
   __pyx_v_offset = __pyx_t_1;
 
-  /* "fastbn/_planar.pyx":139
+  /* "fastbn/_planar.pyx":140
  *     cdef double center = k.center, scale = k.scale, slope = k.slope, offset = k.offset
  *     cdef float hi, lo, s, q, o
  *     if floating is float and f != NULL:             # <<<<<<<<<<<<<<
@@ -22091,7 +22098,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
   if (__pyx_t_2) {
 
 
-    /* "fastbn/_planar.pyx":140
+    /* "fastbn/_planar.pyx":141
  *     cdef float hi, lo, s, q, o
  *     if floating is float and f != NULL:
  *         hi = f.hi             # <<<<<<<<<<<<<<
@@ -22102,7 +22109,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
 
     __pyx_v_hi = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":141
+    /* "fastbn/_planar.pyx":142
  *     if floating is float and f != NULL:
  *         hi = f.hi
  *         lo = f.lo             # <<<<<<<<<<<<<<
@@ -22113,7 +22120,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
 
     __pyx_v_lo = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":142
+    /* "fastbn/_planar.pyx":143
  *         hi = f.hi
  *         lo = f.lo
  *         s = f.scale             # <<<<<<<<<<<<<<
@@ -22124,7 +22131,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
 
     __pyx_v_s = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":143
+    /* "fastbn/_planar.pyx":144
  *         lo = f.lo
  *         s = f.scale
  *         q = f.slope             # <<<<<<<<<<<<<<
@@ -22135,7 +22142,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
 
     __pyx_v_q = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":144
+    /* "fastbn/_planar.pyx":145
  *         s = f.scale
  *         q = f.slope
  *         o = f.offset             # <<<<<<<<<<<<<<
@@ -22146,7 +22153,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
 
     __pyx_v_o = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":145
+    /* "fastbn/_planar.pyx":146
  *         q = f.slope
  *         o = f.offset
  *         if b == NULL:             # <<<<<<<<<<<<<<
@@ -22158,7 +22165,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
     if (__pyx_t_2) {
 
 
-      /* "fastbn/_planar.pyx":146
+      /* "fastbn/_planar.pyx":147
  *         o = f.offset
  *         if b == NULL:
  *             for i in range(n):             # <<<<<<<<<<<<<<
@@ -22172,7 +22179,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
       for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
         __pyx_v_i = __pyx_t_6;
 
-        /* "fastbn/_planar.pyx":147
+        /* "fastbn/_planar.pyx":148
  *         if b == NULL:
  *             for i in range(n):
  *                 out[i] = ((a[i] - hi) - lo) * s + o             # <<<<<<<<<<<<<<
@@ -22183,7 +22190,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
       }
 
 
-      /* "fastbn/_planar.pyx":145
+      /* "fastbn/_planar.pyx":146
  *         q = f.slope
  *         o = f.offset
  *         if b == NULL:             # <<<<<<<<<<<<<<
@@ -22193,7 +22200,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
       goto __pyx_L4;
     }
 
-    /* "fastbn/_planar.pyx":149
+    /* "fastbn/_planar.pyx":150
  *                 out[i] = ((a[i] - hi) - lo) * s + o
  *         else:
  *             for i in range(n):             # <<<<<<<<<<<<<<
@@ -22208,7 +22215,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
       for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
         __pyx_v_i = __pyx_t_6;
 
-        /* "fastbn/_planar.pyx":150
+        /* "fastbn/_planar.pyx":151
  *         else:
  *             for i in range(n):
  *                 out[i] = s * a[i] - q * ((b[i] - hi) - lo) - o             # <<<<<<<<<<<<<<
@@ -22221,7 +22228,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
     }
     __pyx_L4:;
 
-    /* "fastbn/_planar.pyx":139
+    /* "fastbn/_planar.pyx":140
  *     cdef double center = k.center, scale = k.scale, slope = k.slope, offset = k.offset
  *     cdef float hi, lo, s, q, o
  *     if floating is float and f != NULL:             # <<<<<<<<<<<<<<
@@ -22231,7 +22238,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
     goto __pyx_L3;
   }
 
-  /* "fastbn/_planar.pyx":151
+  /* "fastbn/_planar.pyx":152
  *             for i in range(n):
  *                 out[i] = s * a[i] - q * ((b[i] - hi) - lo) - o
  *     elif b == NULL:             # <<<<<<<<<<<<<<
@@ -22243,7 +22250,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
   if (__pyx_t_2) {
 
 
-    /* "fastbn/_planar.pyx":152
+    /* "fastbn/_planar.pyx":153
  *                 out[i] = s * a[i] - q * ((b[i] - hi) - lo) - o
  *     elif b == NULL:
  *         for i in range(n):             # <<<<<<<<<<<<<<
@@ -22257,7 +22264,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
     for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
       __pyx_v_i = __pyx_t_6;
 
-      /* "fastbn/_planar.pyx":153
+      /* "fastbn/_planar.pyx":154
  *     elif b == NULL:
  *         for i in range(n):
  *             out[i] = <floating>((<double>a[i] - center) * scale + offset)             # <<<<<<<<<<<<<<
@@ -22268,7 +22275,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
     }
 
 
-    /* "fastbn/_planar.pyx":151
+    /* "fastbn/_planar.pyx":152
  *             for i in range(n):
  *                 out[i] = s * a[i] - q * ((b[i] - hi) - lo) - o
  *     elif b == NULL:             # <<<<<<<<<<<<<<
@@ -22278,7 +22285,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
     goto __pyx_L3;
   }
 
-  /* "fastbn/_planar.pyx":155
+  /* "fastbn/_planar.pyx":156
  *             out[i] = <floating>((<double>a[i] - center) * scale + offset)
  *     else:
  *         for i in range(n):             # <<<<<<<<<<<<<<
@@ -22293,7 +22300,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
     for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
       __pyx_v_i = __pyx_t_6;
 
-      /* "fastbn/_planar.pyx":156
+      /* "fastbn/_planar.pyx":157
  *     else:
  *         for i in range(n):
  *             out[i] = <floating>(scale * <double>a[i] - slope * (<double>b[i] - center) - offset)             # <<<<<<<<<<<<<<
@@ -22306,7 +22313,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
   }
   __pyx_L3:;
 
-  /* "fastbn/_planar.pyx":130
+  /* "fastbn/_planar.pyx":131
  * 
  * 
  * cdef inline void run_map(const floating* a, const floating* b, floating* out, Py_ssize_t n,             # <<<<<<<<<<<<<<
@@ -22339,7 +22346,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map(doubl
   Py_ssize_t __pyx_t_4;
   Py_ssize_t __pyx_t_5;
 
-  /* "fastbn/_planar.pyx":137
+  /* "fastbn/_planar.pyx":138
  *     (Coef32), anything else in double."""
  *     cdef Py_ssize_t i
  *     cdef double center = k.center, scale = k.scale, slope = k.slope, offset = k.offset             # <<<<<<<<<<<<<<
@@ -22359,7 +22366,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map(doubl
 
   __pyx_v_offset = __pyx_t_1;
 
-  /* "fastbn/_planar.pyx":151
+  /* "fastbn/_planar.pyx":152
  *             for i in range(n):
  *                 out[i] = s * a[i] - q * ((b[i] - hi) - lo) - o
  *     elif b == NULL:             # <<<<<<<<<<<<<<
@@ -22371,7 +22378,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map(doubl
   if (__pyx_t_2) {
 
 
-    /* "fastbn/_planar.pyx":152
+    /* "fastbn/_planar.pyx":153
  *                 out[i] = s * a[i] - q * ((b[i] - hi) - lo) - o
  *     elif b == NULL:
  *         for i in range(n):             # <<<<<<<<<<<<<<
@@ -22385,7 +22392,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map(doubl
     for (__pyx_t_5 = 0; __pyx_t_5 < __pyx_t_4; __pyx_t_5+=1) {
       __pyx_v_i = __pyx_t_5;
 
-      /* "fastbn/_planar.pyx":153
+      /* "fastbn/_planar.pyx":154
  *     elif b == NULL:
  *         for i in range(n):
  *             out[i] = <floating>((<double>a[i] - center) * scale + offset)             # <<<<<<<<<<<<<<
@@ -22396,7 +22403,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map(doubl
     }
 
 
-    /* "fastbn/_planar.pyx":151
+    /* "fastbn/_planar.pyx":152
  *             for i in range(n):
  *                 out[i] = s * a[i] - q * ((b[i] - hi) - lo) - o
  *     elif b == NULL:             # <<<<<<<<<<<<<<
@@ -22406,7 +22413,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map(doubl
     goto __pyx_L3;
   }
 
-  /* "fastbn/_planar.pyx":155
+  /* "fastbn/_planar.pyx":156
  *             out[i] = <floating>((<double>a[i] - center) * scale + offset)
  *     else:
  *         for i in range(n):             # <<<<<<<<<<<<<<
@@ -22421,7 +22428,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map(doubl
     for (__pyx_t_5 = 0; __pyx_t_5 < __pyx_t_4; __pyx_t_5+=1) {
       __pyx_v_i = __pyx_t_5;
 
-      /* "fastbn/_planar.pyx":156
+      /* "fastbn/_planar.pyx":157
  *     else:
  *         for i in range(n):
  *             out[i] = <floating>(scale * <double>a[i] - slope * (<double>b[i] - center) - offset)             # <<<<<<<<<<<<<<
@@ -22434,7 +22441,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map(doubl
   }
   __pyx_L3:;
 
-  /* "fastbn/_planar.pyx":130
+  /* "fastbn/_planar.pyx":131
  * 
  * 
  * cdef inline void run_map(const floating* a, const floating* b, floating* out, Py_ssize_t n,             # <<<<<<<<<<<<<<
@@ -22450,7 +22457,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map(doubl
 
 }
 
-/* "fastbn/_planar.pyx":159
+/* "fastbn/_planar.pyx":160
  * 
  * 
  * cdef inline void run_apply(const floating* a, const floating* b, floating* out, Py_ssize_t n,             # <<<<<<<<<<<<<<
@@ -22467,7 +22474,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
   Py_ssize_t __pyx_t_3;
   Py_ssize_t __pyx_t_4;
 
-  /* "fastbn/_planar.pyx":164
+  /* "fastbn/_planar.pyx":165
  *     ``streaming``."""
  *     cdef floating buf[STREAM_CHUNK]
  *     cdef Py_ssize_t i = 0, m             # <<<<<<<<<<<<<<
@@ -22476,7 +22483,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
 */
   __pyx_v_i = 0;
 
-  /* "fastbn/_planar.pyx":165
+  /* "fastbn/_planar.pyx":166
  *     cdef floating buf[STREAM_CHUNK]
  *     cdef Py_ssize_t i = 0, m
  *     if not streaming:             # <<<<<<<<<<<<<<
@@ -22488,7 +22495,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
   if (__pyx_t_1) {
 
 
-    /* "fastbn/_planar.pyx":166
+    /* "fastbn/_planar.pyx":167
  *     cdef Py_ssize_t i = 0, m
  *     if not streaming:
  *         run_map(a, b, out, n, k, f)             # <<<<<<<<<<<<<<
@@ -22497,7 +22504,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
 */
     __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(__pyx_v_a, __pyx_v_b, __pyx_v_out, __pyx_v_n, __pyx_v_k, __pyx_v_f);
 
-    /* "fastbn/_planar.pyx":167
+    /* "fastbn/_planar.pyx":168
  *     if not streaming:
  *         run_map(a, b, out, n, k, f)
  *         return             # <<<<<<<<<<<<<<
@@ -22508,7 +22515,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
     }
     goto __pyx_L0;
 
-    /* "fastbn/_planar.pyx":165
+    /* "fastbn/_planar.pyx":166
  *     cdef floating buf[STREAM_CHUNK]
  *     cdef Py_ssize_t i = 0, m
  *     if not streaming:             # <<<<<<<<<<<<<<
@@ -22517,7 +22524,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
 */
   }
 
-  /* "fastbn/_planar.pyx":168
+  /* "fastbn/_planar.pyx":169
  *         run_map(a, b, out, n, k, f)
  *         return
  *     while i < n:             # <<<<<<<<<<<<<<
@@ -22530,7 +22537,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
 
     if (!__pyx_t_1) break;
 
-    /* "fastbn/_planar.pyx":169
+    /* "fastbn/_planar.pyx":170
  *         return
  *     while i < n:
  *         m = min(<Py_ssize_t>STREAM_CHUNK, n - i)             # <<<<<<<<<<<<<<
@@ -22554,7 +22561,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
     __pyx_v_m = __pyx_t_4;
 
 
-    /* "fastbn/_planar.pyx":170
+    /* "fastbn/_planar.pyx":171
  *     while i < n:
  *         m = min(<Py_ssize_t>STREAM_CHUNK, n - i)
  *         run_map(a + i, at(b, i), buf, m, k, f)             # <<<<<<<<<<<<<<
@@ -22563,7 +22570,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
 */
     __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map((__pyx_v_a + __pyx_v_i), __pyx_fuse_0__pyx_f_6fastbn_6_views_at(__pyx_v_b, __pyx_v_i), __pyx_v_buf, __pyx_v_m, __pyx_v_k, __pyx_v_f);
 
-    /* "fastbn/_planar.pyx":171
+    /* "fastbn/_planar.pyx":172
  *         m = min(<Py_ssize_t>STREAM_CHUNK, n - i)
  *         run_map(a + i, at(b, i), buf, m, k, f)
  *         stream(out + i, buf, m * sizeof(floating))             # <<<<<<<<<<<<<<
@@ -22572,7 +22579,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
 */
     fastbn_stream((__pyx_v_out + __pyx_v_i), __pyx_v_buf, (__pyx_v_m * (sizeof(float))));
 
-    /* "fastbn/_planar.pyx":172
+    /* "fastbn/_planar.pyx":173
  *         run_map(a + i, at(b, i), buf, m, k, f)
  *         stream(out + i, buf, m * sizeof(floating))
  *         i += m             # <<<<<<<<<<<<<<
@@ -22582,7 +22589,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
     __pyx_v_i = (__pyx_v_i + __pyx_v_m);
   }
 
-  /* "fastbn/_planar.pyx":159
+  /* "fastbn/_planar.pyx":160
  * 
  * 
  * cdef inline void run_apply(const floating* a, const floating* b, floating* out, Py_ssize_t n,             # <<<<<<<<<<<<<<
@@ -22606,7 +22613,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
   Py_ssize_t __pyx_t_3;
   Py_ssize_t __pyx_t_4;
 
-  /* "fastbn/_planar.pyx":164
+  /* "fastbn/_planar.pyx":165
  *     ``streaming``."""
  *     cdef floating buf[STREAM_CHUNK]
  *     cdef Py_ssize_t i = 0, m             # <<<<<<<<<<<<<<
@@ -22615,7 +22622,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
 */
   __pyx_v_i = 0;
 
-  /* "fastbn/_planar.pyx":165
+  /* "fastbn/_planar.pyx":166
  *     cdef floating buf[STREAM_CHUNK]
  *     cdef Py_ssize_t i = 0, m
  *     if not streaming:             # <<<<<<<<<<<<<<
@@ -22627,7 +22634,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
   if (__pyx_t_1) {
 
 
-    /* "fastbn/_planar.pyx":166
+    /* "fastbn/_planar.pyx":167
  *     cdef Py_ssize_t i = 0, m
  *     if not streaming:
  *         run_map(a, b, out, n, k, f)             # <<<<<<<<<<<<<<
@@ -22636,7 +22643,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
 */
     __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map(__pyx_v_a, __pyx_v_b, __pyx_v_out, __pyx_v_n, __pyx_v_k, __pyx_v_f);
 
-    /* "fastbn/_planar.pyx":167
+    /* "fastbn/_planar.pyx":168
  *     if not streaming:
  *         run_map(a, b, out, n, k, f)
  *         return             # <<<<<<<<<<<<<<
@@ -22647,7 +22654,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
     }
     goto __pyx_L0;
 
-    /* "fastbn/_planar.pyx":165
+    /* "fastbn/_planar.pyx":166
  *     cdef floating buf[STREAM_CHUNK]
  *     cdef Py_ssize_t i = 0, m
  *     if not streaming:             # <<<<<<<<<<<<<<
@@ -22656,7 +22663,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
 */
   }
 
-  /* "fastbn/_planar.pyx":168
+  /* "fastbn/_planar.pyx":169
  *         run_map(a, b, out, n, k, f)
  *         return
  *     while i < n:             # <<<<<<<<<<<<<<
@@ -22669,7 +22676,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
 
     if (!__pyx_t_1) break;
 
-    /* "fastbn/_planar.pyx":169
+    /* "fastbn/_planar.pyx":170
  *         return
  *     while i < n:
  *         m = min(<Py_ssize_t>STREAM_CHUNK, n - i)             # <<<<<<<<<<<<<<
@@ -22693,7 +22700,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
     __pyx_v_m = __pyx_t_4;
 
 
-    /* "fastbn/_planar.pyx":170
+    /* "fastbn/_planar.pyx":171
  *     while i < n:
  *         m = min(<Py_ssize_t>STREAM_CHUNK, n - i)
  *         run_map(a + i, at(b, i), buf, m, k, f)             # <<<<<<<<<<<<<<
@@ -22702,7 +22709,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
 */
     __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map((__pyx_v_a + __pyx_v_i), __pyx_fuse_1__pyx_f_6fastbn_6_views_at(__pyx_v_b, __pyx_v_i), __pyx_v_buf, __pyx_v_m, __pyx_v_k, __pyx_v_f);
 
-    /* "fastbn/_planar.pyx":171
+    /* "fastbn/_planar.pyx":172
  *         m = min(<Py_ssize_t>STREAM_CHUNK, n - i)
  *         run_map(a + i, at(b, i), buf, m, k, f)
  *         stream(out + i, buf, m * sizeof(floating))             # <<<<<<<<<<<<<<
@@ -22711,7 +22718,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
 */
     fastbn_stream((__pyx_v_out + __pyx_v_i), __pyx_v_buf, (__pyx_v_m * (sizeof(double))));
 
-    /* "fastbn/_planar.pyx":172
+    /* "fastbn/_planar.pyx":173
  *         run_map(a + i, at(b, i), buf, m, k, f)
  *         stream(out + i, buf, m * sizeof(floating))
  *         i += m             # <<<<<<<<<<<<<<
@@ -22721,7 +22728,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
     __pyx_v_i = (__pyx_v_i + __pyx_v_m);
   }
 
-  /* "fastbn/_planar.pyx":159
+  /* "fastbn/_planar.pyx":160
  * 
  * 
  * cdef inline void run_apply(const floating* a, const floating* b, floating* out, Py_ssize_t n,             # <<<<<<<<<<<<<<
@@ -22736,7 +22743,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
 
 }
 
-/* "fastbn/_planar.pyx":177
+/* "fastbn/_planar.pyx":178
  * # -------------------------------------------------------------- blocks ----
  * 
  * cdef void block_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t c,             # <<<<<<<<<<<<<<
@@ -22763,7 +22770,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
   Py_ssize_t __pyx_t_5;
   int __pyx_t_6;
 
-  /* "fastbn/_planar.pyx":186
+  /* "fastbn/_planar.pyx":187
  *     cdef double acc_a[LANES]
  *     cdef double acc_b[LANES]
  *     cdef double ta = 0.0, tb = 0.0             # <<<<<<<<<<<<<<
@@ -22773,7 +22780,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
   __pyx_v_ta = 0.0;
   __pyx_v_tb = 0.0;
 
-  /* "fastbn/_planar.pyx":188
+  /* "fastbn/_planar.pyx":189
  *     cdef double ta = 0.0, tb = 0.0
  *     cdef Py_ssize_t n0, n1, s0, s1, n, k, off
  *     for k in range(LANES):             # <<<<<<<<<<<<<<
@@ -22787,7 +22794,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_k = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":189
+    /* "fastbn/_planar.pyx":190
  *     cdef Py_ssize_t n0, n1, s0, s1, n, k, off
  *     for k in range(LANES):
  *         acc_a[k] = 0.0             # <<<<<<<<<<<<<<
@@ -22796,7 +22803,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
 */
     (__pyx_v_acc_a[__pyx_v_k]) = 0.0;
 
-    /* "fastbn/_planar.pyx":190
+    /* "fastbn/_planar.pyx":191
  *     for k in range(LANES):
  *         acc_a[k] = 0.0
  *         acc_b[k] = 0.0             # <<<<<<<<<<<<<<
@@ -22807,7 +22814,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
   }
 
 
-  /* "fastbn/_planar.pyx":191
+  /* "fastbn/_planar.pyx":192
  *         acc_a[k] = 0.0
  *         acc_b[k] = 0.0
  *     block_span(p, blk, &n0, &n1, &s0, &s1)             # <<<<<<<<<<<<<<
@@ -22816,7 +22823,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
 */
   __pyx_f_6fastbn_10_planar_v4_block_span(__pyx_v_p, __pyx_v_blk, (&__pyx_v_n0), (&__pyx_v_n1), (&__pyx_v_s0), (&__pyx_v_s1));
 
-  /* "fastbn/_planar.pyx":192
+  /* "fastbn/_planar.pyx":193
  *         acc_b[k] = 0.0
  *     block_span(p, blk, &n0, &n1, &s0, &s1)
  *     for n in range(n0, n1):             # <<<<<<<<<<<<<<
@@ -22830,7 +22837,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
   for (__pyx_t_5 = __pyx_v_n0; __pyx_t_5 < __pyx_t_4; __pyx_t_5+=1) {
     __pyx_v_n = __pyx_t_5;
 
-    /* "fastbn/_planar.pyx":193
+    /* "fastbn/_planar.pyx":194
  *     block_span(p, blk, &n0, &n1, &s0, &s1)
  *     for n in range(n0, n1):
  *         off = n * p.row_stride + c * p.S + s0             # <<<<<<<<<<<<<<
@@ -22839,7 +22846,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
 */
     __pyx_v_off = (((__pyx_v_n * __pyx_v_p->row_stride) + (__pyx_v_c * __pyx_v_p->S)) + __pyx_v_s0);
 
-    /* "fastbn/_planar.pyx":194
+    /* "fastbn/_planar.pyx":195
  *     for n in range(n0, n1):
  *         off = n * p.row_stride + c * p.S + s0
  *         if b == NULL:             # <<<<<<<<<<<<<<
@@ -22851,7 +22858,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
     if (__pyx_t_6) {
 
 
-      /* "fastbn/_planar.pyx":195
+      /* "fastbn/_planar.pyx":196
  *         off = n * p.row_stride + c * p.S + s0
  *         if b == NULL:
  *             run_shifted_sums(a + off, s1 - s0, center, acc_a, acc_b)             # <<<<<<<<<<<<<<
@@ -22860,7 +22867,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
 */
       __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_shifted_sums((__pyx_v_a + __pyx_v_off), (__pyx_v_s1 - __pyx_v_s0), __pyx_v_center, __pyx_v_acc_a, __pyx_v_acc_b);
 
-      /* "fastbn/_planar.pyx":194
+      /* "fastbn/_planar.pyx":195
  *     for n in range(n0, n1):
  *         off = n * p.row_stride + c * p.S + s0
  *         if b == NULL:             # <<<<<<<<<<<<<<
@@ -22870,7 +22877,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
       goto __pyx_L7;
     }
 
-    /* "fastbn/_planar.pyx":197
+    /* "fastbn/_planar.pyx":198
  *             run_shifted_sums(a + off, s1 - s0, center, acc_a, acc_b)
  *         else:
  *             run_grad_sums(a + off, b + off, s1 - s0, center, acc_a, acc_b)             # <<<<<<<<<<<<<<
@@ -22884,7 +22891,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
   }
 
 
-  /* "fastbn/_planar.pyx":198
+  /* "fastbn/_planar.pyx":199
  *         else:
  *             run_grad_sums(a + off, b + off, s1 - s0, center, acc_a, acc_b)
  *     for k in range(LANES):             # <<<<<<<<<<<<<<
@@ -22898,7 +22905,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_k = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":199
+    /* "fastbn/_planar.pyx":200
  *             run_grad_sums(a + off, b + off, s1 - s0, center, acc_a, acc_b)
  *     for k in range(LANES):
  *         ta += acc_a[k]             # <<<<<<<<<<<<<<
@@ -22907,7 +22914,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
 */
     __pyx_v_ta = (__pyx_v_ta + (__pyx_v_acc_a[__pyx_v_k]));
 
-    /* "fastbn/_planar.pyx":200
+    /* "fastbn/_planar.pyx":201
  *     for k in range(LANES):
  *         ta += acc_a[k]
  *         tb += acc_b[k]             # <<<<<<<<<<<<<<
@@ -22918,7 +22925,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
   }
 
 
-  /* "fastbn/_planar.pyx":201
+  /* "fastbn/_planar.pyx":202
  *         ta += acc_a[k]
  *         tb += acc_b[k]
  *     sa[0] = ta             # <<<<<<<<<<<<<<
@@ -22927,7 +22934,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
 */
   (__pyx_v_sa[0]) = __pyx_v_ta;
 
-  /* "fastbn/_planar.pyx":202
+  /* "fastbn/_planar.pyx":203
  *         tb += acc_b[k]
  *     sa[0] = ta
  *     sb[0] = tb             # <<<<<<<<<<<<<<
@@ -22936,7 +22943,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
 */
   (__pyx_v_sb[0]) = __pyx_v_tb;
 
-  /* "fastbn/_planar.pyx":177
+  /* "fastbn/_planar.pyx":178
  * # -------------------------------------------------------------- blocks ----
  * 
  * cdef void block_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t c,             # <<<<<<<<<<<<<<
@@ -22977,7 +22984,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
   Py_ssize_t __pyx_t_5;
   int __pyx_t_6;
 
-  /* "fastbn/_planar.pyx":186
+  /* "fastbn/_planar.pyx":187
  *     cdef double acc_a[LANES]
  *     cdef double acc_b[LANES]
  *     cdef double ta = 0.0, tb = 0.0             # <<<<<<<<<<<<<<
@@ -22987,7 +22994,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
   __pyx_v_ta = 0.0;
   __pyx_v_tb = 0.0;
 
-  /* "fastbn/_planar.pyx":188
+  /* "fastbn/_planar.pyx":189
  *     cdef double ta = 0.0, tb = 0.0
  *     cdef Py_ssize_t n0, n1, s0, s1, n, k, off
  *     for k in range(LANES):             # <<<<<<<<<<<<<<
@@ -23001,7 +23008,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_k = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":189
+    /* "fastbn/_planar.pyx":190
  *     cdef Py_ssize_t n0, n1, s0, s1, n, k, off
  *     for k in range(LANES):
  *         acc_a[k] = 0.0             # <<<<<<<<<<<<<<
@@ -23010,7 +23017,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
 */
     (__pyx_v_acc_a[__pyx_v_k]) = 0.0;
 
-    /* "fastbn/_planar.pyx":190
+    /* "fastbn/_planar.pyx":191
  *     for k in range(LANES):
  *         acc_a[k] = 0.0
  *         acc_b[k] = 0.0             # <<<<<<<<<<<<<<
@@ -23021,7 +23028,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
   }
 
 
-  /* "fastbn/_planar.pyx":191
+  /* "fastbn/_planar.pyx":192
  *         acc_a[k] = 0.0
  *         acc_b[k] = 0.0
  *     block_span(p, blk, &n0, &n1, &s0, &s1)             # <<<<<<<<<<<<<<
@@ -23030,7 +23037,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
 */
   __pyx_f_6fastbn_10_planar_v4_block_span(__pyx_v_p, __pyx_v_blk, (&__pyx_v_n0), (&__pyx_v_n1), (&__pyx_v_s0), (&__pyx_v_s1));
 
-  /* "fastbn/_planar.pyx":192
+  /* "fastbn/_planar.pyx":193
  *         acc_b[k] = 0.0
  *     block_span(p, blk, &n0, &n1, &s0, &s1)
  *     for n in range(n0, n1):             # <<<<<<<<<<<<<<
@@ -23044,7 +23051,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
   for (__pyx_t_5 = __pyx_v_n0; __pyx_t_5 < __pyx_t_4; __pyx_t_5+=1) {
     __pyx_v_n = __pyx_t_5;
 
-    /* "fastbn/_planar.pyx":193
+    /* "fastbn/_planar.pyx":194
  *     block_span(p, blk, &n0, &n1, &s0, &s1)
  *     for n in range(n0, n1):
  *         off = n * p.row_stride + c * p.S + s0             # <<<<<<<<<<<<<<
@@ -23053,7 +23060,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
 */
     __pyx_v_off = (((__pyx_v_n * __pyx_v_p->row_stride) + (__pyx_v_c * __pyx_v_p->S)) + __pyx_v_s0);
 
-    /* "fastbn/_planar.pyx":194
+    /* "fastbn/_planar.pyx":195
  *     for n in range(n0, n1):
  *         off = n * p.row_stride + c * p.S + s0
  *         if b == NULL:             # <<<<<<<<<<<<<<
@@ -23065,7 +23072,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
     if (__pyx_t_6) {
 
 
-      /* "fastbn/_planar.pyx":195
+      /* "fastbn/_planar.pyx":196
  *         off = n * p.row_stride + c * p.S + s0
  *         if b == NULL:
  *             run_shifted_sums(a + off, s1 - s0, center, acc_a, acc_b)             # <<<<<<<<<<<<<<
@@ -23074,7 +23081,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
 */
       __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_shifted_sums((__pyx_v_a + __pyx_v_off), (__pyx_v_s1 - __pyx_v_s0), __pyx_v_center, __pyx_v_acc_a, __pyx_v_acc_b);
 
-      /* "fastbn/_planar.pyx":194
+      /* "fastbn/_planar.pyx":195
  *     for n in range(n0, n1):
  *         off = n * p.row_stride + c * p.S + s0
  *         if b == NULL:             # <<<<<<<<<<<<<<
@@ -23084,7 +23091,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
       goto __pyx_L7;
     }
 
-    /* "fastbn/_planar.pyx":197
+    /* "fastbn/_planar.pyx":198
  *             run_shifted_sums(a + off, s1 - s0, center, acc_a, acc_b)
  *         else:
  *             run_grad_sums(a + off, b + off, s1 - s0, center, acc_a, acc_b)             # <<<<<<<<<<<<<<
@@ -23098,7 +23105,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
   }
 
 
-  /* "fastbn/_planar.pyx":198
+  /* "fastbn/_planar.pyx":199
  *         else:
  *             run_grad_sums(a + off, b + off, s1 - s0, center, acc_a, acc_b)
  *     for k in range(LANES):             # <<<<<<<<<<<<<<
@@ -23112,7 +23119,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_k = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":199
+    /* "fastbn/_planar.pyx":200
  *             run_grad_sums(a + off, b + off, s1 - s0, center, acc_a, acc_b)
  *     for k in range(LANES):
  *         ta += acc_a[k]             # <<<<<<<<<<<<<<
@@ -23121,7 +23128,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
 */
     __pyx_v_ta = (__pyx_v_ta + (__pyx_v_acc_a[__pyx_v_k]));
 
-    /* "fastbn/_planar.pyx":200
+    /* "fastbn/_planar.pyx":201
  *     for k in range(LANES):
  *         ta += acc_a[k]
  *         tb += acc_b[k]             # <<<<<<<<<<<<<<
@@ -23132,7 +23139,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
   }
 
 
-  /* "fastbn/_planar.pyx":201
+  /* "fastbn/_planar.pyx":202
  *         ta += acc_a[k]
  *         tb += acc_b[k]
  *     sa[0] = ta             # <<<<<<<<<<<<<<
@@ -23141,7 +23148,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
 */
   (__pyx_v_sa[0]) = __pyx_v_ta;
 
-  /* "fastbn/_planar.pyx":202
+  /* "fastbn/_planar.pyx":203
  *         tb += acc_b[k]
  *     sa[0] = ta
  *     sb[0] = tb             # <<<<<<<<<<<<<<
@@ -23150,7 +23157,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
 */
   (__pyx_v_sb[0]) = __pyx_v_tb;
 
-  /* "fastbn/_planar.pyx":177
+  /* "fastbn/_planar.pyx":178
  * # -------------------------------------------------------------- blocks ----
  * 
  * cdef void block_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t c,             # <<<<<<<<<<<<<<
@@ -23172,7 +23179,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
 
 }
 
-/* "fastbn/_planar.pyx":205
+/* "fastbn/_planar.pyx":206
  * 
  * 
  * cdef void block_apply(const floating* a, const floating* b, floating* out, const Plane* p,             # <<<<<<<<<<<<<<
@@ -23196,7 +23203,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_apply(float const *__
   Py_ssize_t __pyx_t_5;
   Py_ssize_t __pyx_t_6;
 
-  /* "fastbn/_planar.pyx":210
+  /* "fastbn/_planar.pyx":211
  *     cdef Py_ssize_t n0, n1, s0, s1, n, off
  *     cdef Coef32 f
  *     cdef const Coef32* fp = &f if (floating is float and to_float(k, &f)) else NULL             # <<<<<<<<<<<<<<
@@ -23225,7 +23232,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_apply(float const *__
 
   __pyx_v_fp = __pyx_t_1;
 
-  /* "fastbn/_planar.pyx":211
+  /* "fastbn/_planar.pyx":212
  *     cdef Coef32 f
  *     cdef const Coef32* fp = &f if (floating is float and to_float(k, &f)) else NULL
  *     block_span(p, blk, &n0, &n1, &s0, &s1)             # <<<<<<<<<<<<<<
@@ -23234,7 +23241,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_apply(float const *__
 */
   __pyx_f_6fastbn_10_planar_v4_block_span(__pyx_v_p, __pyx_v_blk, (&__pyx_v_n0), (&__pyx_v_n1), (&__pyx_v_s0), (&__pyx_v_s1));
 
-  /* "fastbn/_planar.pyx":212
+  /* "fastbn/_planar.pyx":213
  *     cdef const Coef32* fp = &f if (floating is float and to_float(k, &f)) else NULL
  *     block_span(p, blk, &n0, &n1, &s0, &s1)
  *     for n in range(n0, n1):             # <<<<<<<<<<<<<<
@@ -23248,7 +23255,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_apply(float const *__
   for (__pyx_t_6 = __pyx_v_n0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
     __pyx_v_n = __pyx_t_6;
 
-    /* "fastbn/_planar.pyx":213
+    /* "fastbn/_planar.pyx":214
  *     block_span(p, blk, &n0, &n1, &s0, &s1)
  *     for n in range(n0, n1):
  *         off = n * p.row_stride + c * p.S + s0             # <<<<<<<<<<<<<<
@@ -23257,7 +23264,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_apply(float const *__
 */
     __pyx_v_off = (((__pyx_v_n * __pyx_v_p->row_stride) + (__pyx_v_c * __pyx_v_p->S)) + __pyx_v_s0);
 
-    /* "fastbn/_planar.pyx":214
+    /* "fastbn/_planar.pyx":215
  *     for n in range(n0, n1):
  *         off = n * p.row_stride + c * p.S + s0
  *         run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming)             # <<<<<<<<<<<<<<
@@ -23268,7 +23275,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_apply(float const *__
   }
 
 
-  /* "fastbn/_planar.pyx":215
+  /* "fastbn/_planar.pyx":216
  *         off = n * p.row_stride + c * p.S + s0
  *         run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming)
  *     if p.streaming:             # <<<<<<<<<<<<<<
@@ -23280,7 +23287,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_apply(float const *__
   if (__pyx_t_2) {
 
 
-    /* "fastbn/_planar.pyx":216
+    /* "fastbn/_planar.pyx":217
  *         run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming)
  *     if p.streaming:
  *         fence()             # <<<<<<<<<<<<<<
@@ -23289,7 +23296,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_apply(float const *__
 */
     fastbn_fence();
 
-    /* "fastbn/_planar.pyx":215
+    /* "fastbn/_planar.pyx":216
  *         off = n * p.row_stride + c * p.S + s0
  *         run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming)
  *     if p.streaming:             # <<<<<<<<<<<<<<
@@ -23298,7 +23305,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_apply(float const *__
 */
   }
 
-  /* "fastbn/_planar.pyx":205
+  /* "fastbn/_planar.pyx":206
  * 
  * 
  * cdef void block_apply(const floating* a, const floating* b, floating* out, const Plane* p,             # <<<<<<<<<<<<<<
@@ -23333,7 +23340,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_apply(double const *_
   Py_ssize_t __pyx_t_5;
   Py_ssize_t __pyx_t_6;
 
-  /* "fastbn/_planar.pyx":210
+  /* "fastbn/_planar.pyx":211
  *     cdef Py_ssize_t n0, n1, s0, s1, n, off
  *     cdef Coef32 f
  *     cdef const Coef32* fp = &f if (floating is float and to_float(k, &f)) else NULL             # <<<<<<<<<<<<<<
@@ -23362,7 +23369,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_apply(double const *_
 
   __pyx_v_fp = __pyx_t_1;
 
-  /* "fastbn/_planar.pyx":211
+  /* "fastbn/_planar.pyx":212
  *     cdef Coef32 f
  *     cdef const Coef32* fp = &f if (floating is float and to_float(k, &f)) else NULL
  *     block_span(p, blk, &n0, &n1, &s0, &s1)             # <<<<<<<<<<<<<<
@@ -23371,7 +23378,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_apply(double const *_
 */
   __pyx_f_6fastbn_10_planar_v4_block_span(__pyx_v_p, __pyx_v_blk, (&__pyx_v_n0), (&__pyx_v_n1), (&__pyx_v_s0), (&__pyx_v_s1));
 
-  /* "fastbn/_planar.pyx":212
+  /* "fastbn/_planar.pyx":213
  *     cdef const Coef32* fp = &f if (floating is float and to_float(k, &f)) else NULL
  *     block_span(p, blk, &n0, &n1, &s0, &s1)
  *     for n in range(n0, n1):             # <<<<<<<<<<<<<<
@@ -23385,7 +23392,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_apply(double const *_
   for (__pyx_t_6 = __pyx_v_n0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
     __pyx_v_n = __pyx_t_6;
 
-    /* "fastbn/_planar.pyx":213
+    /* "fastbn/_planar.pyx":214
  *     block_span(p, blk, &n0, &n1, &s0, &s1)
  *     for n in range(n0, n1):
  *         off = n * p.row_stride + c * p.S + s0             # <<<<<<<<<<<<<<
@@ -23394,7 +23401,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_apply(double const *_
 */
     __pyx_v_off = (((__pyx_v_n * __pyx_v_p->row_stride) + (__pyx_v_c * __pyx_v_p->S)) + __pyx_v_s0);
 
-    /* "fastbn/_planar.pyx":214
+    /* "fastbn/_planar.pyx":215
  *     for n in range(n0, n1):
  *         off = n * p.row_stride + c * p.S + s0
  *         run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming)             # <<<<<<<<<<<<<<
@@ -23405,7 +23412,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_apply(double const *_
   }
 
 
-  /* "fastbn/_planar.pyx":215
+  /* "fastbn/_planar.pyx":216
  *         off = n * p.row_stride + c * p.S + s0
  *         run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming)
  *     if p.streaming:             # <<<<<<<<<<<<<<
@@ -23417,7 +23424,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_apply(double const *_
   if (__pyx_t_2) {
 
 
-    /* "fastbn/_planar.pyx":216
+    /* "fastbn/_planar.pyx":217
  *         run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming)
  *     if p.streaming:
  *         fence()             # <<<<<<<<<<<<<<
@@ -23426,7 +23433,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_apply(double const *_
 */
     fastbn_fence();
 
-    /* "fastbn/_planar.pyx":215
+    /* "fastbn/_planar.pyx":216
  *         off = n * p.row_stride + c * p.S + s0
  *         run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming)
  *     if p.streaming:             # <<<<<<<<<<<<<<
@@ -23435,7 +23442,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_apply(double const *_
 */
   }
 
-  /* "fastbn/_planar.pyx":205
+  /* "fastbn/_planar.pyx":206
  * 
  * 
  * cdef void block_apply(const floating* a, const floating* b, floating* out, const Plane* p,             # <<<<<<<<<<<<<<
@@ -23454,7 +23461,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_apply(double const *_
 
 }
 
-/* "fastbn/_planar.pyx":219
+/* "fastbn/_planar.pyx":220
  * 
  * 
  * cdef void merge_blocks(const double* part, const Plane* p, Py_ssize_t c,             # <<<<<<<<<<<<<<
@@ -23471,7 +23478,7 @@ static void __pyx_f_6fastbn_10_planar_v4_merge_blocks(double const *__pyx_v_part
   Py_ssize_t __pyx_t_2;
   Py_ssize_t __pyx_t_3;
 
-  /* "fastbn/_planar.pyx":224
+  /* "fastbn/_planar.pyx":225
  *     the same sums as channel_sums."""
  *     cdef Py_ssize_t blk
  *     cdef const double* row = part + 2 * c * p.nblocks             # <<<<<<<<<<<<<<
@@ -23480,7 +23487,7 @@ static void __pyx_f_6fastbn_10_planar_v4_merge_blocks(double const *__pyx_v_part
 */
   __pyx_v_row = (__pyx_v_part + ((2 * __pyx_v_c) * __pyx_v_p->nblocks));
 
-  /* "fastbn/_planar.pyx":225
+  /* "fastbn/_planar.pyx":226
  *     cdef Py_ssize_t blk
  *     cdef const double* row = part + 2 * c * p.nblocks
  *     cdef double ta = 0.0, tb = 0.0             # <<<<<<<<<<<<<<
@@ -23490,7 +23497,7 @@ static void __pyx_f_6fastbn_10_planar_v4_merge_blocks(double const *__pyx_v_part
   __pyx_v_ta = 0.0;
   __pyx_v_tb = 0.0;
 
-  /* "fastbn/_planar.pyx":226
+  /* "fastbn/_planar.pyx":227
  *     cdef const double* row = part + 2 * c * p.nblocks
  *     cdef double ta = 0.0, tb = 0.0
  *     for blk in range(p.nblocks):             # <<<<<<<<<<<<<<
@@ -23504,7 +23511,7 @@ static void __pyx_f_6fastbn_10_planar_v4_merge_blocks(double const *__pyx_v_part
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_blk = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":227
+    /* "fastbn/_planar.pyx":228
  *     cdef double ta = 0.0, tb = 0.0
  *     for blk in range(p.nblocks):
  *         ta += row[2 * blk]             # <<<<<<<<<<<<<<
@@ -23513,7 +23520,7 @@ static void __pyx_f_6fastbn_10_planar_v4_merge_blocks(double const *__pyx_v_part
 */
     __pyx_v_ta = (__pyx_v_ta + (__pyx_v_row[(2 * __pyx_v_blk)]));
 
-    /* "fastbn/_planar.pyx":228
+    /* "fastbn/_planar.pyx":229
  *     for blk in range(p.nblocks):
  *         ta += row[2 * blk]
  *         tb += row[2 * blk + 1]             # <<<<<<<<<<<<<<
@@ -23524,7 +23531,7 @@ static void __pyx_f_6fastbn_10_planar_v4_merge_blocks(double const *__pyx_v_part
   }
 
 
-  /* "fastbn/_planar.pyx":229
+  /* "fastbn/_planar.pyx":230
  *         ta += row[2 * blk]
  *         tb += row[2 * blk + 1]
  *     sa[0] = ta             # <<<<<<<<<<<<<<
@@ -23533,7 +23540,7 @@ static void __pyx_f_6fastbn_10_planar_v4_merge_blocks(double const *__pyx_v_part
 */
   (__pyx_v_sa[0]) = __pyx_v_ta;
 
-  /* "fastbn/_planar.pyx":230
+  /* "fastbn/_planar.pyx":231
  *         tb += row[2 * blk + 1]
  *     sa[0] = ta
  *     sb[0] = tb             # <<<<<<<<<<<<<<
@@ -23542,7 +23549,7 @@ static void __pyx_f_6fastbn_10_planar_v4_merge_blocks(double const *__pyx_v_part
 */
   (__pyx_v_sb[0]) = __pyx_v_tb;
 
-  /* "fastbn/_planar.pyx":219
+  /* "fastbn/_planar.pyx":220
  * 
  * 
  * cdef void merge_blocks(const double* part, const Plane* p, Py_ssize_t c,             # <<<<<<<<<<<<<<
@@ -23557,7 +23564,7 @@ static void __pyx_f_6fastbn_10_planar_v4_merge_blocks(double const *__pyx_v_part
 
 }
 
-/* "fastbn/_planar.pyx":238
+/* "fastbn/_planar.pyx":239
  * # so the group is read as N slabs rather than N * G short scattered rows.
  * 
  * cdef inline Py_ssize_t group_size(const Plane* p, Py_ssize_t bytes_per_value) noexcept nogil:             # <<<<<<<<<<<<<<
@@ -23574,7 +23581,7 @@ static CYTHON_INLINE Py_ssize_t __pyx_f_6fastbn_10_planar_v4_group_size(struct _
   int __pyx_t_4;
   Py_ssize_t __pyx_t_5;
 
-  /* "fastbn/_planar.pyx":242
+  /* "fastbn/_planar.pyx":243
  *     whole group small enough to stay cached between its sums and its
  *     normalization. One channel when S is large."""
  *     cdef Py_ssize_t g = min(<Py_ssize_t>GROUP_MAX, max(1, GROUP_VALUES // p.S))             # <<<<<<<<<<<<<<
@@ -23613,7 +23620,7 @@ static CYTHON_INLINE Py_ssize_t __pyx_f_6fastbn_10_planar_v4_group_size(struct _
   __pyx_v_g = __pyx_t_5;
 
 
-  /* "fastbn/_planar.pyx":243
+  /* "fastbn/_planar.pyx":244
  *     normalization. One channel when S is large."""
  *     cdef Py_ssize_t g = min(<Py_ssize_t>GROUP_MAX, max(1, GROUP_VALUES // p.S))
  *     g = min(g, max(1, GROUP_CACHE_BYTES // (p.N * p.S * bytes_per_value)))             # <<<<<<<<<<<<<<
@@ -23652,7 +23659,7 @@ static CYTHON_INLINE Py_ssize_t __pyx_f_6fastbn_10_planar_v4_group_size(struct _
   __pyx_v_g = __pyx_t_3;
 
 
-  /* "fastbn/_planar.pyx":244
+  /* "fastbn/_planar.pyx":245
  *     cdef Py_ssize_t g = min(<Py_ssize_t>GROUP_MAX, max(1, GROUP_VALUES // p.S))
  *     g = min(g, max(1, GROUP_CACHE_BYTES // (p.N * p.S * bytes_per_value)))
  *     return min(g, p.C)             # <<<<<<<<<<<<<<
@@ -23680,7 +23687,7 @@ static CYTHON_INLINE Py_ssize_t __pyx_f_6fastbn_10_planar_v4_group_size(struct _
 
   goto __pyx_L0;
 
-  /* "fastbn/_planar.pyx":238
+  /* "fastbn/_planar.pyx":239
  * # so the group is read as N slabs rather than N * G short scattered rows.
  * 
  * cdef inline Py_ssize_t group_size(const Plane* p, Py_ssize_t bytes_per_value) noexcept nogil:             # <<<<<<<<<<<<<<
@@ -23694,7 +23701,7 @@ static CYTHON_INLINE Py_ssize_t __pyx_f_6fastbn_10_planar_v4_group_size(struct _
   return __pyx_r;
 }
 
-/* "fastbn/_planar.pyx":247
+/* "fastbn/_planar.pyx":248
  * 
  * 
  * cdef void group_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t c0,             # <<<<<<<<<<<<<<
@@ -23729,7 +23736,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
   int __pyx_t_11;
   int __pyx_t_12;
 
-  /* "fastbn/_planar.pyx":253
+  /* "fastbn/_planar.pyx":254
  *     sample read together."""
  *     cdef double lanes[2 * GROUP_MAX * LANES]
  *     cdef Py_ssize_t G = c1 - c0, blk, n0, n1, s0, s1, n, j, k, off             # <<<<<<<<<<<<<<
@@ -23738,7 +23745,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
 */
   __pyx_v_G = (__pyx_v_c1 - __pyx_v_c0);
 
-  /* "fastbn/_planar.pyx":255
+  /* "fastbn/_planar.pyx":256
  *     cdef Py_ssize_t G = c1 - c0, blk, n0, n1, s0, s1, n, j, k, off
  *     cdef double ta, tb
  *     for j in range(2 * G):             # <<<<<<<<<<<<<<
@@ -23752,7 +23759,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_j = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":256
+    /* "fastbn/_planar.pyx":257
  *     cdef double ta, tb
  *     for j in range(2 * G):
  *         totals[j] = 0.0             # <<<<<<<<<<<<<<
@@ -23763,7 +23770,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
   }
 
 
-  /* "fastbn/_planar.pyx":257
+  /* "fastbn/_planar.pyx":258
  *     for j in range(2 * G):
  *         totals[j] = 0.0
  *     for blk in range(p.nblocks):             # <<<<<<<<<<<<<<
@@ -23777,7 +23784,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_blk = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":258
+    /* "fastbn/_planar.pyx":259
  *         totals[j] = 0.0
  *     for blk in range(p.nblocks):
  *         block_span(p, blk, &n0, &n1, &s0, &s1)             # <<<<<<<<<<<<<<
@@ -23786,7 +23793,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
 */
     __pyx_f_6fastbn_10_planar_v4_block_span(__pyx_v_p, __pyx_v_blk, (&__pyx_v_n0), (&__pyx_v_n1), (&__pyx_v_s0), (&__pyx_v_s1));
 
-    /* "fastbn/_planar.pyx":259
+    /* "fastbn/_planar.pyx":260
  *     for blk in range(p.nblocks):
  *         block_span(p, blk, &n0, &n1, &s0, &s1)
  *         for j in range(2 * G * LANES):             # <<<<<<<<<<<<<<
@@ -23800,7 +23807,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
     for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
       __pyx_v_j = __pyx_t_6;
 
-      /* "fastbn/_planar.pyx":260
+      /* "fastbn/_planar.pyx":261
  *         block_span(p, blk, &n0, &n1, &s0, &s1)
  *         for j in range(2 * G * LANES):
  *             lanes[j] = 0.0             # <<<<<<<<<<<<<<
@@ -23811,7 +23818,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
     }
 
 
-    /* "fastbn/_planar.pyx":261
+    /* "fastbn/_planar.pyx":262
  *         for j in range(2 * G * LANES):
  *             lanes[j] = 0.0
  *         for n in range(n0, n1):             # <<<<<<<<<<<<<<
@@ -23825,7 +23832,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
     for (__pyx_t_6 = __pyx_v_n0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
       __pyx_v_n = __pyx_t_6;
 
-      /* "fastbn/_planar.pyx":262
+      /* "fastbn/_planar.pyx":263
  *             lanes[j] = 0.0
  *         for n in range(n0, n1):
  *             for j in range(G):             # <<<<<<<<<<<<<<
@@ -23839,7 +23846,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
       for (__pyx_t_9 = 0; __pyx_t_9 < __pyx_t_8; __pyx_t_9+=1) {
         __pyx_v_j = __pyx_t_9;
 
-        /* "fastbn/_planar.pyx":263
+        /* "fastbn/_planar.pyx":264
  *         for n in range(n0, n1):
  *             for j in range(G):
  *                 off = n * p.row_stride + (c0 + j) * p.S + s0             # <<<<<<<<<<<<<<
@@ -23848,7 +23855,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
 */
         __pyx_v_off = (((__pyx_v_n * __pyx_v_p->row_stride) + ((__pyx_v_c0 + __pyx_v_j) * __pyx_v_p->S)) + __pyx_v_s0);
 
-        /* "fastbn/_planar.pyx":264
+        /* "fastbn/_planar.pyx":265
  *             for j in range(G):
  *                 off = n * p.row_stride + (c0 + j) * p.S + s0
  *                 if b == NULL:             # <<<<<<<<<<<<<<
@@ -23860,7 +23867,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
         if (__pyx_t_10) {
 
 
-          /* "fastbn/_planar.pyx":265
+          /* "fastbn/_planar.pyx":266
  *                 off = n * p.row_stride + (c0 + j) * p.S + s0
  *                 if b == NULL:
  *                     run_shifted_sums(a + off, s1 - s0, center[j], &lanes[2 * j * LANES],             # <<<<<<<<<<<<<<
@@ -23869,7 +23876,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
 */
           __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_shifted_sums((__pyx_v_a + __pyx_v_off), (__pyx_v_s1 - __pyx_v_s0), (__pyx_v_center[__pyx_v_j]), (&(__pyx_v_lanes[((2 * __pyx_v_j) * FASTBN_LANES)])), (&(__pyx_v_lanes[(((2 * __pyx_v_j) + 1) * FASTBN_LANES)])));
 
-          /* "fastbn/_planar.pyx":264
+          /* "fastbn/_planar.pyx":265
  *             for j in range(G):
  *                 off = n * p.row_stride + (c0 + j) * p.S + s0
  *                 if b == NULL:             # <<<<<<<<<<<<<<
@@ -23879,7 +23886,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
           goto __pyx_L13;
         }
 
-        /* "fastbn/_planar.pyx":268
+        /* "fastbn/_planar.pyx":269
  *                                      &lanes[(2 * j + 1) * LANES])
  *                 else:
  *                     run_grad_sums(a + off, b + off, s1 - s0, center[j], &lanes[2 * j * LANES],             # <<<<<<<<<<<<<<
@@ -23888,7 +23895,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
 */
         /*else*/ {
 
-          /* "fastbn/_planar.pyx":269
+          /* "fastbn/_planar.pyx":270
  *                 else:
  *                     run_grad_sums(a + off, b + off, s1 - s0, center[j], &lanes[2 * j * LANES],
  *                                   &lanes[(2 * j + 1) * LANES])             # <<<<<<<<<<<<<<
@@ -23903,7 +23910,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
     }
 
 
-    /* "fastbn/_planar.pyx":270
+    /* "fastbn/_planar.pyx":271
  *                     run_grad_sums(a + off, b + off, s1 - s0, center[j], &lanes[2 * j * LANES],
  *                                   &lanes[(2 * j + 1) * LANES])
  *         for j in range(G):             # <<<<<<<<<<<<<<
@@ -23917,7 +23924,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
     for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
       __pyx_v_j = __pyx_t_6;
 
-      /* "fastbn/_planar.pyx":271
+      /* "fastbn/_planar.pyx":272
  *                                   &lanes[(2 * j + 1) * LANES])
  *         for j in range(G):
  *             ta = 0.0             # <<<<<<<<<<<<<<
@@ -23926,7 +23933,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
 */
       __pyx_v_ta = 0.0;
 
-      /* "fastbn/_planar.pyx":272
+      /* "fastbn/_planar.pyx":273
  *         for j in range(G):
  *             ta = 0.0
  *             tb = 0.0             # <<<<<<<<<<<<<<
@@ -23935,7 +23942,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
 */
       __pyx_v_tb = 0.0;
 
-      /* "fastbn/_planar.pyx":273
+      /* "fastbn/_planar.pyx":274
  *             ta = 0.0
  *             tb = 0.0
  *             for k in range(LANES):             # <<<<<<<<<<<<<<
@@ -23949,7 +23956,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
       for (__pyx_t_7 = 0; __pyx_t_7 < __pyx_t_12; __pyx_t_7+=1) {
         __pyx_v_k = __pyx_t_7;
 
-        /* "fastbn/_planar.pyx":274
+        /* "fastbn/_planar.pyx":275
  *             tb = 0.0
  *             for k in range(LANES):
  *                 ta += lanes[2 * j * LANES + k]             # <<<<<<<<<<<<<<
@@ -23958,7 +23965,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
 */
         __pyx_v_ta = (__pyx_v_ta + (__pyx_v_lanes[(((2 * __pyx_v_j) * FASTBN_LANES) + __pyx_v_k)]));
 
-        /* "fastbn/_planar.pyx":275
+        /* "fastbn/_planar.pyx":276
  *             for k in range(LANES):
  *                 ta += lanes[2 * j * LANES + k]
  *                 tb += lanes[(2 * j + 1) * LANES + k]             # <<<<<<<<<<<<<<
@@ -23969,7 +23976,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
       }
 
 
-      /* "fastbn/_planar.pyx":276
+      /* "fastbn/_planar.pyx":277
  *                 ta += lanes[2 * j * LANES + k]
  *                 tb += lanes[(2 * j + 1) * LANES + k]
  *             totals[2 * j] += ta             # <<<<<<<<<<<<<<
@@ -23980,7 +23987,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
       __pyx_t_7 = (2 * __pyx_v_j);
       (__pyx_v_totals[__pyx_t_7]) = ((__pyx_v_totals[__pyx_t_7]) + __pyx_v_ta);
 
-      /* "fastbn/_planar.pyx":277
+      /* "fastbn/_planar.pyx":278
  *                 tb += lanes[(2 * j + 1) * LANES + k]
  *             totals[2 * j] += ta
  *             totals[2 * j + 1] += tb             # <<<<<<<<<<<<<<
@@ -23995,7 +24002,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
   }
 
 
-  /* "fastbn/_planar.pyx":247
+  /* "fastbn/_planar.pyx":248
  * 
  * 
  * cdef void group_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t c0,             # <<<<<<<<<<<<<<
@@ -24046,7 +24053,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
   int __pyx_t_11;
   int __pyx_t_12;
 
-  /* "fastbn/_planar.pyx":253
+  /* "fastbn/_planar.pyx":254
  *     sample read together."""
  *     cdef double lanes[2 * GROUP_MAX * LANES]
  *     cdef Py_ssize_t G = c1 - c0, blk, n0, n1, s0, s1, n, j, k, off             # <<<<<<<<<<<<<<
@@ -24055,7 +24062,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
 */
   __pyx_v_G = (__pyx_v_c1 - __pyx_v_c0);
 
-  /* "fastbn/_planar.pyx":255
+  /* "fastbn/_planar.pyx":256
  *     cdef Py_ssize_t G = c1 - c0, blk, n0, n1, s0, s1, n, j, k, off
  *     cdef double ta, tb
  *     for j in range(2 * G):             # <<<<<<<<<<<<<<
@@ -24069,7 +24076,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_j = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":256
+    /* "fastbn/_planar.pyx":257
  *     cdef double ta, tb
  *     for j in range(2 * G):
  *         totals[j] = 0.0             # <<<<<<<<<<<<<<
@@ -24080,7 +24087,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
   }
 
 
-  /* "fastbn/_planar.pyx":257
+  /* "fastbn/_planar.pyx":258
  *     for j in range(2 * G):
  *         totals[j] = 0.0
  *     for blk in range(p.nblocks):             # <<<<<<<<<<<<<<
@@ -24094,7 +24101,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_blk = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":258
+    /* "fastbn/_planar.pyx":259
  *         totals[j] = 0.0
  *     for blk in range(p.nblocks):
  *         block_span(p, blk, &n0, &n1, &s0, &s1)             # <<<<<<<<<<<<<<
@@ -24103,7 +24110,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
 */
     __pyx_f_6fastbn_10_planar_v4_block_span(__pyx_v_p, __pyx_v_blk, (&__pyx_v_n0), (&__pyx_v_n1), (&__pyx_v_s0), (&__pyx_v_s1));
 
-    /* "fastbn/_planar.pyx":259
+    /* "fastbn/_planar.pyx":260
  *     for blk in range(p.nblocks):
  *         block_span(p, blk, &n0, &n1, &s0, &s1)
  *         for j in range(2 * G * LANES):             # <<<<<<<<<<<<<<
@@ -24117,7 +24124,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
     for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
       __pyx_v_j = __pyx_t_6;
 
-      /* "fastbn/_planar.pyx":260
+      /* "fastbn/_planar.pyx":261
  *         block_span(p, blk, &n0, &n1, &s0, &s1)
  *         for j in range(2 * G * LANES):
  *             lanes[j] = 0.0             # <<<<<<<<<<<<<<
@@ -24128,7 +24135,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
     }
 
 
-    /* "fastbn/_planar.pyx":261
+    /* "fastbn/_planar.pyx":262
  *         for j in range(2 * G * LANES):
  *             lanes[j] = 0.0
  *         for n in range(n0, n1):             # <<<<<<<<<<<<<<
@@ -24142,7 +24149,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
     for (__pyx_t_6 = __pyx_v_n0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
       __pyx_v_n = __pyx_t_6;
 
-      /* "fastbn/_planar.pyx":262
+      /* "fastbn/_planar.pyx":263
  *             lanes[j] = 0.0
  *         for n in range(n0, n1):
  *             for j in range(G):             # <<<<<<<<<<<<<<
@@ -24156,7 +24163,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
       for (__pyx_t_9 = 0; __pyx_t_9 < __pyx_t_8; __pyx_t_9+=1) {
         __pyx_v_j = __pyx_t_9;
 
-        /* "fastbn/_planar.pyx":263
+        /* "fastbn/_planar.pyx":264
  *         for n in range(n0, n1):
  *             for j in range(G):
  *                 off = n * p.row_stride + (c0 + j) * p.S + s0             # <<<<<<<<<<<<<<
@@ -24165,7 +24172,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
 */
         __pyx_v_off = (((__pyx_v_n * __pyx_v_p->row_stride) + ((__pyx_v_c0 + __pyx_v_j) * __pyx_v_p->S)) + __pyx_v_s0);
 
-        /* "fastbn/_planar.pyx":264
+        /* "fastbn/_planar.pyx":265
  *             for j in range(G):
  *                 off = n * p.row_stride + (c0 + j) * p.S + s0
  *                 if b == NULL:             # <<<<<<<<<<<<<<
@@ -24177,7 +24184,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
         if (__pyx_t_10) {
 
 
-          /* "fastbn/_planar.pyx":265
+          /* "fastbn/_planar.pyx":266
  *                 off = n * p.row_stride + (c0 + j) * p.S + s0
  *                 if b == NULL:
  *                     run_shifted_sums(a + off, s1 - s0, center[j], &lanes[2 * j * LANES],             # <<<<<<<<<<<<<<
@@ -24186,7 +24193,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
 */
           __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_shifted_sums((__pyx_v_a + __pyx_v_off), (__pyx_v_s1 - __pyx_v_s0), (__pyx_v_center[__pyx_v_j]), (&(__pyx_v_lanes[((2 * __pyx_v_j) * FASTBN_LANES)])), (&(__pyx_v_lanes[(((2 * __pyx_v_j) + 1) * FASTBN_LANES)])));
 
-          /* "fastbn/_planar.pyx":264
+          /* "fastbn/_planar.pyx":265
  *             for j in range(G):
  *                 off = n * p.row_stride + (c0 + j) * p.S + s0
  *                 if b == NULL:             # <<<<<<<<<<<<<<
@@ -24196,7 +24203,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
           goto __pyx_L13;
         }
 
-        /* "fastbn/_planar.pyx":268
+        /* "fastbn/_planar.pyx":269
  *                                      &lanes[(2 * j + 1) * LANES])
  *                 else:
  *                     run_grad_sums(a + off, b + off, s1 - s0, center[j], &lanes[2 * j * LANES],             # <<<<<<<<<<<<<<
@@ -24205,7 +24212,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
 */
         /*else*/ {
 
-          /* "fastbn/_planar.pyx":269
+          /* "fastbn/_planar.pyx":270
  *                 else:
  *                     run_grad_sums(a + off, b + off, s1 - s0, center[j], &lanes[2 * j * LANES],
  *                                   &lanes[(2 * j + 1) * LANES])             # <<<<<<<<<<<<<<
@@ -24220,7 +24227,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
     }
 
 
-    /* "fastbn/_planar.pyx":270
+    /* "fastbn/_planar.pyx":271
  *                     run_grad_sums(a + off, b + off, s1 - s0, center[j], &lanes[2 * j * LANES],
  *                                   &lanes[(2 * j + 1) * LANES])
  *         for j in range(G):             # <<<<<<<<<<<<<<
@@ -24234,7 +24241,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
     for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
       __pyx_v_j = __pyx_t_6;
 
-      /* "fastbn/_planar.pyx":271
+      /* "fastbn/_planar.pyx":272
  *                                   &lanes[(2 * j + 1) * LANES])
  *         for j in range(G):
  *             ta = 0.0             # <<<<<<<<<<<<<<
@@ -24243,7 +24250,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
 */
       __pyx_v_ta = 0.0;
 
-      /* "fastbn/_planar.pyx":272
+      /* "fastbn/_planar.pyx":273
  *         for j in range(G):
  *             ta = 0.0
  *             tb = 0.0             # <<<<<<<<<<<<<<
@@ -24252,7 +24259,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
 */
       __pyx_v_tb = 0.0;
 
-      /* "fastbn/_planar.pyx":273
+      /* "fastbn/_planar.pyx":274
  *             ta = 0.0
  *             tb = 0.0
  *             for k in range(LANES):             # <<<<<<<<<<<<<<
@@ -24266,7 +24273,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
       for (__pyx_t_7 = 0; __pyx_t_7 < __pyx_t_12; __pyx_t_7+=1) {
         __pyx_v_k = __pyx_t_7;
 
-        /* "fastbn/_planar.pyx":274
+        /* "fastbn/_planar.pyx":275
  *             tb = 0.0
  *             for k in range(LANES):
  *                 ta += lanes[2 * j * LANES + k]             # <<<<<<<<<<<<<<
@@ -24275,7 +24282,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
 */
         __pyx_v_ta = (__pyx_v_ta + (__pyx_v_lanes[(((2 * __pyx_v_j) * FASTBN_LANES) + __pyx_v_k)]));
 
-        /* "fastbn/_planar.pyx":275
+        /* "fastbn/_planar.pyx":276
  *             for k in range(LANES):
  *                 ta += lanes[2 * j * LANES + k]
  *                 tb += lanes[(2 * j + 1) * LANES + k]             # <<<<<<<<<<<<<<
@@ -24286,7 +24293,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
       }
 
 
-      /* "fastbn/_planar.pyx":276
+      /* "fastbn/_planar.pyx":277
  *                 ta += lanes[2 * j * LANES + k]
  *                 tb += lanes[(2 * j + 1) * LANES + k]
  *             totals[2 * j] += ta             # <<<<<<<<<<<<<<
@@ -24297,7 +24304,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
       __pyx_t_7 = (2 * __pyx_v_j);
       (__pyx_v_totals[__pyx_t_7]) = ((__pyx_v_totals[__pyx_t_7]) + __pyx_v_ta);
 
-      /* "fastbn/_planar.pyx":277
+      /* "fastbn/_planar.pyx":278
  *                 tb += lanes[(2 * j + 1) * LANES + k]
  *             totals[2 * j] += ta
  *             totals[2 * j + 1] += tb             # <<<<<<<<<<<<<<
@@ -24312,7 +24319,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
   }
 
 
-  /* "fastbn/_planar.pyx":247
+  /* "fastbn/_planar.pyx":248
  * 
  * 
  * cdef void group_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t c0,             # <<<<<<<<<<<<<<
@@ -24336,7 +24343,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
 
 }
 
-/* "fastbn/_planar.pyx":280
+/* "fastbn/_planar.pyx":281
  * 
  * 
  * cdef void group_apply(const floating* a, const floating* b, floating* out, const Plane* p,             # <<<<<<<<<<<<<<
@@ -24365,7 +24372,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
   float *__pyx_t_9;
   __pyx_t_6fastbn_6_stats_Coef32 *__pyx_t_10;
 
-  /* "fastbn/_planar.pyx":286
+  /* "fastbn/_planar.pyx":287
  *     cdef Coef32 f[GROUP_MAX]
  *     cdef bint ok[GROUP_MAX]
  *     cdef Py_ssize_t G = c1 - c0, blk, n, j, base, off             # <<<<<<<<<<<<<<
@@ -24374,7 +24381,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
 */
   __pyx_v_G = (__pyx_v_c1 - __pyx_v_c0);
 
-  /* "fastbn/_planar.pyx":287
+  /* "fastbn/_planar.pyx":288
  *     cdef bint ok[GROUP_MAX]
  *     cdef Py_ssize_t G = c1 - c0, blk, n, j, base, off
  *     if G == 1:             # <<<<<<<<<<<<<<
@@ -24386,7 +24393,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
   if (__pyx_t_1) {
 
 
-    /* "fastbn/_planar.pyx":288
+    /* "fastbn/_planar.pyx":289
  *     cdef Py_ssize_t G = c1 - c0, blk, n, j, base, off
  *     if G == 1:
  *         for blk in range(p.nblocks):             # <<<<<<<<<<<<<<
@@ -24400,7 +24407,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
     for (__pyx_t_4 = 0; __pyx_t_4 < __pyx_t_3; __pyx_t_4+=1) {
       __pyx_v_blk = __pyx_t_4;
 
-      /* "fastbn/_planar.pyx":289
+      /* "fastbn/_planar.pyx":290
  *     if G == 1:
  *         for blk in range(p.nblocks):
  *             block_apply(a, b, out, p, c0, blk, coef)             # <<<<<<<<<<<<<<
@@ -24411,7 +24418,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
     }
 
 
-    /* "fastbn/_planar.pyx":290
+    /* "fastbn/_planar.pyx":291
  *         for blk in range(p.nblocks):
  *             block_apply(a, b, out, p, c0, blk, coef)
  *         return             # <<<<<<<<<<<<<<
@@ -24422,7 +24429,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
     }
     goto __pyx_L0;
 
-    /* "fastbn/_planar.pyx":287
+    /* "fastbn/_planar.pyx":288
  *     cdef bint ok[GROUP_MAX]
  *     cdef Py_ssize_t G = c1 - c0, blk, n, j, base, off
  *     if G == 1:             # <<<<<<<<<<<<<<
@@ -24431,7 +24438,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
 */
   }
 
-  /* "fastbn/_planar.pyx":291
+  /* "fastbn/_planar.pyx":292
  *             block_apply(a, b, out, p, c0, blk, coef)
  *         return
  *     for j in range(G):             # <<<<<<<<<<<<<<
@@ -24445,7 +24452,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
   for (__pyx_t_4 = 0; __pyx_t_4 < __pyx_t_3; __pyx_t_4+=1) {
     __pyx_v_j = __pyx_t_4;
 
-    /* "fastbn/_planar.pyx":292
+    /* "fastbn/_planar.pyx":293
  *         return
  *     for j in range(G):
  *         ok[j] = floating is float and to_float(&coef[j], &f[j])             # <<<<<<<<<<<<<<
@@ -24469,7 +24476,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
   }
 
 
-  /* "fastbn/_planar.pyx":293
+  /* "fastbn/_planar.pyx":294
  *     for j in range(G):
  *         ok[j] = floating is float and to_float(&coef[j], &f[j])
  *     for n in range(p.N):             # <<<<<<<<<<<<<<
@@ -24483,7 +24490,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
   for (__pyx_t_4 = 0; __pyx_t_4 < __pyx_t_3; __pyx_t_4+=1) {
     __pyx_v_n = __pyx_t_4;
 
-    /* "fastbn/_planar.pyx":294
+    /* "fastbn/_planar.pyx":295
  *         ok[j] = floating is float and to_float(&coef[j], &f[j])
  *     for n in range(p.N):
  *         base = n * p.row_stride + c0 * p.S             # <<<<<<<<<<<<<<
@@ -24492,7 +24499,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
 */
     __pyx_v_base = ((__pyx_v_n * __pyx_v_p->row_stride) + (__pyx_v_c0 * __pyx_v_p->S));
 
-    /* "fastbn/_planar.pyx":295
+    /* "fastbn/_planar.pyx":296
  *     for n in range(p.N):
  *         base = n * p.row_stride + c0 * p.S
  *         for j in range(G):             # <<<<<<<<<<<<<<
@@ -24506,7 +24513,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
     for (__pyx_t_8 = 0; __pyx_t_8 < __pyx_t_7; __pyx_t_8+=1) {
       __pyx_v_j = __pyx_t_8;
 
-      /* "fastbn/_planar.pyx":296
+      /* "fastbn/_planar.pyx":297
  *         base = n * p.row_stride + c0 * p.S
  *         for j in range(G):
  *             off = base + j * p.S             # <<<<<<<<<<<<<<
@@ -24515,7 +24522,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
 */
       __pyx_v_off = (__pyx_v_base + (__pyx_v_j * __pyx_v_p->S));
 
-      /* "fastbn/_planar.pyx":297
+      /* "fastbn/_planar.pyx":298
  *         for j in range(G):
  *             off = base + j * p.S
  *             run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,             # <<<<<<<<<<<<<<
@@ -24533,7 +24540,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
       }
 
 
-      /* "fastbn/_planar.pyx":298
+      /* "fastbn/_planar.pyx":299
  *             off = base + j * p.S
  *             run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,
  *                     &coef[j], &f[j] if ok[j] else NULL)             # <<<<<<<<<<<<<<
@@ -24548,7 +24555,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
         __pyx_t_10 = NULL;
       }
 
-      /* "fastbn/_planar.pyx":297
+      /* "fastbn/_planar.pyx":298
  *         for j in range(G):
  *             off = base + j * p.S
  *             run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,             # <<<<<<<<<<<<<<
@@ -24561,7 +24568,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
     }
 
 
-    /* "fastbn/_planar.pyx":299
+    /* "fastbn/_planar.pyx":300
  *             run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,
  *                     &coef[j], &f[j] if ok[j] else NULL)
  *         if p.streaming:             # <<<<<<<<<<<<<<
@@ -24573,7 +24580,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
     if (__pyx_t_1) {
 
 
-      /* "fastbn/_planar.pyx":300
+      /* "fastbn/_planar.pyx":301
  *                     &coef[j], &f[j] if ok[j] else NULL)
  *         if p.streaming:
  *             stream(out + base, buf, G * p.S * sizeof(floating))             # <<<<<<<<<<<<<<
@@ -24582,7 +24589,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
 */
       fastbn_stream((__pyx_v_out + __pyx_v_base), __pyx_v_buf, ((__pyx_v_G * __pyx_v_p->S) * (sizeof(float))));
 
-      /* "fastbn/_planar.pyx":299
+      /* "fastbn/_planar.pyx":300
  *             run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,
  *                     &coef[j], &f[j] if ok[j] else NULL)
  *         if p.streaming:             # <<<<<<<<<<<<<<
@@ -24593,7 +24600,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
   }
 
 
-  /* "fastbn/_planar.pyx":301
+  /* "fastbn/_planar.pyx":302
  *         if p.streaming:
  *             stream(out + base, buf, G * p.S * sizeof(floating))
  *     if p.streaming:             # <<<<<<<<<<<<<<
@@ -24605,7 +24612,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
   if (__pyx_t_1) {
 
 
-    /* "fastbn/_planar.pyx":302
+    /* "fastbn/_planar.pyx":303
  *             stream(out + base, buf, G * p.S * sizeof(floating))
  *     if p.streaming:
  *         fence()             # <<<<<<<<<<<<<<
@@ -24614,7 +24621,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
 */
     fastbn_fence();
 
-    /* "fastbn/_planar.pyx":301
+    /* "fastbn/_planar.pyx":302
  *         if p.streaming:
  *             stream(out + base, buf, G * p.S * sizeof(floating))
  *     if p.streaming:             # <<<<<<<<<<<<<<
@@ -24623,7 +24630,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
 */
   }
 
-  /* "fastbn/_planar.pyx":280
+  /* "fastbn/_planar.pyx":281
  * 
  * 
  * cdef void group_apply(const floating* a, const floating* b, floating* out, const Plane* p,             # <<<<<<<<<<<<<<
@@ -24665,7 +24672,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
   double *__pyx_t_9;
   __pyx_t_6fastbn_6_stats_Coef32 *__pyx_t_10;
 
-  /* "fastbn/_planar.pyx":286
+  /* "fastbn/_planar.pyx":287
  *     cdef Coef32 f[GROUP_MAX]
  *     cdef bint ok[GROUP_MAX]
  *     cdef Py_ssize_t G = c1 - c0, blk, n, j, base, off             # <<<<<<<<<<<<<<
@@ -24674,7 +24681,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
 */
   __pyx_v_G = (__pyx_v_c1 - __pyx_v_c0);
 
-  /* "fastbn/_planar.pyx":287
+  /* "fastbn/_planar.pyx":288
  *     cdef bint ok[GROUP_MAX]
  *     cdef Py_ssize_t G = c1 - c0, blk, n, j, base, off
  *     if G == 1:             # <<<<<<<<<<<<<<
@@ -24686,7 +24693,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
   if (__pyx_t_1) {
 
 
-    /* "fastbn/_planar.pyx":288
+    /* "fastbn/_planar.pyx":289
  *     cdef Py_ssize_t G = c1 - c0, blk, n, j, base, off
  *     if G == 1:
  *         for blk in range(p.nblocks):             # <<<<<<<<<<<<<<
@@ -24700,7 +24707,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
     for (__pyx_t_4 = 0; __pyx_t_4 < __pyx_t_3; __pyx_t_4+=1) {
       __pyx_v_blk = __pyx_t_4;
 
-      /* "fastbn/_planar.pyx":289
+      /* "fastbn/_planar.pyx":290
  *     if G == 1:
  *         for blk in range(p.nblocks):
  *             block_apply(a, b, out, p, c0, blk, coef)             # <<<<<<<<<<<<<<
@@ -24711,7 +24718,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
     }
 
 
-    /* "fastbn/_planar.pyx":290
+    /* "fastbn/_planar.pyx":291
  *         for blk in range(p.nblocks):
  *             block_apply(a, b, out, p, c0, blk, coef)
  *         return             # <<<<<<<<<<<<<<
@@ -24722,7 +24729,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
     }
     goto __pyx_L0;
 
-    /* "fastbn/_planar.pyx":287
+    /* "fastbn/_planar.pyx":288
  *     cdef bint ok[GROUP_MAX]
  *     cdef Py_ssize_t G = c1 - c0, blk, n, j, base, off
  *     if G == 1:             # <<<<<<<<<<<<<<
@@ -24731,7 +24738,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
 */
   }
 
-  /* "fastbn/_planar.pyx":291
+  /* "fastbn/_planar.pyx":292
  *             block_apply(a, b, out, p, c0, blk, coef)
  *         return
  *     for j in range(G):             # <<<<<<<<<<<<<<
@@ -24745,7 +24752,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
   for (__pyx_t_4 = 0; __pyx_t_4 < __pyx_t_3; __pyx_t_4+=1) {
     __pyx_v_j = __pyx_t_4;
 
-    /* "fastbn/_planar.pyx":292
+    /* "fastbn/_planar.pyx":293
  *         return
  *     for j in range(G):
  *         ok[j] = floating is float and to_float(&coef[j], &f[j])             # <<<<<<<<<<<<<<
@@ -24769,7 +24776,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
   }
 
 
-  /* "fastbn/_planar.pyx":293
+  /* "fastbn/_planar.pyx":294
  *     for j in range(G):
  *         ok[j] = floating is float and to_float(&coef[j], &f[j])
  *     for n in range(p.N):             # <<<<<<<<<<<<<<
@@ -24783,7 +24790,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
   for (__pyx_t_4 = 0; __pyx_t_4 < __pyx_t_3; __pyx_t_4+=1) {
     __pyx_v_n = __pyx_t_4;
 
-    /* "fastbn/_planar.pyx":294
+    /* "fastbn/_planar.pyx":295
  *         ok[j] = floating is float and to_float(&coef[j], &f[j])
  *     for n in range(p.N):
  *         base = n * p.row_stride + c0 * p.S             # <<<<<<<<<<<<<<
@@ -24792,7 +24799,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
 */
     __pyx_v_base = ((__pyx_v_n * __pyx_v_p->row_stride) + (__pyx_v_c0 * __pyx_v_p->S));
 
-    /* "fastbn/_planar.pyx":295
+    /* "fastbn/_planar.pyx":296
  *     for n in range(p.N):
  *         base = n * p.row_stride + c0 * p.S
  *         for j in range(G):             # <<<<<<<<<<<<<<
@@ -24806,7 +24813,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
     for (__pyx_t_8 = 0; __pyx_t_8 < __pyx_t_7; __pyx_t_8+=1) {
       __pyx_v_j = __pyx_t_8;
 
-      /* "fastbn/_planar.pyx":296
+      /* "fastbn/_planar.pyx":297
  *         base = n * p.row_stride + c0 * p.S
  *         for j in range(G):
  *             off = base + j * p.S             # <<<<<<<<<<<<<<
@@ -24815,7 +24822,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
 */
       __pyx_v_off = (__pyx_v_base + (__pyx_v_j * __pyx_v_p->S));
 
-      /* "fastbn/_planar.pyx":297
+      /* "fastbn/_planar.pyx":298
  *         for j in range(G):
  *             off = base + j * p.S
  *             run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,             # <<<<<<<<<<<<<<
@@ -24833,7 +24840,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
       }
 
 
-      /* "fastbn/_planar.pyx":298
+      /* "fastbn/_planar.pyx":299
  *             off = base + j * p.S
  *             run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,
  *                     &coef[j], &f[j] if ok[j] else NULL)             # <<<<<<<<<<<<<<
@@ -24848,7 +24855,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
         __pyx_t_10 = NULL;
       }
 
-      /* "fastbn/_planar.pyx":297
+      /* "fastbn/_planar.pyx":298
  *         for j in range(G):
  *             off = base + j * p.S
  *             run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,             # <<<<<<<<<<<<<<
@@ -24861,7 +24868,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
     }
 
 
-    /* "fastbn/_planar.pyx":299
+    /* "fastbn/_planar.pyx":300
  *             run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,
  *                     &coef[j], &f[j] if ok[j] else NULL)
  *         if p.streaming:             # <<<<<<<<<<<<<<
@@ -24873,7 +24880,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
     if (__pyx_t_1) {
 
 
-      /* "fastbn/_planar.pyx":300
+      /* "fastbn/_planar.pyx":301
  *                     &coef[j], &f[j] if ok[j] else NULL)
  *         if p.streaming:
  *             stream(out + base, buf, G * p.S * sizeof(floating))             # <<<<<<<<<<<<<<
@@ -24882,7 +24889,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
 */
       fastbn_stream((__pyx_v_out + __pyx_v_base), __pyx_v_buf, ((__pyx_v_G * __pyx_v_p->S) * (sizeof(double))));
 
-      /* "fastbn/_planar.pyx":299
+      /* "fastbn/_planar.pyx":300
  *             run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,
  *                     &coef[j], &f[j] if ok[j] else NULL)
  *         if p.streaming:             # <<<<<<<<<<<<<<
@@ -24893,7 +24900,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
   }
 
 
-  /* "fastbn/_planar.pyx":301
+  /* "fastbn/_planar.pyx":302
  *         if p.streaming:
  *             stream(out + base, buf, G * p.S * sizeof(floating))
  *     if p.streaming:             # <<<<<<<<<<<<<<
@@ -24905,7 +24912,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
   if (__pyx_t_1) {
 
 
-    /* "fastbn/_planar.pyx":302
+    /* "fastbn/_planar.pyx":303
  *             stream(out + base, buf, G * p.S * sizeof(floating))
  *     if p.streaming:
  *         fence()             # <<<<<<<<<<<<<<
@@ -24914,7 +24921,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
 */
     fastbn_fence();
 
-    /* "fastbn/_planar.pyx":301
+    /* "fastbn/_planar.pyx":302
  *         if p.streaming:
  *             stream(out + base, buf, G * p.S * sizeof(floating))
  *     if p.streaming:             # <<<<<<<<<<<<<<
@@ -24923,7 +24930,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
 */
   }
 
-  /* "fastbn/_planar.pyx":280
+  /* "fastbn/_planar.pyx":281
  * 
  * 
  * cdef void group_apply(const floating* a, const floating* b, floating* out, const Plane* p,             # <<<<<<<<<<<<<<
@@ -24944,7 +24951,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
 
 }
 
-/* "fastbn/_planar.pyx":305
+/* "fastbn/_planar.pyx":306
  * 
  * 
  * cdef void forward_group(const floating* x, floating* y, const Plane* p, Py_ssize_t c0,             # <<<<<<<<<<<<<<
@@ -24961,7 +24968,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_forward_group(float const *
   Py_ssize_t __pyx_t_2;
   Py_ssize_t __pyx_t_3;
 
-  /* "fastbn/_planar.pyx":315
+  /* "fastbn/_planar.pyx":316
  *     cdef Coef coef[GROUP_MAX]
  *     cdef Py_ssize_t j
  *     for j in range(c1 - c0):             # <<<<<<<<<<<<<<
@@ -24975,7 +24982,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_forward_group(float const *
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_j = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":316
+    /* "fastbn/_planar.pyx":317
  *     cdef Py_ssize_t j
  *     for j in range(c1 - c0):
  *         center[j] = x[(c0 + j) * p.S]             # <<<<<<<<<<<<<<
@@ -24986,7 +24993,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_forward_group(float const *
   }
 
 
-  /* "fastbn/_planar.pyx":317
+  /* "fastbn/_planar.pyx":318
  *     for j in range(c1 - c0):
  *         center[j] = x[(c0 + j) * p.S]
  *     group_sums(x, NULL, p, c0, c1, center, totals)             # <<<<<<<<<<<<<<
@@ -24995,7 +25002,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_forward_group(float const *
 */
   __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(__pyx_v_x, NULL, __pyx_v_p, __pyx_v_c0, __pyx_v_c1, __pyx_v_center, __pyx_v_totals);
 
-  /* "fastbn/_planar.pyx":318
+  /* "fastbn/_planar.pyx":319
  *         center[j] = x[(c0 + j) * p.S]
  *     group_sums(x, NULL, p, c0, c1, center, totals)
  *     for j in range(c1 - c0):             # <<<<<<<<<<<<<<
@@ -25009,7 +25016,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_forward_group(float const *
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_j = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":319
+    /* "fastbn/_planar.pyx":320
  *     group_sums(x, NULL, p, c0, c1, center, totals)
  *     for j in range(c1 - c0):
  *         coef[j] = forward_coef(totals[2 * j], totals[2 * j + 1], <double>(p.N * p.S),             # <<<<<<<<<<<<<<
@@ -25020,7 +25027,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_forward_group(float const *
   }
 
 
-  /* "fastbn/_planar.pyx":322
+  /* "fastbn/_planar.pyx":323
  *                                center[j], eps, gamma, beta, mean, invstd, running_mean,
  *                                running_var, factor, c0 + j)
  *     group_apply(x, NULL, y, p, c0, c1, coef)             # <<<<<<<<<<<<<<
@@ -25029,7 +25036,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_forward_group(float const *
 */
   __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(__pyx_v_x, NULL, __pyx_v_y, __pyx_v_p, __pyx_v_c0, __pyx_v_c1, __pyx_v_coef);
 
-  /* "fastbn/_planar.pyx":305
+  /* "fastbn/_planar.pyx":306
  * 
  * 
  * cdef void forward_group(const floating* x, floating* y, const Plane* p, Py_ssize_t c0,             # <<<<<<<<<<<<<<
@@ -25053,7 +25060,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_forward_group(double const 
   Py_ssize_t __pyx_t_2;
   Py_ssize_t __pyx_t_3;
 
-  /* "fastbn/_planar.pyx":315
+  /* "fastbn/_planar.pyx":316
  *     cdef Coef coef[GROUP_MAX]
  *     cdef Py_ssize_t j
  *     for j in range(c1 - c0):             # <<<<<<<<<<<<<<
@@ -25067,7 +25074,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_forward_group(double const 
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_j = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":316
+    /* "fastbn/_planar.pyx":317
  *     cdef Py_ssize_t j
  *     for j in range(c1 - c0):
  *         center[j] = x[(c0 + j) * p.S]             # <<<<<<<<<<<<<<
@@ -25078,7 +25085,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_forward_group(double const 
   }
 
 
-  /* "fastbn/_planar.pyx":317
+  /* "fastbn/_planar.pyx":318
  *     for j in range(c1 - c0):
  *         center[j] = x[(c0 + j) * p.S]
  *     group_sums(x, NULL, p, c0, c1, center, totals)             # <<<<<<<<<<<<<<
@@ -25087,7 +25094,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_forward_group(double const 
 */
   __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(__pyx_v_x, NULL, __pyx_v_p, __pyx_v_c0, __pyx_v_c1, __pyx_v_center, __pyx_v_totals);
 
-  /* "fastbn/_planar.pyx":318
+  /* "fastbn/_planar.pyx":319
  *         center[j] = x[(c0 + j) * p.S]
  *     group_sums(x, NULL, p, c0, c1, center, totals)
  *     for j in range(c1 - c0):             # <<<<<<<<<<<<<<
@@ -25101,7 +25108,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_forward_group(double const 
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_j = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":319
+    /* "fastbn/_planar.pyx":320
  *     group_sums(x, NULL, p, c0, c1, center, totals)
  *     for j in range(c1 - c0):
  *         coef[j] = forward_coef(totals[2 * j], totals[2 * j + 1], <double>(p.N * p.S),             # <<<<<<<<<<<<<<
@@ -25112,7 +25119,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_forward_group(double const 
   }
 
 
-  /* "fastbn/_planar.pyx":322
+  /* "fastbn/_planar.pyx":323
  *                                center[j], eps, gamma, beta, mean, invstd, running_mean,
  *                                running_var, factor, c0 + j)
  *     group_apply(x, NULL, y, p, c0, c1, coef)             # <<<<<<<<<<<<<<
@@ -25121,7 +25128,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_forward_group(double const 
 */
   __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(__pyx_v_x, NULL, __pyx_v_y, __pyx_v_p, __pyx_v_c0, __pyx_v_c1, __pyx_v_coef);
 
-  /* "fastbn/_planar.pyx":305
+  /* "fastbn/_planar.pyx":306
  * 
  * 
  * cdef void forward_group(const floating* x, floating* y, const Plane* p, Py_ssize_t c0,             # <<<<<<<<<<<<<<
@@ -25136,7 +25143,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_forward_group(double const 
 
 }
 
-/* "fastbn/_planar.pyx":325
+/* "fastbn/_planar.pyx":326
  * 
  * 
  * cdef void backward_group(const floating* dy, const floating* x, floating* dx,             # <<<<<<<<<<<<<<
@@ -25153,7 +25160,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_backward_group(float const 
   Py_ssize_t __pyx_t_2;
   Py_ssize_t __pyx_t_3;
 
-  /* "fastbn/_planar.pyx":335
+  /* "fastbn/_planar.pyx":336
  *     cdef Coef coef[GROUP_MAX]
  *     cdef Py_ssize_t j
  *     for j in range(c1 - c0):             # <<<<<<<<<<<<<<
@@ -25167,7 +25174,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_backward_group(float const 
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_j = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":336
+    /* "fastbn/_planar.pyx":337
  *     cdef Py_ssize_t j
  *     for j in range(c1 - c0):
  *         center[j] = mean[c0 + j]             # <<<<<<<<<<<<<<
@@ -25178,7 +25185,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_backward_group(float const 
   }
 
 
-  /* "fastbn/_planar.pyx":337
+  /* "fastbn/_planar.pyx":338
  *     for j in range(c1 - c0):
  *         center[j] = mean[c0 + j]
  *     group_sums(dy, x, p, c0, c1, center, totals)             # <<<<<<<<<<<<<<
@@ -25187,7 +25194,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_backward_group(float const 
 */
   __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(__pyx_v_dy, __pyx_v_x, __pyx_v_p, __pyx_v_c0, __pyx_v_c1, __pyx_v_center, __pyx_v_totals);
 
-  /* "fastbn/_planar.pyx":338
+  /* "fastbn/_planar.pyx":339
  *         center[j] = mean[c0 + j]
  *     group_sums(dy, x, p, c0, c1, center, totals)
  *     for j in range(c1 - c0):             # <<<<<<<<<<<<<<
@@ -25201,7 +25208,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_backward_group(float const 
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_j = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":339
+    /* "fastbn/_planar.pyx":340
  *     group_sums(dy, x, p, c0, c1, center, totals)
  *     for j in range(c1 - c0):
  *         coef[j] = backward_coef(totals[2 * j], totals[2 * j + 1], <double>(p.N * p.S),             # <<<<<<<<<<<<<<
@@ -25212,7 +25219,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_backward_group(float const 
   }
 
 
-  /* "fastbn/_planar.pyx":341
+  /* "fastbn/_planar.pyx":342
  *         coef[j] = backward_coef(totals[2 * j], totals[2 * j + 1], <double>(p.N * p.S),
  *                                 mean, invstd, gamma, dgamma, dbeta, c0 + j)
  *     group_apply(dy, x, dx, p, c0, c1, coef)             # <<<<<<<<<<<<<<
@@ -25221,7 +25228,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_backward_group(float const 
 */
   __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(__pyx_v_dy, __pyx_v_x, __pyx_v_dx, __pyx_v_p, __pyx_v_c0, __pyx_v_c1, __pyx_v_coef);
 
-  /* "fastbn/_planar.pyx":325
+  /* "fastbn/_planar.pyx":326
  * 
  * 
  * cdef void backward_group(const floating* dy, const floating* x, floating* dx,             # <<<<<<<<<<<<<<
@@ -25245,7 +25252,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_backward_group(double const
   Py_ssize_t __pyx_t_2;
   Py_ssize_t __pyx_t_3;
 
-  /* "fastbn/_planar.pyx":335
+  /* "fastbn/_planar.pyx":336
  *     cdef Coef coef[GROUP_MAX]
  *     cdef Py_ssize_t j
  *     for j in range(c1 - c0):             # <<<<<<<<<<<<<<
@@ -25259,7 +25266,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_backward_group(double const
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_j = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":336
+    /* "fastbn/_planar.pyx":337
  *     cdef Py_ssize_t j
  *     for j in range(c1 - c0):
  *         center[j] = mean[c0 + j]             # <<<<<<<<<<<<<<
@@ -25270,7 +25277,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_backward_group(double const
   }
 
 
-  /* "fastbn/_planar.pyx":337
+  /* "fastbn/_planar.pyx":338
  *     for j in range(c1 - c0):
  *         center[j] = mean[c0 + j]
  *     group_sums(dy, x, p, c0, c1, center, totals)             # <<<<<<<<<<<<<<
@@ -25279,7 +25286,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_backward_group(double const
 */
   __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(__pyx_v_dy, __pyx_v_x, __pyx_v_p, __pyx_v_c0, __pyx_v_c1, __pyx_v_center, __pyx_v_totals);
 
-  /* "fastbn/_planar.pyx":338
+  /* "fastbn/_planar.pyx":339
  *         center[j] = mean[c0 + j]
  *     group_sums(dy, x, p, c0, c1, center, totals)
  *     for j in range(c1 - c0):             # <<<<<<<<<<<<<<
@@ -25293,7 +25300,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_backward_group(double const
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_j = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":339
+    /* "fastbn/_planar.pyx":340
  *     group_sums(dy, x, p, c0, c1, center, totals)
  *     for j in range(c1 - c0):
  *         coef[j] = backward_coef(totals[2 * j], totals[2 * j + 1], <double>(p.N * p.S),             # <<<<<<<<<<<<<<
@@ -25304,7 +25311,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_backward_group(double const
   }
 
 
-  /* "fastbn/_planar.pyx":341
+  /* "fastbn/_planar.pyx":342
  *         coef[j] = backward_coef(totals[2 * j], totals[2 * j + 1], <double>(p.N * p.S),
  *                                 mean, invstd, gamma, dgamma, dbeta, c0 + j)
  *     group_apply(dy, x, dx, p, c0, c1, coef)             # <<<<<<<<<<<<<<
@@ -25313,7 +25320,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_backward_group(double const
 */
   __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(__pyx_v_dy, __pyx_v_x, __pyx_v_dx, __pyx_v_p, __pyx_v_c0, __pyx_v_c1, __pyx_v_coef);
 
-  /* "fastbn/_planar.pyx":325
+  /* "fastbn/_planar.pyx":326
  * 
  * 
  * cdef void backward_group(const floating* dy, const floating* x, floating* dx,             # <<<<<<<<<<<<<<
@@ -25328,7 +25335,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_backward_group(double const
 
 }
 
-/* "fastbn/_planar.pyx":346
+/* "fastbn/_planar.pyx":347
  * # ---------------------------------------------------------- schedules ----
  * 
  * cdef inline bint by_group(Py_ssize_t ngroups, int nthreads) noexcept nogil:             # <<<<<<<<<<<<<<
@@ -25341,7 +25348,7 @@ static CYTHON_INLINE int __pyx_f_6fastbn_10_planar_v4_by_group(Py_ssize_t __pyx_
   int __pyx_t_1;
   int __pyx_t_2;
 
-  /* "fastbn/_planar.pyx":348
+  /* "fastbn/_planar.pyx":349
  * cdef inline bint by_group(Py_ssize_t ngroups, int nthreads) noexcept nogil:
  *     """Whole groups per unit when there are enough to keep the threads busy."""
  *     return nthreads == 1 or ngroups % nthreads == 0 or ngroups >= 4 * nthreads             # <<<<<<<<<<<<<<
@@ -25379,7 +25386,7 @@ static CYTHON_INLINE int __pyx_f_6fastbn_10_planar_v4_by_group(Py_ssize_t __pyx_
   }
   goto __pyx_L0;
 
-  /* "fastbn/_planar.pyx":346
+  /* "fastbn/_planar.pyx":347
  * # ---------------------------------------------------------- schedules ----
  * 
  * cdef inline bint by_group(Py_ssize_t ngroups, int nthreads) noexcept nogil:             # <<<<<<<<<<<<<<
@@ -25392,7 +25399,7 @@ static CYTHON_INLINE int __pyx_f_6fastbn_10_planar_v4_by_group(Py_ssize_t __pyx_
   return __pyx_r;
 }
 
-/* "fastbn/_planar.pyx":351
+/* "fastbn/_planar.pyx":352
  * 
  * 
  * cdef Coef forward_merged(const double* part, const Plane* p, Py_ssize_t c, double shift,             # <<<<<<<<<<<<<<
@@ -25405,7 +25412,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_for
   double __pyx_v_q;
   __pyx_t_6fastbn_6_stats_Coef __pyx_r;
 
-  /* "fastbn/_planar.pyx":357
+  /* "fastbn/_planar.pyx":358
  *     """Channel c's map from the (channel, block) table of shifted sums."""
  *     cdef double s, q
  *     merge_blocks(part, p, c, &s, &q)             # <<<<<<<<<<<<<<
@@ -25414,7 +25421,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_for
 */
   __pyx_f_6fastbn_10_planar_v4_merge_blocks(__pyx_v_part, __pyx_v_p, __pyx_v_c, (&__pyx_v_s), (&__pyx_v_q));
 
-  /* "fastbn/_planar.pyx":358
+  /* "fastbn/_planar.pyx":359
  *     cdef double s, q
  *     merge_blocks(part, p, c, &s, &q)
  *     return forward_coef(s, q, <double>(p.N * p.S), shift, eps, gamma, beta, mean, invstd,             # <<<<<<<<<<<<<<
@@ -25427,7 +25434,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_for
   }
   goto __pyx_L0;
 
-  /* "fastbn/_planar.pyx":351
+  /* "fastbn/_planar.pyx":352
  * 
  * 
  * cdef Coef forward_merged(const double* part, const Plane* p, Py_ssize_t c, double shift,             # <<<<<<<<<<<<<<
@@ -25447,7 +25454,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_for
   double __pyx_v_q;
   __pyx_t_6fastbn_6_stats_Coef __pyx_r;
 
-  /* "fastbn/_planar.pyx":357
+  /* "fastbn/_planar.pyx":358
  *     """Channel c's map from the (channel, block) table of shifted sums."""
  *     cdef double s, q
  *     merge_blocks(part, p, c, &s, &q)             # <<<<<<<<<<<<<<
@@ -25456,7 +25463,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_for
 */
   __pyx_f_6fastbn_10_planar_v4_merge_blocks(__pyx_v_part, __pyx_v_p, __pyx_v_c, (&__pyx_v_s), (&__pyx_v_q));
 
-  /* "fastbn/_planar.pyx":358
+  /* "fastbn/_planar.pyx":359
  *     cdef double s, q
  *     merge_blocks(part, p, c, &s, &q)
  *     return forward_coef(s, q, <double>(p.N * p.S), shift, eps, gamma, beta, mean, invstd,             # <<<<<<<<<<<<<<
@@ -25469,7 +25476,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_for
   }
   goto __pyx_L0;
 
-  /* "fastbn/_planar.pyx":351
+  /* "fastbn/_planar.pyx":352
  * 
  * 
  * cdef Coef forward_merged(const double* part, const Plane* p, Py_ssize_t c, double shift,             # <<<<<<<<<<<<<<
@@ -25484,7 +25491,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_for
   return __pyx_r;
 }
 
-/* "fastbn/_planar.pyx":362
+/* "fastbn/_planar.pyx":363
  * 
  * 
  * cdef Coef backward_merged(const double* part, const Plane* p, Py_ssize_t c,             # <<<<<<<<<<<<<<
@@ -25497,7 +25504,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_bac
   double __pyx_v_sc;
   __pyx_t_6fastbn_6_stats_Coef __pyx_r;
 
-  /* "fastbn/_planar.pyx":368
+  /* "fastbn/_planar.pyx":369
  *     """Channel c's map from the (channel, block) table of gradient sums."""
  *     cdef double sg, sc
  *     merge_blocks(part, p, c, &sg, &sc)             # <<<<<<<<<<<<<<
@@ -25506,7 +25513,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_bac
 */
   __pyx_f_6fastbn_10_planar_v4_merge_blocks(__pyx_v_part, __pyx_v_p, __pyx_v_c, (&__pyx_v_sg), (&__pyx_v_sc));
 
-  /* "fastbn/_planar.pyx":369
+  /* "fastbn/_planar.pyx":370
  *     cdef double sg, sc
  *     merge_blocks(part, p, c, &sg, &sc)
  *     return backward_coef(sg, sc, <double>(p.N * p.S), mean, invstd, gamma, dgamma, dbeta, c)             # <<<<<<<<<<<<<<
@@ -25519,7 +25526,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_bac
   }
   goto __pyx_L0;
 
-  /* "fastbn/_planar.pyx":362
+  /* "fastbn/_planar.pyx":363
  * 
  * 
  * cdef Coef backward_merged(const double* part, const Plane* p, Py_ssize_t c,             # <<<<<<<<<<<<<<
@@ -25539,7 +25546,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_bac
   double __pyx_v_sc;
   __pyx_t_6fastbn_6_stats_Coef __pyx_r;
 
-  /* "fastbn/_planar.pyx":368
+  /* "fastbn/_planar.pyx":369
  *     """Channel c's map from the (channel, block) table of gradient sums."""
  *     cdef double sg, sc
  *     merge_blocks(part, p, c, &sg, &sc)             # <<<<<<<<<<<<<<
@@ -25548,7 +25555,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_bac
 */
   __pyx_f_6fastbn_10_planar_v4_merge_blocks(__pyx_v_part, __pyx_v_p, __pyx_v_c, (&__pyx_v_sg), (&__pyx_v_sc));
 
-  /* "fastbn/_planar.pyx":369
+  /* "fastbn/_planar.pyx":370
  *     cdef double sg, sc
  *     merge_blocks(part, p, c, &sg, &sc)
  *     return backward_coef(sg, sc, <double>(p.N * p.S), mean, invstd, gamma, dgamma, dbeta, c)             # <<<<<<<<<<<<<<
@@ -25561,7 +25568,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_bac
   }
   goto __pyx_L0;
 
-  /* "fastbn/_planar.pyx":362
+  /* "fastbn/_planar.pyx":363
  * 
  * 
  * cdef Coef backward_merged(const double* part, const Plane* p, Py_ssize_t c,             # <<<<<<<<<<<<<<
@@ -25576,7 +25583,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_bac
   return __pyx_r;
 }
 
-/* "fastbn/_planar.pyx":374
+/* "fastbn/_planar.pyx":375
  * # ----------------------------------------------------------- wrappers ----
  * 
  * def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
@@ -25613,53 +25620,53 @@ static PyObject *__pyx_pw_6fastbn_10_planar_v4_1forward_train(PyObject *__pyx_se
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_signatures,&__pyx_mstate_global->__pyx_n_u_args,&__pyx_mstate_global->__pyx_n_u_kwargs,&__pyx_mstate_global->__pyx_n_u_defaults,&__pyx_mstate_global->__pyx_n_u_fused_sigindex,0};
     struct __pyx_defaults *__pyx_dynamic_args = __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self);
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 374, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 375, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 375, __pyx_L3_error)
       if (!values[4]) values[4] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
       for (Py_ssize_t i = __pyx_nargs; i < 4; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 374, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 375, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 375, __pyx_L3_error)
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 375, __pyx_L3_error)
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 375, __pyx_L3_error)
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 375, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -25673,7 +25680,7 @@ static PyObject *__pyx_pw_6fastbn_10_planar_v4_1forward_train(PyObject *__pyx_se
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 374, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 375, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -25725,7 +25732,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_forward_train(CYTHON_UNUSED PyObj
   else
   {
     Py_ssize_t __pyx_temp = __Pyx_PyDict_GET_SIZE(__pyx_v_kwargs);
-    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 374, __pyx_L1_error)
+    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 375, __pyx_L1_error)
     __pyx_t_2 = (__pyx_temp != 0);
   }
 
@@ -25743,11 +25750,11 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_forward_train(CYTHON_UNUSED PyObj
   }
   if (unlikely(__pyx_v_args == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(3, 374, __pyx_L1_error)
+    __PYX_ERR(3, 375, __pyx_L1_error)
   }
-  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 374, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 375, __pyx_L1_error)
   __pyx_v_arg_count = __pyx_t_4;
-  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 374, __pyx_L1_error)
+  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 375, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_ndarray = ((PyTypeObject*)__pyx_t_5);
   __pyx_t_5 = 0;
@@ -25757,7 +25764,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_forward_train(CYTHON_UNUSED PyObj
 
     if (unlikely(__pyx_v_args == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 374, __pyx_L1_error)
+      __PYX_ERR(3, 375, __pyx_L1_error)
     }
     __pyx_t_5 = __Pyx_PyTuple_GET_ITEM(((PyObject*)__pyx_v_args), 0);
     __Pyx_INCREF(__pyx_t_5);
@@ -25776,9 +25783,9 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_forward_train(CYTHON_UNUSED PyObj
   }
   if (unlikely(__pyx_v_kwargs == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not iterable");
-    __PYX_ERR(3, 374, __pyx_L1_error)
+    __PYX_ERR(3, 375, __pyx_L1_error)
   }
-  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_x, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 374, __pyx_L1_error)
+  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_x, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 375, __pyx_L1_error)
 
   __pyx_t_1 = __pyx_t_3;
 
@@ -25787,25 +25794,25 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_forward_train(CYTHON_UNUSED PyObj
 
     if (unlikely(__pyx_v_kwargs == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 374, __pyx_L1_error)
+      __PYX_ERR(3, 375, __pyx_L1_error)
     }
-    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_x); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 374, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_x); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 375, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_v_arg = __pyx_t_5;
     __pyx_t_5 = 0;
     goto __pyx_L6;
   }
   /*else*/ {
-    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_x, 0, 11, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 374, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_x, 0, 12, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 375, __pyx_L1_error)
 
   }
   __pyx_L6:;
-  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 374, __pyx_L1_error) }
-  __pyx_t_5 = __pyx_ff_map_fused_02b6e3_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 374, __pyx_L1_error)
+  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 375, __pyx_L1_error) }
+  __pyx_t_5 = __pyx_ff_map_fused_02b6e3_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 375, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_dest_sig0 = ((PyObject*)__pyx_t_5);
   __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 374, __pyx_L1_error)
+  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 375, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   {
     PyObject *__pyx_temp;
@@ -25849,9 +25856,10 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_13forward_train(PyObj
   double __pyx_v_eps;
   double __pyx_v_factor;
   int __pyx_v_num_threads;
+  int __pyx_v_stream;
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
-  PyObject* values[11] = {0,0,0,0,0,0,0,0,0,0,0};
+  PyObject* values[12] = {0,0,0,0,0,0,0,0,0,0,0,0};
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -25865,104 +25873,111 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_13forward_train(PyObj
   #endif
   __pyx_kwvalues = __Pyx_KwValues_VARARGS(__pyx_args, __pyx_nargs);
   {
-    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_beta,&__pyx_mstate_global->__pyx_n_u_y,&__pyx_mstate_global->__pyx_n_u_mean,&__pyx_mstate_global->__pyx_n_u_invstd,&__pyx_mstate_global->__pyx_n_u_running_mean,&__pyx_mstate_global->__pyx_n_u_running_var,&__pyx_mstate_global->__pyx_n_u_eps,&__pyx_mstate_global->__pyx_n_u_factor,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_beta,&__pyx_mstate_global->__pyx_n_u_y,&__pyx_mstate_global->__pyx_n_u_mean,&__pyx_mstate_global->__pyx_n_u_invstd,&__pyx_mstate_global->__pyx_n_u_running_mean,&__pyx_mstate_global->__pyx_n_u_running_var,&__pyx_mstate_global->__pyx_n_u_eps,&__pyx_mstate_global->__pyx_n_u_factor,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 374, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 375, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
+        case 12:
+        values[11] = __Pyx_ArgRef_VARARGS(__pyx_args, 11);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[11])) __PYX_ERR(3, 375, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case 11:
         values[10] = __Pyx_ArgRef_VARARGS(__pyx_args, 10);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[10])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[10])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case 10:
         values[9] = __Pyx_ArgRef_VARARGS(__pyx_args, 9);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  9:
         values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  8:
         values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  7:
         values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "forward_train", 0) < (0)) __PYX_ERR(3, 374, __pyx_L3_error)
-      for (Py_ssize_t i = __pyx_nargs; i < 11; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forward_train", 1, 11, 11, i); __PYX_ERR(3, 374, __pyx_L3_error) }
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "forward_train", 0) < (0)) __PYX_ERR(3, 375, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 12; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forward_train", 1, 12, 12, i); __PYX_ERR(3, 375, __pyx_L3_error) }
       }
-    } else if (unlikely(__pyx_nargs != 11)) {
+    } else if (unlikely(__pyx_nargs != 12)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 375, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 375, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 375, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 375, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 375, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 375, __pyx_L3_error)
       values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 375, __pyx_L3_error)
       values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 375, __pyx_L3_error)
       values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 375, __pyx_L3_error)
       values[9] = __Pyx_ArgRef_VARARGS(__pyx_args, 9);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 375, __pyx_L3_error)
       values[10] = __Pyx_ArgRef_VARARGS(__pyx_args, 10);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[10])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[10])) __PYX_ERR(3, 375, __pyx_L3_error)
+      values[11] = __Pyx_ArgRef_VARARGS(__pyx_args, 11);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[11])) __PYX_ERR(3, 375, __pyx_L3_error)
     }
-    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 374, __pyx_L3_error)
-    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 374, __pyx_L3_error)
-    __pyx_v_beta = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[2], 0); if (unlikely(!__pyx_v_beta.memview)) __PYX_ERR(3, 375, __pyx_L3_error)
-    __pyx_v_y = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_y.memview)) __PYX_ERR(3, 375, __pyx_L3_error)
-    __pyx_v_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[4], PyBUF_WRITABLE); if (unlikely(!__pyx_v_mean.memview)) __PYX_ERR(3, 376, __pyx_L3_error)
-    __pyx_v_invstd = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_invstd.memview)) __PYX_ERR(3, 376, __pyx_L3_error)
-    __pyx_v_running_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[6], PyBUF_WRITABLE); if (unlikely(!__pyx_v_running_mean.memview)) __PYX_ERR(3, 377, __pyx_L3_error)
-    __pyx_v_running_var = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[7], PyBUF_WRITABLE); if (unlikely(!__pyx_v_running_var.memview)) __PYX_ERR(3, 377, __pyx_L3_error)
-    __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[8]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 378, __pyx_L3_error)
-    __pyx_v_factor = __Pyx_PyFloat_AsDouble(values[9]); if (unlikely((__pyx_v_factor == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 378, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[10]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 378, __pyx_L3_error)
+    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 375, __pyx_L3_error)
+    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 375, __pyx_L3_error)
+    __pyx_v_beta = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[2], 0); if (unlikely(!__pyx_v_beta.memview)) __PYX_ERR(3, 376, __pyx_L3_error)
+    __pyx_v_y = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_y.memview)) __PYX_ERR(3, 376, __pyx_L3_error)
+    __pyx_v_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[4], PyBUF_WRITABLE); if (unlikely(!__pyx_v_mean.memview)) __PYX_ERR(3, 377, __pyx_L3_error)
+    __pyx_v_invstd = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_invstd.memview)) __PYX_ERR(3, 377, __pyx_L3_error)
+    __pyx_v_running_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[6], PyBUF_WRITABLE); if (unlikely(!__pyx_v_running_mean.memview)) __PYX_ERR(3, 378, __pyx_L3_error)
+    __pyx_v_running_var = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[7], PyBUF_WRITABLE); if (unlikely(!__pyx_v_running_var.memview)) __PYX_ERR(3, 378, __pyx_L3_error)
+    __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[8]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 379, __pyx_L3_error)
+    __pyx_v_factor = __Pyx_PyFloat_AsDouble(values[9]); if (unlikely((__pyx_v_factor == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 379, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[10]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 379, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[11]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 379, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("forward_train", 1, 11, 11, __pyx_nargs); __PYX_ERR(3, 374, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("forward_train", 1, 12, 12, __pyx_nargs); __PYX_ERR(3, 375, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -25981,7 +25996,7 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_13forward_train(PyObj
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_6fastbn_10_planar_v4_12forward_train(__pyx_self, __pyx_v_x, __pyx_v_gamma, __pyx_v_beta, __pyx_v_y, __pyx_v_mean, __pyx_v_invstd, __pyx_v_running_mean, __pyx_v_running_var, __pyx_v_eps, __pyx_v_factor, __pyx_v_num_threads);
+  __pyx_r = __pyx_pf_6fastbn_10_planar_v4_12forward_train(__pyx_self, __pyx_v_x, __pyx_v_gamma, __pyx_v_beta, __pyx_v_y, __pyx_v_mean, __pyx_v_invstd, __pyx_v_running_mean, __pyx_v_running_var, __pyx_v_eps, __pyx_v_factor, __pyx_v_num_threads, __pyx_v_stream);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -25998,11 +26013,12 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_13forward_train(PyObj
 
 
 
+
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_y, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, double __pyx_v_eps, double __pyx_v_factor, int __pyx_v_num_threads) {
+static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_y, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, double __pyx_v_eps, double __pyx_v_factor, int __pyx_v_num_threads, int __pyx_v_stream) {
   float const *__pyx_v_xp;
   float *__pyx_v_yp;
   Py_ssize_t __pyx_v_size;
@@ -26039,8 +26055,8 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_0forward_train", 0);
 
-  /* "fastbn/_planar.pyx":380
- *                   double eps, double factor, int num_threads):
+  /* "fastbn/_planar.pyx":381
+ *                   double eps, double factor, int num_threads, bint stream):
  *     """Training forward on an (N, C, S) view; see fastbn.functional."""
  *     cdef const floating* xp = &x[0, 0, 0]             # <<<<<<<<<<<<<<
  *     cdef floating* yp = &y[0, 0, 0]
@@ -26051,7 +26067,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
   __pyx_t_3 = 0;
   __pyx_v_xp = (&(*((float const  *) ( /* dim=2 */ ((char *) (((float const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_x.data + __pyx_t_1 * __pyx_v_x.strides[0]) ) + __pyx_t_2 * __pyx_v_x.strides[1]) )) + __pyx_t_3)) ))));
 
-  /* "fastbn/_planar.pyx":381
+  /* "fastbn/_planar.pyx":382
  *     """Training forward on an (N, C, S) view; see fastbn.functional."""
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* yp = &y[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -26063,27 +26079,27 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
   __pyx_t_1 = 0;
   __pyx_v_yp = (&(*((float *) ( /* dim=2 */ ((char *) (((float *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_y.data + __pyx_t_3 * __pyx_v_y.strides[0]) ) + __pyx_t_2 * __pyx_v_y.strides[1]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_planar.pyx":382
+  /* "fastbn/_planar.pyx":383
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* yp = &y[0, 0, 0]
  *     cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]             # <<<<<<<<<<<<<<
  *     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],
- *                               streams(yp, xp, NULL, size * sizeof(floating)))
+ *                               streams(stream, yp, xp, NULL, size * sizeof(floating)))
 */
   __pyx_v_size = (((__pyx_v_x.shape[0]) * (__pyx_v_x.shape[1])) * (__pyx_v_x.shape[2]));
 
-  /* "fastbn/_planar.pyx":383
+  /* "fastbn/_planar.pyx":384
  *     cdef floating* yp = &y[0, 0, 0]
  *     cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]
  *     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],             # <<<<<<<<<<<<<<
- *                               streams(yp, xp, NULL, size * sizeof(floating)))
+ *                               streams(stream, yp, xp, NULL, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
 */
-  __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (__pyx_v_x.shape[2]), __pyx_f_6fastbn_5_simd_streams(__pyx_v_yp, __pyx_v_xp, NULL, (__pyx_v_size * (sizeof(float)))));
+  __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (__pyx_v_x.shape[2]), __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_yp, __pyx_v_xp, NULL, (__pyx_v_size * (sizeof(float)))));
 
-  /* "fastbn/_planar.pyx":385
+  /* "fastbn/_planar.pyx":386
  *     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],
- *                               streams(yp, xp, NULL, size * sizeof(floating)))
+ *                               streams(stream, yp, xp, NULL, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb             # <<<<<<<<<<<<<<
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)
@@ -26093,8 +26109,8 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
   __pyx_v_nb = __pyx_t_4;
   __pyx_v_nu = (__pyx_v_p.C * __pyx_v_nb);
 
-  /* "fastbn/_planar.pyx":386
- *                               streams(yp, xp, NULL, size * sizeof(floating)))
+  /* "fastbn/_planar.pyx":387
+ *                               streams(stream, yp, xp, NULL, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)             # <<<<<<<<<<<<<<
  *     cdef const floating* g = cptr(gamma)
@@ -26102,7 +26118,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for(__pyx_v_size, __pyx_v_nu, __pyx_v_num_threads);
 
-  /* "fastbn/_planar.pyx":387
+  /* "fastbn/_planar.pyx":388
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)             # <<<<<<<<<<<<<<
@@ -26111,7 +26127,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_g = __pyx_fuse_0__pyx_f_6fastbn_6_views_cptr(__pyx_v_gamma);
 
-  /* "fastbn/_planar.pyx":388
+  /* "fastbn/_planar.pyx":389
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)
  *     cdef const floating* bt = cptr(beta)             # <<<<<<<<<<<<<<
@@ -26120,7 +26136,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_bt = __pyx_fuse_0__pyx_f_6fastbn_6_views_cptr(__pyx_v_beta);
 
-  /* "fastbn/_planar.pyx":389
+  /* "fastbn/_planar.pyx":390
  *     cdef const floating* g = cptr(gamma)
  *     cdef const floating* bt = cptr(beta)
  *     cdef floating* rm = wptr(running_mean)             # <<<<<<<<<<<<<<
@@ -26129,7 +26145,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_rm = __pyx_fuse_0__pyx_f_6fastbn_6_views_wptr(__pyx_v_running_mean);
 
-  /* "fastbn/_planar.pyx":390
+  /* "fastbn/_planar.pyx":391
  *     cdef const floating* bt = cptr(beta)
  *     cdef floating* rm = wptr(running_mean)
  *     cdef floating* rv = wptr(running_var)             # <<<<<<<<<<<<<<
@@ -26138,7 +26154,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_rv = __pyx_fuse_0__pyx_f_6fastbn_6_views_wptr(__pyx_v_running_var);
 
-  /* "fastbn/_planar.pyx":391
+  /* "fastbn/_planar.pyx":392
  *     cdef floating* rm = wptr(running_mean)
  *     cdef floating* rv = wptr(running_var)
  *     cdef Py_ssize_t G = group_size(&p, sizeof(floating)), ng = (p.C + G - 1) // G             # <<<<<<<<<<<<<<
@@ -26148,7 +26164,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
   __pyx_v_G = __pyx_f_6fastbn_10_planar_v4_group_size((&__pyx_v_p), (sizeof(float)));
   __pyx_v_ng = (((__pyx_v_p.C + __pyx_v_G) - 1) / __pyx_v_G);
 
-  /* "fastbn/_planar.pyx":396
+  /* "fastbn/_planar.pyx":397
  *     cdef double* part
  *     cdef Coef* coef
  *     if by_group(ng, nt):             # <<<<<<<<<<<<<<
@@ -26160,7 +26176,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
   if (__pyx_t_5) {
 
 
-    /* "fastbn/_planar.pyx":397
+    /* "fastbn/_planar.pyx":398
  *     cdef Coef* coef
  *     if by_group(ng, nt):
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -26173,7 +26189,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
         __Pyx_FastGIL_Remember();
         /*try:*/ {
 
-          /* "fastbn/_planar.pyx":398
+          /* "fastbn/_planar.pyx":399
  *     if by_group(ng, nt):
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -26203,7 +26219,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
                           {
                               __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                              /* "fastbn/_planar.pyx":399
+                              /* "fastbn/_planar.pyx":400
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 forward_group(xp, yp, &p, u * G, min(p.C, (u + 1) * G), g, bt, &mean[0],             # <<<<<<<<<<<<<<
@@ -26226,7 +26242,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 
                               __pyx_t_1 = 0;
 
-                              /* "fastbn/_planar.pyx":400
+                              /* "fastbn/_planar.pyx":401
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 forward_group(xp, yp, &p, u * G, min(p.C, (u + 1) * G), g, bt, &mean[0],
  *                               &invstd[0], rm, rv, eps, factor)             # <<<<<<<<<<<<<<
@@ -26235,7 +26251,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
                               __pyx_t_2 = 0;
 
-                              /* "fastbn/_planar.pyx":399
+                              /* "fastbn/_planar.pyx":400
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 forward_group(xp, yp, &p, u * G, min(p.C, (u + 1) * G), g, bt, &mean[0],             # <<<<<<<<<<<<<<
@@ -26258,7 +26274,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 
         }
 
-        /* "fastbn/_planar.pyx":397
+        /* "fastbn/_planar.pyx":398
  *     cdef Coef* coef
  *     if by_group(ng, nt):
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -26275,7 +26291,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
         }
     }
 
-    /* "fastbn/_planar.pyx":401
+    /* "fastbn/_planar.pyx":402
  *                 forward_group(xp, yp, &p, u * G, min(p.C, (u + 1) * G), g, bt, &mean[0],
  *                               &invstd[0], rm, rv, eps, factor)
  *         return             # <<<<<<<<<<<<<<
@@ -26292,7 +26308,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
     }
     goto __pyx_L0;
 
-    /* "fastbn/_planar.pyx":396
+    /* "fastbn/_planar.pyx":397
  *     cdef double* part
  *     cdef Coef* coef
  *     if by_group(ng, nt):             # <<<<<<<<<<<<<<
@@ -26301,19 +26317,19 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
   }
 
-  /* "fastbn/_planar.pyx":402
+  /* "fastbn/_planar.pyx":403
  *                               &invstd[0], rm, rv, eps, factor)
  *         return
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)             # <<<<<<<<<<<<<<
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
 */
-  __pyx_t_11 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((((2 * __pyx_v_nu) * (sizeof(double))) + (__pyx_v_p.C * (sizeof(__pyx_t_6fastbn_6_stats_Coef)))), 1)); if (unlikely(!__pyx_t_11)) __PYX_ERR(3, 402, __pyx_L1_error)
+  __pyx_t_11 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((((2 * __pyx_v_nu) * (sizeof(double))) + (__pyx_v_p.C * (sizeof(__pyx_t_6fastbn_6_stats_Coef)))), 1)); if (unlikely(!__pyx_t_11)) __PYX_ERR(3, 403, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_11);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_11);
   __pyx_t_11 = 0;
 
-  /* "fastbn/_planar.pyx":403
+  /* "fastbn/_planar.pyx":404
  *         return
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
  *     coef = <Coef*>mem.data             # <<<<<<<<<<<<<<
@@ -26322,7 +26338,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_coef = ((__pyx_t_6fastbn_6_stats_Coef *)__pyx_v_mem->data);
 
-  /* "fastbn/_planar.pyx":404
+  /* "fastbn/_planar.pyx":405
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)             # <<<<<<<<<<<<<<
@@ -26331,7 +26347,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_part = ((double *)(__pyx_v_coef + __pyx_v_p.C));
 
-  /* "fastbn/_planar.pyx":405
+  /* "fastbn/_planar.pyx":406
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -26355,7 +26371,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
             #endif /* _OPENMP */
             {
 
-                /* "fastbn/_planar.pyx":406
+                /* "fastbn/_planar.pyx":407
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -26375,7 +26391,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
                             {
                                 __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":407
+                                /* "fastbn/_planar.pyx":408
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):
  *             block_sums(xp, NULL, &p, u // nb, u % nb, xp[(u // nb) * p.S],             # <<<<<<<<<<<<<<
@@ -26389,7 +26405,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
                 }
 
 
-                /* "fastbn/_planar.pyx":409
+                /* "fastbn/_planar.pyx":410
  *             block_sums(xp, NULL, &p, u // nb, u % nb, xp[(u // nb) * p.S],
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -26409,7 +26425,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
                             {
                                 __pyx_v_c = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":410
+                                /* "fastbn/_planar.pyx":411
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = forward_merged(part, &p, c, xp[c * p.S], eps, g, bt, &mean[0],             # <<<<<<<<<<<<<<
@@ -26418,7 +26434,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
                                 __pyx_t_2 = 0;
 
-                                /* "fastbn/_planar.pyx":411
+                                /* "fastbn/_planar.pyx":412
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = forward_merged(part, &p, c, xp[c * p.S], eps, g, bt, &mean[0],
  *                                      &invstd[0], rm, rv, factor)             # <<<<<<<<<<<<<<
@@ -26427,7 +26443,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
                                 __pyx_t_1 = 0;
 
-                                /* "fastbn/_planar.pyx":410
+                                /* "fastbn/_planar.pyx":411
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = forward_merged(part, &p, c, xp[c * p.S], eps, g, bt, &mean[0],             # <<<<<<<<<<<<<<
@@ -26441,7 +26457,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
                 }
 
 
-                /* "fastbn/_planar.pyx":412
+                /* "fastbn/_planar.pyx":413
  *             coef[c] = forward_merged(part, &p, c, xp[c * p.S], eps, g, bt, &mean[0],
  *                                      &invstd[0], rm, rv, factor)
  *         for u in prange(nu, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -26461,7 +26477,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
                             {
                                 __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":413
+                                /* "fastbn/_planar.pyx":414
  *                                      &invstd[0], rm, rv, factor)
  *         for u in prange(nu, schedule="dynamic"):
  *             block_apply(xp, NULL, yp, &p, (nu - 1 - u) // nb, (nu - 1 - u) % nb,             # <<<<<<<<<<<<<<
@@ -26484,7 +26500,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
         #endif
       }
 
-      /* "fastbn/_planar.pyx":405
+      /* "fastbn/_planar.pyx":406
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -26501,7 +26517,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
       }
   }
 
-  /* "fastbn/_planar.pyx":374
+  /* "fastbn/_planar.pyx":375
  * # ----------------------------------------------------------- wrappers ----
  * 
  * def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
@@ -26555,9 +26571,10 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_15forward_train(PyObj
   double __pyx_v_eps;
   double __pyx_v_factor;
   int __pyx_v_num_threads;
+  int __pyx_v_stream;
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
-  PyObject* values[11] = {0,0,0,0,0,0,0,0,0,0,0};
+  PyObject* values[12] = {0,0,0,0,0,0,0,0,0,0,0,0};
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -26571,104 +26588,111 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_15forward_train(PyObj
   #endif
   __pyx_kwvalues = __Pyx_KwValues_VARARGS(__pyx_args, __pyx_nargs);
   {
-    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_beta,&__pyx_mstate_global->__pyx_n_u_y,&__pyx_mstate_global->__pyx_n_u_mean,&__pyx_mstate_global->__pyx_n_u_invstd,&__pyx_mstate_global->__pyx_n_u_running_mean,&__pyx_mstate_global->__pyx_n_u_running_var,&__pyx_mstate_global->__pyx_n_u_eps,&__pyx_mstate_global->__pyx_n_u_factor,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_beta,&__pyx_mstate_global->__pyx_n_u_y,&__pyx_mstate_global->__pyx_n_u_mean,&__pyx_mstate_global->__pyx_n_u_invstd,&__pyx_mstate_global->__pyx_n_u_running_mean,&__pyx_mstate_global->__pyx_n_u_running_var,&__pyx_mstate_global->__pyx_n_u_eps,&__pyx_mstate_global->__pyx_n_u_factor,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 374, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 375, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
+        case 12:
+        values[11] = __Pyx_ArgRef_VARARGS(__pyx_args, 11);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[11])) __PYX_ERR(3, 375, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case 11:
         values[10] = __Pyx_ArgRef_VARARGS(__pyx_args, 10);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[10])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[10])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case 10:
         values[9] = __Pyx_ArgRef_VARARGS(__pyx_args, 9);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  9:
         values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  8:
         values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  7:
         values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 374, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 375, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "forward_train", 0) < (0)) __PYX_ERR(3, 374, __pyx_L3_error)
-      for (Py_ssize_t i = __pyx_nargs; i < 11; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forward_train", 1, 11, 11, i); __PYX_ERR(3, 374, __pyx_L3_error) }
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "forward_train", 0) < (0)) __PYX_ERR(3, 375, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 12; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forward_train", 1, 12, 12, i); __PYX_ERR(3, 375, __pyx_L3_error) }
       }
-    } else if (unlikely(__pyx_nargs != 11)) {
+    } else if (unlikely(__pyx_nargs != 12)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 375, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 375, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 375, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 375, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 375, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 375, __pyx_L3_error)
       values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 375, __pyx_L3_error)
       values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 375, __pyx_L3_error)
       values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 375, __pyx_L3_error)
       values[9] = __Pyx_ArgRef_VARARGS(__pyx_args, 9);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 375, __pyx_L3_error)
       values[10] = __Pyx_ArgRef_VARARGS(__pyx_args, 10);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[10])) __PYX_ERR(3, 374, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[10])) __PYX_ERR(3, 375, __pyx_L3_error)
+      values[11] = __Pyx_ArgRef_VARARGS(__pyx_args, 11);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[11])) __PYX_ERR(3, 375, __pyx_L3_error)
     }
-    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 374, __pyx_L3_error)
-    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 374, __pyx_L3_error)
-    __pyx_v_beta = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_beta.memview)) __PYX_ERR(3, 375, __pyx_L3_error)
-    __pyx_v_y = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_y.memview)) __PYX_ERR(3, 375, __pyx_L3_error)
-    __pyx_v_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[4], PyBUF_WRITABLE); if (unlikely(!__pyx_v_mean.memview)) __PYX_ERR(3, 376, __pyx_L3_error)
-    __pyx_v_invstd = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_invstd.memview)) __PYX_ERR(3, 376, __pyx_L3_error)
-    __pyx_v_running_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[6], PyBUF_WRITABLE); if (unlikely(!__pyx_v_running_mean.memview)) __PYX_ERR(3, 377, __pyx_L3_error)
-    __pyx_v_running_var = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[7], PyBUF_WRITABLE); if (unlikely(!__pyx_v_running_var.memview)) __PYX_ERR(3, 377, __pyx_L3_error)
-    __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[8]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 378, __pyx_L3_error)
-    __pyx_v_factor = __Pyx_PyFloat_AsDouble(values[9]); if (unlikely((__pyx_v_factor == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 378, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[10]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 378, __pyx_L3_error)
+    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 375, __pyx_L3_error)
+    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 375, __pyx_L3_error)
+    __pyx_v_beta = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_beta.memview)) __PYX_ERR(3, 376, __pyx_L3_error)
+    __pyx_v_y = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_y.memview)) __PYX_ERR(3, 376, __pyx_L3_error)
+    __pyx_v_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[4], PyBUF_WRITABLE); if (unlikely(!__pyx_v_mean.memview)) __PYX_ERR(3, 377, __pyx_L3_error)
+    __pyx_v_invstd = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_invstd.memview)) __PYX_ERR(3, 377, __pyx_L3_error)
+    __pyx_v_running_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[6], PyBUF_WRITABLE); if (unlikely(!__pyx_v_running_mean.memview)) __PYX_ERR(3, 378, __pyx_L3_error)
+    __pyx_v_running_var = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[7], PyBUF_WRITABLE); if (unlikely(!__pyx_v_running_var.memview)) __PYX_ERR(3, 378, __pyx_L3_error)
+    __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[8]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 379, __pyx_L3_error)
+    __pyx_v_factor = __Pyx_PyFloat_AsDouble(values[9]); if (unlikely((__pyx_v_factor == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 379, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[10]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 379, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[11]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 379, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("forward_train", 1, 11, 11, __pyx_nargs); __PYX_ERR(3, 374, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("forward_train", 1, 12, 12, __pyx_nargs); __PYX_ERR(3, 375, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -26687,7 +26711,7 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_15forward_train(PyObj
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_6fastbn_10_planar_v4_14forward_train(__pyx_self, __pyx_v_x, __pyx_v_gamma, __pyx_v_beta, __pyx_v_y, __pyx_v_mean, __pyx_v_invstd, __pyx_v_running_mean, __pyx_v_running_var, __pyx_v_eps, __pyx_v_factor, __pyx_v_num_threads);
+  __pyx_r = __pyx_pf_6fastbn_10_planar_v4_14forward_train(__pyx_self, __pyx_v_x, __pyx_v_gamma, __pyx_v_beta, __pyx_v_y, __pyx_v_mean, __pyx_v_invstd, __pyx_v_running_mean, __pyx_v_running_var, __pyx_v_eps, __pyx_v_factor, __pyx_v_num_threads, __pyx_v_stream);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -26704,11 +26728,12 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_15forward_train(PyObj
 
 
 
+
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_y, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, double __pyx_v_eps, double __pyx_v_factor, int __pyx_v_num_threads) {
+static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_y, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, double __pyx_v_eps, double __pyx_v_factor, int __pyx_v_num_threads, int __pyx_v_stream) {
   double const *__pyx_v_xp;
   double *__pyx_v_yp;
   Py_ssize_t __pyx_v_size;
@@ -26745,8 +26770,8 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_1forward_train", 0);
 
-  /* "fastbn/_planar.pyx":380
- *                   double eps, double factor, int num_threads):
+  /* "fastbn/_planar.pyx":381
+ *                   double eps, double factor, int num_threads, bint stream):
  *     """Training forward on an (N, C, S) view; see fastbn.functional."""
  *     cdef const floating* xp = &x[0, 0, 0]             # <<<<<<<<<<<<<<
  *     cdef floating* yp = &y[0, 0, 0]
@@ -26757,7 +26782,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
   __pyx_t_3 = 0;
   __pyx_v_xp = (&(*((double const  *) ( /* dim=2 */ ((char *) (((double const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_x.data + __pyx_t_1 * __pyx_v_x.strides[0]) ) + __pyx_t_2 * __pyx_v_x.strides[1]) )) + __pyx_t_3)) ))));
 
-  /* "fastbn/_planar.pyx":381
+  /* "fastbn/_planar.pyx":382
  *     """Training forward on an (N, C, S) view; see fastbn.functional."""
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* yp = &y[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -26769,27 +26794,27 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
   __pyx_t_1 = 0;
   __pyx_v_yp = (&(*((double *) ( /* dim=2 */ ((char *) (((double *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_y.data + __pyx_t_3 * __pyx_v_y.strides[0]) ) + __pyx_t_2 * __pyx_v_y.strides[1]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_planar.pyx":382
+  /* "fastbn/_planar.pyx":383
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* yp = &y[0, 0, 0]
  *     cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]             # <<<<<<<<<<<<<<
  *     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],
- *                               streams(yp, xp, NULL, size * sizeof(floating)))
+ *                               streams(stream, yp, xp, NULL, size * sizeof(floating)))
 */
   __pyx_v_size = (((__pyx_v_x.shape[0]) * (__pyx_v_x.shape[1])) * (__pyx_v_x.shape[2]));
 
-  /* "fastbn/_planar.pyx":383
+  /* "fastbn/_planar.pyx":384
  *     cdef floating* yp = &y[0, 0, 0]
  *     cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]
  *     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],             # <<<<<<<<<<<<<<
- *                               streams(yp, xp, NULL, size * sizeof(floating)))
+ *                               streams(stream, yp, xp, NULL, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
 */
-  __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (__pyx_v_x.shape[2]), __pyx_f_6fastbn_5_simd_streams(__pyx_v_yp, __pyx_v_xp, NULL, (__pyx_v_size * (sizeof(double)))));
+  __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (__pyx_v_x.shape[2]), __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_yp, __pyx_v_xp, NULL, (__pyx_v_size * (sizeof(double)))));
 
-  /* "fastbn/_planar.pyx":385
+  /* "fastbn/_planar.pyx":386
  *     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],
- *                               streams(yp, xp, NULL, size * sizeof(floating)))
+ *                               streams(stream, yp, xp, NULL, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb             # <<<<<<<<<<<<<<
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)
@@ -26799,8 +26824,8 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
   __pyx_v_nb = __pyx_t_4;
   __pyx_v_nu = (__pyx_v_p.C * __pyx_v_nb);
 
-  /* "fastbn/_planar.pyx":386
- *                               streams(yp, xp, NULL, size * sizeof(floating)))
+  /* "fastbn/_planar.pyx":387
+ *                               streams(stream, yp, xp, NULL, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)             # <<<<<<<<<<<<<<
  *     cdef const floating* g = cptr(gamma)
@@ -26808,7 +26833,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for(__pyx_v_size, __pyx_v_nu, __pyx_v_num_threads);
 
-  /* "fastbn/_planar.pyx":387
+  /* "fastbn/_planar.pyx":388
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)             # <<<<<<<<<<<<<<
@@ -26817,7 +26842,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_g = __pyx_fuse_1__pyx_f_6fastbn_6_views_cptr(__pyx_v_gamma);
 
-  /* "fastbn/_planar.pyx":388
+  /* "fastbn/_planar.pyx":389
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)
  *     cdef const floating* bt = cptr(beta)             # <<<<<<<<<<<<<<
@@ -26826,7 +26851,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_bt = __pyx_fuse_1__pyx_f_6fastbn_6_views_cptr(__pyx_v_beta);
 
-  /* "fastbn/_planar.pyx":389
+  /* "fastbn/_planar.pyx":390
  *     cdef const floating* g = cptr(gamma)
  *     cdef const floating* bt = cptr(beta)
  *     cdef floating* rm = wptr(running_mean)             # <<<<<<<<<<<<<<
@@ -26835,7 +26860,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_rm = __pyx_fuse_1__pyx_f_6fastbn_6_views_wptr(__pyx_v_running_mean);
 
-  /* "fastbn/_planar.pyx":390
+  /* "fastbn/_planar.pyx":391
  *     cdef const floating* bt = cptr(beta)
  *     cdef floating* rm = wptr(running_mean)
  *     cdef floating* rv = wptr(running_var)             # <<<<<<<<<<<<<<
@@ -26844,7 +26869,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_rv = __pyx_fuse_1__pyx_f_6fastbn_6_views_wptr(__pyx_v_running_var);
 
-  /* "fastbn/_planar.pyx":391
+  /* "fastbn/_planar.pyx":392
  *     cdef floating* rm = wptr(running_mean)
  *     cdef floating* rv = wptr(running_var)
  *     cdef Py_ssize_t G = group_size(&p, sizeof(floating)), ng = (p.C + G - 1) // G             # <<<<<<<<<<<<<<
@@ -26854,7 +26879,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
   __pyx_v_G = __pyx_f_6fastbn_10_planar_v4_group_size((&__pyx_v_p), (sizeof(double)));
   __pyx_v_ng = (((__pyx_v_p.C + __pyx_v_G) - 1) / __pyx_v_G);
 
-  /* "fastbn/_planar.pyx":396
+  /* "fastbn/_planar.pyx":397
  *     cdef double* part
  *     cdef Coef* coef
  *     if by_group(ng, nt):             # <<<<<<<<<<<<<<
@@ -26866,7 +26891,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
   if (__pyx_t_5) {
 
 
-    /* "fastbn/_planar.pyx":397
+    /* "fastbn/_planar.pyx":398
  *     cdef Coef* coef
  *     if by_group(ng, nt):
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -26879,7 +26904,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
         __Pyx_FastGIL_Remember();
         /*try:*/ {
 
-          /* "fastbn/_planar.pyx":398
+          /* "fastbn/_planar.pyx":399
  *     if by_group(ng, nt):
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -26909,7 +26934,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
                           {
                               __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                              /* "fastbn/_planar.pyx":399
+                              /* "fastbn/_planar.pyx":400
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 forward_group(xp, yp, &p, u * G, min(p.C, (u + 1) * G), g, bt, &mean[0],             # <<<<<<<<<<<<<<
@@ -26932,7 +26957,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 
                               __pyx_t_1 = 0;
 
-                              /* "fastbn/_planar.pyx":400
+                              /* "fastbn/_planar.pyx":401
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 forward_group(xp, yp, &p, u * G, min(p.C, (u + 1) * G), g, bt, &mean[0],
  *                               &invstd[0], rm, rv, eps, factor)             # <<<<<<<<<<<<<<
@@ -26941,7 +26966,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
                               __pyx_t_2 = 0;
 
-                              /* "fastbn/_planar.pyx":399
+                              /* "fastbn/_planar.pyx":400
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 forward_group(xp, yp, &p, u * G, min(p.C, (u + 1) * G), g, bt, &mean[0],             # <<<<<<<<<<<<<<
@@ -26964,7 +26989,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 
         }
 
-        /* "fastbn/_planar.pyx":397
+        /* "fastbn/_planar.pyx":398
  *     cdef Coef* coef
  *     if by_group(ng, nt):
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -26981,7 +27006,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
         }
     }
 
-    /* "fastbn/_planar.pyx":401
+    /* "fastbn/_planar.pyx":402
  *                 forward_group(xp, yp, &p, u * G, min(p.C, (u + 1) * G), g, bt, &mean[0],
  *                               &invstd[0], rm, rv, eps, factor)
  *         return             # <<<<<<<<<<<<<<
@@ -26998,7 +27023,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
     }
     goto __pyx_L0;
 
-    /* "fastbn/_planar.pyx":396
+    /* "fastbn/_planar.pyx":397
  *     cdef double* part
  *     cdef Coef* coef
  *     if by_group(ng, nt):             # <<<<<<<<<<<<<<
@@ -27007,19 +27032,19 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
   }
 
-  /* "fastbn/_planar.pyx":402
+  /* "fastbn/_planar.pyx":403
  *                               &invstd[0], rm, rv, eps, factor)
  *         return
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)             # <<<<<<<<<<<<<<
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
 */
-  __pyx_t_11 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((((2 * __pyx_v_nu) * (sizeof(double))) + (__pyx_v_p.C * (sizeof(__pyx_t_6fastbn_6_stats_Coef)))), 1)); if (unlikely(!__pyx_t_11)) __PYX_ERR(3, 402, __pyx_L1_error)
+  __pyx_t_11 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((((2 * __pyx_v_nu) * (sizeof(double))) + (__pyx_v_p.C * (sizeof(__pyx_t_6fastbn_6_stats_Coef)))), 1)); if (unlikely(!__pyx_t_11)) __PYX_ERR(3, 403, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_11);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_11);
   __pyx_t_11 = 0;
 
-  /* "fastbn/_planar.pyx":403
+  /* "fastbn/_planar.pyx":404
  *         return
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
  *     coef = <Coef*>mem.data             # <<<<<<<<<<<<<<
@@ -27028,7 +27053,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_coef = ((__pyx_t_6fastbn_6_stats_Coef *)__pyx_v_mem->data);
 
-  /* "fastbn/_planar.pyx":404
+  /* "fastbn/_planar.pyx":405
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)             # <<<<<<<<<<<<<<
@@ -27037,7 +27062,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_part = ((double *)(__pyx_v_coef + __pyx_v_p.C));
 
-  /* "fastbn/_planar.pyx":405
+  /* "fastbn/_planar.pyx":406
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -27061,7 +27086,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
             #endif /* _OPENMP */
             {
 
-                /* "fastbn/_planar.pyx":406
+                /* "fastbn/_planar.pyx":407
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -27081,7 +27106,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
                             {
                                 __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":407
+                                /* "fastbn/_planar.pyx":408
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):
  *             block_sums(xp, NULL, &p, u // nb, u % nb, xp[(u // nb) * p.S],             # <<<<<<<<<<<<<<
@@ -27095,7 +27120,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
                 }
 
 
-                /* "fastbn/_planar.pyx":409
+                /* "fastbn/_planar.pyx":410
  *             block_sums(xp, NULL, &p, u // nb, u % nb, xp[(u // nb) * p.S],
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -27115,7 +27140,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
                             {
                                 __pyx_v_c = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":410
+                                /* "fastbn/_planar.pyx":411
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = forward_merged(part, &p, c, xp[c * p.S], eps, g, bt, &mean[0],             # <<<<<<<<<<<<<<
@@ -27124,7 +27149,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
                                 __pyx_t_2 = 0;
 
-                                /* "fastbn/_planar.pyx":411
+                                /* "fastbn/_planar.pyx":412
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = forward_merged(part, &p, c, xp[c * p.S], eps, g, bt, &mean[0],
  *                                      &invstd[0], rm, rv, factor)             # <<<<<<<<<<<<<<
@@ -27133,7 +27158,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
                                 __pyx_t_1 = 0;
 
-                                /* "fastbn/_planar.pyx":410
+                                /* "fastbn/_planar.pyx":411
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = forward_merged(part, &p, c, xp[c * p.S], eps, g, bt, &mean[0],             # <<<<<<<<<<<<<<
@@ -27147,7 +27172,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
                 }
 
 
-                /* "fastbn/_planar.pyx":412
+                /* "fastbn/_planar.pyx":413
  *             coef[c] = forward_merged(part, &p, c, xp[c * p.S], eps, g, bt, &mean[0],
  *                                      &invstd[0], rm, rv, factor)
  *         for u in prange(nu, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -27167,7 +27192,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
                             {
                                 __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":413
+                                /* "fastbn/_planar.pyx":414
  *                                      &invstd[0], rm, rv, factor)
  *         for u in prange(nu, schedule="dynamic"):
  *             block_apply(xp, NULL, yp, &p, (nu - 1 - u) // nb, (nu - 1 - u) % nb,             # <<<<<<<<<<<<<<
@@ -27190,7 +27215,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
         #endif
       }
 
-      /* "fastbn/_planar.pyx":405
+      /* "fastbn/_planar.pyx":406
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -27207,7 +27232,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
       }
   }
 
-  /* "fastbn/_planar.pyx":374
+  /* "fastbn/_planar.pyx":375
  * # ----------------------------------------------------------- wrappers ----
  * 
  * def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
@@ -27246,7 +27271,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
   return __pyx_r;
 }
 
-/* "fastbn/_planar.pyx":417
+/* "fastbn/_planar.pyx":418
  * 
  * 
  * def inference(const floating[:, :, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
@@ -27283,53 +27308,53 @@ static PyObject *__pyx_pw_6fastbn_10_planar_v4_3inference(PyObject *__pyx_self, 
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_signatures,&__pyx_mstate_global->__pyx_n_u_args,&__pyx_mstate_global->__pyx_n_u_kwargs,&__pyx_mstate_global->__pyx_n_u_defaults,&__pyx_mstate_global->__pyx_n_u_fused_sigindex,0};
     struct __pyx_defaults *__pyx_dynamic_args = __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self);
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 417, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 418, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 417, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 418, __pyx_L3_error)
       if (!values[4]) values[4] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
       for (Py_ssize_t i = __pyx_nargs; i < 4; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 417, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 418, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 418, __pyx_L3_error)
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 418, __pyx_L3_error)
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 418, __pyx_L3_error)
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 418, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -27343,7 +27368,7 @@ static PyObject *__pyx_pw_6fastbn_10_planar_v4_3inference(PyObject *__pyx_self, 
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 417, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 418, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -27395,7 +27420,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_2inference(CYTHON_UNUSED PyObject
   else
   {
     Py_ssize_t __pyx_temp = __Pyx_PyDict_GET_SIZE(__pyx_v_kwargs);
-    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 417, __pyx_L1_error)
+    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 418, __pyx_L1_error)
     __pyx_t_2 = (__pyx_temp != 0);
   }
 
@@ -27413,11 +27438,11 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_2inference(CYTHON_UNUSED PyObject
   }
   if (unlikely(__pyx_v_args == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(3, 417, __pyx_L1_error)
+    __PYX_ERR(3, 418, __pyx_L1_error)
   }
-  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 417, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 418, __pyx_L1_error)
   __pyx_v_arg_count = __pyx_t_4;
-  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 417, __pyx_L1_error)
+  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 418, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_ndarray = ((PyTypeObject*)__pyx_t_5);
   __pyx_t_5 = 0;
@@ -27427,7 +27452,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_2inference(CYTHON_UNUSED PyObject
 
     if (unlikely(__pyx_v_args == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 417, __pyx_L1_error)
+      __PYX_ERR(3, 418, __pyx_L1_error)
     }
     __pyx_t_5 = __Pyx_PyTuple_GET_ITEM(((PyObject*)__pyx_v_args), 0);
     __Pyx_INCREF(__pyx_t_5);
@@ -27446,9 +27471,9 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_2inference(CYTHON_UNUSED PyObject
   }
   if (unlikely(__pyx_v_kwargs == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not iterable");
-    __PYX_ERR(3, 417, __pyx_L1_error)
+    __PYX_ERR(3, 418, __pyx_L1_error)
   }
-  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_x, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 417, __pyx_L1_error)
+  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_x, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 418, __pyx_L1_error)
 
   __pyx_t_1 = __pyx_t_3;
 
@@ -27457,25 +27482,25 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_2inference(CYTHON_UNUSED PyObject
 
     if (unlikely(__pyx_v_kwargs == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 417, __pyx_L1_error)
+      __PYX_ERR(3, 418, __pyx_L1_error)
     }
-    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_x); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 417, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_x); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 418, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_v_arg = __pyx_t_5;
     __pyx_t_5 = 0;
     goto __pyx_L6;
   }
   /*else*/ {
-    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_x, 0, 8, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 417, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_x, 0, 9, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 418, __pyx_L1_error)
 
   }
   __pyx_L6:;
-  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 417, __pyx_L1_error) }
-  __pyx_t_5 = __pyx_ff_map_fused_02b6e3_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 417, __pyx_L1_error)
+  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 418, __pyx_L1_error) }
+  __pyx_t_5 = __pyx_ff_map_fused_02b6e3_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 418, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_dest_sig0 = ((PyObject*)__pyx_t_5);
   __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 417, __pyx_L1_error)
+  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 418, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   {
     PyObject *__pyx_temp;
@@ -27516,9 +27541,10 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_19inference(PyObject 
   __Pyx_memviewslice __pyx_v_y = { 0, 0, { 0 }, { 0 }, { 0 } };
   double __pyx_v_eps;
   int __pyx_v_num_threads;
+  int __pyx_v_stream;
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
-  PyObject* values[8] = {0,0,0,0,0,0,0,0};
+  PyObject* values[9] = {0,0,0,0,0,0,0,0,0};
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -27532,83 +27558,90 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_19inference(PyObject 
   #endif
   __pyx_kwvalues = __Pyx_KwValues_VARARGS(__pyx_args, __pyx_nargs);
   {
-    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_beta,&__pyx_mstate_global->__pyx_n_u_running_mean,&__pyx_mstate_global->__pyx_n_u_running_var,&__pyx_mstate_global->__pyx_n_u_y,&__pyx_mstate_global->__pyx_n_u_eps,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_beta,&__pyx_mstate_global->__pyx_n_u_running_mean,&__pyx_mstate_global->__pyx_n_u_running_var,&__pyx_mstate_global->__pyx_n_u_y,&__pyx_mstate_global->__pyx_n_u_eps,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 417, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 418, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
+        case  9:
+        values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 418, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case  8:
         values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  7:
         values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "inference", 0) < (0)) __PYX_ERR(3, 417, __pyx_L3_error)
-      for (Py_ssize_t i = __pyx_nargs; i < 8; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("inference", 1, 8, 8, i); __PYX_ERR(3, 417, __pyx_L3_error) }
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "inference", 0) < (0)) __PYX_ERR(3, 418, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 9; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("inference", 1, 9, 9, i); __PYX_ERR(3, 418, __pyx_L3_error) }
       }
-    } else if (unlikely(__pyx_nargs != 8)) {
+    } else if (unlikely(__pyx_nargs != 9)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 417, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 418, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 417, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 418, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 417, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 418, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 417, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 418, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 417, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 418, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 417, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 418, __pyx_L3_error)
       values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 417, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 418, __pyx_L3_error)
       values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 417, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 418, __pyx_L3_error)
+      values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 418, __pyx_L3_error)
     }
-    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 417, __pyx_L3_error)
-    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 417, __pyx_L3_error)
-    __pyx_v_beta = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[2], 0); if (unlikely(!__pyx_v_beta.memview)) __PYX_ERR(3, 418, __pyx_L3_error)
-    __pyx_v_running_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[3], 0); if (unlikely(!__pyx_v_running_mean.memview)) __PYX_ERR(3, 418, __pyx_L3_error)
-    __pyx_v_running_var = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[4], 0); if (unlikely(!__pyx_v_running_var.memview)) __PYX_ERR(3, 419, __pyx_L3_error)
-    __pyx_v_y = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_y.memview)) __PYX_ERR(3, 419, __pyx_L3_error)
-    __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[6]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 420, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[7]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 420, __pyx_L3_error)
+    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 418, __pyx_L3_error)
+    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 418, __pyx_L3_error)
+    __pyx_v_beta = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[2], 0); if (unlikely(!__pyx_v_beta.memview)) __PYX_ERR(3, 419, __pyx_L3_error)
+    __pyx_v_running_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[3], 0); if (unlikely(!__pyx_v_running_mean.memview)) __PYX_ERR(3, 419, __pyx_L3_error)
+    __pyx_v_running_var = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[4], 0); if (unlikely(!__pyx_v_running_var.memview)) __PYX_ERR(3, 420, __pyx_L3_error)
+    __pyx_v_y = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_y.memview)) __PYX_ERR(3, 420, __pyx_L3_error)
+    __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[6]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 421, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[7]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 421, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[8]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 421, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("inference", 1, 8, 8, __pyx_nargs); __PYX_ERR(3, 417, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("inference", 1, 9, 9, __pyx_nargs); __PYX_ERR(3, 418, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -27625,7 +27658,7 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_19inference(PyObject 
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_6fastbn_10_planar_v4_18inference(__pyx_self, __pyx_v_x, __pyx_v_gamma, __pyx_v_beta, __pyx_v_running_mean, __pyx_v_running_var, __pyx_v_y, __pyx_v_eps, __pyx_v_num_threads);
+  __pyx_r = __pyx_pf_6fastbn_10_planar_v4_18inference(__pyx_self, __pyx_v_x, __pyx_v_gamma, __pyx_v_beta, __pyx_v_running_mean, __pyx_v_running_var, __pyx_v_y, __pyx_v_eps, __pyx_v_num_threads, __pyx_v_stream);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -27639,11 +27672,12 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_19inference(PyObject 
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_y, 1);
 
 
+
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, __Pyx_memviewslice __pyx_v_y, double __pyx_v_eps, int __pyx_v_num_threads) {
+static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, __Pyx_memviewslice __pyx_v_y, double __pyx_v_eps, int __pyx_v_num_threads, int __pyx_v_stream) {
   Py_ssize_t __pyx_v_N;
   Py_ssize_t __pyx_v_C;
   Py_ssize_t __pyx_v_S;
@@ -27683,7 +27717,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_0inference", 0);
 
-  /* "fastbn/_planar.pyx":425
+  /* "fastbn/_planar.pyx":426
  *     A unit is a run of whole (n, c) rows of about BLOCK values or more,
  *     contiguous in memory."""
  *     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, u, r, r1             # <<<<<<<<<<<<<<
@@ -27694,23 +27728,23 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
   __pyx_v_C = (__pyx_v_x.shape[1]);
   __pyx_v_S = (__pyx_v_x.shape[2]);
 
-  /* "fastbn/_planar.pyx":426
+  /* "fastbn/_planar.pyx":427
  *     contiguous in memory."""
  *     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, u, r, r1
  *     cdef const floating* xp = &x[0, 0, 0]             # <<<<<<<<<<<<<<
  *     cdef floating* yp = &y[0, 0, 0]
- *     cdef bint streaming = streams(yp, xp, NULL, N * C * S * sizeof(floating))
+ *     cdef bint streaming = streams(stream, yp, xp, NULL, N * C * S * sizeof(floating))
 */
   __pyx_t_1 = 0;
   __pyx_t_2 = 0;
   __pyx_t_3 = 0;
   __pyx_v_xp = (&(*((float const  *) ( /* dim=2 */ ((char *) (((float const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_x.data + __pyx_t_1 * __pyx_v_x.strides[0]) ) + __pyx_t_2 * __pyx_v_x.strides[1]) )) + __pyx_t_3)) ))));
 
-  /* "fastbn/_planar.pyx":427
+  /* "fastbn/_planar.pyx":428
  *     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, u, r, r1
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* yp = &y[0, 0, 0]             # <<<<<<<<<<<<<<
- *     cdef bint streaming = streams(yp, xp, NULL, N * C * S * sizeof(floating))
+ *     cdef bint streaming = streams(stream, yp, xp, NULL, N * C * S * sizeof(floating))
  *     cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows
 */
   __pyx_t_3 = 0;
@@ -27718,18 +27752,18 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
   __pyx_t_1 = 0;
   __pyx_v_yp = (&(*((float *) ( /* dim=2 */ ((char *) (((float *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_y.data + __pyx_t_3 * __pyx_v_y.strides[0]) ) + __pyx_t_2 * __pyx_v_y.strides[1]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_planar.pyx":428
+  /* "fastbn/_planar.pyx":429
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* yp = &y[0, 0, 0]
- *     cdef bint streaming = streams(yp, xp, NULL, N * C * S * sizeof(floating))             # <<<<<<<<<<<<<<
+ *     cdef bint streaming = streams(stream, yp, xp, NULL, N * C * S * sizeof(floating))             # <<<<<<<<<<<<<<
  *     cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows
  *     cdef int nt = threads_for(N * C * S, nu, num_threads)
 */
-  __pyx_v_streaming = __pyx_f_6fastbn_5_simd_streams(__pyx_v_yp, __pyx_v_xp, NULL, (((__pyx_v_N * __pyx_v_C) * __pyx_v_S) * (sizeof(float))));
+  __pyx_v_streaming = __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_yp, __pyx_v_xp, NULL, (((__pyx_v_N * __pyx_v_C) * __pyx_v_S) * (sizeof(float))));
 
-  /* "fastbn/_planar.pyx":429
+  /* "fastbn/_planar.pyx":430
  *     cdef floating* yp = &y[0, 0, 0]
- *     cdef bint streaming = streams(yp, xp, NULL, N * C * S * sizeof(floating))
+ *     cdef bint streaming = streams(stream, yp, xp, NULL, N * C * S * sizeof(floating))
  *     cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows             # <<<<<<<<<<<<<<
  *     cdef int nt = threads_for(N * C * S, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)
@@ -27752,8 +27786,8 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
 
   __pyx_v_nu = ((((__pyx_v_N * __pyx_v_C) + __pyx_v_rows) - 1) / __pyx_v_rows);
 
-  /* "fastbn/_planar.pyx":430
- *     cdef bint streaming = streams(yp, xp, NULL, N * C * S * sizeof(floating))
+  /* "fastbn/_planar.pyx":431
+ *     cdef bint streaming = streams(stream, yp, xp, NULL, N * C * S * sizeof(floating))
  *     cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows
  *     cdef int nt = threads_for(N * C * S, nu, num_threads)             # <<<<<<<<<<<<<<
  *     cdef const floating* g = cptr(gamma)
@@ -27761,7 +27795,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for(((__pyx_v_N * __pyx_v_C) * __pyx_v_S), __pyx_v_nu, __pyx_v_num_threads);
 
-  /* "fastbn/_planar.pyx":431
+  /* "fastbn/_planar.pyx":432
  *     cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows
  *     cdef int nt = threads_for(N * C * S, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)             # <<<<<<<<<<<<<<
@@ -27770,7 +27804,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_g = __pyx_fuse_0__pyx_f_6fastbn_6_views_cptr(__pyx_v_gamma);
 
-  /* "fastbn/_planar.pyx":432
+  /* "fastbn/_planar.pyx":433
  *     cdef int nt = threads_for(N * C * S, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)
  *     cdef const floating* bt = cptr(beta)             # <<<<<<<<<<<<<<
@@ -27779,19 +27813,19 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_bt = __pyx_fuse_0__pyx_f_6fastbn_6_views_cptr(__pyx_v_beta);
 
-  /* "fastbn/_planar.pyx":433
+  /* "fastbn/_planar.pyx":434
  *     cdef const floating* g = cptr(gamma)
  *     cdef const floating* bt = cptr(beta)
  *     cdef array mem = workspace(C, sizeof(Coef) + sizeof(Coef32) + 1)             # <<<<<<<<<<<<<<
  *     cdef Coef* coef = <Coef*>mem.data
  *     cdef Coef32* coef32 = <Coef32*>(coef + C)
 */
-  __pyx_t_8 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_v_C, (((sizeof(__pyx_t_6fastbn_6_stats_Coef)) + (sizeof(__pyx_t_6fastbn_6_stats_Coef32))) + 1))); if (unlikely(!__pyx_t_8)) __PYX_ERR(3, 433, __pyx_L1_error)
+  __pyx_t_8 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_v_C, (((sizeof(__pyx_t_6fastbn_6_stats_Coef)) + (sizeof(__pyx_t_6fastbn_6_stats_Coef32))) + 1))); if (unlikely(!__pyx_t_8)) __PYX_ERR(3, 434, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_8);
   __pyx_t_8 = 0;
 
-  /* "fastbn/_planar.pyx":434
+  /* "fastbn/_planar.pyx":435
  *     cdef const floating* bt = cptr(beta)
  *     cdef array mem = workspace(C, sizeof(Coef) + sizeof(Coef32) + 1)
  *     cdef Coef* coef = <Coef*>mem.data             # <<<<<<<<<<<<<<
@@ -27800,7 +27834,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_coef = ((__pyx_t_6fastbn_6_stats_Coef *)__pyx_v_mem->data);
 
-  /* "fastbn/_planar.pyx":435
+  /* "fastbn/_planar.pyx":436
  *     cdef array mem = workspace(C, sizeof(Coef) + sizeof(Coef32) + 1)
  *     cdef Coef* coef = <Coef*>mem.data
  *     cdef Coef32* coef32 = <Coef32*>(coef + C)             # <<<<<<<<<<<<<<
@@ -27809,7 +27843,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_coef32 = ((__pyx_t_6fastbn_6_stats_Coef32 *)(__pyx_v_coef + __pyx_v_C));
 
-  /* "fastbn/_planar.pyx":436
+  /* "fastbn/_planar.pyx":437
  *     cdef Coef* coef = <Coef*>mem.data
  *     cdef Coef32* coef32 = <Coef32*>(coef + C)
  *     cdef char* ok = <char*>(coef32 + C)             # <<<<<<<<<<<<<<
@@ -27818,7 +27852,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_ok = ((char *)(__pyx_v_coef32 + __pyx_v_C));
 
-  /* "fastbn/_planar.pyx":437
+  /* "fastbn/_planar.pyx":438
  *     cdef Coef32* coef32 = <Coef32*>(coef + C)
  *     cdef char* ok = <char*>(coef32 + C)
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -27831,7 +27865,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "fastbn/_planar.pyx":438
+        /* "fastbn/_planar.pyx":439
  *     cdef char* ok = <char*>(coef32 + C)
  *     with nogil:
  *         for c in range(C):             # <<<<<<<<<<<<<<
@@ -27845,7 +27879,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
         for (__pyx_t_9 = 0; __pyx_t_9 < __pyx_t_4; __pyx_t_9+=1) {
           __pyx_v_c = __pyx_t_9;
 
-          /* "fastbn/_planar.pyx":439
+          /* "fastbn/_planar.pyx":440
  *     with nogil:
  *         for c in range(C):
  *             coef[c] = inference_coef(&running_mean[0], &running_var[0], eps, g, bt, c)             # <<<<<<<<<<<<<<
@@ -27856,7 +27890,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
           __pyx_t_2 = 0;
           (__pyx_v_coef[__pyx_v_c]) = __pyx_fuse_0__pyx_f_6fastbn_6_stats_inference_coef((&(*((float const  *) ( /* dim=0 */ ((char *) (((float const  *) __pyx_v_running_mean.data) + __pyx_t_1)) )))), (&(*((float const  *) ( /* dim=0 */ ((char *) (((float const  *) __pyx_v_running_var.data) + __pyx_t_2)) )))), __pyx_v_eps, __pyx_v_g, __pyx_v_bt, __pyx_v_c);
 
-          /* "fastbn/_planar.pyx":440
+          /* "fastbn/_planar.pyx":441
  *         for c in range(C):
  *             coef[c] = inference_coef(&running_mean[0], &running_var[0], eps, g, bt, c)
  *             ok[c] = floating is float and to_float(&coef[c], &coef32[c])             # <<<<<<<<<<<<<<
@@ -27867,7 +27901,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
         }
 
 
-        /* "fastbn/_planar.pyx":441
+        /* "fastbn/_planar.pyx":442
  *             coef[c] = inference_coef(&running_mean[0], &running_var[0], eps, g, bt, c)
  *             ok[c] = floating is float and to_float(&coef[c], &coef32[c])
  *         for u in prange(nu, num_threads=nt, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -27897,7 +27931,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
                         {
                             __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_4);
 
-                            /* "fastbn/_planar.pyx":442
+                            /* "fastbn/_planar.pyx":443
  *             ok[c] = floating is float and to_float(&coef[c], &coef32[c])
  *         for u in prange(nu, num_threads=nt, schedule="dynamic"):
  *             r1 = min(N * C, (u + 1) * rows)             # <<<<<<<<<<<<<<
@@ -27921,7 +27955,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
                             __pyx_v_r1 = __pyx_t_12;
 
 
-                            /* "fastbn/_planar.pyx":443
+                            /* "fastbn/_planar.pyx":444
  *         for u in prange(nu, num_threads=nt, schedule="dynamic"):
  *             r1 = min(N * C, (u + 1) * rows)
  *             for r in range(u * rows, r1):             # <<<<<<<<<<<<<<
@@ -27935,7 +27969,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
                             for (__pyx_t_11 = (__pyx_v_u * __pyx_v_rows); __pyx_t_11 < __pyx_t_10; __pyx_t_11+=1) {
                               __pyx_v_r = __pyx_t_11;
 
-                              /* "fastbn/_planar.pyx":445
+                              /* "fastbn/_planar.pyx":446
  *             for r in range(u * rows, r1):
  *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
  *                           &coef32[r % C] if ok[r % C] else NULL, streaming)             # <<<<<<<<<<<<<<
@@ -27953,7 +27987,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
                               }
 
 
-                              /* "fastbn/_planar.pyx":444
+                              /* "fastbn/_planar.pyx":445
  *             r1 = min(N * C, (u + 1) * rows)
  *             for r in range(u * rows, r1):
  *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],             # <<<<<<<<<<<<<<
@@ -27965,7 +27999,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
                             }
 
 
-                            /* "fastbn/_planar.pyx":446
+                            /* "fastbn/_planar.pyx":447
  *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
  *                           &coef32[r % C] if ok[r % C] else NULL, streaming)
  *             if streaming:             # <<<<<<<<<<<<<<
@@ -27974,7 +28008,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
 */
                             if (__pyx_v_streaming) {
 
-                              /* "fastbn/_planar.pyx":447
+                              /* "fastbn/_planar.pyx":448
  *                           &coef32[r % C] if ok[r % C] else NULL, streaming)
  *             if streaming:
  *                 fence()             # <<<<<<<<<<<<<<
@@ -27983,7 +28017,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
 */
                               fastbn_fence();
 
-                              /* "fastbn/_planar.pyx":446
+                              /* "fastbn/_planar.pyx":447
  *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
  *                           &coef32[r % C] if ok[r % C] else NULL, streaming)
  *             if streaming:             # <<<<<<<<<<<<<<
@@ -28005,7 +28039,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
 
       }
 
-      /* "fastbn/_planar.pyx":437
+      /* "fastbn/_planar.pyx":438
  *     cdef Coef32* coef32 = <Coef32*>(coef + C)
  *     cdef char* ok = <char*>(coef32 + C)
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -28022,7 +28056,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
       }
   }
 
-  /* "fastbn/_planar.pyx":417
+  /* "fastbn/_planar.pyx":418
  * 
  * 
  * def inference(const floating[:, :, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
@@ -28074,9 +28108,10 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_21inference(PyObject 
   __Pyx_memviewslice __pyx_v_y = { 0, 0, { 0 }, { 0 }, { 0 } };
   double __pyx_v_eps;
   int __pyx_v_num_threads;
+  int __pyx_v_stream;
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
-  PyObject* values[8] = {0,0,0,0,0,0,0,0};
+  PyObject* values[9] = {0,0,0,0,0,0,0,0,0};
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -28090,83 +28125,90 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_21inference(PyObject 
   #endif
   __pyx_kwvalues = __Pyx_KwValues_VARARGS(__pyx_args, __pyx_nargs);
   {
-    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_beta,&__pyx_mstate_global->__pyx_n_u_running_mean,&__pyx_mstate_global->__pyx_n_u_running_var,&__pyx_mstate_global->__pyx_n_u_y,&__pyx_mstate_global->__pyx_n_u_eps,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_beta,&__pyx_mstate_global->__pyx_n_u_running_mean,&__pyx_mstate_global->__pyx_n_u_running_var,&__pyx_mstate_global->__pyx_n_u_y,&__pyx_mstate_global->__pyx_n_u_eps,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 417, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 418, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
+        case  9:
+        values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 418, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case  8:
         values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  7:
         values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 417, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 418, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "inference", 0) < (0)) __PYX_ERR(3, 417, __pyx_L3_error)
-      for (Py_ssize_t i = __pyx_nargs; i < 8; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("inference", 1, 8, 8, i); __PYX_ERR(3, 417, __pyx_L3_error) }
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "inference", 0) < (0)) __PYX_ERR(3, 418, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 9; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("inference", 1, 9, 9, i); __PYX_ERR(3, 418, __pyx_L3_error) }
       }
-    } else if (unlikely(__pyx_nargs != 8)) {
+    } else if (unlikely(__pyx_nargs != 9)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 417, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 418, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 417, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 418, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 417, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 418, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 417, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 418, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 417, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 418, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 417, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 418, __pyx_L3_error)
       values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 417, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 418, __pyx_L3_error)
       values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 417, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 418, __pyx_L3_error)
+      values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 418, __pyx_L3_error)
     }
-    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 417, __pyx_L3_error)
-    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 417, __pyx_L3_error)
-    __pyx_v_beta = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_beta.memview)) __PYX_ERR(3, 418, __pyx_L3_error)
-    __pyx_v_running_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_running_mean.memview)) __PYX_ERR(3, 418, __pyx_L3_error)
-    __pyx_v_running_var = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[4], 0); if (unlikely(!__pyx_v_running_var.memview)) __PYX_ERR(3, 419, __pyx_L3_error)
-    __pyx_v_y = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_y.memview)) __PYX_ERR(3, 419, __pyx_L3_error)
-    __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[6]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 420, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[7]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 420, __pyx_L3_error)
+    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 418, __pyx_L3_error)
+    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 418, __pyx_L3_error)
+    __pyx_v_beta = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_beta.memview)) __PYX_ERR(3, 419, __pyx_L3_error)
+    __pyx_v_running_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_running_mean.memview)) __PYX_ERR(3, 419, __pyx_L3_error)
+    __pyx_v_running_var = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[4], 0); if (unlikely(!__pyx_v_running_var.memview)) __PYX_ERR(3, 420, __pyx_L3_error)
+    __pyx_v_y = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_y.memview)) __PYX_ERR(3, 420, __pyx_L3_error)
+    __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[6]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 421, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[7]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 421, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[8]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 421, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("inference", 1, 8, 8, __pyx_nargs); __PYX_ERR(3, 417, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("inference", 1, 9, 9, __pyx_nargs); __PYX_ERR(3, 418, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -28183,7 +28225,7 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_21inference(PyObject 
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_6fastbn_10_planar_v4_20inference(__pyx_self, __pyx_v_x, __pyx_v_gamma, __pyx_v_beta, __pyx_v_running_mean, __pyx_v_running_var, __pyx_v_y, __pyx_v_eps, __pyx_v_num_threads);
+  __pyx_r = __pyx_pf_6fastbn_10_planar_v4_20inference(__pyx_self, __pyx_v_x, __pyx_v_gamma, __pyx_v_beta, __pyx_v_running_mean, __pyx_v_running_var, __pyx_v_y, __pyx_v_eps, __pyx_v_num_threads, __pyx_v_stream);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -28197,11 +28239,12 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_21inference(PyObject 
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_y, 1);
 
 
+
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, __Pyx_memviewslice __pyx_v_y, double __pyx_v_eps, int __pyx_v_num_threads) {
+static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_beta, __Pyx_memviewslice __pyx_v_running_mean, __Pyx_memviewslice __pyx_v_running_var, __Pyx_memviewslice __pyx_v_y, double __pyx_v_eps, int __pyx_v_num_threads, int __pyx_v_stream) {
   Py_ssize_t __pyx_v_N;
   Py_ssize_t __pyx_v_C;
   Py_ssize_t __pyx_v_S;
@@ -28241,7 +28284,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_1inference", 0);
 
-  /* "fastbn/_planar.pyx":425
+  /* "fastbn/_planar.pyx":426
  *     A unit is a run of whole (n, c) rows of about BLOCK values or more,
  *     contiguous in memory."""
  *     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, u, r, r1             # <<<<<<<<<<<<<<
@@ -28252,23 +28295,23 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
   __pyx_v_C = (__pyx_v_x.shape[1]);
   __pyx_v_S = (__pyx_v_x.shape[2]);
 
-  /* "fastbn/_planar.pyx":426
+  /* "fastbn/_planar.pyx":427
  *     contiguous in memory."""
  *     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, u, r, r1
  *     cdef const floating* xp = &x[0, 0, 0]             # <<<<<<<<<<<<<<
  *     cdef floating* yp = &y[0, 0, 0]
- *     cdef bint streaming = streams(yp, xp, NULL, N * C * S * sizeof(floating))
+ *     cdef bint streaming = streams(stream, yp, xp, NULL, N * C * S * sizeof(floating))
 */
   __pyx_t_1 = 0;
   __pyx_t_2 = 0;
   __pyx_t_3 = 0;
   __pyx_v_xp = (&(*((double const  *) ( /* dim=2 */ ((char *) (((double const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_x.data + __pyx_t_1 * __pyx_v_x.strides[0]) ) + __pyx_t_2 * __pyx_v_x.strides[1]) )) + __pyx_t_3)) ))));
 
-  /* "fastbn/_planar.pyx":427
+  /* "fastbn/_planar.pyx":428
  *     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, u, r, r1
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* yp = &y[0, 0, 0]             # <<<<<<<<<<<<<<
- *     cdef bint streaming = streams(yp, xp, NULL, N * C * S * sizeof(floating))
+ *     cdef bint streaming = streams(stream, yp, xp, NULL, N * C * S * sizeof(floating))
  *     cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows
 */
   __pyx_t_3 = 0;
@@ -28276,18 +28319,18 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
   __pyx_t_1 = 0;
   __pyx_v_yp = (&(*((double *) ( /* dim=2 */ ((char *) (((double *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_y.data + __pyx_t_3 * __pyx_v_y.strides[0]) ) + __pyx_t_2 * __pyx_v_y.strides[1]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_planar.pyx":428
+  /* "fastbn/_planar.pyx":429
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* yp = &y[0, 0, 0]
- *     cdef bint streaming = streams(yp, xp, NULL, N * C * S * sizeof(floating))             # <<<<<<<<<<<<<<
+ *     cdef bint streaming = streams(stream, yp, xp, NULL, N * C * S * sizeof(floating))             # <<<<<<<<<<<<<<
  *     cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows
  *     cdef int nt = threads_for(N * C * S, nu, num_threads)
 */
-  __pyx_v_streaming = __pyx_f_6fastbn_5_simd_streams(__pyx_v_yp, __pyx_v_xp, NULL, (((__pyx_v_N * __pyx_v_C) * __pyx_v_S) * (sizeof(double))));
+  __pyx_v_streaming = __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_yp, __pyx_v_xp, NULL, (((__pyx_v_N * __pyx_v_C) * __pyx_v_S) * (sizeof(double))));
 
-  /* "fastbn/_planar.pyx":429
+  /* "fastbn/_planar.pyx":430
  *     cdef floating* yp = &y[0, 0, 0]
- *     cdef bint streaming = streams(yp, xp, NULL, N * C * S * sizeof(floating))
+ *     cdef bint streaming = streams(stream, yp, xp, NULL, N * C * S * sizeof(floating))
  *     cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows             # <<<<<<<<<<<<<<
  *     cdef int nt = threads_for(N * C * S, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)
@@ -28310,8 +28353,8 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
 
   __pyx_v_nu = ((((__pyx_v_N * __pyx_v_C) + __pyx_v_rows) - 1) / __pyx_v_rows);
 
-  /* "fastbn/_planar.pyx":430
- *     cdef bint streaming = streams(yp, xp, NULL, N * C * S * sizeof(floating))
+  /* "fastbn/_planar.pyx":431
+ *     cdef bint streaming = streams(stream, yp, xp, NULL, N * C * S * sizeof(floating))
  *     cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows
  *     cdef int nt = threads_for(N * C * S, nu, num_threads)             # <<<<<<<<<<<<<<
  *     cdef const floating* g = cptr(gamma)
@@ -28319,7 +28362,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for(((__pyx_v_N * __pyx_v_C) * __pyx_v_S), __pyx_v_nu, __pyx_v_num_threads);
 
-  /* "fastbn/_planar.pyx":431
+  /* "fastbn/_planar.pyx":432
  *     cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows
  *     cdef int nt = threads_for(N * C * S, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)             # <<<<<<<<<<<<<<
@@ -28328,7 +28371,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_g = __pyx_fuse_1__pyx_f_6fastbn_6_views_cptr(__pyx_v_gamma);
 
-  /* "fastbn/_planar.pyx":432
+  /* "fastbn/_planar.pyx":433
  *     cdef int nt = threads_for(N * C * S, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)
  *     cdef const floating* bt = cptr(beta)             # <<<<<<<<<<<<<<
@@ -28337,19 +28380,19 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_bt = __pyx_fuse_1__pyx_f_6fastbn_6_views_cptr(__pyx_v_beta);
 
-  /* "fastbn/_planar.pyx":433
+  /* "fastbn/_planar.pyx":434
  *     cdef const floating* g = cptr(gamma)
  *     cdef const floating* bt = cptr(beta)
  *     cdef array mem = workspace(C, sizeof(Coef) + sizeof(Coef32) + 1)             # <<<<<<<<<<<<<<
  *     cdef Coef* coef = <Coef*>mem.data
  *     cdef Coef32* coef32 = <Coef32*>(coef + C)
 */
-  __pyx_t_8 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_v_C, (((sizeof(__pyx_t_6fastbn_6_stats_Coef)) + (sizeof(__pyx_t_6fastbn_6_stats_Coef32))) + 1))); if (unlikely(!__pyx_t_8)) __PYX_ERR(3, 433, __pyx_L1_error)
+  __pyx_t_8 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_v_C, (((sizeof(__pyx_t_6fastbn_6_stats_Coef)) + (sizeof(__pyx_t_6fastbn_6_stats_Coef32))) + 1))); if (unlikely(!__pyx_t_8)) __PYX_ERR(3, 434, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_8);
   __pyx_t_8 = 0;
 
-  /* "fastbn/_planar.pyx":434
+  /* "fastbn/_planar.pyx":435
  *     cdef const floating* bt = cptr(beta)
  *     cdef array mem = workspace(C, sizeof(Coef) + sizeof(Coef32) + 1)
  *     cdef Coef* coef = <Coef*>mem.data             # <<<<<<<<<<<<<<
@@ -28358,7 +28401,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_coef = ((__pyx_t_6fastbn_6_stats_Coef *)__pyx_v_mem->data);
 
-  /* "fastbn/_planar.pyx":435
+  /* "fastbn/_planar.pyx":436
  *     cdef array mem = workspace(C, sizeof(Coef) + sizeof(Coef32) + 1)
  *     cdef Coef* coef = <Coef*>mem.data
  *     cdef Coef32* coef32 = <Coef32*>(coef + C)             # <<<<<<<<<<<<<<
@@ -28367,7 +28410,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_coef32 = ((__pyx_t_6fastbn_6_stats_Coef32 *)(__pyx_v_coef + __pyx_v_C));
 
-  /* "fastbn/_planar.pyx":436
+  /* "fastbn/_planar.pyx":437
  *     cdef Coef* coef = <Coef*>mem.data
  *     cdef Coef32* coef32 = <Coef32*>(coef + C)
  *     cdef char* ok = <char*>(coef32 + C)             # <<<<<<<<<<<<<<
@@ -28376,7 +28419,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_ok = ((char *)(__pyx_v_coef32 + __pyx_v_C));
 
-  /* "fastbn/_planar.pyx":437
+  /* "fastbn/_planar.pyx":438
  *     cdef Coef32* coef32 = <Coef32*>(coef + C)
  *     cdef char* ok = <char*>(coef32 + C)
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -28389,7 +28432,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "fastbn/_planar.pyx":438
+        /* "fastbn/_planar.pyx":439
  *     cdef char* ok = <char*>(coef32 + C)
  *     with nogil:
  *         for c in range(C):             # <<<<<<<<<<<<<<
@@ -28403,7 +28446,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
         for (__pyx_t_9 = 0; __pyx_t_9 < __pyx_t_4; __pyx_t_9+=1) {
           __pyx_v_c = __pyx_t_9;
 
-          /* "fastbn/_planar.pyx":439
+          /* "fastbn/_planar.pyx":440
  *     with nogil:
  *         for c in range(C):
  *             coef[c] = inference_coef(&running_mean[0], &running_var[0], eps, g, bt, c)             # <<<<<<<<<<<<<<
@@ -28414,7 +28457,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
           __pyx_t_2 = 0;
           (__pyx_v_coef[__pyx_v_c]) = __pyx_fuse_1__pyx_f_6fastbn_6_stats_inference_coef((&(*((double const  *) ( /* dim=0 */ ((char *) (((double const  *) __pyx_v_running_mean.data) + __pyx_t_1)) )))), (&(*((double const  *) ( /* dim=0 */ ((char *) (((double const  *) __pyx_v_running_var.data) + __pyx_t_2)) )))), __pyx_v_eps, __pyx_v_g, __pyx_v_bt, __pyx_v_c);
 
-          /* "fastbn/_planar.pyx":440
+          /* "fastbn/_planar.pyx":441
  *         for c in range(C):
  *             coef[c] = inference_coef(&running_mean[0], &running_var[0], eps, g, bt, c)
  *             ok[c] = floating is float and to_float(&coef[c], &coef32[c])             # <<<<<<<<<<<<<<
@@ -28425,7 +28468,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
         }
 
 
-        /* "fastbn/_planar.pyx":441
+        /* "fastbn/_planar.pyx":442
  *             coef[c] = inference_coef(&running_mean[0], &running_var[0], eps, g, bt, c)
  *             ok[c] = floating is float and to_float(&coef[c], &coef32[c])
  *         for u in prange(nu, num_threads=nt, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -28455,7 +28498,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
                         {
                             __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_4);
 
-                            /* "fastbn/_planar.pyx":442
+                            /* "fastbn/_planar.pyx":443
  *             ok[c] = floating is float and to_float(&coef[c], &coef32[c])
  *         for u in prange(nu, num_threads=nt, schedule="dynamic"):
  *             r1 = min(N * C, (u + 1) * rows)             # <<<<<<<<<<<<<<
@@ -28479,7 +28522,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
                             __pyx_v_r1 = __pyx_t_12;
 
 
-                            /* "fastbn/_planar.pyx":443
+                            /* "fastbn/_planar.pyx":444
  *         for u in prange(nu, num_threads=nt, schedule="dynamic"):
  *             r1 = min(N * C, (u + 1) * rows)
  *             for r in range(u * rows, r1):             # <<<<<<<<<<<<<<
@@ -28493,7 +28536,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
                             for (__pyx_t_11 = (__pyx_v_u * __pyx_v_rows); __pyx_t_11 < __pyx_t_10; __pyx_t_11+=1) {
                               __pyx_v_r = __pyx_t_11;
 
-                              /* "fastbn/_planar.pyx":445
+                              /* "fastbn/_planar.pyx":446
  *             for r in range(u * rows, r1):
  *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
  *                           &coef32[r % C] if ok[r % C] else NULL, streaming)             # <<<<<<<<<<<<<<
@@ -28511,7 +28554,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
                               }
 
 
-                              /* "fastbn/_planar.pyx":444
+                              /* "fastbn/_planar.pyx":445
  *             r1 = min(N * C, (u + 1) * rows)
  *             for r in range(u * rows, r1):
  *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],             # <<<<<<<<<<<<<<
@@ -28523,7 +28566,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
                             }
 
 
-                            /* "fastbn/_planar.pyx":446
+                            /* "fastbn/_planar.pyx":447
  *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
  *                           &coef32[r % C] if ok[r % C] else NULL, streaming)
  *             if streaming:             # <<<<<<<<<<<<<<
@@ -28532,7 +28575,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
 */
                             if (__pyx_v_streaming) {
 
-                              /* "fastbn/_planar.pyx":447
+                              /* "fastbn/_planar.pyx":448
  *                           &coef32[r % C] if ok[r % C] else NULL, streaming)
  *             if streaming:
  *                 fence()             # <<<<<<<<<<<<<<
@@ -28541,7 +28584,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
 */
                               fastbn_fence();
 
-                              /* "fastbn/_planar.pyx":446
+                              /* "fastbn/_planar.pyx":447
  *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
  *                           &coef32[r % C] if ok[r % C] else NULL, streaming)
  *             if streaming:             # <<<<<<<<<<<<<<
@@ -28563,7 +28606,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
 
       }
 
-      /* "fastbn/_planar.pyx":437
+      /* "fastbn/_planar.pyx":438
  *     cdef Coef32* coef32 = <Coef32*>(coef + C)
  *     cdef char* ok = <char*>(coef32 + C)
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -28580,7 +28623,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
       }
   }
 
-  /* "fastbn/_planar.pyx":417
+  /* "fastbn/_planar.pyx":418
  * 
  * 
  * def inference(const floating[:, :, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
@@ -28620,7 +28663,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
   return __pyx_r;
 }
 
-/* "fastbn/_planar.pyx":450
+/* "fastbn/_planar.pyx":451
  * 
  * 
  * def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,             # <<<<<<<<<<<<<<
@@ -28657,53 +28700,53 @@ static PyObject *__pyx_pw_6fastbn_10_planar_v4_5backward(PyObject *__pyx_self, P
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_signatures,&__pyx_mstate_global->__pyx_n_u_args,&__pyx_mstate_global->__pyx_n_u_kwargs,&__pyx_mstate_global->__pyx_n_u_defaults,&__pyx_mstate_global->__pyx_n_u_fused_sigindex,0};
     struct __pyx_defaults *__pyx_dynamic_args = __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self);
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 450, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 451, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 450, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 451, __pyx_L3_error)
       if (!values[4]) values[4] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
       for (Py_ssize_t i = __pyx_nargs; i < 4; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 450, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 451, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 451, __pyx_L3_error)
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 451, __pyx_L3_error)
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 451, __pyx_L3_error)
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 451, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -28717,7 +28760,7 @@ static PyObject *__pyx_pw_6fastbn_10_planar_v4_5backward(PyObject *__pyx_self, P
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 450, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 451, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -28769,7 +28812,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_4backward(CYTHON_UNUSED PyObject 
   else
   {
     Py_ssize_t __pyx_temp = __Pyx_PyDict_GET_SIZE(__pyx_v_kwargs);
-    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 450, __pyx_L1_error)
+    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 451, __pyx_L1_error)
     __pyx_t_2 = (__pyx_temp != 0);
   }
 
@@ -28787,11 +28830,11 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_4backward(CYTHON_UNUSED PyObject 
   }
   if (unlikely(__pyx_v_args == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(3, 450, __pyx_L1_error)
+    __PYX_ERR(3, 451, __pyx_L1_error)
   }
-  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 450, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 451, __pyx_L1_error)
   __pyx_v_arg_count = __pyx_t_4;
-  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 450, __pyx_L1_error)
+  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 451, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_ndarray = ((PyTypeObject*)__pyx_t_5);
   __pyx_t_5 = 0;
@@ -28801,7 +28844,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_4backward(CYTHON_UNUSED PyObject 
 
     if (unlikely(__pyx_v_args == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 450, __pyx_L1_error)
+      __PYX_ERR(3, 451, __pyx_L1_error)
     }
     __pyx_t_5 = __Pyx_PyTuple_GET_ITEM(((PyObject*)__pyx_v_args), 0);
     __Pyx_INCREF(__pyx_t_5);
@@ -28820,9 +28863,9 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_4backward(CYTHON_UNUSED PyObject 
   }
   if (unlikely(__pyx_v_kwargs == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not iterable");
-    __PYX_ERR(3, 450, __pyx_L1_error)
+    __PYX_ERR(3, 451, __pyx_L1_error)
   }
-  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_dy, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 450, __pyx_L1_error)
+  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_dy, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 451, __pyx_L1_error)
 
   __pyx_t_1 = __pyx_t_3;
 
@@ -28831,25 +28874,25 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_4backward(CYTHON_UNUSED PyObject 
 
     if (unlikely(__pyx_v_kwargs == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 450, __pyx_L1_error)
+      __PYX_ERR(3, 451, __pyx_L1_error)
     }
-    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_dy); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 450, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_dy); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 451, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_v_arg = __pyx_t_5;
     __pyx_t_5 = 0;
     goto __pyx_L6;
   }
   /*else*/ {
-    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_dy, 0, 9, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 450, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_dy, 0, 10, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 451, __pyx_L1_error)
 
   }
   __pyx_L6:;
-  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 450, __pyx_L1_error) }
-  __pyx_t_5 = __pyx_ff_map_fused_02b6e3_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 450, __pyx_L1_error)
+  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 451, __pyx_L1_error) }
+  __pyx_t_5 = __pyx_ff_map_fused_02b6e3_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 451, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_dest_sig0 = ((PyObject*)__pyx_t_5);
   __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 450, __pyx_L1_error)
+  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 451, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   {
     PyObject *__pyx_temp;
@@ -28891,9 +28934,10 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_25backward(PyObject *
   __Pyx_memviewslice __pyx_v_dgamma = { 0, 0, { 0 }, { 0 }, { 0 } };
   __Pyx_memviewslice __pyx_v_dbeta = { 0, 0, { 0 }, { 0 }, { 0 } };
   int __pyx_v_num_threads;
+  int __pyx_v_stream;
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
-  PyObject* values[9] = {0,0,0,0,0,0,0,0,0};
+  PyObject* values[10] = {0,0,0,0,0,0,0,0,0,0};
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -28907,90 +28951,97 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_25backward(PyObject *
   #endif
   __pyx_kwvalues = __Pyx_KwValues_VARARGS(__pyx_args, __pyx_nargs);
   {
-    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_dy,&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_mean,&__pyx_mstate_global->__pyx_n_u_invstd,&__pyx_mstate_global->__pyx_n_u_dx,&__pyx_mstate_global->__pyx_n_u_dgamma,&__pyx_mstate_global->__pyx_n_u_dbeta,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_dy,&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_mean,&__pyx_mstate_global->__pyx_n_u_invstd,&__pyx_mstate_global->__pyx_n_u_dx,&__pyx_mstate_global->__pyx_n_u_dgamma,&__pyx_mstate_global->__pyx_n_u_dbeta,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 450, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 451, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
+        case 10:
+        values[9] = __Pyx_ArgRef_VARARGS(__pyx_args, 9);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 451, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case  9:
         values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  8:
         values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  7:
         values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "backward", 0) < (0)) __PYX_ERR(3, 450, __pyx_L3_error)
-      for (Py_ssize_t i = __pyx_nargs; i < 9; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("backward", 1, 9, 9, i); __PYX_ERR(3, 450, __pyx_L3_error) }
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "backward", 0) < (0)) __PYX_ERR(3, 451, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 10; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("backward", 1, 10, 10, i); __PYX_ERR(3, 451, __pyx_L3_error) }
       }
-    } else if (unlikely(__pyx_nargs != 9)) {
+    } else if (unlikely(__pyx_nargs != 10)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 450, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 451, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 450, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 451, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 450, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 451, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 450, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 451, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 450, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 451, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 450, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 451, __pyx_L3_error)
       values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 450, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 451, __pyx_L3_error)
       values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 450, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 451, __pyx_L3_error)
       values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 450, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 451, __pyx_L3_error)
+      values[9] = __Pyx_ArgRef_VARARGS(__pyx_args, 9);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 451, __pyx_L3_error)
     }
-    __pyx_v_dy = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_dy.memview)) __PYX_ERR(3, 450, __pyx_L3_error)
-    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 450, __pyx_L3_error)
-    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[2], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 451, __pyx_L3_error)
-    __pyx_v_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[3], 0); if (unlikely(!__pyx_v_mean.memview)) __PYX_ERR(3, 451, __pyx_L3_error)
-    __pyx_v_invstd = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[4], 0); if (unlikely(!__pyx_v_invstd.memview)) __PYX_ERR(3, 452, __pyx_L3_error)
-    __pyx_v_dx = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dx.memview)) __PYX_ERR(3, 452, __pyx_L3_error)
-    __pyx_v_dgamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[6], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dgamma.memview)) __PYX_ERR(3, 453, __pyx_L3_error)
-    __pyx_v_dbeta = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[7], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dbeta.memview)) __PYX_ERR(3, 453, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[8]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 453, __pyx_L3_error)
+    __pyx_v_dy = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_dy.memview)) __PYX_ERR(3, 451, __pyx_L3_error)
+    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 451, __pyx_L3_error)
+    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[2], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 452, __pyx_L3_error)
+    __pyx_v_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[3], 0); if (unlikely(!__pyx_v_mean.memview)) __PYX_ERR(3, 452, __pyx_L3_error)
+    __pyx_v_invstd = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[4], 0); if (unlikely(!__pyx_v_invstd.memview)) __PYX_ERR(3, 453, __pyx_L3_error)
+    __pyx_v_dx = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dx.memview)) __PYX_ERR(3, 453, __pyx_L3_error)
+    __pyx_v_dgamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[6], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dgamma.memview)) __PYX_ERR(3, 454, __pyx_L3_error)
+    __pyx_v_dbeta = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[7], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dbeta.memview)) __PYX_ERR(3, 454, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[8]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 454, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[9]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 455, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("backward", 1, 9, 9, __pyx_nargs); __PYX_ERR(3, 450, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("backward", 1, 10, 10, __pyx_nargs); __PYX_ERR(3, 451, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -29009,7 +29060,7 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_25backward(PyObject *
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_6fastbn_10_planar_v4_24backward(__pyx_self, __pyx_v_dy, __pyx_v_x, __pyx_v_gamma, __pyx_v_mean, __pyx_v_invstd, __pyx_v_dx, __pyx_v_dgamma, __pyx_v_dbeta, __pyx_v_num_threads);
+  __pyx_r = __pyx_pf_6fastbn_10_planar_v4_24backward(__pyx_self, __pyx_v_dy, __pyx_v_x, __pyx_v_gamma, __pyx_v_mean, __pyx_v_invstd, __pyx_v_dx, __pyx_v_dgamma, __pyx_v_dbeta, __pyx_v_num_threads, __pyx_v_stream);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -29024,11 +29075,12 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_25backward(PyObject *
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_dgamma, 1);
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_dbeta, 1);
 
+
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_dy, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_dx, __Pyx_memviewslice __pyx_v_dgamma, __Pyx_memviewslice __pyx_v_dbeta, int __pyx_v_num_threads) {
+static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_dy, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_dx, __Pyx_memviewslice __pyx_v_dgamma, __Pyx_memviewslice __pyx_v_dbeta, int __pyx_v_num_threads, int __pyx_v_stream) {
   float const *__pyx_v_dyp;
   float const *__pyx_v_xp;
   float *__pyx_v_dxp;
@@ -29064,8 +29116,8 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_0backward", 0);
 
-  /* "fastbn/_planar.pyx":455
- *              floating[::1] dgamma, floating[::1] dbeta, int num_threads):
+  /* "fastbn/_planar.pyx":457
+ *              bint stream):
  *     """Fused backward on (N, C, S) views; see fastbn.functional."""
  *     cdef const floating* dyp = &dy[0, 0, 0]             # <<<<<<<<<<<<<<
  *     cdef const floating* xp = &x[0, 0, 0]
@@ -29076,7 +29128,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
   __pyx_t_3 = 0;
   __pyx_v_dyp = (&(*((float const  *) ( /* dim=2 */ ((char *) (((float const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_dy.data + __pyx_t_1 * __pyx_v_dy.strides[0]) ) + __pyx_t_2 * __pyx_v_dy.strides[1]) )) + __pyx_t_3)) ))));
 
-  /* "fastbn/_planar.pyx":456
+  /* "fastbn/_planar.pyx":458
  *     """Fused backward on (N, C, S) views; see fastbn.functional."""
  *     cdef const floating* dyp = &dy[0, 0, 0]
  *     cdef const floating* xp = &x[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -29088,7 +29140,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
   __pyx_t_1 = 0;
   __pyx_v_xp = (&(*((float const  *) ( /* dim=2 */ ((char *) (((float const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_x.data + __pyx_t_3 * __pyx_v_x.strides[0]) ) + __pyx_t_2 * __pyx_v_x.strides[1]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_planar.pyx":457
+  /* "fastbn/_planar.pyx":459
  *     cdef const floating* dyp = &dy[0, 0, 0]
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* dxp = &dx[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -29100,27 +29152,27 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
   __pyx_t_3 = 0;
   __pyx_v_dxp = (&(*((float *) ( /* dim=2 */ ((char *) (((float *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_dx.data + __pyx_t_1 * __pyx_v_dx.strides[0]) ) + __pyx_t_2 * __pyx_v_dx.strides[1]) )) + __pyx_t_3)) ))));
 
-  /* "fastbn/_planar.pyx":458
+  /* "fastbn/_planar.pyx":460
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* dxp = &dx[0, 0, 0]
  *     cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]             # <<<<<<<<<<<<<<
  *     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],
- *                               streams(dxp, dyp, xp, size * sizeof(floating)))
+ *                               streams(stream, dxp, dyp, xp, size * sizeof(floating)))
 */
   __pyx_v_size = (((__pyx_v_x.shape[0]) * (__pyx_v_x.shape[1])) * (__pyx_v_x.shape[2]));
 
-  /* "fastbn/_planar.pyx":459
+  /* "fastbn/_planar.pyx":461
  *     cdef floating* dxp = &dx[0, 0, 0]
  *     cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]
  *     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],             # <<<<<<<<<<<<<<
- *                               streams(dxp, dyp, xp, size * sizeof(floating)))
+ *                               streams(stream, dxp, dyp, xp, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
 */
-  __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (__pyx_v_x.shape[2]), __pyx_f_6fastbn_5_simd_streams(__pyx_v_dxp, __pyx_v_dyp, __pyx_v_xp, (__pyx_v_size * (sizeof(float)))));
+  __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (__pyx_v_x.shape[2]), __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_dxp, __pyx_v_dyp, __pyx_v_xp, (__pyx_v_size * (sizeof(float)))));
 
-  /* "fastbn/_planar.pyx":461
+  /* "fastbn/_planar.pyx":463
  *     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],
- *                               streams(dxp, dyp, xp, size * sizeof(floating)))
+ *                               streams(stream, dxp, dyp, xp, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb             # <<<<<<<<<<<<<<
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)
@@ -29130,8 +29182,8 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
   __pyx_v_nb = __pyx_t_4;
   __pyx_v_nu = (__pyx_v_p.C * __pyx_v_nb);
 
-  /* "fastbn/_planar.pyx":462
- *                               streams(dxp, dyp, xp, size * sizeof(floating)))
+  /* "fastbn/_planar.pyx":464
+ *                               streams(stream, dxp, dyp, xp, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)             # <<<<<<<<<<<<<<
  *     cdef const floating* g = cptr(gamma)
@@ -29139,7 +29191,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for(__pyx_v_size, __pyx_v_nu, __pyx_v_num_threads);
 
-  /* "fastbn/_planar.pyx":463
+  /* "fastbn/_planar.pyx":465
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)             # <<<<<<<<<<<<<<
@@ -29148,7 +29200,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
 */
   __pyx_v_g = __pyx_fuse_0__pyx_f_6fastbn_6_views_cptr(__pyx_v_gamma);
 
-  /* "fastbn/_planar.pyx":464
+  /* "fastbn/_planar.pyx":466
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)
  *     cdef Py_ssize_t G = group_size(&p, 2 * sizeof(floating)), ng = (p.C + G - 1) // G             # <<<<<<<<<<<<<<
@@ -29158,7 +29210,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
   __pyx_v_G = __pyx_f_6fastbn_10_planar_v4_group_size((&__pyx_v_p), (2 * (sizeof(float))));
   __pyx_v_ng = (((__pyx_v_p.C + __pyx_v_G) - 1) / __pyx_v_G);
 
-  /* "fastbn/_planar.pyx":469
+  /* "fastbn/_planar.pyx":471
  *     cdef double* part
  *     cdef Coef* coef
  *     if by_group(ng, nt):             # <<<<<<<<<<<<<<
@@ -29170,7 +29222,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
   if (__pyx_t_5) {
 
 
-    /* "fastbn/_planar.pyx":470
+    /* "fastbn/_planar.pyx":472
  *     cdef Coef* coef
  *     if by_group(ng, nt):
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -29183,7 +29235,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
         __Pyx_FastGIL_Remember();
         /*try:*/ {
 
-          /* "fastbn/_planar.pyx":471
+          /* "fastbn/_planar.pyx":473
  *     if by_group(ng, nt):
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -29213,7 +29265,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
                           {
                               __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                              /* "fastbn/_planar.pyx":472
+                              /* "fastbn/_planar.pyx":474
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 backward_group(dyp, xp, dxp, &p, u * G, min(p.C, (u + 1) * G), g, &mean[0],             # <<<<<<<<<<<<<<
@@ -29236,7 +29288,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
 
                               __pyx_t_3 = 0;
 
-                              /* "fastbn/_planar.pyx":473
+                              /* "fastbn/_planar.pyx":475
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 backward_group(dyp, xp, dxp, &p, u * G, min(p.C, (u + 1) * G), g, &mean[0],
  *                                &invstd[0], &dgamma[0], &dbeta[0])             # <<<<<<<<<<<<<<
@@ -29247,7 +29299,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
                               __pyx_t_1 = 0;
                               __pyx_t_11 = 0;
 
-                              /* "fastbn/_planar.pyx":472
+                              /* "fastbn/_planar.pyx":474
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 backward_group(dyp, xp, dxp, &p, u * G, min(p.C, (u + 1) * G), g, &mean[0],             # <<<<<<<<<<<<<<
@@ -29270,7 +29322,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
 
         }
 
-        /* "fastbn/_planar.pyx":470
+        /* "fastbn/_planar.pyx":472
  *     cdef Coef* coef
  *     if by_group(ng, nt):
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -29287,7 +29339,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
         }
     }
 
-    /* "fastbn/_planar.pyx":474
+    /* "fastbn/_planar.pyx":476
  *                 backward_group(dyp, xp, dxp, &p, u * G, min(p.C, (u + 1) * G), g, &mean[0],
  *                                &invstd[0], &dgamma[0], &dbeta[0])
  *         return             # <<<<<<<<<<<<<<
@@ -29304,7 +29356,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
     }
     goto __pyx_L0;
 
-    /* "fastbn/_planar.pyx":469
+    /* "fastbn/_planar.pyx":471
  *     cdef double* part
  *     cdef Coef* coef
  *     if by_group(ng, nt):             # <<<<<<<<<<<<<<
@@ -29313,19 +29365,19 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
 */
   }
 
-  /* "fastbn/_planar.pyx":475
+  /* "fastbn/_planar.pyx":477
  *                                &invstd[0], &dgamma[0], &dbeta[0])
  *         return
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)             # <<<<<<<<<<<<<<
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
 */
-  __pyx_t_12 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((((2 * __pyx_v_nu) * (sizeof(double))) + (__pyx_v_p.C * (sizeof(__pyx_t_6fastbn_6_stats_Coef)))), 1)); if (unlikely(!__pyx_t_12)) __PYX_ERR(3, 475, __pyx_L1_error)
+  __pyx_t_12 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((((2 * __pyx_v_nu) * (sizeof(double))) + (__pyx_v_p.C * (sizeof(__pyx_t_6fastbn_6_stats_Coef)))), 1)); if (unlikely(!__pyx_t_12)) __PYX_ERR(3, 477, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_12);
   __pyx_t_12 = 0;
 
-  /* "fastbn/_planar.pyx":476
+  /* "fastbn/_planar.pyx":478
  *         return
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
  *     coef = <Coef*>mem.data             # <<<<<<<<<<<<<<
@@ -29334,7 +29386,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
 */
   __pyx_v_coef = ((__pyx_t_6fastbn_6_stats_Coef *)__pyx_v_mem->data);
 
-  /* "fastbn/_planar.pyx":477
+  /* "fastbn/_planar.pyx":479
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)             # <<<<<<<<<<<<<<
@@ -29343,7 +29395,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
 */
   __pyx_v_part = ((double *)(__pyx_v_coef + __pyx_v_p.C));
 
-  /* "fastbn/_planar.pyx":478
+  /* "fastbn/_planar.pyx":480
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -29367,7 +29419,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
             #endif /* _OPENMP */
             {
 
-                /* "fastbn/_planar.pyx":479
+                /* "fastbn/_planar.pyx":481
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -29387,7 +29439,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
                             {
                                 __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":480
+                                /* "fastbn/_planar.pyx":482
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):
  *             block_sums(dyp, xp, &p, u // nb, u % nb, mean[u // nb],             # <<<<<<<<<<<<<<
@@ -29396,7 +29448,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
 */
                                 __pyx_t_11 = (__pyx_v_u / __pyx_v_nb);
 
-                                /* "fastbn/_planar.pyx":481
+                                /* "fastbn/_planar.pyx":483
  *         for u in prange(nu, schedule="dynamic"):
  *             block_sums(dyp, xp, &p, u // nb, u % nb, mean[u // nb],
  *                        &part[2 * u], &part[2 * u + 1])             # <<<<<<<<<<<<<<
@@ -29410,7 +29462,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
                 }
 
 
-                /* "fastbn/_planar.pyx":482
+                /* "fastbn/_planar.pyx":484
  *             block_sums(dyp, xp, &p, u // nb, u % nb, mean[u // nb],
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -29430,7 +29482,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
                             {
                                 __pyx_v_c = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":483
+                                /* "fastbn/_planar.pyx":485
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = backward_merged(part, &p, c, &mean[0], &invstd[0], g, &dgamma[0],             # <<<<<<<<<<<<<<
@@ -29441,7 +29493,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
                                 __pyx_t_1 = 0;
                                 __pyx_t_2 = 0;
 
-                                /* "fastbn/_planar.pyx":484
+                                /* "fastbn/_planar.pyx":486
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = backward_merged(part, &p, c, &mean[0], &invstd[0], g, &dgamma[0],
  *                                       &dbeta[0])             # <<<<<<<<<<<<<<
@@ -29450,7 +29502,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
 */
                                 __pyx_t_3 = 0;
 
-                                /* "fastbn/_planar.pyx":483
+                                /* "fastbn/_planar.pyx":485
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = backward_merged(part, &p, c, &mean[0], &invstd[0], g, &dgamma[0],             # <<<<<<<<<<<<<<
@@ -29464,7 +29516,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
                 }
 
 
-                /* "fastbn/_planar.pyx":485
+                /* "fastbn/_planar.pyx":487
  *             coef[c] = backward_merged(part, &p, c, &mean[0], &invstd[0], g, &dgamma[0],
  *                                       &dbeta[0])
  *         for u in prange(nu, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -29484,7 +29536,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
                             {
                                 __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":486
+                                /* "fastbn/_planar.pyx":488
  *                                       &dbeta[0])
  *         for u in prange(nu, schedule="dynamic"):
  *             block_apply(dyp, xp, dxp, &p, (nu - 1 - u) // nb, (nu - 1 - u) % nb,             # <<<<<<<<<<<<<<
@@ -29507,7 +29559,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
         #endif
       }
 
-      /* "fastbn/_planar.pyx":478
+      /* "fastbn/_planar.pyx":480
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -29524,7 +29576,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
       }
   }
 
-  /* "fastbn/_planar.pyx":450
+  /* "fastbn/_planar.pyx":451
  * 
  * 
  * def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,             # <<<<<<<<<<<<<<
@@ -29574,9 +29626,10 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_27backward(PyObject *
   __Pyx_memviewslice __pyx_v_dgamma = { 0, 0, { 0 }, { 0 }, { 0 } };
   __Pyx_memviewslice __pyx_v_dbeta = { 0, 0, { 0 }, { 0 }, { 0 } };
   int __pyx_v_num_threads;
+  int __pyx_v_stream;
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
-  PyObject* values[9] = {0,0,0,0,0,0,0,0,0};
+  PyObject* values[10] = {0,0,0,0,0,0,0,0,0,0};
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -29590,90 +29643,97 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_27backward(PyObject *
   #endif
   __pyx_kwvalues = __Pyx_KwValues_VARARGS(__pyx_args, __pyx_nargs);
   {
-    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_dy,&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_mean,&__pyx_mstate_global->__pyx_n_u_invstd,&__pyx_mstate_global->__pyx_n_u_dx,&__pyx_mstate_global->__pyx_n_u_dgamma,&__pyx_mstate_global->__pyx_n_u_dbeta,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_dy,&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_mean,&__pyx_mstate_global->__pyx_n_u_invstd,&__pyx_mstate_global->__pyx_n_u_dx,&__pyx_mstate_global->__pyx_n_u_dgamma,&__pyx_mstate_global->__pyx_n_u_dbeta,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 450, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 451, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
+        case 10:
+        values[9] = __Pyx_ArgRef_VARARGS(__pyx_args, 9);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 451, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case  9:
         values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  8:
         values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  7:
         values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 450, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 451, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "backward", 0) < (0)) __PYX_ERR(3, 450, __pyx_L3_error)
-      for (Py_ssize_t i = __pyx_nargs; i < 9; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("backward", 1, 9, 9, i); __PYX_ERR(3, 450, __pyx_L3_error) }
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "backward", 0) < (0)) __PYX_ERR(3, 451, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 10; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("backward", 1, 10, 10, i); __PYX_ERR(3, 451, __pyx_L3_error) }
       }
-    } else if (unlikely(__pyx_nargs != 9)) {
+    } else if (unlikely(__pyx_nargs != 10)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 450, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 451, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 450, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 451, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 450, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 451, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 450, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 451, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 450, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 451, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 450, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 451, __pyx_L3_error)
       values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 450, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 451, __pyx_L3_error)
       values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 450, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 451, __pyx_L3_error)
       values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 450, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 451, __pyx_L3_error)
+      values[9] = __Pyx_ArgRef_VARARGS(__pyx_args, 9);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 451, __pyx_L3_error)
     }
-    __pyx_v_dy = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_dy.memview)) __PYX_ERR(3, 450, __pyx_L3_error)
-    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 450, __pyx_L3_error)
-    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 451, __pyx_L3_error)
-    __pyx_v_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_mean.memview)) __PYX_ERR(3, 451, __pyx_L3_error)
-    __pyx_v_invstd = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[4], 0); if (unlikely(!__pyx_v_invstd.memview)) __PYX_ERR(3, 452, __pyx_L3_error)
-    __pyx_v_dx = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dx.memview)) __PYX_ERR(3, 452, __pyx_L3_error)
-    __pyx_v_dgamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[6], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dgamma.memview)) __PYX_ERR(3, 453, __pyx_L3_error)
-    __pyx_v_dbeta = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[7], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dbeta.memview)) __PYX_ERR(3, 453, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[8]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 453, __pyx_L3_error)
+    __pyx_v_dy = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_dy.memview)) __PYX_ERR(3, 451, __pyx_L3_error)
+    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 451, __pyx_L3_error)
+    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 452, __pyx_L3_error)
+    __pyx_v_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_mean.memview)) __PYX_ERR(3, 452, __pyx_L3_error)
+    __pyx_v_invstd = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[4], 0); if (unlikely(!__pyx_v_invstd.memview)) __PYX_ERR(3, 453, __pyx_L3_error)
+    __pyx_v_dx = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dx.memview)) __PYX_ERR(3, 453, __pyx_L3_error)
+    __pyx_v_dgamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[6], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dgamma.memview)) __PYX_ERR(3, 454, __pyx_L3_error)
+    __pyx_v_dbeta = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[7], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dbeta.memview)) __PYX_ERR(3, 454, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[8]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 454, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[9]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 455, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("backward", 1, 9, 9, __pyx_nargs); __PYX_ERR(3, 450, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("backward", 1, 10, 10, __pyx_nargs); __PYX_ERR(3, 451, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -29692,7 +29752,7 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_27backward(PyObject *
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_6fastbn_10_planar_v4_26backward(__pyx_self, __pyx_v_dy, __pyx_v_x, __pyx_v_gamma, __pyx_v_mean, __pyx_v_invstd, __pyx_v_dx, __pyx_v_dgamma, __pyx_v_dbeta, __pyx_v_num_threads);
+  __pyx_r = __pyx_pf_6fastbn_10_planar_v4_26backward(__pyx_self, __pyx_v_dy, __pyx_v_x, __pyx_v_gamma, __pyx_v_mean, __pyx_v_invstd, __pyx_v_dx, __pyx_v_dgamma, __pyx_v_dbeta, __pyx_v_num_threads, __pyx_v_stream);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -29707,11 +29767,12 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_27backward(PyObject *
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_dgamma, 1);
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_dbeta, 1);
 
+
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_dy, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_dx, __Pyx_memviewslice __pyx_v_dgamma, __Pyx_memviewslice __pyx_v_dbeta, int __pyx_v_num_threads) {
+static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_dy, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_gamma, __Pyx_memviewslice __pyx_v_mean, __Pyx_memviewslice __pyx_v_invstd, __Pyx_memviewslice __pyx_v_dx, __Pyx_memviewslice __pyx_v_dgamma, __Pyx_memviewslice __pyx_v_dbeta, int __pyx_v_num_threads, int __pyx_v_stream) {
   double const *__pyx_v_dyp;
   double const *__pyx_v_xp;
   double *__pyx_v_dxp;
@@ -29747,8 +29808,8 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_1backward", 0);
 
-  /* "fastbn/_planar.pyx":455
- *              floating[::1] dgamma, floating[::1] dbeta, int num_threads):
+  /* "fastbn/_planar.pyx":457
+ *              bint stream):
  *     """Fused backward on (N, C, S) views; see fastbn.functional."""
  *     cdef const floating* dyp = &dy[0, 0, 0]             # <<<<<<<<<<<<<<
  *     cdef const floating* xp = &x[0, 0, 0]
@@ -29759,7 +29820,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
   __pyx_t_3 = 0;
   __pyx_v_dyp = (&(*((double const  *) ( /* dim=2 */ ((char *) (((double const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_dy.data + __pyx_t_1 * __pyx_v_dy.strides[0]) ) + __pyx_t_2 * __pyx_v_dy.strides[1]) )) + __pyx_t_3)) ))));
 
-  /* "fastbn/_planar.pyx":456
+  /* "fastbn/_planar.pyx":458
  *     """Fused backward on (N, C, S) views; see fastbn.functional."""
  *     cdef const floating* dyp = &dy[0, 0, 0]
  *     cdef const floating* xp = &x[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -29771,7 +29832,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
   __pyx_t_1 = 0;
   __pyx_v_xp = (&(*((double const  *) ( /* dim=2 */ ((char *) (((double const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_x.data + __pyx_t_3 * __pyx_v_x.strides[0]) ) + __pyx_t_2 * __pyx_v_x.strides[1]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_planar.pyx":457
+  /* "fastbn/_planar.pyx":459
  *     cdef const floating* dyp = &dy[0, 0, 0]
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* dxp = &dx[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -29783,27 +29844,27 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
   __pyx_t_3 = 0;
   __pyx_v_dxp = (&(*((double *) ( /* dim=2 */ ((char *) (((double *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_dx.data + __pyx_t_1 * __pyx_v_dx.strides[0]) ) + __pyx_t_2 * __pyx_v_dx.strides[1]) )) + __pyx_t_3)) ))));
 
-  /* "fastbn/_planar.pyx":458
+  /* "fastbn/_planar.pyx":460
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* dxp = &dx[0, 0, 0]
  *     cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]             # <<<<<<<<<<<<<<
  *     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],
- *                               streams(dxp, dyp, xp, size * sizeof(floating)))
+ *                               streams(stream, dxp, dyp, xp, size * sizeof(floating)))
 */
   __pyx_v_size = (((__pyx_v_x.shape[0]) * (__pyx_v_x.shape[1])) * (__pyx_v_x.shape[2]));
 
-  /* "fastbn/_planar.pyx":459
+  /* "fastbn/_planar.pyx":461
  *     cdef floating* dxp = &dx[0, 0, 0]
  *     cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]
  *     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],             # <<<<<<<<<<<<<<
- *                               streams(dxp, dyp, xp, size * sizeof(floating)))
+ *                               streams(stream, dxp, dyp, xp, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
 */
-  __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (__pyx_v_x.shape[2]), __pyx_f_6fastbn_5_simd_streams(__pyx_v_dxp, __pyx_v_dyp, __pyx_v_xp, (__pyx_v_size * (sizeof(double)))));
+  __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (__pyx_v_x.shape[2]), __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_dxp, __pyx_v_dyp, __pyx_v_xp, (__pyx_v_size * (sizeof(double)))));
 
-  /* "fastbn/_planar.pyx":461
+  /* "fastbn/_planar.pyx":463
  *     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],
- *                               streams(dxp, dyp, xp, size * sizeof(floating)))
+ *                               streams(stream, dxp, dyp, xp, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb             # <<<<<<<<<<<<<<
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)
@@ -29813,8 +29874,8 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
   __pyx_v_nb = __pyx_t_4;
   __pyx_v_nu = (__pyx_v_p.C * __pyx_v_nb);
 
-  /* "fastbn/_planar.pyx":462
- *                               streams(dxp, dyp, xp, size * sizeof(floating)))
+  /* "fastbn/_planar.pyx":464
+ *                               streams(stream, dxp, dyp, xp, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)             # <<<<<<<<<<<<<<
  *     cdef const floating* g = cptr(gamma)
@@ -29822,7 +29883,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for(__pyx_v_size, __pyx_v_nu, __pyx_v_num_threads);
 
-  /* "fastbn/_planar.pyx":463
+  /* "fastbn/_planar.pyx":465
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)             # <<<<<<<<<<<<<<
@@ -29831,7 +29892,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
 */
   __pyx_v_g = __pyx_fuse_1__pyx_f_6fastbn_6_views_cptr(__pyx_v_gamma);
 
-  /* "fastbn/_planar.pyx":464
+  /* "fastbn/_planar.pyx":466
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)
  *     cdef Py_ssize_t G = group_size(&p, 2 * sizeof(floating)), ng = (p.C + G - 1) // G             # <<<<<<<<<<<<<<
@@ -29841,7 +29902,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
   __pyx_v_G = __pyx_f_6fastbn_10_planar_v4_group_size((&__pyx_v_p), (2 * (sizeof(double))));
   __pyx_v_ng = (((__pyx_v_p.C + __pyx_v_G) - 1) / __pyx_v_G);
 
-  /* "fastbn/_planar.pyx":469
+  /* "fastbn/_planar.pyx":471
  *     cdef double* part
  *     cdef Coef* coef
  *     if by_group(ng, nt):             # <<<<<<<<<<<<<<
@@ -29853,7 +29914,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
   if (__pyx_t_5) {
 
 
-    /* "fastbn/_planar.pyx":470
+    /* "fastbn/_planar.pyx":472
  *     cdef Coef* coef
  *     if by_group(ng, nt):
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -29866,7 +29927,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
         __Pyx_FastGIL_Remember();
         /*try:*/ {
 
-          /* "fastbn/_planar.pyx":471
+          /* "fastbn/_planar.pyx":473
  *     if by_group(ng, nt):
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -29896,7 +29957,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
                           {
                               __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                              /* "fastbn/_planar.pyx":472
+                              /* "fastbn/_planar.pyx":474
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 backward_group(dyp, xp, dxp, &p, u * G, min(p.C, (u + 1) * G), g, &mean[0],             # <<<<<<<<<<<<<<
@@ -29919,7 +29980,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
 
                               __pyx_t_3 = 0;
 
-                              /* "fastbn/_planar.pyx":473
+                              /* "fastbn/_planar.pyx":475
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 backward_group(dyp, xp, dxp, &p, u * G, min(p.C, (u + 1) * G), g, &mean[0],
  *                                &invstd[0], &dgamma[0], &dbeta[0])             # <<<<<<<<<<<<<<
@@ -29930,7 +29991,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
                               __pyx_t_1 = 0;
                               __pyx_t_11 = 0;
 
-                              /* "fastbn/_planar.pyx":472
+                              /* "fastbn/_planar.pyx":474
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 backward_group(dyp, xp, dxp, &p, u * G, min(p.C, (u + 1) * G), g, &mean[0],             # <<<<<<<<<<<<<<
@@ -29953,7 +30014,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
 
         }
 
-        /* "fastbn/_planar.pyx":470
+        /* "fastbn/_planar.pyx":472
  *     cdef Coef* coef
  *     if by_group(ng, nt):
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -29970,7 +30031,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
         }
     }
 
-    /* "fastbn/_planar.pyx":474
+    /* "fastbn/_planar.pyx":476
  *                 backward_group(dyp, xp, dxp, &p, u * G, min(p.C, (u + 1) * G), g, &mean[0],
  *                                &invstd[0], &dgamma[0], &dbeta[0])
  *         return             # <<<<<<<<<<<<<<
@@ -29987,7 +30048,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
     }
     goto __pyx_L0;
 
-    /* "fastbn/_planar.pyx":469
+    /* "fastbn/_planar.pyx":471
  *     cdef double* part
  *     cdef Coef* coef
  *     if by_group(ng, nt):             # <<<<<<<<<<<<<<
@@ -29996,19 +30057,19 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
 */
   }
 
-  /* "fastbn/_planar.pyx":475
+  /* "fastbn/_planar.pyx":477
  *                                &invstd[0], &dgamma[0], &dbeta[0])
  *         return
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)             # <<<<<<<<<<<<<<
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
 */
-  __pyx_t_12 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((((2 * __pyx_v_nu) * (sizeof(double))) + (__pyx_v_p.C * (sizeof(__pyx_t_6fastbn_6_stats_Coef)))), 1)); if (unlikely(!__pyx_t_12)) __PYX_ERR(3, 475, __pyx_L1_error)
+  __pyx_t_12 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((((2 * __pyx_v_nu) * (sizeof(double))) + (__pyx_v_p.C * (sizeof(__pyx_t_6fastbn_6_stats_Coef)))), 1)); if (unlikely(!__pyx_t_12)) __PYX_ERR(3, 477, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_12);
   __pyx_t_12 = 0;
 
-  /* "fastbn/_planar.pyx":476
+  /* "fastbn/_planar.pyx":478
  *         return
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
  *     coef = <Coef*>mem.data             # <<<<<<<<<<<<<<
@@ -30017,7 +30078,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
 */
   __pyx_v_coef = ((__pyx_t_6fastbn_6_stats_Coef *)__pyx_v_mem->data);
 
-  /* "fastbn/_planar.pyx":477
+  /* "fastbn/_planar.pyx":479
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)             # <<<<<<<<<<<<<<
@@ -30026,7 +30087,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
 */
   __pyx_v_part = ((double *)(__pyx_v_coef + __pyx_v_p.C));
 
-  /* "fastbn/_planar.pyx":478
+  /* "fastbn/_planar.pyx":480
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -30050,7 +30111,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
             #endif /* _OPENMP */
             {
 
-                /* "fastbn/_planar.pyx":479
+                /* "fastbn/_planar.pyx":481
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -30070,7 +30131,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
                             {
                                 __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":480
+                                /* "fastbn/_planar.pyx":482
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):
  *             block_sums(dyp, xp, &p, u // nb, u % nb, mean[u // nb],             # <<<<<<<<<<<<<<
@@ -30079,7 +30140,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
 */
                                 __pyx_t_11 = (__pyx_v_u / __pyx_v_nb);
 
-                                /* "fastbn/_planar.pyx":481
+                                /* "fastbn/_planar.pyx":483
  *         for u in prange(nu, schedule="dynamic"):
  *             block_sums(dyp, xp, &p, u // nb, u % nb, mean[u // nb],
  *                        &part[2 * u], &part[2 * u + 1])             # <<<<<<<<<<<<<<
@@ -30093,7 +30154,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
                 }
 
 
-                /* "fastbn/_planar.pyx":482
+                /* "fastbn/_planar.pyx":484
  *             block_sums(dyp, xp, &p, u // nb, u % nb, mean[u // nb],
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -30113,7 +30174,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
                             {
                                 __pyx_v_c = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":483
+                                /* "fastbn/_planar.pyx":485
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = backward_merged(part, &p, c, &mean[0], &invstd[0], g, &dgamma[0],             # <<<<<<<<<<<<<<
@@ -30124,7 +30185,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
                                 __pyx_t_1 = 0;
                                 __pyx_t_2 = 0;
 
-                                /* "fastbn/_planar.pyx":484
+                                /* "fastbn/_planar.pyx":486
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = backward_merged(part, &p, c, &mean[0], &invstd[0], g, &dgamma[0],
  *                                       &dbeta[0])             # <<<<<<<<<<<<<<
@@ -30133,7 +30194,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
 */
                                 __pyx_t_3 = 0;
 
-                                /* "fastbn/_planar.pyx":483
+                                /* "fastbn/_planar.pyx":485
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = backward_merged(part, &p, c, &mean[0], &invstd[0], g, &dgamma[0],             # <<<<<<<<<<<<<<
@@ -30147,7 +30208,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
                 }
 
 
-                /* "fastbn/_planar.pyx":485
+                /* "fastbn/_planar.pyx":487
  *             coef[c] = backward_merged(part, &p, c, &mean[0], &invstd[0], g, &dgamma[0],
  *                                       &dbeta[0])
  *         for u in prange(nu, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -30167,7 +30228,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
                             {
                                 __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":486
+                                /* "fastbn/_planar.pyx":488
  *                                       &dbeta[0])
  *         for u in prange(nu, schedule="dynamic"):
  *             block_apply(dyp, xp, dxp, &p, (nu - 1 - u) // nb, (nu - 1 - u) % nb,             # <<<<<<<<<<<<<<
@@ -30190,7 +30251,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
         #endif
       }
 
-      /* "fastbn/_planar.pyx":478
+      /* "fastbn/_planar.pyx":480
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -30207,7 +30268,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
       }
   }
 
-  /* "fastbn/_planar.pyx":450
+  /* "fastbn/_planar.pyx":451
  * 
  * 
  * def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,             # <<<<<<<<<<<<<<
@@ -30244,7 +30305,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
   return __pyx_r;
 }
 
-/* "fastbn/_planar.pyx":490
+/* "fastbn/_planar.pyx":492
  * 
  * 
  * def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[::1] center,             # <<<<<<<<<<<<<<
@@ -30281,53 +30342,53 @@ static PyObject *__pyx_pw_6fastbn_10_planar_v4_7sums(PyObject *__pyx_self, PyObj
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_signatures,&__pyx_mstate_global->__pyx_n_u_args,&__pyx_mstate_global->__pyx_n_u_kwargs,&__pyx_mstate_global->__pyx_n_u_defaults,&__pyx_mstate_global->__pyx_n_u_fused_sigindex,0};
     struct __pyx_defaults *__pyx_dynamic_args = __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self);
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 490, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 492, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 490, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 492, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 490, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 492, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 490, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 492, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 490, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 492, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 490, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 492, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 490, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 492, __pyx_L3_error)
       if (!values[4]) values[4] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
       for (Py_ssize_t i = __pyx_nargs; i < 4; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 490, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 492, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 490, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 492, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 490, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 492, __pyx_L3_error)
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 490, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 492, __pyx_L3_error)
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 490, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 492, __pyx_L3_error)
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 490, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 492, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -30341,7 +30402,7 @@ static PyObject *__pyx_pw_6fastbn_10_planar_v4_7sums(PyObject *__pyx_self, PyObj
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 490, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 492, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -30393,7 +30454,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_6sums(CYTHON_UNUSED PyObject *__p
   else
   {
     Py_ssize_t __pyx_temp = __Pyx_PyDict_GET_SIZE(__pyx_v_kwargs);
-    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 490, __pyx_L1_error)
+    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 492, __pyx_L1_error)
     __pyx_t_2 = (__pyx_temp != 0);
   }
 
@@ -30411,11 +30472,11 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_6sums(CYTHON_UNUSED PyObject *__p
   }
   if (unlikely(__pyx_v_args == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(3, 490, __pyx_L1_error)
+    __PYX_ERR(3, 492, __pyx_L1_error)
   }
-  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 490, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 492, __pyx_L1_error)
   __pyx_v_arg_count = __pyx_t_4;
-  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 490, __pyx_L1_error)
+  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 492, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_ndarray = ((PyTypeObject*)__pyx_t_5);
   __pyx_t_5 = 0;
@@ -30425,7 +30486,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_6sums(CYTHON_UNUSED PyObject *__p
 
     if (unlikely(__pyx_v_args == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 490, __pyx_L1_error)
+      __PYX_ERR(3, 492, __pyx_L1_error)
     }
     __pyx_t_5 = __Pyx_PyTuple_GET_ITEM(((PyObject*)__pyx_v_args), 0);
     __Pyx_INCREF(__pyx_t_5);
@@ -30444,9 +30505,9 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_6sums(CYTHON_UNUSED PyObject *__p
   }
   if (unlikely(__pyx_v_kwargs == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not iterable");
-    __PYX_ERR(3, 490, __pyx_L1_error)
+    __PYX_ERR(3, 492, __pyx_L1_error)
   }
-  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_a, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 490, __pyx_L1_error)
+  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_a, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 492, __pyx_L1_error)
 
   __pyx_t_1 = __pyx_t_3;
 
@@ -30455,25 +30516,25 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_6sums(CYTHON_UNUSED PyObject *__p
 
     if (unlikely(__pyx_v_kwargs == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 490, __pyx_L1_error)
+      __PYX_ERR(3, 492, __pyx_L1_error)
     }
-    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_a); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 490, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_a); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 492, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_v_arg = __pyx_t_5;
     __pyx_t_5 = 0;
     goto __pyx_L6;
   }
   /*else*/ {
-    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_a, 0, 5, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 490, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_a, 0, 5, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 492, __pyx_L1_error)
 
   }
   __pyx_L6:;
-  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 490, __pyx_L1_error) }
-  __pyx_t_5 = __pyx_ff_map_fused_02b6e3_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 490, __pyx_L1_error)
+  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 492, __pyx_L1_error) }
+  __pyx_t_5 = __pyx_ff_map_fused_02b6e3_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 492, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_dest_sig0 = ((PyObject*)__pyx_t_5);
   __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 490, __pyx_L1_error)
+  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 492, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   {
     PyObject *__pyx_temp;
@@ -30529,60 +30590,60 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_31sums(PyObject *__py
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_a,&__pyx_mstate_global->__pyx_n_u_b,&__pyx_mstate_global->__pyx_n_u_center,&__pyx_mstate_global->__pyx_n_u_out,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 490, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 492, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 490, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 492, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 490, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 492, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 490, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 492, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 490, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 492, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 490, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 492, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "sums", 0) < (0)) __PYX_ERR(3, 490, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "sums", 0) < (0)) __PYX_ERR(3, 492, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 5; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, i); __PYX_ERR(3, 490, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, i); __PYX_ERR(3, 492, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 5)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 490, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 492, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 490, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 492, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 490, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 492, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 490, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 492, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 490, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 492, __pyx_L3_error)
     }
-    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 490, __pyx_L3_error)
-    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 490, __pyx_L3_error)
-    __pyx_v_center = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_center.memview)) __PYX_ERR(3, 490, __pyx_L3_error)
-    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 491, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 491, __pyx_L3_error)
+    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 492, __pyx_L3_error)
+    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 492, __pyx_L3_error)
+    __pyx_v_center = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_center.memview)) __PYX_ERR(3, 492, __pyx_L3_error)
+    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 493, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 493, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, __pyx_nargs); __PYX_ERR(3, 490, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, __pyx_nargs); __PYX_ERR(3, 492, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -30638,7 +30699,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_0sums", 0);
 
-  /* "fastbn/_planar.pyx":499
+  /* "fastbn/_planar.pyx":501
  *     same sums, to the bit, as the fused kernels take.
  *     """
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2], False)             # <<<<<<<<<<<<<<
@@ -30647,7 +30708,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
 */
   __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_a.shape[0]), (__pyx_v_a.shape[1]), (__pyx_v_a.shape[2]), 0);
 
-  /* "fastbn/_planar.pyx":500
+  /* "fastbn/_planar.pyx":502
  *     """
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2], False)
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb             # <<<<<<<<<<<<<<
@@ -30659,7 +30720,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
   __pyx_v_nb = __pyx_t_1;
   __pyx_v_nu = (__pyx_v_p.C * __pyx_v_nb);
 
-  /* "fastbn/_planar.pyx":501
+  /* "fastbn/_planar.pyx":503
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2], False)
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(p.N * p.C * p.S, nu, num_threads)             # <<<<<<<<<<<<<<
@@ -30668,7 +30729,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for(((__pyx_v_p.N * __pyx_v_p.C) * __pyx_v_p.S), __pyx_v_nu, __pyx_v_num_threads);
 
-  /* "fastbn/_planar.pyx":502
+  /* "fastbn/_planar.pyx":504
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(p.N * p.C * p.S, nu, num_threads)
  *     cdef const floating* ap = &a[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -30680,7 +30741,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
   __pyx_t_4 = 0;
   __pyx_v_ap = (&(*((float const  *) ( /* dim=2 */ ((char *) (((float const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_a.data + __pyx_t_2 * __pyx_v_a.strides[0]) ) + __pyx_t_3 * __pyx_v_a.strides[1]) )) + __pyx_t_4)) ))));
 
-  /* "fastbn/_planar.pyx":503
+  /* "fastbn/_planar.pyx":505
  *     cdef int nt = threads_for(p.N * p.C * p.S, nu, num_threads)
  *     cdef const floating* ap = &a[0, 0, 0]
  *     cdef const floating* bp = cptr3(b)             # <<<<<<<<<<<<<<
@@ -30689,19 +30750,19 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
 */
   __pyx_v_bp = __pyx_fuse_0__pyx_f_6fastbn_6_views_cptr3(__pyx_v_b);
 
-  /* "fastbn/_planar.pyx":505
+  /* "fastbn/_planar.pyx":507
  *     cdef const floating* bp = cptr3(b)
  *     cdef Py_ssize_t c, u
  *     cdef array mem = workspace(2 * nu, sizeof(double))             # <<<<<<<<<<<<<<
  *     cdef double* part = <double*>mem.data
  *     with nogil, parallel(num_threads=nt):
 */
-  __pyx_t_5 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((2 * __pyx_v_nu), (sizeof(double)))); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 505, __pyx_L1_error)
+  __pyx_t_5 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((2 * __pyx_v_nu), (sizeof(double)))); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 507, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_5);
   __pyx_t_5 = 0;
 
-  /* "fastbn/_planar.pyx":506
+  /* "fastbn/_planar.pyx":508
  *     cdef Py_ssize_t c, u
  *     cdef array mem = workspace(2 * nu, sizeof(double))
  *     cdef double* part = <double*>mem.data             # <<<<<<<<<<<<<<
@@ -30710,7 +30771,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
 */
   __pyx_v_part = ((double *)__pyx_v_mem->data);
 
-  /* "fastbn/_planar.pyx":507
+  /* "fastbn/_planar.pyx":509
  *     cdef array mem = workspace(2 * nu, sizeof(double))
  *     cdef double* part = <double*>mem.data
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -30734,7 +30795,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
             #endif /* _OPENMP */
             {
 
-                /* "fastbn/_planar.pyx":508
+                /* "fastbn/_planar.pyx":510
  *     cdef double* part = <double*>mem.data
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -30754,7 +30815,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
                             {
                                 __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":509
+                                /* "fastbn/_planar.pyx":511
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):
  *             block_sums(ap, bp, &p, u // nb, u % nb, center[u // nb],             # <<<<<<<<<<<<<<
@@ -30763,7 +30824,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
 */
                                 __pyx_t_4 = (__pyx_v_u / __pyx_v_nb);
 
-                                /* "fastbn/_planar.pyx":510
+                                /* "fastbn/_planar.pyx":512
  *         for u in prange(nu, schedule="dynamic"):
  *             block_sums(ap, bp, &p, u // nb, u % nb, center[u // nb],
  *                        &part[2 * u], &part[2 * u + 1])             # <<<<<<<<<<<<<<
@@ -30777,7 +30838,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
                 }
 
 
-                /* "fastbn/_planar.pyx":511
+                /* "fastbn/_planar.pyx":513
  *             block_sums(ap, bp, &p, u // nb, u % nb, center[u // nb],
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -30797,7 +30858,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
                             {
                                 __pyx_v_c = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":512
+                                /* "fastbn/_planar.pyx":514
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):
  *             merge_blocks(part, &p, c, &out[c, 0], &out[c, 1])             # <<<<<<<<<<<<<<
@@ -30824,7 +30885,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
         #endif
       }
 
-      /* "fastbn/_planar.pyx":507
+      /* "fastbn/_planar.pyx":509
  *     cdef array mem = workspace(2 * nu, sizeof(double))
  *     cdef double* part = <double*>mem.data
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -30841,7 +30902,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
       }
   }
 
-  /* "fastbn/_planar.pyx":490
+  /* "fastbn/_planar.pyx":492
  * 
  * 
  * def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[::1] center,             # <<<<<<<<<<<<<<
@@ -30899,60 +30960,60 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_33sums(PyObject *__py
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_a,&__pyx_mstate_global->__pyx_n_u_b,&__pyx_mstate_global->__pyx_n_u_center,&__pyx_mstate_global->__pyx_n_u_out,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 490, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 492, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 490, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 492, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 490, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 492, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 490, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 492, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 490, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 492, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 490, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 492, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "sums", 0) < (0)) __PYX_ERR(3, 490, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "sums", 0) < (0)) __PYX_ERR(3, 492, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 5; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, i); __PYX_ERR(3, 490, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, i); __PYX_ERR(3, 492, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 5)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 490, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 492, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 490, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 492, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 490, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 492, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 490, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 492, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 490, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 492, __pyx_L3_error)
     }
-    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 490, __pyx_L3_error)
-    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 490, __pyx_L3_error)
-    __pyx_v_center = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_center.memview)) __PYX_ERR(3, 490, __pyx_L3_error)
-    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 491, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 491, __pyx_L3_error)
+    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 492, __pyx_L3_error)
+    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 492, __pyx_L3_error)
+    __pyx_v_center = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_center.memview)) __PYX_ERR(3, 492, __pyx_L3_error)
+    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 493, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 493, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, __pyx_nargs); __PYX_ERR(3, 490, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, __pyx_nargs); __PYX_ERR(3, 492, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -31008,7 +31069,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_1sums", 0);
 
-  /* "fastbn/_planar.pyx":499
+  /* "fastbn/_planar.pyx":501
  *     same sums, to the bit, as the fused kernels take.
  *     """
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2], False)             # <<<<<<<<<<<<<<
@@ -31017,7 +31078,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
 */
   __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_a.shape[0]), (__pyx_v_a.shape[1]), (__pyx_v_a.shape[2]), 0);
 
-  /* "fastbn/_planar.pyx":500
+  /* "fastbn/_planar.pyx":502
  *     """
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2], False)
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb             # <<<<<<<<<<<<<<
@@ -31029,7 +31090,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
   __pyx_v_nb = __pyx_t_1;
   __pyx_v_nu = (__pyx_v_p.C * __pyx_v_nb);
 
-  /* "fastbn/_planar.pyx":501
+  /* "fastbn/_planar.pyx":503
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2], False)
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(p.N * p.C * p.S, nu, num_threads)             # <<<<<<<<<<<<<<
@@ -31038,7 +31099,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for(((__pyx_v_p.N * __pyx_v_p.C) * __pyx_v_p.S), __pyx_v_nu, __pyx_v_num_threads);
 
-  /* "fastbn/_planar.pyx":502
+  /* "fastbn/_planar.pyx":504
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(p.N * p.C * p.S, nu, num_threads)
  *     cdef const floating* ap = &a[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -31050,7 +31111,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
   __pyx_t_4 = 0;
   __pyx_v_ap = (&(*((double const  *) ( /* dim=2 */ ((char *) (((double const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_a.data + __pyx_t_2 * __pyx_v_a.strides[0]) ) + __pyx_t_3 * __pyx_v_a.strides[1]) )) + __pyx_t_4)) ))));
 
-  /* "fastbn/_planar.pyx":503
+  /* "fastbn/_planar.pyx":505
  *     cdef int nt = threads_for(p.N * p.C * p.S, nu, num_threads)
  *     cdef const floating* ap = &a[0, 0, 0]
  *     cdef const floating* bp = cptr3(b)             # <<<<<<<<<<<<<<
@@ -31059,19 +31120,19 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
 */
   __pyx_v_bp = __pyx_fuse_1__pyx_f_6fastbn_6_views_cptr3(__pyx_v_b);
 
-  /* "fastbn/_planar.pyx":505
+  /* "fastbn/_planar.pyx":507
  *     cdef const floating* bp = cptr3(b)
  *     cdef Py_ssize_t c, u
  *     cdef array mem = workspace(2 * nu, sizeof(double))             # <<<<<<<<<<<<<<
  *     cdef double* part = <double*>mem.data
  *     with nogil, parallel(num_threads=nt):
 */
-  __pyx_t_5 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((2 * __pyx_v_nu), (sizeof(double)))); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 505, __pyx_L1_error)
+  __pyx_t_5 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((2 * __pyx_v_nu), (sizeof(double)))); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 507, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_5);
   __pyx_t_5 = 0;
 
-  /* "fastbn/_planar.pyx":506
+  /* "fastbn/_planar.pyx":508
  *     cdef Py_ssize_t c, u
  *     cdef array mem = workspace(2 * nu, sizeof(double))
  *     cdef double* part = <double*>mem.data             # <<<<<<<<<<<<<<
@@ -31080,7 +31141,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
 */
   __pyx_v_part = ((double *)__pyx_v_mem->data);
 
-  /* "fastbn/_planar.pyx":507
+  /* "fastbn/_planar.pyx":509
  *     cdef array mem = workspace(2 * nu, sizeof(double))
  *     cdef double* part = <double*>mem.data
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -31104,7 +31165,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
             #endif /* _OPENMP */
             {
 
-                /* "fastbn/_planar.pyx":508
+                /* "fastbn/_planar.pyx":510
  *     cdef double* part = <double*>mem.data
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -31124,7 +31185,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
                             {
                                 __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":509
+                                /* "fastbn/_planar.pyx":511
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):
  *             block_sums(ap, bp, &p, u // nb, u % nb, center[u // nb],             # <<<<<<<<<<<<<<
@@ -31133,7 +31194,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
 */
                                 __pyx_t_4 = (__pyx_v_u / __pyx_v_nb);
 
-                                /* "fastbn/_planar.pyx":510
+                                /* "fastbn/_planar.pyx":512
  *         for u in prange(nu, schedule="dynamic"):
  *             block_sums(ap, bp, &p, u // nb, u % nb, center[u // nb],
  *                        &part[2 * u], &part[2 * u + 1])             # <<<<<<<<<<<<<<
@@ -31147,7 +31208,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
                 }
 
 
-                /* "fastbn/_planar.pyx":511
+                /* "fastbn/_planar.pyx":513
  *             block_sums(ap, bp, &p, u // nb, u % nb, center[u // nb],
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -31167,7 +31228,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
                             {
                                 __pyx_v_c = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":512
+                                /* "fastbn/_planar.pyx":514
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):
  *             merge_blocks(part, &p, c, &out[c, 0], &out[c, 1])             # <<<<<<<<<<<<<<
@@ -31194,7 +31255,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
         #endif
       }
 
-      /* "fastbn/_planar.pyx":507
+      /* "fastbn/_planar.pyx":509
  *     cdef array mem = workspace(2 * nu, sizeof(double))
  *     cdef double* part = <double*>mem.data
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -31211,7 +31272,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
       }
   }
 
-  /* "fastbn/_planar.pyx":490
+  /* "fastbn/_planar.pyx":492
  * 
  * 
  * def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[::1] center,             # <<<<<<<<<<<<<<
@@ -31242,11 +31303,11 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
   return __pyx_r;
 }
 
-/* "fastbn/_planar.pyx":515
+/* "fastbn/_planar.pyx":517
  * 
  * 
  * def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, :, ::1] out,             # <<<<<<<<<<<<<<
- *           const double[:, ::1] coef, int num_threads):
+ *           const double[:, ::1] coef, int num_threads, bint stream):
  *     """The second half of each pass on an (N, C, S) view, with the per-channel
 */
 
@@ -31279,53 +31340,53 @@ static PyObject *__pyx_pw_6fastbn_10_planar_v4_9apply(PyObject *__pyx_self, PyOb
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_signatures,&__pyx_mstate_global->__pyx_n_u_args,&__pyx_mstate_global->__pyx_n_u_kwargs,&__pyx_mstate_global->__pyx_n_u_defaults,&__pyx_mstate_global->__pyx_n_u_fused_sigindex,0};
     struct __pyx_defaults *__pyx_dynamic_args = __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self);
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 515, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 517, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 515, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 515, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 515, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 515, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 515, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 515, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 517, __pyx_L3_error)
       if (!values[4]) values[4] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
       for (Py_ssize_t i = __pyx_nargs; i < 4; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 515, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 517, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 515, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 515, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 517, __pyx_L3_error)
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 515, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 517, __pyx_L3_error)
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 515, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 517, __pyx_L3_error)
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 515, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 517, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -31339,7 +31400,7 @@ static PyObject *__pyx_pw_6fastbn_10_planar_v4_9apply(PyObject *__pyx_self, PyOb
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 515, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 517, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -31391,7 +31452,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_8apply(CYTHON_UNUSED PyObject *__
   else
   {
     Py_ssize_t __pyx_temp = __Pyx_PyDict_GET_SIZE(__pyx_v_kwargs);
-    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 515, __pyx_L1_error)
+    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 517, __pyx_L1_error)
     __pyx_t_2 = (__pyx_temp != 0);
   }
 
@@ -31409,11 +31470,11 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_8apply(CYTHON_UNUSED PyObject *__
   }
   if (unlikely(__pyx_v_args == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(3, 515, __pyx_L1_error)
+    __PYX_ERR(3, 517, __pyx_L1_error)
   }
-  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 515, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 517, __pyx_L1_error)
   __pyx_v_arg_count = __pyx_t_4;
-  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 515, __pyx_L1_error)
+  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 517, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_ndarray = ((PyTypeObject*)__pyx_t_5);
   __pyx_t_5 = 0;
@@ -31423,7 +31484,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_8apply(CYTHON_UNUSED PyObject *__
 
     if (unlikely(__pyx_v_args == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 515, __pyx_L1_error)
+      __PYX_ERR(3, 517, __pyx_L1_error)
     }
     __pyx_t_5 = __Pyx_PyTuple_GET_ITEM(((PyObject*)__pyx_v_args), 0);
     __Pyx_INCREF(__pyx_t_5);
@@ -31442,9 +31503,9 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_8apply(CYTHON_UNUSED PyObject *__
   }
   if (unlikely(__pyx_v_kwargs == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not iterable");
-    __PYX_ERR(3, 515, __pyx_L1_error)
+    __PYX_ERR(3, 517, __pyx_L1_error)
   }
-  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_a, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 515, __pyx_L1_error)
+  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_a, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 517, __pyx_L1_error)
 
   __pyx_t_1 = __pyx_t_3;
 
@@ -31453,25 +31514,25 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_8apply(CYTHON_UNUSED PyObject *__
 
     if (unlikely(__pyx_v_kwargs == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 515, __pyx_L1_error)
+      __PYX_ERR(3, 517, __pyx_L1_error)
     }
-    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_a); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 515, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_a); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 517, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_v_arg = __pyx_t_5;
     __pyx_t_5 = 0;
     goto __pyx_L6;
   }
   /*else*/ {
-    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_a, 0, 5, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 515, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_a, 0, 6, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 517, __pyx_L1_error)
 
   }
   __pyx_L6:;
-  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 515, __pyx_L1_error) }
-  __pyx_t_5 = __pyx_ff_map_fused_02b6e3_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 515, __pyx_L1_error)
+  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 517, __pyx_L1_error) }
+  __pyx_t_5 = __pyx_ff_map_fused_02b6e3_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 517, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_dest_sig0 = ((PyObject*)__pyx_t_5);
   __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 515, __pyx_L1_error)
+  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 517, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   {
     PyObject *__pyx_temp;
@@ -31509,9 +31570,10 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_37apply(PyObject *__p
   __Pyx_memviewslice __pyx_v_out = { 0, 0, { 0 }, { 0 }, { 0 } };
   __Pyx_memviewslice __pyx_v_coef = { 0, 0, { 0 }, { 0 }, { 0 } };
   int __pyx_v_num_threads;
+  int __pyx_v_stream;
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
-  PyObject* values[5] = {0,0,0,0,0};
+  PyObject* values[6] = {0,0,0,0,0,0};
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -31525,62 +31587,69 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_37apply(PyObject *__p
   #endif
   __pyx_kwvalues = __Pyx_KwValues_VARARGS(__pyx_args, __pyx_nargs);
   {
-    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_a,&__pyx_mstate_global->__pyx_n_u_b,&__pyx_mstate_global->__pyx_n_u_out,&__pyx_mstate_global->__pyx_n_u_coef,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_a,&__pyx_mstate_global->__pyx_n_u_b,&__pyx_mstate_global->__pyx_n_u_out,&__pyx_mstate_global->__pyx_n_u_coef,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 515, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 517, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
+        case  6:
+        values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 517, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 515, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 515, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 515, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 515, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 515, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "apply", 0) < (0)) __PYX_ERR(3, 515, __pyx_L3_error)
-      for (Py_ssize_t i = __pyx_nargs; i < 5; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("apply", 1, 5, 5, i); __PYX_ERR(3, 515, __pyx_L3_error) }
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "apply", 0) < (0)) __PYX_ERR(3, 517, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 6; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("apply", 1, 6, 6, i); __PYX_ERR(3, 517, __pyx_L3_error) }
       }
-    } else if (unlikely(__pyx_nargs != 5)) {
+    } else if (unlikely(__pyx_nargs != 6)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 515, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 517, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 515, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 517, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 515, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 517, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 515, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 517, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 515, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 517, __pyx_L3_error)
+      values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 517, __pyx_L3_error)
     }
-    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 515, __pyx_L3_error)
-    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 515, __pyx_L3_error)
-    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 515, __pyx_L3_error)
-    __pyx_v_coef = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_coef.memview)) __PYX_ERR(3, 516, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 516, __pyx_L3_error)
+    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 517, __pyx_L3_error)
+    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 517, __pyx_L3_error)
+    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 517, __pyx_L3_error)
+    __pyx_v_coef = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_coef.memview)) __PYX_ERR(3, 518, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 518, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[5]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 518, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("apply", 1, 5, 5, __pyx_nargs); __PYX_ERR(3, 515, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("apply", 1, 6, 6, __pyx_nargs); __PYX_ERR(3, 517, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -31595,7 +31664,7 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_37apply(PyObject *__p
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_6fastbn_10_planar_v4_36apply(__pyx_self, __pyx_v_a, __pyx_v_b, __pyx_v_out, __pyx_v_coef, __pyx_v_num_threads);
+  __pyx_r = __pyx_pf_6fastbn_10_planar_v4_36apply(__pyx_self, __pyx_v_a, __pyx_v_b, __pyx_v_out, __pyx_v_coef, __pyx_v_num_threads, __pyx_v_stream);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -31606,11 +31675,12 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_37apply(PyObject *__p
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_out, 1);
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_coef, 1);
 
+
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_a, __Pyx_memviewslice __pyx_v_b, __Pyx_memviewslice __pyx_v_out, __Pyx_memviewslice __pyx_v_coef, int __pyx_v_num_threads) {
+static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_a, __Pyx_memviewslice __pyx_v_b, __Pyx_memviewslice __pyx_v_out, __Pyx_memviewslice __pyx_v_coef, int __pyx_v_num_threads, int __pyx_v_stream) {
   float const *__pyx_v_ap;
   float const *__pyx_v_bp;
   float *__pyx_v_op;
@@ -31631,7 +31701,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
   Py_ssize_t __pyx_t_6;
   __Pyx_RefNannySetupContext("__pyx_fuse_0apply", 0);
 
-  /* "fastbn/_planar.pyx":521
+  /* "fastbn/_planar.pyx":523
  *     b None: out = (a - center) * scale + offset; otherwise
  *     out = scale * a - slope * (b - center) - offset (a = dy, b = x)."""
  *     cdef const floating* ap = &a[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -31643,7 +31713,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
   __pyx_t_3 = 0;
   __pyx_v_ap = (&(*((float const  *) ( /* dim=2 */ ((char *) (((float const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_a.data + __pyx_t_1 * __pyx_v_a.strides[0]) ) + __pyx_t_2 * __pyx_v_a.strides[1]) )) + __pyx_t_3)) ))));
 
-  /* "fastbn/_planar.pyx":522
+  /* "fastbn/_planar.pyx":524
  *     out = scale * a - slope * (b - center) - offset (a = dy, b = x)."""
  *     cdef const floating* ap = &a[0, 0, 0]
  *     cdef const floating* bp = cptr3(b)             # <<<<<<<<<<<<<<
@@ -31652,7 +31722,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
 */
   __pyx_v_bp = __pyx_fuse_0__pyx_f_6fastbn_6_views_cptr3(__pyx_v_b);
 
-  /* "fastbn/_planar.pyx":523
+  /* "fastbn/_planar.pyx":525
  *     cdef const floating* ap = &a[0, 0, 0]
  *     cdef const floating* bp = cptr3(b)
  *     cdef floating* op = &out[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -31664,27 +31734,27 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
   __pyx_t_1 = 0;
   __pyx_v_op = (&(*((float *) ( /* dim=2 */ ((char *) (((float *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_out.data + __pyx_t_3 * __pyx_v_out.strides[0]) ) + __pyx_t_2 * __pyx_v_out.strides[1]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_planar.pyx":524
+  /* "fastbn/_planar.pyx":526
  *     cdef const floating* bp = cptr3(b)
  *     cdef floating* op = &out[0, 0, 0]
  *     cdef Py_ssize_t size = a.shape[0] * a.shape[1] * a.shape[2]             # <<<<<<<<<<<<<<
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2],
- *                               streams(op, ap, bp, size * sizeof(floating)))
+ *                               streams(stream, op, ap, bp, size * sizeof(floating)))
 */
   __pyx_v_size = (((__pyx_v_a.shape[0]) * (__pyx_v_a.shape[1])) * (__pyx_v_a.shape[2]));
 
-  /* "fastbn/_planar.pyx":525
+  /* "fastbn/_planar.pyx":527
  *     cdef floating* op = &out[0, 0, 0]
  *     cdef Py_ssize_t size = a.shape[0] * a.shape[1] * a.shape[2]
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2],             # <<<<<<<<<<<<<<
- *                               streams(op, ap, bp, size * sizeof(floating)))
+ *                               streams(stream, op, ap, bp, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
 */
-  __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_a.shape[0]), (__pyx_v_a.shape[1]), (__pyx_v_a.shape[2]), __pyx_f_6fastbn_5_simd_streams(__pyx_v_op, __pyx_v_ap, __pyx_v_bp, (__pyx_v_size * (sizeof(float)))));
+  __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_a.shape[0]), (__pyx_v_a.shape[1]), (__pyx_v_a.shape[2]), __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_op, __pyx_v_ap, __pyx_v_bp, (__pyx_v_size * (sizeof(float)))));
 
-  /* "fastbn/_planar.pyx":527
+  /* "fastbn/_planar.pyx":529
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2],
- *                               streams(op, ap, bp, size * sizeof(floating)))
+ *                               streams(stream, op, ap, bp, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb             # <<<<<<<<<<<<<<
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const Coef* k = <const Coef*>&coef[0, 0]
@@ -31694,8 +31764,8 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
   __pyx_v_nb = __pyx_t_4;
   __pyx_v_nu = (__pyx_v_p.C * __pyx_v_nb);
 
-  /* "fastbn/_planar.pyx":528
- *                               streams(op, ap, bp, size * sizeof(floating)))
+  /* "fastbn/_planar.pyx":530
+ *                               streams(stream, op, ap, bp, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)             # <<<<<<<<<<<<<<
  *     cdef const Coef* k = <const Coef*>&coef[0, 0]
@@ -31703,7 +31773,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for(__pyx_v_size, __pyx_v_nu, __pyx_v_num_threads);
 
-  /* "fastbn/_planar.pyx":529
+  /* "fastbn/_planar.pyx":531
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const Coef* k = <const Coef*>&coef[0, 0]             # <<<<<<<<<<<<<<
@@ -31714,7 +31784,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
   __pyx_t_2 = 0;
   __pyx_v_k = ((__pyx_t_6fastbn_6_stats_Coef const *)(&(*((double const  *) ( /* dim=1 */ ((char *) (((double const  *) ( /* dim=0 */ (__pyx_v_coef.data + __pyx_t_1 * __pyx_v_coef.strides[0]) )) + __pyx_t_2)) )))));
 
-  /* "fastbn/_planar.pyx":531
+  /* "fastbn/_planar.pyx":533
  *     cdef const Coef* k = <const Coef*>&coef[0, 0]
  *     cdef Py_ssize_t u
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -31727,7 +31797,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "fastbn/_planar.pyx":532
+        /* "fastbn/_planar.pyx":534
  *     cdef Py_ssize_t u
  *     with nogil:
  *         for u in prange(nu, num_threads=nt, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -31757,7 +31827,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
                         {
                             __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_5);
 
-                            /* "fastbn/_planar.pyx":533
+                            /* "fastbn/_planar.pyx":535
  *     with nogil:
  *         for u in prange(nu, num_threads=nt, schedule="dynamic"):
  *             block_apply(ap, bp, op, &p, u // nb, u % nb, &k[u // nb])             # <<<<<<<<<<<<<<
@@ -31779,7 +31849,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
 
       }
 
-      /* "fastbn/_planar.pyx":531
+      /* "fastbn/_planar.pyx":533
  *     cdef const Coef* k = <const Coef*>&coef[0, 0]
  *     cdef Py_ssize_t u
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -31796,11 +31866,11 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
       }
   }
 
-  /* "fastbn/_planar.pyx":515
+  /* "fastbn/_planar.pyx":517
  * 
  * 
  * def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, :, ::1] out,             # <<<<<<<<<<<<<<
- *           const double[:, ::1] coef, int num_threads):
+ *           const double[:, ::1] coef, int num_threads, bint stream):
  *     """The second half of each pass on an (N, C, S) view, with the per-channel
 */
 
@@ -31830,9 +31900,10 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_39apply(PyObject *__p
   __Pyx_memviewslice __pyx_v_out = { 0, 0, { 0 }, { 0 }, { 0 } };
   __Pyx_memviewslice __pyx_v_coef = { 0, 0, { 0 }, { 0 }, { 0 } };
   int __pyx_v_num_threads;
+  int __pyx_v_stream;
   CYTHON_UNUSED Py_ssize_t __pyx_nargs;
   CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
-  PyObject* values[5] = {0,0,0,0,0};
+  PyObject* values[6] = {0,0,0,0,0,0};
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -31846,62 +31917,69 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_39apply(PyObject *__p
   #endif
   __pyx_kwvalues = __Pyx_KwValues_VARARGS(__pyx_args, __pyx_nargs);
   {
-    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_a,&__pyx_mstate_global->__pyx_n_u_b,&__pyx_mstate_global->__pyx_n_u_out,&__pyx_mstate_global->__pyx_n_u_coef,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_a,&__pyx_mstate_global->__pyx_n_u_b,&__pyx_mstate_global->__pyx_n_u_out,&__pyx_mstate_global->__pyx_n_u_coef,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 515, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 517, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
+        case  6:
+        values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 517, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 515, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 515, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 515, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 515, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 515, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "apply", 0) < (0)) __PYX_ERR(3, 515, __pyx_L3_error)
-      for (Py_ssize_t i = __pyx_nargs; i < 5; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("apply", 1, 5, 5, i); __PYX_ERR(3, 515, __pyx_L3_error) }
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "apply", 0) < (0)) __PYX_ERR(3, 517, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 6; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("apply", 1, 6, 6, i); __PYX_ERR(3, 517, __pyx_L3_error) }
       }
-    } else if (unlikely(__pyx_nargs != 5)) {
+    } else if (unlikely(__pyx_nargs != 6)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 515, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 517, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 515, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 517, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 515, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 517, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 515, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 517, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 515, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 517, __pyx_L3_error)
+      values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 517, __pyx_L3_error)
     }
-    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 515, __pyx_L3_error)
-    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 515, __pyx_L3_error)
-    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 515, __pyx_L3_error)
-    __pyx_v_coef = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_coef.memview)) __PYX_ERR(3, 516, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 516, __pyx_L3_error)
+    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 517, __pyx_L3_error)
+    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 517, __pyx_L3_error)
+    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 517, __pyx_L3_error)
+    __pyx_v_coef = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_coef.memview)) __PYX_ERR(3, 518, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 518, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[5]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 518, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("apply", 1, 5, 5, __pyx_nargs); __PYX_ERR(3, 515, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("apply", 1, 6, 6, __pyx_nargs); __PYX_ERR(3, 517, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -31916,7 +31994,7 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_39apply(PyObject *__p
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_6fastbn_10_planar_v4_38apply(__pyx_self, __pyx_v_a, __pyx_v_b, __pyx_v_out, __pyx_v_coef, __pyx_v_num_threads);
+  __pyx_r = __pyx_pf_6fastbn_10_planar_v4_38apply(__pyx_self, __pyx_v_a, __pyx_v_b, __pyx_v_out, __pyx_v_coef, __pyx_v_num_threads, __pyx_v_stream);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -31927,11 +32005,12 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_39apply(PyObject *__p
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_out, 1);
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_coef, 1);
 
+
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_a, __Pyx_memviewslice __pyx_v_b, __Pyx_memviewslice __pyx_v_out, __Pyx_memviewslice __pyx_v_coef, int __pyx_v_num_threads) {
+static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_a, __Pyx_memviewslice __pyx_v_b, __Pyx_memviewslice __pyx_v_out, __Pyx_memviewslice __pyx_v_coef, int __pyx_v_num_threads, int __pyx_v_stream) {
   double const *__pyx_v_ap;
   double const *__pyx_v_bp;
   double *__pyx_v_op;
@@ -31952,7 +32031,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
   Py_ssize_t __pyx_t_6;
   __Pyx_RefNannySetupContext("__pyx_fuse_1apply", 0);
 
-  /* "fastbn/_planar.pyx":521
+  /* "fastbn/_planar.pyx":523
  *     b None: out = (a - center) * scale + offset; otherwise
  *     out = scale * a - slope * (b - center) - offset (a = dy, b = x)."""
  *     cdef const floating* ap = &a[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -31964,7 +32043,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
   __pyx_t_3 = 0;
   __pyx_v_ap = (&(*((double const  *) ( /* dim=2 */ ((char *) (((double const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_a.data + __pyx_t_1 * __pyx_v_a.strides[0]) ) + __pyx_t_2 * __pyx_v_a.strides[1]) )) + __pyx_t_3)) ))));
 
-  /* "fastbn/_planar.pyx":522
+  /* "fastbn/_planar.pyx":524
  *     out = scale * a - slope * (b - center) - offset (a = dy, b = x)."""
  *     cdef const floating* ap = &a[0, 0, 0]
  *     cdef const floating* bp = cptr3(b)             # <<<<<<<<<<<<<<
@@ -31973,7 +32052,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
 */
   __pyx_v_bp = __pyx_fuse_1__pyx_f_6fastbn_6_views_cptr3(__pyx_v_b);
 
-  /* "fastbn/_planar.pyx":523
+  /* "fastbn/_planar.pyx":525
  *     cdef const floating* ap = &a[0, 0, 0]
  *     cdef const floating* bp = cptr3(b)
  *     cdef floating* op = &out[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -31985,27 +32064,27 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
   __pyx_t_1 = 0;
   __pyx_v_op = (&(*((double *) ( /* dim=2 */ ((char *) (((double *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_out.data + __pyx_t_3 * __pyx_v_out.strides[0]) ) + __pyx_t_2 * __pyx_v_out.strides[1]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_planar.pyx":524
+  /* "fastbn/_planar.pyx":526
  *     cdef const floating* bp = cptr3(b)
  *     cdef floating* op = &out[0, 0, 0]
  *     cdef Py_ssize_t size = a.shape[0] * a.shape[1] * a.shape[2]             # <<<<<<<<<<<<<<
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2],
- *                               streams(op, ap, bp, size * sizeof(floating)))
+ *                               streams(stream, op, ap, bp, size * sizeof(floating)))
 */
   __pyx_v_size = (((__pyx_v_a.shape[0]) * (__pyx_v_a.shape[1])) * (__pyx_v_a.shape[2]));
 
-  /* "fastbn/_planar.pyx":525
+  /* "fastbn/_planar.pyx":527
  *     cdef floating* op = &out[0, 0, 0]
  *     cdef Py_ssize_t size = a.shape[0] * a.shape[1] * a.shape[2]
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2],             # <<<<<<<<<<<<<<
- *                               streams(op, ap, bp, size * sizeof(floating)))
+ *                               streams(stream, op, ap, bp, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
 */
-  __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_a.shape[0]), (__pyx_v_a.shape[1]), (__pyx_v_a.shape[2]), __pyx_f_6fastbn_5_simd_streams(__pyx_v_op, __pyx_v_ap, __pyx_v_bp, (__pyx_v_size * (sizeof(double)))));
+  __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_a.shape[0]), (__pyx_v_a.shape[1]), (__pyx_v_a.shape[2]), __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_op, __pyx_v_ap, __pyx_v_bp, (__pyx_v_size * (sizeof(double)))));
 
-  /* "fastbn/_planar.pyx":527
+  /* "fastbn/_planar.pyx":529
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2],
- *                               streams(op, ap, bp, size * sizeof(floating)))
+ *                               streams(stream, op, ap, bp, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb             # <<<<<<<<<<<<<<
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const Coef* k = <const Coef*>&coef[0, 0]
@@ -32015,8 +32094,8 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
   __pyx_v_nb = __pyx_t_4;
   __pyx_v_nu = (__pyx_v_p.C * __pyx_v_nb);
 
-  /* "fastbn/_planar.pyx":528
- *                               streams(op, ap, bp, size * sizeof(floating)))
+  /* "fastbn/_planar.pyx":530
+ *                               streams(stream, op, ap, bp, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)             # <<<<<<<<<<<<<<
  *     cdef const Coef* k = <const Coef*>&coef[0, 0]
@@ -32024,7 +32103,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for(__pyx_v_size, __pyx_v_nu, __pyx_v_num_threads);
 
-  /* "fastbn/_planar.pyx":529
+  /* "fastbn/_planar.pyx":531
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const Coef* k = <const Coef*>&coef[0, 0]             # <<<<<<<<<<<<<<
@@ -32035,7 +32114,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
   __pyx_t_2 = 0;
   __pyx_v_k = ((__pyx_t_6fastbn_6_stats_Coef const *)(&(*((double const  *) ( /* dim=1 */ ((char *) (((double const  *) ( /* dim=0 */ (__pyx_v_coef.data + __pyx_t_1 * __pyx_v_coef.strides[0]) )) + __pyx_t_2)) )))));
 
-  /* "fastbn/_planar.pyx":531
+  /* "fastbn/_planar.pyx":533
  *     cdef const Coef* k = <const Coef*>&coef[0, 0]
  *     cdef Py_ssize_t u
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -32048,7 +32127,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "fastbn/_planar.pyx":532
+        /* "fastbn/_planar.pyx":534
  *     cdef Py_ssize_t u
  *     with nogil:
  *         for u in prange(nu, num_threads=nt, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -32078,7 +32157,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
                         {
                             __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_5);
 
-                            /* "fastbn/_planar.pyx":533
+                            /* "fastbn/_planar.pyx":535
  *     with nogil:
  *         for u in prange(nu, num_threads=nt, schedule="dynamic"):
  *             block_apply(ap, bp, op, &p, u // nb, u % nb, &k[u // nb])             # <<<<<<<<<<<<<<
@@ -32100,7 +32179,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
 
       }
 
-      /* "fastbn/_planar.pyx":531
+      /* "fastbn/_planar.pyx":533
  *     cdef const Coef* k = <const Coef*>&coef[0, 0]
  *     cdef Py_ssize_t u
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -32117,11 +32196,11 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
       }
   }
 
-  /* "fastbn/_planar.pyx":515
+  /* "fastbn/_planar.pyx":517
  * 
  * 
  * def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, :, ::1] out,             # <<<<<<<<<<<<<<
- *           const double[:, ::1] coef, int num_threads):
+ *           const double[:, ::1] coef, int num_threads, bint stream):
  *     """The second half of each pass on an (N, C, S) view, with the per-channel
 */
 
@@ -32142,7 +32221,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
   return __pyx_r;
 }
 
-/* "fastbn/_planar.pyx":536
+/* "fastbn/_planar.pyx":538
  * 
  * 
  * def compile_args():             # <<<<<<<<<<<<<<
@@ -32177,13 +32256,13 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_10compile_args(CYTHON_UNUSED PyOb
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("compile_args", 0);
 
-  /* "fastbn/_planar.pyx":539
+  /* "fastbn/_planar.pyx":541
  *     """The C compiler flags this kernel module was built with, as one string
  *     (the columnar module of the same level is built with the same)."""
  *     return FASTBN_COMPILE_ARGS.decode("ascii")             # <<<<<<<<<<<<<<
 */
-  __pyx_t_1 = __Pyx_ssize_strlen(FASTBN_COMPILE_ARGS); if (unlikely(__pyx_t_1 == ((Py_ssize_t)-1))) __PYX_ERR(3, 539, __pyx_L1_error)
-  __pyx_t_2 = __Pyx_decode_c_string(FASTBN_COMPILE_ARGS, 0, __pyx_t_1, NULL, NULL, PyUnicode_DecodeASCII); if (unlikely(!__pyx_t_2)) __PYX_ERR(3, 539, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_ssize_strlen(FASTBN_COMPILE_ARGS); if (unlikely(__pyx_t_1 == ((Py_ssize_t)-1))) __PYX_ERR(3, 541, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_decode_c_string(FASTBN_COMPILE_ARGS, 0, __pyx_t_1, NULL, NULL, PyUnicode_DecodeASCII); if (unlikely(!__pyx_t_2)) __PYX_ERR(3, 541, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
 
   {
@@ -32197,7 +32276,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_10compile_args(CYTHON_UNUSED PyOb
   __pyx_t_2 = 0;
   goto __pyx_L0;
 
-  /* "fastbn/_planar.pyx":536
+  /* "fastbn/_planar.pyx":538
  * 
  * 
  * def compile_args():             # <<<<<<<<<<<<<<
@@ -33571,14 +33650,14 @@ static int __Pyx_modinit_Exttype___pyx_defaults(__pyx_mstatetype *__pyx_mstate) 
   __Pyx_RefNannySetupContext("__Pyx_modinit_Exttype___pyx_defaults", 0);
   /*--- Exttype __pyx_defaults ---*/
   #if CYTHON_USE_TYPE_SPECS
-  __pyx_mstate->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_6fastbn_10_planar_v4___pyx_defaults_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 374, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_6fastbn_10_planar_v4___pyx_defaults_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 375, __pyx_L1_error)
   #else
   __pyx_mstate->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults = &__pyx_type_6fastbn_10_planar_v4___pyx_defaults;
   #endif
   #if !CYTHON_COMPILING_IN_LIMITED_API
   #endif
   #if !CYTHON_USE_TYPE_SPECS
-  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults) < (0)) __PYX_ERR(3, 374, __pyx_L1_error)
+  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults) < (0)) __PYX_ERR(3, 375, __pyx_L1_error)
   #endif
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount((PyObject*)__pyx_mstate->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults);
@@ -34590,38 +34669,38 @@ __Pyx_RefNannySetupContext("PyInit__planar_v4", 0);
   if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_pyx_unpickle_Enum, __pyx_t_4) < (0)) __PYX_ERR(1, 4, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "fastbn/_planar.pyx":374
+  /* "fastbn/_planar.pyx":375
  * # ----------------------------------------------------------- wrappers ----
  * 
  * def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
  *                   const floating[::1] beta, floating[:, :, ::1] y,
  *                   floating[::1] mean, floating[::1] invstd,
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 374, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 375, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_10_planar_v4_13forward_train, 0, __pyx_mstate_global->__pyx_n_u_forward_train_const_float_1_cons, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 374, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_10_planar_v4_13forward_train, 0, __pyx_mstate_global->__pyx_n_u_forward_train_const_float_1_cons, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 375, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_5) < (0)) __PYX_ERR(3, 374, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_5) < (0)) __PYX_ERR(3, 375, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_10_planar_v4_15forward_train, 0, __pyx_mstate_global->__pyx_n_u_forward_train_const_double_1_con, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 374, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_10_planar_v4_15forward_train, 0, __pyx_mstate_global->__pyx_n_u_forward_train_const_double_1_con, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 375, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_5) < (0)) __PYX_ERR(3, 374, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_5) < (0)) __PYX_ERR(3, 375, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_1forward_train, 0, __pyx_mstate_global->__pyx_n_u_forward_train, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[2])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 374, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_1forward_train, 0, __pyx_mstate_global->__pyx_n_u_forward_train, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[2])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 375, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_5, __pyx_mstate_global->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 374, __pyx_L1_error)
-  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 374, __pyx_L1_error)
+  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_5, __pyx_mstate_global->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 375, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 375, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
   __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_5)->arg0 = __pyx_t_9;
   __Pyx_GIVEREF(__pyx_t_9);
@@ -34632,42 +34711,42 @@ __Pyx_RefNannySetupContext("PyInit__planar_v4", 0);
   __pyx_t_4 = 0;
   __pyx_t_4 = __pyx_t_5;
   __Pyx_INCREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_forward_train, __pyx_t_4) < (0)) __PYX_ERR(3, 374, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_forward_train, __pyx_t_4) < (0)) __PYX_ERR(3, 375, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "fastbn/_planar.pyx":417
+  /* "fastbn/_planar.pyx":418
  * 
  * 
  * def inference(const floating[:, :, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
  *               const floating[::1] beta, const floating[::1] running_mean,
  *               const floating[::1] running_var, floating[:, :, ::1] y,
 */
-  __pyx_t_5 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 417, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 418, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_10_planar_v4_19inference, 0, __pyx_mstate_global->__pyx_n_u_inference_const_float_1_const_fl, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 417, __pyx_L1_error)
+  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_10_planar_v4_19inference, 0, __pyx_mstate_global->__pyx_n_u_inference_const_float_1_const_fl, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 418, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_4, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_4) < (0)) __PYX_ERR(3, 417, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_4) < (0)) __PYX_ERR(3, 418, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_10_planar_v4_21inference, 0, __pyx_mstate_global->__pyx_n_u_inference_const_double_1_const_d, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 417, __pyx_L1_error)
+  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_10_planar_v4_21inference, 0, __pyx_mstate_global->__pyx_n_u_inference_const_double_1_const_d, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 418, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_4, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_4) < (0)) __PYX_ERR(3, 417, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_4) < (0)) __PYX_ERR(3, 418, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_3inference, 0, __pyx_mstate_global->__pyx_n_u_inference, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[5])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 417, __pyx_L1_error)
+  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_3inference, 0, __pyx_mstate_global->__pyx_n_u_inference, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[5])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 418, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_4, __pyx_mstate_global->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 417, __pyx_L1_error)
-  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 417, __pyx_L1_error)
+  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_4, __pyx_mstate_global->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 418, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 418, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
   __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_4)->arg0 = __pyx_t_9;
   __Pyx_GIVEREF(__pyx_t_9);
@@ -34678,42 +34757,42 @@ __Pyx_RefNannySetupContext("PyInit__planar_v4", 0);
   __pyx_t_5 = 0;
   __pyx_t_5 = __pyx_t_4;
   __Pyx_INCREF(__pyx_t_5);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_inference, __pyx_t_5) < (0)) __PYX_ERR(3, 417, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_inference, __pyx_t_5) < (0)) __PYX_ERR(3, 418, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "fastbn/_planar.pyx":450
+  /* "fastbn/_planar.pyx":451
  * 
  * 
  * def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,             # <<<<<<<<<<<<<<
  *              const floating[::1] gamma, const floating[::1] mean,
  *              const floating[::1] invstd, floating[:, :, ::1] dx,
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 450, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 451, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_10_planar_v4_25backward, 0, __pyx_mstate_global->__pyx_n_u_backward_const_float_1_const_flo, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[6])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 450, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_10_planar_v4_25backward, 0, __pyx_mstate_global->__pyx_n_u_backward_const_float_1_const_flo, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[6])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 451, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_5) < (0)) __PYX_ERR(3, 450, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_5) < (0)) __PYX_ERR(3, 451, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_10_planar_v4_27backward, 0, __pyx_mstate_global->__pyx_n_u_backward_const_double_1_const_do, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[7])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 450, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_10_planar_v4_27backward, 0, __pyx_mstate_global->__pyx_n_u_backward_const_double_1_const_do, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[7])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 451, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_5) < (0)) __PYX_ERR(3, 450, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_5) < (0)) __PYX_ERR(3, 451, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_5backward, 0, __pyx_mstate_global->__pyx_n_u_backward, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[8])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 450, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_5backward, 0, __pyx_mstate_global->__pyx_n_u_backward, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[8])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 451, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_5, __pyx_mstate_global->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 450, __pyx_L1_error)
-  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 450, __pyx_L1_error)
+  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_5, __pyx_mstate_global->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 451, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 451, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
   __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_5)->arg0 = __pyx_t_9;
   __Pyx_GIVEREF(__pyx_t_9);
@@ -34724,42 +34803,42 @@ __Pyx_RefNannySetupContext("PyInit__planar_v4", 0);
   __pyx_t_4 = 0;
   __pyx_t_4 = __pyx_t_5;
   __Pyx_INCREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_backward, __pyx_t_4) < (0)) __PYX_ERR(3, 450, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_backward, __pyx_t_4) < (0)) __PYX_ERR(3, 451, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "fastbn/_planar.pyx":490
+  /* "fastbn/_planar.pyx":492
  * 
  * 
  * def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[::1] center,             # <<<<<<<<<<<<<<
  *          double[:, ::1] out, int num_threads):
  *     """Per-channel sums of an (N, C, S) view into out (C, 2), in double.
 */
-  __pyx_t_5 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 490, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 492, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_10_planar_v4_31sums, 0, __pyx_mstate_global->__pyx_n_u_sums_const_float_1_const_float_1, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[9])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 490, __pyx_L1_error)
+  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_10_planar_v4_31sums, 0, __pyx_mstate_global->__pyx_n_u_sums_const_float_1_const_float_1, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[9])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 492, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_4, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_4) < (0)) __PYX_ERR(3, 490, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_4) < (0)) __PYX_ERR(3, 492, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_10_planar_v4_33sums, 0, __pyx_mstate_global->__pyx_n_u_sums_const_double_1_const_double, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[10])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 490, __pyx_L1_error)
+  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_10_planar_v4_33sums, 0, __pyx_mstate_global->__pyx_n_u_sums_const_double_1_const_double, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[10])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 492, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_4, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_4) < (0)) __PYX_ERR(3, 490, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_4) < (0)) __PYX_ERR(3, 492, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_7sums, 0, __pyx_mstate_global->__pyx_n_u_sums, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[11])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 490, __pyx_L1_error)
+  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_7sums, 0, __pyx_mstate_global->__pyx_n_u_sums, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[11])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 492, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_4, __pyx_mstate_global->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 490, __pyx_L1_error)
-  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 490, __pyx_L1_error)
+  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_4, __pyx_mstate_global->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 492, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 492, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
   __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_4)->arg0 = __pyx_t_9;
   __Pyx_GIVEREF(__pyx_t_9);
@@ -34770,42 +34849,42 @@ __Pyx_RefNannySetupContext("PyInit__planar_v4", 0);
   __pyx_t_5 = 0;
   __pyx_t_5 = __pyx_t_4;
   __Pyx_INCREF(__pyx_t_5);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_sums, __pyx_t_5) < (0)) __PYX_ERR(3, 490, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_sums, __pyx_t_5) < (0)) __PYX_ERR(3, 492, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "fastbn/_planar.pyx":515
+  /* "fastbn/_planar.pyx":517
  * 
  * 
  * def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, :, ::1] out,             # <<<<<<<<<<<<<<
- *           const double[:, ::1] coef, int num_threads):
+ *           const double[:, ::1] coef, int num_threads, bint stream):
  *     """The second half of each pass on an (N, C, S) view, with the per-channel
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 515, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 517, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_10_planar_v4_37apply, 0, __pyx_mstate_global->__pyx_n_u_apply_const_float_1_const_float, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[12])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 515, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_10_planar_v4_37apply, 0, __pyx_mstate_global->__pyx_n_u_apply_const_float_1_const_float, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[12])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 517, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_5) < (0)) __PYX_ERR(3, 515, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_5) < (0)) __PYX_ERR(3, 517, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_10_planar_v4_39apply, 0, __pyx_mstate_global->__pyx_n_u_apply_const_double_1_const_doubl, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[13])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 515, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_10_planar_v4_39apply, 0, __pyx_mstate_global->__pyx_n_u_apply_const_double_1_const_doubl, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[13])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 517, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_5) < (0)) __PYX_ERR(3, 515, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_5) < (0)) __PYX_ERR(3, 517, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_9apply, 0, __pyx_mstate_global->__pyx_n_u_apply, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[14])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 515, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_9apply, 0, __pyx_mstate_global->__pyx_n_u_apply, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[14])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 517, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_5, __pyx_mstate_global->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 515, __pyx_L1_error)
-  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 515, __pyx_L1_error)
+  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_5, __pyx_mstate_global->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 517, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 517, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
   __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_5)->arg0 = __pyx_t_9;
   __Pyx_GIVEREF(__pyx_t_9);
@@ -34816,23 +34895,23 @@ __Pyx_RefNannySetupContext("PyInit__planar_v4", 0);
   __pyx_t_4 = 0;
   __pyx_t_4 = __pyx_t_5;
   __Pyx_INCREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_apply, __pyx_t_4) < (0)) __PYX_ERR(3, 515, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_apply, __pyx_t_4) < (0)) __PYX_ERR(3, 517, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "fastbn/_planar.pyx":536
+  /* "fastbn/_planar.pyx":538
  * 
  * 
  * def compile_args():             # <<<<<<<<<<<<<<
  *     """The C compiler flags this kernel module was built with, as one string
  *     (the columnar module of the same level is built with the same)."""
 */
-  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_11compile_args, 0, __pyx_mstate_global->__pyx_n_u_compile_args, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[15])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 536, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_11compile_args, 0, __pyx_mstate_global->__pyx_n_u_compile_args, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[15])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 538, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_compile_args, __pyx_t_5) < (0)) __PYX_ERR(3, 536, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_compile_args, __pyx_t_5) < (0)) __PYX_ERR(3, 538, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
   /* "fastbn/_planar_v4.pyx":1
@@ -35024,38 +35103,38 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
-    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{27},{179},{8},{15},{7},{6},{18},{2},{9},{50},{30},{37},{1},{5},{1},{8},{1},{1},{1},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{15},{13},{1},{3},{15},{2},{5},{72},{69},{4},{18},{1},{8},{153},{145},{4},{4},{2},{2},{1},{6},{18},{4},{6},{12},{5},{5},{8},{6},{6},{5},{15},{2},{3},{2},{3},{6},{9},{3},{5},{6},{17},{5},{5},{6},{7},{13},{140},{132},{1},{5},{3},{2},{5},{9},{124},{118},{6},{5},{8},{1},{4},{6},{4},{3},{7},{4},{4},{2},{4},{2},{2},{2},{11},{5},{3},{2},{2},{3},{1},{4},{4},{3},{1},{2},{8},{2},{4},{12},{11},{2},{10},{5},{10},{4},{5},{4},{4},{9},{6},{4},{53},{51},{1},{6},{6},{6},{1},{2},{1},{2}};
-    const struct { const unsigned int length: 10; } bytes_length_index[] = {{1},{16},{569},{579},{217},{394},{413},{247}};
+    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{27},{179},{8},{15},{7},{6},{18},{2},{9},{50},{30},{37},{1},{5},{1},{8},{1},{1},{1},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{15},{13},{1},{3},{15},{2},{5},{72},{69},{4},{18},{1},{8},{153},{145},{4},{4},{2},{2},{1},{6},{18},{4},{6},{12},{5},{5},{8},{6},{6},{5},{15},{2},{3},{2},{3},{6},{9},{3},{5},{6},{17},{5},{5},{6},{7},{13},{140},{132},{1},{5},{3},{2},{5},{9},{124},{118},{6},{5},{8},{1},{4},{6},{4},{3},{7},{4},{4},{2},{4},{2},{2},{2},{11},{5},{3},{2},{2},{3},{1},{4},{4},{3},{1},{2},{8},{2},{4},{12},{11},{2},{10},{5},{10},{4},{5},{4},{4},{6},{9},{6},{4},{53},{51},{1},{6},{6},{6},{1},{2},{1},{2}};
+    const struct { const unsigned int length: 10; } bytes_length_index[] = {{1},{16},{581},{219},{571},{396},{415},{247}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (2076 bytes) */
-static const char cstring[] = "x\332\355V\317S\343\310\025\306`o13\354.\030\206ev3 \363s\223e\2741\220\311\026\265\265\211\261\231\315\034B\260\315\314\354\324\024\245jI-\243 \267du\313c\247R\251=r\324QG\035u\324QG\037}\364Q\307\375\023\362\047\344u\333f\200\201\t\223P\225K(,\265\272_w\177\357{\337{\335\022b\322o\333\222\245\374\025\253\354\207\374\256\364\375\237q\303r:/\r\374V\262t\351{\325\"\314\250\273\226K%D4I3\034nx\265\333 \243\001\312\034C\303\332\005c\311r>8~\271\357\334\362\207?\224\020!\026\223\020\245F\235H\314\222\034\214\264\047\0261;RC\200l\001\310\347\244\205LC\223\032\226\2067%\334\266a.,\265\241n\360}7t\313a\016\"\033\233R\035\226\032\031\323\023dc\330JBm\203J\007\226\324@L=1H]\342[!\346:X\322-\227h\007\026\303\022;\001\222J\035vb\021\t\3145l\032\nv\020\303\000\204C\207\r\035nD\244\303\375\303\047;\337\355\010G\034\314)\245\022u\025\325\004\0370\345|*\256a2\330\230ulL\363\322s]\352X\256D0@\006\007m\260\2738\201\235`\"Q\314xC\332\020t fXD\206\351\200vc\310\240\321\302|\3663dR\234G\232&\203\035V-\323\344c\026\241y\244\250\232A\221bbL\370SG\224)\344[\3316\021AN\336\356\264\353\252A\007c\032\261\300E\035\271&\223d\331\301\232\253bY\2264W\354A,\362\004\\n\031\310\204Q\325 \006\223eWL\344\303\3104-\025\230\221\220\343\240\216\244!\206\362\327\214\016\370\347,\rBO\363\177/\326J\317\237\227\366M\323\260\251A\177<\250\325p\323\305D\305\\\211\371w\242\224\345\303N\033~e\240]>\300mV\305\272,\017\251\001\240\000\212\223\367\256Q\307\314`\270\301;4>\007\376t\227\250\374\rCt4\313h\330 \025\336j \203\210\267\245\271\246\030#\2501x\363\355e\031\350\222\325\023\254\236R\2671\370\032\256\302\233<\260\203\226KlC=\205\025\366\311\310\256\3058\025|\215\246\213\314\321\262#\216\317[\252\320\332\205\016\334\346\037 \204s(\364\002\364\363\366\273y\014S&\034\245X\223A\323\220U\260\206Ae\325r,\027\004\210\021hb\024\017Yqu\035\024m#\3336;\342\361\006\022\2342I\263\\\000\374fwS\342\377\273\205\343\315\233\372\337\3539\276\270\216nZ\210\275\277\314{\335W;\216\221S\247\210v\210jX\371s\354TQ\220z\372\0269""\332\350\375\321p/\367\337\266\347f\267\257\264\217\257\000\273\255\377\227\272o\327q\023\207\227\233\000\210b\005\203\376l\205\251*&P\263T\023\270\224A\354P!U\314\021\253\026\326\371o{K\265\032\266\001R\345\374\253P\t\231\306\047\017\353\002\325\352\250\321@\003\1775\256x\361\340\372\032\034$Z[k\333ZG\203N\242Ba\306\220\001\242bb\233b\307\261\034\035\251\214?y\031\312\017\313\220\334\332\321MT\247\0024\324\355\206x\362\352\r/\316%\307i\\\376x\363\337\304\367\326\321\2741\312\327a\371\017bz\273\020\336\020\330\272\210\005\257r\232\310r`\010;\274p\2367\336\334m\022\334\202\310\343\253{\337\205\320\377-m\260k\2132\215W{:x\374\r\237\236\002)<\023\353\264\201\021\201{\003\374\363{\003\277/\360bJ\024\270p4H\2350\342\362:\315N\370-\203B\323\356\200\230\255S\313\206\242c\333\220\0356r\230m\331\216Spp\335\240\220AN\303\261\336R\307%\004Nc\231o0j\267\340\000lAa\036e\014?\360\316\357\026\224#\203\222\355@\335\206\214`\026\374`\327\006L\204\206\013\267\006\267A\371\357c\313\332\361\205I\267,9\307.\234S\340\234k\303a\215\341z\344b\332n\333\235\216\375\227\237S\377\374d,3\325\177\260\350\327\203J\200\340\373\376XF\362\233\301x\220\013\266\0035\234I\322\213>\202\216T0\033\224\202f\222~\344\317\370\313~\321\257\005\023A!I\177\345\027\374g\302X\tS\341|\330\214&\242\255\250\022\351q1\256$\351Yo\327\257\300\002-X^\013s\341\323h&Z\215P\324\212+1J\026\327\240\033\207\277\213\322\321~\234\215\013\203\325\277\rg\302\225\260\032\302fY\357\033\230\256\007\3450\225\244\037\373G\301L\220K\322\013\376}\330\261\000x\2340\333\377\246\334-vk\275\361\336ro\257\247\366+G\375\243\027\334\215\311\237\333gM/\355\025\223O?K\246\001g\377W\233a1\231\346\376\270\260b&\254\204j\224\005\264\257\000\353\213\356rw\257\253\366\262\275\235\036\355Wk\375\332\253\376\253\237\372?\275N\226\244\340\223\000\005,,\204\317\242\\\264\0235\343\214@?y/I\337?\373\265W\360\366<\305\237\360\267|9\334\013QH\243\345\350\240\0138\037\234\375\336[\361*\274\261\353\275\020\254U\222{\013\376\247A%\231\372\302k\372\251dj\336C""\236\353\227\005\277{@\370\0348\356Ds\321Q<\023/\307\245\270\231|\261\340\247af\325w\202\271!\213[\302(\033\025\206\313\3703\311\324\264\227\362\036z\026X\350a1\254A\030\nQ9N\305s\200U\007\206\216z\263\275b\357e\277\306\371I\3267\002\027\314\336\341\340\257\014\020\374P\270\272\035*\3218\270Q\212h\274\026S\301\215\322\233\350m\365*\311\302#\177\016\320\320`\031\000+\341\004\030s\341L\215e\226.+e\201\003\363s\376\266\257\0063w\241\024-\\\r\365\217R\312\242\257q\245p,i\301\376\305\306PD\375\215?vS\335Y\341\341xo\245W\353\037V>\244\237\307\260\217\026\254\002O4\\\206\200\327\301\007\034o\305U\301S\031X\332\3515\373\207\234\346\376\213\227\311\342\322\320\245\325P\213\326\242\346\335\311\206\371O\301\313\225\240\n@VE\300V#%\036\027\262a\335\255n\245\213>N<$(\006/A\346%\201\245\030U#\007T\270\026\273\335R\227\365\n\27520\323\257T\223\265u\241\261\243\201L/I(\r!^\275;\t-\372\030BT\034hi\366.\253\316(\036\340\341\207\265\364\310\177<\314\376R\330\374\345\336}\341g\177\341\353\360\334\343r\220\006\342j\3418\314?\022\005\205\047o..\304{\261\332\235\001\307\246\3072\217\300\201ypmr\210w\022Rs>nvS\357\025\330+i\363\245\277\001Q^\005\300\353\202\317\275a\214\201\224%`p\035\330\333\025\221\312\202\006y\025+ui/7rB\201J\276<,,\225\353\022\343\241\367\032\266\247\301\023\320\304Rw\234\353o\336\253\003\317)\276\365o\202\3750\033\202\331\234\367\047\377\307`\013\024\010\014LN\235\355\203\\\220\327\274\250\234J`\016\313\343\203n\001\362 \3033I\024\233\251\317\316\320\331?\374\327\001\272H\336\234W\364\252\236#\224\340\210\352\207\370r\031\220|\016\222\242\312\243\227L\363\320\254\010\213,D[\207 8\202\342Z<\001\004\227!s\263\\\352\311\227_\211l\340\276\352\"\235\270\331w\361\323.\350\363\363\263f2\375\320\253\374?\022<\022\375\317\327\301\205\257\301\342\362\001Q\371\237\007\047;\226\231\373@\346j\234\222kS\025\211R2\310\301\\\270\0232(nW\2039,%\277\014y\346\220w\006A\276\007&\305\353\013\354\016\2540\001d\327\3024\340V\340\236\362\014\022{+\256\201ZnYZ\027\206r\233\000\206\370\221""\221\203b\247\001\371\333\340\025\215s\377\002,,\2565";
-    PyObject *data = __Pyx_DecompressString(cstring, 2076, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (2086 bytes) */
+static const char cstring[] = "x\332\355VMs\333\326\025\025%*\343\017%\021e\331\261\223Z\006\345\017\271\215\255\224\222\352f4\231\264\024%\247^\3245E\331\216\307\243\301<\000\017\024*\020\000\361\036h\262\323\351d\251%\226Xb\211%\226Xb\311%\227X\346\047\344\047\364<\220\224%Yv\345T3\335T#\002\017\357\343\336s\317=\367\002\022\341\322\357\273\222\255\374\235\252\374\373\345u\351\273\277\322\226\355\366^\030\364\215d\353\322w\252mq\243\351\331\036\223\210\245I\232\341\212\215\047\247\rk\274\300\270khT;\262Y\262\335\017\256\037\237;\334\371\375\237j\304\262l.\021\306\214\246%q[r)\321\036\332\226\331\223Z9\310\016@>\261:\30444\251ek\364\201D\273\016\316\302\324\222\272$\374.\351\266\313]b-=\220\23205\336\314\366\210C\341J\"]\203IOm\251E\270\272gXMI\270\"\334s\251\244\333\236\245=\2659\225\370\036H\252\365\370\236mI\330\256Q\323P\250K8\005\020\001\035\016]\261\311\222\236m={\270\366\355Z\036\210K\005\245Lb\236\242\232\210\2012\301\247\342\031&\207c\336s([\226\236\350R\317\366$\213\0022\002t\260\357\350\001\276G-\211Q.\006\322RN\007\341\206m\3118\016\264K#\006\215\016\025\247\037\023\223\321e\242i2\366Q\3256M\261f[l\231(\252f0\242\230\224Z\342\252\023\306\025\353\033\3311\211E\334e\247\327m\252\006\033\256i\226\215\020u\342\231\\\222e\227j\236JeY\322\274\334\207e[\017\021r\307 &VU\3032\270,{\371A\261LL\323V\301\214D\\\227\364$\215p\262|\312\352\220\177\301\3220\365l\371\237\325F\355\311\223\332\226i\032\0163\330\017O\033\r\332\366\250\245R\241\304\345\267\242\224\345g\275.~\233\240]~J\273|\233\352\262<\242\006@\001J\220\367v\320\244\334\340\264%&4q\006\177\272g\251\342\216%6>e\264\034HE\214Z\304\260\362\273\255yf\276f\221\326\360.\334\3132\350\222\325=\252\3563\2575|\032Y\021C\221\330\341\310\263\034C\335\207\205-k\274\257\303\005\025\302F\333#\346\330\354\230\343\303\221\232k\355\310\004\355\212\007\010\341\020\n;\002\375p\374\366\034\247\214\347\2012\252\311\3204\252\n6\014&\253\266k{\020 %\320\3048\037\262\342\351:\024\355\020\3071{\371\3455\n\234qI\263=\000~\275\376@\022\377\353\225\335\007\357""\233\177gf\367\250\035\335\264\t\177\327\314;\323\047\047v\211\333d\204\365,\325\260\227\017\2613E!\352\376\033\342j\343\373G\303=>\177\326\231\367\207}b\274{\002\330Y\343?6}\266\211\367qx|\010@\214*\024\372s\024\256\252\324B\317RMp)C\354\350\220*\025\210U\233\352\342\267\272\242\332-\307\200T\005\377*:!\327\304\341Q_`Z\223\264Zd\030\257&\024\237_\204\276\206/\022\255\253u\035\255\247a\322R\321\230)* \357\230\324a\324umW\047*\027W\321\206\226GmH\356\254\351&i\262\0344\372v+\277\212\356\215\233\340R\3404\216?\274\376o\362{\346l\2767\313\247a\371\0259=[\n\337\223\330f\236\013\321\345\264\274\312\301\020uE\343<\034\274>\337\"8\003\221\273\047}\237\207\320\377#m\360\332a\\\023\335\236\r/\377\240\373\373 ETb\223\265(\261\360\335\200\177\361\335 \276\027D3\265\024|p\264\254\246\305-O\364i\276\047\2762\030\206N\017b\266\367m\007M\307qP\035\016q\271c;\256[qi\323`\250 \267\345\332o\230\353Y\026\336\306\262p0\036w\360\002\354\2401\217+F\274\360\016\277-\230@\206\226\355\242o\243\"\270\215\037\274\266\206W\034\307\300\303\267\203\327b\342\367\261\315m\367\310\24136\236]\017o+\204\3509xeS|$y\224u\273N\257\347\374\355\247\302/\237LL\317\014./\004\315\260\036\022<\317LL\337\nH\320\016\013\341\225\260\026\266\263\342\365\240\020\224\202r\260\032\250a)+~\025T\202\307a9\\\r\225\250\020]\213\332\361T\274\022\327c=\251&\365\254x\305_\017\3520\320\201=-*G\217\342R|\047&q\047\251\047$[\270\213\351\275H\303\224\236l\245si%+\336\200\365o\242Rt;\332\216\340n\316\377\032\006\364p3*d\305\233\301NX\n\313Yq!\320\340\263\"\320\024\203jP?6\270$\226\302\332`\351\317i!\275\222n\244J\177\262\177\273\337\030<\253\377rib\372\302O\335\203\266_\364\253\331\247\237e\263\300?\370\315\203\250\232\315\336\204\037-\274\023\222\220E\213\321F\324D\0244YI\266\023\226.\246\233\375\251\376Z\277=x\2663\330y>x\376\"[\2705\n\352\016\360\337\215\333\331\205\213Y\361\322\301o\375\212\277\341+\301T\260\022\310\260B\"\026/\306OS\200\276|\360G\377\266_\027\203u\377y\260\230\343\275x=\3704\254g3_\370\355\240\220\315""\\\363\211\317\203G\210\362v\270\r w\"%\236\004=J2\231,&\265\204\247+i=%\331\027\303x\267\0037\234\037Q\273\002\302\334x.\256\214\214\005\245lf\326/\370W}+\254\206/\242JT\313\261T\343\355\330MJ\311\335\304Kk)\357W\372\233`fP\337\316\356\336\013\365\250\032\355\304\363\361NR:\304$nE$YP\303\243\325\034\321b\\\213\031L\010j\004\301S\375\225~=\273~#\230\007&\026.\206\033\320\303\0246\237.\242\205\200\"E\325\241\232\256 \220F8%\322y^j\322\000\315MK\037V\323\215\340f\036\221 \246\375\363\305Ky\244\203\353\367\243\303\2307\303\"\250kD\2238\277\003jW\004/I9\251$\033\211\232\226\206\241I\010l2\307\254F%\021\332\261H\005\200\305\363\r\220\306\177H\212\037U.\2075\021\272\321\334\340\353\315\264\2326P\023\213\375\215\276:\250\013E\177\2500DD\036,NG\365H\315Yx\t\264\317\363\314\253\3759\224\005\033l7\006\215\227\203\227?\016~|\225\335\222\302OF\304>\216\313\361Z\334N\246s\374\347V!\0362#\030\336\000\345\363\271\354s\305\346\025\322\376\270\332\260\261C\210\276\201DT\342\315\244\220\314\003\253\016\206v\372W\372\325\376\213AC\360\223\335[\n=l\253\037\253\212i\020|\365\327V\305\354\304\364\r \271\006\265\\\030i\341\002\334_K\332i\341\035\031\235\350\272_\006K\310\354\375\274\367\334\313[\303F\242\244\223p\213\232\272\005W\367\340f=/\3649\2640\221\253Z\312\372\345\261@\024(vqD_\375\264\276z\325\177\005\000,|\010\332n\3010\326\256\371M\250\270 \234\377.\334\212\346\"l\233\367\377\022\374\020\256 =(\237\0133\007[`\224\370\355\243\215\247\036\232#\021\\N+h\243\323\242\021\347\224\316|v@\016\376\025\274\n\311\321\312\233\367\253\376\266\357\346\224\271y\216\21107\r=\224\241\230mQ\033\331\254\220\375\355|\307\034jIG\005\273\2712\033\311\024\252s\023\215\177Nt\312\354\313\257\362f*b\325s\255\211m\337&\217\320\033f>?hg\263W\375\372\377s1\314\305\340\363{(\226\373\330q\274\020\352\377\363\364\314ML\317\177\2403j\202\222S\033!\311\253n\330\302\313\321Z\304\321\001N\246s\364.\372y\304\263\200\2746L\363El\251\236\376\206^\203\205)\220\335\210\212\300\255\304\305\3701\336\013+I\003z9c\377\271>""\022\334\024\030\022\337\034e\364\005\r\344\257\"*\226\224\377\r\221I\266\233";
+    PyObject *data = __Pyx_DecompressString(cstring, 2086, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (2737 bytes) */
-static const char cstring[] = "\377 at 0x o\377bject>.:\377 <Memory\377View of \377<contigu\377ous and gdir%\001\007\rin\021\005\177strided\"\010o or \004\031><(\t\376A\006>?Canno\377t assign\377 to read\177-only m\240\002\375v\242\000Invali\377d mode, \347exp\305\000|\000\047c\047\376t\001\047fortra\237n\047, gH\000%\005s\357hape\222\000 ax\377is No ma\177tching g\001\377ature fo\377undNote \373th\242 Cytho\373n ,\000delib\237erate\206\000\353\001c\367ter!\001n PE\337P-484\245\"re\376\317!s subcl\366\301\000es\314!buil\373ti\313\000ypes.\377 If you \223ne\257 \336\000p\351\000%\tt\177hen set\200\000\367e \047\212\"atio_n_typ\253\000\047\210D\373iv\242\000o Fal\177se.add_\264 \237ecoll\321@+\000s\377.abcdisa\337bleen\002\001fa\377stbn/_pl\377anar.pyx\357gcis\026\003dno\377 default\377 __reduc\277e__ du_\002n\367on-\337@vial\376\033\000cinit__\371uP\002\236Aalloc\376\227  array \037data.\013\020\372#\314a\376\251cs.|ASCI\377ICEllips\377isGNSSeq_uence\206\204\001.\213\204\007\337__Pyx\001\000Di\377ct_NextR\317ef__\224$\246\000__\366\351\"__\001\005geti\227tem\r\001d0\001\027\000fgunc\035\001\030\000st\305@\316)\001imp\250`3\001ma{in\003\002odulM\0027nam\002\003ewT\001\254 \377_checksu\200T\000\n\001?\004\025\001\227@\254 \037\001u\337npick?\000En\346 \005vt\200A\230\001qua\021lO\005\334%\345&c\347b\277\001\370$\023ex\314\001\206`_\203\005\222`\262\006\274\003\006.\007test\344\002s\377ed_sigin\375dA\000is_cor\233ou\376`ea\221`\246E_\377bufferap\337apply\000\002[c\377onst dou\336\262`[:, \000\000::\2471],\000\025\031\016]<\tf\217loat5\017\006\016\030\r]\377argsasyn\357cio.\263\006sbb\177ackward\000\005\000~.\321\013\307\017\331\017\371\001\375\017\231%\022\t\002\244 ]\212\014\330\200%\360#\247$\345\047\000\016\340\027\010\2545\251A?\007\216\000seb\375e\375`pbtcce\377nterclin\377e_in_tra{ce\317!coef\000\001\37732compil\373e_\374!count\371d9\001\221\207\004sdgamKma\227cd\356\204\001\000\002_\335`\376\303\213\003dxdxpdy\377dypencod\337eenum\255\211\002ep\377serrorfa\323ct\002\001\203\210\001.\200\210""\004_v\2774flags\247bf\337ormat\267\212\004fo\031r\351A\244\001in\000\n\200\204$\217\202<A,\316Ux\021\315\204\033\277R\235\202#,\343O\222\346ag\207B\342\210\001d\341\206\002\237 e\001r\265\211\001\000\006\350\200:\205\205!\352\206\017l\r\342\2000\374\351\204\037\234\207\016invstd\372\352\212\001s\000\002izekk\367ind\247\207\001gsme\377anmemmem\370\264\217\001\254\217\001\324\212\001nbndi\177mngntnu\244\212\001\373th\342\217\001snump\377yobjokop\377outppack\377partpopr\377r1regist\377errmrows\377running_\374]\001\004\005varrvscet\252\205\005\355\217\001\323\217\006ss\227\000\363stL\000B\000psto\376\001\000reaming\377structsu\223ms\000\001\326\211-]*\010\314\211$]\367uun\331\001upda\377tevalues\377xxpyypO\200\377\001\360\006\000\005\014\320\013\177\036\230g\240Q\240a\r\000\377\n\000\005 \230q\240\002\377\240!\2403\240c\250\021\337\330\004\036\230a\016\000\001\240\377\023\240C\240q\330\004\031\377\230\021\230\"\230A\230S\377\240\003\2401\330\004\033\230\3671\230F(\002b\250\001\250\377\026\250q\260\003\2602\260\377Q\260f\270A\270Q\330\277\004\023\220:\230Q>\000v\376\\\000d\250!\2506\260\021\377\260$\260a\260v\270Q\337\270a\330\036%s\000e\250\3775\260\004\260E\270\022\270\3751X\003/\250\021\250#\250\273R\250j\000\022\220+<\000f\377\240D\250\001\330\004\035\230\377T\240\021\240!\330\004\030\353\230\n\234\0001\215\000r\250\022\377\320+D\300A\300S\310\377\002\310\"\310B\310c\320\277QT\320TU\360\304\000\010\377\200x\210q\220\004\220A\337\330\r\016\330\020\245\000\320\034_,\250A\330\020\314\001uO\000\177\005\250Q\250c\260\022\253\000\375W\251\000U\300\"\300B\300\377c\310\022\3104\310s\320\377RS\320SW\320WX\377\320XY\330\037 \240\006\377\240a\240t\2501\250F\377\260!\2604\260q\270\005\376\271\002\010\t\330\004\n\210)\377\2201\220B\220b\230\003\377\2302\230_\250B\250a\177\250s\260\"\260N\300\245\000\277\013\2107\220#\220\203 \013\357\210:\220U\261\"Q\330\t\377\030\230\r\240Q\330\014\027\377\220q\230\001\330\014\026\220\277a\220u\230D\240\334!B\372\356 \024\366\000r\260\024\260T""\377\270\021\270\"\270C\270q\337\330\027\030\230\004\355 R\230\327r\240\024\277$2 \002\022\260\3751@\004\230\021\330\014\020\220\337\001\220\025\220o\304@f\250\367A\250S\204@1\260D\270\327\001\270\024\347 f\237 T\310\177\023\310A\310V\320S\234!\037\330&\047\240u$\000~\007\213\001\365\005\336 \025\346\0023\250b\260\375\002\304\000C\260s\270%\270\375s\227\"b\310\003\3102\310\377Q\330\030\031\230\024\230R\377\230s\240\"\240B\240b\337\250\003\2503\250\265a\014\000\273\005\037\234k\030\230\001\251`!\277\2303\230c\240\021\346\202Ad\357\250$\250f\375\202*\036\230d\310\246a\257a\300!Q\000\006\272h\320\047_@\300\001\300\023\373@b\302`\277#\310S\320PQ\244y\035\353\230QS\000$\220`s\250\"\376\356@g\260Q\260e\2702\353\270R\243\"D\243 4\310q\373\320P\203\204\001\320UV\330\036\373\037\230\367\204\003$\250d\260%\367\260q\330\356\202Ft\2306\240\177\021\240#\240R\240s\226 \276\255A$\260b\270\002\262bt\277\3002\300Q\300a\217\203+n\377\240A\240V\2501\250C\376\276\204\002A\260R\260r\270\021\376\375@u\300C\300t\3101\373\310D\227 \320QR\330%\213&\240\340aT\241\204\003\302\204\006\316\204\001\004\357\230F\240$\371\202G\036\230e\357\2401\240A\357\206\001\001\230\023\340\252\207I\310a\214A\337\000\330\207\033\031\230\035~\367\206\004C\250q\340\t\n\265\206\002\337\320\030(\250\001\276\206\003\004\230\367D\240\004\266 S\250\002\250\347#\250T\314\207\002\271\206\001!\2701\377\270B\270c\300\021\200\001\377\360\020\000\005\031\230\001\230\337\026\230q\240\010\237\211\004\010\270\177\001\270\026\270q\300\001\320\211\016\276\250\205\014\032\230\047\240\021\321 d\313\250&\216\206\002B\335D\222 \037\230\177s\240&\250\003\250:\245B\357\022\2702\270\302\210\001C\300s\357\310!\330\004\265\211\003b\240\002>\243\206\002c\250\024\250Q\270\211\010\220\205\006\377\025\220Y\230a\230s\240\177-\250r\260\037\300\002\263\210\001\377\026\220g\230S\240\001\330\377\004\032\230*\240E\250\022\377\2501\330\004\024\220H\230\277G\2402\240Q\330\377\000\010\377\014\210E\220\025\220a\220\271q\357\207\005\266aQ\240l\230\211""\004\013?\3001\300D\310\005\306\205\001\350\207\002\377\014\016\210a\210~\230Y\373\240a\261)\024\220A\220R\373\220r\310\207\002r\240\023\240B\376\033\001\020\220\005\220U\230!o\2302\230R\263\205\001\330\020\353\213\001\273#\230\371\210\001\022\2403\364`C\334\245\000\260\212\001S\270\003\336 D\300w\001\300\022\347\204\001\330\032\033\211\205\002\372\220\210\001f\201\212\002r\260\022\2608\377\2706\300\021\330\014\017\210?q\330\020\025\220Q\210\200\377\206A\377\320\017&\240d\250(\260\353!\260\223\213\013Q\234\201~\022\000\005\205\024\225\217\030d\320\215\001\373\217\001\220\217\016\275\204\001\"\376\375\205\004!\2504\250t\2601\354\247\220\016\304\207\004\340\004\354\204\003r\240\022\373\2404\314\220\001\030\230\t\240\023\373\240A\204\216\021t\2304\230q\377\240\003\2402\240S\250\004\377\250B\250b\260\004\260F\377\270!\2702\270S\300\001\272\360\215%\030\362\206\004\003\2403\256\213\002!\377\2503\250d\260!\2603?\260a\260s\270!";
-    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 2737, 5023);
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (2748 bytes) */
+static const char cstring[] = "\377 at 0x o\377bject>.:\377 <Memory\377View of \377<contigu\377ous and gdir%\001\007\rin\021\005\177strided\"\010o or \004\031><(\t\376A\006>?Canno\377t assign\377 to read\177-only m\240\002\375v\242\000Invali\377d mode, \347exp\305\000|\000\047c\047\376t\001\047fortra\237n\047, gH\000%\005s\357hape\222\000 ax\377is No ma\177tching g\001\377ature fo\377undNote \373th\242 Cytho\373n ,\000delib\237erate\206\000\353\001c\367ter!\001n PE\337P-484\245\"re\376\317!s subcl\366\301\000es\314!buil\373ti\313\000ypes.\377 If you \223ne\257 \336\000p\351\000%\tt\177hen set\200\000\367e \047\212\"atio_n_typ\253\000\047\210D\373iv\242\000o Fal\177se.add_\264 \237ecoll\321@+\000s\377.abcdisa\337bleen\002\001fa\377stbn/_pl\377anar.pyx\357gcis\026\003dno\377 default\377 __reduc\277e__ du_\002n\367on-\337@vial\376\033\000cinit__\371uP\002\236Aalloc\376\227  array \037data.\013\020\372#\314a\376\251cs.|ASCI\377ICEllips\377isGNSSeq_uence\206\204\001.\213\204\007\337__Pyx\001\000Di\377ct_NextR\317ef__\224$\246\000__\366\351\"__\001\005geti\227tem\r\001d0\001\027\000fgunc\035\001\030\000st\305@\316)\001imp\250`3\001ma{in\003\002odulM\0027nam\002\003ewT\001\254 \377_checksu\200T\000\n\001?\004\025\001\227@\254 \037\001u\337npick?\000En\346 \005vt\200A\230\001qua\021lO\005\334%\345&c\347b\277\001\370$\023ex\314\001\206`_\203\005\222`\262\006\274\003\006.\007test\344\002s\377ed_sigin\375dA\000is_cor\233ou\376`ea\221`\246E_\377bufferap\337apply\000\002[c\377onst dou\336\262`[:, \000\000::\2471],\000\025\031\016]<\tf\217loat5\017\006\016\030\r]\377argsasyn\357cio.\263\006sbb\177ackward\000\005\000~.\321\013\307\017\331\017\371\001\375\017\231%\022\t\002\244 ]\212\014\330\200%\360#\247$\345\047\000\016\340\027\010\2545\251A?\007\216\000seb\375e\375`pbtcce\377nterclin\377e_in_tra{ce\317!coef\000\001\37732compil\373e_\374!count\371d9\001\221\207\004sdgamKma\227cd\356\204\001\000\002_\335`\376\303\213\003dxdxpdy\377dypencod\337eenum\255\211\002ep\377serrorfa\323ct\002\001\203\210\001.\200\210""\004_v\2774flags\247bf\337ormat\267\212\004fo\031r\351A\244\001in\000\n\200\204$\217\202<A,\316Ux\021\315\204\033\277R\235\202#,\343O\222\346ag\207B\342\210\001d\341\206\002\237 e\001r\265\211\001\000\006\350\200:\205\205!\352\206\017l\r\342\2000\374\351\204\037\234\207\016invstd\372\352\212\001s\000\002izekk\367ind\247\207\001gsme\377anmemmem\370\264\217\001\254\217\001\324\212\001nbndi\177mngntnu\244\212\001\373th\342\217\001snump\377yobjokop\377outppack\377partpopr\377r1regist\377errmrows\377running_\374]\001\004\005varrvscet\252\205\005\355\217\001\323\217\006ss\227\000\363stL\000B\000psto~\001\000reamst\002\001\377ingstruc\237tsums\000\001\334\211-]\274*\010\322\211$]uun\337\001u\377pdateval\377uesxxpyy\377pO\200\001\360\006\000\005\377\014\320\013\036\230g\240Q\373\240a\r\000\014\000\005\037\230\377a\230q\240\001\240\023\240\377C\240q\330\004\030\230\001\377\230\021\230!\2303\230c\377\240\021\330\004\033\2301\230\377F\240!\2403\240b\250\377\001\250\026\250q\260\003\260\3772\260Q\260f\270A\270\377Q\330\004\023\220:\230Q\372>\000vM\000d\250!\2506\377\260\021\260$\260a\260v\177\270Q\270a\330\036%d\000\367h\250d\020\000f\270E\300\277\022\3001\330\004\031[\000/\177\250\021\250#\250R\250l\000\367\022\220+>\000f\240D\250\377\001\330\004\035\230T\240\021\177\240!\330\004\036\230dq\000~+\000\030\230\004\230A\230f\000\356\000\006\030\230\n\027\001\240C\320\377\047@\300\001\300\023\300B\377\300b\310\002\310#\310S\377\320PQ\360\n\000\005\010\377\200x\210q\220\004\220A\337\330\r\016\330\020\275\000\320\034\277,\250A\330\020\035\246\000d\377\240$\240a\240s\250\"\357\250B\250g\303\000e\2702\377\270R\270s\300\"\300D\377\310\003\3104\310q\320P\377T\320TU\320UV\330\327\036\037\230\317\003$\275\000%\260\377q\330\010\t\330\004\n\210\377)\2201\220B\220b\230\337\003\2302\230_C\000a\250\277s\260\"\260N\300\262\000\013\337\2107\220#\220\222 \013\210\337:\220U\230\"\264\002\t\030\377\230\r\240Q\330\014\027\220\377q\230\001\330\014\026\220a\357\220t\2306\343\000#\240R\276\206\000$\250b""\260\002\257 b\377\270\002\270\"\270C\270t\377\3002\300Q\300a\330\027\276\363\003R\230r\240\024\324$2\276\256 r\260\022\2601F\004\230\377\021\330\014\020\220\001\220\025\377\220n\240A\240V\2501\373\250C\207\002A\260R\260r\377\270\021\270%\270u\300C\277\300t\3101\310D\227 \320\377QR\330%&\240f\250\377A\250T\260\024\260T\270\311\021\213\006\227\001\004\342@\227!t\250}3\215\002\"\260C\260s@\000\374\227!\335!\003\3102\310Q\330\377\030\031\230\024\230R\230s/\240\"\240B\215`\003*\000\257s\177\036\230e\2401\240A\310c}\023\277@S\240\003\2401\204\203G\335d\333\000r\300\021\260{\031\230\365\035\352@t\224\"q\340\t\n\316\200B\320\030(\347`\212B\004\230\367D\240\004\270 S\250\002\250\335#\223 \022\2602\224!\270!\377\2701\270B\270c\300\021\276\232\205\003 \230q\240\002\375\204\002c\243\250\021\227\204\001\242\205\n\313\204\001\"\223\200Ke\317\2605\270\004\202\205*\213\205\006\240r\377\250\022\320+D\300A\300\377S\310\002\310\"\310B\310\347c\320Q\316\204\001\375\204\031\036\230a\377\230u\240D\250\005\250Q\373\250c\336`2\260W\270A\377\270U\300\"\300B\300c\377\310\022\3104\310s\320R\377S\320SW\320WX\320\177XY\330\037 \240\006\322$\377F\260!\2604\260q\270\311\005\352\206\002\331\204Fu\227@\215\210\001B\240Gc\250\024\362\204\002\255\204\002\235\205\002q\356\204+\367o\240Q\360\204\002S\260\003\260\3771\260D\270\001\270\024\270\367Q\270f\237 T\310\023\310\337A\310V\320S\356\206\001\330&\177\047\240u\250A\250Q\211\205\n\237\005\230T\240\025\277b\343\2040\020\377\000\005\031\230\001\230\026\230\327q\240\010\264\211\004\010|\000\026\270\347q\300\001\266n\347\211\014\032\230\047_\240\021\240(\250\370\207\001&\226\207\002\377B\270b\300\002\300\"\300\377A\330\004\037\230s\240&\357\250\003\250:\344\206\002\022\2702\376\247BC\300s\310!\330\004N\312\211\003b\240\002\237\206\002\273!Q\304\211\021\377\025\220Y\230a\230s\240\337-\250r\260\037V\000!\330\377\004\026\220g\230S\240\001\377\330\004\032\230*\240E\250\377\022\2501\330\004\024\220H\377\230G\2402\240Q\330\t\377\n\330\010\014\210E\220\025""\357\220a\220q\355\207\tQ\240l\376\376D\013\3001\300D\310\005\374\205\212\001\316\"\014\016\210a\210~\357\230Y\240a\356\205\t\024\220A\357\220R\220r\304\207\002r\240\023\373\240B\033\001\020\220\005\220U\277\230!\2302\230R\362\211\001\330\355\020\242\213\001#\230\373\210\001\022\2403\317\240f\250C\245\000\234\206\001S\270\377\003\2701\270D\300\001\300\235\022\246\211\001\330\032\033\310\211\002\214\210\001f\374\211\212\002\236\211\0018\2706\300\021\330\377\014\017\210q\330\020\025\220\317Q\200\001\360\212\200\377\211@\320\017\177&\240d\250(\260!\372\204\014\275Q\236\201~\022\000\005\024\256\217\030d\350\332\215\001\243\217\022\277\204\001\"\274\212\004!\2504\317\250t\2601\221\212\016\205\214\004\340\004\276\356\204\003r\240\022\2404\343\220\003\t\337\240\023\240A\330\215\216\0224\230\377q\240\003\2402\240S\250\377\004\250B\250b\260\004\260\377F\270!\2702\270S\300u\001\364\215%\030\366\206\004\003\2403\357\217\002\377!\2503\250d\260!\260\1773\260a\260s\270!";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 2748, 5039);
     #define __Pyx_DecompressString_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (5023 bytes) */
-static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis No matching signature foundNote that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecollections.abcdisableenablefastbn/_planar.pyxgcisenabledno default __reduce__ due to non-trivial __cinit__unable to allocate array data.unable to allocate shape and strides.|ASCIICEllipsisGNSSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___fused_sigindex_is_coroutineaabcallocate_bufferapapplyapply[const double[:, :, ::1],const double[:, :, ::1],double[:, :, ::1]]apply[const float[:, :, ::1],const float[:, :, ::1],float[:, :, ::1]]argsasyncio.coroutinesbbackwardbackward[const double[:, :, ::1],const double[:, :, ::1],const double[::1],const double[::1],const double[::1],double[:, :, ::1],double[::1],double[::1]]backward[const float[:, :, ::1],const float[:, :, ::1],const float[::1],const float[::1],const float[::1],float[:, :, ::1],float[::1],float[::1]]basebetabpbtccentercline_in_tracebackcoefcoef32compile_argscountdbetadefaultsdgammadoubledtypedtype_is_objectdxdxpdydypencodeenumerateepserrorfactorfastbn._planar_v4flagsfloatformatfortranforward_trainforward_train[const double[:, :, ::1],const double[::1],const double[::1],double[:, :, ::1],double[::1],double[::1],double[::1],double[::1]]forward_train[const float[:, :, ::1],const float[::1],const float[::1],float[:, :, ::1],float[::1],float[::1],float[::1],float[:"":1]]ggammagetidindexinferenceinference[const double[:, :, ::1],const double[::1],const double[::1],const double[::1],const double[::1],double[:, :, ::1]]inference[const float[:, :, ::1],const float[::1],const float[::1],const float[::1],const float[::1],float[:, :, ::1]]invstditemsitemsizekkindkwargsmeanmemmemviewmodenamenbndimngntnunum_threadsnumpyobjokopoutppackpartpoprr1registerrmrowsrunning_meanrunning_varrvsetdefaultshapesignaturessizestartstepstopstreamingstructsumssums[const double[:, :, ::1],const double[:, :, ::1]]sums[const float[:, :, ::1],const float[:, :, ::1]]uunpackupdatevaluesxxpyypO\200\001\360\006\000\005\014\320\013\036\230g\240Q\240a\200\001\360\n\000\005 \230q\240\002\240!\2403\240c\250\021\330\004\036\230a\230q\240\001\240\023\240C\240q\330\004\031\230\021\230\"\230A\230S\240\003\2401\330\004\033\2301\230F\240!\2403\240b\250\001\250\026\250q\260\003\2602\260Q\260f\270A\270Q\330\004\023\220:\230Q\230a\230v\240Q\240d\250!\2506\260\021\260$\260a\260v\270Q\270a\330\036%\240Q\240e\2505\260\004\260E\270\022\2701\330\004\031\230\021\230/\250\021\250#\250R\250q\330\004\022\220+\230Q\230f\240D\250\001\330\004\035\230T\240\021\240!\330\004\030\230\n\240!\2401\240C\240r\250\022\320+D\300A\300S\310\002\310\"\310B\310c\320QT\320TU\360\n\000\005\010\200x\210q\220\004\220A\330\r\016\330\020\033\2301\320\034,\250A\330\020\036\230a\230u\240D\250\005\250Q\250c\260\022\2602\260W\270A\270U\300\"\300B\300c\310\022\3104\310s\320RS\320SW\320WX\320XY\330\037 \240\006\240a\240t\2501\250F\260!\2604\260q\270\005\270Q\270a\330\010\t\330\004\n\210)\2201\220B\220b\230\003\2302\230_\250B\250a\250s\260\"\260N\300!\330\004\013\2107\220#\220Q\330\004\013\210:\220U\230\"\230A\230Q\330\t\030\230\r\240Q\330\014\027\220q\230\001\330\014\026\220a\220u\230D\240\001\240\023\240B\240c\250\024\250R\250r\260\024\260T\270\021\270\"\270C\270q\330\027\030\230\004\230A\230R\230r\240\024\240Q\240d\250!\2502\250R\250r\260\022\2601\330\014\027\220q\230\001\230\021\330\014\020\220\001\220\025""\220o\240Q\240f\250A\250S\260\003\2601\260D\270\001\270\024\270Q\270f\300A\300T\310\023\310A\310V\320ST\320TU\330&\047\240u\250A\250Q\330\014\027\220q\230\001\330\014\027\220q\230\005\230T\240\025\240a\240t\2503\250b\260\002\260\"\260C\260s\270%\270s\300\"\300B\300b\310\003\3102\310Q\330\030\031\230\024\230R\230s\240\"\240B\240b\250\003\2503\250a\200\001\360\014\000\005\037\230a\230q\240\001\240\023\240C\240q\330\004\030\230\001\230\021\230!\2303\230c\240\021\330\004\033\2301\230F\240!\2403\240b\250\001\250\026\250q\260\003\2602\260Q\260f\270A\270Q\330\004\023\220:\230Q\230a\230v\240Q\240d\250!\2506\260\021\260$\260a\260v\270Q\270a\330\036%\240Q\240d\250$\250f\260E\270\022\2701\330\004\031\230\021\230/\250\021\250#\250R\250q\330\004\022\220+\230Q\230f\240D\250\001\330\004\035\230T\240\021\240!\330\004\036\230d\240!\2401\330\004\030\230\004\230A\230Q\330\004\030\230\004\230A\230Q\330\004\030\230\n\240!\2401\240C\320\047@\300\001\300\023\300B\300b\310\002\310#\310S\320PQ\360\n\000\005\010\200x\210q\220\004\220A\330\r\016\330\020\033\2301\320\034,\250A\330\020\035\230Q\230d\240$\240a\240s\250\"\250B\250g\260Q\260e\2702\270R\270s\300\"\300D\310\003\3104\310q\320PT\320TU\320UV\330\036\037\230v\240Q\240d\250$\250d\260%\260q\330\010\t\330\004\n\210)\2201\220B\220b\230\003\2302\230_\250B\250a\250s\260\"\260N\300!\330\004\013\2107\220#\220Q\330\004\013\210:\220U\230\"\230A\230Q\330\t\030\230\r\240Q\330\014\027\220q\230\001\330\014\026\220a\220t\2306\240\021\240#\240R\240s\250$\250b\260\002\260$\260b\270\002\270\"\270C\270t\3002\300Q\300a\330\027\030\230\004\230A\230R\230r\240\024\240Q\240d\250!\2502\250R\250r\260\022\2601\330\014\027\220q\230\001\230\021\330\014\020\220\001\220\025\220n\240A\240V\2501\250C\250s\260\"\260A\260R\260r\270\021\270%\270u\300C\300t\3101\310D\320PQ\320QR\330%&\240f\250A\250T\260\024\260T\270\021\330\014\027\220q\230\001\330\014\027\220q\230\004\230F\240$\240a\240t\2503\250b\260\002\260\"\260C\260s\270%\270s\300\"\300B\300b\310\003\3102\310Q\330""\030\031\230\024\230R\230s\240\"\240B\240b\250\003\2503\250a\200\001\360\014\000\005\037\230a\230q\240\001\240\023\240C\240q\330\004\036\230e\2401\240A\330\004\030\230\001\230\023\230A\230S\240\003\2401\330\004\033\2301\230F\240!\2403\240b\250\001\250\026\250q\260\003\2602\260Q\260f\270A\270Q\330\004\023\220:\230Q\230a\230v\240Q\240d\250!\2506\260\021\260$\260a\260v\270Q\270a\330\036%\240Q\240d\250$\250d\260%\260r\270\021\330\004\031\230\021\230/\250\021\250#\250R\250q\330\004\022\220+\230Q\230f\240D\250\001\330\004\031\230\035\240a\240t\2501\250C\250q\340\t\n\330\014\027\220q\320\030(\250\001\330\014\027\220q\230\004\230D\240\004\240A\240S\250\002\250#\250T\260\022\2602\260T\270\021\270!\2701\270B\270c\300\021\200\001\360\020\000\005\031\230\001\230\026\230q\240\010\250\001\250\026\250q\260\010\270\001\270\026\270q\300\001\330\004\036\230a\230q\240\001\240\023\240C\240q\330\004\030\230\001\230\021\230!\2303\230c\240\021\330\004\032\230\047\240\021\240$\240d\250&\260\002\260\"\260B\260b\270\002\270\"\270A\330\004\037\230s\240&\250\003\250:\260R\260r\270\022\2702\270U\300\"\300C\300s\310!\330\004\022\220+\230Q\230b\240\002\240\"\240B\240c\250\024\250Q\330\004\035\230T\240\021\240!\330\004\036\230d\240!\2401\330\004\025\220Y\230a\230s\240-\250r\260\037\300\002\300!\330\004\026\220g\230S\240\001\330\004\032\230*\240E\250\022\2501\330\004\024\220H\230G\2402\240Q\330\t\n\330\010\014\210E\220\025\220a\220q\330\014\020\220\001\220\025\220n\240A\240Q\240l\260!\2604\260q\270\013\3001\300D\310\005\310S\320PT\320TU\330\014\016\210a\210~\230Y\240a\330\014\027\220q\320\030(\250\001\330\014\024\220A\220R\220r\230\024\230R\230r\240\023\240B\240a\330\014\020\220\005\220U\230!\2302\230R\230v\240Q\330\020\031\230\021\230#\230R\230r\240\022\2403\240f\250C\250r\260\022\2602\260S\270\003\2701\270D\300\001\300\022\3002\300Q\330\032\033\2306\240\021\240\"\240B\240f\250B\250a\250r\260\022\2608\2706\300\021\330\014\017\210q\330\020\025\220Q\200\001\360\020\000\005\031\230\001\230\026\230q""\240\010\250\001\250\026\250q\260\010\270\001\270\026\270q\300\001\330\004\036\230a\230q\240\001\240\023\240C\240q\330\004\030\230\001\230\021\230!\2303\230c\240\021\330\004\032\230\047\240\021\240$\240d\250&\260\002\260\"\260B\260b\270\002\270\"\270A\330\004\037\230s\240&\250\003\250:\260R\260r\270\022\2702\270U\300\"\300C\300s\310!\330\004\022\220+\230Q\230b\240\002\240\"\240B\240c\250\024\250Q\330\004\035\230T\240\021\240!\330\004\036\230d\240!\2401\330\004\025\220Y\230a\230s\240-\250r\260\037\300\002\300!\330\004\026\220g\230S\240\001\330\004\032\230*\240E\250\022\2501\330\004\024\220H\230G\2402\240Q\330\t\n\330\010\014\210E\220\025\220a\220q\330\014\020\220\001\220\025\220n\240A\240Q\240l\260!\2604\260q\270\013\3001\300D\310\005\310S\320PT\320TU\330\014\016\210a\320\017&\240d\250(\260!\2601\260D\270\001\270\024\270Q\270f\300A\300Q\330\014\027\220q\320\030(\250\001\330\014\024\220A\220R\220r\230\024\230R\230r\240\023\240B\240a\330\014\020\220\005\220U\230!\2302\230R\230v\240Q\330\020\031\230\021\230#\230R\230r\240\022\2403\240f\250C\250r\260\022\2602\260S\270\003\2701\270D\300\001\300\022\3002\300Q\330\032\033\2306\240\021\240\"\240B\240f\250B\250a\250r\260\022\2608\2706\300\021\330\014\017\210q\330\020\025\220Q\200\001\360\022\000\005\024\220:\230Q\230a\230v\240Q\240d\250!\2506\260\021\260$\260a\260v\270Q\270d\300!\330\004\031\230\021\230/\250\021\250#\250R\250q\330\004\022\220+\230Q\230a\230s\240\"\240A\240S\250\002\250!\2504\250t\2601\330\004\036\230a\230q\240\001\240\023\240C\240q\330\004\036\230e\2401\240A\340\004\025\220Y\230a\230r\240\022\2404\240q\330\004\030\230\t\240\023\240A\330\t\030\230\r\240Q\330\014\027\220q\230\001\330\014\026\220a\220t\2304\230q\240\003\2402\240S\250\004\250B\250b\260\004\260F\270!\2702\270S\300\001\330\027\030\230\004\230A\230R\230r\240\024\240Q\240d\250!\2502\250R\250r\260\022\2601\330\014\027\220q\230\001\230\021\330\014\030\230\001\230\026\230q\240\003\2403\240a\240s\250!\2503\250d\260!\2603\260a\260s\270!";
+    #else /* compression: none (5039 bytes) */
+static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis No matching signature foundNote that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecollections.abcdisableenablefastbn/_planar.pyxgcisenabledno default __reduce__ due to non-trivial __cinit__unable to allocate array data.unable to allocate shape and strides.|ASCIICEllipsisGNSSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___fused_sigindex_is_coroutineaabcallocate_bufferapapplyapply[const double[:, :, ::1],const double[:, :, ::1],double[:, :, ::1]]apply[const float[:, :, ::1],const float[:, :, ::1],float[:, :, ::1]]argsasyncio.coroutinesbbackwardbackward[const double[:, :, ::1],const double[:, :, ::1],const double[::1],const double[::1],const double[::1],double[:, :, ::1],double[::1],double[::1]]backward[const float[:, :, ::1],const float[:, :, ::1],const float[::1],const float[::1],const float[::1],float[:, :, ::1],float[::1],float[::1]]basebetabpbtccentercline_in_tracebackcoefcoef32compile_argscountdbetadefaultsdgammadoubledtypedtype_is_objectdxdxpdydypencodeenumerateepserrorfactorfastbn._planar_v4flagsfloatformatfortranforward_trainforward_train[const double[:, :, ::1],const double[::1],const double[::1],double[:, :, ::1],double[::1],double[::1],double[::1],double[::1]]forward_train[const float[:, :, ::1],const float[::1],const float[::1],float[:, :, ::1],float[::1],float[::1],float[::1],float[:"":1]]ggammagetidindexinferenceinference[const double[:, :, ::1],const double[::1],const double[::1],const double[::1],const double[::1],double[:, :, ::1]]inference[const float[:, :, ::1],const float[::1],const float[::1],const float[::1],const float[::1],float[:, :, ::1]]invstditemsitemsizekkindkwargsmeanmemmemviewmodenamenbndimngntnunum_threadsnumpyobjokopoutppackpartpoprr1registerrmrowsrunning_meanrunning_varrvsetdefaultshapesignaturessizestartstepstopstreamstreamingstructsumssums[const double[:, :, ::1],const double[:, :, ::1]]sums[const float[:, :, ::1],const float[:, :, ::1]]uunpackupdatevaluesxxpyypO\200\001\360\006\000\005\014\320\013\036\230g\240Q\240a\200\001\360\014\000\005\037\230a\230q\240\001\240\023\240C\240q\330\004\030\230\001\230\021\230!\2303\230c\240\021\330\004\033\2301\230F\240!\2403\240b\250\001\250\026\250q\260\003\2602\260Q\260f\270A\270Q\330\004\023\220:\230Q\230a\230v\240Q\240d\250!\2506\260\021\260$\260a\260v\270Q\270a\330\036%\240Q\240h\250d\260$\260f\270E\300\022\3001\330\004\031\230\021\230/\250\021\250#\250R\250q\330\004\022\220+\230Q\230f\240D\250\001\330\004\035\230T\240\021\240!\330\004\036\230d\240!\2401\330\004\030\230\004\230A\230Q\330\004\030\230\004\230A\230Q\330\004\030\230\n\240!\2401\240C\320\047@\300\001\300\023\300B\300b\310\002\310#\310S\320PQ\360\n\000\005\010\200x\210q\220\004\220A\330\r\016\330\020\033\2301\320\034,\250A\330\020\035\230Q\230d\240$\240a\240s\250\"\250B\250g\260Q\260e\2702\270R\270s\300\"\300D\310\003\3104\310q\320PT\320TU\320UV\330\036\037\230v\240Q\240d\250$\250d\260%\260q\330\010\t\330\004\n\210)\2201\220B\220b\230\003\2302\230_\250B\250a\250s\260\"\260N\300!\330\004\013\2107\220#\220Q\330\004\013\210:\220U\230\"\230A\230Q\330\t\030\230\r\240Q\330\014\027\220q\230\001\330\014\026\220a\220t\2306\240\021\240#\240R\240s\250$\250b\260\002\260$\260b\270\002\270\"\270C\270t\3002\300Q\300a\330\027\030\230\004\230A\230R\230r\240\024\240Q\240d\250!\2502\250R\250r\260\022\2601\330\014\027\220q\230\001\230\021""\330\014\020\220\001\220\025\220n\240A\240V\2501\250C\250s\260\"\260A\260R\260r\270\021\270%\270u\300C\300t\3101\310D\320PQ\320QR\330%&\240f\250A\250T\260\024\260T\270\021\330\014\027\220q\230\001\330\014\027\220q\230\004\230F\240$\240a\240t\2503\250b\260\002\260\"\260C\260s\270%\270s\300\"\300B\300b\310\003\3102\310Q\330\030\031\230\024\230R\230s\240\"\240B\240b\250\003\2503\250a\200\001\360\014\000\005\037\230a\230q\240\001\240\023\240C\240q\330\004\036\230e\2401\240A\330\004\030\230\001\230\023\230A\230S\240\003\2401\330\004\033\2301\230F\240!\2403\240b\250\001\250\026\250q\260\003\2602\260Q\260f\270A\270Q\330\004\023\220:\230Q\230a\230v\240Q\240d\250!\2506\260\021\260$\260a\260v\270Q\270a\330\036%\240Q\240h\250d\260$\260d\270%\270r\300\021\330\004\031\230\021\230/\250\021\250#\250R\250q\330\004\022\220+\230Q\230f\240D\250\001\330\004\031\230\035\240a\240t\2501\250C\250q\340\t\n\330\014\027\220q\320\030(\250\001\330\014\027\220q\230\004\230D\240\004\240A\240S\250\002\250#\250T\260\022\2602\260T\270\021\270!\2701\270B\270c\300\021\200\001\360\014\000\005 \230q\240\002\240!\2403\240c\250\021\330\004\036\230a\230q\240\001\240\023\240C\240q\330\004\031\230\021\230\"\230A\230S\240\003\2401\330\004\033\2301\230F\240!\2403\240b\250\001\250\026\250q\260\003\2602\260Q\260f\270A\270Q\330\004\023\220:\230Q\230a\230v\240Q\240d\250!\2506\260\021\260$\260a\260v\270Q\270a\330\036%\240Q\240h\250e\2605\270\004\270E\300\022\3001\330\004\031\230\021\230/\250\021\250#\250R\250q\330\004\022\220+\230Q\230f\240D\250\001\330\004\035\230T\240\021\240!\330\004\030\230\n\240!\2401\240C\240r\250\022\320+D\300A\300S\310\002\310\"\310B\310c\320QT\320TU\360\n\000\005\010\200x\210q\220\004\220A\330\r\016\330\020\033\2301\320\034,\250A\330\020\036\230a\230u\240D\250\005\250Q\250c\260\022\2602\260W\270A\270U\300\"\300B\300c\310\022\3104\310s\320RS\320SW\320WX\320XY\330\037 \240\006\240a\240t\2501\250F\260!\2604\260q\270\005\270Q\270a\330\010\t\330\004\n\210)\2201\220B\220b\230\003\2302\230_\250B""\250a\250s\260\"\260N\300!\330\004\013\2107\220#\220Q\330\004\013\210:\220U\230\"\230A\230Q\330\t\030\230\r\240Q\330\014\027\220q\230\001\330\014\026\220a\220u\230D\240\001\240\023\240B\240c\250\024\250R\250r\260\024\260T\270\021\270\"\270C\270q\330\027\030\230\004\230A\230R\230r\240\024\240Q\240d\250!\2502\250R\250r\260\022\2601\330\014\027\220q\230\001\230\021\330\014\020\220\001\220\025\220o\240Q\240f\250A\250S\260\003\2601\260D\270\001\270\024\270Q\270f\300A\300T\310\023\310A\310V\320ST\320TU\330&\047\240u\250A\250Q\330\014\027\220q\230\001\330\014\027\220q\230\005\230T\240\025\240a\240t\2503\250b\260\002\260\"\260C\260s\270%\270s\300\"\300B\300b\310\003\3102\310Q\330\030\031\230\024\230R\230s\240\"\240B\240b\250\003\2503\250a\200\001\360\020\000\005\031\230\001\230\026\230q\240\010\250\001\250\026\250q\260\010\270\001\270\026\270q\300\001\330\004\036\230a\230q\240\001\240\023\240C\240q\330\004\030\230\001\230\021\230!\2303\230c\240\021\330\004\032\230\047\240\021\240(\250$\250d\260&\270\002\270\"\270B\270b\300\002\300\"\300A\330\004\037\230s\240&\250\003\250:\260R\260r\270\022\2702\270U\300\"\300C\300s\310!\330\004\022\220+\230Q\230b\240\002\240\"\240B\240c\250\024\250Q\330\004\035\230T\240\021\240!\330\004\036\230d\240!\2401\330\004\025\220Y\230a\230s\240-\250r\260\037\300\002\300!\330\004\026\220g\230S\240\001\330\004\032\230*\240E\250\022\2501\330\004\024\220H\230G\2402\240Q\330\t\n\330\010\014\210E\220\025\220a\220q\330\014\020\220\001\220\025\220n\240A\240Q\240l\260!\2604\260q\270\013\3001\300D\310\005\310S\320PT\320TU\330\014\016\210a\210~\230Y\240a\330\014\027\220q\320\030(\250\001\330\014\024\220A\220R\220r\230\024\230R\230r\240\023\240B\240a\330\014\020\220\005\220U\230!\2302\230R\230v\240Q\330\020\031\230\021\230#\230R\230r\240\022\2403\240f\250C\250r\260\022\2602\260S\270\003\2701\270D\300\001\300\022\3002\300Q\330\032\033\2306\240\021\240\"\240B\240f\250B\250a\250r\260\022\2608\2706\300\021\330\014\017\210q\330\020\025\220Q\200\001\360\020\000\005""\031\230\001\230\026\230q\240\010\250\001\250\026\250q\260\010\270\001\270\026\270q\300\001\330\004\036\230a\230q\240\001\240\023\240C\240q\330\004\030\230\001\230\021\230!\2303\230c\240\021\330\004\032\230\047\240\021\240(\250$\250d\260&\270\002\270\"\270B\270b\300\002\300\"\300A\330\004\037\230s\240&\250\003\250:\260R\260r\270\022\2702\270U\300\"\300C\300s\310!\330\004\022\220+\230Q\230b\240\002\240\"\240B\240c\250\024\250Q\330\004\035\230T\240\021\240!\330\004\036\230d\240!\2401\330\004\025\220Y\230a\230s\240-\250r\260\037\300\002\300!\330\004\026\220g\230S\240\001\330\004\032\230*\240E\250\022\2501\330\004\024\220H\230G\2402\240Q\330\t\n\330\010\014\210E\220\025\220a\220q\330\014\020\220\001\220\025\220n\240A\240Q\240l\260!\2604\260q\270\013\3001\300D\310\005\310S\320PT\320TU\330\014\016\210a\320\017&\240d\250(\260!\2601\260D\270\001\270\024\270Q\270f\300A\300Q\330\014\027\220q\320\030(\250\001\330\014\024\220A\220R\220r\230\024\230R\230r\240\023\240B\240a\330\014\020\220\005\220U\230!\2302\230R\230v\240Q\330\020\031\230\021\230#\230R\230r\240\022\2403\240f\250C\250r\260\022\2602\260S\270\003\2701\270D\300\001\300\022\3002\300Q\330\032\033\2306\240\021\240\"\240B\240f\250B\250a\250r\260\022\2608\2706\300\021\330\014\017\210q\330\020\025\220Q\200\001\360\022\000\005\024\220:\230Q\230a\230v\240Q\240d\250!\2506\260\021\260$\260a\260v\270Q\270d\300!\330\004\031\230\021\230/\250\021\250#\250R\250q\330\004\022\220+\230Q\230a\230s\240\"\240A\240S\250\002\250!\2504\250t\2601\330\004\036\230a\230q\240\001\240\023\240C\240q\330\004\036\230e\2401\240A\340\004\025\220Y\230a\230r\240\022\2404\240q\330\004\030\230\t\240\023\240A\330\t\030\230\r\240Q\330\014\027\220q\230\001\330\014\026\220a\220t\2304\230q\240\003\2402\240S\250\004\250B\250b\260\004\260F\270!\2702\270S\300\001\330\027\030\230\004\230A\230R\230r\240\024\240Q\240d\250!\2502\250R\250r\260\022\2601\330\014\027\220q\230\001\230\021\330\014\030\230\001\230\026\230q\240\003\2403\240a\240s\250!\2503\250d\260!\2603""\260a\260s\270!";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
     #endif
     PyObject **stringtab = __pyx_mstate->__pyx_string_tab;
     Py_ssize_t pos = 0;
-    for (int i = 0; i < 172; i++) {
+    for (int i = 0; i < 173; i++) {
       Py_ssize_t bytes_length = str_length_index[i].length;
       PyObject *string = PyUnicode_DecodeUTF8(bytes + pos, bytes_length, NULL);
       if (likely(string) && i >= 28) PyUnicode_InternInPlace(&string);
@@ -35066,8 +35145,8 @@ static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and dir
       stringtab[i] = string;
       pos += bytes_length;
     }
-    for (int i = 172; i < 180; i++) {
-      Py_ssize_t bytes_length = bytes_length_index[i-172].length;
+    for (int i = 173; i < 181; i++) {
+      Py_ssize_t bytes_length = bytes_length_index[i-173].length;
       PyObject *string = PyBytes_FromStringAndSize(bytes + pos, bytes_length);
       stringtab[i] = string;
       pos += bytes_length;
@@ -35077,14 +35156,14 @@ static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and dir
       }
     }
     Py_XDECREF(data);
-    for (Py_ssize_t i = 0; i < 180; i++) {
+    for (Py_ssize_t i = 0; i < 181; i++) {
       if (unlikely(PyObject_Hash(stringtab[i]) == -1)) {
         __PYX_ERR(0, 1, __pyx_L1_error)
       }
     }
     #if CYTHON_IMMORTAL_CONSTANTS
     {
-      PyObject **table = stringtab + 172;
+      PyObject **table = stringtab + 173;
       for (Py_ssize_t i=0; i<8; ++i) {
         #if PY_VERSION_HEX >= 0x030F0000
         PyUnstable_SetImmortal(table[i]);
@@ -35172,82 +35251,82 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   PyObject* tuple_dedup_map = PyDict_New();
   if (unlikely(!tuple_dedup_map)) return -1;
   {
-    const __Pyx_PyCode_New_function_description descr = {11, 0, 0, 11, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 374};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_factor, __pyx_mstate->__pyx_n_u_num_threads};
+    const __Pyx_PyCode_New_function_description descr = {12, 0, 0, 12, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 375};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_factor, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
     __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_forward_train_const_float_1_cons, __pyx_mstate->__pyx_kp_b_iso88591_aq_Cq_3c_1F_3b_q_2QfAQ_QavQd_6, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {11, 0, 0, 11, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 374};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_factor, __pyx_mstate->__pyx_n_u_num_threads};
+    const __Pyx_PyCode_New_function_description descr = {12, 0, 0, 12, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 375};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_factor, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
     __pyx_mstate_global->__pyx_codeobj_tab[1] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_forward_train_const_double_1_con, __pyx_mstate->__pyx_kp_b_iso88591_aq_Cq_3c_1F_3b_q_2QfAQ_QavQd_6, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[1])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {11, 0, 0, 29, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 374};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_factor, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_xp, __pyx_mstate->__pyx_n_u_yp, __pyx_mstate->__pyx_n_u_size, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_nb, __pyx_mstate->__pyx_n_u_nu, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_g, __pyx_mstate->__pyx_n_u_bt, __pyx_mstate->__pyx_n_u_rm, __pyx_mstate->__pyx_n_u_rv, __pyx_mstate->__pyx_n_u_G, __pyx_mstate->__pyx_n_u_ng, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_u, __pyx_mstate->__pyx_n_u_mem, __pyx_mstate->__pyx_n_u_part, __pyx_mstate->__pyx_n_u_coef};
+    const __Pyx_PyCode_New_function_description descr = {12, 0, 0, 30, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 375};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_factor, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream, __pyx_mstate->__pyx_n_u_xp, __pyx_mstate->__pyx_n_u_yp, __pyx_mstate->__pyx_n_u_size, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_nb, __pyx_mstate->__pyx_n_u_nu, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_g, __pyx_mstate->__pyx_n_u_bt, __pyx_mstate->__pyx_n_u_rm, __pyx_mstate->__pyx_n_u_rv, __pyx_mstate->__pyx_n_u_G, __pyx_mstate->__pyx_n_u_ng, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_u, __pyx_mstate->__pyx_n_u_mem, __pyx_mstate->__pyx_n_u_part, __pyx_mstate->__pyx_n_u_coef};
     __pyx_mstate_global->__pyx_codeobj_tab[2] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_forward_train_const_float_1_cons, __pyx_mstate->__pyx_kp_b_iso88591_aq_Cq_3c_1F_3b_q_2QfAQ_QavQd_6, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[2])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {8, 0, 0, 8, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 417};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_num_threads};
+    const __Pyx_PyCode_New_function_description descr = {9, 0, 0, 9, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 418};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
     __pyx_mstate_global->__pyx_codeobj_tab[3] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_inference_const_float_1_const_fl, __pyx_mstate->__pyx_kp_b_iso88591_q_q_q_aq_Cq_3c_d_Bb_A_s_Rr_2U_C, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[3])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {8, 0, 0, 8, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 417};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_num_threads};
+    const __Pyx_PyCode_New_function_description descr = {9, 0, 0, 9, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 418};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
     __pyx_mstate_global->__pyx_codeobj_tab[4] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_inference_const_double_1_const_d, __pyx_mstate->__pyx_kp_b_iso88591_q_q_q_aq_Cq_3c_d_Bb_A_s_Rr_2U_C_2, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[4])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {8, 0, 0, 27, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 417};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_N, __pyx_mstate->__pyx_n_u_C, __pyx_mstate->__pyx_n_u_S, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_u, __pyx_mstate->__pyx_n_u_r, __pyx_mstate->__pyx_n_u_r1, __pyx_mstate->__pyx_n_u_xp, __pyx_mstate->__pyx_n_u_yp, __pyx_mstate->__pyx_n_u_streaming, __pyx_mstate->__pyx_n_u_rows, __pyx_mstate->__pyx_n_u_nu, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_g, __pyx_mstate->__pyx_n_u_bt, __pyx_mstate->__pyx_n_u_mem, __pyx_mstate->__pyx_n_u_coef, __pyx_mstate->__pyx_n_u_coef32, __pyx_mstate->__pyx_n_u_ok};
+    const __Pyx_PyCode_New_function_description descr = {9, 0, 0, 28, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 418};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream, __pyx_mstate->__pyx_n_u_N, __pyx_mstate->__pyx_n_u_C, __pyx_mstate->__pyx_n_u_S, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_u, __pyx_mstate->__pyx_n_u_r, __pyx_mstate->__pyx_n_u_r1, __pyx_mstate->__pyx_n_u_xp, __pyx_mstate->__pyx_n_u_yp, __pyx_mstate->__pyx_n_u_streaming, __pyx_mstate->__pyx_n_u_rows, __pyx_mstate->__pyx_n_u_nu, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_g, __pyx_mstate->__pyx_n_u_bt, __pyx_mstate->__pyx_n_u_mem, __pyx_mstate->__pyx_n_u_coef, __pyx_mstate->__pyx_n_u_coef32, __pyx_mstate->__pyx_n_u_ok};
     __pyx_mstate_global->__pyx_codeobj_tab[5] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_inference_const_float_1_const_fl, __pyx_mstate->__pyx_kp_b_iso88591_q_q_q_aq_Cq_3c_d_Bb_A_s_Rr_2U_C, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[5])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {9, 0, 0, 9, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 450};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_dy, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_dx, __pyx_mstate->__pyx_n_u_dgamma, __pyx_mstate->__pyx_n_u_dbeta, __pyx_mstate->__pyx_n_u_num_threads};
+    const __Pyx_PyCode_New_function_description descr = {10, 0, 0, 10, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 451};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_dy, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_dx, __pyx_mstate->__pyx_n_u_dgamma, __pyx_mstate->__pyx_n_u_dbeta, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
     __pyx_mstate_global->__pyx_codeobj_tab[6] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_backward_const_float_1_const_flo, __pyx_mstate->__pyx_kp_b_iso88591_q_3c_aq_Cq_AS_1_1F_3b_q_2QfAQ_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[6])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {9, 0, 0, 9, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 450};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_dy, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_dx, __pyx_mstate->__pyx_n_u_dgamma, __pyx_mstate->__pyx_n_u_dbeta, __pyx_mstate->__pyx_n_u_num_threads};
+    const __Pyx_PyCode_New_function_description descr = {10, 0, 0, 10, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 451};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_dy, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_dx, __pyx_mstate->__pyx_n_u_dgamma, __pyx_mstate->__pyx_n_u_dbeta, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
     __pyx_mstate_global->__pyx_codeobj_tab[7] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_backward_const_double_1_const_do, __pyx_mstate->__pyx_kp_b_iso88591_q_3c_aq_Cq_AS_1_1F_3b_q_2QfAQ_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[7])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {9, 0, 0, 25, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 450};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_dy, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_dx, __pyx_mstate->__pyx_n_u_dgamma, __pyx_mstate->__pyx_n_u_dbeta, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_dyp, __pyx_mstate->__pyx_n_u_xp, __pyx_mstate->__pyx_n_u_dxp, __pyx_mstate->__pyx_n_u_size, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_nb, __pyx_mstate->__pyx_n_u_nu, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_g, __pyx_mstate->__pyx_n_u_G, __pyx_mstate->__pyx_n_u_ng, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_u, __pyx_mstate->__pyx_n_u_mem, __pyx_mstate->__pyx_n_u_part, __pyx_mstate->__pyx_n_u_coef};
+    const __Pyx_PyCode_New_function_description descr = {10, 0, 0, 26, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 451};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_dy, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_dx, __pyx_mstate->__pyx_n_u_dgamma, __pyx_mstate->__pyx_n_u_dbeta, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream, __pyx_mstate->__pyx_n_u_dyp, __pyx_mstate->__pyx_n_u_xp, __pyx_mstate->__pyx_n_u_dxp, __pyx_mstate->__pyx_n_u_size, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_nb, __pyx_mstate->__pyx_n_u_nu, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_g, __pyx_mstate->__pyx_n_u_G, __pyx_mstate->__pyx_n_u_ng, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_u, __pyx_mstate->__pyx_n_u_mem, __pyx_mstate->__pyx_n_u_part, __pyx_mstate->__pyx_n_u_coef};
     __pyx_mstate_global->__pyx_codeobj_tab[8] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_backward_const_float_1_const_flo, __pyx_mstate->__pyx_kp_b_iso88591_q_3c_aq_Cq_AS_1_1F_3b_q_2QfAQ_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[8])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 490};
+    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 492};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_center, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_num_threads};
     __pyx_mstate_global->__pyx_codeobj_tab[9] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_sums_const_float_1_const_float_1, __pyx_mstate->__pyx_kp_b_iso88591_QavQd_6_avQd_Rq_Qas_AS_4t1_aq_C, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[9])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 490};
+    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 492};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_center, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_num_threads};
     __pyx_mstate_global->__pyx_codeobj_tab[10] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_sums_const_double_1_const_double, __pyx_mstate->__pyx_kp_b_iso88591_QavQd_6_avQd_Rq_Qas_AS_4t1_aq_C, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[10])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 15, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 490};
+    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 15, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 492};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_center, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_nb, __pyx_mstate->__pyx_n_u_nu, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_ap, __pyx_mstate->__pyx_n_u_bp, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_u, __pyx_mstate->__pyx_n_u_mem, __pyx_mstate->__pyx_n_u_part};
     __pyx_mstate_global->__pyx_codeobj_tab[11] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_sums_const_float_1_const_float_1, __pyx_mstate->__pyx_kp_b_iso88591_QavQd_6_avQd_Rq_Qas_AS_4t1_aq_C, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[11])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 515};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_coef, __pyx_mstate->__pyx_n_u_num_threads};
+    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 6, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 517};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_coef, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
     __pyx_mstate_global->__pyx_codeobj_tab[12] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_apply_const_float_1_const_float, __pyx_mstate->__pyx_kp_b_iso88591_aq_Cq_e1A_AS_1_1F_3b_q_2QfAQ_Qa, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[12])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 515};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_coef, __pyx_mstate->__pyx_n_u_num_threads};
+    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 6, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 517};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_coef, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
     __pyx_mstate_global->__pyx_codeobj_tab[13] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_apply_const_double_1_const_doubl, __pyx_mstate->__pyx_kp_b_iso88591_aq_Cq_e1A_AS_1_1F_3b_q_2QfAQ_Qa, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[13])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 15, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 515};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_coef, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_ap, __pyx_mstate->__pyx_n_u_bp, __pyx_mstate->__pyx_n_u_op, __pyx_mstate->__pyx_n_u_size, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_nb, __pyx_mstate->__pyx_n_u_nu, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_k, __pyx_mstate->__pyx_n_u_u};
+    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 16, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 517};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_coef, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream, __pyx_mstate->__pyx_n_u_ap, __pyx_mstate->__pyx_n_u_bp, __pyx_mstate->__pyx_n_u_op, __pyx_mstate->__pyx_n_u_size, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_nb, __pyx_mstate->__pyx_n_u_nu, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_k, __pyx_mstate->__pyx_n_u_u};
     __pyx_mstate_global->__pyx_codeobj_tab[14] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_apply_const_float_1_const_float, __pyx_mstate->__pyx_kp_b_iso88591_aq_Cq_e1A_AS_1_1F_3b_q_2QfAQ_Qa, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[14])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 0, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 536};
+    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 0, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 538};
     PyObject* const varnames[] = {0};
     __pyx_mstate_global->__pyx_codeobj_tab[15] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_compile_args, __pyx_mstate->__pyx_kp_b_iso88591_gQa, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[15])) goto bad;
   }

@@ -194,7 +194,10 @@ cdef enum:
     STREAM_CHUNK = 512
 
 
-cdef inline bint streams(const void* out, const void* a, const void* b,
+cdef inline bint streams(bint wanted, const void* out, const void* a, const void* b,
                          Py_ssize_t nbytes) noexcept nogil:
-    """Stream an output that is large and not written over an input."""
-    return nbytes >= STREAM_MIN_BYTES and out != a and out != b
+    """Stream an output that is wanted streamed, large and not written over
+    an input. The caller wants it for outputs it has reason to think cold
+    (a buffer the user passed), not for a fresh one, which malloc often
+    hands back still cached and which the next layer reads soon."""
+    return wanted and nbytes >= STREAM_MIN_BYTES and out != a and out != b

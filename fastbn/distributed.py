@@ -594,7 +594,7 @@ def _forward(x, gamma, beta, *, allreduce, num_features, eps, running_mean, runn
             rv[...] = (1.0 - factor) * rv.astype(_F64) + factor * var * m / (m - 1.0)
     y = np.empty_like(xc, order="C") if out is None else out
     if n:
-        kernel.apply(xv, None, y.reshape(xv.shape), coef, nthreads)
+        kernel.apply(xv, None, y.reshape(xv.shape), coef, nthreads, out is not None)
     if tracking:
         _f._commit_running(running_mean, rm, running_var, rv, num_batches_tracked)
     return y, mean.astype(x.dtype), invstd.astype(x.dtype)
@@ -740,7 +740,7 @@ def _backward(dy, x, gamma, mean, invstd, *, allreduce, num_features, channel_ax
         coef[:, 3] = a * sdy / m
     dx = np.empty_like(xc, order="C") if out is None else out
     if n:
-        kernel.apply(dyv, xv, dx.reshape(xv.shape), coef, nthreads)
+        kernel.apply(dyv, xv, dx.reshape(xv.shape), coef, nthreads, out is not None)
     return dx, dgamma.astype(x.dtype), sdy.astype(x.dtype)
 
 

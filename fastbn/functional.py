@@ -322,7 +322,7 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
     invstd = np.empty(num_features, dtype=x.dtype)
     kernel, view = _kernel_view(x.shape, ca)
     kernel.forward_train(xc.reshape(view), g, b, y.reshape(view), mean, invstd, rm, rv, eps,
-                         factor, nthreads)
+                         factor, nthreads, out is not None)
     if tracking:
         _commit_running(running_mean, rm, running_var, rv, num_batches_tracked)
     return y, mean, invstd
@@ -386,7 +386,8 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
     xc = np.ascontiguousarray(x)
     y = _output(out, xc)
     kernel, view = _kernel_view(x.shape, ca)
-    kernel.inference(xc.reshape(view), g, b, rm, rv, y.reshape(view), eps, nthreads)
+    kernel.inference(xc.reshape(view), g, b, rm, rv, y.reshape(view), eps, nthreads,
+                     out is not None)
     return y
 
 
@@ -462,5 +463,5 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, channel_axis=1, out=None,
     dbeta = np.empty(num_features, dtype=x.dtype)
     kernel, view = _kernel_view(x.shape, ca)
     kernel.backward(dyc.reshape(view), xc.reshape(view), g, mu, istd, dx.reshape(view), dgamma,
-                    dbeta, nthreads)
+                    dbeta, nthreads, out is not None)
     return dx, dgamma, dbeta

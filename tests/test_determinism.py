@@ -100,3 +100,38 @@ def test_in_place_equals_out_of_place(dtype, rng):
         fastbn.batch_norm_inference(x, a.gamma, a.beta, a.running_mean, a.running_var,
                                     channel_axis=channel_axis, out=x)
         assert_bitwise_equal(x, expected["inference y"], err_msg=f"inference in place, {shape}")
+
+
+STREAMED = [
+    ((8, 64, 56, 56), 1),      # planar, one channel per group, long rows
+    ((128, 256, 7, 7), 1),     # planar, groups of 41 channels: slabs streamed whole
+    ((4, 3, 300, 300), 1),     # planar by block
+    ((4096, 512), 1),          # columnar by row block, several rows per streamed piece
+    ((256, 8192), 1),          # columnar by tile, rows longer than a streamed piece
+    ((16, 32, 32, 64), -1),    # channels last
+]
+
+
+@pytest.mark.parametrize("shape, channel_axis",
+                         [pytest.param(s, ca, id=layout_id(s, ca)) for s, ca in STREAMED])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_streamed_out_equals_fresh(shape, channel_axis, offset, rng):
+    """Outputs of 4 MiB and more written to an ``out=`` buffer go through
+    streaming stores; they equal the fresh (normally stored) results to the
+    bit, with the buffer aligned to a cache line or one value off it."""
+    a = make_inputs(shape, np.float32, channel_axis, rng)
+    assert a.x.nbytes >= 4 * 2**20
+    expected = run_all(a, channel_axis, 2)
+    pool = np.full(a.x.size + 32, np.nan, np.float32)
+    base = (-pool.ctypes.data % 64) // 4 + offset
+    out = pool[base:base + a.x.size].reshape(shape)
+    _, mean, invstd = fastbn.batch_norm_forward(a.x, a.gamma, a.beta, channel_axis=channel_axis,
+                                                out=out, num_threads=2)
+    assert_bitwise_equal(out, expected["y"], err_msg="y")
+    fastbn.batch_norm_backward(a.dy, a.x, a.gamma, mean, invstd, channel_axis=channel_axis,
+                               out=out, num_threads=2)
+    assert_bitwise_equal(out, expected["dx"], err_msg="dx")
+    fastbn.batch_norm_inference(a.x, a.gamma, a.beta, a.running_mean, a.running_var,
+                                channel_axis=channel_axis, out=out, num_threads=2)
+    assert_bitwise_equal(out, expected["inference y"], err_msg="inference y")
+    assert np.isnan(pool[:base]).all() and np.isnan(pool[base + a.x.size:]).all()
