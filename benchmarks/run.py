@@ -9,9 +9,13 @@ Writes ``benchmark.json`` (every figure and the machine description),
 ``benchmark.md`` and ``benchmark.png`` (GB/s per case and implementation) to
 ``--out`` (default ``benchmarks/results/``; ``benchmark-quick.*`` with --quick).
 
+Then the busy-neighbour and training-step scenarios (``scenarios.py``;
+``--no-scenarios`` skips them).
+
 Layout: ``cases.py`` (shapes, inputs, the calls), ``measure.py`` (timing and
 peak memory), ``machine.py`` (machine description, copy bandwidth),
-``report.py`` (tables, targets, JSON, chart).
+``report.py`` (tables, targets, JSON, chart), ``scenarios.py`` (busy
+neighbour, training step).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import cases
 import machine
 import measure
 import report
+import scenarios
 from cases import OPERATIONS, TRAFFIC_FACTOR, Workload, as_array, make_call
 from report import format_time
 
@@ -47,6 +52,8 @@ def parse_args(argv):
     parser.add_argument("--threads", type=lambda s: [int(t) for t in s.split(",")],
                         default=None,
                         help="comma-separated thread counts (default: 1 and all cores)")
+    parser.add_argument("--no-scenarios", action="store_true",
+                        help="skip the busy-neighbour and training-step scenarios")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="on a shared machine: before a case, wait while other processes "
                              "are busy, spending at most SECONDS in total (default: 0)")
@@ -245,8 +252,11 @@ def main(argv=None):
         report.load_line(settings),
         f"Command: `{command}` ({date}, {runtime / 60:.1f} min).",
     ])
-    markdown = "\n\n".join([header, report.markdown_tables(records),
-                            report.legend(settings, copy_bandwidth)])
+    sections = [header, report.markdown_tables(records), report.legend(settings, copy_bandwidth)]
+    if not args.no_scenarios:
+        log("scenarios: busy neighbour, training step")
+        sections.append(scenarios.run(args.quick, settings["flush_bytes"]))
+    markdown = "\n\n".join(sections)
     targets = report.evaluate_targets(records, max(threads_list))
     summary = report.targets_text(targets, records)
 

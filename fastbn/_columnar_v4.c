@@ -1323,11 +1323,20 @@ static int __Pyx_init_tpflags_variables(void) {
         return v;
     }
 
+    /* acc[k] += v[k] for the VW lanes of one vector (lane by lane) */
+    static inline void fastbn_add_into(double *acc, fastbn_vd v)
+    {
+        fastbn_vd a;
+        memcpy(&a, acc, sizeof a);
+        a += v;
+        memcpy(acc, &a, sizeof a);
+    }
+
     /* acc_s[k] += x[i] - shift, acc_q[k] += (x[i] - shift)^2, k = i % LANES */
-    #define FASTBN_SHIFTED_SUMS(S, T)                                                    static inline void fastbn_shifted_sums_##S(const T *x, Py_ssize_t n, double shift,                                                double *acc_s, double *acc_q)              {                                                                                        Py_ssize_t i = 0, j, k;                                                              double d;                                                                            if (n >= FASTBN_LANES) {                                                                 fastbn_vd s[FASTBN_NV], q[FASTBN_NV], v, sh = (fastbn_vd){0} + shift;                 _Pragma("GCC unroll 8")                                                              for (j = 0; j < FASTBN_NV; j++)                                                          s[j] = q[j] = (fastbn_vd){0};                                                    for (; i + FASTBN_LANES <= n; i += FASTBN_LANES) {                                       __builtin_prefetch((const char *)(x + i) + FASTBN_PREFETCH_BYTES);                   _Pragma("GCC unroll 8")                                                              for (j = 0; j < FASTBN_NV; j++) {                                                        v = fastbn_load_##S(x + i + j * FASTBN_VW) - sh;                                     s[j] += v;                                                                           q[j] += v * v;                                                                   }                                                                                }                                                                                    for (k = 0; k < FASTBN_LANES; k++) {                                                     acc_s[k] += s[k / FASTBN_VW][k % FASTBN_VW];                                         acc_q[k] += q[k / FASTBN_VW][k % FASTBN_VW];                                     }                                                                                }                                                                                    for (k = 0; i < n; i++, k++) {                                                           d = (double)x[i] - shift;                                                            acc_s[k] += d;                                                                       acc_q[k] += d * d;                                                               }                                                                                }
+    #define FASTBN_SHIFTED_SUMS(S, T)                                                    static inline void fastbn_shifted_sums_##S(const T *x, Py_ssize_t n, double shift,                                                double *acc_s, double *acc_q)              {                                                                                        Py_ssize_t i = 0, j, k;                                                              double d;                                                                            if (n >= FASTBN_LANES) {                                                                 fastbn_vd s[FASTBN_NV], q[FASTBN_NV], v, sh = (fastbn_vd){0} + shift;                 _Pragma("GCC unroll 8")                                                              for (j = 0; j < FASTBN_NV; j++)                                                          s[j] = q[j] = (fastbn_vd){0};                                                    for (; i + FASTBN_LANES <= n; i += FASTBN_LANES) {                                       __builtin_prefetch((const char *)(x + i) + FASTBN_PREFETCH_BYTES);                   _Pragma("GCC unroll 8")                                                              for (j = 0; j < FASTBN_NV; j++) {                                                        v = fastbn_load_##S(x + i + j * FASTBN_VW) - sh;                                     s[j] += v;                                                                           q[j] += v * v;                                                                   }                                                                                }                                                                                    _Pragma("GCC unroll 8")                                                              for (j = 0; j < FASTBN_NV; j++) {                                                        fastbn_add_into(acc_s + j * FASTBN_VW, s[j]);                                        fastbn_add_into(acc_q + j * FASTBN_VW, q[j]);                                    }                                                                                }                                                                                    for (k = 0; i < n; i++, k++) {                                                           d = (double)x[i] - shift;                                                            acc_s[k] += d;                                                                       acc_q[k] += d * d;                                                               }                                                                                }
 
     /* acc_g[k] += dy[i], acc_c[k] += dy[i] * (x[i] - center), k = i % LANES */
-    #define FASTBN_GRAD_SUMS(S, T)                                                       static inline void fastbn_grad_sums_##S(const T *dy, const T *x, Py_ssize_t n,                                               double center, double *acc_g,                                                        double *acc_c)                               {                                                                                        Py_ssize_t i = 0, j, k;                                                              double g;                                                                            if (n >= FASTBN_LANES) {                                                                 fastbn_vd sg[FASTBN_NV], sc[FASTBN_NV], v, ce = (fastbn_vd){0} + center;              _Pragma("GCC unroll 8")                                                              for (j = 0; j < FASTBN_NV; j++)                                                          sg[j] = sc[j] = (fastbn_vd){0};                                                  for (; i + FASTBN_LANES <= n; i += FASTBN_LANES) {                                       __builtin_prefetch((const char *)(dy + i) + FASTBN_PREFETCH_BYTES);                  __builtin_prefetch((const char *)(x + i) + FASTBN_PREFETCH_BYTES);                   _Pragma("GCC unroll 8")                                                              for (j = 0; j < FASTBN_NV; j++) {                                                        v = fastbn_load_##S(dy + i + j * FASTBN_VW);                                         sg[j] += v;                                                                          sc[j] += v * (fastbn_load_##S(x + i + j * FASTBN_VW) - ce);                      }                                                                                }                                                                                    for (k = 0; k < FASTBN_LANES; k++) {                                                     acc_g[k] += sg[k / FASTBN_VW][k % FASTBN_VW];                                        acc_c[k] += sc[k / FASTBN_VW][k % FASTBN_VW];                                    }                                                                                }                                                                                    for (k = 0; i < n; i++, k++) {                                                           g = (double)dy[i];                                                                   acc_g[k] += g;                                                                       acc_c[k] += g * ((double)x[i] - center);                                         }                                                                                }
+    #define FASTBN_GRAD_SUMS(S, T)                                                       static inline void fastbn_grad_sums_##S(const T *dy, const T *x, Py_ssize_t n,                                               double center, double *acc_g,                                                        double *acc_c)                               {                                                                                        Py_ssize_t i = 0, j, k;                                                              double g;                                                                            if (n >= FASTBN_LANES) {                                                                 fastbn_vd sg[FASTBN_NV], sc[FASTBN_NV], v, ce = (fastbn_vd){0} + center;              _Pragma("GCC unroll 8")                                                              for (j = 0; j < FASTBN_NV; j++)                                                          sg[j] = sc[j] = (fastbn_vd){0};                                                  for (; i + FASTBN_LANES <= n; i += FASTBN_LANES) {                                       __builtin_prefetch((const char *)(dy + i) + FASTBN_PREFETCH_BYTES);                  __builtin_prefetch((const char *)(x + i) + FASTBN_PREFETCH_BYTES);                   _Pragma("GCC unroll 8")                                                              for (j = 0; j < FASTBN_NV; j++) {                                                        v = fastbn_load_##S(dy + i + j * FASTBN_VW);                                         sg[j] += v;                                                                          sc[j] += v * (fastbn_load_##S(x + i + j * FASTBN_VW) - ce);                      }                                                                                }                                                                                    _Pragma("GCC unroll 8")                                                              for (j = 0; j < FASTBN_NV; j++) {                                                        fastbn_add_into(acc_g + j * FASTBN_VW, sg[j]);                                       fastbn_add_into(acc_c + j * FASTBN_VW, sc[j]);                                   }                                                                                }                                                                                    for (k = 0; i < n; i++, k++) {                                                           g = (double)dy[i];                                                                   acc_g[k] += g;                                                                       acc_c[k] += g * ((double)x[i] - center);                                         }                                                                                }
 
     FASTBN_SHIFTED_SUMS(f32, float)
     FASTBN_SHIFTED_SUMS(f64, double)
@@ -1870,7 +1879,7 @@ enum  {
   __pyx_e_6fastbn_7_openmp_MIN_ELEMENTS_PER_THREAD = 0x20000
 };
 
-/* "fastbn/_simd.pxd":188
+/* "fastbn/_simd.pxd":199
  * 
  * 
  * cdef enum:             # <<<<<<<<<<<<<<
@@ -1879,7 +1888,7 @@ enum  {
 */
 enum  {
 
-  /* "fastbn/_simd.pxd":192
+  /* "fastbn/_simd.pxd":203
  *     # streamed: larger than the per-core caches, they would be evicted
  *     # before anything reads them again.
  *     STREAM_MIN_BYTES = 4 * 1024 * 1024             # <<<<<<<<<<<<<<
@@ -19594,7 +19603,7 @@ static CYTHON_INLINE int __pyx_f_6fastbn_7_openmp_threads_for(Py_ssize_t __pyx_v
   return __pyx_r;
 }
 
-/* "fastbn/_simd.pxd":197
+/* "fastbn/_simd.pxd":208
  * 
  * 
  * cdef inline bint streams(bint wanted, const void* out, const void* a, const void* b,             # <<<<<<<<<<<<<<
@@ -19607,7 +19616,7 @@ static CYTHON_INLINE int __pyx_f_6fastbn_5_simd_streams(int __pyx_v_wanted, void
   int __pyx_t_1;
   int __pyx_t_2;
 
-  /* "fastbn/_simd.pxd":203
+  /* "fastbn/_simd.pxd":214
  *     (a buffer the user passed), not for a fresh one, which malloc often
  *     hands back still cached and which the next layer reads soon."""
  *     return wanted and nbytes >= STREAM_MIN_BYTES and out != a and out != b             # <<<<<<<<<<<<<<
@@ -19649,7 +19658,7 @@ static CYTHON_INLINE int __pyx_f_6fastbn_5_simd_streams(int __pyx_v_wanted, void
   }
   goto __pyx_L0;
 
-  /* "fastbn/_simd.pxd":197
+  /* "fastbn/_simd.pxd":208
  * 
  * 
  * cdef inline bint streams(bint wanted, const void* out, const void* a, const void* b,             # <<<<<<<<<<<<<<

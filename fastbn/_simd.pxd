@@ -58,6 +58,15 @@ cdef extern from *:
         return v;
     }
 
+    /* acc[k] += v[k] for the VW lanes of one vector (lane by lane) */
+    static inline void fastbn_add_into(double *acc, fastbn_vd v)
+    {
+        fastbn_vd a;
+        memcpy(&a, acc, sizeof a);
+        a += v;
+        memcpy(acc, &a, sizeof a);
+    }
+
     /* acc_s[k] += x[i] - shift, acc_q[k] += (x[i] - shift)^2, k = i % LANES */
     #define FASTBN_SHIFTED_SUMS(S, T)                                                \
     static inline void fastbn_shifted_sums_##S(const T *x, Py_ssize_t n, double shift, \
@@ -79,9 +88,10 @@ cdef extern from *:
                     q[j] += v * v;                                                   \
                 }                                                                    \
             }                                                                        \
-            for (k = 0; k < FASTBN_LANES; k++) {                                     \
-                acc_s[k] += s[k / FASTBN_VW][k % FASTBN_VW];                         \
-                acc_q[k] += q[k / FASTBN_VW][k % FASTBN_VW];                         \
+            _Pragma("GCC unroll 8")                                                  \
+            for (j = 0; j < FASTBN_NV; j++) {                                        \
+                fastbn_add_into(acc_s + j * FASTBN_VW, s[j]);                        \
+                fastbn_add_into(acc_q + j * FASTBN_VW, q[j]);                        \
             }                                                                        \
         }                                                                            \
         for (k = 0; i < n; i++, k++) {                                               \
@@ -114,9 +124,10 @@ cdef extern from *:
                     sc[j] += v * (fastbn_load_##S(x + i + j * FASTBN_VW) - ce);      \
                 }                                                                    \
             }                                                                        \
-            for (k = 0; k < FASTBN_LANES; k++) {                                     \
-                acc_g[k] += sg[k / FASTBN_VW][k % FASTBN_VW];                        \
-                acc_c[k] += sc[k / FASTBN_VW][k % FASTBN_VW];                        \
+            _Pragma("GCC unroll 8")                                                  \
+            for (j = 0; j < FASTBN_NV; j++) {                                        \
+                fastbn_add_into(acc_g + j * FASTBN_VW, sg[j]);                       \
+                fastbn_add_into(acc_c + j * FASTBN_VW, sc[j]);                       \
             }                                                                        \
         }                                                                            \
         for (k = 0; i < n; i++, k++) {                                               \

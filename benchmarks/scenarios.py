@@ -1,0 +1,179 @@
+"""Two scenarios beside the suite: a busy neighbour, and a training step.
+
+    python benchmarks/scenarios.py          # both, printed as Markdown
+    python benchmarks/scenarios.py --quick  # shorter timings
+
+- **Busy neighbour.** One other process spins on one core (pinned to the
+  first core of this process's affinity set) while fastbn and PyTorch run
+  the training forward and the backward with 1 and with 2 threads, back to
+  back, alternating, on inputs that stay in memory. Reported: each time and
+  the ratio 2-thread / 1-thread (above 1: the second thread costs more than
+  it gives). The same ratios on a quiet machine come first.
+- **Training step.** A NumPy matmul of about the cost of one BatchNorm
+  forward and backward sits between them, as a layer does: BLAS threads and
+  OpenMP threads take turns. Reported: the step's time over the sum of its
+  parts timed alone (above 1: the thread pools get in each other's way),
+  for fastbn and PyTorch, each with all cores.
+
+Both use the inputs of ``cases.Workload`` and the calls of ``cases.make_call``
+(fastbn with ``out=``: the fastest of its two ways on large inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import threadpoolctl
+
+import cases
+import measure
+from cases import Shape, Workload, make_call
+from report import format_time
+
+BUSY_SHAPES = (Shape((64, 64, 56, 56)), Shape((32, 256, 14, 14)), Shape((4096, 1024)))
+STEP_SHAPES = (Shape((32, 256, 14, 14)), Shape((4096, 1024)))
+OPS = ("forward", "backward")
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def spinner():
+    """One process spinning on the first core this process may use."""
+    core = min(os.sched_getaffinity(0))
+    proc = subprocess.Popen([sys.executable, "-c",
+                             f"import os; os.sched_setaffinity(0, {{{core}}})\nwhile True: pass"])
+    time.sleep(0.3)
+    try:
+        yield core
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def threads(n):
+    torch = cases.torch
+    with threadpoolctl.threadpool_limits(limits=n):
+        previous = torch.get_num_threads() if torch is not None else None
+        if torch is not None:
+            torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            if torch is not None:
+                torch.set_num_threads(previous)
+
+
+def median_time(call, copies, target_seconds):
+    times, _ = measure.time_calls(call, copies, warmup_calls=2, max_reps=2000, min_reps=5,
+                                  target_seconds=target_seconds)
+    return float(np.median(times))
+
+
+def impls():
+    return [cases.FASTBN_OUT] + ([cases.TORCH] if cases.torch is not None else [])
+
+
+def thread_ratios(w, target_seconds, rounds=3):
+    """{(impl, op): (t1, t2)}: best of ``rounds`` alternating 1- and 2-thread medians."""
+    result = {}
+    for impl in impls():
+        for op in OPS:
+            best = {1: float("inf"), 2: float("inf")}
+            for _ in range(rounds):
+                for n in (1, 2):
+                    with threads(n):
+                        t = median_time(make_call(impl, op, w, n), w.copies, target_seconds)
+                    best[n] = min(best[n], t)
+            result[impl.label, op] = (best[1], best[2])
+    return result
+
+
+def busy_neighbour(target_seconds, flush_bytes):
+    rows = []
+    for shape in BUSY_SHAPES:
+        w = Workload(shape, np.float32, flush_bytes)
+        log(f"busy neighbour: {w.label}")
+        quiet = thread_ratios(w, target_seconds)
+        with spinner():
+            busy = thread_ratios(w, target_seconds)
+        for key, (t1, t2) in busy.items():
+            q1, q2 = quiet[key]
+            rows.append(f"| {shape.label} | {key[1]} | {key[0]} | {q2 / q1:.2f} | "
+                        f"{format_time(t1)} | {format_time(t2)} | **{t2 / t1:.2f}** |")
+        w.release()
+    return "\n".join([
+        "### Busy neighbour (one other process spinning on one core)",
+        "",
+        "| shape | operation | implementation | 2 thr / 1 thr, quiet | 1 thread, busy | "
+        "2 threads, busy | 2 thr / 1 thr, busy |",
+        "|---|---|---|--:|--:|--:|--:|",
+        *rows,
+    ])
+
+
+def training_step(target_seconds, flush_bytes):
+    rows = []
+    n_cores = len(os.sched_getaffinity(0))
+    for shape in STEP_SHAPES:
+        w = Workload(shape, np.float32, flush_bytes)
+        log(f"training step: {w.label}")
+        with threads(n_cores):
+            for impl in impls():
+                fwd = make_call(impl, "forward", w, n_cores)
+                bwd = make_call(impl, "backward", w, n_cores)
+                t_bn = (median_time(fwd, w.copies, target_seconds)
+                        + median_time(bwd, w.copies, target_seconds))
+                # a square matmul of about the BatchNorm's cost
+                k = 64
+                while 2 * (2 * k) ** 3 / 50e9 < t_bn and k < 4096:
+                    k *= 2
+                a = np.random.default_rng(0).standard_normal((k, k), dtype=np.float32)
+                c = np.empty_like(a)
+                t_mm = median_time(lambda i: np.matmul(a, a, out=c), 1, target_seconds)
+
+                def step(i):
+                    fwd(i)
+                    np.matmul(a, a, out=c)
+                    bwd(i)
+                t_step = median_time(step, w.copies, target_seconds)
+                rows.append(f"| {shape.label} | {impl.label} | {format_time(t_bn)} | "
+                            f"{k}×{k}: {format_time(t_mm)} | {format_time(t_step)} | "
+                            f"**{t_step / (t_bn + t_mm):.2f}** |")
+        w.release()
+    return "\n".join([
+        f"### Training step (BatchNorm forward, matmul, BatchNorm backward; {n_cores} threads)",
+        "",
+        "| shape | implementation | BatchNorm fwd + bwd alone | matmul alone | step | "
+        "step / sum of parts |",
+        "|---|---|--:|--:|--:|--:|",
+        *rows,
+    ])
+
+
+def run(quick, flush_bytes):
+    """Both scenarios as Markdown."""
+    target = 0.05 if quick else 0.2
+    return "\n\n".join([busy_neighbour(target, flush_bytes), training_step(target, flush_bytes)])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter timings")
+    args = parser.parse_args(argv)
+    import machine
+    print(run(args.quick, 2 * machine.last_level_cache_bytes()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
