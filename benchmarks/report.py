@@ -108,6 +108,31 @@ def markdown_tables(records):
     return "\n\n".join(blocks)
 
 
+def readme_table(records, threads):
+    """The README's summary: float32 at ``threads`` threads, one row per
+    operation and shape, fastbn's better of fresh and ``out=`` against
+    PyTorch and the oracle."""
+    lines = ["| operation | shape (float32) | x | fastbn fresh | fastbn out= | best, % of copy bw "
+             "| PyTorch | NumPy reference | speedup vs PyTorch |",
+             "|---|---|---|--:|--:|--:|--:|--:|--:|"]
+    best = {_case_key(r): r for r in best_of_fastbn(records)}
+    for key, impls in group_cases(records).items():
+        op, label, dtype, t = key
+        if dtype != "float32" or t != threads:
+            continue
+        b = best[key]
+        torch, ref = impls.get("torch"), impls.get("reference")
+        lines.append(
+            f"| {OPERATION_TITLES[op]} | {label} | {format_bytes(b['nbytes'])} | "
+            f"{format_time(impls['fastbn']['median_s'])} | "
+            f"{format_time(impls['fastbn_out']['median_s'])} | "
+            f"{b['pct_copy']:.0f}% ({FASTBN_VARIANTS[b['implementation']]}) | "
+            + (f"{format_time(torch['median_s'])} | " if torch else "— | ")
+            + (f"{format_time(ref['median_s'])} | " if ref else "— | ")
+            + (f"{b['speedup']['torch']:.2f}× |" if torch else "— |"))
+    return "\n".join(lines)
+
+
 def load_line(settings):
     """How busy the machine was with other work, before and during the run."""
     before = settings.get("background_cores_before_start")

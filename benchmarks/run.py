@@ -269,13 +269,15 @@ def main(argv=None):
         "results": records, "targets": targets,
     })
     (args.out / f"{stem}.md").write_text(markdown + "\n\n" + summary + "\n")
+    (args.out / f"{stem}-readme.md").write_text(
+        report.readme_table(records, max(threads_list)) + "\n")
     report.write_chart(args.out / f"{stem}.png", records, copy_bandwidth,
                        f"{machine_line}. Copy bandwidth: {bandwidth_line}.")
 
     print(markdown)
     print()
     print(summary)
-    log(f"done in {runtime:.0f} s; wrote {args.out / stem}.json, .md, .png")
+    log(f"done in {runtime:.0f} s; wrote {args.out / stem}.json, .md, .png, -readme.md")
     return 0
 
 

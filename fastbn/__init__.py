@@ -6,6 +6,21 @@ layer classes of :mod:`fastbn.layers`, the oracle :mod:`fastbn.reference`,
 imported on first use: mpi4py is optional, ``pip install "fastbn[mpi]"``.
 """
 
+try:
+    from fastbn import _openmp  # noqa: F401 - the first compiled module
+except ImportError as exc:  # pragma: no cover - exercised in a child process by the tests
+    from pathlib import Path as _Path
+
+    _here = _Path(__file__).resolve().parent
+    if (_here / "_planar.pyx").exists() and not list(_here.glob("_openmp.*.so")) \
+            and not list(_here.glob("_openmp.*.pyd")):
+        raise ImportError(
+            f"fastbn is being imported from its source tree ({_here}), whose compiled "
+            f"modules are not built. Install it (`pip install .`) and run Python from "
+            f"another folder, or build it in place (`python setup.py build_ext --inplace`)."
+        ) from exc
+    raise
+
 from fastbn import reference
 from fastbn._config import __version__, show_config
 from fastbn.functional import batch_norm_backward, batch_norm_forward, batch_norm_inference
