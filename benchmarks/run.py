@@ -244,8 +244,10 @@ def main(argv=None):
 
     date = datetime.date.today().isoformat()
     machine_line = machine.summary_line(machine_info)
-    bandwidth_line = ", ".join(f"{t} thread{'s' if t > 1 else ''} {v['gbps']:.1f} GB/s"
-                               for t, v in copy_bandwidth.items())
+    bandwidth_line = ", ".join(
+        f"{t} thread{'s' if t > 1 else ''} {v['gbps']:.1f} GB/s (median of its "
+        f"{len(v['samples_gbps'])} samples {np.median(v['samples_gbps']):.1f})"
+        for t, v in copy_bandwidth.items())
     header = "\n".join([
         f"Machine: {machine_line}.",
         f"Copy bandwidth (read + write): {bandwidth_line}.",
