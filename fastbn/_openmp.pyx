@@ -1,6 +1,31 @@
-"""Python-visible facts about the OpenMP runtime fastbn was built with."""
+"""Python-visible facts about the OpenMP runtime fastbn was built with, and
+the thread policy: how many threads a call may use.
+
+After ``fork()`` the child has one thread: the parent's OpenMP workers do
+not exist there, and libgomp would wait for them forever in the child's
+first parallel region. As PyTorch does, an at-fork handler (registered at
+import) marks the child, and every call in it runs on one thread (results
+are the same bits: the kernels' partitions depend on the shape alone).
+"""
 
 from fastbn._openmp cimport FASTBN_HAVE_OPENMP, omp_get_max_threads, omp_get_num_procs
+
+
+cdef extern from "<pthread.h>" nogil:
+    int pthread_atfork(void (*prepare)() noexcept nogil, void (*parent)() noexcept nogil,
+                       void (*child)() noexcept nogil)
+
+
+cdef bint forked_child = False
+
+
+cdef void mark_forked_child() noexcept nogil:
+    global forked_child
+    forked_child = True
+
+
+if pthread_atfork(NULL, NULL, mark_forked_child) != 0:
+    raise ImportError("fastbn: pthread_atfork failed; cannot make forked processes safe")
 
 
 def openmp_enabled():
@@ -8,17 +33,23 @@ def openmp_enabled():
     return bool(FASTBN_HAVE_OPENMP)
 
 
+def in_forked_child():
+    """True in a process made by ``fork()`` after fastbn was imported."""
+    return bool(forked_child)
+
+
 def effective_num_threads(num_threads):
     """Resolve the public ``num_threads`` argument to a thread count.
 
     None gives the OpenMP default, ``omp_get_max_threads()``, which honours
-    OMP_NUM_THREADS and threadpoolctl; a positive int is used as given up
-    to four threads per processor (more only oversubscribes, and a huge
-    count makes the OpenMP runtime fail to create its threads). The
-    caller has already rejected anything else. Without OpenMP it is 1.
+    OMP_NUM_THREADS and threadpoolctl; a positive int is used as given.
+    Either way the count is capped at four threads per processor (more only
+    oversubscribes, and a huge count makes the OpenMP runtime fail to create
+    its threads), and it is 1 in a forked child and without OpenMP. The
+    caller has already rejected anything else.
     """
-    if not FASTBN_HAVE_OPENMP:
+    if not FASTBN_HAVE_OPENMP or forked_child:
         return 1
     if num_threads is None:
-        return omp_get_max_threads()
-    return min(num_threads, 4 * omp_get_num_procs())
+        num_threads = omp_get_max_threads()
+    return max(1, min(num_threads, 4 * omp_get_num_procs()))
