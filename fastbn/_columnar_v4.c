@@ -1343,6 +1343,14 @@ static int __Pyx_init_tpflags_variables(void) {
     FASTBN_GRAD_SUMS(f32, float)
     FASTBN_GRAD_SUMS(f64, double)
 
+    /* Prefetch the lines of [p, p + nbytes) into the cache. */
+    static inline void fastbn_prefetch_span(const void *p, Py_ssize_t nbytes)
+    {
+        const char *c = (const char *)p;
+        for (Py_ssize_t i = 0; i < nbytes; i += 64)
+            __builtin_prefetch(c + i);
+    }
+
     static inline void fastbn_stream(void *dst, const void *src, Py_ssize_t nbytes)
     {
         char *d = (char *)dst;
@@ -1879,7 +1887,7 @@ enum  {
   __pyx_e_6fastbn_7_openmp_MIN_ELEMENTS_PER_THREAD = 0x20000
 };
 
-/* "fastbn/_simd.pxd":199
+/* "fastbn/_simd.pxd":207
  * 
  * 
  * cdef enum:             # <<<<<<<<<<<<<<
@@ -1888,7 +1896,7 @@ enum  {
 */
 enum  {
 
-  /* "fastbn/_simd.pxd":203
+  /* "fastbn/_simd.pxd":211
  *     # streamed: larger than the per-core caches, they would be evicted
  *     # before anything reads them again.
  *     STREAM_MIN_BYTES = 4 * 1024 * 1024             # <<<<<<<<<<<<<<
@@ -19603,7 +19611,7 @@ static CYTHON_INLINE int __pyx_f_6fastbn_7_openmp_threads_for(Py_ssize_t __pyx_v
   return __pyx_r;
 }
 
-/* "fastbn/_simd.pxd":208
+/* "fastbn/_simd.pxd":216
  * 
  * 
  * cdef inline bint streams(bint wanted, const void* out, const void* a, const void* b,             # <<<<<<<<<<<<<<
@@ -19616,7 +19624,7 @@ static CYTHON_INLINE int __pyx_f_6fastbn_5_simd_streams(int __pyx_v_wanted, void
   int __pyx_t_1;
   int __pyx_t_2;
 
-  /* "fastbn/_simd.pxd":214
+  /* "fastbn/_simd.pxd":222
  *     (a buffer the user passed), not for a fresh one, which malloc often
  *     hands back still cached and which the next layer reads soon."""
  *     return wanted and nbytes >= STREAM_MIN_BYTES and out != a and out != b             # <<<<<<<<<<<<<<
@@ -19658,7 +19666,7 @@ static CYTHON_INLINE int __pyx_f_6fastbn_5_simd_streams(int __pyx_v_wanted, void
   }
   goto __pyx_L0;
 
-  /* "fastbn/_simd.pxd":208
+  /* "fastbn/_simd.pxd":216
  * 
  * 
  * cdef inline bint streams(bint wanted, const void* out, const void* a, const void* b,             # <<<<<<<<<<<<<<

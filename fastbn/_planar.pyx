@@ -49,7 +49,8 @@ from cython.view cimport array
 from fastbn._openmp cimport FASTBN_COMPILE_ARGS, threads_for
 from fastbn._stats cimport (Coef, Coef32, forward_coef, inference_coef, backward_coef,
                             to_float)
-from fastbn._simd cimport (LANES, STREAM_CHUNK, fence, grad_sums_f32, grad_sums_f64,
+from fastbn._simd cimport (LANES, PREFETCH_BYTES, STREAM_CHUNK, fence, grad_sums_f32,
+                           grad_sums_f64, prefetch_span,
                            shifted_sums_f32, shifted_sums_f64, stream, streams)
 from fastbn._views cimport at, cptr, cptr3, wptr, workspace
 
@@ -442,6 +443,9 @@ def inference(const floating[:, :, ::1] x, const floating[::1] gamma,
         for u in prange(nu, num_threads=nt, schedule="dynamic"):
             r1 = min(N * C, (u + 1) * rows)
             for r in range(u * rows, r1):
+                # the unit is contiguous: keep PREFETCH_BYTES of it in flight
+                prefetch_span(xp + r * S + PREFETCH_BYTES // sizeof(floating),
+                              S * sizeof(floating))
                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
                           &coef32[r % C] if ok[r % C] else NULL, streaming)
             if streaming:

@@ -1344,6 +1344,14 @@ static int __Pyx_init_tpflags_variables(void) {
     FASTBN_GRAD_SUMS(f32, float)
     FASTBN_GRAD_SUMS(f64, double)
 
+    /* Prefetch the lines of [p, p + nbytes) into the cache. */
+    static inline void fastbn_prefetch_span(const void *p, Py_ssize_t nbytes)
+    {
+        const char *c = (const char *)p;
+        for (Py_ssize_t i = 0; i < nbytes; i += 64)
+            __builtin_prefetch(c + i);
+    }
+
     static inline void fastbn_stream(void *dst, const void *src, Py_ssize_t nbytes)
     {
         char *d = (char *)dst;
@@ -1912,7 +1920,7 @@ struct __pyx_t_6fastbn_6_stats_Coef32 {
   float offset;
 };
 
-/* "fastbn/_simd.pxd":199
+/* "fastbn/_simd.pxd":207
  * 
  * 
  * cdef enum:             # <<<<<<<<<<<<<<
@@ -1921,7 +1929,7 @@ struct __pyx_t_6fastbn_6_stats_Coef32 {
 */
 enum  {
 
-  /* "fastbn/_simd.pxd":203
+  /* "fastbn/_simd.pxd":211
  *     # streamed: larger than the per-core caches, they would be evicted
  *     # before anything reads them again.
  *     STREAM_MIN_BYTES = 4 * 1024 * 1024             # <<<<<<<<<<<<<<
@@ -1933,7 +1941,7 @@ enum  {
 };
 struct __pyx_t_6fastbn_10_planar_v4_Plane;
 
-/* "fastbn/_planar.pyx":57
+/* "fastbn/_planar.pyx":58
  * 
  * 
  * cdef enum:             # <<<<<<<<<<<<<<
@@ -1942,7 +1950,7 @@ struct __pyx_t_6fastbn_10_planar_v4_Plane;
 */
 enum  {
 
-  /* "fastbn/_planar.pyx":61
+  /* "fastbn/_planar.pyx":62
  *     GROUP_VALUES = 2048               # values of one sample a group's slab aims at
  *     GROUP_MAX = 64                    # channels per group at most
  *     GROUP_CACHE_BYTES = 1024 * 1024   # a group's inputs, cached between its two steps             # <<<<<<<<<<<<<<
@@ -1955,7 +1963,7 @@ enum  {
   __pyx_e_6fastbn_10_planar_v4_GROUP_CACHE_BYTES = (0x400 * 0x400)
 };
 
-/* "fastbn/_planar.pyx":64
+/* "fastbn/_planar.pyx":65
  * 
  * 
  * cdef struct Plane:             # <<<<<<<<<<<<<<
@@ -1973,7 +1981,7 @@ struct __pyx_t_6fastbn_10_planar_v4_Plane {
   int streaming;
 };
 
-/* "fastbn/_planar.pyx":375
+/* "fastbn/_planar.pyx":376
  * # ----------------------------------------------------------- wrappers ----
  * 
  * def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
@@ -20719,7 +20727,7 @@ static CYTHON_INLINE int __pyx_f_6fastbn_6_stats_to_float(__pyx_t_6fastbn_6_stat
   return __pyx_r;
 }
 
-/* "fastbn/_simd.pxd":208
+/* "fastbn/_simd.pxd":216
  * 
  * 
  * cdef inline bint streams(bint wanted, const void* out, const void* a, const void* b,             # <<<<<<<<<<<<<<
@@ -20732,7 +20740,7 @@ static CYTHON_INLINE int __pyx_f_6fastbn_5_simd_streams(int __pyx_v_wanted, void
   int __pyx_t_1;
   int __pyx_t_2;
 
-  /* "fastbn/_simd.pxd":214
+  /* "fastbn/_simd.pxd":222
  *     (a buffer the user passed), not for a fresh one, which malloc often
  *     hands back still cached and which the next layer reads soon."""
  *     return wanted and nbytes >= STREAM_MIN_BYTES and out != a and out != b             # <<<<<<<<<<<<<<
@@ -20774,7 +20782,7 @@ static CYTHON_INLINE int __pyx_f_6fastbn_5_simd_streams(int __pyx_v_wanted, void
   }
   goto __pyx_L0;
 
-  /* "fastbn/_simd.pxd":208
+  /* "fastbn/_simd.pxd":216
  * 
  * 
  * cdef inline bint streams(bint wanted, const void* out, const void* a, const void* b,             # <<<<<<<<<<<<<<
@@ -21615,7 +21623,7 @@ static CYTHON_INLINE struct __pyx_array_obj *__pyx_f_6fastbn_6_views_workspace(P
   return __pyx_r;
 }
 
-/* "fastbn/_planar.pyx":73
+/* "fastbn/_planar.pyx":74
  * 
  * 
  * cdef inline Plane make_plane(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,             # <<<<<<<<<<<<<<
@@ -21628,7 +21636,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
   struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_r;
   int __pyx_t_1;
 
-  /* "fastbn/_planar.pyx":76
+  /* "fastbn/_planar.pyx":77
  *                              bint streaming) noexcept nogil:
  *     cdef Plane p
  *     p.N = N             # <<<<<<<<<<<<<<
@@ -21637,7 +21645,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
 */
   __pyx_v_p.N = __pyx_v_N;
 
-  /* "fastbn/_planar.pyx":77
+  /* "fastbn/_planar.pyx":78
  *     cdef Plane p
  *     p.N = N
  *     p.C = C             # <<<<<<<<<<<<<<
@@ -21646,7 +21654,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
 */
   __pyx_v_p.C = __pyx_v_C;
 
-  /* "fastbn/_planar.pyx":78
+  /* "fastbn/_planar.pyx":79
  *     p.N = N
  *     p.C = C
  *     p.S = S             # <<<<<<<<<<<<<<
@@ -21655,7 +21663,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
 */
   __pyx_v_p.S = __pyx_v_S;
 
-  /* "fastbn/_planar.pyx":79
+  /* "fastbn/_planar.pyx":80
  *     p.C = C
  *     p.S = S
  *     p.row_stride = C * S             # <<<<<<<<<<<<<<
@@ -21664,7 +21672,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
 */
   __pyx_v_p.row_stride = (__pyx_v_C * __pyx_v_S);
 
-  /* "fastbn/_planar.pyx":80
+  /* "fastbn/_planar.pyx":81
  *     p.S = S
  *     p.row_stride = C * S
  *     p.streaming = streaming             # <<<<<<<<<<<<<<
@@ -21673,7 +21681,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
 */
   __pyx_v_p.streaming = __pyx_v_streaming;
 
-  /* "fastbn/_planar.pyx":81
+  /* "fastbn/_planar.pyx":82
  *     p.row_stride = C * S
  *     p.streaming = streaming
  *     if S < BLOCK:             # <<<<<<<<<<<<<<
@@ -21685,7 +21693,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
   if (__pyx_t_1) {
 
 
-    /* "fastbn/_planar.pyx":82
+    /* "fastbn/_planar.pyx":83
  *     p.streaming = streaming
  *     if S < BLOCK:
  *         p.rows_per_block = BLOCK // S             # <<<<<<<<<<<<<<
@@ -21694,7 +21702,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
 */
     __pyx_v_p.rows_per_block = (__pyx_e_6fastbn_10_planar_v4_BLOCK / __pyx_v_S);
 
-    /* "fastbn/_planar.pyx":83
+    /* "fastbn/_planar.pyx":84
  *     if S < BLOCK:
  *         p.rows_per_block = BLOCK // S
  *         p.blocks_per_row = 0             # <<<<<<<<<<<<<<
@@ -21703,7 +21711,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
 */
     __pyx_v_p.blocks_per_row = 0;
 
-    /* "fastbn/_planar.pyx":84
+    /* "fastbn/_planar.pyx":85
  *         p.rows_per_block = BLOCK // S
  *         p.blocks_per_row = 0
  *         p.nblocks = (N + p.rows_per_block - 1) // p.rows_per_block             # <<<<<<<<<<<<<<
@@ -21712,7 +21720,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
 */
     __pyx_v_p.nblocks = (((__pyx_v_N + __pyx_v_p.rows_per_block) - 1) / __pyx_v_p.rows_per_block);
 
-    /* "fastbn/_planar.pyx":81
+    /* "fastbn/_planar.pyx":82
  *     p.row_stride = C * S
  *     p.streaming = streaming
  *     if S < BLOCK:             # <<<<<<<<<<<<<<
@@ -21722,7 +21730,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
     goto __pyx_L3;
   }
 
-  /* "fastbn/_planar.pyx":86
+  /* "fastbn/_planar.pyx":87
  *         p.nblocks = (N + p.rows_per_block - 1) // p.rows_per_block
  *     else:
  *         p.rows_per_block = 0             # <<<<<<<<<<<<<<
@@ -21732,7 +21740,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
   /*else*/ {
     __pyx_v_p.rows_per_block = 0;
 
-    /* "fastbn/_planar.pyx":87
+    /* "fastbn/_planar.pyx":88
  *     else:
  *         p.rows_per_block = 0
  *         p.blocks_per_row = (S + BLOCK - 1) // BLOCK             # <<<<<<<<<<<<<<
@@ -21741,7 +21749,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
 */
     __pyx_v_p.blocks_per_row = (((__pyx_v_S + __pyx_e_6fastbn_10_planar_v4_BLOCK) - 1) / __pyx_e_6fastbn_10_planar_v4_BLOCK);
 
-    /* "fastbn/_planar.pyx":88
+    /* "fastbn/_planar.pyx":89
  *         p.rows_per_block = 0
  *         p.blocks_per_row = (S + BLOCK - 1) // BLOCK
  *         p.nblocks = N * p.blocks_per_row             # <<<<<<<<<<<<<<
@@ -21752,7 +21760,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
   }
   __pyx_L3:;
 
-  /* "fastbn/_planar.pyx":89
+  /* "fastbn/_planar.pyx":90
  *         p.blocks_per_row = (S + BLOCK - 1) // BLOCK
  *         p.nblocks = N * p.blocks_per_row
  *     return p             # <<<<<<<<<<<<<<
@@ -21765,7 +21773,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
   }
   goto __pyx_L0;
 
-  /* "fastbn/_planar.pyx":73
+  /* "fastbn/_planar.pyx":74
  * 
  * 
  * cdef inline Plane make_plane(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,             # <<<<<<<<<<<<<<
@@ -21779,7 +21787,7 @@ static CYTHON_INLINE struct __pyx_t_6fastbn_10_planar_v4_Plane __pyx_f_6fastbn_1
   return __pyx_r;
 }
 
-/* "fastbn/_planar.pyx":92
+/* "fastbn/_planar.pyx":93
  * 
  * 
  * cdef inline void block_span(const Plane* p, Py_ssize_t b, Py_ssize_t* n0, Py_ssize_t* n1,             # <<<<<<<<<<<<<<
@@ -21794,7 +21802,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
   Py_ssize_t __pyx_t_3;
   Py_ssize_t __pyx_t_4;
 
-  /* "fastbn/_planar.pyx":96
+  /* "fastbn/_planar.pyx":97
  *     """Rows [n0, n1) and columns [s0, s1) of block b of a channel."""
  *     cdef Py_ssize_t j
  *     if p.blocks_per_row == 0:             # <<<<<<<<<<<<<<
@@ -21806,7 +21814,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
   if (__pyx_t_1) {
 
 
-    /* "fastbn/_planar.pyx":97
+    /* "fastbn/_planar.pyx":98
  *     cdef Py_ssize_t j
  *     if p.blocks_per_row == 0:
  *         n0[0] = b * p.rows_per_block             # <<<<<<<<<<<<<<
@@ -21815,7 +21823,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
 */
     (__pyx_v_n0[0]) = (__pyx_v_b * __pyx_v_p->rows_per_block);
 
-    /* "fastbn/_planar.pyx":98
+    /* "fastbn/_planar.pyx":99
  *     if p.blocks_per_row == 0:
  *         n0[0] = b * p.rows_per_block
  *         n1[0] = min(p.N, n0[0] + p.rows_per_block)             # <<<<<<<<<<<<<<
@@ -21839,7 +21847,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
     (__pyx_v_n1[0]) = __pyx_t_4;
 
 
-    /* "fastbn/_planar.pyx":99
+    /* "fastbn/_planar.pyx":100
  *         n0[0] = b * p.rows_per_block
  *         n1[0] = min(p.N, n0[0] + p.rows_per_block)
  *         s0[0] = 0             # <<<<<<<<<<<<<<
@@ -21848,7 +21856,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
 */
     (__pyx_v_s0[0]) = 0;
 
-    /* "fastbn/_planar.pyx":100
+    /* "fastbn/_planar.pyx":101
  *         n1[0] = min(p.N, n0[0] + p.rows_per_block)
  *         s0[0] = 0
  *         s1[0] = p.S             # <<<<<<<<<<<<<<
@@ -21860,7 +21868,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
     (__pyx_v_s1[0]) = __pyx_t_4;
 
 
-    /* "fastbn/_planar.pyx":96
+    /* "fastbn/_planar.pyx":97
  *     """Rows [n0, n1) and columns [s0, s1) of block b of a channel."""
  *     cdef Py_ssize_t j
  *     if p.blocks_per_row == 0:             # <<<<<<<<<<<<<<
@@ -21870,7 +21878,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
     goto __pyx_L3;
   }
 
-  /* "fastbn/_planar.pyx":102
+  /* "fastbn/_planar.pyx":103
  *         s1[0] = p.S
  *     else:
  *         n0[0] = b // p.blocks_per_row             # <<<<<<<<<<<<<<
@@ -21880,7 +21888,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
   /*else*/ {
     (__pyx_v_n0[0]) = (__pyx_v_b / __pyx_v_p->blocks_per_row);
 
-    /* "fastbn/_planar.pyx":103
+    /* "fastbn/_planar.pyx":104
  *     else:
  *         n0[0] = b // p.blocks_per_row
  *         n1[0] = n0[0] + 1             # <<<<<<<<<<<<<<
@@ -21889,7 +21897,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
 */
     (__pyx_v_n1[0]) = ((__pyx_v_n0[0]) + 1);
 
-    /* "fastbn/_planar.pyx":104
+    /* "fastbn/_planar.pyx":105
  *         n0[0] = b // p.blocks_per_row
  *         n1[0] = n0[0] + 1
  *         j = b % p.blocks_per_row             # <<<<<<<<<<<<<<
@@ -21898,7 +21906,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
 */
     __pyx_v_j = (__pyx_v_b % __pyx_v_p->blocks_per_row);
 
-    /* "fastbn/_planar.pyx":105
+    /* "fastbn/_planar.pyx":106
  *         n1[0] = n0[0] + 1
  *         j = b % p.blocks_per_row
  *         s0[0] = j * BLOCK             # <<<<<<<<<<<<<<
@@ -21907,7 +21915,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
 */
     (__pyx_v_s0[0]) = (__pyx_v_j * __pyx_e_6fastbn_10_planar_v4_BLOCK);
 
-    /* "fastbn/_planar.pyx":106
+    /* "fastbn/_planar.pyx":107
  *         j = b % p.blocks_per_row
  *         s0[0] = j * BLOCK
  *         s1[0] = min(p.S, s0[0] + BLOCK)             # <<<<<<<<<<<<<<
@@ -21933,7 +21941,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
   }
   __pyx_L3:;
 
-  /* "fastbn/_planar.pyx":92
+  /* "fastbn/_planar.pyx":93
  * 
  * 
  * cdef inline void block_span(const Plane* p, Py_ssize_t b, Py_ssize_t* n0, Py_ssize_t* n1,             # <<<<<<<<<<<<<<
@@ -21945,7 +21953,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
 
 }
 
-/* "fastbn/_planar.pyx":112
+/* "fastbn/_planar.pyx":113
  * # A run is n contiguous values of one channel.
  * 
  * cdef inline void run_shifted_sums(const floating* x, Py_ssize_t n, double shift,             # <<<<<<<<<<<<<<
@@ -21955,7 +21963,7 @@ static CYTHON_INLINE void __pyx_f_6fastbn_10_planar_v4_block_span(struct __pyx_t
 
 static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_shifted_sums(float const *__pyx_v_x, Py_ssize_t __pyx_v_n, double __pyx_v_shift, double *__pyx_v_acc_s, double *__pyx_v_acc_q) {
 
-  /* "fastbn/_planar.pyx":117
+  /* "fastbn/_planar.pyx":118
  *     (in the order fastbn._simd states)."""
  *     if floating is float:
  *         shifted_sums_f32(x, n, shift, acc_s, acc_q)             # <<<<<<<<<<<<<<
@@ -21964,7 +21972,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_shifted_s
 */
   fastbn_shifted_sums_f32(__pyx_v_x, __pyx_v_n, __pyx_v_shift, __pyx_v_acc_s, __pyx_v_acc_q);
 
-  /* "fastbn/_planar.pyx":112
+  /* "fastbn/_planar.pyx":113
  * # A run is n contiguous values of one channel.
  * 
  * cdef inline void run_shifted_sums(const floating* x, Py_ssize_t n, double shift,             # <<<<<<<<<<<<<<
@@ -21977,7 +21985,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_shifted_s
 
 static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_shifted_sums(double const *__pyx_v_x, Py_ssize_t __pyx_v_n, double __pyx_v_shift, double *__pyx_v_acc_s, double *__pyx_v_acc_q) {
 
-  /* "fastbn/_planar.pyx":119
+  /* "fastbn/_planar.pyx":120
  *         shifted_sums_f32(x, n, shift, acc_s, acc_q)
  *     else:
  *         shifted_sums_f64(x, n, shift, acc_s, acc_q)             # <<<<<<<<<<<<<<
@@ -21986,7 +21994,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_shifted_s
 */
   fastbn_shifted_sums_f64(__pyx_v_x, __pyx_v_n, __pyx_v_shift, __pyx_v_acc_s, __pyx_v_acc_q);
 
-  /* "fastbn/_planar.pyx":112
+  /* "fastbn/_planar.pyx":113
  * # A run is n contiguous values of one channel.
  * 
  * cdef inline void run_shifted_sums(const floating* x, Py_ssize_t n, double shift,             # <<<<<<<<<<<<<<
@@ -21997,7 +22005,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_shifted_s
   /* function exit code */
 }
 
-/* "fastbn/_planar.pyx":122
+/* "fastbn/_planar.pyx":123
  * 
  * 
  * cdef inline void run_grad_sums(const floating* dy, const floating* x, Py_ssize_t n,             # <<<<<<<<<<<<<<
@@ -22007,7 +22015,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_shifted_s
 
 static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_grad_sums(float const *__pyx_v_dy, float const *__pyx_v_x, Py_ssize_t __pyx_v_n, double __pyx_v_center, double *__pyx_v_acc_g, double *__pyx_v_acc_c) {
 
-  /* "fastbn/_planar.pyx":126
+  /* "fastbn/_planar.pyx":127
  *     """acc_g[k] += dy[i], acc_c[k] += dy[i] * (x[i] - center), k = i % LANES."""
  *     if floating is float:
  *         grad_sums_f32(dy, x, n, center, acc_g, acc_c)             # <<<<<<<<<<<<<<
@@ -22016,7 +22024,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_grad_sums
 */
   fastbn_grad_sums_f32(__pyx_v_dy, __pyx_v_x, __pyx_v_n, __pyx_v_center, __pyx_v_acc_g, __pyx_v_acc_c);
 
-  /* "fastbn/_planar.pyx":122
+  /* "fastbn/_planar.pyx":123
  * 
  * 
  * cdef inline void run_grad_sums(const floating* dy, const floating* x, Py_ssize_t n,             # <<<<<<<<<<<<<<
@@ -22029,7 +22037,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_grad_sums
 
 static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_grad_sums(double const *__pyx_v_dy, double const *__pyx_v_x, Py_ssize_t __pyx_v_n, double __pyx_v_center, double *__pyx_v_acc_g, double *__pyx_v_acc_c) {
 
-  /* "fastbn/_planar.pyx":128
+  /* "fastbn/_planar.pyx":129
  *         grad_sums_f32(dy, x, n, center, acc_g, acc_c)
  *     else:
  *         grad_sums_f64(dy, x, n, center, acc_g, acc_c)             # <<<<<<<<<<<<<<
@@ -22038,7 +22046,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_grad_sums
 */
   fastbn_grad_sums_f64(__pyx_v_dy, __pyx_v_x, __pyx_v_n, __pyx_v_center, __pyx_v_acc_g, __pyx_v_acc_c);
 
-  /* "fastbn/_planar.pyx":122
+  /* "fastbn/_planar.pyx":123
  * 
  * 
  * cdef inline void run_grad_sums(const floating* dy, const floating* x, Py_ssize_t n,             # <<<<<<<<<<<<<<
@@ -22049,7 +22057,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_grad_sums
   /* function exit code */
 }
 
-/* "fastbn/_planar.pyx":131
+/* "fastbn/_planar.pyx":132
  * 
  * 
  * cdef inline void run_map(const floating* a, const floating* b, floating* out, Py_ssize_t n,             # <<<<<<<<<<<<<<
@@ -22075,7 +22083,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
   Py_ssize_t __pyx_t_5;
   Py_ssize_t __pyx_t_6;
 
-  /* "fastbn/_planar.pyx":138
+  /* "fastbn/_planar.pyx":139
  *     (Coef32), anything else in double."""
  *     cdef Py_ssize_t i
  *     cdef double center = k.center, scale = k.scale, slope = k.slope, offset = k.offset             # <<<<<<<<<<<<<<
@@ -22095,7 +22103,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
 
   __pyx_v_offset = __pyx_t_1;
 
-  /* "fastbn/_planar.pyx":140
+  /* "fastbn/_planar.pyx":141
  *     cdef double center = k.center, scale = k.scale, slope = k.slope, offset = k.offset
  *     cdef float hi, lo, s, q, o
  *     if floating is float and f != NULL:             # <<<<<<<<<<<<<<
@@ -22107,7 +22115,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
   if (__pyx_t_2) {
 
 
-    /* "fastbn/_planar.pyx":141
+    /* "fastbn/_planar.pyx":142
  *     cdef float hi, lo, s, q, o
  *     if floating is float and f != NULL:
  *         hi = f.hi             # <<<<<<<<<<<<<<
@@ -22118,7 +22126,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
 
     __pyx_v_hi = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":142
+    /* "fastbn/_planar.pyx":143
  *     if floating is float and f != NULL:
  *         hi = f.hi
  *         lo = f.lo             # <<<<<<<<<<<<<<
@@ -22129,7 +22137,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
 
     __pyx_v_lo = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":143
+    /* "fastbn/_planar.pyx":144
  *         hi = f.hi
  *         lo = f.lo
  *         s = f.scale             # <<<<<<<<<<<<<<
@@ -22140,7 +22148,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
 
     __pyx_v_s = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":144
+    /* "fastbn/_planar.pyx":145
  *         lo = f.lo
  *         s = f.scale
  *         q = f.slope             # <<<<<<<<<<<<<<
@@ -22151,7 +22159,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
 
     __pyx_v_q = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":145
+    /* "fastbn/_planar.pyx":146
  *         s = f.scale
  *         q = f.slope
  *         o = f.offset             # <<<<<<<<<<<<<<
@@ -22162,7 +22170,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
 
     __pyx_v_o = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":146
+    /* "fastbn/_planar.pyx":147
  *         q = f.slope
  *         o = f.offset
  *         if b == NULL:             # <<<<<<<<<<<<<<
@@ -22174,7 +22182,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
     if (__pyx_t_2) {
 
 
-      /* "fastbn/_planar.pyx":147
+      /* "fastbn/_planar.pyx":148
  *         o = f.offset
  *         if b == NULL:
  *             for i in range(n):             # <<<<<<<<<<<<<<
@@ -22188,7 +22196,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
       for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
         __pyx_v_i = __pyx_t_6;
 
-        /* "fastbn/_planar.pyx":148
+        /* "fastbn/_planar.pyx":149
  *         if b == NULL:
  *             for i in range(n):
  *                 out[i] = ((a[i] - hi) - lo) * s + o             # <<<<<<<<<<<<<<
@@ -22199,7 +22207,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
       }
 
 
-      /* "fastbn/_planar.pyx":146
+      /* "fastbn/_planar.pyx":147
  *         q = f.slope
  *         o = f.offset
  *         if b == NULL:             # <<<<<<<<<<<<<<
@@ -22209,7 +22217,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
       goto __pyx_L4;
     }
 
-    /* "fastbn/_planar.pyx":150
+    /* "fastbn/_planar.pyx":151
  *                 out[i] = ((a[i] - hi) - lo) * s + o
  *         else:
  *             for i in range(n):             # <<<<<<<<<<<<<<
@@ -22224,7 +22232,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
       for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
         __pyx_v_i = __pyx_t_6;
 
-        /* "fastbn/_planar.pyx":151
+        /* "fastbn/_planar.pyx":152
  *         else:
  *             for i in range(n):
  *                 out[i] = s * a[i] - q * ((b[i] - hi) - lo) - o             # <<<<<<<<<<<<<<
@@ -22237,7 +22245,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
     }
     __pyx_L4:;
 
-    /* "fastbn/_planar.pyx":140
+    /* "fastbn/_planar.pyx":141
  *     cdef double center = k.center, scale = k.scale, slope = k.slope, offset = k.offset
  *     cdef float hi, lo, s, q, o
  *     if floating is float and f != NULL:             # <<<<<<<<<<<<<<
@@ -22247,7 +22255,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
     goto __pyx_L3;
   }
 
-  /* "fastbn/_planar.pyx":152
+  /* "fastbn/_planar.pyx":153
  *             for i in range(n):
  *                 out[i] = s * a[i] - q * ((b[i] - hi) - lo) - o
  *     elif b == NULL:             # <<<<<<<<<<<<<<
@@ -22259,7 +22267,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
   if (__pyx_t_2) {
 
 
-    /* "fastbn/_planar.pyx":153
+    /* "fastbn/_planar.pyx":154
  *                 out[i] = s * a[i] - q * ((b[i] - hi) - lo) - o
  *     elif b == NULL:
  *         for i in range(n):             # <<<<<<<<<<<<<<
@@ -22273,7 +22281,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
     for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
       __pyx_v_i = __pyx_t_6;
 
-      /* "fastbn/_planar.pyx":154
+      /* "fastbn/_planar.pyx":155
  *     elif b == NULL:
  *         for i in range(n):
  *             out[i] = <floating>((<double>a[i] - center) * scale + offset)             # <<<<<<<<<<<<<<
@@ -22284,7 +22292,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
     }
 
 
-    /* "fastbn/_planar.pyx":152
+    /* "fastbn/_planar.pyx":153
  *             for i in range(n):
  *                 out[i] = s * a[i] - q * ((b[i] - hi) - lo) - o
  *     elif b == NULL:             # <<<<<<<<<<<<<<
@@ -22294,7 +22302,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
     goto __pyx_L3;
   }
 
-  /* "fastbn/_planar.pyx":156
+  /* "fastbn/_planar.pyx":157
  *             out[i] = <floating>((<double>a[i] - center) * scale + offset)
  *     else:
  *         for i in range(n):             # <<<<<<<<<<<<<<
@@ -22309,7 +22317,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
     for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
       __pyx_v_i = __pyx_t_6;
 
-      /* "fastbn/_planar.pyx":157
+      /* "fastbn/_planar.pyx":158
  *     else:
  *         for i in range(n):
  *             out[i] = <floating>(scale * <double>a[i] - slope * (<double>b[i] - center) - offset)             # <<<<<<<<<<<<<<
@@ -22322,7 +22330,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(float
   }
   __pyx_L3:;
 
-  /* "fastbn/_planar.pyx":131
+  /* "fastbn/_planar.pyx":132
  * 
  * 
  * cdef inline void run_map(const floating* a, const floating* b, floating* out, Py_ssize_t n,             # <<<<<<<<<<<<<<
@@ -22355,7 +22363,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map(doubl
   Py_ssize_t __pyx_t_4;
   Py_ssize_t __pyx_t_5;
 
-  /* "fastbn/_planar.pyx":138
+  /* "fastbn/_planar.pyx":139
  *     (Coef32), anything else in double."""
  *     cdef Py_ssize_t i
  *     cdef double center = k.center, scale = k.scale, slope = k.slope, offset = k.offset             # <<<<<<<<<<<<<<
@@ -22375,7 +22383,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map(doubl
 
   __pyx_v_offset = __pyx_t_1;
 
-  /* "fastbn/_planar.pyx":152
+  /* "fastbn/_planar.pyx":153
  *             for i in range(n):
  *                 out[i] = s * a[i] - q * ((b[i] - hi) - lo) - o
  *     elif b == NULL:             # <<<<<<<<<<<<<<
@@ -22387,7 +22395,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map(doubl
   if (__pyx_t_2) {
 
 
-    /* "fastbn/_planar.pyx":153
+    /* "fastbn/_planar.pyx":154
  *                 out[i] = s * a[i] - q * ((b[i] - hi) - lo) - o
  *     elif b == NULL:
  *         for i in range(n):             # <<<<<<<<<<<<<<
@@ -22401,7 +22409,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map(doubl
     for (__pyx_t_5 = 0; __pyx_t_5 < __pyx_t_4; __pyx_t_5+=1) {
       __pyx_v_i = __pyx_t_5;
 
-      /* "fastbn/_planar.pyx":154
+      /* "fastbn/_planar.pyx":155
  *     elif b == NULL:
  *         for i in range(n):
  *             out[i] = <floating>((<double>a[i] - center) * scale + offset)             # <<<<<<<<<<<<<<
@@ -22412,7 +22420,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map(doubl
     }
 
 
-    /* "fastbn/_planar.pyx":152
+    /* "fastbn/_planar.pyx":153
  *             for i in range(n):
  *                 out[i] = s * a[i] - q * ((b[i] - hi) - lo) - o
  *     elif b == NULL:             # <<<<<<<<<<<<<<
@@ -22422,7 +22430,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map(doubl
     goto __pyx_L3;
   }
 
-  /* "fastbn/_planar.pyx":156
+  /* "fastbn/_planar.pyx":157
  *             out[i] = <floating>((<double>a[i] - center) * scale + offset)
  *     else:
  *         for i in range(n):             # <<<<<<<<<<<<<<
@@ -22437,7 +22445,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map(doubl
     for (__pyx_t_5 = 0; __pyx_t_5 < __pyx_t_4; __pyx_t_5+=1) {
       __pyx_v_i = __pyx_t_5;
 
-      /* "fastbn/_planar.pyx":157
+      /* "fastbn/_planar.pyx":158
  *     else:
  *         for i in range(n):
  *             out[i] = <floating>(scale * <double>a[i] - slope * (<double>b[i] - center) - offset)             # <<<<<<<<<<<<<<
@@ -22450,7 +22458,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map(doubl
   }
   __pyx_L3:;
 
-  /* "fastbn/_planar.pyx":131
+  /* "fastbn/_planar.pyx":132
  * 
  * 
  * cdef inline void run_map(const floating* a, const floating* b, floating* out, Py_ssize_t n,             # <<<<<<<<<<<<<<
@@ -22466,7 +22474,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map(doubl
 
 }
 
-/* "fastbn/_planar.pyx":160
+/* "fastbn/_planar.pyx":161
  * 
  * 
  * cdef inline void run_apply(const floating* a, const floating* b, floating* out, Py_ssize_t n,             # <<<<<<<<<<<<<<
@@ -22483,7 +22491,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
   Py_ssize_t __pyx_t_3;
   Py_ssize_t __pyx_t_4;
 
-  /* "fastbn/_planar.pyx":165
+  /* "fastbn/_planar.pyx":166
  *     ``streaming``."""
  *     cdef floating buf[STREAM_CHUNK]
  *     cdef Py_ssize_t i = 0, m             # <<<<<<<<<<<<<<
@@ -22492,7 +22500,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
 */
   __pyx_v_i = 0;
 
-  /* "fastbn/_planar.pyx":166
+  /* "fastbn/_planar.pyx":167
  *     cdef floating buf[STREAM_CHUNK]
  *     cdef Py_ssize_t i = 0, m
  *     if not streaming:             # <<<<<<<<<<<<<<
@@ -22504,7 +22512,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
   if (__pyx_t_1) {
 
 
-    /* "fastbn/_planar.pyx":167
+    /* "fastbn/_planar.pyx":168
  *     cdef Py_ssize_t i = 0, m
  *     if not streaming:
  *         run_map(a, b, out, n, k, f)             # <<<<<<<<<<<<<<
@@ -22513,7 +22521,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
 */
     __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map(__pyx_v_a, __pyx_v_b, __pyx_v_out, __pyx_v_n, __pyx_v_k, __pyx_v_f);
 
-    /* "fastbn/_planar.pyx":168
+    /* "fastbn/_planar.pyx":169
  *     if not streaming:
  *         run_map(a, b, out, n, k, f)
  *         return             # <<<<<<<<<<<<<<
@@ -22524,7 +22532,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
     }
     goto __pyx_L0;
 
-    /* "fastbn/_planar.pyx":166
+    /* "fastbn/_planar.pyx":167
  *     cdef floating buf[STREAM_CHUNK]
  *     cdef Py_ssize_t i = 0, m
  *     if not streaming:             # <<<<<<<<<<<<<<
@@ -22533,7 +22541,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
 */
   }
 
-  /* "fastbn/_planar.pyx":169
+  /* "fastbn/_planar.pyx":170
  *         run_map(a, b, out, n, k, f)
  *         return
  *     while i < n:             # <<<<<<<<<<<<<<
@@ -22546,7 +22554,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
 
     if (!__pyx_t_1) break;
 
-    /* "fastbn/_planar.pyx":170
+    /* "fastbn/_planar.pyx":171
  *         return
  *     while i < n:
  *         m = min(<Py_ssize_t>STREAM_CHUNK, n - i)             # <<<<<<<<<<<<<<
@@ -22570,7 +22578,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
     __pyx_v_m = __pyx_t_4;
 
 
-    /* "fastbn/_planar.pyx":171
+    /* "fastbn/_planar.pyx":172
  *     while i < n:
  *         m = min(<Py_ssize_t>STREAM_CHUNK, n - i)
  *         run_map(a + i, at(b, i), buf, m, k, f)             # <<<<<<<<<<<<<<
@@ -22579,7 +22587,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
 */
     __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_map((__pyx_v_a + __pyx_v_i), __pyx_fuse_0__pyx_f_6fastbn_6_views_at(__pyx_v_b, __pyx_v_i), __pyx_v_buf, __pyx_v_m, __pyx_v_k, __pyx_v_f);
 
-    /* "fastbn/_planar.pyx":172
+    /* "fastbn/_planar.pyx":173
  *         m = min(<Py_ssize_t>STREAM_CHUNK, n - i)
  *         run_map(a + i, at(b, i), buf, m, k, f)
  *         stream(out + i, buf, m * sizeof(floating))             # <<<<<<<<<<<<<<
@@ -22588,7 +22596,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
 */
     fastbn_stream((__pyx_v_out + __pyx_v_i), __pyx_v_buf, (__pyx_v_m * (sizeof(float))));
 
-    /* "fastbn/_planar.pyx":173
+    /* "fastbn/_planar.pyx":174
  *         run_map(a + i, at(b, i), buf, m, k, f)
  *         stream(out + i, buf, m * sizeof(floating))
  *         i += m             # <<<<<<<<<<<<<<
@@ -22598,7 +22606,7 @@ static CYTHON_INLINE void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_apply(flo
     __pyx_v_i = (__pyx_v_i + __pyx_v_m);
   }
 
-  /* "fastbn/_planar.pyx":160
+  /* "fastbn/_planar.pyx":161
  * 
  * 
  * cdef inline void run_apply(const floating* a, const floating* b, floating* out, Py_ssize_t n,             # <<<<<<<<<<<<<<
@@ -22622,7 +22630,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
   Py_ssize_t __pyx_t_3;
   Py_ssize_t __pyx_t_4;
 
-  /* "fastbn/_planar.pyx":165
+  /* "fastbn/_planar.pyx":166
  *     ``streaming``."""
  *     cdef floating buf[STREAM_CHUNK]
  *     cdef Py_ssize_t i = 0, m             # <<<<<<<<<<<<<<
@@ -22631,7 +22639,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
 */
   __pyx_v_i = 0;
 
-  /* "fastbn/_planar.pyx":166
+  /* "fastbn/_planar.pyx":167
  *     cdef floating buf[STREAM_CHUNK]
  *     cdef Py_ssize_t i = 0, m
  *     if not streaming:             # <<<<<<<<<<<<<<
@@ -22643,7 +22651,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
   if (__pyx_t_1) {
 
 
-    /* "fastbn/_planar.pyx":167
+    /* "fastbn/_planar.pyx":168
  *     cdef Py_ssize_t i = 0, m
  *     if not streaming:
  *         run_map(a, b, out, n, k, f)             # <<<<<<<<<<<<<<
@@ -22652,7 +22660,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
 */
     __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map(__pyx_v_a, __pyx_v_b, __pyx_v_out, __pyx_v_n, __pyx_v_k, __pyx_v_f);
 
-    /* "fastbn/_planar.pyx":168
+    /* "fastbn/_planar.pyx":169
  *     if not streaming:
  *         run_map(a, b, out, n, k, f)
  *         return             # <<<<<<<<<<<<<<
@@ -22663,7 +22671,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
     }
     goto __pyx_L0;
 
-    /* "fastbn/_planar.pyx":166
+    /* "fastbn/_planar.pyx":167
  *     cdef floating buf[STREAM_CHUNK]
  *     cdef Py_ssize_t i = 0, m
  *     if not streaming:             # <<<<<<<<<<<<<<
@@ -22672,7 +22680,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
 */
   }
 
-  /* "fastbn/_planar.pyx":169
+  /* "fastbn/_planar.pyx":170
  *         run_map(a, b, out, n, k, f)
  *         return
  *     while i < n:             # <<<<<<<<<<<<<<
@@ -22685,7 +22693,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
 
     if (!__pyx_t_1) break;
 
-    /* "fastbn/_planar.pyx":170
+    /* "fastbn/_planar.pyx":171
  *         return
  *     while i < n:
  *         m = min(<Py_ssize_t>STREAM_CHUNK, n - i)             # <<<<<<<<<<<<<<
@@ -22709,7 +22717,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
     __pyx_v_m = __pyx_t_4;
 
 
-    /* "fastbn/_planar.pyx":171
+    /* "fastbn/_planar.pyx":172
  *     while i < n:
  *         m = min(<Py_ssize_t>STREAM_CHUNK, n - i)
  *         run_map(a + i, at(b, i), buf, m, k, f)             # <<<<<<<<<<<<<<
@@ -22718,7 +22726,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
 */
     __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_map((__pyx_v_a + __pyx_v_i), __pyx_fuse_1__pyx_f_6fastbn_6_views_at(__pyx_v_b, __pyx_v_i), __pyx_v_buf, __pyx_v_m, __pyx_v_k, __pyx_v_f);
 
-    /* "fastbn/_planar.pyx":172
+    /* "fastbn/_planar.pyx":173
  *         m = min(<Py_ssize_t>STREAM_CHUNK, n - i)
  *         run_map(a + i, at(b, i), buf, m, k, f)
  *         stream(out + i, buf, m * sizeof(floating))             # <<<<<<<<<<<<<<
@@ -22727,7 +22735,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
 */
     fastbn_stream((__pyx_v_out + __pyx_v_i), __pyx_v_buf, (__pyx_v_m * (sizeof(double))));
 
-    /* "fastbn/_planar.pyx":173
+    /* "fastbn/_planar.pyx":174
  *         run_map(a + i, at(b, i), buf, m, k, f)
  *         stream(out + i, buf, m * sizeof(floating))
  *         i += m             # <<<<<<<<<<<<<<
@@ -22737,7 +22745,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
     __pyx_v_i = (__pyx_v_i + __pyx_v_m);
   }
 
-  /* "fastbn/_planar.pyx":160
+  /* "fastbn/_planar.pyx":161
  * 
  * 
  * cdef inline void run_apply(const floating* a, const floating* b, floating* out, Py_ssize_t n,             # <<<<<<<<<<<<<<
@@ -22752,7 +22760,7 @@ static CYTHON_INLINE void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_apply(dou
 
 }
 
-/* "fastbn/_planar.pyx":178
+/* "fastbn/_planar.pyx":179
  * # -------------------------------------------------------------- blocks ----
  * 
  * cdef void block_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t c,             # <<<<<<<<<<<<<<
@@ -22779,7 +22787,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
   Py_ssize_t __pyx_t_5;
   int __pyx_t_6;
 
-  /* "fastbn/_planar.pyx":187
+  /* "fastbn/_planar.pyx":188
  *     cdef double acc_a[LANES]
  *     cdef double acc_b[LANES]
  *     cdef double ta = 0.0, tb = 0.0             # <<<<<<<<<<<<<<
@@ -22789,7 +22797,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
   __pyx_v_ta = 0.0;
   __pyx_v_tb = 0.0;
 
-  /* "fastbn/_planar.pyx":189
+  /* "fastbn/_planar.pyx":190
  *     cdef double ta = 0.0, tb = 0.0
  *     cdef Py_ssize_t n0, n1, s0, s1, n, k, off
  *     for k in range(LANES):             # <<<<<<<<<<<<<<
@@ -22803,7 +22811,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_k = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":190
+    /* "fastbn/_planar.pyx":191
  *     cdef Py_ssize_t n0, n1, s0, s1, n, k, off
  *     for k in range(LANES):
  *         acc_a[k] = 0.0             # <<<<<<<<<<<<<<
@@ -22812,7 +22820,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
 */
     (__pyx_v_acc_a[__pyx_v_k]) = 0.0;
 
-    /* "fastbn/_planar.pyx":191
+    /* "fastbn/_planar.pyx":192
  *     for k in range(LANES):
  *         acc_a[k] = 0.0
  *         acc_b[k] = 0.0             # <<<<<<<<<<<<<<
@@ -22823,7 +22831,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
   }
 
 
-  /* "fastbn/_planar.pyx":192
+  /* "fastbn/_planar.pyx":193
  *         acc_a[k] = 0.0
  *         acc_b[k] = 0.0
  *     block_span(p, blk, &n0, &n1, &s0, &s1)             # <<<<<<<<<<<<<<
@@ -22832,7 +22840,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
 */
   __pyx_f_6fastbn_10_planar_v4_block_span(__pyx_v_p, __pyx_v_blk, (&__pyx_v_n0), (&__pyx_v_n1), (&__pyx_v_s0), (&__pyx_v_s1));
 
-  /* "fastbn/_planar.pyx":193
+  /* "fastbn/_planar.pyx":194
  *         acc_b[k] = 0.0
  *     block_span(p, blk, &n0, &n1, &s0, &s1)
  *     for n in range(n0, n1):             # <<<<<<<<<<<<<<
@@ -22846,7 +22854,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
   for (__pyx_t_5 = __pyx_v_n0; __pyx_t_5 < __pyx_t_4; __pyx_t_5+=1) {
     __pyx_v_n = __pyx_t_5;
 
-    /* "fastbn/_planar.pyx":194
+    /* "fastbn/_planar.pyx":195
  *     block_span(p, blk, &n0, &n1, &s0, &s1)
  *     for n in range(n0, n1):
  *         off = n * p.row_stride + c * p.S + s0             # <<<<<<<<<<<<<<
@@ -22855,7 +22863,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
 */
     __pyx_v_off = (((__pyx_v_n * __pyx_v_p->row_stride) + (__pyx_v_c * __pyx_v_p->S)) + __pyx_v_s0);
 
-    /* "fastbn/_planar.pyx":195
+    /* "fastbn/_planar.pyx":196
  *     for n in range(n0, n1):
  *         off = n * p.row_stride + c * p.S + s0
  *         if b == NULL:             # <<<<<<<<<<<<<<
@@ -22867,7 +22875,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
     if (__pyx_t_6) {
 
 
-      /* "fastbn/_planar.pyx":196
+      /* "fastbn/_planar.pyx":197
  *         off = n * p.row_stride + c * p.S + s0
  *         if b == NULL:
  *             run_shifted_sums(a + off, s1 - s0, center, acc_a, acc_b)             # <<<<<<<<<<<<<<
@@ -22876,7 +22884,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
 */
       __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_shifted_sums((__pyx_v_a + __pyx_v_off), (__pyx_v_s1 - __pyx_v_s0), __pyx_v_center, __pyx_v_acc_a, __pyx_v_acc_b);
 
-      /* "fastbn/_planar.pyx":195
+      /* "fastbn/_planar.pyx":196
  *     for n in range(n0, n1):
  *         off = n * p.row_stride + c * p.S + s0
  *         if b == NULL:             # <<<<<<<<<<<<<<
@@ -22886,7 +22894,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
       goto __pyx_L7;
     }
 
-    /* "fastbn/_planar.pyx":198
+    /* "fastbn/_planar.pyx":199
  *             run_shifted_sums(a + off, s1 - s0, center, acc_a, acc_b)
  *         else:
  *             run_grad_sums(a + off, b + off, s1 - s0, center, acc_a, acc_b)             # <<<<<<<<<<<<<<
@@ -22900,7 +22908,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
   }
 
 
-  /* "fastbn/_planar.pyx":199
+  /* "fastbn/_planar.pyx":200
  *         else:
  *             run_grad_sums(a + off, b + off, s1 - s0, center, acc_a, acc_b)
  *     for k in range(LANES):             # <<<<<<<<<<<<<<
@@ -22914,7 +22922,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_k = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":200
+    /* "fastbn/_planar.pyx":201
  *             run_grad_sums(a + off, b + off, s1 - s0, center, acc_a, acc_b)
  *     for k in range(LANES):
  *         ta += acc_a[k]             # <<<<<<<<<<<<<<
@@ -22923,7 +22931,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
 */
     __pyx_v_ta = (__pyx_v_ta + (__pyx_v_acc_a[__pyx_v_k]));
 
-    /* "fastbn/_planar.pyx":201
+    /* "fastbn/_planar.pyx":202
  *     for k in range(LANES):
  *         ta += acc_a[k]
  *         tb += acc_b[k]             # <<<<<<<<<<<<<<
@@ -22934,7 +22942,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
   }
 
 
-  /* "fastbn/_planar.pyx":202
+  /* "fastbn/_planar.pyx":203
  *         ta += acc_a[k]
  *         tb += acc_b[k]
  *     sa[0] = ta             # <<<<<<<<<<<<<<
@@ -22943,7 +22951,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
 */
   (__pyx_v_sa[0]) = __pyx_v_ta;
 
-  /* "fastbn/_planar.pyx":203
+  /* "fastbn/_planar.pyx":204
  *         tb += acc_b[k]
  *     sa[0] = ta
  *     sb[0] = tb             # <<<<<<<<<<<<<<
@@ -22952,7 +22960,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_sums(float const *__p
 */
   (__pyx_v_sb[0]) = __pyx_v_tb;
 
-  /* "fastbn/_planar.pyx":178
+  /* "fastbn/_planar.pyx":179
  * # -------------------------------------------------------------- blocks ----
  * 
  * cdef void block_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t c,             # <<<<<<<<<<<<<<
@@ -22993,7 +23001,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
   Py_ssize_t __pyx_t_5;
   int __pyx_t_6;
 
-  /* "fastbn/_planar.pyx":187
+  /* "fastbn/_planar.pyx":188
  *     cdef double acc_a[LANES]
  *     cdef double acc_b[LANES]
  *     cdef double ta = 0.0, tb = 0.0             # <<<<<<<<<<<<<<
@@ -23003,7 +23011,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
   __pyx_v_ta = 0.0;
   __pyx_v_tb = 0.0;
 
-  /* "fastbn/_planar.pyx":189
+  /* "fastbn/_planar.pyx":190
  *     cdef double ta = 0.0, tb = 0.0
  *     cdef Py_ssize_t n0, n1, s0, s1, n, k, off
  *     for k in range(LANES):             # <<<<<<<<<<<<<<
@@ -23017,7 +23025,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_k = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":190
+    /* "fastbn/_planar.pyx":191
  *     cdef Py_ssize_t n0, n1, s0, s1, n, k, off
  *     for k in range(LANES):
  *         acc_a[k] = 0.0             # <<<<<<<<<<<<<<
@@ -23026,7 +23034,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
 */
     (__pyx_v_acc_a[__pyx_v_k]) = 0.0;
 
-    /* "fastbn/_planar.pyx":191
+    /* "fastbn/_planar.pyx":192
  *     for k in range(LANES):
  *         acc_a[k] = 0.0
  *         acc_b[k] = 0.0             # <<<<<<<<<<<<<<
@@ -23037,7 +23045,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
   }
 
 
-  /* "fastbn/_planar.pyx":192
+  /* "fastbn/_planar.pyx":193
  *         acc_a[k] = 0.0
  *         acc_b[k] = 0.0
  *     block_span(p, blk, &n0, &n1, &s0, &s1)             # <<<<<<<<<<<<<<
@@ -23046,7 +23054,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
 */
   __pyx_f_6fastbn_10_planar_v4_block_span(__pyx_v_p, __pyx_v_blk, (&__pyx_v_n0), (&__pyx_v_n1), (&__pyx_v_s0), (&__pyx_v_s1));
 
-  /* "fastbn/_planar.pyx":193
+  /* "fastbn/_planar.pyx":194
  *         acc_b[k] = 0.0
  *     block_span(p, blk, &n0, &n1, &s0, &s1)
  *     for n in range(n0, n1):             # <<<<<<<<<<<<<<
@@ -23060,7 +23068,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
   for (__pyx_t_5 = __pyx_v_n0; __pyx_t_5 < __pyx_t_4; __pyx_t_5+=1) {
     __pyx_v_n = __pyx_t_5;
 
-    /* "fastbn/_planar.pyx":194
+    /* "fastbn/_planar.pyx":195
  *     block_span(p, blk, &n0, &n1, &s0, &s1)
  *     for n in range(n0, n1):
  *         off = n * p.row_stride + c * p.S + s0             # <<<<<<<<<<<<<<
@@ -23069,7 +23077,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
 */
     __pyx_v_off = (((__pyx_v_n * __pyx_v_p->row_stride) + (__pyx_v_c * __pyx_v_p->S)) + __pyx_v_s0);
 
-    /* "fastbn/_planar.pyx":195
+    /* "fastbn/_planar.pyx":196
  *     for n in range(n0, n1):
  *         off = n * p.row_stride + c * p.S + s0
  *         if b == NULL:             # <<<<<<<<<<<<<<
@@ -23081,7 +23089,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
     if (__pyx_t_6) {
 
 
-      /* "fastbn/_planar.pyx":196
+      /* "fastbn/_planar.pyx":197
  *         off = n * p.row_stride + c * p.S + s0
  *         if b == NULL:
  *             run_shifted_sums(a + off, s1 - s0, center, acc_a, acc_b)             # <<<<<<<<<<<<<<
@@ -23090,7 +23098,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
 */
       __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_shifted_sums((__pyx_v_a + __pyx_v_off), (__pyx_v_s1 - __pyx_v_s0), __pyx_v_center, __pyx_v_acc_a, __pyx_v_acc_b);
 
-      /* "fastbn/_planar.pyx":195
+      /* "fastbn/_planar.pyx":196
  *     for n in range(n0, n1):
  *         off = n * p.row_stride + c * p.S + s0
  *         if b == NULL:             # <<<<<<<<<<<<<<
@@ -23100,7 +23108,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
       goto __pyx_L7;
     }
 
-    /* "fastbn/_planar.pyx":198
+    /* "fastbn/_planar.pyx":199
  *             run_shifted_sums(a + off, s1 - s0, center, acc_a, acc_b)
  *         else:
  *             run_grad_sums(a + off, b + off, s1 - s0, center, acc_a, acc_b)             # <<<<<<<<<<<<<<
@@ -23114,7 +23122,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
   }
 
 
-  /* "fastbn/_planar.pyx":199
+  /* "fastbn/_planar.pyx":200
  *         else:
  *             run_grad_sums(a + off, b + off, s1 - s0, center, acc_a, acc_b)
  *     for k in range(LANES):             # <<<<<<<<<<<<<<
@@ -23128,7 +23136,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_k = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":200
+    /* "fastbn/_planar.pyx":201
  *             run_grad_sums(a + off, b + off, s1 - s0, center, acc_a, acc_b)
  *     for k in range(LANES):
  *         ta += acc_a[k]             # <<<<<<<<<<<<<<
@@ -23137,7 +23145,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
 */
     __pyx_v_ta = (__pyx_v_ta + (__pyx_v_acc_a[__pyx_v_k]));
 
-    /* "fastbn/_planar.pyx":201
+    /* "fastbn/_planar.pyx":202
  *     for k in range(LANES):
  *         ta += acc_a[k]
  *         tb += acc_b[k]             # <<<<<<<<<<<<<<
@@ -23148,7 +23156,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
   }
 
 
-  /* "fastbn/_planar.pyx":202
+  /* "fastbn/_planar.pyx":203
  *         ta += acc_a[k]
  *         tb += acc_b[k]
  *     sa[0] = ta             # <<<<<<<<<<<<<<
@@ -23157,7 +23165,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
 */
   (__pyx_v_sa[0]) = __pyx_v_ta;
 
-  /* "fastbn/_planar.pyx":203
+  /* "fastbn/_planar.pyx":204
  *         tb += acc_b[k]
  *     sa[0] = ta
  *     sb[0] = tb             # <<<<<<<<<<<<<<
@@ -23166,7 +23174,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
 */
   (__pyx_v_sb[0]) = __pyx_v_tb;
 
-  /* "fastbn/_planar.pyx":178
+  /* "fastbn/_planar.pyx":179
  * # -------------------------------------------------------------- blocks ----
  * 
  * cdef void block_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t c,             # <<<<<<<<<<<<<<
@@ -23188,7 +23196,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_sums(double const *__
 
 }
 
-/* "fastbn/_planar.pyx":206
+/* "fastbn/_planar.pyx":207
  * 
  * 
  * cdef void block_apply(const floating* a, const floating* b, floating* out, const Plane* p,             # <<<<<<<<<<<<<<
@@ -23212,7 +23220,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_apply(float const *__
   Py_ssize_t __pyx_t_5;
   Py_ssize_t __pyx_t_6;
 
-  /* "fastbn/_planar.pyx":211
+  /* "fastbn/_planar.pyx":212
  *     cdef Py_ssize_t n0, n1, s0, s1, n, off
  *     cdef Coef32 f
  *     cdef const Coef32* fp = &f if (floating is float and to_float(k, &f)) else NULL             # <<<<<<<<<<<<<<
@@ -23241,7 +23249,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_apply(float const *__
 
   __pyx_v_fp = __pyx_t_1;
 
-  /* "fastbn/_planar.pyx":212
+  /* "fastbn/_planar.pyx":213
  *     cdef Coef32 f
  *     cdef const Coef32* fp = &f if (floating is float and to_float(k, &f)) else NULL
  *     block_span(p, blk, &n0, &n1, &s0, &s1)             # <<<<<<<<<<<<<<
@@ -23250,7 +23258,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_apply(float const *__
 */
   __pyx_f_6fastbn_10_planar_v4_block_span(__pyx_v_p, __pyx_v_blk, (&__pyx_v_n0), (&__pyx_v_n1), (&__pyx_v_s0), (&__pyx_v_s1));
 
-  /* "fastbn/_planar.pyx":213
+  /* "fastbn/_planar.pyx":214
  *     cdef const Coef32* fp = &f if (floating is float and to_float(k, &f)) else NULL
  *     block_span(p, blk, &n0, &n1, &s0, &s1)
  *     for n in range(n0, n1):             # <<<<<<<<<<<<<<
@@ -23264,7 +23272,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_apply(float const *__
   for (__pyx_t_6 = __pyx_v_n0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
     __pyx_v_n = __pyx_t_6;
 
-    /* "fastbn/_planar.pyx":214
+    /* "fastbn/_planar.pyx":215
  *     block_span(p, blk, &n0, &n1, &s0, &s1)
  *     for n in range(n0, n1):
  *         off = n * p.row_stride + c * p.S + s0             # <<<<<<<<<<<<<<
@@ -23273,7 +23281,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_apply(float const *__
 */
     __pyx_v_off = (((__pyx_v_n * __pyx_v_p->row_stride) + (__pyx_v_c * __pyx_v_p->S)) + __pyx_v_s0);
 
-    /* "fastbn/_planar.pyx":215
+    /* "fastbn/_planar.pyx":216
  *     for n in range(n0, n1):
  *         off = n * p.row_stride + c * p.S + s0
  *         run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming)             # <<<<<<<<<<<<<<
@@ -23284,7 +23292,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_apply(float const *__
   }
 
 
-  /* "fastbn/_planar.pyx":216
+  /* "fastbn/_planar.pyx":217
  *         off = n * p.row_stride + c * p.S + s0
  *         run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming)
  *     if p.streaming:             # <<<<<<<<<<<<<<
@@ -23296,7 +23304,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_apply(float const *__
   if (__pyx_t_2) {
 
 
-    /* "fastbn/_planar.pyx":217
+    /* "fastbn/_planar.pyx":218
  *         run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming)
  *     if p.streaming:
  *         fence()             # <<<<<<<<<<<<<<
@@ -23305,7 +23313,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_apply(float const *__
 */
     fastbn_fence();
 
-    /* "fastbn/_planar.pyx":216
+    /* "fastbn/_planar.pyx":217
  *         off = n * p.row_stride + c * p.S + s0
  *         run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming)
  *     if p.streaming:             # <<<<<<<<<<<<<<
@@ -23314,7 +23322,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_block_apply(float const *__
 */
   }
 
-  /* "fastbn/_planar.pyx":206
+  /* "fastbn/_planar.pyx":207
  * 
  * 
  * cdef void block_apply(const floating* a, const floating* b, floating* out, const Plane* p,             # <<<<<<<<<<<<<<
@@ -23349,7 +23357,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_apply(double const *_
   Py_ssize_t __pyx_t_5;
   Py_ssize_t __pyx_t_6;
 
-  /* "fastbn/_planar.pyx":211
+  /* "fastbn/_planar.pyx":212
  *     cdef Py_ssize_t n0, n1, s0, s1, n, off
  *     cdef Coef32 f
  *     cdef const Coef32* fp = &f if (floating is float and to_float(k, &f)) else NULL             # <<<<<<<<<<<<<<
@@ -23378,7 +23386,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_apply(double const *_
 
   __pyx_v_fp = __pyx_t_1;
 
-  /* "fastbn/_planar.pyx":212
+  /* "fastbn/_planar.pyx":213
  *     cdef Coef32 f
  *     cdef const Coef32* fp = &f if (floating is float and to_float(k, &f)) else NULL
  *     block_span(p, blk, &n0, &n1, &s0, &s1)             # <<<<<<<<<<<<<<
@@ -23387,7 +23395,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_apply(double const *_
 */
   __pyx_f_6fastbn_10_planar_v4_block_span(__pyx_v_p, __pyx_v_blk, (&__pyx_v_n0), (&__pyx_v_n1), (&__pyx_v_s0), (&__pyx_v_s1));
 
-  /* "fastbn/_planar.pyx":213
+  /* "fastbn/_planar.pyx":214
  *     cdef const Coef32* fp = &f if (floating is float and to_float(k, &f)) else NULL
  *     block_span(p, blk, &n0, &n1, &s0, &s1)
  *     for n in range(n0, n1):             # <<<<<<<<<<<<<<
@@ -23401,7 +23409,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_apply(double const *_
   for (__pyx_t_6 = __pyx_v_n0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
     __pyx_v_n = __pyx_t_6;
 
-    /* "fastbn/_planar.pyx":214
+    /* "fastbn/_planar.pyx":215
  *     block_span(p, blk, &n0, &n1, &s0, &s1)
  *     for n in range(n0, n1):
  *         off = n * p.row_stride + c * p.S + s0             # <<<<<<<<<<<<<<
@@ -23410,7 +23418,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_apply(double const *_
 */
     __pyx_v_off = (((__pyx_v_n * __pyx_v_p->row_stride) + (__pyx_v_c * __pyx_v_p->S)) + __pyx_v_s0);
 
-    /* "fastbn/_planar.pyx":215
+    /* "fastbn/_planar.pyx":216
  *     for n in range(n0, n1):
  *         off = n * p.row_stride + c * p.S + s0
  *         run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming)             # <<<<<<<<<<<<<<
@@ -23421,7 +23429,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_apply(double const *_
   }
 
 
-  /* "fastbn/_planar.pyx":216
+  /* "fastbn/_planar.pyx":217
  *         off = n * p.row_stride + c * p.S + s0
  *         run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming)
  *     if p.streaming:             # <<<<<<<<<<<<<<
@@ -23433,7 +23441,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_apply(double const *_
   if (__pyx_t_2) {
 
 
-    /* "fastbn/_planar.pyx":217
+    /* "fastbn/_planar.pyx":218
  *         run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming)
  *     if p.streaming:
  *         fence()             # <<<<<<<<<<<<<<
@@ -23442,7 +23450,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_apply(double const *_
 */
     fastbn_fence();
 
-    /* "fastbn/_planar.pyx":216
+    /* "fastbn/_planar.pyx":217
  *         off = n * p.row_stride + c * p.S + s0
  *         run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming)
  *     if p.streaming:             # <<<<<<<<<<<<<<
@@ -23451,7 +23459,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_apply(double const *_
 */
   }
 
-  /* "fastbn/_planar.pyx":206
+  /* "fastbn/_planar.pyx":207
  * 
  * 
  * cdef void block_apply(const floating* a, const floating* b, floating* out, const Plane* p,             # <<<<<<<<<<<<<<
@@ -23470,7 +23478,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_block_apply(double const *_
 
 }
 
-/* "fastbn/_planar.pyx":220
+/* "fastbn/_planar.pyx":221
  * 
  * 
  * cdef void merge_blocks(const double* part, const Plane* p, Py_ssize_t c,             # <<<<<<<<<<<<<<
@@ -23487,7 +23495,7 @@ static void __pyx_f_6fastbn_10_planar_v4_merge_blocks(double const *__pyx_v_part
   Py_ssize_t __pyx_t_2;
   Py_ssize_t __pyx_t_3;
 
-  /* "fastbn/_planar.pyx":225
+  /* "fastbn/_planar.pyx":226
  *     the same sums as channel_sums."""
  *     cdef Py_ssize_t blk
  *     cdef const double* row = part + 2 * c * p.nblocks             # <<<<<<<<<<<<<<
@@ -23496,7 +23504,7 @@ static void __pyx_f_6fastbn_10_planar_v4_merge_blocks(double const *__pyx_v_part
 */
   __pyx_v_row = (__pyx_v_part + ((2 * __pyx_v_c) * __pyx_v_p->nblocks));
 
-  /* "fastbn/_planar.pyx":226
+  /* "fastbn/_planar.pyx":227
  *     cdef Py_ssize_t blk
  *     cdef const double* row = part + 2 * c * p.nblocks
  *     cdef double ta = 0.0, tb = 0.0             # <<<<<<<<<<<<<<
@@ -23506,7 +23514,7 @@ static void __pyx_f_6fastbn_10_planar_v4_merge_blocks(double const *__pyx_v_part
   __pyx_v_ta = 0.0;
   __pyx_v_tb = 0.0;
 
-  /* "fastbn/_planar.pyx":227
+  /* "fastbn/_planar.pyx":228
  *     cdef const double* row = part + 2 * c * p.nblocks
  *     cdef double ta = 0.0, tb = 0.0
  *     for blk in range(p.nblocks):             # <<<<<<<<<<<<<<
@@ -23520,7 +23528,7 @@ static void __pyx_f_6fastbn_10_planar_v4_merge_blocks(double const *__pyx_v_part
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_blk = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":228
+    /* "fastbn/_planar.pyx":229
  *     cdef double ta = 0.0, tb = 0.0
  *     for blk in range(p.nblocks):
  *         ta += row[2 * blk]             # <<<<<<<<<<<<<<
@@ -23529,7 +23537,7 @@ static void __pyx_f_6fastbn_10_planar_v4_merge_blocks(double const *__pyx_v_part
 */
     __pyx_v_ta = (__pyx_v_ta + (__pyx_v_row[(2 * __pyx_v_blk)]));
 
-    /* "fastbn/_planar.pyx":229
+    /* "fastbn/_planar.pyx":230
  *     for blk in range(p.nblocks):
  *         ta += row[2 * blk]
  *         tb += row[2 * blk + 1]             # <<<<<<<<<<<<<<
@@ -23540,7 +23548,7 @@ static void __pyx_f_6fastbn_10_planar_v4_merge_blocks(double const *__pyx_v_part
   }
 
 
-  /* "fastbn/_planar.pyx":230
+  /* "fastbn/_planar.pyx":231
  *         ta += row[2 * blk]
  *         tb += row[2 * blk + 1]
  *     sa[0] = ta             # <<<<<<<<<<<<<<
@@ -23549,7 +23557,7 @@ static void __pyx_f_6fastbn_10_planar_v4_merge_blocks(double const *__pyx_v_part
 */
   (__pyx_v_sa[0]) = __pyx_v_ta;
 
-  /* "fastbn/_planar.pyx":231
+  /* "fastbn/_planar.pyx":232
  *         tb += row[2 * blk + 1]
  *     sa[0] = ta
  *     sb[0] = tb             # <<<<<<<<<<<<<<
@@ -23558,7 +23566,7 @@ static void __pyx_f_6fastbn_10_planar_v4_merge_blocks(double const *__pyx_v_part
 */
   (__pyx_v_sb[0]) = __pyx_v_tb;
 
-  /* "fastbn/_planar.pyx":220
+  /* "fastbn/_planar.pyx":221
  * 
  * 
  * cdef void merge_blocks(const double* part, const Plane* p, Py_ssize_t c,             # <<<<<<<<<<<<<<
@@ -23573,7 +23581,7 @@ static void __pyx_f_6fastbn_10_planar_v4_merge_blocks(double const *__pyx_v_part
 
 }
 
-/* "fastbn/_planar.pyx":239
+/* "fastbn/_planar.pyx":240
  * # so the group is read as N slabs rather than N * G short scattered rows.
  * 
  * cdef inline Py_ssize_t group_size(const Plane* p, Py_ssize_t bytes_per_value) noexcept nogil:             # <<<<<<<<<<<<<<
@@ -23590,7 +23598,7 @@ static CYTHON_INLINE Py_ssize_t __pyx_f_6fastbn_10_planar_v4_group_size(struct _
   int __pyx_t_4;
   Py_ssize_t __pyx_t_5;
 
-  /* "fastbn/_planar.pyx":243
+  /* "fastbn/_planar.pyx":244
  *     whole group small enough to stay cached between its sums and its
  *     normalization. One channel when S is large."""
  *     cdef Py_ssize_t g = min(<Py_ssize_t>GROUP_MAX, max(1, GROUP_VALUES // p.S))             # <<<<<<<<<<<<<<
@@ -23629,7 +23637,7 @@ static CYTHON_INLINE Py_ssize_t __pyx_f_6fastbn_10_planar_v4_group_size(struct _
   __pyx_v_g = __pyx_t_5;
 
 
-  /* "fastbn/_planar.pyx":244
+  /* "fastbn/_planar.pyx":245
  *     normalization. One channel when S is large."""
  *     cdef Py_ssize_t g = min(<Py_ssize_t>GROUP_MAX, max(1, GROUP_VALUES // p.S))
  *     g = min(g, max(1, GROUP_CACHE_BYTES // (p.N * p.S * bytes_per_value)))             # <<<<<<<<<<<<<<
@@ -23668,7 +23676,7 @@ static CYTHON_INLINE Py_ssize_t __pyx_f_6fastbn_10_planar_v4_group_size(struct _
   __pyx_v_g = __pyx_t_3;
 
 
-  /* "fastbn/_planar.pyx":245
+  /* "fastbn/_planar.pyx":246
  *     cdef Py_ssize_t g = min(<Py_ssize_t>GROUP_MAX, max(1, GROUP_VALUES // p.S))
  *     g = min(g, max(1, GROUP_CACHE_BYTES // (p.N * p.S * bytes_per_value)))
  *     return min(g, p.C)             # <<<<<<<<<<<<<<
@@ -23696,7 +23704,7 @@ static CYTHON_INLINE Py_ssize_t __pyx_f_6fastbn_10_planar_v4_group_size(struct _
 
   goto __pyx_L0;
 
-  /* "fastbn/_planar.pyx":239
+  /* "fastbn/_planar.pyx":240
  * # so the group is read as N slabs rather than N * G short scattered rows.
  * 
  * cdef inline Py_ssize_t group_size(const Plane* p, Py_ssize_t bytes_per_value) noexcept nogil:             # <<<<<<<<<<<<<<
@@ -23710,7 +23718,7 @@ static CYTHON_INLINE Py_ssize_t __pyx_f_6fastbn_10_planar_v4_group_size(struct _
   return __pyx_r;
 }
 
-/* "fastbn/_planar.pyx":248
+/* "fastbn/_planar.pyx":249
  * 
  * 
  * cdef void group_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t c0,             # <<<<<<<<<<<<<<
@@ -23745,7 +23753,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
   int __pyx_t_11;
   int __pyx_t_12;
 
-  /* "fastbn/_planar.pyx":254
+  /* "fastbn/_planar.pyx":255
  *     sample read together."""
  *     cdef double lanes[2 * GROUP_MAX * LANES]
  *     cdef Py_ssize_t G = c1 - c0, blk, n0, n1, s0, s1, n, j, k, off             # <<<<<<<<<<<<<<
@@ -23754,7 +23762,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
 */
   __pyx_v_G = (__pyx_v_c1 - __pyx_v_c0);
 
-  /* "fastbn/_planar.pyx":256
+  /* "fastbn/_planar.pyx":257
  *     cdef Py_ssize_t G = c1 - c0, blk, n0, n1, s0, s1, n, j, k, off
  *     cdef double ta, tb
  *     for j in range(2 * G):             # <<<<<<<<<<<<<<
@@ -23768,7 +23776,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_j = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":257
+    /* "fastbn/_planar.pyx":258
  *     cdef double ta, tb
  *     for j in range(2 * G):
  *         totals[j] = 0.0             # <<<<<<<<<<<<<<
@@ -23779,7 +23787,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
   }
 
 
-  /* "fastbn/_planar.pyx":258
+  /* "fastbn/_planar.pyx":259
  *     for j in range(2 * G):
  *         totals[j] = 0.0
  *     for blk in range(p.nblocks):             # <<<<<<<<<<<<<<
@@ -23793,7 +23801,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_blk = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":259
+    /* "fastbn/_planar.pyx":260
  *         totals[j] = 0.0
  *     for blk in range(p.nblocks):
  *         block_span(p, blk, &n0, &n1, &s0, &s1)             # <<<<<<<<<<<<<<
@@ -23802,7 +23810,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
 */
     __pyx_f_6fastbn_10_planar_v4_block_span(__pyx_v_p, __pyx_v_blk, (&__pyx_v_n0), (&__pyx_v_n1), (&__pyx_v_s0), (&__pyx_v_s1));
 
-    /* "fastbn/_planar.pyx":260
+    /* "fastbn/_planar.pyx":261
  *     for blk in range(p.nblocks):
  *         block_span(p, blk, &n0, &n1, &s0, &s1)
  *         for j in range(2 * G * LANES):             # <<<<<<<<<<<<<<
@@ -23816,7 +23824,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
     for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
       __pyx_v_j = __pyx_t_6;
 
-      /* "fastbn/_planar.pyx":261
+      /* "fastbn/_planar.pyx":262
  *         block_span(p, blk, &n0, &n1, &s0, &s1)
  *         for j in range(2 * G * LANES):
  *             lanes[j] = 0.0             # <<<<<<<<<<<<<<
@@ -23827,7 +23835,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
     }
 
 
-    /* "fastbn/_planar.pyx":262
+    /* "fastbn/_planar.pyx":263
  *         for j in range(2 * G * LANES):
  *             lanes[j] = 0.0
  *         for n in range(n0, n1):             # <<<<<<<<<<<<<<
@@ -23841,7 +23849,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
     for (__pyx_t_6 = __pyx_v_n0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
       __pyx_v_n = __pyx_t_6;
 
-      /* "fastbn/_planar.pyx":263
+      /* "fastbn/_planar.pyx":264
  *             lanes[j] = 0.0
  *         for n in range(n0, n1):
  *             for j in range(G):             # <<<<<<<<<<<<<<
@@ -23855,7 +23863,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
       for (__pyx_t_9 = 0; __pyx_t_9 < __pyx_t_8; __pyx_t_9+=1) {
         __pyx_v_j = __pyx_t_9;
 
-        /* "fastbn/_planar.pyx":264
+        /* "fastbn/_planar.pyx":265
  *         for n in range(n0, n1):
  *             for j in range(G):
  *                 off = n * p.row_stride + (c0 + j) * p.S + s0             # <<<<<<<<<<<<<<
@@ -23864,7 +23872,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
 */
         __pyx_v_off = (((__pyx_v_n * __pyx_v_p->row_stride) + ((__pyx_v_c0 + __pyx_v_j) * __pyx_v_p->S)) + __pyx_v_s0);
 
-        /* "fastbn/_planar.pyx":265
+        /* "fastbn/_planar.pyx":266
  *             for j in range(G):
  *                 off = n * p.row_stride + (c0 + j) * p.S + s0
  *                 if b == NULL:             # <<<<<<<<<<<<<<
@@ -23876,7 +23884,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
         if (__pyx_t_10) {
 
 
-          /* "fastbn/_planar.pyx":266
+          /* "fastbn/_planar.pyx":267
  *                 off = n * p.row_stride + (c0 + j) * p.S + s0
  *                 if b == NULL:
  *                     run_shifted_sums(a + off, s1 - s0, center[j], &lanes[2 * j * LANES],             # <<<<<<<<<<<<<<
@@ -23885,7 +23893,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
 */
           __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_run_shifted_sums((__pyx_v_a + __pyx_v_off), (__pyx_v_s1 - __pyx_v_s0), (__pyx_v_center[__pyx_v_j]), (&(__pyx_v_lanes[((2 * __pyx_v_j) * FASTBN_LANES)])), (&(__pyx_v_lanes[(((2 * __pyx_v_j) + 1) * FASTBN_LANES)])));
 
-          /* "fastbn/_planar.pyx":265
+          /* "fastbn/_planar.pyx":266
  *             for j in range(G):
  *                 off = n * p.row_stride + (c0 + j) * p.S + s0
  *                 if b == NULL:             # <<<<<<<<<<<<<<
@@ -23895,7 +23903,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
           goto __pyx_L13;
         }
 
-        /* "fastbn/_planar.pyx":269
+        /* "fastbn/_planar.pyx":270
  *                                      &lanes[(2 * j + 1) * LANES])
  *                 else:
  *                     run_grad_sums(a + off, b + off, s1 - s0, center[j], &lanes[2 * j * LANES],             # <<<<<<<<<<<<<<
@@ -23904,7 +23912,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
 */
         /*else*/ {
 
-          /* "fastbn/_planar.pyx":270
+          /* "fastbn/_planar.pyx":271
  *                 else:
  *                     run_grad_sums(a + off, b + off, s1 - s0, center[j], &lanes[2 * j * LANES],
  *                                   &lanes[(2 * j + 1) * LANES])             # <<<<<<<<<<<<<<
@@ -23919,7 +23927,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
     }
 
 
-    /* "fastbn/_planar.pyx":271
+    /* "fastbn/_planar.pyx":272
  *                     run_grad_sums(a + off, b + off, s1 - s0, center[j], &lanes[2 * j * LANES],
  *                                   &lanes[(2 * j + 1) * LANES])
  *         for j in range(G):             # <<<<<<<<<<<<<<
@@ -23933,7 +23941,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
     for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
       __pyx_v_j = __pyx_t_6;
 
-      /* "fastbn/_planar.pyx":272
+      /* "fastbn/_planar.pyx":273
  *                                   &lanes[(2 * j + 1) * LANES])
  *         for j in range(G):
  *             ta = 0.0             # <<<<<<<<<<<<<<
@@ -23942,7 +23950,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
 */
       __pyx_v_ta = 0.0;
 
-      /* "fastbn/_planar.pyx":273
+      /* "fastbn/_planar.pyx":274
  *         for j in range(G):
  *             ta = 0.0
  *             tb = 0.0             # <<<<<<<<<<<<<<
@@ -23951,7 +23959,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
 */
       __pyx_v_tb = 0.0;
 
-      /* "fastbn/_planar.pyx":274
+      /* "fastbn/_planar.pyx":275
  *             ta = 0.0
  *             tb = 0.0
  *             for k in range(LANES):             # <<<<<<<<<<<<<<
@@ -23965,7 +23973,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
       for (__pyx_t_7 = 0; __pyx_t_7 < __pyx_t_12; __pyx_t_7+=1) {
         __pyx_v_k = __pyx_t_7;
 
-        /* "fastbn/_planar.pyx":275
+        /* "fastbn/_planar.pyx":276
  *             tb = 0.0
  *             for k in range(LANES):
  *                 ta += lanes[2 * j * LANES + k]             # <<<<<<<<<<<<<<
@@ -23974,7 +23982,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
 */
         __pyx_v_ta = (__pyx_v_ta + (__pyx_v_lanes[(((2 * __pyx_v_j) * FASTBN_LANES) + __pyx_v_k)]));
 
-        /* "fastbn/_planar.pyx":276
+        /* "fastbn/_planar.pyx":277
  *             for k in range(LANES):
  *                 ta += lanes[2 * j * LANES + k]
  *                 tb += lanes[(2 * j + 1) * LANES + k]             # <<<<<<<<<<<<<<
@@ -23985,7 +23993,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
       }
 
 
-      /* "fastbn/_planar.pyx":277
+      /* "fastbn/_planar.pyx":278
  *                 ta += lanes[2 * j * LANES + k]
  *                 tb += lanes[(2 * j + 1) * LANES + k]
  *             totals[2 * j] += ta             # <<<<<<<<<<<<<<
@@ -23996,7 +24004,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
       __pyx_t_7 = (2 * __pyx_v_j);
       (__pyx_v_totals[__pyx_t_7]) = ((__pyx_v_totals[__pyx_t_7]) + __pyx_v_ta);
 
-      /* "fastbn/_planar.pyx":278
+      /* "fastbn/_planar.pyx":279
  *                 tb += lanes[(2 * j + 1) * LANES + k]
  *             totals[2 * j] += ta
  *             totals[2 * j + 1] += tb             # <<<<<<<<<<<<<<
@@ -24011,7 +24019,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(float const *__p
   }
 
 
-  /* "fastbn/_planar.pyx":248
+  /* "fastbn/_planar.pyx":249
  * 
  * 
  * cdef void group_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t c0,             # <<<<<<<<<<<<<<
@@ -24062,7 +24070,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
   int __pyx_t_11;
   int __pyx_t_12;
 
-  /* "fastbn/_planar.pyx":254
+  /* "fastbn/_planar.pyx":255
  *     sample read together."""
  *     cdef double lanes[2 * GROUP_MAX * LANES]
  *     cdef Py_ssize_t G = c1 - c0, blk, n0, n1, s0, s1, n, j, k, off             # <<<<<<<<<<<<<<
@@ -24071,7 +24079,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
 */
   __pyx_v_G = (__pyx_v_c1 - __pyx_v_c0);
 
-  /* "fastbn/_planar.pyx":256
+  /* "fastbn/_planar.pyx":257
  *     cdef Py_ssize_t G = c1 - c0, blk, n0, n1, s0, s1, n, j, k, off
  *     cdef double ta, tb
  *     for j in range(2 * G):             # <<<<<<<<<<<<<<
@@ -24085,7 +24093,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_j = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":257
+    /* "fastbn/_planar.pyx":258
  *     cdef double ta, tb
  *     for j in range(2 * G):
  *         totals[j] = 0.0             # <<<<<<<<<<<<<<
@@ -24096,7 +24104,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
   }
 
 
-  /* "fastbn/_planar.pyx":258
+  /* "fastbn/_planar.pyx":259
  *     for j in range(2 * G):
  *         totals[j] = 0.0
  *     for blk in range(p.nblocks):             # <<<<<<<<<<<<<<
@@ -24110,7 +24118,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_blk = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":259
+    /* "fastbn/_planar.pyx":260
  *         totals[j] = 0.0
  *     for blk in range(p.nblocks):
  *         block_span(p, blk, &n0, &n1, &s0, &s1)             # <<<<<<<<<<<<<<
@@ -24119,7 +24127,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
 */
     __pyx_f_6fastbn_10_planar_v4_block_span(__pyx_v_p, __pyx_v_blk, (&__pyx_v_n0), (&__pyx_v_n1), (&__pyx_v_s0), (&__pyx_v_s1));
 
-    /* "fastbn/_planar.pyx":260
+    /* "fastbn/_planar.pyx":261
  *     for blk in range(p.nblocks):
  *         block_span(p, blk, &n0, &n1, &s0, &s1)
  *         for j in range(2 * G * LANES):             # <<<<<<<<<<<<<<
@@ -24133,7 +24141,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
     for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
       __pyx_v_j = __pyx_t_6;
 
-      /* "fastbn/_planar.pyx":261
+      /* "fastbn/_planar.pyx":262
  *         block_span(p, blk, &n0, &n1, &s0, &s1)
  *         for j in range(2 * G * LANES):
  *             lanes[j] = 0.0             # <<<<<<<<<<<<<<
@@ -24144,7 +24152,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
     }
 
 
-    /* "fastbn/_planar.pyx":262
+    /* "fastbn/_planar.pyx":263
  *         for j in range(2 * G * LANES):
  *             lanes[j] = 0.0
  *         for n in range(n0, n1):             # <<<<<<<<<<<<<<
@@ -24158,7 +24166,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
     for (__pyx_t_6 = __pyx_v_n0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
       __pyx_v_n = __pyx_t_6;
 
-      /* "fastbn/_planar.pyx":263
+      /* "fastbn/_planar.pyx":264
  *             lanes[j] = 0.0
  *         for n in range(n0, n1):
  *             for j in range(G):             # <<<<<<<<<<<<<<
@@ -24172,7 +24180,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
       for (__pyx_t_9 = 0; __pyx_t_9 < __pyx_t_8; __pyx_t_9+=1) {
         __pyx_v_j = __pyx_t_9;
 
-        /* "fastbn/_planar.pyx":264
+        /* "fastbn/_planar.pyx":265
  *         for n in range(n0, n1):
  *             for j in range(G):
  *                 off = n * p.row_stride + (c0 + j) * p.S + s0             # <<<<<<<<<<<<<<
@@ -24181,7 +24189,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
 */
         __pyx_v_off = (((__pyx_v_n * __pyx_v_p->row_stride) + ((__pyx_v_c0 + __pyx_v_j) * __pyx_v_p->S)) + __pyx_v_s0);
 
-        /* "fastbn/_planar.pyx":265
+        /* "fastbn/_planar.pyx":266
  *             for j in range(G):
  *                 off = n * p.row_stride + (c0 + j) * p.S + s0
  *                 if b == NULL:             # <<<<<<<<<<<<<<
@@ -24193,7 +24201,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
         if (__pyx_t_10) {
 
 
-          /* "fastbn/_planar.pyx":266
+          /* "fastbn/_planar.pyx":267
  *                 off = n * p.row_stride + (c0 + j) * p.S + s0
  *                 if b == NULL:
  *                     run_shifted_sums(a + off, s1 - s0, center[j], &lanes[2 * j * LANES],             # <<<<<<<<<<<<<<
@@ -24202,7 +24210,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
 */
           __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_run_shifted_sums((__pyx_v_a + __pyx_v_off), (__pyx_v_s1 - __pyx_v_s0), (__pyx_v_center[__pyx_v_j]), (&(__pyx_v_lanes[((2 * __pyx_v_j) * FASTBN_LANES)])), (&(__pyx_v_lanes[(((2 * __pyx_v_j) + 1) * FASTBN_LANES)])));
 
-          /* "fastbn/_planar.pyx":265
+          /* "fastbn/_planar.pyx":266
  *             for j in range(G):
  *                 off = n * p.row_stride + (c0 + j) * p.S + s0
  *                 if b == NULL:             # <<<<<<<<<<<<<<
@@ -24212,7 +24220,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
           goto __pyx_L13;
         }
 
-        /* "fastbn/_planar.pyx":269
+        /* "fastbn/_planar.pyx":270
  *                                      &lanes[(2 * j + 1) * LANES])
  *                 else:
  *                     run_grad_sums(a + off, b + off, s1 - s0, center[j], &lanes[2 * j * LANES],             # <<<<<<<<<<<<<<
@@ -24221,7 +24229,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
 */
         /*else*/ {
 
-          /* "fastbn/_planar.pyx":270
+          /* "fastbn/_planar.pyx":271
  *                 else:
  *                     run_grad_sums(a + off, b + off, s1 - s0, center[j], &lanes[2 * j * LANES],
  *                                   &lanes[(2 * j + 1) * LANES])             # <<<<<<<<<<<<<<
@@ -24236,7 +24244,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
     }
 
 
-    /* "fastbn/_planar.pyx":271
+    /* "fastbn/_planar.pyx":272
  *                     run_grad_sums(a + off, b + off, s1 - s0, center[j], &lanes[2 * j * LANES],
  *                                   &lanes[(2 * j + 1) * LANES])
  *         for j in range(G):             # <<<<<<<<<<<<<<
@@ -24250,7 +24258,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
     for (__pyx_t_6 = 0; __pyx_t_6 < __pyx_t_5; __pyx_t_6+=1) {
       __pyx_v_j = __pyx_t_6;
 
-      /* "fastbn/_planar.pyx":272
+      /* "fastbn/_planar.pyx":273
  *                                   &lanes[(2 * j + 1) * LANES])
  *         for j in range(G):
  *             ta = 0.0             # <<<<<<<<<<<<<<
@@ -24259,7 +24267,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
 */
       __pyx_v_ta = 0.0;
 
-      /* "fastbn/_planar.pyx":273
+      /* "fastbn/_planar.pyx":274
  *         for j in range(G):
  *             ta = 0.0
  *             tb = 0.0             # <<<<<<<<<<<<<<
@@ -24268,7 +24276,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
 */
       __pyx_v_tb = 0.0;
 
-      /* "fastbn/_planar.pyx":274
+      /* "fastbn/_planar.pyx":275
  *             ta = 0.0
  *             tb = 0.0
  *             for k in range(LANES):             # <<<<<<<<<<<<<<
@@ -24282,7 +24290,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
       for (__pyx_t_7 = 0; __pyx_t_7 < __pyx_t_12; __pyx_t_7+=1) {
         __pyx_v_k = __pyx_t_7;
 
-        /* "fastbn/_planar.pyx":275
+        /* "fastbn/_planar.pyx":276
  *             tb = 0.0
  *             for k in range(LANES):
  *                 ta += lanes[2 * j * LANES + k]             # <<<<<<<<<<<<<<
@@ -24291,7 +24299,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
 */
         __pyx_v_ta = (__pyx_v_ta + (__pyx_v_lanes[(((2 * __pyx_v_j) * FASTBN_LANES) + __pyx_v_k)]));
 
-        /* "fastbn/_planar.pyx":276
+        /* "fastbn/_planar.pyx":277
  *             for k in range(LANES):
  *                 ta += lanes[2 * j * LANES + k]
  *                 tb += lanes[(2 * j + 1) * LANES + k]             # <<<<<<<<<<<<<<
@@ -24302,7 +24310,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
       }
 
 
-      /* "fastbn/_planar.pyx":277
+      /* "fastbn/_planar.pyx":278
  *                 ta += lanes[2 * j * LANES + k]
  *                 tb += lanes[(2 * j + 1) * LANES + k]
  *             totals[2 * j] += ta             # <<<<<<<<<<<<<<
@@ -24313,7 +24321,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
       __pyx_t_7 = (2 * __pyx_v_j);
       (__pyx_v_totals[__pyx_t_7]) = ((__pyx_v_totals[__pyx_t_7]) + __pyx_v_ta);
 
-      /* "fastbn/_planar.pyx":278
+      /* "fastbn/_planar.pyx":279
  *                 tb += lanes[(2 * j + 1) * LANES + k]
  *             totals[2 * j] += ta
  *             totals[2 * j + 1] += tb             # <<<<<<<<<<<<<<
@@ -24328,7 +24336,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
   }
 
 
-  /* "fastbn/_planar.pyx":248
+  /* "fastbn/_planar.pyx":249
  * 
  * 
  * cdef void group_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t c0,             # <<<<<<<<<<<<<<
@@ -24352,7 +24360,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(double const *__
 
 }
 
-/* "fastbn/_planar.pyx":281
+/* "fastbn/_planar.pyx":282
  * 
  * 
  * cdef void group_apply(const floating* a, const floating* b, floating* out, const Plane* p,             # <<<<<<<<<<<<<<
@@ -24381,7 +24389,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
   float *__pyx_t_9;
   __pyx_t_6fastbn_6_stats_Coef32 *__pyx_t_10;
 
-  /* "fastbn/_planar.pyx":287
+  /* "fastbn/_planar.pyx":288
  *     cdef Coef32 f[GROUP_MAX]
  *     cdef bint ok[GROUP_MAX]
  *     cdef Py_ssize_t G = c1 - c0, blk, n, j, base, off             # <<<<<<<<<<<<<<
@@ -24390,7 +24398,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
 */
   __pyx_v_G = (__pyx_v_c1 - __pyx_v_c0);
 
-  /* "fastbn/_planar.pyx":288
+  /* "fastbn/_planar.pyx":289
  *     cdef bint ok[GROUP_MAX]
  *     cdef Py_ssize_t G = c1 - c0, blk, n, j, base, off
  *     if G == 1:             # <<<<<<<<<<<<<<
@@ -24402,7 +24410,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
   if (__pyx_t_1) {
 
 
-    /* "fastbn/_planar.pyx":289
+    /* "fastbn/_planar.pyx":290
  *     cdef Py_ssize_t G = c1 - c0, blk, n, j, base, off
  *     if G == 1:
  *         for blk in range(p.nblocks):             # <<<<<<<<<<<<<<
@@ -24416,7 +24424,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
     for (__pyx_t_4 = 0; __pyx_t_4 < __pyx_t_3; __pyx_t_4+=1) {
       __pyx_v_blk = __pyx_t_4;
 
-      /* "fastbn/_planar.pyx":290
+      /* "fastbn/_planar.pyx":291
  *     if G == 1:
  *         for blk in range(p.nblocks):
  *             block_apply(a, b, out, p, c0, blk, coef)             # <<<<<<<<<<<<<<
@@ -24427,7 +24435,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
     }
 
 
-    /* "fastbn/_planar.pyx":291
+    /* "fastbn/_planar.pyx":292
  *         for blk in range(p.nblocks):
  *             block_apply(a, b, out, p, c0, blk, coef)
  *         return             # <<<<<<<<<<<<<<
@@ -24438,7 +24446,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
     }
     goto __pyx_L0;
 
-    /* "fastbn/_planar.pyx":288
+    /* "fastbn/_planar.pyx":289
  *     cdef bint ok[GROUP_MAX]
  *     cdef Py_ssize_t G = c1 - c0, blk, n, j, base, off
  *     if G == 1:             # <<<<<<<<<<<<<<
@@ -24447,7 +24455,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
 */
   }
 
-  /* "fastbn/_planar.pyx":292
+  /* "fastbn/_planar.pyx":293
  *             block_apply(a, b, out, p, c0, blk, coef)
  *         return
  *     for j in range(G):             # <<<<<<<<<<<<<<
@@ -24461,7 +24469,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
   for (__pyx_t_4 = 0; __pyx_t_4 < __pyx_t_3; __pyx_t_4+=1) {
     __pyx_v_j = __pyx_t_4;
 
-    /* "fastbn/_planar.pyx":293
+    /* "fastbn/_planar.pyx":294
  *         return
  *     for j in range(G):
  *         ok[j] = floating is float and to_float(&coef[j], &f[j])             # <<<<<<<<<<<<<<
@@ -24485,7 +24493,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
   }
 
 
-  /* "fastbn/_planar.pyx":294
+  /* "fastbn/_planar.pyx":295
  *     for j in range(G):
  *         ok[j] = floating is float and to_float(&coef[j], &f[j])
  *     for n in range(p.N):             # <<<<<<<<<<<<<<
@@ -24499,7 +24507,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
   for (__pyx_t_4 = 0; __pyx_t_4 < __pyx_t_3; __pyx_t_4+=1) {
     __pyx_v_n = __pyx_t_4;
 
-    /* "fastbn/_planar.pyx":295
+    /* "fastbn/_planar.pyx":296
  *         ok[j] = floating is float and to_float(&coef[j], &f[j])
  *     for n in range(p.N):
  *         base = n * p.row_stride + c0 * p.S             # <<<<<<<<<<<<<<
@@ -24508,7 +24516,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
 */
     __pyx_v_base = ((__pyx_v_n * __pyx_v_p->row_stride) + (__pyx_v_c0 * __pyx_v_p->S));
 
-    /* "fastbn/_planar.pyx":296
+    /* "fastbn/_planar.pyx":297
  *     for n in range(p.N):
  *         base = n * p.row_stride + c0 * p.S
  *         for j in range(G):             # <<<<<<<<<<<<<<
@@ -24522,7 +24530,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
     for (__pyx_t_8 = 0; __pyx_t_8 < __pyx_t_7; __pyx_t_8+=1) {
       __pyx_v_j = __pyx_t_8;
 
-      /* "fastbn/_planar.pyx":297
+      /* "fastbn/_planar.pyx":298
  *         base = n * p.row_stride + c0 * p.S
  *         for j in range(G):
  *             off = base + j * p.S             # <<<<<<<<<<<<<<
@@ -24531,7 +24539,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
 */
       __pyx_v_off = (__pyx_v_base + (__pyx_v_j * __pyx_v_p->S));
 
-      /* "fastbn/_planar.pyx":298
+      /* "fastbn/_planar.pyx":299
  *         for j in range(G):
  *             off = base + j * p.S
  *             run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,             # <<<<<<<<<<<<<<
@@ -24549,7 +24557,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
       }
 
 
-      /* "fastbn/_planar.pyx":299
+      /* "fastbn/_planar.pyx":300
  *             off = base + j * p.S
  *             run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,
  *                     &coef[j], &f[j] if ok[j] else NULL)             # <<<<<<<<<<<<<<
@@ -24564,7 +24572,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
         __pyx_t_10 = NULL;
       }
 
-      /* "fastbn/_planar.pyx":298
+      /* "fastbn/_planar.pyx":299
  *         for j in range(G):
  *             off = base + j * p.S
  *             run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,             # <<<<<<<<<<<<<<
@@ -24577,7 +24585,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
     }
 
 
-    /* "fastbn/_planar.pyx":300
+    /* "fastbn/_planar.pyx":301
  *             run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,
  *                     &coef[j], &f[j] if ok[j] else NULL)
  *         if p.streaming:             # <<<<<<<<<<<<<<
@@ -24589,7 +24597,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
     if (__pyx_t_1) {
 
 
-      /* "fastbn/_planar.pyx":301
+      /* "fastbn/_planar.pyx":302
  *                     &coef[j], &f[j] if ok[j] else NULL)
  *         if p.streaming:
  *             stream(out + base, buf, G * p.S * sizeof(floating))             # <<<<<<<<<<<<<<
@@ -24598,7 +24606,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
 */
       fastbn_stream((__pyx_v_out + __pyx_v_base), __pyx_v_buf, ((__pyx_v_G * __pyx_v_p->S) * (sizeof(float))));
 
-      /* "fastbn/_planar.pyx":300
+      /* "fastbn/_planar.pyx":301
  *             run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,
  *                     &coef[j], &f[j] if ok[j] else NULL)
  *         if p.streaming:             # <<<<<<<<<<<<<<
@@ -24609,7 +24617,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
   }
 
 
-  /* "fastbn/_planar.pyx":302
+  /* "fastbn/_planar.pyx":303
  *         if p.streaming:
  *             stream(out + base, buf, G * p.S * sizeof(floating))
  *     if p.streaming:             # <<<<<<<<<<<<<<
@@ -24621,7 +24629,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
   if (__pyx_t_1) {
 
 
-    /* "fastbn/_planar.pyx":303
+    /* "fastbn/_planar.pyx":304
  *             stream(out + base, buf, G * p.S * sizeof(floating))
  *     if p.streaming:
  *         fence()             # <<<<<<<<<<<<<<
@@ -24630,7 +24638,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
 */
     fastbn_fence();
 
-    /* "fastbn/_planar.pyx":302
+    /* "fastbn/_planar.pyx":303
  *         if p.streaming:
  *             stream(out + base, buf, G * p.S * sizeof(floating))
  *     if p.streaming:             # <<<<<<<<<<<<<<
@@ -24639,7 +24647,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(float const *__
 */
   }
 
-  /* "fastbn/_planar.pyx":281
+  /* "fastbn/_planar.pyx":282
  * 
  * 
  * cdef void group_apply(const floating* a, const floating* b, floating* out, const Plane* p,             # <<<<<<<<<<<<<<
@@ -24681,7 +24689,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
   double *__pyx_t_9;
   __pyx_t_6fastbn_6_stats_Coef32 *__pyx_t_10;
 
-  /* "fastbn/_planar.pyx":287
+  /* "fastbn/_planar.pyx":288
  *     cdef Coef32 f[GROUP_MAX]
  *     cdef bint ok[GROUP_MAX]
  *     cdef Py_ssize_t G = c1 - c0, blk, n, j, base, off             # <<<<<<<<<<<<<<
@@ -24690,7 +24698,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
 */
   __pyx_v_G = (__pyx_v_c1 - __pyx_v_c0);
 
-  /* "fastbn/_planar.pyx":288
+  /* "fastbn/_planar.pyx":289
  *     cdef bint ok[GROUP_MAX]
  *     cdef Py_ssize_t G = c1 - c0, blk, n, j, base, off
  *     if G == 1:             # <<<<<<<<<<<<<<
@@ -24702,7 +24710,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
   if (__pyx_t_1) {
 
 
-    /* "fastbn/_planar.pyx":289
+    /* "fastbn/_planar.pyx":290
  *     cdef Py_ssize_t G = c1 - c0, blk, n, j, base, off
  *     if G == 1:
  *         for blk in range(p.nblocks):             # <<<<<<<<<<<<<<
@@ -24716,7 +24724,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
     for (__pyx_t_4 = 0; __pyx_t_4 < __pyx_t_3; __pyx_t_4+=1) {
       __pyx_v_blk = __pyx_t_4;
 
-      /* "fastbn/_planar.pyx":290
+      /* "fastbn/_planar.pyx":291
  *     if G == 1:
  *         for blk in range(p.nblocks):
  *             block_apply(a, b, out, p, c0, blk, coef)             # <<<<<<<<<<<<<<
@@ -24727,7 +24735,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
     }
 
 
-    /* "fastbn/_planar.pyx":291
+    /* "fastbn/_planar.pyx":292
  *         for blk in range(p.nblocks):
  *             block_apply(a, b, out, p, c0, blk, coef)
  *         return             # <<<<<<<<<<<<<<
@@ -24738,7 +24746,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
     }
     goto __pyx_L0;
 
-    /* "fastbn/_planar.pyx":288
+    /* "fastbn/_planar.pyx":289
  *     cdef bint ok[GROUP_MAX]
  *     cdef Py_ssize_t G = c1 - c0, blk, n, j, base, off
  *     if G == 1:             # <<<<<<<<<<<<<<
@@ -24747,7 +24755,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
 */
   }
 
-  /* "fastbn/_planar.pyx":292
+  /* "fastbn/_planar.pyx":293
  *             block_apply(a, b, out, p, c0, blk, coef)
  *         return
  *     for j in range(G):             # <<<<<<<<<<<<<<
@@ -24761,7 +24769,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
   for (__pyx_t_4 = 0; __pyx_t_4 < __pyx_t_3; __pyx_t_4+=1) {
     __pyx_v_j = __pyx_t_4;
 
-    /* "fastbn/_planar.pyx":293
+    /* "fastbn/_planar.pyx":294
  *         return
  *     for j in range(G):
  *         ok[j] = floating is float and to_float(&coef[j], &f[j])             # <<<<<<<<<<<<<<
@@ -24785,7 +24793,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
   }
 
 
-  /* "fastbn/_planar.pyx":294
+  /* "fastbn/_planar.pyx":295
  *     for j in range(G):
  *         ok[j] = floating is float and to_float(&coef[j], &f[j])
  *     for n in range(p.N):             # <<<<<<<<<<<<<<
@@ -24799,7 +24807,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
   for (__pyx_t_4 = 0; __pyx_t_4 < __pyx_t_3; __pyx_t_4+=1) {
     __pyx_v_n = __pyx_t_4;
 
-    /* "fastbn/_planar.pyx":295
+    /* "fastbn/_planar.pyx":296
  *         ok[j] = floating is float and to_float(&coef[j], &f[j])
  *     for n in range(p.N):
  *         base = n * p.row_stride + c0 * p.S             # <<<<<<<<<<<<<<
@@ -24808,7 +24816,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
 */
     __pyx_v_base = ((__pyx_v_n * __pyx_v_p->row_stride) + (__pyx_v_c0 * __pyx_v_p->S));
 
-    /* "fastbn/_planar.pyx":296
+    /* "fastbn/_planar.pyx":297
  *     for n in range(p.N):
  *         base = n * p.row_stride + c0 * p.S
  *         for j in range(G):             # <<<<<<<<<<<<<<
@@ -24822,7 +24830,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
     for (__pyx_t_8 = 0; __pyx_t_8 < __pyx_t_7; __pyx_t_8+=1) {
       __pyx_v_j = __pyx_t_8;
 
-      /* "fastbn/_planar.pyx":297
+      /* "fastbn/_planar.pyx":298
  *         base = n * p.row_stride + c0 * p.S
  *         for j in range(G):
  *             off = base + j * p.S             # <<<<<<<<<<<<<<
@@ -24831,7 +24839,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
 */
       __pyx_v_off = (__pyx_v_base + (__pyx_v_j * __pyx_v_p->S));
 
-      /* "fastbn/_planar.pyx":298
+      /* "fastbn/_planar.pyx":299
  *         for j in range(G):
  *             off = base + j * p.S
  *             run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,             # <<<<<<<<<<<<<<
@@ -24849,7 +24857,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
       }
 
 
-      /* "fastbn/_planar.pyx":299
+      /* "fastbn/_planar.pyx":300
  *             off = base + j * p.S
  *             run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,
  *                     &coef[j], &f[j] if ok[j] else NULL)             # <<<<<<<<<<<<<<
@@ -24864,7 +24872,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
         __pyx_t_10 = NULL;
       }
 
-      /* "fastbn/_planar.pyx":298
+      /* "fastbn/_planar.pyx":299
  *         for j in range(G):
  *             off = base + j * p.S
  *             run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,             # <<<<<<<<<<<<<<
@@ -24877,7 +24885,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
     }
 
 
-    /* "fastbn/_planar.pyx":300
+    /* "fastbn/_planar.pyx":301
  *             run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,
  *                     &coef[j], &f[j] if ok[j] else NULL)
  *         if p.streaming:             # <<<<<<<<<<<<<<
@@ -24889,7 +24897,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
     if (__pyx_t_1) {
 
 
-      /* "fastbn/_planar.pyx":301
+      /* "fastbn/_planar.pyx":302
  *                     &coef[j], &f[j] if ok[j] else NULL)
  *         if p.streaming:
  *             stream(out + base, buf, G * p.S * sizeof(floating))             # <<<<<<<<<<<<<<
@@ -24898,7 +24906,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
 */
       fastbn_stream((__pyx_v_out + __pyx_v_base), __pyx_v_buf, ((__pyx_v_G * __pyx_v_p->S) * (sizeof(double))));
 
-      /* "fastbn/_planar.pyx":300
+      /* "fastbn/_planar.pyx":301
  *             run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,
  *                     &coef[j], &f[j] if ok[j] else NULL)
  *         if p.streaming:             # <<<<<<<<<<<<<<
@@ -24909,7 +24917,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
   }
 
 
-  /* "fastbn/_planar.pyx":302
+  /* "fastbn/_planar.pyx":303
  *         if p.streaming:
  *             stream(out + base, buf, G * p.S * sizeof(floating))
  *     if p.streaming:             # <<<<<<<<<<<<<<
@@ -24921,7 +24929,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
   if (__pyx_t_1) {
 
 
-    /* "fastbn/_planar.pyx":303
+    /* "fastbn/_planar.pyx":304
  *             stream(out + base, buf, G * p.S * sizeof(floating))
  *     if p.streaming:
  *         fence()             # <<<<<<<<<<<<<<
@@ -24930,7 +24938,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
 */
     fastbn_fence();
 
-    /* "fastbn/_planar.pyx":302
+    /* "fastbn/_planar.pyx":303
  *         if p.streaming:
  *             stream(out + base, buf, G * p.S * sizeof(floating))
  *     if p.streaming:             # <<<<<<<<<<<<<<
@@ -24939,7 +24947,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
 */
   }
 
-  /* "fastbn/_planar.pyx":281
+  /* "fastbn/_planar.pyx":282
  * 
  * 
  * cdef void group_apply(const floating* a, const floating* b, floating* out, const Plane* p,             # <<<<<<<<<<<<<<
@@ -24960,7 +24968,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(double const *_
 
 }
 
-/* "fastbn/_planar.pyx":306
+/* "fastbn/_planar.pyx":307
  * 
  * 
  * cdef void forward_group(const floating* x, floating* y, const Plane* p, Py_ssize_t c0,             # <<<<<<<<<<<<<<
@@ -24977,7 +24985,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_forward_group(float const *
   Py_ssize_t __pyx_t_2;
   Py_ssize_t __pyx_t_3;
 
-  /* "fastbn/_planar.pyx":316
+  /* "fastbn/_planar.pyx":317
  *     cdef Coef coef[GROUP_MAX]
  *     cdef Py_ssize_t j
  *     for j in range(c1 - c0):             # <<<<<<<<<<<<<<
@@ -24991,7 +24999,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_forward_group(float const *
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_j = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":317
+    /* "fastbn/_planar.pyx":318
  *     cdef Py_ssize_t j
  *     for j in range(c1 - c0):
  *         center[j] = x[(c0 + j) * p.S]             # <<<<<<<<<<<<<<
@@ -25002,7 +25010,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_forward_group(float const *
   }
 
 
-  /* "fastbn/_planar.pyx":318
+  /* "fastbn/_planar.pyx":319
  *     for j in range(c1 - c0):
  *         center[j] = x[(c0 + j) * p.S]
  *     group_sums(x, NULL, p, c0, c1, center, totals)             # <<<<<<<<<<<<<<
@@ -25011,7 +25019,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_forward_group(float const *
 */
   __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(__pyx_v_x, NULL, __pyx_v_p, __pyx_v_c0, __pyx_v_c1, __pyx_v_center, __pyx_v_totals);
 
-  /* "fastbn/_planar.pyx":319
+  /* "fastbn/_planar.pyx":320
  *         center[j] = x[(c0 + j) * p.S]
  *     group_sums(x, NULL, p, c0, c1, center, totals)
  *     for j in range(c1 - c0):             # <<<<<<<<<<<<<<
@@ -25025,7 +25033,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_forward_group(float const *
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_j = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":320
+    /* "fastbn/_planar.pyx":321
  *     group_sums(x, NULL, p, c0, c1, center, totals)
  *     for j in range(c1 - c0):
  *         coef[j] = forward_coef(totals[2 * j], totals[2 * j + 1], <double>(p.N * p.S),             # <<<<<<<<<<<<<<
@@ -25036,7 +25044,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_forward_group(float const *
   }
 
 
-  /* "fastbn/_planar.pyx":323
+  /* "fastbn/_planar.pyx":324
  *                                center[j], eps, gamma, beta, mean, invstd, running_mean,
  *                                running_var, factor, c0 + j)
  *     group_apply(x, NULL, y, p, c0, c1, coef)             # <<<<<<<<<<<<<<
@@ -25045,7 +25053,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_forward_group(float const *
 */
   __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(__pyx_v_x, NULL, __pyx_v_y, __pyx_v_p, __pyx_v_c0, __pyx_v_c1, __pyx_v_coef);
 
-  /* "fastbn/_planar.pyx":306
+  /* "fastbn/_planar.pyx":307
  * 
  * 
  * cdef void forward_group(const floating* x, floating* y, const Plane* p, Py_ssize_t c0,             # <<<<<<<<<<<<<<
@@ -25069,7 +25077,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_forward_group(double const 
   Py_ssize_t __pyx_t_2;
   Py_ssize_t __pyx_t_3;
 
-  /* "fastbn/_planar.pyx":316
+  /* "fastbn/_planar.pyx":317
  *     cdef Coef coef[GROUP_MAX]
  *     cdef Py_ssize_t j
  *     for j in range(c1 - c0):             # <<<<<<<<<<<<<<
@@ -25083,7 +25091,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_forward_group(double const 
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_j = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":317
+    /* "fastbn/_planar.pyx":318
  *     cdef Py_ssize_t j
  *     for j in range(c1 - c0):
  *         center[j] = x[(c0 + j) * p.S]             # <<<<<<<<<<<<<<
@@ -25094,7 +25102,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_forward_group(double const 
   }
 
 
-  /* "fastbn/_planar.pyx":318
+  /* "fastbn/_planar.pyx":319
  *     for j in range(c1 - c0):
  *         center[j] = x[(c0 + j) * p.S]
  *     group_sums(x, NULL, p, c0, c1, center, totals)             # <<<<<<<<<<<<<<
@@ -25103,7 +25111,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_forward_group(double const 
 */
   __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(__pyx_v_x, NULL, __pyx_v_p, __pyx_v_c0, __pyx_v_c1, __pyx_v_center, __pyx_v_totals);
 
-  /* "fastbn/_planar.pyx":319
+  /* "fastbn/_planar.pyx":320
  *         center[j] = x[(c0 + j) * p.S]
  *     group_sums(x, NULL, p, c0, c1, center, totals)
  *     for j in range(c1 - c0):             # <<<<<<<<<<<<<<
@@ -25117,7 +25125,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_forward_group(double const 
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_j = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":320
+    /* "fastbn/_planar.pyx":321
  *     group_sums(x, NULL, p, c0, c1, center, totals)
  *     for j in range(c1 - c0):
  *         coef[j] = forward_coef(totals[2 * j], totals[2 * j + 1], <double>(p.N * p.S),             # <<<<<<<<<<<<<<
@@ -25128,7 +25136,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_forward_group(double const 
   }
 
 
-  /* "fastbn/_planar.pyx":323
+  /* "fastbn/_planar.pyx":324
  *                                center[j], eps, gamma, beta, mean, invstd, running_mean,
  *                                running_var, factor, c0 + j)
  *     group_apply(x, NULL, y, p, c0, c1, coef)             # <<<<<<<<<<<<<<
@@ -25137,7 +25145,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_forward_group(double const 
 */
   __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(__pyx_v_x, NULL, __pyx_v_y, __pyx_v_p, __pyx_v_c0, __pyx_v_c1, __pyx_v_coef);
 
-  /* "fastbn/_planar.pyx":306
+  /* "fastbn/_planar.pyx":307
  * 
  * 
  * cdef void forward_group(const floating* x, floating* y, const Plane* p, Py_ssize_t c0,             # <<<<<<<<<<<<<<
@@ -25152,7 +25160,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_forward_group(double const 
 
 }
 
-/* "fastbn/_planar.pyx":326
+/* "fastbn/_planar.pyx":327
  * 
  * 
  * cdef void backward_group(const floating* dy, const floating* x, floating* dx,             # <<<<<<<<<<<<<<
@@ -25169,7 +25177,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_backward_group(float const 
   Py_ssize_t __pyx_t_2;
   Py_ssize_t __pyx_t_3;
 
-  /* "fastbn/_planar.pyx":336
+  /* "fastbn/_planar.pyx":337
  *     cdef Coef coef[GROUP_MAX]
  *     cdef Py_ssize_t j
  *     for j in range(c1 - c0):             # <<<<<<<<<<<<<<
@@ -25183,7 +25191,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_backward_group(float const 
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_j = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":337
+    /* "fastbn/_planar.pyx":338
  *     cdef Py_ssize_t j
  *     for j in range(c1 - c0):
  *         center[j] = mean[c0 + j]             # <<<<<<<<<<<<<<
@@ -25194,7 +25202,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_backward_group(float const 
   }
 
 
-  /* "fastbn/_planar.pyx":338
+  /* "fastbn/_planar.pyx":339
  *     for j in range(c1 - c0):
  *         center[j] = mean[c0 + j]
  *     group_sums(dy, x, p, c0, c1, center, totals)             # <<<<<<<<<<<<<<
@@ -25203,7 +25211,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_backward_group(float const 
 */
   __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_sums(__pyx_v_dy, __pyx_v_x, __pyx_v_p, __pyx_v_c0, __pyx_v_c1, __pyx_v_center, __pyx_v_totals);
 
-  /* "fastbn/_planar.pyx":339
+  /* "fastbn/_planar.pyx":340
  *         center[j] = mean[c0 + j]
  *     group_sums(dy, x, p, c0, c1, center, totals)
  *     for j in range(c1 - c0):             # <<<<<<<<<<<<<<
@@ -25217,7 +25225,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_backward_group(float const 
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_j = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":340
+    /* "fastbn/_planar.pyx":341
  *     group_sums(dy, x, p, c0, c1, center, totals)
  *     for j in range(c1 - c0):
  *         coef[j] = backward_coef(totals[2 * j], totals[2 * j + 1], <double>(p.N * p.S),             # <<<<<<<<<<<<<<
@@ -25228,7 +25236,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_backward_group(float const 
   }
 
 
-  /* "fastbn/_planar.pyx":342
+  /* "fastbn/_planar.pyx":343
  *         coef[j] = backward_coef(totals[2 * j], totals[2 * j + 1], <double>(p.N * p.S),
  *                                 mean, invstd, gamma, dgamma, dbeta, c0 + j)
  *     group_apply(dy, x, dx, p, c0, c1, coef)             # <<<<<<<<<<<<<<
@@ -25237,7 +25245,7 @@ static void __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_backward_group(float const 
 */
   __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_group_apply(__pyx_v_dy, __pyx_v_x, __pyx_v_dx, __pyx_v_p, __pyx_v_c0, __pyx_v_c1, __pyx_v_coef);
 
-  /* "fastbn/_planar.pyx":326
+  /* "fastbn/_planar.pyx":327
  * 
  * 
  * cdef void backward_group(const floating* dy, const floating* x, floating* dx,             # <<<<<<<<<<<<<<
@@ -25261,7 +25269,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_backward_group(double const
   Py_ssize_t __pyx_t_2;
   Py_ssize_t __pyx_t_3;
 
-  /* "fastbn/_planar.pyx":336
+  /* "fastbn/_planar.pyx":337
  *     cdef Coef coef[GROUP_MAX]
  *     cdef Py_ssize_t j
  *     for j in range(c1 - c0):             # <<<<<<<<<<<<<<
@@ -25275,7 +25283,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_backward_group(double const
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_j = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":337
+    /* "fastbn/_planar.pyx":338
  *     cdef Py_ssize_t j
  *     for j in range(c1 - c0):
  *         center[j] = mean[c0 + j]             # <<<<<<<<<<<<<<
@@ -25286,7 +25294,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_backward_group(double const
   }
 
 
-  /* "fastbn/_planar.pyx":338
+  /* "fastbn/_planar.pyx":339
  *     for j in range(c1 - c0):
  *         center[j] = mean[c0 + j]
  *     group_sums(dy, x, p, c0, c1, center, totals)             # <<<<<<<<<<<<<<
@@ -25295,7 +25303,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_backward_group(double const
 */
   __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_sums(__pyx_v_dy, __pyx_v_x, __pyx_v_p, __pyx_v_c0, __pyx_v_c1, __pyx_v_center, __pyx_v_totals);
 
-  /* "fastbn/_planar.pyx":339
+  /* "fastbn/_planar.pyx":340
  *         center[j] = mean[c0 + j]
  *     group_sums(dy, x, p, c0, c1, center, totals)
  *     for j in range(c1 - c0):             # <<<<<<<<<<<<<<
@@ -25309,7 +25317,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_backward_group(double const
   for (__pyx_t_3 = 0; __pyx_t_3 < __pyx_t_2; __pyx_t_3+=1) {
     __pyx_v_j = __pyx_t_3;
 
-    /* "fastbn/_planar.pyx":340
+    /* "fastbn/_planar.pyx":341
  *     group_sums(dy, x, p, c0, c1, center, totals)
  *     for j in range(c1 - c0):
  *         coef[j] = backward_coef(totals[2 * j], totals[2 * j + 1], <double>(p.N * p.S),             # <<<<<<<<<<<<<<
@@ -25320,7 +25328,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_backward_group(double const
   }
 
 
-  /* "fastbn/_planar.pyx":342
+  /* "fastbn/_planar.pyx":343
  *         coef[j] = backward_coef(totals[2 * j], totals[2 * j + 1], <double>(p.N * p.S),
  *                                 mean, invstd, gamma, dgamma, dbeta, c0 + j)
  *     group_apply(dy, x, dx, p, c0, c1, coef)             # <<<<<<<<<<<<<<
@@ -25329,7 +25337,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_backward_group(double const
 */
   __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_group_apply(__pyx_v_dy, __pyx_v_x, __pyx_v_dx, __pyx_v_p, __pyx_v_c0, __pyx_v_c1, __pyx_v_coef);
 
-  /* "fastbn/_planar.pyx":326
+  /* "fastbn/_planar.pyx":327
  * 
  * 
  * cdef void backward_group(const floating* dy, const floating* x, floating* dx,             # <<<<<<<<<<<<<<
@@ -25344,7 +25352,7 @@ static void __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_backward_group(double const
 
 }
 
-/* "fastbn/_planar.pyx":347
+/* "fastbn/_planar.pyx":348
  * # ---------------------------------------------------------- schedules ----
  * 
  * cdef inline bint by_group(Py_ssize_t ngroups, int nthreads) noexcept nogil:             # <<<<<<<<<<<<<<
@@ -25357,7 +25365,7 @@ static CYTHON_INLINE int __pyx_f_6fastbn_10_planar_v4_by_group(Py_ssize_t __pyx_
   int __pyx_t_1;
   int __pyx_t_2;
 
-  /* "fastbn/_planar.pyx":349
+  /* "fastbn/_planar.pyx":350
  * cdef inline bint by_group(Py_ssize_t ngroups, int nthreads) noexcept nogil:
  *     """Whole groups per unit when there are enough to keep the threads busy."""
  *     return nthreads == 1 or ngroups % nthreads == 0 or ngroups >= 4 * nthreads             # <<<<<<<<<<<<<<
@@ -25395,7 +25403,7 @@ static CYTHON_INLINE int __pyx_f_6fastbn_10_planar_v4_by_group(Py_ssize_t __pyx_
   }
   goto __pyx_L0;
 
-  /* "fastbn/_planar.pyx":347
+  /* "fastbn/_planar.pyx":348
  * # ---------------------------------------------------------- schedules ----
  * 
  * cdef inline bint by_group(Py_ssize_t ngroups, int nthreads) noexcept nogil:             # <<<<<<<<<<<<<<
@@ -25408,7 +25416,7 @@ static CYTHON_INLINE int __pyx_f_6fastbn_10_planar_v4_by_group(Py_ssize_t __pyx_
   return __pyx_r;
 }
 
-/* "fastbn/_planar.pyx":352
+/* "fastbn/_planar.pyx":353
  * 
  * 
  * cdef Coef forward_merged(const double* part, const Plane* p, Py_ssize_t c, double shift,             # <<<<<<<<<<<<<<
@@ -25421,7 +25429,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_for
   double __pyx_v_q;
   __pyx_t_6fastbn_6_stats_Coef __pyx_r;
 
-  /* "fastbn/_planar.pyx":358
+  /* "fastbn/_planar.pyx":359
  *     """Channel c's map from the (channel, block) table of shifted sums."""
  *     cdef double s, q
  *     merge_blocks(part, p, c, &s, &q)             # <<<<<<<<<<<<<<
@@ -25430,7 +25438,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_for
 */
   __pyx_f_6fastbn_10_planar_v4_merge_blocks(__pyx_v_part, __pyx_v_p, __pyx_v_c, (&__pyx_v_s), (&__pyx_v_q));
 
-  /* "fastbn/_planar.pyx":359
+  /* "fastbn/_planar.pyx":360
  *     cdef double s, q
  *     merge_blocks(part, p, c, &s, &q)
  *     return forward_coef(s, q, <double>(p.N * p.S), shift, eps, gamma, beta, mean, invstd,             # <<<<<<<<<<<<<<
@@ -25443,7 +25451,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_for
   }
   goto __pyx_L0;
 
-  /* "fastbn/_planar.pyx":352
+  /* "fastbn/_planar.pyx":353
  * 
  * 
  * cdef Coef forward_merged(const double* part, const Plane* p, Py_ssize_t c, double shift,             # <<<<<<<<<<<<<<
@@ -25463,7 +25471,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_for
   double __pyx_v_q;
   __pyx_t_6fastbn_6_stats_Coef __pyx_r;
 
-  /* "fastbn/_planar.pyx":358
+  /* "fastbn/_planar.pyx":359
  *     """Channel c's map from the (channel, block) table of shifted sums."""
  *     cdef double s, q
  *     merge_blocks(part, p, c, &s, &q)             # <<<<<<<<<<<<<<
@@ -25472,7 +25480,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_for
 */
   __pyx_f_6fastbn_10_planar_v4_merge_blocks(__pyx_v_part, __pyx_v_p, __pyx_v_c, (&__pyx_v_s), (&__pyx_v_q));
 
-  /* "fastbn/_planar.pyx":359
+  /* "fastbn/_planar.pyx":360
  *     cdef double s, q
  *     merge_blocks(part, p, c, &s, &q)
  *     return forward_coef(s, q, <double>(p.N * p.S), shift, eps, gamma, beta, mean, invstd,             # <<<<<<<<<<<<<<
@@ -25485,7 +25493,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_for
   }
   goto __pyx_L0;
 
-  /* "fastbn/_planar.pyx":352
+  /* "fastbn/_planar.pyx":353
  * 
  * 
  * cdef Coef forward_merged(const double* part, const Plane* p, Py_ssize_t c, double shift,             # <<<<<<<<<<<<<<
@@ -25500,7 +25508,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_for
   return __pyx_r;
 }
 
-/* "fastbn/_planar.pyx":363
+/* "fastbn/_planar.pyx":364
  * 
  * 
  * cdef Coef backward_merged(const double* part, const Plane* p, Py_ssize_t c,             # <<<<<<<<<<<<<<
@@ -25513,7 +25521,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_bac
   double __pyx_v_sc;
   __pyx_t_6fastbn_6_stats_Coef __pyx_r;
 
-  /* "fastbn/_planar.pyx":369
+  /* "fastbn/_planar.pyx":370
  *     """Channel c's map from the (channel, block) table of gradient sums."""
  *     cdef double sg, sc
  *     merge_blocks(part, p, c, &sg, &sc)             # <<<<<<<<<<<<<<
@@ -25522,7 +25530,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_bac
 */
   __pyx_f_6fastbn_10_planar_v4_merge_blocks(__pyx_v_part, __pyx_v_p, __pyx_v_c, (&__pyx_v_sg), (&__pyx_v_sc));
 
-  /* "fastbn/_planar.pyx":370
+  /* "fastbn/_planar.pyx":371
  *     cdef double sg, sc
  *     merge_blocks(part, p, c, &sg, &sc)
  *     return backward_coef(sg, sc, <double>(p.N * p.S), mean, invstd, gamma, dgamma, dbeta, c)             # <<<<<<<<<<<<<<
@@ -25535,7 +25543,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_0__pyx_f_6fastbn_10_planar_v4_bac
   }
   goto __pyx_L0;
 
-  /* "fastbn/_planar.pyx":363
+  /* "fastbn/_planar.pyx":364
  * 
  * 
  * cdef Coef backward_merged(const double* part, const Plane* p, Py_ssize_t c,             # <<<<<<<<<<<<<<
@@ -25555,7 +25563,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_bac
   double __pyx_v_sc;
   __pyx_t_6fastbn_6_stats_Coef __pyx_r;
 
-  /* "fastbn/_planar.pyx":369
+  /* "fastbn/_planar.pyx":370
  *     """Channel c's map from the (channel, block) table of gradient sums."""
  *     cdef double sg, sc
  *     merge_blocks(part, p, c, &sg, &sc)             # <<<<<<<<<<<<<<
@@ -25564,7 +25572,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_bac
 */
   __pyx_f_6fastbn_10_planar_v4_merge_blocks(__pyx_v_part, __pyx_v_p, __pyx_v_c, (&__pyx_v_sg), (&__pyx_v_sc));
 
-  /* "fastbn/_planar.pyx":370
+  /* "fastbn/_planar.pyx":371
  *     cdef double sg, sc
  *     merge_blocks(part, p, c, &sg, &sc)
  *     return backward_coef(sg, sc, <double>(p.N * p.S), mean, invstd, gamma, dgamma, dbeta, c)             # <<<<<<<<<<<<<<
@@ -25577,7 +25585,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_bac
   }
   goto __pyx_L0;
 
-  /* "fastbn/_planar.pyx":363
+  /* "fastbn/_planar.pyx":364
  * 
  * 
  * cdef Coef backward_merged(const double* part, const Plane* p, Py_ssize_t c,             # <<<<<<<<<<<<<<
@@ -25592,7 +25600,7 @@ static __pyx_t_6fastbn_6_stats_Coef __pyx_fuse_1__pyx_f_6fastbn_10_planar_v4_bac
   return __pyx_r;
 }
 
-/* "fastbn/_planar.pyx":375
+/* "fastbn/_planar.pyx":376
  * # ----------------------------------------------------------- wrappers ----
  * 
  * def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
@@ -25629,53 +25637,53 @@ static PyObject *__pyx_pw_6fastbn_10_planar_v4_1forward_train(PyObject *__pyx_se
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_signatures,&__pyx_mstate_global->__pyx_n_u_args,&__pyx_mstate_global->__pyx_n_u_kwargs,&__pyx_mstate_global->__pyx_n_u_defaults,&__pyx_mstate_global->__pyx_n_u_fused_sigindex,0};
     struct __pyx_defaults *__pyx_dynamic_args = __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self);
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 375, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 376, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 376, __pyx_L3_error)
       if (!values[4]) values[4] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
       for (Py_ssize_t i = __pyx_nargs; i < 4; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 375, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 376, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 376, __pyx_L3_error)
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 376, __pyx_L3_error)
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 376, __pyx_L3_error)
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 376, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -25689,7 +25697,7 @@ static PyObject *__pyx_pw_6fastbn_10_planar_v4_1forward_train(PyObject *__pyx_se
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 375, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 376, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -25741,7 +25749,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_forward_train(CYTHON_UNUSED PyObj
   else
   {
     Py_ssize_t __pyx_temp = __Pyx_PyDict_GET_SIZE(__pyx_v_kwargs);
-    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 375, __pyx_L1_error)
+    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 376, __pyx_L1_error)
     __pyx_t_2 = (__pyx_temp != 0);
   }
 
@@ -25759,11 +25767,11 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_forward_train(CYTHON_UNUSED PyObj
   }
   if (unlikely(__pyx_v_args == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(3, 375, __pyx_L1_error)
+    __PYX_ERR(3, 376, __pyx_L1_error)
   }
-  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 375, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 376, __pyx_L1_error)
   __pyx_v_arg_count = __pyx_t_4;
-  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 375, __pyx_L1_error)
+  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 376, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_ndarray = ((PyTypeObject*)__pyx_t_5);
   __pyx_t_5 = 0;
@@ -25773,7 +25781,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_forward_train(CYTHON_UNUSED PyObj
 
     if (unlikely(__pyx_v_args == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 375, __pyx_L1_error)
+      __PYX_ERR(3, 376, __pyx_L1_error)
     }
     __pyx_t_5 = __Pyx_PyTuple_GET_ITEM(((PyObject*)__pyx_v_args), 0);
     __Pyx_INCREF(__pyx_t_5);
@@ -25792,9 +25800,9 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_forward_train(CYTHON_UNUSED PyObj
   }
   if (unlikely(__pyx_v_kwargs == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not iterable");
-    __PYX_ERR(3, 375, __pyx_L1_error)
+    __PYX_ERR(3, 376, __pyx_L1_error)
   }
-  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_x, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 375, __pyx_L1_error)
+  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_x, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 376, __pyx_L1_error)
 
   __pyx_t_1 = __pyx_t_3;
 
@@ -25803,25 +25811,25 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_forward_train(CYTHON_UNUSED PyObj
 
     if (unlikely(__pyx_v_kwargs == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 375, __pyx_L1_error)
+      __PYX_ERR(3, 376, __pyx_L1_error)
     }
-    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_x); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 375, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_x); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 376, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_v_arg = __pyx_t_5;
     __pyx_t_5 = 0;
     goto __pyx_L6;
   }
   /*else*/ {
-    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_x, 0, 12, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 375, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_x, 0, 12, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 376, __pyx_L1_error)
 
   }
   __pyx_L6:;
-  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 375, __pyx_L1_error) }
-  __pyx_t_5 = __pyx_ff_map_fused_02b6e3_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 375, __pyx_L1_error)
+  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 376, __pyx_L1_error) }
+  __pyx_t_5 = __pyx_ff_map_fused_02b6e3_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 376, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_dest_sig0 = ((PyObject*)__pyx_t_5);
   __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 375, __pyx_L1_error)
+  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 376, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   {
     PyObject *__pyx_temp;
@@ -25884,109 +25892,109 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_13forward_train(PyObj
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_beta,&__pyx_mstate_global->__pyx_n_u_y,&__pyx_mstate_global->__pyx_n_u_mean,&__pyx_mstate_global->__pyx_n_u_invstd,&__pyx_mstate_global->__pyx_n_u_running_mean,&__pyx_mstate_global->__pyx_n_u_running_var,&__pyx_mstate_global->__pyx_n_u_eps,&__pyx_mstate_global->__pyx_n_u_factor,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 375, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 376, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case 12:
         values[11] = __Pyx_ArgRef_VARARGS(__pyx_args, 11);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[11])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[11])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case 11:
         values[10] = __Pyx_ArgRef_VARARGS(__pyx_args, 10);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[10])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[10])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case 10:
         values[9] = __Pyx_ArgRef_VARARGS(__pyx_args, 9);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  9:
         values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  8:
         values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  7:
         values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "forward_train", 0) < (0)) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "forward_train", 0) < (0)) __PYX_ERR(3, 376, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 12; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forward_train", 1, 12, 12, i); __PYX_ERR(3, 375, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forward_train", 1, 12, 12, i); __PYX_ERR(3, 376, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 12)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[9] = __Pyx_ArgRef_VARARGS(__pyx_args, 9);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[10] = __Pyx_ArgRef_VARARGS(__pyx_args, 10);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[10])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[10])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[11] = __Pyx_ArgRef_VARARGS(__pyx_args, 11);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[11])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[11])) __PYX_ERR(3, 376, __pyx_L3_error)
     }
-    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 375, __pyx_L3_error)
-    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 375, __pyx_L3_error)
-    __pyx_v_beta = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[2], 0); if (unlikely(!__pyx_v_beta.memview)) __PYX_ERR(3, 376, __pyx_L3_error)
-    __pyx_v_y = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_y.memview)) __PYX_ERR(3, 376, __pyx_L3_error)
-    __pyx_v_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[4], PyBUF_WRITABLE); if (unlikely(!__pyx_v_mean.memview)) __PYX_ERR(3, 377, __pyx_L3_error)
-    __pyx_v_invstd = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_invstd.memview)) __PYX_ERR(3, 377, __pyx_L3_error)
-    __pyx_v_running_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[6], PyBUF_WRITABLE); if (unlikely(!__pyx_v_running_mean.memview)) __PYX_ERR(3, 378, __pyx_L3_error)
-    __pyx_v_running_var = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[7], PyBUF_WRITABLE); if (unlikely(!__pyx_v_running_var.memview)) __PYX_ERR(3, 378, __pyx_L3_error)
-    __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[8]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 379, __pyx_L3_error)
-    __pyx_v_factor = __Pyx_PyFloat_AsDouble(values[9]); if (unlikely((__pyx_v_factor == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 379, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[10]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 379, __pyx_L3_error)
-    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[11]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 379, __pyx_L3_error)
+    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 376, __pyx_L3_error)
+    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 376, __pyx_L3_error)
+    __pyx_v_beta = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[2], 0); if (unlikely(!__pyx_v_beta.memview)) __PYX_ERR(3, 377, __pyx_L3_error)
+    __pyx_v_y = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_y.memview)) __PYX_ERR(3, 377, __pyx_L3_error)
+    __pyx_v_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[4], PyBUF_WRITABLE); if (unlikely(!__pyx_v_mean.memview)) __PYX_ERR(3, 378, __pyx_L3_error)
+    __pyx_v_invstd = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_invstd.memview)) __PYX_ERR(3, 378, __pyx_L3_error)
+    __pyx_v_running_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[6], PyBUF_WRITABLE); if (unlikely(!__pyx_v_running_mean.memview)) __PYX_ERR(3, 379, __pyx_L3_error)
+    __pyx_v_running_var = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[7], PyBUF_WRITABLE); if (unlikely(!__pyx_v_running_var.memview)) __PYX_ERR(3, 379, __pyx_L3_error)
+    __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[8]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 380, __pyx_L3_error)
+    __pyx_v_factor = __Pyx_PyFloat_AsDouble(values[9]); if (unlikely((__pyx_v_factor == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 380, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[10]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 380, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[11]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 380, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("forward_train", 1, 12, 12, __pyx_nargs); __PYX_ERR(3, 375, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("forward_train", 1, 12, 12, __pyx_nargs); __PYX_ERR(3, 376, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -26064,7 +26072,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_0forward_train", 0);
 
-  /* "fastbn/_planar.pyx":381
+  /* "fastbn/_planar.pyx":382
  *                   double eps, double factor, int num_threads, bint stream):
  *     """Training forward on an (N, C, S) view; see fastbn.functional."""
  *     cdef const floating* xp = &x[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -26076,7 +26084,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
   __pyx_t_3 = 0;
   __pyx_v_xp = (&(*((float const  *) ( /* dim=2 */ ((char *) (((float const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_x.data + __pyx_t_1 * __pyx_v_x.strides[0]) ) + __pyx_t_2 * __pyx_v_x.strides[1]) )) + __pyx_t_3)) ))));
 
-  /* "fastbn/_planar.pyx":382
+  /* "fastbn/_planar.pyx":383
  *     """Training forward on an (N, C, S) view; see fastbn.functional."""
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* yp = &y[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -26088,7 +26096,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
   __pyx_t_1 = 0;
   __pyx_v_yp = (&(*((float *) ( /* dim=2 */ ((char *) (((float *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_y.data + __pyx_t_3 * __pyx_v_y.strides[0]) ) + __pyx_t_2 * __pyx_v_y.strides[1]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_planar.pyx":383
+  /* "fastbn/_planar.pyx":384
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* yp = &y[0, 0, 0]
  *     cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]             # <<<<<<<<<<<<<<
@@ -26097,7 +26105,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_size = (((__pyx_v_x.shape[0]) * (__pyx_v_x.shape[1])) * (__pyx_v_x.shape[2]));
 
-  /* "fastbn/_planar.pyx":384
+  /* "fastbn/_planar.pyx":385
  *     cdef floating* yp = &y[0, 0, 0]
  *     cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]
  *     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],             # <<<<<<<<<<<<<<
@@ -26106,7 +26114,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (__pyx_v_x.shape[2]), __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_yp, __pyx_v_xp, NULL, (__pyx_v_size * (sizeof(float)))));
 
-  /* "fastbn/_planar.pyx":386
+  /* "fastbn/_planar.pyx":387
  *     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],
  *                               streams(stream, yp, xp, NULL, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb             # <<<<<<<<<<<<<<
@@ -26118,7 +26126,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
   __pyx_v_nb = __pyx_t_4;
   __pyx_v_nu = (__pyx_v_p.C * __pyx_v_nb);
 
-  /* "fastbn/_planar.pyx":387
+  /* "fastbn/_planar.pyx":388
  *                               streams(stream, yp, xp, NULL, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)             # <<<<<<<<<<<<<<
@@ -26127,7 +26135,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for(__pyx_v_size, __pyx_v_nu, __pyx_v_num_threads);
 
-  /* "fastbn/_planar.pyx":388
+  /* "fastbn/_planar.pyx":389
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)             # <<<<<<<<<<<<<<
@@ -26136,7 +26144,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_g = __pyx_fuse_0__pyx_f_6fastbn_6_views_cptr(__pyx_v_gamma);
 
-  /* "fastbn/_planar.pyx":389
+  /* "fastbn/_planar.pyx":390
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)
  *     cdef const floating* bt = cptr(beta)             # <<<<<<<<<<<<<<
@@ -26145,7 +26153,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_bt = __pyx_fuse_0__pyx_f_6fastbn_6_views_cptr(__pyx_v_beta);
 
-  /* "fastbn/_planar.pyx":390
+  /* "fastbn/_planar.pyx":391
  *     cdef const floating* g = cptr(gamma)
  *     cdef const floating* bt = cptr(beta)
  *     cdef floating* rm = wptr(running_mean)             # <<<<<<<<<<<<<<
@@ -26154,7 +26162,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_rm = __pyx_fuse_0__pyx_f_6fastbn_6_views_wptr(__pyx_v_running_mean);
 
-  /* "fastbn/_planar.pyx":391
+  /* "fastbn/_planar.pyx":392
  *     cdef const floating* bt = cptr(beta)
  *     cdef floating* rm = wptr(running_mean)
  *     cdef floating* rv = wptr(running_var)             # <<<<<<<<<<<<<<
@@ -26163,7 +26171,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_rv = __pyx_fuse_0__pyx_f_6fastbn_6_views_wptr(__pyx_v_running_var);
 
-  /* "fastbn/_planar.pyx":392
+  /* "fastbn/_planar.pyx":393
  *     cdef floating* rm = wptr(running_mean)
  *     cdef floating* rv = wptr(running_var)
  *     cdef Py_ssize_t G = group_size(&p, sizeof(floating)), ng = (p.C + G - 1) // G             # <<<<<<<<<<<<<<
@@ -26173,7 +26181,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
   __pyx_v_G = __pyx_f_6fastbn_10_planar_v4_group_size((&__pyx_v_p), (sizeof(float)));
   __pyx_v_ng = (((__pyx_v_p.C + __pyx_v_G) - 1) / __pyx_v_G);
 
-  /* "fastbn/_planar.pyx":397
+  /* "fastbn/_planar.pyx":398
  *     cdef double* part
  *     cdef Coef* coef
  *     if by_group(ng, nt):             # <<<<<<<<<<<<<<
@@ -26185,7 +26193,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
   if (__pyx_t_5) {
 
 
-    /* "fastbn/_planar.pyx":398
+    /* "fastbn/_planar.pyx":399
  *     cdef Coef* coef
  *     if by_group(ng, nt):
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -26198,7 +26206,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
         __Pyx_FastGIL_Remember();
         /*try:*/ {
 
-          /* "fastbn/_planar.pyx":399
+          /* "fastbn/_planar.pyx":400
  *     if by_group(ng, nt):
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -26228,7 +26236,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
                           {
                               __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                              /* "fastbn/_planar.pyx":400
+                              /* "fastbn/_planar.pyx":401
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 forward_group(xp, yp, &p, u * G, min(p.C, (u + 1) * G), g, bt, &mean[0],             # <<<<<<<<<<<<<<
@@ -26251,7 +26259,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 
                               __pyx_t_1 = 0;
 
-                              /* "fastbn/_planar.pyx":401
+                              /* "fastbn/_planar.pyx":402
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 forward_group(xp, yp, &p, u * G, min(p.C, (u + 1) * G), g, bt, &mean[0],
  *                               &invstd[0], rm, rv, eps, factor)             # <<<<<<<<<<<<<<
@@ -26260,7 +26268,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
                               __pyx_t_2 = 0;
 
-                              /* "fastbn/_planar.pyx":400
+                              /* "fastbn/_planar.pyx":401
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 forward_group(xp, yp, &p, u * G, min(p.C, (u + 1) * G), g, bt, &mean[0],             # <<<<<<<<<<<<<<
@@ -26283,7 +26291,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 
         }
 
-        /* "fastbn/_planar.pyx":398
+        /* "fastbn/_planar.pyx":399
  *     cdef Coef* coef
  *     if by_group(ng, nt):
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -26300,7 +26308,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
         }
     }
 
-    /* "fastbn/_planar.pyx":402
+    /* "fastbn/_planar.pyx":403
  *                 forward_group(xp, yp, &p, u * G, min(p.C, (u + 1) * G), g, bt, &mean[0],
  *                               &invstd[0], rm, rv, eps, factor)
  *         return             # <<<<<<<<<<<<<<
@@ -26317,7 +26325,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
     }
     goto __pyx_L0;
 
-    /* "fastbn/_planar.pyx":397
+    /* "fastbn/_planar.pyx":398
  *     cdef double* part
  *     cdef Coef* coef
  *     if by_group(ng, nt):             # <<<<<<<<<<<<<<
@@ -26326,19 +26334,19 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
   }
 
-  /* "fastbn/_planar.pyx":403
+  /* "fastbn/_planar.pyx":404
  *                               &invstd[0], rm, rv, eps, factor)
  *         return
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)             # <<<<<<<<<<<<<<
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
 */
-  __pyx_t_11 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((((2 * __pyx_v_nu) * (sizeof(double))) + (__pyx_v_p.C * (sizeof(__pyx_t_6fastbn_6_stats_Coef)))), 1)); if (unlikely(!__pyx_t_11)) __PYX_ERR(3, 403, __pyx_L1_error)
+  __pyx_t_11 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((((2 * __pyx_v_nu) * (sizeof(double))) + (__pyx_v_p.C * (sizeof(__pyx_t_6fastbn_6_stats_Coef)))), 1)); if (unlikely(!__pyx_t_11)) __PYX_ERR(3, 404, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_11);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_11);
   __pyx_t_11 = 0;
 
-  /* "fastbn/_planar.pyx":404
+  /* "fastbn/_planar.pyx":405
  *         return
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
  *     coef = <Coef*>mem.data             # <<<<<<<<<<<<<<
@@ -26347,7 +26355,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_coef = ((__pyx_t_6fastbn_6_stats_Coef *)__pyx_v_mem->data);
 
-  /* "fastbn/_planar.pyx":405
+  /* "fastbn/_planar.pyx":406
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)             # <<<<<<<<<<<<<<
@@ -26356,7 +26364,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_part = ((double *)(__pyx_v_coef + __pyx_v_p.C));
 
-  /* "fastbn/_planar.pyx":406
+  /* "fastbn/_planar.pyx":407
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -26380,7 +26388,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
             #endif /* _OPENMP */
             {
 
-                /* "fastbn/_planar.pyx":407
+                /* "fastbn/_planar.pyx":408
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -26400,7 +26408,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
                             {
                                 __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":408
+                                /* "fastbn/_planar.pyx":409
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):
  *             block_sums(xp, NULL, &p, u // nb, u % nb, xp[(u // nb) * p.S],             # <<<<<<<<<<<<<<
@@ -26414,7 +26422,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
                 }
 
 
-                /* "fastbn/_planar.pyx":410
+                /* "fastbn/_planar.pyx":411
  *             block_sums(xp, NULL, &p, u // nb, u % nb, xp[(u // nb) * p.S],
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -26434,7 +26442,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
                             {
                                 __pyx_v_c = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":411
+                                /* "fastbn/_planar.pyx":412
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = forward_merged(part, &p, c, xp[c * p.S], eps, g, bt, &mean[0],             # <<<<<<<<<<<<<<
@@ -26443,7 +26451,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
                                 __pyx_t_2 = 0;
 
-                                /* "fastbn/_planar.pyx":412
+                                /* "fastbn/_planar.pyx":413
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = forward_merged(part, &p, c, xp[c * p.S], eps, g, bt, &mean[0],
  *                                      &invstd[0], rm, rv, factor)             # <<<<<<<<<<<<<<
@@ -26452,7 +26460,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
 */
                                 __pyx_t_1 = 0;
 
-                                /* "fastbn/_planar.pyx":411
+                                /* "fastbn/_planar.pyx":412
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = forward_merged(part, &p, c, xp[c * p.S], eps, g, bt, &mean[0],             # <<<<<<<<<<<<<<
@@ -26466,7 +26474,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
                 }
 
 
-                /* "fastbn/_planar.pyx":413
+                /* "fastbn/_planar.pyx":414
  *             coef[c] = forward_merged(part, &p, c, xp[c * p.S], eps, g, bt, &mean[0],
  *                                      &invstd[0], rm, rv, factor)
  *         for u in prange(nu, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -26486,7 +26494,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
                             {
                                 __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":414
+                                /* "fastbn/_planar.pyx":415
  *                                      &invstd[0], rm, rv, factor)
  *         for u in prange(nu, schedule="dynamic"):
  *             block_apply(xp, NULL, yp, &p, (nu - 1 - u) // nb, (nu - 1 - u) % nb,             # <<<<<<<<<<<<<<
@@ -26509,7 +26517,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
         #endif
       }
 
-      /* "fastbn/_planar.pyx":406
+      /* "fastbn/_planar.pyx":407
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -26526,7 +26534,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_12forward_train(CYTHON_UNUSED PyO
       }
   }
 
-  /* "fastbn/_planar.pyx":375
+  /* "fastbn/_planar.pyx":376
  * # ----------------------------------------------------------- wrappers ----
  * 
  * def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
@@ -26599,109 +26607,109 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_15forward_train(PyObj
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_beta,&__pyx_mstate_global->__pyx_n_u_y,&__pyx_mstate_global->__pyx_n_u_mean,&__pyx_mstate_global->__pyx_n_u_invstd,&__pyx_mstate_global->__pyx_n_u_running_mean,&__pyx_mstate_global->__pyx_n_u_running_var,&__pyx_mstate_global->__pyx_n_u_eps,&__pyx_mstate_global->__pyx_n_u_factor,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 375, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 376, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case 12:
         values[11] = __Pyx_ArgRef_VARARGS(__pyx_args, 11);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[11])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[11])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case 11:
         values[10] = __Pyx_ArgRef_VARARGS(__pyx_args, 10);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[10])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[10])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case 10:
         values[9] = __Pyx_ArgRef_VARARGS(__pyx_args, 9);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  9:
         values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  8:
         values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  7:
         values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 375, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 376, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "forward_train", 0) < (0)) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "forward_train", 0) < (0)) __PYX_ERR(3, 376, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 12; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forward_train", 1, 12, 12, i); __PYX_ERR(3, 375, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forward_train", 1, 12, 12, i); __PYX_ERR(3, 376, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 12)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[9] = __Pyx_ArgRef_VARARGS(__pyx_args, 9);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[10] = __Pyx_ArgRef_VARARGS(__pyx_args, 10);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[10])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[10])) __PYX_ERR(3, 376, __pyx_L3_error)
       values[11] = __Pyx_ArgRef_VARARGS(__pyx_args, 11);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[11])) __PYX_ERR(3, 375, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[11])) __PYX_ERR(3, 376, __pyx_L3_error)
     }
-    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 375, __pyx_L3_error)
-    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 375, __pyx_L3_error)
-    __pyx_v_beta = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_beta.memview)) __PYX_ERR(3, 376, __pyx_L3_error)
-    __pyx_v_y = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_y.memview)) __PYX_ERR(3, 376, __pyx_L3_error)
-    __pyx_v_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[4], PyBUF_WRITABLE); if (unlikely(!__pyx_v_mean.memview)) __PYX_ERR(3, 377, __pyx_L3_error)
-    __pyx_v_invstd = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_invstd.memview)) __PYX_ERR(3, 377, __pyx_L3_error)
-    __pyx_v_running_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[6], PyBUF_WRITABLE); if (unlikely(!__pyx_v_running_mean.memview)) __PYX_ERR(3, 378, __pyx_L3_error)
-    __pyx_v_running_var = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[7], PyBUF_WRITABLE); if (unlikely(!__pyx_v_running_var.memview)) __PYX_ERR(3, 378, __pyx_L3_error)
-    __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[8]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 379, __pyx_L3_error)
-    __pyx_v_factor = __Pyx_PyFloat_AsDouble(values[9]); if (unlikely((__pyx_v_factor == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 379, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[10]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 379, __pyx_L3_error)
-    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[11]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 379, __pyx_L3_error)
+    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 376, __pyx_L3_error)
+    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 376, __pyx_L3_error)
+    __pyx_v_beta = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_beta.memview)) __PYX_ERR(3, 377, __pyx_L3_error)
+    __pyx_v_y = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_y.memview)) __PYX_ERR(3, 377, __pyx_L3_error)
+    __pyx_v_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[4], PyBUF_WRITABLE); if (unlikely(!__pyx_v_mean.memview)) __PYX_ERR(3, 378, __pyx_L3_error)
+    __pyx_v_invstd = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_invstd.memview)) __PYX_ERR(3, 378, __pyx_L3_error)
+    __pyx_v_running_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[6], PyBUF_WRITABLE); if (unlikely(!__pyx_v_running_mean.memview)) __PYX_ERR(3, 379, __pyx_L3_error)
+    __pyx_v_running_var = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[7], PyBUF_WRITABLE); if (unlikely(!__pyx_v_running_var.memview)) __PYX_ERR(3, 379, __pyx_L3_error)
+    __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[8]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 380, __pyx_L3_error)
+    __pyx_v_factor = __Pyx_PyFloat_AsDouble(values[9]); if (unlikely((__pyx_v_factor == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 380, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[10]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 380, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[11]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 380, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("forward_train", 1, 12, 12, __pyx_nargs); __PYX_ERR(3, 375, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("forward_train", 1, 12, 12, __pyx_nargs); __PYX_ERR(3, 376, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -26779,7 +26787,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_1forward_train", 0);
 
-  /* "fastbn/_planar.pyx":381
+  /* "fastbn/_planar.pyx":382
  *                   double eps, double factor, int num_threads, bint stream):
  *     """Training forward on an (N, C, S) view; see fastbn.functional."""
  *     cdef const floating* xp = &x[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -26791,7 +26799,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
   __pyx_t_3 = 0;
   __pyx_v_xp = (&(*((double const  *) ( /* dim=2 */ ((char *) (((double const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_x.data + __pyx_t_1 * __pyx_v_x.strides[0]) ) + __pyx_t_2 * __pyx_v_x.strides[1]) )) + __pyx_t_3)) ))));
 
-  /* "fastbn/_planar.pyx":382
+  /* "fastbn/_planar.pyx":383
  *     """Training forward on an (N, C, S) view; see fastbn.functional."""
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* yp = &y[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -26803,7 +26811,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
   __pyx_t_1 = 0;
   __pyx_v_yp = (&(*((double *) ( /* dim=2 */ ((char *) (((double *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_y.data + __pyx_t_3 * __pyx_v_y.strides[0]) ) + __pyx_t_2 * __pyx_v_y.strides[1]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_planar.pyx":383
+  /* "fastbn/_planar.pyx":384
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* yp = &y[0, 0, 0]
  *     cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]             # <<<<<<<<<<<<<<
@@ -26812,7 +26820,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_size = (((__pyx_v_x.shape[0]) * (__pyx_v_x.shape[1])) * (__pyx_v_x.shape[2]));
 
-  /* "fastbn/_planar.pyx":384
+  /* "fastbn/_planar.pyx":385
  *     cdef floating* yp = &y[0, 0, 0]
  *     cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]
  *     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],             # <<<<<<<<<<<<<<
@@ -26821,7 +26829,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (__pyx_v_x.shape[2]), __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_yp, __pyx_v_xp, NULL, (__pyx_v_size * (sizeof(double)))));
 
-  /* "fastbn/_planar.pyx":386
+  /* "fastbn/_planar.pyx":387
  *     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],
  *                               streams(stream, yp, xp, NULL, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb             # <<<<<<<<<<<<<<
@@ -26833,7 +26841,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
   __pyx_v_nb = __pyx_t_4;
   __pyx_v_nu = (__pyx_v_p.C * __pyx_v_nb);
 
-  /* "fastbn/_planar.pyx":387
+  /* "fastbn/_planar.pyx":388
  *                               streams(stream, yp, xp, NULL, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)             # <<<<<<<<<<<<<<
@@ -26842,7 +26850,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for(__pyx_v_size, __pyx_v_nu, __pyx_v_num_threads);
 
-  /* "fastbn/_planar.pyx":388
+  /* "fastbn/_planar.pyx":389
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)             # <<<<<<<<<<<<<<
@@ -26851,7 +26859,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_g = __pyx_fuse_1__pyx_f_6fastbn_6_views_cptr(__pyx_v_gamma);
 
-  /* "fastbn/_planar.pyx":389
+  /* "fastbn/_planar.pyx":390
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)
  *     cdef const floating* bt = cptr(beta)             # <<<<<<<<<<<<<<
@@ -26860,7 +26868,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_bt = __pyx_fuse_1__pyx_f_6fastbn_6_views_cptr(__pyx_v_beta);
 
-  /* "fastbn/_planar.pyx":390
+  /* "fastbn/_planar.pyx":391
  *     cdef const floating* g = cptr(gamma)
  *     cdef const floating* bt = cptr(beta)
  *     cdef floating* rm = wptr(running_mean)             # <<<<<<<<<<<<<<
@@ -26869,7 +26877,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_rm = __pyx_fuse_1__pyx_f_6fastbn_6_views_wptr(__pyx_v_running_mean);
 
-  /* "fastbn/_planar.pyx":391
+  /* "fastbn/_planar.pyx":392
  *     cdef const floating* bt = cptr(beta)
  *     cdef floating* rm = wptr(running_mean)
  *     cdef floating* rv = wptr(running_var)             # <<<<<<<<<<<<<<
@@ -26878,7 +26886,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_rv = __pyx_fuse_1__pyx_f_6fastbn_6_views_wptr(__pyx_v_running_var);
 
-  /* "fastbn/_planar.pyx":392
+  /* "fastbn/_planar.pyx":393
  *     cdef floating* rm = wptr(running_mean)
  *     cdef floating* rv = wptr(running_var)
  *     cdef Py_ssize_t G = group_size(&p, sizeof(floating)), ng = (p.C + G - 1) // G             # <<<<<<<<<<<<<<
@@ -26888,7 +26896,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
   __pyx_v_G = __pyx_f_6fastbn_10_planar_v4_group_size((&__pyx_v_p), (sizeof(double)));
   __pyx_v_ng = (((__pyx_v_p.C + __pyx_v_G) - 1) / __pyx_v_G);
 
-  /* "fastbn/_planar.pyx":397
+  /* "fastbn/_planar.pyx":398
  *     cdef double* part
  *     cdef Coef* coef
  *     if by_group(ng, nt):             # <<<<<<<<<<<<<<
@@ -26900,7 +26908,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
   if (__pyx_t_5) {
 
 
-    /* "fastbn/_planar.pyx":398
+    /* "fastbn/_planar.pyx":399
  *     cdef Coef* coef
  *     if by_group(ng, nt):
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -26913,7 +26921,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
         __Pyx_FastGIL_Remember();
         /*try:*/ {
 
-          /* "fastbn/_planar.pyx":399
+          /* "fastbn/_planar.pyx":400
  *     if by_group(ng, nt):
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -26943,7 +26951,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
                           {
                               __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                              /* "fastbn/_planar.pyx":400
+                              /* "fastbn/_planar.pyx":401
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 forward_group(xp, yp, &p, u * G, min(p.C, (u + 1) * G), g, bt, &mean[0],             # <<<<<<<<<<<<<<
@@ -26966,7 +26974,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 
                               __pyx_t_1 = 0;
 
-                              /* "fastbn/_planar.pyx":401
+                              /* "fastbn/_planar.pyx":402
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 forward_group(xp, yp, &p, u * G, min(p.C, (u + 1) * G), g, bt, &mean[0],
  *                               &invstd[0], rm, rv, eps, factor)             # <<<<<<<<<<<<<<
@@ -26975,7 +26983,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
                               __pyx_t_2 = 0;
 
-                              /* "fastbn/_planar.pyx":400
+                              /* "fastbn/_planar.pyx":401
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 forward_group(xp, yp, &p, u * G, min(p.C, (u + 1) * G), g, bt, &mean[0],             # <<<<<<<<<<<<<<
@@ -26998,7 +27006,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 
         }
 
-        /* "fastbn/_planar.pyx":398
+        /* "fastbn/_planar.pyx":399
  *     cdef Coef* coef
  *     if by_group(ng, nt):
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -27015,7 +27023,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
         }
     }
 
-    /* "fastbn/_planar.pyx":402
+    /* "fastbn/_planar.pyx":403
  *                 forward_group(xp, yp, &p, u * G, min(p.C, (u + 1) * G), g, bt, &mean[0],
  *                               &invstd[0], rm, rv, eps, factor)
  *         return             # <<<<<<<<<<<<<<
@@ -27032,7 +27040,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
     }
     goto __pyx_L0;
 
-    /* "fastbn/_planar.pyx":397
+    /* "fastbn/_planar.pyx":398
  *     cdef double* part
  *     cdef Coef* coef
  *     if by_group(ng, nt):             # <<<<<<<<<<<<<<
@@ -27041,19 +27049,19 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
   }
 
-  /* "fastbn/_planar.pyx":403
+  /* "fastbn/_planar.pyx":404
  *                               &invstd[0], rm, rv, eps, factor)
  *         return
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)             # <<<<<<<<<<<<<<
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
 */
-  __pyx_t_11 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((((2 * __pyx_v_nu) * (sizeof(double))) + (__pyx_v_p.C * (sizeof(__pyx_t_6fastbn_6_stats_Coef)))), 1)); if (unlikely(!__pyx_t_11)) __PYX_ERR(3, 403, __pyx_L1_error)
+  __pyx_t_11 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((((2 * __pyx_v_nu) * (sizeof(double))) + (__pyx_v_p.C * (sizeof(__pyx_t_6fastbn_6_stats_Coef)))), 1)); if (unlikely(!__pyx_t_11)) __PYX_ERR(3, 404, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_11);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_11);
   __pyx_t_11 = 0;
 
-  /* "fastbn/_planar.pyx":404
+  /* "fastbn/_planar.pyx":405
  *         return
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
  *     coef = <Coef*>mem.data             # <<<<<<<<<<<<<<
@@ -27062,7 +27070,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_coef = ((__pyx_t_6fastbn_6_stats_Coef *)__pyx_v_mem->data);
 
-  /* "fastbn/_planar.pyx":405
+  /* "fastbn/_planar.pyx":406
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)             # <<<<<<<<<<<<<<
@@ -27071,7 +27079,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
   __pyx_v_part = ((double *)(__pyx_v_coef + __pyx_v_p.C));
 
-  /* "fastbn/_planar.pyx":406
+  /* "fastbn/_planar.pyx":407
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -27095,7 +27103,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
             #endif /* _OPENMP */
             {
 
-                /* "fastbn/_planar.pyx":407
+                /* "fastbn/_planar.pyx":408
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -27115,7 +27123,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
                             {
                                 __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":408
+                                /* "fastbn/_planar.pyx":409
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):
  *             block_sums(xp, NULL, &p, u // nb, u % nb, xp[(u // nb) * p.S],             # <<<<<<<<<<<<<<
@@ -27129,7 +27137,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
                 }
 
 
-                /* "fastbn/_planar.pyx":410
+                /* "fastbn/_planar.pyx":411
  *             block_sums(xp, NULL, &p, u // nb, u % nb, xp[(u // nb) * p.S],
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -27149,7 +27157,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
                             {
                                 __pyx_v_c = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":411
+                                /* "fastbn/_planar.pyx":412
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = forward_merged(part, &p, c, xp[c * p.S], eps, g, bt, &mean[0],             # <<<<<<<<<<<<<<
@@ -27158,7 +27166,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
                                 __pyx_t_2 = 0;
 
-                                /* "fastbn/_planar.pyx":412
+                                /* "fastbn/_planar.pyx":413
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = forward_merged(part, &p, c, xp[c * p.S], eps, g, bt, &mean[0],
  *                                      &invstd[0], rm, rv, factor)             # <<<<<<<<<<<<<<
@@ -27167,7 +27175,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
 */
                                 __pyx_t_1 = 0;
 
-                                /* "fastbn/_planar.pyx":411
+                                /* "fastbn/_planar.pyx":412
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = forward_merged(part, &p, c, xp[c * p.S], eps, g, bt, &mean[0],             # <<<<<<<<<<<<<<
@@ -27181,7 +27189,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
                 }
 
 
-                /* "fastbn/_planar.pyx":413
+                /* "fastbn/_planar.pyx":414
  *             coef[c] = forward_merged(part, &p, c, xp[c * p.S], eps, g, bt, &mean[0],
  *                                      &invstd[0], rm, rv, factor)
  *         for u in prange(nu, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -27201,7 +27209,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
                             {
                                 __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":414
+                                /* "fastbn/_planar.pyx":415
  *                                      &invstd[0], rm, rv, factor)
  *         for u in prange(nu, schedule="dynamic"):
  *             block_apply(xp, NULL, yp, &p, (nu - 1 - u) // nb, (nu - 1 - u) % nb,             # <<<<<<<<<<<<<<
@@ -27224,7 +27232,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
         #endif
       }
 
-      /* "fastbn/_planar.pyx":406
+      /* "fastbn/_planar.pyx":407
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -27241,7 +27249,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
       }
   }
 
-  /* "fastbn/_planar.pyx":375
+  /* "fastbn/_planar.pyx":376
  * # ----------------------------------------------------------- wrappers ----
  * 
  * def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
@@ -27280,7 +27288,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_14forward_train(CYTHON_UNUSED PyO
   return __pyx_r;
 }
 
-/* "fastbn/_planar.pyx":418
+/* "fastbn/_planar.pyx":419
  * 
  * 
  * def inference(const floating[:, :, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
@@ -27317,53 +27325,53 @@ static PyObject *__pyx_pw_6fastbn_10_planar_v4_3inference(PyObject *__pyx_self, 
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_signatures,&__pyx_mstate_global->__pyx_n_u_args,&__pyx_mstate_global->__pyx_n_u_kwargs,&__pyx_mstate_global->__pyx_n_u_defaults,&__pyx_mstate_global->__pyx_n_u_fused_sigindex,0};
     struct __pyx_defaults *__pyx_dynamic_args = __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self);
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 418, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 419, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 418, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 419, __pyx_L3_error)
       if (!values[4]) values[4] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
       for (Py_ssize_t i = __pyx_nargs; i < 4; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 418, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 419, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 419, __pyx_L3_error)
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 419, __pyx_L3_error)
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 419, __pyx_L3_error)
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 419, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -27377,7 +27385,7 @@ static PyObject *__pyx_pw_6fastbn_10_planar_v4_3inference(PyObject *__pyx_self, 
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 418, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 419, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -27429,7 +27437,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_2inference(CYTHON_UNUSED PyObject
   else
   {
     Py_ssize_t __pyx_temp = __Pyx_PyDict_GET_SIZE(__pyx_v_kwargs);
-    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 418, __pyx_L1_error)
+    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 419, __pyx_L1_error)
     __pyx_t_2 = (__pyx_temp != 0);
   }
 
@@ -27447,11 +27455,11 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_2inference(CYTHON_UNUSED PyObject
   }
   if (unlikely(__pyx_v_args == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(3, 418, __pyx_L1_error)
+    __PYX_ERR(3, 419, __pyx_L1_error)
   }
-  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 418, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 419, __pyx_L1_error)
   __pyx_v_arg_count = __pyx_t_4;
-  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 418, __pyx_L1_error)
+  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 419, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_ndarray = ((PyTypeObject*)__pyx_t_5);
   __pyx_t_5 = 0;
@@ -27461,7 +27469,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_2inference(CYTHON_UNUSED PyObject
 
     if (unlikely(__pyx_v_args == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 418, __pyx_L1_error)
+      __PYX_ERR(3, 419, __pyx_L1_error)
     }
     __pyx_t_5 = __Pyx_PyTuple_GET_ITEM(((PyObject*)__pyx_v_args), 0);
     __Pyx_INCREF(__pyx_t_5);
@@ -27480,9 +27488,9 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_2inference(CYTHON_UNUSED PyObject
   }
   if (unlikely(__pyx_v_kwargs == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not iterable");
-    __PYX_ERR(3, 418, __pyx_L1_error)
+    __PYX_ERR(3, 419, __pyx_L1_error)
   }
-  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_x, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 418, __pyx_L1_error)
+  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_x, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 419, __pyx_L1_error)
 
   __pyx_t_1 = __pyx_t_3;
 
@@ -27491,25 +27499,25 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_2inference(CYTHON_UNUSED PyObject
 
     if (unlikely(__pyx_v_kwargs == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 418, __pyx_L1_error)
+      __PYX_ERR(3, 419, __pyx_L1_error)
     }
-    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_x); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 418, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_x); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 419, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_v_arg = __pyx_t_5;
     __pyx_t_5 = 0;
     goto __pyx_L6;
   }
   /*else*/ {
-    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_x, 0, 9, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 418, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_x, 0, 9, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 419, __pyx_L1_error)
 
   }
   __pyx_L6:;
-  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 418, __pyx_L1_error) }
-  __pyx_t_5 = __pyx_ff_map_fused_02b6e3_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 418, __pyx_L1_error)
+  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 419, __pyx_L1_error) }
+  __pyx_t_5 = __pyx_ff_map_fused_02b6e3_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 419, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_dest_sig0 = ((PyObject*)__pyx_t_5);
   __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 418, __pyx_L1_error)
+  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 419, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   {
     PyObject *__pyx_temp;
@@ -27569,88 +27577,88 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_19inference(PyObject 
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_beta,&__pyx_mstate_global->__pyx_n_u_running_mean,&__pyx_mstate_global->__pyx_n_u_running_var,&__pyx_mstate_global->__pyx_n_u_y,&__pyx_mstate_global->__pyx_n_u_eps,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 418, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 419, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  9:
         values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  8:
         values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  7:
         values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "inference", 0) < (0)) __PYX_ERR(3, 418, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "inference", 0) < (0)) __PYX_ERR(3, 419, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 9; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("inference", 1, 9, 9, i); __PYX_ERR(3, 418, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("inference", 1, 9, 9, i); __PYX_ERR(3, 419, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 9)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 418, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 419, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 418, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 419, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 418, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 419, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 418, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 419, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 418, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 419, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 418, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 419, __pyx_L3_error)
       values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 418, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 419, __pyx_L3_error)
       values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 418, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 419, __pyx_L3_error)
       values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 418, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 419, __pyx_L3_error)
     }
-    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 418, __pyx_L3_error)
-    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 418, __pyx_L3_error)
-    __pyx_v_beta = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[2], 0); if (unlikely(!__pyx_v_beta.memview)) __PYX_ERR(3, 419, __pyx_L3_error)
-    __pyx_v_running_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[3], 0); if (unlikely(!__pyx_v_running_mean.memview)) __PYX_ERR(3, 419, __pyx_L3_error)
-    __pyx_v_running_var = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[4], 0); if (unlikely(!__pyx_v_running_var.memview)) __PYX_ERR(3, 420, __pyx_L3_error)
-    __pyx_v_y = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_y.memview)) __PYX_ERR(3, 420, __pyx_L3_error)
-    __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[6]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 421, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[7]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 421, __pyx_L3_error)
-    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[8]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 421, __pyx_L3_error)
+    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 419, __pyx_L3_error)
+    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 419, __pyx_L3_error)
+    __pyx_v_beta = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[2], 0); if (unlikely(!__pyx_v_beta.memview)) __PYX_ERR(3, 420, __pyx_L3_error)
+    __pyx_v_running_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[3], 0); if (unlikely(!__pyx_v_running_mean.memview)) __PYX_ERR(3, 420, __pyx_L3_error)
+    __pyx_v_running_var = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[4], 0); if (unlikely(!__pyx_v_running_var.memview)) __PYX_ERR(3, 421, __pyx_L3_error)
+    __pyx_v_y = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_y.memview)) __PYX_ERR(3, 421, __pyx_L3_error)
+    __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[6]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 422, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[7]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 422, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[8]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 422, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("inference", 1, 9, 9, __pyx_nargs); __PYX_ERR(3, 418, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("inference", 1, 9, 9, __pyx_nargs); __PYX_ERR(3, 419, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -27726,7 +27734,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_0inference", 0);
 
-  /* "fastbn/_planar.pyx":426
+  /* "fastbn/_planar.pyx":427
  *     A unit is a run of whole (n, c) rows of about BLOCK values or more,
  *     contiguous in memory."""
  *     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, u, r, r1             # <<<<<<<<<<<<<<
@@ -27737,7 +27745,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
   __pyx_v_C = (__pyx_v_x.shape[1]);
   __pyx_v_S = (__pyx_v_x.shape[2]);
 
-  /* "fastbn/_planar.pyx":427
+  /* "fastbn/_planar.pyx":428
  *     contiguous in memory."""
  *     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, u, r, r1
  *     cdef const floating* xp = &x[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -27749,7 +27757,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
   __pyx_t_3 = 0;
   __pyx_v_xp = (&(*((float const  *) ( /* dim=2 */ ((char *) (((float const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_x.data + __pyx_t_1 * __pyx_v_x.strides[0]) ) + __pyx_t_2 * __pyx_v_x.strides[1]) )) + __pyx_t_3)) ))));
 
-  /* "fastbn/_planar.pyx":428
+  /* "fastbn/_planar.pyx":429
  *     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, u, r, r1
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* yp = &y[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -27761,7 +27769,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
   __pyx_t_1 = 0;
   __pyx_v_yp = (&(*((float *) ( /* dim=2 */ ((char *) (((float *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_y.data + __pyx_t_3 * __pyx_v_y.strides[0]) ) + __pyx_t_2 * __pyx_v_y.strides[1]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_planar.pyx":429
+  /* "fastbn/_planar.pyx":430
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* yp = &y[0, 0, 0]
  *     cdef bint streaming = streams(stream, yp, xp, NULL, N * C * S * sizeof(floating))             # <<<<<<<<<<<<<<
@@ -27770,7 +27778,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_streaming = __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_yp, __pyx_v_xp, NULL, (((__pyx_v_N * __pyx_v_C) * __pyx_v_S) * (sizeof(float))));
 
-  /* "fastbn/_planar.pyx":430
+  /* "fastbn/_planar.pyx":431
  *     cdef floating* yp = &y[0, 0, 0]
  *     cdef bint streaming = streams(stream, yp, xp, NULL, N * C * S * sizeof(floating))
  *     cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows             # <<<<<<<<<<<<<<
@@ -27795,7 +27803,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
 
   __pyx_v_nu = ((((__pyx_v_N * __pyx_v_C) + __pyx_v_rows) - 1) / __pyx_v_rows);
 
-  /* "fastbn/_planar.pyx":431
+  /* "fastbn/_planar.pyx":432
  *     cdef bint streaming = streams(stream, yp, xp, NULL, N * C * S * sizeof(floating))
  *     cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows
  *     cdef int nt = threads_for(N * C * S, nu, num_threads)             # <<<<<<<<<<<<<<
@@ -27804,7 +27812,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for(((__pyx_v_N * __pyx_v_C) * __pyx_v_S), __pyx_v_nu, __pyx_v_num_threads);
 
-  /* "fastbn/_planar.pyx":432
+  /* "fastbn/_planar.pyx":433
  *     cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows
  *     cdef int nt = threads_for(N * C * S, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)             # <<<<<<<<<<<<<<
@@ -27813,7 +27821,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_g = __pyx_fuse_0__pyx_f_6fastbn_6_views_cptr(__pyx_v_gamma);
 
-  /* "fastbn/_planar.pyx":433
+  /* "fastbn/_planar.pyx":434
  *     cdef int nt = threads_for(N * C * S, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)
  *     cdef const floating* bt = cptr(beta)             # <<<<<<<<<<<<<<
@@ -27822,19 +27830,19 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_bt = __pyx_fuse_0__pyx_f_6fastbn_6_views_cptr(__pyx_v_beta);
 
-  /* "fastbn/_planar.pyx":434
+  /* "fastbn/_planar.pyx":435
  *     cdef const floating* g = cptr(gamma)
  *     cdef const floating* bt = cptr(beta)
  *     cdef array mem = workspace(C, sizeof(Coef) + sizeof(Coef32) + 1)             # <<<<<<<<<<<<<<
  *     cdef Coef* coef = <Coef*>mem.data
  *     cdef Coef32* coef32 = <Coef32*>(coef + C)
 */
-  __pyx_t_8 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_v_C, (((sizeof(__pyx_t_6fastbn_6_stats_Coef)) + (sizeof(__pyx_t_6fastbn_6_stats_Coef32))) + 1))); if (unlikely(!__pyx_t_8)) __PYX_ERR(3, 434, __pyx_L1_error)
+  __pyx_t_8 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_v_C, (((sizeof(__pyx_t_6fastbn_6_stats_Coef)) + (sizeof(__pyx_t_6fastbn_6_stats_Coef32))) + 1))); if (unlikely(!__pyx_t_8)) __PYX_ERR(3, 435, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_8);
   __pyx_t_8 = 0;
 
-  /* "fastbn/_planar.pyx":435
+  /* "fastbn/_planar.pyx":436
  *     cdef const floating* bt = cptr(beta)
  *     cdef array mem = workspace(C, sizeof(Coef) + sizeof(Coef32) + 1)
  *     cdef Coef* coef = <Coef*>mem.data             # <<<<<<<<<<<<<<
@@ -27843,7 +27851,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_coef = ((__pyx_t_6fastbn_6_stats_Coef *)__pyx_v_mem->data);
 
-  /* "fastbn/_planar.pyx":436
+  /* "fastbn/_planar.pyx":437
  *     cdef array mem = workspace(C, sizeof(Coef) + sizeof(Coef32) + 1)
  *     cdef Coef* coef = <Coef*>mem.data
  *     cdef Coef32* coef32 = <Coef32*>(coef + C)             # <<<<<<<<<<<<<<
@@ -27852,7 +27860,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_coef32 = ((__pyx_t_6fastbn_6_stats_Coef32 *)(__pyx_v_coef + __pyx_v_C));
 
-  /* "fastbn/_planar.pyx":437
+  /* "fastbn/_planar.pyx":438
  *     cdef Coef* coef = <Coef*>mem.data
  *     cdef Coef32* coef32 = <Coef32*>(coef + C)
  *     cdef char* ok = <char*>(coef32 + C)             # <<<<<<<<<<<<<<
@@ -27861,7 +27869,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_ok = ((char *)(__pyx_v_coef32 + __pyx_v_C));
 
-  /* "fastbn/_planar.pyx":438
+  /* "fastbn/_planar.pyx":439
  *     cdef Coef32* coef32 = <Coef32*>(coef + C)
  *     cdef char* ok = <char*>(coef32 + C)
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -27874,7 +27882,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "fastbn/_planar.pyx":439
+        /* "fastbn/_planar.pyx":440
  *     cdef char* ok = <char*>(coef32 + C)
  *     with nogil:
  *         for c in range(C):             # <<<<<<<<<<<<<<
@@ -27888,7 +27896,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
         for (__pyx_t_9 = 0; __pyx_t_9 < __pyx_t_4; __pyx_t_9+=1) {
           __pyx_v_c = __pyx_t_9;
 
-          /* "fastbn/_planar.pyx":440
+          /* "fastbn/_planar.pyx":441
  *     with nogil:
  *         for c in range(C):
  *             coef[c] = inference_coef(&running_mean[0], &running_var[0], eps, g, bt, c)             # <<<<<<<<<<<<<<
@@ -27899,7 +27907,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
           __pyx_t_2 = 0;
           (__pyx_v_coef[__pyx_v_c]) = __pyx_fuse_0__pyx_f_6fastbn_6_stats_inference_coef((&(*((float const  *) ( /* dim=0 */ ((char *) (((float const  *) __pyx_v_running_mean.data) + __pyx_t_1)) )))), (&(*((float const  *) ( /* dim=0 */ ((char *) (((float const  *) __pyx_v_running_var.data) + __pyx_t_2)) )))), __pyx_v_eps, __pyx_v_g, __pyx_v_bt, __pyx_v_c);
 
-          /* "fastbn/_planar.pyx":441
+          /* "fastbn/_planar.pyx":442
  *         for c in range(C):
  *             coef[c] = inference_coef(&running_mean[0], &running_var[0], eps, g, bt, c)
  *             ok[c] = floating is float and to_float(&coef[c], &coef32[c])             # <<<<<<<<<<<<<<
@@ -27910,7 +27918,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
         }
 
 
-        /* "fastbn/_planar.pyx":442
+        /* "fastbn/_planar.pyx":443
  *             coef[c] = inference_coef(&running_mean[0], &running_var[0], eps, g, bt, c)
  *             ok[c] = floating is float and to_float(&coef[c], &coef32[c])
  *         for u in prange(nu, num_threads=nt, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -27940,12 +27948,12 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
                         {
                             __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_4);
 
-                            /* "fastbn/_planar.pyx":443
+                            /* "fastbn/_planar.pyx":444
  *             ok[c] = floating is float and to_float(&coef[c], &coef32[c])
  *         for u in prange(nu, num_threads=nt, schedule="dynamic"):
  *             r1 = min(N * C, (u + 1) * rows)             # <<<<<<<<<<<<<<
  *             for r in range(u * rows, r1):
- *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
+ *                 # the unit is contiguous: keep PREFETCH_BYTES of it in flight
 */
 
                             __pyx_t_10 = ((__pyx_v_u + 1) * __pyx_v_rows);
@@ -27964,12 +27972,12 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
                             __pyx_v_r1 = __pyx_t_12;
 
 
-                            /* "fastbn/_planar.pyx":444
+                            /* "fastbn/_planar.pyx":445
  *         for u in prange(nu, num_threads=nt, schedule="dynamic"):
  *             r1 = min(N * C, (u + 1) * rows)
  *             for r in range(u * rows, r1):             # <<<<<<<<<<<<<<
- *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
- *                           &coef32[r % C] if ok[r % C] else NULL, streaming)
+ *                 # the unit is contiguous: keep PREFETCH_BYTES of it in flight
+ *                 prefetch_span(xp + r * S + PREFETCH_BYTES // sizeof(floating),
 */
 
                             __pyx_t_12 = __pyx_v_r1;
@@ -27978,8 +27986,17 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
                             for (__pyx_t_11 = (__pyx_v_u * __pyx_v_rows); __pyx_t_11 < __pyx_t_10; __pyx_t_11+=1) {
                               __pyx_v_r = __pyx_t_11;
 
-                              /* "fastbn/_planar.pyx":446
+                              /* "fastbn/_planar.pyx":447
  *             for r in range(u * rows, r1):
+ *                 # the unit is contiguous: keep PREFETCH_BYTES of it in flight
+ *                 prefetch_span(xp + r * S + PREFETCH_BYTES // sizeof(floating),             # <<<<<<<<<<<<<<
+ *                               S * sizeof(floating))
+ *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
+*/
+                              fastbn_prefetch_span(((__pyx_v_xp + (__pyx_v_r * __pyx_v_S)) + (FASTBN_PREFETCH_BYTES / (sizeof(float)))), (__pyx_v_S * (sizeof(float))));
+
+                              /* "fastbn/_planar.pyx":450
+ *                               S * sizeof(floating))
  *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
  *                           &coef32[r % C] if ok[r % C] else NULL, streaming)             # <<<<<<<<<<<<<<
  *             if streaming:
@@ -27996,9 +28013,9 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
                               }
 
 
-                              /* "fastbn/_planar.pyx":445
- *             r1 = min(N * C, (u + 1) * rows)
- *             for r in range(u * rows, r1):
+                              /* "fastbn/_planar.pyx":449
+ *                 prefetch_span(xp + r * S + PREFETCH_BYTES // sizeof(floating),
+ *                               S * sizeof(floating))
  *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],             # <<<<<<<<<<<<<<
  *                           &coef32[r % C] if ok[r % C] else NULL, streaming)
  *             if streaming:
@@ -28008,7 +28025,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
                             }
 
 
-                            /* "fastbn/_planar.pyx":447
+                            /* "fastbn/_planar.pyx":451
  *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
  *                           &coef32[r % C] if ok[r % C] else NULL, streaming)
  *             if streaming:             # <<<<<<<<<<<<<<
@@ -28017,7 +28034,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
 */
                             if (__pyx_v_streaming) {
 
-                              /* "fastbn/_planar.pyx":448
+                              /* "fastbn/_planar.pyx":452
  *                           &coef32[r % C] if ok[r % C] else NULL, streaming)
  *             if streaming:
  *                 fence()             # <<<<<<<<<<<<<<
@@ -28026,7 +28043,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
 */
                               fastbn_fence();
 
-                              /* "fastbn/_planar.pyx":447
+                              /* "fastbn/_planar.pyx":451
  *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
  *                           &coef32[r % C] if ok[r % C] else NULL, streaming)
  *             if streaming:             # <<<<<<<<<<<<<<
@@ -28048,7 +28065,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
 
       }
 
-      /* "fastbn/_planar.pyx":438
+      /* "fastbn/_planar.pyx":439
  *     cdef Coef32* coef32 = <Coef32*>(coef + C)
  *     cdef char* ok = <char*>(coef32 + C)
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -28065,7 +28082,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_18inference(CYTHON_UNUSED PyObjec
       }
   }
 
-  /* "fastbn/_planar.pyx":418
+  /* "fastbn/_planar.pyx":419
  * 
  * 
  * def inference(const floating[:, :, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
@@ -28136,88 +28153,88 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_21inference(PyObject 
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_beta,&__pyx_mstate_global->__pyx_n_u_running_mean,&__pyx_mstate_global->__pyx_n_u_running_var,&__pyx_mstate_global->__pyx_n_u_y,&__pyx_mstate_global->__pyx_n_u_eps,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 418, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 419, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  9:
         values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  8:
         values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  7:
         values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 418, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 419, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "inference", 0) < (0)) __PYX_ERR(3, 418, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "inference", 0) < (0)) __PYX_ERR(3, 419, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 9; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("inference", 1, 9, 9, i); __PYX_ERR(3, 418, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("inference", 1, 9, 9, i); __PYX_ERR(3, 419, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 9)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 418, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 419, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 418, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 419, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 418, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 419, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 418, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 419, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 418, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 419, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 418, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 419, __pyx_L3_error)
       values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 418, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 419, __pyx_L3_error)
       values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 418, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 419, __pyx_L3_error)
       values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 418, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 419, __pyx_L3_error)
     }
-    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 418, __pyx_L3_error)
-    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 418, __pyx_L3_error)
-    __pyx_v_beta = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_beta.memview)) __PYX_ERR(3, 419, __pyx_L3_error)
-    __pyx_v_running_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_running_mean.memview)) __PYX_ERR(3, 419, __pyx_L3_error)
-    __pyx_v_running_var = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[4], 0); if (unlikely(!__pyx_v_running_var.memview)) __PYX_ERR(3, 420, __pyx_L3_error)
-    __pyx_v_y = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_y.memview)) __PYX_ERR(3, 420, __pyx_L3_error)
-    __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[6]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 421, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[7]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 421, __pyx_L3_error)
-    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[8]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 421, __pyx_L3_error)
+    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 419, __pyx_L3_error)
+    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 419, __pyx_L3_error)
+    __pyx_v_beta = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_beta.memview)) __PYX_ERR(3, 420, __pyx_L3_error)
+    __pyx_v_running_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_running_mean.memview)) __PYX_ERR(3, 420, __pyx_L3_error)
+    __pyx_v_running_var = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[4], 0); if (unlikely(!__pyx_v_running_var.memview)) __PYX_ERR(3, 421, __pyx_L3_error)
+    __pyx_v_y = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_y.memview)) __PYX_ERR(3, 421, __pyx_L3_error)
+    __pyx_v_eps = __Pyx_PyFloat_AsDouble(values[6]); if (unlikely((__pyx_v_eps == (double)-1) && PyErr_Occurred())) __PYX_ERR(3, 422, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[7]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 422, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[8]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 422, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("inference", 1, 9, 9, __pyx_nargs); __PYX_ERR(3, 418, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("inference", 1, 9, 9, __pyx_nargs); __PYX_ERR(3, 419, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -28293,7 +28310,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_1inference", 0);
 
-  /* "fastbn/_planar.pyx":426
+  /* "fastbn/_planar.pyx":427
  *     A unit is a run of whole (n, c) rows of about BLOCK values or more,
  *     contiguous in memory."""
  *     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, u, r, r1             # <<<<<<<<<<<<<<
@@ -28304,7 +28321,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
   __pyx_v_C = (__pyx_v_x.shape[1]);
   __pyx_v_S = (__pyx_v_x.shape[2]);
 
-  /* "fastbn/_planar.pyx":427
+  /* "fastbn/_planar.pyx":428
  *     contiguous in memory."""
  *     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, u, r, r1
  *     cdef const floating* xp = &x[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -28316,7 +28333,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
   __pyx_t_3 = 0;
   __pyx_v_xp = (&(*((double const  *) ( /* dim=2 */ ((char *) (((double const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_x.data + __pyx_t_1 * __pyx_v_x.strides[0]) ) + __pyx_t_2 * __pyx_v_x.strides[1]) )) + __pyx_t_3)) ))));
 
-  /* "fastbn/_planar.pyx":428
+  /* "fastbn/_planar.pyx":429
  *     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, u, r, r1
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* yp = &y[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -28328,7 +28345,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
   __pyx_t_1 = 0;
   __pyx_v_yp = (&(*((double *) ( /* dim=2 */ ((char *) (((double *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_y.data + __pyx_t_3 * __pyx_v_y.strides[0]) ) + __pyx_t_2 * __pyx_v_y.strides[1]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_planar.pyx":429
+  /* "fastbn/_planar.pyx":430
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* yp = &y[0, 0, 0]
  *     cdef bint streaming = streams(stream, yp, xp, NULL, N * C * S * sizeof(floating))             # <<<<<<<<<<<<<<
@@ -28337,7 +28354,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_streaming = __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_yp, __pyx_v_xp, NULL, (((__pyx_v_N * __pyx_v_C) * __pyx_v_S) * (sizeof(double))));
 
-  /* "fastbn/_planar.pyx":430
+  /* "fastbn/_planar.pyx":431
  *     cdef floating* yp = &y[0, 0, 0]
  *     cdef bint streaming = streams(stream, yp, xp, NULL, N * C * S * sizeof(floating))
  *     cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows             # <<<<<<<<<<<<<<
@@ -28362,7 +28379,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
 
   __pyx_v_nu = ((((__pyx_v_N * __pyx_v_C) + __pyx_v_rows) - 1) / __pyx_v_rows);
 
-  /* "fastbn/_planar.pyx":431
+  /* "fastbn/_planar.pyx":432
  *     cdef bint streaming = streams(stream, yp, xp, NULL, N * C * S * sizeof(floating))
  *     cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows
  *     cdef int nt = threads_for(N * C * S, nu, num_threads)             # <<<<<<<<<<<<<<
@@ -28371,7 +28388,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for(((__pyx_v_N * __pyx_v_C) * __pyx_v_S), __pyx_v_nu, __pyx_v_num_threads);
 
-  /* "fastbn/_planar.pyx":432
+  /* "fastbn/_planar.pyx":433
  *     cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows
  *     cdef int nt = threads_for(N * C * S, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)             # <<<<<<<<<<<<<<
@@ -28380,7 +28397,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_g = __pyx_fuse_1__pyx_f_6fastbn_6_views_cptr(__pyx_v_gamma);
 
-  /* "fastbn/_planar.pyx":433
+  /* "fastbn/_planar.pyx":434
  *     cdef int nt = threads_for(N * C * S, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)
  *     cdef const floating* bt = cptr(beta)             # <<<<<<<<<<<<<<
@@ -28389,19 +28406,19 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_bt = __pyx_fuse_1__pyx_f_6fastbn_6_views_cptr(__pyx_v_beta);
 
-  /* "fastbn/_planar.pyx":434
+  /* "fastbn/_planar.pyx":435
  *     cdef const floating* g = cptr(gamma)
  *     cdef const floating* bt = cptr(beta)
  *     cdef array mem = workspace(C, sizeof(Coef) + sizeof(Coef32) + 1)             # <<<<<<<<<<<<<<
  *     cdef Coef* coef = <Coef*>mem.data
  *     cdef Coef32* coef32 = <Coef32*>(coef + C)
 */
-  __pyx_t_8 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_v_C, (((sizeof(__pyx_t_6fastbn_6_stats_Coef)) + (sizeof(__pyx_t_6fastbn_6_stats_Coef32))) + 1))); if (unlikely(!__pyx_t_8)) __PYX_ERR(3, 434, __pyx_L1_error)
+  __pyx_t_8 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace(__pyx_v_C, (((sizeof(__pyx_t_6fastbn_6_stats_Coef)) + (sizeof(__pyx_t_6fastbn_6_stats_Coef32))) + 1))); if (unlikely(!__pyx_t_8)) __PYX_ERR(3, 435, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_8);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_8);
   __pyx_t_8 = 0;
 
-  /* "fastbn/_planar.pyx":435
+  /* "fastbn/_planar.pyx":436
  *     cdef const floating* bt = cptr(beta)
  *     cdef array mem = workspace(C, sizeof(Coef) + sizeof(Coef32) + 1)
  *     cdef Coef* coef = <Coef*>mem.data             # <<<<<<<<<<<<<<
@@ -28410,7 +28427,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_coef = ((__pyx_t_6fastbn_6_stats_Coef *)__pyx_v_mem->data);
 
-  /* "fastbn/_planar.pyx":436
+  /* "fastbn/_planar.pyx":437
  *     cdef array mem = workspace(C, sizeof(Coef) + sizeof(Coef32) + 1)
  *     cdef Coef* coef = <Coef*>mem.data
  *     cdef Coef32* coef32 = <Coef32*>(coef + C)             # <<<<<<<<<<<<<<
@@ -28419,7 +28436,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_coef32 = ((__pyx_t_6fastbn_6_stats_Coef32 *)(__pyx_v_coef + __pyx_v_C));
 
-  /* "fastbn/_planar.pyx":437
+  /* "fastbn/_planar.pyx":438
  *     cdef Coef* coef = <Coef*>mem.data
  *     cdef Coef32* coef32 = <Coef32*>(coef + C)
  *     cdef char* ok = <char*>(coef32 + C)             # <<<<<<<<<<<<<<
@@ -28428,7 +28445,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
 */
   __pyx_v_ok = ((char *)(__pyx_v_coef32 + __pyx_v_C));
 
-  /* "fastbn/_planar.pyx":438
+  /* "fastbn/_planar.pyx":439
  *     cdef Coef32* coef32 = <Coef32*>(coef + C)
  *     cdef char* ok = <char*>(coef32 + C)
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -28441,7 +28458,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "fastbn/_planar.pyx":439
+        /* "fastbn/_planar.pyx":440
  *     cdef char* ok = <char*>(coef32 + C)
  *     with nogil:
  *         for c in range(C):             # <<<<<<<<<<<<<<
@@ -28455,7 +28472,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
         for (__pyx_t_9 = 0; __pyx_t_9 < __pyx_t_4; __pyx_t_9+=1) {
           __pyx_v_c = __pyx_t_9;
 
-          /* "fastbn/_planar.pyx":440
+          /* "fastbn/_planar.pyx":441
  *     with nogil:
  *         for c in range(C):
  *             coef[c] = inference_coef(&running_mean[0], &running_var[0], eps, g, bt, c)             # <<<<<<<<<<<<<<
@@ -28466,7 +28483,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
           __pyx_t_2 = 0;
           (__pyx_v_coef[__pyx_v_c]) = __pyx_fuse_1__pyx_f_6fastbn_6_stats_inference_coef((&(*((double const  *) ( /* dim=0 */ ((char *) (((double const  *) __pyx_v_running_mean.data) + __pyx_t_1)) )))), (&(*((double const  *) ( /* dim=0 */ ((char *) (((double const  *) __pyx_v_running_var.data) + __pyx_t_2)) )))), __pyx_v_eps, __pyx_v_g, __pyx_v_bt, __pyx_v_c);
 
-          /* "fastbn/_planar.pyx":441
+          /* "fastbn/_planar.pyx":442
  *         for c in range(C):
  *             coef[c] = inference_coef(&running_mean[0], &running_var[0], eps, g, bt, c)
  *             ok[c] = floating is float and to_float(&coef[c], &coef32[c])             # <<<<<<<<<<<<<<
@@ -28477,7 +28494,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
         }
 
 
-        /* "fastbn/_planar.pyx":442
+        /* "fastbn/_planar.pyx":443
  *             coef[c] = inference_coef(&running_mean[0], &running_var[0], eps, g, bt, c)
  *             ok[c] = floating is float and to_float(&coef[c], &coef32[c])
  *         for u in prange(nu, num_threads=nt, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -28507,12 +28524,12 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
                         {
                             __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_4);
 
-                            /* "fastbn/_planar.pyx":443
+                            /* "fastbn/_planar.pyx":444
  *             ok[c] = floating is float and to_float(&coef[c], &coef32[c])
  *         for u in prange(nu, num_threads=nt, schedule="dynamic"):
  *             r1 = min(N * C, (u + 1) * rows)             # <<<<<<<<<<<<<<
  *             for r in range(u * rows, r1):
- *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
+ *                 # the unit is contiguous: keep PREFETCH_BYTES of it in flight
 */
 
                             __pyx_t_10 = ((__pyx_v_u + 1) * __pyx_v_rows);
@@ -28531,12 +28548,12 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
                             __pyx_v_r1 = __pyx_t_12;
 
 
-                            /* "fastbn/_planar.pyx":444
+                            /* "fastbn/_planar.pyx":445
  *         for u in prange(nu, num_threads=nt, schedule="dynamic"):
  *             r1 = min(N * C, (u + 1) * rows)
  *             for r in range(u * rows, r1):             # <<<<<<<<<<<<<<
- *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
- *                           &coef32[r % C] if ok[r % C] else NULL, streaming)
+ *                 # the unit is contiguous: keep PREFETCH_BYTES of it in flight
+ *                 prefetch_span(xp + r * S + PREFETCH_BYTES // sizeof(floating),
 */
 
                             __pyx_t_12 = __pyx_v_r1;
@@ -28545,8 +28562,17 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
                             for (__pyx_t_11 = (__pyx_v_u * __pyx_v_rows); __pyx_t_11 < __pyx_t_10; __pyx_t_11+=1) {
                               __pyx_v_r = __pyx_t_11;
 
-                              /* "fastbn/_planar.pyx":446
+                              /* "fastbn/_planar.pyx":447
  *             for r in range(u * rows, r1):
+ *                 # the unit is contiguous: keep PREFETCH_BYTES of it in flight
+ *                 prefetch_span(xp + r * S + PREFETCH_BYTES // sizeof(floating),             # <<<<<<<<<<<<<<
+ *                               S * sizeof(floating))
+ *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
+*/
+                              fastbn_prefetch_span(((__pyx_v_xp + (__pyx_v_r * __pyx_v_S)) + (FASTBN_PREFETCH_BYTES / (sizeof(double)))), (__pyx_v_S * (sizeof(double))));
+
+                              /* "fastbn/_planar.pyx":450
+ *                               S * sizeof(floating))
  *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
  *                           &coef32[r % C] if ok[r % C] else NULL, streaming)             # <<<<<<<<<<<<<<
  *             if streaming:
@@ -28563,9 +28589,9 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
                               }
 
 
-                              /* "fastbn/_planar.pyx":445
- *             r1 = min(N * C, (u + 1) * rows)
- *             for r in range(u * rows, r1):
+                              /* "fastbn/_planar.pyx":449
+ *                 prefetch_span(xp + r * S + PREFETCH_BYTES // sizeof(floating),
+ *                               S * sizeof(floating))
  *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],             # <<<<<<<<<<<<<<
  *                           &coef32[r % C] if ok[r % C] else NULL, streaming)
  *             if streaming:
@@ -28575,7 +28601,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
                             }
 
 
-                            /* "fastbn/_planar.pyx":447
+                            /* "fastbn/_planar.pyx":451
  *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
  *                           &coef32[r % C] if ok[r % C] else NULL, streaming)
  *             if streaming:             # <<<<<<<<<<<<<<
@@ -28584,7 +28610,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
 */
                             if (__pyx_v_streaming) {
 
-                              /* "fastbn/_planar.pyx":448
+                              /* "fastbn/_planar.pyx":452
  *                           &coef32[r % C] if ok[r % C] else NULL, streaming)
  *             if streaming:
  *                 fence()             # <<<<<<<<<<<<<<
@@ -28593,7 +28619,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
 */
                               fastbn_fence();
 
-                              /* "fastbn/_planar.pyx":447
+                              /* "fastbn/_planar.pyx":451
  *                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
  *                           &coef32[r % C] if ok[r % C] else NULL, streaming)
  *             if streaming:             # <<<<<<<<<<<<<<
@@ -28615,7 +28641,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
 
       }
 
-      /* "fastbn/_planar.pyx":438
+      /* "fastbn/_planar.pyx":439
  *     cdef Coef32* coef32 = <Coef32*>(coef + C)
  *     cdef char* ok = <char*>(coef32 + C)
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -28632,7 +28658,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
       }
   }
 
-  /* "fastbn/_planar.pyx":418
+  /* "fastbn/_planar.pyx":419
  * 
  * 
  * def inference(const floating[:, :, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
@@ -28672,7 +28698,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_20inference(CYTHON_UNUSED PyObjec
   return __pyx_r;
 }
 
-/* "fastbn/_planar.pyx":451
+/* "fastbn/_planar.pyx":455
  * 
  * 
  * def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,             # <<<<<<<<<<<<<<
@@ -28709,53 +28735,53 @@ static PyObject *__pyx_pw_6fastbn_10_planar_v4_5backward(PyObject *__pyx_self, P
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_signatures,&__pyx_mstate_global->__pyx_n_u_args,&__pyx_mstate_global->__pyx_n_u_kwargs,&__pyx_mstate_global->__pyx_n_u_defaults,&__pyx_mstate_global->__pyx_n_u_fused_sigindex,0};
     struct __pyx_defaults *__pyx_dynamic_args = __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self);
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 451, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 455, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 455, __pyx_L3_error)
       if (!values[4]) values[4] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
       for (Py_ssize_t i = __pyx_nargs; i < 4; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 451, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 455, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 455, __pyx_L3_error)
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 455, __pyx_L3_error)
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 455, __pyx_L3_error)
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 455, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -28769,7 +28795,7 @@ static PyObject *__pyx_pw_6fastbn_10_planar_v4_5backward(PyObject *__pyx_self, P
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 451, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 455, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -28821,7 +28847,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_4backward(CYTHON_UNUSED PyObject 
   else
   {
     Py_ssize_t __pyx_temp = __Pyx_PyDict_GET_SIZE(__pyx_v_kwargs);
-    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 451, __pyx_L1_error)
+    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 455, __pyx_L1_error)
     __pyx_t_2 = (__pyx_temp != 0);
   }
 
@@ -28839,11 +28865,11 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_4backward(CYTHON_UNUSED PyObject 
   }
   if (unlikely(__pyx_v_args == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(3, 451, __pyx_L1_error)
+    __PYX_ERR(3, 455, __pyx_L1_error)
   }
-  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 451, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 455, __pyx_L1_error)
   __pyx_v_arg_count = __pyx_t_4;
-  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 451, __pyx_L1_error)
+  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 455, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_ndarray = ((PyTypeObject*)__pyx_t_5);
   __pyx_t_5 = 0;
@@ -28853,7 +28879,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_4backward(CYTHON_UNUSED PyObject 
 
     if (unlikely(__pyx_v_args == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 451, __pyx_L1_error)
+      __PYX_ERR(3, 455, __pyx_L1_error)
     }
     __pyx_t_5 = __Pyx_PyTuple_GET_ITEM(((PyObject*)__pyx_v_args), 0);
     __Pyx_INCREF(__pyx_t_5);
@@ -28872,9 +28898,9 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_4backward(CYTHON_UNUSED PyObject 
   }
   if (unlikely(__pyx_v_kwargs == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not iterable");
-    __PYX_ERR(3, 451, __pyx_L1_error)
+    __PYX_ERR(3, 455, __pyx_L1_error)
   }
-  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_dy, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 451, __pyx_L1_error)
+  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_dy, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 455, __pyx_L1_error)
 
   __pyx_t_1 = __pyx_t_3;
 
@@ -28883,25 +28909,25 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_4backward(CYTHON_UNUSED PyObject 
 
     if (unlikely(__pyx_v_kwargs == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 451, __pyx_L1_error)
+      __PYX_ERR(3, 455, __pyx_L1_error)
     }
-    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_dy); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 451, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_dy); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 455, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_v_arg = __pyx_t_5;
     __pyx_t_5 = 0;
     goto __pyx_L6;
   }
   /*else*/ {
-    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_dy, 0, 10, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 451, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_dy, 0, 10, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 455, __pyx_L1_error)
 
   }
   __pyx_L6:;
-  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 451, __pyx_L1_error) }
-  __pyx_t_5 = __pyx_ff_map_fused_02b6e3_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 451, __pyx_L1_error)
+  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 455, __pyx_L1_error) }
+  __pyx_t_5 = __pyx_ff_map_fused_02b6e3_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 455, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_dest_sig0 = ((PyObject*)__pyx_t_5);
   __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 451, __pyx_L1_error)
+  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 455, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   {
     PyObject *__pyx_temp;
@@ -28962,95 +28988,95 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_25backward(PyObject *
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_dy,&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_mean,&__pyx_mstate_global->__pyx_n_u_invstd,&__pyx_mstate_global->__pyx_n_u_dx,&__pyx_mstate_global->__pyx_n_u_dgamma,&__pyx_mstate_global->__pyx_n_u_dbeta,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 451, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 455, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case 10:
         values[9] = __Pyx_ArgRef_VARARGS(__pyx_args, 9);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  9:
         values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  8:
         values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  7:
         values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "backward", 0) < (0)) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "backward", 0) < (0)) __PYX_ERR(3, 455, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 10; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("backward", 1, 10, 10, i); __PYX_ERR(3, 451, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("backward", 1, 10, 10, i); __PYX_ERR(3, 455, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 10)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 455, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 455, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 455, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 455, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 455, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 455, __pyx_L3_error)
       values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 455, __pyx_L3_error)
       values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 455, __pyx_L3_error)
       values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 455, __pyx_L3_error)
       values[9] = __Pyx_ArgRef_VARARGS(__pyx_args, 9);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 455, __pyx_L3_error)
     }
-    __pyx_v_dy = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_dy.memview)) __PYX_ERR(3, 451, __pyx_L3_error)
-    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 451, __pyx_L3_error)
-    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[2], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 452, __pyx_L3_error)
-    __pyx_v_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[3], 0); if (unlikely(!__pyx_v_mean.memview)) __PYX_ERR(3, 452, __pyx_L3_error)
-    __pyx_v_invstd = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[4], 0); if (unlikely(!__pyx_v_invstd.memview)) __PYX_ERR(3, 453, __pyx_L3_error)
-    __pyx_v_dx = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dx.memview)) __PYX_ERR(3, 453, __pyx_L3_error)
-    __pyx_v_dgamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[6], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dgamma.memview)) __PYX_ERR(3, 454, __pyx_L3_error)
-    __pyx_v_dbeta = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[7], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dbeta.memview)) __PYX_ERR(3, 454, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[8]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 454, __pyx_L3_error)
-    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[9]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 455, __pyx_L3_error)
+    __pyx_v_dy = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_dy.memview)) __PYX_ERR(3, 455, __pyx_L3_error)
+    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 455, __pyx_L3_error)
+    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[2], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 456, __pyx_L3_error)
+    __pyx_v_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[3], 0); if (unlikely(!__pyx_v_mean.memview)) __PYX_ERR(3, 456, __pyx_L3_error)
+    __pyx_v_invstd = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(values[4], 0); if (unlikely(!__pyx_v_invstd.memview)) __PYX_ERR(3, 457, __pyx_L3_error)
+    __pyx_v_dx = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dx.memview)) __PYX_ERR(3, 457, __pyx_L3_error)
+    __pyx_v_dgamma = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[6], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dgamma.memview)) __PYX_ERR(3, 458, __pyx_L3_error)
+    __pyx_v_dbeta = __Pyx_PyObject_to_MemoryviewSlice_dc_float(values[7], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dbeta.memview)) __PYX_ERR(3, 458, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[8]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 458, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[9]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 459, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("backward", 1, 10, 10, __pyx_nargs); __PYX_ERR(3, 451, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("backward", 1, 10, 10, __pyx_nargs); __PYX_ERR(3, 455, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -29125,7 +29151,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_0backward", 0);
 
-  /* "fastbn/_planar.pyx":457
+  /* "fastbn/_planar.pyx":461
  *              bint stream):
  *     """Fused backward on (N, C, S) views; see fastbn.functional."""
  *     cdef const floating* dyp = &dy[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -29137,7 +29163,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
   __pyx_t_3 = 0;
   __pyx_v_dyp = (&(*((float const  *) ( /* dim=2 */ ((char *) (((float const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_dy.data + __pyx_t_1 * __pyx_v_dy.strides[0]) ) + __pyx_t_2 * __pyx_v_dy.strides[1]) )) + __pyx_t_3)) ))));
 
-  /* "fastbn/_planar.pyx":458
+  /* "fastbn/_planar.pyx":462
  *     """Fused backward on (N, C, S) views; see fastbn.functional."""
  *     cdef const floating* dyp = &dy[0, 0, 0]
  *     cdef const floating* xp = &x[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -29149,7 +29175,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
   __pyx_t_1 = 0;
   __pyx_v_xp = (&(*((float const  *) ( /* dim=2 */ ((char *) (((float const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_x.data + __pyx_t_3 * __pyx_v_x.strides[0]) ) + __pyx_t_2 * __pyx_v_x.strides[1]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_planar.pyx":459
+  /* "fastbn/_planar.pyx":463
  *     cdef const floating* dyp = &dy[0, 0, 0]
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* dxp = &dx[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -29161,7 +29187,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
   __pyx_t_3 = 0;
   __pyx_v_dxp = (&(*((float *) ( /* dim=2 */ ((char *) (((float *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_dx.data + __pyx_t_1 * __pyx_v_dx.strides[0]) ) + __pyx_t_2 * __pyx_v_dx.strides[1]) )) + __pyx_t_3)) ))));
 
-  /* "fastbn/_planar.pyx":460
+  /* "fastbn/_planar.pyx":464
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* dxp = &dx[0, 0, 0]
  *     cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]             # <<<<<<<<<<<<<<
@@ -29170,7 +29196,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
 */
   __pyx_v_size = (((__pyx_v_x.shape[0]) * (__pyx_v_x.shape[1])) * (__pyx_v_x.shape[2]));
 
-  /* "fastbn/_planar.pyx":461
+  /* "fastbn/_planar.pyx":465
  *     cdef floating* dxp = &dx[0, 0, 0]
  *     cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]
  *     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],             # <<<<<<<<<<<<<<
@@ -29179,7 +29205,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
 */
   __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (__pyx_v_x.shape[2]), __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_dxp, __pyx_v_dyp, __pyx_v_xp, (__pyx_v_size * (sizeof(float)))));
 
-  /* "fastbn/_planar.pyx":463
+  /* "fastbn/_planar.pyx":467
  *     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],
  *                               streams(stream, dxp, dyp, xp, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb             # <<<<<<<<<<<<<<
@@ -29191,7 +29217,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
   __pyx_v_nb = __pyx_t_4;
   __pyx_v_nu = (__pyx_v_p.C * __pyx_v_nb);
 
-  /* "fastbn/_planar.pyx":464
+  /* "fastbn/_planar.pyx":468
  *                               streams(stream, dxp, dyp, xp, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)             # <<<<<<<<<<<<<<
@@ -29200,7 +29226,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for(__pyx_v_size, __pyx_v_nu, __pyx_v_num_threads);
 
-  /* "fastbn/_planar.pyx":465
+  /* "fastbn/_planar.pyx":469
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)             # <<<<<<<<<<<<<<
@@ -29209,7 +29235,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
 */
   __pyx_v_g = __pyx_fuse_0__pyx_f_6fastbn_6_views_cptr(__pyx_v_gamma);
 
-  /* "fastbn/_planar.pyx":466
+  /* "fastbn/_planar.pyx":470
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)
  *     cdef Py_ssize_t G = group_size(&p, 2 * sizeof(floating)), ng = (p.C + G - 1) // G             # <<<<<<<<<<<<<<
@@ -29219,7 +29245,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
   __pyx_v_G = __pyx_f_6fastbn_10_planar_v4_group_size((&__pyx_v_p), (2 * (sizeof(float))));
   __pyx_v_ng = (((__pyx_v_p.C + __pyx_v_G) - 1) / __pyx_v_G);
 
-  /* "fastbn/_planar.pyx":471
+  /* "fastbn/_planar.pyx":475
  *     cdef double* part
  *     cdef Coef* coef
  *     if by_group(ng, nt):             # <<<<<<<<<<<<<<
@@ -29231,7 +29257,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
   if (__pyx_t_5) {
 
 
-    /* "fastbn/_planar.pyx":472
+    /* "fastbn/_planar.pyx":476
  *     cdef Coef* coef
  *     if by_group(ng, nt):
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -29244,7 +29270,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
         __Pyx_FastGIL_Remember();
         /*try:*/ {
 
-          /* "fastbn/_planar.pyx":473
+          /* "fastbn/_planar.pyx":477
  *     if by_group(ng, nt):
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -29274,7 +29300,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
                           {
                               __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                              /* "fastbn/_planar.pyx":474
+                              /* "fastbn/_planar.pyx":478
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 backward_group(dyp, xp, dxp, &p, u * G, min(p.C, (u + 1) * G), g, &mean[0],             # <<<<<<<<<<<<<<
@@ -29297,7 +29323,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
 
                               __pyx_t_3 = 0;
 
-                              /* "fastbn/_planar.pyx":475
+                              /* "fastbn/_planar.pyx":479
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 backward_group(dyp, xp, dxp, &p, u * G, min(p.C, (u + 1) * G), g, &mean[0],
  *                                &invstd[0], &dgamma[0], &dbeta[0])             # <<<<<<<<<<<<<<
@@ -29308,7 +29334,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
                               __pyx_t_1 = 0;
                               __pyx_t_11 = 0;
 
-                              /* "fastbn/_planar.pyx":474
+                              /* "fastbn/_planar.pyx":478
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 backward_group(dyp, xp, dxp, &p, u * G, min(p.C, (u + 1) * G), g, &mean[0],             # <<<<<<<<<<<<<<
@@ -29331,7 +29357,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
 
         }
 
-        /* "fastbn/_planar.pyx":472
+        /* "fastbn/_planar.pyx":476
  *     cdef Coef* coef
  *     if by_group(ng, nt):
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -29348,7 +29374,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
         }
     }
 
-    /* "fastbn/_planar.pyx":476
+    /* "fastbn/_planar.pyx":480
  *                 backward_group(dyp, xp, dxp, &p, u * G, min(p.C, (u + 1) * G), g, &mean[0],
  *                                &invstd[0], &dgamma[0], &dbeta[0])
  *         return             # <<<<<<<<<<<<<<
@@ -29365,7 +29391,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
     }
     goto __pyx_L0;
 
-    /* "fastbn/_planar.pyx":471
+    /* "fastbn/_planar.pyx":475
  *     cdef double* part
  *     cdef Coef* coef
  *     if by_group(ng, nt):             # <<<<<<<<<<<<<<
@@ -29374,19 +29400,19 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
 */
   }
 
-  /* "fastbn/_planar.pyx":477
+  /* "fastbn/_planar.pyx":481
  *                                &invstd[0], &dgamma[0], &dbeta[0])
  *         return
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)             # <<<<<<<<<<<<<<
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
 */
-  __pyx_t_12 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((((2 * __pyx_v_nu) * (sizeof(double))) + (__pyx_v_p.C * (sizeof(__pyx_t_6fastbn_6_stats_Coef)))), 1)); if (unlikely(!__pyx_t_12)) __PYX_ERR(3, 477, __pyx_L1_error)
+  __pyx_t_12 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((((2 * __pyx_v_nu) * (sizeof(double))) + (__pyx_v_p.C * (sizeof(__pyx_t_6fastbn_6_stats_Coef)))), 1)); if (unlikely(!__pyx_t_12)) __PYX_ERR(3, 481, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_12);
   __pyx_t_12 = 0;
 
-  /* "fastbn/_planar.pyx":478
+  /* "fastbn/_planar.pyx":482
  *         return
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
  *     coef = <Coef*>mem.data             # <<<<<<<<<<<<<<
@@ -29395,7 +29421,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
 */
   __pyx_v_coef = ((__pyx_t_6fastbn_6_stats_Coef *)__pyx_v_mem->data);
 
-  /* "fastbn/_planar.pyx":479
+  /* "fastbn/_planar.pyx":483
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)             # <<<<<<<<<<<<<<
@@ -29404,7 +29430,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
 */
   __pyx_v_part = ((double *)(__pyx_v_coef + __pyx_v_p.C));
 
-  /* "fastbn/_planar.pyx":480
+  /* "fastbn/_planar.pyx":484
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -29428,7 +29454,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
             #endif /* _OPENMP */
             {
 
-                /* "fastbn/_planar.pyx":481
+                /* "fastbn/_planar.pyx":485
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -29448,7 +29474,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
                             {
                                 __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":482
+                                /* "fastbn/_planar.pyx":486
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):
  *             block_sums(dyp, xp, &p, u // nb, u % nb, mean[u // nb],             # <<<<<<<<<<<<<<
@@ -29457,7 +29483,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
 */
                                 __pyx_t_11 = (__pyx_v_u / __pyx_v_nb);
 
-                                /* "fastbn/_planar.pyx":483
+                                /* "fastbn/_planar.pyx":487
  *         for u in prange(nu, schedule="dynamic"):
  *             block_sums(dyp, xp, &p, u // nb, u % nb, mean[u // nb],
  *                        &part[2 * u], &part[2 * u + 1])             # <<<<<<<<<<<<<<
@@ -29471,7 +29497,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
                 }
 
 
-                /* "fastbn/_planar.pyx":484
+                /* "fastbn/_planar.pyx":488
  *             block_sums(dyp, xp, &p, u // nb, u % nb, mean[u // nb],
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -29491,7 +29517,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
                             {
                                 __pyx_v_c = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":485
+                                /* "fastbn/_planar.pyx":489
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = backward_merged(part, &p, c, &mean[0], &invstd[0], g, &dgamma[0],             # <<<<<<<<<<<<<<
@@ -29502,7 +29528,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
                                 __pyx_t_1 = 0;
                                 __pyx_t_2 = 0;
 
-                                /* "fastbn/_planar.pyx":486
+                                /* "fastbn/_planar.pyx":490
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = backward_merged(part, &p, c, &mean[0], &invstd[0], g, &dgamma[0],
  *                                       &dbeta[0])             # <<<<<<<<<<<<<<
@@ -29511,7 +29537,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
 */
                                 __pyx_t_3 = 0;
 
-                                /* "fastbn/_planar.pyx":485
+                                /* "fastbn/_planar.pyx":489
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = backward_merged(part, &p, c, &mean[0], &invstd[0], g, &dgamma[0],             # <<<<<<<<<<<<<<
@@ -29525,7 +29551,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
                 }
 
 
-                /* "fastbn/_planar.pyx":487
+                /* "fastbn/_planar.pyx":491
  *             coef[c] = backward_merged(part, &p, c, &mean[0], &invstd[0], g, &dgamma[0],
  *                                       &dbeta[0])
  *         for u in prange(nu, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -29545,7 +29571,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
                             {
                                 __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":488
+                                /* "fastbn/_planar.pyx":492
  *                                       &dbeta[0])
  *         for u in prange(nu, schedule="dynamic"):
  *             block_apply(dyp, xp, dxp, &p, (nu - 1 - u) // nb, (nu - 1 - u) % nb,             # <<<<<<<<<<<<<<
@@ -29568,7 +29594,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
         #endif
       }
 
-      /* "fastbn/_planar.pyx":480
+      /* "fastbn/_planar.pyx":484
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -29585,7 +29611,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_24backward(CYTHON_UNUSED PyObject
       }
   }
 
-  /* "fastbn/_planar.pyx":451
+  /* "fastbn/_planar.pyx":455
  * 
  * 
  * def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,             # <<<<<<<<<<<<<<
@@ -29654,95 +29680,95 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_27backward(PyObject *
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_dy,&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_gamma,&__pyx_mstate_global->__pyx_n_u_mean,&__pyx_mstate_global->__pyx_n_u_invstd,&__pyx_mstate_global->__pyx_n_u_dx,&__pyx_mstate_global->__pyx_n_u_dgamma,&__pyx_mstate_global->__pyx_n_u_dbeta,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 451, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 455, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case 10:
         values[9] = __Pyx_ArgRef_VARARGS(__pyx_args, 9);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  9:
         values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  8:
         values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  7:
         values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 451, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 455, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "backward", 0) < (0)) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "backward", 0) < (0)) __PYX_ERR(3, 455, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 10; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("backward", 1, 10, 10, i); __PYX_ERR(3, 451, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("backward", 1, 10, 10, i); __PYX_ERR(3, 455, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 10)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 455, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 455, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 455, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 455, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 455, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 455, __pyx_L3_error)
       values[6] = __Pyx_ArgRef_VARARGS(__pyx_args, 6);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(3, 455, __pyx_L3_error)
       values[7] = __Pyx_ArgRef_VARARGS(__pyx_args, 7);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(3, 455, __pyx_L3_error)
       values[8] = __Pyx_ArgRef_VARARGS(__pyx_args, 8);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[8])) __PYX_ERR(3, 455, __pyx_L3_error)
       values[9] = __Pyx_ArgRef_VARARGS(__pyx_args, 9);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 451, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[9])) __PYX_ERR(3, 455, __pyx_L3_error)
     }
-    __pyx_v_dy = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_dy.memview)) __PYX_ERR(3, 451, __pyx_L3_error)
-    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 451, __pyx_L3_error)
-    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 452, __pyx_L3_error)
-    __pyx_v_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_mean.memview)) __PYX_ERR(3, 452, __pyx_L3_error)
-    __pyx_v_invstd = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[4], 0); if (unlikely(!__pyx_v_invstd.memview)) __PYX_ERR(3, 453, __pyx_L3_error)
-    __pyx_v_dx = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dx.memview)) __PYX_ERR(3, 453, __pyx_L3_error)
-    __pyx_v_dgamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[6], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dgamma.memview)) __PYX_ERR(3, 454, __pyx_L3_error)
-    __pyx_v_dbeta = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[7], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dbeta.memview)) __PYX_ERR(3, 454, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[8]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 454, __pyx_L3_error)
-    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[9]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 455, __pyx_L3_error)
+    __pyx_v_dy = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_dy.memview)) __PYX_ERR(3, 455, __pyx_L3_error)
+    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(3, 455, __pyx_L3_error)
+    __pyx_v_gamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_gamma.memview)) __PYX_ERR(3, 456, __pyx_L3_error)
+    __pyx_v_mean = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_mean.memview)) __PYX_ERR(3, 456, __pyx_L3_error)
+    __pyx_v_invstd = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[4], 0); if (unlikely(!__pyx_v_invstd.memview)) __PYX_ERR(3, 457, __pyx_L3_error)
+    __pyx_v_dx = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double(values[5], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dx.memview)) __PYX_ERR(3, 457, __pyx_L3_error)
+    __pyx_v_dgamma = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[6], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dgamma.memview)) __PYX_ERR(3, 458, __pyx_L3_error)
+    __pyx_v_dbeta = __Pyx_PyObject_to_MemoryviewSlice_dc_double(values[7], PyBUF_WRITABLE); if (unlikely(!__pyx_v_dbeta.memview)) __PYX_ERR(3, 458, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[8]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 458, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[9]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 459, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("backward", 1, 10, 10, __pyx_nargs); __PYX_ERR(3, 451, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("backward", 1, 10, 10, __pyx_nargs); __PYX_ERR(3, 455, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -29817,7 +29843,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_1backward", 0);
 
-  /* "fastbn/_planar.pyx":457
+  /* "fastbn/_planar.pyx":461
  *              bint stream):
  *     """Fused backward on (N, C, S) views; see fastbn.functional."""
  *     cdef const floating* dyp = &dy[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -29829,7 +29855,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
   __pyx_t_3 = 0;
   __pyx_v_dyp = (&(*((double const  *) ( /* dim=2 */ ((char *) (((double const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_dy.data + __pyx_t_1 * __pyx_v_dy.strides[0]) ) + __pyx_t_2 * __pyx_v_dy.strides[1]) )) + __pyx_t_3)) ))));
 
-  /* "fastbn/_planar.pyx":458
+  /* "fastbn/_planar.pyx":462
  *     """Fused backward on (N, C, S) views; see fastbn.functional."""
  *     cdef const floating* dyp = &dy[0, 0, 0]
  *     cdef const floating* xp = &x[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -29841,7 +29867,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
   __pyx_t_1 = 0;
   __pyx_v_xp = (&(*((double const  *) ( /* dim=2 */ ((char *) (((double const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_x.data + __pyx_t_3 * __pyx_v_x.strides[0]) ) + __pyx_t_2 * __pyx_v_x.strides[1]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_planar.pyx":459
+  /* "fastbn/_planar.pyx":463
  *     cdef const floating* dyp = &dy[0, 0, 0]
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* dxp = &dx[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -29853,7 +29879,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
   __pyx_t_3 = 0;
   __pyx_v_dxp = (&(*((double *) ( /* dim=2 */ ((char *) (((double *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_dx.data + __pyx_t_1 * __pyx_v_dx.strides[0]) ) + __pyx_t_2 * __pyx_v_dx.strides[1]) )) + __pyx_t_3)) ))));
 
-  /* "fastbn/_planar.pyx":460
+  /* "fastbn/_planar.pyx":464
  *     cdef const floating* xp = &x[0, 0, 0]
  *     cdef floating* dxp = &dx[0, 0, 0]
  *     cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]             # <<<<<<<<<<<<<<
@@ -29862,7 +29888,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
 */
   __pyx_v_size = (((__pyx_v_x.shape[0]) * (__pyx_v_x.shape[1])) * (__pyx_v_x.shape[2]));
 
-  /* "fastbn/_planar.pyx":461
+  /* "fastbn/_planar.pyx":465
  *     cdef floating* dxp = &dx[0, 0, 0]
  *     cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]
  *     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],             # <<<<<<<<<<<<<<
@@ -29871,7 +29897,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
 */
   __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_x.shape[0]), (__pyx_v_x.shape[1]), (__pyx_v_x.shape[2]), __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_dxp, __pyx_v_dyp, __pyx_v_xp, (__pyx_v_size * (sizeof(double)))));
 
-  /* "fastbn/_planar.pyx":463
+  /* "fastbn/_planar.pyx":467
  *     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],
  *                               streams(stream, dxp, dyp, xp, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb             # <<<<<<<<<<<<<<
@@ -29883,7 +29909,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
   __pyx_v_nb = __pyx_t_4;
   __pyx_v_nu = (__pyx_v_p.C * __pyx_v_nb);
 
-  /* "fastbn/_planar.pyx":464
+  /* "fastbn/_planar.pyx":468
  *                               streams(stream, dxp, dyp, xp, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)             # <<<<<<<<<<<<<<
@@ -29892,7 +29918,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for(__pyx_v_size, __pyx_v_nu, __pyx_v_num_threads);
 
-  /* "fastbn/_planar.pyx":465
+  /* "fastbn/_planar.pyx":469
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)             # <<<<<<<<<<<<<<
@@ -29901,7 +29927,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
 */
   __pyx_v_g = __pyx_fuse_1__pyx_f_6fastbn_6_views_cptr(__pyx_v_gamma);
 
-  /* "fastbn/_planar.pyx":466
+  /* "fastbn/_planar.pyx":470
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const floating* g = cptr(gamma)
  *     cdef Py_ssize_t G = group_size(&p, 2 * sizeof(floating)), ng = (p.C + G - 1) // G             # <<<<<<<<<<<<<<
@@ -29911,7 +29937,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
   __pyx_v_G = __pyx_f_6fastbn_10_planar_v4_group_size((&__pyx_v_p), (2 * (sizeof(double))));
   __pyx_v_ng = (((__pyx_v_p.C + __pyx_v_G) - 1) / __pyx_v_G);
 
-  /* "fastbn/_planar.pyx":471
+  /* "fastbn/_planar.pyx":475
  *     cdef double* part
  *     cdef Coef* coef
  *     if by_group(ng, nt):             # <<<<<<<<<<<<<<
@@ -29923,7 +29949,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
   if (__pyx_t_5) {
 
 
-    /* "fastbn/_planar.pyx":472
+    /* "fastbn/_planar.pyx":476
  *     cdef Coef* coef
  *     if by_group(ng, nt):
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -29936,7 +29962,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
         __Pyx_FastGIL_Remember();
         /*try:*/ {
 
-          /* "fastbn/_planar.pyx":473
+          /* "fastbn/_planar.pyx":477
  *     if by_group(ng, nt):
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -29966,7 +29992,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
                           {
                               __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                              /* "fastbn/_planar.pyx":474
+                              /* "fastbn/_planar.pyx":478
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 backward_group(dyp, xp, dxp, &p, u * G, min(p.C, (u + 1) * G), g, &mean[0],             # <<<<<<<<<<<<<<
@@ -29989,7 +30015,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
 
                               __pyx_t_3 = 0;
 
-                              /* "fastbn/_planar.pyx":475
+                              /* "fastbn/_planar.pyx":479
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 backward_group(dyp, xp, dxp, &p, u * G, min(p.C, (u + 1) * G), g, &mean[0],
  *                                &invstd[0], &dgamma[0], &dbeta[0])             # <<<<<<<<<<<<<<
@@ -30000,7 +30026,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
                               __pyx_t_1 = 0;
                               __pyx_t_11 = 0;
 
-                              /* "fastbn/_planar.pyx":474
+                              /* "fastbn/_planar.pyx":478
  *         with nogil:
  *             for u in prange(ng, num_threads=nt, schedule="dynamic"):
  *                 backward_group(dyp, xp, dxp, &p, u * G, min(p.C, (u + 1) * G), g, &mean[0],             # <<<<<<<<<<<<<<
@@ -30023,7 +30049,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
 
         }
 
-        /* "fastbn/_planar.pyx":472
+        /* "fastbn/_planar.pyx":476
  *     cdef Coef* coef
  *     if by_group(ng, nt):
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -30040,7 +30066,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
         }
     }
 
-    /* "fastbn/_planar.pyx":476
+    /* "fastbn/_planar.pyx":480
  *                 backward_group(dyp, xp, dxp, &p, u * G, min(p.C, (u + 1) * G), g, &mean[0],
  *                                &invstd[0], &dgamma[0], &dbeta[0])
  *         return             # <<<<<<<<<<<<<<
@@ -30057,7 +30083,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
     }
     goto __pyx_L0;
 
-    /* "fastbn/_planar.pyx":471
+    /* "fastbn/_planar.pyx":475
  *     cdef double* part
  *     cdef Coef* coef
  *     if by_group(ng, nt):             # <<<<<<<<<<<<<<
@@ -30066,19 +30092,19 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
 */
   }
 
-  /* "fastbn/_planar.pyx":477
+  /* "fastbn/_planar.pyx":481
  *                                &invstd[0], &dgamma[0], &dbeta[0])
  *         return
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)             # <<<<<<<<<<<<<<
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
 */
-  __pyx_t_12 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((((2 * __pyx_v_nu) * (sizeof(double))) + (__pyx_v_p.C * (sizeof(__pyx_t_6fastbn_6_stats_Coef)))), 1)); if (unlikely(!__pyx_t_12)) __PYX_ERR(3, 477, __pyx_L1_error)
+  __pyx_t_12 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((((2 * __pyx_v_nu) * (sizeof(double))) + (__pyx_v_p.C * (sizeof(__pyx_t_6fastbn_6_stats_Coef)))), 1)); if (unlikely(!__pyx_t_12)) __PYX_ERR(3, 481, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_12);
   __pyx_t_12 = 0;
 
-  /* "fastbn/_planar.pyx":478
+  /* "fastbn/_planar.pyx":482
  *         return
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
  *     coef = <Coef*>mem.data             # <<<<<<<<<<<<<<
@@ -30087,7 +30113,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
 */
   __pyx_v_coef = ((__pyx_t_6fastbn_6_stats_Coef *)__pyx_v_mem->data);
 
-  /* "fastbn/_planar.pyx":479
+  /* "fastbn/_planar.pyx":483
  *     mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)             # <<<<<<<<<<<<<<
@@ -30096,7 +30122,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
 */
   __pyx_v_part = ((double *)(__pyx_v_coef + __pyx_v_p.C));
 
-  /* "fastbn/_planar.pyx":480
+  /* "fastbn/_planar.pyx":484
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -30120,7 +30146,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
             #endif /* _OPENMP */
             {
 
-                /* "fastbn/_planar.pyx":481
+                /* "fastbn/_planar.pyx":485
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -30140,7 +30166,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
                             {
                                 __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":482
+                                /* "fastbn/_planar.pyx":486
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):
  *             block_sums(dyp, xp, &p, u // nb, u % nb, mean[u // nb],             # <<<<<<<<<<<<<<
@@ -30149,7 +30175,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
 */
                                 __pyx_t_11 = (__pyx_v_u / __pyx_v_nb);
 
-                                /* "fastbn/_planar.pyx":483
+                                /* "fastbn/_planar.pyx":487
  *         for u in prange(nu, schedule="dynamic"):
  *             block_sums(dyp, xp, &p, u // nb, u % nb, mean[u // nb],
  *                        &part[2 * u], &part[2 * u + 1])             # <<<<<<<<<<<<<<
@@ -30163,7 +30189,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
                 }
 
 
-                /* "fastbn/_planar.pyx":484
+                /* "fastbn/_planar.pyx":488
  *             block_sums(dyp, xp, &p, u // nb, u % nb, mean[u // nb],
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -30183,7 +30209,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
                             {
                                 __pyx_v_c = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":485
+                                /* "fastbn/_planar.pyx":489
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = backward_merged(part, &p, c, &mean[0], &invstd[0], g, &dgamma[0],             # <<<<<<<<<<<<<<
@@ -30194,7 +30220,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
                                 __pyx_t_1 = 0;
                                 __pyx_t_2 = 0;
 
-                                /* "fastbn/_planar.pyx":486
+                                /* "fastbn/_planar.pyx":490
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = backward_merged(part, &p, c, &mean[0], &invstd[0], g, &dgamma[0],
  *                                       &dbeta[0])             # <<<<<<<<<<<<<<
@@ -30203,7 +30229,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
 */
                                 __pyx_t_3 = 0;
 
-                                /* "fastbn/_planar.pyx":485
+                                /* "fastbn/_planar.pyx":489
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):
  *             coef[c] = backward_merged(part, &p, c, &mean[0], &invstd[0], g, &dgamma[0],             # <<<<<<<<<<<<<<
@@ -30217,7 +30243,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
                 }
 
 
-                /* "fastbn/_planar.pyx":487
+                /* "fastbn/_planar.pyx":491
  *             coef[c] = backward_merged(part, &p, c, &mean[0], &invstd[0], g, &dgamma[0],
  *                                       &dbeta[0])
  *         for u in prange(nu, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -30237,7 +30263,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
                             {
                                 __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":488
+                                /* "fastbn/_planar.pyx":492
  *                                       &dbeta[0])
  *         for u in prange(nu, schedule="dynamic"):
  *             block_apply(dyp, xp, dxp, &p, (nu - 1 - u) // nb, (nu - 1 - u) % nb,             # <<<<<<<<<<<<<<
@@ -30260,7 +30286,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
         #endif
       }
 
-      /* "fastbn/_planar.pyx":480
+      /* "fastbn/_planar.pyx":484
  *     coef = <Coef*>mem.data
  *     part = <double*>(coef + p.C)
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -30277,7 +30303,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
       }
   }
 
-  /* "fastbn/_planar.pyx":451
+  /* "fastbn/_planar.pyx":455
  * 
  * 
  * def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,             # <<<<<<<<<<<<<<
@@ -30314,7 +30340,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_26backward(CYTHON_UNUSED PyObject
   return __pyx_r;
 }
 
-/* "fastbn/_planar.pyx":492
+/* "fastbn/_planar.pyx":496
  * 
  * 
  * def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[::1] center,             # <<<<<<<<<<<<<<
@@ -30351,53 +30377,53 @@ static PyObject *__pyx_pw_6fastbn_10_planar_v4_7sums(PyObject *__pyx_self, PyObj
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_signatures,&__pyx_mstate_global->__pyx_n_u_args,&__pyx_mstate_global->__pyx_n_u_kwargs,&__pyx_mstate_global->__pyx_n_u_defaults,&__pyx_mstate_global->__pyx_n_u_fused_sigindex,0};
     struct __pyx_defaults *__pyx_dynamic_args = __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self);
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 492, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 496, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 492, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 496, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 492, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 496, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 492, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 496, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 492, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 496, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 492, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 496, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 492, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 496, __pyx_L3_error)
       if (!values[4]) values[4] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
       for (Py_ssize_t i = __pyx_nargs; i < 4; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 492, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 496, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 492, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 496, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 492, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 496, __pyx_L3_error)
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 492, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 496, __pyx_L3_error)
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 492, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 496, __pyx_L3_error)
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 492, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 496, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -30411,7 +30437,7 @@ static PyObject *__pyx_pw_6fastbn_10_planar_v4_7sums(PyObject *__pyx_self, PyObj
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 492, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 496, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -30463,7 +30489,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_6sums(CYTHON_UNUSED PyObject *__p
   else
   {
     Py_ssize_t __pyx_temp = __Pyx_PyDict_GET_SIZE(__pyx_v_kwargs);
-    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 492, __pyx_L1_error)
+    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 496, __pyx_L1_error)
     __pyx_t_2 = (__pyx_temp != 0);
   }
 
@@ -30481,11 +30507,11 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_6sums(CYTHON_UNUSED PyObject *__p
   }
   if (unlikely(__pyx_v_args == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(3, 492, __pyx_L1_error)
+    __PYX_ERR(3, 496, __pyx_L1_error)
   }
-  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 492, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 496, __pyx_L1_error)
   __pyx_v_arg_count = __pyx_t_4;
-  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 492, __pyx_L1_error)
+  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 496, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_ndarray = ((PyTypeObject*)__pyx_t_5);
   __pyx_t_5 = 0;
@@ -30495,7 +30521,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_6sums(CYTHON_UNUSED PyObject *__p
 
     if (unlikely(__pyx_v_args == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 492, __pyx_L1_error)
+      __PYX_ERR(3, 496, __pyx_L1_error)
     }
     __pyx_t_5 = __Pyx_PyTuple_GET_ITEM(((PyObject*)__pyx_v_args), 0);
     __Pyx_INCREF(__pyx_t_5);
@@ -30514,9 +30540,9 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_6sums(CYTHON_UNUSED PyObject *__p
   }
   if (unlikely(__pyx_v_kwargs == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not iterable");
-    __PYX_ERR(3, 492, __pyx_L1_error)
+    __PYX_ERR(3, 496, __pyx_L1_error)
   }
-  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_a, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 492, __pyx_L1_error)
+  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_a, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 496, __pyx_L1_error)
 
   __pyx_t_1 = __pyx_t_3;
 
@@ -30525,25 +30551,25 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_6sums(CYTHON_UNUSED PyObject *__p
 
     if (unlikely(__pyx_v_kwargs == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 492, __pyx_L1_error)
+      __PYX_ERR(3, 496, __pyx_L1_error)
     }
-    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_a); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 492, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_a); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 496, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_v_arg = __pyx_t_5;
     __pyx_t_5 = 0;
     goto __pyx_L6;
   }
   /*else*/ {
-    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_a, 0, 5, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 492, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_a, 0, 5, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 496, __pyx_L1_error)
 
   }
   __pyx_L6:;
-  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 492, __pyx_L1_error) }
-  __pyx_t_5 = __pyx_ff_map_fused_02b6e3_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 492, __pyx_L1_error)
+  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 496, __pyx_L1_error) }
+  __pyx_t_5 = __pyx_ff_map_fused_02b6e3_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 496, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_dest_sig0 = ((PyObject*)__pyx_t_5);
   __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 492, __pyx_L1_error)
+  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 496, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   {
     PyObject *__pyx_temp;
@@ -30599,60 +30625,60 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_31sums(PyObject *__py
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_a,&__pyx_mstate_global->__pyx_n_u_b,&__pyx_mstate_global->__pyx_n_u_center,&__pyx_mstate_global->__pyx_n_u_out,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 492, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 496, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 492, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 496, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 492, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 496, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 492, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 496, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 492, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 496, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 492, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 496, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "sums", 0) < (0)) __PYX_ERR(3, 492, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "sums", 0) < (0)) __PYX_ERR(3, 496, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 5; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, i); __PYX_ERR(3, 492, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, i); __PYX_ERR(3, 496, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 5)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 492, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 496, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 492, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 496, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 492, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 496, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 492, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 496, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 492, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 496, __pyx_L3_error)
     }
-    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 492, __pyx_L3_error)
-    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 492, __pyx_L3_error)
-    __pyx_v_center = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_center.memview)) __PYX_ERR(3, 492, __pyx_L3_error)
-    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 493, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 493, __pyx_L3_error)
+    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 496, __pyx_L3_error)
+    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 496, __pyx_L3_error)
+    __pyx_v_center = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_center.memview)) __PYX_ERR(3, 496, __pyx_L3_error)
+    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 497, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 497, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, __pyx_nargs); __PYX_ERR(3, 492, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, __pyx_nargs); __PYX_ERR(3, 496, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -30708,7 +30734,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_0sums", 0);
 
-  /* "fastbn/_planar.pyx":501
+  /* "fastbn/_planar.pyx":505
  *     same sums, to the bit, as the fused kernels take.
  *     """
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2], False)             # <<<<<<<<<<<<<<
@@ -30717,7 +30743,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
 */
   __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_a.shape[0]), (__pyx_v_a.shape[1]), (__pyx_v_a.shape[2]), 0);
 
-  /* "fastbn/_planar.pyx":502
+  /* "fastbn/_planar.pyx":506
  *     """
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2], False)
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb             # <<<<<<<<<<<<<<
@@ -30729,7 +30755,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
   __pyx_v_nb = __pyx_t_1;
   __pyx_v_nu = (__pyx_v_p.C * __pyx_v_nb);
 
-  /* "fastbn/_planar.pyx":503
+  /* "fastbn/_planar.pyx":507
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2], False)
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(p.N * p.C * p.S, nu, num_threads)             # <<<<<<<<<<<<<<
@@ -30738,7 +30764,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for(((__pyx_v_p.N * __pyx_v_p.C) * __pyx_v_p.S), __pyx_v_nu, __pyx_v_num_threads);
 
-  /* "fastbn/_planar.pyx":504
+  /* "fastbn/_planar.pyx":508
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(p.N * p.C * p.S, nu, num_threads)
  *     cdef const floating* ap = &a[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -30750,7 +30776,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
   __pyx_t_4 = 0;
   __pyx_v_ap = (&(*((float const  *) ( /* dim=2 */ ((char *) (((float const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_a.data + __pyx_t_2 * __pyx_v_a.strides[0]) ) + __pyx_t_3 * __pyx_v_a.strides[1]) )) + __pyx_t_4)) ))));
 
-  /* "fastbn/_planar.pyx":505
+  /* "fastbn/_planar.pyx":509
  *     cdef int nt = threads_for(p.N * p.C * p.S, nu, num_threads)
  *     cdef const floating* ap = &a[0, 0, 0]
  *     cdef const floating* bp = cptr3(b)             # <<<<<<<<<<<<<<
@@ -30759,19 +30785,19 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
 */
   __pyx_v_bp = __pyx_fuse_0__pyx_f_6fastbn_6_views_cptr3(__pyx_v_b);
 
-  /* "fastbn/_planar.pyx":507
+  /* "fastbn/_planar.pyx":511
  *     cdef const floating* bp = cptr3(b)
  *     cdef Py_ssize_t c, u
  *     cdef array mem = workspace(2 * nu, sizeof(double))             # <<<<<<<<<<<<<<
  *     cdef double* part = <double*>mem.data
  *     with nogil, parallel(num_threads=nt):
 */
-  __pyx_t_5 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((2 * __pyx_v_nu), (sizeof(double)))); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 507, __pyx_L1_error)
+  __pyx_t_5 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((2 * __pyx_v_nu), (sizeof(double)))); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 511, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_5);
   __pyx_t_5 = 0;
 
-  /* "fastbn/_planar.pyx":508
+  /* "fastbn/_planar.pyx":512
  *     cdef Py_ssize_t c, u
  *     cdef array mem = workspace(2 * nu, sizeof(double))
  *     cdef double* part = <double*>mem.data             # <<<<<<<<<<<<<<
@@ -30780,7 +30806,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
 */
   __pyx_v_part = ((double *)__pyx_v_mem->data);
 
-  /* "fastbn/_planar.pyx":509
+  /* "fastbn/_planar.pyx":513
  *     cdef array mem = workspace(2 * nu, sizeof(double))
  *     cdef double* part = <double*>mem.data
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -30804,7 +30830,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
             #endif /* _OPENMP */
             {
 
-                /* "fastbn/_planar.pyx":510
+                /* "fastbn/_planar.pyx":514
  *     cdef double* part = <double*>mem.data
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -30824,7 +30850,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
                             {
                                 __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":511
+                                /* "fastbn/_planar.pyx":515
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):
  *             block_sums(ap, bp, &p, u // nb, u % nb, center[u // nb],             # <<<<<<<<<<<<<<
@@ -30833,7 +30859,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
 */
                                 __pyx_t_4 = (__pyx_v_u / __pyx_v_nb);
 
-                                /* "fastbn/_planar.pyx":512
+                                /* "fastbn/_planar.pyx":516
  *         for u in prange(nu, schedule="dynamic"):
  *             block_sums(ap, bp, &p, u // nb, u % nb, center[u // nb],
  *                        &part[2 * u], &part[2 * u + 1])             # <<<<<<<<<<<<<<
@@ -30847,7 +30873,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
                 }
 
 
-                /* "fastbn/_planar.pyx":513
+                /* "fastbn/_planar.pyx":517
  *             block_sums(ap, bp, &p, u // nb, u % nb, center[u // nb],
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -30867,7 +30893,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
                             {
                                 __pyx_v_c = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":514
+                                /* "fastbn/_planar.pyx":518
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):
  *             merge_blocks(part, &p, c, &out[c, 0], &out[c, 1])             # <<<<<<<<<<<<<<
@@ -30894,7 +30920,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
         #endif
       }
 
-      /* "fastbn/_planar.pyx":509
+      /* "fastbn/_planar.pyx":513
  *     cdef array mem = workspace(2 * nu, sizeof(double))
  *     cdef double* part = <double*>mem.data
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -30911,7 +30937,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_30sums(CYTHON_UNUSED PyObject *__
       }
   }
 
-  /* "fastbn/_planar.pyx":492
+  /* "fastbn/_planar.pyx":496
  * 
  * 
  * def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[::1] center,             # <<<<<<<<<<<<<<
@@ -30969,60 +30995,60 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_33sums(PyObject *__py
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_a,&__pyx_mstate_global->__pyx_n_u_b,&__pyx_mstate_global->__pyx_n_u_center,&__pyx_mstate_global->__pyx_n_u_out,&__pyx_mstate_global->__pyx_n_u_num_threads,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 492, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 496, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 492, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 496, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 492, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 496, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 492, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 496, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 492, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 496, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 492, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 496, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "sums", 0) < (0)) __PYX_ERR(3, 492, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "sums", 0) < (0)) __PYX_ERR(3, 496, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 5; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, i); __PYX_ERR(3, 492, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, i); __PYX_ERR(3, 496, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 5)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 492, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 496, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 492, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 496, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 492, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 496, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 492, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 496, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 492, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 496, __pyx_L3_error)
     }
-    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 492, __pyx_L3_error)
-    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 492, __pyx_L3_error)
-    __pyx_v_center = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_center.memview)) __PYX_ERR(3, 492, __pyx_L3_error)
-    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 493, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 493, __pyx_L3_error)
+    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 496, __pyx_L3_error)
+    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 496, __pyx_L3_error)
+    __pyx_v_center = __Pyx_PyObject_to_MemoryviewSlice_dc_double__const__(values[2], 0); if (unlikely(!__pyx_v_center.memview)) __PYX_ERR(3, 496, __pyx_L3_error)
+    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double(values[3], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 497, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 497, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, __pyx_nargs); __PYX_ERR(3, 492, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("sums", 1, 5, 5, __pyx_nargs); __PYX_ERR(3, 496, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -31078,7 +31104,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__pyx_fuse_1sums", 0);
 
-  /* "fastbn/_planar.pyx":501
+  /* "fastbn/_planar.pyx":505
  *     same sums, to the bit, as the fused kernels take.
  *     """
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2], False)             # <<<<<<<<<<<<<<
@@ -31087,7 +31113,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
 */
   __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_a.shape[0]), (__pyx_v_a.shape[1]), (__pyx_v_a.shape[2]), 0);
 
-  /* "fastbn/_planar.pyx":502
+  /* "fastbn/_planar.pyx":506
  *     """
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2], False)
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb             # <<<<<<<<<<<<<<
@@ -31099,7 +31125,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
   __pyx_v_nb = __pyx_t_1;
   __pyx_v_nu = (__pyx_v_p.C * __pyx_v_nb);
 
-  /* "fastbn/_planar.pyx":503
+  /* "fastbn/_planar.pyx":507
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2], False)
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(p.N * p.C * p.S, nu, num_threads)             # <<<<<<<<<<<<<<
@@ -31108,7 +31134,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for(((__pyx_v_p.N * __pyx_v_p.C) * __pyx_v_p.S), __pyx_v_nu, __pyx_v_num_threads);
 
-  /* "fastbn/_planar.pyx":504
+  /* "fastbn/_planar.pyx":508
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(p.N * p.C * p.S, nu, num_threads)
  *     cdef const floating* ap = &a[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -31120,7 +31146,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
   __pyx_t_4 = 0;
   __pyx_v_ap = (&(*((double const  *) ( /* dim=2 */ ((char *) (((double const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_a.data + __pyx_t_2 * __pyx_v_a.strides[0]) ) + __pyx_t_3 * __pyx_v_a.strides[1]) )) + __pyx_t_4)) ))));
 
-  /* "fastbn/_planar.pyx":505
+  /* "fastbn/_planar.pyx":509
  *     cdef int nt = threads_for(p.N * p.C * p.S, nu, num_threads)
  *     cdef const floating* ap = &a[0, 0, 0]
  *     cdef const floating* bp = cptr3(b)             # <<<<<<<<<<<<<<
@@ -31129,19 +31155,19 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
 */
   __pyx_v_bp = __pyx_fuse_1__pyx_f_6fastbn_6_views_cptr3(__pyx_v_b);
 
-  /* "fastbn/_planar.pyx":507
+  /* "fastbn/_planar.pyx":511
  *     cdef const floating* bp = cptr3(b)
  *     cdef Py_ssize_t c, u
  *     cdef array mem = workspace(2 * nu, sizeof(double))             # <<<<<<<<<<<<<<
  *     cdef double* part = <double*>mem.data
  *     with nogil, parallel(num_threads=nt):
 */
-  __pyx_t_5 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((2 * __pyx_v_nu), (sizeof(double)))); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 507, __pyx_L1_error)
+  __pyx_t_5 = ((PyObject *)__pyx_f_6fastbn_6_views_workspace((2 * __pyx_v_nu), (sizeof(double)))); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 511, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_mem = ((struct __pyx_array_obj *)__pyx_t_5);
   __pyx_t_5 = 0;
 
-  /* "fastbn/_planar.pyx":508
+  /* "fastbn/_planar.pyx":512
  *     cdef Py_ssize_t c, u
  *     cdef array mem = workspace(2 * nu, sizeof(double))
  *     cdef double* part = <double*>mem.data             # <<<<<<<<<<<<<<
@@ -31150,7 +31176,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
 */
   __pyx_v_part = ((double *)__pyx_v_mem->data);
 
-  /* "fastbn/_planar.pyx":509
+  /* "fastbn/_planar.pyx":513
  *     cdef array mem = workspace(2 * nu, sizeof(double))
  *     cdef double* part = <double*>mem.data
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -31174,7 +31200,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
             #endif /* _OPENMP */
             {
 
-                /* "fastbn/_planar.pyx":510
+                /* "fastbn/_planar.pyx":514
  *     cdef double* part = <double*>mem.data
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -31194,7 +31220,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
                             {
                                 __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":511
+                                /* "fastbn/_planar.pyx":515
  *     with nogil, parallel(num_threads=nt):
  *         for u in prange(nu, schedule="dynamic"):
  *             block_sums(ap, bp, &p, u // nb, u % nb, center[u // nb],             # <<<<<<<<<<<<<<
@@ -31203,7 +31229,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
 */
                                 __pyx_t_4 = (__pyx_v_u / __pyx_v_nb);
 
-                                /* "fastbn/_planar.pyx":512
+                                /* "fastbn/_planar.pyx":516
  *         for u in prange(nu, schedule="dynamic"):
  *             block_sums(ap, bp, &p, u // nb, u % nb, center[u // nb],
  *                        &part[2 * u], &part[2 * u + 1])             # <<<<<<<<<<<<<<
@@ -31217,7 +31243,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
                 }
 
 
-                /* "fastbn/_planar.pyx":513
+                /* "fastbn/_planar.pyx":517
  *             block_sums(ap, bp, &p, u // nb, u % nb, center[u // nb],
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -31237,7 +31263,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
                             {
                                 __pyx_v_c = (Py_ssize_t)(0 + 1 * __pyx_t_6);
 
-                                /* "fastbn/_planar.pyx":514
+                                /* "fastbn/_planar.pyx":518
  *                        &part[2 * u], &part[2 * u + 1])
  *         for c in prange(p.C, schedule="dynamic"):
  *             merge_blocks(part, &p, c, &out[c, 0], &out[c, 1])             # <<<<<<<<<<<<<<
@@ -31264,7 +31290,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
         #endif
       }
 
-      /* "fastbn/_planar.pyx":509
+      /* "fastbn/_planar.pyx":513
  *     cdef array mem = workspace(2 * nu, sizeof(double))
  *     cdef double* part = <double*>mem.data
  *     with nogil, parallel(num_threads=nt):             # <<<<<<<<<<<<<<
@@ -31281,7 +31307,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
       }
   }
 
-  /* "fastbn/_planar.pyx":492
+  /* "fastbn/_planar.pyx":496
  * 
  * 
  * def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[::1] center,             # <<<<<<<<<<<<<<
@@ -31312,7 +31338,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_32sums(CYTHON_UNUSED PyObject *__
   return __pyx_r;
 }
 
-/* "fastbn/_planar.pyx":517
+/* "fastbn/_planar.pyx":521
  * 
  * 
  * def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, :, ::1] out,             # <<<<<<<<<<<<<<
@@ -31349,53 +31375,53 @@ static PyObject *__pyx_pw_6fastbn_10_planar_v4_9apply(PyObject *__pyx_self, PyOb
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_signatures,&__pyx_mstate_global->__pyx_n_u_args,&__pyx_mstate_global->__pyx_n_u_kwargs,&__pyx_mstate_global->__pyx_n_u_defaults,&__pyx_mstate_global->__pyx_n_u_fused_sigindex,0};
     struct __pyx_defaults *__pyx_dynamic_args = __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_self);
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 517, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 521, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 521, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 521, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 521, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 521, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 521, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 517, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__pyx_fused_cpdef", 0) < (0)) __PYX_ERR(3, 521, __pyx_L3_error)
       if (!values[4]) values[4] = __Pyx_NewRef(__pyx_dynamic_args->arg0);
       for (Py_ssize_t i = __pyx_nargs; i < 4; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 517, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, i); __PYX_ERR(3, 521, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 521, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 521, __pyx_L3_error)
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 521, __pyx_L3_error)
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 521, __pyx_L3_error)
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 521, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -31409,7 +31435,7 @@ static PyObject *__pyx_pw_6fastbn_10_planar_v4_9apply(PyObject *__pyx_self, PyOb
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 517, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__pyx_fused_cpdef", 0, 4, 5, __pyx_nargs); __PYX_ERR(3, 521, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -31461,7 +31487,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_8apply(CYTHON_UNUSED PyObject *__
   else
   {
     Py_ssize_t __pyx_temp = __Pyx_PyDict_GET_SIZE(__pyx_v_kwargs);
-    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 517, __pyx_L1_error)
+    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(3, 521, __pyx_L1_error)
     __pyx_t_2 = (__pyx_temp != 0);
   }
 
@@ -31479,11 +31505,11 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_8apply(CYTHON_UNUSED PyObject *__
   }
   if (unlikely(__pyx_v_args == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(3, 517, __pyx_L1_error)
+    __PYX_ERR(3, 521, __pyx_L1_error)
   }
-  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 517, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyTuple_GET_SIZE(((PyObject*)__pyx_v_args)); if (unlikely(__pyx_t_4 == ((Py_ssize_t)-1))) __PYX_ERR(3, 521, __pyx_L1_error)
   __pyx_v_arg_count = __pyx_t_4;
-  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 517, __pyx_L1_error)
+  __pyx_t_5 = ((PyObject *)__Pyx_ImportNumPyArrayTypeIfAvailable()); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 521, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_ndarray = ((PyTypeObject*)__pyx_t_5);
   __pyx_t_5 = 0;
@@ -31493,7 +31519,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_8apply(CYTHON_UNUSED PyObject *__
 
     if (unlikely(__pyx_v_args == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 517, __pyx_L1_error)
+      __PYX_ERR(3, 521, __pyx_L1_error)
     }
     __pyx_t_5 = __Pyx_PyTuple_GET_ITEM(((PyObject*)__pyx_v_args), 0);
     __Pyx_INCREF(__pyx_t_5);
@@ -31512,9 +31538,9 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_8apply(CYTHON_UNUSED PyObject *__
   }
   if (unlikely(__pyx_v_kwargs == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not iterable");
-    __PYX_ERR(3, 517, __pyx_L1_error)
+    __PYX_ERR(3, 521, __pyx_L1_error)
   }
-  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_a, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 517, __pyx_L1_error)
+  __pyx_t_3 = (__Pyx_PyDict_ContainsTF(__pyx_mstate_global->__pyx_n_u_a, ((PyObject*)__pyx_v_kwargs), Py_EQ)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(3, 521, __pyx_L1_error)
 
   __pyx_t_1 = __pyx_t_3;
 
@@ -31523,25 +31549,25 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_8apply(CYTHON_UNUSED PyObject *__
 
     if (unlikely(__pyx_v_kwargs == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(3, 517, __pyx_L1_error)
+      __PYX_ERR(3, 521, __pyx_L1_error)
     }
-    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_a); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 517, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyDict_GetItem(((PyObject*)__pyx_v_kwargs), __pyx_mstate_global->__pyx_n_u_a); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 521, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_v_arg = __pyx_t_5;
     __pyx_t_5 = 0;
     goto __pyx_L6;
   }
   /*else*/ {
-    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_a, 0, 6, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 517, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_RaiseFusedFunctionArgTypeError(__pyx_mstate_global->__pyx_n_u_a, 0, 6, __pyx_v_arg_count); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(3, 521, __pyx_L1_error)
 
   }
   __pyx_L6:;
-  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 517, __pyx_L1_error) }
-  __pyx_t_5 = __pyx_ff_map_fused_02b6e3_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 517, __pyx_L1_error)
+  if (unlikely(!__pyx_v_arg)) { __Pyx_RaiseUnboundLocalError("arg"); __PYX_ERR(3, 521, __pyx_L1_error) }
+  __pyx_t_5 = __pyx_ff_map_fused_02b6e3_2_2_float__and_double(__pyx_v_arg, __pyx_v_ndarray); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 521, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_dest_sig0 = ((PyObject*)__pyx_t_5);
   __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 517, __pyx_L1_error)
+  __pyx_t_5 = __pyx_ff_match_signatures_single(((PyObject*)__pyx_v_signatures), __pyx_v_dest_sig0); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 521, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   {
     PyObject *__pyx_temp;
@@ -31598,67 +31624,67 @@ static PyObject *__pyx_fuse_0__pyx_pw_6fastbn_10_planar_v4_37apply(PyObject *__p
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_a,&__pyx_mstate_global->__pyx_n_u_b,&__pyx_mstate_global->__pyx_n_u_out,&__pyx_mstate_global->__pyx_n_u_coef,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 517, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 521, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  6:
         values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 521, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 521, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 521, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 521, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 521, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 521, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "apply", 0) < (0)) __PYX_ERR(3, 517, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "apply", 0) < (0)) __PYX_ERR(3, 521, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 6; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("apply", 1, 6, 6, i); __PYX_ERR(3, 517, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("apply", 1, 6, 6, i); __PYX_ERR(3, 521, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 6)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 517, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 521, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 517, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 521, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 517, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 521, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 517, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 521, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 517, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 521, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 517, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 521, __pyx_L3_error)
     }
-    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 517, __pyx_L3_error)
-    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 517, __pyx_L3_error)
-    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 517, __pyx_L3_error)
-    __pyx_v_coef = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_coef.memview)) __PYX_ERR(3, 518, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 518, __pyx_L3_error)
-    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[5]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 518, __pyx_L3_error)
+    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 521, __pyx_L3_error)
+    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 521, __pyx_L3_error)
+    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_float(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 521, __pyx_L3_error)
+    __pyx_v_coef = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_coef.memview)) __PYX_ERR(3, 522, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 522, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[5]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 522, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("apply", 1, 6, 6, __pyx_nargs); __PYX_ERR(3, 517, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("apply", 1, 6, 6, __pyx_nargs); __PYX_ERR(3, 521, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -31710,7 +31736,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
   Py_ssize_t __pyx_t_6;
   __Pyx_RefNannySetupContext("__pyx_fuse_0apply", 0);
 
-  /* "fastbn/_planar.pyx":523
+  /* "fastbn/_planar.pyx":527
  *     b None: out = (a - center) * scale + offset; otherwise
  *     out = scale * a - slope * (b - center) - offset (a = dy, b = x)."""
  *     cdef const floating* ap = &a[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -31722,7 +31748,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
   __pyx_t_3 = 0;
   __pyx_v_ap = (&(*((float const  *) ( /* dim=2 */ ((char *) (((float const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_a.data + __pyx_t_1 * __pyx_v_a.strides[0]) ) + __pyx_t_2 * __pyx_v_a.strides[1]) )) + __pyx_t_3)) ))));
 
-  /* "fastbn/_planar.pyx":524
+  /* "fastbn/_planar.pyx":528
  *     out = scale * a - slope * (b - center) - offset (a = dy, b = x)."""
  *     cdef const floating* ap = &a[0, 0, 0]
  *     cdef const floating* bp = cptr3(b)             # <<<<<<<<<<<<<<
@@ -31731,7 +31757,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
 */
   __pyx_v_bp = __pyx_fuse_0__pyx_f_6fastbn_6_views_cptr3(__pyx_v_b);
 
-  /* "fastbn/_planar.pyx":525
+  /* "fastbn/_planar.pyx":529
  *     cdef const floating* ap = &a[0, 0, 0]
  *     cdef const floating* bp = cptr3(b)
  *     cdef floating* op = &out[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -31743,7 +31769,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
   __pyx_t_1 = 0;
   __pyx_v_op = (&(*((float *) ( /* dim=2 */ ((char *) (((float *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_out.data + __pyx_t_3 * __pyx_v_out.strides[0]) ) + __pyx_t_2 * __pyx_v_out.strides[1]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_planar.pyx":526
+  /* "fastbn/_planar.pyx":530
  *     cdef const floating* bp = cptr3(b)
  *     cdef floating* op = &out[0, 0, 0]
  *     cdef Py_ssize_t size = a.shape[0] * a.shape[1] * a.shape[2]             # <<<<<<<<<<<<<<
@@ -31752,7 +31778,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
 */
   __pyx_v_size = (((__pyx_v_a.shape[0]) * (__pyx_v_a.shape[1])) * (__pyx_v_a.shape[2]));
 
-  /* "fastbn/_planar.pyx":527
+  /* "fastbn/_planar.pyx":531
  *     cdef floating* op = &out[0, 0, 0]
  *     cdef Py_ssize_t size = a.shape[0] * a.shape[1] * a.shape[2]
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2],             # <<<<<<<<<<<<<<
@@ -31761,7 +31787,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
 */
   __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_a.shape[0]), (__pyx_v_a.shape[1]), (__pyx_v_a.shape[2]), __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_op, __pyx_v_ap, __pyx_v_bp, (__pyx_v_size * (sizeof(float)))));
 
-  /* "fastbn/_planar.pyx":529
+  /* "fastbn/_planar.pyx":533
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2],
  *                               streams(stream, op, ap, bp, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb             # <<<<<<<<<<<<<<
@@ -31773,7 +31799,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
   __pyx_v_nb = __pyx_t_4;
   __pyx_v_nu = (__pyx_v_p.C * __pyx_v_nb);
 
-  /* "fastbn/_planar.pyx":530
+  /* "fastbn/_planar.pyx":534
  *                               streams(stream, op, ap, bp, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)             # <<<<<<<<<<<<<<
@@ -31782,7 +31808,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for(__pyx_v_size, __pyx_v_nu, __pyx_v_num_threads);
 
-  /* "fastbn/_planar.pyx":531
+  /* "fastbn/_planar.pyx":535
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const Coef* k = <const Coef*>&coef[0, 0]             # <<<<<<<<<<<<<<
@@ -31793,7 +31819,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
   __pyx_t_2 = 0;
   __pyx_v_k = ((__pyx_t_6fastbn_6_stats_Coef const *)(&(*((double const  *) ( /* dim=1 */ ((char *) (((double const  *) ( /* dim=0 */ (__pyx_v_coef.data + __pyx_t_1 * __pyx_v_coef.strides[0]) )) + __pyx_t_2)) )))));
 
-  /* "fastbn/_planar.pyx":533
+  /* "fastbn/_planar.pyx":537
  *     cdef const Coef* k = <const Coef*>&coef[0, 0]
  *     cdef Py_ssize_t u
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -31806,7 +31832,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "fastbn/_planar.pyx":534
+        /* "fastbn/_planar.pyx":538
  *     cdef Py_ssize_t u
  *     with nogil:
  *         for u in prange(nu, num_threads=nt, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -31836,7 +31862,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
                         {
                             __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_5);
 
-                            /* "fastbn/_planar.pyx":535
+                            /* "fastbn/_planar.pyx":539
  *     with nogil:
  *         for u in prange(nu, num_threads=nt, schedule="dynamic"):
  *             block_apply(ap, bp, op, &p, u // nb, u % nb, &k[u // nb])             # <<<<<<<<<<<<<<
@@ -31858,7 +31884,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
 
       }
 
-      /* "fastbn/_planar.pyx":533
+      /* "fastbn/_planar.pyx":537
  *     cdef const Coef* k = <const Coef*>&coef[0, 0]
  *     cdef Py_ssize_t u
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -31875,7 +31901,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_36apply(CYTHON_UNUSED PyObject *_
       }
   }
 
-  /* "fastbn/_planar.pyx":517
+  /* "fastbn/_planar.pyx":521
  * 
  * 
  * def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, :, ::1] out,             # <<<<<<<<<<<<<<
@@ -31928,67 +31954,67 @@ static PyObject *__pyx_fuse_1__pyx_pw_6fastbn_10_planar_v4_39apply(PyObject *__p
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_a,&__pyx_mstate_global->__pyx_n_u_b,&__pyx_mstate_global->__pyx_n_u_out,&__pyx_mstate_global->__pyx_n_u_coef,&__pyx_mstate_global->__pyx_n_u_num_threads,&__pyx_mstate_global->__pyx_n_u_stream,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_VARARGS(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 517, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(3, 521, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  6:
         values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 521, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 521, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 521, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 521, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 521, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 517, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 521, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "apply", 0) < (0)) __PYX_ERR(3, 517, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "apply", 0) < (0)) __PYX_ERR(3, 521, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 6; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("apply", 1, 6, 6, i); __PYX_ERR(3, 517, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("apply", 1, 6, 6, i); __PYX_ERR(3, 521, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 6)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_VARARGS(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 517, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(3, 521, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_VARARGS(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 517, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(3, 521, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_VARARGS(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 517, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(3, 521, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_VARARGS(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 517, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(3, 521, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_VARARGS(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 517, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(3, 521, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_VARARGS(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 517, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(3, 521, __pyx_L3_error)
     }
-    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 517, __pyx_L3_error)
-    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 517, __pyx_L3_error)
-    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 517, __pyx_L3_error)
-    __pyx_v_coef = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_coef.memview)) __PYX_ERR(3, 518, __pyx_L3_error)
-    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 518, __pyx_L3_error)
-    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[5]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 518, __pyx_L3_error)
+    __pyx_v_a = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[0], 0); if (unlikely(!__pyx_v_a.memview)) __PYX_ERR(3, 521, __pyx_L3_error)
+    __pyx_v_b = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double__const__(values[1], 0); if (unlikely(!__pyx_v_b.memview)) __PYX_ERR(3, 521, __pyx_L3_error)
+    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_d_dc_double(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(3, 521, __pyx_L3_error)
+    __pyx_v_coef = __Pyx_PyObject_to_MemoryviewSlice_d_dc_double__const__(values[3], 0); if (unlikely(!__pyx_v_coef.memview)) __PYX_ERR(3, 522, __pyx_L3_error)
+    __pyx_v_num_threads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_num_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 522, __pyx_L3_error)
+    __pyx_v_stream = __Pyx_PyObject_IsTrue(values[5]); if (unlikely((__pyx_v_stream == (int)-1) && PyErr_Occurred())) __PYX_ERR(3, 522, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("apply", 1, 6, 6, __pyx_nargs); __PYX_ERR(3, 517, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("apply", 1, 6, 6, __pyx_nargs); __PYX_ERR(3, 521, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -32040,7 +32066,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
   Py_ssize_t __pyx_t_6;
   __Pyx_RefNannySetupContext("__pyx_fuse_1apply", 0);
 
-  /* "fastbn/_planar.pyx":523
+  /* "fastbn/_planar.pyx":527
  *     b None: out = (a - center) * scale + offset; otherwise
  *     out = scale * a - slope * (b - center) - offset (a = dy, b = x)."""
  *     cdef const floating* ap = &a[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -32052,7 +32078,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
   __pyx_t_3 = 0;
   __pyx_v_ap = (&(*((double const  *) ( /* dim=2 */ ((char *) (((double const  *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_a.data + __pyx_t_1 * __pyx_v_a.strides[0]) ) + __pyx_t_2 * __pyx_v_a.strides[1]) )) + __pyx_t_3)) ))));
 
-  /* "fastbn/_planar.pyx":524
+  /* "fastbn/_planar.pyx":528
  *     out = scale * a - slope * (b - center) - offset (a = dy, b = x)."""
  *     cdef const floating* ap = &a[0, 0, 0]
  *     cdef const floating* bp = cptr3(b)             # <<<<<<<<<<<<<<
@@ -32061,7 +32087,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
 */
   __pyx_v_bp = __pyx_fuse_1__pyx_f_6fastbn_6_views_cptr3(__pyx_v_b);
 
-  /* "fastbn/_planar.pyx":525
+  /* "fastbn/_planar.pyx":529
  *     cdef const floating* ap = &a[0, 0, 0]
  *     cdef const floating* bp = cptr3(b)
  *     cdef floating* op = &out[0, 0, 0]             # <<<<<<<<<<<<<<
@@ -32073,7 +32099,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
   __pyx_t_1 = 0;
   __pyx_v_op = (&(*((double *) ( /* dim=2 */ ((char *) (((double *) ( /* dim=1 */ (( /* dim=0 */ (__pyx_v_out.data + __pyx_t_3 * __pyx_v_out.strides[0]) ) + __pyx_t_2 * __pyx_v_out.strides[1]) )) + __pyx_t_1)) ))));
 
-  /* "fastbn/_planar.pyx":526
+  /* "fastbn/_planar.pyx":530
  *     cdef const floating* bp = cptr3(b)
  *     cdef floating* op = &out[0, 0, 0]
  *     cdef Py_ssize_t size = a.shape[0] * a.shape[1] * a.shape[2]             # <<<<<<<<<<<<<<
@@ -32082,7 +32108,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
 */
   __pyx_v_size = (((__pyx_v_a.shape[0]) * (__pyx_v_a.shape[1])) * (__pyx_v_a.shape[2]));
 
-  /* "fastbn/_planar.pyx":527
+  /* "fastbn/_planar.pyx":531
  *     cdef floating* op = &out[0, 0, 0]
  *     cdef Py_ssize_t size = a.shape[0] * a.shape[1] * a.shape[2]
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2],             # <<<<<<<<<<<<<<
@@ -32091,7 +32117,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
 */
   __pyx_v_p = __pyx_f_6fastbn_10_planar_v4_make_plane((__pyx_v_a.shape[0]), (__pyx_v_a.shape[1]), (__pyx_v_a.shape[2]), __pyx_f_6fastbn_5_simd_streams(__pyx_v_stream, __pyx_v_op, __pyx_v_ap, __pyx_v_bp, (__pyx_v_size * (sizeof(double)))));
 
-  /* "fastbn/_planar.pyx":529
+  /* "fastbn/_planar.pyx":533
  *     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2],
  *                               streams(stream, op, ap, bp, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb             # <<<<<<<<<<<<<<
@@ -32103,7 +32129,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
   __pyx_v_nb = __pyx_t_4;
   __pyx_v_nu = (__pyx_v_p.C * __pyx_v_nb);
 
-  /* "fastbn/_planar.pyx":530
+  /* "fastbn/_planar.pyx":534
  *                               streams(stream, op, ap, bp, size * sizeof(floating)))
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)             # <<<<<<<<<<<<<<
@@ -32112,7 +32138,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
 */
   __pyx_v_nt = __pyx_f_6fastbn_7_openmp_threads_for(__pyx_v_size, __pyx_v_nu, __pyx_v_num_threads);
 
-  /* "fastbn/_planar.pyx":531
+  /* "fastbn/_planar.pyx":535
  *     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
  *     cdef int nt = threads_for(size, nu, num_threads)
  *     cdef const Coef* k = <const Coef*>&coef[0, 0]             # <<<<<<<<<<<<<<
@@ -32123,7 +32149,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
   __pyx_t_2 = 0;
   __pyx_v_k = ((__pyx_t_6fastbn_6_stats_Coef const *)(&(*((double const  *) ( /* dim=1 */ ((char *) (((double const  *) ( /* dim=0 */ (__pyx_v_coef.data + __pyx_t_1 * __pyx_v_coef.strides[0]) )) + __pyx_t_2)) )))));
 
-  /* "fastbn/_planar.pyx":533
+  /* "fastbn/_planar.pyx":537
  *     cdef const Coef* k = <const Coef*>&coef[0, 0]
  *     cdef Py_ssize_t u
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -32136,7 +32162,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "fastbn/_planar.pyx":534
+        /* "fastbn/_planar.pyx":538
  *     cdef Py_ssize_t u
  *     with nogil:
  *         for u in prange(nu, num_threads=nt, schedule="dynamic"):             # <<<<<<<<<<<<<<
@@ -32166,7 +32192,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
                         {
                             __pyx_v_u = (Py_ssize_t)(0 + 1 * __pyx_t_5);
 
-                            /* "fastbn/_planar.pyx":535
+                            /* "fastbn/_planar.pyx":539
  *     with nogil:
  *         for u in prange(nu, num_threads=nt, schedule="dynamic"):
  *             block_apply(ap, bp, op, &p, u // nb, u % nb, &k[u // nb])             # <<<<<<<<<<<<<<
@@ -32188,7 +32214,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
 
       }
 
-      /* "fastbn/_planar.pyx":533
+      /* "fastbn/_planar.pyx":537
  *     cdef const Coef* k = <const Coef*>&coef[0, 0]
  *     cdef Py_ssize_t u
  *     with nogil:             # <<<<<<<<<<<<<<
@@ -32205,7 +32231,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
       }
   }
 
-  /* "fastbn/_planar.pyx":517
+  /* "fastbn/_planar.pyx":521
  * 
  * 
  * def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, :, ::1] out,             # <<<<<<<<<<<<<<
@@ -32230,7 +32256,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_38apply(CYTHON_UNUSED PyObject *_
   return __pyx_r;
 }
 
-/* "fastbn/_planar.pyx":538
+/* "fastbn/_planar.pyx":542
  * 
  * 
  * def compile_args():             # <<<<<<<<<<<<<<
@@ -32265,13 +32291,13 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_10compile_args(CYTHON_UNUSED PyOb
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("compile_args", 0);
 
-  /* "fastbn/_planar.pyx":541
+  /* "fastbn/_planar.pyx":545
  *     """The C compiler flags this kernel module was built with, as one string
  *     (the columnar module of the same level is built with the same)."""
  *     return FASTBN_COMPILE_ARGS.decode("ascii")             # <<<<<<<<<<<<<<
 */
-  __pyx_t_1 = __Pyx_ssize_strlen(FASTBN_COMPILE_ARGS); if (unlikely(__pyx_t_1 == ((Py_ssize_t)-1))) __PYX_ERR(3, 541, __pyx_L1_error)
-  __pyx_t_2 = __Pyx_decode_c_string(FASTBN_COMPILE_ARGS, 0, __pyx_t_1, NULL, NULL, PyUnicode_DecodeASCII); if (unlikely(!__pyx_t_2)) __PYX_ERR(3, 541, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_ssize_strlen(FASTBN_COMPILE_ARGS); if (unlikely(__pyx_t_1 == ((Py_ssize_t)-1))) __PYX_ERR(3, 545, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_decode_c_string(FASTBN_COMPILE_ARGS, 0, __pyx_t_1, NULL, NULL, PyUnicode_DecodeASCII); if (unlikely(!__pyx_t_2)) __PYX_ERR(3, 545, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
 
   {
@@ -32285,7 +32311,7 @@ static PyObject *__pyx_pf_6fastbn_10_planar_v4_10compile_args(CYTHON_UNUSED PyOb
   __pyx_t_2 = 0;
   goto __pyx_L0;
 
-  /* "fastbn/_planar.pyx":538
+  /* "fastbn/_planar.pyx":542
  * 
  * 
  * def compile_args():             # <<<<<<<<<<<<<<
@@ -33659,14 +33685,14 @@ static int __Pyx_modinit_Exttype___pyx_defaults(__pyx_mstatetype *__pyx_mstate) 
   __Pyx_RefNannySetupContext("__Pyx_modinit_Exttype___pyx_defaults", 0);
   /*--- Exttype __pyx_defaults ---*/
   #if CYTHON_USE_TYPE_SPECS
-  __pyx_mstate->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_6fastbn_10_planar_v4___pyx_defaults_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 375, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_6fastbn_10_planar_v4___pyx_defaults_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 376, __pyx_L1_error)
   #else
   __pyx_mstate->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults = &__pyx_type_6fastbn_10_planar_v4___pyx_defaults;
   #endif
   #if !CYTHON_COMPILING_IN_LIMITED_API
   #endif
   #if !CYTHON_USE_TYPE_SPECS
-  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults) < (0)) __PYX_ERR(3, 375, __pyx_L1_error)
+  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults) < (0)) __PYX_ERR(3, 376, __pyx_L1_error)
   #endif
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount((PyObject*)__pyx_mstate->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults);
@@ -34678,38 +34704,38 @@ __Pyx_RefNannySetupContext("PyInit__planar_v4", 0);
   if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_pyx_unpickle_Enum, __pyx_t_4) < (0)) __PYX_ERR(1, 4, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "fastbn/_planar.pyx":375
+  /* "fastbn/_planar.pyx":376
  * # ----------------------------------------------------------- wrappers ----
  * 
  * def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
  *                   const floating[::1] beta, floating[:, :, ::1] y,
  *                   floating[::1] mean, floating[::1] invstd,
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 375, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 376, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_10_planar_v4_13forward_train, 0, __pyx_mstate_global->__pyx_n_u_forward_train_const_float_1_cons, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 375, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_10_planar_v4_13forward_train, 0, __pyx_mstate_global->__pyx_n_u_forward_train_const_float_1_cons, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 376, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_5) < (0)) __PYX_ERR(3, 375, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_5) < (0)) __PYX_ERR(3, 376, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_10_planar_v4_15forward_train, 0, __pyx_mstate_global->__pyx_n_u_forward_train_const_double_1_con, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 375, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_10_planar_v4_15forward_train, 0, __pyx_mstate_global->__pyx_n_u_forward_train_const_double_1_con, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 376, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_5) < (0)) __PYX_ERR(3, 375, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_5) < (0)) __PYX_ERR(3, 376, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_1forward_train, 0, __pyx_mstate_global->__pyx_n_u_forward_train, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[2])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 375, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_1forward_train, 0, __pyx_mstate_global->__pyx_n_u_forward_train, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[2])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 376, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_5, __pyx_mstate_global->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 375, __pyx_L1_error)
-  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 375, __pyx_L1_error)
+  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_5, __pyx_mstate_global->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 376, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 376, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
   __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_5)->arg0 = __pyx_t_9;
   __Pyx_GIVEREF(__pyx_t_9);
@@ -34720,42 +34746,42 @@ __Pyx_RefNannySetupContext("PyInit__planar_v4", 0);
   __pyx_t_4 = 0;
   __pyx_t_4 = __pyx_t_5;
   __Pyx_INCREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_forward_train, __pyx_t_4) < (0)) __PYX_ERR(3, 375, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_forward_train, __pyx_t_4) < (0)) __PYX_ERR(3, 376, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "fastbn/_planar.pyx":418
+  /* "fastbn/_planar.pyx":419
  * 
  * 
  * def inference(const floating[:, :, ::1] x, const floating[::1] gamma,             # <<<<<<<<<<<<<<
  *               const floating[::1] beta, const floating[::1] running_mean,
  *               const floating[::1] running_var, floating[:, :, ::1] y,
 */
-  __pyx_t_5 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 418, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 419, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_10_planar_v4_19inference, 0, __pyx_mstate_global->__pyx_n_u_inference_const_float_1_const_fl, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 418, __pyx_L1_error)
+  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_10_planar_v4_19inference, 0, __pyx_mstate_global->__pyx_n_u_inference_const_float_1_const_fl, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 419, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_4, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_4) < (0)) __PYX_ERR(3, 418, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_4) < (0)) __PYX_ERR(3, 419, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_10_planar_v4_21inference, 0, __pyx_mstate_global->__pyx_n_u_inference_const_double_1_const_d, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 418, __pyx_L1_error)
+  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_10_planar_v4_21inference, 0, __pyx_mstate_global->__pyx_n_u_inference_const_double_1_const_d, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 419, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_4, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_4) < (0)) __PYX_ERR(3, 418, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_4) < (0)) __PYX_ERR(3, 419, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_3inference, 0, __pyx_mstate_global->__pyx_n_u_inference, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[5])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 418, __pyx_L1_error)
+  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_3inference, 0, __pyx_mstate_global->__pyx_n_u_inference, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[5])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 419, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_4, __pyx_mstate_global->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 418, __pyx_L1_error)
-  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 418, __pyx_L1_error)
+  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_4, __pyx_mstate_global->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 419, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 419, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
   __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_4)->arg0 = __pyx_t_9;
   __Pyx_GIVEREF(__pyx_t_9);
@@ -34766,42 +34792,42 @@ __Pyx_RefNannySetupContext("PyInit__planar_v4", 0);
   __pyx_t_5 = 0;
   __pyx_t_5 = __pyx_t_4;
   __Pyx_INCREF(__pyx_t_5);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_inference, __pyx_t_5) < (0)) __PYX_ERR(3, 418, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_inference, __pyx_t_5) < (0)) __PYX_ERR(3, 419, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "fastbn/_planar.pyx":451
+  /* "fastbn/_planar.pyx":455
  * 
  * 
  * def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,             # <<<<<<<<<<<<<<
  *              const floating[::1] gamma, const floating[::1] mean,
  *              const floating[::1] invstd, floating[:, :, ::1] dx,
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 451, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 455, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_10_planar_v4_25backward, 0, __pyx_mstate_global->__pyx_n_u_backward_const_float_1_const_flo, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[6])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 451, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_10_planar_v4_25backward, 0, __pyx_mstate_global->__pyx_n_u_backward_const_float_1_const_flo, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[6])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 455, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_5) < (0)) __PYX_ERR(3, 451, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_5) < (0)) __PYX_ERR(3, 455, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_10_planar_v4_27backward, 0, __pyx_mstate_global->__pyx_n_u_backward_const_double_1_const_do, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[7])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 451, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_10_planar_v4_27backward, 0, __pyx_mstate_global->__pyx_n_u_backward_const_double_1_const_do, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[7])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 455, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_5) < (0)) __PYX_ERR(3, 451, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_5) < (0)) __PYX_ERR(3, 455, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_5backward, 0, __pyx_mstate_global->__pyx_n_u_backward, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[8])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 451, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_5backward, 0, __pyx_mstate_global->__pyx_n_u_backward, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[8])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 455, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_5, __pyx_mstate_global->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 451, __pyx_L1_error)
-  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 451, __pyx_L1_error)
+  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_5, __pyx_mstate_global->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 455, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 455, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
   __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_5)->arg0 = __pyx_t_9;
   __Pyx_GIVEREF(__pyx_t_9);
@@ -34812,42 +34838,42 @@ __Pyx_RefNannySetupContext("PyInit__planar_v4", 0);
   __pyx_t_4 = 0;
   __pyx_t_4 = __pyx_t_5;
   __Pyx_INCREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_backward, __pyx_t_4) < (0)) __PYX_ERR(3, 451, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_backward, __pyx_t_4) < (0)) __PYX_ERR(3, 455, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "fastbn/_planar.pyx":492
+  /* "fastbn/_planar.pyx":496
  * 
  * 
  * def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[::1] center,             # <<<<<<<<<<<<<<
  *          double[:, ::1] out, int num_threads):
  *     """Per-channel sums of an (N, C, S) view into out (C, 2), in double.
 */
-  __pyx_t_5 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 492, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 496, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_10_planar_v4_31sums, 0, __pyx_mstate_global->__pyx_n_u_sums_const_float_1_const_float_1, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[9])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 492, __pyx_L1_error)
+  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_10_planar_v4_31sums, 0, __pyx_mstate_global->__pyx_n_u_sums_const_float_1_const_float_1, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[9])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 496, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_4, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_4) < (0)) __PYX_ERR(3, 492, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_4) < (0)) __PYX_ERR(3, 496, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_10_planar_v4_33sums, 0, __pyx_mstate_global->__pyx_n_u_sums_const_double_1_const_double, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[10])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 492, __pyx_L1_error)
+  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_10_planar_v4_33sums, 0, __pyx_mstate_global->__pyx_n_u_sums_const_double_1_const_double, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[10])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 496, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_4, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_4) < (0)) __PYX_ERR(3, 492, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_4) < (0)) __PYX_ERR(3, 496, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_7sums, 0, __pyx_mstate_global->__pyx_n_u_sums, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[11])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 492, __pyx_L1_error)
+  __pyx_t_4 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_7sums, 0, __pyx_mstate_global->__pyx_n_u_sums, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[11])); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 496, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_4, __pyx_mstate_global->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 492, __pyx_L1_error)
-  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 492, __pyx_L1_error)
+  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_4, __pyx_mstate_global->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 496, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 496, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
   __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_4)->arg0 = __pyx_t_9;
   __Pyx_GIVEREF(__pyx_t_9);
@@ -34858,42 +34884,42 @@ __Pyx_RefNannySetupContext("PyInit__planar_v4", 0);
   __pyx_t_5 = 0;
   __pyx_t_5 = __pyx_t_4;
   __Pyx_INCREF(__pyx_t_5);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_sums, __pyx_t_5) < (0)) __PYX_ERR(3, 492, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_sums, __pyx_t_5) < (0)) __PYX_ERR(3, 496, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "fastbn/_planar.pyx":517
+  /* "fastbn/_planar.pyx":521
  * 
  * 
  * def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, :, ::1] out,             # <<<<<<<<<<<<<<
  *           const double[:, ::1] coef, int num_threads, bint stream):
  *     """The second half of each pass on an (N, C, S) view, with the per-channel
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 517, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(3, 521, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_10_planar_v4_37apply, 0, __pyx_mstate_global->__pyx_n_u_apply_const_float_1_const_float, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[12])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 517, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_0__pyx_mdef_6fastbn_10_planar_v4_37apply, 0, __pyx_mstate_global->__pyx_n_u_apply_const_float_1_const_float, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[12])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 521, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_5) < (0)) __PYX_ERR(3, 517, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_float, __pyx_t_5) < (0)) __PYX_ERR(3, 521, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_10_planar_v4_39apply, 0, __pyx_mstate_global->__pyx_n_u_apply_const_double_1_const_doubl, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[13])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 517, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_fuse_1__pyx_mdef_6fastbn_10_planar_v4_39apply, 0, __pyx_mstate_global->__pyx_n_u_apply_const_double_1_const_doubl, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[13])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 521, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_5, __pyx_mstate_global->__pyx_empty_tuple);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_5) < (0)) __PYX_ERR(3, 517, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_double, __pyx_t_5) < (0)) __PYX_ERR(3, 521, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_9apply, 0, __pyx_mstate_global->__pyx_n_u_apply, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[14])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 517, __pyx_L1_error)
+  __pyx_t_5 = __pyx_FusedFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_9apply, 0, __pyx_mstate_global->__pyx_n_u_apply, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[14])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 521, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_5, __pyx_mstate_global->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 517, __pyx_L1_error)
-  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 517, __pyx_L1_error)
+  if (!__Pyx_CyFunction_InitDefaults(__pyx_t_5, __pyx_mstate_global->__pyx_ptype_6fastbn_10_planar_v4___pyx_defaults)) __PYX_ERR(3, 521, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_9)) __PYX_ERR(3, 521, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
   __Pyx_CyFunction_Defaults(struct __pyx_defaults, __pyx_t_5)->arg0 = __pyx_t_9;
   __Pyx_GIVEREF(__pyx_t_9);
@@ -34904,23 +34930,23 @@ __Pyx_RefNannySetupContext("PyInit__planar_v4", 0);
   __pyx_t_4 = 0;
   __pyx_t_4 = __pyx_t_5;
   __Pyx_INCREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_apply, __pyx_t_4) < (0)) __PYX_ERR(3, 517, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_apply, __pyx_t_4) < (0)) __PYX_ERR(3, 521, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "fastbn/_planar.pyx":538
+  /* "fastbn/_planar.pyx":542
  * 
  * 
  * def compile_args():             # <<<<<<<<<<<<<<
  *     """The C compiler flags this kernel module was built with, as one string
  *     (the columnar module of the same level is built with the same)."""
 */
-  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_11compile_args, 0, __pyx_mstate_global->__pyx_n_u_compile_args, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[15])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 538, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_6fastbn_10_planar_v4_11compile_args, 0, __pyx_mstate_global->__pyx_n_u_compile_args, NULL, __pyx_mstate_global->__pyx_n_u_fastbn__planar_v4, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[15])); if (unlikely(!__pyx_t_5)) __PYX_ERR(3, 542, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_compile_args, __pyx_t_5) < (0)) __PYX_ERR(3, 538, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_compile_args, __pyx_t_5) < (0)) __PYX_ERR(3, 542, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
   /* "fastbn/_planar_v4.pyx":1
@@ -35113,30 +35139,30 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
     const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{27},{179},{8},{15},{7},{6},{18},{2},{9},{50},{30},{37},{1},{5},{1},{8},{1},{1},{1},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{15},{13},{1},{3},{15},{2},{5},{72},{69},{4},{18},{1},{8},{153},{145},{4},{4},{2},{2},{1},{6},{18},{4},{6},{12},{5},{5},{8},{6},{6},{5},{15},{2},{3},{2},{3},{6},{9},{3},{5},{6},{17},{5},{5},{6},{7},{13},{140},{132},{1},{5},{3},{2},{5},{9},{124},{118},{6},{5},{8},{1},{4},{6},{4},{3},{7},{4},{4},{2},{4},{2},{2},{2},{11},{5},{3},{2},{2},{3},{1},{4},{4},{3},{1},{2},{8},{2},{4},{12},{11},{2},{10},{5},{10},{4},{5},{4},{4},{6},{9},{6},{4},{53},{51},{1},{6},{6},{6},{1},{2},{1},{2}};
-    const struct { const unsigned int length: 10; } bytes_length_index[] = {{1},{16},{581},{219},{571},{396},{415},{247}};
+    const struct { const unsigned int length: 10; } bytes_length_index[] = {{1},{16},{581},{219},{571},{426},{445},{247}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (2086 bytes) */
-static const char cstring[] = "x\332\355VMs\333\326\025\025%*\343\017%\021e\331\261\223Z\006\345\017\271\215\255\224\222\352f4\231\264\024%\247^\3245E\331\216\307\243\301<\000\017\024*\020\000\361\036h\262\323\351d\251%\226Xb\211%\226Xb\311%\227X\346\047\344\047\364<\220\224%Yv\345T3\335T#\002\017\357\343\336s\317=\367\002\022\341\322\357\273\222\255\374\235\252\374\373\345u\351\273\277\322\226\355\366^\030\364\215d\353\322w\252mq\243\351\331\036\223\210\245I\232\341\212\215\047\247\rk\274\300\270khT;\262Y\262\335\017\256\037\237;\334\371\375\237j\304\262l.\021\306\214\246%q[r)\321\036\332\226\331\223Z9\310\016@>\261:\30444\251ek\364\201D\273\016\316\302\324\222\272$\374.\351\266\313]b-=\220\23205\336\314\366\210C\341J\"]\203IOm\251E\270\272gXMI\270\"\334s\251\244\333\236\245=\2659\225\370\036H\252\365\370\236mI\330\256Q\323P\250K8\005\020\001\035\016]\261\311\222\236m={\270\366\355Z\036\210K\005\245Lb\236\242\232\210\2012\301\247\342\031&\207c\336s([\226\236\350R\317\366$\213\0022\002t\260\357\350\001\276G-\211Q.\006\322RN\007\341\206m\3118\016\264K#\006\215\016\025\247\037\023\223\321e\242i2\366Q\3256M\261f[l\231(\252f0\242\230\224Z\342\252\023\306\025\353\033\3311\211E\334e\247\327m\252\006\033\256i\226\215\020u\342\231\\\222e\227j\236JeY\322\274\334\207e[\017\021r\307 &VU\3032\270,{\371A\261LL\323V\301\214D\\\227\364$\215p\262|\312\352\220\177\301\3220\365l\371\237\325F\355\311\223\332\226i\032\0163\330\017O\033\r\332\366\250\245R\241\304\345\267\242\224\345g\275.~\233\240]~J\273|\233\352\262<\242\006@\001J\220\367v\320\244\334\340\264%&4q\006\177\272g\251\342\216%6>e\264\034HE\214Z\304\260\362\273\255yf\276f\221\326\360.\334\3132\350\222\325=\252\3563\2575|\032Y\021C\221\330\341\310\263\034C\335\207\205-k\274\257\303\005\025\302F\333#\346\330\354\230\343\303\221\232k\355\310\004\355\212\007\010\341\020\n;\002\375p\374\366\034\247\214\347\2012\252\311\3204\252\n6\014&\253\266k{\020 %\320\3048\037\262\342\351:\024\355\020\3071{\371\3455\n\234qI\263=\000~\275\376@\022\377\353\225\335\007\357""\233\177gf\367\250\035\335\264\t\177\327\314;\323\047\047v\211\333d\204\365,\325\260\227\017\2613E!\352\376\033\342j\343\373G\303=>\177\326\231\367\207}b\274{\002\330Y\343?6}\266\211\367qx|\010@\214*\024\372s\024\256\252\324B\317RMp)C\354\350\220*\025\210U\233\352\342\267\272\242\332-\307\200T\005\377*:!\327\304\341Q_`Z\223\264Zd\030\257&\024\237_\204\276\206/\022\255\253u\035\255\247a\322R\321\230)* \357\230\324a\324umW\047*\027W\321\206\226GmH\356\254\351&i\262\0344\372v+\277\212\356\215\233\340R\3404\216?\274\376o\362{\346l\2767\313\247a\371\0259=[\n\337\223\330f\236\013\321\345\264\274\312\301\020uE\343<\034\274>\337\"8\003\221\273\047}\237\207\320\377#m\360\332a\\\023\335\236\r/\377\240\373\373 ETb\223\265(\261\360\335\200\177\361\335 \276\027D3\265\024|p\264\254\246\305-O\364i\276\047\2762\030\206N\017b\266\367m\007M\307qP\035\016q\271c;\256[qi\323`\250 \267\345\332o\230\353Y\026\336\306\262p0\036w\360\002\354\2401\217+F\274\360\016\277-\230@\206\226\355\242o\243\"\270\215\037\274\266\206W\034\307\300\303\267\203\327b\342\367\261\315m\367\310\24136\236]\017o+\204\3509xeS|$y\224u\273N\257\347\374\355\247\302/\237LL\317\014./\004\315\260\036\022<\317LL\337\nH\320\016\013\341\225\260\026\266\263\342\365\240\020\224\202r\260\032\250a)+~\025T\202\307a9\\\r\225\250\020]\213\332\361T\274\022\327c=\251&\365\254x\305_\017\3520\320\201=-*G\217\342R|\047&q\047\251\047$[\270\213\351\275H\303\224\236l\245si%+\336\200\365o\242Rt;\332\216\340n\316\377\032\006\364p3*d\305\233\301NX\n\313Yq!\320\340\263\"\320\024\203jP?6\270$\226\302\332`\351\317i!\275\222n\244J\177\262\177\273\337\030<\253\377rib\372\302O\335\203\266_\364\253\331\247\237e\263\300?\370\315\203\250\232\315\336\204\037-\274\023\222\220E\213\321F\324D\0244YI\266\023\226.\246\233\375\251\376Z\277=x\2663\330y>x\376\"[\2705\n\352\016\360\337\215\333\331\205\213Y\361\322\301o\375\212\277\341+\301T\260\022\310\260B\"\026/\306OS\200\276|\360G\377\266_\027\203u\377y\260\230\343\275x=\3704\254g3_\370\355\240\220\315""\\\363\211\317\203G\210\362v\270\r w\"%\236\004=J2\231,&\265\204\247+i=%\331\027\303x\267\0037\234\037Q\273\002\302\334x.\256\214\214\005\245lf\326/\370W}+\254\206/\242JT\313\261T\343\355\330MJ\311\335\304Kk)\357W\372\233`fP\337\316\356\336\013\365\250\032\355\304\363\361NR:\304$nE$YP\303\243\325\034\321b\\\213\031L\010j\004\301S\375\225~=\273~#\230\007&\026.\206\033\320\303\0246\237.\242\205\200\"E\325\241\232\256 \220F8%\322y^j\322\000\315MK\037V\323\215\340f\036\221 \246\375\363\305Ky\244\203\353\367\243\303\2307\303\"\250kD\2238\277\003jW\004/I9\251$\033\211\232\226\206\241I\010l2\307\254F%\021\332\261H\005\200\305\363\r\220\306\177H\212\037U.\2075\021\272\321\334\340\353\315\264\2326P\023\213\375\215\276:\250\013E\177\2500DD\036,NG\365H\315Yx\t\264\317\363\314\253\3759\224\005\033l7\006\215\227\203\227?\016~|\225\335\222\302OF\304>\216\313\361Z\334N\246s\374\347V!\0362#\030\336\000\345\363\271\354s\305\346\025\322\376\270\332\260\261C\210\276\201DT\342\315\244\220\314\003\253\016\206v\372W\372\325\376\213AC\360\223\335[\n=l\253\037\253\212i\020|\365\327V\305\354\304\364\r \271\006\265\\\030i\341\002\334_K\332i\341\035\031\235\350\272_\006K\310\354\375\274\367\334\313[\303F\242\244\223p\213\232\272\005W\367\340f=/\3649\2640\221\253Z\312\372\345\261@\024(vqD_\375\264\276z\325\177\005\000,|\010\332n\3010\326\256\371M\250\270 \234\377.\334\212\346\"l\233\367\377\022\374\020\256 =(\237\0133\007[`\224\370\355\243\215\247\036\232#\021\\N+h\243\323\242\021\347\224\316|v@\016\376\025\274\n\311\321\312\233\367\253\376\266\357\346\224\271y\216\21107\r=\224\241\230mQ\033\331\254\220\375\355|\307\034jIG\005\273\2712\033\311\024\252s\023\215\177Nt\312\354\313\257\362f*b\325s\255\211m\337&\217\320\033f>?hg\263W\375\372\377s1\314\305\340\363{(\226\373\330q\274\020\352\377\363\364\314ML\317\177\2403j\202\222S\033!\311\253n\330\302\313\321Z\304\321\001N\246s\364.\372y\304\263\200\2746L\363El\251\236\376\206^\203\205)\220\335\210\212\300\255\304\305\3701\336\013+I\003z9c\377\271>""\022\334\024\030\022\337\034e\364\005\r\344\257\"*\226\224\377\r\221I\266\233";
-    PyObject *data = __Pyx_DecompressString(cstring, 2086, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (2107 bytes) */
+static const char cstring[] = "x\332\355VMs\333\326\0255%*\343\017%\021i\331\261\223Z\006%\333r\033[)e\325\315h2I)JN\275\250j\222\262\035\217G\203y\004\036(T \000\342=\320d\247\323\311RK,\261\304\022K,\261\304\222K.\261\364O\310O\310y )K\262\354\312\251\027]T#\002\017\357\343\336s\317=\367\002\022\341\322\037{\222\325\374\007U\370\367+\353\322w\177\243m\313\351?\323\351+\311\322\244\357\024\313\344z\313\265\\&\021S\225T\335\021\033ON\353\346d\201qGW\251zd\263d9\357]?>w\270\363\373\037\252\3044-.\021\306\364\226)qKr(Q\357[\246\321\227\332\031\310.@>6\273\304\320U\251m\251\364\236D{6\316\302\324\262\262,\374.k\226\303\035b.\337\223Z05\331\314\366\210M\341J\"=\235I\333\226\324&\\\331\323\315\226$\\\021\356:T\322,\327T\267-N%\276\007\222\252}\276g\231\022\266\253\324\320\233\324!\234\002\210\200\016\207\216\330dJO\266\236\334_\373v-\013\304\241\202R&1\267\251\030\210\2012\301g\323\325\r\016\307\274oS\266\"=\326\244\276\345J&\005d\004hc\337\321\003|\217\232\022\243\\\014\244\345\214\016\302u\313\224q\034h\227\307\014\352]*N?\"\006\243+DUe\354\243\212e\030b\3152\331\ni*\252\316H\323\240\324\024W\2150\3364\277\221m\203\230\304Y\261\373\275\226\242\263\321\232jZ\010Q#\256\301%Yv\250\352*T\226%\325\315|\230\226y\037!wub`U\321M\235\313\262\233\035\024\313\3040,\005\314H\304qH_R\t\047+\247\254\216\370\027,\215R\317V\376UiT\037?\256n\031\206n3\235\375\270\335h\320\216KM\205\n%\256\274\021\245,?\351\367\360\333\004\355\3626\355\361:\325dyL\r\200\002\224 \357\315\240E\271\316i[L\250\342\014\3764\327T\304\035KlrJo\333\220\212\030\265\211nfwKu\215l\315$\355\321]\270\227e\320%+{T\331gn{\3644\266\"\206\"\261\243\221k\332\272\262\017\013[\346d_\227\013*\204\215\216K\214\211\331\t\307\207#%\323\332\221\t\332\023\017\020\302!\024v\004\372\341\370\3159N\031\317\002eT\225\241iT\025l\350LV,\307r!@J\240\211I>\344\246\253iP\264Ml\333\350g\227\227(p\306%\325r\001\370\345\372=I\374\257\227w\357\275k\376\255\231\335\243v4\303\"\374m3oM\237\234\330%N\213\021\3267\025\335Z9\304\316\232M\242\354\277\"\216:\271\1770\334\343\363g""\235yw\330\047\306\273\047\200\2355\376c\323g\233x\027\207\307\207\000\304h\223B\177v\223+\n5\321\263\024\003\\\312\020;:\244B\005b\305\242\232\370=XU\254\266\255C\252\202\177\005\235\220\253\342\360\270/0\265E\332m2\212W\025\212\317.B_\243\027\211\332S{\266\332W1i*h\314\024\025\220uLj3\3528\226\243\021\205\213\253hC+\3436$w\3274\203\264X\006\032}\273\235]E\367\306Mp)p\352\307\037^\3767\371=s6\337\231\345\323\260\374\206\234\236-\205\357Hl+\313\205\350rjV\345`\210:\242q\036\016^~\334\"8\003\221\273\047}\177\014\241\377G\332\340\265\313\270*\272=\033]\376I\367\367A\212\250\304\026kSb\342\273\001\377\342\273A|/\210fj6\361\301\3216[&7]\321\247\371\236\370\312`\030\332}\210\331\332\267l4\035\333Fu\330\304\341\266e;N\331\241-\235\241\202\234\266c\275b\216k\232x\033\313\302\301d\334\305\013\260\213\306<\251\030\361\302;\374\266`\002\031Z\266\203\276\215\212\340\026~\360\332\036]q\034\003\027\337\016n\233\211\337\2076\267\335#\207\316\330xv]\274\255\020\242k\343\225M\361\221\344R\326\353\331\375\276\375\367\237s\277|rnfvxi\301o\005\265\200\340y\366\334\314M\237\370\235 \027\\\016\252A\047\315_\363s~\301/\371\017|%(\244\371\257\374\262\377((\005\017\202f\230\013\257\206\235h:Z\215j\221\026W\342Z\232\277\354\255\3735\030\350\302\236\032\226\302\207Q!\272\025\221\250\033\327b\222.\334\306\364^\250bJ\213\267\222bRN\363\327a\375\233\260\020.\205\365\020\356\212\336\3270\240\005\233a.\315\337\360w\202BPJ\363\013\276\n\237e\201&\357W\374\332\261\301E\261\024T\207\313\177Ir\311\345d#i\016\246\006K\203\306\360I\355\227\213\347f\316\377\334;\350xy\257\222~\372Y:\007\374\303\337\335\013+\351\334\r\370Q\203[\001\tX\270\030n\204-DA\343\325\270\036\263d1\331\034L\017\326\006\235\341\223\235\341\316\323\341\323g\351\302\315qP\267\200\377v\324I\317_H\363\027\017~\357\225\275\r\257\351O\373\253\276\014+$d\321b\264\235\000\364\245\203?{K^M\014\326\275\247\376b\206\367\3025\377\323\240\226\316~\341u\374\\:{\325#\036\367\037\"\312\245\240\016 \267\302f4\005z\232\361T\274\030Wc\236\254&\265""\204\244_\214\342\255\373N0?\246v\025\2049Q1*\217\215\371\205tv\316\313yW<3\250\004\317\302rX\315\260T\242z\344\304\205\370v\354&\325\204\017\312\203M03\254\325\323\333w\002-\254\204;\321|\264\023\027\0161\211[\036I\026\324\360\360A\206h1\252F\014&\0045\202\340\351\301\352\240\226^\273\356\317\003\023\013\026\203\r\350a\032\233O\027\321\202O\221\242\312HM\227\021H#\230\026\351\374XjR\001\315I\n\357W\323u\377F\026\221 \246\363\372\302\305,\322\341\265\273\341a\314\233A\036\3245\302)\234\337\001\265\253\202\227\270\024\227\343\215XI\n\243\320$\0046\225aV\302\202\010\355X\244\002\300\342\307\r\220F\177\212\363\037T.\2075\0218aq\370\365fRI\032\250\211\305\301\306@\031\326\204\242\337W\030\"\"\027\026g\302Z\250d,<\007\332\247Y\346\225A\021e\301\206\365\306\260\361|\370\374\247\341O/\322\233R\360\311\230\330GQ)Z\213:\361L\206\377\243U\210\213\314\010\2067@\371|&\373L\261Y\205t>\2546,\354\020\242o \021\345h3\316\305\363\300\252\201\241\235\301\345Ae\360l\330\020\374\244w\226\003\027\333j\307\252b\006\004_\371\255U1wn\346:\220\\\205Z\316\217\265p\036\356\257\306\235$\367\226\214Nt\335/\375ed\366n\326{\356d\255a#n&Sp\213\232\272\tWw\340f=+\364\"Z\230\310U5a\203\322D M(vqL_\355\264\276z\305{\001\000,\270\017\332n\3020\326\256z-\2508\047\234\377!\330\n\213!\266\315{\177\365\177\014V\221\036\224\317\371\331\203-0J\274\316\321\306S\013\214\261\010.%e\264\321\031\321\2103Jg?; \007\377\366_\004\344h\345\315{\025\257\3569\031eN\226c\"\314\315@\017%(\246.j\343u\326\254\225\240\010\327u\241\351\360\207x\t\365\263 \211JL\347DQ,e\347\213\2504\r\365\355d\272m\304\323\250\335M\274\026\212\242\217\246_~\225\265Z\301\204\226)Ql\3736~\210\3161\373\371A\047\235\273\342\325\376\237\251Q\246\206\237\337A)\335\305\216\343eR\373\037O^\361\334\314\374{\272\252*\010;\265\211\222\254bG\355\277\024\256\205\034\335\343d\262\307\357\261\327\343,\010\310k#\021\\\300\226\312\351o\3675X\230F\360\2150\017\334\315(\037=\302;e5n@Mg\354]\327\306r\234\006C\342{\245\204\236\242\"5\017\020\025\213K\277\002A""\000\317\211";
+    PyObject *data = __Pyx_DecompressString(cstring, 2107, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (2748 bytes) */
-static const char cstring[] = "\377 at 0x o\377bject>.:\377 <Memory\377View of \377<contigu\377ous and gdir%\001\007\rin\021\005\177strided\"\010o or \004\031><(\t\376A\006>?Canno\377t assign\377 to read\177-only m\240\002\375v\242\000Invali\377d mode, \347exp\305\000|\000\047c\047\376t\001\047fortra\237n\047, gH\000%\005s\357hape\222\000 ax\377is No ma\177tching g\001\377ature fo\377undNote \373th\242 Cytho\373n ,\000delib\237erate\206\000\353\001c\367ter!\001n PE\337P-484\245\"re\376\317!s subcl\366\301\000es\314!buil\373ti\313\000ypes.\377 If you \223ne\257 \336\000p\351\000%\tt\177hen set\200\000\367e \047\212\"atio_n_typ\253\000\047\210D\373iv\242\000o Fal\177se.add_\264 \237ecoll\321@+\000s\377.abcdisa\337bleen\002\001fa\377stbn/_pl\377anar.pyx\357gcis\026\003dno\377 default\377 __reduc\277e__ du_\002n\367on-\337@vial\376\033\000cinit__\371uP\002\236Aalloc\376\227  array \037data.\013\020\372#\314a\376\251cs.|ASCI\377ICEllips\377isGNSSeq_uence\206\204\001.\213\204\007\337__Pyx\001\000Di\377ct_NextR\317ef__\224$\246\000__\366\351\"__\001\005geti\227tem\r\001d0\001\027\000fgunc\035\001\030\000st\305@\316)\001imp\250`3\001ma{in\003\002odulM\0027nam\002\003ewT\001\254 \377_checksu\200T\000\n\001?\004\025\001\227@\254 \037\001u\337npick?\000En\346 \005vt\200A\230\001qua\021lO\005\334%\345&c\347b\277\001\370$\023ex\314\001\206`_\203\005\222`\262\006\274\003\006.\007test\344\002s\377ed_sigin\375dA\000is_cor\233ou\376`ea\221`\246E_\377bufferap\337apply\000\002[c\377onst dou\336\262`[:, \000\000::\2471],\000\025\031\016]<\tf\217loat5\017\006\016\030\r]\377argsasyn\357cio.\263\006sbb\177ackward\000\005\000~.\321\013\307\017\331\017\371\001\375\017\231%\022\t\002\244 ]\212\014\330\200%\360#\247$\345\047\000\016\340\027\010\2545\251A?\007\216\000seb\375e\375`pbtcce\377nterclin\377e_in_tra{ce\317!coef\000\001\37732compil\373e_\374!count\371d9\001\221\207\004sdgamKma\227cd\356\204\001\000\002_\335`\376\303\213\003dxdxpdy\377dypencod\337eenum\255\211\002ep\377serrorfa\323ct\002\001\203\210\001.\200\210""\004_v\2774flags\247bf\337ormat\267\212\004fo\031r\351A\244\001in\000\n\200\204$\217\202<A,\316Ux\021\315\204\033\277R\235\202#,\343O\222\346ag\207B\342\210\001d\341\206\002\237 e\001r\265\211\001\000\006\350\200:\205\205!\352\206\017l\r\342\2000\374\351\204\037\234\207\016invstd\372\352\212\001s\000\002izekk\367ind\247\207\001gsme\377anmemmem\370\264\217\001\254\217\001\324\212\001nbndi\177mngntnu\244\212\001\373th\342\217\001snump\377yobjokop\377outppack\377partpopr\377r1regist\377errmrows\377running_\374]\001\004\005varrvscet\252\205\005\355\217\001\323\217\006ss\227\000\363stL\000B\000psto~\001\000reamst\002\001\377ingstruc\237tsums\000\001\334\211-]\274*\010\322\211$]uun\337\001u\377pdateval\377uesxxpyy\377pO\200\001\360\006\000\005\377\014\320\013\036\230g\240Q\373\240a\r\000\014\000\005\037\230\377a\230q\240\001\240\023\240\377C\240q\330\004\030\230\001\377\230\021\230!\2303\230c\377\240\021\330\004\033\2301\230\377F\240!\2403\240b\250\377\001\250\026\250q\260\003\260\3772\260Q\260f\270A\270\377Q\330\004\023\220:\230Q\372>\000vM\000d\250!\2506\377\260\021\260$\260a\260v\177\270Q\270a\330\036%d\000\367h\250d\020\000f\270E\300\277\022\3001\330\004\031[\000/\177\250\021\250#\250R\250l\000\367\022\220+>\000f\240D\250\377\001\330\004\035\230T\240\021\177\240!\330\004\036\230dq\000~+\000\030\230\004\230A\230f\000\356\000\006\030\230\n\027\001\240C\320\377\047@\300\001\300\023\300B\377\300b\310\002\310#\310S\377\320PQ\360\n\000\005\010\377\200x\210q\220\004\220A\337\330\r\016\330\020\275\000\320\034\277,\250A\330\020\035\246\000d\377\240$\240a\240s\250\"\357\250B\250g\303\000e\2702\377\270R\270s\300\"\300D\377\310\003\3104\310q\320P\377T\320TU\320UV\330\327\036\037\230\317\003$\275\000%\260\377q\330\010\t\330\004\n\210\377)\2201\220B\220b\230\337\003\2302\230_C\000a\250\277s\260\"\260N\300\262\000\013\337\2107\220#\220\222 \013\210\337:\220U\230\"\264\002\t\030\377\230\r\240Q\330\014\027\220\377q\230\001\330\014\026\220a\357\220t\2306\343\000#\240R\276\206\000$\250b""\260\002\257 b\377\270\002\270\"\270C\270t\377\3002\300Q\300a\330\027\276\363\003R\230r\240\024\324$2\276\256 r\260\022\2601F\004\230\377\021\330\014\020\220\001\220\025\377\220n\240A\240V\2501\373\250C\207\002A\260R\260r\377\270\021\270%\270u\300C\277\300t\3101\310D\227 \320\377QR\330%&\240f\250\377A\250T\260\024\260T\270\311\021\213\006\227\001\004\342@\227!t\250}3\215\002\"\260C\260s@\000\374\227!\335!\003\3102\310Q\330\377\030\031\230\024\230R\230s/\240\"\240B\215`\003*\000\257s\177\036\230e\2401\240A\310c}\023\277@S\240\003\2401\204\203G\335d\333\000r\300\021\260{\031\230\365\035\352@t\224\"q\340\t\n\316\200B\320\030(\347`\212B\004\230\367D\240\004\270 S\250\002\250\335#\223 \022\2602\224!\270!\377\2701\270B\270c\300\021\276\232\205\003 \230q\240\002\375\204\002c\243\250\021\227\204\001\242\205\n\313\204\001\"\223\200Ke\317\2605\270\004\202\205*\213\205\006\240r\377\250\022\320+D\300A\300\377S\310\002\310\"\310B\310\347c\320Q\316\204\001\375\204\031\036\230a\377\230u\240D\250\005\250Q\373\250c\336`2\260W\270A\377\270U\300\"\300B\300c\377\310\022\3104\310s\320R\377S\320SW\320WX\320\177XY\330\037 \240\006\322$\377F\260!\2604\260q\270\311\005\352\206\002\331\204Fu\227@\215\210\001B\240Gc\250\024\362\204\002\255\204\002\235\205\002q\356\204+\367o\240Q\360\204\002S\260\003\260\3771\260D\270\001\270\024\270\367Q\270f\237 T\310\023\310\337A\310V\320S\356\206\001\330&\177\047\240u\250A\250Q\211\205\n\237\005\230T\240\025\277b\343\2040\020\377\000\005\031\230\001\230\026\230\327q\240\010\264\211\004\010|\000\026\270\347q\300\001\266n\347\211\014\032\230\047_\240\021\240(\250\370\207\001&\226\207\002\377B\270b\300\002\300\"\300\377A\330\004\037\230s\240&\357\250\003\250:\344\206\002\022\2702\376\247BC\300s\310!\330\004N\312\211\003b\240\002\237\206\002\273!Q\304\211\021\377\025\220Y\230a\230s\240\337-\250r\260\037V\000!\330\377\004\026\220g\230S\240\001\377\330\004\032\230*\240E\250\377\022\2501\330\004\024\220H\377\230G\2402\240Q\330\t\377\n\330\010\014\210E\220\025""\357\220a\220q\355\207\tQ\240l\376\376D\013\3001\300D\310\005\374\205\212\001\316\"\014\016\210a\210~\357\230Y\240a\356\205\t\024\220A\357\220R\220r\304\207\002r\240\023\373\240B\033\001\020\220\005\220U\277\230!\2302\230R\362\211\001\330\355\020\242\213\001#\230\373\210\001\022\2403\317\240f\250C\245\000\234\206\001S\270\377\003\2701\270D\300\001\300\235\022\246\211\001\330\032\033\310\211\002\214\210\001f\374\211\212\002\236\211\0018\2706\300\021\330\377\014\017\210q\330\020\025\220\317Q\200\001\360\212\200\377\211@\320\017\177&\240d\250(\260!\372\204\014\275Q\236\201~\022\000\005\024\256\217\030d\350\332\215\001\243\217\022\277\204\001\"\274\212\004!\2504\317\250t\2601\221\212\016\205\214\004\340\004\276\356\204\003r\240\022\2404\343\220\003\t\337\240\023\240A\330\215\216\0224\230\377q\240\003\2402\240S\250\377\004\250B\250b\260\004\260\377F\270!\2702\270S\300u\001\364\215%\030\366\206\004\003\2403\357\217\002\377!\2503\250d\260!\260\1773\260a\260s\270!";
-    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 2748, 5039);
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (2776 bytes) */
+static const char cstring[] = "\377 at 0x o\377bject>.:\377 <Memory\377View of \377<contigu\377ous and gdir%\001\007\rin\021\005\177strided\"\010o or \004\031><(\t\376A\006>?Canno\377t assign\377 to read\177-only m\240\002\375v\242\000Invali\377d mode, \347exp\305\000|\000\047c\047\376t\001\047fortra\237n\047, gH\000%\005s\357hape\222\000 ax\377is No ma\177tching g\001\377ature fo\377undNote \373th\242 Cytho\373n ,\000delib\237erate\206\000\353\001c\367ter!\001n PE\337P-484\245\"re\376\317!s subcl\366\301\000es\314!buil\373ti\313\000ypes.\377 If you \223ne\257 \336\000p\351\000%\tt\177hen set\200\000\367e \047\212\"atio_n_typ\253\000\047\210D\373iv\242\000o Fal\177se.add_\264 \237ecoll\321@+\000s\377.abcdisa\337bleen\002\001fa\377stbn/_pl\377anar.pyx\357gcis\026\003dno\377 default\377 __reduc\277e__ du_\002n\367on-\337@vial\376\033\000cinit__\371uP\002\236Aalloc\376\227  array \037data.\013\020\372#\314a\376\251cs.|ASCI\377ICEllips\377isGNSSeq_uence\206\204\001.\213\204\007\337__Pyx\001\000Di\377ct_NextR\317ef__\224$\246\000__\366\351\"__\001\005geti\227tem\r\001d0\001\027\000fgunc\035\001\030\000st\305@\316)\001imp\250`3\001ma{in\003\002odulM\0027nam\002\003ewT\001\254 \377_checksu\200T\000\n\001?\004\025\001\227@\254 \037\001u\337npick?\000En\346 \005vt\200A\230\001qua\021lO\005\334%\345&c\347b\277\001\370$\023ex\314\001\206`_\203\005\222`\262\006\274\003\006.\007test\344\002s\377ed_sigin\375dA\000is_cor\233ou\376`ea\221`\246E_\377bufferap\337apply\000\002[c\377onst dou\336\262`[:, \000\000::\2471],\000\025\031\016]<\tf\217loat5\017\006\016\030\r]\377argsasyn\357cio.\263\006sbb\177ackward\000\005\000~.\321\013\307\017\331\017\371\001\375\017\231%\022\t\002\244 ]\212\014\330\200%\360#\247$\345\047\000\016\340\027\010\2545\251A?\007\216\000seb\375e\375`pbtcce\377nterclin\377e_in_tra{ce\317!coef\000\001\37732compil\373e_\374!count\371d9\001\221\207\004sdgamKma\227cd\356\204\001\000\002_\335`\376\303\213\003dxdxpdy\377dypencod\337eenum\255\211\002ep\377serrorfa\323ct\002\001\203\210\001.\200\210""\004_v\2774flags\247bf\337ormat\267\212\004fo\031r\351A\244\001in\000\n\200\204$\217\202<A,\316Ux\021\315\204\033\277R\235\202#,\343O\222\346ag\207B\342\210\001d\341\206\002\237 e\001r\265\211\001\000\006\350\200:\205\205!\352\206\017l\r\342\2000\374\351\204\037\234\207\016invstd\372\352\212\001s\000\002izekk\367ind\247\207\001gsme\377anmemmem\370\264\217\001\254\217\001\324\212\001nbndi\177mngntnu\244\212\001\373th\342\217\001snump\377yobjokop\377outppack\377partpopr\377r1regist\377errmrows\377running_\374]\001\004\005varrvscet\252\205\005\355\217\001\323\217\006ss\227\000\363stL\000B\000psto~\001\000reamst\002\001\377ingstruc\237tsums\000\001\334\211-]\274*\010\322\211$]uun\337\001u\377pdateval\377uesxxpyy\377pO\200\001\360\006\000\005\377\014\320\013\036\230g\240Q\373\240a\r\000\014\000\005\037\230\377a\230q\240\001\240\023\240\377C\240q\330\004\030\230\001\377\230\021\230!\2303\230c\377\240\021\330\004\033\2301\230\377F\240!\2403\240b\250\377\001\250\026\250q\260\003\260\3772\260Q\260f\270A\270\377Q\330\004\023\220:\230Q\372>\000vM\000d\250!\2506\377\260\021\260$\260a\260v\177\270Q\270a\330\036%d\000\367h\250d\020\000f\270E\300\277\022\3001\330\004\031[\000/\177\250\021\250#\250R\250l\000\367\022\220+>\000f\240D\250\377\001\330\004\035\230T\240\021\177\240!\330\004\036\230dq\000~+\000\030\230\004\230A\230f\000\356\000\006\030\230\n\027\001\240C\320\377\047@\300\001\300\023\300B\377\300b\310\002\310#\310S\377\320PQ\360\n\000\005\010\377\200x\210q\220\004\220A\337\330\r\016\330\020\275\000\320\034\277,\250A\330\020\035\246\000d\377\240$\240a\240s\250\"\357\250B\250g\303\000e\2702\377\270R\270s\300\"\300D\377\310\003\3104\310q\320P\377T\320TU\320UV\330\327\036\037\230\317\003$\275\000%\260\377q\330\010\t\330\004\n\210\377)\2201\220B\220b\230\337\003\2302\230_C\000a\250\277s\260\"\260N\300\262\000\013\337\2107\220#\220\222 \013\210\337:\220U\230\"\264\002\t\030\377\230\r\240Q\330\014\027\220\377q\230\001\330\014\026\220a\357\220t\2306\343\000#\240R\276\206\000$\250b""\260\002\257 b\377\270\002\270\"\270C\270t\377\3002\300Q\300a\330\027\276\363\003R\230r\240\024\324$2\276\256 r\260\022\2601F\004\230\377\021\330\014\020\220\001\220\025\377\220n\240A\240V\2501\373\250C\207\002A\260R\260r\377\270\021\270%\270u\300C\277\300t\3101\310D\227 \320\377QR\330%&\240f\250\377A\250T\260\024\260T\270\311\021\213\006\227\001\004\342@\227!t\250}3\215\002\"\260C\260s@\000\374\227!\335!\003\3102\310Q\330\377\030\031\230\024\230R\230s/\240\"\240B\215`\003*\000\257s\177\036\230e\2401\240A\310c}\023\277@S\240\003\2401\204\203G\335d\333\000r\300\021\260{\031\230\365\035\352@t\224\"q\340\t\n\316\200B\320\030(\347`\212B\004\230\367D\240\004\270 S\250\002\250\335#\223 \022\2602\224!\270!\377\2701\270B\270c\300\021\276\232\205\003 \230q\240\002\375\204\002c\243\250\021\227\204\001\242\205\n\313\204\001\"\223\200Ke\317\2605\270\004\202\205*\213\205\006\240r\377\250\022\320+D\300A\300\377S\310\002\310\"\310B\310\347c\320Q\316\204\001\375\204\031\036\230a\377\230u\240D\250\005\250Q\373\250c\336`2\260W\270A\377\270U\300\"\300B\300c\377\310\022\3104\310s\320R\377S\320SW\320WX\320\177XY\330\037 \240\006\322$\377F\260!\2604\260q\270\311\005\352\206\002\331\204Fu\227@\215\210\001B\240Gc\250\024\362\204\002\255\204\002\235\205\002q\356\204+\367o\240Q\360\204\002S\260\003\260\3771\260D\270\001\270\024\270\367Q\270f\237 T\310\023\310\337A\310V\320S\356\206\001\330&\177\047\240u\250A\250Q\211\205\n\237\005\230T\240\025\277b\343\2040\020\377\000\005\031\230\001\230\026\230\327q\240\010\264\211\004\010|\000\026\270\347q\300\001\266n\347\211\014\032\230\047_\240\021\240(\250\370\207\001&\226\207\002\377B\270b\300\002\300\"\300\377A\330\004\037\230s\240&\357\250\003\250:\344\206\002\022\2702\376\247BC\300s\310!\330\004N\312\211\003b\240\002\237\206\002\273!Q\304\211\021\377\025\220Y\230a\230s\240\337-\250r\260\037V\000!\330\377\004\026\220g\230S\240\001\377\330\004\032\230*\240E\250\377\022\2501\330\004\024\220H\377\230G\2402\240Q\330\t\377\n\330\010\014\210E\220\025""\357\220a\220q\355\207\tQ\240l\376\376D\013\3001\300D\310\005\374\205\212\001\316\"\014\016\210a\210~\357\230Y\240a\356\205\t\024\220A\357\220R\220r\304\207\002r\240\023\373\240B\033\001\020\220\005\220U\277\230!\2302\230R\362\211\001\340\256\250\212\002c\240\022x\000R\320\204\001\250\377?\270#\270Q\330\036 \266\206\206\001\330\020\300\213\001#\230\231\211\001\022?\2403\240f\250C\303\000\272\206\001\377S\270\003\2701\270D\300w\001\300\022\304\211\001\330\032\033\346\211\002\362\252\210\001f\247\212\002\274\211\0018\2706\300\377\021\330\014\017\210q\330\020?\025\220Q\200\001\360\250\200\377\247@\377\320\017&\240d\250(\260\365!\230\205\014Q\236\201\234\022\000\005\024\242\352\217\030d\226\216\001\337\217\022\373\204\001\"\370\212\004!?\2504\250t\2601\315\212\016\301\214\004\373\340\004\252\205\003r\240\022\2404~\237\221\003\t\240\023\240A\330\311\216\022\3774\230q\240\003\2402\240\377S\250\004\250B\250b\260\377\004\260F\270!\2702\270\327S\300\001\260\216%\030\262\207\004\003\240\3753\253\220\002!\2503\250d\260\377!\2603\260a\260s\270\001!";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 2776, 5099);
     #define __Pyx_DecompressString_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (5039 bytes) */
-static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis No matching signature foundNote that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecollections.abcdisableenablefastbn/_planar.pyxgcisenabledno default __reduce__ due to non-trivial __cinit__unable to allocate array data.unable to allocate shape and strides.|ASCIICEllipsisGNSSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___fused_sigindex_is_coroutineaabcallocate_bufferapapplyapply[const double[:, :, ::1],const double[:, :, ::1],double[:, :, ::1]]apply[const float[:, :, ::1],const float[:, :, ::1],float[:, :, ::1]]argsasyncio.coroutinesbbackwardbackward[const double[:, :, ::1],const double[:, :, ::1],const double[::1],const double[::1],const double[::1],double[:, :, ::1],double[::1],double[::1]]backward[const float[:, :, ::1],const float[:, :, ::1],const float[::1],const float[::1],const float[::1],float[:, :, ::1],float[::1],float[::1]]basebetabpbtccentercline_in_tracebackcoefcoef32compile_argscountdbetadefaultsdgammadoubledtypedtype_is_objectdxdxpdydypencodeenumerateepserrorfactorfastbn._planar_v4flagsfloatformatfortranforward_trainforward_train[const double[:, :, ::1],const double[::1],const double[::1],double[:, :, ::1],double[::1],double[::1],double[::1],double[::1]]forward_train[const float[:, :, ::1],const float[::1],const float[::1],float[:, :, ::1],float[::1],float[::1],float[::1],float[:"":1]]ggammagetidindexinferenceinference[const double[:, :, ::1],const double[::1],const double[::1],const double[::1],const double[::1],double[:, :, ::1]]inference[const float[:, :, ::1],const float[::1],const float[::1],const float[::1],const float[::1],float[:, :, ::1]]invstditemsitemsizekkindkwargsmeanmemmemviewmodenamenbndimngntnunum_threadsnumpyobjokopoutppackpartpoprr1registerrmrowsrunning_meanrunning_varrvsetdefaultshapesignaturessizestartstepstopstreamstreamingstructsumssums[const double[:, :, ::1],const double[:, :, ::1]]sums[const float[:, :, ::1],const float[:, :, ::1]]uunpackupdatevaluesxxpyypO\200\001\360\006\000\005\014\320\013\036\230g\240Q\240a\200\001\360\014\000\005\037\230a\230q\240\001\240\023\240C\240q\330\004\030\230\001\230\021\230!\2303\230c\240\021\330\004\033\2301\230F\240!\2403\240b\250\001\250\026\250q\260\003\2602\260Q\260f\270A\270Q\330\004\023\220:\230Q\230a\230v\240Q\240d\250!\2506\260\021\260$\260a\260v\270Q\270a\330\036%\240Q\240h\250d\260$\260f\270E\300\022\3001\330\004\031\230\021\230/\250\021\250#\250R\250q\330\004\022\220+\230Q\230f\240D\250\001\330\004\035\230T\240\021\240!\330\004\036\230d\240!\2401\330\004\030\230\004\230A\230Q\330\004\030\230\004\230A\230Q\330\004\030\230\n\240!\2401\240C\320\047@\300\001\300\023\300B\300b\310\002\310#\310S\320PQ\360\n\000\005\010\200x\210q\220\004\220A\330\r\016\330\020\033\2301\320\034,\250A\330\020\035\230Q\230d\240$\240a\240s\250\"\250B\250g\260Q\260e\2702\270R\270s\300\"\300D\310\003\3104\310q\320PT\320TU\320UV\330\036\037\230v\240Q\240d\250$\250d\260%\260q\330\010\t\330\004\n\210)\2201\220B\220b\230\003\2302\230_\250B\250a\250s\260\"\260N\300!\330\004\013\2107\220#\220Q\330\004\013\210:\220U\230\"\230A\230Q\330\t\030\230\r\240Q\330\014\027\220q\230\001\330\014\026\220a\220t\2306\240\021\240#\240R\240s\250$\250b\260\002\260$\260b\270\002\270\"\270C\270t\3002\300Q\300a\330\027\030\230\004\230A\230R\230r\240\024\240Q\240d\250!\2502\250R\250r\260\022\2601\330\014\027\220q\230\001\230\021""\330\014\020\220\001\220\025\220n\240A\240V\2501\250C\250s\260\"\260A\260R\260r\270\021\270%\270u\300C\300t\3101\310D\320PQ\320QR\330%&\240f\250A\250T\260\024\260T\270\021\330\014\027\220q\230\001\330\014\027\220q\230\004\230F\240$\240a\240t\2503\250b\260\002\260\"\260C\260s\270%\270s\300\"\300B\300b\310\003\3102\310Q\330\030\031\230\024\230R\230s\240\"\240B\240b\250\003\2503\250a\200\001\360\014\000\005\037\230a\230q\240\001\240\023\240C\240q\330\004\036\230e\2401\240A\330\004\030\230\001\230\023\230A\230S\240\003\2401\330\004\033\2301\230F\240!\2403\240b\250\001\250\026\250q\260\003\2602\260Q\260f\270A\270Q\330\004\023\220:\230Q\230a\230v\240Q\240d\250!\2506\260\021\260$\260a\260v\270Q\270a\330\036%\240Q\240h\250d\260$\260d\270%\270r\300\021\330\004\031\230\021\230/\250\021\250#\250R\250q\330\004\022\220+\230Q\230f\240D\250\001\330\004\031\230\035\240a\240t\2501\250C\250q\340\t\n\330\014\027\220q\320\030(\250\001\330\014\027\220q\230\004\230D\240\004\240A\240S\250\002\250#\250T\260\022\2602\260T\270\021\270!\2701\270B\270c\300\021\200\001\360\014\000\005 \230q\240\002\240!\2403\240c\250\021\330\004\036\230a\230q\240\001\240\023\240C\240q\330\004\031\230\021\230\"\230A\230S\240\003\2401\330\004\033\2301\230F\240!\2403\240b\250\001\250\026\250q\260\003\2602\260Q\260f\270A\270Q\330\004\023\220:\230Q\230a\230v\240Q\240d\250!\2506\260\021\260$\260a\260v\270Q\270a\330\036%\240Q\240h\250e\2605\270\004\270E\300\022\3001\330\004\031\230\021\230/\250\021\250#\250R\250q\330\004\022\220+\230Q\230f\240D\250\001\330\004\035\230T\240\021\240!\330\004\030\230\n\240!\2401\240C\240r\250\022\320+D\300A\300S\310\002\310\"\310B\310c\320QT\320TU\360\n\000\005\010\200x\210q\220\004\220A\330\r\016\330\020\033\2301\320\034,\250A\330\020\036\230a\230u\240D\250\005\250Q\250c\260\022\2602\260W\270A\270U\300\"\300B\300c\310\022\3104\310s\320RS\320SW\320WX\320XY\330\037 \240\006\240a\240t\2501\250F\260!\2604\260q\270\005\270Q\270a\330\010\t\330\004\n\210)\2201\220B\220b\230\003\2302\230_\250B""\250a\250s\260\"\260N\300!\330\004\013\2107\220#\220Q\330\004\013\210:\220U\230\"\230A\230Q\330\t\030\230\r\240Q\330\014\027\220q\230\001\330\014\026\220a\220u\230D\240\001\240\023\240B\240c\250\024\250R\250r\260\024\260T\270\021\270\"\270C\270q\330\027\030\230\004\230A\230R\230r\240\024\240Q\240d\250!\2502\250R\250r\260\022\2601\330\014\027\220q\230\001\230\021\330\014\020\220\001\220\025\220o\240Q\240f\250A\250S\260\003\2601\260D\270\001\270\024\270Q\270f\300A\300T\310\023\310A\310V\320ST\320TU\330&\047\240u\250A\250Q\330\014\027\220q\230\001\330\014\027\220q\230\005\230T\240\025\240a\240t\2503\250b\260\002\260\"\260C\260s\270%\270s\300\"\300B\300b\310\003\3102\310Q\330\030\031\230\024\230R\230s\240\"\240B\240b\250\003\2503\250a\200\001\360\020\000\005\031\230\001\230\026\230q\240\010\250\001\250\026\250q\260\010\270\001\270\026\270q\300\001\330\004\036\230a\230q\240\001\240\023\240C\240q\330\004\030\230\001\230\021\230!\2303\230c\240\021\330\004\032\230\047\240\021\240(\250$\250d\260&\270\002\270\"\270B\270b\300\002\300\"\300A\330\004\037\230s\240&\250\003\250:\260R\260r\270\022\2702\270U\300\"\300C\300s\310!\330\004\022\220+\230Q\230b\240\002\240\"\240B\240c\250\024\250Q\330\004\035\230T\240\021\240!\330\004\036\230d\240!\2401\330\004\025\220Y\230a\230s\240-\250r\260\037\300\002\300!\330\004\026\220g\230S\240\001\330\004\032\230*\240E\250\022\2501\330\004\024\220H\230G\2402\240Q\330\t\n\330\010\014\210E\220\025\220a\220q\330\014\020\220\001\220\025\220n\240A\240Q\240l\260!\2604\260q\270\013\3001\300D\310\005\310S\320PT\320TU\330\014\016\210a\210~\230Y\240a\330\014\027\220q\320\030(\250\001\330\014\024\220A\220R\220r\230\024\230R\230r\240\023\240B\240a\330\014\020\220\005\220U\230!\2302\230R\230v\240Q\330\020\031\230\021\230#\230R\230r\240\022\2403\240f\250C\250r\260\022\2602\260S\270\003\2701\270D\300\001\300\022\3002\300Q\330\032\033\2306\240\021\240\"\240B\240f\250B\250a\250r\260\022\2608\2706\300\021\330\014\017\210q\330\020\025\220Q\200\001\360\020\000\005""\031\230\001\230\026\230q\240\010\250\001\250\026\250q\260\010\270\001\270\026\270q\300\001\330\004\036\230a\230q\240\001\240\023\240C\240q\330\004\030\230\001\230\021\230!\2303\230c\240\021\330\004\032\230\047\240\021\240(\250$\250d\260&\270\002\270\"\270B\270b\300\002\300\"\300A\330\004\037\230s\240&\250\003\250:\260R\260r\270\022\2702\270U\300\"\300C\300s\310!\330\004\022\220+\230Q\230b\240\002\240\"\240B\240c\250\024\250Q\330\004\035\230T\240\021\240!\330\004\036\230d\240!\2401\330\004\025\220Y\230a\230s\240-\250r\260\037\300\002\300!\330\004\026\220g\230S\240\001\330\004\032\230*\240E\250\022\2501\330\004\024\220H\230G\2402\240Q\330\t\n\330\010\014\210E\220\025\220a\220q\330\014\020\220\001\220\025\220n\240A\240Q\240l\260!\2604\260q\270\013\3001\300D\310\005\310S\320PT\320TU\330\014\016\210a\320\017&\240d\250(\260!\2601\260D\270\001\270\024\270Q\270f\300A\300Q\330\014\027\220q\320\030(\250\001\330\014\024\220A\220R\220r\230\024\230R\230r\240\023\240B\240a\330\014\020\220\005\220U\230!\2302\230R\230v\240Q\330\020\031\230\021\230#\230R\230r\240\022\2403\240f\250C\250r\260\022\2602\260S\270\003\2701\270D\300\001\300\022\3002\300Q\330\032\033\2306\240\021\240\"\240B\240f\250B\250a\250r\260\022\2608\2706\300\021\330\014\017\210q\330\020\025\220Q\200\001\360\022\000\005\024\220:\230Q\230a\230v\240Q\240d\250!\2506\260\021\260$\260a\260v\270Q\270d\300!\330\004\031\230\021\230/\250\021\250#\250R\250q\330\004\022\220+\230Q\230a\230s\240\"\240A\240S\250\002\250!\2504\250t\2601\330\004\036\230a\230q\240\001\240\023\240C\240q\330\004\036\230e\2401\240A\340\004\025\220Y\230a\230r\240\022\2404\240q\330\004\030\230\t\240\023\240A\330\t\030\230\r\240Q\330\014\027\220q\230\001\330\014\026\220a\220t\2304\230q\240\003\2402\240S\250\004\250B\250b\260\004\260F\270!\2702\270S\300\001\330\027\030\230\004\230A\230R\230r\240\024\240Q\240d\250!\2502\250R\250r\260\022\2601\330\014\027\220q\230\001\230\021\330\014\030\230\001\230\026\230q\240\003\2403\240a\240s\250!\2503\250d\260!\2603""\260a\260s\270!";
+    #else /* compression: none (5099 bytes) */
+static const char bytes[] = " at 0x object>.: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis No matching signature foundNote that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecollections.abcdisableenablefastbn/_planar.pyxgcisenabledno default __reduce__ due to non-trivial __cinit__unable to allocate array data.unable to allocate shape and strides.|ASCIICEllipsisGNSSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___fused_sigindex_is_coroutineaabcallocate_bufferapapplyapply[const double[:, :, ::1],const double[:, :, ::1],double[:, :, ::1]]apply[const float[:, :, ::1],const float[:, :, ::1],float[:, :, ::1]]argsasyncio.coroutinesbbackwardbackward[const double[:, :, ::1],const double[:, :, ::1],const double[::1],const double[::1],const double[::1],double[:, :, ::1],double[::1],double[::1]]backward[const float[:, :, ::1],const float[:, :, ::1],const float[::1],const float[::1],const float[::1],float[:, :, ::1],float[::1],float[::1]]basebetabpbtccentercline_in_tracebackcoefcoef32compile_argscountdbetadefaultsdgammadoubledtypedtype_is_objectdxdxpdydypencodeenumerateepserrorfactorfastbn._planar_v4flagsfloatformatfortranforward_trainforward_train[const double[:, :, ::1],const double[::1],const double[::1],double[:, :, ::1],double[::1],double[::1],double[::1],double[::1]]forward_train[const float[:, :, ::1],const float[::1],const float[::1],float[:, :, ::1],float[::1],float[::1],float[::1],float[:"":1]]ggammagetidindexinferenceinference[const double[:, :, ::1],const double[::1],const double[::1],const double[::1],const double[::1],double[:, :, ::1]]inference[const float[:, :, ::1],const float[::1],const float[::1],const float[::1],const float[::1],float[:, :, ::1]]invstditemsitemsizekkindkwargsmeanmemmemviewmodenamenbndimngntnunum_threadsnumpyobjokopoutppackpartpoprr1registerrmrowsrunning_meanrunning_varrvsetdefaultshapesignaturessizestartstepstopstreamstreamingstructsumssums[const double[:, :, ::1],const double[:, :, ::1]]sums[const float[:, :, ::1],const float[:, :, ::1]]uunpackupdatevaluesxxpyypO\200\001\360\006\000\005\014\320\013\036\230g\240Q\240a\200\001\360\014\000\005\037\230a\230q\240\001\240\023\240C\240q\330\004\030\230\001\230\021\230!\2303\230c\240\021\330\004\033\2301\230F\240!\2403\240b\250\001\250\026\250q\260\003\2602\260Q\260f\270A\270Q\330\004\023\220:\230Q\230a\230v\240Q\240d\250!\2506\260\021\260$\260a\260v\270Q\270a\330\036%\240Q\240h\250d\260$\260f\270E\300\022\3001\330\004\031\230\021\230/\250\021\250#\250R\250q\330\004\022\220+\230Q\230f\240D\250\001\330\004\035\230T\240\021\240!\330\004\036\230d\240!\2401\330\004\030\230\004\230A\230Q\330\004\030\230\004\230A\230Q\330\004\030\230\n\240!\2401\240C\320\047@\300\001\300\023\300B\300b\310\002\310#\310S\320PQ\360\n\000\005\010\200x\210q\220\004\220A\330\r\016\330\020\033\2301\320\034,\250A\330\020\035\230Q\230d\240$\240a\240s\250\"\250B\250g\260Q\260e\2702\270R\270s\300\"\300D\310\003\3104\310q\320PT\320TU\320UV\330\036\037\230v\240Q\240d\250$\250d\260%\260q\330\010\t\330\004\n\210)\2201\220B\220b\230\003\2302\230_\250B\250a\250s\260\"\260N\300!\330\004\013\2107\220#\220Q\330\004\013\210:\220U\230\"\230A\230Q\330\t\030\230\r\240Q\330\014\027\220q\230\001\330\014\026\220a\220t\2306\240\021\240#\240R\240s\250$\250b\260\002\260$\260b\270\002\270\"\270C\270t\3002\300Q\300a\330\027\030\230\004\230A\230R\230r\240\024\240Q\240d\250!\2502\250R\250r\260\022\2601\330\014\027\220q\230\001\230\021""\330\014\020\220\001\220\025\220n\240A\240V\2501\250C\250s\260\"\260A\260R\260r\270\021\270%\270u\300C\300t\3101\310D\320PQ\320QR\330%&\240f\250A\250T\260\024\260T\270\021\330\014\027\220q\230\001\330\014\027\220q\230\004\230F\240$\240a\240t\2503\250b\260\002\260\"\260C\260s\270%\270s\300\"\300B\300b\310\003\3102\310Q\330\030\031\230\024\230R\230s\240\"\240B\240b\250\003\2503\250a\200\001\360\014\000\005\037\230a\230q\240\001\240\023\240C\240q\330\004\036\230e\2401\240A\330\004\030\230\001\230\023\230A\230S\240\003\2401\330\004\033\2301\230F\240!\2403\240b\250\001\250\026\250q\260\003\2602\260Q\260f\270A\270Q\330\004\023\220:\230Q\230a\230v\240Q\240d\250!\2506\260\021\260$\260a\260v\270Q\270a\330\036%\240Q\240h\250d\260$\260d\270%\270r\300\021\330\004\031\230\021\230/\250\021\250#\250R\250q\330\004\022\220+\230Q\230f\240D\250\001\330\004\031\230\035\240a\240t\2501\250C\250q\340\t\n\330\014\027\220q\320\030(\250\001\330\014\027\220q\230\004\230D\240\004\240A\240S\250\002\250#\250T\260\022\2602\260T\270\021\270!\2701\270B\270c\300\021\200\001\360\014\000\005 \230q\240\002\240!\2403\240c\250\021\330\004\036\230a\230q\240\001\240\023\240C\240q\330\004\031\230\021\230\"\230A\230S\240\003\2401\330\004\033\2301\230F\240!\2403\240b\250\001\250\026\250q\260\003\2602\260Q\260f\270A\270Q\330\004\023\220:\230Q\230a\230v\240Q\240d\250!\2506\260\021\260$\260a\260v\270Q\270a\330\036%\240Q\240h\250e\2605\270\004\270E\300\022\3001\330\004\031\230\021\230/\250\021\250#\250R\250q\330\004\022\220+\230Q\230f\240D\250\001\330\004\035\230T\240\021\240!\330\004\030\230\n\240!\2401\240C\240r\250\022\320+D\300A\300S\310\002\310\"\310B\310c\320QT\320TU\360\n\000\005\010\200x\210q\220\004\220A\330\r\016\330\020\033\2301\320\034,\250A\330\020\036\230a\230u\240D\250\005\250Q\250c\260\022\2602\260W\270A\270U\300\"\300B\300c\310\022\3104\310s\320RS\320SW\320WX\320XY\330\037 \240\006\240a\240t\2501\250F\260!\2604\260q\270\005\270Q\270a\330\010\t\330\004\n\210)\2201\220B\220b\230\003\2302\230_\250B""\250a\250s\260\"\260N\300!\330\004\013\2107\220#\220Q\330\004\013\210:\220U\230\"\230A\230Q\330\t\030\230\r\240Q\330\014\027\220q\230\001\330\014\026\220a\220u\230D\240\001\240\023\240B\240c\250\024\250R\250r\260\024\260T\270\021\270\"\270C\270q\330\027\030\230\004\230A\230R\230r\240\024\240Q\240d\250!\2502\250R\250r\260\022\2601\330\014\027\220q\230\001\230\021\330\014\020\220\001\220\025\220o\240Q\240f\250A\250S\260\003\2601\260D\270\001\270\024\270Q\270f\300A\300T\310\023\310A\310V\320ST\320TU\330&\047\240u\250A\250Q\330\014\027\220q\230\001\330\014\027\220q\230\005\230T\240\025\240a\240t\2503\250b\260\002\260\"\260C\260s\270%\270s\300\"\300B\300b\310\003\3102\310Q\330\030\031\230\024\230R\230s\240\"\240B\240b\250\003\2503\250a\200\001\360\020\000\005\031\230\001\230\026\230q\240\010\250\001\250\026\250q\260\010\270\001\270\026\270q\300\001\330\004\036\230a\230q\240\001\240\023\240C\240q\330\004\030\230\001\230\021\230!\2303\230c\240\021\330\004\032\230\047\240\021\240(\250$\250d\260&\270\002\270\"\270B\270b\300\002\300\"\300A\330\004\037\230s\240&\250\003\250:\260R\260r\270\022\2702\270U\300\"\300C\300s\310!\330\004\022\220+\230Q\230b\240\002\240\"\240B\240c\250\024\250Q\330\004\035\230T\240\021\240!\330\004\036\230d\240!\2401\330\004\025\220Y\230a\230s\240-\250r\260\037\300\002\300!\330\004\026\220g\230S\240\001\330\004\032\230*\240E\250\022\2501\330\004\024\220H\230G\2402\240Q\330\t\n\330\010\014\210E\220\025\220a\220q\330\014\020\220\001\220\025\220n\240A\240Q\240l\260!\2604\260q\270\013\3001\300D\310\005\310S\320PT\320TU\330\014\016\210a\210~\230Y\240a\330\014\027\220q\320\030(\250\001\330\014\024\220A\220R\220r\230\024\230R\230r\240\023\240B\240a\330\014\020\220\005\220U\230!\2302\230R\230v\240Q\340\020\035\230Q\230c\240\022\2402\240R\240r\250\022\250?\270#\270Q\330\036 \240\002\240!\330\020\031\230\021\230#\230R\230r\240\022\2403\240f\250C\250r\260\022\2602\260S\270\003\2701\270D\300\001\300\022\3002\300Q\330\032\033\2306\240\021\240\"\240B\240f\250B\250a""\250r\260\022\2608\2706\300\021\330\014\017\210q\330\020\025\220Q\200\001\360\020\000\005\031\230\001\230\026\230q\240\010\250\001\250\026\250q\260\010\270\001\270\026\270q\300\001\330\004\036\230a\230q\240\001\240\023\240C\240q\330\004\030\230\001\230\021\230!\2303\230c\240\021\330\004\032\230\047\240\021\240(\250$\250d\260&\270\002\270\"\270B\270b\300\002\300\"\300A\330\004\037\230s\240&\250\003\250:\260R\260r\270\022\2702\270U\300\"\300C\300s\310!\330\004\022\220+\230Q\230b\240\002\240\"\240B\240c\250\024\250Q\330\004\035\230T\240\021\240!\330\004\036\230d\240!\2401\330\004\025\220Y\230a\230s\240-\250r\260\037\300\002\300!\330\004\026\220g\230S\240\001\330\004\032\230*\240E\250\022\2501\330\004\024\220H\230G\2402\240Q\330\t\n\330\010\014\210E\220\025\220a\220q\330\014\020\220\001\220\025\220n\240A\240Q\240l\260!\2604\260q\270\013\3001\300D\310\005\310S\320PT\320TU\330\014\016\210a\320\017&\240d\250(\260!\2601\260D\270\001\270\024\270Q\270f\300A\300Q\330\014\027\220q\320\030(\250\001\330\014\024\220A\220R\220r\230\024\230R\230r\240\023\240B\240a\330\014\020\220\005\220U\230!\2302\230R\230v\240Q\340\020\035\230Q\230c\240\022\2402\240R\240r\250\022\250?\270#\270Q\330\036 \240\002\240!\330\020\031\230\021\230#\230R\230r\240\022\2403\240f\250C\250r\260\022\2602\260S\270\003\2701\270D\300\001\300\022\3002\300Q\330\032\033\2306\240\021\240\"\240B\240f\250B\250a\250r\260\022\2608\2706\300\021\330\014\017\210q\330\020\025\220Q\200\001\360\022\000\005\024\220:\230Q\230a\230v\240Q\240d\250!\2506\260\021\260$\260a\260v\270Q\270d\300!\330\004\031\230\021\230/\250\021\250#\250R\250q\330\004\022\220+\230Q\230a\230s\240\"\240A\240S\250\002\250!\2504\250t\2601\330\004\036\230a\230q\240\001\240\023\240C\240q\330\004\036\230e\2401\240A\340\004\025\220Y\230a\230r\240\022\2404\240q\330\004\030\230\t\240\023\240A\330\t\030\230\r\240Q\330\014\027\220q\230\001\330\014\026\220a\220t\2304\230q\240\003\2402\240S\250\004\250B\250b\260\004\260F\270!\2702\270S\300\001\330\027\030\230\004\230A""\230R\230r\240\024\240Q\240d\250!\2502\250R\250r\260\022\2601\330\014\027\220q\230\001\230\021\330\014\030\230\001\230\026\230q\240\003\2403\240a\240s\250!\2503\250d\260!\2603\260a\260s\270!";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
@@ -35260,82 +35286,82 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   PyObject* tuple_dedup_map = PyDict_New();
   if (unlikely(!tuple_dedup_map)) return -1;
   {
-    const __Pyx_PyCode_New_function_description descr = {12, 0, 0, 12, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 375};
+    const __Pyx_PyCode_New_function_description descr = {12, 0, 0, 12, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 376};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_factor, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
     __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_forward_train_const_float_1_cons, __pyx_mstate->__pyx_kp_b_iso88591_aq_Cq_3c_1F_3b_q_2QfAQ_QavQd_6, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {12, 0, 0, 12, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 375};
+    const __Pyx_PyCode_New_function_description descr = {12, 0, 0, 12, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 376};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_factor, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
     __pyx_mstate_global->__pyx_codeobj_tab[1] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_forward_train_const_double_1_con, __pyx_mstate->__pyx_kp_b_iso88591_aq_Cq_3c_1F_3b_q_2QfAQ_QavQd_6, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[1])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {12, 0, 0, 30, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 375};
+    const __Pyx_PyCode_New_function_description descr = {12, 0, 0, 30, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 376};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_factor, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream, __pyx_mstate->__pyx_n_u_xp, __pyx_mstate->__pyx_n_u_yp, __pyx_mstate->__pyx_n_u_size, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_nb, __pyx_mstate->__pyx_n_u_nu, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_g, __pyx_mstate->__pyx_n_u_bt, __pyx_mstate->__pyx_n_u_rm, __pyx_mstate->__pyx_n_u_rv, __pyx_mstate->__pyx_n_u_G, __pyx_mstate->__pyx_n_u_ng, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_u, __pyx_mstate->__pyx_n_u_mem, __pyx_mstate->__pyx_n_u_part, __pyx_mstate->__pyx_n_u_coef};
     __pyx_mstate_global->__pyx_codeobj_tab[2] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_forward_train_const_float_1_cons, __pyx_mstate->__pyx_kp_b_iso88591_aq_Cq_3c_1F_3b_q_2QfAQ_QavQd_6, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[2])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {9, 0, 0, 9, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 418};
+    const __Pyx_PyCode_New_function_description descr = {9, 0, 0, 9, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 419};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
     __pyx_mstate_global->__pyx_codeobj_tab[3] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_inference_const_float_1_const_fl, __pyx_mstate->__pyx_kp_b_iso88591_q_q_q_aq_Cq_3c_d_Bb_A_s_Rr_2U_C, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[3])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {9, 0, 0, 9, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 418};
+    const __Pyx_PyCode_New_function_description descr = {9, 0, 0, 9, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 419};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
     __pyx_mstate_global->__pyx_codeobj_tab[4] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_inference_const_double_1_const_d, __pyx_mstate->__pyx_kp_b_iso88591_q_q_q_aq_Cq_3c_d_Bb_A_s_Rr_2U_C_2, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[4])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {9, 0, 0, 28, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 418};
+    const __Pyx_PyCode_New_function_description descr = {9, 0, 0, 28, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 419};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_beta, __pyx_mstate->__pyx_n_u_running_mean, __pyx_mstate->__pyx_n_u_running_var, __pyx_mstate->__pyx_n_u_y, __pyx_mstate->__pyx_n_u_eps, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream, __pyx_mstate->__pyx_n_u_N, __pyx_mstate->__pyx_n_u_C, __pyx_mstate->__pyx_n_u_S, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_u, __pyx_mstate->__pyx_n_u_r, __pyx_mstate->__pyx_n_u_r1, __pyx_mstate->__pyx_n_u_xp, __pyx_mstate->__pyx_n_u_yp, __pyx_mstate->__pyx_n_u_streaming, __pyx_mstate->__pyx_n_u_rows, __pyx_mstate->__pyx_n_u_nu, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_g, __pyx_mstate->__pyx_n_u_bt, __pyx_mstate->__pyx_n_u_mem, __pyx_mstate->__pyx_n_u_coef, __pyx_mstate->__pyx_n_u_coef32, __pyx_mstate->__pyx_n_u_ok};
     __pyx_mstate_global->__pyx_codeobj_tab[5] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_inference_const_float_1_const_fl, __pyx_mstate->__pyx_kp_b_iso88591_q_q_q_aq_Cq_3c_d_Bb_A_s_Rr_2U_C, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[5])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {10, 0, 0, 10, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 451};
+    const __Pyx_PyCode_New_function_description descr = {10, 0, 0, 10, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 455};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_dy, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_dx, __pyx_mstate->__pyx_n_u_dgamma, __pyx_mstate->__pyx_n_u_dbeta, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
     __pyx_mstate_global->__pyx_codeobj_tab[6] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_backward_const_float_1_const_flo, __pyx_mstate->__pyx_kp_b_iso88591_q_3c_aq_Cq_AS_1_1F_3b_q_2QfAQ_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[6])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {10, 0, 0, 10, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 451};
+    const __Pyx_PyCode_New_function_description descr = {10, 0, 0, 10, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 455};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_dy, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_dx, __pyx_mstate->__pyx_n_u_dgamma, __pyx_mstate->__pyx_n_u_dbeta, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
     __pyx_mstate_global->__pyx_codeobj_tab[7] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_backward_const_double_1_const_do, __pyx_mstate->__pyx_kp_b_iso88591_q_3c_aq_Cq_AS_1_1F_3b_q_2QfAQ_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[7])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {10, 0, 0, 26, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 451};
+    const __Pyx_PyCode_New_function_description descr = {10, 0, 0, 26, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 455};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_dy, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_gamma, __pyx_mstate->__pyx_n_u_mean, __pyx_mstate->__pyx_n_u_invstd, __pyx_mstate->__pyx_n_u_dx, __pyx_mstate->__pyx_n_u_dgamma, __pyx_mstate->__pyx_n_u_dbeta, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream, __pyx_mstate->__pyx_n_u_dyp, __pyx_mstate->__pyx_n_u_xp, __pyx_mstate->__pyx_n_u_dxp, __pyx_mstate->__pyx_n_u_size, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_nb, __pyx_mstate->__pyx_n_u_nu, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_g, __pyx_mstate->__pyx_n_u_G, __pyx_mstate->__pyx_n_u_ng, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_u, __pyx_mstate->__pyx_n_u_mem, __pyx_mstate->__pyx_n_u_part, __pyx_mstate->__pyx_n_u_coef};
     __pyx_mstate_global->__pyx_codeobj_tab[8] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_backward_const_float_1_const_flo, __pyx_mstate->__pyx_kp_b_iso88591_q_3c_aq_Cq_AS_1_1F_3b_q_2QfAQ_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[8])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 492};
+    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 496};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_center, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_num_threads};
     __pyx_mstate_global->__pyx_codeobj_tab[9] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_sums_const_float_1_const_float_1, __pyx_mstate->__pyx_kp_b_iso88591_QavQd_6_avQd_Rq_Qas_AS_4t1_aq_C, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[9])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 492};
+    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 5, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 496};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_center, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_num_threads};
     __pyx_mstate_global->__pyx_codeobj_tab[10] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_sums_const_double_1_const_double, __pyx_mstate->__pyx_kp_b_iso88591_QavQd_6_avQd_Rq_Qas_AS_4t1_aq_C, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[10])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 15, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 492};
+    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 15, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 496};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_center, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_nb, __pyx_mstate->__pyx_n_u_nu, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_ap, __pyx_mstate->__pyx_n_u_bp, __pyx_mstate->__pyx_n_u_c, __pyx_mstate->__pyx_n_u_u, __pyx_mstate->__pyx_n_u_mem, __pyx_mstate->__pyx_n_u_part};
     __pyx_mstate_global->__pyx_codeobj_tab[11] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_sums_const_float_1_const_float_1, __pyx_mstate->__pyx_kp_b_iso88591_QavQd_6_avQd_Rq_Qas_AS_4t1_aq_C, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[11])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 6, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 517};
+    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 6, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 521};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_coef, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
     __pyx_mstate_global->__pyx_codeobj_tab[12] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_apply_const_float_1_const_float, __pyx_mstate->__pyx_kp_b_iso88591_aq_Cq_e1A_AS_1_1F_3b_q_2QfAQ_Qa, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[12])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 6, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 517};
+    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 6, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 521};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_coef, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream};
     __pyx_mstate_global->__pyx_codeobj_tab[13] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_apply_const_double_1_const_doubl, __pyx_mstate->__pyx_kp_b_iso88591_aq_Cq_e1A_AS_1_1F_3b_q_2QfAQ_Qa, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[13])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 16, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 517};
+    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 16, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 521};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_a, __pyx_mstate->__pyx_n_u_b, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_coef, __pyx_mstate->__pyx_n_u_num_threads, __pyx_mstate->__pyx_n_u_stream, __pyx_mstate->__pyx_n_u_ap, __pyx_mstate->__pyx_n_u_bp, __pyx_mstate->__pyx_n_u_op, __pyx_mstate->__pyx_n_u_size, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_nb, __pyx_mstate->__pyx_n_u_nu, __pyx_mstate->__pyx_n_u_nt, __pyx_mstate->__pyx_n_u_k, __pyx_mstate->__pyx_n_u_u};
     __pyx_mstate_global->__pyx_codeobj_tab[14] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_apply_const_float_1_const_float, __pyx_mstate->__pyx_kp_b_iso88591_aq_Cq_e1A_AS_1_1F_3b_q_2QfAQ_Qa, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[14])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 0, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 538};
+    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 0, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 542};
     PyObject* const varnames[] = {0};
     __pyx_mstate_global->__pyx_codeobj_tab[15] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_fastbn__planar_pyx, __pyx_mstate->__pyx_n_u_compile_args, __pyx_mstate->__pyx_kp_b_iso88591_gQa, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[15])) goto bad;
   }

@@ -142,6 +142,14 @@ cdef extern from *:
     FASTBN_GRAD_SUMS(f32, float)
     FASTBN_GRAD_SUMS(f64, double)
 
+    /* Prefetch the lines of [p, p + nbytes) into the cache. */
+    static inline void fastbn_prefetch_span(const void *p, Py_ssize_t nbytes)
+    {
+        const char *c = (const char *)p;
+        for (Py_ssize_t i = 0; i < nbytes; i += 64)
+            __builtin_prefetch(c + i);
+    }
+
     static inline void fastbn_stream(void *dst, const void *src, Py_ssize_t nbytes)
     {
         char *d = (char *)dst;
@@ -193,7 +201,7 @@ cdef extern from *:
         double* acc_c) noexcept nogil
     void stream "fastbn_stream"(void* dst, const void* src, Py_ssize_t nbytes) noexcept nogil
     void fence "fastbn_fence"() noexcept nogil
-    void prefetch "__builtin_prefetch"(const void* addr) noexcept nogil
+    void prefetch_span "fastbn_prefetch_span"(const void* p, Py_ssize_t nbytes) noexcept nogil
 
 
 cdef enum:
