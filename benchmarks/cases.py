@@ -15,10 +15,12 @@ main result (y or dx) without converting it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import numpy as np
+import threadpoolctl
 
 import fastbn
 from fastbn import reference
@@ -92,6 +94,20 @@ def suite(quick):
     f32, f64 = (QUICK_SHAPES, QUICK_FLOAT64_SHAPES) if quick else (SHAPES, FLOAT64_SHAPES)
     return ([(s, np.dtype(np.float32)) for s in f32]
             + [(s, np.dtype(np.float64)) for s in f64])
+
+
+@contextlib.contextmanager
+def thread_limit(num_threads):
+    """Every thread pool in the process (OpenMP, BLAS, PyTorch) at ``num_threads``."""
+    with threadpoolctl.threadpool_limits(limits=num_threads):
+        previous = torch.get_num_threads() if torch is not None else None
+        if torch is not None:
+            torch.set_num_threads(num_threads)
+        try:
+            yield
+        finally:
+            if torch is not None:
+                torch.set_num_threads(previous)
 
 
 # ------------------------------------------------------- implementations ----

@@ -21,7 +21,6 @@ neighbour, training step).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import shlex
 import sys
@@ -29,7 +28,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import threadpoolctl
 
 import cases
 import machine
@@ -62,21 +60,6 @@ def parse_args(argv):
 
 def log(message):
     print(message, file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def thread_limit(num_threads):
-    """Every thread pool in the process (OpenMP, BLAS, PyTorch) at ``num_threads``."""
-    torch = cases.torch
-    with threadpoolctl.threadpool_limits(limits=num_threads):
-        previous = torch.get_num_threads() if torch is not None else None
-        if torch is not None:
-            torch.set_num_threads(num_threads)
-        try:
-            yield
-        finally:
-            if torch is not None:
-                torch.set_num_threads(previous)
 
 
 def run_case(op, w, threads, settings):
@@ -152,7 +135,7 @@ def sample_copy_bandwidth(copy, threads_list, waiter):
     """One copy-bandwidth sample at every thread count."""
     for t in threads_list:
         load = waiter.before()
-        with thread_limit(t):
+        with cases.thread_limit(t):
             gbps = copy.sample(t)
         background = waiter.after(load)
         log(f"copy bandwidth, {t} thread(s), {machine.format_bytes(copy.nbytes)}: "
@@ -178,7 +161,7 @@ def run_suite(suite, threads_list, settings, copy, waiter, started):
             + (f"{w.copies} rotating copies ({machine.format_bytes(w.pool_bytes)} of x, dy, out)"
                if w.cold else "hot (not flushed)"))
         for t in threads_list:
-            with thread_limit(t):
+            with cases.thread_limit(t):
                 for op in OPERATIONS:
                     load = waiter.before()
                     rows = run_case(op, w, t, settings)

@@ -29,7 +29,6 @@ import sys
 import time
 
 import numpy as np
-import threadpoolctl
 
 import cases
 import measure
@@ -59,20 +58,6 @@ def spinner():
         proc.wait()
 
 
-@contextlib.contextmanager
-def threads(n):
-    torch = cases.torch
-    with threadpoolctl.threadpool_limits(limits=n):
-        previous = torch.get_num_threads() if torch is not None else None
-        if torch is not None:
-            torch.set_num_threads(n)
-        try:
-            yield
-        finally:
-            if torch is not None:
-                torch.set_num_threads(previous)
-
-
 def median_time(call, copies, target_seconds):
     times, _ = measure.time_calls(call, copies, warmup_calls=2, max_reps=2000, min_reps=5,
                                   target_seconds=target_seconds)
@@ -91,7 +76,7 @@ def thread_ratios(w, target_seconds, rounds=3):
             best = {1: float("inf"), 2: float("inf")}
             for _ in range(rounds):
                 for n in (1, 2):
-                    with threads(n):
+                    with cases.thread_limit(n):
                         t = median_time(make_call(impl, op, w, n), w.copies, target_seconds)
                     best[n] = min(best[n], t)
             result[impl.label, op] = (best[1], best[2])
@@ -127,7 +112,7 @@ def training_step(target_seconds, flush_bytes):
     for shape in STEP_SHAPES:
         w = Workload(shape, np.float32, flush_bytes)
         log(f"training step: {w.label}")
-        with threads(n_cores):
+        with cases.thread_limit(n_cores):
             for impl in impls():
                 fwd = make_call(impl, "forward", w, n_cores)
                 bwd = make_call(impl, "backward", w, n_cores)
