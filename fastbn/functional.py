@@ -22,7 +22,7 @@ import numbers
 
 import numpy as np
 
-from fastbn import _openmp
+from fastbn import _openmp, _overlap
 from fastbn._dispatch import columnar as _columnar
 from fastbn._dispatch import planar as _planar
 
@@ -124,15 +124,18 @@ def _check_counter(num_batches_tracked):
 
 def _check_disjoint(written, others):
     """Arrays updated in place (``written``, name -> array) may share memory
-    neither with each other nor with the call's other arrays."""
+    neither with each other nor with the call's other arrays (exactly: arrays
+    that interleave without sharing an element are fine)."""
     names = list(written)
+    arrays = list(written.values())
+    rival_names = names + list(others)
+    rivals = arrays + list(others.values())
     for i, name in enumerate(names):
-        rivals = {n: written[n] for n in names[:i]}
-        rivals.update(others)
-        for other_name, other in rivals.items():
-            if other is not None and np.may_share_memory(written[name], other):
-                raise ValueError(f"{name} overlaps {other_name}; it is updated in place and "
-                                 f"needs memory of its own")
+        hits = _overlap.shared_with(arrays[i], rivals[:i] + rivals[len(names):])
+        if hits:
+            other = (rival_names[:i] + rival_names[len(names):])[hits[0]]
+            raise ValueError(f"{name} overlaps {other}; it is updated in place and "
+                             f"needs memory of its own")
 
 
 def _running_factor(momentum, num_batches_tracked):
@@ -179,10 +182,10 @@ def _check_out(out, x, others, in_place):
         raise ValueError("out must be C-contiguous, got a non-contiguous array")
     if not out.flags.writeable:
         raise ValueError("out must be writeable, got a read-only array")
-    for name, other in others.items():
-        if other is None or not np.may_share_memory(out, other):
-            continue
-        if name == in_place and _same_memory(out, other):
+    names = list(others)
+    for k in _overlap.shared_with(out, list(others.values())):
+        name = names[k]
+        if name == in_place and _same_memory(out, others[name]):
             continue
         raise ValueError(f"out overlaps {name}; out may be {in_place} itself (in place) "
                          f"or memory of its own, nothing else")

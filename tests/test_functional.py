@@ -280,3 +280,21 @@ def test_public_names():
     """The package exposes the three functions and the oracle."""
     assert set(fastbn.__all__) >= {"batch_norm_forward", "batch_norm_inference",
                                    "batch_norm_backward", "reference"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_interleaved_running_statistics_share_no_element(dtype, rng):
+    """running_mean and running_var as the two columns of one (C, 2) array
+    interleave without sharing an element: accepted (overlap is judged on
+    the elements, not on the byte ranges) and updated like separate arrays."""
+    a = make_inputs((16, 6, 5, 5), dtype, 1, rng)
+    stats = np.stack([a.running_mean, a.running_var], axis=1)
+    rm, rv = a.running_mean.copy(), a.running_var.copy()
+    fastbn.batch_norm_forward(a.x, a.gamma, a.beta, running_mean=stats[:, 0],
+                              running_var=stats[:, 1])
+    fastbn.batch_norm_forward(a.x, a.gamma, a.beta, running_mean=rm, running_var=rv)
+    assert_close(stats[:, 0], rm, dtype)
+    assert_close(stats[:, 1], rv, dtype)
+    with pytest.raises(ValueError, match="running_var overlaps running_mean"):
+        fastbn.batch_norm_forward(a.x, a.gamma, a.beta, running_mean=stats[:, 0],
+                                  running_var=stats.reshape(-1)[:6])
