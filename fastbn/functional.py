@@ -33,10 +33,19 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 # ------------------------------------------------------------- checking ----
 
+def _check_array_type(name, a, what="a numpy.ndarray"):
+    """a must be an ndarray, and not a masked array: its mask would be
+    ignored and the masked values normalized like the others."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be {what}, got {type(a).__name__}")
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name} must be {what}, got a numpy.ma.MaskedArray (its mask would "
+                        f"be ignored); pass {name}.filled(value) or {name}.data")
+
+
 def _check_x(name, x):
     """x must be a float32/float64 ndarray of 2 to 5 dimensions, none empty."""
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
+    _check_array_type(name, x)
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
     if not 2 <= x.ndim <= 5:
@@ -68,8 +77,7 @@ def _check_channel_axis(channel_axis, ndim):
 
 def _check_vector(name, v, dtype, num_features, *, writeable=False):
     """A (C,) array of the call's dtype; returns a C-contiguous view or copy."""
-    if not isinstance(v, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray or None, got {type(v).__name__}")
+    _check_array_type(name, v, "a numpy.ndarray or None")
     if v.dtype != dtype:
         raise TypeError(f"{name} must have the dtype of x ({dtype}), got {v.dtype}")
     if v.shape != (num_features,):
@@ -82,11 +90,18 @@ def _check_vector(name, v, dtype, num_features, *, writeable=False):
 
 
 def _check_eps(eps):
+    """eps as a float, finite and > 0 (an int too large for a float is refused
+    like an infinite one)."""
     if not _is_real(eps):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be finite and > 0, got {eps}")
-    return float(eps)
+    try:
+        value = float(eps)
+    except OverflowError:
+        value = math.inf
+    if not (math.isfinite(value) and value > 0):
+        shown = str(eps) if len(str(eps)) <= 20 else str(eps)[:17] + "..."
+        raise ValueError(f"eps must be finite and > 0, got {shown}")
+    return value
 
 
 def _check_momentum(momentum):
@@ -111,12 +126,19 @@ def _check_num_threads(num_threads):
 
 
 def _check_counter(num_batches_tracked):
-    if not isinstance(num_batches_tracked, np.ndarray):
-        raise TypeError(f"num_batches_tracked must be a numpy.ndarray of one integer "
-                        f"(updated in place), got {type(num_batches_tracked).__name__}")
+    """One int64 count (PyTorch's buffer), >= 0, that can count one batch more."""
+    _check_array_type("num_batches_tracked", num_batches_tracked,
+                      "a numpy.ndarray of one int64 (updated in place)")
     if num_batches_tracked.dtype.kind not in "iu" or num_batches_tracked.size != 1:
         raise ValueError(f"num_batches_tracked must hold one integer, got dtype "
                          f"{num_batches_tracked.dtype} and shape {num_batches_tracked.shape}")
+    if num_batches_tracked.dtype != np.int64:
+        raise ValueError(f"num_batches_tracked must be int64 (PyTorch's dtype; a narrower "
+                         f"count would wrap), got dtype {num_batches_tracked.dtype}")
+    count = int(num_batches_tracked.reshape(()))
+    if not 0 <= count < np.iinfo(np.int64).max:
+        raise ValueError(f"num_batches_tracked must be a count >= 0 that can grow by one, "
+                         f"got {count}")
     if not num_batches_tracked.flags.writeable:
         raise ValueError("num_batches_tracked is updated in place and must be writeable, "
                          "got a read-only array")
@@ -172,8 +194,7 @@ def _check_out(out, x, others, in_place):
     that input); it may overlap no other array of ``others`` (name -> array
     or None).
     """
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a numpy.ndarray or None, got {type(out).__name__}")
+    _check_array_type("out", out, "a numpy.ndarray or None")
     if out.dtype != x.dtype:
         raise ValueError(f"out must have the dtype of x ({x.dtype}), got {out.dtype}")
     if out.shape != x.shape:
@@ -250,9 +271,10 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
         Weight of the new batch. None is a cumulative average, with
         ``f = 1 / num_batches_tracked`` after the increment; it needs
         ``num_batches_tracked``.
-    num_batches_tracked : ndarray holding one integer, or None
-        Batches seen so far (PyTorch's buffer of that name). When given with
-        the running statistics it is incremented in place.
+    num_batches_tracked : ndarray holding one int64 >= 0, or None
+        Batches seen so far (PyTorch's buffer of that name, and its dtype: a
+        narrower integer would wrap). When given with the running statistics
+        it is incremented in place; a count that cannot grow is refused.
     channel_axis : {1, -1}, default 1
         Axis of the channels: 1 for NCHW-style, -1 for channels last (the
         positive equivalent ``x.ndim - 1`` is accepted).
@@ -274,8 +296,9 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
     Raises
     ------
     TypeError
-        An argument that is not an ndarray, a dtype other than float32 or
-        float64, or arrays of different dtypes.
+        An argument that is not an ndarray (or is a masked array, whose mask
+        would be ignored), a dtype other than float32 or float64, or arrays
+        of different dtypes.
     ValueError
         x with fewer than 2 or more than 5 dimensions or a zero-size axis;
         only one value per channel (as PyTorch: "Expected more than 1 value
@@ -299,6 +322,8 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
         raise ValueError("running_mean and running_var must be given together, got only "
                          + ("running_mean" if running_var is None else "running_var"))
     tracking = running_mean is not None
+    if num_batches_tracked is not None:
+        _check_counter(num_batches_tracked)
     rm = rv = None
     if tracking:
         rm = _check_vector("running_mean", running_mean, x.dtype, num_features, writeable=True)
@@ -306,7 +331,6 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
         _check_disjoint({"running_mean": running_mean, "running_var": running_var},
                         {"x": x, "gamma": gamma, "beta": beta})
         if num_batches_tracked is not None:
-            _check_counter(num_batches_tracked)
             _check_disjoint({"num_batches_tracked": num_batches_tracked},
                             {"x": x, "gamma": gamma, "beta": beta,
                              "running_mean": running_mean, "running_var": running_var})
@@ -367,7 +391,7 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
     Raises
     ------
     TypeError
-        Non-ndarray arguments, unsupported or mixed dtypes.
+        Non-ndarray or masked-array arguments, unsupported or mixed dtypes.
     ValueError
         Bad shapes, ``out``, ``eps``, ``channel_axis`` or ``num_threads``.
     """
@@ -435,15 +459,14 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, channel_axis=1, out=None,
     Raises
     ------
     TypeError
-        Non-ndarray arguments, unsupported or mixed dtypes.
+        Non-ndarray or masked-array arguments, unsupported or mixed dtypes.
     ValueError
         dy not shaped like x; per-channel arrays not of shape (C,); a bad
         ``out``, ``channel_axis`` or ``num_threads``.
     """
     _check_x("x", x)
     ca = _check_channel_axis(channel_axis, x.ndim)
-    if not isinstance(dy, np.ndarray):
-        raise TypeError(f"dy must be a numpy.ndarray, got {type(dy).__name__}")
+    _check_array_type("dy", dy)
     if dy.dtype != x.dtype:
         raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
     if dy.shape != x.shape:

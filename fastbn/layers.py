@@ -514,6 +514,10 @@ class BatchNorm:
             if value.dtype.kind not in real:
                 raise ValueError(f"{cls}.load_state_dict: {key} must hold real numbers, "
                                  f"got dtype {value.dtype}")
+            if key == "num_batches_tracked" and not (
+                    0 <= int(value.reshape(())) < np.iinfo(np.int64).max):
+                raise ValueError(f"{cls}.load_state_dict: num_batches_tracked must be a "
+                                 f"count >= 0 that fits int64, got {int(value.reshape(()))}")
             staged.append((target, value.reshape(target.shape).astype(target.dtype)))
         for target, value in staged:
             target[...] = value
