@@ -15,6 +15,8 @@ Environment switches (read at build time):
 
 No ``-ffast-math``: it breaks NaN and Inf. The reductions are written with
 independent lanes (``fastbn/_simd.pxd``), so nothing needs reassociating.
+``-ffp-contract=off``: no multiply-add is fused, so every kernel level (and
+NumPy's own float64 arithmetic) rounds the same operations the same way.
 """
 
 import os
@@ -37,7 +39,7 @@ LEVEL_FLAGS = {
 }
 VARIANTS = {f"{kernel}_{level}": flags for level, flags in LEVEL_FLAGS.items()
             for kernel in ("_planar", "_columnar")}
-BASE_ARGS = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+BASE_ARGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
 OPENMP_PROBE = r"""
 #include <omp.h>
 int main(void) {

@@ -26,7 +26,7 @@ Schedules (one parallel region per call, units handed out dynamically)
 Outputs of at least STREAM_MIN_BYTES that are not written in place go
 through streaming stores (``fastbn._simd``). The conventions are those of
 ``fastbn._planar``: apply steps take (a, b, out) with b NULL in the forward
-(a = x) and b = x in the backward (a = dy); work space is a bytearray that
+(a = x) and b = x in the backward (a = dy); work space is an array that
 frees itself; float32 outputs are computed in float with the split center
 (``fastbn._stats.Coef32``) where float can carry a column's map.
 """
@@ -35,7 +35,7 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange
 from cython.view cimport array
 
-from fastbn._openmp cimport threads_for
+from fastbn._openmp cimport barrier, threads_for
 from fastbn._simd cimport STREAM_CHUNK, fence, stream, streams
 from fastbn._stats cimport (Coef, Coef32, forward_coef, inference_coef, backward_coef,
                             to_float)
@@ -389,6 +389,7 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Gr
         for blk in prange(nb, schedule="dynamic"):
             block_sums(a, b, g, blk, 0, C, center, scratch + 2 * blk * C,
                        scratch + (2 * blk + 1) * C)
+        barrier()
         for u in prange((C + MERGE_COLUMNS - 1) // MERGE_COLUMNS, schedule="dynamic"):
             c0 = u * MERGE_COLUMNS
             c1 = min(C, c0 + MERGE_COLUMNS)
@@ -396,6 +397,7 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Gr
             if out != NULL:
                 for c in range(c0, c1):
                     store_map(&k, c, finish(ps, total, C, center, c, a))
+        barrier()
         if out != NULL:
             for blk in prange(nb, schedule="dynamic"):
                 block_apply(a, b, out, g, (nb - 1 - blk) * g.rows_per_block,

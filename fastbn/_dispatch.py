@@ -9,8 +9,8 @@ has (:func:`fastbn._cpu.supports`, the compiler's own check) is used.
 ``FASTBN_KERNELS`` in the environment forces a level: ``baseline``,
 ``v3`` or ``v4`` (for testing the older ones on a newer CPU; a level the
 CPU lacks is an ImportError). The variants compute the same formulas in the
-same order; their last bits can differ (FMA rounds once), while each is
-bitwise reproducible for any thread count.
+same order and fuse no multiply-add (``-ffp-contract=off``): they give the
+same bits, for any thread count.
 """
 
 import importlib

@@ -11,6 +11,15 @@ cdef extern from *:
     static inline int omp_get_max_threads(void) { return 1; }
     static inline int omp_get_num_procs(void) { return 1; }
     #endif
+    /* A barrier for the team of the enclosing parallel region. Cython emits
+       each prange inside a `with parallel()` block as `omp for nowait`, so the
+       steps of a multi-step region need one between them. */
+    static inline void fastbn_barrier(void)
+    {
+    #ifdef _OPENMP
+        _Pragma("omp barrier")
+    #endif
+    }
     #ifndef FASTBN_COMPILE_ARGS
     #define FASTBN_COMPILE_ARGS ""
     #endif
@@ -19,6 +28,7 @@ cdef extern from *:
     const char* FASTBN_COMPILE_ARGS
     int omp_get_max_threads() noexcept nogil
     int omp_get_num_procs() noexcept nogil
+    void barrier "fastbn_barrier"() noexcept nogil
 
 
 cdef enum:

@@ -9,8 +9,8 @@ Summation order (fixed by the shape, never by the thread count)
 A channel's m = N*S values are cut into blocks of about BLOCK values: whole
 rows when S < BLOCK, pieces of one row otherwise. Within a block, each row
 piece is summed in LANES double accumulators (value i of the piece goes to
-lane i % LANES; the loop over the lanes is what the compiler vectorizes,
-so no sum is reassociated), the lanes are added in order, and the block
+lane i % LANES, in explicit vectors: ``fastbn._simd``, so no sum is
+reassociated), the lanes are added in order, and the block
 sums are added in block order. Every schedule below computes the same
 block sums and adds them in the same order, so every schedule and every
 thread count gives the same bits.
@@ -32,7 +32,7 @@ and a thread that the operating system deschedules holds up at most the
 one unit it has, not a fixed share of the call.
 
 Outputs of at least STREAM_MIN_BYTES that are not written in place go
-through streaming stores (``fastbn._store``): no read-for-ownership of a
+through streaming stores (``fastbn._simd``): no read-for-ownership of a
 cold output buffer.
 
 The three levels (scikit-learn's habit): ``noexcept nogil`` run and block
@@ -46,7 +46,7 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange
 from cython.view cimport array
 
-from fastbn._openmp cimport FASTBN_COMPILE_ARGS, threads_for
+from fastbn._openmp cimport FASTBN_COMPILE_ARGS, barrier, threads_for
 from fastbn._stats cimport (Coef, Coef32, forward_coef, inference_coef, backward_coef,
                             to_float)
 from fastbn._simd cimport (LANES, PREFETCH_BYTES, STREAM_CHUNK, fence, grad_sums_f32,
@@ -221,7 +221,7 @@ cdef void block_apply(const floating* a, const floating* b, floating* out, const
 cdef void merge_blocks(const double* part, const Plane* p, Py_ssize_t c,
                        double* sa, double* sb) noexcept nogil:
     """Totals of channel c from the (channel, block) table, in block order:
-    the same sums as channel_sums."""
+    the same sums as group_sums."""
     cdef Py_ssize_t blk
     cdef const double* row = part + 2 * c * p.nblocks
     cdef double ta = 0.0, tb = 0.0
@@ -408,9 +408,11 @@ def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,
         for u in prange(nu, schedule="dynamic"):
             block_sums(xp, NULL, &p, u // nb, u % nb, xp[(u // nb) * p.S],
                        &part[2 * u], &part[2 * u + 1])
+        barrier()
         for c in prange(p.C, schedule="dynamic"):
             coef[c] = forward_merged(part, &p, c, xp[c * p.S], eps, g, bt, &mean[0],
                                      &invstd[0], rm, rv, factor)
+        barrier()
         for u in prange(nu, schedule="dynamic"):
             block_apply(xp, NULL, yp, &p, (nu - 1 - u) // nb, (nu - 1 - u) % nb,
                         &coef[(nu - 1 - u) // nb])
@@ -445,7 +447,7 @@ def inference(const floating[:, :, ::1] x, const floating[::1] gamma,
             for r in range(u * rows, r1):
                 # the unit is contiguous: keep PREFETCH_BYTES of it in flight
                 prefetch_span(xp + r * S + PREFETCH_BYTES // sizeof(floating),
-                              S * sizeof(floating))
+                              min(S * sizeof(floating), <Py_ssize_t>PREFETCH_BYTES))
                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
                           &coef32[r % C] if ok[r % C] else NULL, streaming)
             if streaming:
@@ -485,9 +487,11 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
         for u in prange(nu, schedule="dynamic"):
             block_sums(dyp, xp, &p, u // nb, u % nb, mean[u // nb],
                        &part[2 * u], &part[2 * u + 1])
+        barrier()
         for c in prange(p.C, schedule="dynamic"):
             coef[c] = backward_merged(part, &p, c, &mean[0], &invstd[0], g, &dgamma[0],
                                       &dbeta[0])
+        barrier()
         for u in prange(nu, schedule="dynamic"):
             block_apply(dyp, xp, dxp, &p, (nu - 1 - u) // nb, (nu - 1 - u) % nb,
                         &coef[(nu - 1 - u) // nb])
@@ -514,6 +518,7 @@ def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[
         for u in prange(nu, schedule="dynamic"):
             block_sums(ap, bp, &p, u // nb, u % nb, center[u // nb],
                        &part[2 * u], &part[2 * u + 1])
+        barrier()
         for c in prange(p.C, schedule="dynamic"):
             merge_blocks(part, &p, c, &out[c, 0], &out[c, 1])
 

@@ -15,13 +15,16 @@ fastbn/_openmp.pxd), and some to switch schedule with the thread count:
   too many for a tile; channels last and (N, C, 1, 1) inputs.
 """
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
 import fastbn
 
-from conftest import DTYPES, assert_bitwise_equal, dtype_id, layout_id, make_inputs
+from conftest import DTYPES, assert_bitwise_equal, dtype_id, layout_id, make_inputs, same_fastbn
 
 SHAPES = [
     ((8, 1, 40000), 1),       # planar by block, blocks cut rows
@@ -135,3 +138,45 @@ def test_streamed_out_equals_fresh(shape, channel_axis, offset, rng):
                                 channel_axis=channel_axis, out=out, num_threads=2)
     assert_bitwise_equal(out, expected["inference y"], err_msg="inference y")
     assert np.isnan(pool[:base]).all() and np.isnan(pool[base + a.x.size:]).all()
+
+
+LEVEL_SCRIPT = """
+import hashlib, sys
+import numpy as np
+import fastbn
+from fastbn import _dispatch
+print(_dispatch.level)
+rng = np.random.default_rng(7)
+digest = hashlib.sha256()
+for shape, ca in [((8, 3, 40000), 1), ((16, 64, 7, 7), 1), ((4096, 64), 1), ((100, 3000), 1),
+                  ((8, 10, 10, 24), -1)]:
+    for dtype in (np.float32, np.float64):
+        x = (rng.standard_normal(shape) * 3 + 1e3).astype(dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        C = shape[ca]
+        g, b = rng.uniform(0.5, 1.5, C).astype(dtype), rng.standard_normal(C).astype(dtype)
+        rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+        y, mean, invstd = fastbn.batch_norm_forward(x, g, b, running_mean=rm, running_var=rv,
+                                                    channel_axis=ca)
+        dx, dg, db = fastbn.batch_norm_backward(dy, x, g, mean, invstd, channel_axis=ca)
+        yi = fastbn.batch_norm_inference(x, g, b, rm, rv, channel_axis=ca)
+        for a in (y, mean, invstd, rm, rv, dx, dg, db, yi):
+            digest.update(a.tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_every_kernel_level_gives_the_same_bits():
+    """The baseline, x86-64-v3 and x86-64-v4 kernels (those this CPU runs)
+    add in the same order and fuse no multiply-add: the same bits."""
+    levels = ["baseline"] + [f"v{n}" for n in (3, 4) if fastbn._cpu.supports(n)]
+    digests = {}
+    for level in levels:
+        child = same_fastbn()
+        child["env"]["FASTBN_KERNELS"] = level
+        done = subprocess.run([sys.executable, "-c", LEVEL_SCRIPT], capture_output=True,
+                              text=True, timeout=300, **child)
+        assert done.returncode == 0, done.stderr
+        chosen, digest = done.stdout.splitlines()[-2:]
+        digests[f"{level} ({chosen})"] = digest
+    assert len(set(digests.values())) == 1, digests
