@@ -537,23 +537,25 @@ def _forward(x, gamma, beta, *, allreduce, num_features, eps, running_mean, runn
             raise ValueError("running_mean and running_var must be given together, got only "
                              + ("running_mean" if running_var is None else "running_var"))
         tracking = running_mean is not None
+        if num_batches_tracked is not None:
+            _f._check_counter(num_batches_tracked)
         rm = rv = None
         if tracking:
             rm = _f._check_vector("running_mean", running_mean, x.dtype, C, writeable=True)
             rv = _f._check_vector("running_var", running_var, x.dtype, C, writeable=True)
-            for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
-                if np.may_share_memory(stat, x):
-                    raise ValueError(f"{name} overlaps x; it is updated in place and needs "
-                                     f"memory of its own")
+            _f._check_disjoint({"running_mean": running_mean, "running_var": running_var},
+                               {"x": x, "gamma": gamma, "beta": beta})
             if num_batches_tracked is not None:
-                _f._check_counter(num_batches_tracked)
+                _f._check_disjoint({"num_batches_tracked": num_batches_tracked},
+                                   {"x": x, "gamma": gamma, "beta": beta,
+                                    "running_mean": running_mean, "running_var": running_var})
             elif momentum is None:
                 raise ValueError("momentum=None (cumulative average) needs "
                                  "num_batches_tracked, got None")
         if out is not None:
             _f._check_out(out, x, {"x": x, "gamma": gamma, "beta": beta,
-                                   "running_mean": running_mean, "running_var": running_var},
-                          in_place="x")
+                                   "running_mean": running_mean, "running_var": running_var,
+                                   "num_batches_tracked": num_batches_tracked}, in_place="x")
         kernel, xc, xv, n = _view(x, ca)
         # Local statistics as the fused kernel finishes them (fastbn._stats.forward_coef):
         # one rank alone gets the single-process bits.

@@ -794,3 +794,32 @@ def test_mpi_example_matches_one_process():
     np.testing.assert_allclose(result["loss"], result["one_loss"], rtol=1e-4)
     assert abs(result["test_accuracy"][-1] - result["one_test_accuracy"][-1]) <= 0.01
     assert result["test_accuracy"][-1] > 0.85
+
+
+@pytest.mark.parametrize("case", ["running_mean is gamma", "running_var is running_mean",
+                                  "num_batches_tracked inside running_var"])
+def test_sync_forward_refuses_what_the_single_process_forward_refuses(case):
+    """The synchronized forward runs the single-process overlap checks: an
+    array it writes may share memory with no other argument, and a refused
+    call changes nothing (on one rank, as on every rank)."""
+    shape, ca = (6, 3, 2, 2), 1
+    x, _, gamma, beta, C = global_batch(shape, ca, np.float64)
+    rm, rv = np.zeros(C), np.ones(C)
+    counter = np.zeros(1, np.int64)
+    if case == "running_mean is gamma":
+        rm = gamma
+    elif case == "running_var is running_mean":
+        rv = rm
+    else:
+        counter = rv[:1].view(np.int64)
+    before = [a.copy() for a in (gamma, rm, rv, counter)]
+
+    def work(rank, allreduce):
+        return sync_batch_norm_forward(x, gamma, beta, allreduce=allreduce, num_features=C,
+                                       running_mean=rm, running_var=rv,
+                                       num_batches_tracked=counter)
+
+    (result,), _ = run_ranks(1, work)
+    assert isinstance(result, ValueError) and "overlaps" in str(result), repr(result)
+    for a, b in zip((gamma, rm, rv, counter), before):
+        np.testing.assert_array_equal(a, b)
