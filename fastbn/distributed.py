@@ -533,29 +533,9 @@ def _forward(x, gamma, beta, *, allreduce, num_features, eps, running_mean, runn
         nthreads = _f._check_num_threads(num_threads)
         g = None if gamma is None else _f._check_vector("gamma", gamma, x.dtype, C)
         b = None if beta is None else _f._check_vector("beta", beta, x.dtype, C)
-        if (running_mean is None) != (running_var is None):
-            raise ValueError("running_mean and running_var must be given together, got only "
-                             + ("running_mean" if running_var is None else "running_var"))
-        tracking = running_mean is not None
-        if num_batches_tracked is not None:
-            _f._check_counter(num_batches_tracked)
-        rm = rv = None
-        if tracking:
-            rm = _f._check_vector("running_mean", running_mean, x.dtype, C, writeable=True)
-            rv = _f._check_vector("running_var", running_var, x.dtype, C, writeable=True)
-            _f._check_disjoint({"running_mean": running_mean, "running_var": running_var},
-                               {"x": x, "gamma": gamma, "beta": beta})
-            if num_batches_tracked is not None:
-                _f._check_disjoint({"num_batches_tracked": num_batches_tracked},
-                                   {"x": x, "gamma": gamma, "beta": beta,
-                                    "running_mean": running_mean, "running_var": running_var})
-            elif momentum is None:
-                raise ValueError("momentum=None (cumulative average) needs "
-                                 "num_batches_tracked, got None")
-        if out is not None:
-            _f._check_out(out, x, {"x": x, "gamma": gamma, "beta": beta,
-                                   "running_mean": running_mean, "running_var": running_var,
-                                   "num_batches_tracked": num_batches_tracked}, in_place="x")
+        rm, rv = _f._check_training_state(x, gamma, beta, running_mean, running_var,
+                                          momentum, num_batches_tracked, out, C)
+        tracking = rm is not None
         kernel, xc, xv, n = _view(x, ca)
         # Local statistics as the fused kernel finishes them (fastbn._stats.forward_coef):
         # one rank alone gets the single-process bits.

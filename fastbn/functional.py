@@ -148,16 +148,45 @@ def _check_disjoint(written, others):
     """Arrays updated in place (``written``, name -> array) may share memory
     neither with each other nor with the call's other arrays (exactly: arrays
     that interleave without sharing an element are fine)."""
-    names = list(written)
-    arrays = list(written.values())
-    rival_names = names + list(others)
-    rivals = arrays + list(others.values())
+    names, arrays = list(written), list(written.values())
     for i, name in enumerate(names):
-        hits = _overlap.shared_with(arrays[i], rivals[:i] + rivals[len(names):])
+        rival_names = names[:i] + list(others)
+        hits = _overlap.shared_with(arrays[i], arrays[:i] + list(others.values()))
         if hits:
-            other = (rival_names[:i] + rival_names[len(names):])[hits[0]]
-            raise ValueError(f"{name} overlaps {other}; it is updated in place and "
-                             f"needs memory of its own")
+            raise ValueError(f"{name} overlaps {rival_names[hits[0]]}; it is updated in "
+                             f"place and needs memory of its own")
+
+
+def _check_training_state(x, gamma, beta, running_mean, running_var, momentum,
+                          num_batches_tracked, out, num_features):
+    """The checks of a training forward's state, after x, gamma and beta:
+    the running statistics (both or neither), ``num_batches_tracked``, and
+    that nothing written in place (they and ``out``) shares memory with
+    another argument. Returns the checked running statistics (C-contiguous
+    views or copies, see :func:`_commit_running`), or (None, None)."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together, got only "
+                         + ("running_mean" if running_var is None else "running_var"))
+    if num_batches_tracked is not None:
+        _check_counter(num_batches_tracked)
+    rm = rv = None
+    if running_mean is not None:
+        rm = _check_vector("running_mean", running_mean, x.dtype, num_features, writeable=True)
+        rv = _check_vector("running_var", running_var, x.dtype, num_features, writeable=True)
+        _check_disjoint({"running_mean": running_mean, "running_var": running_var},
+                        {"x": x, "gamma": gamma, "beta": beta})
+        if num_batches_tracked is not None:
+            _check_disjoint({"num_batches_tracked": num_batches_tracked},
+                            {"x": x, "gamma": gamma, "beta": beta,
+                             "running_mean": running_mean, "running_var": running_var})
+        elif momentum is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, "
+                             "got None")
+    if out is not None:
+        _check_out(out, x, {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean,
+                            "running_var": running_var,
+                            "num_batches_tracked": num_batches_tracked}, in_place="x")
+    return rm, rv
 
 
 def _running_factor(momentum, num_batches_tracked):
@@ -318,29 +347,9 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
     nthreads = _check_num_threads(num_threads)
     g = None if gamma is None else _check_vector("gamma", gamma, x.dtype, num_features)
     b = None if beta is None else _check_vector("beta", beta, x.dtype, num_features)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together, got only "
-                         + ("running_mean" if running_var is None else "running_var"))
-    tracking = running_mean is not None
-    if num_batches_tracked is not None:
-        _check_counter(num_batches_tracked)
-    rm = rv = None
-    if tracking:
-        rm = _check_vector("running_mean", running_mean, x.dtype, num_features, writeable=True)
-        rv = _check_vector("running_var", running_var, x.dtype, num_features, writeable=True)
-        _check_disjoint({"running_mean": running_mean, "running_var": running_var},
-                        {"x": x, "gamma": gamma, "beta": beta})
-        if num_batches_tracked is not None:
-            _check_disjoint({"num_batches_tracked": num_batches_tracked},
-                            {"x": x, "gamma": gamma, "beta": beta,
-                             "running_mean": running_mean, "running_var": running_var})
-        elif momentum is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, "
-                             "got None")
-    if out is not None:
-        _check_out(out, x, {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean,
-                            "running_var": running_var,
-                            "num_batches_tracked": num_batches_tracked}, in_place="x")
+    rm, rv = _check_training_state(x, gamma, beta, running_mean, running_var, momentum,
+                                   num_batches_tracked, out, num_features)
+    tracking = rm is not None
     factor = _running_factor(momentum, num_batches_tracked) if tracking else 0.0
 
     xc = np.ascontiguousarray(x)
