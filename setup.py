@@ -30,7 +30,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-MODULES = ["_openmp", "_cpu", "_overlap", "_planar", "_columnar"]
+MODULES = ["_openmp", "_cpu", "_overlap", "_channels", "_planar", "_columnar"]
 # Kernel modules built again for newer x86-64 levels: module -> extra flags.
 # v4 prefers 512-bit vectors (GCC's default tuning stays at 256 bits).
 LEVEL_FLAGS = {

@@ -1,4 +1,5 @@
-# Per-channel arithmetic shared by both kernel families (_planar, _columnar):
+# Per-channel arithmetic shared by both kernel families (_planar, _columnar)
+# and by the per-channel entry points of the synchronized passes (_channels):
 # turning accumulated sums into statistics and coefficients, in double.
 #
 # Forward: the sums are shifted by ``shift`` (one value of the channel), so
@@ -28,29 +29,51 @@ ctypedef struct Coef:
     double offset
 
 
+cdef inline void moments(double s, double q, double m, double shift, double* mean,
+                         double* var) noexcept nogil:
+    """The mean and biased variance of m values from their sums shifted by shift."""
+    cdef double mu = s / m
+    cdef double v = q / m - mu * mu
+    if v < 0.0:  # rounding only; NaN stays NaN
+        v = 0.0
+    mean[0] = shift + mu
+    var[0] = v
+
+
+cdef inline Coef stats_coef(double mean, double var, double m, double eps,
+                            const floating* gamma, const floating* beta,
+                            floating* mean_out, floating* invstd_out,
+                            floating* running_mean, floating* running_var,
+                            double factor, Py_ssize_t c) noexcept nogil:
+    """Channel c's affine map from its mean and biased variance over m values;
+    stores mean and invstd and updates the running statistics (the unbiased
+    variance var * m / (m - 1), weighted by factor)."""
+    cdef Coef k
+    cdef double invstd = 1.0 / sqrt(var + eps)
+    k.center = mean
+    k.scale = invstd * (<double>gamma[c] if gamma != NULL else 1.0)
+    k.slope = 0.0
+    k.offset = <double>beta[c] if beta != NULL else 0.0
+    mean_out[c] = <floating>mean
+    invstd_out[c] = <floating>invstd
+    if running_mean != NULL:
+        running_mean[c] = <floating>((1.0 - factor) * running_mean[c] + factor * mean)
+        running_var[c] = <floating>((1.0 - factor) * running_var[c]
+                                    + factor * var * m / (m - 1.0))
+    return k
+
+
 cdef inline Coef forward_coef(double s, double q, double m, double shift, double eps,
                               const floating* gamma, const floating* beta,
                               floating* mean_out, floating* invstd_out,
                               floating* running_mean, floating* running_var,
                               double factor, Py_ssize_t c) noexcept nogil:
-    """Finish channel c's statistics, store them and return the affine map."""
-    cdef Coef k
-    cdef double mu = s / m
-    cdef double var = q / m - mu * mu
-    if var < 0.0:  # rounding only; NaN stays NaN
-        var = 0.0
-    cdef double invstd = 1.0 / sqrt(var + eps)
-    k.center = shift + mu
-    k.scale = invstd * (<double>gamma[c] if gamma != NULL else 1.0)
-    k.slope = 0.0
-    k.offset = <double>beta[c] if beta != NULL else 0.0
-    mean_out[c] = <floating>k.center
-    invstd_out[c] = <floating>invstd
-    if running_mean != NULL:
-        running_mean[c] = <floating>((1.0 - factor) * running_mean[c] + factor * k.center)
-        running_var[c] = <floating>((1.0 - factor) * running_var[c]
-                                    + factor * var * m / (m - 1.0))
-    return k
+    """Finish channel c's statistics from its shifted sums, store them and
+    return the affine map."""
+    cdef double mean, var
+    moments(s, q, m, shift, &mean, &var)
+    return stats_coef(mean, var, m, eps, gamma, beta, mean_out, invstd_out, running_mean,
+                      running_var, factor, c)
 
 
 cdef inline Coef inference_coef(const floating* running_mean, const floating* running_var,
