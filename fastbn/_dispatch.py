@@ -14,11 +14,12 @@ same bits, for any thread count.
 """
 
 import importlib
+import math
 import os
 
 from fastbn import _cpu
 
-__all__ = ["columnar", "planar", "level"]
+__all__ = ["columnar", "planar", "level", "kernel_for"]
 
 _LEVELS = {"v4": "x86-64-v4 (AVX-512)", "v3": "x86-64-v3 (AVX2, FMA)"}
 
@@ -56,3 +57,19 @@ def _select():
 
 
 planar, columnar, level = _select()
+
+
+def kernel_for(shape, channel_axis):
+    """(module, view_shape): the kernel family for an input of ``shape`` with
+    its channels on ``channel_axis`` (>= 0), and the shape to view it as.
+
+    Channels last (and 2-D) inputs are columnar (M, C); channels first
+    inputs are planar (N, C, S), or columnar (N, C) when S == 1. The views
+    of a C-contiguous array share its memory.
+    """
+    if channel_axis == len(shape) - 1:
+        return columnar, (-1, shape[-1])
+    spatial = math.prod(shape[2:])
+    if spatial == 1:
+        return columnar, shape[:2]
+    return planar, (shape[0], shape[1], spatial)

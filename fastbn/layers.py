@@ -18,17 +18,16 @@ new batch, the running variance takes the unbiased batch variance,
 from __future__ import annotations
 
 import importlib
-import math
-import numbers
 import types
+from typing import NamedTuple
 
 import numpy as np
 
+from fastbn import _checks
 from fastbn import functional as _functional
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _BACKEND_FUNCTIONS = ("batch_norm_forward", "batch_norm_inference", "batch_norm_backward")
 
 
@@ -60,6 +59,20 @@ def _parameter(attr, name, doc):
         setattr(self, attr, self._set_param(name, value))
 
     return property(get, set, doc=doc)
+
+
+class Saved(NamedTuple):
+    """What a layer's forward leaves for its backward (no full-size copy)."""
+
+    #: the forward's input itself (a reference, not a copy)
+    x: np.ndarray
+    #: (C,) statistics x was normalized with (None for an empty slice)
+    mean: np.ndarray | None
+    invstd: np.ndarray | None
+    #: True: the batch's own statistics; False: the running ones (an affine map)
+    batch: bool
+    #: SyncBatchNorm: the statistics are those of the global batch
+    synced: bool = False
 
 
 class BatchNorm:
@@ -169,51 +182,23 @@ class BatchNorm:
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, dtype=np.float32, channel_axis=1,
                  num_threads=None, *, backend=None):
-        cls = type(self).__name__
-        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
-            raise TypeError(f"{cls}: num_features must be an int, "
-                            f"got {type(num_features).__name__}")
-        if num_features < 1:
-            raise ValueError(f"{cls}: num_features must be >= 1, got {num_features}")
-        try:
-            dtype = np.dtype(dtype)
-        except TypeError:
-            raise TypeError(f"{cls}: dtype must be float32 or float64, got {dtype!r}") from None
-        if dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{cls}: dtype must be float32 or float64, got {dtype}")
-        if isinstance(channel_axis, bool) or not isinstance(channel_axis, numbers.Integral):
-            raise TypeError(f"{cls}: channel_axis must be an int, "
-                            f"got {type(channel_axis).__name__}")
-        if channel_axis not in (1, -1):
-            raise ValueError(f"{cls}: channel_axis must be 1 (channels first) or "
-                             f"-1 (channels last), got {channel_axis}")
-        # The functions check these again at every call; checking them here makes
-        # a bad layer fail at construction rather than at its first forward.
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-            raise TypeError(f"{cls}: eps must be a real number, got {type(eps).__name__}")
-        if not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"{cls}: eps must be finite and > 0, got {eps}")
-        if momentum is not None:
-            if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-                raise TypeError(f"{cls}: momentum must be a real number or None, "
-                                f"got {type(momentum).__name__}")
-            if not 0.0 <= momentum <= 1.0:
-                raise ValueError(f"{cls}: momentum must be in [0, 1] or None, got {momentum}")
-        if num_threads is not None:
-            if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
-                raise TypeError(f"{cls}: num_threads must be a positive int or None, "
-                                f"got {type(num_threads).__name__}")
-            if num_threads <= 0:
-                raise ValueError(f"{cls}: num_threads must be a positive int or None, "
-                                 f"got {num_threads}")
+        who = type(self).__name__
+        # The functions check eps, momentum and num_threads again at every call;
+        # checking them here makes a bad layer fail at construction.
+        num_features = _checks.num_features(num_features, who=who)
+        dtype = _checks.float_dtype(dtype, who=who)
+        channel_axis = _checks.channel_axis(channel_axis, who=who)
+        eps = _checks.eps(eps, who=who)
+        momentum = _checks.momentum(momentum, who=who)
+        _checks.num_threads(num_threads, who=who)
 
-        self.num_features = int(num_features)
-        self.eps = float(eps)
-        self.momentum = None if momentum is None else float(momentum)
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.dtype = dtype
-        self.channel_axis = int(channel_axis)
+        self.channel_axis = channel_axis
         self.num_threads = num_threads
         self.backend = _check_backend(backend)
         self.training = True
@@ -229,9 +214,7 @@ class BatchNorm:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self.dgamma = None
         self.dbeta = None
-        # (x, mean, invstd, batch) of the last forward: x itself (no copy), the (C,)
-        # statistics it was normalized with, and whether they were the batch's own
-        self._cache = None
+        self._saved = None  # what the last forward left for the backward (Saved)
 
     # ---------------------------------------------------------- parameters
 
@@ -241,15 +224,12 @@ class BatchNorm:
                 raise ValueError(f"{type(self).__name__}(affine=False) has no {name}; "
                                  f"got an array to assign")
             return None
-        if not isinstance(value, np.ndarray):
-            raise TypeError(f"{type(self).__name__}.{name} must be a numpy.ndarray, "
-                            f"got {type(value).__name__}")
+        who = type(self).__name__
+        _checks.array(f"{who}.{name}", value)
+        _checks.dtype_of(f"{who}.{name}", value, self.dtype, whose="layer")
         if value.shape != (self.num_features,):
-            raise ValueError(f"{type(self).__name__}.{name} must have shape "
-                             f"({self.num_features},), got {value.shape}")
-        if value.dtype != self.dtype:
-            raise TypeError(f"{type(self).__name__}.{name} must have the layer's dtype "
-                            f"({self.dtype}), got {value.dtype}")
+            raise ValueError(f"{who}.{name} must have shape ({self.num_features},), "
+                             f"got {value.shape}")
         return value
 
     gamma = _parameter("_gamma", "gamma", "Scale, shape (C,), the layer's dtype; None without "
@@ -283,6 +263,16 @@ class BatchNorm:
             self._gamma[...] = 1
             self._beta[...] = 0
 
+    def _share_arrays(self, layer):
+        """Take ``layer``'s accepted input, parameter and running-statistics
+        arrays (the arrays themselves) and its mode: a layer of another class
+        standing in for it (:meth:`fastbn.SyncBatchNorm.from_batch_norm`)."""
+        self._ndims, self._expected = layer._ndims, layer._expected
+        self._gamma, self._beta = layer._gamma, layer._beta
+        self.running_mean, self.running_var = layer.running_mean, layer.running_var
+        self.num_batches_tracked = layer.num_batches_tracked
+        self.training = layer.training
+
     # ---------------------------------------------------------------- mode
 
     def train(self, mode=True):
@@ -297,20 +287,9 @@ class BatchNorm:
     # -------------------------------------------------------------- compute
 
     def _check_input(self, x):
-        cls = type(self).__name__
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"{cls}: x must be a numpy.ndarray, got {type(x).__name__}")
-        if x.ndim not in self._ndims:
-            raise ValueError(f"{cls} expects {self._expected}, got {x.ndim}-D input "
-                             f"of shape {x.shape}")
-        axis = self.channel_axis % x.ndim
-        if x.shape[axis] != self.num_features:
-            raise ValueError(f"{cls}({self.num_features}) expects {self.num_features} "
-                             f"channels on axis {self.channel_axis}, got input of shape "
-                             f"{x.shape}")
-        if x.dtype != self.dtype:
-            raise TypeError(f"{cls}: x must have the layer's dtype ({self.dtype}), "
-                            f"got {x.dtype}")
+        _checks.layer_input(x, who=type(self).__name__, num_features=self.num_features,
+                            channel_axis=self.channel_axis, dtype=self.dtype,
+                            ndims=self._ndims, expected=self._expected)
 
     def _per_channel(self, v, ndim):
         """A (C,) vector reshaped to broadcast along the channel axis."""
@@ -359,12 +338,13 @@ class BatchNorm:
                 momentum=self.momentum,
                 num_batches_tracked=self.num_batches_tracked if tracking else None,
                 **common)
-            self._cache = (x, mean, invstd, True)
+            self._saved = Saved(x, mean, invstd, batch=True)
         else:
             y = f.batch_norm_inference(x, self._gamma, self._beta, self.running_mean,
                                        self.running_var, eps=self.eps, **common)
             invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-            self._cache = (x, self.running_mean.copy(), invstd.astype(self.dtype), False)
+            self._saved = Saved(x, self.running_mean.copy(), invstd.astype(self.dtype),
+                                batch=False)
         return y
 
     __call__ = forward
@@ -414,17 +394,13 @@ class BatchNorm:
         ValueError
             dy not shaped like the last forward's input.
         """
-        cls = type(self).__name__
-        if self._cache is None:
-            raise RuntimeError(f"{cls}.backward called before forward: there is no input "
-                               f"to take the gradient at")
-        x, mean, invstd, batch = self._cache
-        if not isinstance(dy, np.ndarray):
-            raise TypeError(f"{cls}.backward: dy must be a numpy.ndarray, "
-                            f"got {type(dy).__name__}")
-        if dy.shape != x.shape:
-            raise ValueError(f"{cls}.backward: dy must have the shape of the last forward's "
-                             f"input {x.shape}, got {dy.shape}")
+        who = f"{type(self).__name__}.backward"
+        if self._saved is None:
+            raise RuntimeError(f"{who} called before forward: there is no input to take the "
+                               f"gradient at")
+        x, mean, invstd, batch = (self._saved.x, self._saved.mean, self._saved.invstd,
+                                  self._saved.batch)
+        _checks.like("dy", dy, x, who=who)
         f = self.backend
         common = dict(channel_axis=self.channel_axis, num_threads=self.num_threads)
         dx, dgamma, dbeta = f.batch_norm_backward(dy, x, self._gamma, mean, invstd, **common)
@@ -482,9 +458,14 @@ class BatchNorm:
         ------
         KeyError
             With ``strict``, missing or unexpected keys (all of them named).
+        TypeError
+            A value not of a real dtype (an integer one for
+            ``num_batches_tracked``).
         ValueError
-            A value whose shape does not match, or not of a real dtype
-            (nothing is modified then).
+            A value whose shape does not match, or a ``num_batches_tracked``
+            that is not a count >= 0 able to grow within int64.
+
+        Nothing is modified when an error is raised.
         """
         cls = type(self).__name__
         own = {}
@@ -512,12 +493,10 @@ class BatchNorm:
                                  f"{target.shape}, got {value.shape}")
             real = "iu" if key == "num_batches_tracked" else "fiub"
             if value.dtype.kind not in real:
-                raise ValueError(f"{cls}.load_state_dict: {key} must hold real numbers, "
+                raise TypeError(f"{cls}.load_state_dict: {key} must hold real numbers, "
                                  f"got dtype {value.dtype}")
-            if key == "num_batches_tracked" and not (
-                    0 <= int(value.reshape(())) < np.iinfo(np.int64).max):
-                raise ValueError(f"{cls}.load_state_dict: num_batches_tracked must be a "
-                                 f"count >= 0 that fits int64, got {int(value.reshape(()))}")
+            if key == "num_batches_tracked":
+                _checks.count(int(value.reshape(())), who=f"{cls}.load_state_dict")
             staged.append((target, value.reshape(target.shape).astype(target.dtype)))
         for target, value in staged:
             target[...] = value
@@ -541,7 +520,7 @@ class BatchNorm:
         # Modules do not pickle: keep a backend module by name. The cached input
         # of the last forward is not part of the layer's state.
         state = self.__dict__.copy()
-        state["_cache"] = None
+        state["_saved"] = None
         if isinstance(self.backend, types.ModuleType):
             state["backend"] = self.backend.__name__
         return state

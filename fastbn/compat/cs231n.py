@@ -42,10 +42,9 @@ Network Training by Reducing Internal Covariate Shift", arXiv:1502.03167.
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
+from fastbn import _checks
 from fastbn import functional as _functional
 
 __all__ = [
@@ -60,7 +59,6 @@ __all__ = [
 
 _NAMES = ("batchnorm_forward", "batchnorm_backward", "batchnorm_backward_alt",
           "spatial_batchnorm_forward", "spatial_batchnorm_backward")
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 class _Cache:
@@ -84,7 +82,7 @@ class _Cache:
 def _as_float_array(name, a):
     """a as a float32 or float64 ndarray; other real dtypes are computed in float64."""
     a = np.asarray(a)
-    if a.dtype not in _FLOAT_DTYPES:
+    if a.dtype not in _checks.FLOAT_DTYPES:
         if a.dtype.kind not in "biuf":
             raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
         a = a.astype(np.float64)
@@ -108,10 +106,9 @@ def _mode_and_options(bn_param):
     if mode not in ("train", "test"):
         raise ValueError(f"bn_param['mode'] must be 'train' or 'test', "
                          f"got {mode!r}" + ("" if "mode" in bn_param else " (no 'mode' key)"))
-    eps = bn_param.get("eps", 1e-5)
-    momentum = bn_param.get("momentum", 0.9)
-    if not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"bn_param['momentum'] must be in [0, 1], got {momentum}")
+    eps = _checks.eps(bn_param.get("eps", 1e-5), name="bn_param['eps']")
+    momentum = _checks.momentum(bn_param.get("momentum", 0.9), name="bn_param['momentum']",
+                                optional=False)
     return mode, eps, momentum
 
 

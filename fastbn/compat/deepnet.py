@@ -30,10 +30,10 @@ Section 3.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
+from fastbn import _checks
 from fastbn import functional as _functional
 
 __all__ = ["Batchnorm"]
@@ -82,19 +82,19 @@ class Batchnorm:
     """
 
     def __init__(self, X_dim, *, eps=1e-8, dtype=np.float64, num_threads=None):
-        dims = (X_dim,) if isinstance(X_dim, numbers.Integral) else tuple(X_dim)
-        if not dims or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool)
-                               for d in dims):
-            raise TypeError(f"Batchnorm: X_dim must be a tuple of ints such as (C, H, W), "
-                            f"got {X_dim!r}")
+        who = "Batchnorm"
+        if _checks.is_int(X_dim):
+            dims = (X_dim,)
+        elif isinstance(X_dim, (tuple, list)) and X_dim and all(map(_checks.is_int, X_dim)):
+            dims = tuple(X_dim)
+        else:
+            raise TypeError(f"{who}: X_dim must be a tuple of ints such as (C, H, W), got "
+                            f"{type(X_dim).__name__} {X_dim!r}")
         if any(d < 1 for d in dims):
-            raise ValueError(f"Batchnorm: X_dim entries must be >= 1, got {X_dim!r}")
-        dtype = np.dtype(dtype)
-        if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise TypeError(f"Batchnorm: dtype must be float32 or float64, got {dtype}")
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (
-                math.isfinite(eps) and eps > 0):
-            raise ValueError(f"Batchnorm: eps must be a finite number > 0, got {eps!r}")
+            raise ValueError(f"{who}: X_dim entries must be >= 1, got {X_dim!r}")
+        dtype = _checks.float_dtype(dtype, who=who)
+        eps = _checks.eps(eps, who=who)
+        _checks.num_threads(num_threads, who=who)
         self.X_dim = tuple(int(d) for d in dims)
         if len(self.X_dim) == 3:
             self.d_X, self.h_X, self.w_X = self.X_dim
@@ -132,13 +132,11 @@ class Batchnorm:
         ValueError
             X without D = prod(X_dim) values per sample.
         """
-        if not isinstance(X, np.ndarray):
-            raise TypeError(f"Batchnorm: X must be a numpy.ndarray, got {type(X).__name__}")
+        _checks.array("X", X, who="Batchnorm")
         if X.ndim < 1 or X.shape[0] < 1 or X.size != X.shape[0] * self.D:
             raise ValueError(f"Batchnorm: X must have shape (N, {', '.join(map(str, self.X_dim))})"
                              f" or hold {self.D} values per sample, got shape {X.shape}")
-        if X.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise TypeError(f"Batchnorm: X must have dtype float32 or float64, got {X.dtype}")
+        _checks.dtype_of("X", X, None, who="Batchnorm")
         X_flat = X.reshape(X.shape[0], self.D)
         gamma, beta = self._vectors(X.dtype)
         if X.shape[0] == 1:

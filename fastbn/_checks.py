@@ -1,0 +1,389 @@
+"""Every argument check of fastbn's public entry points, in one place.
+
+The functions (:mod:`fastbn.functional`), the layers (:mod:`fastbn.layers`),
+the adapters (:mod:`fastbn.compat`) and the synchronized passes
+(:mod:`fastbn.distributed`) check their arguments here, so that one mistake
+gets one message and one exception type wherever it is made.
+
+Exception policy
+----------------
+- ``TypeError``: an argument of the wrong type (not an ndarray, a masked
+  array, not a number, not an int) or of the wrong dtype, whatever the
+  argument (``out`` and ``num_batches_tracked`` included);
+- ``ValueError``: an argument of the right type with a wrong shape,
+  layout, value or memory (out of range, read-only where it is written,
+  overlapping another argument).
+
+Messages name the argument, what was expected and what came. A layer or an
+adapter passes ``who`` (its class or function name), which starts the
+message: ``"BatchNorm2d: eps must be finite and > 0, got -1"``. Every check
+runs before anything is written, so a call that raises changes nothing.
+
+Each exception carries ``problem``: a tuple ``(kind, *details)`` that the
+failure protocol of :mod:`fastbn.distributed` sends to the other ranks
+(kinds: ``"not_array"``, ``"dtype"``, ``"ndim"``, ``"channels"``,
+``"shape"``; ``("other",)`` for the rest).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from fastbn import _openmp, _overlap
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _error(cls, who, text, *problem):
+    """An exception of type cls, prefixed with who, carrying ``problem``."""
+    exc = cls(f"{who}: {text}" if who else text)
+    exc.problem = problem or ("other",)
+    return exc
+
+
+def _shown(value, limit=20):
+    """A value for a message, cut short when its text is long (10**400)."""
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def dtype_name(dtype):
+    """A dtype as a message shows it: its name, with the byte order when it
+    is not the machine's ('>f4' is "float32 (big-endian)")."""
+    dtype = np.dtype(dtype)
+    if dtype.byteorder not in "=|" and not dtype.isnative:
+        return f"{dtype.name} ({'big' if dtype.byteorder == '>' else 'little'}-endian)"
+    return dtype.name
+
+
+# --------------------------------------------------------------- numbers ----
+
+def is_int(v):
+    """An integer that is not a bool (fast path for the built-in int)."""
+    return type(v) is int or (isinstance(v, numbers.Integral) and not isinstance(v, bool))
+
+
+def is_real(v):
+    """A real number that is not a bool (fast path for built-in float and int)."""
+    return type(v) is float or is_int(v) or (isinstance(v, numbers.Real)
+                                              and not isinstance(v, bool))
+
+
+def eps(value, *, who=None, name="eps"):
+    """eps as a float, finite and > 0 (an int too large for a float is refused
+    like an infinite one)."""
+    if not is_real(value):
+        raise _error(TypeError, who, f"{name} must be a real number, got "
+                                     f"{type(value).__name__}")
+    try:
+        result = float(value)
+    except OverflowError:
+        result = math.inf
+    if not (math.isfinite(result) and result > 0):
+        raise _error(ValueError, who, f"{name} must be finite and > 0, got {_shown(value)}")
+    return result
+
+
+def momentum(value, *, who=None, name="momentum", optional=True):
+    """momentum as a float in [0, 1], or None when ``optional``."""
+    if value is None and optional:
+        return None
+    if not is_real(value):
+        expected = "a real number or None" if optional else "a real number"
+        raise _error(TypeError, who, f"{name} must be {expected}, got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:
+        raise _error(ValueError, who, f"{name} must be in [0, 1]"
+                                      f"{' or None' if optional else ''}, got {_shown(value)}")
+    return float(value)
+
+
+def num_threads(value, *, who=None):
+    """A positive int or None, as given (capped at the C int range)."""
+    if value is None:
+        return None
+    if not is_int(value):
+        raise _error(TypeError, who, f"num_threads must be a positive int or None, got "
+                                     f"{type(value).__name__}")
+    if value <= 0:
+        raise _error(ValueError, who, f"num_threads must be a positive int or None, got "
+                                      f"{value}")
+    return min(int(value), 2**31 - 1)
+
+
+def threads(value):
+    """num_threads checked and resolved: the thread count the kernels get
+    (the OpenMP default for None, both capped per processor)."""
+    return _openmp.effective_num_threads(num_threads(value))
+
+
+def num_features(value, *, who=None, note=""):
+    """C as an int >= 1 that NumPy can allocate (C values of 8 bytes)."""
+    if not is_int(value):
+        raise _error(TypeError, who, f"num_features must be an int{note}, got "
+                                     f"{type(value).__name__}")
+    if value < 1:
+        raise _error(ValueError, who, f"num_features must be >= 1, got {value}")
+    if value > np.iinfo(np.intp).max // 8:
+        raise _error(ValueError, who, f"num_features must be small enough for one value "
+                                      f"per channel to fit in memory, got {value}")
+    return int(value)
+
+
+def channel_axis(value, ndim=None, *, who=None):
+    """The channel axis: 1 or -1 (as given) when ndim is None; otherwise as
+    1 or ndim - 1, accepting 1, -1 and their equivalents for that ndim."""
+    if not is_int(value):
+        raise _error(TypeError, who, f"channel_axis must be an int, got {type(value).__name__}")
+    if ndim is None:
+        if value not in (1, -1):
+            raise _error(ValueError, who, f"channel_axis must be 1 (channels first) or -1 "
+                                          f"(channels last), got {value}")
+        return int(value)
+    if value not in (1, -1, ndim - 1, 1 - ndim):
+        raise _error(ValueError, who, f"channel_axis must be 1 (channels first) or -1 "
+                                      f"(channels last), got {value} for an input of {ndim} "
+                                      f"dimensions")
+    return int(value) % ndim
+
+
+_channel_axis = channel_axis  # for the functions with an argument of that name
+
+
+def float_dtype(value, *, who=None, name="dtype"):
+    """A dtype argument (np.float32, 'float64', ...) as float32 or float64."""
+    try:
+        dtype = np.dtype(value)
+    except TypeError:
+        raise _error(TypeError, who, f"{name} must be float32 or float64, got "
+                                     f"{value!r}") from None
+    if dtype not in FLOAT_DTYPES:
+        raise _error(TypeError, who, f"{name} must be float32 or float64, got {dtype}")
+    return dtype
+
+
+# ---------------------------------------------------------------- arrays ----
+
+def array(name, a, *, who=None, what="a numpy.ndarray"):
+    """a must be an ndarray, and not a masked array: its mask would be
+    ignored and the masked values normalized like the others."""
+    if not isinstance(a, np.ndarray):
+        raise _error(TypeError, who, f"{name} must be {what}, got {type(a).__name__}",
+                     "not_array", name)
+    if isinstance(a, np.ma.MaskedArray):
+        raise _error(TypeError, who, f"{name} must be {what}, got a numpy.ma.MaskedArray "
+                                     f"(its mask would be ignored); pass {name}.filled(value) "
+                                     f"or {name}.data", "not_array", name)
+
+
+def dtype_of(name, a, dtype, *, who=None, whose="x"):
+    """a (an ndarray) has dtype: float32 or float64 when dtype is None, else
+    that dtype (``whose``: x, or the layer, named in the message)."""
+    if dtype is None:
+        if a.dtype not in FLOAT_DTYPES:
+            raise _error(TypeError, who, f"{name} must have dtype float32 or float64, got "
+                                         f"{dtype_name(a.dtype)}", "dtype", name, a.dtype.str)
+    elif a.dtype != dtype:
+        expected = f"the layer's dtype ({dtype})" if whose == "layer" else \
+            f"the dtype of {whose} ({dtype})"
+        raise _error(TypeError, who, f"{name} must have {expected}, got "
+                                     f"{dtype_name(a.dtype)}", "dtype", name, a.dtype.str)
+
+
+def x(name, a, *, who=None):
+    """a must be a float32/float64 ndarray of 2 to 5 dimensions, none empty."""
+    array(name, a, who=who)
+    dtype_of(name, a, None, who=who)
+    if not 2 <= a.ndim <= 5:
+        raise _error(ValueError, who, f"{name} must have 2 to 5 dimensions (N, C, ...), got "
+                                      f"shape {a.shape}", "ndim", a.ndim)
+    if 0 in a.shape:
+        raise _error(ValueError, who, f"{name} must not have a zero-size axis, got shape "
+                                      f"{a.shape}")
+
+
+def layer_input(x, *, who, num_features, channel_axis, dtype, ndims, expected):
+    """The input of a layer (or of a synchronized pass): an ndarray with a
+    number of dimensions in ``ndims`` (described by ``expected``),
+    ``num_features`` channels on the channel axis and dtype ``dtype``
+    (float32 or float64 for None). Returns the channel axis (>= 0)."""
+    array("x", x, who=who)
+    if x.ndim not in ndims:
+        raise _error(ValueError, None, f"{who} expects {expected}, got {x.ndim}-D input of "
+                                       f"shape {x.shape}", "ndim", x.ndim)
+    axis = _channel_axis(channel_axis, x.ndim, who=who)
+    if x.shape[axis] != num_features:
+        raise _error(ValueError, None, f"{who} expects {num_features} channels on axis "
+                                       f"{channel_axis}, got input of shape {x.shape}",
+                     "channels", x.shape[axis])
+    dtype_of("x", x, dtype, who=who, whose="x" if dtype is None else "layer")
+    return axis
+
+
+def like(name, a, x, *, who=None, what="the last forward's input"):
+    """a (dy) must be an ndarray of x's dtype and shape."""
+    array(name, a, who=who)
+    dtype_of(name, a, x.dtype, who=who)
+    if a.shape != x.shape:
+        raise _error(ValueError, who, f"{name} must have the shape of {what} {x.shape}, got "
+                                      f"{a.shape}", "shape", name)
+
+
+def vector(name, v, dtype, size, *, writeable=False, who=None):
+    """A (C,) array of the call's dtype; returns a C-contiguous view or copy.
+
+    ``writeable``: it is updated in place, so it must be writeable and may
+    not have a zero stride (several channels would write one value)."""
+    array(name, v, who=who, what="a numpy.ndarray or None")
+    dtype_of(name, v, dtype, who=who)
+    if v.shape != (size,):
+        raise _error(ValueError, who, f"{name} must have shape ({size},) (one value per "
+                                      f"channel), got shape {v.shape}")
+    if writeable:
+        if not v.flags.writeable:
+            raise _error(ValueError, who, f"{name} is updated in place and must be writeable, "
+                                          f"got a read-only array")
+        if size > 1 and v.strides[0] == 0:
+            raise _error(ValueError, who, f"{name} is updated in place and needs one value "
+                                          f"per channel, got a zero-stride view (every channel "
+                                          f"would write the same value)")
+    return v if v.flags.c_contiguous else np.ascontiguousarray(v)
+
+
+def counter(value, *, who=None, name="num_batches_tracked"):
+    """One int64 count (PyTorch's buffer), >= 0, that can count one batch more."""
+    array(name, value, who=who, what="a numpy.ndarray of one int64 (updated in place)")
+    if value.dtype != np.int64:
+        raise _error(TypeError, who, f"{name} must be int64 (PyTorch's dtype; a narrower "
+                                     f"count would wrap), got dtype {dtype_name(value.dtype)}")
+    if value.size != 1:
+        raise _error(ValueError, who, f"{name} must hold one count, got shape {value.shape}")
+    count(int(value.reshape(())), who=who, name=name)
+    if not value.flags.writeable:
+        raise _error(ValueError, who, f"{name} is updated in place and must be writeable, "
+                                      f"got a read-only array")
+
+
+def count(value, *, who=None, name="num_batches_tracked"):
+    """A batch count: an int >= 0 that can grow by one within int64."""
+    if not 0 <= value < np.iinfo(np.int64).max:
+        raise _error(ValueError, who, f"{name} must be a count >= 0 that can grow by one "
+                                      f"within int64, got {value}")
+
+
+def out(value, x, others, in_place, *, who=None):
+    """out must be a writeable C-contiguous array shaped and typed like x.
+
+    It may be the array ``others[in_place]`` itself (the result then
+    replaces that input); it may overlap no other array of ``others`` (name
+    -> array or None).
+    """
+    array("out", value, who=who, what="a numpy.ndarray or None")
+    dtype_of("out", value, x.dtype, who=who)
+    if value.shape != x.shape:
+        raise _error(ValueError, who, f"out must have the shape of x {x.shape}, got "
+                                      f"{value.shape}")
+    if not value.flags.c_contiguous:
+        raise _error(ValueError, who, "out must be C-contiguous, got a non-contiguous array")
+    if not value.flags.writeable:
+        raise _error(ValueError, who, "out must be writeable, got a read-only array")
+    names = list(others)
+    for k in _overlap.shared_with(value, list(others.values())):
+        name = names[k]
+        if name == in_place and _same_memory(value, others[name]):
+            continue
+        raise _error(ValueError, who, f"out overlaps {name}; out may be {in_place} itself "
+                                      f"(in place) or memory of its own, nothing else")
+
+
+def _same_memory(a, b):
+    """True when a and b are the very same elements in the same layout."""
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.shape == b.shape and a.strides == b.strides)
+
+
+def disjoint(written, others, *, who=None):
+    """Arrays updated in place (``written``, name -> array) may share memory
+    neither with each other nor with the call's other arrays (exactly: arrays
+    that interleave without sharing an element are fine)."""
+    names, arrays = list(written), list(written.values())
+    for i, name in enumerate(names):
+        rival_names = names[:i] + list(others)
+        hits = _overlap.shared_with(arrays[i], arrays[:i] + list(others.values()))
+        if hits:
+            raise _error(ValueError, who, f"{name} overlaps {rival_names[hits[0]]}; it is "
+                                          f"updated in place and needs memory of its own")
+
+
+def training_state(x, gamma, beta, running_mean, running_var, momentum, num_batches_tracked,
+                   out_, num_features, *, who=None):
+    """The checks of a training forward's state, after x, gamma and beta:
+    the running statistics (both or neither), ``num_batches_tracked``, and
+    that nothing written in place (they and ``out``) shares memory with
+    another argument. Returns the checked running statistics (C-contiguous
+    views or copies; :func:`fastbn._running.commit` copies them
+    back), or (None, None)."""
+    if (running_mean is None) != (running_var is None):
+        raise _error(ValueError, who, "running_mean and running_var must be given together, "
+                                      "got only " + ("running_mean" if running_var is None
+                                                     else "running_var"))
+    if num_batches_tracked is not None:
+        counter(num_batches_tracked, who=who)
+    rm = rv = None
+    if running_mean is not None:
+        rm = vector("running_mean", running_mean, x.dtype, num_features, writeable=True,
+                    who=who)
+        rv = vector("running_var", running_var, x.dtype, num_features, writeable=True,
+                    who=who)
+        disjoint({"running_mean": running_mean, "running_var": running_var},
+                 {"x": x, "gamma": gamma, "beta": beta}, who=who)
+        if num_batches_tracked is not None:
+            disjoint({"num_batches_tracked": num_batches_tracked},
+                     {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean,
+                      "running_var": running_var}, who=who)
+        elif momentum is None:
+            raise _error(ValueError, who, "momentum=None (cumulative average) needs "
+                                          "num_batches_tracked, got None")
+    if out_ is not None:
+        out(out_, x, {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean,
+                      "running_var": running_var, "num_batches_tracked": num_batches_tracked},
+            in_place="x", who=who)
+    return rm, rv
+
+
+def forward_args(x, num_features, gamma, beta, eps_, momentum_, num_threads_, running_mean,
+                 running_var, num_batches_tracked, out_):
+    """The checks of a training forward after x's own (single-process and
+    synchronized). Returns (eps, momentum, num_threads resolved, gamma, beta,
+    running_mean, running_var), the arrays as C-contiguous views or copies
+    (None where not given)."""
+    eps_ = eps(eps_)
+    momentum_ = momentum(momentum_)
+    nthreads = threads(num_threads_)
+    g = None if gamma is None else vector("gamma", gamma, x.dtype, num_features)
+    b = None if beta is None else vector("beta", beta, x.dtype, num_features)
+    rm, rv = training_state(x, gamma, beta, running_mean, running_var, momentum_,
+                            num_batches_tracked, out_, num_features)
+    return eps_, momentum_, nthreads, g, b, rm, rv
+
+
+def backward_args(dy, x, num_features, gamma, mean, invstd, out_, num_threads_, *, source,
+                  who=None):
+    """The checks of a backward after x's own (single-process and
+    synchronized); ``source`` names the forward that gave mean and invstd.
+    Returns (num_threads resolved, gamma, mean, invstd) as C-contiguous
+    views or copies."""
+    like("dy", dy, x, who=who, what="x")
+    nthreads = threads(num_threads_)
+    g = None if gamma is None else vector("gamma", gamma, x.dtype, num_features)
+    if mean is None or invstd is None:
+        raise _error(ValueError, None, f"mean and invstd (from {source}) are required, "
+                                       f"got None")
+    mu = vector("mean", mean, x.dtype, num_features)
+    istd = vector("invstd", invstd, x.dtype, num_features)
+    if out_ is not None:
+        out(out_, x, {"dy": dy, "x": x, "gamma": gamma, "mean": mean, "invstd": invstd},
+            in_place="dy")
+    return nthreads, g, mu, istd
