@@ -2,8 +2,8 @@
 
 Run with::
 
-    mpirun -n 2 python examples/train_digits_mpi.py              # 2 processes
-    mpirun -n 3 python examples/train_digits_mpi.py --compare    # and the 1-process run
+    mpirun -n 2 python -m mpi4py examples/train_digits_mpi.py              # 2 processes
+    mpirun -n 3 python -m mpi4py examples/train_digits_mpi.py --compare    # and the 1-process run
 
 (as root, Open MPI also wants ``--allow-run-as-root``; more processes than
 cores, ``--oversubscribe``). The net, the data, the optimizers and the

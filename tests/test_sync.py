@@ -250,26 +250,31 @@ def single_step(x, dy, gamma, beta, C, ca, **kwargs):
 NAMES = ("y", "mean", "invstd", "dx", "dgamma", "dbeta", "running_mean", "running_var")
 
 
-@pytest.fixture(params=["dispatched", "baseline"])
+@pytest.fixture(params=["baseline", "v3", "v4"])
 def kernels(request, monkeypatch):
-    """The kernel modules fastbn.functional (and so fastbn.distributed) runs: the ones
-    chosen for this CPU, or the portable baseline ones."""
-    if request.param == "baseline":
-        monkeypatch.setattr(fastbn.functional, "_planar", importlib.import_module(
-            "fastbn._planar"))
-        monkeypatch.setattr(fastbn.functional, "_columnar", importlib.import_module(
-            "fastbn._columnar"))
-    return "baseline" if request.param == "baseline" or getattr(
-        importlib.import_module("fastbn._dispatch"), "level", "baseline") == "baseline" \
-        else "fma"
+    """Run fastbn.functional and fastbn.distributed on the kernel modules of one
+    level (skipped when this CPU lacks the level or the build lacks it)."""
+    from fastbn import _cpu, _dispatch
+    level = request.param
+    if level != "baseline" and not _cpu.supports(int(level[1:])):
+        pytest.skip(f"this CPU lacks x86-64-{level}")
+    suffix = "" if level == "baseline" else "_" + level
+    try:
+        planar = importlib.import_module("fastbn._planar" + suffix)
+        columnar = importlib.import_module("fastbn._columnar" + suffix)
+    except ImportError:
+        pytest.skip(f"fastbn was built without the {level} kernels")
+    monkeypatch.setattr(_dispatch, "planar", planar)
+    monkeypatch.setattr(_dispatch, "columnar", columnar)
+    return level
 
 
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_one_rank_is_the_single_process_function(layout, dtype, affine, kernels):
-    """To the bit with the baseline kernels; the x86-64-v3 kernels fuse multiply-adds
-    in the per-channel formulas, which NumPy does not, so there to round-off."""
+    """To the bit on every kernel level: the local sums are the fused kernel's,
+    and each channel is finished by the functions the fused kernel inlines."""
     shape, ca = LAYOUTS[layout]
     x, dy, gamma, beta, C = global_batch(shape, ca, dtype)
     if not affine:
@@ -277,10 +282,7 @@ def test_one_rank_is_the_single_process_function(layout, dtype, affine, kernels)
     (ours,), group = sync_step(x, dy, gamma, beta, C, ca, [0, shape[0]])
     expected = single_step(x, dy, gamma, beta, C, ca)
     for name, a, e in zip(NAMES, values([ours])[0], expected):
-        if kernels == "baseline":
-            assert_bitwise_equal(a, e, name)
-        else:
-            close(a, e, dtype, name)
+        assert_bitwise_equal(a, e, f"{name} ({kernels})")
     assert group.calls == 2
 
 

@@ -1,0 +1,219 @@
+"""The failure protocol of a synchronized pass: no rank is ever left waiting.
+
+Every rank checks its arguments, then joins the one reduction whatever
+happened: a rank whose checks raised (anything, ``KeyboardInterrupt``
+included) writes its failure into the header and a neutral body (count 0).
+After the reduction every rank looks at the header and raises when any
+rank failed or when the ranks disagree on what they must share (the dtype,
+``num_features``, ``eps``, the running statistics' weight):
+
+- the failing rank raises its own error, its rank added to the message
+  (an exception that is not an ``Exception``, such as ``KeyboardInterrupt``,
+  is raised again as it was);
+- the others raise a ``TypeError`` or ``ValueError`` (``RuntimeError`` for
+  the rest) that names the failing rank(s) and, from the header alone, the
+  problem.
+
+The header's records are laid out in :mod:`fastbn.distributed._records`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fastbn.distributed._records import (DETAIL, EPS, FACTOR, FAILED, FEATURES, FIRST,
+                                         HEADER, ITEMSIZE, RECORD, TAG_FIRST, TAG_RANGE)
+
+_F64 = np.dtype(np.float64)
+
+# error codes (header record FIRST, p1), from the ``problem`` of fastbn._checks
+_E_OTHER, _E_NOT_ARRAY, _E_DTYPE, _E_NDIM, _E_CHANNELS, _E_SHAPE = 1, 2, 3, 4, 5, 6
+_CODES = {"other": _E_OTHER, "not_array": _E_NOT_ARRAY, "dtype": _E_DTYPE, "ndim": _E_NDIM,
+          "channels": _E_CHANNELS, "shape": _E_SHAPE}
+# exception kinds (header record FIRST, p2)
+_KIND_TYPE, _KIND_VALUE, _KIND_OTHER, _KIND_BASE = 1, 2, 3, 4
+_ARGS = ("x", "dy")
+_RANGES = (ITEMSIZE, FEATURES, EPS, FACTOR)
+
+
+def _dtype_name(code):
+    """The dtype a code of :func:`_dtype_code` stands for, as a message shows it."""
+    num, swapped = divmod(int(code), 2)
+    for t in set(np.sctypeDict.values()):
+        try:
+            dtype = np.dtype(t)
+        except TypeError:
+            continue
+        if dtype.num == num:
+            return dtype.name + (" (byte-swapped, not this machine's byte order)"
+                                 if swapped else "")
+    return f"of type number {num}"
+
+
+def _dtype_code(dtype_str):
+    """A dtype (its ``str``, '>f4') as one float: its number and its byte order."""
+    dtype = np.dtype(dtype_str)
+    return 2 * dtype.num + (0 if dtype.isnative else 1)
+
+
+def _itemsize_name(itemsize):
+    return {4: "float32", 8: "float64"}.get(int(itemsize), f"itemsize {itemsize}")
+
+
+class Collective:
+    """One synchronized pass on one rank: the records, the local failure, the reduction.
+
+    Parameters
+    ----------
+    who : str
+        The function or layer, for messages.
+    allreduce : callable
+        The reduction; its ``rank`` and ``size`` attributes, when it has
+        them, name the ranks in messages.
+    num_features : int
+        C, the body's length (agreed on in the header).
+    expected_dtype, expected_input : str
+        What the input should be, for messages about another rank's input.
+    """
+
+    def __init__(self, who, allreduce, num_features, expected_dtype, expected_input):
+        self.who = who
+        self.expected_input = expected_input
+        self.expected_dtype = expected_dtype
+        self.allreduce = allreduce
+        self.rank = getattr(allreduce, "rank", None)
+        self.size = getattr(allreduce, "size", None)
+        self.C = num_features
+        self.failure = None
+        rec = np.zeros((HEADER + num_features, RECORD))
+        rec[FAILED] = (TAG_RANGE, np.inf, -np.inf, 0.0)
+        rec[FIRST] = (TAG_FIRST, np.inf, 0.0, 0.0)
+        rec[DETAIL] = (TAG_FIRST, np.inf, 0.0, 0.0)
+        for i in _RANGES:
+            rec[i] = (TAG_RANGE, np.inf, -np.inf, 1.0)
+        rec[FEATURES, 1:3] = num_features
+        self.records = rec
+
+    @property
+    def body(self):
+        """The C channel records (a view)."""
+        return self.records[HEADER:]
+
+    def settings(self, itemsize, eps=0.0, factor=-1.0):
+        """This rank's dtype itemsize, eps and running-statistics weight."""
+        rec = self.records
+        rec[ITEMSIZE, 1:3] = itemsize
+        rec[EPS, 1:3] = eps
+        rec[FACTOR, 1:3] = factor
+
+    def fail(self, exc, body):
+        """Record a local failure (any BaseException); the body becomes ``body``
+        (a neutral record), the settings this rank could not check empty."""
+        self.failure = exc
+        kind, *detail = getattr(exc, "problem", ("other",))
+        code = _CODES.get(kind, _E_OTHER)
+        d1 = d2 = 0
+        if kind in ("not_array", "dtype", "shape"):
+            d1 = _ARGS.index(detail[0]) if detail and detail[0] in _ARGS else 0
+            if kind == "dtype":
+                d2 = _dtype_code(detail[1])
+        elif kind in ("ndim", "channels"):
+            d1 = detail[0]
+        exc_kind = (_KIND_TYPE if isinstance(exc, TypeError)
+                    else _KIND_VALUE if isinstance(exc, ValueError)
+                    else _KIND_OTHER if isinstance(exc, Exception) else _KIND_BASE)
+        r = float(self.rank) if self.rank is not None else 0.0
+        rec = self.records
+        rec[FAILED, 1:] = (r, r, 1.0)
+        rec[FIRST, 1:] = (r, code, exc_kind)
+        rec[DETAIL, 1:] = (r, d1, d2)
+        for i in (ITEMSIZE, EPS, FACTOR):
+            rec[i, 1:3] = (np.inf, -np.inf)
+        rec[HEADER:] = body
+
+    def reduce(self, tag):
+        """The one collective; then raise on every rank if any rank failed or
+        the ranks disagree. Returns the reduced records."""
+        result = self.allreduce(self.records)
+        if result is not None and result is not self.records:
+            result = np.asarray(result, dtype=_F64).reshape(self.records.shape)
+            self.records[...] = result
+        rec = self.records
+        expected = np.array([TAG_RANGE, TAG_FIRST, TAG_FIRST] + [TAG_RANGE] * len(_RANGES)
+                            + [tag] * self.C)
+        lo, hi = rec[FEATURES, 1], rec[FEATURES, 2]
+        if lo != hi:  # a shorter buffer than ours merged into the front of ours
+            raise ValueError(f"{self.who}: the ranks disagree on num_features: "
+                             f"{lo:g} on some ranks, {hi:g} on others (this rank: {self.C}); "
+                             f"every rank must pass the same")
+        if not np.array_equal(rec[:, 0], expected):
+            raise RuntimeError(f"{self.who}: the ranks made different calls in the same "
+                               f"collective (say a forward on some ranks and a backward on "
+                               f"others); every rank must run the same sequence of "
+                               f"training-mode forwards and backwards")
+        n_bad = int(rec[FAILED, 3])
+        if n_bad:
+            self._raise(n_bad)
+        self._agree(ITEMSIZE, "the dtype of x", _itemsize_name, TypeError)
+        self._agree(EPS, "eps", lambda v: f"{v:g}", ValueError)
+        self._agree(FACTOR, "momentum (the running statistics' weight this batch, -1 for "
+                            "none)", lambda v: f"{v:g}", ValueError)
+        return rec
+
+    def _agree(self, index, what, show, cls):
+        lo, hi = self.records[index, 1], self.records[index, 2]
+        if lo != hi:
+            raise cls(f"{self.who}: the ranks disagree on {what}: {show(lo)} on some ranks, "
+                      f"{show(hi)} on others; every rank must pass the same")
+
+    def _ranks(self, n_bad):
+        first, last = int(self.records[FAILED, 1]), int(self.records[FAILED, 2])
+        if self.rank is None:
+            return "one rank" if n_bad == 1 else f"{n_bad} ranks"
+        if n_bad == 1:
+            return f"rank {first}"
+        if n_bad == 2:
+            return f"ranks {first} and {last}"
+        return f"{n_bad} ranks ({first} to {last})"
+
+    def _describe(self):
+        """What went wrong on the lowest failing rank, from the header alone."""
+        code, kind = int(self.records[FIRST, 2]), int(self.records[FIRST, 3])
+        d1, d2 = int(self.records[DETAIL, 2]), int(self.records[DETAIL, 3])
+        if code == _E_NOT_ARRAY:
+            return f"{_ARGS[d1]} is not a numpy.ndarray"
+        if code == _E_DTYPE and d1 == 1:
+            return f"dy has dtype {_dtype_name(d2)}, not the dtype of x"
+        if code == _E_DTYPE:
+            return f"x has dtype {_dtype_name(d2)}, expected {self.expected_dtype}"
+        if code == _E_NDIM:
+            return f"x is {d1}-D, expected {self.expected_input}"
+        if code == _E_CHANNELS:
+            return f"x has {d1} channels, expected {self.C}"
+        if code == _E_SHAPE:
+            return "dy does not have the shape of x"
+        if kind == _KIND_BASE:
+            return ("it was interrupted during its checks (KeyboardInterrupt or another "
+                    "BaseException; raised on that rank)")
+        name = {_KIND_TYPE: "TypeError", _KIND_VALUE: "ValueError"}.get(kind, "an error")
+        return f"its arguments failed the checks ({name}; the message is on that rank)"
+
+    def _raise(self, n_bad):
+        of = f" of {self.size}" if self.size is not None else ""
+        ranks = self._ranks(n_bad)
+        note = "every rank raises an error for this call"
+        if self.failure is not None:
+            exc = self.failure
+            if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: as they were
+                raise exc
+            where = f"rank {self.rank}{of}" if self.rank is not None else "this rank"
+            also = "" if n_bad == 1 else f"; {ranks}{of} failed"
+            message = f"{exc} [{where}{also}; {note}]"
+            try:
+                new = type(exc)(message)
+            except Exception:  # noqa: BLE001 - an exception type with another signature
+                raise exc from None
+            raise new from exc
+        kind = int(self.records[FIRST, 3])
+        cls = {_KIND_TYPE: TypeError, _KIND_VALUE: ValueError}.get(kind, RuntimeError)
+        raise cls(f"{self.who}: bad input on {ranks}{of}: {self._describe()} [{note}]")
