@@ -6,25 +6,38 @@ layer classes of :mod:`fastbn.layers`, the oracle :mod:`fastbn.reference`,
 imported on first use: mpi4py is optional, ``pip install "fastbn[mpi]"``.
 """
 
-try:
-    from fastbn import _openmp  # noqa: F401 - the first compiled module
-except ImportError as exc:  # pragma: no cover - exercised in a child process by the tests
-    from pathlib import Path as _Path
+from typing import TYPE_CHECKING
 
-    _here = _Path(__file__).resolve().parent
-    if (_here / "_planar.pyx").exists() and not list(_here.glob("_openmp.*.so")) \
-            and not list(_here.glob("_openmp.*.pyd")):
-        raise ImportError(
-            f"fastbn is being imported from its source tree ({_here}), whose compiled "
-            f"modules are not built. Install it (`pip install .`) and run Python from "
-            f"another folder, or build it in place (`python setup.py build_ext --inplace`)."
-        ) from exc
-    raise
 
-from fastbn import reference
+def _check_built():
+    """An ImportError that says what to do when the compiled modules are missing
+    because this is an unbuilt source tree (the usual cause: Python started in
+    the repository, whose fastbn/ shadows the installed package)."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    try:
+        from fastbn import _openmp  # noqa: F401 - the first compiled module
+    except ImportError as error:  # exercised in a child process by tests/test_import.py
+        if (here / "_planar.pyx").exists() and not list(here.glob("_openmp.*.so")) \
+                and not list(here.glob("_openmp.*.pyd")):
+            raise ImportError(
+                f"fastbn is being imported from its source tree ({here}), whose compiled "
+                f"modules are not built. Install it (`pip install .`) and run Python from "
+                f"another folder, or build it in place (`python setup.py build_ext --inplace`)."
+            ) from error
+        raise
+
+
+_check_built()
+
+from fastbn import reference  # noqa: E402 - after the check that explains a failure
 from fastbn._config import __version__, show_config
 from fastbn.functional import batch_norm_backward, batch_norm_forward, batch_norm_inference
 from fastbn.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+if TYPE_CHECKING:  # imported on first use (mpi4py is optional): see __getattr__
+    from fastbn.distributed import SyncBatchNorm
 
 __all__ = [
     "SyncBatchNorm",

@@ -176,7 +176,7 @@ class BatchNorm:
     """
 
     #: numbers of dimensions the layer accepts, and how to say it in an error
-    _ndims = (2, 3, 4, 5)
+    _ndims: tuple[int, ...] = (2, 3, 4, 5)
     _expected = "2-D to 5-D input (N, C, ...)"
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,

@@ -6,7 +6,9 @@
 - :mod:`fastbn.compat.deepnet`: the ``Batchnorm`` layer class of the deepnet
   NumPy library.
 
-The submodules are imported on demand (``import fastbn.compat.cs231n``).
+Both are light (they import :mod:`fastbn.functional` and NumPy only).
 """
+
+from fastbn.compat import cs231n, deepnet
 
 __all__ = ["cs231n", "deepnet"]

@@ -20,7 +20,7 @@ _MPI_HINT = ('fastbn.SyncBatchNorm needs mpi4py and an MPI library: pip install 
              '(Debian/Ubuntu: apt-get install openmpi-bin libopenmpi-dev; conda: conda install '
              '-c conda-forge mpi4py openmpi); then run the script with mpirun -n 2 python -m mpi4py ...')
 
-_mpi_cache = {}
+_mpi_cache: dict = {}
 
 
 def _import_mpi():
