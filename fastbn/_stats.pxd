@@ -17,6 +17,7 @@
 #   a = gamma*invstd,  b = a*invstd*dgamma/m,  c = a*dbeta/m.
 
 from cython cimport floating
+from libc.float cimport FLT_MAX
 from libc.math cimport fabs, sqrt
 
 
@@ -47,7 +48,10 @@ cdef inline Coef stats_coef(double mean, double var, double m, double eps,
                             double factor, Py_ssize_t c) noexcept nogil:
     """Channel c's affine map from its mean and biased variance over m values;
     stores mean and invstd and updates the running statistics (the unbiased
-    variance var * m / (m - 1), weighted by factor)."""
+    variance var * m / (m - 1), weighted by factor). The stored invstd is
+    saturated at the largest float when 1/sqrt(var + eps) exceeds it (a
+    constant channel with a tiny eps): the map itself keeps the exact
+    double."""
     cdef Coef k
     cdef double invstd = 1.0 / sqrt(var + eps)
     k.center = mean
@@ -55,7 +59,10 @@ cdef inline Coef stats_coef(double mean, double var, double m, double eps,
     k.slope = 0.0
     k.offset = <double>beta[c] if beta != NULL else 0.0
     mean_out[c] = <floating>mean
-    invstd_out[c] = <floating>invstd
+    if floating is float:  # saturate: an infinite invstd would make xhat = 0 * inf = NaN
+        invstd_out[c] = <float>(FLT_MAX if invstd > FLT_MAX else invstd)  # NaN stays NaN
+    else:  # finite: eps >= the smallest double gives invstd < 1e162
+        invstd_out[c] = invstd
     if running_mean != NULL:
         running_mean[c] = <floating>((1.0 - factor) * running_mean[c] + factor * mean)
         running_var[c] = <floating>((1.0 - factor) * running_var[c]

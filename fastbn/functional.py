@@ -59,9 +59,11 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
     gamma, beta : ndarray, shape (C,), dtype of x, or None
         Scale and shift. None means 1 and 0 (no affine transform).
     eps : float, default 1e-5
-        Added to the variance; finite and > 0.
+        Added to the variance, in float64; finite and > 0. It need not be
+        representable in x's dtype (scaled data take a scaled eps).
     running_mean, running_var : ndarray, shape (C,), dtype of x, or None
-        Running statistics, both or neither, updated in place as in PyTorch:
+        Running statistics, both or neither, one value per channel (a
+        zero-stride view is refused), updated in place as in PyTorch:
         ``running = (1 - f) * running + f * batch`` with ``f = momentum``;
         the running variance takes the unbiased batch variance
         ``var * m / (m - 1)``.
@@ -90,20 +92,30 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
         The batch mean, to pass to :func:`batch_norm_backward`.
     invstd : ndarray, shape (C,), dtype of x
         ``1 / sqrt(var + eps)``, to pass to :func:`batch_norm_backward`.
+        Saturated at the dtype's largest finite value when it exceeds it
+        (float32, a constant channel and eps below about 1e-76): it stays
+        finite, y is still beta on that channel, and the backward, which
+        takes it, gives no NaN (dgamma 0 and dx with float64's signs, its
+        magnitude capped by the saturated invstd).
 
     Raises
     ------
     TypeError
-        An argument that is not an ndarray (or is a masked array, whose mask
-        would be ignored), a dtype other than float32 or float64, or arrays
-        of different dtypes.
+        An argument of the wrong type or dtype (the policy of
+        :mod:`fastbn._checks`): not an ndarray (or a masked array, whose
+        mask would be ignored), x not float32 or float64, another array
+        (``out`` included) not of x's dtype, ``num_batches_tracked`` not
+        int64, a number argument that is not a number.
     ValueError
         x with fewer than 2 or more than 5 dimensions or a zero-size axis;
         only one value per channel (as PyTorch: "Expected more than 1 value
         per channel when training, got input size ..."); a per-channel array
-        not of shape (C,); only one of the running statistics; momentum None
-        with running statistics but no ``num_batches_tracked``; a bad
-        ``out``, ``eps``, ``momentum``, ``channel_axis`` or ``num_threads``.
+        not of shape (C,); only one of the running statistics; a read-only
+        or zero-stride array that is written; arrays written in place that
+        share memory with another argument; momentum None with running
+        statistics but no ``num_batches_tracked``; a count that cannot grow;
+        a bad ``out`` shape or layout, ``eps``, ``momentum``,
+        ``channel_axis`` or ``num_threads``.
     """
     _checks.x("x", x)
     ca = _checks.channel_axis(channel_axis, x.ndim)
@@ -165,9 +177,11 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
     Raises
     ------
     TypeError
-        Non-ndarray or masked-array arguments, unsupported or mixed dtypes.
+        Non-ndarray or masked-array arguments, unsupported or mixed dtypes
+        (``out`` included), a number argument that is not a number.
     ValueError
-        Bad shapes, ``out``, ``eps``, ``channel_axis`` or ``num_threads``.
+        Bad shapes, ``out`` shape or layout, ``eps``, ``channel_axis`` or
+        ``num_threads``.
     """
     _checks.x("x", x)
     ca = _checks.channel_axis(channel_axis, x.ndim)
@@ -233,10 +247,11 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, channel_axis=1, out=None,
     Raises
     ------
     TypeError
-        Non-ndarray or masked-array arguments, unsupported or mixed dtypes.
+        Non-ndarray or masked-array arguments, unsupported or mixed dtypes
+        (``out`` included), a number argument that is not a number.
     ValueError
         dy not shaped like x; per-channel arrays not of shape (C,); a bad
-        ``out``, ``channel_axis`` or ``num_threads``.
+        ``out`` shape or layout, ``channel_axis`` or ``num_threads``.
     """
     _checks.x("x", x)
     ca = _checks.channel_axis(channel_axis, x.ndim)

@@ -52,7 +52,8 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None,
     -------
     y : ndarray, shape and dtype of x
     mean, invstd : ndarray, shape (C,), dtype of x
-        The batch mean and ``1 / sqrt(var + eps)``.
+        The batch mean and ``1 / sqrt(var + eps)``, the latter saturated at
+        the dtype's largest finite value.
     """
     del num_threads
     axes, channel_axis = _reduce_axes(x.ndim, channel_axis)
@@ -82,7 +83,8 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None,
     if out is not None:
         out[...] = y
         y = out
-    return y, mean.astype(x.dtype), invstd.astype(x.dtype)
+    largest = np.finfo(x.dtype).max  # invstd saturates there, as fastbn's does
+    return y, mean.astype(x.dtype), np.minimum(invstd, largest).astype(x.dtype)
 
 
 def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,

@@ -118,7 +118,8 @@ def test_constant_channel(dtype, channel_axis, eps):
     """A constant channel has variance 0: y = beta exactly, in training and inference.
 
     With a tiny eps, 1/sqrt(eps) may not fit the dtype (1e40 for eps = 1e-80
-    in float32): (x - mean) is still exactly 0, so y is still beta.
+    in float32): invstd saturates at the dtype's largest finite value,
+    (x - mean) is still exactly 0, so y is still beta.
     """
     x = np.full((8, 2, 50), 1234.5, dtype=dtype)
     x[:, 1] = np.linspace(-1, 1, 400, dtype=dtype).reshape(8, 50)
@@ -131,12 +132,44 @@ def test_constant_channel(dtype, channel_axis, eps):
                                                 channel_axis=channel_axis)
 
     assert mean[0] == dtype(1234.5)
-    with np.errstate(over="ignore"):
-        assert invstd[0] == dtype(1 / np.sqrt(eps))
+    assert invstd[0] == dtype(min(1 / np.sqrt(eps), np.finfo(dtype).max))
     np.testing.assert_array_equal(y[constant], dtype(0.25), err_msg="training y")
     y = fastbn.batch_norm_inference(x, None, beta, mean, np.zeros(2, dtype), eps=eps,
                                     channel_axis=channel_axis)
     np.testing.assert_array_equal(y[constant], dtype(0.25), err_msg="inference y")
+
+
+@pytest.mark.parametrize("channel_axis", [1, -1])
+@pytest.mark.parametrize("eps", [1e-80, 1e-300])
+def test_constant_channel_with_an_eps_beyond_float32_has_a_backward_without_nan(
+        channel_axis, eps, rng):
+    """float32, a constant channel, 1/sqrt(eps) beyond float32's range: invstd
+    saturates at FLT_MAX, so xhat = 0 * invstd = 0 and no NaN appears. dgamma
+    is 0 and dbeta the sum of dy, as in float64; dx = gamma*invstd*(dy -
+    mean(dy)) takes the saturated invstd (the oracle's dx with it), so it has
+    float64's signs and a capped magnitude."""
+    shape = (8, 2, 50) if channel_axis == 1 else (8, 50, 2)
+    x = rng.standard_normal(shape)
+    constant = (slice(None), 0) if channel_axis == 1 else (Ellipsis, 0)
+    x[constant] = 3.0
+    dy = rng.standard_normal(shape)
+    results = {}
+    for dtype in (np.float32, np.float64):
+        xd, dyd = x.astype(dtype), dy.astype(dtype)
+        y, mean, invstd = fastbn.batch_norm_forward(xd, None, None, eps=eps,
+                                                    channel_axis=channel_axis)
+        assert np.isfinite(invstd).all() and (y[constant] == 0).all()
+        results[dtype] = fastbn.batch_norm_backward(dyd, xd, None, mean, invstd,
+                                                    channel_axis=channel_axis)
+        expected = reference.batch_norm_backward(dyd, xd, None, mean, invstd,
+                                                 channel_axis=channel_axis)
+        for name, got, want in zip(("dx", "dgamma", "dbeta"), results[dtype], expected):
+            assert not np.isnan(got).any(), name
+            assert_close(got, want, dtype, err_msg=name)
+    (dx32, dgamma32, dbeta32), (dx64, dgamma64, dbeta64) = results.values()
+    assert dgamma32[0] == 0 and dgamma64[0] == 0
+    assert_close(dbeta32, dbeta64, np.float32)
+    assert (np.sign(dx32[constant]) == np.sign(dx64[constant])).all()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
