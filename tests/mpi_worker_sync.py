@@ -253,10 +253,46 @@ def error_scenarios():
                                                      num_features=4) if RANK == 0 else
                      sync_batch_norm_backward(dy, x, None, mean, invstd, allreduce=reduce,
                                               num_features=4))
+        # the functional form with another num_features on one rank: the reduction
+        # buffers differ in length; the header says so, or MPI_ERR_TRUNCATE does
+        def features():
+            C = 5 if RANK == last else 4
+            xl = rng.standard_normal((3, C, 5, 5)).astype(np.float32)
+            return sync_batch_norm_forward(xl, None, None, allreduce=reduce, num_features=C)
+        if SIZE == 2:  # with more ranks the MPI library may leave ranks waiting: see
+            # test_sync.py's test_an_uncaught_error_on_one_rank_ends_the_run
+            expect_error(errors, "functional num_features", ValueError, ["num_features"],
+                         features)
+        # another eps on one rank
+        expect_error(errors, "functional eps", ValueError, ["disagree on eps"],
+                     lambda: sync_batch_norm_forward(x, None, None, allreduce=reduce,
+                                                     num_features=4,
+                                                     eps=1e-3 if RANK == last else 1e-5))
+        # a big-endian x on one rank is named as such
+        expect_error(errors, "big-endian", TypeError, ["rank 0", "big-endian"],
+                     lambda: bn(x.astype(">f4") if RANK == 0 else x))
+
+        # a KeyboardInterrupt while one rank checks its arguments: that rank
+        # still joins the reduction, then re-raises it; the others raise RuntimeError
+        class Interrupting(np.ndarray):
+            @property
+            def ndim(self):
+                raise KeyboardInterrupt
+
+        def interrupted():
+            xl = x.view(Interrupting) if RANK == last else x
+            try:
+                return bn(xl)
+            except KeyboardInterrupt:
+                raise RuntimeError("interrupted here, as expected") from None
+        expect_error(errors, "interrupt", RuntimeError, ["interrupt"], interrupted)
     if SIZE > 2:
         two = rng.standard_normal((3, 6, 5, 5)).astype(np.float32)
         expect_error(errors, "two bad ranks", ValueError, ["ranks 0 and 2"],
                      lambda: bn(two if RANK in (0, 2) else x))
+    # MPI.COMM_NULL is refused naming comm
+    expect_error(errors, "COMM_NULL", ValueError, ["comm", "COMM_NULL"],
+                 lambda: SyncBatchNorm(4, comm=MPI.COMM_NULL))
     # one value per channel in the whole global batch
     one = np.ones((1 if RANK == 0 else 0, 4), np.float32)
     expect_error(errors, "one value per channel", ValueError,

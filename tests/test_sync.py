@@ -428,6 +428,53 @@ def test_different_dtypes_on_the_ranks():
         assert isinstance(exc, TypeError) and "disagree on the dtype" in str(exc)
 
 
+@pytest.mark.parametrize("setting", ["eps", "momentum"])
+def test_different_settings_on_the_ranks(setting):
+    """The header carries eps and the running statistics' weight: ranks that
+    disagree all raise, and nothing is updated."""
+    x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
+
+    def work(rank, allreduce):
+        value = {"eps": (1e-3, 1e-5), "momentum": (0.5, 0.1)}[setting][rank != 1]
+        rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+        try:
+            sync_batch_norm_forward(x, None, None, allreduce=allreduce, num_features=3,
+                                    running_mean=rm, running_var=rv, **{setting: value})
+        except ValueError as exc:
+            assert (rm == 0).all() and (rv == 1).all()
+            return exc
+        return None
+
+    results, group = run_ranks(3, work)
+    assert group.calls == 1
+    for exc in results:
+        assert isinstance(exc, ValueError), exc
+        assert f"disagree on {setting}" in str(exc)
+
+
+def test_an_interrupted_rank_still_joins_the_reduction():
+    """A KeyboardInterrupt while one rank checks its arguments: that rank joins
+    the reduction, then raises its KeyboardInterrupt; the others raise a
+    RuntimeError that says so. Nothing hangs."""
+    x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
+
+    class Interrupting(np.ndarray):
+        @property
+        def ndim(self):
+            raise KeyboardInterrupt
+
+    def work(rank, allreduce):
+        xl = x.view(Interrupting) if rank == 1 else x
+        return sync_batch_norm_forward(xl, None, None, allreduce=allreduce, num_features=3)
+
+    results, group = run_ranks(3, work)
+    assert group.calls == 1
+    assert isinstance(results[1], KeyboardInterrupt)
+    for rank in (0, 2):
+        assert isinstance(results[rank], RuntimeError)
+        assert "rank 1 of 3 was interrupted" in str(results[rank])
+
+
 def test_bad_dy_in_the_backward():
     x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
 
@@ -736,6 +783,17 @@ def mpirun_command(size):
 
 
 def run_mpi(size, args, timeout, env=()):
+    """The RESULT line of a run that must succeed."""
+    returncode, stdout, stderr = mpirun(size, args, timeout, env)
+    assert returncode == 0, f"exit code {returncode}\n{stdout}\n{stderr}"
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(lines) == 1, stdout + stderr
+    return json.loads(lines[0][len("RESULT "):])
+
+
+def mpirun(size, args, timeout, env=()):
+    """(exit code, stdout, stderr) of ``mpirun -n size python -m mpi4py args``;
+    the test fails if it does not end within ``timeout`` seconds."""
     command = mpirun_command(size) + [sys.executable, "-m", "mpi4py", *map(str, args)]
     # a session of its own, so that a hang is ended with every process mpirun started
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -747,10 +805,44 @@ def run_mpi(size, args, timeout, env=()):
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         pytest.fail(f"mpirun -n {size} hung: no result in {timeout} s\n{stdout}\n{stderr}")
-    assert proc.returncode == 0, f"exit code {proc.returncode}\n{stdout}\n{stderr}"
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    assert len(lines) == 1, stdout + stderr
-    return json.loads(lines[0][len("RESULT "):])
+    return proc.returncode, stdout, stderr
+
+
+UNCAUGHT = {
+    # the functional form, num_features 5 on the last rank and 4 on the others: the
+    # reduction buffers differ in length; some rank raises (from the header or from
+    # MPI_ERR_TRUNCATE), and others may be left inside the reduction by the MPI library
+    "num_features": """
+x = np.ones((3, C, 2), np.float32)
+sync_batch_norm_forward(x, None, None, allreduce=mpi_allreduce(comm), num_features=C)
+""",
+    # an error between a forward and its backward on one rank: the others wait in the
+    # backward's reduction
+    "between forward and backward": """
+bn = SyncBatchNorm(4, comm=comm)
+y = bn(np.ones((3, 4, 2), np.float32) + comm.rank)
+if comm.rank == comm.size - 1:
+    raise ValueError("an error in the user's code between forward and backward")
+bn.backward(y)
+""",
+}
+
+
+@pytest.mark.parametrize("case", UNCAUGHT)
+def test_an_uncaught_error_on_one_rank_ends_the_run(case, tmp_path):
+    """Under ``python -m mpi4py`` (how the README, the example and the
+    docstrings run MPI scripts) an uncaught exception on one rank aborts every
+    rank: the run ends with an error, it does not hang."""
+    script = tmp_path / "uncaught.py"
+    script.write_text("import numpy as np\n"
+                      "from mpi4py import MPI\n"
+                      "from fastbn.distributed import (SyncBatchNorm, mpi_allreduce,\n"
+                      "                                sync_batch_norm_forward)\n"
+                      "comm = MPI.COMM_WORLD\n"
+                      "C = 5 if comm.rank == comm.size - 1 else 4\n" + UNCAUGHT[case])
+    returncode, stdout, stderr = mpirun(3, [script], timeout=120)
+    assert returncode != 0, stdout + stderr
+    assert ("num_features" if case == "num_features" else "between forward") in stdout + stderr
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
@@ -765,8 +857,11 @@ def test_mpi_ranks_match_one_process(size):
     assert result["calls"]["backward"] == ['{"Allreduce": 1}']
     assert result["calls"]["eval forward"] == ["{}"]
     if size > 1:
-        assert {"channels", "dtype", "ndim", "backward dy shape", "construction",
-                "functional dtypes", "mixed calls"} <= set(result["errors"])
+        expected = {"channels", "dtype", "ndim", "backward dy shape", "construction",
+                    "functional dtypes", "mixed calls", "functional eps", "big-endian",
+                    "interrupt", "COMM_NULL"} | ({"functional num_features"} if size == 2
+                                                 else set())
+        assert expected <= set(result["errors"])
         for per_rank in result["errors"].values():
             assert len(per_rank) == size and all(kind is not None for _, kind, _ in per_rank)
 

@@ -19,6 +19,8 @@ The header's records are laid out in :mod:`fastbn.distributed._records`.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from fastbn.distributed._records import (DETAIL, EPS, FACTOR, FAILED, FEATURES, FIRST,
@@ -45,7 +47,8 @@ def _dtype_name(code):
         except TypeError:
             continue
         if dtype.num == num:
-            return dtype.name + (" (byte-swapped, not this machine's byte order)"
+            other = "big" if sys.byteorder == "little" else "little"
+            return dtype.name + (f" ({other}-endian, not this machine's byte order)"
                                  if swapped else "")
     return f"of type number {num}"
 
@@ -192,9 +195,6 @@ class Collective:
             return f"x has {d1} channels, expected {self.C}"
         if code == _E_SHAPE:
             return "dy does not have the shape of x"
-        if kind == _KIND_BASE:
-            return ("it was interrupted during its checks (KeyboardInterrupt or another "
-                    "BaseException; raised on that rank)")
         name = {_KIND_TYPE: "TypeError", _KIND_VALUE: "ValueError"}.get(kind, "an error")
         return f"its arguments failed the checks ({name}; the message is on that rank)"
 
@@ -215,5 +215,9 @@ class Collective:
                 raise exc from None
             raise new from exc
         kind = int(self.records[FIRST, 3])
+        if kind == _KIND_BASE:
+            raise RuntimeError(f"{self.who}: {ranks}{of} was interrupted while checking its "
+                               f"arguments (KeyboardInterrupt or another BaseException, "
+                               f"raised again on that rank) [{note}]")
         cls = {_KIND_TYPE: TypeError, _KIND_VALUE: ValueError}.get(kind, RuntimeError)
         raise cls(f"{self.who}: bad input on {ranks}{of}: {self._describe()} [{note}]")
