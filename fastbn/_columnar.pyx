@@ -37,8 +37,8 @@ from cython.view cimport array
 
 from fastbn._openmp cimport barrier, threads_for
 from fastbn._simd cimport STREAM_CHUNK, fence, stream, streams
-from fastbn._stats cimport (Coef, Coef32, forward_coef, inference_coef, backward_coef,
-                            to_float)
+from fastbn._stats cimport (Coef, Coef32, Pass, backward_pass, finish, forward_pass,
+                            inference_coef, to_float)
 from fastbn._views cimport at, cptr, cptr2, wptr, workspace
 
 
@@ -319,35 +319,8 @@ cdef void merge_blocks(const double* table, const Grid* g, Py_ssize_t c0, Py_ssi
 
 # ---------------------------------------------------------- schedules ----
 #
-# A pass: sums of (a, b) around center, the per-column maps, the apply.
-# ``Pass`` carries what the maps need; its arrays have the call's dtype.
-
-cdef struct Pass:
-    bint backward
-    double m, eps, factor
-    const void* gamma
-    const void* beta
-    void* mean             # forward: written; backward: read
-    void* invstd           # forward: written; backward: read
-    void* running_mean
-    void* running_var
-    void* dgamma
-    void* dbeta
-
-
-cdef inline Coef finish(const Pass* ps, const double* total, Py_ssize_t C,
-                        const double* center, Py_ssize_t c, const floating* like) noexcept nogil:
-    """Column c's map from its totals (fastbn._stats); ``like`` is any array
-    of the call, for its dtype."""
-    if ps.backward:
-        return backward_coef(total[c], total[C + c], ps.m, <const floating*>ps.mean,
-                             <const floating*>ps.invstd, <const floating*>ps.gamma,
-                             <floating*>ps.dgamma, <floating*>ps.dbeta, c)
-    return forward_coef(total[c], total[C + c], ps.m, center[c], ps.eps,
-                        <const floating*>ps.gamma, <const floating*>ps.beta,
-                        <floating*>ps.mean, <floating*>ps.invstd,
-                        <floating*>ps.running_mean, <floating*>ps.running_var, ps.factor, c)
-
+# A pass: sums of (a, b) around center, the per-column maps (``Pass`` and
+# ``finish`` of fastbn._stats), the apply.
 
 cdef inline Py_ssize_t nunits(const Grid* g) noexcept nogil:
     """Units of the first step: tiles, or row blocks."""
@@ -382,7 +355,7 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Gr
                 tile_totals(a, b, g, c0, c1, center, scratch, total)
                 if out != NULL:
                     for c in range(c0, c1):
-                        store_map(&k, c, finish(ps, total, C, center, c, a))
+                        store_map(&k, c, finish(ps, total[c], total[C + c], center[c], c, a))
                     block_apply(a, b, out, g, 0, g.M, c0, c1, &k)
         return
     with parallel(num_threads=nt):
@@ -396,7 +369,7 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Gr
             merge_blocks(scratch, g, c0, c1, total)
             if out != NULL:
                 for c in range(c0, c1):
-                    store_map(&k, c, finish(ps, total, C, center, c, a))
+                    store_map(&k, c, finish(ps, total[c], total[C + c], center[c], c, a))
         barrier()
         if out != NULL:
             for blk in prange(nb, schedule="dynamic"):
@@ -434,18 +407,9 @@ def forward_train(const floating[:, ::1] x, const floating[::1] gamma,
     cdef array mem = workspace(pass_bytes(&g), 1)
     cdef char* wp = mem.data
     cdef double* center = centers(wp, &g)
-    cdef Pass ps
+    cdef Pass ps = forward_pass(<double>g.M, eps, factor, cptr(gamma), cptr(beta), &mean[0],
+                                &invstd[0], wptr(running_mean), wptr(running_var))
     cdef Py_ssize_t c
-    ps.backward = False
-    ps.m = <double>g.M
-    ps.eps = eps
-    ps.factor = factor
-    ps.gamma = cptr(gamma)
-    ps.beta = cptr(beta)
-    ps.mean = &mean[0]
-    ps.invstd = &invstd[0]
-    ps.running_mean = wptr(running_mean)
-    ps.running_var = wptr(running_var)
     with nogil:
         for c in range(g.C):
             center[c] = xp[c]
@@ -492,15 +456,9 @@ def backward(const floating[:, ::1] dy, const floating[:, ::1] x,
     cdef array mem = workspace(pass_bytes(&g), 1)
     cdef char* wp = mem.data
     cdef double* center = centers(wp, &g)
-    cdef Pass ps
+    cdef Pass ps = backward_pass(<double>g.M, cptr(gamma), &mean[0], &invstd[0], &dgamma[0],
+                                 &dbeta[0])
     cdef Py_ssize_t c
-    ps.backward = True
-    ps.m = <double>g.M
-    ps.gamma = cptr(gamma)
-    ps.mean = <void*>&mean[0]
-    ps.invstd = <void*>&invstd[0]
-    ps.dgamma = &dgamma[0]
-    ps.dbeta = &dbeta[0]
     with nogil:
         for c in range(g.C):
             center[c] = mean[c]

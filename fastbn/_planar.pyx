@@ -47,8 +47,8 @@ from cython.parallel cimport parallel, prange
 from cython.view cimport array
 
 from fastbn._openmp cimport FASTBN_COMPILE_ARGS, barrier, threads_for
-from fastbn._stats cimport (Coef, Coef32, forward_coef, inference_coef, backward_coef,
-                            to_float)
+from fastbn._stats cimport (Coef, Coef32, Pass, backward_pass, center_of, finish,
+                            forward_pass, inference_coef, to_float)
 from fastbn._simd cimport (LANES, PREFETCH_BYTES, STREAM_CHUNK, fence, grad_sums_f32,
                            grad_sums_f64, prefetch_span,
                            shifted_sums_f32, shifted_sums_f64, stream, streams)
@@ -304,43 +304,20 @@ cdef void group_apply(const floating* a, const floating* b, floating* out, const
         fence()
 
 
-cdef void forward_group(const floating* x, floating* y, const Plane* p, Py_ssize_t c0,
-                        Py_ssize_t c1, const floating* gamma, const floating* beta,
-                        floating* mean, floating* invstd,
-                        floating* running_mean, floating* running_var,
-                        double eps, double factor) noexcept nogil:
-    """Statistics, then normalization, of channels [c0, c1): one sweep from memory."""
+cdef void group_pass(const floating* a, const floating* b, floating* out, const Plane* p,
+                     Py_ssize_t c0, Py_ssize_t c1, const Pass* ps) noexcept nogil:
+    """Both sums, the maps, then the apply, of channels [c0, c1): one sweep
+    from memory (forward: a = x, b NULL; backward: a = dy, b = x)."""
     cdef double center[GROUP_MAX]
     cdef double totals[2 * GROUP_MAX]
     cdef Coef coef[GROUP_MAX]
     cdef Py_ssize_t j
     for j in range(c1 - c0):
-        center[j] = x[(c0 + j) * p.S]
-    group_sums(x, NULL, p, c0, c1, center, totals)
+        center[j] = center_of(ps, a, (c0 + j) * p.S, c0 + j)
+    group_sums(a, b, p, c0, c1, center, totals)
     for j in range(c1 - c0):
-        coef[j] = forward_coef(totals[2 * j], totals[2 * j + 1], <double>(p.N * p.S),
-                               center[j], eps, gamma, beta, mean, invstd, running_mean,
-                               running_var, factor, c0 + j)
-    group_apply(x, NULL, y, p, c0, c1, coef)
-
-
-cdef void backward_group(const floating* dy, const floating* x, floating* dx,
-                         const Plane* p, Py_ssize_t c0, Py_ssize_t c1,
-                         const floating* gamma, const floating* mean,
-                         const floating* invstd, floating* dgamma,
-                         floating* dbeta) noexcept nogil:
-    """Both reductions, then dx, of channels [c0, c1): one sweep from memory."""
-    cdef double center[GROUP_MAX]
-    cdef double totals[2 * GROUP_MAX]
-    cdef Coef coef[GROUP_MAX]
-    cdef Py_ssize_t j
-    for j in range(c1 - c0):
-        center[j] = mean[c0 + j]
-    group_sums(dy, x, p, c0, c1, center, totals)
-    for j in range(c1 - c0):
-        coef[j] = backward_coef(totals[2 * j], totals[2 * j + 1], <double>(p.N * p.S),
-                                mean, invstd, gamma, dgamma, dbeta, c0 + j)
-    group_apply(dy, x, dx, p, c0, c1, coef)
+        coef[j] = finish(ps, totals[2 * j], totals[2 * j + 1], center[j], c0 + j, a)
+    group_apply(a, b, out, p, c0, c1, coef)
 
 
 # ---------------------------------------------------------- schedules ----
@@ -350,25 +327,54 @@ cdef inline bint by_group(Py_ssize_t ngroups, int nthreads) noexcept nogil:
     return nthreads == 1 or ngroups % nthreads == 0 or ngroups >= 4 * nthreads
 
 
-cdef Coef forward_merged(const double* part, const Plane* p, Py_ssize_t c, double shift,
-                         double eps, const floating* gamma, const floating* beta,
-                         floating* mean, floating* invstd, floating* running_mean,
-                         floating* running_var, double factor) noexcept nogil:
-    """Channel c's map from the (channel, block) table of shifted sums."""
-    cdef double s, q
-    merge_blocks(part, p, c, &s, &q)
-    return forward_coef(s, q, <double>(p.N * p.S), shift, eps, gamma, beta, mean, invstd,
-                        running_mean, running_var, factor, c)
+cdef inline Py_ssize_t table_bytes(const Plane* p, Py_ssize_t bytes_per_value,
+                                   int nt) noexcept nogil:
+    """Work space of run_pass: 0 by channel group (nothing needed), else the
+    (channel, block) table of sums and the maps."""
+    cdef Py_ssize_t G = group_size(p, bytes_per_value)
+    if by_group((p.C + G - 1) // G, nt):
+        return 0
+    return 2 * p.C * p.nblocks * sizeof(double) + p.C * sizeof(Coef)
 
 
-cdef Coef backward_merged(const double* part, const Plane* p, Py_ssize_t c,
-                          const floating* mean, const floating* invstd,
-                          const floating* gamma, floating* dgamma,
-                          floating* dbeta) noexcept nogil:
-    """Channel c's map from the (channel, block) table of gradient sums."""
-    cdef double sg, sc
-    merge_blocks(part, p, c, &sg, &sc)
-    return backward_coef(sg, sc, <double>(p.N * p.S), mean, invstd, gamma, dgamma, dbeta, c)
+cdef Coef merged_map(const double* part, const Plane* p, Py_ssize_t c, const Pass* ps,
+                     const floating* a) noexcept nogil:
+    """Channel c's map from the (channel, block) table of sums (the sums are
+    locals of this function: private to the thread that calls it)."""
+    cdef double s0, s1
+    merge_blocks(part, p, c, &s0, &s1)
+    return finish(ps, s0, s1, center_of(ps, a, c * p.S, c), c, a)
+
+
+cdef void run_pass(const floating* a, const floating* b, floating* out, const Plane* p,
+                   const Pass* ps, char* table, int nt) noexcept nogil:
+    """A training pass (forward: a = x, b NULL; backward: a = dy, b = x): by
+    channel group when ``table`` is NULL, else by (channel, block) with
+    ``table`` of table_bytes() for the sums and the maps."""
+    cdef Py_ssize_t G = group_size(p, sizeof(floating) if b == NULL else 2 * sizeof(floating))
+    cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb, c, u
+    cdef Coef* coef = <Coef*>table
+    cdef double* part = <double*>(coef + p.C)
+    if table == NULL:
+        for u in prange((p.C + G - 1) // G, num_threads=nt, schedule="dynamic"):
+            group_pass(a, b, out, p, u * G, min(p.C, (u + 1) * G), ps)
+        return
+    with parallel(num_threads=nt):
+        for u in prange(nu, schedule="dynamic"):
+            block_sums(a, b, p, u // nb, u % nb, center_of(ps, a, (u // nb) * p.S, u // nb),
+                       &part[2 * u], &part[2 * u + 1])
+        barrier()
+        for c in prange(p.C, schedule="dynamic"):
+            coef[c] = merged_map(part, p, c, ps, a)
+        barrier()
+        for u in prange(nu, schedule="dynamic"):  # the pairs summed last first: still cached
+            block_apply(a, b, out, p, (nu - 1 - u) // nb, (nu - 1 - u) % nb,
+                        &coef[(nu - 1 - u) // nb])
+
+
+cdef inline char* table_of(array mem) noexcept:
+    """The work space's memory, or NULL for none."""
+    return NULL if mem is None else mem.data
 
 
 # ----------------------------------------------------------- wrappers ----
@@ -384,38 +390,14 @@ def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,
     cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]
     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],
                               streams(stream, yp, xp, NULL, size * sizeof(floating)))
-    cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
-    cdef int nt = threads_for(size, nu, num_threads)
-    cdef const floating* g = cptr(gamma)
-    cdef const floating* bt = cptr(beta)
-    cdef floating* rm = wptr(running_mean)
-    cdef floating* rv = wptr(running_var)
-    cdef Py_ssize_t G = group_size(&p, sizeof(floating)), ng = (p.C + G - 1) // G
-    cdef Py_ssize_t c, u
-    cdef array mem
-    cdef double* part
-    cdef Coef* coef
-    if by_group(ng, nt):
-        with nogil:
-            for u in prange(ng, num_threads=nt, schedule="dynamic"):
-                forward_group(xp, yp, &p, u * G, min(p.C, (u + 1) * G), g, bt, &mean[0],
-                              &invstd[0], rm, rv, eps, factor)
-        return
-    mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
-    coef = <Coef*>mem.data
-    part = <double*>(coef + p.C)
-    with nogil, parallel(num_threads=nt):
-        for u in prange(nu, schedule="dynamic"):
-            block_sums(xp, NULL, &p, u // nb, u % nb, xp[(u // nb) * p.S],
-                       &part[2 * u], &part[2 * u + 1])
-        barrier()
-        for c in prange(p.C, schedule="dynamic"):
-            coef[c] = forward_merged(part, &p, c, xp[c * p.S], eps, g, bt, &mean[0],
-                                     &invstd[0], rm, rv, factor)
-        barrier()
-        for u in prange(nu, schedule="dynamic"):
-            block_apply(xp, NULL, yp, &p, (nu - 1 - u) // nb, (nu - 1 - u) % nb,
-                        &coef[(nu - 1 - u) // nb])
+    cdef int nt = threads_for(size, p.C * p.nblocks, num_threads)
+    cdef Py_ssize_t nbytes = table_bytes(&p, sizeof(floating), nt)
+    cdef array mem = workspace(nbytes, 1) if nbytes else None
+    cdef char* table = table_of(mem)
+    cdef Pass ps = forward_pass(<double>(p.N * p.S), eps, factor, cptr(gamma), cptr(beta),
+                                &mean[0], &invstd[0], wptr(running_mean), wptr(running_var))
+    with nogil:
+        run_pass(xp, <const floating*>NULL, yp, &p, &ps, table, nt)
 
 
 def inference(const floating[:, :, ::1] x, const floating[::1] gamma,
@@ -466,35 +448,14 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
     cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]
     cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],
                               streams(stream, dxp, dyp, xp, size * sizeof(floating)))
-    cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
-    cdef int nt = threads_for(size, nu, num_threads)
-    cdef const floating* g = cptr(gamma)
-    cdef Py_ssize_t G = group_size(&p, 2 * sizeof(floating)), ng = (p.C + G - 1) // G
-    cdef Py_ssize_t c, u
-    cdef array mem
-    cdef double* part
-    cdef Coef* coef
-    if by_group(ng, nt):
-        with nogil:
-            for u in prange(ng, num_threads=nt, schedule="dynamic"):
-                backward_group(dyp, xp, dxp, &p, u * G, min(p.C, (u + 1) * G), g, &mean[0],
-                               &invstd[0], &dgamma[0], &dbeta[0])
-        return
-    mem = workspace(2 * nu * sizeof(double) + p.C * sizeof(Coef), 1)
-    coef = <Coef*>mem.data
-    part = <double*>(coef + p.C)
-    with nogil, parallel(num_threads=nt):
-        for u in prange(nu, schedule="dynamic"):
-            block_sums(dyp, xp, &p, u // nb, u % nb, mean[u // nb],
-                       &part[2 * u], &part[2 * u + 1])
-        barrier()
-        for c in prange(p.C, schedule="dynamic"):
-            coef[c] = backward_merged(part, &p, c, &mean[0], &invstd[0], g, &dgamma[0],
-                                      &dbeta[0])
-        barrier()
-        for u in prange(nu, schedule="dynamic"):
-            block_apply(dyp, xp, dxp, &p, (nu - 1 - u) // nb, (nu - 1 - u) % nb,
-                        &coef[(nu - 1 - u) // nb])
+    cdef int nt = threads_for(size, p.C * p.nblocks, num_threads)
+    cdef Py_ssize_t nbytes = table_bytes(&p, 2 * sizeof(floating), nt)
+    cdef array mem = workspace(nbytes, 1) if nbytes else None
+    cdef char* table = table_of(mem)
+    cdef Pass ps = backward_pass(<double>(p.N * p.S), cptr(gamma), &mean[0], &invstd[0],
+                                 &dgamma[0], &dbeta[0])
+    with nogil:
+        run_pass(dyp, xp, dxp, &p, &ps, table, nt)
 
 
 def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[::1] center,

@@ -115,6 +115,72 @@ cdef inline Coef backward_coef(double sdy, double sdyc, double m,
     return k
 
 
+ctypedef struct Pass:
+    # What a training pass needs to finish its channels (forward or
+    # backward); the arrays have the call's dtype (void* here, because a
+    # struct cannot be fused), and NULL where absent.
+    bint backward
+    double m               # values per channel
+    double eps, factor     # forward only
+    const void* gamma
+    const void* beta       # forward only
+    void* mean             # forward: written; backward: read (the sums' center)
+    void* invstd           # forward: written; backward: read
+    void* running_mean     # forward only, updated
+    void* running_var
+    void* dgamma           # backward only, written
+    void* dbeta
+
+
+cdef inline Pass forward_pass(double m, double eps, double factor, const floating* gamma,
+                              const floating* beta, floating* mean, floating* invstd,
+                              floating* running_mean, floating* running_var) noexcept nogil:
+    cdef Pass ps
+    ps.backward = False
+    ps.m, ps.eps, ps.factor = m, eps, factor
+    ps.gamma, ps.beta = gamma, beta
+    ps.mean, ps.invstd = mean, invstd
+    ps.running_mean, ps.running_var = running_mean, running_var
+    ps.dgamma = ps.dbeta = NULL
+    return ps
+
+
+cdef inline Pass backward_pass(double m, const floating* gamma, const floating* mean,
+                               const floating* invstd, floating* dgamma,
+                               floating* dbeta) noexcept nogil:
+    cdef Pass ps
+    ps.backward = True
+    ps.m, ps.eps, ps.factor = m, 0.0, 0.0
+    ps.gamma, ps.beta = gamma, NULL
+    ps.mean, ps.invstd = <void*>mean, <void*>invstd
+    ps.running_mean = ps.running_var = NULL
+    ps.dgamma, ps.dbeta = dgamma, dbeta
+    return ps
+
+
+cdef inline Coef finish(const Pass* ps, double s0, double s1, double center, Py_ssize_t c,
+                        const floating* like) noexcept nogil:
+    """Channel c's map from its two sums around center (forward: the shifted
+    sums; backward: sum(dy), sum(dy * (x - mean))); ``like`` is any array of
+    the call, for its dtype."""
+    if ps.backward:
+        return backward_coef(s0, s1, ps.m, <const floating*>ps.mean,
+                             <const floating*>ps.invstd, <const floating*>ps.gamma,
+                             <floating*>ps.dgamma, <floating*>ps.dbeta, c)
+    return forward_coef(s0, s1, ps.m, center, ps.eps, <const floating*>ps.gamma,
+                        <const floating*>ps.beta, <floating*>ps.mean, <floating*>ps.invstd,
+                        <floating*>ps.running_mean, <floating*>ps.running_var, ps.factor, c)
+
+
+cdef inline double center_of(const Pass* ps, const floating* a, Py_ssize_t offset,
+                             Py_ssize_t c) noexcept nogil:
+    """Channel c's center of the sums: its value a[offset] in the forward
+    (a value of the data: the shift), its mean in the backward."""
+    if ps.backward:
+        return (<const floating*>ps.mean)[c]
+    return a[offset]
+
+
 ctypedef struct Coef32:
     # A Coef for float32 arithmetic: the center split into hi + lo, so that
     # x - hi is exact for x near the center (Sterbenz) and data far from
