@@ -20,7 +20,7 @@ turns red when the gap is fixed and the mark should go) and the docs say so.
 
 The exhaustive per-rule tests (every dtype, every per-channel argument, every
 ``out`` defect of every function, the accepted inputs) are in
-``test_inputs.py``, whose helpers this module reuses.
+``test_inputs.py``.
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ import fastbn
 from fastbn import BatchNorm1d, BatchNorm2d
 from fastbn.compat import cs231n, deepnet
 
-from conftest import same_fastbn
-from test_inputs import C, SHAPE, call, overlapping, read_only, valid_args
+from helpers import SHAPE, C, call, overlapping, read_only, same_fastbn, valid_args
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "hostile_inputs.md"
 
@@ -62,7 +61,7 @@ class Bad:
 # ----------------------------------------------------- building the calls ----
 
 def fn(func, *edits, **changes):
-    """A call of fastbn.batch_norm_<func> on valid arguments (test_inputs.valid_args)
+    """A call of fastbn.batch_norm_<func> on valid arguments (helpers.valid_args)
     with ``changes`` (a value, or a function of the arguments) and ``edits``
     (functions that modify the argument dict) applied."""
     def make():
@@ -192,7 +191,7 @@ F32 = np.float32
 
 # ---------------------------------------------------------------- the table ----
 # x is (4, 3, 5, 2) float32 (C = 3) unless the row says otherwise; the
-# functional rows start from test_inputs.valid_args, which passes every
+# functional rows start from helpers.valid_args, which passes every
 # argument, out= included.
 
 TABLE = [

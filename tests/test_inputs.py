@@ -16,48 +16,9 @@ import pytest
 import fastbn
 from fastbn import reference
 
-from conftest import (assert_bitwise_equal, assert_close, assert_unchanged,
-                      make_inputs, snapshot)
-
-SHAPE = (4, 3, 5, 2)   # 4-D, so that channel_axis = 2 is wrong; C = 3
-C = 3
-
-FUNCS = {
-    "forward": fastbn.batch_norm_forward,
-    "inference": fastbn.batch_norm_inference,
-    "backward": fastbn.batch_norm_backward,
-}
-REFERENCE = {
-    "forward": reference.batch_norm_forward,
-    "inference": reference.batch_norm_inference,
-    "backward": reference.batch_norm_backward,
-}
-POSITIONAL = {
-    "forward": ("x", "gamma", "beta"),
-    "inference": ("x", "gamma", "beta", "running_mean", "running_var"),
-    "backward": ("dy", "x", "gamma", "mean", "invstd"),
-}
-
-
-def valid_args(func, shape=SHAPE, dtype=np.float32, channel_axis=1):
-    """Every argument of a valid call of ``func`` (by name), with an out buffer."""
-    a = make_inputs(shape, dtype, channel_axis, np.random.default_rng(0))
-    common = dict(channel_axis=channel_axis, out=np.empty_like(a.x), num_threads=2)
-    if func == "forward":
-        return dict(x=a.x, gamma=a.gamma, beta=a.beta, eps=1e-5, running_mean=a.running_mean,
-                    running_var=a.running_var, momentum=0.1,
-                    num_batches_tracked=np.array(0, dtype=np.int64), **common)
-    if func == "inference":
-        return dict(x=a.x, gamma=a.gamma, beta=a.beta, running_mean=a.running_mean,
-                    running_var=a.running_var, eps=1e-5, **common)
-    return dict(dy=a.dy, x=a.x, gamma=a.gamma, mean=a.mean, invstd=a.invstd, **common)
-
-
-def call(func, args, impl=FUNCS):
-    """Call ``func`` (fastbn's or the reference's) with the arguments by name."""
-    positional = [args[name] for name in POSITIONAL[func]]
-    keywords = {k: v for k, v in args.items() if k not in POSITIONAL[func]}
-    return impl[func](*positional, **keywords)
+from helpers import (FUNCTIONS, REFERENCE, SHAPE, STRIDED_LAYOUTS, C, assert_bitwise_equal,
+                     assert_close, assert_unchanged, call, make_inputs, overlapping, read_only,
+                     snapshot, strided_vector, strided_view, valid_args)
 
 
 def assert_rejected(func, args, exc, match):
@@ -68,27 +29,7 @@ def assert_rejected(func, args, exc, match):
     assert_unchanged(snap)
 
 
-def overlapping(a, shift):
-    """(copy of a, other): two C-contiguous arrays shaped like ``a`` in one buffer,
-    ``shift`` items apart, so that they share all but ``abs(shift)`` items."""
-    buf = np.empty(a.size + abs(shift), dtype=a.dtype)
-    if shift >= 0:
-        first, second = buf[:a.size], buf[shift:]
-    else:
-        first, second = buf[-shift:], buf[:a.size]
-    second[...] = 0
-    first[...] = a.reshape(-1)
-    return first.reshape(a.shape), second.reshape(a.shape)
-
-
-def read_only(a):
-    """A read-only copy of a."""
-    a = a.copy()
-    a.flags.writeable = False
-    return a
-
-
-ALL = ("forward", "inference", "backward")
+ALL = FUNCTIONS
 BAD_DTYPES = [np.int32, np.int64, np.uint8, np.float16, np.complex64, np.complex128, np.bool_,
               np.object_]
 
@@ -435,40 +376,8 @@ def test_backward_needs_saved_stats(missing):
 
 # ------------------------------------------ non-contiguous, read-only ----
 
-def _strided(a):
-    """a's values in a view with a step of 2 along the last axis."""
-    wide = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
-    wide[..., ::2] = a
-    return wide[..., ::2]
-
-
-def _transposed(a):
-    """a's values in a view of memory laid out with the axes reversed."""
-    return np.ascontiguousarray(a.T).T
-
-
-def _reversed(a):
-    """a's values in a view with a negative stride along axis 0."""
-    return np.ascontiguousarray(a[::-1])[::-1]
-
-
-def _vector_strided(v):
-    """v's values in a view with a step of 2."""
-    wide = np.zeros(2 * v.size, v.dtype)
-    wide[::2] = v
-    return wide[::2]
-
-
-LAYOUTS = {
-    "strided": _strided,
-    "fortran": np.asfortranarray,
-    "transposed": _transposed,
-    "reversed": _reversed,
-}
-
-
 @pytest.mark.parametrize("func", ALL)
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", list(STRIDED_LAYOUTS))
 @pytest.mark.parametrize("shape, channel_axis", [((4, 3, 5, 7), 1), ((4, 5, 7, 3), -1),
                                                  ((9, 3), 1), ((6, 3, 1, 1), 1)])
 @pytest.mark.parametrize("with_out", [False, True], ids=["new", "out"])
@@ -481,7 +390,7 @@ def test_non_contiguous_inputs(func, layout, shape, channel_axis, with_out):
     for name, value in list(args.items()):
         if name == "out" or not isinstance(value, np.ndarray) or value.ndim == 0:
             continue
-        args[name] = LAYOUTS[layout](value) if value.ndim > 1 else _vector_strided(value)
+        args[name] = STRIDED_LAYOUTS[layout](value) if value.ndim > 1 else strided_vector(value)
         assert not args[name].flags.c_contiguous
     snap = snapshot(**{k: v for k, v in args.items()
                        if k not in ("out", "running_mean", "running_var",
@@ -519,7 +428,7 @@ def test_read_only_inputs(func, kind, with_out, tmp_path):
             np.save(path, value)
             args[name] = np.load(path, mmap_mode="r")
         else:
-            args[name] = read_only(_strided(value) if kind == "flag-strided" and value.ndim > 1
+            args[name] = read_only(strided_view(value) if kind == "flag-strided" and value.ndim > 1
                                    else value)
         assert not args[name].flags.writeable
     snap = snapshot(**args)

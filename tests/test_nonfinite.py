@@ -26,8 +26,8 @@ import pytest
 import fastbn
 from fastbn import BatchNorm1d, BatchNorm2d, reference
 
-from conftest import (DTYPES, assert_bitwise_equal, assert_close, dtype_id, dx_scale,
-                      layout_id, make_inputs)
+from helpers import (DTYPES, assert_bitwise_equal, assert_close, dtype_id, dx_scale,
+                     layout_id, make_inputs)
 
 BAD = 1   # the channel that gets the non-finite value
 
