@@ -13,8 +13,7 @@ never import each other; a helper that more than one of them needs lives here.
 - :func:`snapshot` / :func:`assert_unchanged`: byte copies of the caller's
   arrays, to check that a call modified nothing it should not have;
 - :func:`valid_args` / :func:`call`: a valid call of each function with every
-  argument given by name, to change one argument at a time; :func:`read_only`,
-  :func:`overlapping`;
+  argument given by name, to change one argument at a time; :func:`read_only`;
 - :data:`STRIDED_LAYOUTS`, :func:`strided_vector`: the same values in
   non-contiguous views;
 - :func:`numeric_gradient` (central differences), :func:`peak_bytes`
@@ -207,19 +206,6 @@ def read_only(a):
     a = a.copy()
     a.flags.writeable = False
     return a
-
-
-def overlapping(a, shift):
-    """(copy of a, other): two C-contiguous arrays shaped like ``a`` in one buffer,
-    ``shift`` items apart, so that they share all but ``abs(shift)`` items."""
-    buf = np.empty(a.size + abs(shift), dtype=a.dtype)
-    if shift >= 0:
-        first, second = buf[:a.size], buf[shift:]
-    else:
-        first, second = buf[-shift:], buf[:a.size]
-    second[...] = 0
-    first[...] = a.reshape(-1)
-    return first.reshape(a.shape), second.reshape(a.shape)
 
 
 # ----------------------------------------------------- non-contiguous views ----
