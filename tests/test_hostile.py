@@ -22,7 +22,7 @@ call does not yet behave as the row says; the test is an xfail (strict, so it
 turns red when the gap is fixed and the mark should go) and the docs say so.
 
 What the functions accept (non-contiguous and read-only inputs, equivalent
-channel axes, any positive num_threads) is tested in ``test_inputs.py``.
+channel axes, any positive num_threads) is tested in ``test_accepted_inputs.py``.
 """
 
 from __future__ import annotations
