@@ -19,7 +19,7 @@ import pytest
 import fastbn
 from fastbn import reference
 
-from conftest import assert_close, dx_scale, layout_id
+from helpers import assert_close, dx_scale, layout_id
 
 EPS = 1e-12
 VAR_RTOL = 1e-5

@@ -32,7 +32,7 @@ import pytest
 import fastbn
 from fastbn import BatchNorm1d, BatchNorm2d, reference
 
-from conftest import assert_bitwise_equal, assert_close, dx_scale, make_inputs
+from helpers import assert_bitwise_equal, assert_close, dx_scale, make_inputs
 
 N_THREADS = 8
 CALLS_PER_THREAD = 200

@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 
 import fastbn
 
-from conftest import DTYPES, assert_bitwise_equal, dtype_id, layout_id, make_inputs, same_fastbn
+from helpers import DTYPES, assert_bitwise_equal, dtype_id, layout_id, make_inputs, same_fastbn
 
 SHAPES = [
     ((8, 1, 40000), 1),       # planar by block, blocks cut rows

@@ -20,7 +20,7 @@ import pytest
 import fastbn
 from fastbn import _openmp
 
-from conftest import assert_bitwise_equal, same_fastbn
+from helpers import assert_bitwise_equal, same_fastbn
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 

@@ -13,8 +13,8 @@ import pytest
 import fastbn
 from fastbn import reference
 
-from conftest import (DTYPES, THREADS, assert_close, dtype_id, dx_scale, layout_id,
-                      make_inputs)
+from helpers import (DTYPES, THREADS, assert_close, dtype_id, dx_scale, layout_id,
+                     make_inputs)
 
 SMALL_LAYOUTS = [
     ((2, 1), 1),            # N = 2, C = 1

@@ -10,27 +10,10 @@ import pytest
 
 import fastbn
 
-from conftest import layout_id, make_inputs
+from helpers import layout_id, make_inputs, numeric_gradient
 
-H = 1e-6          # central-difference step, relative to the input's magnitude
 RTOL = 1e-6
 ATOL = 1e-7
-
-
-def numeric_gradient(loss, a):
-    """Central differences of ``loss()`` with respect to every element of ``a``."""
-    grad = np.empty_like(a)
-    flat, gflat = a.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        orig = flat[i]
-        h = H * max(1.0, abs(orig))
-        flat[i] = orig + h
-        plus = loss()
-        flat[i] = orig - h
-        minus = loss()
-        flat[i] = orig
-        gflat[i] = (plus - minus) / (2 * h)
-    return grad
 
 
 @pytest.mark.parametrize("shape, channel_axis", [

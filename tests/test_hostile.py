@@ -1,9 +1,12 @@
-"""Hostile input: a table of bad calls across the whole public surface.
+"""Hostile input: the table of bad calls across the whole public surface.
 
-Every row of :data:`TABLE` is one bad call of a public function, a layer
-class or an adapter, with the exception it must raise and the start of its
-message (which names the argument). The test of a row makes the call on
-fresh, otherwise valid arguments and checks
+This module owns the argument rules: every rejected call of the suite is a
+row of :data:`TABLE`. A row is one bad call of a public function, a layer
+class or an adapter, or a family of calls that break one rule the same way
+(every bad dtype of x in each function, every per-channel argument of a wrong
+shape, ...), with the exception it must raise and the start of its message
+(which names the argument). The test of each call makes it on fresh,
+otherwise valid arguments and checks
 
 - the exception type and that the message starts with the given text;
 - that nothing it was given changed: a byte snapshot of every array reachable
@@ -18,13 +21,14 @@ checks that the file is up to date. Rows with ``bug`` set are known gaps: the
 call does not yet behave as the row says; the test is an xfail (strict, so it
 turns red when the gap is fixed and the mark should go) and the docs say so.
 
-The exhaustive per-rule tests (every dtype, every per-channel argument, every
-``out`` defect of every function, the accepted inputs) are in
-``test_inputs.py``, whose helpers this module reuses.
+What the functions accept (non-contiguous and read-only inputs, equivalent
+channel axes, any positive num_threads) is tested in ``test_accepted_inputs.py``.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import pathlib
 import re
@@ -41,38 +45,100 @@ import fastbn
 from fastbn import BatchNorm1d, BatchNorm2d
 from fastbn.compat import cs231n, deepnet
 
-from conftest import same_fastbn
-from test_inputs import C, SHAPE, call, overlapping, read_only, valid_args
+from helpers import FUNCTIONS, SHAPE, C, call, read_only, same_fastbn, valid_args
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "hostile_inputs.md"
 
 
 @dataclass(frozen=True)
 class Bad:
-    """One bad call: where, what is wrong, and what it must raise."""
+    """One bad call, or a family of bad calls: where, what is wrong, and what it
+    must raise.
 
-    api: str                  # the function, layer or adapter called
-    bad: str                  # what is wrong with the call
+    A family row stands for one call per variant (a dict of keyword values for
+    ``make``); its ``message`` is a template whose ``{fields}`` each variant
+    fills in (``<field>`` in the docs). A row of one call has the one variant
+    ``{}`` and a literal message."""
+
+    api: str                  # the function(s), layer or adapter called
+    bad: str                  # what is wrong with the call(s)
     exc: type                 # the exception it raises
-    message: str              # the start of the message (literal text)
-    make: Callable            # () -> (the call, {name: every object it was given})
+    message: str              # the start of the message
+    make: Callable            # (**variant) -> (the call, {name: every object it was given})
+    variants: tuple = ({},)   # a family: the keyword values of each of its calls
     bug: str | None = None    # a known gap: how the call behaves today instead
+
+    def expected(self, variant):
+        """The start of the message of the call made with ``variant``."""
+        return self.message.format(**variant) if variant else self.message
 
 
 # ----------------------------------------------------- building the calls ----
 
+def function_call(func, *edits, valid=None, **changes):
+    """(the call, its arguments): fastbn.batch_norm_<func> on valid arguments
+    (``helpers.valid_args(func, **valid)``) with ``changes`` (a value, or a
+    function of the arguments) and ``edits`` (functions that modify the
+    argument dict) applied."""
+    args = valid_args(func, **(valid or {}))
+    for name, value in changes.items():
+        args[name] = value(args) if callable(value) else value
+    for edit in edits:
+        edit(args)
+    return (lambda: call(func, args)), args
+
+
 def fn(func, *edits, **changes):
-    """A call of fastbn.batch_norm_<func> on valid arguments (test_inputs.valid_args)
-    with ``changes`` (a value, or a function of the arguments) and ``edits``
-    (functions that modify the argument dict) applied."""
-    def make():
-        args = valid_args(func)
-        for name, value in changes.items():
-            args[name] = value(args) if callable(value) else value
-        for edit in edits:
-            edit(args)
-        return (lambda: call(func, args)), args
-    return make
+    """A row of one call: :func:`function_call` made afresh for each run."""
+    return lambda: function_call(func, *edits, **changes)
+
+
+def family(bad, exc, message, make, variants):
+    """A row for a family of calls of the functions: ``make(**variant)`` for
+    each variant (each names its ``func``); the api column lists the functions."""
+    called = [f for f in FUNCTIONS if any(v["func"] == f for v in variants)]
+    return Bad(", ".join(f"batch_norm_{f}" for f in called), bad, exc, message, make,
+               tuple(variants))
+
+
+def grid(*choices, **axes):
+    """The variants of a family: every combination of one dict of each of
+    ``choices`` (lists of dicts) and one value of each of ``axes`` (name ->
+    values), merged into one dict, in that order."""
+    lists = [list(c) for c in choices] + [[{k: v} for v in vs] for k, vs in axes.items()]
+    return [{k: v for part in combo for k, v in part.items()}
+            for combo in itertools.product(*lists)]
+
+
+def typed(name, values):
+    """Variants ``{name: value, "type": its type's name}``, for messages that name the type."""
+    return [{name: v, "type": type(v).__name__} for v in values]
+
+
+EVERY_FUNCTION = [dict(func=f) for f in FUNCTIONS]
+TRAINING = [dict(func="forward")]
+INFERENCE = [dict(func="inference")]
+BACKWARD = [dict(func="backward")]
+TRAINING_AND_INFERENCE = TRAINING + INFERENCE
+# Every per-channel array argument of every function.
+PER_CHANNEL = [dict(func=f, name=n) for f, names in (
+    ("forward", ("gamma", "beta", "running_mean", "running_var")),
+    ("inference", ("gamma", "beta", "running_mean", "running_var")),
+    ("backward", ("gamma", "mean", "invstd"))) for n in names]
+BAD_DTYPES = ("int32", "int64", "uint8", "float16", "complex64", "complex128", "bool", "object")
+
+
+def overlapping(a, shift):
+    """(copy of a, other): two C-contiguous arrays shaped like ``a`` in one buffer,
+    ``shift`` items apart, so that they share all but ``abs(shift)`` items."""
+    buf = np.empty(a.size + abs(shift), dtype=a.dtype)
+    if shift >= 0:
+        first, second = buf[:a.size], buf[shift:]
+    else:
+        first, second = buf[-shift:], buf[:a.size]
+    second[...] = 0
+    first[...] = a.reshape(-1)
+    return first.reshape(a.shape), second.reshape(a.shape)
 
 
 def overlap(name, shift):
@@ -82,12 +148,29 @@ def overlap(name, shift):
     return edit
 
 
-def both(shape, dtype=np.float32):
-    """An edit: x and dy replaced by ones of ``shape`` (backward)."""
+def inside_out(name):
+    """An edit: ``name`` (valid values) stored in items 10 to 12 of ``out``."""
     def edit(args):
-        args["x"] = np.ones(shape, dtype)
-        args["dy"] = np.ones(shape, dtype)
+        inside = args["out"].reshape(-1)[10:10 + C]
+        inside[...] = np.abs(args[name]) + 0.5
+        args[name] = inside
     return edit
+
+
+def ones_x(shape):
+    """An edit: x (and dy, in the backward) replaced by float32 ones of ``shape``."""
+    def edit(args):
+        for name in ("x", "dy"):
+            if name in args:
+                args[name] = np.ones(shape, np.float32)
+    return edit
+
+
+# Arrays that are not C-contiguous, for out.
+NOT_C_CONTIGUOUS = {
+    "strided": lambda: np.empty((4, 3, 5, 4), np.float32)[..., ::2],
+    "fortran": lambda: np.empty(SHAPE, np.float32, order="F"),
+}
 
 
 def image(n=4, c=3, dtype=np.float32):
@@ -192,193 +275,173 @@ F32 = np.float32
 
 # ---------------------------------------------------------------- the table ----
 # x is (4, 3, 5, 2) float32 (C = 3) unless the row says otherwise; the
-# functional rows start from test_inputs.valid_args, which passes every
+# functional rows start from helpers.valid_args, which passes every
 # argument, out= included.
 
 TABLE = [
-    # -- functions: number of dimensions, zero-size axes, 0-d and lists
-    Bad("batch_norm_forward", "x 1-D (12,)", ValueError,
-        "x must have 2 to 5 dimensions (N, C, ...), got shape (12,)",
-        fn("forward", x=np.ones(12, F32))),
-    Bad("batch_norm_forward", "x 6-D", ValueError, "x must have 2 to 5 dimensions",
-        fn("forward", x=np.ones((2, 3, 1, 1, 1, 2), F32))),
-    Bad("batch_norm_inference", "x a 0-d array", ValueError,
-        "x must have 2 to 5 dimensions (N, C, ...), got shape ()",
-        fn("inference", x=np.array(1.0, F32))),
-    Bad("batch_norm_backward", "x and dy 0-d arrays", ValueError,
-        "x must have 2 to 5 dimensions", fn("backward", both(()))),
-    Bad("batch_norm_forward", "x with a zero-size batch axis (0, 3, 5, 2)", ValueError,
-        "x must not have a zero-size axis, got shape (0, 3, 5, 2)",
-        fn("forward", x=np.ones((0, 3, 5, 2), F32))),
-    Bad("batch_norm_inference", "x with zero channels (4, 0)", ValueError,
-        "x must not have a zero-size axis, got shape (4, 0)",
-        fn("inference", x=np.ones((4, 0), F32))),
-    Bad("batch_norm_backward", "x and dy with a zero-size spatial axis", ValueError,
-        "x must not have a zero-size axis", fn("backward", both((4, 3, 0, 2)))),
-    Bad("batch_norm_forward", "x a nested list", TypeError,
-        "x must be a numpy.ndarray, got list", fn("forward", x=lambda a: a["x"].tolist())),
+    # -- functions: number of dimensions, zero-size axes, not arrays
+    family("x (and dy) 0-d, 1-D (12,) or 6-D", ValueError,
+           "x must have 2 to 5 dimensions (N, C, ...), got shape {shape}",
+           lambda func, shape: function_call(func, ones_x(shape)),
+           grid(EVERY_FUNCTION, shape=[(), (12,), (2, 3, 1, 1, 1, 2)])),
+    family("x (and dy) with a zero-size axis: batch (0, 3, 5, 2), channels (4, 0) or "
+           "spatial (4, 3, 0, 2)", ValueError,
+           "x must not have a zero-size axis, got shape {shape}",
+           lambda func, shape: function_call(func, ones_x(shape)),
+           grid(EVERY_FUNCTION, shape=[(0, 3, 5, 2), (4, 0), (4, 3, 0, 2)])),
+    family("x or dy a (nested) list", TypeError, "{name} must be a numpy.ndarray, got list",
+           lambda func, name: function_call(func, **{name: lambda a: a[name].tolist()}),
+           [dict(func=f, name="x") for f in FUNCTIONS] + [dict(func="backward", name="dy")]),
     Bad("batch_norm_forward", "x a NumPy scalar", TypeError,
         "x must be a numpy.ndarray, got float32", fn("forward", x=F32(1.0))),
-    Bad("batch_norm_inference", "gamma a list", TypeError,
-        "gamma must be a numpy.ndarray or None, got list",
-        fn("inference", gamma=[1.0, 1.0, 1.0])),
-    Bad("batch_norm_backward", "dy a list", TypeError, "dy must be a numpy.ndarray, got list",
-        fn("backward", dy=lambda a: a["dy"].tolist())),
-    Bad("batch_norm_forward", "training with one value per channel, x (1, 3)", ValueError,
-        "Expected more than 1 value per channel when training, got input size (1, 3)",
-        fn("forward", x=np.ones((1, 3), F32), out=None)),
+    family("gamma, running_var or invstd a list", TypeError,
+           "{name} must be a numpy.ndarray or None, got list",
+           lambda func, name: function_call(func, **{name: lambda a: a[name].tolist()}),
+           [dict(func="forward", name="gamma"), dict(func="inference", name="gamma"),
+            dict(func="inference", name="running_var"), dict(func="backward", name="invstd")]),
+    family("training with one value per channel, x (1, 3), (1, 1), (1, 3, 1), (1, 3, 1, 1), "
+           "(1, 3, 1, 1, 1) channels first or (1, 3), (1, 1, 1, 3), (1, 1, 1, 1, 3) channels "
+           "last; with out and without", ValueError,
+           "Expected more than 1 value per channel when training, got input size {shape}",
+           lambda func, shape, channel_axis, out: function_call(
+               func, valid=dict(shape=shape, channel_axis=channel_axis),
+               **({} if out else {"out": None})),
+           grid([dict(func="forward", shape=s, channel_axis=ca) for s, ca in [
+               ((1, 3), 1), ((1, 1), 1), ((1, 3), -1), ((1, 3, 1), 1), ((1, 3, 1, 1), 1),
+               ((1, 1, 1, 3), -1), ((1, 3, 1, 1, 1), 1), ((1, 1, 1, 1, 3), -1)]],
+               out=[True, False])),
 
     # -- functions: channel counts of every per-channel argument
-    Bad("batch_norm_forward", "gamma with 4 channels", ValueError,
-        "gamma must have shape (3,) (one value per channel), got shape (4,)",
-        fn("forward", gamma=np.ones(4, F32))),
-    Bad("batch_norm_forward", "beta with 2 channels", ValueError,
-        "beta must have shape (3,) (one value per channel), got shape (2,)",
-        fn("forward", beta=np.ones(2, F32))),
-    Bad("batch_norm_forward", "running_mean with 1 channel", ValueError,
-        "running_mean must have shape (3,) (one value per channel), got shape (1,)",
-        fn("forward", running_mean=np.zeros(1, F32))),
-    Bad("batch_norm_forward", "running_var shaped (3, 1)", ValueError,
-        "running_var must have shape (3,) (one value per channel), got shape (3, 1)",
-        fn("forward", running_var=np.ones((3, 1), F32))),
-    Bad("batch_norm_inference", "running_mean a 0-d array", ValueError,
-        "running_mean must have shape (3,) (one value per channel), got shape ()",
-        fn("inference", running_mean=np.array(0.0, F32))),
-    Bad("batch_norm_inference", "running_var with 4 channels", ValueError,
-        "running_var must have shape (3,) (one value per channel), got shape (4,)",
-        fn("inference", running_var=np.ones(4, F32))),
-    Bad("batch_norm_backward", "gamma shaped (1, 3)", ValueError,
-        "gamma must have shape (3,) (one value per channel), got shape (1, 3)",
-        fn("backward", gamma=np.ones((1, 3), F32))),
-    Bad("batch_norm_backward", "mean of another shape (4,)", ValueError,
-        "mean must have shape (3,) (one value per channel), got shape (4,)",
-        fn("backward", mean=np.zeros(4, F32))),
-    Bad("batch_norm_backward", "invstd of another shape (2,)", ValueError,
-        "invstd must have shape (3,) (one value per channel), got shape (2,)",
-        fn("backward", invstd=np.ones(2, F32))),
-    Bad("batch_norm_backward", "dy of another shape than x", ValueError,
-        "dy must have the shape of x (4, 3, 5, 2), got (4, 3, 2, 5)",
-        fn("backward", dy=np.ones((4, 3, 2, 5), F32))),
+    family("gamma, beta, running_mean, running_var, mean or invstd of shape (4,), (2,), (1,), "
+           "(3, 1), (1, 3) or () (3 channels)", ValueError,
+           "{name} must have shape (3,) (one value per channel), got shape {shape}",
+           lambda func, name, shape: function_call(func, **{name: np.ones(shape, F32)}),
+           grid(PER_CHANNEL, shape=[(4,), (2,), (1,), (3, 1), (1, 3), ()])),
+    family("dy of another shape than x: (4, 3, 5), (4, 3, 2, 5), (3, 3, 5, 2) or (40, 3)",
+           ValueError, "dy must have the shape of x (4, 3, 5, 2), got {shape}",
+           lambda func, shape: function_call(func, dy=np.ones(shape, F32)),
+           grid(BACKWARD, shape=[(4, 3, 5), (4, 3, 2, 5), (3, 3, 5, 2), (40, 3)])),
 
     # -- functions: dtypes
-    Bad("batch_norm_forward", "x int32", TypeError,
-        "x must have dtype float32 or float64, got int32",
-        fn("forward", x=lambda a: a["x"].astype(np.int32))),
-    Bad("batch_norm_forward", "x bool", TypeError,
-        "x must have dtype float32 or float64, got bool",
-        fn("forward", x=lambda a: a["x"] > 0)),
-    Bad("batch_norm_inference", "x complex64", TypeError,
-        "x must have dtype float32 or float64, got complex64",
-        fn("inference", x=lambda a: a["x"].astype(np.complex64))),
-    Bad("batch_norm_backward", "x object", TypeError,
-        "x must have dtype float32 or float64, got object",
-        fn("backward", x=lambda a: a["x"].astype(object))),
-    Bad("batch_norm_forward", "x float16", TypeError,
-        "x must have dtype float32 or float64, got float16",
-        fn("forward", x=lambda a: a["x"].astype(np.float16))),
+    family("x of dtype " + ", ".join(BAD_DTYPES[:-1]) + " or " + BAD_DTYPES[-1], TypeError,
+           "x must have dtype float32 or float64, got {dtype}",
+           lambda func, dtype: function_call(func, x=lambda a: a["x"].astype(dtype)),
+           grid(EVERY_FUNCTION, dtype=BAD_DTYPES)),
     Bad("batch_norm_forward", "x big-endian float32 ('>f4')", TypeError,
         "x must have dtype float32 or float64, got >f4",
         fn("forward", x=lambda a: a["x"].astype(">f4"))),
-    Bad("batch_norm_forward", "gamma float64, x float32", TypeError,
-        "gamma must have the dtype of x (float32), got float64",
-        fn("forward", gamma=lambda a: a["gamma"].astype(np.float64))),
-    Bad("batch_norm_inference", "running_var float16, x float32", TypeError,
-        "running_var must have the dtype of x (float32), got float16",
-        fn("inference", running_var=lambda a: a["running_var"].astype(np.float16))),
-    Bad("batch_norm_backward", "dy float64, x float32", TypeError,
-        "dy must have the dtype of x (float32), got float64",
-        fn("backward", dy=lambda a: a["dy"].astype(np.float64))),
+    family("dy or a per-channel array of another float dtype than x: float64 with x float32, "
+           "float32 with x float64, float16 with x float32", TypeError,
+           "{name} must have the dtype of x ({x_dtype}), got {dtype}",
+           lambda func, name, x_dtype, dtype: function_call(
+               func, valid=dict(dtype=x_dtype), **{name: lambda a: a[name].astype(dtype)}),
+           grid(PER_CHANNEL + [dict(func="backward", name="dy")],
+                [dict(x_dtype="float32", dtype="float64"), dict(x_dtype="float64", dtype="float32"),
+                 dict(x_dtype="float32", dtype="float16")])),
     Bad("batch_norm_backward", "mean int64", TypeError,
         "mean must have the dtype of x (float32), got int64",
         fn("backward", mean=np.zeros(3, np.int64))),
 
     # -- functions: out
-    Bad("batch_norm_forward", "out of another shape", ValueError,
-        "out must have the shape of x (4, 3, 5, 2), got (4, 3, 5, 3)",
-        fn("forward", out=np.empty((4, 3, 5, 3), F32))),
-    Bad("batch_norm_forward", "out float64, x float32", ValueError,
-        "out must have the dtype of x (float32), got float64",
-        fn("forward", out=np.empty(SHAPE, np.float64))),
-    Bad("batch_norm_inference", "out in Fortran order", ValueError,
-        "out must be C-contiguous, got a non-contiguous array",
-        fn("inference", out=np.empty(SHAPE, F32, order="F"))),
-    Bad("batch_norm_backward", "out a strided view", ValueError, "out must be C-contiguous",
-        fn("backward", out=np.empty((4, 3, 5, 4), F32)[..., ::2])),
-    Bad("batch_norm_forward", "out read-only", ValueError,
-        "out must be writeable, got a read-only array",
-        fn("forward", out=read_only(np.empty(SHAPE, F32)))),
+    family("out of another shape: (4, 3, 5, 3) or transposed (4, 3, 2, 5)", ValueError,
+           "out must have the shape of x (4, 3, 5, 2), got {shape}",
+           lambda func, shape: function_call(func, out=np.empty(shape, F32)),
+           grid(EVERY_FUNCTION, shape=[(4, 3, 5, 3), (4, 3, 2, 5)])),
+    family("out float64 or int32, x float32", ValueError,
+           "out must have the dtype of x (float32), got {dtype}",
+           lambda func, dtype: function_call(func, out=np.empty(SHAPE, dtype)),
+           grid(EVERY_FUNCTION, dtype=["float64", "int32"])),
+    family("out a strided view or in Fortran order", ValueError,
+           "out must be C-contiguous, got a non-contiguous array",
+           lambda func, layout: function_call(func, out=NOT_C_CONTIGUOUS[layout]()),
+           grid(EVERY_FUNCTION, layout=list(NOT_C_CONTIGUOUS))),
+    family("out read-only", ValueError, "out must be writeable, got a read-only array",
+           lambda func: function_call(func, out=read_only(np.empty(SHAPE, F32))),
+           EVERY_FUNCTION),
     Bad("batch_norm_inference", "out=x with x read-only", ValueError, "out must be writeable",
         fn("inference", lambda a: a.update(x=read_only(a["x"])),
            lambda a: a.update(out=a["x"]))),
-    Bad("batch_norm_forward", "out a list", TypeError,
-        "out must be a numpy.ndarray or None, got list", fn("forward", out=[0.0] * 120)),
-    Bad("batch_norm_forward", "out overlapping x, one item apart", ValueError,
-        "out overlaps x; out may be x itself (in place)", fn("forward", overlap("x", 1))),
-    Bad("batch_norm_inference", "out overlapping x, 7 items before it", ValueError,
-        "out overlaps x", fn("inference", overlap("x", -7))),
-    Bad("batch_norm_backward", "out overlapping dy, 29 items apart", ValueError,
-        "out overlaps dy; out may be dy itself (in place)", fn("backward", overlap("dy", 29))),
+    family("out a list", TypeError, "out must be a numpy.ndarray or None, got list",
+           lambda func: function_call(func, out=lambda a: a["out"].tolist()), EVERY_FUNCTION),
+    family("out overlapping x (or dy, in the backward) in part: 1, 7 or 29 items before or "
+           "after it", ValueError, "out overlaps {name}; out may be {in_place} itself (in place)",
+           lambda func, name, shift, **_: function_call(func, overlap(name, shift)),
+           grid([dict(func="forward", name="x", in_place="x"),
+                 dict(func="inference", name="x", in_place="x"),
+                 dict(func="backward", name="x", in_place="dy"),
+                 dict(func="backward", name="dy", in_place="dy")],
+                shift=[1, -1, 7, -7, 29, -29])),
     Bad("batch_norm_backward", "out=x (only out=dy is in place)", ValueError,
         "out overlaps x; out may be dy itself (in place)",
         fn("backward", out=lambda a: a["x"])),
-    Bad("batch_norm_forward", "running_mean inside out", ValueError,
-        "out overlaps running_mean",
-        fn("forward", running_mean=lambda a: a["out"].reshape(-1)[5:8])),
-    Bad("batch_norm_backward", "invstd inside out", ValueError, "out overlaps invstd",
-        fn("backward", invstd=lambda a: a["out"].reshape(-1)[:3])),
+    family("a per-channel array stored inside out", ValueError, "out overlaps {name}",
+           lambda func, name: function_call(func, inside_out(name)), PER_CHANNEL),
 
     # -- functions: eps, momentum, num_threads, channel_axis
-    Bad("batch_norm_forward", "eps NaN", ValueError, "eps must be finite and > 0, got nan",
-        fn("forward", eps=float("nan"))),
-    Bad("batch_norm_forward", "eps negative", ValueError,
-        "eps must be finite and > 0, got -1e-05", fn("forward", eps=-1e-5)),
-    Bad("batch_norm_inference", "eps zero", ValueError, "eps must be finite and > 0, got 0.0",
-        fn("inference", eps=0.0)),
-    Bad("batch_norm_inference", "eps infinite", ValueError,
-        "eps must be finite and > 0, got inf", fn("inference", eps=float("inf"))),
-    Bad("batch_norm_inference", "eps a string", TypeError,
-        "eps must be a real number, got str", fn("inference", eps="1e-5")),
-    Bad("batch_norm_forward", "momentum 1.5", ValueError,
-        "momentum must be in [0, 1] or None, got 1.5", fn("forward", momentum=1.5)),
-    Bad("batch_norm_forward", "momentum negative", ValueError,
-        "momentum must be in [0, 1] or None, got -0.1", fn("forward", momentum=-0.1)),
-    Bad("batch_norm_forward", "momentum NaN", ValueError,
-        "momentum must be in [0, 1] or None, got nan", fn("forward", momentum=float("nan"))),
-    Bad("batch_norm_forward", "momentum a list", TypeError,
-        "momentum must be a real number or None, got list", fn("forward", momentum=[0.1])),
-    Bad("batch_norm_forward", "num_threads 0", ValueError,
-        "num_threads must be a positive int or None, got 0", fn("forward", num_threads=0)),
-    Bad("batch_norm_inference", "num_threads negative", ValueError,
-        "num_threads must be a positive int or None, got -2",
-        fn("inference", num_threads=-2)),
-    Bad("batch_norm_backward", "num_threads 2.0 (a float)", TypeError,
-        "num_threads must be a positive int or None, got float",
-        fn("backward", num_threads=2.0)),
-    Bad("batch_norm_forward", "num_threads True (a bool)", TypeError,
-        "num_threads must be a positive int or None, got bool",
-        fn("forward", num_threads=True)),
-    Bad("batch_norm_backward", "channel_axis 2", ValueError,
-        "channel_axis must be 1 (channels first) or -1 (channels last), got 2",
-        fn("backward", channel_axis=2)),
-    Bad("batch_norm_inference", "channel_axis 1.0 (a float)", TypeError,
-        "channel_axis must be an int, got float", fn("inference", channel_axis=1.0)),
+    family("eps 0, -0, negative, NaN, inf or -inf", ValueError,
+           "eps must be finite and > 0, got {eps}",
+           lambda func, eps: function_call(func, eps=eps),
+           grid(TRAINING_AND_INFERENCE, eps=[0.0, -0.0, -1e-5, math.nan, math.inf, -math.inf])),
+    Bad("batch_norm_forward", "eps 10**400 (beyond a float)", ValueError,
+        "eps must be finite and > 0, got 10000000000000000...",
+        fn("forward", eps=10**400)),
+    family("eps a string, None, a bool or an array", TypeError,
+           "eps must be a real number, got {type}",
+           lambda func, eps, type: function_call(func, eps=eps),
+           grid(TRAINING_AND_INFERENCE,
+                typed("eps", ["1e-5", None, True, np.array([1e-5, 1e-5])]))),
+    family("momentum outside [0, 1]: -0.1, -1e-300, 1.0000001, 1.5, 2, NaN or inf", ValueError,
+           "momentum must be in [0, 1] or None, got {momentum}",
+           lambda func, momentum: function_call(func, momentum=momentum),
+           grid(TRAINING, momentum=[-0.1, -1e-300, 1.0000001, 1.5, 2.0, math.nan, math.inf])),
+    family("momentum a string, a bool or a list", TypeError,
+           "momentum must be a real number or None, got {type}",
+           lambda func, momentum, type: function_call(func, momentum=momentum),
+           grid(TRAINING, typed("momentum", ["0.1", True, [0.1]]))),
+    family("num_threads 0 (an int or a NumPy int64) or negative", ValueError,
+           "num_threads must be a positive int or None, got {num_threads}",
+           lambda func, num_threads: function_call(func, num_threads=num_threads),
+           grid(EVERY_FUNCTION, num_threads=[0, np.int64(0), -1, -2, -4])),
+    family("num_threads 1.5 or 2.0 (floats), '2' (a string) or True (a bool)", TypeError,
+           "num_threads must be a positive int or None, got {type}",
+           lambda func, num_threads, type: function_call(func, num_threads=num_threads),
+           grid(EVERY_FUNCTION, typed("num_threads", [1.5, 2.0, "2", True]))),
+    family("channel_axis 0, 2, -2, 4, -4, -5 or 100 (x 4-D)", ValueError,
+           "channel_axis must be 1 (channels first) or -1 (channels last), "
+           "got {channel_axis} for an input of 4 dimensions",
+           lambda func, channel_axis: function_call(func, channel_axis=channel_axis),
+           grid(EVERY_FUNCTION, channel_axis=[0, 2, -2, 4, -4, -5, 100])),
+    family("channel_axis 1.0 (a float), '1' (a string), True (a bool) or None", TypeError,
+           "channel_axis must be an int, got {type}",
+           lambda func, channel_axis, type: function_call(func, channel_axis=channel_axis),
+           grid(EVERY_FUNCTION, typed("channel_axis", [1.0, "1", True, None]))),
 
     # -- functions: running statistics and the counter
-    Bad("batch_norm_forward", "running_mean read-only", ValueError,
-        "running_mean is updated in place and must be writeable",
-        fn("forward", running_mean=lambda a: read_only(a["running_mean"]))),
-    Bad("batch_norm_forward", "running_var without running_mean", ValueError,
-        "running_mean and running_var must be given together, got only running_var",
-        fn("forward", running_mean=None)),
+    family("running_mean or running_var read-only", ValueError,
+           "{name} is updated in place and must be writeable, got a read-only array",
+           lambda func, name: function_call(func, **{name: lambda a: read_only(a[name])}),
+           grid(TRAINING, name=["running_mean", "running_var"])),
+    family("running_var without running_mean, or running_mean without running_var",
+           ValueError, "running_mean and running_var must be given together, got only {given}",
+           lambda func, given, missing: function_call(func, **{missing: None}),
+           grid(TRAINING, [dict(given="running_var", missing="running_mean"),
+                           dict(given="running_mean", missing="running_var")])),
     Bad("batch_norm_forward", "running_var a view into x", ValueError,
         "running_var overlaps x",
         fn("forward", running_var=lambda a: a["x"].reshape(-1)[:3])),
+    Bad("batch_norm_forward", "running_var the same array as running_mean", ValueError,
+        "running_var overlaps running_mean",
+        fn("forward", running_var=lambda a: a["running_mean"])),
     Bad("batch_norm_forward", "momentum=None without num_batches_tracked", ValueError,
         "momentum=None (cumulative average) needs num_batches_tracked",
         fn("forward", momentum=None, num_batches_tracked=None)),
-    Bad("batch_norm_forward", "num_batches_tracked float", ValueError,
-        "num_batches_tracked must hold one integer, got dtype float64",
-        fn("forward", num_batches_tracked=np.array(0.0))),
+    family("num_batches_tracked not one integer: a float64 or a bool 0-d array, two int64s; "
+           "momentum 0.1 or None", ValueError,
+           "num_batches_tracked must hold one integer, got dtype {dtype} and shape {shape}",
+           lambda func, dtype, shape, momentum: function_call(
+               func, momentum=momentum, num_batches_tracked=np.zeros(shape, dtype)),
+           grid(TRAINING, [dict(dtype="float64", shape=()), dict(dtype="bool", shape=()),
+                           dict(dtype="int64", shape=(2,))], momentum=[0.1, None])),
     Bad("batch_norm_forward", "num_batches_tracked int8 (would wrap at 127)", ValueError,
         "num_batches_tracked must be int64",
         fn("forward", num_batches_tracked=np.array(127, np.int8))),
@@ -388,26 +451,15 @@ TABLE = [
     Bad("batch_norm_forward", "num_batches_tracked at the int64 maximum", ValueError,
         "num_batches_tracked must be a count >= 0 that can grow by one, got 9223372036854775807",
         fn("forward", num_batches_tracked=np.array(np.iinfo(np.int64).max))),
+    Bad("batch_norm_forward", "num_batches_tracked read-only, momentum=None", ValueError,
+        "num_batches_tracked is updated in place and must be writeable, got a read-only array",
+        fn("forward", momentum=None, num_batches_tracked=read_only(np.array(0, np.int64)))),
     Bad("batch_norm_forward", "num_batches_tracked a string, no running statistics", TypeError,
         "num_batches_tracked must be a numpy.ndarray of one int64 (updated in place), got str",
         fn("forward", running_mean=None, running_var=None, num_batches_tracked="3")),
-    Bad("batch_norm_forward", "x a masked array", TypeError,
-        "x must be a numpy.ndarray, got a numpy.ma.MaskedArray (its mask would be ignored)",
-        fn("forward", x=lambda a: np.ma.masked_less(a["x"], 0.0))),
-    Bad("batch_norm_backward", "dy a masked array", TypeError,
-        "dy must be a numpy.ndarray, got a numpy.ma.MaskedArray",
-        fn("backward", dy=lambda a: np.ma.masked_array(a["dy"]))),
-    Bad("batch_norm_forward", "eps 10**400 (beyond a float)", ValueError,
-        "eps must be finite and > 0, got 10000000000000000...",
-        fn("forward", eps=10**400)),
-    Bad("batch_norm_inference", "running_var None", ValueError,
-        "running_mean and running_var are required in inference", fn("inference",
-                                                                     running_var=None)),
-    Bad("batch_norm_backward", "invstd None", ValueError,
-        "mean and invstd (from batch_norm_forward) are required", fn("backward", invstd=None)),
-    Bad("batch_norm_forward", "running_var the same array as running_mean", ValueError,
-        "running_var overlaps running_mean",
-        fn("forward", running_var=lambda a: a["running_mean"]),),
+    Bad("batch_norm_forward", "num_batches_tracked the int 0, momentum=None", TypeError,
+        "num_batches_tracked must be a numpy.ndarray of one int64 (updated in place), got int",
+        fn("forward", momentum=None, num_batches_tracked=0)),
     Bad("batch_norm_forward", "num_batches_tracked a view of out's first 8 bytes", ValueError,
         "out overlaps num_batches_tracked",
         fn("forward", lambda a: a.update(x=a["x"].astype(np.float64),
@@ -416,6 +468,20 @@ TABLE = [
                                          running_var=a["running_var"].astype(np.float64),
                                          out=np.zeros(SHAPE)),
            lambda a: a.update(num_batches_tracked=a["out"].reshape(-1)[:1].view(np.int64))),),
+    family("running_mean or running_var None", ValueError,
+           "running_mean and running_var are required in inference, got None",
+           lambda func, missing: function_call(func, **{missing: None}),
+           grid(INFERENCE, missing=["running_mean", "running_var"])),
+    family("mean or invstd None", ValueError,
+           "mean and invstd (from batch_norm_forward) are required, got None",
+           lambda func, missing: function_call(func, **{missing: None}),
+           grid(BACKWARD, missing=["mean", "invstd"])),
+    Bad("batch_norm_forward", "x a masked array", TypeError,
+        "x must be a numpy.ndarray, got a numpy.ma.MaskedArray (its mask would be ignored)",
+        fn("forward", x=lambda a: np.ma.masked_less(a["x"], 0.0))),
+    Bad("batch_norm_backward", "dy a masked array", TypeError,
+        "dy must be a numpy.ndarray, got a numpy.ma.MaskedArray",
+        fn("backward", dy=lambda a: np.ma.masked_array(a["dy"]))),
 
     # -- layers
     Bad("BatchNorm2d(3)", "x 3-D", ValueError,
@@ -601,21 +667,47 @@ def assert_thawed_equal(frozen):
 
 # ------------------------------------------------------------------- tests ----
 
-def _case_id(i, case):
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{case.api} {case.bad}").strip("-").lower()
-    return f"{i + 1:03d}-{slug[:60]}"
+def _slug(text, length):
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:length].strip("-")
 
 
-CASES = [pytest.param(case, id=_case_id(i, case),
+def _words(text, length):
+    """The slug of text's first words, up to about ``length`` characters."""
+    words = _slug(text, 200).split("-")
+    return "-".join(w for i, w in enumerate(words) if len("-".join(words[:i + 1])) <= length)
+
+
+def _value_id(value):
+    if isinstance(value, tuple):
+        return "x".join(map(str, value)) or "0d"
+    if isinstance(value, np.generic):
+        return f"{type(value).__name__}({value})"
+    if isinstance(value, np.ndarray):
+        return f"array{value.shape}"
+    return str(value)
+
+
+def _case_id(i, case, variant):
+    if not variant:
+        return f"{i + 1:03d}-{_slug(f'{case.api} {case.bad}', 60)}"
+    return f"{i + 1:03d}-{_words(case.bad, 24)}-" + "-".join(map(_value_id, variant.values()))
+
+
+CASES = [pytest.param(case, variant, id=_case_id(i, case, variant),
                       marks=[pytest.mark.xfail(strict=True, reason=f"known gap: {case.bug}"),
                              pytest.mark.filterwarnings("ignore:Casting complex values")]
                       if case.bug else [])
-         for i, case in enumerate(TABLE)]
+         for i, case in enumerate(TABLE) for variant in case.variants]
+
+
+def test_every_call_has_an_id_of_its_own():
+    ids = [param.id for param in CASES]
+    assert len(set(ids)) == len(ids) == sum(len(case.variants) for case in TABLE)
 
 
 def test_the_table_is_large_and_covers_every_public_entry_point():
     assert len(TABLE) >= 30
-    apis = {case.api.split("(")[0].split(",")[0] for case in TABLE}
+    apis = {part.split("(")[0] for case in TABLE for part in case.api.split(", ")}
     for name in ("batch_norm_forward", "batch_norm_inference", "batch_norm_backward",
                  "BatchNorm1d", "BatchNorm2d", "cs231n.batchnorm_forward",
                  "cs231n.spatial_batchnorm_forward", "cs231n.batchnorm_backward",
@@ -623,25 +715,25 @@ def test_the_table_is_large_and_covers_every_public_entry_point():
         assert name in apis, name
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_bad_call_raises_and_changes_nothing(case):
+@pytest.mark.parametrize("case, variant", CASES)
+def test_bad_call_raises_and_changes_nothing(case, variant):
     """The row's exception, a message that starts as the row says, nothing modified."""
-    thunk, objects = case.make()
+    thunk, objects = case.make(**variant)
     frozen = freeze(objects)
     with pytest.raises(case.exc) as info:
         thunk()
-    message = str(info.value)
-    assert message.startswith(case.message), (
-        f"message {message!r} does not start with {case.message!r}")
+    message, expected = str(info.value), case.expected(variant)
+    assert message.startswith(expected), (
+        f"message {message!r} does not start with {expected!r}")
     assert_thawed_equal(frozen)
 
 
 def test_the_snapshot_sees_a_change():
-    """Control: for every row, flipping one bit of any array the call was given, or
+    """Control: for every call, flipping one bit of any array the call was given, or
     rebinding an attribute of a layer, is seen by the check (so it can fail)."""
     arrays_checked = 0
-    for case in TABLE:
-        thunk, objects = case.make()
+    for case, variant in ((case, v) for case in TABLE for v in case.variants):
+        thunk, objects = case.make(**variant)
         frozen = freeze(objects)
         assert_thawed_equal(frozen)
         for where, obj, _ in frozen:
@@ -662,7 +754,7 @@ def test_the_snapshot_sees_a_change():
             with pytest.raises(AssertionError, match="layer was modified"):
                 assert_thawed_equal(frozen)
             bn.training = saved
-    assert arrays_checked > 3 * len(TABLE)
+    assert arrays_checked > 3 * len(CASES)
 
 
 @pytest.mark.parametrize("func", ["forward", "inference", "backward"])
@@ -712,10 +804,14 @@ def markdown():
         "(`python tests/test_hostile.py > docs/hostile_inputs.md`); "
         "`tests/test_hostile.py` checks that this file is up to date.",
         "",
-        "Every row is one bad call, made by the test suite on otherwise valid arguments "
-        "(x is (4, 3, 5, 2) float32 unless the row says otherwise; the function rows pass "
-        "every argument, `out=` included). It raises the exception shown, with a message "
-        "that starts with the text shown, and afterwards every array it was given "
+        "Every row is one bad call, or a family of bad calls that break one rule the same "
+        "way (one call per value or argument the row lists, in each function it names), "
+        f"{len(TABLE)} rows and {len(CASES)} calls in all, made by the test suite on "
+        "otherwise valid arguments (x is (4, 3, 5, 2) float32 unless the row says otherwise; "
+        "the function rows pass every argument, `out=` included). Each call raises the "
+        "exception shown, with a message that starts with the text shown (in a family, "
+        "`<name>`, `<dtype>`, `<shape>` and the like stand for that call's argument, dtype, "
+        "shape or value), and afterwards every array it was given "
         "(running statistics, `num_batches_tracked`, `out`, a layer's arrays, "
         "`bn_param`) holds the same bytes as before.",
         "",
@@ -730,6 +826,8 @@ def markdown():
         if case.bug:
             raises = f"**known gap**: {case.bug}; should raise {raises}"
         message = case.message.replace("|", "\\|")
+        if case.variants != ({},):
+            message = re.sub(r"\{(\w+)\}", r"<\1>", message)
         lines.append(f"| {i + 1} | `{case.api}` | {case.bad} | {raises} | `{message}` |")
     lines.append("")
     return "\n".join(lines)

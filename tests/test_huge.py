@@ -47,7 +47,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from conftest import same_fastbn
+from helpers import same_fastbn
 
 pytestmark = pytest.mark.slow
 

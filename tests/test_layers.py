@@ -10,6 +10,8 @@ from numpy.testing import assert_allclose, assert_array_equal
 import fastbn
 from fastbn import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, reference
 
+from helpers import numeric_gradient
+
 SHAPES = {  # a class and an input shape it accepts (channels on axis 1)
     "1d-2D": (BatchNorm1d, (16, 5)),
     "1d-3D": (BatchNorm1d, (6, 5, 7)),
@@ -258,21 +260,6 @@ def test_without_running_stats_eval_uses_batch_statistics():
 
 # ------------------------------------------------------ finite differences ----
 
-def numeric_grad(f, a, h=1e-6):
-    """Central differences of the scalar f() with respect to the array a, in place."""
-    grad = np.zeros_like(a)
-    flat, gflat = a.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + h
-        up = f()
-        flat[i] = old - h
-        down = f()
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * h)
-    return grad
-
-
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", SHAPES)
 def test_gradients_match_finite_differences(case, training):
@@ -295,9 +282,9 @@ def test_gradients_match_finite_differences(case, training):
     loss()
     dx = layer.backward(w)
     dgamma, dbeta = layer.dgamma, layer.dbeta
-    assert_allclose(dx, numeric_grad(loss, x), rtol=1e-5, atol=1e-7)
-    assert_allclose(dgamma, numeric_grad(loss, layer.gamma), rtol=1e-5, atol=1e-7)
-    assert_allclose(dbeta, numeric_grad(loss, layer.beta), rtol=1e-5, atol=1e-7)
+    assert_allclose(dx, numeric_gradient(loss, x), rtol=1e-5, atol=1e-7)
+    assert_allclose(dgamma, numeric_gradient(loss, layer.gamma), rtol=1e-5, atol=1e-7)
+    assert_allclose(dbeta, numeric_gradient(loss, layer.beta), rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------- interface ----

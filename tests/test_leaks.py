@@ -31,7 +31,7 @@ import fastbn
 from fastbn import BatchNorm1d, BatchNorm2d
 from fastbn.compat import cs231n, deepnet
 
-from conftest import make_inputs
+from helpers import make_inputs
 
 CALLS = 20_000
 WARM_UP = 2_000

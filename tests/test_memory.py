@@ -7,14 +7,12 @@ the call must stay under 1% of the input. A call without ``out`` is also
 measured, to show that the measurement does see a new full-size array.
 """
 
-import tracemalloc
-
 import numpy as np
 import pytest
 
 import fastbn
 
-from conftest import layout_id
+from helpers import layout_id, peak_bytes
 
 INPUT_BYTES = 32 * 2**20
 LIMIT = INPUT_BYTES // 100
@@ -25,20 +23,6 @@ LAYOUTS = [
     ((32768, 256), 1, np.float32),          # columnar
     ((8, 128, 128, 32), -1, np.float64),    # channels last
 ]
-
-
-def peak_bytes(call):
-    """The peak of traced allocations while ``call()`` runs (after a warm-up call)."""
-    call()
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base, _ = tracemalloc.get_traced_memory()
-        call()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return peak - base
 
 
 @pytest.fixture(scope="module", params=[

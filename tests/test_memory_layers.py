@@ -17,7 +17,7 @@ import pytest
 from fastbn import BatchNorm1d, BatchNorm2d
 from fastbn.compat import cs231n, deepnet
 
-from test_memory import peak_bytes
+from helpers import peak_bytes
 
 SHAPE = (16, 32, 64, 64)          # 8 MB in float32, 16 MB in float64
 

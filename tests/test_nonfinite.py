@@ -1,8 +1,8 @@
 """Non-finite data: a NaN or Inf in one channel spoils that channel only.
 
-``test_inputs.py`` checks the three functions on five layouts with the
-default thread count. This module adds:
-
+- the three functions on five layouts with the default thread count: the
+  bad value first in its channel (the value the kernels shift their sums by)
+  or in the middle; NaN in a per-channel parameter of the inference;
 - every schedule of both kernel families, run on one thread and on several
   (planar by channel and by block, blocks of whole rows and pieces of rows;
   columnar by tile and by row block; channels last), both dtypes;
@@ -26,9 +26,31 @@ import pytest
 import fastbn
 from fastbn import BatchNorm1d, BatchNorm2d, reference
 
-from conftest import (DTYPES, assert_bitwise_equal, assert_close, dtype_id, dx_scale,
-                      layout_id, make_inputs)
-from test_inputs import BAD, _channel, _clean, _poison
+from helpers import (DTYPES, assert_bitwise_equal, assert_close, dtype_id, dx_scale,
+                     layout_id, make_inputs)
+
+BAD = 1   # the channel that gets the non-finite value
+
+
+def _channel(a, c, channel_axis):
+    """Channel c of a."""
+    return np.take(a, c, axis=channel_axis)
+
+
+def _poison(a, value, where, channel_axis):
+    """A copy of a with ``value`` at the first element of channel BAD (the value the
+    kernels shift their sums by) or at a middle one."""
+    a = np.moveaxis(a.copy(), channel_axis, 0)
+    flat = a[BAD].reshape(-1)
+    flat[0 if where == "first" else flat.size // 2 + 1] = value
+    a[BAD] = flat.reshape(a[BAD].shape)
+    return np.ascontiguousarray(np.moveaxis(a, 0, channel_axis))
+
+
+def _clean(a, channel_axis):
+    """a without channel BAD (per-channel arrays: channel_axis 0)."""
+    return np.delete(a, BAD, axis=channel_axis)
+
 
 # (shape, channel_axis, num_threads): each runs a schedule of its own (see
 # test_determinism.py for the schedule each shape takes).
@@ -182,6 +204,118 @@ def test_nan_parameter_of_a_backward(shape, channel_axis, num_threads, dtype, na
     else:
         assert np.isnan(dgamma[BAD])
         assert_bitwise_equal(_clean(dgamma, 0), _clean(dgamma_ok, 0))
+
+
+# ------------------------------------------- default thread count ----
+
+NAN_LAYOUTS = [((4, 3, 5, 7), 1), ((40, 3), 1), ((4, 5, 7, 3), -1), ((2, 3, 40000), 1),
+               ((4096, 3), 1)]
+
+def nan_grid(test):
+    """Parametrize a test over layouts, the bad value, its place and the dtype."""
+    for mark in (
+        pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"]),
+        pytest.mark.parametrize("where", ["first", "middle"]),
+        pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"]),
+        pytest.mark.parametrize("shape, channel_axis", NAN_LAYOUTS),
+    ):
+        test = mark(test)
+    return test
+
+
+@nan_grid
+def test_non_finite_forward_stays_in_its_channel(shape, channel_axis, value, where, dtype):
+    """A NaN/Inf in x spoils its channel's y, mean, invstd, running stats only."""
+    a = make_inputs(shape, dtype, channel_axis, np.random.default_rng(3))
+    x = _poison(a.x, value, where, channel_axis)
+    rm, rv = a.running_mean.copy(), a.running_var.copy()
+    y, mean, invstd = fastbn.batch_norm_forward(x, a.gamma, a.beta, running_mean=rm,
+                                                running_var=rv, channel_axis=channel_axis)
+
+    assert not np.isfinite(_channel(y, BAD, channel_axis)).any()
+    assert not np.isfinite(mean[BAD]) and not np.isfinite(invstd[BAD])
+    assert not np.isfinite(rm[BAD]) or not np.isfinite(rv[BAD])
+
+    # The other channels: as the reference on the clean channels alone ...
+    crm, crv = _clean(a.running_mean, 0), _clean(a.running_var, 0)
+    ry, rmean, rinvstd = reference.batch_norm_forward(
+        _clean(x, channel_axis), _clean(a.gamma, 0), _clean(a.beta, 0), running_mean=crm,
+        running_var=crv, channel_axis=channel_axis)
+    assert_close(_clean(y, channel_axis), ry, dtype)
+    assert_close(_clean(mean, 0), rmean, dtype)
+    assert_close(_clean(invstd, 0), rinvstd, dtype)
+    assert_close(_clean(rm, 0), crm, dtype)
+    assert_close(_clean(rv, 0), crv, dtype)
+    # ... and to the bit as fastbn on the same data without the bad value.
+    y_ok, mean_ok, invstd_ok = fastbn.batch_norm_forward(
+        _poison(a.x, 0.0, where, channel_axis), a.gamma, a.beta, channel_axis=channel_axis)
+    assert_bitwise_equal(_clean(y, channel_axis), _clean(y_ok, channel_axis))
+    assert_bitwise_equal(_clean(mean, 0), _clean(mean_ok, 0))
+    assert_bitwise_equal(_clean(invstd, 0), _clean(invstd_ok, 0))
+
+
+@nan_grid
+def test_non_finite_inference_stays_in_its_element(shape, channel_axis, value, where, dtype):
+    """Inference is elementwise: a NaN/Inf in x spoils that element of y only."""
+    a = make_inputs(shape, dtype, channel_axis, np.random.default_rng(3))
+    x = _poison(a.x, value, where, channel_axis)
+    y = fastbn.batch_norm_inference(x, a.gamma, a.beta, a.running_mean, a.running_var,
+                                    channel_axis=channel_axis)
+    assert np.count_nonzero(~np.isfinite(y)) == 1
+    assert_close(y, reference.batch_norm_inference(x, a.gamma, a.beta, a.running_mean,
+                                                   a.running_var, channel_axis=channel_axis),
+                 dtype)
+
+
+@nan_grid
+@pytest.mark.parametrize("poisoned", ["dy", "x"])
+def test_non_finite_backward_stays_in_its_channel(shape, channel_axis, value, where, dtype,
+                                                  poisoned):
+    """A NaN/Inf in dy or x spoils its channel's dx and dgamma only."""
+    a = make_inputs(shape, dtype, channel_axis, np.random.default_rng(3))
+    arrays = {"dy": a.dy, "x": a.x}
+    arrays[poisoned] = _poison(arrays[poisoned], value, where, channel_axis)
+    dy, x = arrays["dy"], arrays["x"]
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(dy, x, a.gamma, a.mean, a.invstd,
+                                                   channel_axis=channel_axis)
+
+    assert not np.isfinite(_channel(dx, BAD, channel_axis)).any()
+    assert not np.isfinite(dgamma[BAD])
+    assert np.isfinite(dbeta[BAD]) == (poisoned == "x")
+
+    rdx, rdgamma, rdbeta = reference.batch_norm_backward(
+        _clean(dy, channel_axis), _clean(x, channel_axis), _clean(a.gamma, 0),
+        _clean(a.mean, 0), _clean(a.invstd, 0), channel_axis=channel_axis)
+    assert_close(_clean(dx, channel_axis), rdx, dtype,
+                 scale=dx_scale(_clean(dy, channel_axis), _clean(a.gamma, 0), _clean(a.invstd, 0)))
+    assert_close(_clean(dgamma, 0), rdgamma, dtype)
+    assert_close(_clean(dbeta, 0), rdbeta, dtype)
+    arrays[poisoned] = _poison(arrays[poisoned], 0.0, where, channel_axis)
+    dx_ok, dgamma_ok, dbeta_ok = fastbn.batch_norm_backward(
+        arrays["dy"], arrays["x"], a.gamma, a.mean, a.invstd, channel_axis=channel_axis)
+    assert_bitwise_equal(_clean(dx, channel_axis), _clean(dx_ok, channel_axis))
+    assert_bitwise_equal(_clean(dgamma, 0), _clean(dgamma_ok, 0))
+    assert_bitwise_equal(_clean(dbeta, 0), _clean(dbeta_ok, 0))
+
+
+@pytest.mark.parametrize("name", ["running_mean", "running_var", "gamma", "beta"])
+@pytest.mark.parametrize("shape, channel_axis", [((4, 3, 5, 7), 1), ((40, 3), 1),
+                                                 ((4, 5, 7, 3), -1)])
+def test_non_finite_parameter_stays_in_its_channel(name, shape, channel_axis):
+    """A NaN in a per-channel parameter of the inference spoils that channel only."""
+    a = make_inputs(shape, np.float32, channel_axis, np.random.default_rng(3))
+    params = {k: getattr(a, k).copy() for k in ("gamma", "beta", "running_mean",
+                                                "running_var")}
+    params[name][BAD] = np.nan
+    y = fastbn.batch_norm_inference(a.x, params["gamma"], params["beta"],
+                                    params["running_mean"], params["running_var"],
+                                    channel_axis=channel_axis)
+    assert np.isnan(_channel(y, BAD, channel_axis)).all()
+    assert np.isfinite(_clean(y, channel_axis)).all()
+    assert_close(y, reference.batch_norm_inference(a.x, params["gamma"], params["beta"],
+                                                   params["running_mean"],
+                                                   params["running_var"],
+                                                   channel_axis=channel_axis), np.float32)
 
 
 # ------------------------------------------------------------------ layers ----

@@ -30,10 +30,8 @@ from hypothesis import strategies as st  # noqa: E402
 import fastbn  # noqa: E402
 from fastbn import reference  # noqa: E402
 
-from conftest import assert_bitwise_equal, assert_close, dx_scale, make_inputs  # noqa: E402
-from test_gradients import numeric_gradient  # noqa: E402
-from test_inputs import LAYOUTS as STRIDED_LAYOUTS  # noqa: E402
-from test_inputs import _vector_strided  # noqa: E402
+from helpers import (STRIDED_LAYOUTS, assert_bitwise_equal, assert_close,  # noqa: E402
+                     dx_scale, make_inputs, numeric_gradient, strided_vector)
 
 SIZES = st.sampled_from([1, 2, 2, 3, 5, 7, 11, 13])
 LONG = st.sampled_from([2053, 16411, 40009])          # primes: ragged blocks and tiles
@@ -81,7 +79,7 @@ def passed(value, layout, writeable=False):
         v.flags.writeable = writeable
         return v
     if value.ndim == 1:
-        return _vector_strided(value) if not writeable else value.copy()
+        return strided_vector(value) if not writeable else value.copy()
     return STRIDED_LAYOUTS[layout](value)
 
 

@@ -29,7 +29,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import assert_bitwise_equal
+from helpers import assert_bitwise_equal
 
 import fastbn
 from fastbn.distributed import (TAG_CONFLICT, TAG_FIRST, TAG_RANGE, TAG_STATS, TAG_SUM,

@@ -15,7 +15,7 @@ import pytest
 
 import fastbn
 
-from conftest import DTYPES, assert_close, dtype_id, dx_scale, layout_id, make_inputs
+from helpers import DTYPES, assert_close, dtype_id, dx_scale, layout_id, make_inputs
 
 torch = pytest.importorskip("torch")
 

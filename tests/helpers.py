@@ -1,0 +1,287 @@
+"""The shared helpers of the fastbn test suite (not a test module).
+
+Test modules import them with ``from helpers import ...``: pytest puts the
+directory of the test files (and of conftest.py) on ``sys.path``, from the
+repository root and from a copy of ``tests/`` run alone alike. Test modules
+never import each other; a helper that more than one of them needs lives here.
+
+- :data:`DTYPES`, :data:`TOLERANCE`, :data:`THREADS` and the test ids
+  :func:`dtype_id`, :func:`layout_id`;
+- :func:`make_inputs`: reproducible arrays for one call of every function;
+- :func:`assert_close`, :func:`dx_scale`: dtype-aware comparison with the
+  float64 oracle; :func:`assert_bitwise_equal`;
+- :func:`snapshot` / :func:`assert_unchanged`: byte copies of the caller's
+  arrays, to check that a call modified nothing it should not have;
+- :func:`valid_args` / :func:`call`: a valid call of each function with every
+  argument given by name, to change one argument at a time; :func:`read_only`;
+- :data:`STRIDED_LAYOUTS`, :func:`strided_vector`: the same values in
+  non-contiguous views;
+- :func:`numeric_gradient` (central differences), :func:`peak_bytes`
+  (tracemalloc), :func:`same_fastbn` (a child Python that imports this fastbn).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tracemalloc
+from types import SimpleNamespace
+
+import numpy as np
+
+import fastbn
+from fastbn import reference
+
+DTYPES = (np.float32, np.float64)
+
+# Relative tolerance per dtype, also used as the absolute tolerance relative
+# to the largest magnitude of the expected values.
+TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
+
+THREADS = (1, 2, 3)
+
+
+def dtype_id(dtype):
+    """A short test id for a dtype: 'float32' or 'float64'."""
+    return np.dtype(dtype).name
+
+
+def layout_id(shape, channel_axis):
+    """A short test id for a layout, e.g. '2x3x5-ca1'."""
+    return "x".join(map(str, shape)) + f"-ca{channel_axis}"
+
+
+# ------------------------------------------------------------------ inputs ----
+
+def per_channel(v, ndim, channel_axis):
+    """View a (C,) vector so that it broadcasts along ``channel_axis``."""
+    shape = [1] * ndim
+    shape[channel_axis % ndim] = -1
+    return np.asarray(v).reshape(shape)
+
+
+def make_inputs(shape, dtype, channel_axis=1, rng=None, *, offset=0.0, spread=1.0):
+    """Arrays for one call of each function, all C-contiguous and of ``dtype``.
+
+    Every channel gets its own mean (about ``offset``) and standard deviation
+    (about ``spread``), so that per-channel mistakes show. Returns a
+    namespace with x, dy, gamma, beta, running_mean, running_var (positive),
+    mean and invstd (x's batch statistics from the reference, for the
+    backward) and C.
+    """
+    rng = np.random.default_rng(0) if rng is None else rng
+    dtype = np.dtype(dtype)
+    ndim = len(shape)
+    C = shape[channel_axis % ndim]
+    centers = offset + rng.uniform(-2.0, 2.0, C)
+    scales = spread * rng.uniform(0.5, 2.0, C)
+    x = (per_channel(centers, ndim, channel_axis)
+         + per_channel(scales, ndim, channel_axis) * rng.standard_normal(shape))
+    x = np.ascontiguousarray(x, dtype=dtype)
+    axes = tuple(a for a in range(ndim) if a != channel_axis % ndim)
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=axes)
+    var = x64.var(axis=axes)
+    return SimpleNamespace(
+        C=C,
+        x=x,
+        dy=np.ascontiguousarray(rng.standard_normal(shape), dtype=dtype),
+        gamma=rng.uniform(0.5, 1.5, C).astype(dtype) * rng.choice([-1, 1], C).astype(dtype),
+        beta=rng.standard_normal(C).astype(dtype),
+        running_mean=(offset + rng.standard_normal(C)).astype(dtype),
+        running_var=rng.uniform(0.5, 2.0, C).astype(dtype) * spread**2,
+        mean=mean.astype(dtype),
+        invstd=(1.0 / np.sqrt(var + 1e-5)).astype(dtype),
+    )
+
+
+# -------------------------------------------------------------- comparing ----
+
+def assert_close(actual, expected, dtype=None, *, rtol=None, scale=None, err_msg=""):
+    """``actual`` equals ``expected`` to the tolerance of ``dtype``.
+
+    The tolerance is relative (``rtol``, by default :data:`TOLERANCE` of
+    the dtype) and absolute at ``rtol * scale``, where ``scale`` defaults to
+    the largest finite magnitude of ``expected`` (at least the smallest
+    normal number). NaN must be where NaN is expected; shapes must agree.
+    """
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    dtype = np.dtype(actual.dtype if dtype is None else dtype)
+    assert actual.shape == expected.shape, (
+        f"shape {actual.shape} != expected {expected.shape}. {err_msg}")
+    rtol = TOLERANCE[dtype] if rtol is None else rtol
+    if scale is None:
+        finite = np.abs(expected[np.isfinite(expected)].astype(np.float64))
+        scale = max(finite.max(initial=0.0), np.finfo(dtype).tiny)
+    np.testing.assert_allclose(actual.astype(np.float64), expected.astype(np.float64),
+                               rtol=rtol, atol=rtol * scale, equal_nan=True,
+                               err_msg=err_msg)
+
+
+def dx_scale(dy, gamma, invstd):
+    """The magnitude of the terms that make up dx: max|gamma * invstd| * max|dy|.
+
+    dx = gamma*invstd/m * (m*dy - dbeta - xhat*dgamma) is a difference of
+    terms of this size, which cancel entirely when a channel has two values;
+    its rounding error is relative to them, not to dx.
+    """
+    g = np.ones_like(invstd) if gamma is None else gamma
+    gi = np.abs(np.asarray(g, np.float64) * np.asarray(invstd, np.float64))
+    dy = np.abs(np.asarray(dy, np.float64))
+    return gi[np.isfinite(gi)].max(initial=0.0) * dy[np.isfinite(dy)].max(initial=0.0)
+
+
+def assert_bitwise_equal(actual, expected, err_msg=""):
+    """Same dtype, shape and bytes (NaN payloads and signed zeros included)."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.dtype == expected.dtype, f"{actual.dtype} != {expected.dtype}. {err_msg}"
+    assert actual.shape == expected.shape, f"{actual.shape} != {expected.shape}. {err_msg}"
+    if actual.tobytes() != expected.tobytes():
+        differ = np.count_nonzero(actual.view(np.uint8) != expected.view(np.uint8))
+        raise AssertionError(f"not bitwise equal ({differ} bytes differ). {err_msg}\n"
+                             f"actual:   {actual.ravel()[:8]}\nexpected: {expected.ravel()[:8]}")
+
+
+def snapshot(**arrays):
+    """Byte copies of every ndarray among ``arrays`` (name -> value)."""
+    return {name: (a, a.dtype, a.shape, a.tobytes()) for name, a in arrays.items()
+            if isinstance(a, np.ndarray)}
+
+
+def assert_unchanged(snap):
+    """Every array of ``snapshot`` still holds exactly the bytes it held."""
+    for name, (a, dtype, shape, data) in snap.items():
+        assert a.dtype == dtype and a.shape == shape, f"{name} changed dtype or shape"
+        assert a.tobytes() == data, f"{name} was modified"
+
+
+# ---------------------------------------- one call, every argument by name ----
+
+SHAPE = (4, 3, 5, 2)   # 4-D, so that channel_axis = 2 is wrong; C = 3
+C = 3
+
+FUNCTIONS = ("forward", "inference", "backward")
+FASTBN = {
+    "forward": fastbn.batch_norm_forward,
+    "inference": fastbn.batch_norm_inference,
+    "backward": fastbn.batch_norm_backward,
+}
+REFERENCE = {
+    "forward": reference.batch_norm_forward,
+    "inference": reference.batch_norm_inference,
+    "backward": reference.batch_norm_backward,
+}
+POSITIONAL = {
+    "forward": ("x", "gamma", "beta"),
+    "inference": ("x", "gamma", "beta", "running_mean", "running_var"),
+    "backward": ("dy", "x", "gamma", "mean", "invstd"),
+}
+
+
+def valid_args(func, shape=SHAPE, dtype=np.float32, channel_axis=1):
+    """Every argument of a valid call of ``func`` (by name), with an out buffer."""
+    a = make_inputs(shape, dtype, channel_axis, np.random.default_rng(0))
+    common = dict(channel_axis=channel_axis, out=np.empty_like(a.x), num_threads=2)
+    if func == "forward":
+        return dict(x=a.x, gamma=a.gamma, beta=a.beta, eps=1e-5, running_mean=a.running_mean,
+                    running_var=a.running_var, momentum=0.1,
+                    num_batches_tracked=np.array(0, dtype=np.int64), **common)
+    if func == "inference":
+        return dict(x=a.x, gamma=a.gamma, beta=a.beta, running_mean=a.running_mean,
+                    running_var=a.running_var, eps=1e-5, **common)
+    return dict(dy=a.dy, x=a.x, gamma=a.gamma, mean=a.mean, invstd=a.invstd, **common)
+
+
+def call(func, args, impl=FASTBN):
+    """Call ``func`` (fastbn's or the reference's) with the arguments by name."""
+    positional = [args[name] for name in POSITIONAL[func]]
+    keywords = {k: v for k, v in args.items() if k not in POSITIONAL[func]}
+    return impl[func](*positional, **keywords)
+
+
+def read_only(a):
+    """A read-only copy of a."""
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+# ----------------------------------------------------- non-contiguous views ----
+
+def strided_view(a):
+    """a's values in a view with a step of 2 along the last axis."""
+    wide = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
+    wide[..., ::2] = a
+    return wide[..., ::2]
+
+
+def transposed_view(a):
+    """a's values in a view of memory laid out with the axes reversed."""
+    return np.ascontiguousarray(a.T).T
+
+
+def reversed_view(a):
+    """a's values in a view with a negative stride along axis 0."""
+    return np.ascontiguousarray(a[::-1])[::-1]
+
+
+def strided_vector(v):
+    """v's values (1-D) in a view with a step of 2."""
+    wide = np.zeros(2 * v.size, v.dtype)
+    wide[::2] = v
+    return wide[::2]
+
+
+# Non-contiguous views of arrays of 2 or more dimensions, by name.
+STRIDED_LAYOUTS = {
+    "strided": strided_view,
+    "fortran": np.asfortranarray,
+    "transposed": transposed_view,
+    "reversed": reversed_view,
+}
+
+
+# ------------------------------------------------------------------ other ----
+
+NUMERIC_STEP = 1e-6    # central-difference step, relative to the input's magnitude
+
+
+def numeric_gradient(loss, a):
+    """Central differences of ``loss()`` with respect to every element of ``a``."""
+    grad = np.empty_like(a)
+    flat, gflat = a.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        orig = flat[i]
+        h = NUMERIC_STEP * max(1.0, abs(orig))
+        flat[i] = orig + h
+        plus = loss()
+        flat[i] = orig - h
+        minus = loss()
+        flat[i] = orig
+        gflat[i] = (plus - minus) / (2 * h)
+    return grad
+
+
+def peak_bytes(thunk):
+    """The peak of traced allocations while ``thunk()`` runs (after a warm-up call)."""
+    thunk()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        thunk()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak - base
+
+
+def same_fastbn():
+    """subprocess.run arguments that make a child Python import the very fastbn
+    this process imported (an installed wheel or an in-place build), never a
+    source tree that happens to be the working directory."""
+    here = pathlib.Path(__file__).parent
+    home = str(pathlib.Path(fastbn.__file__).resolve().parents[1])
+    return {"cwd": here, "env": {**os.environ, "PYTHONPATH": home}}
