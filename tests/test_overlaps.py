@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import assert_unchanged, snapshot
+from helpers import assert_unchanged, snapshot
 
 import fastbn
 from fastbn.distributed import SyncBatchNorm, sync_batch_norm_backward, sync_batch_norm_forward
