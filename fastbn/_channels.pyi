@@ -24,6 +24,7 @@ def forward_map(
     running_mean: _Array | None,  # updated
     running_var: _Array | None,  # updated
     factor: float,
+    unbiased: bool,
     coef: _Doubles,  # double[:, ::1], (C, 4), written
 ) -> None: ...
 def backward_map(

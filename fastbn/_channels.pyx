@@ -39,10 +39,11 @@ def forward_map(const double[:, :] stats, double m, double eps,
                 floating[::1] mean, floating[::1] invstd,
                 const floating[::1] gamma, const floating[::1] beta,
                 floating[::1] running_mean, floating[::1] running_var,
-                double factor, double[:, ::1] coef):
+                double factor, bint unbiased, double[:, ::1] coef):
     """From the (mean, var) of every channel over m values (stats (C, 2)):
     write mean and invstd, update the running statistics (both or None)
-    with weight factor, and write the maps coef (C, 4) for ``apply``.
+    with weight factor (the variance corrected by m / (m - 1) when unbiased),
+    and write the maps coef (C, 4) for ``apply``.
     (The first array of the call's dtype is never None: Cython picks the
     specialization from it.)"""
     cdef const floating* g = cptr(gamma)
@@ -53,7 +54,7 @@ def forward_map(const double[:, :] stats, double m, double eps,
     cdef Py_ssize_t c
     for c in range(stats.shape[0]):
         k[c] = stats_coef(stats[c, 0], stats[c, 1], m, eps, g, b, &mean[0], &invstd[0],
-                          rm, rv, factor, c)
+                          rm, rv, factor, unbiased, c)
 
 
 def backward_map(const double[:, :] sums, double m, const floating[::1] mean,

@@ -72,6 +72,15 @@ def is_real(v):
                                               and not isinstance(v, bool))
 
 
+def flag(value, name, *, who=None):
+    """A bool (numpy.bool_ too) as a bool; anything else is a TypeError (an
+    int or a string would be a likely mistake)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise _error(TypeError, who, f"{name} must be True or False, got "
+                                     f"{type(value).__name__}")
+    return bool(value)
+
+
 def eps(value, *, who=None, name="eps"):
     """eps as a float, finite and > 0 (an int too large for a float is refused
     like an infinite one)."""

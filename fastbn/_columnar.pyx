@@ -37,8 +37,8 @@ from cython.view cimport array
 
 from fastbn._openmp cimport barrier, threads_for
 from fastbn._simd cimport STREAM_CHUNK, fence, stream, streams
-from fastbn._stats cimport (Coef, Coef32, Pass, backward_pass, finish, forward_pass,
-                            inference_coef, to_float)
+from fastbn._stats cimport (Coef, Coef32, Pass, apply_b, backward_pass, finish, forward_pass,
+                            inference_coef, needs_sums, to_float)
 from fastbn._views cimport at, cptr, cptr2, wptr, workspace
 
 
@@ -287,15 +287,21 @@ cdef void block_apply(const floating* a, const floating* b, floating* out, const
         fence()
 
 
+cdef inline void zero_totals(const Grid* g, Py_ssize_t c0, Py_ssize_t c1,
+                             double* total) noexcept nogil:
+    cdef Py_ssize_t c
+    for c in range(c0, c1):
+        total[c] = 0.0
+        total[g.C + c] = 0.0
+
+
 cdef void tile_totals(const floating* a, const floating* b, const Grid* g, Py_ssize_t c0,
                       Py_ssize_t c1, const double* center, double* part,
                       double* total) noexcept nogil:
     """Totals over all row blocks, in block order, for columns [c0, c1):
     total[c], total[C + c]; part is 2 * C doubles of scratch."""
     cdef Py_ssize_t C = g.C, c, blk
-    for c in range(c0, c1):
-        total[c] = 0.0
-        total[C + c] = 0.0
+    zero_totals(g, c0, c1, total)
     for blk in range(g.nblocks):
         block_sums(a, b, g, blk, c0, c1, center, part, part + C)
         for c in range(c0, c1):
@@ -340,9 +346,12 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Gr
 
     mem: pass_bytes(g): 2 * C doubles of totals, C of centers (already set
     by the caller), the scratch, then the maps.
-    out NULL: the sums only, left in ``totals(mem, g)`` (C of the first sum,
-    then C of the second)."""
+    out NULL (and ps NULL): the sums only, left in ``totals(mem, g)`` (C of
+    the first sum, then C of the second). A frozen backward without
+    parameter gradients skips the sums."""
     cdef Py_ssize_t C = g.C, u, t, c, c0, c1, blk, nb = g.nblocks
+    cdef bint sums = ps == NULL or needs_sums(ps)
+    cdef const floating* ab = b if ps == NULL else apply_b(ps, b)
     cdef Maps k = maps_in(maps_at(mem, g), C)
     cdef double* total = totals(mem, g)
     cdef const double* center = total + 2 * C
@@ -352,28 +361,34 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Gr
             for t in prange(g.ntiles, schedule="dynamic"):
                 c0 = t * g.tile
                 c1 = min(C, c0 + g.tile)
-                tile_totals(a, b, g, c0, c1, center, scratch, total)
+                if sums:
+                    tile_totals(a, b, g, c0, c1, center, scratch, total)
+                else:
+                    zero_totals(g, c0, c1, total)
                 if out != NULL:
                     for c in range(c0, c1):
                         store_map(&k, c, finish(ps, total[c], total[C + c], center[c], c, a))
-                    block_apply(a, b, out, g, 0, g.M, c0, c1, &k)
+                    block_apply(a, ab, out, g, 0, g.M, c0, c1, &k)
         return
     with parallel(num_threads=nt):
-        for blk in prange(nb, schedule="dynamic"):
+        for blk in prange(nb if sums else 0, schedule="dynamic"):
             block_sums(a, b, g, blk, 0, C, center, scratch + 2 * blk * C,
                        scratch + (2 * blk + 1) * C)
         barrier()
         for u in prange((C + MERGE_COLUMNS - 1) // MERGE_COLUMNS, schedule="dynamic"):
             c0 = u * MERGE_COLUMNS
             c1 = min(C, c0 + MERGE_COLUMNS)
-            merge_blocks(scratch, g, c0, c1, total)
+            if sums:
+                merge_blocks(scratch, g, c0, c1, total)
+            else:
+                zero_totals(g, c0, c1, total)
             if out != NULL:
                 for c in range(c0, c1):
                     store_map(&k, c, finish(ps, total[c], total[C + c], center[c], c, a))
         barrier()
         if out != NULL:
             for blk in prange(nb, schedule="dynamic"):
-                block_apply(a, b, out, g, (nb - 1 - blk) * g.rows_per_block,
+                block_apply(a, ab, out, g, (nb - 1 - blk) * g.rows_per_block,
                             min(g.M, (nb - blk) * g.rows_per_block), 0, C, &k)
 
 
@@ -396,7 +411,7 @@ def forward_train(const floating[:, ::1] x, const floating[::1] gamma,
                   const floating[::1] beta, floating[:, ::1] y,
                   floating[::1] mean, floating[::1] invstd,
                   floating[::1] running_mean, floating[::1] running_var,
-                  double eps, double factor, int num_threads, bint stream):
+                  double eps, double factor, bint unbiased, int num_threads, bint stream):
     """Training forward on an (M, C) view; see fastbn.functional."""
     cdef const floating* xp = &x[0, 0]
     cdef floating* yp = &y[0, 0]
@@ -407,8 +422,8 @@ def forward_train(const floating[:, ::1] x, const floating[::1] gamma,
     cdef array mem = workspace(pass_bytes(&g), 1)
     cdef char* wp = mem.data
     cdef double* center = centers(wp, &g)
-    cdef Pass ps = forward_pass(<double>g.M, eps, factor, cptr(gamma), cptr(beta), &mean[0],
-                                &invstd[0], wptr(running_mean), wptr(running_var))
+    cdef Pass ps = forward_pass(<double>g.M, eps, factor, unbiased, cptr(gamma), cptr(beta),
+                                &mean[0], &invstd[0], wptr(running_mean), wptr(running_var))
     cdef Py_ssize_t c
     with nogil:
         for c in range(g.C):
@@ -443,9 +458,11 @@ def inference(const floating[:, ::1] x, const floating[::1] gamma,
 def backward(const floating[:, ::1] dy, const floating[:, ::1] x,
              const floating[::1] gamma, const floating[::1] mean,
              const floating[::1] invstd, floating[:, ::1] dx,
-             floating[::1] dgamma, floating[::1] dbeta, int num_threads,
+             floating[::1] dgamma, floating[::1] dbeta, bint frozen, int num_threads,
              bint stream):
-    """Fused backward on (M, C) views; see fastbn.functional."""
+    """Fused backward on (M, C) views; see fastbn.functional. frozen: mean and
+    invstd are constants (eval mode); then dgamma and dbeta may be None (not
+    wanted: dy alone is read)."""
     cdef const floating* dyp = &dy[0, 0]
     cdef const floating* xp = &x[0, 0]
     cdef floating* dxp = &dx[0, 0]
@@ -456,8 +473,8 @@ def backward(const floating[:, ::1] dy, const floating[:, ::1] x,
     cdef array mem = workspace(pass_bytes(&g), 1)
     cdef char* wp = mem.data
     cdef double* center = centers(wp, &g)
-    cdef Pass ps = backward_pass(<double>g.M, cptr(gamma), &mean[0], &invstd[0], &dgamma[0],
-                                 &dbeta[0])
+    cdef Pass ps = backward_pass(<double>g.M, frozen, cptr(gamma), &mean[0], &invstd[0],
+                                 wptr(dgamma), wptr(dbeta))
     cdef Py_ssize_t c
     with nogil:
         for c in range(g.C):

@@ -21,6 +21,7 @@ def forward_train(
     running_var: _Array | None,  # floating[::1], updated
     eps: float,
     factor: float,
+    unbiased: bool,  # the running variance takes var * m / (m - 1)
     num_threads: int,
     stream: bool,  # y (dx, out) is the caller's buffer: stream it when large
 ) -> None: ...
@@ -42,8 +43,9 @@ def backward(
     mean: _Array,  # const floating[::1]
     invstd: _Array,  # const floating[::1]
     dx: _Array,  # floating[:, :, ::1] (planar), [:, ::1] (columnar), may be dy
-    dgamma: _Array,  # floating[::1], written
-    dbeta: _Array,  # floating[::1], written
+    dgamma: _Array | None,  # floating[::1], written; None only when frozen
+    dbeta: _Array | None,  # floating[::1], written; None only when frozen
+    frozen: bool,  # mean and invstd are constants (eval mode): dx = gamma * invstd * dy
     num_threads: int,
     stream: bool,  # y (dx, out) is the caller's buffer: stream it when large
 ) -> None: ...

@@ -47,8 +47,8 @@ from cython.parallel cimport parallel, prange
 from cython.view cimport array
 
 from fastbn._openmp cimport FASTBN_COMPILE_ARGS, barrier, threads_for
-from fastbn._stats cimport (Coef, Coef32, Pass, backward_pass, center_of, finish,
-                            forward_pass, inference_coef, to_float)
+from fastbn._stats cimport (Coef, Coef32, Pass, apply_b, backward_pass, center_of, finish,
+                            forward_pass, inference_coef, needs_sums, to_float)
 from fastbn._simd cimport (LANES, PREFETCH_BYTES, STREAM_CHUNK, fence, grad_sums_f32,
                            grad_sums_f64, prefetch_span,
                            shifted_sums_f32, shifted_sums_f64, stream, streams)
@@ -314,10 +314,12 @@ cdef void group_pass(const floating* a, const floating* b, floating* out, const 
     cdef Py_ssize_t j
     for j in range(c1 - c0):
         center[j] = center_of(ps, a, (c0 + j) * p.S, c0 + j)
-    group_sums(a, b, p, c0, c1, center, totals)
+        totals[2 * j] = totals[2 * j + 1] = 0.0
+    if needs_sums(ps):
+        group_sums(a, b, p, c0, c1, center, totals)
     for j in range(c1 - c0):
         coef[j] = finish(ps, totals[2 * j], totals[2 * j + 1], center[j], c0 + j, a)
-    group_apply(a, b, out, p, c0, c1, coef)
+    group_apply(a, apply_b(ps, b), out, p, c0, c1, coef)
 
 
 # ---------------------------------------------------------- schedules ----
@@ -341,26 +343,30 @@ cdef Coef merged_map(const double* part, const Plane* p, Py_ssize_t c, const Pas
                      const floating* a) noexcept nogil:
     """Channel c's map from the (channel, block) table of sums (the sums are
     locals of this function: private to the thread that calls it)."""
-    cdef double s0, s1
-    merge_blocks(part, p, c, &s0, &s1)
+    cdef double s0 = 0.0, s1 = 0.0
+    if needs_sums(ps):
+        merge_blocks(part, p, c, &s0, &s1)
     return finish(ps, s0, s1, center_of(ps, a, c * p.S, c), c, a)
 
 
 cdef void run_pass(const floating* a, const floating* b, floating* out, const Plane* p,
                    const Pass* ps, char* table, int nt) noexcept nogil:
-    """A training pass (forward: a = x, b NULL; backward: a = dy, b = x): by
+    """A pass of sums, maps and apply (forward: a = x, b NULL; backward: a = dy,
+    b = x; a frozen backward without parameter gradients skips the sums): by
     channel group when ``table`` is NULL, else by (channel, block) with
     ``table`` of table_bytes() for the sums and the maps."""
     cdef Py_ssize_t G = group_size(p, sizeof(floating) if b == NULL else 2 * sizeof(floating))
     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb, c, u
     cdef Coef* coef = <Coef*>table
     cdef double* part = <double*>(coef + p.C)
+    cdef const floating* ab = apply_b(ps, b)
+    cdef Py_ssize_t nsum = nu if needs_sums(ps) else 0
     if table == NULL:
         for u in prange((p.C + G - 1) // G, num_threads=nt, schedule="dynamic"):
             group_pass(a, b, out, p, u * G, min(p.C, (u + 1) * G), ps)
         return
     with parallel(num_threads=nt):
-        for u in prange(nu, schedule="dynamic"):
+        for u in prange(nsum, schedule="dynamic"):
             block_sums(a, b, p, u // nb, u % nb, center_of(ps, a, (u // nb) * p.S, u // nb),
                        &part[2 * u], &part[2 * u + 1])
         barrier()
@@ -368,7 +374,7 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Pl
             coef[c] = merged_map(part, p, c, ps, a)
         barrier()
         for u in prange(nu, schedule="dynamic"):  # the pairs summed last first: still cached
-            block_apply(a, b, out, p, (nu - 1 - u) // nb, (nu - 1 - u) % nb,
+            block_apply(a, ab, out, p, (nu - 1 - u) // nb, (nu - 1 - u) % nb,
                         &coef[(nu - 1 - u) // nb])
 
 
@@ -383,7 +389,7 @@ def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,
                   const floating[::1] beta, floating[:, :, ::1] y,
                   floating[::1] mean, floating[::1] invstd,
                   floating[::1] running_mean, floating[::1] running_var,
-                  double eps, double factor, int num_threads, bint stream):
+                  double eps, double factor, bint unbiased, int num_threads, bint stream):
     """Training forward on an (N, C, S) view; see fastbn.functional."""
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* yp = &y[0, 0, 0]
@@ -394,8 +400,9 @@ def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,
     cdef Py_ssize_t nbytes = table_bytes(&p, sizeof(floating), nt)
     cdef array mem = workspace(nbytes, 1) if nbytes else None
     cdef char* table = table_of(mem)
-    cdef Pass ps = forward_pass(<double>(p.N * p.S), eps, factor, cptr(gamma), cptr(beta),
-                                &mean[0], &invstd[0], wptr(running_mean), wptr(running_var))
+    cdef Pass ps = forward_pass(<double>(p.N * p.S), eps, factor, unbiased, cptr(gamma),
+                                cptr(beta), &mean[0], &invstd[0], wptr(running_mean),
+                                wptr(running_var))
     with nogil:
         run_pass(xp, <const floating*>NULL, yp, &p, &ps, table, nt)
 
@@ -439,9 +446,11 @@ def inference(const floating[:, :, ::1] x, const floating[::1] gamma,
 def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
              const floating[::1] gamma, const floating[::1] mean,
              const floating[::1] invstd, floating[:, :, ::1] dx,
-             floating[::1] dgamma, floating[::1] dbeta, int num_threads,
+             floating[::1] dgamma, floating[::1] dbeta, bint frozen, int num_threads,
              bint stream):
-    """Fused backward on (N, C, S) views; see fastbn.functional."""
+    """Fused backward on (N, C, S) views; see fastbn.functional. frozen: mean
+    and invstd are constants (eval mode); then dgamma and dbeta may be None
+    (not wanted: dy alone is read)."""
     cdef const floating* dyp = &dy[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* dxp = &dx[0, 0, 0]
@@ -452,8 +461,8 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
     cdef Py_ssize_t nbytes = table_bytes(&p, 2 * sizeof(floating), nt)
     cdef array mem = workspace(nbytes, 1) if nbytes else None
     cdef char* table = table_of(mem)
-    cdef Pass ps = backward_pass(<double>(p.N * p.S), cptr(gamma), &mean[0], &invstd[0],
-                                 &dgamma[0], &dbeta[0])
+    cdef Pass ps = backward_pass(<double>(p.N * p.S), frozen, cptr(gamma), &mean[0],
+                                 &invstd[0], wptr(dgamma), wptr(dbeta))
     with nogil:
         run_pass(dyp, xp, dxp, &p, &ps, table, nt)
 

@@ -45,10 +45,11 @@ cdef inline Coef stats_coef(double mean, double var, double m, double eps,
                             const floating* gamma, const floating* beta,
                             floating* mean_out, floating* invstd_out,
                             floating* running_mean, floating* running_var,
-                            double factor, Py_ssize_t c) noexcept nogil:
+                            double factor, bint unbiased, Py_ssize_t c) noexcept nogil:
     """Channel c's affine map from its mean and biased variance over m values;
-    stores mean and invstd and updates the running statistics (the unbiased
-    variance var * m / (m - 1), weighted by factor). The stored invstd is
+    stores mean and invstd and updates the running statistics (with the
+    variance var * m / (m - 1) when unbiased, PyTorch's, else var, Keras'),
+    weighted by factor). The stored invstd is
     saturated at the largest float when 1/sqrt(var + eps) exceeds it (a
     constant channel with a tiny eps): the map itself keeps the exact
     double."""
@@ -65,8 +66,11 @@ cdef inline Coef stats_coef(double mean, double var, double m, double eps,
         invstd_out[c] = invstd
     if running_mean != NULL:
         running_mean[c] = <floating>((1.0 - factor) * running_mean[c] + factor * mean)
-        running_var[c] = <floating>((1.0 - factor) * running_var[c]
-                                    + factor * var * m / (m - 1.0))
+        if unbiased:
+            running_var[c] = <floating>((1.0 - factor) * running_var[c]
+                                        + factor * var * m / (m - 1.0))
+        else:
+            running_var[c] = <floating>((1.0 - factor) * running_var[c] + factor * var)
     return k
 
 
@@ -74,13 +78,13 @@ cdef inline Coef forward_coef(double s, double q, double m, double shift, double
                               const floating* gamma, const floating* beta,
                               floating* mean_out, floating* invstd_out,
                               floating* running_mean, floating* running_var,
-                              double factor, Py_ssize_t c) noexcept nogil:
+                              double factor, bint unbiased, Py_ssize_t c) noexcept nogil:
     """Finish channel c's statistics from its shifted sums, store them and
     return the affine map."""
     cdef double mean, var
     moments(s, q, m, shift, &mean, &var)
     return stats_coef(mean, var, m, eps, gamma, beta, mean_out, invstd_out, running_mean,
-                      running_var, factor, c)
+                      running_var, factor, unbiased, c)
 
 
 cdef inline Coef inference_coef(const floating* running_mean, const floating* running_var,
@@ -115,11 +119,32 @@ cdef inline Coef backward_coef(double sdy, double sdyc, double m,
     return k
 
 
+cdef inline Coef frozen_coef(double sdy, double sdyc, const floating* invstd,
+                             const floating* gamma, floating* dgamma_out, floating* dbeta_out,
+                             Py_ssize_t c) noexcept nogil:
+    """The backward with mean and invstd as constants (eval mode, frozen
+    statistics): dx = gamma * invstd * dy, the map applied to dy alone
+    (center 0, offset 0: x is not read, so a non-finite x leaves dx alone);
+    dgamma = invstd * sdyc and dbeta = sdy stored unless dgamma_out is NULL."""
+    cdef Coef k
+    cdef double istd = invstd[c]
+    if dgamma_out != NULL:
+        dgamma_out[c] = <floating>(istd * sdyc)
+        dbeta_out[c] = <floating>sdy
+    k.center = 0.0
+    k.scale = istd * (<double>gamma[c] if gamma != NULL else 1.0)
+    k.slope = 0.0
+    k.offset = 0.0
+    return k
+
+
 ctypedef struct Pass:
     # What a training pass needs to finish its channels (forward or
     # backward); the arrays have the call's dtype (void* here, because a
     # struct cannot be fused), and NULL where absent.
     bint backward
+    bint frozen            # backward with mean and invstd as constants (frozen_coef)
+    bint unbiased          # forward: the running variance takes var * m / (m - 1)
     double m               # values per channel
     double eps, factor     # forward only
     const void* gamma
@@ -128,15 +153,17 @@ ctypedef struct Pass:
     void* invstd           # forward: written; backward: read
     void* running_mean     # forward only, updated
     void* running_var
-    void* dgamma           # backward only, written
+    void* dgamma           # backward only, written (NULL when frozen: not wanted)
     void* dbeta
 
 
-cdef inline Pass forward_pass(double m, double eps, double factor, const floating* gamma,
-                              const floating* beta, floating* mean, floating* invstd,
-                              floating* running_mean, floating* running_var) noexcept nogil:
+cdef inline Pass forward_pass(double m, double eps, double factor, bint unbiased,
+                              const floating* gamma, const floating* beta, floating* mean,
+                              floating* invstd, floating* running_mean,
+                              floating* running_var) noexcept nogil:
     cdef Pass ps
-    ps.backward = False
+    ps.backward = ps.frozen = False
+    ps.unbiased = unbiased
     ps.m, ps.eps, ps.factor = m, eps, factor
     ps.gamma, ps.beta = gamma, beta
     ps.mean, ps.invstd = mean, invstd
@@ -145,11 +172,13 @@ cdef inline Pass forward_pass(double m, double eps, double factor, const floatin
     return ps
 
 
-cdef inline Pass backward_pass(double m, const floating* gamma, const floating* mean,
-                               const floating* invstd, floating* dgamma,
+cdef inline Pass backward_pass(double m, bint frozen, const floating* gamma,
+                               const floating* mean, const floating* invstd, floating* dgamma,
                                floating* dbeta) noexcept nogil:
     cdef Pass ps
     ps.backward = True
+    ps.frozen = frozen
+    ps.unbiased = False
     ps.m, ps.eps, ps.factor = m, 0.0, 0.0
     ps.gamma, ps.beta = gamma, NULL
     ps.mean, ps.invstd = <void*>mean, <void*>invstd
@@ -163,13 +192,27 @@ cdef inline Coef finish(const Pass* ps, double s0, double s1, double center, Py_
     """Channel c's map from its two sums around center (forward: the shifted
     sums; backward: sum(dy), sum(dy * (x - mean))); ``like`` is any array of
     the call, for its dtype."""
+    if ps.frozen:
+        return frozen_coef(s0, s1, <const floating*>ps.invstd, <const floating*>ps.gamma,
+                           <floating*>ps.dgamma, <floating*>ps.dbeta, c)
     if ps.backward:
         return backward_coef(s0, s1, ps.m, <const floating*>ps.mean,
                              <const floating*>ps.invstd, <const floating*>ps.gamma,
                              <floating*>ps.dgamma, <floating*>ps.dbeta, c)
     return forward_coef(s0, s1, ps.m, center, ps.eps, <const floating*>ps.gamma,
                         <const floating*>ps.beta, <floating*>ps.mean, <floating*>ps.invstd,
-                        <floating*>ps.running_mean, <floating*>ps.running_var, ps.factor, c)
+                        <floating*>ps.running_mean, <floating*>ps.running_var, ps.factor,
+                        ps.unbiased, c)
+
+
+cdef inline bint needs_sums(const Pass* ps) noexcept nogil:
+    """False for a frozen backward without parameter gradients: the apply alone."""
+    return not (ps.frozen and ps.dgamma == NULL)
+
+
+cdef inline const floating* apply_b(const Pass* ps, const floating* b) noexcept nogil:
+    """The apply's second array: none for a frozen backward (dx from dy alone)."""
+    return NULL if ps.frozen else b
 
 
 cdef inline double center_of(const Pass* ps, const floating* a, Py_ssize_t offset,

@@ -34,8 +34,8 @@ def _output(out, x):
 # ---------------------------------------------------------- public API ----
 
 def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_var=None,
-                       momentum=0.1, num_batches_tracked=None, channel_axis=1, out=None,
-                       num_threads=None):
+                       momentum=0.1, num_batches_tracked=None, unbiased=True, channel_axis=1,
+                       out=None, num_threads=None):
     """Batch Normalization in training mode: normalize with the batch statistics.
 
     For every channel c, over the m values of that channel (m = N times the
@@ -66,7 +66,7 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
         zero-stride view is refused), updated in place as in PyTorch:
         ``running = (1 - f) * running + f * batch`` with ``f = momentum``;
         the running variance takes the unbiased batch variance
-        ``var * m / (m - 1)``.
+        ``var * m / (m - 1)`` (or the biased one, see ``unbiased``).
     momentum : float in [0, 1] or None, default 0.1
         Weight of the new batch. None is a cumulative average, with
         ``f = 1 / num_batches_tracked`` after the increment; it needs
@@ -75,6 +75,10 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
         Batches seen so far (PyTorch's buffer of that name, and its dtype: a
         narrower integer would wrap). When given with the running statistics
         it is incremented in place; a count that cannot grow is refused.
+    unbiased : bool, default True
+        The running variance takes the unbiased batch variance
+        ``var * m / (m - 1)`` (PyTorch), or with False the biased ``var``
+        that normalizes the batch (Keras, cs231n, numpy-ml).
     channel_axis : {1, -1}, default 1
         Axis of the channels: 1 for NCHW-style, -1 for channels last (the
         positive equivalent ``x.ndim - 1`` is accepted).
@@ -126,6 +130,7 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
     eps, momentum, nthreads, g, b, rm, rv = _checks.forward_args(
         x, num_features, gamma, beta, eps, momentum, num_threads, running_mean, running_var,
         num_batches_tracked, out)
+    unbiased = _checks.flag(unbiased, "unbiased")
     tracking = rm is not None
     factor = _running.factor(momentum, num_batches_tracked) if tracking else 0.0
 
@@ -135,7 +140,7 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
     invstd = np.empty(num_features, dtype=x.dtype)
     kernel, view = _dispatch.kernel_for(x.shape, ca)
     kernel.forward_train(xc.reshape(view), g, b, y.reshape(view), mean, invstd, rm, rv, eps,
-                         factor, nthreads, out is not None)
+                         factor, unbiased, nthreads, out is not None)
     if tracking:
         _running.commit(running_mean, rm, running_var, rv, num_batches_tracked)
     return y, mean, invstd
@@ -206,18 +211,29 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
     return y
 
 
-def batch_norm_backward(dy, x, gamma, mean, invstd, *, channel_axis=1, out=None,
-                        num_threads=None):
-    """Gradients of training-mode Batch Normalization, fused in two sweeps.
+def batch_norm_backward(dy, x, gamma, mean, invstd, *, training=True, param_grads=True,
+                        channel_axis=1, out=None, num_threads=None):
+    """Gradients of Batch Normalization, fused in one pass over dy and x.
 
     With ``xhat = (x - mean) * invstd`` recomputed from x (never stored) and
     m the number of values per channel (Ioffe & Szegedy 2015,
-    arXiv:1502.03167, Section 3, gathered into one expression)::
+    arXiv:1502.03167, Section 3, gathered into one expression), in training
+    mode (mean and invstd are the batch's, functions of x)::
 
         dbeta[c]  = sum(dy[..c..])
         dgamma[c] = sum(dy[..c..] * xhat[..c..])
         dx[..c..] = gamma[c] * invstd[c] / m
                     * (m * dy[..c..] - dbeta[c] - xhat[..c..] * dgamma[c])
+
+    With ``training=False`` mean and invstd are constants (the running
+    statistics of an eval-mode forward, or frozen ones: ``invstd = 1 /
+    sqrt(running_var + eps)``), the normalization is an affine map, and::
+
+        dx[..c..] = gamma[c] * invstd[c] * dy[..c..]
+
+    with dbeta and dgamma as above; with ``param_grads=False`` too, they
+    are not computed and the pass reads dy alone (2 x nbytes of traffic,
+    as inference), for a frozen layer whose gamma and beta do not learn.
 
     The sums run in float64; dx is the same to the bit for any
     ``num_threads``.
@@ -232,7 +248,14 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, channel_axis=1, out=None,
         None means a scale of 1 (no affine); dgamma and dbeta are still
         returned, as the gradients of an implicit gamma = 1 and beta = 0.
     mean, invstd : ndarray, shape (C,), dtype of x
-        As returned by :func:`batch_norm_forward`.
+        As returned by :func:`batch_norm_forward` (training), or the
+        running mean and ``1 / sqrt(running_var + eps)`` (``training=False``).
+    training : bool, default True
+        False: mean and invstd are constants (eval mode, frozen statistics).
+    param_grads : bool, default True
+        False: return None for dgamma and dbeta; with ``training=False`` they
+        are then not computed and x is not read. (In training mode dx needs
+        the two sums anyway.)
     channel_axis : {1, -1}, default 1
     out : ndarray or None
         C-contiguous, writeable, x's shape and dtype, for dx. ``out=dy``
@@ -242,7 +265,8 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, channel_axis=1, out=None,
     Returns
     -------
     dx : ndarray, shape and dtype of x (``out`` when given)
-    dgamma, dbeta : ndarray, shape (C,), dtype of x
+    dgamma, dbeta : ndarray, shape (C,), dtype of x, or None
+        None with ``param_grads=False``.
 
     Raises
     ------
@@ -259,12 +283,18 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, channel_axis=1, out=None,
     nthreads, g, mu, istd = _checks.backward_args(dy, x, num_features, gamma, mean, invstd, out,
                                                   num_threads, source="batch_norm_forward")
 
+    training = _checks.flag(training, "training")
+    param_grads = _checks.flag(param_grads, "param_grads")
+    reads_x = training or param_grads
+
     dyc = np.ascontiguousarray(dy)
-    xc = np.ascontiguousarray(x)
-    dx = _output(out, xc)
-    dgamma = np.empty(num_features, dtype=x.dtype)
-    dbeta = np.empty(num_features, dtype=x.dtype)
+    xc = np.ascontiguousarray(x) if reads_x else dyc  # not read: no copy of x
+    dx = _output(out, dyc)
+    dgamma = np.empty(num_features, dtype=x.dtype) if reads_x else None
+    dbeta = np.empty(num_features, dtype=x.dtype) if reads_x else None
     kernel, view = _dispatch.kernel_for(x.shape, ca)
     kernel.backward(dyc.reshape(view), xc.reshape(view), g, mu, istd, dx.reshape(view), dgamma,
-                    dbeta, nthreads, out is not None)
+                    dbeta, not training, nthreads, out is not None)
+    if not param_grads:
+        return dx, None, None
     return dx, dgamma, dbeta

@@ -115,6 +115,9 @@ class BatchNorm:
         1 for channels first (NCHW and relatives), -1 for channels last.
     num_threads : int > 0 or None, default None
         OpenMP threads for the kernels; None uses the OpenMP default.
+    unbiased : bool, keyword-only, default True
+        The running variance takes the unbiased batch variance (PyTorch), or
+        with False the biased one (Keras, cs231n, numpy-ml).
     backend : module or None, keyword-only, default None
         Where the arithmetic is done: anything providing
         ``batch_norm_forward``, ``batch_norm_inference`` and
@@ -181,7 +184,7 @@ class BatchNorm:
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, dtype=np.float32, channel_axis=1,
-                 num_threads=None, *, backend=None):
+                 num_threads=None, *, unbiased=True, backend=None):
         who = type(self).__name__
         # The functions check eps, momentum and num_threads again at every call;
         # checking them here makes a bad layer fail at construction.
@@ -200,6 +203,7 @@ class BatchNorm:
         self.dtype = dtype
         self.channel_axis = channel_axis
         self.num_threads = num_threads
+        self.unbiased = _checks.flag(unbiased, "unbiased", who=who)
         self.backend = _check_backend(backend)
         self.training = True
 
@@ -291,12 +295,6 @@ class BatchNorm:
                             channel_axis=self.channel_axis, dtype=self.dtype,
                             ndims=self._ndims, expected=self._expected)
 
-    def _per_channel(self, v, ndim):
-        """A (C,) vector reshaped to broadcast along the channel axis."""
-        shape = [1] * ndim
-        shape[self.channel_axis % ndim] = -1
-        return v.reshape(shape)
-
     def forward(self, x):
         """Normalize x; in training mode also update the running statistics.
 
@@ -335,7 +333,7 @@ class BatchNorm:
                 x, self._gamma, self._beta, eps=self.eps,
                 running_mean=self.running_mean if tracking else None,
                 running_var=self.running_var if tracking else None,
-                momentum=self.momentum,
+                momentum=self.momentum, unbiased=self.unbiased,
                 num_batches_tracked=self.num_batches_tracked if tracking else None,
                 **common)
             self._saved = Saved(x, mean, invstd, batch=True)
@@ -369,11 +367,10 @@ class BatchNorm:
             dgamma = sum(dy * xhat)
             dx     = dy * gamma * invstd
 
-        using the running statistics as they were at that forward. The two
-        sums are those of :func:`fastbn.batch_norm_backward` given the
-        running statistics as mean and invstd (so they run in the kernel, in
-        float64); dx is then one NumPy multiply written over the kernel's
-        output.
+        using the running statistics as they were at that forward: one
+        kernel pass, :func:`fastbn.batch_norm_backward` with
+        ``training=False`` (without ``affine``, dgamma and dbeta are not
+        computed and only dy is read).
 
         Parameters
         ----------
@@ -403,12 +400,10 @@ class BatchNorm:
         _checks.like("dy", dy, x, who=who)
         f = self.backend
         common = dict(channel_axis=self.channel_axis, num_threads=self.num_threads)
-        dx, dgamma, dbeta = f.batch_norm_backward(dy, x, self._gamma, mean, invstd, **common)
-        if not batch:  # the running statistics are constants: dx = dy * gamma * invstd
-            scale = invstd.astype(np.float64)
-            if self._gamma is not None:
-                scale = scale * self._gamma
-            np.multiply(dy, self._per_channel(scale.astype(self.dtype), x.ndim), out=dx)
+        # after an eval-mode forward the running statistics are constants
+        dx, dgamma, dbeta = f.batch_norm_backward(dy, x, self._gamma, mean, invstd,
+                                                  training=batch, param_grads=self.affine,
+                                                  **common)
         if self.affine:
             self.dgamma, self.dbeta = dgamma, dbeta
         return dx
@@ -510,6 +505,8 @@ class BatchNorm:
             extra += f", dtype={self.dtype.name}"
         if self.channel_axis != 1:
             extra += f", channel_axis={self.channel_axis}"
+        if not self.unbiased:
+            extra += ", unbiased=False"
         if self.backend is not _functional:
             extra += f", backend={getattr(self.backend, '__name__', self.backend)!s}"
         return (f"{type(self).__name__}({self.num_features}, eps={self.eps:g}, "

@@ -37,7 +37,7 @@ def _per_channel(v, ndim, channel_axis):
 
 def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None,
                        running_var=None, momentum=0.1, num_batches_tracked=None,
-                       channel_axis=1, out=None, num_threads=None):
+                       unbiased=True, channel_axis=1, out=None, num_threads=None):
     """Training-mode Batch Normalization, computed in float64.
 
     ``mean = E[x]``, ``var = E[(x - mean)**2]`` (biased) over every axis but
@@ -46,7 +46,8 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None,
     ``running_var`` are given they are updated in place with
     ``running = (1 - f) * running + f * batch`` where ``f = momentum``, or
     ``f = 1 / num_batches_tracked`` after incrementing it when ``momentum`` is
-    None; the running variance takes the unbiased variance ``var * m / (m-1)``.
+    None; the running variance takes the unbiased variance ``var * m / (m-1)``
+    (the biased ``var`` with ``unbiased=False``).
 
     Returns
     -------
@@ -76,9 +77,9 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None,
             if num_batches_tracked is not None:
                 num_batches_tracked += 1
             factor = momentum
-        unbiased = var * m / (m - 1)
+        batch_var = var * m / (m - 1) if unbiased else var
         running_mean[...] = (1.0 - factor) * running_mean.astype(np.float64) + factor * mean
-        running_var[...] = (1.0 - factor) * running_var.astype(np.float64) + factor * unbiased
+        running_var[...] = (1.0 - factor) * running_var.astype(np.float64) + factor * batch_var
     y = y.astype(x.dtype)
     if out is not None:
         out[...] = y
@@ -111,9 +112,9 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
     return y
 
 
-def batch_norm_backward(dy, x, gamma, mean, invstd, *, channel_axis=1, out=None,
-                        num_threads=None):
-    """Gradients of training-mode Batch Normalization, computed in float64.
+def batch_norm_backward(dy, x, gamma, mean, invstd, *, training=True, param_grads=True,
+                        channel_axis=1, out=None, num_threads=None):
+    """Gradients of Batch Normalization, computed in float64.
 
     With ``xhat = (x - mean) * invstd`` and m the number of values per
     channel (Ioffe & Szegedy 2015, Section 3, simplified)::
@@ -122,10 +123,14 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, channel_axis=1, out=None,
         dgamma = sum(dy * xhat)
         dx     = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)
 
+    or, with ``training=False`` (mean and invstd constants),
+    ``dx = gamma * invstd * dy``.
+
     Returns
     -------
     dx : ndarray, shape and dtype of x
-    dgamma, dbeta : ndarray, shape (C,), dtype of x
+    dgamma, dbeta : ndarray, shape (C,), dtype of x, or None with
+        ``param_grads=False``
     """
     del num_threads
     axes, channel_axis = _reduce_axes(x.ndim, channel_axis)
@@ -139,10 +144,15 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, channel_axis=1, out=None,
     dgamma = (dy64 * xhat).sum(axis=axes)
     g = np.ones(x.shape[channel_axis]) if gamma is None else np.asarray(gamma, dtype=np.float64)
     g = _per_channel(g, x.ndim, channel_axis)
-    dx = g * invstd_b / m * (m * dy64 - _per_channel(dbeta, x.ndim, channel_axis)
-                            - xhat * _per_channel(dgamma, x.ndim, channel_axis))
+    if training:
+        dx = g * invstd_b / m * (m * dy64 - _per_channel(dbeta, x.ndim, channel_axis)
+                                - xhat * _per_channel(dgamma, x.ndim, channel_axis))
+    else:
+        dx = g * invstd_b * dy64
     dx = dx.astype(x.dtype)
     if out is not None:
         out[...] = dx
         dx = out
+    if not param_grads:
+        return dx, None, None
     return dx, dgamma.astype(x.dtype), dbeta.astype(x.dtype)

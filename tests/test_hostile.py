@@ -342,6 +342,14 @@ TABLE = [
         "mean must have the dtype of x (float32), got int64",
         fn("backward", mean=np.zeros(3, np.int64))),
 
+    # -- functions: flags
+    Bad("batch_norm_forward", "unbiased the string 'False'", TypeError,
+        "unbiased must be True or False, got str", fn("forward", unbiased="False")),
+    Bad("batch_norm_backward", "training the int 0", TypeError,
+        "training must be True or False, got int", fn("backward", training=0)),
+    Bad("batch_norm_backward", "param_grads None", TypeError,
+        "param_grads must be True or False, got NoneType", fn("backward", param_grads=None)),
+
     # -- functions: out
     family("out of another shape: (4, 3, 5, 3) or transposed (4, 3, 2, 5)", ValueError,
            "out must have the shape of x (4, 3, 5, 2), got {shape}",
@@ -538,6 +546,9 @@ TABLE = [
     Bad("BatchNorm2d", "num_features 2**62 (no memory holds it)", ValueError,
         "BatchNorm2d: num_features must be small enough for one value per channel to fit in "
         "memory, got 4611686018427387904", construct(BatchNorm2d, num_features=2**62)),
+    Bad("BatchNorm2d", "unbiased the int 1", TypeError,
+        "BatchNorm2d: unbiased must be True or False, got int",
+        construct(BatchNorm2d, num_features=3, unbiased=1)),
     Bad("BatchNorm2d", "eps NaN", ValueError, "BatchNorm2d: eps must be finite and > 0, got nan",
         construct(BatchNorm2d, num_features=3, eps=float("nan"))),
     Bad("BatchNorm2d", "momentum 1.5", ValueError,

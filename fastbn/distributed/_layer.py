@@ -12,7 +12,7 @@ from fastbn.layers import BatchNorm, Saved
 __all__ = ["SyncBatchNorm"]
 
 _SETTINGS = ("num_features", "dtype", "channel_axis", "eps", "momentum", "affine",
-             "track_running_stats")
+             "track_running_stats", "unbiased")
 
 
 class SyncBatchNorm(BatchNorm):
@@ -40,7 +40,7 @@ class SyncBatchNorm(BatchNorm):
     ----------
     num_features : int
         C, the same on every rank.
-    eps, momentum, affine, track_running_stats, dtype, channel_axis, num_threads
+    eps, momentum, affine, track_running_stats, dtype, channel_axis, num_threads, unbiased
         As in :class:`fastbn.layers.BatchNorm`; the same on every rank
         (checked at construction).
     comm : mpi4py.MPI.Intracomm or None, keyword-only
@@ -105,9 +105,9 @@ class SyncBatchNorm(BatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, dtype=np.float32, channel_axis=1,
-                 num_threads=None, *, comm=None, allreduce=None):
+                 num_threads=None, *, unbiased=True, comm=None, allreduce=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype,
-                         channel_axis, num_threads)
+                         channel_axis, num_threads, unbiased=unbiased)
         cls = type(self).__name__
         if allreduce is not None:
             if comm is not None:
@@ -171,7 +171,7 @@ class SyncBatchNorm(BatchNorm):
                             f"{type(layer).__name__}")
         new = cls(layer.num_features, layer.eps, layer.momentum, layer.affine,
                   layer.track_running_stats, layer.dtype, layer.channel_axis,
-                  layer.num_threads, comm=comm, allreduce=allreduce)
+                  layer.num_threads, unbiased=layer.unbiased, comm=comm, allreduce=allreduce)
         new._share_arrays(layer)
         return new
 
@@ -214,6 +214,7 @@ class SyncBatchNorm(BatchNorm):
             x, self._gamma, self._beta, eps=self.eps,
             running_mean=self.running_mean if tracking else None,
             running_var=self.running_var if tracking else None, momentum=self.momentum,
+            unbiased=self.unbiased,
             num_batches_tracked=self.num_batches_tracked if tracking else None, out=None,
             **self._common())
         self._saved = Saved(x, mean, invstd, batch=True, synced=True)

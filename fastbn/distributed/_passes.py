@@ -60,8 +60,8 @@ def _first_values(xv):
 # ------------------------------------------------------------ forward ----
 
 def forward(x, gamma, beta, *, allreduce, num_features, eps, running_mean, running_var,
-            momentum, num_batches_tracked, channel_axis, out, num_threads, dtype=None,
-            ndims=_ANY, expected=_ANY_INPUT, who="sync_batch_norm_forward"):
+            momentum, num_batches_tracked, channel_axis, out, num_threads, unbiased=True,
+            dtype=None, ndims=_ANY, expected=_ANY_INPUT, who="sync_batch_norm_forward"):
     """:func:`sync_batch_norm_forward` after its own checks; a layer passes its
     dtype, the input it accepts and its name (``who``)."""
     C = num_features
@@ -100,7 +100,7 @@ def forward(x, gamma, beta, *, allreduce, num_features, eps, running_mean, runni
     coef = np.empty((C, 4))
     with np.errstate(all="ignore"):
         _channels.forward_map(body[:, 2:4], m, eps, mean, invstd, g, b, rm, rv,
-                              factor if tracking else 0.0, coef)
+                              factor if tracking else 0.0, unbiased, coef)
     y = np.empty_like(xc, order="C") if out is None else out
     if n:
         kernel.apply(xv, None, y.reshape(xv.shape), coef, nthreads, out is not None)
@@ -111,7 +111,7 @@ def forward(x, gamma, beta, *, allreduce, num_features, eps, running_mean, runni
 
 def sync_batch_norm_forward(x, gamma, beta, *, allreduce, num_features, eps=1e-5,
                             running_mean=None, running_var=None, momentum=0.1,
-                            num_batches_tracked=None, channel_axis=1, out=None,
+                            num_batches_tracked=None, unbiased=True, channel_axis=1, out=None,
                             num_threads=None):
     """Training-mode Batch Normalization with the statistics of the global batch.
 
@@ -167,6 +167,8 @@ def sync_batch_norm_forward(x, gamma, beta, *, allreduce, num_features, eps=1e-5
         given identical on every rank, they stay identical to the bit.
     momentum : float in [0, 1] or None, default 0.1
     num_batches_tracked : ndarray holding one integer, or None
+    unbiased : bool, default True
+        As in :func:`fastbn.batch_norm_forward`; the same on every rank.
     channel_axis : {1, -1}, default 1
     out : ndarray or None
         As in :func:`fastbn.batch_norm_forward`; ``out=x`` works in place.
@@ -199,7 +201,7 @@ def sync_batch_norm_forward(x, gamma, beta, *, allreduce, num_features, eps=1e-5
                    num_features=_checks.num_features(num_features, note=_SAME), eps=eps,
                    running_mean=running_mean, running_var=running_var, momentum=momentum,
                    num_batches_tracked=num_batches_tracked, channel_axis=channel_axis,
-                   out=out, num_threads=num_threads)
+                   out=out, num_threads=num_threads, unbiased=_checks.flag(unbiased, "unbiased"))
 
 
 # ----------------------------------------------------------- backward ----
