@@ -32,12 +32,15 @@ except ImportError:  # the suite runs without PyTorch, minus its column
 
 EPS = 1e-5
 MOMENTUM = 0.1
-OPERATIONS = ("forward", "inference", "backward")
+OPERATIONS = ("forward", "inference", "backward", "frozen", "frozen_dx")
 OPERATION_TITLES = {"forward": "Training forward", "inference": "Inference",
-                    "backward": "Backward"}
+                    "backward": "Backward",
+                    "frozen": "Frozen backward (eval mode: dx, dgamma, dbeta)",
+                    "frozen_dx": "Frozen backward, dx only (gamma and beta frozen too)"}
 # Minimal traffic of one call, in multiples of x.nbytes: forward and
-# inference read x and write y; the backward reads x and dy and writes dx.
-TRAFFIC_FACTOR = {"forward": 2, "inference": 2, "backward": 3}
+# inference read x and write y; the backward reads x and dy and writes dx;
+# the frozen backward without parameter gradients reads dy and writes dx.
+TRAFFIC_FACTOR = {"forward": 2, "inference": 2, "backward": 3, "frozen": 3, "frozen_dx": 2}
 
 # Inputs smaller than this are timed hot (they fit in the per-core cache).
 COLD_MIN_BYTES = 1 << 20
@@ -160,6 +163,8 @@ class Workload:
         self.beta = rng.standard_normal(c).astype(self.dtype)
         self.running_mean = (0.1 * rng.standard_normal(c)).astype(self.dtype)
         self.running_var = rng.uniform(0.5, 2.0, c).astype(self.dtype)
+        self.running_invstd = (1.0 / np.sqrt(self.running_var.astype(np.float64) + EPS)
+                               ).astype(self.dtype)
         _, self.mean, self.invstd = fastbn.batch_norm_forward(
             x0, self.gamma, self.beta, eps=EPS, channel_axis=shape.channel_axis)
         self._torch = None
@@ -226,6 +231,11 @@ def make_call(impl, op, w, num_threads):
         mean, invstd = w.mean, w.invstd
         return lambda i: module.batch_norm_backward(dy[i], x[i], g, mean, invstd,
                                                     out=out[i], **kw)[0]
+    if op in ("frozen", "frozen_dx"):
+        mean, invstd = w.running_mean, w.running_invstd
+        grads = op == "frozen"
+        return lambda i: module.batch_norm_backward(dy[i], x[i], g, mean, invstd, training=False,
+                                                    param_grads=grads, out=out[i], **kw)[0]
     raise ValueError(f"unknown operation {op!r}")
 
 
@@ -248,4 +258,8 @@ def _torch_call(op, w):
         return lambda i: aten.native_batch_norm_backward(dy[i], x[i], weight, rm, rv,
                                                          save_mean, save_invstd, True, EPS,
                                                          mask)[0]
+    if op in ("frozen", "frozen_dx"):  # eval mode: the running statistics are constants
+        mask = [True, op == "frozen", op == "frozen"]
+        return lambda i: aten.native_batch_norm_backward(dy[i], x[i], weight, rm, rv, None,
+                                                         None, False, EPS, mask)[0]
     raise ValueError(f"unknown operation {op!r}")

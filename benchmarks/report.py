@@ -273,7 +273,7 @@ def evaluate_targets(records, all_cores):
             f"(all shapes, dtypes, thread counts)", rows,
             lambda rows: geomean_vs_torch(rows) >= TARGET_GEOMEAN_SPEEDUP,
             lambda rows: f"{geomean_vs_torch(rows):.2f}× over {len(rows)} cases",
-            informational=op == "inference"))
+            informational=op in ("inference", "frozen", "frozen_dx")))
 
     def slower(rows):
         return sorted((r for r in rows if r["speedup"]["torch"] < TARGET_FLOOR_VS_TORCH),
