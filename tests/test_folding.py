@@ -15,7 +15,7 @@
 - nothing passed is modified and the results are new arrays; equivalent
   out_axis values, non-contiguous and read-only arrays and mixed dtypes give
   the same bits;
-- the docstring examples run.
+- the docstring examples and the README's example run.
 
 The bad calls are rows of tests/test_hostile.py.
 """
@@ -23,6 +23,8 @@ The bad calls are rows of tests/test_hostile.py.
 from __future__ import annotations
 
 import doctest
+import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -377,3 +379,15 @@ def test_docstring_examples_run(obj):
     for t in tests:
         runner.run(t)
     assert runner.failures == 0
+
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_example_runs():
+    """The Python block of the README's "Folding for inference" section."""
+    if not README.exists():
+        pytest.skip(f"{README} is not here (a copy of tests/ without the repository)")
+    section = README.read_text().split("## Folding for inference", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md (Folding for inference)", "exec"), {})
