@@ -1,7 +1,8 @@
 """fastbn: Batch Normalization for NumPy arrays, in typed Cython with OpenMP.
 
 The public names are the three functions of :mod:`fastbn.functional`, the
-layer classes of :mod:`fastbn.layers`, the oracle :mod:`fastbn.reference`,
+layer classes of :mod:`fastbn.layers`, :func:`fold_batch_norm`
+(:mod:`fastbn.folding`), the oracle :mod:`fastbn.reference`,
 :func:`show_config`, and ``SyncBatchNorm`` (:mod:`fastbn.distributed`),
 imported on first use: mpi4py is optional, ``pip install "fastbn[mpi]"``.
 """
@@ -33,6 +34,7 @@ _check_built()
 
 from fastbn import reference  # noqa: E402 - after the check that explains a failure
 from fastbn._config import __version__, show_config
+from fastbn.folding import fold_batch_norm
 from fastbn.functional import batch_norm_backward, batch_norm_forward, batch_norm_inference
 from fastbn.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -49,6 +51,7 @@ __all__ = [
     "batch_norm_backward",
     "batch_norm_forward",
     "batch_norm_inference",
+    "fold_batch_norm",
     "reference",
     "show_config",
 ]

@@ -161,6 +161,18 @@ def channel_axis(value, ndim=None, *, who=None):
 _channel_axis = channel_axis  # for the functions with an argument of that name
 
 
+def axis(value, ndim, *, who=None, name="axis", of="the array"):
+    """Any axis of an array ``of`` ndim dimensions (negative counts from the
+    end), returned as an int in [0, ndim)."""
+    if not is_int(value):
+        raise _error(TypeError, who, f"{name} must be an int, got {type(value).__name__}")
+    if not -ndim <= value < ndim:
+        raise _error(ValueError, who, f"{name} must be an axis of {of}, in [{-ndim}, "
+                                      f"{ndim - 1}] for its {ndim} dimensions, got "
+                                      f"{_shown(value)}")
+    return int(value) % ndim
+
+
 def float_dtype(value, *, who=None, name="dtype"):
     """A dtype argument (np.float32, 'float64', ...) as float32 or float64."""
     try:
@@ -240,16 +252,19 @@ def like(name, a, x, *, who=None, what="the last forward's input"):
                                       f"{a.shape}", "shape", name)
 
 
-def vector(name, v, dtype, size, *, writeable=False, who=None):
-    """A (C,) array of the call's dtype; returns a C-contiguous view or copy.
+def vector(name, v, dtype, size, *, writeable=False, who=None, what="a numpy.ndarray or None",
+           per="channel"):
+    """A (C,) array of the call's dtype (float32 or float64 for None);
+    returns a C-contiguous view or copy. ``what`` is the expected type as the
+    message says it, ``per`` what C counts.
 
     ``writeable``: it is updated in place, so it must be writeable and may
     not have a zero stride (several channels would write one value)."""
-    array(name, v, who=who, what="a numpy.ndarray or None")
+    array(name, v, who=who, what=what)
     dtype_of(name, v, dtype, who=who)
     if v.shape != (size,):
         raise _error(ValueError, who, f"{name} must have shape ({size},) (one value per "
-                                      f"channel), got shape {v.shape}")
+                                      f"{per}), got shape {v.shape}")
     if writeable:
         if not v.flags.writeable:
             raise _error(ValueError, who, f"{name} is updated in place and must be writeable, "
@@ -396,3 +411,34 @@ def backward_args(dy, x, num_features, gamma, mean, invstd, out_, num_threads_, 
         out(out_, x, {"dy": dy, "x": x, "gamma": gamma, "mean": mean, "invstd": invstd},
             in_place="dy")
     return nthreads, g, mu, istd
+
+
+def fold_args(weight, bias, running_mean, running_var, gamma, beta, eps_, out_axis, *,
+              num_features=None, who=None):
+    """The checks of :func:`fastbn.fold_batch_norm` (and of a layer's
+    ``fold_into``, which passes its ``num_features``): weight a float32 or
+    float64 ndarray of 2 or more dimensions, none empty; out_axis one of its
+    axes; the per-channel arrays (C,) float32 or float64 (any mix), C being
+    ``weight.shape[out_axis]``, the running statistics required and the rest
+    optional. Returns (eps, out_axis as an int in [0, weight.ndim))."""
+    array("weight", weight, who=who)
+    dtype_of("weight", weight, None, who=who)
+    if weight.ndim < 2:
+        raise _error(ValueError, who, f"weight must have 2 or more dimensions ((O, I, ...) or "
+                                      f"(I, O)), got shape {weight.shape}", "ndim", weight.ndim)
+    if 0 in weight.shape:
+        raise _error(ValueError, who, f"weight must not have a zero-size axis, got shape "
+                                      f"{weight.shape}")
+    ax = axis(out_axis, weight.ndim, who=who, name="out_axis", of="weight")
+    size = weight.shape[ax]
+    if num_features is not None and size != num_features:
+        raise _error(ValueError, who, f"weight must have the layer's {num_features} channels "
+                                      f"on out_axis {out_axis}, got shape {weight.shape}",
+                     "channels", size)
+    per = f"channel on out_axis {out_axis} of weight"
+    for name, v in (("running_mean", running_mean), ("running_var", running_var)):
+        vector(name, v, None, size, who=who, what="a numpy.ndarray", per=per)
+    for name, v in (("bias", bias), ("gamma", gamma), ("beta", beta)):
+        if v is not None:
+            vector(name, v, None, size, who=who, per=per)
+    return eps(eps_, who=who), ax

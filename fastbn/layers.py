@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fastbn import _checks
+from fastbn import folding as _folding
 from fastbn import functional as _functional
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -409,6 +410,60 @@ class BatchNorm:
         return dx
 
     # --------------------------------------------------------------- state
+
+    def fold_into(self, weight, bias=None, *, out_axis=0):
+        """Fold this layer's eval-mode normalization into the layer before it.
+
+        :func:`fastbn.fold_batch_norm` with this layer's ``running_mean``,
+        ``running_var``, ``gamma``, ``beta`` and ``eps``: the layer with the
+        returned weight and bias gives, alone, what it followed by this
+        layer in eval mode gives (the layer's mode does not matter).
+
+        Parameters
+        ----------
+        weight : ndarray of float32 or float64, 2 or more dimensions
+            The weight of the layer before, with this layer's C channels on
+            ``out_axis``: (O, I, kh, kw) or (O, I) with ``out_axis=0``, an
+            (I, O) matrix with ``out_axis=-1``. Its dtype need not be the
+            layer's.
+        bias : ndarray, shape (C,), float32 or float64, or None
+            Its bias; None for none.
+        out_axis : int, default 0
+            The axis of ``weight`` that indexes the output channels.
+
+        Returns
+        -------
+        folded_weight : ndarray, shape and dtype of weight
+        folded_bias : ndarray, shape (C,), dtype of weight
+            New arrays; neither the layer nor the arguments are modified.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As :func:`fastbn.fold_batch_norm`, the message starting with
+            ``"<class>.fold_into: "``; also ValueError when the weight does
+            not have C channels on ``out_axis``, or when the layer keeps no
+            running statistics (``track_running_stats=False``: it normalizes
+            with each batch's statistics, which no fixed weight reproduces).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from fastbn import BatchNorm1d
+        >>> bn = BatchNorm1d(3)
+        >>> W = np.ones((3, 5), np.float32)   # a linear layer's (O, I) weight
+        >>> W_f, b_f = bn.fold_into(W)        # fresh statistics: scale 1/sqrt(1 + 1e-5)
+        >>> W_f.shape, b_f.dtype
+        ((3, 5), dtype('float32'))
+        """
+        who = f"{type(self).__name__}.fold_into"
+        if not self.track_running_stats:
+            raise ValueError(f"{who}: the layer has no running statistics to fold "
+                             f"(track_running_stats=False normalizes with each batch's "
+                             f"statistics, also in eval mode)")
+        return _folding._fold(weight, bias, self.running_mean, self.running_var, self._gamma,
+                              self._beta, self.eps, out_axis, num_features=self.num_features,
+                              who=who)
 
     def state_dict(self):
         """The learnable parameters and running statistics under PyTorch's key names.

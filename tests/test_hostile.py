@@ -272,6 +272,43 @@ def dn(action, *, trained=False, **kwargs):
 
 F32 = np.float32
 
+FOLD_POSITIONAL = ("weight", "bias", "running_mean", "running_var", "gamma", "beta")
+
+
+def fold_call(**changes):
+    """(the call, its arguments): fastbn.fold_batch_norm on a valid (3, 2, 3, 3)
+    float32 convolution weight with out_axis 0, its bias and the four arrays of
+    a BatchNorm of 3 channels, with ``changes`` (a value, or a function of the
+    arguments)."""
+    rng = np.random.default_rng(3)
+    args = dict(weight=rng.standard_normal((C, 2, 3, 3)).astype(F32),
+                bias=rng.standard_normal(C).astype(F32),
+                running_mean=rng.standard_normal(C).astype(F32),
+                running_var=rng.uniform(0.5, 2.0, C).astype(F32),
+                gamma=rng.uniform(0.5, 1.5, C).astype(F32), beta=rng.standard_normal(C).astype(F32),
+                eps=1e-5, out_axis=0)
+    for name, value in changes.items():
+        args[name] = value(args) if callable(value) else value
+    return (lambda: fastbn.fold_batch_norm(*(args[k] for k in FOLD_POSITIONAL), eps=args["eps"],
+                                           out_axis=args["out_axis"])), args
+
+
+def folding(**changes):
+    """A row of one call of fastbn.fold_batch_norm: :func:`fold_call` made afresh."""
+    return lambda: fold_call(**changes)
+
+
+def fold_into(weight, out_axis=0, **kwargs):
+    """``layer.fold_into(weight(), bias, out_axis=out_axis)`` on a fresh
+    ``BatchNorm2d(3, **kwargs)`` that has trained a step, with a bias of 3."""
+    def make():
+        bn = BatchNorm2d(C, **kwargs)
+        bn(image())
+        w, b = weight(), np.ones(C, F32)
+        return (lambda: bn.fold_into(w, b, out_axis=out_axis)), {"layer": bn, "weight": w,
+                                                                  "bias": b}
+    return make
+
 
 # ---------------------------------------------------------------- the table ----
 # x is (4, 3, 5, 2) float32 (C = 3) unless the row says otherwise; the
@@ -580,6 +617,62 @@ TABLE = [
         "BatchNorm2d.load_state_dict: bias",
         load(bias=lambda: np.array(["a", "b", "c"])),),
 
+    # -- folding (weight (3, 2, 3, 3) float32, out_axis 0: C = 3)
+    Bad("fold_batch_norm", "weight 0-d or 1-D (3,)", ValueError,
+        "weight must have 2 or more dimensions ((O, I, ...) or (I, O)), got shape {shape}",
+        lambda shape: fold_call(weight=np.ones(shape, F32)), tuple(grid(shape=[(), (3,)]))),
+    Bad("fold_batch_norm", "weight with a zero-size axis (3, 0)", ValueError,
+        "weight must not have a zero-size axis, got shape (3, 0)",
+        folding(weight=np.ones((3, 0), F32))),
+    Bad("fold_batch_norm", "weight of dtype int64, float16, complex64 or bool", TypeError,
+        "weight must have dtype float32 or float64, got {dtype}",
+        lambda dtype: fold_call(weight=lambda a: a["weight"].astype(dtype)),
+        tuple(grid(dtype=["int64", "float16", "complex64", "bool"]))),
+    Bad("fold_batch_norm", "weight a list", TypeError, "weight must be a numpy.ndarray, got list",
+        folding(weight=lambda a: a["weight"].tolist())),
+    Bad("fold_batch_norm", "running_mean, running_var, bias, gamma or beta of shape (4,), (2,) "
+        "or (3, 1) (3 channels)", ValueError,
+        "{name} must have shape (3,) (one value per channel on out_axis 0 of weight), got "
+        "shape {shape}",
+        lambda name, shape: fold_call(**{name: np.ones(shape, F32)}),
+        tuple(grid(name=["running_mean", "running_var", "bias", "gamma", "beta"],
+                   shape=[(4,), (2,), (3, 1)]))),
+    Bad("fold_batch_norm", "out_axis 1, an axis of 2 channels (the statistics have 3)",
+        ValueError,
+        "running_mean must have shape (2,) (one value per channel on out_axis 1 of weight), got "
+        "shape (3,)", folding(out_axis=1)),
+    Bad("fold_batch_norm", "running_var or gamma int64 or float16", TypeError,
+        "{name} must have dtype float32 or float64, got {dtype}",
+        lambda name, dtype: fold_call(**{name: lambda a: a[name].astype(dtype)}),
+        tuple(grid(name=["running_var", "gamma"], dtype=["int64", "float16"]))),
+    Bad("fold_batch_norm", "running_mean None", TypeError,
+        "running_mean must be a numpy.ndarray, got NoneType", folding(running_mean=None)),
+    Bad("fold_batch_norm", "out_axis 4, -5 or 100 (weight 4-D)", ValueError,
+        "out_axis must be an axis of weight, in [-4, 3] for its 4 dimensions, got {out_axis}",
+        lambda out_axis: fold_call(out_axis=out_axis), tuple(grid(out_axis=[4, -5, 100]))),
+    Bad("fold_batch_norm", "out_axis 0.0 (a float), '0' (a string), True (a bool) or None",
+        TypeError, "out_axis must be an int, got {type}",
+        lambda out_axis, type: fold_call(out_axis=out_axis),
+        tuple(typed("out_axis", [0.0, "0", True, None]))),
+    Bad("fold_batch_norm", "eps 0, negative or NaN", ValueError,
+        "eps must be finite and > 0, got {eps}",
+        lambda eps: fold_call(eps=eps), tuple(grid(eps=[0.0, -1e-5, math.nan]))),
+    Bad("BatchNorm2d(3, track_running_stats=False)", "fold_into (no running statistics)",
+        ValueError, "BatchNorm2d.fold_into: the layer has no running statistics to fold",
+        fold_into(lambda: np.ones((C, 2, 3, 3), F32), track_running_stats=False)),
+    Bad("BatchNorm2d(3)", "fold_into a weight of 4 output channels", ValueError,
+        "BatchNorm2d.fold_into: weight must have the layer's 3 channels on out_axis 0, got "
+        "shape (4, 2, 3, 3)", fold_into(lambda: np.ones((4, 2, 3, 3), F32))),
+    Bad("BatchNorm2d(3)", "fold_into a 1-D weight", ValueError,
+        "BatchNorm2d.fold_into: weight must have 2 or more dimensions",
+        fold_into(lambda: np.ones(C, F32))),
+    Bad("BatchNorm2d(3)", "fold_into out_axis 2 (weight 2-D)", ValueError,
+        "BatchNorm2d.fold_into: out_axis must be an axis of weight, in [-2, 1] for its 2 "
+        "dimensions, got 2", fold_into(lambda: np.ones((C, 4), F32), out_axis=2)),
+    Bad("BatchNorm2d(3)", "fold_into a weight int64", TypeError,
+        "BatchNorm2d.fold_into: weight must have dtype float32 or float64, got int64",
+        fold_into(lambda: np.ones((C, 4), np.int64))),
+
     # -- adapters: cs231n
     Bad("cs231n.batchnorm_forward", "x 3-D", ValueError,
         "batchnorm_forward: x must be 2-D (N, D), got shape (4, 3, 5)",
@@ -735,7 +828,7 @@ def test_the_table_is_large_and_covers_every_public_entry_point():
     assert len(TABLE) >= 30
     apis = {part.split("(")[0] for case in TABLE for part in case.api.split(", ")}
     for name in ("batch_norm_forward", "batch_norm_inference", "batch_norm_backward",
-                 "BatchNorm1d", "BatchNorm2d", "cs231n.batchnorm_forward",
+                 "fold_batch_norm", "BatchNorm1d", "BatchNorm2d", "cs231n.batchnorm_forward",
                  "cs231n.spatial_batchnorm_forward", "cs231n.batchnorm_backward",
                  "deepnet.Batchnorm"):
         assert name in apis, name
@@ -834,7 +927,8 @@ def markdown():
         "way (one call per value or argument the row lists, in each function it names), "
         f"{len(TABLE)} rows and {len(CASES)} calls in all, made by the test suite on "
         "otherwise valid arguments (x is (4, 3, 5, 2) float32 unless the row says otherwise; "
-        "the function rows pass every argument, `out=` included). Each call raises the "
+        "the function rows pass every argument, `out=` included; the `fold_batch_norm` rows "
+        "start from a (3, 2, 3, 3) float32 weight with out_axis 0). Each call raises the "
         "exception shown, with a message that starts with the text shown (in a family, "
         "`<name>`, `<dtype>`, `<shape>` and the like stand for that call's argument, dtype, "
         "shape or value), and afterwards every array it was given "
