@@ -1,4 +1,4 @@
-"""Two scenarios beside the suite: a busy neighbour, and a training step.
+"""Three scenarios beside the suite: a busy neighbour, a training step, a fused ReLU.
 
     python benchmarks/scenarios.py          # both, printed as Markdown
     python benchmarks/scenarios.py --quick  # shorter timings
@@ -14,6 +14,10 @@
   OpenMP threads take turns. Reported: the step's time over the sum of its
   parts timed alone (above 1: the thread pools get in each other's way),
   for fastbn and PyTorch, each with all cores.
+- **Fused ReLU.** The training forward with ``activation="relu"`` against
+  the plain forward, and against the plain forward followed by
+  ``np.maximum(y, 0, out=y)`` (fastbn) or ``relu_`` (PyTorch's
+  ``native_batch_norm``), with all cores, on inputs larger than the cache.
 
 Both use the inputs of ``cases.Workload`` and the calls of ``cases.make_call``
 (fastbn with ``out=``: the fastest of its two ways on large inputs).
@@ -145,10 +149,57 @@ def training_step(target_seconds, flush_bytes):
     ])
 
 
+FUSED_SHAPES = (Shape((64, 64, 56, 56)), Shape((32, 256, 14, 14)), Shape((4096, 1024)),
+                Shape((16, 56, 56, 64), channels_last=True))
+
+
+def fused_relu(target_seconds, flush_bytes):
+    rows = []
+    n_cores = len(os.sched_getaffinity(0))
+    for shape in FUSED_SHAPES:
+        w = Workload(shape, np.float32, flush_bytes)
+        log(f"fused relu: {w.label}")
+        kw = dict(channel_axis=shape.channel_axis, num_threads=n_cores, eps=cases.EPS)
+        rm, rv = w.running_mean.copy(), w.running_var.copy()
+
+        def forward(i, **extra):
+            return cases.fastbn.batch_norm_forward(w.x[i], w.gamma, w.beta, running_mean=rm,
+                                                   running_var=rv, out=w.out[i], **kw,
+                                                   **extra)[0]
+
+        def separate(i):
+            np.maximum(forward(i), 0, out=w.out[i])
+
+        with cases.thread_limit(n_cores):
+            plain = median_time(forward, w.copies, target_seconds)
+            fused = median_time(lambda i: forward(i, activation="relu"), w.copies,
+                                target_seconds)
+            apart = median_time(separate, w.copies, target_seconds)
+            torch_text = "n/a"
+            if cases.torch is not None:
+                torch_fwd = make_call(cases.TORCH, "forward", w, n_cores)
+                torch_relu = median_time(lambda i: cases.torch.relu_(torch_fwd(i)), w.copies,
+                                         target_seconds)
+                torch_text = f"{format_time(torch_relu)} ({torch_relu / fused:.2f}×)"
+        rows.append(f"| {shape.label} | {format_time(plain)} | {format_time(fused)} | "
+                    f"**{fused / plain:.2f}** | {format_time(apart)} | **{apart / fused:.2f}** | "
+                    f"{torch_text} |")
+        w.release()
+    return "\n".join([
+        f"### Fused ReLU (training forward, float32, out=, {n_cores} threads)",
+        "",
+        "| shape | forward | forward, relu fused | fused / plain | forward + np.maximum | "
+        "separate / fused | PyTorch forward + relu_ (its / fused) |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+        *rows,
+    ])
+
+
 def run(quick, flush_bytes):
-    """Both scenarios as Markdown."""
+    """The scenarios as Markdown."""
     target = 0.05 if quick else 0.2
-    return "\n\n".join([busy_neighbour(target, flush_bytes), training_step(target, flush_bytes)])
+    return "\n\n".join([busy_neighbour(target, flush_bytes), training_step(target, flush_bytes),
+                        fused_relu(target, flush_bytes)])
 
 
 def main(argv=None):

@@ -81,6 +81,29 @@ def flag(value, name, *, who=None):
     return bool(value)
 
 
+#: activation names -> the kernels' codes (ACT_NONE, ACT_RELU, ACT_LEAKY_RELU of
+#: fastbn/_stats.pxd)
+ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2}
+
+
+def activation(value, negative_slope, *, who=None):
+    """(kernel code, slope) of a fused activation: None, "relu" or
+    "leaky_relu" with a finite real ``negative_slope`` (PyTorch's name)."""
+    if value is not None and not isinstance(value, str):
+        raise _error(TypeError, who, f"activation must be None, 'relu' or 'leaky_relu', got "
+                                     f"{type(value).__name__}")
+    if value not in ACTIVATIONS:
+        raise _error(ValueError, who, f"activation must be None, 'relu' or 'leaky_relu', got "
+                                      f"{value!r}")
+    if not is_real(negative_slope):
+        raise _error(TypeError, who, f"negative_slope must be a real number, got "
+                                     f"{type(negative_slope).__name__}")
+    slope = float(negative_slope)
+    if not math.isfinite(slope):
+        raise _error(ValueError, who, f"negative_slope must be finite, got {slope}")
+    return ACTIVATIONS[value], slope
+
+
 def eps(value, *, who=None, name="eps"):
     """eps as a float, finite and > 0 (an int too large for a float is refused
     like an infinite one)."""

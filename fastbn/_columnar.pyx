@@ -37,8 +37,9 @@ from cython.view cimport array
 
 from fastbn._openmp cimport barrier, threads_for
 from fastbn._simd cimport STREAM_CHUNK, fence, stream, streams
-from fastbn._stats cimport (Coef, Coef32, Pass, apply_b, backward_pass, finish, forward_pass,
-                            inference_coef, needs_sums, to_float)
+from fastbn._stats cimport (ACT_NONE, Act, Coef, Coef32, Pass, activated, activated32,
+                            apply_b, backward_pass, finish, forward_pass, inference_coef,
+                            make_act, needs_sums, to_float)
 from fastbn._views cimport at, cptr, cptr2, wptr, workspace
 
 
@@ -55,6 +56,7 @@ cdef struct Grid:
     Py_ssize_t rows_per_block, nblocks
     Py_ssize_t tile, ntiles       # columns per tile, tiles (tile == 0: by row block)
     bint streaming
+    Act act                       # the activation fused into a forward's apply
 
 
 cdef struct Maps:
@@ -79,6 +81,7 @@ cdef inline Grid make_grid(Py_ssize_t M, Py_ssize_t C, Py_ssize_t bytes_per_valu
     g.M = M
     g.C = C
     g.streaming = streaming
+    g.act = make_act(ACT_NONE, 0.0)
     g.rows_per_block = max((M + MAX_ROW_BLOCKS - 1) // MAX_ROW_BLOCKS,
                            (BLOCK_VALUES + C - 1) // C)
     g.nblocks = (M + g.rows_per_block - 1) // g.rows_per_block
@@ -130,9 +133,9 @@ cdef inline void store_map(const Maps* k, Py_ssize_t c, Coef m) noexcept nogil:
 
 cdef inline void row_map(const floating* a, const floating* b, floating* out,
                          Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
-                         bint in_float) noexcept nogil:
+                         bint in_float, const Act* act) noexcept nogil:
     """out[c - c0] for columns [c0, c1) of one row (a, b point at column 0):
-    (a - center) * scale + offset with b NULL (the forward, a = x), or
+    act((a - center) * scale + offset) with b NULL (the forward, a = x), or
     scale * a - slope * (b - center) - offset (the backward, a = dy, b = x).
     float32 with in_float computes in float (Coef32), else in double."""
     cdef Py_ssize_t c
@@ -145,16 +148,26 @@ cdef inline void row_map(const floating* a, const floating* b, floating* out,
     cdef const float* s = k.scale32
     cdef const float* q = k.slope32
     cdef const float* o = k.offset32
+    cdef int kind = act.kind
+    cdef double neg = act.slope
+    cdef float neg32 = act.slope32
     if floating is float and in_float:
-        if b == NULL:
+        if b == NULL and kind == ACT_NONE:
             for c in range(c0, c1):
                 out[c - c0] = ((a[c] - hi[c]) - lo[c]) * s[c] + o[c]
+        elif b == NULL:
+            for c in range(c0, c1):
+                out[c - c0] = activated32(((a[c] - hi[c]) - lo[c]) * s[c] + o[c], kind, neg32)
         else:
             for c in range(c0, c1):
                 out[c - c0] = s[c] * a[c] - q[c] * ((b[c] - hi[c]) - lo[c]) - o[c]
-    elif b == NULL:
+    elif b == NULL and kind == ACT_NONE:
         for c in range(c0, c1):
             out[c - c0] = <floating>((<double>a[c] - ce[c]) * sc[c] + of[c])
+    elif b == NULL:
+        for c in range(c0, c1):
+            out[c - c0] = <floating>activated((<double>a[c] - ce[c]) * sc[c] + of[c], kind,
+                                              neg)
     else:
         for c in range(c0, c1):
             out[c - c0] = <floating>(sc[c] * <double>a[c] - sl[c] * (<double>b[c] - ce[c])
@@ -231,20 +244,20 @@ cdef void block_sums(const floating* a, const floating* b, const Grid* g, Py_ssi
 
 cdef inline void row_apply(const floating* a, const floating* b, floating* out,
                            Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
-                           int mode) noexcept nogil:
+                           int mode, const Act* act) noexcept nogil:
     """row_map over columns [c0, c1): mode 1 all in float, 0 all in double,
     -1 each column in float where its map allows (k.ok[c]) and in double
     otherwise: a column's bits never depend on another column's map."""
     cdef Py_ssize_t c, e
     if mode >= 0:
-        row_map(a, b, out, c0, c1, k, mode == 1)
+        row_map(a, b, out, c0, c1, k, mode == 1, act)
         return
     c = c0
     while c < c1:
         e = c + 1
         while e < c1 and k.ok[e] == k.ok[c]:
             e += 1
-        row_map(a, b, out + (c - c0), c, e, k, k.ok[c])
+        row_map(a, b, out + (c - c0), c, e, k, k.ok[c], act)
         c = e
 
 
@@ -263,7 +276,7 @@ cdef void block_apply(const floating* a, const floating* b, floating* out, const
                 break
     if not g.streaming:
         for r in range(r0, r1):
-            row_apply(a + r * C, at(b, r * C), out + r * C + c0, c0, c1, k, mode)
+            row_apply(a + r * C, at(b, r * C), out + r * C + c0, c0, c1, k, mode, &g.act)
     elif c1 - c0 == C and C <= STREAM_CHUNK:
         # whole rows, contiguous: several rows per buffer
         m = STREAM_CHUNK // C
@@ -272,7 +285,7 @@ cdef void block_apply(const floating* a, const floating* b, floating* out, const
             m = min(m, r1 - r)
             for j in range(m):
                 row_apply(a + (r + j) * C, at(b, (r + j) * C), &buf[j * C], 0, C, k,
-                          mode)
+                          mode, &g.act)
             stream(out + r * C, buf, m * C * sizeof(floating))
             r += m
     else:
@@ -280,7 +293,7 @@ cdef void block_apply(const floating* a, const floating* b, floating* out, const
             c = c0
             while c < c1:
                 m = min(<Py_ssize_t>STREAM_CHUNK, c1 - c)
-                row_apply(a + r * C, at(b, r * C), buf, c, c + m, k, mode)
+                row_apply(a + r * C, at(b, r * C), buf, c, c + m, k, mode, &g.act)
                 stream(out + r * C + c, buf, m * sizeof(floating))
                 c += m
     if g.streaming:
@@ -411,7 +424,8 @@ def forward_train(const floating[:, ::1] x, const floating[::1] gamma,
                   const floating[::1] beta, floating[:, ::1] y,
                   floating[::1] mean, floating[::1] invstd,
                   floating[::1] running_mean, floating[::1] running_var,
-                  double eps, double factor, bint unbiased, int num_threads, bint stream):
+                  double eps, double factor, bint unbiased, int activation,
+                  double negative_slope, int num_threads, bint stream):
     """Training forward on an (M, C) view; see fastbn.functional."""
     cdef const floating* xp = &x[0, 0]
     cdef floating* yp = &y[0, 0]
@@ -425,6 +439,7 @@ def forward_train(const floating[:, ::1] x, const floating[::1] gamma,
     cdef Pass ps = forward_pass(<double>g.M, eps, factor, unbiased, cptr(gamma), cptr(beta),
                                 &mean[0], &invstd[0], wptr(running_mean), wptr(running_var))
     cdef Py_ssize_t c
+    g.act = make_act(activation, negative_slope)
     with nogil:
         for c in range(g.C):
             center[c] = xp[c]
@@ -434,7 +449,8 @@ def forward_train(const floating[:, ::1] x, const floating[::1] gamma,
 def inference(const floating[:, ::1] x, const floating[::1] gamma,
               const floating[::1] beta, const floating[::1] running_mean,
               const floating[::1] running_var, floating[:, ::1] y,
-              double eps, int num_threads, bint stream):
+              double eps, int activation, double negative_slope, int num_threads,
+              bint stream):
     """Inference forward on an (M, C) view; see fastbn.functional."""
     cdef const floating* xp = &x[0, 0]
     cdef floating* yp = &y[0, 0]
@@ -447,6 +463,7 @@ def inference(const floating[:, ::1] x, const floating[::1] gamma,
     cdef array mem = workspace(g.C, MAPS_BYTES)
     cdef Maps k = maps_in(mem.data, g.C)
     cdef Py_ssize_t c, blk
+    g.act = make_act(activation, negative_slope)
     with nogil:
         for c in range(g.C):
             store_map(&k, c, inference_coef(&running_mean[0], &running_var[0], eps, gp, bp, c))

@@ -22,6 +22,8 @@ def forward_train(
     eps: float,
     factor: float,
     unbiased: bool,  # the running variance takes var * m / (m - 1)
+    activation: int,  # fused: 0 none, 1 relu, 2 leaky_relu (fastbn._checks.ACTIVATIONS)
+    negative_slope: float,
     num_threads: int,
     stream: bool,  # y (dx, out) is the caller's buffer: stream it when large
 ) -> None: ...
@@ -33,6 +35,8 @@ def inference(
     running_var: _Array,  # const floating[::1]
     y: _Array,  # floating[:, :, ::1] (planar), [:, ::1] (columnar), may be x
     eps: float,
+    activation: int,
+    negative_slope: float,
     num_threads: int,
     stream: bool,  # y (dx, out) is the caller's buffer: stream it when large
 ) -> None: ...

@@ -47,8 +47,9 @@ from cython.parallel cimport parallel, prange
 from cython.view cimport array
 
 from fastbn._openmp cimport FASTBN_COMPILE_ARGS, barrier, threads_for
-from fastbn._stats cimport (Coef, Coef32, Pass, apply_b, backward_pass, center_of, finish,
-                            forward_pass, inference_coef, needs_sums, to_float)
+from fastbn._stats cimport (ACT_NONE, Act, Coef, Coef32, Pass, activated, activated32,
+                            apply_b, backward_pass, center_of, finish, forward_pass,
+                            inference_coef, make_act, needs_sums, to_float)
 from fastbn._simd cimport (LANES, PREFETCH_BYTES, STREAM_CHUNK, fence, grad_sums_f32,
                            grad_sums_f64, prefetch_span,
                            shifted_sums_f32, shifted_sums_f64, stream, streams)
@@ -69,6 +70,7 @@ cdef struct Plane:
     Py_ssize_t blocks_per_row    # when S >= BLOCK: blocks per row
     Py_ssize_t nblocks           # blocks per channel
     bint streaming               # the output is streamed
+    Act act                      # the activation fused into a forward's apply
 
 
 cdef inline Plane make_plane(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
@@ -79,6 +81,7 @@ cdef inline Plane make_plane(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     p.S = S
     p.row_stride = C * S
     p.streaming = streaming
+    p.act = make_act(ACT_NONE, 0.0)
     if S < BLOCK:
         p.rows_per_block = BLOCK // S
         p.blocks_per_row = 0
@@ -130,46 +133,56 @@ cdef inline void run_grad_sums(const floating* dy, const floating* x, Py_ssize_t
 
 
 cdef inline void run_map(const floating* a, const floating* b, floating* out, Py_ssize_t n,
-                         const Coef* k, const Coef32* f) noexcept nogil:
-    """out = (a - center) * scale + offset (b NULL: the forward, a = x), or
-    out = scale * a - slope * (b - center) - offset (the backward, a = dy,
+                         const Coef* k, const Coef32* f, const Act* act) noexcept nogil:
+    """out = act((a - center) * scale + offset) (b NULL: the forward, a = x),
+    or out = scale * a - slope * (b - center) - offset (the backward, a = dy,
     b = x). out may be a or b. float32 with f != NULL computes in float
     (Coef32), anything else in double."""
     cdef Py_ssize_t i
     cdef double center = k.center, scale = k.scale, slope = k.slope, offset = k.offset
     cdef float hi, lo, s, q, o
+    cdef int kind = act.kind
+    cdef double neg = act.slope
+    cdef float neg32 = act.slope32
     if floating is float and f != NULL:
         hi = f.hi
         lo = f.lo
         s = f.scale
         q = f.slope
         o = f.offset
-        if b == NULL:
+        if b == NULL and kind == ACT_NONE:
             for i in range(n):
                 out[i] = ((a[i] - hi) - lo) * s + o
+        elif b == NULL:
+            for i in range(n):
+                out[i] = activated32(((a[i] - hi) - lo) * s + o, kind, neg32)
         else:
             for i in range(n):
                 out[i] = s * a[i] - q * ((b[i] - hi) - lo) - o
-    elif b == NULL:
+    elif b == NULL and kind == ACT_NONE:
         for i in range(n):
             out[i] = <floating>((<double>a[i] - center) * scale + offset)
+    elif b == NULL:
+        for i in range(n):
+            out[i] = <floating>activated((<double>a[i] - center) * scale + offset, kind, neg)
     else:
         for i in range(n):
             out[i] = <floating>(scale * <double>a[i] - slope * (<double>b[i] - center) - offset)
 
 
 cdef inline void run_apply(const floating* a, const floating* b, floating* out, Py_ssize_t n,
-                           const Coef* k, const Coef32* f, bint streaming) noexcept nogil:
+                           const Coef* k, const Coef32* f, bint streaming,
+                           const Act* act) noexcept nogil:
     """run_map into out, through a stack buffer and streaming stores when
     ``streaming``."""
     cdef floating buf[STREAM_CHUNK]
     cdef Py_ssize_t i = 0, m
     if not streaming:
-        run_map(a, b, out, n, k, f)
+        run_map(a, b, out, n, k, f, act)
         return
     while i < n:
         m = min(<Py_ssize_t>STREAM_CHUNK, n - i)
-        run_map(a + i, at(b, i), buf, m, k, f)
+        run_map(a + i, at(b, i), buf, m, k, f, act)
         stream(out + i, buf, m * sizeof(floating))
         i += m
 
@@ -213,7 +226,7 @@ cdef void block_apply(const floating* a, const floating* b, floating* out, const
     block_span(p, blk, &n0, &n1, &s0, &s1)
     for n in range(n0, n1):
         off = n * p.row_stride + c * p.S + s0
-        run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming)
+        run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming, &p.act)
     if p.streaming:
         fence()
 
@@ -297,7 +310,7 @@ cdef void group_apply(const floating* a, const floating* b, floating* out, const
         for j in range(G):
             off = base + j * p.S
             run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,
-                    &coef[j], &f[j] if ok[j] else NULL)
+                    &coef[j], &f[j] if ok[j] else NULL, &p.act)
         if p.streaming:
             stream(out + base, buf, G * p.S * sizeof(floating))
     if p.streaming:
@@ -389,8 +402,11 @@ def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,
                   const floating[::1] beta, floating[:, :, ::1] y,
                   floating[::1] mean, floating[::1] invstd,
                   floating[::1] running_mean, floating[::1] running_var,
-                  double eps, double factor, bint unbiased, int num_threads, bint stream):
-    """Training forward on an (N, C, S) view; see fastbn.functional."""
+                  double eps, double factor, bint unbiased, int activation,
+                  double negative_slope, int num_threads, bint stream):
+    """Training forward on an (N, C, S) view; see fastbn.functional.
+    activation: ACT_NONE, ACT_RELU or ACT_LEAKY_RELU (fastbn._stats), fused
+    into the apply step."""
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* yp = &y[0, 0, 0]
     cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]
@@ -403,6 +419,7 @@ def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,
     cdef Pass ps = forward_pass(<double>(p.N * p.S), eps, factor, unbiased, cptr(gamma),
                                 cptr(beta), &mean[0], &invstd[0], wptr(running_mean),
                                 wptr(running_var))
+    p.act = make_act(activation, negative_slope)
     with nogil:
         run_pass(xp, <const floating*>NULL, yp, &p, &ps, table, nt)
 
@@ -410,7 +427,8 @@ def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,
 def inference(const floating[:, :, ::1] x, const floating[::1] gamma,
               const floating[::1] beta, const floating[::1] running_mean,
               const floating[::1] running_var, floating[:, :, ::1] y,
-              double eps, int num_threads, bint stream):
+              double eps, int activation, double negative_slope, int num_threads,
+              bint stream):
     """Inference forward on an (N, C, S) view; see fastbn.functional.
 
     A unit is a run of whole (n, c) rows of about BLOCK values or more,
@@ -427,6 +445,7 @@ def inference(const floating[:, :, ::1] x, const floating[::1] gamma,
     cdef Coef* coef = <Coef*>mem.data
     cdef Coef32* coef32 = <Coef32*>(coef + C)
     cdef char* ok = <char*>(coef32 + C)
+    cdef Act act = make_act(activation, negative_slope)
     with nogil:
         for c in range(C):
             coef[c] = inference_coef(&running_mean[0], &running_var[0], eps, g, bt, c)
@@ -438,7 +457,7 @@ def inference(const floating[:, :, ::1] x, const floating[::1] gamma,
                 prefetch_span(xp + r * S + PREFETCH_BYTES // sizeof(floating),
                               min(S * sizeof(floating), <Py_ssize_t>PREFETCH_BYTES))
                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
-                          &coef32[r % C] if ok[r % C] else NULL, streaming)
+                          &coef32[r % C] if ok[r % C] else NULL, streaming, &act)
             if streaming:
                 fence()
 

@@ -224,6 +224,42 @@ cdef inline double center_of(const Pass* ps, const floating* a, Py_ssize_t offse
     return a[offset]
 
 
+cdef enum:
+    ACT_NONE = 0
+    ACT_RELU = 1
+    ACT_LEAKY_RELU = 2
+
+
+ctypedef struct Act:
+    # The activation fused into a forward's apply step: y = act(map(x)).
+    int kind               # ACT_NONE, ACT_RELU, ACT_LEAKY_RELU
+    double slope           # leaky_relu: the slope for negative values
+    float slope32
+
+
+cdef inline Act make_act(int kind, double slope) noexcept nogil:
+    cdef Act act
+    act.kind = kind
+    act.slope = slope
+    act.slope32 = <float>slope
+    return act
+
+
+cdef inline double activated(double v, int kind, double slope) noexcept nogil:
+    """relu: 0 for v < 0; leaky_relu: v * slope for v < 0; v otherwise (NaN
+    and -0.0 stay as they are, as numpy.maximum(v, 0) keeps them)."""
+    if kind == ACT_NONE or not (v < 0.0):
+        return v
+    return 0.0 if kind == ACT_RELU else v * slope
+
+
+cdef inline float activated32(float v, int kind, float slope) noexcept nogil:
+    """activated in float."""
+    if kind == ACT_NONE or not (v < 0.0):
+        return v
+    return 0.0 if kind == ACT_RELU else v * slope
+
+
 ctypedef struct Coef32:
     # A Coef for float32 arithmetic: the center split into hi + lo, so that
     # x - hi is exact for x near the center (Sterbenz) and data far from

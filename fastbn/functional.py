@@ -34,8 +34,8 @@ def _output(out, x):
 # ---------------------------------------------------------- public API ----
 
 def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_var=None,
-                       momentum=0.1, num_batches_tracked=None, unbiased=True, channel_axis=1,
-                       out=None, num_threads=None):
+                       momentum=0.1, num_batches_tracked=None, unbiased=True, activation=None,
+                       negative_slope=0.01, channel_axis=1, out=None, num_threads=None):
     """Batch Normalization in training mode: normalize with the batch statistics.
 
     For every channel c, over the m values of that channel (m = N times the
@@ -79,6 +79,14 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
         The running variance takes the unbiased batch variance
         ``var * m / (m - 1)`` (PyTorch), or with False the biased ``var``
         that normalizes the batch (Keras, cs231n, numpy-ml).
+    activation : {None, "relu", "leaky_relu"}, default None
+        Fused into the same sweep: y = act(normalized), computed in float64
+        (or float32 where fastbn's float32 path applies) before the one
+        rounding. "relu": max(v, 0) (NaN stays NaN, as numpy.maximum);
+        "leaky_relu": v for v >= 0, ``negative_slope * v`` below.
+    negative_slope : float, default 0.01
+        The slope of "leaky_relu" for negative values (PyTorch's name and
+        default); finite.
     channel_axis : {1, -1}, default 1
         Axis of the channels: 1 for NCHW-style, -1 for channels last (the
         positive equivalent ``x.ndim - 1`` is accepted).
@@ -131,6 +139,7 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
         x, num_features, gamma, beta, eps, momentum, num_threads, running_mean, running_var,
         num_batches_tracked, out)
     unbiased = _checks.flag(unbiased, "unbiased")
+    act, slope = _checks.activation(activation, negative_slope)
     tracking = rm is not None
     factor = _running.factor(momentum, num_batches_tracked) if tracking else 0.0
 
@@ -140,14 +149,15 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
     invstd = np.empty(num_features, dtype=x.dtype)
     kernel, view = _dispatch.kernel_for(x.shape, ca)
     kernel.forward_train(xc.reshape(view), g, b, y.reshape(view), mean, invstd, rm, rv, eps,
-                         factor, unbiased, nthreads, out is not None)
+                         factor, unbiased, act, slope, nthreads, out is not None)
     if tracking:
         _running.commit(running_mean, rm, running_var, rv, num_batches_tracked)
     return y, mean, invstd
 
 
 def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
-                         channel_axis=1, out=None, num_threads=None):
+                         activation=None, negative_slope=0.01, channel_axis=1, out=None,
+                         num_threads=None):
     """Batch Normalization in inference mode: normalize with running statistics.
 
     For every channel c::
@@ -170,6 +180,9 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
         The statistics to normalize with. Not modified.
     eps : float, default 1e-5
         Added to the variance; finite and > 0.
+    activation : {None, "relu", "leaky_relu"}, default None
+    negative_slope : float, default 0.01
+        A fused activation, as in :func:`batch_norm_forward`.
     channel_axis : {1, -1}, default 1
     out : ndarray or None
         As in :func:`batch_norm_forward`; ``out=x`` works in place.
@@ -199,6 +212,7 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
         raise ValueError("running_mean and running_var are required in inference, got None")
     rm = _checks.vector("running_mean", running_mean, x.dtype, num_features)
     rv = _checks.vector("running_var", running_var, x.dtype, num_features)
+    act, slope = _checks.activation(activation, negative_slope)
     if out is not None:
         _checks.out(out, x, {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean,
                             "running_var": running_var}, in_place="x")
@@ -206,8 +220,8 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
     xc = np.ascontiguousarray(x)
     y = _output(out, xc)
     kernel, view = _dispatch.kernel_for(x.shape, ca)
-    kernel.inference(xc.reshape(view), g, b, rm, rv, y.reshape(view), eps, nthreads,
-                     out is not None)
+    kernel.inference(xc.reshape(view), g, b, rm, rv, y.reshape(view), eps, act, slope,
+                     nthreads, out is not None)
     return y
 
 

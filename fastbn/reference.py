@@ -35,9 +35,22 @@ def _per_channel(v, ndim, channel_axis):
     return np.asarray(v, dtype=np.float64).reshape(shape)
 
 
+def _activated(y, activation, negative_slope):
+    """The fused activation in float64: None, "relu" (numpy.maximum(y, 0)) or
+    "leaky_relu" (negative_slope * y where y < 0)."""
+    if activation is None:
+        return y
+    if activation == "relu":
+        return np.maximum(y, 0.0)
+    if activation == "leaky_relu":
+        return np.where(y < 0, y * negative_slope, y)
+    raise ValueError(f"activation must be None, 'relu' or 'leaky_relu', got {activation!r}")
+
+
 def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None,
                        running_var=None, momentum=0.1, num_batches_tracked=None,
-                       unbiased=True, channel_axis=1, out=None, num_threads=None):
+                       unbiased=True, activation=None, negative_slope=0.01, channel_axis=1,
+                       out=None, num_threads=None):
     """Training-mode Batch Normalization, computed in float64.
 
     ``mean = E[x]``, ``var = E[(x - mean)**2]`` (biased) over every axis but
@@ -69,6 +82,7 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None,
         y = y * _per_channel(gamma, x.ndim, channel_axis)
     if beta is not None:
         y = y + _per_channel(beta, x.ndim, channel_axis)
+    y = _activated(y, activation, negative_slope)
     if running_mean is not None and running_var is not None:
         if momentum is None:
             num_batches_tracked += 1
@@ -89,7 +103,8 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None,
 
 
 def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
-                         channel_axis=1, out=None, num_threads=None):
+                         activation=None, negative_slope=0.01, channel_axis=1, out=None,
+                         num_threads=None):
     """Inference-mode Batch Normalization with the running statistics.
 
     ``y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta``,
@@ -105,7 +120,7 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
         y = y * _per_channel(gamma, x.ndim, channel_axis)
     if beta is not None:
         y = y + _per_channel(beta, x.ndim, channel_axis)
-    y = y.astype(x.dtype)
+    y = _activated(y, activation, negative_slope).astype(x.dtype)
     if out is not None:
         out[...] = y
         y = out

@@ -40,6 +40,17 @@ TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
 
 THREADS = (1, 2, 3)
 
+#: (shape, channel_axis): one input per kernel schedule, for the tests of a
+#: feature that every schedule carries
+SCHEDULE_LAYOUTS = [
+    ((3, 4, 5, 7), 1),       # planar, by channel group
+    ((2, 3, 40000), 1),      # planar, by (channel, block)
+    ((2, 3, 5, 2, 3), -1),   # channels last, 5-D
+    ((4099, 40), 1),         # columnar, by row block
+    ((3, 50021), 1),         # columnar, by tile
+    ((5, 3), 1),             # columnar, tiny
+]
+
 
 def dtype_id(dtype):
     """A short test id for a dtype: 'float32' or 'float64'."""

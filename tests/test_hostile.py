@@ -387,6 +387,19 @@ TABLE = [
     Bad("batch_norm_backward", "param_grads None", TypeError,
         "param_grads must be True or False, got NoneType", fn("backward", param_grads=None)),
 
+    Bad("batch_norm_forward", "activation 'gelu'", ValueError,
+        "activation must be None, 'relu' or 'leaky_relu', got 'gelu'",
+        fn("forward", activation="gelu")),
+    Bad("batch_norm_inference", "activation the int 1", TypeError,
+        "activation must be None, 'relu' or 'leaky_relu', got int",
+        fn("inference", activation=1)),
+    Bad("batch_norm_forward", "negative_slope the string '0.1'", TypeError,
+        "negative_slope must be a real number, got str",
+        fn("forward", activation="leaky_relu", negative_slope="0.1")),
+    Bad("batch_norm_inference", "negative_slope inf", ValueError,
+        "negative_slope must be finite, got inf",
+        fn("inference", activation="leaky_relu", negative_slope=float("inf"))),
+
     # -- functions: out
     family("out of another shape: (4, 3, 5, 3) or transposed (4, 3, 2, 5)", ValueError,
            "out must have the shape of x (4, 3, 5, 2), got {shape}",

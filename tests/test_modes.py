@@ -15,23 +15,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import (DTYPES, THREADS, assert_bitwise_equal, assert_close, dtype_id, layout_id,
-                     make_inputs, numeric_gradient)
+from helpers import (DTYPES, SCHEDULE_LAYOUTS, THREADS, assert_bitwise_equal, assert_close,
+                     dtype_id, layout_id, make_inputs, numeric_gradient)
 
 import fastbn
 from fastbn import reference
 from fastbn.distributed import SyncBatchNorm
 
-LAYOUTS = [  # one per kernel schedule
-    ((3, 4, 5, 7), 1),       # planar, by channel group
-    ((2, 3, 40000), 1),      # planar, by (channel, block)
-    ((2, 3, 5, 2, 3), -1),   # channels last, 5-D
-    ((4099, 40), 1),         # columnar, by row block
-    ((3, 50021), 1),         # columnar, by tile
-    ((5, 3), 1),             # columnar, tiny
-]
 layouts = pytest.mark.parametrize("shape, channel_axis",
-                                  [pytest.param(s, ca, id=layout_id(s, ca)) for s, ca in LAYOUTS])
+                                  [pytest.param(s, ca, id=layout_id(s, ca)) for s, ca in SCHEDULE_LAYOUTS])
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 
 
