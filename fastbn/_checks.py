@@ -465,3 +465,39 @@ def fold_args(weight, bias, running_mean, running_var, gamma, beta, eps_, out_ax
         if v is not None:
             vector(name, v, None, size, who=who, per=per)
     return eps(eps_, who=who), ax
+
+
+def _to_numpy(value):
+    """A state-dict value as an ndarray; torch tensors are detached first."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor, no torch import
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def state_values(own, state_dict, strict, *, who):
+    """The values of ``state_dict`` for a layer's arrays ``own`` (key ->
+    array), checked and cast: a list of (array, value) to copy in place.
+    ``strict``: exactly the keys of ``own`` (num_batches_tracked may be
+    missing, as in PyTorch)."""
+    if strict:
+        missing = [k for k in own if k not in state_dict and k != "num_batches_tracked"]
+        unexpected = [k for k in state_dict if k not in own]
+        if missing or unexpected:
+            raise _error(KeyError, who, f"missing keys {missing}, unexpected keys {unexpected}")
+    staged = []
+    for key, target in own.items():
+        if key not in state_dict:
+            continue
+        value = _to_numpy(state_dict[key])
+        if value.shape != target.shape and not (key == "num_batches_tracked"
+                                                and value.size == 1):
+            raise _error(ValueError, who, f"{key} must have shape {target.shape}, got "
+                                          f"{value.shape}")
+        real = "iu" if key == "num_batches_tracked" else "fiub"
+        if value.dtype.kind not in real:
+            raise _error(TypeError, who, f"{key} must hold real numbers, got dtype "
+                                         f"{value.dtype}")
+        if key == "num_batches_tracked":
+            count(int(value.reshape(())), who=who, name=key)
+        staged.append((target, value.reshape(target.shape).astype(target.dtype)))
+    return staged

@@ -44,13 +44,6 @@ def _check_backend(backend):
     return backend
 
 
-def _to_numpy(value):
-    """A state-dict value as an ndarray; torch tensors are detached first."""
-    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor, no torch import
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
 def _parameter(attr, name, doc):
     """A property over ``attr`` whose setter checks the array (named ``name`` in errors)."""
     def get(self):
@@ -517,7 +510,6 @@ class BatchNorm:
 
         Nothing is modified when an error is raised.
         """
-        cls = type(self).__name__
         own = {}
         if self.affine:
             own["weight"] = self._gamma
@@ -526,28 +518,8 @@ class BatchNorm:
             own["running_mean"] = self.running_mean
             own["running_var"] = self.running_var
             own["num_batches_tracked"] = self.num_batches_tracked
-        if strict:
-            missing = [k for k in own if k not in state_dict and k != "num_batches_tracked"]
-            unexpected = [k for k in state_dict if k not in own]
-            if missing or unexpected:
-                raise KeyError(f"{cls}.load_state_dict: missing keys {missing}, "
-                               f"unexpected keys {unexpected}")
-        staged = []
-        for key, target in own.items():
-            if key not in state_dict:
-                continue
-            value = _to_numpy(state_dict[key])
-            if value.shape != target.shape and not (key == "num_batches_tracked"
-                                                    and value.size == 1):
-                raise ValueError(f"{cls}.load_state_dict: {key} must have shape "
-                                 f"{target.shape}, got {value.shape}")
-            real = "iu" if key == "num_batches_tracked" else "fiub"
-            if value.dtype.kind not in real:
-                raise TypeError(f"{cls}.load_state_dict: {key} must hold real numbers, "
-                                 f"got dtype {value.dtype}")
-            if key == "num_batches_tracked":
-                _checks.count(int(value.reshape(())), who=f"{cls}.load_state_dict")
-            staged.append((target, value.reshape(target.shape).astype(target.dtype)))
+        staged = _checks.state_values(own, state_dict, strict,
+                                      who=f"{type(self).__name__}.load_state_dict")
         for target, value in staged:
             target[...] = value
 
