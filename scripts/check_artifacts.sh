@@ -6,7 +6,8 @@
 #    fastbn.libs/), and prints `auditwheel show`;
 # 2. the sdist holds the Cython sources (.pyx, .pxd), setup.py and the
 #    metadata; the repaired wheel holds the compiled modules, the stubs,
-#    py.typed and its libgomp, and no tests; its version is fastbn.__version__;
+#    py.typed and its libgomp, and no tests or generated C; its version is
+#    fastbn.__version__;
 # 3. with no C compiler and no system libgomp reachable
 #    (scripts/without_toolchain.sh), the repaired wheel, its test extras and
 #    PyTorch go into a fresh virtual environment from binary wheels only, and
@@ -59,6 +60,9 @@ for pattern in '^fastbn/_planar\..*\.so$' '^fastbn/_columnar\..*\.so$' '^fastbn/
 done
 if grep -qE '^tests/|/tests/|conftest\.py' "$work/wheel.txt"; then
     fail "the wheel contains tests"
+fi
+if grep -qE '\.c$' "$work/wheel.txt"; then
+    fail "the wheel contains Cython's generated C"
 fi
 
 # Each command below runs with no C compiler and no system libgomp, and pip
