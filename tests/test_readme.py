@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import same_fastbn
 
 README = Path(__file__).resolve().parents[1] / "README.md"

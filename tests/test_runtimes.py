@@ -19,10 +19,15 @@ import subprocess
 import sys
 
 import pytest
+
+import fastbn
+
 from conftest import same_fastbn
 
 pytest.importorskip("torch")
 pytest.importorskip("threadpoolctl")
+if not fastbn._openmp.openmp_enabled():
+    pytest.skip("fastbn is built without OpenMP (FASTBN_OPENMP=0)", allow_module_level=True)
 
 # The thread count the child's runtimes start with: more than the limit of 1,
 # whatever the machine (fastbn caps counts at four threads per processor).
