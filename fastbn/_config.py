@@ -1,13 +1,10 @@
 """Version and build configuration of the installed fastbn."""
 
-from importlib import metadata
-
 from fastbn import _dispatch, _openmp
 
-try:
-    __version__ = metadata.version("fastbn")
-except metadata.PackageNotFoundError:  # running from a source tree that was built in place
-    __version__ = "unknown"
+# The one version source: pyproject.toml reads it (``[tool.setuptools.dynamic]``)
+# into the distribution's metadata, so a wheel and an in-place build agree.
+__version__ = "0.2.0"
 
 
 def show_config():

@@ -1,10 +1,12 @@
-"""Importing fastbn: what a user who runs Python in an unbuilt source tree sees."""
+"""Importing fastbn: what a user sees in an unbuilt source tree, and the version it reports."""
 
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import fastbn
 
@@ -20,3 +22,19 @@ def test_source_tree_without_compiled_modules_says_what_to_do(tmp_path):
     assert result.returncode != 0
     assert "ImportError: fastbn is being imported from its source tree" in result.stderr
     assert "pip install ." in result.stderr
+
+
+def test_version_is_the_installed_distributions():
+    """fastbn.__version__ is the version in the metadata of the installed
+    distribution (a wheel or pip install .); an in-place build has none."""
+    from importlib import metadata
+
+    try:
+        installed = metadata.distribution("fastbn")
+    except metadata.PackageNotFoundError:
+        pytest.skip("fastbn is built in place, not installed: no distribution metadata")
+    if installed.read_text("RECORD") is None:  # an egg-info that a build left in the source tree
+        pytest.skip("no installed distribution of fastbn, only build metadata in a source tree")
+    if Path(installed.locate_file("fastbn")).resolve() != Path(fastbn.__file__).resolve().parent:
+        pytest.skip(f"the fastbn imported ({fastbn.__file__}) is not the installed distribution")
+    assert fastbn.__version__ == installed.version

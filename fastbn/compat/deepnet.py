@@ -116,7 +116,7 @@ class Batchnorm:
 
         Parameters
         ----------
-        X : ndarray of float32 or float64, shape (N, *X_dim)
+        X : ndarray of float32 or float64, shape ``(N, *X_dim)``
             Any shape (N, ...) with D values per sample is accepted, as
             deepnet flattens it. A reference (not a copy) is kept for
             :meth:`backward`.
