@@ -47,13 +47,15 @@ echo "artifacts: checking their contents"
 tar -tzf "$sdist" | sed 's|^[^/]*/||' | sort > "$work/sdist.txt"
 for f in setup.py pyproject.toml README.md \
          fastbn/__init__.py fastbn/functional.py fastbn/layers.py fastbn/reference.py \
-         fastbn/compat/cs231n.py fastbn/compat/deepnet.py \
-         fastbn/_planar.pyx fastbn/_columnar.pyx fastbn/_openmp.pyx \
+         fastbn/compat/cs231n.py fastbn/compat/deepnet.py fastbn/_checks.py \
+         fastbn/folding.py fastbn/distributed/__init__.py fastbn/distributed/_passes.py \
+         fastbn/_planar.pyx fastbn/_columnar.pyx fastbn/_openmp.pyx fastbn/_channels.pyx \
          fastbn/_openmp.pxd fastbn/_stats.pxd fastbn/_views.pxd; do
     grep -qx "$f" "$work/sdist.txt" || fail "the sdist lacks $f"
 done
 "$python" -m zipfile -l "$wheel" | awk 'NR > 1 {print $1}' | sort > "$work/wheel.txt"
 for pattern in '^fastbn/_planar\..*\.so$' '^fastbn/_columnar\..*\.so$' '^fastbn/_openmp\..*\.so$' \
+               '^fastbn/_channels\..*\.so$' '^fastbn/distributed/_layer\.py$' \
                '^fastbn/__init__\.py$' '^fastbn/compat/cs231n\.py$' '^fastbn/py\.typed$' \
                '^fastbn/_planar\.pyi$' '^fastbn\.libs/libgomp-[0-9a-f]+\.so\.1\.0\.0$'; do
     grep -qE "$pattern" "$work/wheel.txt" || fail "the wheel has no file matching $pattern"
