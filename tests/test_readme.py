@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import same_fastbn
+from helpers import same_fastbn
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 if not README.exists():

@@ -22,7 +22,7 @@ import pytest
 
 import fastbn
 
-from conftest import same_fastbn
+from helpers import same_fastbn
 
 pytest.importorskip("torch")
 pytest.importorskip("threadpoolctl")
