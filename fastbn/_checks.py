@@ -426,8 +426,8 @@ def backward_args(dy, x, num_features, gamma, mean, invstd, out_, num_threads_, 
     nthreads = threads(num_threads_)
     g = None if gamma is None else vector("gamma", gamma, x.dtype, num_features)
     if mean is None or invstd is None:
-        raise _error(ValueError, None, f"mean and invstd (from {source}) are required, "
-                                       f"got None")
+        raise _error(TypeError, who, f"mean and invstd (from {source}) are required, got "
+                                     f"None")
     mu = vector("mean", mean, x.dtype, num_features)
     istd = vector("invstd", invstd, x.dtype, num_features)
     if out_ is not None:

@@ -209,7 +209,7 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
     g = None if gamma is None else _checks.vector("gamma", gamma, x.dtype, num_features)
     b = None if beta is None else _checks.vector("beta", beta, x.dtype, num_features)
     if running_mean is None or running_var is None:
-        raise ValueError("running_mean and running_var are required in inference, got None")
+        raise TypeError("running_mean and running_var are required in inference, got None")
     rm = _checks.vector("running_mean", running_mean, x.dtype, num_features)
     rv = _checks.vector("running_var", running_var, x.dtype, num_features)
     act, slope = _checks.activation(activation, negative_slope)

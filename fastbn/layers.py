@@ -335,6 +335,8 @@ class BatchNorm:
             y = f.batch_norm_inference(x, self._gamma, self._beta, self.running_mean,
                                        self.running_var, eps=self.eps, **common)
             invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+            # saturated as the kernels saturate a batch's invstd (no inf, no 0 * inf)
+            invstd = np.minimum(invstd, np.finfo(self.dtype).max)
             self._saved = Saved(x, self.running_mean.copy(), invstd.astype(self.dtype),
                                 batch=False)
         return y

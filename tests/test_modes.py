@@ -186,3 +186,19 @@ def test_layers_follow_the_convention(unbiased):
     np.testing.assert_allclose(bn.running_var, expected, rtol=1e-12)
     assert_bitwise_equal(sync.running_var, bn.running_var)
     assert ("unbiased=False" in repr(bn)) == (not unbiased)
+
+
+def test_eval_mode_layer_saturates_invstd_as_the_kernels_do():
+    """float32, running_var 0 and eps = 1e-80: 1/sqrt(eps) is beyond float32, and
+    the eval-mode layer keeps FLT_MAX (as a training forward does), so its
+    backward has no 0 * inf NaN."""
+    bn = fastbn.BatchNorm1d(2, eps=1e-80)
+    bn.running_var[...] = 0
+    bn.eval()
+    x = np.zeros((4, 2), np.float32)
+    dy = np.array([[0, 1], [1, 0], [0, 0], [2, -1]], np.float32)
+    bn(x)
+    dx = bn.backward(dy)
+    assert bn._saved.invstd.max() == np.finfo(np.float32).max
+    assert not np.isnan(dx).any() and not np.isnan(bn.dgamma).any()
+    assert (dx[dy == 0] == 0).all()

@@ -452,6 +452,84 @@ def test_different_settings_on_the_ranks(setting):
         assert f"disagree on {setting}" in str(exc)
 
 
+def test_ranks_that_disagree_on_unbiased_all_raise_and_change_nothing():
+    x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
+
+    def work(rank, allreduce):
+        rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+        try:
+            sync_batch_norm_forward(x, None, None, allreduce=allreduce, num_features=3,
+                                    running_mean=rm, running_var=rv, unbiased=rank != 1)
+        except ValueError as exc:
+            assert (rm == 0).all() and (rv == 1).all()
+            return exc
+        return None
+
+    results, _ = run_ranks(3, work)
+    for exc in results:
+        assert isinstance(exc, ValueError) and "disagree on unbiased" in str(exc), exc
+
+
+def test_a_bad_flag_on_one_rank_joins_the_reduction():
+    """unbiased=1 (not a bool) on one rank: checked inside the pass, so that rank
+    joins the reduction and every rank raises; nothing hangs."""
+    x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
+
+    def work(rank, allreduce):
+        return sync_batch_norm_forward(x, None, None, allreduce=allreduce, num_features=3,
+                                       unbiased=1 if rank == 1 else True)
+
+    results, group = run_ranks(2, work)
+    assert group.calls == 1
+    assert isinstance(results[1], TypeError) and "unbiased must be True or False" in str(
+        results[1])
+    assert isinstance(results[0], TypeError) and "rank 1" in str(results[0])
+
+
+def test_a_bad_per_channel_argument_is_not_blamed_on_x():
+    """The other ranks are told the exception type of a failing gamma, not a
+    description of x."""
+    x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float64)
+
+    def work(rank, allreduce):
+        gamma = np.ones(3, np.float32 if rank == 1 else np.float64)
+        return sync_batch_norm_forward(x, gamma, None, allreduce=allreduce, num_features=3)
+
+    results, _ = run_ranks(2, work)
+    assert "gamma must have the dtype of x" in str(results[1])
+    assert isinstance(results[0], TypeError)
+    assert "x has dtype" not in str(results[0]) and "TypeError" in str(results[0])
+
+
+def test_without_rank_numbers_two_failures_are_not_mixed():
+    """An allreduce without rank and size: the detail of two failing ranks could
+    mix, so the others are told the exception type only."""
+    x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+    group = FakeGroup(3)
+
+    def work(rank):
+        member = group.member(rank)
+        xl = x[None, None, None] if rank == 0 else x[:, :2] if rank == 1 else x
+        return sync_batch_norm_forward(xl, None, None, allreduce=lambda r: member(r),
+                                       num_features=3)
+
+    results = [None] * 3
+
+    def target(rank):
+        try:
+            results[rank] = work(rank)
+        except BaseException as exc:  # noqa: BLE001
+            results[rank] = exc
+
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert isinstance(results[2], ValueError), results[2]
+    assert "2 ranks" in str(results[2]) and "failed the checks (ValueError" in str(results[2])
+
+
 def test_an_interrupted_rank_still_joins_the_reduction():
     """A KeyboardInterrupt while one rank checks its arguments: that rank joins
     the reduction, then raises its KeyboardInterrupt; the others raise a

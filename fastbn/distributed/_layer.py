@@ -22,7 +22,7 @@ class SyncBatchNorm(BatchNorm):
     holds a slice of the global batch, and in training mode each channel is
     normalized with the mean and variance of the global batch, as
     ``torch.nn.SyncBatchNorm`` does. Each training forward makes one
-    ``Allreduce`` of one float64 buffer of ``4 * (7 + C)`` values, and each
+    ``Allreduce`` of one float64 buffer of ``4 * (8 + C)`` values, and each
     backward one more; the per-rank counts, means and variances are merged
     exactly (:func:`merge_records`), so the local batch sizes may differ and
     may be 0. The running statistics are updated with the global statistics

@@ -72,9 +72,10 @@ def forward(x, gamma, beta, *, allreduce, num_features, eps, running_mean, runni
         eps, momentum, nthreads, g, b, rm, rv = _checks.forward_args(
             x, C, gamma, beta, eps, momentum, num_threads, running_mean, running_var,
             num_batches_tracked, out)
+        unbiased = _checks.flag(unbiased, "unbiased")
         tracking = rm is not None
         factor = _running.factor(momentum, num_batches_tracked) if tracking else -1.0
-        call.settings(x.dtype.itemsize, eps, factor)
+        call.settings(x.dtype.itemsize, eps, factor, unbiased)
         kernel, xc, xv, n = _view(x, ca)
         body = call.body
         body[:, 0] = TAG_STATS
@@ -151,7 +152,7 @@ def sync_batch_norm_forward(x, gamma, beta, *, allreduce, num_features, eps=1e-5
         Scale and shift; None means 1 and 0. The same on every rank.
     allreduce : callable
         ``allreduce(records)`` with ``records`` a C-contiguous float64 array
-        of shape ``(7 + C, 4)``: replaces it in place (or returns an array
+        of shape ``(8 + C, 4)``: replaces it in place (or returns an array
         of that shape) with the combination of every rank's array under
         :func:`merge_records`, the same bits on every rank.
         ``mpi_allreduce(comm)`` is that for an mpi4py communicator. Its
@@ -201,7 +202,7 @@ def sync_batch_norm_forward(x, gamma, beta, *, allreduce, num_features, eps=1e-5
                    num_features=_checks.num_features(num_features, note=_SAME), eps=eps,
                    running_mean=running_mean, running_var=running_var, momentum=momentum,
                    num_batches_tracked=num_batches_tracked, channel_axis=channel_axis,
-                   out=out, num_threads=num_threads, unbiased=_checks.flag(unbiased, "unbiased"))
+                   out=out, num_threads=num_threads, unbiased=unbiased)
 
 
 # ----------------------------------------------------------- backward ----

@@ -24,7 +24,8 @@ import sys
 import numpy as np
 
 from fastbn.distributed._records import (DETAIL, EPS, FACTOR, FAILED, FEATURES, FIRST,
-                                         HEADER, ITEMSIZE, RECORD, TAG_FIRST, TAG_RANGE)
+                                         HEADER, ITEMSIZE, RECORD, TAG_FIRST, TAG_RANGE,
+                                         UNBIASED)
 
 _F64 = np.dtype(np.float64)
 
@@ -35,7 +36,7 @@ _CODES = {"other": _E_OTHER, "not_array": _E_NOT_ARRAY, "dtype": _E_DTYPE, "ndim
 # exception kinds (header record FIRST, p2)
 _KIND_TYPE, _KIND_VALUE, _KIND_OTHER, _KIND_BASE = 1, 2, 3, 4
 _ARGS = ("x", "dy")
-_RANGES = (ITEMSIZE, FEATURES, EPS, FACTOR)
+_RANGES = (ITEMSIZE, FEATURES, EPS, FACTOR, UNBIASED)
 
 
 def _dtype_name(code):
@@ -102,12 +103,14 @@ class Collective:
         """The C channel records (a view)."""
         return self.records[HEADER:]
 
-    def settings(self, itemsize, eps=0.0, factor=-1.0):
-        """This rank's dtype itemsize, eps and running-statistics weight."""
+    def settings(self, itemsize, eps=0.0, factor=-1.0, unbiased=True):
+        """This rank's dtype itemsize, eps, running-statistics weight and
+        running-variance convention."""
         rec = self.records
         rec[ITEMSIZE, 1:3] = itemsize
         rec[EPS, 1:3] = eps
         rec[FACTOR, 1:3] = factor
+        rec[UNBIASED, 1:3] = float(unbiased)
 
     def fail(self, exc, body):
         """Record a local failure (any BaseException); the body becomes ``body``
@@ -117,9 +120,12 @@ class Collective:
         code = _CODES.get(kind, _E_OTHER)
         d1 = d2 = 0
         if kind in ("not_array", "dtype", "shape"):
-            d1 = _ARGS.index(detail[0]) if detail and detail[0] in _ARGS else 0
-            if kind == "dtype":
-                d2 = _dtype_code(detail[1])
+            if detail and detail[0] in _ARGS:
+                d1 = _ARGS.index(detail[0])
+                if kind == "dtype":
+                    d2 = _dtype_code(detail[1])
+            else:  # another argument: the other ranks are told its exception type only
+                code = _E_OTHER
         elif kind in ("ndim", "channels"):
             d1 = detail[0]
         exc_kind = (_KIND_TYPE if isinstance(exc, TypeError)
@@ -130,7 +136,7 @@ class Collective:
         rec[FAILED, 1:] = (r, r, 1.0)
         rec[FIRST, 1:] = (r, code, exc_kind)
         rec[DETAIL, 1:] = (r, d1, d2)
-        for i in (ITEMSIZE, EPS, FACTOR):
+        for i in (ITEMSIZE, EPS, FACTOR, UNBIASED):
             rec[i, 1:3] = (np.inf, -np.inf)
         rec[HEADER:] = body
 
@@ -161,6 +167,7 @@ class Collective:
         self._agree(EPS, "eps", lambda v: f"{v:g}", ValueError)
         self._agree(FACTOR, "momentum (the running statistics' weight this batch, -1 for "
                             "none)", lambda v: f"{v:g}", ValueError)
+        self._agree(UNBIASED, "unbiased", lambda v: str(bool(v)), ValueError)
         return rec
 
     def _agree(self, index, what, show, cls):
@@ -179,9 +186,13 @@ class Collective:
             return f"ranks {first} and {last}"
         return f"{n_bad} ranks ({first} to {last})"
 
-    def _describe(self):
-        """What went wrong on the lowest failing rank, from the header alone."""
+    def _describe(self, n_bad):
+        """What went wrong on the lowest failing rank, from the header alone
+        (FIRST and DETAIL are merged apart, so without rank numbers two failing
+        ranks may mix: then only the exception type is said)."""
         code, kind = int(self.records[FIRST, 2]), int(self.records[FIRST, 3])
+        if self.rank is None and n_bad > 1:
+            code = _E_OTHER
         d1, d2 = int(self.records[DETAIL, 2]), int(self.records[DETAIL, 3])
         if code == _E_NOT_ARRAY:
             return f"{_ARGS[d1]} is not a numpy.ndarray"
@@ -220,4 +231,4 @@ class Collective:
                                f"arguments (KeyboardInterrupt or another BaseException, "
                                f"raised again on that rank) [{note}]")
         cls = {_KIND_TYPE: TypeError, _KIND_VALUE: ValueError}.get(kind, RuntimeError)
-        raise cls(f"{self.who}: bad input on {ranks}{of}: {self._describe()} [{note}]")
+        raise cls(f"{self.who}: bad input on {ranks}{of}: {self._describe(n_bad)} [{note}]")

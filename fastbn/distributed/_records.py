@@ -16,9 +16,11 @@ record    tag            payload (p0, p1, p2)                        merge
 5         TAG_RANGE      eps (min, max, ranks); 0 in the backward     "
 6         TAG_RANGE      running-statistics weight (min, max,         "
                          ranks); -1 without running statistics
-7 + c     TAG_STATS      count, mean, biased variance of channel c    Chan
+7         TAG_RANGE      unbiased: 1 or 0 (min, max, ranks); 1 in     "
+                         the backward
+8 + c     TAG_STATS      count, mean, biased variance of channel c    Chan
           (forward)
-7 + c     TAG_SUM        sum dy, sum dy * (x - mean), count           sum
+8 + c     TAG_SUM        sum dy, sum dy * (x - mean), count           sum
           (backward)
 ========  =============  ==========================================  ==========
 
@@ -54,7 +56,8 @@ ITEMSIZE = 3        #: TAG_RANGE: the dtype's itemsize (min, max, ranks)
 FEATURES = 4        #: TAG_RANGE: num_features (min, max, ranks)
 EPS = 5             #: TAG_RANGE: eps (min, max, ranks); 0 in the backward
 FACTOR = 6          #: TAG_RANGE: the running statistics' weight (min, max, ranks); -1: none
-HEADER = 7          #: header records before the C channel records
+UNBIASED = 7        #: TAG_RANGE: 1 for the unbiased running variance, 0 for the biased one
+HEADER = 8          #: header records before the C channel records
 
 
 def merge_records(a, b):
