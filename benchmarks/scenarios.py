@@ -87,11 +87,19 @@ def thread_ratios(w, target_seconds, rounds=3):
     return result
 
 
+def workloads(shapes, flush_bytes, scenario):
+    """The float32 Workload of each shape in turn, released after its rows."""
+    for shape in shapes:
+        w = Workload(shape, np.float32, flush_bytes)
+        log(f"{scenario}: {w.label}")
+        yield w
+        w.release()
+
+
 def busy_neighbour(target_seconds, flush_bytes):
     rows = []
-    for shape in BUSY_SHAPES:
-        w = Workload(shape, np.float32, flush_bytes)
-        log(f"busy neighbour: {w.label}")
+    for w in workloads(BUSY_SHAPES, flush_bytes, "busy neighbour"):
+        shape = w.shape
         quiet = thread_ratios(w, target_seconds)
         with spinner():
             busy = thread_ratios(w, target_seconds)
@@ -99,7 +107,6 @@ def busy_neighbour(target_seconds, flush_bytes):
             q1, q2 = quiet[key]
             rows.append(f"| {shape.label} | {key[1]} | {key[0]} | {q2 / q1:.2f} | "
                         f"{format_time(t1)} | {format_time(t2)} | **{t2 / t1:.2f}** |")
-        w.release()
     return "\n".join([
         "### Busy neighbour (one other process spinning on one core)",
         "",
@@ -113,9 +120,8 @@ def busy_neighbour(target_seconds, flush_bytes):
 def training_step(target_seconds, flush_bytes):
     rows = []
     n_cores = len(os.sched_getaffinity(0))
-    for shape in STEP_SHAPES:
-        w = Workload(shape, np.float32, flush_bytes)
-        log(f"training step: {w.label}")
+    for w in workloads(STEP_SHAPES, flush_bytes, "training step"):
+        shape = w.shape
         with cases.thread_limit(n_cores):
             for impl in impls():
                 fwd = make_call(impl, "forward", w, n_cores)
@@ -138,7 +144,6 @@ def training_step(target_seconds, flush_bytes):
                 rows.append(f"| {shape.label} | {impl.label} | {format_time(t_bn)} | "
                             f"{k}×{k}: {format_time(t_mm)} | {format_time(t_step)} | "
                             f"**{t_step / (t_bn + t_mm):.2f}** |")
-        w.release()
     return "\n".join([
         f"### Training step (BatchNorm forward, matmul, BatchNorm backward; {n_cores} threads)",
         "",
@@ -156,9 +161,8 @@ FUSED_SHAPES = (Shape((64, 64, 56, 56)), Shape((32, 256, 14, 14)), Shape((4096, 
 def fused_relu(target_seconds, flush_bytes):
     rows = []
     n_cores = len(os.sched_getaffinity(0))
-    for shape in FUSED_SHAPES:
-        w = Workload(shape, np.float32, flush_bytes)
-        log(f"fused relu: {w.label}")
+    for w in workloads(FUSED_SHAPES, flush_bytes, "fused relu"):
+        shape = w.shape
         kw = dict(channel_axis=shape.channel_axis, num_threads=n_cores, eps=cases.EPS)
         rm, rv = w.running_mean.copy(), w.running_var.copy()
 
@@ -184,7 +188,6 @@ def fused_relu(target_seconds, flush_bytes):
         rows.append(f"| {shape.label} | {format_time(plain)} | {format_time(fused)} | "
                     f"**{fused / plain:.2f}** | {format_time(apart)} | **{apart / fused:.2f}** | "
                     f"{torch_text} |")
-        w.release()
     return "\n".join([
         f"### Fused ReLU (training forward, float32, out=, {n_cores} threads)",
         "",
