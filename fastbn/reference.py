@@ -241,16 +241,18 @@ def batch_norm_backward_from_output(dy, y, gamma, beta, invstd, *, activation=No
     """
     del num_threads
     if activation == "relu":
-        raise ValueError("activation='relu' cannot be inverted from the output (its negative "
-                         "values are lost); use activation='leaky_relu' with a positive "
-                         "negative_slope, or batch_norm_backward with x")
+        raise ValueError("activation 'relu' cannot be inverted (every negative pre-activation "
+                         "gives 0): use 'leaky_relu' with a negative_slope > 0, or "
+                         "batch_norm_backward with x")
     if activation == "leaky_relu" and not negative_slope > 0:
-        raise ValueError(f"negative_slope must be > 0 to invert leaky_relu from the output, "
-                         f"got {negative_slope}")
+        raise ValueError(f"negative_slope must be > 0 to invert leaky_relu, got "
+                         f"{float(negative_slope)}")
     if gamma is not None and np.any(np.asarray(gamma) == 0):
-        zeros = np.flatnonzero(np.asarray(gamma) == 0).tolist()
-        raise ValueError(f"gamma must be nonzero to recover xhat from the output, got 0 in "
-                         f"channels {zeros}")
+        zeros = np.flatnonzero(np.asarray(gamma) == 0)
+        shown = ", ".join(map(str, zeros[:10])) + (", ..." if zeros.size > 10 else "")
+        raise ValueError(f"gamma is 0 in channel(s) {shown}: y carries no information on x "
+                         f"there, so the backward from the output cannot recover it; use "
+                         f"batch_norm_backward with x")
     axes, channel_axis = _reduce_axes(y.ndim, channel_axis)
     y64 = np.asarray(y, dtype=np.float64)
     dy64 = np.asarray(dy, dtype=np.float64)
