@@ -8,9 +8,10 @@ never import each other; a helper that more than one of them needs lives here.
 - :data:`DTYPES`, :data:`TOLERANCE`, :data:`THREADS` and the test ids
   :func:`dtype_id`, :func:`layout_id`;
 - :func:`make_inputs`: reproducible arrays for one call of every function;
-  :func:`away_from_the_kink`: x moved so that no activation input is near 0;
-- :func:`assert_close`, :func:`dx_scale`: dtype-aware comparison with the
-  float64 oracle; :func:`assert_bitwise_equal`;
+  :func:`away_from_the_kink`: beta moved so that no activation input is near 0,
+  :func:`activated_case`: such inputs with the activated output y;
+- :func:`assert_close`, :func:`dx_scale`, :func:`assert_grads_close`:
+  dtype-aware comparison with the float64 oracle; :func:`assert_bitwise_equal`;
 - :func:`snapshot` / :func:`assert_unchanged`: byte copies of the caller's
   arrays, to check that a call modified nothing it should not have;
 - :func:`valid_args` / :func:`call`: a valid call of each function (of
@@ -135,6 +136,19 @@ def away_from_the_kink(a, channel_axis, margin=1e-5):
     return a
 
 
+def activated_case(shape, dtype, channel_axis, activation, slope, rng=None):
+    """:func:`make_inputs` clear of the kink (:func:`away_from_the_kink`), with
+    mean and invstd from fastbn's forward and ``y``, that forward's output
+    with the fused ``activation``: inputs for the backward of an activation."""
+    a = make_inputs(shape, dtype, channel_axis, rng)
+    _, a.mean, a.invstd = fastbn.batch_norm_forward(a.x, a.gamma, a.beta,
+                                                    channel_axis=channel_axis)
+    away_from_the_kink(a, channel_axis)
+    a.y = fastbn.batch_norm_forward(a.x, a.gamma, a.beta, activation=activation,
+                                    negative_slope=slope, channel_axis=channel_axis)[0]
+    return a
+
+
 # -------------------------------------------------------------- comparing ----
 
 def assert_close(actual, expected, dtype=None, *, rtol=None, scale=None, err_msg=""):
@@ -170,6 +184,19 @@ def dx_scale(dy, gamma, invstd):
     gi = np.abs(np.asarray(g, np.float64) * np.asarray(invstd, np.float64))
     dy = np.abs(np.asarray(dy, np.float64))
     return gi[np.isfinite(gi)].max(initial=0.0) * dy[np.isfinite(dy)].max(initial=0.0)
+
+
+def assert_grads_close(got, want, dtype, dy, gamma, invstd, what=""):
+    """A backward's (dx, dgamma, dbeta) equal ``want`` to the tolerance of dtype:
+    dx at the scale of its terms (:func:`dx_scale`), dgamma and dbeta at their
+    own, with shape (C,) and the dtype; None where ``want`` has None."""
+    assert_close(got[0], want[0], dtype, scale=dx_scale(dy, gamma, invstd), err_msg=f"dx {what}")
+    for g, w, name in zip(got[1:], want[1:], ("dgamma", "dbeta")):
+        if w is None:
+            assert g is None, name
+        else:
+            assert g.shape == w.shape and g.dtype == np.dtype(dtype), name
+            assert_close(g, w, dtype, err_msg=f"{name} {what}")
 
 
 def assert_bitwise_equal(actual, expected, err_msg=""):

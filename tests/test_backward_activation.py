@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import (DTYPES, SCHEDULE_LAYOUTS, STRIDED_LAYOUTS, THREADS, assert_bitwise_equal,
-                     assert_close, assert_unchanged, away_from_the_kink, dtype_id, dx_scale,
-                     layout_id, make_inputs, numeric_gradient, per_channel, snapshot,
-                     strided_vector)
+from helpers import (DTYPES, SCHEDULE_LAYOUTS, STRIDED_LAYOUTS, THREADS, activated_case,
+                     assert_bitwise_equal, assert_close, assert_grads_close, assert_unchanged,
+                     away_from_the_kink, dtype_id, layout_id, make_inputs, numeric_gradient,
+                     per_channel, snapshot, strided_vector)
 
 import fastbn
 from fastbn import reference
@@ -39,18 +39,6 @@ ACTIVATIONS = [("relu", 0.01), ("leaky_relu", 0.01), ("leaky_relu", 0.2), ("leak
 activations = pytest.mark.parametrize("activation, slope", ACTIVATIONS,
                                       ids=[f"{a}-{s}" for a, s in ACTIVATIONS])
 training_modes = pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
-
-
-def fused_case(shape, dtype, channel_axis, activation, slope, rng=None):
-    """Inputs clear of the kink, with mean and invstd from fastbn's forward and
-    y, that forward's activated output."""
-    a = make_inputs(shape, dtype, channel_axis, rng)
-    _, a.mean, a.invstd = fastbn.batch_norm_forward(a.x, a.gamma, a.beta,
-                                                    channel_axis=channel_axis)
-    away_from_the_kink(a, channel_axis)
-    a.y = fastbn.batch_norm_forward(a.x, a.gamma, a.beta, activation=activation,
-                                    negative_slope=slope, channel_axis=channel_axis)[0]
-    return a
 
 
 def unfused_dz(dy, y, activation, slope):
@@ -67,17 +55,6 @@ def fused(a, channel_axis, activation, slope, **kw):
                                       channel_axis=channel_axis, **kw)
 
 
-def assert_grads_close(got, want, dtype, dy, gamma, invstd, what=""):
-    """dx at the scale of its terms (helpers.dx_scale), dgamma and dbeta at their own."""
-    assert_close(got[0], want[0], dtype, scale=dx_scale(dy, gamma, invstd), err_msg=f"dx {what}")
-    for g, w, name in zip(got[1:], want[1:], ("dgamma", "dbeta")):
-        if w is None:
-            assert g is None, name
-        else:
-            assert g.shape == w.shape and g.dtype == np.dtype(dtype), name
-            assert_close(g, w, dtype, err_msg=f"{name} {what}")
-
-
 # ------------------------------------------------------- oracle, unfused ----
 
 @layouts
@@ -88,7 +65,7 @@ def assert_grads_close(got, want, dtype, dy, gamma, invstd, what=""):
 @pytest.mark.parametrize("num_threads", [1, 2])
 def test_fused_backward_equals_the_oracle_and_the_unfused_composition(
         shape, channel_axis, dtype, activation, slope, training, out_mode, num_threads):
-    a = fused_case(shape, dtype, channel_axis, activation, slope)
+    a = activated_case(shape, dtype, channel_axis, activation, slope)
     oracle = reference.batch_norm_backward(a.dy, a.x, a.gamma, a.mean, a.invstd, beta=a.beta,
                                            activation=activation, negative_slope=slope,
                                            training=training, channel_axis=channel_axis)
@@ -119,7 +96,7 @@ def test_fused_backward_equals_the_oracle_and_the_unfused_composition(
 @pytest.mark.parametrize("param_grads", [True, False], ids=["grads", "no-grads"])
 def test_fused_backward_has_the_same_bits_for_any_thread_count(shape, channel_axis, activation,
                                                                slope, training, param_grads):
-    a = fused_case(shape, np.float32, channel_axis, activation, slope)
+    a = activated_case(shape, np.float32, channel_axis, activation, slope)
     results = [fused(a, channel_axis, activation, slope, training=training,
                      param_grads=param_grads, num_threads=n) for n in THREADS]
     for other in results[1:]:
@@ -136,7 +113,7 @@ def test_fused_backward_has_the_same_bits_for_any_thread_count(shape, channel_ax
 @pytest.mark.parametrize("activation, slope", [("relu", 0.01), ("leaky_relu", 0.2)])
 @training_modes
 def test_param_grads_false_gives_the_same_dx(shape, channel_axis, activation, slope, training):
-    a = fused_case(shape, np.float64, channel_axis, activation, slope)
+    a = activated_case(shape, np.float64, channel_axis, activation, slope)
     full = fused(a, channel_axis, activation, slope, training=training)
     dx, dgamma, dbeta = fused(a, channel_axis, activation, slope, training=training,
                               param_grads=False)
@@ -150,7 +127,7 @@ def test_frozen_without_param_grads_still_reads_x_for_the_mask(activation, slope
     invstd * dy does not read x; with one, the mask act'(z) comes from x, so
     where z <= 0 dx is scaled by slope (0 for ReLU) and a NaN in x counts
     as not > 0."""
-    a = fused_case((4, 3, 5, 7), np.float64, 1, activation, slope)
+    a = activated_case((4, 3, 5, 7), np.float64, 1, activation, slope)
     x = a.x.copy()
     x[0, 1, 2, 3] = np.nan
     plain = fastbn.batch_norm_backward(a.dy, x, a.gamma, a.mean, a.invstd, training=False,
@@ -218,7 +195,7 @@ def test_activation_none_ignores_beta(dtype, training):
 @pytest.mark.parametrize("activation, slope", [("relu", 0.01), ("leaky_relu", 0.2)])
 @pytest.mark.parametrize("affine", ["none", "gamma", "beta"])
 def test_gamma_or_beta_none_mean_one_and_zero(shape, channel_axis, activation, slope, affine):
-    a = fused_case(shape, np.float64, channel_axis, activation, slope)
+    a = activated_case(shape, np.float64, channel_axis, activation, slope)
     ones, zeros = np.ones(a.C), np.zeros(a.C)
     gamma = a.gamma if affine == "gamma" else None
     beta = a.beta if affine == "beta" else None
@@ -242,7 +219,7 @@ def test_gamma_or_beta_none_mean_one_and_zero(shape, channel_axis, activation, s
 @training_modes
 def test_non_contiguous_inputs(layout, shape, channel_axis, training):
     """Non-contiguous dy, x and per-channel arrays: the oracle's results, inputs unchanged."""
-    a = fused_case(shape, np.float64, channel_axis, "leaky_relu", 0.1)
+    a = activated_case(shape, np.float64, channel_axis, "leaky_relu", 0.1)
     expected = reference.batch_norm_backward(a.dy, a.x, a.gamma, a.mean, a.invstd,
                                              beta=a.beta, activation="leaky_relu",
                                              negative_slope=0.1, training=training,
@@ -270,7 +247,7 @@ def test_non_contiguous_inputs(layout, shape, channel_axis, training):
                                                  ((6, 5, 4, 3), -1)])
 def test_matches_pytorch_autograd(dtype, activation, slope, training, shape, channel_axis):
     torch = pytest.importorskip("torch")
-    a = fused_case(shape, dtype, channel_axis, activation, slope)
+    a = activated_case(shape, dtype, channel_axis, activation, slope)
     a.running_mean = a.mean                       # frozen: the statistics are constants
     a.running_var = (1.0 / a.invstd.astype(np.float64) ** 2 - 1e-5).astype(dtype)
     # torch wants the channels on axis 1
@@ -333,7 +310,7 @@ def test_matches_finite_differences(shape, channel_axis, activation, slope, trai
 def test_fused_backward_can_tell_the_activation_apart():
     """Control: the gradients of ReLU, leaky ReLU and no activation differ (the
     comparisons above would not see an activation that is ignored)."""
-    a = fused_case((4, 3, 5, 7), np.float64, 1, "relu", 0.0)
+    a = activated_case((4, 3, 5, 7), np.float64, 1, "relu", 0.0)
     results = [fused(a, 1, act, 0.2)[0] for act in (None, "relu", "leaky_relu")]
     assert not np.allclose(results[0], results[1])
     assert not np.allclose(results[1], results[2])

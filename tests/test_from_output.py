@@ -26,10 +26,10 @@ import re
 
 import numpy as np
 import pytest
-from helpers import (DTYPES, SCHEDULE_LAYOUTS, STRIDED_LAYOUTS, THREADS, assert_bitwise_equal,
-                     assert_close, assert_unchanged, away_from_the_kink, dtype_id, dx_scale,
-                     layout_id, make_inputs, numeric_gradient, per_channel, snapshot,
-                     strided_vector)
+from helpers import (DTYPES, SCHEDULE_LAYOUTS, STRIDED_LAYOUTS, THREADS, activated_case,
+                     assert_bitwise_equal, assert_close, assert_grads_close, assert_unchanged,
+                     away_from_the_kink, dtype_id, dx_scale, layout_id, make_inputs,
+                     numeric_gradient, per_channel, snapshot, strided_vector)
 
 import fastbn
 from fastbn import reference
@@ -40,18 +40,6 @@ dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 INVERTIBLE = [(None, 0.01), ("leaky_relu", 0.01), ("leaky_relu", 0.2)]
 invertible = pytest.mark.parametrize("activation, slope", INVERTIBLE,
                                      ids=[f"{a}-{s}" for a, s in INVERTIBLE])
-
-
-def output_case(shape, dtype, channel_axis, activation, slope, rng=None):
-    """Inputs clear of the kink, mean and invstd from fastbn's forward, and y,
-    that forward's (activated) output."""
-    a = make_inputs(shape, dtype, channel_axis, rng)
-    _, a.mean, a.invstd = fastbn.batch_norm_forward(a.x, a.gamma, a.beta,
-                                                    channel_axis=channel_axis)
-    away_from_the_kink(a, channel_axis)
-    a.y = fastbn.batch_norm_forward(a.x, a.gamma, a.beta, activation=activation,
-                                    negative_slope=slope, channel_axis=channel_axis)[0]
-    return a
 
 
 def from_output(a, channel_axis, activation, slope, **kw):
@@ -66,13 +54,6 @@ def from_x(impl, a, channel_axis, activation, slope):
                                     channel_axis=channel_axis)
 
 
-def assert_grads_close(got, want, dtype, dy, gamma, invstd, what=""):
-    """dx at the scale of its terms (helpers.dx_scale), dgamma and dbeta at their own."""
-    assert_close(got[0], want[0], dtype, scale=dx_scale(dy, gamma, invstd), err_msg=f"dx {what}")
-    assert_close(got[1], want[1], dtype, err_msg=f"dgamma {what}")
-    assert_close(got[2], want[2], dtype, err_msg=f"dbeta {what}")
-
-
 # ------------------------------------------------------------ the results ----
 
 @layouts
@@ -82,7 +63,7 @@ def assert_grads_close(got, want, dtype, dy, gamma, invstd, what=""):
 @pytest.mark.parametrize("num_threads", [1, 2])
 def test_equals_the_oracle_the_backward_from_x_and_the_unfused_composition(
         shape, channel_axis, dtype, activation, slope, out_mode, num_threads):
-    a = output_case(shape, dtype, channel_axis, activation, slope)
+    a = activated_case(shape, dtype, channel_axis, activation, slope)
     oracle = reference.batch_norm_backward_from_output(
         a.dy, a.y, a.gamma, a.beta, a.invstd, activation=activation, negative_slope=slope,
         channel_axis=channel_axis)
@@ -114,7 +95,7 @@ def test_equals_the_oracle_the_backward_from_x_and_the_unfused_composition(
 @layouts
 @pytest.mark.parametrize("activation, slope", [(None, 0.01), ("leaky_relu", 0.1)])
 def test_same_bits_for_any_thread_count(shape, channel_axis, activation, slope):
-    a = output_case(shape, np.float32, channel_axis, activation, slope)
+    a = activated_case(shape, np.float32, channel_axis, activation, slope)
     results = [from_output(a, channel_axis, activation, slope, num_threads=n) for n in THREADS]
     for other in results[1:]:
         for got, want in zip(other, results[0]):
@@ -151,7 +132,7 @@ def test_gamma_or_beta_none_mean_one_and_zero(shape, channel_axis, activation, s
                                                  ((9, 3), 1)])
 def test_non_contiguous_inputs(layout, shape, channel_axis):
     """Non-contiguous dy, y and per-channel arrays: the oracle's results, inputs unchanged."""
-    a = output_case(shape, np.float64, channel_axis, "leaky_relu", 0.1)
+    a = activated_case(shape, np.float64, channel_axis, "leaky_relu", 0.1)
     expected = reference.batch_norm_backward_from_output(
         a.dy, a.y, a.gamma, a.beta, a.invstd, activation="leaky_relu", negative_slope=0.1,
         channel_axis=channel_axis)
@@ -177,7 +158,7 @@ def test_matches_pytorch_autograd(dtype, activation, slope, shape, channel_axis)
     """The gradients of torch's training-mode batch_norm (then leaky_relu), from
     fastbn's y alone."""
     torch = pytest.importorskip("torch")
-    a = output_case(shape, dtype, channel_axis, activation, slope)
+    a = activated_case(shape, dtype, channel_axis, activation, slope)
     to_torch = (lambda v: torch.tensor(np.moveaxis(v, -1, 1))) if channel_axis == -1 \
         else torch.tensor
     x = to_torch(a.x).requires_grad_(True)
@@ -283,7 +264,7 @@ def test_error_grows_like_beta_over_gamma(dtype):
 def test_well_conditioned_float32_matches_the_backward_from_x_to_1e_6():
     """The docstring's claim: |gamma| and |beta| of order 1, float32: about 1e-6
     relative to the backward from x (held here at 5e-6)."""
-    a = output_case((16, 8, 12, 12), np.float32, 1, "leaky_relu", 0.1)
+    a = activated_case((16, 8, 12, 12), np.float32, 1, "leaky_relu", 0.1)
     got = from_output(a, 1, "leaky_relu", 0.1)
     want = from_x(reference, a, 1, "leaky_relu", 0.1)
     assert_close(got[0], want[0], rtol=5e-6, scale=dx_scale(a.dy, a.gamma, a.invstd))
@@ -294,7 +275,7 @@ def test_well_conditioned_float32_matches_the_backward_from_x_to_1e_6():
 # --------------------------------------------------------------- refused ----
 
 def refused_case(out_mode):
-    a = output_case((4, 7, 3, 2), np.float32, 1, "leaky_relu", 0.1)
+    a = activated_case((4, 7, 3, 2), np.float32, 1, "leaky_relu", 0.1)
     a.out = {"new": None, "out": np.zeros_like(a.y), "out=dy": a.dy, "out=y": a.y}[out_mode]
     return a
 
@@ -346,13 +327,13 @@ def test_a_slope_that_is_not_positive_is_refused(slope, out_mode):
                          ids=["negative", "zero-inf"])
 def test_invstd_is_not_checked_specially(invstd):
     """invstd 0, negative or inf is the caller's business: no error."""
-    a = output_case((6, 3, 4, 5), np.float64, 1, "leaky_relu", 0.1)
+    a = activated_case((6, 3, 4, 5), np.float64, 1, "leaky_relu", 0.1)
     fastbn.batch_norm_backward_from_output(a.dy, a.y, a.gamma, a.beta, np.array(invstd),
                                            activation="leaky_relu", negative_slope=0.1)
 
 
 def test_a_negative_invstd_gives_the_formula():
-    a = output_case((6, 3, 4, 5), np.float64, 1, "leaky_relu", 0.1)
+    a = activated_case((6, 3, 4, 5), np.float64, 1, "leaky_relu", 0.1)
     invstd = np.array([-1.3, 2.0, -0.5])
     got = fastbn.batch_norm_backward_from_output(a.dy, a.y, a.gamma, a.beta, invstd,
                                                  activation="leaky_relu", negative_slope=0.1)
@@ -367,7 +348,7 @@ def test_a_negative_invstd_gives_the_formula():
 def test_invstd_zero_or_inf_gives_the_formula():
     """dgamma and dbeta do not use invstd (the oracle's exactly); dx is gamma *
     invstd times a finite sum: 0 where invstd is 0."""
-    a = output_case((6, 3, 4, 5), np.float64, 1, "leaky_relu", 0.1)
+    a = activated_case((6, 3, 4, 5), np.float64, 1, "leaky_relu", 0.1)
     invstd = np.array([0.0, 1.0, np.inf])
     dx, dgamma, dbeta = fastbn.batch_norm_backward_from_output(
         a.dy, a.y, a.gamma, a.beta, invstd, activation="leaky_relu", negative_slope=0.1)
@@ -382,7 +363,7 @@ def test_invstd_zero_or_inf_gives_the_formula():
 def test_the_activation_matters():
     """Control: the same y read as leaky_relu output or as plain output gives
     other gradients (the comparisons above would not see an ignored activation)."""
-    a = output_case((4, 3, 5, 7), np.float64, 1, "leaky_relu", 0.2)
+    a = activated_case((4, 3, 5, 7), np.float64, 1, "leaky_relu", 0.2)
     assert 0.2 < (a.y > 0).mean() < 0.8
     leaky = from_output(a, 1, "leaky_relu", 0.2)
     plain = from_output(a, 1, None, 0.2)
