@@ -22,6 +22,8 @@ the gradient of that element.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 from helpers import (DTYPES, SCHEDULE_LAYOUTS, STRIDED_LAYOUTS, THREADS, activated_case,
@@ -318,3 +320,12 @@ def test_fused_backward_can_tell_the_activation_apart():
     z = per_channel(a.gamma, 4, 1) * (a.x - per_channel(a.mean, 4, 1)) \
         * per_channel(a.invstd, 4, 1) + per_channel(a.beta, 4, 1)
     assert 0.2 < (z > 0).mean() < 0.8
+
+
+@pytest.mark.parametrize("name", fastbn.functional.__all__)
+def test_the_oracle_has_the_signatures_of_the_functions(name):
+    """reference stands in for functional (``backend=fastbn.reference``): the
+    same names, parameters, kinds and defaults, the new backward keywords too."""
+    assert name in reference.__all__
+    assert (inspect.signature(getattr(reference, name))
+            == inspect.signature(getattr(fastbn.functional, name)))
