@@ -329,3 +329,22 @@ def test_the_oracle_has_the_signatures_of_the_functions(name):
     assert name in reference.__all__
     assert (inspect.signature(getattr(reference, name))
             == inspect.signature(getattr(fastbn.functional, name)))
+
+
+@pytest.mark.parametrize("shape, channel_axis", [((4, 3, 5, 7), 1), ((40, 3), 1),
+                                                 ((4, 5, 3), -1)])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_nan_in_x_stays_in_its_channel(shape, channel_axis, activation):
+    """Training mode: a NaN in x spoils its channel's dgamma and dx, not the other
+    channels: their bits are those of the clean call."""
+    a = activated_case(shape, np.float32, channel_axis, activation, 0.1)
+    clean = fused(a, channel_axis, activation, 0.1)
+    x = a.x.copy()
+    x[tuple(1 if axis == channel_axis % x.ndim else n // 2
+            for axis, n in enumerate(x.shape))] = np.nan
+    a.x = x
+    dirty = fused(a, channel_axis, activation, 0.1)
+    assert np.isnan(dirty[1][1]) and np.isnan(np.moveaxis(dirty[0], channel_axis, 0)[1]).all()
+    for got, want, axis in zip(dirty, clean, (channel_axis, 0, 0)):
+        for c in (0, 2):
+            assert_bitwise_equal(np.take(got, c, axis=axis), np.take(want, c, axis=axis))

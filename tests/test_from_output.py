@@ -374,3 +374,21 @@ def test_the_activation_matters():
     z = per_channel(a.gamma, 4, 1) * (a.x - per_channel(a.mean, 4, 1)) \
         * per_channel(a.invstd, 4, 1) + per_channel(a.beta, 4, 1)
     assert_close(np.where(a.y > 0, a.y, a.y / 0.2), z, np.float64)
+
+
+@pytest.mark.parametrize("shape, channel_axis", [((4, 3, 5, 7), 1), ((40, 3), 1),
+                                                 ((4, 5, 3), -1)])
+def test_nan_in_y_stays_in_its_channel(shape, channel_axis):
+    """A NaN in y spoils its channel's dgamma and dx (xhat is NaN there), not the
+    other channels: their bits are those of the clean call."""
+    a = activated_case(shape, np.float32, channel_axis, "leaky_relu", 0.1)
+    clean = from_output(a, channel_axis, "leaky_relu", 0.1)
+    y = a.y.copy()
+    y[tuple(1 if axis == channel_axis % y.ndim else n // 2
+            for axis, n in enumerate(y.shape))] = np.nan
+    a.y = y
+    dirty = from_output(a, channel_axis, "leaky_relu", 0.1)
+    assert np.isnan(dirty[1][1]) and np.isnan(np.moveaxis(dirty[0], channel_axis, 0)[1]).all()
+    for got, want, axis in zip(dirty, clean, (channel_axis, 0, 0)):
+        for c in (0, 2):
+            assert_bitwise_equal(np.take(got, c, axis=axis), np.take(want, c, axis=axis))
