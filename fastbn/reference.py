@@ -10,9 +10,9 @@ ICML 2015, arXiv:1502.03167, Algorithm 1 (forward) and Section 3 (backward).
 The backward from the output (x not needed) is that of In-Place Activated
 BatchNorm: S. Rota Bulo, L. Porzi and P. Kontschieder, "In-Place Activated
 BatchNorm for Memory-Optimized Training of DNNs", CVPR 2018,
-arXiv:1712.02616, Section 3.2. The running statistics follow PyTorch's ``torch.nn.BatchNorm2d``: the new
-batch is weighted by ``momentum`` and the running variance takes the unbiased
-batch variance.
+arXiv:1712.02616, Section 3.2. The running statistics follow PyTorch's
+``torch.nn.BatchNorm2d``: the new batch is weighted by ``momentum`` and the
+running variance takes the unbiased batch variance.
 
 The oracle checks no input beyond what it needs to compute (the values the
 backward from the output cannot invert are refused with the ValueErrors of
@@ -268,8 +268,8 @@ def batch_norm_backward_from_output(dy, y, gamma, beta, invstd, *, activation=No
     g = _per_channel(g, y.ndim, channel_axis)
     b = 0.0 if beta is None else _per_channel(beta, y.ndim, channel_axis)
     xhat = (z - b) / g
-    dx, dgamma, dbeta = _backward_from_xhat(dz, xhat, g, _per_channel(invstd, y.ndim, channel_axis),
-                                            axes, m, channel_axis, True)
+    invstd_b = _per_channel(invstd, y.ndim, channel_axis)
+    dx, dgamma, dbeta = _backward_from_xhat(dz, xhat, g, invstd_b, axes, m, channel_axis, True)
     dx = dx.astype(y.dtype)
     if out is not None:
         out[...] = dx

@@ -34,8 +34,8 @@ from helpers import (DTYPES, SCHEDULE_LAYOUTS, STRIDED_LAYOUTS, THREADS, activat
 import fastbn
 from fastbn import reference
 
-layouts = pytest.mark.parametrize("shape, channel_axis",
-                                  [pytest.param(s, ca, id=layout_id(s, ca)) for s, ca in SCHEDULE_LAYOUTS])
+layouts = pytest.mark.parametrize("shape, channel_axis", [pytest.param(s, ca, id=layout_id(s, ca))
+                                                         for s, ca in SCHEDULE_LAYOUTS])
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 ACTIVATIONS = [("relu", 0.01), ("leaky_relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.5)]
 activations = pytest.mark.parametrize("activation, slope", ACTIVATIONS,

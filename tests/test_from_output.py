@@ -34,8 +34,8 @@ from helpers import (DTYPES, SCHEDULE_LAYOUTS, STRIDED_LAYOUTS, THREADS, activat
 import fastbn
 from fastbn import reference
 
-layouts = pytest.mark.parametrize("shape, channel_axis",
-                                  [pytest.param(s, ca, id=layout_id(s, ca)) for s, ca in SCHEDULE_LAYOUTS])
+layouts = pytest.mark.parametrize("shape, channel_axis", [pytest.param(s, ca, id=layout_id(s, ca))
+                                                         for s, ca in SCHEDULE_LAYOUTS])
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 INVERTIBLE = [(None, 0.01), ("leaky_relu", 0.01), ("leaky_relu", 0.2)]
 invertible = pytest.mark.parametrize("activation, slope", INVERTIBLE,
@@ -205,20 +205,22 @@ def test_matches_finite_differences(shape, channel_axis, activation, slope, rng)
 # --------------------------------------------------- accuracy and |gamma| ----
 
 @dtypes
-def test_error_grows_like_beta_over_gamma(dtype):
-    """Every channel holds the same x and dy; gamma falls from 1 to 1e-4 (signs
-    alternating) with beta 1. y carries the forward's rounding, about u*|z| (u
-    the unit round-off), which the division by gamma turns into an error of
-    xhat of about u*(|z| + |beta|)/|gamma|: the errors of dgamma and of dx
-    (relative to the size of its terms) stay within a bound computed from it,
-    which grows like 1/|gamma|, and the measured error does grow."""
+@pytest.mark.parametrize("beta_value", [1.0, 0.0])
+def test_error_grows_like_beta_over_gamma(dtype, beta_value):
+    """The README's accuracy note. Every channel holds the same x and dy; gamma
+    falls from 1 to 1e-4 (signs alternating), beta is 1 or 0. y carries the
+    forward's rounding, about u*|z| (u the unit round-off), which the inversion
+    turns into an error of xhat of about u*(|z| + |beta|)/|gamma|: the errors
+    of dgamma and of dx (relative to the size of its terms) stay within a bound
+    computed from it. With beta 1 the bound grows like 1/|gamma| and the
+    measured error does grow; with beta 0 (|z|/|gamma| = |xhat|) neither does."""
     u = np.finfo(dtype).eps
     rng = np.random.default_rng(11)
     gammas = np.array([1.0, -1e-1, 1e-2, -1e-3, 1e-4])
     C, m = gammas.size, 64 * 16
     x = np.repeat(1.5 + rng.standard_normal((64, 1, 16)), C, axis=1).astype(dtype)
     dy = np.repeat(rng.standard_normal((64, 1, 16)), C, axis=1).astype(dtype)
-    gamma, beta = gammas.astype(dtype), np.ones(C, dtype)
+    gamma, beta = gammas.astype(dtype), np.full(C, beta_value, dtype)
     slope = 0.1
     y, mean, invstd = fastbn.batch_norm_forward(x, gamma, beta, activation="leaky_relu",
                                                 negative_slope=slope)
@@ -250,6 +252,13 @@ def test_error_grows_like_beta_over_gamma(dtype):
     assert (dx_err <= dx_bound).all(), (dx_err, dx_bound)
     assert_close(got[2], exact[2], dtype)                    # dbeta: no division by gamma
 
+    if beta_value == 0:
+        # no growth: the bound is that of gamma = 1, and so is the error at gamma = 1e-4
+        for bound in (dgamma_bound, dx_bound / terms):
+            assert (np.abs(bound / bound[0] - 1) < 0.5).all(), bound
+        assert dgamma_err[-1] <= dgamma_bound[0]
+        assert dx_err[-1] / terms[-1] <= dx_bound[0] / terms[0]
+        return
     # the bound scales like 1/|gamma| (relative to dx's terms for dx) ...
     for bound in (dgamma_bound, dx_bound / terms):
         ratio = bound[1:] / bound[:-1]
@@ -262,8 +271,8 @@ def test_error_grows_like_beta_over_gamma(dtype):
 
 
 def test_well_conditioned_float32_matches_the_backward_from_x_to_1e_6():
-    """The docstring's claim: |gamma| and |beta| of order 1, float32: about 1e-6
-    relative to the backward from x (held here at 2e-6)."""
+    """The README's and the docstring's claim: gamma and beta of order 1,
+    float32: about 1e-6 relative to the backward from x (held here at 2e-6)."""
     a = activated_case((16, 8, 12, 12), np.float32, 1, "leaky_relu", 0.1)
     got = from_output(a, 1, "leaky_relu", 0.1)
     want = from_x(reference, a, 1, "leaky_relu", 0.1)

@@ -956,7 +956,8 @@ def test_the_table_is_large_and_covers_every_public_entry_point():
     assert len(TABLE) >= 30
     apis = {part.split("(")[0] for case in TABLE for part in case.api.split(", ")}
     for name in ("batch_norm_forward", "batch_norm_inference", "batch_norm_backward",
-                 "batch_norm_backward_from_output", "fold_batch_norm", "BatchNorm1d", "BatchNorm2d", "cs231n.batchnorm_forward",
+                 "batch_norm_backward_from_output", "fold_batch_norm", "BatchNorm1d",
+                 "BatchNorm2d", "cs231n.batchnorm_forward",
                  "cs231n.spatial_batchnorm_forward", "cs231n.batchnorm_backward",
                  "deepnet.Batchnorm"):
         assert name in apis, name
