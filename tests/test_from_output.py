@@ -401,3 +401,25 @@ def test_nan_in_y_stays_in_its_channel(shape, channel_axis):
     for got, want, axis in zip(dirty, clean, (channel_axis, 0, 0)):
         for c in (0, 2):
             assert_bitwise_equal(np.take(got, c, axis=axis), np.take(want, c, axis=axis))
+
+
+@pytest.mark.parametrize("shape, channel_axis", [((4, 3, 5, 7), 1), ((4099, 40), 1),
+                                                 ((2, 3, 5, 2, 3), -1)])
+def test_one_buffer_for_x_y_and_dx(shape, channel_axis):
+    """The README's memory pattern: the forward writes y over x (out=x) and the
+    backward writes dx over y (out=y); the bits of separate buffers."""
+    a = make_inputs(shape, np.float32, channel_axis)
+    y, _, invstd = fastbn.batch_norm_forward(a.x, a.gamma, a.beta, activation="leaky_relu",
+                                             channel_axis=channel_axis)
+    want = fastbn.batch_norm_backward_from_output(a.dy, y, a.gamma, a.beta, invstd,
+                                                  activation="leaky_relu",
+                                                  channel_axis=channel_axis)
+    buffer = a.x.copy()
+    y_inplace, _, _ = fastbn.batch_norm_forward(buffer, a.gamma, a.beta, activation="leaky_relu",
+                                                channel_axis=channel_axis, out=buffer)
+    got = fastbn.batch_norm_backward_from_output(a.dy, y_inplace, a.gamma, a.beta, invstd,
+                                                 activation="leaky_relu",
+                                                 channel_axis=channel_axis, out=y_inplace)
+    assert y_inplace is buffer and got[0] is buffer
+    for g, w in zip(got, want):
+        assert_bitwise_equal(g, w)
