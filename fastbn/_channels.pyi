@@ -30,8 +30,8 @@ def forward_map(
 def backward_map(
     sums: _Doubles,  # const double[:, :], (C, 2): (sum dy, sum dy * (x - mean))
     m: float,
-    mean: _Array,
     invstd: _Array,
+    mean: _Array | None,  # None: the sums are (sum dy, sum dy * xhat), from the output
     gamma: _Array | None,
     dgamma: _Array,  # written
     dbeta: _Array,  # written

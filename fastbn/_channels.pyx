@@ -57,14 +57,16 @@ def forward_map(const double[:, :] stats, double m, double eps,
                           rm, rv, factor, unbiased, c)
 
 
-def backward_map(const double[:, :] sums, double m, const floating[::1] mean,
-                 const floating[::1] invstd, const floating[::1] gamma,
+def backward_map(const double[:, :] sums, double m, const floating[::1] invstd,
+                 const floating[::1] mean, const floating[::1] gamma,
                  floating[::1] dgamma, floating[::1] dbeta, double[:, ::1] coef):
     """From the sums (C, 2) ``sum(dy)``, ``sum(dy * (x - mean))`` over m
-    values: write dgamma and dbeta and the maps coef (C, 4) that give dx."""
+    values: write dgamma and dbeta and the maps coef (C, 4) that give dx.
+    mean None: the sums are ``sum(dy)``, ``sum(dy * xhat)`` (from the output).
+    (invstd, never None, comes first: Cython picks the specialization from it.)"""
     cdef const floating* g = cptr(gamma)
     cdef Coef* k = <Coef*>&coef[0, 0]
     cdef Py_ssize_t c
     for c in range(sums.shape[0]):
-        k[c] = backward_coef(sums[c, 0], sums[c, 1], m, &mean[0], &invstd[0], g,
+        k[c] = backward_coef(sums[c, 0], sums[c, 1], m, cptr(mean), &invstd[0], g,
                              &dgamma[0], &dbeta[0], c)

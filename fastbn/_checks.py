@@ -266,17 +266,18 @@ def layer_input(x, *, who, num_features, channel_axis, dtype, ndims, expected):
     return axis
 
 
-def like(name, a, x, *, who=None, what="the last forward's input"):
-    """a (dy) must be an ndarray of x's dtype and shape."""
+def like(name, a, x, *, who=None, what="the last forward's input", whose="x"):
+    """a (dy) must be an ndarray of x's dtype and shape (``whose``: what the
+    message calls x)."""
     array(name, a, who=who)
-    dtype_of(name, a, x.dtype, who=who)
+    dtype_of(name, a, x.dtype, who=who, whose=whose)
     if a.shape != x.shape:
         raise _error(ValueError, who, f"{name} must have the shape of {what} {x.shape}, got "
                                       f"{a.shape}", "shape", name)
 
 
 def vector(name, v, dtype, size, *, writeable=False, who=None, what="a numpy.ndarray or None",
-           per="channel"):
+           per="channel", whose="x"):
     """A (C,) array of the call's dtype (float32 or float64 for None);
     returns a C-contiguous view or copy. ``what`` is the expected type as the
     message says it, ``per`` what C counts.
@@ -284,7 +285,7 @@ def vector(name, v, dtype, size, *, writeable=False, who=None, what="a numpy.nda
     ``writeable``: it is updated in place, so it must be writeable and may
     not have a zero stride (several channels would write one value)."""
     array(name, v, who=who, what=what)
-    dtype_of(name, v, dtype, who=who)
+    dtype_of(name, v, dtype, who=who, whose=whose)
     if v.shape != (size,):
         raise _error(ValueError, who, f"{name} must have shape ({size},) (one value per "
                                       f"{per}), got shape {v.shape}")
@@ -320,7 +321,7 @@ def count(value, *, who=None, name="num_batches_tracked"):
                                       f"within int64, got {value}")
 
 
-def out(value, x, others, in_place, *, who=None):
+def out(value, x, others, in_place, *, who=None, whose="x"):
     """out must be a writeable C-contiguous array shaped and typed like x.
 
     It may be the array ``others[in_place]`` itself (the result then
@@ -329,9 +330,9 @@ def out(value, x, others, in_place, *, who=None):
     """
     in_place = (in_place,) if isinstance(in_place, str) else in_place
     array("out", value, who=who, what="a numpy.ndarray or None")
-    dtype_of("out", value, x.dtype, who=who)
+    dtype_of("out", value, x.dtype, who=who, whose=whose)
     if value.shape != x.shape:
-        raise _error(ValueError, who, f"out must have the shape of x {x.shape}, got "
+        raise _error(ValueError, who, f"out must have the shape of {whose} {x.shape}, got "
                                       f"{value.shape}")
     if not value.flags.c_contiguous:
         raise _error(ValueError, who, "out must be C-contiguous, got a non-contiguous array")
@@ -445,7 +446,7 @@ def from_output_args(dy, y, num_features, gamma, beta, invstd, act, slope, out_,
     activation (none, or leaky_relu with a slope > 0) and no channel with
     gamma == 0. Returns (num_threads resolved, gamma, beta, invstd) as
     C-contiguous views or copies."""
-    like("dy", dy, y, who=who, what="y")
+    like("dy", dy, y, who=who, what="y", whose="y")
     nthreads = threads(num_threads_)
     if act == ACTIVATIONS["relu"]:
         raise _error(ValueError, who, "activation 'relu' cannot be inverted (every negative "
@@ -454,11 +455,11 @@ def from_output_args(dy, y, num_features, gamma, beta, invstd, act, slope, out_,
     if act == ACTIVATIONS["leaky_relu"] and not slope > 0:
         raise _error(ValueError, who, f"negative_slope must be > 0 to invert leaky_relu, got "
                                       f"{slope}")
-    g = None if gamma is None else vector("gamma", gamma, y.dtype, num_features)
-    b = None if beta is None else vector("beta", beta, y.dtype, num_features)
+    g = None if gamma is None else vector("gamma", gamma, y.dtype, num_features, whose="y")
+    b = None if beta is None else vector("beta", beta, y.dtype, num_features, whose="y")
     if invstd is None:
         raise _error(TypeError, who, "invstd (from batch_norm_forward) is required, got None")
-    istd = vector("invstd", invstd, y.dtype, num_features)
+    istd = vector("invstd", invstd, y.dtype, num_features, whose="y")
     if g is not None and not np.all(g != 0):
         zeros = np.flatnonzero(g == 0)
         shown = ", ".join(map(str, zeros[:10])) + (", ..." if zeros.size > 10 else "")
@@ -468,7 +469,7 @@ def from_output_args(dy, y, num_features, gamma, beta, invstd, act, slope, out_,
                                       f"with x")
     if out_ is not None:
         out(out_, y, {"dy": dy, "y": y, "gamma": gamma, "beta": beta, "invstd": invstd},
-            in_place=("dy", "y"))
+            in_place=("dy", "y"), whose="y")
     return nthreads, g, b, istd
 
 

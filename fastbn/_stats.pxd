@@ -119,16 +119,18 @@ cdef inline Coef backward_coef(double sdy, double sdyc, double m,
                                const floating* gamma,
                                floating* dgamma_out, floating* dbeta_out,
                                Py_ssize_t c) noexcept nogil:
-    """Store dgamma[c] and dbeta[c] and return the map that gives dx."""
+    """Store dgamma[c] and dbeta[c] and return the map that gives dx. mean
+    NULL: the backward from the output, whose second input is xhat itself
+    (sdyc = sum(dy * xhat), center 0): invstd then only scales dx."""
     cdef Coef k
     cdef double istd = invstd[c]
-    cdef double dgamma = istd * sdyc
+    cdef double dgamma = istd * sdyc if mean != NULL else sdyc
     cdef double a = istd * (<double>gamma[c] if gamma != NULL else 1.0)
     dgamma_out[c] = <floating>dgamma
     dbeta_out[c] = <floating>sdy
     k.center = mean[c] if mean != NULL else 0.0
     k.scale = a
-    k.slope = a * istd * dgamma / m
+    k.slope = a * (istd if mean != NULL else 1.0) * dgamma / m
     k.offset = a * sdy / m
     return k
 
@@ -289,13 +291,13 @@ ctypedef struct Grad:
     #                pre-activation recomputed from x (center = mean, scale =
     #                gamma * invstd, offset = beta); x stays the second input.
     #   GRAD_OUTPUT: the same dz, with z > 0 exactly where y > 0, and the
-    #                second input x - mean = (act^-1(y) - offset) * scale
-    #                (scale = 1 / (gamma * invstd), offset = beta): In-Place
+    #                second input xhat = (act^-1(y) - offset) * scale
+    #                (scale = 1 / gamma, offset = beta): In-Place
     #                Activated BatchNorm (Rota Bulo, Porzi & Kontschieder,
     #                CVPR 2018), x never read.
     # act'(z) is 1 for z > 0 and 0 (relu) or slope (leaky_relu, or 1 for no
-    # activation) otherwise, NaN included, as PyTorch's threshold_backward
-    # and leaky_relu_backward.
+    # activation) otherwise, NaN included (as PyTorch's leaky_relu_backward;
+    # its relu backward lets dy through where the output is NaN).
     int kind
     bint relu
     bint frozen            # the apply maps dz alone (a frozen backward)
@@ -319,7 +321,7 @@ cdef inline Grad grad_of(const Pass* ps, Py_ssize_t c, const floating* like) noe
     t.offset = <double>beta[c] if beta != NULL else 0.0
     if ps.grad == GRAD_OUTPUT:
         t.center = 0.0
-        t.scale = 1.0 / (g * istd)
+        t.scale = 1.0 / g
     else:
         t.center = (<const floating*>ps.mean)[c] if ps.mean != NULL else 0.0
         t.scale = g * istd
@@ -336,8 +338,8 @@ cdef inline double grad_dz(double dy, double v, double zc, double zs, double zo,
 
 cdef inline double grad_xc(double v, double center, double zs, double zo, double inv,
                            bint from_y) noexcept nogil:
-    """x - center of one value (Grad): v - center from v = x, or, from the
-    output (from_y, center 0), (act^-1(y) - zo) * zs."""
+    """The second input of the sums, of one value (Grad): x - center from
+    v = x, or, from the output (from_y, center 0), xhat = (act^-1(y) - zo) * zs."""
     return ((v if v > 0.0 else v * inv) - zo) * zs if from_y else v - center
 
 

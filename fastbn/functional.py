@@ -262,9 +262,9 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, beta=None, activation=Non
         dz = dy * act'(z),   act'(z) = 1 where z > 0, else 0 ("relu") or
                              negative_slope ("leaky_relu")
 
-    (NaN z counts as not > 0, as PyTorch's ``threshold_backward`` and
-    ``leaky_relu_backward``), in the same pass: the result equals the plain
-    backward of dz to round-off. z is recomputed from the given mean and
+    (NaN z counts as not > 0, as in PyTorch's ``leaky_relu_backward``; its
+    ReLU backward lets dy through where the output is NaN), in the same
+    pass: the result equals the plain backward of dz to round-off. z is recomputed from the given mean and
     invstd, so where the forward's z was within round-off of 0 the mask
     may differ from ``y > 0``.
 
@@ -368,14 +368,16 @@ def batch_norm_backward_from_output(dy, y, gamma, beta, invstd, *, activation=No
         dx[..c..] = gamma[c] * invstd[c] / m
                     * (m * dz[..c..] - dbeta[c] - xhat[..c..] * dgamma[c])
 
-    Accuracy: y carries the rounding of the forward, about ``u * (|y| +
-    |beta|)`` with u the unit round-off of y's dtype; dividing by gamma
-    turns it into an error of about ``u * (|gamma * xhat| + |beta|) /
-    |gamma|`` in xhat. With |gamma| and |beta| of order 1 the result matches
-    :func:`batch_norm_backward` (from x) to about 1e-6 relative in float32;
-    as |gamma| shrinks relative to |beta| the error of dgamma and dx grows
-    like ``|beta| / |gamma|``; a channel with gamma == 0 cannot be inverted
-    and is refused.
+    Accuracy: the pre-activation z = act^-1(y) carries the rounding of the
+    forward, about ``u * (|z| + |beta|)`` with u the unit round-off of y's
+    dtype; dividing by gamma turns it into an error of about ``u * (|gamma *
+    xhat| + |beta|) / |gamma|`` in xhat. With |gamma| and |beta| of order 1
+    the result matches :func:`batch_norm_backward` (from x) to about 1e-6
+    relative in float32; as |gamma| shrinks relative to |beta| the error of
+    dgamma and dx grows like ``|beta| / |gamma|``; a channel with gamma == 0
+    cannot be inverted and is refused. invstd only scales dx (dgamma and
+    dbeta do not use it); it must be finite and > 0, as the forward returns
+    it.
 
     Parameters
     ----------

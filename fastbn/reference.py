@@ -56,7 +56,7 @@ def _activated(y, activation, negative_slope):
 def _activation_gradient(dy, z, activation, negative_slope):
     """dz = dy * act'(z) in float64: act'(z) is 1 where z > 0, else 0 ("relu")
     or ``negative_slope`` ("leaky_relu"); a NaN z counts as not > 0, as in
-    PyTorch's threshold_backward and leaky_relu_backward."""
+    PyTorch's leaky_relu_backward (its relu backward lets dy through at NaN)."""
     if activation is None:
         return dy
     if activation == "relu":

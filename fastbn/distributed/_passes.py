@@ -234,7 +234,7 @@ def backward(dy, x, gamma, mean, invstd, *, allreduce, num_features, channel_axi
         if from_output:
             nthreads, g, b, istd = _checks.from_output_args(dy, x, C, gamma, beta, invstd, act,
                                                             slope, out, num_threads, who=who)
-            mu = np.zeros(C, x.dtype)  # the second input is x - mean already
+            mu = None  # no mean: the second input is xhat itself
             grad = _GRAD_OUTPUT
         else:
             nthreads, g, mu, istd = _checks.backward_args(
@@ -251,8 +251,8 @@ def backward(dy, x, gamma, mean, invstd, *, allreduce, num_features, channel_axi
         body[:, 3] = n
         if n:
             sums = np.empty((C, 2))
-            kernel.sums(dyv, xv, mu.astype(np.float64), sums, nthreads, grad, act, slope,
-                        *transform)
+            center = np.zeros(C) if mu is None else mu.astype(np.float64)
+            kernel.sums(dyv, xv, center, sums, nthreads, grad, act, slope, *transform)
             body[:, 1:3] = sums
     except BaseException as exc:  # noqa: BLE001 - told to every rank, raised after the collective
         call.fail(exc, (TAG_SUM, 0.0, 0.0, 0.0))
@@ -263,7 +263,7 @@ def backward(dy, x, gamma, mean, invstd, *, allreduce, num_features, channel_axi
     dbeta = np.empty(C, x.dtype)
     coef = np.empty((C, 4))
     with np.errstate(all="ignore"):
-        _channels.backward_map(body[:, 1:3], body[0, 3], mu, istd, g, dgamma, dbeta, coef)
+        _channels.backward_map(body[:, 1:3], body[0, 3], istd, mu, g, dgamma, dbeta, coef)
     dx = np.empty_like(xc, order="C") if out is None else out
     if n:
         kernel.apply(dyv, xv, dx.reshape(xv.shape), coef, act, slope, nthreads,
