@@ -328,8 +328,7 @@ def reference_backward_relu(dy, x, gamma, beta, mean, invstd, *, channel_axis, n
     """The oracle of the backward of relu(batch_norm(x)): dz = dy where z > 0,
     else 0, with z recomputed from x in float64 (:func:`pre_activation`),
     then ``reference.batch_norm_backward`` of dz."""
-    z = pre_activation(x, gamma, beta, mean, invstd, channel_axis)
-    dz = np.where(z > 0, dy, 0)
+    dz = np.where(pre_activation(x, gamma, beta, mean, invstd, channel_axis) > 0, dy, 0)
     return reference.batch_norm_backward(dz, x, gamma, mean, invstd, channel_axis=channel_axis,
                                          num_threads=num_threads)
 
