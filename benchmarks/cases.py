@@ -51,10 +51,10 @@ OPERATION_TITLES = {"forward": "Training forward", "inference": "Inference",
                     "backward": "Backward",
                     "frozen": "Frozen backward (eval mode: dx, dgamma, dbeta)",
                     "frozen_dx": "Frozen backward, dx only (gamma and beta frozen too)",
-                    "backward_relu": "Backward through a fused ReLU (PyTorch: threshold_backward, "
-                                     "then the backward)",
-                    "from_output": "Backward from the output y, no activation (x not read; "
-                                   "PyTorch, reference: the backward from x)"}
+                    "backward_relu": "Backward, fused ReLU (PyTorch: threshold_backward + "
+                                     "backward)",
+                    "from_output": "Backward from the output y, no activation (PyTorch, "
+                                   "reference: from x)"}
 # Minimal traffic of one call, in multiples of x.nbytes: forward and
 # inference read x and write y; the backward reads x and dy and writes dx;
 # the frozen backward without parameter gradients reads dy and writes dx;

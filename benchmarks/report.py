@@ -388,7 +388,8 @@ def write_chart(path, records, copy_bandwidth, title):
                                + (" (hot)" if next(iter(cases[k].values()))["data"] == "hot"
                                   else "")
                                for k in keys], rotation=60, ha="right", fontsize=7)
-            ax.set_title(f"{OPERATION_TITLES[op]}, {t} thread{'s' if t > 1 else ''}")
+            ax.set_title("\n".join(textwrap.wrap(
+                f"{OPERATION_TITLES[op]}, {t} thread{'s' if t > 1 else ''}", 64)))
             if col == 0:
                 ax.set_ylabel("GB/s at minimal traffic")
     axes[0][0].legend(fontsize=7, loc="upper right")
