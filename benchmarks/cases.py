@@ -11,6 +11,19 @@ before has just written them.
 :func:`make_call` returns, for one implementation, operation and workload, a
 function ``call(i)`` that runs the operation on copy ``i`` and returns its
 main result (y or dx) without converting it.
+
+Two backward rows compare fastbn's one-pass variants with what a caller
+would otherwise run (issue 11):
+
+- ``backward_relu``: the backward of ``relu(batch_norm(x))`` by
+  ``batch_norm_backward(..., beta=, activation="relu")``, which recomputes
+  the pre-activation z from x; PyTorch has no fused kernel and runs what
+  autograd runs, ``threshold_backward(dy, y, 0)`` and then
+  ``native_batch_norm_backward``.
+- ``from_output``: ``batch_norm_backward_from_output`` (no activation),
+  which reads the forward's output y in place of x; PyTorch has no
+  from-output kernel, so its column and the oracle's are the standard
+  backward from x: the row is from-output against the standard backward.
 """
 
 from __future__ import annotations
@@ -32,15 +45,25 @@ except ImportError:  # the suite runs without PyTorch, minus its column
 
 EPS = 1e-5
 MOMENTUM = 0.1
-OPERATIONS = ("forward", "inference", "backward", "frozen", "frozen_dx")
+OPERATIONS = ("forward", "inference", "backward", "frozen", "frozen_dx", "backward_relu",
+              "from_output")
 OPERATION_TITLES = {"forward": "Training forward", "inference": "Inference",
                     "backward": "Backward",
                     "frozen": "Frozen backward (eval mode: dx, dgamma, dbeta)",
-                    "frozen_dx": "Frozen backward, dx only (gamma and beta frozen too)"}
+                    "frozen_dx": "Frozen backward, dx only (gamma and beta frozen too)",
+                    "backward_relu": "Backward, fused ReLU (PyTorch: threshold_backward + "
+                                     "backward)",
+                    "from_output": "Backward from the output y, no activation (PyTorch, "
+                                   "reference: from x)"}
 # Minimal traffic of one call, in multiples of x.nbytes: forward and
 # inference read x and write y; the backward reads x and dy and writes dx;
-# the frozen backward without parameter gradients reads dy and writes dx.
-TRAFFIC_FACTOR = {"forward": 2, "inference": 2, "backward": 3, "frozen": 3, "frozen_dx": 2}
+# the frozen backward without parameter gradients reads dy and writes dx;
+# the backward from the output reads y in place of x.
+TRAFFIC_FACTOR = {"forward": 2, "inference": 2, "backward": 3, "frozen": 3, "frozen_dx": 2,
+                  "backward_relu": 3, "from_output": 3}
+# Operations timed on float32 shapes only (not on the float64 subset), to
+# keep the full run's length: the two backward variants of issue 11.
+FLOAT32_ONLY = frozenset({"backward_relu", "from_output"})
 
 # Inputs smaller than this are timed hot (they fit in the per-core cache).
 COLD_MIN_BYTES = 1 << 20
@@ -90,6 +113,12 @@ QUICK_SHAPES = (Shape((32, 256, 14, 14)), Shape((4096, 1024)), Shape((8, 16, 8, 
                 Shape((64, 128)))
 QUICK_FLOAT64_SHAPES = (Shape((64, 128)),)
 TINY_SHAPES = (Shape((8, 16, 8, 8)), Shape((64, 128)))
+
+
+def operations(dtype):
+    """The operations timed on workloads of ``dtype``, in table order."""
+    return tuple(op for op in OPERATIONS
+                 if np.dtype(dtype) == np.float32 or op not in FLOAT32_ONLY)
 
 
 def suite(quick):
@@ -144,6 +173,8 @@ class Workload:
     touches (x read + y written) reach ``flush_bytes``; 1 for inputs below
     :data:`COLD_MIN_BYTES`. Every buffer is written once here, so no timed
     call pays for first-touch page faults of its inputs or ``out=`` buffers.
+    The forward's output :attr:`y`, which two backward rows read, is made on
+    first use, before any timing.
     """
 
     def __init__(self, shape, dtype, flush_bytes, seed=0):
@@ -167,7 +198,8 @@ class Workload:
                                ).astype(self.dtype)
         _, self.mean, self.invstd = fastbn.batch_norm_forward(
             x0, self.gamma, self.beta, eps=EPS, channel_axis=shape.channel_axis)
-        self._torch = None
+        self._y = None
+        self._torch = {}
 
     @property
     def label(self):
@@ -177,21 +209,57 @@ class Workload:
     def pool_bytes(self):
         return 3 * self.copies * self.nbytes
 
-    def torch_inputs(self):
-        """x and dy copies as torch tensors sharing the NumPy memory.
+    @property
+    def y(self):
+        """Copies of the training forward's output without activation, z.
+
+        Computed in float64 from copy 0 of x with the batch statistics
+        ``mean`` and ``invstd`` as the fused backward recomputes z,
+        ``(x - mean) * (gamma * invstd) + beta``, and rounded to the dtype:
+        rounding keeps the sign, so ``y > 0`` is the very mask that
+        ``activation="relu"`` applies (a forward's own float32 output may
+        differ in sign where z is within its round-off of 0, and one such
+        value would set dx apart from the oracle's).
+        """
+        if self._y is None:
+            z = pre_activation(self.x[0], self.gamma, self.beta, self.mean, self.invstd,
+                               self.shape.channel_axis)
+            y0 = z.astype(self.dtype)
+            self._y = [y0] + [y0.copy() for _ in range(self.copies - 1)]
+        return self._y
+
+    def torch_inputs(self, *names):
+        """The copies of the arrays ``names`` (default x and dy) as torch
+        tensors sharing the NumPy memory.
 
         Channels-last arrays become NCHW-shaped tensors in the channels_last
         memory format (``permute(0, 3, 1, 2)`` of the NHWC array).
         """
-        if self._torch is None:
-            def view(a):
-                t = torch.from_numpy(a)
-                return t.permute(0, 3, 1, 2) if self.shape.channels_last else t
-            self._torch = ([view(a) for a in self.x], [view(a) for a in self.dy])
-        return self._torch
+        def view(a):
+            t = torch.from_numpy(a)
+            return t.permute(0, 3, 1, 2) if self.shape.channels_last else t
+
+        names = names or ("x", "dy")
+        for name in names:
+            if name not in self._torch:
+                self._torch[name] = [view(a) for a in getattr(self, name)]
+        return tuple(self._torch[name] for name in names)
 
     def release(self):
-        self.x = self.dy = self.out = self._torch = None
+        self.x = self.dy = self.out = self._y = self._torch = None
+
+
+def pre_activation(x, gamma, beta, mean, invstd, channel_axis):
+    """z = (x - mean) * (gamma * invstd) + beta in float64, per channel, in
+    the order of the fused backward's recomputation (so the same signs)."""
+    shape = [1] * x.ndim
+    shape[channel_axis] = -1
+
+    def per_channel(v):
+        return np.asarray(v, dtype=np.float64).reshape(shape)
+
+    scale = per_channel(gamma) * per_channel(invstd)
+    return (x.astype(np.float64) - per_channel(mean)) * scale + per_channel(beta)
 
 
 def as_array(result, shape):
@@ -210,7 +278,10 @@ def make_call(impl, op, w, num_threads):
 
     Forward calls update running statistics (each implementation has its
     own), as a training step does. The backward takes the mean and invstd of
-    a forward on the same x (PyTorch: its own saved statistics).
+    a forward on the same x (PyTorch: its own saved statistics). The oracle
+    has no backward through an activation: its ``backward_relu`` is
+    :func:`reference_backward_relu`; its ``from_output`` is the backward
+    from x.
     """
     if impl.name == "torch":
         return _torch_call(op, w)
@@ -236,7 +307,30 @@ def make_call(impl, op, w, num_threads):
         grads = op == "frozen"
         return lambda i: module.batch_norm_backward(dy[i], x[i], g, mean, invstd, training=False,
                                                     param_grads=grads, out=out[i], **kw)[0]
+    if op == "backward_relu":
+        mean, invstd = w.mean, w.invstd
+        if module is reference:
+            return lambda i: reference_backward_relu(dy[i], x[i], g, b, mean, invstd, **kw)[0]
+        return lambda i: fastbn.batch_norm_backward(dy[i], x[i], g, mean, invstd, beta=b,
+                                                    activation="relu", out=out[i], **kw)[0]
+    if op == "from_output":
+        mean, invstd = w.mean, w.invstd
+        if module is reference:  # no oracle from y: the backward from x
+            return lambda i: reference.batch_norm_backward(dy[i], x[i], g, mean, invstd,
+                                                           **kw)[0]
+        y = w.y
+        return lambda i: fastbn.batch_norm_backward_from_output(dy[i], y[i], g, b, invstd,
+                                                                out=out[i], **kw)[0]
     raise ValueError(f"unknown operation {op!r}")
+
+
+def reference_backward_relu(dy, x, gamma, beta, mean, invstd, *, channel_axis, num_threads):
+    """The oracle of the backward of relu(batch_norm(x)): dz = dy where z > 0,
+    else 0, with z recomputed from x in float64 (:func:`pre_activation`),
+    then ``reference.batch_norm_backward`` of dz."""
+    dz = np.where(pre_activation(x, gamma, beta, mean, invstd, channel_axis) > 0, dy, 0)
+    return reference.batch_norm_backward(dz, x, gamma, mean, invstd, channel_axis=channel_axis,
+                                         num_threads=num_threads)
 
 
 def _torch_call(op, w):
@@ -251,10 +345,19 @@ def _torch_call(op, w):
     if op == "inference":
         batch_norm = torch.nn.functional.batch_norm
         return lambda i: batch_norm(x[i], rm, rv, weight, bias, False, MOMENTUM, EPS)
-    if op == "backward":
+    if op in ("backward", "backward_relu", "from_output"):
         _, save_mean, save_invstd = aten.native_batch_norm(x[0], weight, bias, None, None,
                                                            True, MOMENTUM, EPS)
         mask = [True, True, True]
+        if op == "backward_relu":
+            # What autograd runs for relu(batch_norm(x)): threshold_backward
+            # against the saved relu output, then the backward. y is z before
+            # the ReLU: relu(z) > 0 exactly where z > 0, at the same cost.
+            (y,) = w.torch_inputs("y")
+            return lambda i: aten.native_batch_norm_backward(
+                aten.threshold_backward(dy[i], y[i], 0), x[i], weight, rm, rv, save_mean,
+                save_invstd, True, EPS, mask)[0]
+        # backward, and from_output (PyTorch has no from-output kernel): from x
         return lambda i: aten.native_batch_norm_backward(dy[i], x[i], weight, rm, rv,
                                                          save_mean, save_invstd, True, EPS,
                                                          mask)[0]

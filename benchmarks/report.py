@@ -149,7 +149,9 @@ def legend(settings, copy_bandwidth):
     return "\n".join([
         "Each cell: median time per call · effective bandwidth at the minimal traffic "
         "(forward and inference: x read + y written = 2 × x bytes; backward: x and dy read "
-        "+ dx written = 3 × x bytes; 1 GB = 1e9 bytes) · that bandwidth as a percentage of "
+        "+ dx written = 3 × x bytes, from the output y in place of x, and the frozen backward "
+        "without parameter gradients dy read + dx written = 2 × x bytes; 1 GB = 1e9 bytes) · "
+        "that bandwidth as a percentage of "
         f"the copy bandwidth measured in the same run at the same thread count ({bw}: "
         "a parallel `np.copyto` of "
         f"{format_bytes(copy_bandwidth[min(copy_bandwidth)]['nbytes'])} by as many Python "
@@ -177,9 +179,23 @@ def legend(settings, copy_bandwidth):
         "fastbn: a fresh output per call (as PyTorch, which allocates its output); "
         "PyTorch: `torch.ops.aten.native_batch_norm` (training forward), "
         "`torch.nn.functional.batch_norm` with `training=False` (inference), "
-        "`torch.ops.aten.native_batch_norm_backward` (backward); NHWC rows give PyTorch "
+        "`torch.ops.aten.native_batch_norm_backward` (backward; the frozen rows with "
+        "`train=False` and its output mask); NHWC rows give PyTorch "
         "a channels_last tensor; reference: `fastbn.reference` (NumPy, float64 "
         "accumulation). Forward calls update running statistics.",
+        "",
+        "Backward through a fused ReLU: fastbn's `batch_norm_backward(..., beta=beta, "
+        "activation=\"relu\")`, one pass that recomputes the pre-activation z from x, against "
+        "what PyTorch's autograd runs for `relu(batch_norm(x))`: "
+        "`aten.threshold_backward(dy, y, 0)` then `aten.native_batch_norm_backward` (two "
+        "passes and a temporary); the reference masks dy with z > 0 (z recomputed in float64) "
+        "and runs its backward. Backward from the output: fastbn's "
+        "`batch_norm_backward_from_output` (no activation) reads the forward's output y in "
+        "place of x; PyTorch has no from-output kernel, so its column and the reference's are "
+        "the standard backward from x. y is the forward's output before any activation, "
+        "computed in float64 and rounded, so that y > 0 is the fused backward's own mask "
+        "(PyTorch's threshold_backward reads it in place of relu(y): the same mask, the same "
+        "cost). These two rows run on the float32 shapes only.",
         "",
         "speedup = peer's median / fastbn's median, for fastbn with `out=` and with fresh "
         "outputs. peak RSS growth: how far the process's resident set rises during one call "
@@ -273,7 +289,7 @@ def evaluate_targets(records, all_cores):
             f"(all shapes, dtypes, thread counts)", rows,
             lambda rows: geomean_vs_torch(rows) >= TARGET_GEOMEAN_SPEEDUP,
             lambda rows: f"{geomean_vs_torch(rows):.2f}× over {len(rows)} cases",
-            informational=op in ("inference", "frozen", "frozen_dx")))
+            informational=op not in ("forward", "backward")))
 
     def slower(rows):
         return sorted((r for r in rows if r["speedup"]["torch"] < TARGET_FLOOR_VS_TORCH),
@@ -372,7 +388,8 @@ def write_chart(path, records, copy_bandwidth, title):
                                + (" (hot)" if next(iter(cases[k].values()))["data"] == "hot"
                                   else "")
                                for k in keys], rotation=60, ha="right", fontsize=7)
-            ax.set_title(f"{OPERATION_TITLES[op]}, {t} thread{'s' if t > 1 else ''}")
+            ax.set_title("\n".join(textwrap.wrap(
+                f"{OPERATION_TITLES[op]}, {t} thread{'s' if t > 1 else ''}", 64)))
             if col == 0:
                 ax.set_ylabel("GB/s at minimal traffic")
     axes[0][0].legend(fontsize=7, loc="upper right")

@@ -9,13 +9,13 @@ Writes ``benchmark.json`` (every figure and the machine description),
 ``benchmark.md`` and ``benchmark.png`` (GB/s per case and implementation) to
 ``--out`` (default ``benchmarks/results/``; ``benchmark-quick.*`` with --quick).
 
-Then the busy-neighbour and training-step scenarios (``scenarios.py``;
-``--no-scenarios`` skips them).
+Then the busy-neighbour, training-step and fused-ReLU scenarios
+(``scenarios.py``; ``--no-scenarios`` skips them).
 
 Layout: ``cases.py`` (shapes, inputs, the calls), ``measure.py`` (timing and
 peak memory), ``machine.py`` (machine description, copy bandwidth),
 ``report.py`` (tables, targets, JSON, chart), ``scenarios.py`` (busy
-neighbour, training step).
+neighbour, training step, fused ReLU).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import machine
 import measure
 import report
 import scenarios
-from cases import OPERATIONS, TRAFFIC_FACTOR, Workload, as_array, make_call
+from cases import TRAFFIC_FACTOR, Workload, as_array, make_call
 from report import format_time
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -51,7 +51,7 @@ def parse_args(argv):
                         default=None,
                         help="comma-separated thread counts (default: 1 and all cores)")
     parser.add_argument("--no-scenarios", action="store_true",
-                        help="skip the busy-neighbour and training-step scenarios")
+                        help="skip the scenarios (busy neighbour, training step, fused ReLU)")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="on a shared machine: before a case, wait while other processes "
                              "are busy, spending at most SECONDS in total (default: 0)")
@@ -145,13 +145,13 @@ def sample_copy_bandwidth(copy, threads_list, waiter):
 
 
 def run_suite(suite, threads_list, settings, copy, waiter, started):
-    """Every (shape, dtype) x threads x operation; returns the records.
+    """Every (shape, dtype) x threads x operation of that dtype; returns the records.
 
     The copy bandwidth is sampled at the start and the end and, unless
     quick, before every workload, so that its best sample comes from a quiet
     moment on a shared machine.
     """
-    total = len(suite) * len(threads_list) * len(OPERATIONS)
+    total = len(threads_list) * sum(len(cases.operations(dtype)) for _, dtype in suite)
     records = []
     for k, (shape, dtype) in enumerate(suite):
         if k == 0 or not settings["quick"]:
@@ -162,7 +162,7 @@ def run_suite(suite, threads_list, settings, copy, waiter, started):
                if w.cold else "hot (not flushed)"))
         for t in threads_list:
             with cases.thread_limit(t):
-                for op in OPERATIONS:
+                for op in cases.operations(dtype):
                     load = waiter.before()
                     rows = run_case(op, w, t, settings)
                     background = waiter.after(load)
@@ -171,7 +171,7 @@ def run_suite(suite, threads_list, settings, copy, waiter, started):
                     records += rows
                     done = len(records) // len(rows)
                     log(f"[{done:3d}/{total}] {time.perf_counter() - started:5.0f} s  "
-                        f"{op:<9} {w.label:<30} {t} thr: "
+                        f"{op:<13} {w.label:<30} {t} thr: "
                         + " | ".join(f"{r['label']} {format_time(r['median_s'])}" for r in rows)
                         + (f"  († load {background:.1f})"
                            if (background or 0.0) >= report.BUSY_CORES else ""))
@@ -239,7 +239,7 @@ def main(argv=None):
     ])
     sections = [header, report.markdown_tables(records), report.legend(settings, copy_bandwidth)]
     if not args.no_scenarios:
-        log("scenarios: busy neighbour, training step")
+        log("scenarios: busy neighbour, training step, fused ReLU")
         sections.append(scenarios.run(args.quick, settings["flush_bytes"]))
     markdown = "\n\n".join(sections)
     targets = report.evaluate_targets(records, max(threads_list))
