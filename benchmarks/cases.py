@@ -22,8 +22,8 @@ would otherwise run (issue 11):
   ``native_batch_norm_backward``.
 - ``from_output``: ``batch_norm_backward_from_output`` (no activation),
   which reads the forward's output y in place of x; PyTorch has no
-  from-output kernel, so its column and the oracle's are the standard
-  backward from x: the row is from-output against the standard backward.
+  from-output kernel, so its column is the standard backward from x: the
+  row is from-output against the standard backward.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ OPERATION_TITLES = {"forward": "Training forward", "inference": "Inference",
                     "frozen_dx": "Frozen backward, dx only (gamma and beta frozen too)",
                     "backward_relu": "Backward, fused ReLU (PyTorch: threshold_backward + "
                                      "backward)",
-                    "from_output": "Backward from the output y, no activation (PyTorch, "
-                                   "reference: from x)"}
+                    "from_output": "Backward from the output y, no activation (PyTorch: "
+                                   "from x)"}
 # Minimal traffic of one call, in multiples of x.nbytes: forward and
 # inference read x and write y; the backward reads x and dy and writes dx;
 # the frozen backward without parameter gradients reads dy and writes dx;
@@ -278,10 +278,7 @@ def make_call(impl, op, w, num_threads):
 
     Forward calls update running statistics (each implementation has its
     own), as a training step does. The backward takes the mean and invstd of
-    a forward on the same x (PyTorch: its own saved statistics). The oracle
-    has no backward through an activation: its ``backward_relu`` is
-    :func:`reference_backward_relu`; its ``from_output`` is the backward
-    from x.
+    a forward on the same x (PyTorch: its own saved statistics).
     """
     if impl.name == "torch":
         return _torch_call(op, w)
@@ -309,28 +306,13 @@ def make_call(impl, op, w, num_threads):
                                                     param_grads=grads, out=out[i], **kw)[0]
     if op == "backward_relu":
         mean, invstd = w.mean, w.invstd
-        if module is reference:
-            return lambda i: reference_backward_relu(dy[i], x[i], g, b, mean, invstd, **kw)[0]
-        return lambda i: fastbn.batch_norm_backward(dy[i], x[i], g, mean, invstd, beta=b,
+        return lambda i: module.batch_norm_backward(dy[i], x[i], g, mean, invstd, beta=b,
                                                     activation="relu", out=out[i], **kw)[0]
     if op == "from_output":
-        mean, invstd = w.mean, w.invstd
-        if module is reference:  # no oracle from y: the backward from x
-            return lambda i: reference.batch_norm_backward(dy[i], x[i], g, mean, invstd,
-                                                           **kw)[0]
-        y = w.y
-        return lambda i: fastbn.batch_norm_backward_from_output(dy[i], y[i], g, b, invstd,
+        y, invstd = w.y, w.invstd
+        return lambda i: module.batch_norm_backward_from_output(dy[i], y[i], g, b, invstd,
                                                                 out=out[i], **kw)[0]
     raise ValueError(f"unknown operation {op!r}")
-
-
-def reference_backward_relu(dy, x, gamma, beta, mean, invstd, *, channel_axis, num_threads):
-    """The oracle of the backward of relu(batch_norm(x)): dz = dy where z > 0,
-    else 0, with z recomputed from x in float64 (:func:`pre_activation`),
-    then ``reference.batch_norm_backward`` of dz."""
-    dz = np.where(pre_activation(x, gamma, beta, mean, invstd, channel_axis) > 0, dy, 0)
-    return reference.batch_norm_backward(dz, x, gamma, mean, invstd, channel_axis=channel_axis,
-                                         num_threads=num_threads)
 
 
 def _torch_call(op, w):
