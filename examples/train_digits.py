@@ -15,8 +15,12 @@ split 75/25 with a fixed seed.
 Batch Normalization runs on :mod:`fastbn` (``--bn fastbn``, the default), on
 the pure-NumPy oracle :mod:`fastbn.reference` (``--bn reference``), or on
 both one after the other with the same seed (``--bn both``), which reports
-the BN speedup. The time spent inside the BatchNorm layers (forward in
-training and eval mode, backward) is measured around their calls.
+the BN speedup. The time spent inside the BatchNorm layers and the ReLU after
+each (forward in training and eval mode, backward) is measured around their
+calls. ``--fused`` trains twice with the same seed, with the ReLU as its own
+NumPy layer and then fused into each BatchNorm layer (``activation="relu"``:
+applied in the sweep that writes y, its derivative in the backward's), and
+reports that time and the peak memory of a training step both ways.
 
 fastbn uses the OpenMP default thread count (``--num-threads 0``, the
 default; a positive number caps it). Its kernels take a second thread only
@@ -29,6 +33,7 @@ Usage::
     python examples/train_digits.py                      # fastbn
     python examples/train_digits.py --bn both            # fastbn, then the reference; speedup
     python examples/train_digits.py --optimizer adam --epochs 20 --plot curves.png
+    python examples/train_digits.py --fused              # ReLU apart, then fused; time, memory
 
 Needs scikit-learn (and matplotlib for ``--plot``): ``pip install fastbn[examples]``.
 """
@@ -37,6 +42,7 @@ import argparse
 import dataclasses
 import sys
 import time
+import tracemalloc
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -124,6 +130,10 @@ class MaxPool2x2:
 
 class ReLU:
     params = grads = []
+    training = True
+
+    def train(self, mode=True):
+        self.training = mode
 
     def forward(self, x):
         self.mask = x > 0
@@ -173,7 +183,8 @@ class Linear:
 
 
 class Timed:
-    """A BatchNorm layer with the wall time of its calls added up, by kind."""
+    """A layer (BatchNorm, or the ReLU after it) with the wall time of its
+    calls added up, by kind."""
 
     def __init__(self, layer):
         self.layer = layer
@@ -200,13 +211,23 @@ class Timed:
 
 
 class Net:
-    """The layers in order; params and grads are walked in the same order."""
+    """The layers in order; params and grads are walked in the same order.
 
-    def __init__(self, channels, hidden, rng, backend, num_threads=None):
-        self.bn = [Timed(fastbn.BatchNorm2d(channels, backend=backend, num_threads=num_threads)),
-                   Timed(fastbn.BatchNorm1d(hidden, backend=backend, num_threads=num_threads))]
-        self.layers = [Conv3x3(1, channels, rng), self.bn[0], ReLU(), MaxPool2x2(), Flatten(),
-                       Linear(channels * 16, hidden, rng, bias=False), self.bn[1], ReLU(),
+    ``fused``: the ReLU after each BatchNorm is fused into it
+    (``activation="relu"``) instead of being a layer of its own.
+    """
+
+    def __init__(self, channels, hidden, rng, backend, num_threads=None, fused=False):
+        bn = dict(backend=backend, num_threads=num_threads,
+                  **(dict(activation="relu") if fused else {}))
+        blocks = [[Timed(fastbn.BatchNorm2d(channels, **bn))],
+                  [Timed(fastbn.BatchNorm1d(hidden, **bn))]]
+        if not fused:
+            for block in blocks:
+                block.append(Timed(ReLU()))
+        self.bn = blocks[0] + blocks[1]       # what is timed: BatchNorm and its ReLU
+        self.layers = [Conv3x3(1, channels, rng), *blocks[0], MaxPool2x2(), Flatten(),
+                       Linear(channels * 16, hidden, rng, bias=False), *blocks[1],
                        Linear(hidden, 10, rng)]
 
     @property
@@ -237,7 +258,8 @@ class Net:
         return np.concatenate(logits).argmax(axis=1)
 
     def bn_times(self):
-        """(forward in training mode, forward in eval mode, backward), seconds."""
+        """(forward in training mode, forward in eval mode, backward) of the
+        BatchNorm layers and their ReLU, seconds."""
         return (sum(t.forward_train for t in self.bn), sum(t.forward_eval for t in self.bn),
                 sum(t.backward_time for t in self.bn))
 
@@ -298,6 +320,7 @@ class Result:
     bn_forward_eval: float
     bn_backward: float
     total_time: float       # training and evaluation, data loading excluded
+    step_peak_bytes: int = 0    # peak memory traced during the first training step
 
     @property
     def bn_time(self):
@@ -305,7 +328,7 @@ class Result:
 
 
 def train(epochs=12, batch_size=64, seed=0, optimizer="sgd", lr=None, channels=32, hidden=128,
-          bn="fastbn", num_threads=None, log=print):
+          bn="fastbn", num_threads=None, fused=False, log=print):
     """Train the net; returns a :class:`Result`.
 
     Parameters
@@ -320,6 +343,8 @@ def train(epochs=12, batch_size=64, seed=0, optimizer="sgd", lr=None, channels=3
         The BatchNorm back end: :mod:`fastbn.functional` or :mod:`fastbn.reference`.
     num_threads : int or None
         OpenMP threads for fastbn (None: the OpenMP default).
+    fused : bool
+        Fuse the ReLU after each BatchNorm into it (``activation="relu"``).
     log : callable or None
         Called with one line per epoch; None is silent.
     """
@@ -328,7 +353,7 @@ def train(epochs=12, batch_size=64, seed=0, optimizer="sgd", lr=None, channels=3
     x_train, y_train, x_test, y_test = load_data(seed)
     start = time.perf_counter()   # the run's time: training and evaluation, not the loading
     rng = np.random.default_rng(seed)
-    net = Net(channels, hidden, rng, BACKENDS[bn], num_threads=num_threads)
+    net = Net(channels, hidden, rng, BACKENDS[bn], num_threads=num_threads, fused=fused)
     if optimizer == "sgd":
         opt = SGD(net.params, **({} if lr is None else {"lr": lr}))
     elif optimizer == "adam":
@@ -336,7 +361,7 @@ def train(epochs=12, batch_size=64, seed=0, optimizer="sgd", lr=None, channels=3
     else:
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
 
-    history = Result(bn, [], [], [], 0.0, 0.0, 0.0, 0.0)
+    history = Result(bn + (", fused relu" if fused else ""), [], [], [], 0.0, 0.0, 0.0, 0.0)
     n = len(x_train)
     if not 2 <= batch_size <= n:
         raise ValueError(f"batch_size must be between 2 (BatchNorm trains on batch statistics) "
@@ -348,15 +373,21 @@ def train(epochs=12, batch_size=64, seed=0, optimizer="sgd", lr=None, channels=3
         # are noise, and BatchNorm cannot train on a batch of one.
         for i in range(0, n - batch_size + 1, batch_size):
             idx = order[i:i + batch_size]
+            first = epoch == 1 and i == 0
+            if first:   # the peak memory of one training step (NumPy reports to tracemalloc)
+                tracemalloc.start()
             loss, dlogits = softmax_cross_entropy(net.forward(x_train[idx]), y_train[idx])
             net.backward(dlogits)
             opt.step(net.grads)
+            if first:
+                history.step_peak_bytes = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
             losses.append(loss)
         history.loss.append(float(np.mean(losses)))
         history.train_accuracy.append(float(np.mean(net.predict(x_train) == y_train)))
         history.test_accuracy.append(float(np.mean(net.predict(x_test) == y_test)))
         if log is not None:
-            log(f"[{bn}] epoch {epoch:2d}/{epochs}  loss {history.loss[-1]:.4f}  "
+            log(f"[{history.bn}] epoch {epoch:2d}/{epochs}  loss {history.loss[-1]:.4f}  "
                 f"train acc {100 * history.train_accuracy[-1]:5.1f}%  "
                 f"test acc {100 * history.test_accuracy[-1]:5.1f}%")
     history.bn_forward_train, history.bn_forward_eval, history.bn_backward = net.bn_times()
@@ -366,9 +397,11 @@ def train(epochs=12, batch_size=64, seed=0, optimizer="sgd", lr=None, channels=3
 
 def summary(r):
     return (f"[{r.bn}] test accuracy {100 * r.test_accuracy[-1]:.1f}% in {r.total_time:.2f} s; "
-            f"time inside BatchNorm {r.bn_time:.3f} s ({100 * r.bn_time / r.total_time:.0f}% "
-            f"of the run): forward {r.bn_forward_train:.3f} s train + "
-            f"{r.bn_forward_eval:.3f} s eval, backward {r.bn_backward:.3f} s")
+            f"time inside BatchNorm and its ReLU {r.bn_time:.3f} s "
+            f"({100 * r.bn_time / r.total_time:.0f}% of the run): forward "
+            f"{r.bn_forward_train:.3f} s train + {r.bn_forward_eval:.3f} s eval, backward "
+            f"{r.bn_backward:.3f} s; peak memory of a training step "
+            f"{r.step_peak_bytes / 2**20:.2f} MiB")
 
 
 def plot(results, path):
@@ -418,6 +451,9 @@ def main(argv=None):
     parser.add_argument("--num-threads", type=int, default=0,
                         help="OpenMP threads for fastbn; 0 (the default) means the "
                              "OpenMP default")
+    parser.add_argument("--fused", action="store_true",
+                        help="train with the ReLU apart, then fused into BatchNorm, with the "
+                             "same seed; report the time and peak memory both ways")
     parser.add_argument("--plot", metavar="PATH", default=None,
                         help="save the loss and accuracy curves to this PNG file")
     args = parser.parse_args(argv)
@@ -429,16 +465,28 @@ def main(argv=None):
     if args.batch_size < 2:
         parser.error(f"--batch-size must be at least 2 (BatchNorm trains on batch "
                      f"statistics), got {args.batch_size}")
+    if args.fused and args.bn == "both":
+        parser.error("--fused compares one back end with itself: choose --bn fastbn or "
+                     "--bn reference")
     num_threads = None if args.num_threads == 0 else args.num_threads
-    backends = ["fastbn", "reference"] if args.bn == "both" else [args.bn]
+    runs = ([(args.bn, False), (args.bn, True)] if args.fused else
+            [("fastbn", False), ("reference", False)] if args.bn == "both" else
+            [(args.bn, False)])
     results = []
-    for bn in backends:
+    for bn, fused in runs:
         results.append(train(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                              optimizer=args.optimizer, lr=args.lr, channels=args.channels,
-                             hidden=args.hidden, bn=bn, num_threads=num_threads))
+                             hidden=args.hidden, bn=bn, num_threads=num_threads, fused=fused))
     for r in results:
         print(summary(r))
-    if len(results) == 2:
+    if args.fused:
+        apart, fused = results
+        print(f"ReLU fused into BatchNorm: BatchNorm and ReLU {apart.bn_time:.3f} s -> "
+              f"{fused.bn_time:.3f} s ({apart.bn_time / fused.bn_time:.2f}x); peak memory of a "
+              f"training step {apart.step_peak_bytes / 2**20:.2f} MiB -> "
+              f"{fused.step_peak_bytes / 2**20:.2f} MiB; test accuracy "
+              f"{100 * apart.test_accuracy[-1]:.1f}% vs {100 * fused.test_accuracy[-1]:.1f}%")
+    elif len(results) == 2:
         fast, ref = results
         print(f"BatchNorm speedup, fastbn over the NumPy reference: "
               f"{ref.bn_time / fast.bn_time:.1f}x ({ref.bn_time:.3f} s -> {fast.bn_time:.3f} s); "

@@ -102,3 +102,26 @@ def test_main_both_reports_the_speedup(example, capsys):
     assert "[reference] epoch  1/1" in out
     assert "BatchNorm speedup, fastbn over the NumPy reference:" in out
 
+
+
+def test_fused_relu_trains_as_the_separate_layer(example, runs):
+    """The ReLU fused into BatchNorm (forward and backward) gives the losses
+    of the net with the ReLU as its own layer, and the fused step holds less
+    memory at its peak (no mask, no second activation-sized array)."""
+    fused = example.train(bn="fastbn", fused=True, epochs=3, batch_size=64, seed=0, channels=16,
+                          hidden=64, log=None)
+    apart = runs["fastbn"]
+    assert fused.bn == "fastbn, fused relu"
+    assert_allclose(fused.loss, apart.loss, rtol=1e-5)
+    assert abs(fused.test_accuracy[-1] - apart.test_accuracy[-1]) <= 0.01
+    assert 0 < fused.step_peak_bytes < apart.step_peak_bytes
+
+
+def test_main_fused_reports_both_ways(example, capsys):
+    results = example.main(["--epochs", "1", "--channels", "8", "--hidden", "32", "--fused"])
+    out = capsys.readouterr().out
+    assert [r.bn for r in results] == ["fastbn", "fastbn, fused relu"]
+    assert "[fastbn, fused relu] epoch  1/1" in out
+    assert "ReLU fused into BatchNorm: BatchNorm and ReLU" in out and "peak memory" in out
+    with pytest.raises(SystemExit):
+        example.main(["--fused", "--bn", "both"])
