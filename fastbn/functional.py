@@ -371,10 +371,10 @@ def batch_norm_backward_from_output(dy, y, gamma, beta, invstd, *, activation=No
     Accuracy: the pre-activation z = act^-1(y) carries the rounding of the
     forward, about ``u * (|z| + |beta|)`` with u the unit round-off of y's
     dtype; dividing by gamma turns it into an error of about ``u * (|gamma *
-    xhat| + |beta|) / |gamma|`` in xhat. With |gamma| and |beta| of order 1
-    the result matches :func:`batch_norm_backward` (from x) to about 1e-6
-    relative in float32; as |gamma| shrinks relative to |beta| the error of
-    dgamma and dx grows like ``|beta| / |gamma|``; a channel with gamma == 0
+    xhat| + |beta|) / |gamma|`` in xhat. With gamma and beta of order 1 the
+    result matches :func:`batch_norm_backward` (from x) to about 1e-6
+    relative in float32; as ``|gamma|`` shrinks relative to ``|beta|`` the
+    error of dgamma and dx grows like ``|beta| / |gamma|``; a channel with gamma == 0
     cannot be inverted and is refused. invstd only scales dx (dgamma and
     dbeta do not use it); it must be finite and > 0, as the forward returns
     it.

@@ -226,7 +226,7 @@ def batch_norm_backward_from_output(dy, y, gamma, beta, invstd, *, activation=No
     and the training backward of :func:`batch_norm_backward` follows with dz:
     ``dbeta = sum(dz)``, ``dgamma = sum(dz * xhat)``, ``dx = gamma * invstd
     / m * (m * dz - dbeta - xhat * dgamma)``. gamma and beta None mean 1
-    and 0. The division by gamma loses digits as |gamma| shrinks.
+    and 0. The division by gamma loses digits as ``|gamma|`` shrinks.
 
     Returns
     -------
