@@ -6,7 +6,8 @@ and the train/eval switch of ``torch.nn.BatchNorm*d`` and do their arithmetic
 through the three public functions of :mod:`fastbn.functional` (or of any
 module with the same signatures, such as :mod:`fastbn.reference`, passed as
 ``backend=``). The layer itself computes nothing of full size but the
-gradient of an eval-mode forward (see :meth:`BatchNorm.backward`).
+gradient of an eval-mode forward (see :meth:`BatchNorm.backward`). The state
+dict and pickling are :mod:`fastbn._layer_state`'s.
 
 The formulas are those of Ioffe & Szegedy (2015), "Batch Normalization:
 Accelerating Deep Network Training by Reducing Internal Covariate Shift",
@@ -17,8 +18,6 @@ new batch, the running variance takes the unbiased batch variance,
 
 from __future__ import annotations
 
-import importlib
-import types
 from typing import NamedTuple
 
 import numpy as np
@@ -26,6 +25,7 @@ import numpy as np
 from fastbn import _checks
 from fastbn import folding as _folding
 from fastbn import functional as _functional
+from fastbn._layer_state import LayerState
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -69,7 +69,7 @@ class Saved(NamedTuple):
     synced: bool = False
 
 
-class BatchNorm:
+class BatchNorm(LayerState):
     """Batch Normalization over the channel axis of 2-D to 5-D input.
 
     In training mode the input is normalized with the statistics of the batch
@@ -460,71 +460,6 @@ class BatchNorm:
                               self._beta, self.eps, out_axis, num_features=self.num_features,
                               who=who)
 
-    def state_dict(self):
-        """The learnable parameters and running statistics under PyTorch's key names.
-
-        Returns
-        -------
-        dict of str to ndarray
-            Copies, in PyTorch's order: ``weight`` and ``bias`` (with
-            ``affine``), ``running_mean``, ``running_var`` and
-            ``num_batches_tracked`` (0-d int64; with
-            ``track_running_stats``).
-        """
-        state = {}
-        if self.affine:
-            state["weight"] = self._gamma.copy()
-            state["bias"] = self._beta.copy()
-        if self.track_running_stats:
-            state["running_mean"] = self.running_mean.copy()
-            state["running_var"] = self.running_var.copy()
-            state["num_batches_tracked"] = self.num_batches_tracked.copy()
-        return state
-
-    def load_state_dict(self, state_dict, strict=True):
-        """Copy parameters and running statistics in place from a state dict.
-
-        The layer's arrays keep their identity (an optimizer holding them
-        sees the new values); values are cast to the layer's dtype. A state
-        from ``torch.nn.BatchNorm*d`` loads as is, its tensors converted by
-        ``numpy.asarray`` (tensors that require grad are detached first). As
-        in PyTorch, a missing ``num_batches_tracked`` keeps the current
-        count.
-
-        Parameters
-        ----------
-        state_dict : mapping of str to array_like
-            Keys ``weight``, ``bias``, ``running_mean``, ``running_var``,
-            ``num_batches_tracked`` as :meth:`state_dict` gives them.
-        strict : bool, default True
-            Require exactly the keys of :meth:`state_dict`.
-
-        Raises
-        ------
-        KeyError
-            With ``strict``, missing or unexpected keys (all of them named).
-        TypeError
-            A value not of a real dtype (an integer one for
-            ``num_batches_tracked``).
-        ValueError
-            A value whose shape does not match, or a ``num_batches_tracked``
-            that is not a count >= 0 able to grow within int64.
-
-        Nothing is modified when an error is raised.
-        """
-        own = {}
-        if self.affine:
-            own["weight"] = self._gamma
-            own["bias"] = self._beta
-        if self.track_running_stats:
-            own["running_mean"] = self.running_mean
-            own["running_var"] = self.running_var
-            own["num_batches_tracked"] = self.num_batches_tracked
-        staged = _checks.state_values(own, state_dict, strict,
-                                      who=f"{type(self).__name__}.load_state_dict")
-        for target, value in staged:
-            target[...] = value
-
     # ------------------------------------------------------------- python
 
     def __repr__(self):
@@ -541,20 +476,6 @@ class BatchNorm:
         return (f"{type(self).__name__}({self.num_features}, eps={self.eps:g}, "
                 f"momentum={momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}{extra})")
-
-    def __getstate__(self):
-        # Modules do not pickle: keep a backend module by name. The cached input
-        # of the last forward is not part of the layer's state.
-        state = self.__dict__.copy()
-        state["_saved"] = None
-        if isinstance(self.backend, types.ModuleType):
-            state["backend"] = self.backend.__name__
-        return state
-
-    def __setstate__(self, state):
-        if isinstance(state.get("backend"), str):
-            state["backend"] = importlib.import_module(state["backend"])
-        self.__dict__.update(state)
 
 
 class BatchNorm1d(BatchNorm):
