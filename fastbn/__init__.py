@@ -35,7 +35,8 @@ _check_built()
 from fastbn import reference  # noqa: E402 - after the check that explains a failure
 from fastbn._config import __version__, show_config
 from fastbn.folding import fold_batch_norm
-from fastbn.functional import batch_norm_backward, batch_norm_forward, batch_norm_inference
+from fastbn.functional import (batch_norm_backward, batch_norm_backward_from_output,
+                               batch_norm_forward, batch_norm_inference)
 from fastbn.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 if TYPE_CHECKING:  # imported on first use (mpi4py is optional): see __getattr__
@@ -49,6 +50,7 @@ __all__ = [
     "BatchNorm3d",
     "__version__",
     "batch_norm_backward",
+    "batch_norm_backward_from_output",
     "batch_norm_forward",
     "batch_norm_inference",
     "fold_batch_norm",

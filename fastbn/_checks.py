@@ -324,9 +324,10 @@ def out(value, x, others, in_place, *, who=None):
     """out must be a writeable C-contiguous array shaped and typed like x.
 
     It may be the array ``others[in_place]`` itself (the result then
-    replaces that input); it may overlap no other array of ``others`` (name
-    -> array or None).
+    replaces that input; ``in_place`` is a name, or a tuple of names); it
+    may overlap no other array of ``others`` (name -> array or None).
     """
+    in_place = (in_place,) if isinstance(in_place, str) else in_place
     array("out", value, who=who, what="a numpy.ndarray or None")
     dtype_of("out", value, x.dtype, who=who)
     if value.shape != x.shape:
@@ -339,10 +340,10 @@ def out(value, x, others, in_place, *, who=None):
     names = list(others)
     for k in _overlap.shared_with(value, list(others.values())):
         name = names[k]
-        if name == in_place and _same_memory(value, others[name]):
+        if name in in_place and _same_memory(value, others[name]):
             continue
-        raise _error(ValueError, who, f"out overlaps {name}; out may be {in_place} itself "
-                                      f"(in place) or memory of its own, nothing else")
+        raise _error(ValueError, who, f"out overlaps {name}; out may be {' or '.join(in_place)} "
+                                      f"itself (in place) or memory of its own, nothing else")
 
 
 def _same_memory(a, b):
@@ -417,23 +418,58 @@ def forward_args(x, num_features, gamma, beta, eps_, momentum_, num_threads_, ru
 
 
 def backward_args(dy, x, num_features, gamma, mean, invstd, out_, num_threads_, *, source,
-                  who=None):
+                  who=None, beta=None):
     """The checks of a backward after x's own (single-process and
     synchronized); ``source`` names the forward that gave mean and invstd.
     Returns (num_threads resolved, gamma, mean, invstd) as C-contiguous
-    views or copies."""
+    views or copies (beta, when given, is checked too)."""
     like("dy", dy, x, who=who, what="x")
     nthreads = threads(num_threads_)
     g = None if gamma is None else vector("gamma", gamma, x.dtype, num_features)
+    if beta is not None:
+        vector("beta", beta, x.dtype, num_features)
     if mean is None or invstd is None:
         raise _error(TypeError, who, f"mean and invstd (from {source}) are required, got "
                                      f"None")
     mu = vector("mean", mean, x.dtype, num_features)
     istd = vector("invstd", invstd, x.dtype, num_features)
     if out_ is not None:
-        out(out_, x, {"dy": dy, "x": x, "gamma": gamma, "mean": mean, "invstd": invstd},
-            in_place="dy")
+        out(out_, x, {"dy": dy, "x": x, "gamma": gamma, "beta": beta, "mean": mean,
+                      "invstd": invstd}, in_place="dy")
     return nthreads, g, mu, istd
+
+
+def from_output_args(dy, y, num_features, gamma, beta, invstd, act, slope, out_, num_threads_,
+                     *, who=None):
+    """The checks of a backward from the output after y's own: an invertible
+    activation (none, or leaky_relu with a slope > 0) and no channel with
+    gamma == 0. Returns (num_threads resolved, gamma, beta, invstd) as
+    C-contiguous views or copies."""
+    like("dy", dy, y, who=who, what="y")
+    nthreads = threads(num_threads_)
+    if act == ACTIVATIONS["relu"]:
+        raise _error(ValueError, who, "activation 'relu' cannot be inverted (every negative "
+                                      "pre-activation gives 0): use 'leaky_relu' with a "
+                                      "negative_slope > 0, or batch_norm_backward with x")
+    if act == ACTIVATIONS["leaky_relu"] and not slope > 0:
+        raise _error(ValueError, who, f"negative_slope must be > 0 to invert leaky_relu, got "
+                                      f"{slope}")
+    g = None if gamma is None else vector("gamma", gamma, y.dtype, num_features)
+    b = None if beta is None else vector("beta", beta, y.dtype, num_features)
+    if invstd is None:
+        raise _error(TypeError, who, "invstd (from batch_norm_forward) is required, got None")
+    istd = vector("invstd", invstd, y.dtype, num_features)
+    if g is not None and not np.all(g != 0):
+        zeros = np.flatnonzero(g == 0)
+        shown = ", ".join(map(str, zeros[:10])) + (", ..." if zeros.size > 10 else "")
+        raise _error(ValueError, who, f"gamma is 0 in channel(s) {shown}: y carries no "
+                                      f"information on x there, so the backward from the "
+                                      f"output cannot recover it; use batch_norm_backward "
+                                      f"with x")
+    if out_ is not None:
+        out(out_, y, {"dy": dy, "y": y, "gamma": gamma, "beta": beta, "invstd": invstd},
+            in_place=("dy", "y"))
+    return nthreads, g, b, istd
 
 
 def fold_args(weight, bias, running_mean, running_var, gamma, beta, eps_, out_axis, *,

@@ -37,9 +37,10 @@ from cython.view cimport array
 
 from fastbn._openmp cimport barrier, threads_for
 from fastbn._simd cimport STREAM_CHUNK, fence, stream, streams
-from fastbn._stats cimport (ACT_NONE, Act, Coef, Coef32, Pass, activated, activated32,
-                            apply_b, backward_pass, finish, forward_pass, inference_coef,
-                            make_act, needs_sums, to_float)
+from fastbn._stats cimport (ACT_NONE, GRAD_ACT, GRAD_PLAIN, Act, Coef, Coef32, Grad, Pass,
+                            activated, activated32, apply_b, backward_pass, finish,
+                            forward_pass, grad_of, inference_coef, make_act, needs_sums,
+                            to_float)
 from fastbn._views cimport at, cptr, cptr2, wptr, workspace
 
 
@@ -49,6 +50,7 @@ cdef enum:
     BLOCK_VALUES = 65536        # a row block holds at least this many values (or all rows)
     TILE_BYTES = 512 * 1024     # a tile of the inputs over all rows, cached between its steps
     MIN_TILE_BYTES = 1024       # narrower row pieces defeat the hardware prefetcher
+    GRAD_COLUMNS = 128          # columns per piece of rows turned into the plain backward's inputs
 
 
 cdef struct Grid:
@@ -57,6 +59,7 @@ cdef struct Grid:
     Py_ssize_t tile, ntiles       # columns per tile, tiles (tile == 0: by row block)
     bint streaming
     Act act                       # the activation fused into a forward's apply
+    Grad grad                     # a backward's transform (kind, slopes; per column in Maps)
 
 
 cdef struct Maps:
@@ -72,6 +75,9 @@ cdef struct Maps:
     float* slope32
     float* offset32
     char* ok
+    double* grad_center         # the columns' Grad (center, scale, offset), when g.grad
+    double* grad_scale          # is not GRAD_PLAIN
+    double* grad_offset
 
 
 cdef inline Grid make_grid(Py_ssize_t M, Py_ssize_t C, Py_ssize_t bytes_per_value,
@@ -82,6 +88,7 @@ cdef inline Grid make_grid(Py_ssize_t M, Py_ssize_t C, Py_ssize_t bytes_per_valu
     g.C = C
     g.streaming = streaming
     g.act = make_act(ACT_NONE, 0.0)
+    g.grad.kind = GRAD_PLAIN
     g.rows_per_block = max((M + MAX_ROW_BLOCKS - 1) // MAX_ROW_BLOCKS,
                            (BLOCK_VALUES + C - 1) // C)
     g.nblocks = (M + g.rows_per_block - 1) // g.rows_per_block
@@ -95,13 +102,16 @@ cdef inline Grid make_grid(Py_ssize_t M, Py_ssize_t C, Py_ssize_t bytes_per_valu
 
 
 cdef inline Maps maps_in(char* mem, Py_ssize_t C) noexcept nogil:
-    """Carve the per-column maps out of 4 * C doubles, 5 * C floats and C chars."""
+    """Carve the per-column maps out of 7 * C doubles, 5 * C floats and C chars."""
     cdef Maps k
     k.center = <double*>mem
     k.scale = k.center + C
     k.slope = k.scale + C
     k.offset = k.slope + C
-    k.hi = <float*>(k.offset + C)
+    k.grad_center = k.offset + C
+    k.grad_scale = k.grad_center + C
+    k.grad_offset = k.grad_scale + C
+    k.hi = <float*>(k.grad_offset + C)
     k.lo = k.hi + C
     k.scale32 = k.lo + C
     k.slope32 = k.scale32 + C
@@ -111,7 +121,7 @@ cdef inline Maps maps_in(char* mem, Py_ssize_t C) noexcept nogil:
 
 
 cdef enum:
-    MAPS_BYTES = 4 * sizeof(double) + 5 * sizeof(float) + sizeof(char)   # per column
+    MAPS_BYTES = 7 * sizeof(double) + 5 * sizeof(float) + sizeof(char)   # per column
 
 
 cdef inline void store_map(const Maps* k, Py_ssize_t c, Coef m) noexcept nogil:
@@ -129,7 +139,51 @@ cdef inline void store_map(const Maps* k, Py_ssize_t c, Coef m) noexcept nogil:
     k.offset32[c] = f.offset
 
 
+cdef inline Maps maps_from(const Maps* k, Py_ssize_t c) noexcept nogil:
+    """The maps of columns c, c + 1, ... as the maps of columns 0, 1, ..."""
+    cdef Maps s
+    s.center, s.scale, s.slope, s.offset = k.center + c, k.scale + c, k.slope + c, k.offset + c
+    s.hi, s.lo, s.scale32 = k.hi + c, k.lo + c, k.scale32 + c
+    s.slope32, s.offset32, s.ok = k.slope32 + c, k.offset32 + c, k.ok + c
+    s.grad_center, s.grad_scale = k.grad_center + c, k.grad_scale + c
+    s.grad_offset = k.grad_offset + c
+    return s
+
+
+cdef inline void store_grad(const Maps* k, Py_ssize_t c, Grad t) noexcept nogil:
+    k.grad_center[c] = t.center
+    k.grad_scale[c] = t.scale
+    k.grad_offset[c] = t.offset
+
+
 # ---------------------------------------------------------------- rows ----
+
+cdef inline void grad_row(const floating* dy, const floating* b, Py_ssize_t n, const Maps* k,
+                          const Grad* t, floating* dz, floating* xc) noexcept nogil:
+    """The plain backward's inputs of n columns of one row (fastbn._stats.Grad;
+    k: the columns' maps, t: the kind and slopes): dz from dy and b (x, or y
+    from the output), and the second input into xc (x itself, or x - mean
+    from the output). In double."""
+    cdef Py_ssize_t c
+    cdef const double* ce = k.grad_center
+    cdef const double* sc = k.grad_scale
+    cdef const double* of = k.grad_offset
+    cdef double slope = t.slope, inv = t.inv_slope, v
+    if t.kind == GRAD_ACT and t.relu:
+        for c in range(n):
+            dz[c] = dy[c] if (<double>b[c] - ce[c]) * sc[c] + of[c] > 0.0 else 0.0
+            xc[c] = b[c]
+    elif t.kind == GRAD_ACT:
+        for c in range(n):
+            dz[c] = dy[c] if (<double>b[c] - ce[c]) * sc[c] + of[c] > 0.0 else <floating>(
+                <double>dy[c] * slope)
+            xc[c] = b[c]
+    else:
+        for c in range(n):
+            v = b[c]
+            dz[c] = dy[c] if v > 0.0 else <floating>(<double>dy[c] * slope)
+            xc[c] = <floating>(((v if v > 0.0 else v * inv) - of[c]) * sc[c])
+
 
 cdef inline void row_map(const floating* a, const floating* b, floating* out,
                          Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
@@ -176,14 +230,12 @@ cdef inline void row_map(const floating* a, const floating* b, floating* out,
 
 # -------------------------------------------------------------- blocks ----
 
-cdef void block_sums(const floating* a, const floating* b, const Grid* g, Py_ssize_t blk,
-                     Py_ssize_t c0, Py_ssize_t c1, const double* center,
-                     double* sa, double* sb) noexcept nogil:
-    """Columns [c0, c1) of row block blk into sa[c], sb[c]: shifted sums of a
-    (b NULL), or sum(a) and sum(a * (b - center)) with a = dy, b = x."""
-    cdef Py_ssize_t C = g.C, r, c
-    cdef Py_ssize_t r0 = blk * g.rows_per_block
-    cdef Py_ssize_t r1 = min(g.M, r0 + g.rows_per_block)
+cdef void rows_sums(const floating* a, const floating* b, Py_ssize_t stride, Py_ssize_t nrows,
+                    Py_ssize_t n, const double* center, double* sa, double* sb) noexcept nogil:
+    """Add the sums of nrows rows (stride apart) of n columns into sa[c],
+    sb[c]: shifted sums of a (b NULL), or sum(a) and sum(a * (b - center))
+    with a = dy, b = x; four rows at a time, then one at a time."""
+    cdef Py_ssize_t r = 0, c
     cdef const floating* a0
     cdef const floating* a1
     cdef const floating* a2
@@ -193,17 +245,13 @@ cdef void block_sums(const floating* a, const floating* b, const Grid* g, Py_ssi
     cdef const floating* b2
     cdef const floating* b3
     cdef double h, d0, d1, d2, d3
-    for c in range(c0, c1):
-        sa[c] = 0.0
-        sb[c] = 0.0
-    r = r0
-    while r + 4 <= r1:
-        a0 = a + r * C
-        a1 = a0 + C
-        a2 = a1 + C
-        a3 = a2 + C
+    while r + 4 <= nrows:
+        a0 = a + r * stride
+        a1 = a0 + stride
+        a2 = a1 + stride
+        a3 = a2 + stride
         if b == NULL:
-            for c in range(c0, c1):
+            for c in range(n):
                 h = center[c]
                 d0 = <double>a0[c] - h
                 d1 = <double>a1[c] - h
@@ -212,11 +260,11 @@ cdef void block_sums(const floating* a, const floating* b, const Grid* g, Py_ssi
                 sa[c] += (d0 + d1) + (d2 + d3)
                 sb[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
         else:
-            b0 = b + r * C
-            b1 = b0 + C
-            b2 = b1 + C
-            b3 = b2 + C
-            for c in range(c0, c1):
+            b0 = b + r * stride
+            b1 = b0 + stride
+            b2 = b1 + stride
+            b3 = b2 + stride
+            for c in range(n):
                 h = center[c]
                 d0 = a0[c]
                 d1 = a1[c]
@@ -226,20 +274,55 @@ cdef void block_sums(const floating* a, const floating* b, const Grid* g, Py_ssi
                 sb[c] += ((d0 * (<double>b0[c] - h) + d1 * (<double>b1[c] - h))
                           + (d2 * (<double>b2[c] - h) + d3 * (<double>b3[c] - h)))
         r += 4
-    while r < r1:
-        a0 = a + r * C
+    while r < nrows:
+        a0 = a + r * stride
         if b == NULL:
-            for c in range(c0, c1):
+            for c in range(n):
                 d0 = <double>a0[c] - center[c]
                 sa[c] += d0
                 sb[c] += d0 * d0
         else:
-            b0 = b + r * C
-            for c in range(c0, c1):
+            b0 = b + r * stride
+            for c in range(n):
                 d0 = a0[c]
                 sa[c] += d0
                 sb[c] += d0 * (<double>b0[c] - center[c])
         r += 1
+
+
+cdef void block_sums(const floating* a, const floating* b, const Grid* g, Py_ssize_t blk,
+                     Py_ssize_t c0, Py_ssize_t c1, const double* center, const Maps* k,
+                     double* sa, double* sb) noexcept nogil:
+    """Columns [c0, c1) of row block blk into sa[c], sb[c]: shifted sums of a
+    (b NULL), or sum(a) and sum(a * (b - center)) with a = dy, b = x, of the
+    inputs g.grad turns them into (in pieces of four rows by GRAD_COLUMNS
+    columns: every column's additions keep their order)."""
+    cdef floating dz[4 * GRAD_COLUMNS]
+    cdef floating xc[4 * GRAD_COLUMNS]
+    cdef Py_ssize_t C = g.C, r, c, e, j, nr
+    cdef Py_ssize_t r0 = blk * g.rows_per_block
+    cdef Py_ssize_t r1 = min(g.M, r0 + g.rows_per_block)
+    cdef Maps kc
+    for c in range(c0, c1):
+        sa[c] = 0.0
+        sb[c] = 0.0
+    if b == NULL or g.grad.kind == GRAD_PLAIN:
+        rows_sums(a + r0 * C + c0, at(b, r0 * C + c0), C, r1 - r0, c1 - c0, center + c0,
+                  sa + c0, sb + c0)
+        return
+    r = r0
+    while r < r1:
+        nr = 4 if r + 4 <= r1 else 1
+        c = c0
+        while c < c1:
+            e = min(c1, c + GRAD_COLUMNS)
+            kc = maps_from(k, c)
+            for j in range(nr):
+                grad_row(a + (r + j) * C + c, b + (r + j) * C + c, e - c, &kc, &g.grad,
+                         &dz[j * GRAD_COLUMNS], &xc[j * GRAD_COLUMNS])
+            rows_sums(dz, xc, GRAD_COLUMNS, nr, e - c, center + c, sa + c, sb + c)
+            c = e
+        r += nr
 
 
 cdef inline void row_apply(const floating* a, const floating* b, floating* out,
@@ -261,6 +344,28 @@ cdef inline void row_apply(const floating* a, const floating* b, floating* out,
         c = e
 
 
+cdef inline void row_out(const floating* a, const floating* b, floating* out,
+                         Py_ssize_t c0, Py_ssize_t c1, const Maps* k, int mode,
+                         const Grid* g) noexcept nogil:
+    """row_apply of one row's columns [c0, c1) into out (column c0's place),
+    of the inputs g.grad turns (a, b) into (pieces of GRAD_COLUMNS columns:
+    out may be a or b)."""
+    cdef floating dz[GRAD_COLUMNS]
+    cdef floating xc[GRAD_COLUMNS]
+    cdef Py_ssize_t c = c0, e
+    cdef Maps kc
+    if g.grad.kind == GRAD_PLAIN:
+        row_apply(a, b, out, c0, c1, k, mode, &g.act)
+        return
+    while c < c1:
+        e = min(c1, c + GRAD_COLUMNS)
+        kc = maps_from(k, c)
+        grad_row(a + c, b + c, e - c, &kc, &g.grad, dz, xc)
+        row_apply(dz, NULL if g.grad.frozen else xc, out + (c - c0), 0, e - c, &kc, mode,
+                  &g.act)
+        c = e
+
+
 cdef void block_apply(const floating* a, const floating* b, floating* out, const Grid* g,
                       Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
                       const Maps* k) noexcept nogil:
@@ -276,7 +381,7 @@ cdef void block_apply(const floating* a, const floating* b, floating* out, const
                 break
     if not g.streaming:
         for r in range(r0, r1):
-            row_apply(a + r * C, at(b, r * C), out + r * C + c0, c0, c1, k, mode, &g.act)
+            row_out(a + r * C, at(b, r * C), out + r * C + c0, c0, c1, k, mode, g)
     elif c1 - c0 == C and C <= STREAM_CHUNK:
         # whole rows, contiguous: several rows per buffer
         m = STREAM_CHUNK // C
@@ -284,8 +389,7 @@ cdef void block_apply(const floating* a, const floating* b, floating* out, const
         while r < r1:
             m = min(m, r1 - r)
             for j in range(m):
-                row_apply(a + (r + j) * C, at(b, (r + j) * C), &buf[j * C], 0, C, k,
-                          mode, &g.act)
+                row_out(a + (r + j) * C, at(b, (r + j) * C), &buf[j * C], 0, C, k, mode, g)
             stream(out + r * C, buf, m * C * sizeof(floating))
             r += m
     else:
@@ -293,7 +397,7 @@ cdef void block_apply(const floating* a, const floating* b, floating* out, const
             c = c0
             while c < c1:
                 m = min(<Py_ssize_t>STREAM_CHUNK, c1 - c)
-                row_apply(a + r * C, at(b, r * C), buf, c, c + m, k, mode, &g.act)
+                row_out(a + r * C, at(b, r * C), buf, c, c + m, k, mode, g)
                 stream(out + r * C + c, buf, m * sizeof(floating))
                 c += m
     if g.streaming:
@@ -309,14 +413,14 @@ cdef inline void zero_totals(const Grid* g, Py_ssize_t c0, Py_ssize_t c1,
 
 
 cdef void tile_totals(const floating* a, const floating* b, const Grid* g, Py_ssize_t c0,
-                      Py_ssize_t c1, const double* center, double* part,
+                      Py_ssize_t c1, const double* center, const Maps* k, double* part,
                       double* total) noexcept nogil:
     """Totals over all row blocks, in block order, for columns [c0, c1):
     total[c], total[C + c]; part is 2 * C doubles of scratch."""
     cdef Py_ssize_t C = g.C, c, blk
     zero_totals(g, c0, c1, total)
     for blk in range(g.nblocks):
-        block_sums(a, b, g, blk, c0, c1, center, part, part + C)
+        block_sums(a, b, g, blk, c0, c1, center, k, part, part + C)
         for c in range(c0, c1):
             total[c] += part[c]
             total[C + c] += part[C + c]
@@ -375,7 +479,7 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Gr
                 c0 = t * g.tile
                 c1 = min(C, c0 + g.tile)
                 if sums:
-                    tile_totals(a, b, g, c0, c1, center, scratch, total)
+                    tile_totals(a, b, g, c0, c1, center, &k, scratch, total)
                 else:
                     zero_totals(g, c0, c1, total)
                 if out != NULL:
@@ -385,7 +489,7 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Gr
         return
     with parallel(num_threads=nt):
         for blk in prange(nb if sums else 0, schedule="dynamic"):
-            block_sums(a, b, g, blk, 0, C, center, scratch + 2 * blk * C,
+            block_sums(a, b, g, blk, 0, C, center, &k, scratch + 2 * blk * C,
                        scratch + (2 * blk + 1) * C)
         barrier()
         for u in prange((C + MERGE_COLUMNS - 1) // MERGE_COLUMNS, schedule="dynamic"):
@@ -473,13 +577,12 @@ def inference(const floating[:, ::1] x, const floating[::1] gamma,
 
 
 def backward(const floating[:, ::1] dy, const floating[:, ::1] x,
-             const floating[::1] gamma, const floating[::1] mean,
+             const floating[::1] gamma, const floating[::1] beta, const floating[::1] mean,
              const floating[::1] invstd, floating[:, ::1] dx,
-             floating[::1] dgamma, floating[::1] dbeta, bint frozen, int num_threads,
-             bint stream):
-    """Fused backward on (M, C) views; see fastbn.functional. frozen: mean and
-    invstd are constants (eval mode); then dgamma and dbeta may be None (not
-    wanted: dy alone is read)."""
+             floating[::1] dgamma, floating[::1] dbeta, bint frozen, int grad,
+             int activation, double negative_slope, int num_threads, bint stream):
+    """Fused backward on (M, C) views; see fastbn.functional and the planar
+    backward (the same arguments)."""
     cdef const floating* dyp = &dy[0, 0]
     cdef const floating* xp = &x[0, 0]
     cdef floating* dxp = &dx[0, 0]
@@ -490,12 +593,19 @@ def backward(const floating[:, ::1] dy, const floating[:, ::1] x,
     cdef array mem = workspace(pass_bytes(&g), 1)
     cdef char* wp = mem.data
     cdef double* center = centers(wp, &g)
-    cdef Pass ps = backward_pass(<double>g.M, frozen, cptr(gamma), &mean[0], &invstd[0],
-                                 wptr(dgamma), wptr(dbeta))
+    cdef Pass ps = backward_pass(<double>g.M, frozen, cptr(gamma), cptr(beta), cptr(mean),
+                                 &invstd[0], wptr(dgamma), wptr(dbeta), grad, activation,
+                                 negative_slope)
+    cdef Maps k = maps_in(maps_at(wp, &g), g.C)
+    cdef const floating* mp = cptr(mean)
     cdef Py_ssize_t c
+    if grad != GRAD_PLAIN:
+        g.grad = grad_of(&ps, 0, dyp)
     with nogil:
         for c in range(g.C):
-            center[c] = mean[c]
+            center[c] = mp[c] if mp != NULL else 0.0
+            if grad != GRAD_PLAIN:
+                store_grad(&k, c, grad_of(&ps, c, dyp))
         run_pass(dyp, xp, dxp, &g, &ps, wp, nt)
 
 

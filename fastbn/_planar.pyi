@@ -44,12 +44,16 @@ def backward(
     dy: _Array,  # const floating[:, :, ::1] (planar), [:, ::1] (columnar)
     x: _Array,  # const floating[:, :, ::1] (planar), [:, ::1] (columnar)
     gamma: _Array | None,  # const floating[::1]
-    mean: _Array,  # const floating[::1]
+    beta: _Array | None,  # const floating[::1]; read with an activation
+    mean: _Array | None,  # const floating[::1]; None from the output (grad 2)
     invstd: _Array,  # const floating[::1]
-    dx: _Array,  # floating[:, :, ::1] (planar), [:, ::1] (columnar), may be dy
+    dx: _Array,  # floating[:, :, ::1] (planar), [:, ::1] (columnar), may be dy (or x)
     dgamma: _Array | None,  # floating[::1], written; None only when frozen
     dbeta: _Array | None,  # floating[::1], written; None only when frozen
     frozen: bool,  # mean and invstd are constants (eval mode): dx = gamma * invstd * dy
+    grad: int,  # 0 plain, 1 dy of an activated output (x), 2 from the output (x is y)
+    activation: int,  # 0 none, 1 relu, 2 leaky_relu (fastbn._stats)
+    negative_slope: float,
     num_threads: int,
     stream: bool,  # y (dx, out) is the caller's buffer: stream it when large
 ) -> None: ...

@@ -47,9 +47,10 @@ from cython.parallel cimport parallel, prange
 from cython.view cimport array
 
 from fastbn._openmp cimport FASTBN_COMPILE_ARGS, barrier, threads_for
-from fastbn._stats cimport (ACT_NONE, Act, Coef, Coef32, Pass, activated, activated32,
-                            apply_b, backward_pass, center_of, finish, forward_pass,
-                            inference_coef, make_act, needs_sums, to_float)
+from fastbn._stats cimport (ACT_NONE, GRAD_ACT, GRAD_PLAIN, Act, Coef, Coef32, Grad, Pass,
+                            activated, activated32, apply_b, backward_pass, center_of, finish,
+                            forward_pass, grad_of, inference_coef, make_act, needs_sums,
+                            to_float)
 from fastbn._simd cimport (LANES, PREFETCH_BYTES, STREAM_CHUNK, fence, grad_sums_f32,
                            grad_sums_f64, prefetch_span,
                            shifted_sums_f32, shifted_sums_f64, stream, streams)
@@ -132,6 +133,48 @@ cdef inline void run_grad_sums(const floating* dy, const floating* x, Py_ssize_t
         grad_sums_f64(dy, x, n, center, acc_g, acc_c)
 
 
+cdef inline void grad_run(const floating* dy, const floating* b, Py_ssize_t n, const Grad* t,
+                          floating* dz, floating* xc) noexcept nogil:
+    """The plain backward's inputs of n values (fastbn._stats.Grad): dz from
+    dy and b (x, or y from the output) and, from the output, x - mean into
+    xc. In double; the branches are selects, so the loops vectorize."""
+    cdef Py_ssize_t i
+    cdef double center = t.center, scale = t.scale, offset = t.offset
+    cdef double slope = t.slope, inv = t.inv_slope, v
+    if t.kind == GRAD_ACT and t.relu:
+        for i in range(n):
+            dz[i] = dy[i] if (<double>b[i] - center) * scale + offset > 0.0 else 0.0
+    elif t.kind == GRAD_ACT:
+        for i in range(n):
+            dz[i] = dy[i] if (<double>b[i] - center) * scale + offset > 0.0 else <floating>(
+                <double>dy[i] * slope)
+    else:
+        for i in range(n):
+            v = b[i]
+            dz[i] = dy[i] if v > 0.0 else <floating>(<double>dy[i] * slope)
+            xc[i] = <floating>(((v if v > 0.0 else v * inv) - offset) * scale)
+
+
+cdef inline void run_sums(const floating* a, const floating* b, Py_ssize_t n, double center,
+                          const Grad* t, double* acc_a, double* acc_b) noexcept nogil:
+    """A run's sums: shifted sums of a (b NULL), else the backward's sums of
+    (a, b) as they are (t NULL or GRAD_PLAIN) or after grad_run, in pieces
+    of STREAM_CHUNK values (a multiple of LANES: value i keeps lane i % LANES)."""
+    cdef floating dz[STREAM_CHUNK]
+    cdef floating xc[STREAM_CHUNK]
+    cdef Py_ssize_t i = 0, m
+    if b == NULL:
+        run_shifted_sums(a, n, center, acc_a, acc_b)
+    elif t == NULL or t.kind == GRAD_PLAIN:
+        run_grad_sums(a, b, n, center, acc_a, acc_b)
+    else:
+        while i < n:
+            m = min(<Py_ssize_t>STREAM_CHUNK, n - i)
+            grad_run(a + i, b + i, m, t, dz, xc)
+            run_grad_sums(dz, b + i if t.kind == GRAD_ACT else xc, m, center, acc_a, acc_b)
+            i += m
+
+
 cdef inline void run_map(const floating* a, const floating* b, floating* out, Py_ssize_t n,
                          const Coef* k, const Coef32* f, const Act* act) noexcept nogil:
     """out = act((a - center) * scale + offset) (b NULL: the forward, a = x),
@@ -171,30 +214,43 @@ cdef inline void run_map(const floating* a, const floating* b, floating* out, Py
 
 
 cdef inline void run_apply(const floating* a, const floating* b, floating* out, Py_ssize_t n,
-                           const Coef* k, const Coef32* f, bint streaming,
-                           const Act* act) noexcept nogil:
-    """run_map into out, through a stack buffer and streaming stores when
-    ``streaming``."""
+                           const Coef* k, const Coef32* f, bint streaming, const Act* act,
+                           const Grad* t) noexcept nogil:
+    """run_map into out, of (a, b) as they are (t NULL or GRAD_PLAIN) or
+    after grad_run; through a stack buffer and streaming stores when
+    ``streaming``. Pieces of STREAM_CHUNK values: out may be a or b."""
     cdef floating buf[STREAM_CHUNK]
+    cdef floating dz[STREAM_CHUNK]
+    cdef floating xc[STREAM_CHUNK]
     cdef Py_ssize_t i = 0, m
-    if not streaming:
+    cdef bint plain = t == NULL or t.kind == GRAD_PLAIN
+    cdef const floating* mb
+    if plain and not streaming:
         run_map(a, b, out, n, k, f, act)
         return
     while i < n:
         m = min(<Py_ssize_t>STREAM_CHUNK, n - i)
-        run_map(a + i, at(b, i), buf, m, k, f, act)
-        stream(out + i, buf, m * sizeof(floating))
+        if plain:
+            run_map(a + i, at(b, i), &buf[0] if streaming else out + i, m, k, f, act)
+        else:
+            grad_run(a + i, b + i, m, t, dz, xc)
+            mb = NULL if t.frozen else (b + i if t.kind == GRAD_ACT else xc)
+            run_map(dz, mb, &buf[0] if streaming else out + i, m, k, f, act)
+        if streaming:
+            stream(out + i, buf, m * sizeof(floating))
         i += m
 
 
 # -------------------------------------------------------------- blocks ----
 
 cdef void block_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t c,
-                     Py_ssize_t blk, double center, double* sa, double* sb) noexcept nogil:
+                     Py_ssize_t blk, double center, const Grad* t, double* sa,
+                     double* sb) noexcept nogil:
     """Sums over block blk of channel c.
 
     b == NULL: shifted sums of a, sum(a - center) and sum((a - center)**2).
-    Otherwise, with a = dy and b = x: sum(a) and sum(a * (b - center)).
+    Otherwise, with a = dy and b = x: sum(a) and sum(a * (b - center)), of
+    the inputs t turns them into (t NULL: as they are).
     """
     cdef double acc_a[LANES]
     cdef double acc_b[LANES]
@@ -206,10 +262,7 @@ cdef void block_sums(const floating* a, const floating* b, const Plane* p, Py_ss
     block_span(p, blk, &n0, &n1, &s0, &s1)
     for n in range(n0, n1):
         off = n * p.row_stride + c * p.S + s0
-        if b == NULL:
-            run_shifted_sums(a + off, s1 - s0, center, acc_a, acc_b)
-        else:
-            run_grad_sums(a + off, b + off, s1 - s0, center, acc_a, acc_b)
+        run_sums(a + off, at(b, off), s1 - s0, center, t, acc_a, acc_b)
     for k in range(LANES):
         ta += acc_a[k]
         tb += acc_b[k]
@@ -218,15 +271,16 @@ cdef void block_sums(const floating* a, const floating* b, const Plane* p, Py_ss
 
 
 cdef void block_apply(const floating* a, const floating* b, floating* out, const Plane* p,
-                      Py_ssize_t c, Py_ssize_t blk, const Coef* k) noexcept nogil:
-    """Block blk of channel c: y from x (a = x, b == NULL), or dx from a = dy, b = x."""
+                      Py_ssize_t c, Py_ssize_t blk, const Coef* k, const Grad* t) noexcept nogil:
+    """Block blk of channel c: y from x (a = x, b == NULL), or dx from a = dy,
+    b = x (or y, t GRAD_OUTPUT)."""
     cdef Py_ssize_t n0, n1, s0, s1, n, off
     cdef Coef32 f
     cdef const Coef32* fp = &f if (floating is float and to_float(k, &f)) else NULL
     block_span(p, blk, &n0, &n1, &s0, &s1)
     for n in range(n0, n1):
         off = n * p.row_stride + c * p.S + s0
-        run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming, &p.act)
+        run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming, &p.act, t)
     if p.streaming:
         fence()
 
@@ -260,10 +314,11 @@ cdef inline Py_ssize_t group_size(const Plane* p, Py_ssize_t bytes_per_value) no
 
 
 cdef void group_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t c0,
-                     Py_ssize_t c1, const double* center, double* totals) noexcept nogil:
+                     Py_ssize_t c1, const double* center, const Grad* t,
+                     double* totals) noexcept nogil:
     """totals[2j], totals[2j + 1] for channel c0 + j of the group: the block
     sums of block_sums, added in block order, with the group's rows of one
-    sample read together."""
+    sample read together (t: the channels' Grad, or NULL)."""
     cdef double lanes[2 * GROUP_MAX * LANES]
     cdef Py_ssize_t G = c1 - c0, blk, n0, n1, s0, s1, n, j, k, off
     cdef double ta, tb
@@ -276,12 +331,8 @@ cdef void group_sums(const floating* a, const floating* b, const Plane* p, Py_ss
         for n in range(n0, n1):
             for j in range(G):
                 off = n * p.row_stride + (c0 + j) * p.S + s0
-                if b == NULL:
-                    run_shifted_sums(a + off, s1 - s0, center[j], &lanes[2 * j * LANES],
-                                     &lanes[(2 * j + 1) * LANES])
-                else:
-                    run_grad_sums(a + off, b + off, s1 - s0, center[j], &lanes[2 * j * LANES],
-                                  &lanes[(2 * j + 1) * LANES])
+                run_sums(a + off, at(b, off), s1 - s0, center[j], (&t[j] if t != NULL else NULL),
+                         &lanes[2 * j * LANES], &lanes[(2 * j + 1) * LANES])
         for j in range(G):
             ta = 0.0
             tb = 0.0
@@ -293,7 +344,8 @@ cdef void group_sums(const floating* a, const floating* b, const Plane* p, Py_ss
 
 
 cdef void group_apply(const floating* a, const floating* b, floating* out, const Plane* p,
-                      Py_ssize_t c0, Py_ssize_t c1, const Coef* coef) noexcept nogil:
+                      Py_ssize_t c0, Py_ssize_t c1, const Coef* coef,
+                      const Grad* t) noexcept nogil:
     """The group's output, slab by slab (streamed whole when streaming)."""
     cdef floating buf[GROUP_VALUES]
     cdef Coef32 f[GROUP_MAX]
@@ -301,7 +353,7 @@ cdef void group_apply(const floating* a, const floating* b, floating* out, const
     cdef Py_ssize_t G = c1 - c0, blk, n, j, base, off
     if G == 1:
         for blk in range(p.nblocks):
-            block_apply(a, b, out, p, c0, blk, coef)
+            block_apply(a, b, out, p, c0, blk, coef, t)
         return
     for j in range(G):
         ok[j] = floating is float and to_float(&coef[j], &f[j])
@@ -309,8 +361,8 @@ cdef void group_apply(const floating* a, const floating* b, floating* out, const
         base = n * p.row_stride + c0 * p.S
         for j in range(G):
             off = base + j * p.S
-            run_map(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,
-                    &coef[j], &f[j] if ok[j] else NULL, &p.act)
+            run_apply(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,
+                      &coef[j], &f[j] if ok[j] else NULL, False, &p.act, (&t[j] if t != NULL else NULL))
         if p.streaming:
             stream(out + base, buf, G * p.S * sizeof(floating))
     if p.streaming:
@@ -324,15 +376,19 @@ cdef void group_pass(const floating* a, const floating* b, floating* out, const 
     cdef double center[GROUP_MAX]
     cdef double totals[2 * GROUP_MAX]
     cdef Coef coef[GROUP_MAX]
+    cdef Grad grad[GROUP_MAX]
+    cdef const Grad* t = NULL if ps.grad == GRAD_PLAIN else grad
     cdef Py_ssize_t j
     for j in range(c1 - c0):
         center[j] = center_of(ps, a, (c0 + j) * p.S, c0 + j)
         totals[2 * j] = totals[2 * j + 1] = 0.0
+        if t != NULL:
+            grad[j] = grad_of(ps, c0 + j, a)
     if needs_sums(ps):
-        group_sums(a, b, p, c0, c1, center, totals)
+        group_sums(a, b, p, c0, c1, center, t, totals)
     for j in range(c1 - c0):
         coef[j] = finish(ps, totals[2 * j], totals[2 * j + 1], center[j], c0 + j, a)
-    group_apply(a, apply_b(ps, b), out, p, c0, c1, coef)
+    group_apply(a, apply_b(ps, b), out, p, c0, c1, coef, t)
 
 
 # ---------------------------------------------------------- schedules ----
@@ -362,6 +418,30 @@ cdef Coef merged_map(const double* part, const Plane* p, Py_ssize_t c, const Pas
     return finish(ps, s0, s1, center_of(ps, a, c * p.S, c), c, a)
 
 
+cdef void unit_sums(const floating* a, const floating* b, const Plane* p, const Pass* ps,
+                    Py_ssize_t u, double* part) noexcept nogil:
+    """block_sums of unit u = (channel, block) of the table schedule into
+    part[2u], part[2u + 1] (the channel's Grad is a local: private to the
+    thread)."""
+    cdef Py_ssize_t c = u // p.nblocks
+    cdef Grad t
+    if ps.grad != GRAD_PLAIN:
+        t = grad_of(ps, c, a)
+    block_sums(a, b, p, c, u % p.nblocks, center_of(ps, a, c * p.S, c),
+               NULL if ps.grad == GRAD_PLAIN else &t, &part[2 * u], &part[2 * u + 1])
+
+
+cdef void unit_apply(const floating* a, const floating* b, floating* out, const Plane* p,
+                     const Pass* ps, Py_ssize_t u, const Coef* coef) noexcept nogil:
+    """block_apply of unit u = (channel, block) with the channel's map."""
+    cdef Py_ssize_t c = u // p.nblocks
+    cdef Grad t
+    if ps.grad != GRAD_PLAIN:
+        t = grad_of(ps, c, a)
+    block_apply(a, b, out, p, c, u % p.nblocks, &coef[c],
+                NULL if ps.grad == GRAD_PLAIN else &t)
+
+
 cdef void run_pass(const floating* a, const floating* b, floating* out, const Plane* p,
                    const Pass* ps, char* table, int nt) noexcept nogil:
     """A pass of sums, maps and apply (forward: a = x, b NULL; backward: a = dy,
@@ -380,15 +460,13 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Pl
         return
     with parallel(num_threads=nt):
         for u in prange(nsum, schedule="dynamic"):
-            block_sums(a, b, p, u // nb, u % nb, center_of(ps, a, (u // nb) * p.S, u // nb),
-                       &part[2 * u], &part[2 * u + 1])
+            unit_sums(a, b, p, ps, u, part)
         barrier()
         for c in prange(p.C, schedule="dynamic"):
             coef[c] = merged_map(part, p, c, ps, a)
         barrier()
         for u in prange(nu, schedule="dynamic"):  # the pairs summed last first: still cached
-            block_apply(a, ab, out, p, (nu - 1 - u) // nb, (nu - 1 - u) % nb,
-                        &coef[(nu - 1 - u) // nb])
+            unit_apply(a, ab, out, p, ps, nu - 1 - u, coef)
 
 
 cdef inline char* table_of(array mem) noexcept:
@@ -457,19 +535,22 @@ def inference(const floating[:, :, ::1] x, const floating[::1] gamma,
                 prefetch_span(xp + r * S + PREFETCH_BYTES // sizeof(floating),
                               min(S * sizeof(floating), <Py_ssize_t>PREFETCH_BYTES))
                 run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
-                          &coef32[r % C] if ok[r % C] else NULL, streaming, &act)
+                          &coef32[r % C] if ok[r % C] else NULL, streaming, &act, NULL)
             if streaming:
                 fence()
 
 
 def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
-             const floating[::1] gamma, const floating[::1] mean,
+             const floating[::1] gamma, const floating[::1] beta, const floating[::1] mean,
              const floating[::1] invstd, floating[:, :, ::1] dx,
-             floating[::1] dgamma, floating[::1] dbeta, bint frozen, int num_threads,
-             bint stream):
+             floating[::1] dgamma, floating[::1] dbeta, bint frozen, int grad,
+             int activation, double negative_slope, int num_threads, bint stream):
     """Fused backward on (N, C, S) views; see fastbn.functional. frozen: mean
     and invstd are constants (eval mode); then dgamma and dbeta may be None
-    (not wanted: dy alone is read)."""
+    (not wanted: dy alone is read, without an activation). grad: GRAD_PLAIN,
+    GRAD_ACT (dy of the activated output; beta, activation and
+    negative_slope give the pre-activation) or GRAD_OUTPUT (x is the
+    output y and mean is None; fastbn._stats.Grad)."""
     cdef const floating* dyp = &dy[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* dxp = &dx[0, 0, 0]
@@ -480,8 +561,9 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
     cdef Py_ssize_t nbytes = table_bytes(&p, 2 * sizeof(floating), nt)
     cdef array mem = workspace(nbytes, 1) if nbytes else None
     cdef char* table = table_of(mem)
-    cdef Pass ps = backward_pass(<double>(p.N * p.S), frozen, cptr(gamma), &mean[0],
-                                 &invstd[0], wptr(dgamma), wptr(dbeta))
+    cdef Pass ps = backward_pass(<double>(p.N * p.S), frozen, cptr(gamma), cptr(beta),
+                                 cptr(mean), &invstd[0], wptr(dgamma), wptr(dbeta), grad,
+                                 activation, negative_slope)
     with nogil:
         run_pass(dyp, xp, dxp, &p, &ps, table, nt)
 
@@ -505,7 +587,7 @@ def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[
     cdef double* part = <double*>mem.data
     with nogil, parallel(num_threads=nt):
         for u in prange(nu, schedule="dynamic"):
-            block_sums(ap, bp, &p, u // nb, u % nb, center[u // nb],
+            block_sums(ap, bp, &p, u // nb, u % nb, center[u // nb], NULL,
                        &part[2 * u], &part[2 * u + 1])
         barrier()
         for c in prange(p.C, schedule="dynamic"):
@@ -530,7 +612,7 @@ def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, 
     cdef Py_ssize_t u
     with nogil:
         for u in prange(nu, num_threads=nt, schedule="dynamic"):
-            block_apply(ap, bp, op, &p, u // nb, u % nb, &k[u // nb])
+            block_apply(ap, bp, op, &p, u // nb, u % nb, &k[u // nb], NULL)
 
 
 def compile_args():

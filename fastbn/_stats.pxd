@@ -21,6 +21,20 @@ from libc.float cimport FLT_MAX
 from libc.math cimport fabs, sqrt
 
 
+cdef enum:
+    # fused activations (the codes of fastbn._checks.ACTIVATIONS)
+    ACT_NONE = 0
+    ACT_RELU = 1
+    ACT_LEAKY_RELU = 2
+
+
+cdef enum:
+    # what a backward's two inputs are (Grad)
+    GRAD_PLAIN = 0     # dy and x, as the plain backward reads them
+    GRAD_ACT = 1       # dy of an activated output and x
+    GRAD_OUTPUT = 2    # dy of an activated output and that output y
+
+
 ctypedef struct Coef:
     # y = (x - center) * scale + offset            (forward, inference)
     # dx = scale*dy - slope*(x - center) - offset  (backward)
@@ -112,7 +126,7 @@ cdef inline Coef backward_coef(double sdy, double sdyc, double m,
     cdef double a = istd * (<double>gamma[c] if gamma != NULL else 1.0)
     dgamma_out[c] = <floating>dgamma
     dbeta_out[c] = <floating>sdy
-    k.center = mean[c]
+    k.center = mean[c] if mean != NULL else 0.0
     k.scale = a
     k.slope = a * istd * dgamma / m
     k.offset = a * sdy / m
@@ -145,11 +159,14 @@ ctypedef struct Pass:
     bint backward
     bint frozen            # backward with mean and invstd as constants (frozen_coef)
     bint unbiased          # forward: the running variance takes var * m / (m - 1)
+    int grad               # backward: GRAD_PLAIN, GRAD_ACT or GRAD_OUTPUT (see Grad)
+    int act                # backward with an activation: ACT_RELU or ACT_LEAKY_RELU
+    double act_slope       # its negative slope
     double m               # values per channel
     double eps, factor     # forward only
     const void* gamma
-    const void* beta       # forward only
-    void* mean             # forward: written; backward: read (the sums' center)
+    const void* beta       # forward; backward with an activation
+    void* mean             # forward: written; backward: read (the sums' center), NULL from y
     void* invstd           # forward: written; backward: read
     void* running_mean     # forward only, updated
     void* running_var
@@ -164,6 +181,9 @@ cdef inline Pass forward_pass(double m, double eps, double factor, bint unbiased
     cdef Pass ps
     ps.backward = ps.frozen = False
     ps.unbiased = unbiased
+    ps.grad = GRAD_PLAIN
+    ps.act = ACT_NONE
+    ps.act_slope = 0.0
     ps.m, ps.eps, ps.factor = m, eps, factor
     ps.gamma, ps.beta = gamma, beta
     ps.mean, ps.invstd = mean, invstd
@@ -173,14 +193,20 @@ cdef inline Pass forward_pass(double m, double eps, double factor, bint unbiased
 
 
 cdef inline Pass backward_pass(double m, bint frozen, const floating* gamma,
-                               const floating* mean, const floating* invstd, floating* dgamma,
-                               floating* dbeta) noexcept nogil:
+                               const floating* beta, const floating* mean,
+                               const floating* invstd, floating* dgamma, floating* dbeta,
+                               int grad, int act, double act_slope) noexcept nogil:
+    """mean NULL: the backward from the output (GRAD_OUTPUT), whose second
+    input is already centered (x - mean)."""
     cdef Pass ps
     ps.backward = True
     ps.frozen = frozen
     ps.unbiased = False
+    ps.grad = grad
+    ps.act = act
+    ps.act_slope = act_slope
     ps.m, ps.eps, ps.factor = m, 0.0, 0.0
-    ps.gamma, ps.beta = gamma, NULL
+    ps.gamma, ps.beta = gamma, beta
     ps.mean, ps.invstd = <void*>mean, <void*>invstd
     ps.running_mean = ps.running_var = NULL
     ps.dgamma, ps.dbeta = dgamma, dbeta
@@ -211,8 +237,10 @@ cdef inline bint needs_sums(const Pass* ps) noexcept nogil:
 
 
 cdef inline const floating* apply_b(const Pass* ps, const floating* b) noexcept nogil:
-    """The apply's second array: none for a frozen backward (dx from dy alone)."""
-    return NULL if ps.frozen else b
+    """The apply's second array: none for a frozen backward (dx from dy
+    alone), unless an activation's derivative needs x (then the transform
+    drops it after use, Grad.frozen)."""
+    return NULL if ps.frozen and ps.grad == GRAD_PLAIN else b
 
 
 cdef inline double center_of(const Pass* ps, const floating* a, Py_ssize_t offset,
@@ -220,14 +248,8 @@ cdef inline double center_of(const Pass* ps, const floating* a, Py_ssize_t offse
     """Channel c's center of the sums: its value a[offset] in the forward
     (a value of the data: the shift), its mean in the backward."""
     if ps.backward:
-        return (<const floating*>ps.mean)[c]
+        return (<const floating*>ps.mean)[c] if ps.mean != NULL else 0.0
     return a[offset]
-
-
-cdef enum:
-    ACT_NONE = 0
-    ACT_RELU = 1
-    ACT_LEAKY_RELU = 2
 
 
 ctypedef struct Act:
@@ -258,6 +280,50 @@ cdef inline float activated32(float v, int kind, float slope) noexcept nogil:
     if kind == ACT_NONE or not (v < 0.0):
         return v
     return 0.0 if kind == ACT_RELU else v * slope
+
+
+ctypedef struct Grad:
+    # A backward's inputs turned into the plain backward's, per channel, value
+    # by value, before the sums and before the apply:
+    #   GRAD_ACT:    dz = dy * act'(z), z = (x - center) * scale + offset, the
+    #                pre-activation recomputed from x (center = mean, scale =
+    #                gamma * invstd, offset = beta); x stays the second input.
+    #   GRAD_OUTPUT: the same dz, with z > 0 exactly where y > 0, and the
+    #                second input x - mean = (act^-1(y) - offset) * scale
+    #                (scale = 1 / (gamma * invstd), offset = beta): In-Place
+    #                Activated BatchNorm (Rota Bulo, Porzi & Kontschieder,
+    #                CVPR 2018), x never read.
+    # act'(z) is 1 for z > 0 and 0 (relu) or slope (leaky_relu, or 1 for no
+    # activation) otherwise, NaN included, as PyTorch's threshold_backward
+    # and leaky_relu_backward.
+    int kind
+    bint relu
+    bint frozen            # the apply maps dz alone (a frozen backward)
+    double slope, inv_slope
+    double center, scale, offset
+
+
+cdef inline Grad grad_of(const Pass* ps, Py_ssize_t c, const floating* like) noexcept nogil:
+    """Channel c's Grad (kind GRAD_PLAIN: nothing to do); ``like`` is any
+    array of the call, for its dtype."""
+    cdef Grad t
+    cdef const floating* gamma = <const floating*>ps.gamma
+    cdef const floating* beta = <const floating*>ps.beta
+    cdef double g = <double>gamma[c] if gamma != NULL else 1.0
+    cdef double istd = (<const floating*>ps.invstd)[c]
+    t.kind = ps.grad
+    t.relu = ps.act == ACT_RELU
+    t.frozen = ps.frozen
+    t.slope = ps.act_slope if ps.act == ACT_LEAKY_RELU else (0.0 if t.relu else 1.0)
+    t.inv_slope = 1.0 / t.slope if t.slope != 0.0 else 0.0
+    t.offset = <double>beta[c] if beta != NULL else 0.0
+    if ps.grad == GRAD_OUTPUT:
+        t.center = 0.0
+        t.scale = 1.0 / (g * istd)
+    else:
+        t.center = (<const floating*>ps.mean)[c] if ps.mean != NULL else 0.0
+        t.scale = g * istd
+    return t
 
 
 ctypedef struct Coef32:

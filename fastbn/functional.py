@@ -21,7 +21,12 @@ import numpy as np
 
 from fastbn import _checks, _dispatch, _running
 
-__all__ = ["batch_norm_forward", "batch_norm_inference", "batch_norm_backward"]
+__all__ = ["batch_norm_forward", "batch_norm_inference", "batch_norm_backward",
+           "batch_norm_backward_from_output"]
+
+# what a backward's second input is (GRAD_PLAIN, GRAD_ACT, GRAD_OUTPUT of
+# fastbn/_stats.pxd)
+_GRAD_PLAIN, _GRAD_ACT, _GRAD_OUTPUT = 0, 1, 2
 
 
 # --------------------------------------------------------------- output ----
@@ -225,8 +230,9 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
     return y
 
 
-def batch_norm_backward(dy, x, gamma, mean, invstd, *, training=True, param_grads=True,
-                        channel_axis=1, out=None, num_threads=None):
+def batch_norm_backward(dy, x, gamma, mean, invstd, *, beta=None, activation=None,
+                        negative_slope=0.01, training=True, param_grads=True, channel_axis=1,
+                        out=None, num_threads=None):
     """Gradients of Batch Normalization, fused in one pass over dy and x.
 
     With ``xhat = (x - mean) * invstd`` recomputed from x (never stored) and
@@ -249,6 +255,19 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, training=True, param_grad
     are not computed and the pass reads dy alone (2 x nbytes of traffic,
     as inference), for a frozen layer whose gamma and beta do not learn.
 
+    With an ``activation`` (the forward's fused one), dy is the gradient
+    with respect to the activated output ``act(z)``, ``z = gamma * xhat +
+    beta``. The pass recomputes z from x and uses, in place of dy::
+
+        dz = dy * act'(z),   act'(z) = 1 where z > 0, else 0 ("relu") or
+                             negative_slope ("leaky_relu")
+
+    (NaN z counts as not > 0, as PyTorch's ``threshold_backward`` and
+    ``leaky_relu_backward``), in the same pass: the result equals the plain
+    backward of dz to round-off. z is recomputed from the given mean and
+    invstd, so where the forward's z was within round-off of 0 the mask
+    may differ from ``y > 0``.
+
     The sums run in float64; dx is the same to the bit for any
     ``num_threads``.
 
@@ -264,12 +283,19 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, training=True, param_grad
     mean, invstd : ndarray, shape (C,), dtype of x
         As returned by :func:`batch_norm_forward` (training), or the
         running mean and ``1 / sqrt(running_var + eps)`` (``training=False``).
+    beta : ndarray, shape (C,), dtype of x, or None, keyword-only
+        The forward's shift, needed for the pre-activation z with an
+        ``activation``; None means 0. Ignored without an activation.
+    activation : {None, "relu", "leaky_relu"}, default None
+        The activation the forward fused (see :func:`batch_norm_forward`).
+    negative_slope : float, default 0.01
+        Slope of "leaky_relu" for z <= 0 (PyTorch's name and default).
     training : bool, default True
         False: mean and invstd are constants (eval mode, frozen statistics).
     param_grads : bool, default True
         False: return None for dgamma and dbeta; with ``training=False`` they
-        are then not computed and x is not read. (In training mode dx needs
-        the two sums anyway.)
+        are then not computed and x is not read (unless an activation needs
+        its mask). (In training mode dx needs the two sums anyway.)
     channel_axis : {1, -1}, default 1
     out : ndarray or None
         C-contiguous, writeable, x's shape and dtype, for dx. ``out=dy``
@@ -289,17 +315,20 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, training=True, param_grad
         (``out`` included), a number argument that is not a number.
     ValueError
         dy not shaped like x; per-channel arrays not of shape (C,); a bad
-        ``out`` shape or layout, ``channel_axis`` or ``num_threads``.
+        ``out`` shape or layout, ``channel_axis``, ``num_threads``,
+        ``activation`` or ``negative_slope``.
     """
     _checks.x("x", x)
     ca = _checks.channel_axis(channel_axis, x.ndim)
     num_features = x.shape[ca]
     nthreads, g, mu, istd = _checks.backward_args(dy, x, num_features, gamma, mean, invstd, out,
-                                                  num_threads, source="batch_norm_forward")
-
+                                                  num_threads, source="batch_norm_forward",
+                                                  beta=beta)
+    act, slope = _checks.activation(activation, negative_slope)
+    b = None if beta is None or not act else np.ascontiguousarray(beta)
     training = _checks.flag(training, "training")
     param_grads = _checks.flag(param_grads, "param_grads")
-    reads_x = training or param_grads
+    reads_x = training or param_grads or act != 0
 
     dyc = np.ascontiguousarray(dy)
     xc = np.ascontiguousarray(x) if reads_x else dyc  # not read: no copy of x
@@ -307,8 +336,114 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, training=True, param_grad
     dgamma = np.empty(num_features, dtype=x.dtype) if reads_x else None
     dbeta = np.empty(num_features, dtype=x.dtype) if reads_x else None
     kernel, view = _dispatch.kernel_for(x.shape, ca)
-    kernel.backward(dyc.reshape(view), xc.reshape(view), g, mu, istd, dx.reshape(view), dgamma,
-                    dbeta, not training, nthreads, out is not None)
+    kernel.backward(dyc.reshape(view), xc.reshape(view), g, b, mu, istd, dx.reshape(view),
+                    dgamma, dbeta, not training, _GRAD_ACT if act else _GRAD_PLAIN, act, slope,
+                    nthreads, out is not None)
     if not param_grads:
         return dx, None, None
+    return dx, dgamma, dbeta
+
+
+def batch_norm_backward_from_output(dy, y, gamma, beta, invstd, *, activation=None,
+                                    negative_slope=0.01, channel_axis=1, out=None,
+                                    num_threads=None):
+    """Gradients of training-mode Batch Normalization from its output y, without x.
+
+    In-Place Activated BatchNorm (Rota Bulò, Porzi & Kontschieder, "In-Place
+    Activated BatchNorm for Memory-Optimized Training of DNNs", CVPR 2018,
+    Section 3): the output ``y = act(z)``, ``z = gamma * xhat + beta``, is
+    inverted, so a net may drop x after the forward (or write y over it)::
+
+        z     = act^-1(y)    (y; "leaky_relu": y where y > 0, y / negative_slope
+                              elsewhere)
+        xhat  = (z - beta) / gamma
+        dz    = dy * act'(z) (dy; "leaky_relu": dy where y > 0, else
+                              dy * negative_slope)
+
+    and then the training backward of :func:`batch_norm_backward` with dz
+    and xhat, in one pass over dy and y::
+
+        dbeta[c]  = sum(dz[..c..])
+        dgamma[c] = sum(dz[..c..] * xhat[..c..])
+        dx[..c..] = gamma[c] * invstd[c] / m
+                    * (m * dz[..c..] - dbeta[c] - xhat[..c..] * dgamma[c])
+
+    Accuracy: y carries the rounding of the forward, about ``u * (|y| +
+    |beta|)`` with u the unit round-off of y's dtype; dividing by gamma
+    turns it into an error of about ``u * (|gamma * xhat| + |beta|) /
+    |gamma|`` in xhat. With |gamma| and |beta| of order 1 the result matches
+    :func:`batch_norm_backward` (from x) to about 1e-6 relative in float32;
+    as |gamma| shrinks relative to |beta| the error of dgamma and dx grows
+    like ``|beta| / |gamma|``; a channel with gamma == 0 cannot be inverted
+    and is refused.
+
+    Parameters
+    ----------
+    dy : ndarray
+        Gradient of the loss with respect to y; shape and dtype of y.
+    y : ndarray of float32 or float64
+        The output of :func:`batch_norm_forward` (training mode, the same
+        ``activation`` and ``negative_slope``), 2 to 5 dimensions.
+    gamma, beta : ndarray, shape (C,), dtype of y, or None
+        The forward's scale and shift; None means 1 and 0. gamma must have
+        no zero.
+    invstd : ndarray, shape (C,), dtype of y
+        As returned by :func:`batch_norm_forward`.
+    activation : {None, "leaky_relu"}, default None
+        The forward's fused activation; it must be invertible: "relu" is
+        refused.
+    negative_slope : float > 0, default 0.01
+        Slope of "leaky_relu" for z <= 0.
+    channel_axis : {1, -1}, default 1
+    out : ndarray or None
+        C-contiguous, writeable, y's shape and dtype, for dx. ``out=dy`` or
+        ``out=y`` computes in place; any other overlap is an error.
+    num_threads : int > 0 or None
+
+    Returns
+    -------
+    dx : ndarray, shape and dtype of y (``out`` when given)
+    dgamma, dbeta : ndarray, shape (C,), dtype of y
+
+    Raises
+    ------
+    TypeError
+        Non-ndarray or masked-array arguments, unsupported or mixed dtypes
+        (``out`` included), invstd None, a number argument that is not a
+        number.
+    ValueError
+        ``activation="relu"`` (not invertible), a ``negative_slope`` that is
+        not > 0 with "leaky_relu", a zero in gamma (the message names the
+        channels); dy not shaped like y; per-channel arrays not of shape
+        (C,); a bad ``out`` shape or layout, ``channel_axis`` or
+        ``num_threads``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.random.default_rng(0).standard_normal((8, 3, 4, 4)).astype(np.float32)
+    >>> gamma, beta = np.full(3, 1.5, np.float32), np.full(3, 0.5, np.float32)
+    >>> y, mean, invstd = fastbn.batch_norm_forward(x, gamma, beta, activation="leaky_relu")
+    >>> dy = np.ones_like(y)
+    >>> dx, dgamma, dbeta = fastbn.batch_norm_backward_from_output(
+    ...     dy, y, gamma, beta, invstd, activation="leaky_relu")
+    >>> ref = fastbn.batch_norm_backward(dy, x, gamma, mean, invstd, beta=beta,
+    ...                                  activation="leaky_relu")
+    >>> bool(np.allclose(dx, ref[0], atol=1e-5))
+    True
+    """
+    _checks.x("y", y)
+    ca = _checks.channel_axis(channel_axis, y.ndim)
+    num_features = y.shape[ca]
+    act, slope = _checks.activation(activation, negative_slope)
+    nthreads, g, b, istd = _checks.from_output_args(dy, y, num_features, gamma, beta, invstd,
+                                                    act, slope, out, num_threads)
+    dyc = np.ascontiguousarray(dy)
+    yc = np.ascontiguousarray(y)
+    dx = _output(out, dyc)
+    dgamma = np.empty(num_features, dtype=y.dtype)
+    dbeta = np.empty(num_features, dtype=y.dtype)
+    kernel, view = _dispatch.kernel_for(y.shape, ca)
+    kernel.backward(dyc.reshape(view), yc.reshape(view), g, b, None, istd, dx.reshape(view),
+                    dgamma, dbeta, False, _GRAD_OUTPUT, act, slope, nthreads, out is not None)
     return dx, dgamma, dbeta
