@@ -4,7 +4,7 @@
 layer class, :class:`fastbn.SyncBatchNorm` included) ``state_dict``,
 ``load_state_dict`` and the pickle protocol. The state is the learnable
 parameters and the running statistics under PyTorch's key names; the
-layer's options (eps, momentum, ...) are
+layer's options (eps, momentum, activation, memory_saving, ...) are
 configuration, pickled with the layer but never in a state dict, and the
 record a forward keeps for its backward (:mod:`fastbn._saved`) is neither.
 """
@@ -17,6 +17,11 @@ import types
 from fastbn import _checks
 
 __all__ = ["LayerState"]
+
+#: options added after layers were first pickled, with the value an older
+#: pickle stands for
+_OPTION_DEFAULTS = {"activation": None, "negative_slope": 0.01, "memory_saving": False}
+
 
 class LayerState:
     """``state_dict``, ``load_state_dict`` and pickling for the layer classes.
@@ -40,6 +45,10 @@ class LayerState:
 
     def state_dict(self):
         """The learnable parameters and running statistics under PyTorch's key names.
+
+        Options such as ``activation`` or ``memory_saving`` are not state:
+        they are not in it (a PyTorch layer's state loads into a fastbn
+        layer with any options, and back).
 
         Returns
         -------
@@ -99,4 +108,4 @@ class LayerState:
     def __setstate__(self, state):
         if isinstance(state.get("backend"), str):
             state["backend"] = importlib.import_module(state["backend"])
-        self.__dict__.update(state)
+        self.__dict__.update({**_OPTION_DEFAULTS, **state})

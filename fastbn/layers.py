@@ -3,11 +3,13 @@
 :class:`BatchNorm1d`, :class:`BatchNorm2d` and :class:`BatchNorm3d` (and the
 rank-agnostic :class:`BatchNorm`) hold the parameters, the running statistics
 and the train/eval switch of ``torch.nn.BatchNorm*d`` and do their arithmetic
-through the three public functions of :mod:`fastbn.functional` (or of any
-module with the same signatures, such as :mod:`fastbn.reference`, passed as
-``backend=``). The layer itself computes nothing of full size but the
-gradient of an eval-mode forward (see :meth:`BatchNorm.backward`). The state
-dict and pickling are :mod:`fastbn._layer_state`'s.
+through the public functions of :mod:`fastbn.functional` (or of any module
+with the same signatures, such as :mod:`fastbn.reference`, passed as
+``backend=``); the layer itself computes nothing of full size. A layer may
+fuse a ReLU or leaky ReLU into its output (``activation=``) and, in memory
+saving mode, keep its output instead of its input for the backward (In-Place
+ABN; what a forward keeps is :mod:`fastbn._saved`'s record). The state dict
+and pickling are :mod:`fastbn._layer_state`'s.
 
 The formulas are those of Ioffe & Szegedy (2015), "Batch Normalization:
 Accelerating Deep Network Training by Reducing Internal Covariate Shift",
@@ -18,27 +20,29 @@ new batch, the running variance takes the unbiased batch variance,
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 
 from fastbn import _checks
 from fastbn import folding as _folding
 from fastbn import functional as _functional
 from fastbn._layer_state import LayerState
+from fastbn._saved import Saved, gradients, running_invstd
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 _BACKEND_FUNCTIONS = ("batch_norm_forward", "batch_norm_inference", "batch_norm_backward")
+_FROM_OUTPUT = "batch_norm_backward_from_output"
 
 
-def _check_backend(backend):
-    """The backend module: fastbn.functional for None, else anything with its three functions."""
+def _check_backend(backend, memory_saving=False):
+    """The backend module: fastbn.functional for None, else anything with its
+    three functions (four with ``memory_saving``)."""
     if backend is None:
         return _functional
-    missing = [name for name in _BACKEND_FUNCTIONS if not callable(getattr(backend, name, None))]
+    needed = _BACKEND_FUNCTIONS + ((_FROM_OUTPUT,) if memory_saving else ())
+    missing = [name for name in needed if not callable(getattr(backend, name, None))]
     if missing:
-        raise TypeError(f"backend must provide {', '.join(_BACKEND_FUNCTIONS)} with the "
+        raise TypeError(f"backend must provide {', '.join(needed)} with the "
                         f"signatures of fastbn.functional (e.g. fastbn.functional or "
                         f"fastbn.reference), got {backend!r} without {', '.join(missing)}")
     return backend
@@ -55,20 +59,6 @@ def _parameter(attr, name, doc):
     return property(get, set, doc=doc)
 
 
-class Saved(NamedTuple):
-    """What a layer's forward leaves for its backward (no full-size copy)."""
-
-    #: the forward's input itself (a reference, not a copy)
-    x: np.ndarray
-    #: (C,) statistics x was normalized with (None for an empty slice)
-    mean: np.ndarray | None
-    invstd: np.ndarray | None
-    #: True: the batch's own statistics; False: the running ones (an affine map)
-    batch: bool
-    #: SyncBatchNorm: the statistics are those of the global batch
-    synced: bool = False
-
-
 class BatchNorm(LayerState):
     """Batch Normalization over the channel axis of 2-D to 5-D input.
 
@@ -77,11 +67,13 @@ class BatchNorm(LayerState):
     the running statistics (Ioffe & Szegedy 2015, arXiv:1502.03167,
     Algorithms 1 and 2)::
 
-        y = (x - mean) / sqrt(var + eps) * gamma + beta
+        y = act((x - mean) / sqrt(var + eps) * gamma + beta)
 
     where mean and the biased var are taken per channel over every other
-    axis. Semantics, defaults and ``state_dict`` keys are those of
-    ``torch.nn.BatchNorm2d``; :class:`BatchNorm1d`, :class:`BatchNorm2d` and
+    axis and act is the identity unless ``activation`` is given. Semantics,
+    defaults and ``state_dict`` keys are those of ``torch.nn.BatchNorm2d``
+    (with an activation: followed by ``torch.nn.ReLU`` or
+    ``torch.nn.LeakyReLU``); :class:`BatchNorm1d`, :class:`BatchNorm2d` and
     :class:`BatchNorm3d` differ from this class only in the number of
     dimensions they accept.
 
@@ -118,6 +110,34 @@ class BatchNorm(LayerState):
         ``batch_norm_backward`` with the signatures of
         :mod:`fastbn.functional`. None is :mod:`fastbn.functional`;
         :mod:`fastbn.reference` runs the same layer on the NumPy oracle.
+        With ``memory_saving`` it must provide
+        ``batch_norm_backward_from_output`` too.
+    activation : {None, "relu", "leaky_relu"}, keyword-only, default None
+        An activation fused into the output, computed in the same sweep
+        (:func:`fastbn.batch_norm_forward`, :func:`fastbn.batch_norm_inference`):
+        "relu" is ``max(z, 0)``, "leaky_relu" is z for z >= 0 and
+        ``negative_slope * z`` below, where ``z = (x - mean) * invstd *
+        gamma + beta``. :meth:`backward` then takes the gradient with respect
+        to the activated output and applies the activation's derivative in
+        its own pass (:func:`fastbn.batch_norm_backward` recomputes z from x).
+        Configuration, not state: it is not in :meth:`state_dict`.
+    negative_slope : float, keyword-only, default 0.01
+        The slope of "leaky_relu" below 0 (PyTorch's name and default);
+        finite. Not used by the other activations.
+    memory_saving : bool, keyword-only, default False
+        Keep the output instead of the input for :meth:`backward` when
+        normalizing with batch statistics (training mode, or eval mode
+        without running statistics): the idea of In-Place ABN (Rota Bulò,
+        Porzi & Kontschieder, CVPR 2018, arXiv:1712.02616). The output is
+        returned to the caller anyway, so the layer then holds no array of
+        its own: x can be freed as soon as the caller drops it, which saves
+        one input-sized array per layer between a forward and its backward.
+        The backward inverts the activation and the affine map on y,
+        ``xhat = (act^-1(y) - beta) / gamma``, and applies
+        :func:`fastbn.batch_norm_backward_from_output`. It needs an
+        invertible activation: None, or "leaky_relu" with
+        ``negative_slope > 0``. Eval mode with running statistics keeps x,
+        as without it. See the Notes for what the caller must not do.
 
     Attributes
     ----------
@@ -139,14 +159,24 @@ class BatchNorm(LayerState):
         True after :meth:`train` (the initial state), False after
         :meth:`eval`.
 
+    activation, negative_slope, memory_saving
+        As given (negative_slope as a float); configuration, changed only
+        by building another layer.
+
     Raises
     ------
     TypeError
         A non-integer ``num_features``, a ``dtype`` other than float32 or
-        float64, or a ``backend`` without the three functions.
+        float64, an ``activation`` that is not None or a string, a
+        ``negative_slope`` that is not a real number, an ``unbiased`` or
+        ``memory_saving`` that is not a bool, or a ``backend`` without the
+        functions the layer calls.
     ValueError
         ``num_features`` < 1, a bad ``eps``, ``momentum``, ``channel_axis``
-        or ``num_threads``.
+        or ``num_threads``; an ``activation`` other than None, "relu" and
+        "leaky_relu"; a non-finite ``negative_slope``; ``memory_saving``
+        with "relu", or with "leaky_relu" and ``negative_slope <= 0`` (the
+        output does not determine the input).
 
     See Also
     --------
@@ -158,6 +188,22 @@ class BatchNorm(LayerState):
     The layer keeps a reference to the last input (not a copy) for
     :meth:`backward`: modifying that array in place between the forward and
     the backward changes the gradient.
+
+    With ``memory_saving`` and batch statistics it keeps a reference to the
+    last output y instead, the very array the forward returned. The caller
+    must not modify y in place between the forward and the backward (no
+    ``y += residual``, no in-place activation after the layer): the backward
+    would read the modified values and return a wrong gradient, without an
+    error. It inverts the map ``x -> y`` on each channel, so a channel whose
+    ``gamma`` is 0 (its output is the constant ``act(beta)``, which says
+    nothing of x) makes :meth:`backward` raise ``ValueError`` naming the
+    channels; initialize gamma away from 0, or use the default mode. The
+    gamma and beta y was made with are copied at the forward (C values
+    each), so an optimizer step between the forward and the backward does
+    not corrupt the inversion. The gradients equal the default mode's to
+    round-off: y is rounded to the layer's dtype before it is inverted,
+    which costs about 1e-6 relative in float32 with ``|gamma|`` and
+    ``|beta|`` of order 1, growing like ``|beta| / |gamma|``.
 
     Examples
     --------
@@ -178,7 +224,8 @@ class BatchNorm(LayerState):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, dtype=np.float32, channel_axis=1,
-                 num_threads=None, *, unbiased=True, backend=None):
+                 num_threads=None, *, unbiased=True, backend=None, activation=None,
+                 negative_slope=0.01, memory_saving=False):
         who = type(self).__name__
         # The functions check eps, momentum and num_threads again at every call;
         # checking them here makes a bad layer fail at construction.
@@ -198,7 +245,11 @@ class BatchNorm(LayerState):
         self.channel_axis = channel_axis
         self.num_threads = num_threads
         self.unbiased = _checks.flag(unbiased, "unbiased", who=who)
-        self.backend = _check_backend(backend)
+        _, self.negative_slope = _checks.activation(activation, negative_slope, who=who)
+        self.activation = activation
+        self.memory_saving = _checks.memory_saving(memory_saving, activation,
+                                                   self.negative_slope, who=who)
+        self.backend = _check_backend(backend, self.memory_saving)
         self.training = True
 
         c = self.num_features
@@ -290,24 +341,29 @@ class BatchNorm(LayerState):
                             ndims=self._ndims, expected=self._expected)
 
     def forward(self, x):
-        """Normalize x; in training mode also update the running statistics.
+        """Normalize x and apply the activation; in training mode update the running statistics.
 
         Training mode, or eval mode without running statistics: normalize
         with the batch statistics (:func:`fastbn.batch_norm_forward`); in
         training mode with ``track_running_stats`` the running statistics are
         updated in place and ``num_batches_tracked`` is incremented. Eval
         mode with running statistics: :func:`fastbn.batch_norm_inference`.
+        The layer's ``activation`` is fused into either.
 
         Parameters
         ----------
         x : ndarray, the layer's dtype
             (N, C, ...) with ``channel_axis=1``, (N, ..., C) with
             ``channel_axis=-1``; the number of dimensions the class accepts.
-            A reference to it (not a copy) is kept for :meth:`backward`.
+            A reference to it (not a copy) is kept for :meth:`backward`,
+            except with ``memory_saving`` and batch statistics.
 
         Returns
         -------
         y : ndarray, shape and dtype of x
+            A new array. With ``memory_saving`` and batch statistics the
+            layer keeps a reference to it for :meth:`backward`: do not
+            modify it in place before then.
 
         Raises
         ------
@@ -321,6 +377,9 @@ class BatchNorm(LayerState):
         self._check_input(x)
         f = self.backend
         common = dict(channel_axis=self.channel_axis, num_threads=self.num_threads)
+        act = dict(activation=self.activation, negative_slope=self.negative_slope)
+        if self.activation is not None:  # a backend without the keywords serves the rest
+            common.update(act)
         if self.training or not self.track_running_stats:
             tracking = self.training and self.track_running_stats
             y, mean, invstd = f.batch_norm_forward(
@@ -330,15 +389,19 @@ class BatchNorm(LayerState):
                 momentum=self.momentum, unbiased=self.unbiased,
                 num_batches_tracked=self.num_batches_tracked if tracking else None,
                 **common)
-            self._saved = Saved(x, mean, invstd, batch=True)
+            if self.memory_saving:  # y instead of x, with the gamma and beta y holds
+                self._saved = Saved(None, mean, invstd, batch=True, y=y,
+                                    gamma=None if self._gamma is None else self._gamma.copy(),
+                                    beta=None if self._beta is None else self._beta.copy(),
+                                    **act)
+            else:
+                self._saved = Saved(x, mean, invstd, batch=True, **act)
         else:
             y = f.batch_norm_inference(x, self._gamma, self._beta, self.running_mean,
                                        self.running_var, eps=self.eps, **common)
-            invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-            # saturated as the kernels saturate a batch's invstd (no inf, no 0 * inf)
-            invstd = np.minimum(invstd, np.finfo(self.dtype).max)
-            self._saved = Saved(x, self.running_mean.copy(), invstd.astype(self.dtype),
-                                batch=False)
+            self._saved = Saved(x, self.running_mean.copy(),
+                                running_invstd(self.running_var, self.eps, self.dtype),
+                                batch=False, **act)
         return y
 
     __call__ = forward
@@ -346,27 +409,40 @@ class BatchNorm(LayerState):
     def backward(self, dy):
         """Gradient with respect to the input of the last forward; stores dgamma, dbeta.
 
+        dy is the gradient with respect to the layer's output, the activated
+        one with an ``activation``; with ``z = gamma * xhat + beta`` the
+        output before the activation, the backward first takes the gradient
+        with respect to z, ``dz = dy * act'(z)`` (1 without an activation;
+        for ReLU 1 where z > 0 and 0 elsewhere; for leaky ReLU 1 where z >
+        0 and ``negative_slope`` elsewhere), in the same pass as the rest.
+
         After a forward with batch statistics (training mode, or eval mode
         without running statistics) this is the Batch Normalization backward
         of :func:`fastbn.batch_norm_backward`, with m values per channel and
         ``xhat = (x - mean) * invstd``::
 
-            dbeta  = sum(dy)
-            dgamma = sum(dy * xhat)
-            dx     = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)
+            dbeta  = sum(dz)
+            dgamma = sum(dz * xhat)
+            dx     = gamma * invstd / m * (m * dz - dbeta - xhat * dgamma)
+
+        With ``memory_saving`` the same gradients come from the output y
+        instead of x (:func:`fastbn.batch_norm_backward_from_output`, In-Place
+        ABN, Rota Bulò et al. 2018, arXiv:1712.02616): ``xhat = (act^-1(y) -
+        beta) / gamma`` with the gamma and beta of that forward, and act'
+        read from the sign of y.
 
         After an eval-mode forward with running statistics the normalization
         is a fixed affine map, and with ``invstd = 1 / sqrt(running_var +
         eps)`` and ``xhat = (x - running_mean) * invstd``::
 
-            dbeta  = sum(dy)
-            dgamma = sum(dy * xhat)
-            dx     = dy * gamma * invstd
+            dbeta  = sum(dz)
+            dgamma = sum(dz * xhat)
+            dx     = dz * gamma * invstd
 
         using the running statistics as they were at that forward: one
         kernel pass, :func:`fastbn.batch_norm_backward` with
-        ``training=False`` (without ``affine``, dgamma and dbeta are not
-        computed and only dy is read).
+        ``training=False`` (without ``affine`` dgamma and dbeta are not
+        computed, and without an activation too only dy is read).
 
         Parameters
         ----------
@@ -385,21 +461,21 @@ class BatchNorm(LayerState):
         TypeError
             dy not an ndarray, or of another dtype than x.
         ValueError
-            dy not shaped like the last forward's input.
+            dy not shaped like the last forward's input; with
+            ``memory_saving``, a channel whose gamma was 0 at the forward
+            (the message names the channels). Nothing is stored then.
         """
         who = f"{type(self).__name__}.backward"
-        if self._saved is None:
+        saved = self._saved
+        if saved is None:
             raise RuntimeError(f"{who} called before forward: there is no input to take the "
                                f"gradient at")
-        x, mean, invstd, batch = (self._saved.x, self._saved.mean, self._saved.invstd,
-                                  self._saved.batch)
-        _checks.like("dy", dy, x, who=who)
-        f = self.backend
-        common = dict(channel_axis=self.channel_axis, num_threads=self.num_threads)
+        _checks.like("dy", dy, saved.array, who=who)
+        _checks.saved_gamma(saved.gamma, who=who)
         # after an eval-mode forward the running statistics are constants
-        dx, dgamma, dbeta = f.batch_norm_backward(dy, x, self._gamma, mean, invstd,
-                                                  training=batch, param_grads=self.affine,
-                                                  **common)
+        dx, dgamma, dbeta = gradients(self.backend, saved, dy, self._gamma, self._beta,
+                                      param_grads=self.affine, channel_axis=self.channel_axis,
+                                      num_threads=self.num_threads)
         if self.affine:
             self.dgamma, self.dbeta = dgamma, dbeta
         return dx
@@ -412,7 +488,9 @@ class BatchNorm(LayerState):
         :func:`fastbn.fold_batch_norm` with this layer's ``running_mean``,
         ``running_var``, ``gamma``, ``beta`` and ``eps``: the layer with the
         returned weight and bias gives, alone, what it followed by this
-        layer in eval mode gives (the layer's mode does not matter).
+        layer in eval mode gives (the layer's mode does not matter). A
+        layer's ``activation`` is not folded: apply it after the folded
+        layer.
 
         Parameters
         ----------
@@ -471,6 +549,12 @@ class BatchNorm(LayerState):
             extra += f", channel_axis={self.channel_axis}"
         if not self.unbiased:
             extra += ", unbiased=False"
+        if self.activation is not None:
+            extra += f", activation={self.activation!r}"
+        if self.negative_slope != 0.01:
+            extra += f", negative_slope={self.negative_slope:g}"
+        if self.memory_saving:
+            extra += ", memory_saving=True"
         if self.backend is not _functional:
             extra += f", backend={getattr(self.backend, '__name__', self.backend)!s}"
         return (f"{type(self).__name__}({self.num_features}, eps={self.eps:g}, "

@@ -7,12 +7,13 @@ import numpy as np
 from fastbn import _checks
 from fastbn.distributed._mpi import _import_mpi, mpi_allreduce
 from fastbn.distributed._passes import _check_allreduce, backward, forward
-from fastbn.layers import BatchNorm, Saved
+from fastbn._saved import Saved
+from fastbn.layers import BatchNorm
 
 __all__ = ["SyncBatchNorm"]
 
 _SETTINGS = ("num_features", "dtype", "channel_axis", "eps", "momentum", "affine",
-             "track_running_stats", "unbiased")
+             "track_running_stats", "unbiased", "activation", "negative_slope", "memory_saving")
 
 
 class SyncBatchNorm(BatchNorm):
@@ -43,6 +44,13 @@ class SyncBatchNorm(BatchNorm):
     eps, momentum, affine, track_running_stats, dtype, channel_axis, num_threads, unbiased
         As in :class:`fastbn.layers.BatchNorm`; the same on every rank
         (checked at construction).
+    activation, negative_slope, memory_saving : keyword-only
+        Accepted for the signature of :class:`fastbn.layers.BatchNorm`,
+        but only their defaults (None, any slope, False) work yet: the
+        synchronized passes do not fuse an activation nor take the
+        gradient from the output, and any other value raises
+        ``ValueError`` at construction (on every rank). Apply an
+        activation after the layer instead.
     comm : mpi4py.MPI.Intracomm or None, keyword-only
         The processes to synchronize over; None is ``MPI.COMM_WORLD``. Any
         intracommunicator works (``comm.Split`` for groups of ranks). Or an
@@ -72,7 +80,10 @@ class SyncBatchNorm(BatchNorm):
         As :class:`fastbn.layers.BatchNorm`; ``comm`` not a communicator;
         both ``comm`` and ``allreduce``. ``ValueError`` on every rank when
         the ranks construct the layer with different settings (num_features,
-        dtype, channel_axis, eps, momentum, affine, track_running_stats).
+        dtype, channel_axis, eps, momentum, affine, track_running_stats,
+        unbiased, activation, negative_slope, memory_saving), or with an
+        ``activation`` or ``memory_saving=True``, which it does not support
+        yet.
 
     Notes
     -----
@@ -105,9 +116,11 @@ class SyncBatchNorm(BatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, dtype=np.float32, channel_axis=1,
-                 num_threads=None, *, unbiased=True, comm=None, allreduce=None):
+                 num_threads=None, *, unbiased=True, activation=None, negative_slope=0.01,
+                 memory_saving=False, comm=None, allreduce=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype,
-                         channel_axis, num_threads, unbiased=unbiased)
+                         channel_axis, num_threads, unbiased=unbiased, activation=activation,
+                         negative_slope=negative_slope, memory_saving=memory_saving)
         cls = type(self).__name__
         if allreduce is not None:
             if comm is not None:
@@ -121,6 +134,14 @@ class SyncBatchNorm(BatchNorm):
             self._allreduce = mpi_allreduce(comm)
             self.comm = comm
             self._agree()
+        # after the agreement, so that every rank raises (none waits in a collective)
+        if self.activation is not None or self.memory_saving:
+            option = (f"activation={self.activation!r}" if self.activation is not None
+                      else "memory_saving=True")
+            raise ValueError(f"{cls}: {option} is not supported yet (the synchronized passes "
+                             f"neither fuse an activation nor take the gradient from the "
+                             f"output); build it with the defaults and apply the activation "
+                             f"after the layer")
 
     def _agree(self):
         """Every rank built the layer with the same settings (one allgather)."""
@@ -171,7 +192,9 @@ class SyncBatchNorm(BatchNorm):
                             f"{type(layer).__name__}")
         new = cls(layer.num_features, layer.eps, layer.momentum, layer.affine,
                   layer.track_running_stats, layer.dtype, layer.channel_axis,
-                  layer.num_threads, unbiased=layer.unbiased, comm=comm, allreduce=allreduce)
+                  layer.num_threads, unbiased=layer.unbiased, activation=layer.activation,
+                  negative_slope=layer.negative_slope, memory_saving=layer.memory_saving,
+                  comm=comm, allreduce=allreduce)
         new._share_arrays(layer)
         return new
 
