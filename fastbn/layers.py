@@ -158,10 +158,8 @@ class BatchNorm(LayerState):
     training : bool
         True after :meth:`train` (the initial state), False after
         :meth:`eval`.
-
     activation, negative_slope, memory_saving
-        As given (negative_slope as a float); configuration, changed only
-        by building another layer.
+        As given (negative_slope as a float): configuration, not state.
 
     Raises
     ------
