@@ -150,10 +150,22 @@ cdef inline Maps maps_from(const Maps* k, Py_ssize_t c) noexcept nogil:
     return s
 
 
-cdef inline void store_grad(const Maps* k, Py_ssize_t c, Grad t) noexcept nogil:
-    k.grad_center[c] = t.center
-    k.grad_scale[c] = t.scale
-    k.grad_offset[c] = t.offset
+cdef inline void transform(Grid* g, const Pass* ps, char* maps,
+                           const floating* like) noexcept nogil:
+    """Set the backward's transform of ps (fastbn._stats.Grad): its kind and
+    slopes in g, its columns' coefficients in the maps at ``maps``
+    (nothing for GRAD_PLAIN)."""
+    cdef Maps k = maps_in(maps, g.C)
+    cdef Grad t
+    cdef Py_ssize_t c
+    if ps.grad == GRAD_PLAIN:
+        return
+    g.grad = grad_of(ps, 0, like)
+    for c in range(g.C):
+        t = grad_of(ps, c, like)
+        k.grad_center[c] = t.center
+        k.grad_scale[c] = t.scale
+        k.grad_offset[c] = t.offset
 
 
 # ---------------------------------------------------------------- rows ----
@@ -596,28 +608,22 @@ def backward(const floating[:, ::1] dy, const floating[:, ::1] x,
     cdef Pass ps = backward_pass(<double>g.M, frozen, cptr(gamma), cptr(beta), cptr(mean),
                                  &invstd[0], wptr(dgamma), wptr(dbeta), grad, activation,
                                  negative_slope)
-    cdef Maps k = maps_in(maps_at(wp, &g), g.C)
     cdef const floating* mp = cptr(mean)
     cdef Py_ssize_t c
-    if grad != GRAD_PLAIN:
-        g.grad = grad_of(&ps, 0, dyp)
     with nogil:
         for c in range(g.C):
             center[c] = mp[c] if mp != NULL else 0.0
-            if grad != GRAD_PLAIN:
-                store_grad(&k, c, grad_of(&ps, c, dyp))
+        transform(&g, &ps, maps_at(wp, &g), dyp)
         run_pass(dyp, xp, dxp, &g, &ps, wp, nt)
 
 
 def sums(const floating[:, ::1] a, const floating[:, ::1] b, const double[::1] center,
-         double[:, ::1] out, int num_threads):
-    """Per-column sums of an (M, C) view into out (C, 2), in double.
-
-    b None: ``sum(a - center)`` and ``sum((a - center)**2)``; otherwise
-    ``sum(a)`` and ``sum(a * (b - center))`` (a = dy, b = x). The first
-    half of each pass, for a reduction across processes in between; the
-    same sums, to the bit, as the fused kernels take.
-    """
+         double[:, ::1] out, int num_threads, int grad=GRAD_PLAIN, int activation=ACT_NONE,
+         double negative_slope=0.0, const floating[::1] gamma=None,
+         const floating[::1] beta=None, const floating[::1] mean=None,
+         const floating[::1] invstd=None):
+    """Per-column sums of an (M, C) view into out (C, 2), in double; see the
+    planar sums (the same arguments)."""
     cdef Grid g = make_grid(a.shape[0], a.shape[1],
                             sizeof(floating) if b is None else 2 * sizeof(floating), False)
     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
@@ -627,10 +633,14 @@ def sums(const floating[:, ::1] a, const floating[:, ::1] b, const double[::1] c
     cdef double* cp = centers(wp, &g)
     cdef const floating* ap = &a[0, 0]
     cdef const floating* bp = cptr2(b)
+    cdef Pass ps = backward_pass(0.0, False, cptr(gamma), cptr(beta), cptr(mean), cptr(invstd),
+                                 <floating*>NULL, <floating*>NULL, grad, activation,
+                                 negative_slope)
     cdef Py_ssize_t c
     with nogil:
         for c in range(g.C):
             cp[c] = center[c]
+        transform(&g, &ps, maps_at(wp, &g), ap)
         run_pass(ap, bp, NULL, &g, NULL, wp, nt)
         for c in range(g.C):
             out[c, 0] = total[c]
@@ -638,11 +648,12 @@ def sums(const floating[:, ::1] a, const floating[:, ::1] b, const double[::1] c
 
 
 def apply(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] out,
-          const double[:, ::1] coef, int num_threads, bint stream):
+          const double[:, ::1] coef, int activation, double negative_slope, int num_threads,
+          bint stream, int grad=GRAD_PLAIN, const floating[::1] gamma=None,
+          const floating[::1] beta=None, const floating[::1] mean=None,
+          const floating[::1] invstd=None):
     """The second half of each pass on an (M, C) view, with the per-column
-    map coef (C, 4) = (center, scale, slope, offset), see fastbn._stats.Coef:
-    b None: out = (a - center) * scale + offset; otherwise
-    out = scale * a - slope * (b - center) - offset (a = dy, b = x)."""
+    map coef (C, 4); see the planar apply (the same arguments)."""
     cdef const floating* ap = &a[0, 0]
     cdef const floating* bp = cptr2(b)
     cdef floating* op = &out[0, 0]
@@ -653,8 +664,13 @@ def apply(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] o
     cdef array mem = workspace(g.C, MAPS_BYTES)
     cdef Maps k = maps_in(mem.data, g.C)
     cdef const Coef* maps = <const Coef*>&coef[0, 0]
+    cdef Pass ps = backward_pass(0.0, False, cptr(gamma), cptr(beta), cptr(mean), cptr(invstd),
+                                 <floating*>NULL, <floating*>NULL, grad, activation,
+                                 negative_slope)
     cdef Py_ssize_t c, blk
+    g.act = make_act(activation, negative_slope)
     with nogil:
+        transform(&g, &ps, mem.data, ap)
         for c in range(g.C):
             store_map(&k, c, maps[c])
         for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):

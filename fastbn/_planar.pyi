@@ -63,13 +63,27 @@ def sums(
     center: npt.NDArray[np.float64],  # const double[::1], (C,)
     out: npt.NDArray[np.float64],  # double[:, ::1], (C, 2), written
     num_threads: int,
+    grad: int = ...,  # as backward's; then the arrays below as backward's
+    activation: int = ...,
+    negative_slope: float = ...,
+    gamma: _Array | None = ...,
+    beta: _Array | None = ...,
+    mean: _Array | None = ...,
+    invstd: _Array | None = ...,
 ) -> None: ...
 def apply(
     a: _Array,  # const floating[:, :, ::1] (planar), [:, ::1] (columnar)
     b: _Array | None,  # like a, or None
     out: _Array,  # like a, written; may be a
     coef: npt.NDArray[np.float64],  # const double[:, ::1], (C, 4)
+    activation: int,  # fused into a forward's apply (b None)
+    negative_slope: float,
     num_threads: int,
     stream: bool,  # y (dx, out) is the caller's buffer: stream it when large
+    grad: int = ...,  # as sums
+    gamma: _Array | None = ...,
+    beta: _Array | None = ...,
+    mean: _Array | None = ...,
+    invstd: _Array | None = ...,
 ) -> None: ...
 def compile_args() -> str: ...

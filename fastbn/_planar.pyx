@@ -419,16 +419,16 @@ cdef Coef merged_map(const double* part, const Plane* p, Py_ssize_t c, const Pas
 
 
 cdef void unit_sums(const floating* a, const floating* b, const Plane* p, const Pass* ps,
-                    Py_ssize_t u, double* part) noexcept nogil:
-    """block_sums of unit u = (channel, block) of the table schedule into
-    part[2u], part[2u + 1] (the channel's Grad is a local: private to the
-    thread)."""
+                    Py_ssize_t u, double center, double* part) noexcept nogil:
+    """block_sums of unit u = (channel, block) of the table schedule around
+    center into part[2u], part[2u + 1] (the channel's Grad is a local:
+    private to the thread)."""
     cdef Py_ssize_t c = u // p.nblocks
     cdef Grad t
     if ps.grad != GRAD_PLAIN:
         t = grad_of(ps, c, a)
-    block_sums(a, b, p, c, u % p.nblocks, center_of(ps, a, c * p.S, c),
-               NULL if ps.grad == GRAD_PLAIN else &t, &part[2 * u], &part[2 * u + 1])
+    block_sums(a, b, p, c, u % p.nblocks, center, NULL if ps.grad == GRAD_PLAIN else &t,
+               &part[2 * u], &part[2 * u + 1])
 
 
 cdef void unit_apply(const floating* a, const floating* b, floating* out, const Plane* p,
@@ -460,7 +460,7 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Pl
         return
     with parallel(num_threads=nt):
         for u in prange(nsum, schedule="dynamic"):
-            unit_sums(a, b, p, ps, u, part)
+            unit_sums(a, b, p, ps, u, center_of(ps, a, (u // nb) * p.S, u // nb), part)
         barrier()
         for c in prange(p.C, schedule="dynamic"):
             coef[c] = merged_map(part, p, c, ps, a)
@@ -569,13 +569,18 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
 
 
 def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[::1] center,
-         double[:, ::1] out, int num_threads):
+         double[:, ::1] out, int num_threads, int grad=GRAD_PLAIN, int activation=ACT_NONE,
+         double negative_slope=0.0, const floating[::1] gamma=None,
+         const floating[::1] beta=None, const floating[::1] mean=None,
+         const floating[::1] invstd=None):
     """Per-channel sums of an (N, C, S) view into out (C, 2), in double.
 
     b None: ``sum(a - center)`` and ``sum((a - center)**2)``; otherwise
-    ``sum(a)`` and ``sum(a * (b - center))`` (a = dy, b = x). The first
-    half of each pass, for a reduction across processes in between; the
-    same sums, to the bit, as the fused kernels take.
+    ``sum(a)`` and ``sum(a * (b - center))`` (a = dy, b = x), of the inputs
+    ``grad`` turns (a, b) into (see backward: GRAD_ACT or GRAD_OUTPUT, with
+    gamma, beta, mean and invstd). The first half of each pass, for a
+    reduction across processes in between; the same sums, to the bit, as
+    the fused kernels take.
     """
     cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2], False)
     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
@@ -585,21 +590,28 @@ def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[
     cdef Py_ssize_t c, u
     cdef array mem = workspace(2 * nu, sizeof(double))
     cdef double* part = <double*>mem.data
+    cdef Pass ps = backward_pass(0.0, False, cptr(gamma), cptr(beta), cptr(mean), cptr(invstd),
+                                 <floating*>NULL, <floating*>NULL, grad, activation,
+                                 negative_slope)
     with nogil, parallel(num_threads=nt):
         for u in prange(nu, schedule="dynamic"):
-            block_sums(ap, bp, &p, u // nb, u % nb, center[u // nb], NULL,
-                       &part[2 * u], &part[2 * u + 1])
+            unit_sums(ap, bp, &p, &ps, u, center[u // nb], part)
         barrier()
         for c in prange(p.C, schedule="dynamic"):
             merge_blocks(part, &p, c, &out[c, 0], &out[c, 1])
 
 
 def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, :, ::1] out,
-          const double[:, ::1] coef, int num_threads, bint stream):
+          const double[:, ::1] coef, int activation, double negative_slope, int num_threads,
+          bint stream, int grad=GRAD_PLAIN, const floating[::1] gamma=None,
+          const floating[::1] beta=None, const floating[::1] mean=None,
+          const floating[::1] invstd=None):
     """The second half of each pass on an (N, C, S) view, with the per-channel
     map coef (C, 4) = (center, scale, slope, offset), see fastbn._stats.Coef:
-    b None: out = (a - center) * scale + offset; otherwise
-    out = scale * a - slope * (b - center) - offset (a = dy, b = x)."""
+    b None: out = act((a - center) * scale + offset) (the activation fused
+    into a forward); otherwise out = scale * a - slope * (b - center) -
+    offset (a = dy, b = x), of the inputs ``grad`` turns (a, b) into (see
+    sums; ``activation`` is then the one whose derivative it applies)."""
     cdef const floating* ap = &a[0, 0, 0]
     cdef const floating* bp = cptr3(b)
     cdef floating* op = &out[0, 0, 0]
@@ -610,9 +622,13 @@ def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, 
     cdef int nt = threads_for(size, nu, num_threads)
     cdef const Coef* k = <const Coef*>&coef[0, 0]
     cdef Py_ssize_t u
+    cdef Pass ps = backward_pass(0.0, False, cptr(gamma), cptr(beta), cptr(mean), cptr(invstd),
+                                 <floating*>NULL, <floating*>NULL, grad, activation,
+                                 negative_slope)
+    p.act = make_act(activation, negative_slope)
     with nogil:
         for u in prange(nu, num_threads=nt, schedule="dynamic"):
-            block_apply(ap, bp, op, &p, u // nb, u % nb, &k[u // nb], NULL)
+            unit_apply(ap, bp, op, &p, &ps, u, k)
 
 
 def compile_args():

@@ -34,7 +34,7 @@ from helpers import assert_bitwise_equal
 import fastbn
 from fastbn.distributed import (TAG_CONFLICT, TAG_FIRST, TAG_RANGE, TAG_STATS, TAG_SUM,
                                 SyncBatchNorm, merge_records, sync_batch_norm_backward,
-                                sync_batch_norm_forward)
+                                sync_batch_norm_backward_from_output, sync_batch_norm_forward)
 from fastbn.layers import BatchNorm, BatchNorm2d
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -219,31 +219,45 @@ def test_merge_rules_of_the_header_tags():
 
 # ------------------------------------------------------- functional, exact ----
 
-def sync_step(x, dy, gamma, beta, C, ca, bounds, order="sequential", **kwargs):
-    """Forward and backward of every rank's slice.
+def sync_step(x, dy, gamma, beta, C, ca, bounds, order="sequential", activation=None,
+              from_output=False, **kwargs):
+    """Forward and backward of every rank's slice (with a fused activation,
+    and from the output when ``from_output``).
 
     Per rank: (y, mean, invstd, dx, dgamma, dbeta, running_mean, running_var).
     """
+    act = dict(activation=activation, negative_slope=0.2)
+
     def work(rank, allreduce):
         part = slice(bounds[rank], bounds[rank + 1])
         rm = np.zeros(C, x.dtype)
         rv = np.ones(C, x.dtype)
+        common = dict(allreduce=allreduce, num_features=C, channel_axis=ca, num_threads=1)
         y, mean, invstd = sync_batch_norm_forward(
-            x[part], gamma, beta, allreduce=allreduce, num_features=C, running_mean=rm,
-            running_var=rv, channel_axis=ca, num_threads=1, **kwargs)
-        dx, dgamma, dbeta = sync_batch_norm_backward(
-            dy[part], x[part], gamma, mean, invstd, allreduce=allreduce, num_features=C,
-            channel_axis=ca, num_threads=1)
+            x[part], gamma, beta, running_mean=rm, running_var=rv, **act, **common, **kwargs)
+        if from_output:
+            dx, dgamma, dbeta = sync_batch_norm_backward_from_output(
+                dy[part], y, gamma, beta, invstd, **act, **common)
+        else:
+            dx, dgamma, dbeta = sync_batch_norm_backward(
+                dy[part], x[part], gamma, mean, invstd, beta=beta, **act, **common)
         return y, mean, invstd, dx, dgamma, dbeta, rm, rv
     return run_ranks(len(bounds) - 1, work, order=order)
 
 
-def single_step(x, dy, gamma, beta, C, ca, **kwargs):
+def single_step(x, dy, gamma, beta, C, ca, activation=None, from_output=False, **kwargs):
+    act = dict(activation=activation, negative_slope=0.2)
     rm = np.zeros(C, x.dtype)
     rv = np.ones(C, x.dtype)
     y, mean, invstd = fastbn.batch_norm_forward(x, gamma, beta, running_mean=rm,
-                                                running_var=rv, channel_axis=ca, **kwargs)
-    dx, dgamma, dbeta = fastbn.batch_norm_backward(dy, x, gamma, mean, invstd, channel_axis=ca)
+                                                running_var=rv, channel_axis=ca, **act,
+                                                **kwargs)
+    if from_output:
+        dx, dgamma, dbeta = fastbn.batch_norm_backward_from_output(dy, y, gamma, beta, invstd,
+                                                                   channel_axis=ca, **act)
+    else:
+        dx, dgamma, dbeta = fastbn.batch_norm_backward(dy, x, gamma, mean, invstd, beta=beta,
+                                                       channel_axis=ca, **act)
     return y, mean, invstd, dx, dgamma, dbeta, rm, rv
 
 
@@ -306,6 +320,61 @@ def test_uneven_slices_give_the_single_process_result(size, layout, dtype, order
         for r in results[1:]:  # the same bits on every rank
             assert_bitwise_equal(r[i], results[0][i], NAMES[i])
     assert group.calls == 2  # one reduction forward, one backward
+
+
+MODES = {"relu": dict(activation="relu"), "leaky_relu": dict(activation="leaky_relu"),
+         "from-output": dict(from_output=True),
+         "from-output leaky_relu": dict(activation="leaky_relu", from_output=True)}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", MODES)
+def test_activation_and_from_output_on_one_rank_are_the_single_process_bits(mode, layout,
+                                                                             dtype):
+    shape, ca = LAYOUTS[layout]
+    x, dy, gamma, beta, C = global_batch(shape, ca, dtype, offset=0.0)
+    (ours,), group = sync_step(x, dy, gamma, beta, C, ca, [0, shape[0]], **MODES[mode])
+    expected = single_step(x, dy, gamma, beta, C, ca, **MODES[mode])
+    for name, a, e in zip(NAMES, values([ours])[0], expected):
+        assert_bitwise_equal(a, e, f"{name} ({mode})")
+    assert group.calls == 2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", MODES)
+def test_activation_and_from_output_across_ranks(mode, layout, dtype):
+    """Three uneven ranks (one empty) give the single-process result of the
+    same mode, and the same parameter gradients on every rank."""
+    shape, ca = LAYOUTS[layout]
+    x, dy, gamma, beta, C = global_batch(shape, ca, dtype, seed=7, offset=0.0)
+    bounds = np.cumsum([0] + SPLITS[3])
+    results = values(sync_step(x, dy, gamma, beta, C, ca, bounds, **MODES[mode])[0])
+    expected = single_step(x, dy, gamma, beta, C, ca, **MODES[mode])
+    for i, name in ((0, "y"), (3, "dx")):
+        close(np.concatenate([r[i] for r in results]), expected[i], dtype, name)
+    for i in (4, 5):
+        close(results[0][i], expected[i], dtype, NAMES[i])
+        for r in results[1:]:
+            assert_bitwise_equal(r[i], results[0][i], NAMES[i])
+
+
+def test_from_output_refusals_reach_every_rank():
+    """relu cannot be inverted, gamma with a zero neither: every rank raises,
+    the failing rank its own ValueError."""
+    shape, ca = LAYOUTS["NCHW"]
+    x, dy, gamma, beta, C = global_batch(shape, ca, np.float64)
+    zero = gamma.copy()
+    zero[2] = 0.0
+
+    def work(rank, allreduce):
+        return sync_batch_norm_backward_from_output(
+            dy[:6], x[:6], zero if rank == 1 else gamma, beta, np.ones(C), allreduce=allreduce,
+            num_features=C)
+    results, _ = run_ranks(2, work)
+    assert isinstance(results[1], ValueError) and "channel(s) 2" in str(results[1])
+    assert isinstance(results[0], ValueError) and "rank 1" in str(results[0])
 
 
 def test_data_far_from_zero_keep_their_digits():

@@ -35,7 +35,9 @@ batch sizes).
 
 from fastbn.distributed._layer import SyncBatchNorm
 from fastbn.distributed._mpi import mpi_allreduce
-from fastbn.distributed._passes import sync_batch_norm_backward, sync_batch_norm_forward
+from fastbn.distributed._passes import (sync_batch_norm_backward,
+                                        sync_batch_norm_backward_from_output,
+                                        sync_batch_norm_forward)
 from fastbn.distributed._records import (HEADER, RECORD, TAG_CONFLICT, TAG_FIRST, TAG_RANGE,
                                          TAG_STATS, TAG_SUM, merge_records)
 
@@ -51,5 +53,6 @@ __all__ = [
     "merge_records",
     "mpi_allreduce",
     "sync_batch_norm_backward",
+    "sync_batch_norm_backward_from_output",
     "sync_batch_norm_forward",
 ]

@@ -25,7 +25,12 @@ from fastbn import _channels, _checks, _dispatch, _running
 from fastbn.distributed._protocol import Collective
 from fastbn.distributed._records import TAG_STATS, TAG_SUM
 
-__all__ = ["sync_batch_norm_backward", "sync_batch_norm_forward"]
+__all__ = ["sync_batch_norm_backward", "sync_batch_norm_backward_from_output",
+           "sync_batch_norm_forward"]
+
+# what a backward's second input is (GRAD_PLAIN, GRAD_ACT, GRAD_OUTPUT of
+# fastbn/_stats.pxd)
+_GRAD_PLAIN, _GRAD_ACT, _GRAD_OUTPUT = 0, 1, 2
 
 _SAME = " (the same on every rank)"
 _ANY = (2, 3, 4, 5)
@@ -61,7 +66,8 @@ def _first_values(xv):
 
 def forward(x, gamma, beta, *, allreduce, num_features, eps, running_mean, running_var,
             momentum, num_batches_tracked, channel_axis, out, num_threads, unbiased=True,
-            dtype=None, ndims=_ANY, expected=_ANY_INPUT, who="sync_batch_norm_forward"):
+            activation=None, negative_slope=0.01, dtype=None, ndims=_ANY,
+            expected=_ANY_INPUT, who="sync_batch_norm_forward"):
     """:func:`sync_batch_norm_forward` after its own checks; a layer passes its
     dtype, the input it accepts and its name (``who``)."""
     C = num_features
@@ -73,6 +79,7 @@ def forward(x, gamma, beta, *, allreduce, num_features, eps, running_mean, runni
             x, C, gamma, beta, eps, momentum, num_threads, running_mean, running_var,
             num_batches_tracked, out)
         unbiased = _checks.flag(unbiased, "unbiased")
+        act, slope = _checks.activation(activation, negative_slope)
         tracking = rm is not None
         factor = _running.factor(momentum, num_batches_tracked) if tracking else -1.0
         call.settings(x.dtype.itemsize, eps, factor, unbiased)
@@ -104,7 +111,7 @@ def forward(x, gamma, beta, *, allreduce, num_features, eps, running_mean, runni
                               factor if tracking else 0.0, unbiased, coef)
     y = np.empty_like(xc, order="C") if out is None else out
     if n:
-        kernel.apply(xv, None, y.reshape(xv.shape), coef, nthreads, out is not None)
+        kernel.apply(xv, None, y.reshape(xv.shape), coef, act, slope, nthreads, out is not None)
     if tracking:
         _running.commit(running_mean, rm, running_var, rv, num_batches_tracked)
     return y, mean, invstd
@@ -112,8 +119,8 @@ def forward(x, gamma, beta, *, allreduce, num_features, eps, running_mean, runni
 
 def sync_batch_norm_forward(x, gamma, beta, *, allreduce, num_features, eps=1e-5,
                             running_mean=None, running_var=None, momentum=0.1,
-                            num_batches_tracked=None, unbiased=True, channel_axis=1, out=None,
-                            num_threads=None):
+                            num_batches_tracked=None, unbiased=True, activation=None,
+                            negative_slope=0.01, channel_axis=1, out=None, num_threads=None):
     """Training-mode Batch Normalization with the statistics of the global batch.
 
     Every process (rank) passes its own slice ``x`` of the global batch;
@@ -170,6 +177,10 @@ def sync_batch_norm_forward(x, gamma, beta, *, allreduce, num_features, eps=1e-5
     num_batches_tracked : ndarray holding one integer, or None
     unbiased : bool, default True
         As in :func:`fastbn.batch_norm_forward`; the same on every rank.
+    activation : {None, "relu", "leaky_relu"}, default None
+    negative_slope : float, default 0.01
+        The activation fused into y, as in :func:`fastbn.batch_norm_forward`;
+        the same on every rank (not compared: it changes no reduction).
     channel_axis : {1, -1}, default 1
     out : ndarray or None
         As in :func:`fastbn.batch_norm_forward`; ``out=x`` works in place.
@@ -202,23 +213,36 @@ def sync_batch_norm_forward(x, gamma, beta, *, allreduce, num_features, eps=1e-5
                    num_features=_checks.num_features(num_features, note=_SAME), eps=eps,
                    running_mean=running_mean, running_var=running_var, momentum=momentum,
                    num_batches_tracked=num_batches_tracked, channel_axis=channel_axis,
-                   out=out, num_threads=num_threads, unbiased=unbiased)
+                   out=out, num_threads=num_threads, unbiased=unbiased, activation=activation,
+                   negative_slope=negative_slope)
 
 
 # ----------------------------------------------------------- backward ----
 
 def backward(dy, x, gamma, mean, invstd, *, allreduce, num_features, channel_axis, out,
-             num_threads, dtype=None, ndims=_ANY, expected=_ANY_INPUT,
-             who="sync_batch_norm_backward"):
-    """:func:`sync_batch_norm_backward` after its own checks (see :func:`forward`)."""
+             num_threads, beta=None, activation=None, negative_slope=0.01, from_output=False,
+             dtype=None, ndims=_ANY, expected=_ANY_INPUT, who="sync_batch_norm_backward"):
+    """:func:`sync_batch_norm_backward` after its own checks (see
+    :func:`forward`); ``from_output``: x is the forward's output y and mean is
+    not used (:func:`sync_batch_norm_backward_from_output`)."""
     C = num_features
     call = _collective(who, allreduce, C, dtype, expected)
     try:
         ca = _checks.layer_input(x, who=who, num_features=C, channel_axis=channel_axis,
                                  dtype=dtype, ndims=ndims, expected=expected)
-        nthreads, g, mu, istd = _checks.backward_args(
-            dy, x, C, gamma, mean, invstd, out, num_threads, source="sync_batch_norm_forward",
-            who=who)
+        act, slope = _checks.activation(activation, negative_slope, who=who)
+        if from_output:
+            nthreads, g, b, istd = _checks.from_output_args(dy, x, C, gamma, beta, invstd, act,
+                                                            slope, out, num_threads, who=who)
+            mu = np.zeros(C, x.dtype)  # the second input is x - mean already
+            grad = _GRAD_OUTPUT
+        else:
+            nthreads, g, mu, istd = _checks.backward_args(
+                dy, x, C, gamma, mean, invstd, out, num_threads,
+                source="sync_batch_norm_forward", who=who, beta=beta)
+            b = None if beta is None else np.ascontiguousarray(beta)
+            grad = _GRAD_ACT if act else _GRAD_PLAIN
+        transform = (g, b, mu, istd)  # what grad needs
         call.settings(x.dtype.itemsize)
         kernel, xc, xv, n = _view(x, ca)
         dyv = np.ascontiguousarray(dy).reshape(xv.shape)
@@ -227,7 +251,8 @@ def backward(dy, x, gamma, mean, invstd, *, allreduce, num_features, channel_axi
         body[:, 3] = n
         if n:
             sums = np.empty((C, 2))
-            kernel.sums(dyv, xv, mu.astype(np.float64), sums, nthreads)
+            kernel.sums(dyv, xv, mu.astype(np.float64), sums, nthreads, grad, act, slope,
+                        *transform)
             body[:, 1:3] = sums
     except BaseException as exc:  # noqa: BLE001 - told to every rank, raised after the collective
         call.fail(exc, (TAG_SUM, 0.0, 0.0, 0.0))
@@ -241,12 +266,14 @@ def backward(dy, x, gamma, mean, invstd, *, allreduce, num_features, channel_axi
         _channels.backward_map(body[:, 1:3], body[0, 3], mu, istd, g, dgamma, dbeta, coef)
     dx = np.empty_like(xc, order="C") if out is None else out
     if n:
-        kernel.apply(dyv, xv, dx.reshape(xv.shape), coef, nthreads, out is not None)
+        kernel.apply(dyv, xv, dx.reshape(xv.shape), coef, act, slope, nthreads,
+                     out is not None, grad, *transform)
     return dx, dgamma, dbeta
 
 
 def sync_batch_norm_backward(dy, x, gamma, mean, invstd, *, allreduce, num_features,
-                             channel_axis=1, out=None, num_threads=None):
+                             beta=None, activation=None, negative_slope=0.01, channel_axis=1,
+                             out=None, num_threads=None):
     """Gradients of :func:`sync_batch_norm_forward`, with one reduction.
 
     With m the global number of values per channel and the global sums of
@@ -259,7 +286,9 @@ def sync_batch_norm_backward(dy, x, gamma, mean, invstd, *, allreduce, num_featu
                     - gamma*invstd*dbeta/m
 
     which is the single-process :func:`fastbn.batch_norm_backward` on the
-    concatenated batch. ``dgamma`` and ``dbeta`` are the gradients of the
+    concatenated batch. With an ``activation`` (the forward's), dy is the
+    gradient of the activated output and ``dy * act'(z)`` takes its place,
+    as in :func:`fastbn.batch_norm_backward`. ``dgamma`` and ``dbeta`` are the gradients of the
     sum over the ranks of the losses whose gradients ``dy`` are: the same on
     every rank and already complete; exclude them from a gradient
     all-reduce (and divide them by the number of ranks if the other
@@ -278,6 +307,11 @@ def sync_batch_norm_backward(dy, x, gamma, mean, invstd, *, allreduce, num_featu
         As in :func:`sync_batch_norm_forward`.
     num_features : int
         C, the same on every rank.
+    beta : ndarray, shape (C,), or None
+    activation : {None, "relu", "leaky_relu"}, default None
+    negative_slope : float, default 0.01
+        The forward's shift and fused activation, as in
+        :func:`fastbn.batch_norm_backward`; the same on every rank.
     channel_axis : {1, -1}, default 1
     out : ndarray or None
         For dx; ``out=dy`` works in place.
@@ -300,4 +334,60 @@ def sync_batch_norm_backward(dy, x, gamma, mean, invstd, *, allreduce, num_featu
     _check_allreduce(allreduce)
     return backward(dy, x, gamma, mean, invstd, allreduce=allreduce,
                     num_features=_checks.num_features(num_features, note=_SAME),
-                    channel_axis=channel_axis, out=out, num_threads=num_threads)
+                    channel_axis=channel_axis, out=out, num_threads=num_threads, beta=beta,
+                    activation=activation, negative_slope=negative_slope)
+
+
+def sync_batch_norm_backward_from_output(dy, y, gamma, beta, invstd, *, allreduce,
+                                         num_features, activation=None, negative_slope=0.01,
+                                         channel_axis=1, out=None, num_threads=None):
+    """Gradients of :func:`sync_batch_norm_forward` from its output y, with one reduction.
+
+    :func:`fastbn.batch_norm_backward_from_output` over the global batch
+    (In-Place Activated BatchNorm, Rota Bulò, Porzi & Kontschieder, CVPR
+    2018): every rank inverts its own y, ``xhat = (act^-1(y) - beta) /
+    gamma``, and the ranks add their ``(sum dz, sum dz * (x - mean),
+    count)`` in one ``allreduce``, as :func:`sync_batch_norm_backward` does.
+
+    Parameters
+    ----------
+    dy : ndarray
+        Gradient with respect to this rank's y; shape and dtype of y.
+    y : ndarray
+        This rank's output of :func:`sync_batch_norm_forward`.
+    gamma, beta : ndarray, shape (C,), or None
+        The forward's; gamma must have no zero.
+    invstd : ndarray, shape (C,), dtype of y
+        As returned by :func:`sync_batch_norm_forward`.
+    allreduce : callable
+        As in :func:`sync_batch_norm_forward`.
+    num_features : int
+        C, the same on every rank.
+    activation : {None, "leaky_relu"}, default None
+    negative_slope : float > 0, default 0.01
+        The forward's activation, which must be invertible.
+    channel_axis : {1, -1}, default 1
+    out : ndarray or None
+        For dx; ``out=dy`` or ``out=y`` works in place.
+    num_threads : int > 0 or None
+
+    Returns
+    -------
+    dx : ndarray, shape and dtype of y
+    dgamma, dbeta : ndarray, shape (C,), dtype of y
+        The same on every rank.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`fastbn.batch_norm_backward_from_output`, on every rank
+        when any rank's arguments fail.
+    RuntimeError
+        The ranks made different collective calls.
+    """
+    _check_allreduce(allreduce)
+    return backward(dy, y, gamma, None, invstd, allreduce=allreduce,
+                    num_features=_checks.num_features(num_features, note=_SAME),
+                    channel_axis=channel_axis, out=out, num_threads=num_threads, beta=beta,
+                    activation=activation, negative_slope=negative_slope, from_output=True,
+                    who="sync_batch_norm_backward_from_output")
