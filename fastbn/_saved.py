@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Saved", "running_invstd", "gradients"]
+__all__ = ["Saved", "for_batch", "running_invstd", "gradients"]
 
 
 class Saved(NamedTuple):
@@ -55,6 +55,18 @@ class Saved(NamedTuple):
     def array(self):
         """The full-size array kept (x, or y when memory saving): dy must match it."""
         return self.y if self.x is None else self.x
+
+
+def for_batch(layer, x, y, mean, invstd, *, synced=False):
+    """The record of a forward of ``layer`` with batch statistics: x, or with
+    the layer's ``memory_saving`` y and copies of its gamma and beta."""
+    act = dict(activation=layer.activation, negative_slope=layer.negative_slope)
+    if not layer.memory_saving:
+        return Saved(x, mean, invstd, batch=True, synced=synced, **act)
+    gamma, beta = layer.gamma, layer.beta
+    return Saved(None, mean, invstd, batch=True, synced=synced, y=y,
+                 gamma=None if gamma is None else gamma.copy(),
+                 beta=None if beta is None else beta.copy(), **act)
 
 
 def running_invstd(running_var, eps, dtype):

@@ -26,7 +26,7 @@ from fastbn import _checks
 from fastbn import folding as _folding
 from fastbn import functional as _functional
 from fastbn._layer_state import LayerState
-from fastbn._saved import Saved, gradients, running_invstd
+from fastbn._saved import Saved, for_batch, gradients, running_invstd
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -375,9 +375,8 @@ class BatchNorm(LayerState):
         self._check_input(x)
         f = self.backend
         common = dict(channel_axis=self.channel_axis, num_threads=self.num_threads)
-        act = dict(activation=self.activation, negative_slope=self.negative_slope)
         if self.activation is not None:  # a backend without the keywords serves the rest
-            common.update(act)
+            common.update(activation=self.activation, negative_slope=self.negative_slope)
         if self.training or not self.track_running_stats:
             tracking = self.training and self.track_running_stats
             y, mean, invstd = f.batch_norm_forward(
@@ -387,19 +386,14 @@ class BatchNorm(LayerState):
                 momentum=self.momentum, unbiased=self.unbiased,
                 num_batches_tracked=self.num_batches_tracked if tracking else None,
                 **common)
-            if self.memory_saving:  # y instead of x, with the gamma and beta y holds
-                self._saved = Saved(None, mean, invstd, batch=True, y=y,
-                                    gamma=None if self._gamma is None else self._gamma.copy(),
-                                    beta=None if self._beta is None else self._beta.copy(),
-                                    **act)
-            else:
-                self._saved = Saved(x, mean, invstd, batch=True, **act)
+            self._saved = for_batch(self, x, y, mean, invstd)  # with memory_saving: y
         else:
             y = f.batch_norm_inference(x, self._gamma, self._beta, self.running_mean,
                                        self.running_var, eps=self.eps, **common)
             self._saved = Saved(x, self.running_mean.copy(),
                                 running_invstd(self.running_var, self.eps, self.dtype),
-                                batch=False, **act)
+                                batch=False, activation=self.activation,
+                                negative_slope=self.negative_slope)
         return y
 
     __call__ = forward

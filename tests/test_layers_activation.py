@@ -13,8 +13,8 @@
   small net of linear and BatchNorm layers keeps one activation-sized
   array less per BatchNorm between its forward and backward (tracemalloc);
   eval mode with running statistics keeps x, as documented; gamma and
-  beta are those of the forward; ``SyncBatchNorm`` refuses both options
-  (not supported yet);
+  beta are those of the forward; ``SyncBatchNorm`` on one rank gives the
+  layer's bits with both options;
 - the options survive pickling, are not in the state dict, and show in repr.
 
 Bad options at construction, and the backward of a memory-saving layer
@@ -355,20 +355,29 @@ def test_memory_saving_gradient_reads_y_as_documented():
 
 # ----------------------------------------------------------- SyncBatchNorm ----
 
-def test_sync_batch_norm_accepts_the_defaults_and_refuses_the_rest_for_now():
+@pytest.mark.parametrize("options", [
+    dict(activation="relu"),
+    dict(activation="leaky_relu", negative_slope=0.2, memory_saving=True),
+    dict(memory_saving=True, track_running_stats=False),
+], ids=["relu", "leaky-memory-saving", "memory-saving-no-running"])
+def test_sync_batch_norm_on_one_rank_gives_the_layers_bits(options):
+    """One rank (the identity for its all-reduce): the synchronized passes with
+    the activation, and from the output, give the layer's bits; train, then
+    eval. Several uneven ranks: test_sync.py."""
     from fastbn.distributed import SyncBatchNorm
-    same = SyncBatchNorm(4, allreduce=lambda r: r, activation=None, negative_slope=0.2,
-                         memory_saving=False)
-    assert same.activation is None and not same.memory_saving
-    for options, shown in [(dict(activation="relu"), "activation='relu'"),
-                           (dict(activation="leaky_relu"), "activation='leaky_relu'"),
-                           (dict(memory_saving=True), "memory_saving=True")]:
-        with pytest.raises(ValueError, match=f"SyncBatchNorm: {shown} is not supported yet"):
-            SyncBatchNorm(4, allreduce=lambda r: r, **options)
-        with pytest.raises(ValueError, match=f"SyncBatchNorm: {shown} is not supported yet"):
-            SyncBatchNorm.from_batch_norm(BatchNorm2d(4, **options), allreduce=lambda r: r)
-    with pytest.raises(ValueError, match="memory_saving=True needs activation None"):
-        SyncBatchNorm(4, allreduce=lambda r: r, activation="relu", memory_saving=True)
+    sync = SyncBatchNorm(5, allreduce=lambda records: records, **options)
+    plain = BatchNorm2d(5, **options)
+    assert repr(sync) == repr(plain).replace("BatchNorm2d", "SyncBatchNorm")
+    for step, (x, dy) in enumerate(batches("2d", np.float32, 5)):
+        for layer in (sync, plain):
+            modes(layer, step, 3)
+        assert_bitwise_equal(sync(x), plain(x), f"step {step}")
+        batch = sync.training or not sync.track_running_stats
+        assert (sync._saved.x is None) == (sync.memory_saving and batch)  # y kept, not x
+        assert_bitwise_equal(sync.backward(dy), plain.backward(dy), f"step {step}")
+        assert_bitwise_equal(sync.dgamma, plain.dgamma)
+    assert SyncBatchNorm.from_batch_norm(plain, allreduce=lambda r: r).memory_saving == \
+        plain.memory_saving
 
 
 # ------------------------------------------------------- state and options ----

@@ -7,7 +7,7 @@ import numpy as np
 from fastbn import _checks
 from fastbn.distributed._mpi import _import_mpi, mpi_allreduce
 from fastbn.distributed._passes import _check_allreduce, backward, forward
-from fastbn._saved import Saved
+from fastbn._saved import Saved, for_batch
 from fastbn.layers import BatchNorm
 
 __all__ = ["SyncBatchNorm"]
@@ -45,12 +45,13 @@ class SyncBatchNorm(BatchNorm):
         As in :class:`fastbn.layers.BatchNorm`; the same on every rank
         (checked at construction).
     activation, negative_slope, memory_saving : keyword-only
-        Accepted for the signature of :class:`fastbn.layers.BatchNorm`,
-        but only their defaults (None, any slope, False) work yet: the
-        synchronized passes do not fuse an activation nor take the
-        gradient from the output, and any other value raises
-        ``ValueError`` at construction (on every rank). Apply an
-        activation after the layer instead.
+        As in :class:`fastbn.layers.BatchNorm`; the same on every rank
+        (checked at construction). The training-mode passes fuse the
+        activation (:func:`sync_batch_norm_forward`,
+        :func:`sync_batch_norm_backward`); with ``memory_saving`` the
+        layer keeps this rank's y instead of x and its training backward
+        is :func:`sync_batch_norm_backward_from_output`, which raises on
+        every rank when gamma has a zero.
     comm : mpi4py.MPI.Intracomm or None, keyword-only
         The processes to synchronize over; None is ``MPI.COMM_WORLD``. Any
         intracommunicator works (``comm.Split`` for groups of ranks). Or an
@@ -81,9 +82,7 @@ class SyncBatchNorm(BatchNorm):
         both ``comm`` and ``allreduce``. ``ValueError`` on every rank when
         the ranks construct the layer with different settings (num_features,
         dtype, channel_axis, eps, momentum, affine, track_running_stats,
-        unbiased, activation, negative_slope, memory_saving), or with an
-        ``activation`` or ``memory_saving=True``, which it does not support
-        yet.
+        unbiased, activation, negative_slope, memory_saving).
 
     Notes
     -----
@@ -134,14 +133,6 @@ class SyncBatchNorm(BatchNorm):
             self._allreduce = mpi_allreduce(comm)
             self.comm = comm
             self._agree()
-        # after the agreement, so that every rank raises (none waits in a collective)
-        if self.activation is not None or self.memory_saving:
-            option = (f"activation={self.activation!r}" if self.activation is not None
-                      else "memory_saving=True")
-            raise ValueError(f"{cls}: {option} is not supported yet (the synchronized passes "
-                             f"neither fuse an activation nor take the gradient from the "
-                             f"output); build it with the defaults and apply the activation "
-                             f"after the layer")
 
     def _agree(self):
         """Every rank built the layer with the same settings (one allgather)."""
@@ -208,8 +199,9 @@ class SyncBatchNorm(BatchNorm):
         """Normalize x; in training mode with the global batch statistics (collective).
 
         Training mode: one ``Allreduce``; the running statistics are
-        updated with the global statistics. Eval mode: as
-        :meth:`fastbn.layers.BatchNorm.forward`, with no communication.
+        updated with the global statistics; the layer's ``activation`` is
+        fused into y. Eval mode: as :meth:`fastbn.layers.BatchNorm.forward`,
+        with no communication.
 
         Parameters
         ----------
@@ -239,8 +231,8 @@ class SyncBatchNorm(BatchNorm):
             running_var=self.running_var if tracking else None, momentum=self.momentum,
             unbiased=self.unbiased,
             num_batches_tracked=self.num_batches_tracked if tracking else None, out=None,
-            **self._common())
-        self._saved = Saved(x, mean, invstd, batch=True, synced=True)
+            activation=self.activation, negative_slope=self.negative_slope, **self._common())
+        self._saved = for_batch(self, x, y, mean, invstd, synced=True)  # memory_saving: y
         return y
 
     __call__ = forward
@@ -248,8 +240,11 @@ class SyncBatchNorm(BatchNorm):
     def backward(self, dy):
         """Gradient with respect to this rank's input; stores the global dgamma, dbeta.
 
-        After a training-mode forward: one ``Allreduce`` (collective). After
-        an eval-mode forward: as :meth:`fastbn.layers.BatchNorm.backward`.
+        After a training-mode forward: one ``Allreduce`` (collective), with
+        the layer's ``activation`` (:func:`sync_batch_norm_backward`), or
+        from this rank's y with ``memory_saving``
+        (:func:`sync_batch_norm_backward_from_output`). After an eval-mode
+        forward: as :meth:`fastbn.layers.BatchNorm.backward`.
 
         Parameters
         ----------
@@ -259,18 +254,31 @@ class SyncBatchNorm(BatchNorm):
         Returns
         -------
         dx : ndarray, shape and dtype of this rank's x
+
+        Raises
+        ------
+        TypeError, ValueError
+            After a training-mode forward, on every rank when the dy of any
+            rank fails the checks, or with ``memory_saving`` when gamma has
+            a zero; otherwise as :meth:`fastbn.layers.BatchNorm.backward`.
         """
         saved = self._saved
         if saved is None or not saved.synced:
-            if saved is not None and saved.x.size == 0:  # eval, empty slice
-                _checks.like("dy", dy, saved.x, who=f"{type(self).__name__}.backward")
+            if saved is not None and saved.array.size == 0:  # eval, empty slice
+                _checks.like("dy", dy, saved.array, who=f"{type(self).__name__}.backward")
                 if self.affine:
                     self.dgamma = np.zeros(self.num_features, self.dtype)
                     self.dbeta = np.zeros(self.num_features, self.dtype)
-                return np.empty_like(saved.x, order="C")
+                return np.empty_like(saved.array, order="C")
             return super().backward(dy)
-        dx, dgamma, dbeta = backward(dy, saved.x, self._gamma, saved.mean, saved.invstd,
-                                     out=None, **self._common())
+        act = dict(activation=saved.activation, negative_slope=saved.negative_slope, out=None)
+        if saved.x is None:  # memory saving: from this rank's y
+            dx, dgamma, dbeta = backward(dy, saved.y, saved.gamma, None, saved.invstd,
+                                         beta=saved.beta, from_output=True, **act,
+                                         **self._common())
+        else:
+            dx, dgamma, dbeta = backward(dy, saved.x, self._gamma, saved.mean, saved.invstd,
+                                         beta=self._beta, **act, **self._common())
         if self.affine:
             self.dgamma, self.dbeta = dgamma, dbeta
         return dx
