@@ -51,8 +51,8 @@ from fastbn._stats cimport (ACT_NONE, GRAD_ACT, GRAD_PLAIN, Act, Coef, Coef32, G
                             activated, activated32, apply_b, backward_pass, center_of, finish,
                             forward_pass, grad_of, inference_coef, make_act, needs_sums,
                             to_float)
-from fastbn._simd cimport (LANES, PREFETCH_BYTES, STREAM_CHUNK, fence, grad_sums_f32,
-                           grad_sums_f64, prefetch_span,
+from fastbn._simd cimport (LANES, PREFETCH_BYTES, STREAM_CHUNK, act_sums_f32, act_sums_f64,
+                           fence, grad_sums_f32, grad_sums_f64, prefetch_span,
                            shifted_sums_f32, shifted_sums_f64, stream, streams)
 from fastbn._views cimport at, cptr, cptr3, wptr, workspace
 
@@ -133,46 +133,70 @@ cdef inline void run_grad_sums(const floating* dy, const floating* x, Py_ssize_t
         grad_sums_f64(dy, x, n, center, acc_g, acc_c)
 
 
-cdef inline void grad_run(const floating* dy, const floating* b, Py_ssize_t n, const Grad* t,
-                          floating* dz, floating* xc) noexcept nogil:
-    """The plain backward's inputs of n values (fastbn._stats.Grad): dz from
-    dy and b (x, or y from the output) and, from the output, x - mean into
-    xc. In double; the branches are selects, so the loops vectorize."""
-    cdef Py_ssize_t i
-    cdef double center = t.center, scale = t.scale, offset = t.offset
-    cdef double slope = t.slope, inv = t.inv_slope, v
-    if t.kind == GRAD_ACT and t.relu:
-        for i in range(n):
-            dz[i] = dy[i] if (<double>b[i] - center) * scale + offset > 0.0 else 0.0
-    elif t.kind == GRAD_ACT:
-        for i in range(n):
-            dz[i] = dy[i] if (<double>b[i] - center) * scale + offset > 0.0 else <floating>(
-                <double>dy[i] * slope)
-    else:
-        for i in range(n):
-            v = b[i]
-            dz[i] = dy[i] if v > 0.0 else <floating>(<double>dy[i] * slope)
-            xc[i] = <floating>(((v if v > 0.0 else v * inv) - offset) * scale)
-
-
 cdef inline void run_sums(const floating* a, const floating* b, Py_ssize_t n, double center,
                           const Grad* t, double* acc_a, double* acc_b) noexcept nogil:
     """A run's sums: shifted sums of a (b NULL), else the backward's sums of
-    (a, b) as they are (t NULL or GRAD_PLAIN) or after grad_run, in pieces
-    of STREAM_CHUNK values (a multiple of LANES: value i keeps lane i % LANES)."""
-    cdef floating dz[STREAM_CHUNK]
-    cdef floating xc[STREAM_CHUNK]
-    cdef Py_ssize_t i = 0, m
+    (a, b) as they are (t NULL or GRAD_PLAIN) or of the inputs t turns them
+    into (fastbn._stats.Grad), lane by lane as the plain sums."""
     if b == NULL:
         run_shifted_sums(a, n, center, acc_a, acc_b)
     elif t == NULL or t.kind == GRAD_PLAIN:
         run_grad_sums(a, b, n, center, acc_a, acc_b)
+    elif floating is float:
+        act_sums_f32(a, b, n, center, t.kind, t.relu, t.center, t.scale, t.offset, t.slope,
+                     t.inv_slope, acc_a, acc_b)
     else:
-        while i < n:
-            m = min(<Py_ssize_t>STREAM_CHUNK, n - i)
-            grad_run(a + i, b + i, m, t, dz, xc)
-            run_grad_sums(dz, b + i if t.kind == GRAD_ACT else xc, m, center, acc_a, acc_b)
-            i += m
+        act_sums_f64(a, b, n, center, t.kind, t.relu, t.center, t.scale, t.offset, t.slope,
+                     t.inv_slope, acc_a, acc_b)
+
+
+cdef inline void run_grad_map(const floating* dy, const floating* b, floating* out,
+                              Py_ssize_t n, const Coef* k, const Coef32* f,
+                              const Grad* t) noexcept nogil:
+    """dx of n values from the inputs t turns (dy, b) into: dz = dy * act'(z)
+    with z > 0 decided in double as the sums decide it, then the map of
+    run_map: out = scale * dz - slope * (x - center) - offset, with x - mean
+    from the output for GRAD_OUTPUT, or out = scale * dz (a frozen backward).
+    float32 with f != NULL applies the map in float. out may be dy or b."""
+    cdef Py_ssize_t i
+    cdef double zc = t.center, zs = t.scale, zo = t.offset, sl = t.slope, inv = t.inv_slope
+    cdef double center = k.center, scale = k.scale, slope = k.slope, offset = k.offset
+    cdef double d, g
+    cdef bint relu = t.relu
+    cdef float hi, lo, s, q, o, g32, sl32 = <float>t.slope
+    if floating is float and f != NULL:
+        hi, lo, s, q, o = f.hi, f.lo, f.scale, f.slope, f.offset
+        if t.kind == GRAD_ACT and t.frozen:
+            for i in range(n):
+                g32 = dy[i] if (<double>b[i] - zc) * zs + zo > 0.0 else (
+                    0.0 if relu else dy[i] * sl32)
+                out[i] = g32 * s
+        elif t.kind == GRAD_ACT:
+            for i in range(n):
+                g32 = dy[i] if (<double>b[i] - zc) * zs + zo > 0.0 else (
+                    0.0 if relu else dy[i] * sl32)
+                out[i] = s * g32 - q * ((b[i] - hi) - lo) - o
+        else:
+            for i in range(n):
+                d = b[i]
+                g32 = dy[i] if d > 0.0 else dy[i] * sl32
+                out[i] = s * g32 - q * <float>(((d if d > 0.0 else d * inv) - zo) * zs) - o
+    elif t.kind == GRAD_ACT and t.frozen:
+        for i in range(n):
+            g = <double>dy[i] if (<double>b[i] - zc) * zs + zo > 0.0 else (
+                0.0 if relu else <double>dy[i] * sl)
+            out[i] = <floating>(g * scale)
+    elif t.kind == GRAD_ACT:
+        for i in range(n):
+            g = <double>dy[i] if (<double>b[i] - zc) * zs + zo > 0.0 else (
+                0.0 if relu else <double>dy[i] * sl)
+            out[i] = <floating>(scale * g - slope * (<double>b[i] - center) - offset)
+    else:
+        for i in range(n):
+            d = b[i]
+            g = <double>dy[i] if d > 0.0 else <double>dy[i] * sl
+            out[i] = <floating>(scale * g - slope * (((d if d > 0.0 else d * inv) - zo) * zs)
+                                - offset)
 
 
 cdef inline void run_map(const floating* a, const floating* b, floating* out, Py_ssize_t n,
@@ -216,28 +240,25 @@ cdef inline void run_map(const floating* a, const floating* b, floating* out, Py
 cdef inline void run_apply(const floating* a, const floating* b, floating* out, Py_ssize_t n,
                            const Coef* k, const Coef32* f, bint streaming, const Act* act,
                            const Grad* t) noexcept nogil:
-    """run_map into out, of (a, b) as they are (t NULL or GRAD_PLAIN) or
-    after grad_run; through a stack buffer and streaming stores when
-    ``streaming``. Pieces of STREAM_CHUNK values: out may be a or b."""
+    """run_map into out, of (a, b) as they are (t NULL or GRAD_PLAIN), or
+    run_grad_map; through a stack buffer and streaming stores when
+    ``streaming``."""
     cdef floating buf[STREAM_CHUNK]
-    cdef floating dz[STREAM_CHUNK]
-    cdef floating xc[STREAM_CHUNK]
     cdef Py_ssize_t i = 0, m
     cdef bint plain = t == NULL or t.kind == GRAD_PLAIN
-    cdef const floating* mb
-    if plain and not streaming:
-        run_map(a, b, out, n, k, f, act)
+    if not streaming:
+        if plain:
+            run_map(a, b, out, n, k, f, act)
+        else:
+            run_grad_map(a, b, out, n, k, f, t)
         return
     while i < n:
         m = min(<Py_ssize_t>STREAM_CHUNK, n - i)
         if plain:
-            run_map(a + i, at(b, i), &buf[0] if streaming else out + i, m, k, f, act)
+            run_map(a + i, at(b, i), buf, m, k, f, act)
         else:
-            grad_run(a + i, b + i, m, t, dz, xc)
-            mb = NULL if t.frozen else (b + i if t.kind == GRAD_ACT else xc)
-            run_map(dz, mb, &buf[0] if streaming else out + i, m, k, f, act)
-        if streaming:
-            stream(out + i, buf, m * sizeof(floating))
+            run_grad_map(a + i, b + i, buf, m, k, f, t)
+        stream(out + i, buf, m * sizeof(floating))
         i += m
 
 

@@ -43,6 +43,13 @@ cdef extern from *:
     #define FASTBN_NV (FASTBN_LANES / FASTBN_VW)
     typedef double fastbn_vd __attribute__((vector_size(FASTBN_VW * sizeof(double))));
     typedef float fastbn_vf __attribute__((vector_size(FASTBN_VW * sizeof(float))));
+    typedef long long fastbn_vl __attribute__((vector_size(FASTBN_VW * sizeof(long long))));
+
+    /* m ? a : b, lane by lane (m from a comparison: all ones or all zeros) */
+    static inline fastbn_vd fastbn_select(fastbn_vl m, fastbn_vd a, fastbn_vd b)
+    {
+        return (fastbn_vd)(((fastbn_vl)a & m) | ((fastbn_vl)b & ~m));
+    }
 
     static inline fastbn_vd fastbn_load_f32(const float *p)
     {
@@ -137,6 +144,76 @@ cdef extern from *:
         }                                                                            \
     }
 
+    /* The backward's sums of an activated output, with dz = dy * act'(z) in
+       place of dy: z = (x[i] - zc) * zs + zo recomputed from x (kind 1), or
+       from the output y (kind 2): z > 0 where y > 0, and x - center (center
+       0) = ((y > 0 ? y : y * inv) - zo) * zs. act'(z) is 1 for z > 0, else
+       slope (0 for relu: then dz is 0 even for an infinite dy). The lanes
+       and their order are those of grad_sums. */
+    #define FASTBN_ACT_SUMS(S, T)                                                    \
+    static inline void fastbn_act_sums_##S(const T *dy, const T *x, Py_ssize_t n,    \
+                                           double center, int kind, int relu,        \
+                                           double zc, double zs, double zo,          \
+                                           double slope, double inv, double *acc_g,  \
+                                           double *acc_c)                            \
+    {                                                                                \
+        Py_ssize_t i = 0, j, k;                                                      \
+        double g, d, c;                                                              \
+        int pos;                                                                     \
+        if (n >= FASTBN_LANES) {                                                     \
+            fastbn_vd sg[FASTBN_NV], sc[FASTBN_NV], v, xv, z, xc;                    \
+            fastbn_vd ce = (fastbn_vd){0} + center, zcv = (fastbn_vd){0} + zc;      \
+            fastbn_vd zsv = (fastbn_vd){0} + zs, zov = (fastbn_vd){0} + zo;          \
+            fastbn_vd sl = (fastbn_vd){0} + slope, iv = (fastbn_vd){0} + inv;        \
+            fastbn_vd zero = (fastbn_vd){0};                                         \
+            fastbn_vl m;                                                             \
+            _Pragma("GCC unroll 8")                                                  \
+            for (j = 0; j < FASTBN_NV; j++)                                          \
+                sg[j] = sc[j] = zero;                                                \
+            for (; i + FASTBN_LANES <= n; i += FASTBN_LANES) {                       \
+                __builtin_prefetch((const char *)(dy + i) + FASTBN_PREFETCH_BYTES);  \
+                __builtin_prefetch((const char *)(x + i) + FASTBN_PREFETCH_BYTES);   \
+                _Pragma("GCC unroll 8")                                              \
+                for (j = 0; j < FASTBN_NV; j++) {                                    \
+                    v = fastbn_load_##S(dy + i + j * FASTBN_VW);                     \
+                    xv = fastbn_load_##S(x + i + j * FASTBN_VW);                     \
+                    if (kind == 1) {                                                 \
+                        z = (xv - zcv) * zsv + zov;                                  \
+                        m = z > zero;                                                \
+                        xc = xv - ce;                                                \
+                    } else {                                                         \
+                        m = xv > zero;                                               \
+                        xc = (fastbn_select(m, xv, xv * iv) - zov) * zsv;            \
+                    }                                                                \
+                    v = fastbn_select(m, v, relu ? zero : v * sl);                   \
+                    sg[j] += v;                                                      \
+                    sc[j] += v * xc;                                                 \
+                }                                                                    \
+            }                                                                        \
+            _Pragma("GCC unroll 8")                                                  \
+            for (j = 0; j < FASTBN_NV; j++) {                                        \
+                fastbn_add_into(acc_g + j * FASTBN_VW, sg[j]);                       \
+                fastbn_add_into(acc_c + j * FASTBN_VW, sc[j]);                       \
+            }                                                                        \
+        }                                                                            \
+        for (k = 0; i < n; i++, k++) {                                               \
+            g = (double)dy[i];                                                       \
+            d = (double)x[i];                                                        \
+            if (kind == 1) {                                                         \
+                pos = (d - zc) * zs + zo > 0.0;                                      \
+                c = d - center;                                                      \
+            } else {                                                                 \
+                pos = d > 0.0;                                                       \
+                c = ((pos ? d : d * inv) - zo) * zs;                                 \
+            }                                                                        \
+            g = pos ? g : (relu ? 0.0 : g * slope);                                  \
+            acc_g[k] += g;                                                           \
+            acc_c[k] += g * c;                                                       \
+        }                                                                            \
+    }
+
+    FASTBN_ACT_SUMS(f32, float)
+    FASTBN_ACT_SUMS(f64, double)
     FASTBN_SHIFTED_SUMS(f32, float)
     FASTBN_SHIFTED_SUMS(f64, double)
     FASTBN_GRAD_SUMS(f32, float)
@@ -198,6 +275,14 @@ cdef extern from *:
         double* acc_c) noexcept nogil
     void grad_sums_f64 "fastbn_grad_sums_f64"(
         const double* dy, const double* x, Py_ssize_t n, double center, double* acc_g,
+        double* acc_c) noexcept nogil
+    void act_sums_f32 "fastbn_act_sums_f32"(
+        const float* dy, const float* x, Py_ssize_t n, double center, int kind, int relu,
+        double zc, double zs, double zo, double slope, double inv, double* acc_g,
+        double* acc_c) noexcept nogil
+    void act_sums_f64 "fastbn_act_sums_f64"(
+        const double* dy, const double* x, Py_ssize_t n, double center, int kind, int relu,
+        double zc, double zs, double zo, double slope, double inv, double* acc_g,
         double* acc_c) noexcept nogil
     void stream "fastbn_stream"(void* dst, const void* src, Py_ssize_t nbytes) noexcept nogil
     void fence "fastbn_fence"() noexcept nogil
