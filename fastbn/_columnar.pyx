@@ -39,8 +39,8 @@ from fastbn._openmp cimport barrier, threads_for
 from fastbn._simd cimport STREAM_CHUNK, fence, stream, streams
 from fastbn._stats cimport (ACT_NONE, GRAD_ACT, GRAD_PLAIN, Act, Coef, Coef32, Grad, Pass,
                             activated, activated32, apply_b, backward_pass, finish,
-                            forward_pass, grad_of, inference_coef, make_act, needs_sums,
-                            to_float)
+                            forward_pass, grad_dz, grad_of, grad_xc, inference_coef, make_act,
+                            needs_sums, to_float)
 from fastbn._views cimport at, cptr, cptr2, wptr, workspace
 
 
@@ -50,7 +50,6 @@ cdef enum:
     BLOCK_VALUES = 65536        # a row block holds at least this many values (or all rows)
     TILE_BYTES = 512 * 1024     # a tile of the inputs over all rows, cached between its steps
     MIN_TILE_BYTES = 1024       # narrower row pieces defeat the hardware prefetcher
-    GRAD_COLUMNS = 128          # columns per piece of rows turned into the plain backward's inputs
 
 
 cdef struct Grid:
@@ -139,17 +138,6 @@ cdef inline void store_map(const Maps* k, Py_ssize_t c, Coef m) noexcept nogil:
     k.offset32[c] = f.offset
 
 
-cdef inline Maps maps_from(const Maps* k, Py_ssize_t c) noexcept nogil:
-    """The maps of columns c, c + 1, ... as the maps of columns 0, 1, ..."""
-    cdef Maps s
-    s.center, s.scale, s.slope, s.offset = k.center + c, k.scale + c, k.slope + c, k.offset + c
-    s.hi, s.lo, s.scale32 = k.hi + c, k.lo + c, k.scale32 + c
-    s.slope32, s.offset32, s.ok = k.slope32 + c, k.offset32 + c, k.ok + c
-    s.grad_center, s.grad_scale = k.grad_center + c, k.grad_scale + c
-    s.grad_offset = k.grad_offset + c
-    return s
-
-
 cdef inline void transform(Grid* g, const Pass* ps, char* maps,
                            const floating* like) noexcept nogil:
     """Set the backward's transform of ps (fastbn._stats.Grad): its kind and
@@ -170,36 +158,68 @@ cdef inline void transform(Grid* g, const Pass* ps, char* maps,
 
 # ---------------------------------------------------------------- rows ----
 
-cdef inline void grad_row(const floating* dy, const floating* b, Py_ssize_t n, const Maps* k,
-                          const Grad* t, floating* dz, floating* xc) noexcept nogil:
-    """The plain backward's inputs of n columns of one row (fastbn._stats.Grad;
-    k: the columns' maps, t: the kind and slopes): dz from dy and b (x, or y
-    from the output), and the second input into xc (x itself, or x - mean
-    from the output). In double."""
-    cdef Py_ssize_t c
-    cdef const double* ce = k.grad_center
-    cdef const double* sc = k.grad_scale
-    cdef const double* of = k.grad_offset
-    cdef double slope = t.slope, inv = t.inv_slope, v
-    if t.kind == GRAD_ACT and t.relu:
-        for c in range(n):
-            dz[c] = dy[c] if (<double>b[c] - ce[c]) * sc[c] + of[c] > 0.0 else 0.0
-            xc[c] = b[c]
-    elif t.kind == GRAD_ACT:
-        for c in range(n):
-            dz[c] = dy[c] if (<double>b[c] - ce[c]) * sc[c] + of[c] > 0.0 else <floating>(
-                <double>dy[c] * slope)
-            xc[c] = b[c]
+cdef inline void row_grad_map(const floating* dy, const floating* b, floating* out,
+                              Py_ssize_t c0, Py_ssize_t c1, const Maps* k, bint in_float,
+                              const Grad* t) noexcept nogil:
+    """row_map of the inputs t turns (dy, b) into (grad_dz and grad_xc of
+    fastbn._stats, with the columns' coefficients): out = scale * dz - slope
+    * (x - center) - offset, or out = scale * dz for a frozen backward. One
+    loop per kind, the kind a constant in each."""
+    if t.kind != GRAD_ACT:
+        row_grad_map_of(dy, b, out, c0, c1, k, in_float, t, False, True)
+    elif t.relu:
+        row_grad_map_of(dy, b, out, c0, c1, k, in_float, t, True, False)
     else:
-        for c in range(n):
-            v = b[c]
-            dz[c] = dy[c] if v > 0.0 else <floating>(<double>dy[c] * slope)
-            xc[c] = <floating>(((v if v > 0.0 else v * inv) - of[c]) * sc[c])
+        row_grad_map_of(dy, b, out, c0, c1, k, in_float, t, False, False)
+
+
+cdef inline void row_grad_map_of(const floating* dy, const floating* b, floating* out,
+                                 Py_ssize_t c0, Py_ssize_t c1, const Maps* k, bint in_float,
+                                 const Grad* t, bint relu, bint from_y) noexcept nogil:
+    cdef Py_ssize_t c
+    cdef const double* zc = k.grad_center
+    cdef const double* zs = k.grad_scale
+    cdef const double* zo = k.grad_offset
+    cdef const double* ce = k.center
+    cdef const double* sc = k.scale
+    cdef const double* sl = k.slope
+    cdef const double* of = k.offset
+    cdef const float* hi = k.hi
+    cdef const float* lo = k.lo
+    cdef const float* s = k.scale32
+    cdef const float* q = k.slope32
+    cdef const float* o = k.offset32
+    cdef double neg = t.slope, inv = t.inv_slope
+    if floating is float and in_float:
+        if t.frozen:
+            for c in range(c0, c1):
+                out[c - c0] = <float>grad_dz(dy[c], b[c], zc[c], zs[c], zo[c], neg, relu,
+                                             False) * s[c]
+        elif from_y:
+            for c in range(c0, c1):
+                out[c - c0] = (s[c] * <float>grad_dz(dy[c], b[c], 0.0, zs[c], zo[c], neg, relu,
+                                                     True)
+                               - q[c] * <float>grad_xc(b[c], 0.0, zs[c], zo[c], inv, True)
+                               - o[c])
+        else:
+            for c in range(c0, c1):
+                out[c - c0] = (s[c] * <float>grad_dz(dy[c], b[c], zc[c], zs[c], zo[c], neg,
+                                                     relu, False)
+                               - q[c] * ((b[c] - hi[c]) - lo[c]) - o[c])
+    elif t.frozen:
+        for c in range(c0, c1):
+            out[c - c0] = <floating>(grad_dz(dy[c], b[c], zc[c], zs[c], zo[c], neg, relu, False)
+                                     * sc[c])
+    else:
+        for c in range(c0, c1):
+            out[c - c0] = <floating>(
+                sc[c] * grad_dz(dy[c], b[c], zc[c], zs[c], zo[c], neg, relu, from_y)
+                - sl[c] * grad_xc(b[c], ce[c], zs[c], zo[c], inv, from_y) - of[c])
 
 
 cdef inline void row_map(const floating* a, const floating* b, floating* out,
                          Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
-                         bint in_float, const Act* act) noexcept nogil:
+                         bint in_float, const Act* act, const Grad* t) noexcept nogil:
     """out[c - c0] for columns [c0, c1) of one row (a, b point at column 0):
     act((a - center) * scale + offset) with b NULL (the forward, a = x), or
     scale * a - slope * (b - center) - offset (the backward, a = dy, b = x).
@@ -217,7 +237,9 @@ cdef inline void row_map(const floating* a, const floating* b, floating* out,
     cdef int kind = act.kind
     cdef double neg = act.slope
     cdef float neg32 = act.slope32
-    if floating is float and in_float:
+    if t != NULL:
+        row_grad_map(a, b, out, c0, c1, k, in_float, t)
+    elif floating is float and in_float:
         if b == NULL and kind == ACT_NONE:
             for c in range(c0, c1):
                 out[c - c0] = ((a[c] - hi[c]) - lo[c]) * s[c] + o[c]
@@ -302,79 +324,109 @@ cdef void rows_sums(const floating* a, const floating* b, Py_ssize_t stride, Py_
         r += 1
 
 
+cdef void grad_rows_sums(const floating* a, const floating* b, Py_ssize_t stride,
+                         Py_ssize_t nrows, Py_ssize_t n, const double* center, const double* zc,
+                         const double* zs, const double* zo, const Grad* t, double* sa,
+                         double* sb) noexcept nogil:
+    """rows_sums of the inputs t turns (a = dy, b) into (grad_dz and grad_xc
+    of fastbn._stats, with the columns' coefficients zc, zs, zo): the same
+    rows together and the same order of additions. One loop per kind, the
+    kind a constant in each (no per-value branch on it)."""
+    if t.kind != GRAD_ACT:
+        grad_rows_sums_of(a, b, stride, nrows, n, center, zc, zs, zo, t, sa, sb, False, True)
+    elif t.relu:
+        grad_rows_sums_of(a, b, stride, nrows, n, center, zc, zs, zo, t, sa, sb, True, False)
+    else:
+        grad_rows_sums_of(a, b, stride, nrows, n, center, zc, zs, zo, t, sa, sb, False, False)
+
+
+cdef inline void grad_rows_sums_of(const floating* a, const floating* b, Py_ssize_t stride,
+                                   Py_ssize_t nrows, Py_ssize_t n, const double* center,
+                                   const double* zc, const double* zs, const double* zo,
+                                   const Grad* t, double* sa, double* sb, bint relu,
+                                   bint from_y) noexcept nogil:
+    cdef Py_ssize_t r = 0, c
+    cdef const floating* a0
+    cdef const floating* a1
+    cdef const floating* a2
+    cdef const floating* a3
+    cdef const floating* b0
+    cdef const floating* b1
+    cdef const floating* b2
+    cdef const floating* b3
+    cdef double d0, d1, d2, d3, e0, e1, e2, e3
+    cdef double neg = t.slope, inv = t.inv_slope
+    while r + 4 <= nrows:
+        a0 = a + r * stride
+        a1 = a0 + stride
+        a2 = a1 + stride
+        a3 = a2 + stride
+        b0 = b + r * stride
+        b1 = b0 + stride
+        b2 = b1 + stride
+        b3 = b2 + stride
+        for c in range(n):
+            d0 = grad_dz(a0[c], b0[c], zc[c], zs[c], zo[c], neg, relu, from_y)
+            d1 = grad_dz(a1[c], b1[c], zc[c], zs[c], zo[c], neg, relu, from_y)
+            d2 = grad_dz(a2[c], b2[c], zc[c], zs[c], zo[c], neg, relu, from_y)
+            d3 = grad_dz(a3[c], b3[c], zc[c], zs[c], zo[c], neg, relu, from_y)
+            e0 = grad_xc(b0[c], center[c], zs[c], zo[c], inv, from_y)
+            e1 = grad_xc(b1[c], center[c], zs[c], zo[c], inv, from_y)
+            e2 = grad_xc(b2[c], center[c], zs[c], zo[c], inv, from_y)
+            e3 = grad_xc(b3[c], center[c], zs[c], zo[c], inv, from_y)
+            sa[c] += (d0 + d1) + (d2 + d3)
+            sb[c] += (d0 * e0 + d1 * e1) + (d2 * e2 + d3 * e3)
+        r += 4
+    while r < nrows:
+        a0 = a + r * stride
+        b0 = b + r * stride
+        for c in range(n):
+            d0 = grad_dz(a0[c], b0[c], zc[c], zs[c], zo[c], neg, relu, from_y)
+            sa[c] += d0
+            sb[c] += d0 * grad_xc(b0[c], center[c], zs[c], zo[c], inv, from_y)
+        r += 1
+
+
 cdef void block_sums(const floating* a, const floating* b, const Grid* g, Py_ssize_t blk,
                      Py_ssize_t c0, Py_ssize_t c1, const double* center, const Maps* k,
                      double* sa, double* sb) noexcept nogil:
     """Columns [c0, c1) of row block blk into sa[c], sb[c]: shifted sums of a
     (b NULL), or sum(a) and sum(a * (b - center)) with a = dy, b = x, of the
-    inputs g.grad turns them into (in pieces of four rows by GRAD_COLUMNS
-    columns: every column's additions keep their order)."""
-    cdef floating dz[4 * GRAD_COLUMNS]
-    cdef floating xc[4 * GRAD_COLUMNS]
-    cdef Py_ssize_t C = g.C, r, c, e, j, nr
+    inputs g.grad turns them into."""
+    cdef Py_ssize_t C = g.C, c, off
     cdef Py_ssize_t r0 = blk * g.rows_per_block
     cdef Py_ssize_t r1 = min(g.M, r0 + g.rows_per_block)
-    cdef Maps kc
     for c in range(c0, c1):
         sa[c] = 0.0
         sb[c] = 0.0
+    off = r0 * C + c0
     if b == NULL or g.grad.kind == GRAD_PLAIN:
-        rows_sums(a + r0 * C + c0, at(b, r0 * C + c0), C, r1 - r0, c1 - c0, center + c0,
-                  sa + c0, sb + c0)
-        return
-    r = r0
-    while r < r1:
-        nr = 4 if r + 4 <= r1 else 1
-        c = c0
-        while c < c1:
-            e = min(c1, c + GRAD_COLUMNS)
-            kc = maps_from(k, c)
-            for j in range(nr):
-                grad_row(a + (r + j) * C + c, b + (r + j) * C + c, e - c, &kc, &g.grad,
-                         &dz[j * GRAD_COLUMNS], &xc[j * GRAD_COLUMNS])
-            rows_sums(dz, xc, GRAD_COLUMNS, nr, e - c, center + c, sa + c, sb + c)
-            c = e
-        r += nr
+        rows_sums(a + off, at(b, off), C, r1 - r0, c1 - c0, center + c0, sa + c0, sb + c0)
+    else:
+        grad_rows_sums(a + off, b + off, C, r1 - r0, c1 - c0, center + c0,
+                       k.grad_center + c0, k.grad_scale + c0, k.grad_offset + c0, &g.grad,
+                       sa + c0, sb + c0)
 
 
 cdef inline void row_apply(const floating* a, const floating* b, floating* out,
                            Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
-                           int mode, const Act* act) noexcept nogil:
-    """row_map over columns [c0, c1): mode 1 all in float, 0 all in double,
-    -1 each column in float where its map allows (k.ok[c]) and in double
-    otherwise: a column's bits never depend on another column's map."""
+                           int mode, const Grid* g) noexcept nogil:
+    """row_map over columns [c0, c1), of (a, b) or of the inputs g.grad turns
+    them into: mode 1 all in float, 0 all in double, -1 each column in float
+    where its map allows (k.ok[c]) and in double otherwise: a column's bits
+    never depend on another column's map."""
     cdef Py_ssize_t c, e
+    cdef const Act* act = &g.act
+    cdef const Grad* t = NULL if g.grad.kind == GRAD_PLAIN else &g.grad
     if mode >= 0:
-        row_map(a, b, out, c0, c1, k, mode == 1, act)
+        row_map(a, b, out, c0, c1, k, mode == 1, act, t)
         return
     c = c0
     while c < c1:
         e = c + 1
         while e < c1 and k.ok[e] == k.ok[c]:
             e += 1
-        row_map(a, b, out + (c - c0), c, e, k, k.ok[c], act)
-        c = e
-
-
-cdef inline void row_out(const floating* a, const floating* b, floating* out,
-                         Py_ssize_t c0, Py_ssize_t c1, const Maps* k, int mode,
-                         const Grid* g) noexcept nogil:
-    """row_apply of one row's columns [c0, c1) into out (column c0's place),
-    of the inputs g.grad turns (a, b) into (pieces of GRAD_COLUMNS columns:
-    out may be a or b)."""
-    cdef floating dz[GRAD_COLUMNS]
-    cdef floating xc[GRAD_COLUMNS]
-    cdef Py_ssize_t c = c0, e
-    cdef Maps kc
-    if g.grad.kind == GRAD_PLAIN:
-        row_apply(a, b, out, c0, c1, k, mode, &g.act)
-        return
-    while c < c1:
-        e = min(c1, c + GRAD_COLUMNS)
-        kc = maps_from(k, c)
-        grad_row(a + c, b + c, e - c, &kc, &g.grad, dz, xc)
-        row_apply(dz, NULL if g.grad.frozen else xc, out + (c - c0), 0, e - c, &kc, mode,
-                  &g.act)
+        row_map(a, b, out + (c - c0), c, e, k, k.ok[c], act, t)
         c = e
 
 
@@ -393,7 +445,7 @@ cdef void block_apply(const floating* a, const floating* b, floating* out, const
                 break
     if not g.streaming:
         for r in range(r0, r1):
-            row_out(a + r * C, at(b, r * C), out + r * C + c0, c0, c1, k, mode, g)
+            row_apply(a + r * C, at(b, r * C), out + r * C + c0, c0, c1, k, mode, g)
     elif c1 - c0 == C and C <= STREAM_CHUNK:
         # whole rows, contiguous: several rows per buffer
         m = STREAM_CHUNK // C
@@ -401,7 +453,7 @@ cdef void block_apply(const floating* a, const floating* b, floating* out, const
         while r < r1:
             m = min(m, r1 - r)
             for j in range(m):
-                row_out(a + (r + j) * C, at(b, (r + j) * C), &buf[j * C], 0, C, k, mode, g)
+                row_apply(a + (r + j) * C, at(b, (r + j) * C), &buf[j * C], 0, C, k, mode, g)
             stream(out + r * C, buf, m * C * sizeof(floating))
             r += m
     else:
@@ -409,7 +461,7 @@ cdef void block_apply(const floating* a, const floating* b, floating* out, const
             c = c0
             while c < c1:
                 m = min(<Py_ssize_t>STREAM_CHUNK, c1 - c)
-                row_out(a + r * C, at(b, r * C), buf, c, c + m, k, mode, g)
+                row_apply(a + r * C, at(b, r * C), buf, c, c + m, k, mode, g)
                 stream(out + r * C + c, buf, m * sizeof(floating))
                 c += m
     if g.streaming:

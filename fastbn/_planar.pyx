@@ -49,8 +49,8 @@ from cython.view cimport array
 from fastbn._openmp cimport FASTBN_COMPILE_ARGS, barrier, threads_for
 from fastbn._stats cimport (ACT_NONE, GRAD_ACT, GRAD_PLAIN, Act, Coef, Coef32, Grad, Pass,
                             activated, activated32, apply_b, backward_pass, center_of, finish,
-                            forward_pass, grad_of, inference_coef, make_act, needs_sums,
-                            to_float)
+                            forward_pass, grad_dz, grad_of, grad_xc, inference_coef, make_act,
+                            needs_sums, to_float)
 from fastbn._simd cimport (LANES, PREFETCH_BYTES, STREAM_CHUNK, act_sums_f32, act_sums_f64,
                            fence, grad_sums_f32, grad_sums_f64, prefetch_span,
                            shifted_sums_f32, shifted_sums_f64, stream, streams)
@@ -153,50 +153,47 @@ cdef inline void run_sums(const floating* a, const floating* b, Py_ssize_t n, do
 cdef inline void run_grad_map(const floating* dy, const floating* b, floating* out,
                               Py_ssize_t n, const Coef* k, const Coef32* f,
                               const Grad* t) noexcept nogil:
-    """dx of n values from the inputs t turns (dy, b) into: dz = dy * act'(z)
-    with z > 0 decided in double as the sums decide it, then the map of
-    run_map: out = scale * dz - slope * (x - center) - offset, with x - mean
-    from the output for GRAD_OUTPUT, or out = scale * dz (a frozen backward).
-    float32 with f != NULL applies the map in float. out may be dy or b."""
+    """dx of n values from the inputs t turns (dy, b) into (grad_dz and
+    grad_xc of fastbn._stats, in double as the sums take them), then the map
+    of run_map: out = scale * dz - slope * (x - center) - offset, or out =
+    scale * dz for a frozen backward. float32 with f != NULL applies the map
+    in float. out may be dy or b. One loop per kind, the kind a constant in
+    each."""
+    if t.kind != GRAD_ACT:
+        run_grad_map_of(dy, b, out, n, k, f, t, False, True)
+    elif t.relu:
+        run_grad_map_of(dy, b, out, n, k, f, t, True, False)
+    else:
+        run_grad_map_of(dy, b, out, n, k, f, t, False, False)
+
+
+cdef inline void run_grad_map_of(const floating* dy, const floating* b, floating* out,
+                                 Py_ssize_t n, const Coef* k, const Coef32* f, const Grad* t,
+                                 bint relu, bint from_y) noexcept nogil:
     cdef Py_ssize_t i
     cdef double zc = t.center, zs = t.scale, zo = t.offset, sl = t.slope, inv = t.inv_slope
     cdef double center = k.center, scale = k.scale, slope = k.slope, offset = k.offset
-    cdef double d, g
-    cdef bint relu = t.relu
-    cdef float hi, lo, s, q, o, g32, sl32 = <float>t.slope
+    cdef float hi, lo, s, q, o
     if floating is float and f != NULL:
         hi, lo, s, q, o = f.hi, f.lo, f.scale, f.slope, f.offset
-        if t.kind == GRAD_ACT and t.frozen:
+        if t.frozen:
             for i in range(n):
-                g32 = dy[i] if (<double>b[i] - zc) * zs + zo > 0.0 else (
-                    0.0 if relu else dy[i] * sl32)
-                out[i] = g32 * s
-        elif t.kind == GRAD_ACT:
+                out[i] = <float>grad_dz(dy[i], b[i], zc, zs, zo, sl, relu, False) * s
+        elif from_y:
             for i in range(n):
-                g32 = dy[i] if (<double>b[i] - zc) * zs + zo > 0.0 else (
-                    0.0 if relu else dy[i] * sl32)
-                out[i] = s * g32 - q * ((b[i] - hi) - lo) - o
+                out[i] = (s * <float>grad_dz(dy[i], b[i], zc, zs, zo, sl, relu, True)
+                          - q * <float>grad_xc(b[i], 0.0, zs, zo, inv, True) - o)
         else:
             for i in range(n):
-                d = b[i]
-                g32 = dy[i] if d > 0.0 else dy[i] * sl32
-                out[i] = s * g32 - q * <float>(((d if d > 0.0 else d * inv) - zo) * zs) - o
-    elif t.kind == GRAD_ACT and t.frozen:
+                out[i] = (s * <float>grad_dz(dy[i], b[i], zc, zs, zo, sl, relu, False)
+                          - q * ((b[i] - hi) - lo) - o)
+    elif t.frozen:
         for i in range(n):
-            g = <double>dy[i] if (<double>b[i] - zc) * zs + zo > 0.0 else (
-                0.0 if relu else <double>dy[i] * sl)
-            out[i] = <floating>(g * scale)
-    elif t.kind == GRAD_ACT:
-        for i in range(n):
-            g = <double>dy[i] if (<double>b[i] - zc) * zs + zo > 0.0 else (
-                0.0 if relu else <double>dy[i] * sl)
-            out[i] = <floating>(scale * g - slope * (<double>b[i] - center) - offset)
+            out[i] = <floating>(grad_dz(dy[i], b[i], zc, zs, zo, sl, relu, False) * scale)
     else:
         for i in range(n):
-            d = b[i]
-            g = <double>dy[i] if d > 0.0 else <double>dy[i] * sl
-            out[i] = <floating>(scale * g - slope * (((d if d > 0.0 else d * inv) - zo) * zs)
-                                - offset)
+            out[i] = <floating>(scale * grad_dz(dy[i], b[i], zc, zs, zo, sl, relu, from_y)
+                                - slope * grad_xc(b[i], center, zs, zo, inv, from_y) - offset)
 
 
 cdef inline void run_map(const floating* a, const floating* b, floating* out, Py_ssize_t n,

@@ -326,6 +326,21 @@ cdef inline Grad grad_of(const Pass* ps, Py_ssize_t c, const floating* like) noe
     return t
 
 
+cdef inline double grad_dz(double dy, double v, double zc, double zs, double zo, double slope,
+                           bint relu, bint from_y) noexcept nogil:
+    """dz = dy * act'(z) of one value (Grad): z = (v - zc) * zs + zo from
+    v = x, or, from the output (from_y), z > 0 exactly where v = y > 0."""
+    cdef bint pos = v > 0.0 if from_y else (v - zc) * zs + zo > 0.0
+    return dy if pos else (0.0 if relu else dy * slope)
+
+
+cdef inline double grad_xc(double v, double center, double zs, double zo, double inv,
+                           bint from_y) noexcept nogil:
+    """x - center of one value (Grad): v - center from v = x, or, from the
+    output (from_y, center 0), (act^-1(y) - zo) * zs."""
+    return ((v if v > 0.0 else v * inv) - zo) * zs if from_y else v - center
+
+
 ctypedef struct Coef32:
     # A Coef for float32 arithmetic: the center split into hi + lo, so that
     # x - hi is exact for x near the center (Sterbenz) and data far from

@@ -7,19 +7,25 @@ written for clarity, not speed: each step is one line of the formula.
 Source of the formulas: S. Ioffe and C. Szegedy, "Batch Normalization:
 Accelerating Deep Network Training by Reducing Internal Covariate Shift",
 ICML 2015, arXiv:1502.03167, Algorithm 1 (forward) and Section 3 (backward).
-The running statistics follow PyTorch's ``torch.nn.BatchNorm2d``: the new
-batch is weighted by ``momentum`` and the running variance takes the unbiased
-batch variance.
+The backward from the output (x not needed) is that of In-Place Activated
+BatchNorm: S. Rota Bulo, L. Porzi and P. Kontschieder, "In-Place Activated
+BatchNorm for Memory-Optimized Training of DNNs", CVPR 2018,
+arXiv:1712.02616, Section 3.2. The running statistics follow PyTorch's
+``torch.nn.BatchNorm2d``: the new batch is weighted by ``momentum`` and the
+running variance takes the unbiased batch variance.
 
-The oracle checks no input beyond what it needs to compute; the argument
-checking lives in :mod:`fastbn.functional`.
+The oracle checks no input beyond what it needs to compute (the values the
+backward from the output cannot invert are refused with the ValueErrors of
+:mod:`fastbn.functional`); the argument checking lives in
+:mod:`fastbn.functional`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["batch_norm_forward", "batch_norm_inference", "batch_norm_backward"]
+__all__ = ["batch_norm_forward", "batch_norm_inference", "batch_norm_backward",
+           "batch_norm_backward_from_output"]
 
 
 def _reduce_axes(ndim, channel_axis):
@@ -45,6 +51,33 @@ def _activated(y, activation, negative_slope):
     if activation == "leaky_relu":
         return np.where(y < 0, y * negative_slope, y)
     raise ValueError(f"activation must be None, 'relu' or 'leaky_relu', got {activation!r}")
+
+
+def _activation_gradient(dy, z, activation, negative_slope):
+    """dz = dy * act'(z) in float64: act'(z) is 1 where z > 0, else 0 ("relu")
+    or ``negative_slope`` ("leaky_relu"); a NaN z counts as not > 0, as in
+    PyTorch's threshold_backward and leaky_relu_backward."""
+    if activation is None:
+        return dy
+    if activation == "relu":
+        return np.where(z > 0, dy, 0.0)
+    if activation == "leaky_relu":
+        return np.where(z > 0, dy, dy * negative_slope)
+    raise ValueError(f"activation must be None, 'relu' or 'leaky_relu', got {activation!r}")
+
+
+def _backward_from_xhat(dz, xhat, g, invstd_b, axes, m, channel_axis, training):
+    """(dx, dgamma, dbeta) in float64 from dz, xhat and the broadcastable
+    gamma and invstd: the formula of :func:`batch_norm_backward`."""
+    ndim = dz.ndim
+    dbeta = dz.sum(axis=axes)
+    dgamma = (dz * xhat).sum(axis=axes)
+    if training:
+        dx = g * invstd_b / m * (m * dz - _per_channel(dbeta, ndim, channel_axis)
+                                 - xhat * _per_channel(dgamma, ndim, channel_axis))
+    else:
+        dx = g * invstd_b * dz
+    return dx, dgamma, dbeta
 
 
 def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None,
@@ -127,19 +160,25 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
     return y
 
 
-def batch_norm_backward(dy, x, gamma, mean, invstd, *, training=True, param_grads=True,
-                        channel_axis=1, out=None, num_threads=None):
-    """Gradients of Batch Normalization, computed in float64.
+def batch_norm_backward(dy, x, gamma, mean, invstd, *, beta=None, activation=None,
+                        negative_slope=0.01, training=True, param_grads=True, channel_axis=1,
+                        out=None, num_threads=None):
+    """Gradients of Batch Normalization (and of a fused activation), in float64.
 
     With ``xhat = (x - mean) * invstd`` and m the number of values per
     channel (Ioffe & Szegedy 2015, Section 3, simplified)::
 
-        dbeta  = sum(dy)
-        dgamma = sum(dy * xhat)
-        dx     = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)
+        dbeta  = sum(dz)
+        dgamma = sum(dz * xhat)
+        dx     = gamma * invstd / m * (m * dz - dbeta - xhat * dgamma)
 
     or, with ``training=False`` (mean and invstd constants),
-    ``dx = gamma * invstd * dy``.
+    ``dx = gamma * invstd * dz``. Without an activation ``dz = dy``; with
+    one, dy is the gradient with respect to the activated output
+    ``act(z)``, ``z = gamma * xhat + beta`` is recomputed from x and
+    ``dz = dy * act'(z)``: act'(z) = 1 where z > 0, else 0 ("relu") or
+    ``negative_slope`` ("leaky_relu"); a NaN z counts as not > 0. gamma and
+    beta None mean 1 and 0.
 
     Returns
     -------
@@ -155,15 +194,12 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, training=True, param_grad
     mean_b = _per_channel(mean, x.ndim, channel_axis)
     invstd_b = _per_channel(invstd, x.ndim, channel_axis)
     xhat = (x64 - mean_b) * invstd_b
-    dbeta = dy64.sum(axis=axes)
-    dgamma = (dy64 * xhat).sum(axis=axes)
     g = np.ones(x.shape[channel_axis]) if gamma is None else np.asarray(gamma, dtype=np.float64)
     g = _per_channel(g, x.ndim, channel_axis)
-    if training:
-        dx = g * invstd_b / m * (m * dy64 - _per_channel(dbeta, x.ndim, channel_axis)
-                                - xhat * _per_channel(dgamma, x.ndim, channel_axis))
-    else:
-        dx = g * invstd_b * dy64
+    b = 0.0 if beta is None else _per_channel(beta, x.ndim, channel_axis)
+    dz = _activation_gradient(dy64, g * xhat + b, activation, negative_slope)
+    dx, dgamma, dbeta = _backward_from_xhat(dz, xhat, g, invstd_b, axes, m, channel_axis,
+                                            training)
     dx = dx.astype(x.dtype)
     if out is not None:
         out[...] = dx
@@ -171,3 +207,72 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, training=True, param_grad
     if not param_grads:
         return dx, None, None
     return dx, dgamma.astype(x.dtype), dbeta.astype(x.dtype)
+
+
+def batch_norm_backward_from_output(dy, y, gamma, beta, invstd, *, activation=None,
+                                    negative_slope=0.01, channel_axis=1, out=None,
+                                    num_threads=None):
+    """Training-mode gradients of Batch Normalization from its output, in float64.
+
+    In-Place Activated BatchNorm (Rota Bulo, Porzi & Kontschieder, CVPR
+    2018, arXiv:1712.02616, Section 3.2): the backward needs the forward's
+    output y, not its input x. The activation is inverted::
+
+        z    = y                                   (activation None)
+        z    = y where y > 0, else y / negative_slope   ("leaky_relu")
+        xhat = (z - beta) / gamma
+        dz   = dy where y > 0, else dy * negative_slope ("leaky_relu"; dy for None)
+
+    and the training backward of :func:`batch_norm_backward` follows with dz:
+    ``dbeta = sum(dz)``, ``dgamma = sum(dz * xhat)``, ``dx = gamma * invstd
+    / m * (m * dz - dbeta - xhat * dgamma)``. gamma and beta None mean 1
+    and 0. The division by gamma loses digits as |gamma| shrinks.
+
+    Returns
+    -------
+    dx : ndarray, shape and dtype of y
+    dgamma, dbeta : ndarray, shape (C,), dtype of y
+
+    Raises
+    ------
+    ValueError
+        activation "relu" (not invertible), "leaky_relu" with
+        ``negative_slope <= 0``, or gamma 0 in some channel (its xhat is lost).
+    """
+    del num_threads
+    if activation == "relu":
+        raise ValueError("activation 'relu' cannot be inverted (every negative pre-activation "
+                         "gives 0): use 'leaky_relu' with a negative_slope > 0, or "
+                         "batch_norm_backward with x")
+    if activation == "leaky_relu" and not negative_slope > 0:
+        raise ValueError(f"negative_slope must be > 0 to invert leaky_relu, got "
+                         f"{float(negative_slope)}")
+    if gamma is not None and np.any(np.asarray(gamma) == 0):
+        zeros = np.flatnonzero(np.asarray(gamma) == 0)
+        shown = ", ".join(map(str, zeros[:10])) + (", ..." if zeros.size > 10 else "")
+        raise ValueError(f"gamma is 0 in channel(s) {shown}: y carries no information on x "
+                         f"there, so the backward from the output cannot recover it; use "
+                         f"batch_norm_backward with x")
+    axes, channel_axis = _reduce_axes(y.ndim, channel_axis)
+    y64 = np.asarray(y, dtype=np.float64)
+    dy64 = np.asarray(dy, dtype=np.float64)
+    m = y64.size // y64.shape[channel_axis]
+    if activation is None:
+        z = y64
+    elif activation == "leaky_relu":
+        z = np.where(y64 > 0, y64, y64 / negative_slope)
+    else:
+        raise ValueError(f"activation must be None, 'relu' or 'leaky_relu', got {activation!r}")
+    dz = _activation_gradient(dy64, y64, activation, negative_slope)
+    g = np.ones(y.shape[channel_axis]) if gamma is None else np.asarray(gamma, dtype=np.float64)
+    g = _per_channel(g, y.ndim, channel_axis)
+    b = 0.0 if beta is None else _per_channel(beta, y.ndim, channel_axis)
+    xhat = (z - b) / g
+    invstd_b = _per_channel(invstd, y.ndim, channel_axis)
+    dx, dgamma, dbeta = _backward_from_xhat(dz, xhat, g, invstd_b, axes, m, channel_axis, True)
+    dx = dx.astype(y.dtype)
+    if out is not None:
+        out[...] = dx
+        dx = out
+    return dx, dgamma.astype(y.dtype), dbeta.astype(y.dtype)
+

@@ -8,12 +8,15 @@ never import each other; a helper that more than one of them needs lives here.
 - :data:`DTYPES`, :data:`TOLERANCE`, :data:`THREADS` and the test ids
   :func:`dtype_id`, :func:`layout_id`;
 - :func:`make_inputs`: reproducible arrays for one call of every function;
-- :func:`assert_close`, :func:`dx_scale`: dtype-aware comparison with the
-  float64 oracle; :func:`assert_bitwise_equal`;
+  :func:`away_from_the_kink`: beta moved so that no activation input is near 0,
+  :func:`activated_case`: such inputs with the activated output y;
+- :func:`assert_close`, :func:`dx_scale`, :func:`assert_grads_close`:
+  dtype-aware comparison with the float64 oracle; :func:`assert_bitwise_equal`;
 - :func:`snapshot` / :func:`assert_unchanged`: byte copies of the caller's
   arrays, to check that a call modified nothing it should not have;
-- :func:`valid_args` / :func:`call`: a valid call of each function with every
-  argument given by name, to change one argument at a time; :func:`read_only`;
+- :func:`valid_args` / :func:`call`: a valid call of each function (of
+  :data:`FUNCTIONS`, and ``"backward_from_output"``) with every argument
+  given by name, to change one argument at a time; :func:`read_only`;
 - :data:`STRIDED_LAYOUTS`, :func:`strided_vector`: the same values in
   non-contiguous views;
 - :func:`numeric_gradient` (central differences), :func:`peak_bytes`
@@ -106,6 +109,46 @@ def make_inputs(shape, dtype, channel_axis=1, rng=None, *, offset=0.0, spread=1.
     )
 
 
+def away_from_the_kink(a, channel_axis, margin=1e-5):
+    """Shift ``a.beta`` (by a few ``margin`` per channel) so that no ``z = gamma *
+    (x - mean) * invstd + beta``, the input of a fused activation, lies within
+    ``margin`` of 0. x, mean and invstd are left as they are. Returns ``a``.
+
+    The activation's derivative jumps at z = 0, so a rounding of z there flips
+    the gradient of one element between two correct implementations; tests that
+    compare gradients at a tolerance use inputs clear of it.
+    """
+    ndim = a.x.ndim
+    axes = tuple(i for i in range(ndim) if i != channel_axis % ndim)
+    v = ((a.x.astype(np.float64) - per_channel(a.mean.astype(np.float64), ndim, channel_axis))
+         * per_channel(a.invstd.astype(np.float64) * a.gamma, ndim, channel_axis))
+    beta = a.beta.astype(np.float64)
+    unresolved = np.ones(a.C, bool)
+    for k in (0, 1, -1, 2, -2, 3, -3, 4, -4, 5, -5, 6, -6, 7, -7, 8, -8):
+        candidate = beta + 3 * k * margin
+        clear = (np.abs(v + per_channel(candidate, ndim, channel_axis)) >= 2 * margin).all(
+            axis=axes)
+        beta = np.where(unresolved & clear, candidate, beta)
+        unresolved &= ~clear
+    a.beta = beta.astype(a.beta.dtype)
+    z = v + per_channel(a.beta.astype(np.float64), ndim, channel_axis)
+    assert not unresolved.any() and np.abs(z).min() >= margin, "no beta clear of the kink"
+    return a
+
+
+def activated_case(shape, dtype, channel_axis, activation, slope, rng=None):
+    """:func:`make_inputs` clear of the kink (:func:`away_from_the_kink`), with
+    mean and invstd from fastbn's forward and ``y``, that forward's output
+    with the fused ``activation``: inputs for the backward of an activation."""
+    a = make_inputs(shape, dtype, channel_axis, rng)
+    _, a.mean, a.invstd = fastbn.batch_norm_forward(a.x, a.gamma, a.beta,
+                                                    channel_axis=channel_axis)
+    away_from_the_kink(a, channel_axis)
+    a.y = fastbn.batch_norm_forward(a.x, a.gamma, a.beta, activation=activation,
+                                    negative_slope=slope, channel_axis=channel_axis)[0]
+    return a
+
+
 # -------------------------------------------------------------- comparing ----
 
 def assert_close(actual, expected, dtype=None, *, rtol=None, scale=None, err_msg=""):
@@ -143,6 +186,19 @@ def dx_scale(dy, gamma, invstd):
     return gi[np.isfinite(gi)].max(initial=0.0) * dy[np.isfinite(dy)].max(initial=0.0)
 
 
+def assert_grads_close(got, want, dtype, dy, gamma, invstd, what=""):
+    """A backward's (dx, dgamma, dbeta) equal ``want`` to the tolerance of dtype:
+    dx at the scale of its terms (:func:`dx_scale`), dgamma and dbeta at their
+    own, with shape (C,) and the dtype; None where ``want`` has None."""
+    assert_close(got[0], want[0], dtype, scale=dx_scale(dy, gamma, invstd), err_msg=f"dx {what}")
+    for g, w, name in zip(got[1:], want[1:], ("dgamma", "dbeta")):
+        if w is None:
+            assert g is None, name
+        else:
+            assert g.shape == w.shape and g.dtype == np.dtype(dtype), name
+            assert_close(g, w, dtype, err_msg=f"{name} {what}")
+
+
 def assert_bitwise_equal(actual, expected, err_msg=""):
     """Same dtype, shape and bytes (NaN payloads and signed zeros included)."""
     actual = np.asarray(actual)
@@ -178,21 +234,26 @@ FASTBN = {
     "forward": fastbn.batch_norm_forward,
     "inference": fastbn.batch_norm_inference,
     "backward": fastbn.batch_norm_backward,
+    "backward_from_output": fastbn.batch_norm_backward_from_output,
 }
 REFERENCE = {
     "forward": reference.batch_norm_forward,
     "inference": reference.batch_norm_inference,
     "backward": reference.batch_norm_backward,
+    "backward_from_output": reference.batch_norm_backward_from_output,
 }
 POSITIONAL = {
     "forward": ("x", "gamma", "beta"),
     "inference": ("x", "gamma", "beta", "running_mean", "running_var"),
     "backward": ("dy", "x", "gamma", "mean", "invstd"),
+    "backward_from_output": ("dy", "y", "gamma", "beta", "invstd"),
 }
 
 
 def valid_args(func, shape=SHAPE, dtype=np.float32, channel_axis=1):
-    """Every argument of a valid call of ``func`` (by name), with an out buffer."""
+    """Every argument of a valid call of ``func`` (by name), with an out buffer.
+
+    ``"backward_from_output"`` gets y from a forward with leaky_relu (slope 0.1)."""
     a = make_inputs(shape, dtype, channel_axis, np.random.default_rng(0))
     common = dict(channel_axis=channel_axis, out=np.empty_like(a.x), num_threads=2)
     if func == "forward":
@@ -202,6 +263,11 @@ def valid_args(func, shape=SHAPE, dtype=np.float32, channel_axis=1):
     if func == "inference":
         return dict(x=a.x, gamma=a.gamma, beta=a.beta, running_mean=a.running_mean,
                     running_var=a.running_var, eps=1e-5, **common)
+    if func == "backward_from_output":
+        y = reference.batch_norm_forward(a.x, a.gamma, a.beta, activation="leaky_relu",
+                                         negative_slope=0.1, channel_axis=channel_axis)[0]
+        return dict(dy=a.dy, y=y, gamma=a.gamma, beta=a.beta, invstd=a.invstd,
+                    activation="leaky_relu", negative_slope=0.1, **common)
     return dict(dy=a.dy, x=a.x, gamma=a.gamma, mean=a.mean, invstd=a.invstd, **common)
 
 

@@ -96,7 +96,7 @@ def fn(func, *edits, **changes):
 def family(bad, exc, message, make, variants):
     """A row for a family of calls of the functions: ``make(**variant)`` for
     each variant (each names its ``func``); the api column lists the functions."""
-    called = [f for f in FUNCTIONS if any(v["func"] == f for v in variants)]
+    called = [f for f in ENTRY_POINTS if any(v["func"] == f for v in variants)]
     return Bad(", ".join(f"batch_norm_{f}" for f in called), bad, exc, message, make,
                tuple(variants))
 
@@ -115,10 +115,18 @@ def typed(name, values):
     return [{name: v, "type": type(v).__name__} for v in values]
 
 
+# The functions of the table: FUNCTIONS (which every family of EVERY_FUNCTION
+# calls) and the backward from the output, whose rows name it.
+ENTRY_POINTS = FUNCTIONS + ("backward_from_output",)
 EVERY_FUNCTION = [dict(func=f) for f in FUNCTIONS]
 TRAINING = [dict(func="forward")]
 INFERENCE = [dict(func="inference")]
 BACKWARD = [dict(func="backward")]
+FROM_OUTPUT = [dict(func="backward_from_output")]
+# The two backwards of an activation; the fused backward is called with
+# activation='leaky_relu' (valid_args gives the backward from the output one).
+ACTIVATED_BACKWARDS = [dict(func="backward", activation="leaky_relu"),
+                       dict(func="backward_from_output", activation="leaky_relu")]
 TRAINING_AND_INFERENCE = TRAINING + INFERENCE
 # Every per-channel array argument of every function.
 PER_CHANNEL = [dict(func=f, name=n) for f, names in (
@@ -399,6 +407,113 @@ TABLE = [
     Bad("batch_norm_inference", "negative_slope inf", ValueError,
         "negative_slope must be finite, got inf",
         fn("inference", activation="leaky_relu", negative_slope=float("inf"))),
+
+    # -- the backward of an activation: batch_norm_backward(beta=, activation=,
+    #    negative_slope=) and batch_norm_backward_from_output (valid_args: y of a
+    #    forward with leaky_relu, slope 0.1); ACTIVATED_BACKWARDS pass activation='leaky_relu'
+    #    to the fused backward, so that its beta is used
+    family("activation 'gelu', 'ReLU' or ''", ValueError,
+           "activation must be None, 'relu' or 'leaky_relu', got {shown}",
+           lambda func, activation, shown: function_call(func, activation=activation),
+           grid([dict(func="backward"), dict(func="backward_from_output")],
+                [dict(activation=v, shown=repr(v)) for v in ("gelu", "ReLU", "")])),
+    family("activation the int 1, the bytes b'relu' or True", TypeError,
+           "activation must be None, 'relu' or 'leaky_relu', got {type}",
+           lambda func, activation, type: function_call(func, activation=activation),
+           grid([dict(func="backward"), dict(func="backward_from_output")],
+                typed("activation", [1, b"relu", True]))),
+    family("negative_slope the string '0.1', None or an array", TypeError,
+           "negative_slope must be a real number, got {type}",
+           lambda func, activation, negative_slope, type: function_call(
+               func, activation=activation, negative_slope=negative_slope),
+           grid(ACTIVATED_BACKWARDS, typed("negative_slope", ["0.1", None, np.array([0.1])]))),
+    family("negative_slope NaN, inf or -inf", ValueError,
+           "negative_slope must be finite, got {negative_slope}",
+           lambda func, activation, negative_slope: function_call(
+               func, activation=activation, negative_slope=negative_slope),
+           grid(ACTIVATED_BACKWARDS, negative_slope=[math.nan, math.inf, -math.inf])),
+    Bad("batch_norm_backward_from_output", "activation 'relu' (not invertible)", ValueError,
+        "activation 'relu' cannot be inverted (every negative pre-activation gives 0): use "
+        "'leaky_relu' with a negative_slope > 0, or batch_norm_backward with x",
+        fn("backward_from_output", activation="relu")),
+    family("leaky_relu with negative_slope 0, -0.0, -0.1 or -1e-300 (not invertible)",
+           ValueError, "negative_slope must be > 0 to invert leaky_relu, got {negative_slope}",
+           lambda func, negative_slope: function_call(func, negative_slope=negative_slope),
+           grid(FROM_OUTPUT, negative_slope=[0.0, -0.0, -0.1, -1e-300])),
+    family("gamma with a zero: 0 in channel 1, -0.0 and 0 in channels 0 and 2, or all 0",
+           ValueError, "gamma is 0 in channel(s) {channels}: y carries no information on x "
+                       "there, so the backward from the output cannot recover it; use "
+                       "batch_norm_backward with x",
+           lambda func, gamma, channels: function_call(func, gamma=np.array(gamma, F32)),
+           grid(FROM_OUTPUT, [dict(gamma=[1.0, 0.0, 1.0], channels="1"),
+                              dict(gamma=[-0.0, 2.0, 0.0], channels="0, 2"),
+                              dict(gamma=[0.0, 0.0, 0.0], channels="0, 1, 2")])),
+    family("beta of shape (4,), (2,), (1, 3) or () (3 channels)", ValueError,
+           "beta must have shape (3,) (one value per channel), got shape {shape}",
+           lambda func, activation, shape: function_call(func, activation=activation,
+                                                         beta=np.ones(shape, F32)),
+           grid(ACTIVATED_BACKWARDS, shape=[(4,), (2,), (1, 3), ()])),
+    family("beta float64 with x float32, float32 with x float64, or int64", TypeError,
+           "beta must have the dtype of x ({x_dtype}), got {dtype}",
+           lambda func, activation, x_dtype, dtype: function_call(
+               func, valid=dict(dtype=x_dtype), activation=activation,
+               beta=lambda a: np.ones(C, dtype)),
+           grid([dict(func="backward", activation="leaky_relu")],
+                [dict(x_dtype="float32", dtype="float64"), dict(x_dtype="float64", dtype="float32"),
+                 dict(x_dtype="float32", dtype="int64")])),
+    family("beta a list", TypeError, "beta must be a numpy.ndarray or None, got list",
+           lambda func, activation: function_call(func, activation=activation,
+                                                  beta=[0.0, 0.0, 0.0]),
+           ACTIVATED_BACKWARDS),
+    family("y (the output, dy unchanged) of shape (4, 3, 5) or (4, 3, 2, 5)", ValueError,
+           "dy must have the shape of y {shape}, got (4, 3, 5, 2)",
+           lambda func, shape: function_call(func, y=np.ones(shape, F32)),
+           grid(FROM_OUTPUT, shape=[(4, 3, 5), (4, 3, 2, 5)])),
+    family("dy of another shape than y: (4, 3, 5) or (4, 3, 2, 5)", ValueError,
+           "dy must have the shape of y (4, 3, 5, 2), got {shape}",
+           lambda func, shape: function_call(func, dy=np.ones(shape, F32)),
+           grid(FROM_OUTPUT, shape=[(4, 3, 5), (4, 3, 2, 5)])),
+    family("y (and dy) 1-D (12,) or 6-D", ValueError,
+           "y must have 2 to 5 dimensions (N, C, ...), got shape {shape}",
+           lambda func, shape: function_call(func, y=np.ones(shape, F32),
+                                             dy=np.ones(shape, F32)),
+           grid(FROM_OUTPUT, shape=[(12,), (2, 3, 1, 1, 1, 2)])),
+    family("y of dtype int64, float16 or bool", TypeError,
+           "y must have dtype float32 or float64, got {dtype}",
+           lambda func, dtype: function_call(func, y=lambda a: a["y"].astype(dtype)),
+           grid(FROM_OUTPUT, dtype=["int64", "float16", "bool"])),
+    Bad("batch_norm_backward_from_output", "y a list", TypeError,
+        "y must be a numpy.ndarray, got list",
+        fn("backward_from_output", y=lambda a: a["y"].tolist())),
+    Bad("batch_norm_backward_from_output", "invstd None", TypeError,
+        "invstd (from batch_norm_forward) is required, got None",
+        fn("backward_from_output", invstd=None)),
+    family("out overlapping y or dy in part: 1 or 7 items before or after it", ValueError,
+           "out overlaps {name}; out may be dy or y itself (in place)",
+           lambda func, name, shift: function_call(func, overlap(name, shift)),
+           grid(FROM_OUTPUT, name=["y", "dy"], shift=[1, -1, 7, -7])),
+    family("gamma, beta or invstd stored inside out; beta of the fused backward too",
+           ValueError, "out overlaps {name}",
+           lambda func, name, activation=None: function_call(
+               func, inside_out(name), **({} if activation is None else
+                                          {"activation": activation,
+                                           "beta": np.ones(C, F32)})),
+           [dict(func="backward", name="beta", activation="leaky_relu")]
+           + [dict(func="backward_from_output", name=n) for n in ("gamma", "beta", "invstd")]),
+    Bad("batch_norm_backward_from_output", "dy, gamma or invstd float64 with y float32",
+        TypeError, "{name} must have the dtype of y (float32), got float64",
+        lambda name: function_call("backward_from_output",
+                                   **{name: lambda a: a[name].astype("float64")}),
+        tuple(grid(name=["dy", "gamma", "invstd"])),
+        bug="the message says 'the dtype of x' (the function has no x)"),
+    Bad("batch_norm_backward_from_output", "out of shape (4, 3, 5, 3)", ValueError,
+        "out must have the shape of y (4, 3, 5, 2), got (4, 3, 5, 3)",
+        fn("backward_from_output", out=np.empty((4, 3, 5, 3), F32)),
+        bug="the message says 'the shape of x' (the function has no x)"),
+    Bad("batch_norm_backward_from_output", "out float64 (y float32)", TypeError,
+        "out must have the dtype of y (float32), got float64",
+        fn("backward_from_output", out=np.empty(SHAPE)),
+        bug="the message says 'the dtype of x' (the function has no x)"),
 
     # -- functions: out
     family("out of another shape: (4, 3, 5, 3) or transposed (4, 3, 2, 5)", ValueError,
@@ -879,7 +994,8 @@ def test_the_table_is_large_and_covers_every_public_entry_point():
     assert len(TABLE) >= 30
     apis = {part.split("(")[0] for case in TABLE for part in case.api.split(", ")}
     for name in ("batch_norm_forward", "batch_norm_inference", "batch_norm_backward",
-                 "fold_batch_norm", "BatchNorm1d", "BatchNorm2d", "cs231n.batchnorm_forward",
+                 "batch_norm_backward_from_output", "fold_batch_norm", "BatchNorm1d",
+                 "BatchNorm2d", "cs231n.batchnorm_forward",
                  "cs231n.spatial_batchnorm_forward", "cs231n.batchnorm_backward",
                  "deepnet.Batchnorm"):
         assert name in apis, name
@@ -927,7 +1043,7 @@ def test_the_snapshot_sees_a_change():
     assert arrays_checked > 3 * len(CASES)
 
 
-@pytest.mark.parametrize("func", ["forward", "inference", "backward"])
+@pytest.mark.parametrize("func", ENTRY_POINTS)
 def test_valid_arguments_are_accepted(func):
     """The starting point of the functional rows is a valid call."""
     args = valid_args(func)
@@ -978,7 +1094,10 @@ def markdown():
         "way (one call per value or argument the row lists, in each function it names), "
         f"{len(TABLE)} rows and {len(CASES)} calls in all, made by the test suite on "
         "otherwise valid arguments (x is (4, 3, 5, 2) float32 unless the row says otherwise; "
-        "the function rows pass every argument, `out=` included; the `fold_batch_norm` rows "
+        "the function rows pass every argument, `out=` included; the rows of "
+        "`batch_norm_backward_from_output` pass y, the output of a forward with "
+        "`activation='leaky_relu'` and `negative_slope=0.1`, and those of the fused "
+        "`batch_norm_backward` pass `activation='leaky_relu'`; the `fold_batch_norm` rows "
         "start from a (3, 2, 3, 3) float32 weight with out_axis 0). Each call raises the "
         "exception shown, with a message that starts with the text shown (in a family, "
         "`<name>`, `<dtype>`, `<shape>` and the like stand for that call's argument, dtype, "
