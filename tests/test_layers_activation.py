@@ -155,8 +155,6 @@ def test_without_affine_the_layer_passes_no_gamma_or_beta():
 
 # ---------------------------------------------------- the reference backend ----
 
-@pytest.mark.skipif(not hasattr(reference, "batch_norm_backward_from_output"),
-                    reason="fastbn.reference has no backward from the output yet")
 @cases
 @dtypes
 @with_modes
