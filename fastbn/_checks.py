@@ -208,6 +208,22 @@ def float_dtype(value, *, who=None, name="dtype"):
     return dtype
 
 
+def memory_saving(value, activation_, negative_slope, *, who=None):
+    """A layer's ``memory_saving`` flag as a bool. True needs an activation
+    the backward from the output can invert: None, or "leaky_relu" with
+    ``negative_slope`` > 0 (``activation_`` and ``negative_slope`` already
+    checked by :func:`activation`)."""
+    value = flag(value, "memory_saving", who=who)
+    if value and (activation_ == "relu" or (activation_ == "leaky_relu"
+                                            and negative_slope <= 0)):
+        got = (f"activation={activation_!r}" if activation_ == "relu" else
+               f"activation='leaky_relu' with negative_slope={negative_slope:g}")
+        raise _error(ValueError, who, f"memory_saving=True needs activation None or "
+                                      f"'leaky_relu' with negative_slope > 0 (its backward "
+                                      f"inverts the activation on the output), got {got}")
+    return value
+
+
 # ---------------------------------------------------------------- arrays ----
 
 def array(name, a, *, who=None, what="a numpy.ndarray"):
@@ -298,6 +314,27 @@ def vector(name, v, dtype, size, *, writeable=False, who=None, what="a numpy.nda
                                           f"per channel, got a zero-stride view (every channel "
                                           f"would write the same value)")
     return v if v.flags.c_contiguous else np.ascontiguousarray(v)
+
+
+def zero_channels(gamma):
+    """The channels where gamma (an ndarray, or None) is 0, as a message lists
+    them ("1, 4", the first ten then "..."); "" when there is none."""
+    if gamma is None or np.all(gamma != 0):
+        return ""
+    zeros = np.flatnonzero(gamma == 0)
+    return ", ".join(map(str, zeros[:10])) + (", ..." if zeros.size > 10 else "")
+
+
+def saved_gamma(gamma, *, who=None):
+    """The gamma (a copy, or None) a memory-saving layer's output was made
+    with has no 0: its backward from the output divides by it."""
+    zeros = zero_channels(gamma)
+    if zeros:
+        raise _error(ValueError, who, f"gamma was 0 in channel(s) {zeros} at the forward: "
+                                      f"the output says nothing of the input there, so "
+                                      f"memory_saving=True cannot give its gradient; keep "
+                                      f"gamma away from 0, or build the layer with "
+                                      f"memory_saving=False")
 
 
 def counter(value, *, who=None, name="num_batches_tracked"):
@@ -460,10 +497,9 @@ def from_output_args(dy, y, num_features, gamma, beta, invstd, act, slope, out_,
     if invstd is None:
         raise _error(TypeError, who, "invstd (from batch_norm_forward) is required, got None")
     istd = vector("invstd", invstd, y.dtype, num_features, whose="y")
-    if g is not None and not np.all(g != 0):
-        zeros = np.flatnonzero(g == 0)
-        shown = ", ".join(map(str, zeros[:10])) + (", ..." if zeros.size > 10 else "")
-        raise _error(ValueError, who, f"gamma is 0 in channel(s) {shown}: y carries no "
+    zeros = zero_channels(g)
+    if zeros:
+        raise _error(ValueError, who, f"gamma is 0 in channel(s) {zeros}: y carries no "
                                       f"information on x there, so the backward from the "
                                       f"output cannot recover it; use batch_norm_backward "
                                       f"with x")

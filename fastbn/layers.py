@@ -3,10 +3,13 @@
 :class:`BatchNorm1d`, :class:`BatchNorm2d` and :class:`BatchNorm3d` (and the
 rank-agnostic :class:`BatchNorm`) hold the parameters, the running statistics
 and the train/eval switch of ``torch.nn.BatchNorm*d`` and do their arithmetic
-through the three public functions of :mod:`fastbn.functional` (or of any
-module with the same signatures, such as :mod:`fastbn.reference`, passed as
-``backend=``). The layer itself computes nothing of full size but the
-gradient of an eval-mode forward (see :meth:`BatchNorm.backward`).
+through the public functions of :mod:`fastbn.functional` (or of any module
+with the same signatures, such as :mod:`fastbn.reference`, passed as
+``backend=``); the layer itself computes nothing of full size. A layer may
+fuse a ReLU or leaky ReLU into its output (``activation=``) and, in memory
+saving mode, keep its output instead of its input for the backward (In-Place
+ABN; what a forward keeps is :mod:`fastbn._saved`'s record). The state dict
+and pickling are :mod:`fastbn._layer_state`'s.
 
 The formulas are those of Ioffe & Szegedy (2015), "Batch Normalization:
 Accelerating Deep Network Training by Reducing Internal Covariate Shift",
@@ -17,28 +20,29 @@ new batch, the running variance takes the unbiased batch variance,
 
 from __future__ import annotations
 
-import importlib
-import types
-from typing import NamedTuple
-
 import numpy as np
 
 from fastbn import _checks
 from fastbn import folding as _folding
 from fastbn import functional as _functional
+from fastbn._layer_state import LayerState
+from fastbn._saved import Saved, for_batch, gradients, running_invstd
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 _BACKEND_FUNCTIONS = ("batch_norm_forward", "batch_norm_inference", "batch_norm_backward")
+_FROM_OUTPUT = "batch_norm_backward_from_output"
 
 
-def _check_backend(backend):
-    """The backend module: fastbn.functional for None, else anything with its three functions."""
+def _check_backend(backend, memory_saving=False):
+    """The backend module: fastbn.functional for None, else anything with its
+    three functions (four with ``memory_saving``)."""
     if backend is None:
         return _functional
-    missing = [name for name in _BACKEND_FUNCTIONS if not callable(getattr(backend, name, None))]
+    needed = _BACKEND_FUNCTIONS + ((_FROM_OUTPUT,) if memory_saving else ())
+    missing = [name for name in needed if not callable(getattr(backend, name, None))]
     if missing:
-        raise TypeError(f"backend must provide {', '.join(_BACKEND_FUNCTIONS)} with the "
+        raise TypeError(f"backend must provide {', '.join(needed)} with the "
                         f"signatures of fastbn.functional (e.g. fastbn.functional or "
                         f"fastbn.reference), got {backend!r} without {', '.join(missing)}")
     return backend
@@ -55,21 +59,7 @@ def _parameter(attr, name, doc):
     return property(get, set, doc=doc)
 
 
-class Saved(NamedTuple):
-    """What a layer's forward leaves for its backward (no full-size copy)."""
-
-    #: the forward's input itself (a reference, not a copy)
-    x: np.ndarray
-    #: (C,) statistics x was normalized with (None for an empty slice)
-    mean: np.ndarray | None
-    invstd: np.ndarray | None
-    #: True: the batch's own statistics; False: the running ones (an affine map)
-    batch: bool
-    #: SyncBatchNorm: the statistics are those of the global batch
-    synced: bool = False
-
-
-class BatchNorm:
+class BatchNorm(LayerState):
     """Batch Normalization over the channel axis of 2-D to 5-D input.
 
     In training mode the input is normalized with the statistics of the batch
@@ -77,11 +67,13 @@ class BatchNorm:
     the running statistics (Ioffe & Szegedy 2015, arXiv:1502.03167,
     Algorithms 1 and 2)::
 
-        y = (x - mean) / sqrt(var + eps) * gamma + beta
+        y = act((x - mean) / sqrt(var + eps) * gamma + beta)
 
     where mean and the biased var are taken per channel over every other
-    axis. Semantics, defaults and ``state_dict`` keys are those of
-    ``torch.nn.BatchNorm2d``; :class:`BatchNorm1d`, :class:`BatchNorm2d` and
+    axis and act is the identity unless ``activation`` is given. Semantics,
+    defaults and ``state_dict`` keys are those of ``torch.nn.BatchNorm2d``
+    (with an activation: followed by ``torch.nn.ReLU`` or
+    ``torch.nn.LeakyReLU``); :class:`BatchNorm1d`, :class:`BatchNorm2d` and
     :class:`BatchNorm3d` differ from this class only in the number of
     dimensions they accept.
 
@@ -118,6 +110,34 @@ class BatchNorm:
         ``batch_norm_backward`` with the signatures of
         :mod:`fastbn.functional`. None is :mod:`fastbn.functional`;
         :mod:`fastbn.reference` runs the same layer on the NumPy oracle.
+        With ``memory_saving`` it must provide
+        ``batch_norm_backward_from_output`` too.
+    activation : {None, "relu", "leaky_relu"}, keyword-only, default None
+        An activation fused into the output, computed in the same sweep
+        (:func:`fastbn.batch_norm_forward`, :func:`fastbn.batch_norm_inference`):
+        "relu" is ``max(z, 0)``, "leaky_relu" is z for z >= 0 and
+        ``negative_slope * z`` below, where ``z = (x - mean) * invstd *
+        gamma + beta``. :meth:`backward` then takes the gradient with respect
+        to the activated output and applies the activation's derivative in
+        its own pass (:func:`fastbn.batch_norm_backward` recomputes z from x).
+        Configuration, not state: it is not in :meth:`state_dict`.
+    negative_slope : float, keyword-only, default 0.01
+        The slope of "leaky_relu" below 0 (PyTorch's name and default);
+        finite. Not used by the other activations.
+    memory_saving : bool, keyword-only, default False
+        Keep the output instead of the input for :meth:`backward` when
+        normalizing with batch statistics (training mode, or eval mode
+        without running statistics): the idea of In-Place ABN (Rota Bulò,
+        Porzi & Kontschieder, CVPR 2018, arXiv:1712.02616). The output is
+        returned to the caller anyway, so the layer then holds no array of
+        its own: x can be freed as soon as the caller drops it, which saves
+        one input-sized array per layer between a forward and its backward.
+        The backward inverts the activation and the affine map on y,
+        ``xhat = (act^-1(y) - beta) / gamma``, and applies
+        :func:`fastbn.batch_norm_backward_from_output`. It needs an
+        invertible activation: None, or "leaky_relu" with
+        ``negative_slope > 0``. Eval mode with running statistics keeps x,
+        as without it. See the Notes for what the caller must not do.
 
     Attributes
     ----------
@@ -138,15 +158,23 @@ class BatchNorm:
     training : bool
         True after :meth:`train` (the initial state), False after
         :meth:`eval`.
+    activation, negative_slope, memory_saving
+        As given (negative_slope as a float): configuration, not state.
 
     Raises
     ------
     TypeError
         A non-integer ``num_features``, a ``dtype`` other than float32 or
-        float64, or a ``backend`` without the three functions.
+        float64, an ``activation`` that is not None or a string, a
+        ``negative_slope`` that is not a real number, an ``unbiased`` or
+        ``memory_saving`` that is not a bool, or a ``backend`` without the
+        functions the layer calls.
     ValueError
         ``num_features`` < 1, a bad ``eps``, ``momentum``, ``channel_axis``
-        or ``num_threads``.
+        or ``num_threads``; an ``activation`` other than None, "relu" and
+        "leaky_relu"; a non-finite ``negative_slope``; ``memory_saving``
+        with "relu", or with "leaky_relu" and ``negative_slope <= 0`` (the
+        output does not determine the input).
 
     See Also
     --------
@@ -158,6 +186,22 @@ class BatchNorm:
     The layer keeps a reference to the last input (not a copy) for
     :meth:`backward`: modifying that array in place between the forward and
     the backward changes the gradient.
+
+    With ``memory_saving`` and batch statistics it keeps a reference to the
+    last output y instead, the very array the forward returned. The caller
+    must not modify y in place between the forward and the backward (no
+    ``y += residual``, no in-place activation after the layer): the backward
+    would read the modified values and return a wrong gradient, without an
+    error. It inverts the map ``x -> y`` on each channel, so a channel whose
+    ``gamma`` is 0 (its output is the constant ``act(beta)``, which says
+    nothing of x) makes :meth:`backward` raise ``ValueError`` naming the
+    channels; initialize gamma away from 0, or use the default mode. The
+    gamma and beta y was made with are copied at the forward (C values
+    each), so an optimizer step between the forward and the backward does
+    not corrupt the inversion. The gradients equal the default mode's to
+    round-off: y is rounded to the layer's dtype before it is inverted,
+    which costs about 1e-6 relative in float32 with ``|gamma|`` and
+    ``|beta|`` of order 1, growing like ``|beta| / |gamma|``.
 
     Examples
     --------
@@ -178,7 +222,8 @@ class BatchNorm:
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, dtype=np.float32, channel_axis=1,
-                 num_threads=None, *, unbiased=True, backend=None):
+                 num_threads=None, *, unbiased=True, backend=None, activation=None,
+                 negative_slope=0.01, memory_saving=False):
         who = type(self).__name__
         # The functions check eps, momentum and num_threads again at every call;
         # checking them here makes a bad layer fail at construction.
@@ -198,7 +243,11 @@ class BatchNorm:
         self.channel_axis = channel_axis
         self.num_threads = num_threads
         self.unbiased = _checks.flag(unbiased, "unbiased", who=who)
-        self.backend = _check_backend(backend)
+        _, self.negative_slope = _checks.activation(activation, negative_slope, who=who)
+        self.activation = activation
+        self.memory_saving = _checks.memory_saving(memory_saving, activation,
+                                                   self.negative_slope, who=who)
+        self.backend = _check_backend(backend, self.memory_saving)
         self.training = True
 
         c = self.num_features
@@ -290,24 +339,29 @@ class BatchNorm:
                             ndims=self._ndims, expected=self._expected)
 
     def forward(self, x):
-        """Normalize x; in training mode also update the running statistics.
+        """Normalize x and apply the activation; in training mode update the running statistics.
 
         Training mode, or eval mode without running statistics: normalize
         with the batch statistics (:func:`fastbn.batch_norm_forward`); in
         training mode with ``track_running_stats`` the running statistics are
         updated in place and ``num_batches_tracked`` is incremented. Eval
         mode with running statistics: :func:`fastbn.batch_norm_inference`.
+        The layer's ``activation`` is fused into either.
 
         Parameters
         ----------
         x : ndarray, the layer's dtype
             (N, C, ...) with ``channel_axis=1``, (N, ..., C) with
             ``channel_axis=-1``; the number of dimensions the class accepts.
-            A reference to it (not a copy) is kept for :meth:`backward`.
+            A reference to it (not a copy) is kept for :meth:`backward`,
+            except with ``memory_saving`` and batch statistics.
 
         Returns
         -------
         y : ndarray, shape and dtype of x
+            A new array. With ``memory_saving`` and batch statistics the
+            layer keeps a reference to it for :meth:`backward`: do not
+            modify it in place before then.
 
         Raises
         ------
@@ -321,6 +375,8 @@ class BatchNorm:
         self._check_input(x)
         f = self.backend
         common = dict(channel_axis=self.channel_axis, num_threads=self.num_threads)
+        if self.activation is not None:  # a backend without the keywords serves the rest
+            common.update(activation=self.activation, negative_slope=self.negative_slope)
         if self.training or not self.track_running_stats:
             tracking = self.training and self.track_running_stats
             y, mean, invstd = f.batch_norm_forward(
@@ -330,15 +386,14 @@ class BatchNorm:
                 momentum=self.momentum, unbiased=self.unbiased,
                 num_batches_tracked=self.num_batches_tracked if tracking else None,
                 **common)
-            self._saved = Saved(x, mean, invstd, batch=True)
+            self._saved = for_batch(self, x, y, mean, invstd)  # with memory_saving: y
         else:
             y = f.batch_norm_inference(x, self._gamma, self._beta, self.running_mean,
                                        self.running_var, eps=self.eps, **common)
-            invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-            # saturated as the kernels saturate a batch's invstd (no inf, no 0 * inf)
-            invstd = np.minimum(invstd, np.finfo(self.dtype).max)
-            self._saved = Saved(x, self.running_mean.copy(), invstd.astype(self.dtype),
-                                batch=False)
+            self._saved = Saved(x, self.running_mean.copy(),
+                                running_invstd(self.running_var, self.eps, self.dtype),
+                                batch=False, activation=self.activation,
+                                negative_slope=self.negative_slope)
         return y
 
     __call__ = forward
@@ -346,27 +401,40 @@ class BatchNorm:
     def backward(self, dy):
         """Gradient with respect to the input of the last forward; stores dgamma, dbeta.
 
+        dy is the gradient with respect to the layer's output, the activated
+        one with an ``activation``; with ``z = gamma * xhat + beta`` the
+        output before the activation, the backward first takes the gradient
+        with respect to z, ``dz = dy * act'(z)`` (1 without an activation;
+        for ReLU 1 where z > 0 and 0 elsewhere; for leaky ReLU 1 where z >
+        0 and ``negative_slope`` elsewhere), in the same pass as the rest.
+
         After a forward with batch statistics (training mode, or eval mode
         without running statistics) this is the Batch Normalization backward
         of :func:`fastbn.batch_norm_backward`, with m values per channel and
         ``xhat = (x - mean) * invstd``::
 
-            dbeta  = sum(dy)
-            dgamma = sum(dy * xhat)
-            dx     = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)
+            dbeta  = sum(dz)
+            dgamma = sum(dz * xhat)
+            dx     = gamma * invstd / m * (m * dz - dbeta - xhat * dgamma)
+
+        With ``memory_saving`` the same gradients come from the output y
+        instead of x (:func:`fastbn.batch_norm_backward_from_output`, In-Place
+        ABN, Rota Bulò et al. 2018, arXiv:1712.02616): ``xhat = (act^-1(y) -
+        beta) / gamma`` with the gamma and beta of that forward, and act'
+        read from the sign of y.
 
         After an eval-mode forward with running statistics the normalization
         is a fixed affine map, and with ``invstd = 1 / sqrt(running_var +
         eps)`` and ``xhat = (x - running_mean) * invstd``::
 
-            dbeta  = sum(dy)
-            dgamma = sum(dy * xhat)
-            dx     = dy * gamma * invstd
+            dbeta  = sum(dz)
+            dgamma = sum(dz * xhat)
+            dx     = dz * gamma * invstd
 
         using the running statistics as they were at that forward: one
         kernel pass, :func:`fastbn.batch_norm_backward` with
-        ``training=False`` (without ``affine``, dgamma and dbeta are not
-        computed and only dy is read).
+        ``training=False`` (without ``affine`` dgamma and dbeta are not
+        computed, and without an activation too only dy is read).
 
         Parameters
         ----------
@@ -385,21 +453,21 @@ class BatchNorm:
         TypeError
             dy not an ndarray, or of another dtype than x.
         ValueError
-            dy not shaped like the last forward's input.
+            dy not shaped like the last forward's input; with
+            ``memory_saving``, a channel whose gamma was 0 at the forward
+            (the message names the channels). Nothing is stored then.
         """
         who = f"{type(self).__name__}.backward"
-        if self._saved is None:
+        saved = self._saved
+        if saved is None:
             raise RuntimeError(f"{who} called before forward: there is no input to take the "
                                f"gradient at")
-        x, mean, invstd, batch = (self._saved.x, self._saved.mean, self._saved.invstd,
-                                  self._saved.batch)
-        _checks.like("dy", dy, x, who=who)
-        f = self.backend
-        common = dict(channel_axis=self.channel_axis, num_threads=self.num_threads)
+        _checks.like("dy", dy, saved.array, who=who)
+        _checks.saved_gamma(saved.gamma, who=who)
         # after an eval-mode forward the running statistics are constants
-        dx, dgamma, dbeta = f.batch_norm_backward(dy, x, self._gamma, mean, invstd,
-                                                  training=batch, param_grads=self.affine,
-                                                  **common)
+        dx, dgamma, dbeta = gradients(self.backend, saved, dy, self._gamma, self._beta,
+                                      param_grads=self.affine, channel_axis=self.channel_axis,
+                                      num_threads=self.num_threads)
         if self.affine:
             self.dgamma, self.dbeta = dgamma, dbeta
         return dx
@@ -412,7 +480,9 @@ class BatchNorm:
         :func:`fastbn.fold_batch_norm` with this layer's ``running_mean``,
         ``running_var``, ``gamma``, ``beta`` and ``eps``: the layer with the
         returned weight and bias gives, alone, what it followed by this
-        layer in eval mode gives (the layer's mode does not matter).
+        layer in eval mode gives (the layer's mode does not matter). A
+        layer's ``activation`` is not folded: apply it after the folded
+        layer.
 
         Parameters
         ----------
@@ -460,71 +530,6 @@ class BatchNorm:
                               self._beta, self.eps, out_axis, num_features=self.num_features,
                               who=who)
 
-    def state_dict(self):
-        """The learnable parameters and running statistics under PyTorch's key names.
-
-        Returns
-        -------
-        dict of str to ndarray
-            Copies, in PyTorch's order: ``weight`` and ``bias`` (with
-            ``affine``), ``running_mean``, ``running_var`` and
-            ``num_batches_tracked`` (0-d int64; with
-            ``track_running_stats``).
-        """
-        state = {}
-        if self.affine:
-            state["weight"] = self._gamma.copy()
-            state["bias"] = self._beta.copy()
-        if self.track_running_stats:
-            state["running_mean"] = self.running_mean.copy()
-            state["running_var"] = self.running_var.copy()
-            state["num_batches_tracked"] = self.num_batches_tracked.copy()
-        return state
-
-    def load_state_dict(self, state_dict, strict=True):
-        """Copy parameters and running statistics in place from a state dict.
-
-        The layer's arrays keep their identity (an optimizer holding them
-        sees the new values); values are cast to the layer's dtype. A state
-        from ``torch.nn.BatchNorm*d`` loads as is, its tensors converted by
-        ``numpy.asarray`` (tensors that require grad are detached first). As
-        in PyTorch, a missing ``num_batches_tracked`` keeps the current
-        count.
-
-        Parameters
-        ----------
-        state_dict : mapping of str to array_like
-            Keys ``weight``, ``bias``, ``running_mean``, ``running_var``,
-            ``num_batches_tracked`` as :meth:`state_dict` gives them.
-        strict : bool, default True
-            Require exactly the keys of :meth:`state_dict`.
-
-        Raises
-        ------
-        KeyError
-            With ``strict``, missing or unexpected keys (all of them named).
-        TypeError
-            A value not of a real dtype (an integer one for
-            ``num_batches_tracked``).
-        ValueError
-            A value whose shape does not match, or a ``num_batches_tracked``
-            that is not a count >= 0 able to grow within int64.
-
-        Nothing is modified when an error is raised.
-        """
-        own = {}
-        if self.affine:
-            own["weight"] = self._gamma
-            own["bias"] = self._beta
-        if self.track_running_stats:
-            own["running_mean"] = self.running_mean
-            own["running_var"] = self.running_var
-            own["num_batches_tracked"] = self.num_batches_tracked
-        staged = _checks.state_values(own, state_dict, strict,
-                                      who=f"{type(self).__name__}.load_state_dict")
-        for target, value in staged:
-            target[...] = value
-
     # ------------------------------------------------------------- python
 
     def __repr__(self):
@@ -536,25 +541,17 @@ class BatchNorm:
             extra += f", channel_axis={self.channel_axis}"
         if not self.unbiased:
             extra += ", unbiased=False"
+        if self.activation is not None:
+            extra += f", activation={self.activation!r}"
+        if self.negative_slope != 0.01:
+            extra += f", negative_slope={self.negative_slope:g}"
+        if self.memory_saving:
+            extra += ", memory_saving=True"
         if self.backend is not _functional:
             extra += f", backend={getattr(self.backend, '__name__', self.backend)!s}"
         return (f"{type(self).__name__}({self.num_features}, eps={self.eps:g}, "
                 f"momentum={momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}{extra})")
-
-    def __getstate__(self):
-        # Modules do not pickle: keep a backend module by name. The cached input
-        # of the last forward is not part of the layer's state.
-        state = self.__dict__.copy()
-        state["_saved"] = None
-        if isinstance(self.backend, types.ModuleType):
-            state["backend"] = self.backend.__name__
-        return state
-
-    def __setstate__(self, state):
-        if isinstance(state.get("backend"), str):
-            state["backend"] = importlib.import_module(state["backend"])
-        self.__dict__.update(state)
 
 
 class BatchNorm1d(BatchNorm):

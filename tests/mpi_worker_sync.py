@@ -133,6 +133,8 @@ CONFIGS = {
     "momentum=None": dict(momentum=None),
     "affine=False": dict(affine=False),
     "no-running-stats": dict(track_running_stats=False),
+    "relu": dict(activation="relu"),
+    "leaky-memory-saving": dict(activation="leaky_relu", negative_slope=0.2, memory_saving=True),
 }
 
 

@@ -725,6 +725,44 @@ TABLE = [
     Bad("BatchNorm2d", "dtype float16", TypeError,
         "BatchNorm2d: dtype must be float32 or float64, got float16",
         construct(BatchNorm2d, num_features=3, dtype=np.float16)),
+    Bad("BatchNorm2d", "activation 'gelu'", ValueError,
+        "BatchNorm2d: activation must be None, 'relu' or 'leaky_relu', got 'gelu'",
+        construct(BatchNorm2d, num_features=3, activation="gelu")),
+    Bad("BatchNorm1d", "activation the int 1", TypeError,
+        "BatchNorm1d: activation must be None, 'relu' or 'leaky_relu', got int",
+        construct(BatchNorm1d, num_features=3, activation=1)),
+    Bad("BatchNorm2d", "negative_slope NaN", ValueError,
+        "BatchNorm2d: negative_slope must be finite, got nan",
+        construct(BatchNorm2d, num_features=3, activation="leaky_relu",
+                  negative_slope=float("nan"))),
+    Bad("BatchNorm2d", "memory_saving the int 1", TypeError,
+        "BatchNorm2d: memory_saving must be True or False, got int",
+        construct(BatchNorm2d, num_features=3, memory_saving=1)),
+    Bad("BatchNorm2d", "memory_saving with activation 'relu' (not invertible)", ValueError,
+        "BatchNorm2d: memory_saving=True needs activation None or 'leaky_relu' with "
+        "negative_slope > 0 (its backward inverts the activation on the output), got "
+        "activation='relu'",
+        construct(BatchNorm2d, num_features=3, activation="relu", memory_saving=True)),
+    Bad("BatchNorm2d", "memory_saving with 'leaky_relu' and negative_slope 0 or -0.1",
+        ValueError, "BatchNorm2d: memory_saving=True needs activation None or 'leaky_relu' "
+        "with negative_slope > 0 (its backward inverts the activation on the output), got "
+        "activation='leaky_relu' with negative_slope={slope}",
+        lambda slope: construct(BatchNorm2d, num_features=3, activation="leaky_relu",
+                                negative_slope=slope, memory_saving=True)(),
+        tuple(grid(slope=[0, -0.1]))),
+    Bad("BatchNorm2d", "memory_saving with a backend without batch_norm_backward_from_output",
+        TypeError, "backend must provide batch_norm_forward, batch_norm_inference, "
+        "batch_norm_backward, batch_norm_backward_from_output with the signatures of "
+        "fastbn.functional",
+        construct(BatchNorm2d, num_features=3, memory_saving=True, backend=types.SimpleNamespace(
+            batch_norm_forward=fastbn.batch_norm_forward,
+            batch_norm_inference=fastbn.batch_norm_inference,
+            batch_norm_backward=fastbn.batch_norm_backward))),
+    Bad("BatchNorm2d(3, memory_saving=True)", "backward after a forward with gamma 0 in "
+        "channel 1", ValueError, "BatchNorm2d.backward: gamma was 0 in channel(s) 1 at the "
+        "forward: the output says nothing of the input there",
+        layer(BatchNorm2d, lambda bn, x: bn.backward(np.ones_like(x)), trained=True,
+              setup=lambda bn: bn.gamma.__setitem__(1, 0), memory_saving=True)),
     Bad("BatchNorm1d(3)", "gamma assigned a (4,) array", ValueError,
         "BatchNorm1d.gamma must have shape (3,), got (4,)",
         assign("gamma", lambda: np.ones(4, F32))),

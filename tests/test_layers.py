@@ -260,12 +260,19 @@ def test_without_running_stats_eval_uses_batch_statistics():
 
 # ------------------------------------------------------ finite differences ----
 
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(activation="relu"),
+    dict(activation="leaky_relu", negative_slope=0.2),
+    dict(memory_saving=True),
+    dict(activation="leaky_relu", negative_slope=0.2, memory_saving=True),
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", SHAPES)
-def test_gradients_match_finite_differences(case, training):
+def test_gradients_match_finite_differences(case, training, options):
     cls, shape = SHAPES[case]
     rng = np.random.default_rng(1)
-    layer = cls(shape[1], dtype=np.float64, momentum=0.5)
+    layer = cls(shape[1], dtype=np.float64, momentum=0.5, **options)
     for x, _ in batches(shape, np.float64, 2):   # non-trivial running statistics
         layer(x)
     layer.gamma[...] = rng.uniform(0.5, 2.0, shape[1])

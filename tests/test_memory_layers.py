@@ -37,13 +37,19 @@ def data():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("channels", ["first", "last"])
-def test_layer_forward_and_backward_allocate_only_the_result(data, dtype, mode, channels):
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(activation="relu"),
+    dict(activation="leaky_relu", memory_saving=True),   # the backward from the output
+], ids=["plain", "relu", "leaky-memory-saving"])
+def test_layer_forward_and_backward_allocate_only_the_result(data, dtype, mode, channels,
+                                                             options):
     x, dy = data[dtype]
     ca = 1
     if channels == "last":
         x, dy, ca = np.ascontiguousarray(x.transpose(0, 2, 3, 1)), np.ascontiguousarray(
             dy.transpose(0, 2, 3, 1)), -1
-    bn = BatchNorm2d(SHAPE[1], dtype=dtype, channel_axis=ca).train(mode == "train")
+    bn = BatchNorm2d(SHAPE[1], dtype=dtype, channel_axis=ca, **options).train(mode == "train")
     assert peak_bytes(lambda: bn(x)) < limit(x)
     assert peak_bytes(lambda: bn.backward(dy)) < limit(x)
 

@@ -719,8 +719,11 @@ def layer_work(shape, ca, dtype, bounds, steps=2, **config):
 
 
 @pytest.mark.parametrize("config", [dict(), dict(momentum=None), dict(affine=False),
-                                    dict(track_running_stats=False)],
-                         ids=["default", "momentum=None", "affine=False", "no-running-stats"])
+                                    dict(track_running_stats=False), dict(activation="relu"),
+                                    dict(activation="leaky_relu", negative_slope=0.2,
+                                         memory_saving=True)],
+                         ids=["default", "momentum=None", "affine=False", "no-running-stats",
+                              "relu", "leaky-memory-saving"])
 def test_layer_matches_the_single_process_layer(config):
     shape, ca, dtype = (13, 6, 5, 7), 1, np.float64
     bounds = [0, 6, 6, 13]
@@ -761,6 +764,20 @@ def test_layer_eval_communicates_nothing_and_takes_empty_slices():
     results = values(results)
     assert group.calls == 2
     assert results[1][:3] == ((0, 3, 4, 4),) * 3
+
+
+def test_memory_saving_layer_with_a_zero_gamma_raises_on_every_rank():
+    x, dy, *_ = global_batch((8, 3, 4, 4), 1, np.float32)
+
+    def work(rank, allreduce):
+        bn = SyncBatchNorm(3, num_threads=1, allreduce=allreduce, memory_saving=True)
+        bn.gamma[1] = 0
+        part = slice(0, 5) if rank == 0 else slice(5, 8)
+        bn(x[part])
+        return bn.backward(dy[part])
+
+    for exc in run_ranks(2, work)[0]:
+        assert isinstance(exc, ValueError) and "gamma is 0 in channel(s) 1" in str(exc)
 
 
 def test_layer_bad_input_on_one_rank():

@@ -7,12 +7,13 @@ import numpy as np
 from fastbn import _checks
 from fastbn.distributed._mpi import _import_mpi, mpi_allreduce
 from fastbn.distributed._passes import _check_allreduce, backward, forward
-from fastbn.layers import BatchNorm, Saved
+from fastbn._saved import Saved, for_batch
+from fastbn.layers import BatchNorm
 
 __all__ = ["SyncBatchNorm"]
 
 _SETTINGS = ("num_features", "dtype", "channel_axis", "eps", "momentum", "affine",
-             "track_running_stats", "unbiased")
+             "track_running_stats", "unbiased", "activation", "negative_slope", "memory_saving")
 
 
 class SyncBatchNorm(BatchNorm):
@@ -43,6 +44,14 @@ class SyncBatchNorm(BatchNorm):
     eps, momentum, affine, track_running_stats, dtype, channel_axis, num_threads, unbiased
         As in :class:`fastbn.layers.BatchNorm`; the same on every rank
         (checked at construction).
+    activation, negative_slope, memory_saving : keyword-only
+        As in :class:`fastbn.layers.BatchNorm`; the same on every rank
+        (checked at construction). The training-mode passes fuse the
+        activation (:func:`sync_batch_norm_forward`,
+        :func:`sync_batch_norm_backward`); with ``memory_saving`` the
+        layer keeps this rank's y instead of x and its training backward
+        is :func:`sync_batch_norm_backward_from_output`, which raises on
+        every rank when gamma has a zero.
     comm : mpi4py.MPI.Intracomm or None, keyword-only
         The processes to synchronize over; None is ``MPI.COMM_WORLD``. Any
         intracommunicator works (``comm.Split`` for groups of ranks). Or an
@@ -72,7 +81,8 @@ class SyncBatchNorm(BatchNorm):
         As :class:`fastbn.layers.BatchNorm`; ``comm`` not a communicator;
         both ``comm`` and ``allreduce``. ``ValueError`` on every rank when
         the ranks construct the layer with different settings (num_features,
-        dtype, channel_axis, eps, momentum, affine, track_running_stats).
+        dtype, channel_axis, eps, momentum, affine, track_running_stats,
+        unbiased, activation, negative_slope, memory_saving).
 
     Notes
     -----
@@ -105,9 +115,11 @@ class SyncBatchNorm(BatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, dtype=np.float32, channel_axis=1,
-                 num_threads=None, *, unbiased=True, comm=None, allreduce=None):
+                 num_threads=None, *, unbiased=True, activation=None, negative_slope=0.01,
+                 memory_saving=False, comm=None, allreduce=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype,
-                         channel_axis, num_threads, unbiased=unbiased)
+                         channel_axis, num_threads, unbiased=unbiased, activation=activation,
+                         negative_slope=negative_slope, memory_saving=memory_saving)
         cls = type(self).__name__
         if allreduce is not None:
             if comm is not None:
@@ -171,7 +183,9 @@ class SyncBatchNorm(BatchNorm):
                             f"{type(layer).__name__}")
         new = cls(layer.num_features, layer.eps, layer.momentum, layer.affine,
                   layer.track_running_stats, layer.dtype, layer.channel_axis,
-                  layer.num_threads, unbiased=layer.unbiased, comm=comm, allreduce=allreduce)
+                  layer.num_threads, unbiased=layer.unbiased, activation=layer.activation,
+                  negative_slope=layer.negative_slope, memory_saving=layer.memory_saving,
+                  comm=comm, allreduce=allreduce)
         new._share_arrays(layer)
         return new
 
@@ -185,8 +199,9 @@ class SyncBatchNorm(BatchNorm):
         """Normalize x; in training mode with the global batch statistics (collective).
 
         Training mode: one ``Allreduce``; the running statistics are
-        updated with the global statistics. Eval mode: as
-        :meth:`fastbn.layers.BatchNorm.forward`, with no communication.
+        updated with the global statistics; the layer's ``activation`` is
+        fused into y. Eval mode: as :meth:`fastbn.layers.BatchNorm.forward`,
+        with no communication.
 
         Parameters
         ----------
@@ -216,8 +231,8 @@ class SyncBatchNorm(BatchNorm):
             running_var=self.running_var if tracking else None, momentum=self.momentum,
             unbiased=self.unbiased,
             num_batches_tracked=self.num_batches_tracked if tracking else None, out=None,
-            **self._common())
-        self._saved = Saved(x, mean, invstd, batch=True, synced=True)
+            activation=self.activation, negative_slope=self.negative_slope, **self._common())
+        self._saved = for_batch(self, x, y, mean, invstd, synced=True)  # memory_saving: y
         return y
 
     __call__ = forward
@@ -225,8 +240,11 @@ class SyncBatchNorm(BatchNorm):
     def backward(self, dy):
         """Gradient with respect to this rank's input; stores the global dgamma, dbeta.
 
-        After a training-mode forward: one ``Allreduce`` (collective). After
-        an eval-mode forward: as :meth:`fastbn.layers.BatchNorm.backward`.
+        After a training-mode forward: one ``Allreduce`` (collective), with
+        the layer's ``activation`` (:func:`sync_batch_norm_backward`), or
+        from this rank's y with ``memory_saving``
+        (:func:`sync_batch_norm_backward_from_output`). After an eval-mode
+        forward: as :meth:`fastbn.layers.BatchNorm.backward`.
 
         Parameters
         ----------
@@ -236,18 +254,31 @@ class SyncBatchNorm(BatchNorm):
         Returns
         -------
         dx : ndarray, shape and dtype of this rank's x
+
+        Raises
+        ------
+        TypeError, ValueError
+            After a training-mode forward, on every rank when the dy of any
+            rank fails the checks, or with ``memory_saving`` when gamma has
+            a zero; otherwise as :meth:`fastbn.layers.BatchNorm.backward`.
         """
         saved = self._saved
         if saved is None or not saved.synced:
-            if saved is not None and saved.x.size == 0:  # eval, empty slice
-                _checks.like("dy", dy, saved.x, who=f"{type(self).__name__}.backward")
+            if saved is not None and saved.array.size == 0:  # eval, empty slice
+                _checks.like("dy", dy, saved.array, who=f"{type(self).__name__}.backward")
                 if self.affine:
                     self.dgamma = np.zeros(self.num_features, self.dtype)
                     self.dbeta = np.zeros(self.num_features, self.dtype)
-                return np.empty_like(saved.x, order="C")
+                return np.empty_like(saved.array, order="C")
             return super().backward(dy)
-        dx, dgamma, dbeta = backward(dy, saved.x, self._gamma, saved.mean, saved.invstd,
-                                     out=None, **self._common())
+        act = dict(activation=saved.activation, negative_slope=saved.negative_slope, out=None)
+        if saved.x is None:  # memory saving: from this rank's y
+            dx, dgamma, dbeta = backward(dy, saved.y, saved.gamma, None, saved.invstd,
+                                         beta=saved.beta, from_output=True, **act,
+                                         **self._common())
+        else:
+            dx, dgamma, dbeta = backward(dy, saved.x, self._gamma, saved.mean, saved.invstd,
+                                         beta=self._beta, **act, **self._common())
         if self.affine:
             self.dgamma, self.dbeta = dgamma, dbeta
         return dx

@@ -1,0 +1,96 @@
+"""What a layer's forward keeps for its backward, and the backward that reads it.
+
+A forward of :class:`fastbn.layers.BatchNorm` (or of
+:class:`fastbn.SyncBatchNorm`) leaves one :class:`Saved` record; nothing of
+full size is copied. Three kinds:
+
+- batch statistics (training mode, or eval mode without running
+  statistics): the input x itself, the batch mean and invstd; the backward
+  is :func:`fastbn.batch_norm_backward` (``training=True``);
+- batch statistics with ``memory_saving``: the output y the forward
+  returned instead of x, with copies of gamma and beta (C values each); the
+  backward is :func:`fastbn.batch_norm_backward_from_output`, which
+  recovers the normalized input from y (In-Place ABN: Rota Bulò, Porzi and
+  Kontschieder, "In-Place Activated BatchNorm for Memory-Optimized Training
+  of DNNs", CVPR 2018, arXiv:1712.02616);
+- running statistics (eval mode): x, a copy of the running mean and
+  ``invstd = 1 / sqrt(running_var + eps)``, constants; the backward is
+  :func:`fastbn.batch_norm_backward` with ``training=False``.
+
+The activation of the forward is recorded too, so that the backward applies
+the derivative of the activation the output was made with.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = ["Saved", "for_batch", "running_invstd", "gradients"]
+
+
+class Saved(NamedTuple):
+    """What a layer's forward leaves for its backward (no full-size copy)."""
+
+    #: the forward's input itself (a reference, not a copy); None when y is kept
+    x: np.ndarray | None
+    #: (C,) statistics x was normalized with (None for an empty slice)
+    mean: np.ndarray | None
+    invstd: np.ndarray | None
+    #: True: the batch's own statistics; False: the running ones (an affine map)
+    batch: bool
+    #: SyncBatchNorm: the statistics are those of the global batch
+    synced: bool = False
+    #: memory saving: the forward's output itself (a reference), instead of x
+    y: np.ndarray | None = None
+    #: memory saving: copies of the gamma and beta y was made with (None: no affine)
+    gamma: np.ndarray | None = None
+    beta: np.ndarray | None = None
+    #: the activation fused into the forward's output, and its slope
+    activation: str | None = None
+    negative_slope: float = 0.01
+
+    @property
+    def array(self):
+        """The full-size array kept (x, or y when memory saving): dy must match it."""
+        return self.y if self.x is None else self.x
+
+
+def for_batch(layer, x, y, mean, invstd, *, synced=False):
+    """The record of a forward of ``layer`` with batch statistics: x, or with
+    the layer's ``memory_saving`` y and copies of its gamma and beta."""
+    act = dict(activation=layer.activation, negative_slope=layer.negative_slope)
+    if not layer.memory_saving:
+        return Saved(x, mean, invstd, batch=True, synced=synced, **act)
+    gamma, beta = layer.gamma, layer.beta
+    return Saved(None, mean, invstd, batch=True, synced=synced, y=y,
+                 gamma=None if gamma is None else gamma.copy(),
+                 beta=None if beta is None else beta.copy(), **act)
+
+
+def running_invstd(running_var, eps, dtype):
+    """``1 / sqrt(running_var + eps)`` in float64, rounded to ``dtype``, and
+    saturated at its largest finite value as the kernels saturate a batch's
+    invstd (no inf, no 0 * inf in the backward)."""
+    invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+    return np.minimum(invstd, np.finfo(dtype).max).astype(dtype)
+
+
+def gradients(backend, saved, dy, gamma, beta, *, param_grads, channel_axis, num_threads):
+    """(dx, dgamma, dbeta) at the forward ``saved`` records, with ``backend``'s
+    functions; ``gamma`` and ``beta`` are the layer's (read when x was kept).
+
+    The activation keywords are passed only with an activation, so that a
+    backend written before they existed still serves a layer without one."""
+    common = dict(channel_axis=channel_axis, num_threads=num_threads)
+    act = {} if saved.activation is None else dict(activation=saved.activation,
+                                                   negative_slope=saved.negative_slope)
+    if saved.x is None:
+        return backend.batch_norm_backward_from_output(dy, saved.y, saved.gamma, saved.beta,
+                                                       saved.invstd, **act, **common)
+    if act:
+        act["beta"] = beta
+    return backend.batch_norm_backward(dy, saved.x, gamma, saved.mean, saved.invstd,
+                                       training=saved.batch, param_grads=param_grads,
+                                       **act, **common)
