@@ -225,7 +225,8 @@ class Net:
         if not fused:
             for block in blocks:
                 block.append(Timed(ReLU()))
-        self.bn = blocks[0] + blocks[1]       # what is timed: BatchNorm and its ReLU
+        self.bn = [blocks[0][0], blocks[1][0]]      # the BatchNorm layers
+        self.timed = blocks[0] + blocks[1]          # they and their ReLU
         self.layers = [Conv3x3(1, channels, rng), *blocks[0], MaxPool2x2(), Flatten(),
                        Linear(channels * 16, hidden, rng, bias=False), *blocks[1],
                        Linear(hidden, 10, rng)]
@@ -239,7 +240,7 @@ class Net:
         return [g for layer in self.layers for g in layer.grads]
 
     def train(self, mode=True):
-        for timed in self.bn:
+        for timed in self.timed:
             timed.layer.train(mode)
 
     def forward(self, x):
@@ -260,8 +261,8 @@ class Net:
     def bn_times(self):
         """(forward in training mode, forward in eval mode, backward) of the
         BatchNorm layers and their ReLU, seconds."""
-        return (sum(t.forward_train for t in self.bn), sum(t.forward_eval for t in self.bn),
-                sum(t.backward_time for t in self.bn))
+        return (sum(t.forward_train for t in self.timed),
+                sum(t.forward_eval for t in self.timed), sum(t.backward_time for t in self.timed))
 
 
 def softmax_cross_entropy(logits, y):
