@@ -158,7 +158,7 @@ cdef inline void transform(Grid* g, const Pass* ps, char* maps,
 
 # ---------------------------------------------------------------- rows ----
 
-cdef inline void row_grad_map(const floating* dy, const floating* b, floating* out,
+cdef void row_grad_map(const floating* dy, const floating* b, floating* out,
                               Py_ssize_t c0, Py_ssize_t c1, const Maps* k, bint in_float,
                               const Grad* t) noexcept nogil:
     """row_map of the inputs t turns (dy, b) into (grad_dz and grad_xc of

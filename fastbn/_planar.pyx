@@ -150,7 +150,7 @@ cdef inline void run_sums(const floating* a, const floating* b, Py_ssize_t n, do
                      t.inv_slope, acc_a, acc_b)
 
 
-cdef inline void run_grad_map(const floating* dy, const floating* b, floating* out,
+cdef void run_grad_map(const floating* dy, const floating* b, floating* out,
                               Py_ssize_t n, const Coef* k, const Coef32* f,
                               const Grad* t) noexcept nogil:
     """dx of n values from the inputs t turns (dy, b) into (grad_dz and

@@ -151,7 +151,8 @@ cdef extern from *:
        slope (0 for relu: then dz is 0 even for an infinite dy). The lanes
        and their order are those of grad_sums. */
     #define FASTBN_ACT_SUMS(S, T)                                                    \
-    static inline void fastbn_act_sums_##S(const T *dy, const T *x, Py_ssize_t n,    \
+    static __attribute__((noinline)) void fastbn_act_sums_##S(const T *dy, const T *x,  \
+                                           Py_ssize_t n,                             \
                                            double center, int kind, int relu,        \
                                            double zc, double zs, double zo,          \
                                            double slope, double inv, double *acc_g,  \
