@@ -15,9 +15,9 @@ split 75/25 with a fixed seed.
 Batch Normalization runs on :mod:`fastbn` (``--bn fastbn``, the default), on
 the pure-NumPy oracle :mod:`fastbn.reference` (``--bn reference``), or on
 both one after the other with the same seed (``--bn both``), which reports
-the BN speedup. The time spent inside the BatchNorm layers and the ReLU after
-each (forward in training and eval mode, backward) is measured around their
-calls. ``--fused`` trains twice with the same seed, with the ReLU as its own
+the BN speedup. The time spent inside the BatchNorm layers (forward in
+training and eval mode, backward), and in the ReLU layers after them, is
+measured around their calls. ``--fused`` trains twice with the same seed, with the ReLU as its own
 NumPy layer and then fused into each BatchNorm layer (``activation="relu"``:
 applied in the sweep that writes y, its derivative in the backward's), and
 reports that time and the peak memory of a training step both ways.
@@ -226,7 +226,7 @@ class Net:
             for block in blocks:
                 block.append(Timed(ReLU()))
         self.bn = [blocks[0][0], blocks[1][0]]      # the BatchNorm layers
-        self.timed = blocks[0] + blocks[1]          # they and their ReLU
+        self.relu = blocks[0][1:] + blocks[1][1:]   # the ReLU layers after them, if apart
         self.layers = [Conv3x3(1, channels, rng), *blocks[0], MaxPool2x2(), Flatten(),
                        Linear(channels * 16, hidden, rng, bias=False), *blocks[1],
                        Linear(hidden, 10, rng)]
@@ -240,7 +240,7 @@ class Net:
         return [g for layer in self.layers for g in layer.grads]
 
     def train(self, mode=True):
-        for timed in self.timed:
+        for timed in self.bn + self.relu:
             timed.layer.train(mode)
 
     def forward(self, x):
@@ -260,9 +260,13 @@ class Net:
 
     def bn_times(self):
         """(forward in training mode, forward in eval mode, backward) of the
-        BatchNorm layers and their ReLU, seconds."""
-        return (sum(t.forward_train for t in self.timed),
-                sum(t.forward_eval for t in self.timed), sum(t.backward_time for t in self.timed))
+        BatchNorm layers, seconds."""
+        return (sum(t.forward_train for t in self.bn), sum(t.forward_eval for t in self.bn),
+                sum(t.backward_time for t in self.bn))
+
+    def relu_time(self):
+        """Seconds in the ReLU layers after the BatchNorm layers (0 when fused)."""
+        return sum(t.forward_train + t.forward_eval + t.backward_time for t in self.relu)
 
 
 def softmax_cross_entropy(logits, y):
@@ -321,6 +325,7 @@ class Result:
     bn_forward_eval: float
     bn_backward: float
     total_time: float       # training and evaluation, data loading excluded
+    relu_time: float = 0.0      # in the ReLU layers after BatchNorm (0 when fused)
     step_peak_bytes: int = 0    # peak memory traced during the first training step
 
     @property
@@ -392,17 +397,18 @@ def train(epochs=12, batch_size=64, seed=0, optimizer="sgd", lr=None, channels=3
                 f"train acc {100 * history.train_accuracy[-1]:5.1f}%  "
                 f"test acc {100 * history.test_accuracy[-1]:5.1f}%")
     history.bn_forward_train, history.bn_forward_eval, history.bn_backward = net.bn_times()
+    history.relu_time = net.relu_time()
     history.total_time = time.perf_counter() - start
     return history
 
 
 def summary(r):
     return (f"[{r.bn}] test accuracy {100 * r.test_accuracy[-1]:.1f}% in {r.total_time:.2f} s; "
-            f"time inside BatchNorm and its ReLU {r.bn_time:.3f} s "
-            f"({100 * r.bn_time / r.total_time:.0f}% of the run): forward "
-            f"{r.bn_forward_train:.3f} s train + {r.bn_forward_eval:.3f} s eval, backward "
-            f"{r.bn_backward:.3f} s; peak memory of a training step "
-            f"{r.step_peak_bytes / 2**20:.2f} MiB")
+            f"time inside BatchNorm {r.bn_time:.3f} s ({100 * r.bn_time / r.total_time:.0f}% of "
+            f"the run): forward {r.bn_forward_train:.3f} s train + {r.bn_forward_eval:.3f} s "
+            f"eval, backward {r.bn_backward:.3f} s"
+            + (f"; in the ReLU layers after it {r.relu_time:.3f} s" if r.relu_time else "")
+            + f"; peak memory of a training step {r.step_peak_bytes / 2**20:.2f} MiB")
 
 
 def plot(results, path):
@@ -482,8 +488,9 @@ def main(argv=None):
         print(summary(r))
     if args.fused:
         apart, fused = results
-        print(f"ReLU fused into BatchNorm: BatchNorm and ReLU {apart.bn_time:.3f} s -> "
-              f"{fused.bn_time:.3f} s ({apart.bn_time / fused.bn_time:.2f}x); peak memory of a "
+        both = apart.bn_time + apart.relu_time
+        print(f"ReLU fused into BatchNorm: BatchNorm and ReLU {both:.3f} s -> "
+              f"{fused.bn_time:.3f} s ({both / fused.bn_time:.2f}x); peak memory of a "
               f"training step {apart.step_peak_bytes / 2**20:.2f} MiB -> "
               f"{fused.step_peak_bytes / 2**20:.2f} MiB; test accuracy "
               f"{100 * apart.test_accuracy[-1]:.1f}% vs {100 * fused.test_accuracy[-1]:.1f}%")

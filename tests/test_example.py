@@ -115,6 +115,7 @@ def test_fused_relu_trains_as_the_separate_layer(example, runs):
     assert_allclose(fused.loss, apart.loss, rtol=1e-5)
     assert abs(fused.test_accuracy[-1] - apart.test_accuracy[-1]) <= 0.01
     assert 0 < fused.step_peak_bytes < apart.step_peak_bytes
+    assert apart.relu_time > 0 and fused.relu_time == 0   # no ReLU layer left to time
 
 
 def test_main_fused_reports_both_ways(example, capsys):
