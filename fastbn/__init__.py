@@ -9,6 +9,8 @@ imported on first use: mpi4py is optional, ``pip install "fastbn[mpi]"``.
 
 from typing import TYPE_CHECKING
 
+from fastbn import _runtime
+
 
 def _check_built():
     """An ImportError that says what to do when the compiled modules are missing
@@ -18,7 +20,9 @@ def _check_built():
 
     here = Path(__file__).resolve().parent
     try:
-        from fastbn import _openmp  # noqa: F401 - the first compiled module
+        # The parallel modules, on fastbn's own OpenMP runtime and its wait policy.
+        with _runtime.loading():
+            from fastbn import _dispatch, _openmp  # noqa: F401
     except ImportError as error:  # exercised in a child process by tests/test_import.py
         if (here / "_planar.pyx").exists() and not list(here.glob("_openmp.*.so")) \
                 and not list(here.glob("_openmp.*.pyd")):
