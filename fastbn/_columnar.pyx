@@ -35,7 +35,7 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange
 from cython.view cimport array
 
-from fastbn._openmp cimport barrier, threads_for
+from fastbn._openmp cimport Shares, barrier, late, note, threads_for, took
 from fastbn._simd cimport STREAM_CHUNK, fence, stream, streams
 from fastbn._stats cimport (ACT_NONE, GRAD_ACT, GRAD_PLAIN, Act, Coef, Coef32, Grad, Pass,
                             activated, activated32, apply_b, backward_pass, finish,
@@ -537,9 +537,12 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Gr
     cdef double* total = totals(mem, g)
     cdef const double* center = total + 2 * C
     cdef double* scratch = total + 3 * C
+    cdef Shares sh
     if g.tile:
+        sh = Shares(g.ntiles, 0)
         with parallel(num_threads=nt):
             for t in prange(g.ntiles, schedule="dynamic"):
+                took(&sh)
                 c0 = t * g.tile
                 c1 = min(C, c0 + g.tile)
                 if sums:
@@ -550,13 +553,19 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Gr
                     for c in range(c0, c1):
                         store_map(&k, c, finish(ps, total[c], total[C + c], center[c], c, a))
                     block_apply(a, ab, out, g, 0, g.M, c0, c1, &k)
+        note(late(&sh, nt))
         return
+    cdef Shares blocks = Shares(nb if sums else 0, 0)
+    cdef Shares merge = Shares((C + MERGE_COLUMNS - 1) // MERGE_COLUMNS, 0)
+    sh = Shares(nb if out != NULL else 0, 0)
     with parallel(num_threads=nt):
         for blk in prange(nb if sums else 0, schedule="dynamic"):
+            took(&blocks)
             block_sums(a, b, g, blk, 0, C, center, &k, scratch + 2 * blk * C,
                        scratch + (2 * blk + 1) * C)
         barrier()
         for u in prange((C + MERGE_COLUMNS - 1) // MERGE_COLUMNS, schedule="dynamic"):
+            took(&merge)
             c0 = u * MERGE_COLUMNS
             c1 = min(C, c0 + MERGE_COLUMNS)
             if sums:
@@ -569,8 +578,10 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Gr
         barrier()
         if out != NULL:
             for blk in prange(nb, schedule="dynamic"):
+                took(&sh)
                 block_apply(a, ab, out, g, (nb - 1 - blk) * g.rows_per_block,
                             min(g.M, (nb - blk) * g.rows_per_block), 0, C, &k)
+    note(max(late(&blocks, nt), late(&merge, nt), late(&sh, nt)))
 
 
 cdef inline double* totals(char* mem, const Grid* g) noexcept nogil:
@@ -631,13 +642,16 @@ def inference(const floating[:, ::1] x, const floating[::1] gamma,
     cdef array mem = workspace(g.C, MAPS_BYTES)
     cdef Maps k = maps_in(mem.data, g.C)
     cdef Py_ssize_t c, blk
+    cdef Shares sh = Shares(g.nblocks, 0)
     g.act = make_act(activation, negative_slope)
     with nogil:
         for c in range(g.C):
             store_map(&k, c, inference_coef(&running_mean[0], &running_var[0], eps, gp, bp, c))
         for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):
+            took(&sh)
             block_apply(xp, NULL, yp, &g, blk * g.rows_per_block,
                         min(g.M, (blk + 1) * g.rows_per_block), 0, g.C, &k)
+        note(late(&sh, nt))
 
 
 def backward(const floating[:, ::1] dy, const floating[:, ::1] x,
@@ -720,11 +734,14 @@ def apply(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] o
                                  <floating*>NULL, <floating*>NULL, grad, activation,
                                  negative_slope)
     cdef Py_ssize_t c, blk
+    cdef Shares sh = Shares(g.nblocks, 0)
     g.act = make_act(activation, negative_slope)
     with nogil:
         transform(&g, &ps, mem.data, ap)
         for c in range(g.C):
             store_map(&k, c, maps[c])
         for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):
+            took(&sh)
             block_apply(ap, bp, op, &g, blk * g.rows_per_block,
                         min(g.M, (blk + 1) * g.rows_per_block), 0, g.C, &k)
+        note(late(&sh, nt))

@@ -11,6 +11,25 @@ are the same bits: the kernels' partitions depend on the shape alone).
 from fastbn._openmp cimport FASTBN_HAVE_OPENMP, omp_get_max_threads, omp_get_num_procs
 
 
+cdef extern from *:
+    """
+    #include <time.h>
+    /* Seconds on a clock that costs nanoseconds to read (its resolution, a
+       few milliseconds, is finer than the back-off it times). */
+    static inline double fastbn_coarse_now(void)
+    {
+        struct timespec t;
+    #ifdef CLOCK_MONOTONIC_COARSE
+        clock_gettime(CLOCK_MONOTONIC_COARSE, &t);
+    #else
+        clock_gettime(CLOCK_MONOTONIC, &t);
+    #endif
+        return t.tv_sec + 1e-9 * t.tv_nsec;
+    }
+    """
+    double coarse_now "fastbn_coarse_now"() noexcept nogil
+
+
 cdef extern from "<pthread.h>" nogil:
     int pthread_atfork(void (*prepare)() noexcept nogil, void (*parent)() noexcept nogil,
                        void (*child)() noexcept nogil)
@@ -29,6 +48,39 @@ cdef void mark_forked_child() noexcept nogil:
 
 if pthread_atfork(NULL, NULL, mark_forked_child) != 0:
     raise ImportError("fastbn: pthread_atfork failed; cannot make forked processes safe")
+
+
+# The busy-core back-off (see _openmp.pxd). Shared by every kernel module; the
+# Python threads that call fastbn at once may race on it, harmlessly: each
+# value written is a valid one.
+cdef double BACKOFF_MIN = 0.02
+cdef double BACKOFF_MAX = 1.0
+cdef double calm_until = 0.0
+cdef double backoff = BACKOFF_MIN
+
+
+cdef int threads_now(int wanted) noexcept nogil:
+    """``wanted`` threads, or half of them while the cores are busy."""
+    if wanted > 1 and coarse_now() < calm_until:
+        return max(1, wanted // 2)
+    return wanted
+
+
+cdef void note(int verdict) noexcept nogil:
+    """After a call: back off when its loops' verdict (the largest of their
+    ``late``) is 1, reset the back-off when it is 0."""
+    global calm_until, backoff
+    if verdict == 1:
+        calm_until = coarse_now() + backoff
+        backoff = min(2 * backoff, BACKOFF_MAX)
+    elif verdict == 0:
+        backoff = BACKOFF_MIN
+
+
+def busy_backoff():
+    """Seconds left of the busy-core back-off (0 when calls use every
+    thread), and the length of the next one."""
+    return max(0.0, calm_until - coarse_now()), backoff
 
 
 def openmp_enabled():

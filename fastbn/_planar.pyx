@@ -46,7 +46,7 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange
 from cython.view cimport array
 
-from fastbn._openmp cimport FASTBN_COMPILE_ARGS, barrier, threads_for
+from fastbn._openmp cimport FASTBN_COMPILE_ARGS, Shares, barrier, late, note, threads_for, took
 from fastbn._stats cimport (ACT_NONE, GRAD_ACT, GRAD_PLAIN, Act, Coef, Coef32, Grad, Pass,
                             activated, activated32, apply_b, backward_pass, center_of, finish,
                             forward_pass, grad_dz, grad_of, grad_xc, inference_coef, make_act,
@@ -472,19 +472,29 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Pl
     cdef double* part = <double*>(coef + p.C)
     cdef const floating* ab = apply_b(ps, b)
     cdef Py_ssize_t nsum = nu if needs_sums(ps) else 0
+    cdef Shares sh
     if table == NULL:
-        for u in prange((p.C + G - 1) // G, num_threads=nt, schedule="dynamic"):
+        sh = Shares((p.C + G - 1) // G, 0)
+        for u in prange(sh.total, num_threads=nt, schedule="dynamic"):
+            took(&sh)
             group_pass(a, b, out, p, u * G, min(p.C, (u + 1) * G), ps)
+        note(late(&sh, nt))
         return
+    cdef Shares sums = Shares(nsum, 0), maps = Shares(p.C, 0)
+    sh = Shares(nu, 0)
     with parallel(num_threads=nt):
         for u in prange(nsum, schedule="dynamic"):
+            took(&sums)
             unit_sums(a, b, p, ps, u, center_of(ps, a, (u // nb) * p.S, u // nb), part)
         barrier()
         for c in prange(p.C, schedule="dynamic"):
+            took(&maps)
             coef[c] = merged_map(part, p, c, ps, a)
         barrier()
         for u in prange(nu, schedule="dynamic"):  # the pairs summed last first: still cached
+            took(&sh)
             unit_apply(a, ab, out, p, ps, nu - 1 - u, coef)
+    note(max(late(&sums, nt), late(&maps, nt), late(&sh, nt)))
 
 
 cdef inline char* table_of(array mem) noexcept:
@@ -534,6 +544,7 @@ def inference(const floating[:, :, ::1] x, const floating[::1] gamma,
     cdef floating* yp = &y[0, 0, 0]
     cdef bint streaming = streams(stream, yp, xp, NULL, N * C * S * sizeof(floating))
     cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows
+    cdef Shares sh = Shares(nu, 0)
     cdef int nt = threads_for(N * C * S, nu, num_threads)
     cdef const floating* g = cptr(gamma)
     cdef const floating* bt = cptr(beta)
@@ -547,6 +558,7 @@ def inference(const floating[:, :, ::1] x, const floating[::1] gamma,
             coef[c] = inference_coef(&running_mean[0], &running_var[0], eps, g, bt, c)
             ok[c] = floating is float and to_float(&coef[c], &coef32[c])
         for u in prange(nu, num_threads=nt, schedule="dynamic"):
+            took(&sh)
             r1 = min(N * C, (u + 1) * rows)
             for r in range(u * rows, r1):
                 # the unit is contiguous: keep PREFETCH_BYTES of it in flight
@@ -556,6 +568,7 @@ def inference(const floating[:, :, ::1] x, const floating[::1] gamma,
                           &coef32[r % C] if ok[r % C] else NULL, streaming, &act, NULL)
             if streaming:
                 fence()
+        note(late(&sh, nt))
 
 
 def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
@@ -611,12 +624,17 @@ def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[
     cdef Pass ps = backward_pass(0.0, False, cptr(gamma), cptr(beta), cptr(mean), cptr(invstd),
                                  <floating*>NULL, <floating*>NULL, grad, activation,
                                  negative_slope)
-    with nogil, parallel(num_threads=nt):
-        for u in prange(nu, schedule="dynamic"):
-            unit_sums(ap, bp, &p, &ps, u, center[u // nb], part)
-        barrier()
-        for c in prange(p.C, schedule="dynamic"):
-            merge_blocks(part, &p, c, &out[c, 0], &out[c, 1])
+    cdef Shares sh = Shares(nu, 0), merge = Shares(p.C, 0)
+    with nogil:
+        with parallel(num_threads=nt):
+            for u in prange(nu, schedule="dynamic"):
+                took(&sh)
+                unit_sums(ap, bp, &p, &ps, u, center[u // nb], part)
+            barrier()
+            for c in prange(p.C, schedule="dynamic"):
+                took(&merge)
+                merge_blocks(part, &p, c, &out[c, 0], &out[c, 1])
+        note(max(late(&sh, nt), late(&merge, nt)))
 
 
 def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, :, ::1] out,
@@ -644,9 +662,12 @@ def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, 
                                  <floating*>NULL, <floating*>NULL, grad, activation,
                                  negative_slope)
     p.act = make_act(activation, negative_slope)
+    cdef Shares sh = Shares(nu, 0)
     with nogil:
         for u in prange(nu, num_threads=nt, schedule="dynamic"):
+            took(&sh)
             unit_apply(ap, bp, op, &p, &ps, u, k)
+        note(late(&sh, nt))
 
 
 def compile_args():

@@ -8,9 +8,10 @@
 #    from a clean copy of the sources (scripts/copy_sources.sh), then the
 #    wheel from the sdist;
 # 2. `auditwheel repair --strip` makes it a manylinux wheel for this
-#    machine's glibc, with the OpenMP runtime (libgomp) copied into
-#    fastbn.libs/ under a name of its own, as scikit-learn's wheels carry
-#    theirs, and the debugging symbols stripped;
+#    machine's glibc, with the debugging symbols stripped; the OpenMP runtime
+#    is already in the wheel, the private copy of libgomp that setup.py puts
+#    in fastbn/_libs/ (its own soname, found through $ORIGIN), so auditwheel
+#    grafts nothing;
 # 3. `auditwheel show` of the repaired wheel is printed.
 #
 # OUTPUT_DIR receives the sdist and the repaired wheel. PYTHON (default

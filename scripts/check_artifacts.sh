@@ -2,8 +2,8 @@
 # Build the release artifacts and check that they work on their own:
 #
 # 1. scripts/build_wheel.sh makes the sdist and, from it, a manylinux wheel
-#    for this machine's glibc that carries its OpenMP runtime (libgomp in
-#    fastbn.libs/), and prints `auditwheel show`;
+#    for this machine's glibc that carries its OpenMP runtime (the private
+#    libgomp copy fastbn/_libs/libgomp-fastbn.so.1), and prints `auditwheel show`;
 # 2. the sdist holds the Cython sources (.pyx, .pxd), setup.py and the
 #    metadata; the repaired wheel holds the compiled modules, the stubs,
 #    py.typed and its libgomp, and no tests or generated C; its version is
@@ -57,7 +57,7 @@ done
 for pattern in '^fastbn/_planar\..*\.so$' '^fastbn/_columnar\..*\.so$' '^fastbn/_openmp\..*\.so$' \
                '^fastbn/_channels\..*\.so$' '^fastbn/distributed/_layer\.py$' \
                '^fastbn/__init__\.py$' '^fastbn/compat/cs231n\.py$' '^fastbn/py\.typed$' \
-               '^fastbn/_planar\.pyi$' '^fastbn\.libs/libgomp-[0-9a-f]+\.so\.1\.0\.0$'; do
+               '^fastbn/_planar\.pyi$' '^fastbn/_libs/libgomp-fastbn\.so\.1$'; do
     grep -qE "$pattern" "$work/wheel.txt" || fail "the wheel has no file matching $pattern"
 done
 if grep -qE '^tests/|/tests/|conftest\.py' "$work/wheel.txt"; then
@@ -90,7 +90,7 @@ print(fastbn.__file__, fastbn.__version__, *sorted(set(re.findall(r'\S*libgomp\S
         *) fail "fastbn imported from $2, not from the fresh environment $1" ;;
     esac
     [ "$3" = "$wheel_version" ] || fail "fastbn.__version__ is $3, the wheel's version $wheel_version"
-    [ "$#" = 4 ] && [[ "$4" == "$1"/*/fastbn.libs/libgomp-*.so.1.0.0 ]] \
+    [ "$#" = 4 ] && [[ "$4" == "$1"/*/fastbn/_libs/libgomp-fastbn.so.1 ]] \
         || fail "fastbn did not load the wheel's libgomp alone: ${*:4}"
 }
 wheel_version=$(basename "$wheel" | cut -d- -f2)
