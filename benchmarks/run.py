@@ -11,13 +11,16 @@ calls) as a summary after the tables and in the JSON; they are never part of
 description), ``benchmark.md`` and ``benchmark.png`` (GB/s per case and implementation) to
 ``--out`` (default ``benchmarks/results/``; ``benchmark-quick.*`` with --quick).
 
-Then the busy-neighbour, training-step and fused-ReLU scenarios
-(``scenarios.py``; ``--no-scenarios`` skips them).
+Then the scenarios of ``scenarios.py`` (busy neighbour, training step next
+to OpenBLAS, PyTorch beside fastbn, back-to-back calls, fused ReLU), into the
+same Markdown; ``--no-scenarios`` skips them.
 
-Layout: ``cases.py`` (shapes, inputs, the calls), ``measure.py`` (timing and
-peak memory), ``machine.py`` (machine description, copy bandwidth),
-``report.py`` (tables, targets, JSON, chart), ``scenarios.py`` (busy
-neighbour, training step, fused ReLU).
+Layout: ``cases.py`` (shapes, inputs, the calls), ``numpy_formula.py`` (the
+float32 NumPy formula), ``measure.py`` (timing and peak memory),
+``machine.py`` (machine description, OpenMP runtimes, copy bandwidth),
+``report.py`` (tables, targets, JSON, chart), ``scenarios.py`` (runs the
+scenarios, one module each: ``busy.py`` with ``neighbours.py``, ``step.py``,
+``beside.py`` with ``beside_child.py``, ``back_to_back.py``, ``fused.py``).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import machine
 import measure
 import report
 import scenarios
-from cases import TRAFFIC_FACTOR, Workload, as_array, make_call
+from cases import TRAFFIC_FACTOR, Workload, as_array, log, make_call
 from report import format_time
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -53,7 +56,8 @@ def parse_args(argv):
                         default=None,
                         help="comma-separated thread counts (default: 1 and all cores)")
     parser.add_argument("--no-scenarios", action="store_true",
-                        help="skip the scenarios (busy neighbour, training step, fused ReLU)")
+                        help="skip the scenarios (busy neighbour, training step, PyTorch beside "
+                             "fastbn, back-to-back calls, fused ReLU)")
     parser.add_argument("--check", action="store_true",
                         help="for the team: also judge the results against the project's "
                              "internal targets and print that summary")
@@ -61,10 +65,6 @@ def parse_args(argv):
                         help="on a shared machine: before a case, wait while other processes "
                              "are busy, spending at most SECONDS in total (default: 0)")
     return parser.parse_args(argv)
-
-
-def log(message):
-    print(message, file=sys.stderr, flush=True)
 
 
 def run_case(op, w, threads, settings):
@@ -244,7 +244,6 @@ def main(argv=None):
     ])
     sections = [header, report.markdown_tables(records), report.legend(settings, copy_bandwidth)]
     if not args.no_scenarios:
-        log("scenarios: busy neighbour, training step, fused ReLU")
         sections.append(scenarios.run(args.quick, settings["flush_bytes"]))
     markdown = "\n\n".join(sections)
     targets = report.evaluate_targets(records, max(threads_list)) if args.check else None
