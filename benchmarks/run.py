@@ -12,15 +12,16 @@ description), ``benchmark.md`` and ``benchmark.png`` (GB/s per case and implemen
 ``--out`` (default ``benchmarks/results/``; ``benchmark-quick.*`` with --quick).
 
 Then the scenarios of ``scenarios.py`` (busy neighbour, training step next
-to OpenBLAS, PyTorch beside fastbn, back-to-back calls, fused ReLU), into the
-same Markdown; ``--no-scenarios`` skips them.
+to OpenBLAS, PyTorch beside fastbn, back-to-back calls, fused ReLU, the main
+job), into the same Markdown; ``--no-scenarios`` skips them.
 
 Layout: ``cases.py`` (shapes, inputs, the calls), ``numpy_formula.py`` (the
 float32 NumPy formula), ``measure.py`` (timing and peak memory),
 ``machine.py`` (machine description, OpenMP runtimes, copy bandwidth),
 ``report.py`` (tables, targets, JSON, chart), ``scenarios.py`` (runs the
 scenarios, one module each: ``busy.py`` with ``neighbours.py``, ``step.py``,
-``beside.py`` with ``beside_child.py``, ``back_to_back.py``, ``fused.py``).
+``beside.py`` with ``beside_child.py``, ``back_to_back.py``, ``fused.py``,
+``main_job.py``).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def parse_args(argv):
                         help="comma-separated thread counts (default: 1 and all cores)")
     parser.add_argument("--no-scenarios", action="store_true",
                         help="skip the scenarios (busy neighbour, training step, PyTorch beside "
-                             "fastbn, back-to-back calls, fused ReLU)")
+                             "fastbn, back-to-back calls, fused ReLU, main job)")
     parser.add_argument("--check", action="store_true",
                         help="for the team: also judge the results against the project's "
                              "internal targets and print that summary")

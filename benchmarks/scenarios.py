@@ -19,11 +19,15 @@ One module each; ``run.py`` runs them all after its tables (into
   per-call time.
 - ``--fused`` (:mod:`fused`): the forward and backward with a fused ReLU
   against the separate composition.
+- ``--main-job`` (:mod:`main_job`): ``examples/train_digits.py`` with fastbn
+  and with the NumPy reference in a fresh process: the BatchNorm speedup and
+  the whole run's.
 
 Progress goes to stderr, the Markdown to stdout. First comes what ran: the
 kernel level, the OpenMP runtimes loaded and the wait settings of the
-environment. On a full run expect about 5 minutes on 2 cores (--quick: about
-one and a half).
+environment. The full run is sized for about 4 minutes on a quiet 2-core
+machine and --quick for about 1.5 (a busy machine takes longer: --quick took
+4.5 minutes beside other engineers' builds).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import busy
 import cases
 import fused
 import machine
+import main_job
 import step
 
 # flag -> (module, title); the order in which they run and print.
@@ -46,6 +51,7 @@ SCENARIOS = {
     "beside": (beside, "PyTorch beside fastbn"),
     "back_to_back": (back_to_back, "back-to-back calls"),
     "fused": (fused, "fused ReLU"),
+    "main_job": (main_job, "main job (examples/train_digits.py)"),
 }
 
 
