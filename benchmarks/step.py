@@ -85,8 +85,9 @@ def run(quick, flush_bytes):
         "### Training step next to OpenBLAS (BatchNorm forward, matmul, BatchNorm backward)",
         "",
         "Each cell: the step's time (the sum of its three parts timed alone) · step / sum of "
-        "parts. Default thread counts everywhere (fastbn `num_threads=None`, PyTorch's and "
-        "OpenBLAS's defaults); fastbn writes into `out=` buffers; the NumPy formula is the "
+        "parts. Default thread counts everywhere (fastbn `num_threads=None`, "
+        + ("PyTorch's and " if cases.torch is not None else "")
+        + "OpenBLAS's defaults); fastbn writes into `out=` buffers; the NumPy formula is the "
         "float32 formula a NumPy net writes (`benchmarks/numpy_formula.py`). Best of "
         f"{rounds} median{'s' if rounds > 1 else ''} per part and per step. The issue's "
         "targets: step / parts at most 1.1, and fastbn's step never slower than the other "
