@@ -1,7 +1,7 @@
 """Benchmark fastbn against PyTorch's CPU kernels and the NumPy reference.
 
     python benchmarks/run.py            # the full suite (several minutes)
-    python benchmarks/run.py --quick    # a subset with shorter timings (< 1 minute)
+    python benchmarks/run.py --quick    # a subset with shorter timings (see --help)
 
 Prints progress on stderr, then on stdout the Markdown tables (with the
 machine line and the command, ready for the README). ``--check`` adds the
@@ -50,7 +50,9 @@ COPY_MIN_BYTES = 256 * 2**20
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="fewer shapes and shorter timings (under a minute)")
+                        help="fewer shapes and shorter timings: about a minute for the "
+                             "tables on a quiet 2-core machine, then the --quick scenarios "
+                             "(about 1.5 minutes more; --no-scenarios skips them)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"output directory (default: {DEFAULT_OUT})")
     parser.add_argument("--threads", type=lambda s: [int(t) for t in s.split(",")],
