@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import threadpoolctl
 
 import fastbn
+import numpy_formula
 from fastbn import reference
 
 try:
@@ -157,11 +159,38 @@ FASTBN = Implementation("fastbn", "fastbn")
 TORCH = Implementation("torch", "PyTorch")
 # The oracle is slow on big shapes: one warm-up call, at most 9 repetitions.
 REFERENCE = Implementation("reference", "reference", warmup_calls=1, max_reps=9)
+# The formula in float32 as a NumPy net writes it (forward and backward only;
+# the training-step scenario's third column).
+NUMPY = Implementation("numpy", "NumPy formula")
 
 
 def implementations():
     """Implementations in timing order: the reference first (it is the oracle)."""
     return [REFERENCE] + ([TORCH] if torch is not None else []) + [FASTBN, FASTBN_OUT]
+
+
+def log(message):
+    """Progress on stderr (stdout is for the results)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def nbytes(shape, dtype=np.float32):
+    """Bytes of an array of ``shape`` and ``dtype``."""
+    return math.prod(shape.dims) * np.dtype(dtype).itemsize
+
+
+def float32_workloads(shapes, flush_bytes, scenario):
+    """The float32 :class:`Workload` of each shape in turn, released after use."""
+    for shape in shapes:
+        w = Workload(shape, np.float32, flush_bytes)
+        log(f"{scenario}: {w.label}")
+        yield w
+        w.release()
+
+
+def fastbn_and_torch():
+    """fastbn (``out=``) and, where installed, PyTorch: the scenarios' implementations."""
+    return [FASTBN_OUT] + ([TORCH] if torch is not None else [])
 
 
 # ------------------------------------------------------------ workload ----
@@ -282,7 +311,7 @@ def make_call(impl, op, w, num_threads):
     """
     if impl.name == "torch":
         return _torch_call(op, w)
-    module = reference if impl.name == "reference" else fastbn
+    module = {"reference": reference, "numpy": numpy_formula}.get(impl.name, fastbn)
     out = w.out if impl.name == "fastbn_out" else [None] * w.copies
     kw = {"channel_axis": w.shape.channel_axis, "num_threads": num_threads}
     g, b, x, dy = w.gamma, w.beta, w.x, w.dy

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import platform
 import statistics
@@ -156,6 +158,26 @@ def describe(torch=None):
         "torch_num_threads_default": None if torch is None else torch.get_num_threads(),
         "threadpools": threadpoolctl.threadpool_info(),
     }
+
+
+def runtime_lines():
+    """What runs fastbn's kernels here, as Markdown list items: fastbn's own
+    ``show_config()``, every OpenMP runtime loaded in this process
+    (threadpoolctl) and the OpenMP wait settings of the environment."""
+    config = io.StringIO()
+    with contextlib.redirect_stdout(config):
+        fastbn.show_config()
+    first, *rest = config.getvalue().strip().splitlines()
+    settings = "; ".join(" ".join(line.split()) for line in rest)
+    runtimes = [f"{p['prefix']} {p.get('version') or ''} ({p['filepath']}, "
+                f"{p['num_threads']} threads)".replace("  ", " ")
+                for p in threadpoolctl.threadpool_info() if p["user_api"] == "openmp"]
+    wait = ", ".join(f"{name}={os.environ[name]}" if name in os.environ else f"{name} unset"
+                     for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
+                                  "OMP_NUM_THREADS"))
+    return [f"- {first}: {settings}",
+            "- OpenMP runtimes in this process: " + ("; ".join(runtimes) or "none"),
+            f"- environment: {wait}"]
 
 
 def format_bytes(n):

@@ -3,6 +3,7 @@
 - :func:`time_calls`: warm-up, then an adaptive number of individually timed
   calls (``time.perf_counter_ns``, garbage collector off), rotating through
   the workload's input copies.
+- :func:`median_time`: the median of :func:`time_calls`, as the scenarios use it.
 - :func:`peak_rss_growth`: how far the process's resident set rises above its
   level before one call, read from the kernel's high-water mark (VmHWM)
   after resetting it through ``/proc/self/clear_refs``. Unlike tracemalloc it
@@ -52,6 +53,14 @@ def time_calls(call, copies, *, warmup_calls, max_reps, min_reps=5, target_secon
         if gc_was_enabled:
             gc.enable()
     return times * 1e-9, index
+
+
+def median_time(call, copies, target_seconds, *, max_reps=2000):
+    """Median wall time (seconds) of ``call(i)``: two warm-up calls, then
+    about ``target_seconds`` of individually timed calls (at least 5)."""
+    times, _ = time_calls(call, copies, warmup_calls=2, max_reps=max_reps, min_reps=5,
+                          target_seconds=target_seconds)
+    return float(np.median(times))
 
 
 def summarize(times):

@@ -69,9 +69,10 @@ def _speedup_cell(impls, peer):
     return " / ".join("—" if v is None else f"{v:.2f}×" for v in values)
 
 
-def _memory_cell(impls):
+def _memory_cell(impls, names):
+    """Peak RSS growth of the implementations ``names``, in the header's order."""
     return " / ".join(format_bytes(impls[name]["peak_rss_bytes"]) if name in impls else "—"
-                      for name in IMPL_ORDER)
+                      for name in names)
 
 
 def markdown_tables(records):
@@ -83,8 +84,7 @@ def markdown_tables(records):
               + [IMPL_LABELS[n] for n in impls_shown]
               + (["speedup vs PyTorch (out= / fresh)"] if has_torch else [])
               + ["speedup vs reference (out= / fresh)",
-                 "peak RSS growth (" + " / ".join(IMPL_LABELS[n] for n in IMPL_ORDER
-                                                  if n in impls_shown) + ")"])
+                 "peak RSS growth (" + " / ".join(IMPL_LABELS[n] for n in impls_shown) + ")"])
     blocks = []
     for op in OPERATIONS:
         rows = [impls for (o, *_), impls in cases.items() if o == op]
@@ -102,7 +102,7 @@ def markdown_tables(records):
             if has_torch:
                 cells.append(_speedup_cell(impls, "torch"))
             cells.append(_speedup_cell(impls, "reference"))
-            cells.append(_memory_cell(impls))
+            cells.append(_memory_cell(impls, impls_shown))
             lines.append("| " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
@@ -111,10 +111,13 @@ def markdown_tables(records):
 def readme_table(records, threads):
     """The README's summary: float32 at ``threads`` threads, one row per
     operation and shape, fastbn's better of fresh and ``out=`` against
-    PyTorch and the oracle."""
-    lines = ["| operation | shape (float32) | x | fastbn fresh | fastbn out= | best, % of copy bw "
-             "| PyTorch | NumPy reference | speedup vs PyTorch |",
-             "|---|---|---|--:|--:|--:|--:|--:|--:|"]
+    PyTorch (when it ran) and the oracle."""
+    has_torch = any(r["implementation"] == "torch" for r in records)
+    header = (["operation", "shape (float32)", "x", "fastbn fresh", "fastbn out=",
+               "best, % of copy bw"] + (["PyTorch"] if has_torch else [])
+              + ["NumPy reference"] + (["speedup vs PyTorch"] if has_torch else []))
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i < 3 else "--:" for i in range(len(header))) + "|"]
     best = {_case_key(r): r for r in best_of_fastbn(records)}
     for key, impls in group_cases(records).items():
         op, label, dtype, t = key
@@ -122,14 +125,16 @@ def readme_table(records, threads):
             continue
         b = best[key]
         torch, ref = impls.get("torch"), impls.get("reference")
-        lines.append(
-            f"| {OPERATION_TITLES[op]} | {label} | {format_bytes(b['nbytes'])} | "
-            f"{format_time(impls['fastbn']['median_s'])} | "
-            f"{format_time(impls['fastbn_out']['median_s'])} | "
-            f"{b['pct_copy']:.0f}% ({FASTBN_VARIANTS[b['implementation']]}) | "
-            + (f"{format_time(torch['median_s'])} | " if torch else "— | ")
-            + (f"{format_time(ref['median_s'])} | " if ref else "— | ")
-            + (f"{b['speedup']['torch']:.2f}× |" if torch else "— |"))
+        cells = [OPERATION_TITLES[op], label, format_bytes(b["nbytes"]),
+                 format_time(impls["fastbn"]["median_s"]),
+                 format_time(impls["fastbn_out"]["median_s"]),
+                 f"{b['pct_copy']:.0f}% ({FASTBN_VARIANTS[b['implementation']]})"]
+        if has_torch:
+            cells.append(format_time(torch["median_s"]) if torch else "—")
+        cells.append(format_time(ref["median_s"]) if ref else "—")
+        if has_torch:
+            cells.append(f"{b['speedup']['torch']:.2f}×" if torch else "—")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -101,6 +101,7 @@ def test_main_both_reports_the_speedup(example, capsys):
     out = capsys.readouterr().out
     assert "[reference] epoch  1/1" in out
     assert "BatchNorm speedup, fastbn over the NumPy reference:" in out
+    assert "Whole run's speedup (training and evaluation)" in out
 
 
 
