@@ -26,7 +26,7 @@ from fastbn import _checks
 from fastbn import folding as _folding
 from fastbn import functional as _functional
 from fastbn._layer_state import LayerState
-from fastbn._saved import Saved, for_batch, gradients, running_invstd
+from fastbn._saved import Saved, for_batch, forward_params, gradients, running_invstd
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -237,8 +237,9 @@ class BatchNorm(LayerState):
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
+        self.affine = _checks.flag(affine, "affine", who=who)
+        self.track_running_stats = _checks.flag(track_running_stats, "track_running_stats",
+                                                who=who)
         self.dtype = dtype
         self.channel_axis = channel_axis
         self.num_threads = num_threads
@@ -272,12 +273,11 @@ class BatchNorm(LayerState):
                                  f"got an array to assign")
             return None
         who = type(self).__name__
-        _checks.array(f"{who}.{name}", value)
-        _checks.dtype_of(f"{who}.{name}", value, self.dtype, whose="layer")
-        if value.shape != (self.num_features,):
-            raise ValueError(f"{who}.{name} must have shape ({self.num_features},), "
-                             f"got {value.shape}")
-        return value
+        own = "_gamma" if name in ("gamma", "weight") else "_beta"
+        others = {key: array for key, array in self._state_arrays().items()
+                  if array is not getattr(self, own)}
+        return _checks.parameter(f"{who}.{name}", value, self.dtype, self.num_features,
+                                 others, who=None)
 
     gamma = _parameter("_gamma", "gamma", "Scale, shape (C,), the layer's dtype; None without "
                        "``affine``.")
@@ -297,18 +297,37 @@ class BatchNorm(LayerState):
         return [self.dgamma, self.dbeta] if self.affine else []
 
     def reset_running_stats(self):
-        """Running mean to 0, running variance to 1, ``num_batches_tracked`` to 0, in place."""
-        if self.track_running_stats:
-            self.running_mean[...] = 0
-            self.running_var[...] = 1
-            self.num_batches_tracked[...] = 0
+        """Running mean to 0, running variance to 1, ``num_batches_tracked`` to 0, in place.
+
+        Raises
+        ------
+        TypeError, ValueError
+            One of the arrays is not an ndarray or is read-only (the message
+            names it); nothing is written then.
+        """
+        self._reset("reset_running_stats", parameters=False)
 
     def reset_parameters(self):
-        """Reset the running statistics and set ``gamma`` to 1 and ``beta`` to 0, in place."""
-        self.reset_running_stats()
-        if self.affine:
-            self._gamma[...] = 1
-            self._beta[...] = 0
+        """Reset the running statistics and set ``gamma`` to 1 and ``beta`` to 0, in place.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As :meth:`reset_running_stats`, for these arrays too.
+        """
+        self._reset("reset_parameters", parameters=True)
+
+    def _reset(self, method, *, parameters):
+        """Write the initial values into the state arrays (with ``parameters``:
+        gamma and beta too), every array checked before the first is written."""
+        values = {"running_mean": 0, "running_var": 1, "num_batches_tracked": 0,
+                  "weight": 1, "bias": 0}
+        targets = {key: array for key, array in self._state_arrays().items()
+                   if parameters or key not in ("weight", "bias")}
+        _checks.layer_arrays(targets, who=f"{type(self).__name__}.{method}",
+                             what="is reset in place")
+        for key, array in targets.items():
+            array[...] = values[key]
 
     def _share_arrays(self, layer):
         """Take ``layer``'s accepted input, parameter and running-statistics
@@ -323,8 +342,15 @@ class BatchNorm(LayerState):
     # ---------------------------------------------------------------- mode
 
     def train(self, mode=True):
-        """Set training mode (``mode=True``) or eval mode; returns the layer."""
-        self.training = bool(mode)
+        """Set training mode (``mode=True``) or eval mode; returns the layer.
+
+        Raises
+        ------
+        TypeError
+            ``mode`` is not a bool (``numpy.bool_`` is one); the exception
+            is a ValueError too, as PyTorch's. The mode is not changed.
+        """
+        self.training = _checks.flag(mode, "mode", who=f"{type(self).__name__}.train")
         return self
 
     def eval(self):
@@ -393,7 +419,7 @@ class BatchNorm(LayerState):
             self._saved = Saved(x, self.running_mean.copy(),
                                 running_invstd(self.running_var, self.eps, self.dtype),
                                 batch=False, activation=self.activation,
-                                negative_slope=self.negative_slope)
+                                negative_slope=self.negative_slope, **forward_params(self))
         return y
 
     __call__ = forward
@@ -463,10 +489,11 @@ class BatchNorm(LayerState):
             raise RuntimeError(f"{who} called before forward: there is no input to take the "
                                f"gradient at")
         _checks.like("dy", dy, saved.array, who=who)
-        _checks.saved_gamma(saved.gamma, who=who)
+        if saved.x is None:  # memory saving: the backward divides by the forward's gamma
+            _checks.saved_gamma(saved.gamma, who=who)
         # after an eval-mode forward the running statistics are constants
-        dx, dgamma, dbeta = gradients(self.backend, saved, dy, self._gamma, self._beta,
-                                      param_grads=self.affine, channel_axis=self.channel_axis,
+        dx, dgamma, dbeta = gradients(self.backend, saved, dy, param_grads=self.affine,
+                                      channel_axis=self.channel_axis,
                                       num_threads=self.num_threads)
         if self.affine:
             self.dgamma, self.dbeta = dgamma, dbeta

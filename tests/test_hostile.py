@@ -612,8 +612,8 @@ TABLE = [
         fn("forward", momentum=None, num_batches_tracked=None)),
     family("num_batches_tracked not int64: a float64, a bool or an int8 0-d array (an int8 "
            "would wrap at 127); momentum 0.1 or None", TypeError,
-           "num_batches_tracked must be int64 (PyTorch's dtype; a narrower count would wrap), "
-           "got dtype {dtype}",
+           "num_batches_tracked must be an integer count of dtype int64 (PyTorch's dtype; a "
+           "narrower count would wrap), got dtype {dtype}",
            lambda func, dtype, momentum: function_call(
                func, momentum=momentum, num_batches_tracked=np.zeros((), dtype)),
            grid(TRAINING, dtype=["float64", "bool", "int8"], momentum=[0.1, None])),
@@ -621,11 +621,12 @@ TABLE = [
         "num_batches_tracked must hold one count, got shape (2,)",
         fn("forward", num_batches_tracked=np.zeros(2, np.int64))),
     Bad("batch_norm_forward", "num_batches_tracked -1", ValueError,
-        "num_batches_tracked must be a count >= 0 that can grow by one within int64, got -1",
+        "num_batches_tracked must be an integer count >= 0 that can grow by one within int64, "
+        "got -1",
         fn("forward", num_batches_tracked=np.array(-1))),
     Bad("batch_norm_forward", "num_batches_tracked at the int64 maximum", ValueError,
-        "num_batches_tracked must be a count >= 0 that can grow by one within int64, got "
-        "9223372036854775807",
+        "num_batches_tracked must be an integer count >= 0 that can grow by one within int64, "
+        "got 9223372036854775807",
         fn("forward", num_batches_tracked=np.array(np.iinfo(np.int64).max))),
     Bad("batch_norm_forward", "num_batches_tracked read-only, momentum=None", ValueError,
         "num_batches_tracked is updated in place and must be writeable, got a read-only array",
@@ -773,8 +774,8 @@ TABLE = [
         "BatchNorm2d.load_state_dict: running_var must have shape (3,), got (4,)",
         load(running_var=lambda: np.ones(4, F32))),
     Bad("BatchNorm2d(3)", "load_state_dict with num_batches_tracked -1", ValueError,
-        "BatchNorm2d.load_state_dict: num_batches_tracked must be a count >= 0 that can grow "
-        "by one within int64, got -1",
+        "BatchNorm2d.load_state_dict: num_batches_tracked must be an integer count >= 0 that "
+        "can grow by one within int64, got -1",
         load(num_batches_tracked=lambda: np.array(-1))),
     Bad("BatchNorm2d(3)", "load_state_dict with a bias of strings", TypeError,
         "BatchNorm2d.load_state_dict: bias",
