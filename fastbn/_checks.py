@@ -348,6 +348,7 @@ def layer_arrays(arrays, *, who, what="is updated in place"):
             continue
         array(name, v, who=who, what="a numpy.ndarray (the layer's own array)")
         in_place(name, v, who=who, what=what)
+    disjoint({k: v for k, v in arrays.items() if v is not None}, {}, who=who)
 
 
 def parameter(name, value, dtype, size, others, *, who):
@@ -390,7 +391,8 @@ def saved_gamma(gamma, *, who=None):
 
 def counter(value, *, who=None, name="num_batches_tracked"):
     """One int64 count (PyTorch's buffer), >= 0, that can count one batch more."""
-    array(name, value, who=who, what="a numpy.ndarray of one int64 (updated in place)")
+    array(name, value, who=who, what="an integer count, a numpy.ndarray of one int64 "
+                                     "(updated in place)")
     if value.dtype != np.int64:
         raise _error(TypeError, who, f"{name} must be an integer count of dtype int64 "
                                      f"(PyTorch's dtype; a narrower count would wrap), got "

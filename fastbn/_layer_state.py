@@ -74,7 +74,9 @@ class LayerState:
         ----------
         state_dict : mapping of str to array_like
             Keys ``weight``, ``bias``, ``running_mean``, ``running_var``,
-            ``num_batches_tracked`` as :meth:`state_dict` gives them.
+            ``num_batches_tracked`` as :meth:`state_dict` gives them: float32
+            or float64 values (ndarrays, torch tensors, lists of floats) for
+            the first four, an integer count for ``num_batches_tracked``.
         strict : bool, default True
             Require exactly the keys of :meth:`state_dict`.
 
@@ -83,13 +85,21 @@ class LayerState:
         KeyError
             With ``strict``, missing or unexpected keys (all of them named).
         TypeError
-            A value not of a real dtype (an integer one for
-            ``num_batches_tracked``).
+            ``state_dict`` not a mapping; ``strict`` not a bool; a value
+            that is None, a string, or of a dtype fastbn does not take
+            (anything but float32 and float64 for the parameters and
+            running statistics, such as an integer, complex or
+            ``torch.bfloat16`` tensor; anything but an integer for
+            ``num_batches_tracked``, a float included), the message naming
+            the key and what was expected.
         ValueError
-            A value whose shape does not match, or a ``num_batches_tracked``
-            that is not a count >= 0 able to grow within int64.
+            A value whose shape does not match; a ``num_batches_tracked``
+            that is not an integer count >= 0 able to grow within int64; one
+            of the layer's arrays to be loaded read-only, or sharing memory
+            with another (the message names it).
 
-        Nothing is modified when an error is raised.
+        Nothing is modified when an error is raised: every value and every
+        array to be written is checked before the first is written.
         """
         staged = _checks.state_values(self._state_arrays(), state_dict, strict,
                                       who=f"{type(self).__name__}.load_state_dict")

@@ -144,7 +144,10 @@ class BatchNorm(LayerState):
     gamma, beta : ndarray, shape (C,), or None
         Scale and shift, also reachable as ``weight`` and ``bias``. Plain
         arrays that an optimizer may update in place or replace by another
-        (C,) array of the layer's dtype.
+        (C,) array of the layer's dtype. The array assigned is kept itself,
+        so it must be writeable and share no memory with the layer's other
+        arrays: a read-only one (``np.load(..., mmap_mode="r")``) is refused
+        with ``ValueError``, not copied; assign ``np.array(a)`` for a copy.
     dgamma, dbeta : ndarray, shape (C,), or None
         Gradients with respect to ``gamma`` and ``beta`` from the last
         :meth:`backward` (None before it, or without ``affine``).
@@ -166,13 +169,16 @@ class BatchNorm(LayerState):
     TypeError
         A non-integer ``num_features``, a ``dtype`` other than float32 or
         float64, an ``activation`` that is not None or a string, a
-        ``negative_slope`` that is not a real number, an ``unbiased`` or
-        ``memory_saving`` that is not a bool, or a ``backend`` without the
-        functions the layer calls.
+        ``negative_slope`` that is not a real number, an ``affine``,
+        ``track_running_stats``, ``unbiased`` or ``memory_saving`` that is
+        not a bool (an error that is a ValueError too, as PyTorch's
+        ``train(mode)`` raises), or a ``backend`` without the functions the
+        layer calls.
     ValueError
         ``num_features`` < 1, a bad ``eps``, ``momentum``, ``channel_axis``
         or ``num_threads``; an ``activation`` other than None, "relu" and
-        "leaky_relu"; a non-finite ``negative_slope``; ``memory_saving``
+        "leaky_relu"; a non-finite ``negative_slope`` (or one too large for
+        a float, such as ``10**400``); ``memory_saving``
         with "relu", or with "leaky_relu" and ``negative_slope <= 0`` (the
         output does not determine the input).
 
@@ -185,7 +191,16 @@ class BatchNorm(LayerState):
     -----
     The layer keeps a reference to the last input (not a copy) for
     :meth:`backward`: modifying that array in place between the forward and
-    the backward changes the gradient.
+    the backward changes the gradient. The gamma and beta of the forward,
+    on the contrary, are copied at the forward (C values each) in every
+    mode: an optimizer step on the parameters between the forward and the
+    backward does not change the gradient, which is that of the forward as
+    it ran (the activation's mask included).
+
+    Every method that changes the layer's state (``load_state_dict``,
+    ``reset_running_stats``, ``reset_parameters``, ``train``, the parameter
+    setters) checks all it would write before writing anything, and names
+    the array that fails.
 
     With ``memory_saving`` and batch statistics it keeps a reference to the
     last output y instead, the very array the forward returned. The caller
@@ -197,9 +212,10 @@ class BatchNorm(LayerState):
     nothing of x) makes :meth:`backward` raise ``ValueError`` naming the
     channels; initialize gamma away from 0, or use the default mode. The
     gamma and beta y was made with are copied at the forward (C values
-    each), so an optimizer step between the forward and the backward does
-    not corrupt the inversion. The gradients equal the default mode's to
-    round-off: y is rounded to the layer's dtype before it is inverted,
+    each, as in every mode), so an optimizer step between the forward and
+    the backward does not corrupt the inversion. The gradients equal the
+    default mode's to round-off: y is rounded to the layer's dtype before
+    it is inverted,
     which costs about 1e-6 relative in float32 with ``|gamma|`` and
     ``|beta|`` of order 1, growing like ``|beta| / |gamma|``.
 

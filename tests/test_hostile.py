@@ -632,10 +632,12 @@ TABLE = [
         "num_batches_tracked is updated in place and must be writeable, got a read-only array",
         fn("forward", momentum=None, num_batches_tracked=read_only(np.array(0, np.int64)))),
     Bad("batch_norm_forward", "num_batches_tracked a string, no running statistics", TypeError,
-        "num_batches_tracked must be a numpy.ndarray of one int64 (updated in place), got str",
+        "num_batches_tracked must be an integer count, a numpy.ndarray of one int64 (updated in "
+        "place), got str",
         fn("forward", running_mean=None, running_var=None, num_batches_tracked="3")),
     Bad("batch_norm_forward", "num_batches_tracked the int 0, momentum=None", TypeError,
-        "num_batches_tracked must be a numpy.ndarray of one int64 (updated in place), got int",
+        "num_batches_tracked must be an integer count, a numpy.ndarray of one int64 (updated in "
+        "place), got int",
         fn("forward", momentum=None, num_batches_tracked=0)),
     Bad("batch_norm_forward", "num_batches_tracked a view of out's first 8 bytes", ValueError,
         "out overlaps num_batches_tracked",
