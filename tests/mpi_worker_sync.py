@@ -352,6 +352,23 @@ def copies():
     again = pickle.loads(pickle.dumps(world))
     if not np.array_equal(again(x), world(x)):
         fail("an unpickled layer on COMM_WORLD computes otherwise than the layer")
+    # the transport alone: pickled only on COMM_WORLD; records it cannot reduce
+    # in place are refused (before any communication, so no rank waits)
+    if not isinstance(pickle.loads(pickle.dumps(mpi_allreduce(WORLD))), mpi_allreduce):
+        fail("mpi_allreduce(COMM_WORLD) does not pickle")
+    reduce = mpi_allreduce(group)
+    if copy.deepcopy(reduce) is not reduce:
+        fail("a deep copy of mpi_allreduce is another transport")
+    buffers = {"pickle": (reduce, TypeError), "strided": (np.zeros((10, 8))[:, ::2], ValueError),
+               "float32": (np.zeros((10, 4), np.float32), TypeError),
+               "read-only": (np.frombuffer(bytes(320)).reshape(10, 4), ValueError),
+               "list": ([0.0] * 40, TypeError)}
+    for label, (buffer, expected) in buffers.items():
+        try:
+            pickle.dumps(buffer) if label == "pickle" else reduce(buffer)
+            fail(f"mpi_allreduce: {label} did not raise")
+        except expected:
+            pass
     group.Free()
 
 
