@@ -23,6 +23,7 @@ from helpers import assert_grads_close, assert_unchanged, call, snapshot, valid_
 
 import fastbn
 from fastbn import BatchNorm1d, BatchNorm2d, reference
+from fastbn.compat import cs231n, deepnet
 from fastbn.distributed import (SyncBatchNorm, sync_batch_norm_backward,
                                 sync_batch_norm_forward)
 
@@ -108,6 +109,25 @@ def test_the_step_would_have_mattered():
     bn.gamma -= 0.9 * np.sign(bn.gamma)
     bn(X)
     assert not np.allclose(bn.backward(DY), first, rtol=0.05)
+
+
+def test_the_adapters_differentiate_the_forward_that_ran():
+    x = X.astype(np.float64)
+    dy = DY.astype(np.float64)
+    layer, twin = deepnet.Batchnorm((C, 4, 3)), deepnet.Batchnorm((C, 4, 3))
+    layer.forward(x), twin.forward(x)
+    for p in layer.params:
+        p -= 0.7                                     # deepnet's solvers step in place
+    dX, grads = layer.backward(dy)
+    dX_twin, grads_twin = twin.backward(dy)
+    np.testing.assert_array_equal(dX, dX_twin)
+    np.testing.assert_array_equal(grads[0], grads_twin[0])
+    gamma = GAMMA.astype(np.float64)
+    _, cache = cs231n.spatial_batchnorm_forward(x, gamma, np.zeros(C), {"mode": "train"})
+    want = cs231n.spatial_batchnorm_backward(dy, cache)
+    gamma -= 0.9                                     # an in-place step on the caller's gamma
+    for got, expected in zip(cs231n.spatial_batchnorm_backward(dy, cache), want):
+        np.testing.assert_array_equal(got, expected)
 
 
 # ---------------------------------------------- 2. all-or-nothing changes ----

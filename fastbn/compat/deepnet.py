@@ -104,7 +104,10 @@ class Batchnorm:
         self.gamma = np.ones((1, self.D), dtype=dtype)
         self.beta = np.zeros((1, self.D), dtype=dtype)
         self.params = [self.gamma, self.beta]
-        self._cache = None  # (X_flat, X.shape, mean, invstd); no copy of X
+        # (X_flat, X.shape, mean, invstd, gamma): no copy of X; a copy of the (D,)
+        # gamma of the forward, so that a solver's in-place step before the
+        # backward does not change the gradient
+        self._cache = None
 
     def _vectors(self, dtype):
         """gamma and beta as (D,) arrays of the input's dtype (views when it is theirs)."""
@@ -141,11 +144,11 @@ class Batchnorm:
         gamma, beta = self._vectors(X.dtype)
         if X.shape[0] == 1:
             # One sample: mean = x, var = 0, xhat = 0 exactly, so out = beta.
-            self._cache = (X_flat, X.shape, None, None)
+            self._cache = (X_flat, X.shape, None, None, None)
             return np.broadcast_to(beta, X_flat.shape).reshape(X.shape).copy()
         out, mean, invstd = _functional.batch_norm_forward(
             X_flat, gamma, beta, eps=self.eps, num_threads=self.num_threads)
-        self._cache = (X_flat, X.shape, mean, invstd)
+        self._cache = (X_flat, X.shape, mean, invstd, gamma.copy())
         return out.reshape(X.shape)
 
     def backward(self, dout):
@@ -157,6 +160,10 @@ class Batchnorm:
             dbeta  = sum(dout, axis=0)
             dgamma = sum(dout * xhat, axis=0)
             dX     = gamma / sqrt(var + eps) / N * (N * dout - dbeta - xhat * dgamma)
+
+        with the gamma of that forward (copied then): a solver's step on
+        :attr:`params` between the forward and the backward does not change
+        the gradient.
 
         Parameters
         ----------
@@ -181,7 +188,7 @@ class Batchnorm:
         """
         if self._cache is None:
             raise RuntimeError("Batchnorm.backward called before forward")
-        X_flat, shape, mean, invstd = self._cache
+        X_flat, shape, mean, invstd, gamma = self._cache
         dout = np.asarray(dout)
         if dout.dtype.kind not in "fiub":
             raise TypeError(f"Batchnorm.backward: dout must hold real numbers, got dtype "
@@ -195,7 +202,6 @@ class Batchnorm:
             dgamma = np.zeros(self.D, dtype=X_flat.dtype)
             dbeta = dout_flat[0].copy()
         else:
-            gamma, _ = self._vectors(X_flat.dtype)
             dX, dgamma, dbeta = _functional.batch_norm_backward(
                 dout_flat, X_flat, gamma, mean, invstd, num_threads=self.num_threads)
             dX = dX.reshape(shape)
