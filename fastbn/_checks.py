@@ -158,7 +158,7 @@ def num_threads(value, *, who=None):
                                      f"{type(value).__name__}")
     if value <= 0:
         raise _error(ValueError, who, f"num_threads must be a positive int or None, got "
-                                      f"{value}")
+                                      f"{_shown(value)}")
     return min(int(value), 2**31 - 1)
 
 
@@ -174,10 +174,10 @@ def num_features(value, *, who=None, note=""):
         raise _error(TypeError, who, f"num_features must be an int{note}, got "
                                      f"{type(value).__name__}")
     if value < 1:
-        raise _error(ValueError, who, f"num_features must be >= 1, got {value}")
+        raise _error(ValueError, who, f"num_features must be >= 1, got {_shown(value)}")
     if value > np.iinfo(np.intp).max // 8:
         raise _error(ValueError, who, f"num_features must be small enough for one value "
-                                      f"per channel to fit in memory, got {value}")
+                                      f"per channel to fit in memory, got {_shown(value)}")
     return int(value)
 
 
@@ -189,12 +189,12 @@ def channel_axis(value, ndim=None, *, who=None):
     if ndim is None:
         if value not in (1, -1):
             raise _error(ValueError, who, f"channel_axis must be 1 (channels first) or -1 "
-                                          f"(channels last), got {value}")
+                                          f"(channels last), got {_shown(value)}")
         return int(value)
     if value not in (1, -1, ndim - 1, 1 - ndim):
         raise _error(ValueError, who, f"channel_axis must be 1 (channels first) or -1 "
-                                      f"(channels last), got {value} for an input of {ndim} "
-                                      f"dimensions")
+                                      f"(channels last), got {_shown(value)} for an input of "
+                                      f"{ndim} dimensions")
     return int(value) % ndim
 
 

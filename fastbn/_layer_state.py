@@ -2,9 +2,11 @@
 
 :class:`LayerState` gives :class:`fastbn.layers.BatchNorm` (and so every
 layer class, :class:`fastbn.SyncBatchNorm` included) ``state_dict``,
-``load_state_dict`` and the pickle protocol. The state is the learnable
-parameters and the running statistics under PyTorch's key names; the
-layer's options (eps, momentum, activation, memory_saving, ...) are
+``load_state_dict``, ``reset_running_stats``, ``reset_parameters`` and the
+pickle protocol. Each method that writes the state checks every array it
+would write (and every value) before writing the first. The state is the
+learnable parameters and the running statistics under PyTorch's key names;
+the layer's options (eps, momentum, activation, memory_saving, ...) are
 configuration, pickled with the layer but never in a state dict, and the
 record a forward keeps for its backward (:mod:`fastbn._saved`) is neither.
 """
@@ -24,7 +26,7 @@ _OPTION_DEFAULTS = {"activation": None, "negative_slope": 0.01, "memory_saving":
 
 
 class LayerState:
-    """``state_dict``, ``load_state_dict`` and pickling for the layer classes.
+    """``state_dict``, ``load_state_dict``, the resets and pickling of the layers.
 
     It reads the layer's ``affine``, ``track_running_stats``, ``_gamma``,
     ``_beta``, ``running_mean``, ``running_var``, ``num_batches_tracked``
@@ -105,6 +107,39 @@ class LayerState:
                                       who=f"{type(self).__name__}.load_state_dict")
         for target, value in staged:
             target[...] = value
+
+    def reset_running_stats(self):
+        """Running mean to 0, running variance to 1, ``num_batches_tracked`` to 0, in place.
+
+        Raises
+        ------
+        TypeError, ValueError
+            One of the arrays is not an ndarray or is read-only (the message
+            names it); nothing is written then.
+        """
+        self._reset("reset_running_stats", parameters=False)
+
+    def reset_parameters(self):
+        """Reset the running statistics and set ``gamma`` to 1 and ``beta`` to 0, in place.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As :meth:`reset_running_stats`, for these arrays too.
+        """
+        self._reset("reset_parameters", parameters=True)
+
+    def _reset(self, method, *, parameters):
+        """Write the initial values into the state arrays (with ``parameters``:
+        gamma and beta too), every array checked before the first is written."""
+        values = {"running_mean": 0, "running_var": 1, "num_batches_tracked": 0,
+                  "weight": 1, "bias": 0}
+        targets = {key: array for key, array in self._state_arrays().items()
+                   if parameters or key not in ("weight", "bias")}
+        _checks.layer_arrays(targets, who=f"{type(self).__name__}.{method}",
+                             what="is reset in place")
+        for key, array in targets.items():
+            array[...] = values[key]
 
     def __getstate__(self):
         # Modules do not pickle: keep a backend module by name. What the last

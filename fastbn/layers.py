@@ -312,39 +312,6 @@ class BatchNorm(LayerState):
         """``[dgamma, dbeta]`` in the order of :attr:`params` (None before a backward)."""
         return [self.dgamma, self.dbeta] if self.affine else []
 
-    def reset_running_stats(self):
-        """Running mean to 0, running variance to 1, ``num_batches_tracked`` to 0, in place.
-
-        Raises
-        ------
-        TypeError, ValueError
-            One of the arrays is not an ndarray or is read-only (the message
-            names it); nothing is written then.
-        """
-        self._reset("reset_running_stats", parameters=False)
-
-    def reset_parameters(self):
-        """Reset the running statistics and set ``gamma`` to 1 and ``beta`` to 0, in place.
-
-        Raises
-        ------
-        TypeError, ValueError
-            As :meth:`reset_running_stats`, for these arrays too.
-        """
-        self._reset("reset_parameters", parameters=True)
-
-    def _reset(self, method, *, parameters):
-        """Write the initial values into the state arrays (with ``parameters``:
-        gamma and beta too), every array checked before the first is written."""
-        values = {"running_mean": 0, "running_var": 1, "num_batches_tracked": 0,
-                  "weight": 1, "bias": 0}
-        targets = {key: array for key, array in self._state_arrays().items()
-                   if parameters or key not in ("weight", "bias")}
-        _checks.layer_arrays(targets, who=f"{type(self).__name__}.{method}",
-                             what="is reset in place")
-        for key, array in targets.items():
-            array[...] = values[key]
-
     def _share_arrays(self, layer):
         """Take ``layer``'s accepted input, parameter and running-statistics
         arrays (the arrays themselves) and its mode: a layer of another class

@@ -320,6 +320,34 @@ def test_other_numbers_a_float_cannot_hold(name, message, value):
         call("forward", args)
 
 
+W = np.ones((C, 2), np.float32)
+STATS = (np.zeros(C, np.float32), np.ones(C, np.float32))
+HUGE_INTEGERS = {
+    "num_features": lambda v: BatchNorm2d(v),
+    "channel_axis": lambda v: BatchNorm2d(C, channel_axis=v),
+    "num_threads": lambda v: BatchNorm2d(C, num_threads=-v),
+    "X_dim": lambda v: deepnet.Batchnorm((v, 2)),
+    "out_axis": lambda v: fastbn.fold_batch_norm(W, None, *STATS, None, None, out_axis=v),
+    "eps": lambda v: fastbn.fold_batch_norm(W, None, *STATS, None, None, eps=v),
+    "bn_param['momentum']": lambda v: cs231n.batchnorm_forward(
+        X[:, :, 0, 0].astype(np.float64), np.ones(C), np.zeros(C),
+        {"mode": "train", "momentum": v}),
+}
+
+
+@pytest.mark.parametrize("name", list(HUGE_INTEGERS))
+def test_an_integer_too_large_for_anything_is_a_short_value_error_naming_it(name):
+    with pytest.raises(ValueError) as info:
+        HUGE_INTEGERS[name](10**400)
+    message = str(info.value)
+    assert name in message and len(message) < 300, message
+
+
+def test_sync_num_features_too_large():
+    with pytest.raises(ValueError, match="num_features must be small enough"):
+        sync_batch_norm_forward(X, None, None, allreduce=lambda r: r, num_features=10**400)
+
+
 @pytest.mark.parametrize("count, exc", [
     (3.0, TypeError), (np.float64(3), TypeError), (np.array(3.0), TypeError),
     (np.array([2.5]), TypeError), (True, TypeError), (2**63, ValueError),

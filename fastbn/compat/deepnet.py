@@ -78,7 +78,8 @@ class Batchnorm:
     TypeError
         X_dim not made of ints; a dtype other than float32 or float64.
     ValueError
-        Non-positive entries of X_dim; a bad eps.
+        Non-positive entries of X_dim, or more values per sample than
+        memory holds; a bad eps.
     """
 
     def __init__(self, X_dim, *, eps=1e-8, dtype=np.float64, num_threads=None):
@@ -92,6 +93,10 @@ class Batchnorm:
                             f"{type(X_dim).__name__} {X_dim!r}")
         if any(d < 1 for d in dims):
             raise ValueError(f"{who}: X_dim entries must be >= 1, got {X_dim!r}")
+        if math.prod(dims) > np.iinfo(np.intp).max // 8:
+            raise ValueError(f"{who}: X_dim must hold few enough values per sample for gamma "
+                             f"and beta to fit in memory, got {len(dims)} entries whose "
+                             f"product has {len(str(math.prod(dims)))} digits")
         dtype = _checks.float_dtype(dtype, who=who)
         eps = _checks.eps(eps, who=who)
         _checks.num_threads(num_threads, who=who)
