@@ -31,6 +31,7 @@ import itertools
 import math
 import os
 import pathlib
+import pickle
 import re
 import subprocess
 import sys
@@ -44,7 +45,7 @@ import pytest
 import fastbn
 from fastbn import BatchNorm1d, BatchNorm2d
 from fastbn.compat import cs231n, deepnet
-from fastbn.distributed import _records, merge_records, sync_batch_norm_forward
+from fastbn.distributed import SyncBatchNorm, _records, merge_records, sync_batch_norm_forward
 
 from helpers import FUNCTIONS, SHAPE, C, call, read_only, same_fastbn, valid_args
 
@@ -912,6 +913,13 @@ TABLE = [
     Bad("merge_records", "b float32", TypeError,
         "merge_records: b must have dtype float64, got float32",
         merging(lambda: np.zeros((2 + C, 4), np.float32))),
+    # -- issue 20: a copy keeps the communicator or is refused
+    Bad("SyncBatchNorm(3)", "pickle.dumps with a comm other than MPI.COMM_WORLD (here a "
+        "wrapper object; a comm.Split group alike, under MPI in test_sync.py)", TypeError,
+        "SyncBatchNorm(3) is bound to a communicator other than MPI.COMM_WORLD, which cannot "
+        "be pickled", layer(SyncBatchNorm, lambda bn, x: pickle.dumps(bn),
+                            then=lambda bn: setattr(bn, "comm", types.SimpleNamespace()),
+                            allreduce=lambda r: r)),
     # -- issue 20: the synchronized functions compare the activation across ranks
     Bad("sync_batch_norm_forward", "another rank passes activation 'relu' (two ranks)",
         ValueError, "sync_batch_norm_forward: the ranks disagree on activation: None on some "

@@ -8,6 +8,8 @@ user-defined operation. Nothing here knows Batch Normalization.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from fastbn import _checks
@@ -60,9 +62,10 @@ def _mpi_objects(MPI):
 
 def is_world(comm):
     """comm is ``MPI.COMM_WORLD`` itself (the same handle), the one
-    communicator a new process can find again by name."""
-    MPI = _import_mpi()
-    return isinstance(comm, MPI.Comm) and comm == MPI.COMM_WORLD
+    communicator a new process can find again by name. (An mpi4py
+    communicator means mpi4py.MPI is loaded: this never initializes MPI.)"""
+    MPI = sys.modules.get("mpi4py.MPI")
+    return MPI is not None and isinstance(comm, MPI.Comm) and comm == MPI.COMM_WORLD
 
 
 def _world_allreduce():
