@@ -12,7 +12,9 @@ Exception policy
   argument (``out`` and ``num_batches_tracked`` included);
 - ``ValueError``: an argument of the right type with a wrong shape,
   layout, value or memory (out of range, read-only where it is written,
-  overlapping another argument).
+  overlapping another argument), a number too large for a float included;
+- a flag that is not a bool raises :class:`FlagError`, a ``TypeError`` that
+  is a ``ValueError`` too (PyTorch's ``Module.train`` raises ValueError).
 
 Messages name the argument, what was expected and what came. A layer or an
 adapter passes ``who`` (its class or function name), which starts the
@@ -617,6 +619,9 @@ def _state_value(key, value, target, *, who):
     except (TypeError, RuntimeError) as exc:  # a torch dtype without a NumPy one (bfloat16)
         raise _error(TypeError, who, f"{key} must be {expected}, got {type(value).__name__} "
                                      f"({exc})") from None
+    except ValueError as exc:  # a ragged list
+        raise _error(ValueError, who, f"{key} must be {expected} of shape {target.shape}, got "
+                                      f"{type(value).__name__} ({exc})") from None
     kind = array_.dtype.kind
     if counts and kind == "O" and array_.size == 1 and is_int(array_.reshape(-1)[0]):
         count(array_.reshape(-1)[0], who=who, name=key)  # an int beyond int64: out of range
@@ -630,7 +635,15 @@ def _state_value(key, value, target, *, who):
                                       f"{array_.shape}")
     if counts:
         count(int(array_.reshape(())), who=who, name=key)
-    return array_.reshape(target.shape).astype(target.dtype)
+    with np.errstate(over="ignore"):
+        cast = array_.reshape(target.shape).astype(target.dtype)
+    if not counts and cast.dtype.itemsize < array_.dtype.itemsize and (
+            np.isfinite(array_).sum() != np.isfinite(cast).sum()):
+        raise _error(ValueError, who, f"{key} holds finite values too large for the layer's "
+                                      f"dtype {target.dtype} (largest "
+                                      f"{np.finfo(target.dtype).max:.4g}), got "
+                                      f"{np.abs(array_[np.isfinite(array_)]).max():.4g}")
+    return cast
 
 
 def state_values(own, state_dict, strict, *, who):

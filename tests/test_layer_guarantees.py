@@ -426,6 +426,21 @@ def test_a_count_of_a_type_fastbn_does_not_take_names_the_key(kind):
         bn.load_state_dict({**bn.state_dict(), "num_batches_tracked": BAD_VALUES[kind]()})
 
 
+@pytest.mark.parametrize("value, message", [
+    (np.array([1e300, 1.0, 1.0]), "running_var holds finite values too large for the layer's "
+                                  "dtype float32"),
+    ([[1.0, 2.0], [3.0]], r"running_var must be float32 or float64 values .* of shape \(3,\)"),
+], ids=["1e300 into float32", "ragged list"])
+def test_values_the_layer_cannot_hold_are_value_errors_naming_the_key(value, message):
+    bn = BatchNorm2d(C)
+    before = layer_state(bn)
+    with pytest.raises(ValueError, match=f"BatchNorm2d.load_state_dict: {message}"):
+        bn.load_state_dict({**bn.state_dict(), "weight": np.full(C, 3.0), "running_var": value})
+    assert_state(bn, before)
+    bn.load_state_dict({**bn.state_dict(), "running_var": np.array([np.inf, np.nan, 3e38])})
+    np.testing.assert_array_equal(bn.running_var, np.array([np.inf, np.nan, 3e38], np.float32))
+
+
 def test_torch_tensors_of_dtypes_fastbn_does_not_take():
     torch = pytest.importorskip("torch")
     bn = BatchNorm2d(C)
