@@ -12,7 +12,9 @@ Exception policy
   argument (``out`` and ``num_batches_tracked`` included);
 - ``ValueError``: an argument of the right type with a wrong shape,
   layout, value or memory (out of range, read-only where it is written,
-  overlapping another argument).
+  overlapping another argument), a number too large for a float included;
+- a flag that is not a bool raises :class:`FlagError`, a ``TypeError`` that
+  is a ``ValueError`` too (PyTorch's ``Module.train`` raises ValueError).
 
 Messages name the argument, what was expected and what came. A layer or an
 adapter passes ``who`` (its class or function name), which starts the
@@ -27,6 +29,7 @@ failure protocol of :mod:`fastbn.distributed` sends to the other ranks
 
 from __future__ import annotations
 
+import collections.abc
 import math
 import numbers
 
@@ -72,13 +75,31 @@ def is_real(v):
                                               and not isinstance(v, bool))
 
 
+class FlagError(TypeError, ValueError):
+    """A flag that is not a bool: a TypeError by fastbn's rule, and a
+    ValueError too, which is what PyTorch's ``Module.train(mode)`` raises
+    (as NumPy's ``AxisError`` is both a ValueError and an IndexError)."""
+
+
 def flag(value, name, *, who=None):
-    """A bool (numpy.bool_ too) as a bool; anything else is a TypeError (an
-    int or a string would be a likely mistake)."""
+    """A bool (numpy.bool_ too) as a bool; anything else (an int, a string,
+    None) is a :class:`FlagError`, at every entry point: the functions'
+    flags, a layer's ``affine``, ``track_running_stats``, ``unbiased``,
+    ``memory_saving``, ``train(mode)`` and ``load_state_dict(strict)``."""
     if not isinstance(value, (bool, np.bool_)):
-        raise _error(TypeError, who, f"{name} must be True or False, got "
-                                     f"{type(value).__name__}")
+        raise _error(FlagError, who, f"{name} must be True or False, got "
+                                     f"{type(value).__name__} {_shown(value)}")
     return bool(value)
+
+
+def _to_float(value):
+    """A real number as a float; one too large for a float (10**400) as an
+    infinity of its sign, so that the range check names it (float() would
+    raise a bare OverflowError)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 #: activation names -> the kernels' codes (ACT_NONE, ACT_RELU, ACT_LEAKY_RELU of
@@ -98,9 +119,10 @@ def activation(value, negative_slope, *, who=None):
     if not is_real(negative_slope):
         raise _error(TypeError, who, f"negative_slope must be a real number, got "
                                      f"{type(negative_slope).__name__}")
-    slope = float(negative_slope)
+    slope = _to_float(negative_slope)
     if not math.isfinite(slope):
-        raise _error(ValueError, who, f"negative_slope must be finite, got {slope}")
+        raise _error(ValueError, who, f"negative_slope must be finite, got "
+                                      f"{_shown(negative_slope)}")
     return ACTIVATIONS[value], slope
 
 
@@ -110,10 +132,7 @@ def eps(value, *, who=None, name="eps"):
     if not is_real(value):
         raise _error(TypeError, who, f"{name} must be a real number, got "
                                      f"{type(value).__name__}")
-    try:
-        result = float(value)
-    except OverflowError:
-        result = math.inf
+    result = _to_float(value)
     if not (math.isfinite(result) and result > 0):
         raise _error(ValueError, who, f"{name} must be finite and > 0, got {_shown(value)}")
     return result
@@ -141,7 +160,7 @@ def num_threads(value, *, who=None):
                                      f"{type(value).__name__}")
     if value <= 0:
         raise _error(ValueError, who, f"num_threads must be a positive int or None, got "
-                                      f"{value}")
+                                      f"{_shown(value)}")
     return min(int(value), 2**31 - 1)
 
 
@@ -157,10 +176,10 @@ def num_features(value, *, who=None, note=""):
         raise _error(TypeError, who, f"num_features must be an int{note}, got "
                                      f"{type(value).__name__}")
     if value < 1:
-        raise _error(ValueError, who, f"num_features must be >= 1, got {value}")
+        raise _error(ValueError, who, f"num_features must be >= 1, got {_shown(value)}")
     if value > np.iinfo(np.intp).max // 8:
         raise _error(ValueError, who, f"num_features must be small enough for one value "
-                                      f"per channel to fit in memory, got {value}")
+                                      f"per channel to fit in memory, got {_shown(value)}")
     return int(value)
 
 
@@ -172,12 +191,12 @@ def channel_axis(value, ndim=None, *, who=None):
     if ndim is None:
         if value not in (1, -1):
             raise _error(ValueError, who, f"channel_axis must be 1 (channels first) or -1 "
-                                          f"(channels last), got {value}")
+                                          f"(channels last), got {_shown(value)}")
         return int(value)
     if value not in (1, -1, ndim - 1, 1 - ndim):
         raise _error(ValueError, who, f"channel_axis must be 1 (channels first) or -1 "
-                                      f"(channels last), got {value} for an input of {ndim} "
-                                      f"dimensions")
+                                      f"(channels last), got {_shown(value)} for an input of "
+                                      f"{ndim} dimensions")
     return int(value) % ndim
 
 
@@ -306,14 +325,49 @@ def vector(name, v, dtype, size, *, writeable=False, who=None, what="a numpy.nda
         raise _error(ValueError, who, f"{name} must have shape ({size},) (one value per "
                                       f"{per}), got shape {v.shape}")
     if writeable:
-        if not v.flags.writeable:
-            raise _error(ValueError, who, f"{name} is updated in place and must be writeable, "
-                                          f"got a read-only array")
-        if size > 1 and v.strides[0] == 0:
-            raise _error(ValueError, who, f"{name} is updated in place and needs one value "
-                                          f"per channel, got a zero-stride view (every channel "
-                                          f"would write the same value)")
+        in_place(name, v, who=who)
     return v if v.flags.c_contiguous else np.ascontiguousarray(v)
+
+
+def in_place(name, v, *, who=None, what="is updated in place"):
+    """v (an ndarray) can be written in place: writeable, and no zero stride
+    (several elements would be one value). ``what`` says why it is written."""
+    if not v.flags.writeable:
+        raise _error(ValueError, who, f"{name} {what} and must be writeable, got a read-only "
+                                      f"array")
+    if v.size > 1 and 0 in v.strides:
+        raise _error(ValueError, who, f"{name} {what} and needs one value per channel, got a "
+                                      f"zero-stride view (every channel would write the same "
+                                      f"value)")
+
+
+def layer_arrays(arrays, *, who, what="is updated in place"):
+    """The arrays a layer method is about to write (name -> array; None
+    skipped): each an ndarray that :func:`in_place` accepts, checked all
+    before the first is written, so that the method changes all or nothing."""
+    for name, v in arrays.items():
+        if v is None:
+            continue
+        array(name, v, who=who, what="a numpy.ndarray (the layer's own array)")
+        in_place(name, v, who=who, what=what)
+    disjoint({k: v for k, v in arrays.items() if v is not None}, {}, who=who)
+
+
+def parameter(name, value, dtype, size, others, *, who):
+    """An array assigned to a layer's gamma or beta: a (size,) ndarray of the
+    layer's dtype that is written in place later (by ``load_state_dict``,
+    ``reset_parameters``, an optimizer), so writeable, and sharing no memory
+    with the layer's other arrays (``others``: name -> array or None). A
+    read-only array (``np.load(mmap_mode="r")``) is refused, not copied: a
+    copy would not be the array the caller's optimizer updates."""
+    array(name, value, who=who)
+    dtype_of(name, value, dtype, who=who, whose="layer")
+    if value.shape != (size,):
+        raise _error(ValueError, who, f"{name} must have shape ({size},), got {value.shape}")
+    in_place(name, value, who=who, what="is updated in place (load_state_dict, "
+                                          "reset_parameters, optimizers)")
+    disjoint({name: value}, {k: v for k, v in others.items() if v is not None}, who=who)
+    return value
 
 
 def zero_channels(gamma):
@@ -339,23 +393,23 @@ def saved_gamma(gamma, *, who=None):
 
 def counter(value, *, who=None, name="num_batches_tracked"):
     """One int64 count (PyTorch's buffer), >= 0, that can count one batch more."""
-    array(name, value, who=who, what="a numpy.ndarray of one int64 (updated in place)")
+    array(name, value, who=who, what="an integer count, a numpy.ndarray of one int64 "
+                                     "(updated in place)")
     if value.dtype != np.int64:
-        raise _error(TypeError, who, f"{name} must be int64 (PyTorch's dtype; a narrower "
-                                     f"count would wrap), got dtype {dtype_name(value.dtype)}")
+        raise _error(TypeError, who, f"{name} must be an integer count of dtype int64 "
+                                     f"(PyTorch's dtype; a narrower count would wrap), got "
+                                     f"dtype {dtype_name(value.dtype)}")
     if value.size != 1:
         raise _error(ValueError, who, f"{name} must hold one count, got shape {value.shape}")
     count(int(value.reshape(())), who=who, name=name)
-    if not value.flags.writeable:
-        raise _error(ValueError, who, f"{name} is updated in place and must be writeable, "
-                                      f"got a read-only array")
+    in_place(name, value, who=who)
 
 
 def count(value, *, who=None, name="num_batches_tracked"):
     """A batch count: an int >= 0 that can grow by one within int64."""
     if not 0 <= value < np.iinfo(np.int64).max:
-        raise _error(ValueError, who, f"{name} must be a count >= 0 that can grow by one "
-                                      f"within int64, got {value}")
+        raise _error(ValueError, who, f"{name} must be an integer count >= 0 that can grow by "
+                                      f"one within int64, got {_shown(value)}")
 
 
 def out(value, x, others, in_place, *, who=None, whose="x"):
@@ -547,30 +601,68 @@ def _to_numpy(value):
     return np.asarray(value)
 
 
+def _state_value(key, value, target, *, who):
+    """One value of a state dict, checked, as an ndarray of ``target``'s shape
+    and dtype: float32 or float64 values for the parameters and running
+    statistics (the dtypes fastbn takes), an integer count for
+    ``num_batches_tracked``."""
+    counts = key == "num_batches_tracked"
+    expected = ("an integer count (an int, or an integer array or tensor holding one)"
+                if counts else "float32 or float64 values (a numpy.ndarray, a torch.Tensor or "
+                               "a list of floats)")
+    if value is None or isinstance(value, (str, bytes)):
+        raise _error(TypeError, who, f"{key} must be {expected}, got {type(value).__name__}")
+    if counts and is_int(value):  # however large: the range check says it
+        count(value, who=who, name=key)
+    try:
+        array_ = _to_numpy(value)
+    except (TypeError, RuntimeError) as exc:  # a torch dtype without a NumPy one (bfloat16)
+        raise _error(TypeError, who, f"{key} must be {expected}, got {type(value).__name__} "
+                                     f"({exc})") from None
+    except ValueError as exc:  # a ragged list
+        raise _error(ValueError, who, f"{key} must be {expected} of shape {target.shape}, got "
+                                      f"{type(value).__name__} ({exc})") from None
+    kind = array_.dtype.kind
+    if counts and kind == "O" and array_.size == 1 and is_int(array_.reshape(-1)[0]):
+        count(array_.reshape(-1)[0], who=who, name=key)  # an int beyond int64: out of range
+    if (kind not in "iu") if counts else (array_.dtype not in FLOAT_DTYPES):
+        held = " of dtype" if hasattr(value, "dtype") else " holding values of dtype"
+        raise _error(TypeError, who, f"{key} must be {expected}, got "
+                                     f"{type(value).__name__}{held} "
+                                     f"{dtype_name(array_.dtype)}")
+    if array_.shape != target.shape and not (counts and array_.size == 1):
+        raise _error(ValueError, who, f"{key} must have shape {target.shape}, got "
+                                      f"{array_.shape}")
+    if counts:
+        count(int(array_.reshape(())), who=who, name=key)
+    with np.errstate(over="ignore"):
+        cast = array_.reshape(target.shape).astype(target.dtype)
+    if not counts and cast.dtype.itemsize < array_.dtype.itemsize and (
+            np.isfinite(array_).sum() != np.isfinite(cast).sum()):
+        raise _error(ValueError, who, f"{key} holds finite values too large for the layer's "
+                                      f"dtype {target.dtype} (largest "
+                                      f"{np.finfo(target.dtype).max:.4g}), got "
+                                      f"{np.abs(array_[np.isfinite(array_)]).max():.4g}")
+    return cast
+
+
 def state_values(own, state_dict, strict, *, who):
     """The values of ``state_dict`` for a layer's arrays ``own`` (key ->
     array), checked and cast: a list of (array, value) to copy in place.
     ``strict``: exactly the keys of ``own`` (num_batches_tracked may be
-    missing, as in PyTorch)."""
+    missing, as in PyTorch). Every check (the layer's arrays writeable
+    included) runs before the caller writes anything."""
+    strict = flag(strict, "strict", who=who)
+    if not isinstance(state_dict, collections.abc.Mapping):
+        raise _error(TypeError, who, f"state_dict must be a mapping of str to arrays (as "
+                                     f"state_dict() returns), got {type(state_dict).__name__}")
     if strict:
         missing = [k for k in own if k not in state_dict and k != "num_batches_tracked"]
         unexpected = [k for k in state_dict if k not in own]
         if missing or unexpected:
             raise _error(KeyError, who, f"missing keys {missing}, unexpected keys {unexpected}")
-    staged = []
-    for key, target in own.items():
-        if key not in state_dict:
-            continue
-        value = _to_numpy(state_dict[key])
-        if value.shape != target.shape and not (key == "num_batches_tracked"
-                                                and value.size == 1):
-            raise _error(ValueError, who, f"{key} must have shape {target.shape}, got "
-                                          f"{value.shape}")
-        real = "iu" if key == "num_batches_tracked" else "fiub"
-        if value.dtype.kind not in real:
-            raise _error(TypeError, who, f"{key} must hold real numbers, got dtype "
-                                         f"{value.dtype}")
-        if key == "num_batches_tracked":
-            count(int(value.reshape(())), who=who, name=key)
-        staged.append((target, value.reshape(target.shape).astype(target.dtype)))
+    written = {key: target for key, target in own.items() if key in state_dict}
+    staged = [(target, _state_value(key, state_dict[key], target, who=who))
+              for key, target in written.items()]
+    layer_arrays(written, who=who, what="is loaded in place")
     return staged

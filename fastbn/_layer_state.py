@@ -2,9 +2,11 @@
 
 :class:`LayerState` gives :class:`fastbn.layers.BatchNorm` (and so every
 layer class, :class:`fastbn.SyncBatchNorm` included) ``state_dict``,
-``load_state_dict`` and the pickle protocol. The state is the learnable
-parameters and the running statistics under PyTorch's key names; the
-layer's options (eps, momentum, activation, memory_saving, ...) are
+``load_state_dict``, ``reset_running_stats``, ``reset_parameters`` and the
+pickle protocol. Each method that writes the state checks every array it
+would write (and every value) before writing the first. The state is the
+learnable parameters and the running statistics under PyTorch's key names;
+the layer's options (eps, momentum, activation, memory_saving, ...) are
 configuration, pickled with the layer but never in a state dict, and the
 record a forward keeps for its backward (:mod:`fastbn._saved`) is neither.
 """
@@ -24,7 +26,7 @@ _OPTION_DEFAULTS = {"activation": None, "negative_slope": 0.01, "memory_saving":
 
 
 class LayerState:
-    """``state_dict``, ``load_state_dict`` and pickling for the layer classes.
+    """``state_dict``, ``load_state_dict``, the resets and pickling of the layers.
 
     It reads the layer's ``affine``, ``track_running_stats``, ``_gamma``,
     ``_beta``, ``running_mean``, ``running_var``, ``num_batches_tracked``
@@ -74,7 +76,9 @@ class LayerState:
         ----------
         state_dict : mapping of str to array_like
             Keys ``weight``, ``bias``, ``running_mean``, ``running_var``,
-            ``num_batches_tracked`` as :meth:`state_dict` gives them.
+            ``num_batches_tracked`` as :meth:`state_dict` gives them: float32
+            or float64 values (ndarrays, torch tensors, lists of floats) for
+            the first four, an integer count for ``num_batches_tracked``.
         strict : bool, default True
             Require exactly the keys of :meth:`state_dict`.
 
@@ -83,18 +87,59 @@ class LayerState:
         KeyError
             With ``strict``, missing or unexpected keys (all of them named).
         TypeError
-            A value not of a real dtype (an integer one for
-            ``num_batches_tracked``).
+            ``state_dict`` not a mapping; ``strict`` not a bool; a value
+            that is None, a string, or of a dtype fastbn does not take
+            (anything but float32 and float64 for the parameters and
+            running statistics, such as an integer, complex or
+            ``torch.bfloat16`` tensor; anything but an integer for
+            ``num_batches_tracked``, a float included), the message naming
+            the key and what was expected.
         ValueError
-            A value whose shape does not match, or a ``num_batches_tracked``
-            that is not a count >= 0 able to grow within int64.
+            A value whose shape does not match; a ``num_batches_tracked``
+            that is not an integer count >= 0 able to grow within int64; one
+            of the layer's arrays to be loaded read-only, or sharing memory
+            with another (the message names it).
 
-        Nothing is modified when an error is raised.
+        Nothing is modified when an error is raised: every value and every
+        array to be written is checked before the first is written.
         """
         staged = _checks.state_values(self._state_arrays(), state_dict, strict,
                                       who=f"{type(self).__name__}.load_state_dict")
         for target, value in staged:
             target[...] = value
+
+    def reset_running_stats(self):
+        """Running mean to 0, running variance to 1, ``num_batches_tracked`` to 0, in place.
+
+        Raises
+        ------
+        TypeError, ValueError
+            One of the arrays is not an ndarray or is read-only (the message
+            names it); nothing is written then.
+        """
+        self._reset("reset_running_stats", parameters=False)
+
+    def reset_parameters(self):
+        """Reset the running statistics and set ``gamma`` to 1 and ``beta`` to 0, in place.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As :meth:`reset_running_stats`, for these arrays too.
+        """
+        self._reset("reset_parameters", parameters=True)
+
+    def _reset(self, method, *, parameters):
+        """Write the initial values into the state arrays (with ``parameters``:
+        gamma and beta too), every array checked before the first is written."""
+        values = {"running_mean": 0, "running_var": 1, "num_batches_tracked": 0,
+                  "weight": 1, "bias": 0}
+        targets = {key: array for key, array in self._state_arrays().items()
+                   if parameters or key not in ("weight", "bias")}
+        _checks.layer_arrays(targets, who=f"{type(self).__name__}.{method}",
+                             what="is reset in place")
+        for key, array in targets.items():
+            array[...] = values[key]
 
     def __getstate__(self):
         # Modules do not pickle: keep a backend module by name. What the last

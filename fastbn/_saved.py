@@ -2,13 +2,17 @@
 
 A forward of :class:`fastbn.layers.BatchNorm` (or of
 :class:`fastbn.SyncBatchNorm`) leaves one :class:`Saved` record; nothing of
-full size is copied. Three kinds:
+full size is copied. Every record holds copies of the gamma and beta the
+forward ran with (C values each), and the backward reads those, not the
+layer's arrays: an optimizer step on the parameters between a forward and
+its backward (in place or by assignment) does not change the gradient,
+which is always that of the forward as it ran. Three kinds:
 
 - batch statistics (training mode, or eval mode without running
   statistics): the input x itself, the batch mean and invstd; the backward
   is :func:`fastbn.batch_norm_backward` (``training=True``);
 - batch statistics with ``memory_saving``: the output y the forward
-  returned instead of x, with copies of gamma and beta (C values each); the
+  returned instead of x; the
   backward is :func:`fastbn.batch_norm_backward_from_output`, which
   recovers the normalized input from y (In-Place ABN: Rota Bulò, Porzi and
   Kontschieder, "In-Place Activated BatchNorm for Memory-Optimized Training
@@ -27,7 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Saved", "for_batch", "running_invstd", "gradients"]
+__all__ = ["Saved", "for_batch", "forward_params", "running_invstd", "gradients"]
 
 
 class Saved(NamedTuple):
@@ -44,7 +48,7 @@ class Saved(NamedTuple):
     synced: bool = False
     #: memory saving: the forward's output itself (a reference), instead of x
     y: np.ndarray | None = None
-    #: memory saving: copies of the gamma and beta y was made with (None: no affine)
+    #: copies of the gamma and beta the forward ran with (None: no affine)
     gamma: np.ndarray | None = None
     beta: np.ndarray | None = None
     #: the activation fused into the forward's output, and its slope
@@ -57,16 +61,22 @@ class Saved(NamedTuple):
         return self.y if self.x is None else self.x
 
 
+def forward_params(layer):
+    """Copies of ``layer``'s gamma and beta as a forward runs with them (C
+    values each; None without ``affine``), as :class:`Saved` keywords."""
+    gamma, beta = layer.gamma, layer.beta
+    return dict(gamma=None if gamma is None else gamma.copy(),
+                beta=None if beta is None else beta.copy())
+
+
 def for_batch(layer, x, y, mean, invstd, *, synced=False):
     """The record of a forward of ``layer`` with batch statistics: x, or with
-    the layer's ``memory_saving`` y and copies of its gamma and beta."""
-    act = dict(activation=layer.activation, negative_slope=layer.negative_slope)
+    the layer's ``memory_saving`` y; and copies of its gamma and beta."""
+    act = dict(activation=layer.activation, negative_slope=layer.negative_slope,
+               **forward_params(layer))
     if not layer.memory_saving:
         return Saved(x, mean, invstd, batch=True, synced=synced, **act)
-    gamma, beta = layer.gamma, layer.beta
-    return Saved(None, mean, invstd, batch=True, synced=synced, y=y,
-                 gamma=None if gamma is None else gamma.copy(),
-                 beta=None if beta is None else beta.copy(), **act)
+    return Saved(None, mean, invstd, batch=True, synced=synced, y=y, **act)
 
 
 def running_invstd(running_var, eps, dtype):
@@ -77,9 +87,9 @@ def running_invstd(running_var, eps, dtype):
     return np.minimum(invstd, np.finfo(dtype).max).astype(dtype)
 
 
-def gradients(backend, saved, dy, gamma, beta, *, param_grads, channel_axis, num_threads):
+def gradients(backend, saved, dy, *, param_grads, channel_axis, num_threads):
     """(dx, dgamma, dbeta) at the forward ``saved`` records, with ``backend``'s
-    functions; ``gamma`` and ``beta`` are the layer's (read when x was kept).
+    functions and the gamma and beta of that forward.
 
     The activation keywords are passed only with an activation, so that a
     backend written before they existed still serves a layer without one."""
@@ -90,7 +100,7 @@ def gradients(backend, saved, dy, gamma, beta, *, param_grads, channel_axis, num
         return backend.batch_norm_backward_from_output(dy, saved.y, saved.gamma, saved.beta,
                                                        saved.invstd, **act, **common)
     if act:
-        act["beta"] = beta
-    return backend.batch_norm_backward(dy, saved.x, gamma, saved.mean, saved.invstd,
+        act["beta"] = saved.beta
+    return backend.batch_norm_backward(dy, saved.x, saved.gamma, saved.mean, saved.invstd,
                                        training=saved.batch, param_grads=param_grads,
                                        **act, **common)

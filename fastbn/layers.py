@@ -26,7 +26,7 @@ from fastbn import _checks
 from fastbn import folding as _folding
 from fastbn import functional as _functional
 from fastbn._layer_state import LayerState
-from fastbn._saved import Saved, for_batch, gradients, running_invstd
+from fastbn._saved import Saved, for_batch, forward_params, gradients, running_invstd
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -144,7 +144,10 @@ class BatchNorm(LayerState):
     gamma, beta : ndarray, shape (C,), or None
         Scale and shift, also reachable as ``weight`` and ``bias``. Plain
         arrays that an optimizer may update in place or replace by another
-        (C,) array of the layer's dtype.
+        (C,) array of the layer's dtype. The array assigned is kept itself,
+        so it must be writeable and share no memory with the layer's other
+        arrays: a read-only one (``np.load(..., mmap_mode="r")``) is refused
+        with ``ValueError``, not copied; assign ``np.array(a)`` for a copy.
     dgamma, dbeta : ndarray, shape (C,), or None
         Gradients with respect to ``gamma`` and ``beta`` from the last
         :meth:`backward` (None before it, or without ``affine``).
@@ -166,13 +169,16 @@ class BatchNorm(LayerState):
     TypeError
         A non-integer ``num_features``, a ``dtype`` other than float32 or
         float64, an ``activation`` that is not None or a string, a
-        ``negative_slope`` that is not a real number, an ``unbiased`` or
-        ``memory_saving`` that is not a bool, or a ``backend`` without the
-        functions the layer calls.
+        ``negative_slope`` that is not a real number, an ``affine``,
+        ``track_running_stats``, ``unbiased`` or ``memory_saving`` that is
+        not a bool (an error that is a ValueError too, as PyTorch's
+        ``train(mode)`` raises), or a ``backend`` without the functions the
+        layer calls.
     ValueError
         ``num_features`` < 1, a bad ``eps``, ``momentum``, ``channel_axis``
         or ``num_threads``; an ``activation`` other than None, "relu" and
-        "leaky_relu"; a non-finite ``negative_slope``; ``memory_saving``
+        "leaky_relu"; a non-finite ``negative_slope`` (or one too large for
+        a float, such as ``10**400``); ``memory_saving``
         with "relu", or with "leaky_relu" and ``negative_slope <= 0`` (the
         output does not determine the input).
 
@@ -185,7 +191,16 @@ class BatchNorm(LayerState):
     -----
     The layer keeps a reference to the last input (not a copy) for
     :meth:`backward`: modifying that array in place between the forward and
-    the backward changes the gradient.
+    the backward changes the gradient. The gamma and beta of the forward,
+    on the contrary, are copied at the forward (C values each) in every
+    mode: an optimizer step on the parameters between the forward and the
+    backward does not change the gradient, which is that of the forward as
+    it ran (the activation's mask included).
+
+    Every method that changes the layer's state (``load_state_dict``,
+    ``reset_running_stats``, ``reset_parameters``, ``train``, the parameter
+    setters) checks all it would write before writing anything, and names
+    the array that fails.
 
     With ``memory_saving`` and batch statistics it keeps a reference to the
     last output y instead, the very array the forward returned. The caller
@@ -197,9 +212,10 @@ class BatchNorm(LayerState):
     nothing of x) makes :meth:`backward` raise ``ValueError`` naming the
     channels; initialize gamma away from 0, or use the default mode. The
     gamma and beta y was made with are copied at the forward (C values
-    each), so an optimizer step between the forward and the backward does
-    not corrupt the inversion. The gradients equal the default mode's to
-    round-off: y is rounded to the layer's dtype before it is inverted,
+    each, as in every mode), so an optimizer step between the forward and
+    the backward does not corrupt the inversion. The gradients equal the
+    default mode's to round-off: y is rounded to the layer's dtype before
+    it is inverted,
     which costs about 1e-6 relative in float32 with ``|gamma|`` and
     ``|beta|`` of order 1, growing like ``|beta| / |gamma|``.
 
@@ -237,8 +253,9 @@ class BatchNorm(LayerState):
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
+        self.affine = _checks.flag(affine, "affine", who=who)
+        self.track_running_stats = _checks.flag(track_running_stats, "track_running_stats",
+                                                who=who)
         self.dtype = dtype
         self.channel_axis = channel_axis
         self.num_threads = num_threads
@@ -272,12 +289,11 @@ class BatchNorm(LayerState):
                                  f"got an array to assign")
             return None
         who = type(self).__name__
-        _checks.array(f"{who}.{name}", value)
-        _checks.dtype_of(f"{who}.{name}", value, self.dtype, whose="layer")
-        if value.shape != (self.num_features,):
-            raise ValueError(f"{who}.{name} must have shape ({self.num_features},), "
-                             f"got {value.shape}")
-        return value
+        own = "_gamma" if name in ("gamma", "weight") else "_beta"
+        others = {key: array for key, array in self._state_arrays().items()
+                  if array is not getattr(self, own)}
+        return _checks.parameter(f"{who}.{name}", value, self.dtype, self.num_features,
+                                 others, who=None)
 
     gamma = _parameter("_gamma", "gamma", "Scale, shape (C,), the layer's dtype; None without "
                        "``affine``.")
@@ -296,20 +312,6 @@ class BatchNorm(LayerState):
         """``[dgamma, dbeta]`` in the order of :attr:`params` (None before a backward)."""
         return [self.dgamma, self.dbeta] if self.affine else []
 
-    def reset_running_stats(self):
-        """Running mean to 0, running variance to 1, ``num_batches_tracked`` to 0, in place."""
-        if self.track_running_stats:
-            self.running_mean[...] = 0
-            self.running_var[...] = 1
-            self.num_batches_tracked[...] = 0
-
-    def reset_parameters(self):
-        """Reset the running statistics and set ``gamma`` to 1 and ``beta`` to 0, in place."""
-        self.reset_running_stats()
-        if self.affine:
-            self._gamma[...] = 1
-            self._beta[...] = 0
-
     def _share_arrays(self, layer):
         """Take ``layer``'s accepted input, parameter and running-statistics
         arrays (the arrays themselves) and its mode: a layer of another class
@@ -323,8 +325,15 @@ class BatchNorm(LayerState):
     # ---------------------------------------------------------------- mode
 
     def train(self, mode=True):
-        """Set training mode (``mode=True``) or eval mode; returns the layer."""
-        self.training = bool(mode)
+        """Set training mode (``mode=True``) or eval mode; returns the layer.
+
+        Raises
+        ------
+        TypeError
+            ``mode`` is not a bool (``numpy.bool_`` is one); the exception
+            is a ValueError too, as PyTorch's. The mode is not changed.
+        """
+        self.training = _checks.flag(mode, "mode", who=f"{type(self).__name__}.train")
         return self
 
     def eval(self):
@@ -393,7 +402,7 @@ class BatchNorm(LayerState):
             self._saved = Saved(x, self.running_mean.copy(),
                                 running_invstd(self.running_var, self.eps, self.dtype),
                                 batch=False, activation=self.activation,
-                                negative_slope=self.negative_slope)
+                                negative_slope=self.negative_slope, **forward_params(self))
         return y
 
     __call__ = forward
@@ -463,10 +472,11 @@ class BatchNorm(LayerState):
             raise RuntimeError(f"{who} called before forward: there is no input to take the "
                                f"gradient at")
         _checks.like("dy", dy, saved.array, who=who)
-        _checks.saved_gamma(saved.gamma, who=who)
+        if saved.x is None:  # memory saving: the backward divides by the forward's gamma
+            _checks.saved_gamma(saved.gamma, who=who)
         # after an eval-mode forward the running statistics are constants
-        dx, dgamma, dbeta = gradients(self.backend, saved, dy, self._gamma, self._beta,
-                                      param_grads=self.affine, channel_axis=self.channel_axis,
+        dx, dgamma, dbeta = gradients(self.backend, saved, dy, param_grads=self.affine,
+                                      channel_axis=self.channel_axis,
                                       num_threads=self.num_threads)
         if self.affine:
             self.dgamma, self.dbeta = dgamma, dbeta

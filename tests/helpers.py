@@ -20,13 +20,16 @@ never import each other; a helper that more than one of them needs lives here.
 - :data:`STRIDED_LAYOUTS`, :func:`strided_vector`: the same values in
   non-contiguous views;
 - :func:`numeric_gradient` (central differences), :func:`peak_bytes`
-  (tracemalloc), :func:`same_fastbn` (a child Python that imports this fastbn).
+  (tracemalloc), :func:`same_fastbn` (a child Python that imports this fastbn);
+- :class:`FakeGroup`, :func:`run_ranks`, :func:`values`: K threads standing for
+  K ranks of the synchronized passes, joined by a fake all-reduce.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import threading
 import tracemalloc
 from types import SimpleNamespace
 
@@ -34,6 +37,7 @@ import numpy as np
 
 import fastbn
 from fastbn import reference
+from fastbn.distributed import merge_records
 
 DTYPES = (np.float32, np.float64)
 
@@ -362,3 +366,83 @@ def same_fastbn():
     here = pathlib.Path(__file__).parent
     home = str(pathlib.Path(fastbn.__file__).resolve().parents[1])
     return {"cwd": here, "env": {**os.environ, "PYTHONPATH": home}}
+
+
+# ------------------------------------------------------------- fake ranks ----
+
+class FakeGroup:
+    """K ranks as threads; ``member(rank)`` is that rank's allreduce callable.
+
+    Each call deposits the rank's records, waits for every rank, lets rank 0
+    merge them in the group's order (sequential, reversed or pairwise tree)
+    and hands every rank the result. A rank that never arrives breaks the
+    barrier after ``timeout`` seconds, so a hang fails the test.
+    """
+
+    def __init__(self, size, order="sequential", timeout=30):
+        self.size = size
+        self.order = order
+        self.barrier = threading.Barrier(size, timeout=timeout)
+        self.slots = [None] * size
+        self.calls = 0
+        self.result = None
+
+    def merge(self, records):
+        if self.order == "reversed":
+            records = records[::-1]
+        if self.order == "tree":
+            while len(records) > 1:
+                pairs = [merge_records(records[i], records[i + 1].copy())
+                         for i in range(0, len(records) - 1, 2)]
+                records = pairs + ([records[-1]] if len(records) % 2 else [])
+            return records[0]
+        acc = records[0].copy()
+        for other in records[1:]:
+            merge_records(other, acc)
+        return acc
+
+    def member(self, rank):
+        group = self
+
+        class Allreduce:
+            def __init__(self):
+                self.rank, self.size = rank, group.size
+
+            def __call__(self, records):
+                group.slots[rank] = records.copy()
+                group.barrier.wait()
+                if rank == 0:
+                    group.result = group.merge(list(group.slots))
+                    group.calls += 1
+                group.barrier.wait()
+                records[...] = group.result
+                group.barrier.wait()
+
+        return Allreduce()
+
+
+def run_ranks(size, work, order="sequential"):
+    """work(rank, allreduce) on ``size`` threads; the results (or exceptions) by rank."""
+    group = FakeGroup(size, order)
+    results = [None] * size
+
+    def target(rank):
+        try:
+            results[rank] = work(rank, group.member(rank))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            results[rank] = exc
+
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a rank hangs"
+    return results, group
+
+
+def values(results):
+    for r, result in enumerate(results):
+        if isinstance(result, BaseException):
+            raise AssertionError(f"rank {r} raised {result!r}") from result
+    return results

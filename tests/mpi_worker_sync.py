@@ -23,7 +23,9 @@ and rank 0 prints one line ``RESULT {json}`` with
 """
 
 import collections
+import copy
 import json
+import pickle
 import sys
 
 import numpy as np
@@ -270,6 +272,18 @@ def error_scenarios():
                      lambda: sync_batch_norm_forward(x, None, None, allreduce=reduce,
                                                      num_features=4,
                                                      eps=1e-3 if RANK == last else 1e-5))
+        # another fused activation, or slope of leaky_relu, on one rank
+        expect_error(errors, "functional activation", ValueError, ["disagree on activation"],
+                     lambda: sync_batch_norm_forward(x, None, None, allreduce=reduce,
+                                                     num_features=4,
+                                                     activation="relu" if RANK == last else None))
+        expect_error(errors, "functional negative_slope", ValueError,
+                     ["disagree on negative_slope"],
+                     lambda: sync_batch_norm_backward(dy, x, None, mean, invstd,
+                                                      allreduce=reduce, num_features=4,
+                                                      activation="leaky_relu",
+                                                      negative_slope=0.2 if RANK == last
+                                                      else 0.1))
         # a big-endian x on one rank is named as such
         expect_error(errors, "big-endian", TypeError, ["rank 0", "big-endian"],
                      lambda: bn(x.astype(">f4") if RANK == 0 else x))
@@ -310,6 +324,54 @@ def error_scenarios():
     return errors
 
 
+def copies():
+    """A layer on a sub-communicator: copies keep it (their training passes
+    synchronize over the group, as the original's do, not over COMM_WORLD),
+    and pickling it is refused; a layer on COMM_WORLD pickles."""
+    group = WORLD.Split(RANK % 2, RANK)
+    rng = np.random.default_rng(11 + RANK)
+    x = rng.standard_normal((4, 3, 5, 5)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    bn = SyncBatchNorm(3, comm=group, num_threads=1)
+    for label, twin in (("deepcopy", copy.deepcopy(bn)), ("copy", copy.copy(bn))):
+        if twin.comm is not group:
+            fail(f"{label} of a layer on a sub-communicator did not keep it")
+    twin = copy.deepcopy(bn)
+    y, y_twin = bn(x), twin(x)
+    dx, dx_twin = bn.backward(dy), twin.backward(dy)
+    if not (np.array_equal(y, y_twin) and np.array_equal(dx, dx_twin)
+            and np.array_equal(bn.running_var, twin.running_var)):
+        fail("a deep copy of a layer on a sub-communicator computes otherwise than the layer")
+    try:
+        pickle.dumps(bn)
+        fail("pickling a layer on a sub-communicator did not raise")
+    except TypeError as exc:
+        if "COMM_WORLD" not in str(exc):
+            fail(f"pickling a layer on a sub-communicator: {exc}")
+    world = SyncBatchNorm(3, num_threads=1)
+    again = pickle.loads(pickle.dumps(world))
+    if not np.array_equal(again(x), world(x)):
+        fail("an unpickled layer on COMM_WORLD computes otherwise than the layer")
+    # the transport alone: pickled only on COMM_WORLD; records it cannot reduce
+    # in place are refused (before any communication, so no rank waits)
+    if not isinstance(pickle.loads(pickle.dumps(mpi_allreduce(WORLD))), mpi_allreduce):
+        fail("mpi_allreduce(COMM_WORLD) does not pickle")
+    reduce = mpi_allreduce(group)
+    if copy.deepcopy(reduce) is not reduce:
+        fail("a deep copy of mpi_allreduce is another transport")
+    buffers = {"pickle": (reduce, TypeError), "strided": (np.zeros((10, 8))[:, ::2], ValueError),
+               "float32": (np.zeros((10, 4), np.float32), TypeError),
+               "read-only": (np.frombuffer(bytes(320)).reshape(10, 4), ValueError),
+               "list": ([0.0] * 40, TypeError)}
+    for label, (buffer, expected) in buffers.items():
+        try:
+            pickle.dumps(buffer) if label == "pickle" else reduce(buffer)
+            fail(f"mpi_allreduce: {label} did not raise")
+        except expected:
+            pass
+    group.Free()
+
+
 def main():
     cases = []
     calls = collections.defaultdict(list)
@@ -319,6 +381,7 @@ def main():
             for config in configs:
                 cases.append(equivalence(layout, dtype, config, calls))
     errors = error_scenarios()
+    copies()
     every = WORLD.gather(failures, root=0)
     if RANK == 0:
         result = {

@@ -31,6 +31,7 @@ import itertools
 import math
 import os
 import pathlib
+import pickle
 import re
 import subprocess
 import sys
@@ -44,6 +45,7 @@ import pytest
 import fastbn
 from fastbn import BatchNorm1d, BatchNorm2d
 from fastbn.compat import cs231n, deepnet
+from fastbn.distributed import SyncBatchNorm, _records, merge_records, sync_batch_norm_forward
 
 from helpers import FUNCTIONS, SHAPE, C, call, read_only, same_fastbn, valid_args
 
@@ -186,10 +188,11 @@ def image(n=4, c=3, dtype=np.float32):
     return np.random.default_rng(1).standard_normal((n, c, 5, 2)).astype(dtype)
 
 
-def layer(cls, action, *, trained=False, mode="train", setup=None, **kwargs):
+def layer(cls, action, *, trained=False, mode="train", setup=None, then=None, **kwargs):
     """A call ``action(layer, x)`` on a fresh ``cls(3, **kwargs)``; ``trained``
     runs one valid forward first (in ``mode``), so that backward has a cache;
-    ``setup(layer)`` runs before the snapshot."""
+    ``setup(layer)`` runs before that forward and ``then(layer)`` after it,
+    both before the snapshot."""
     def make():
         bn = cls(C, **kwargs)
         x = image()
@@ -199,6 +202,8 @@ def layer(cls, action, *, trained=False, mode="train", setup=None, **kwargs):
             bn.train(mode == "train")
             bn(x)
             bn.eval() if mode == "eval" else bn.train()
+        if then is not None:
+            then(bn)
         return (lambda: action(bn, x)), {"layer": bn, "x": x}
     return make
 
@@ -229,6 +234,47 @@ def load(**entries):
         state["weight"] = np.full(C, 7.0, np.float32)     # a valid change, listed first
         state.update({k: v() for k, v in entries.items()})
         return (lambda: bn.load_state_dict(state)), {"layer": bn, "state": state}
+    return make
+
+
+def frozen(cls, action, name, **kwargs):
+    """``action(layer)`` on a ``cls(3, **kwargs)`` that has trained a step and
+    whose array ``name`` (a state-dict key) is then made read-only."""
+    def then(bn):
+        bn._state_arrays()[name].flags.writeable = False
+    return layer(cls, lambda bn, x: action(bn), trained=True, then=then, **kwargs)
+
+
+def other_rank(**settings):
+    """An ``allreduce`` standing for two ranks: this one, and one whose header
+    says ``settings`` (records name -> value) instead."""
+    def allreduce(records):
+        theirs = records.copy()
+        for name, value in settings.items():
+            theirs[getattr(_records, name), 1:3] = value
+        return merge_records(theirs, records)
+    return allreduce
+
+
+def sync_forward(**kwargs):
+    """``sync_batch_norm_forward`` on a valid input with running statistics."""
+    def make():
+        args = dict(x=image(), running_mean=np.zeros(C, F32), running_var=np.ones(C, F32),
+                    num_batches_tracked=np.zeros((), np.int64))
+        return (lambda: sync_batch_norm_forward(args["x"], None, None, num_features=C,
+                                                running_mean=args["running_mean"],
+                                                running_var=args["running_var"],
+                                                num_batches_tracked=args[
+                                                    "num_batches_tracked"], **kwargs)), args
+    return make
+
+
+def merging(b):
+    """``merge_records(a, b())`` on valid records a (of 2 + C records)."""
+    def make():
+        a = np.zeros((2 + C, 4))
+        args = dict(a=a, b=b())
+        return (lambda: merge_records(args["a"], args["b"])), args
     return make
 
 
@@ -612,8 +658,8 @@ TABLE = [
         fn("forward", momentum=None, num_batches_tracked=None)),
     family("num_batches_tracked not int64: a float64, a bool or an int8 0-d array (an int8 "
            "would wrap at 127); momentum 0.1 or None", TypeError,
-           "num_batches_tracked must be int64 (PyTorch's dtype; a narrower count would wrap), "
-           "got dtype {dtype}",
+           "num_batches_tracked must be an integer count of dtype int64 (PyTorch's dtype; a "
+           "narrower count would wrap), got dtype {dtype}",
            lambda func, dtype, momentum: function_call(
                func, momentum=momentum, num_batches_tracked=np.zeros((), dtype)),
            grid(TRAINING, dtype=["float64", "bool", "int8"], momentum=[0.1, None])),
@@ -621,20 +667,23 @@ TABLE = [
         "num_batches_tracked must hold one count, got shape (2,)",
         fn("forward", num_batches_tracked=np.zeros(2, np.int64))),
     Bad("batch_norm_forward", "num_batches_tracked -1", ValueError,
-        "num_batches_tracked must be a count >= 0 that can grow by one within int64, got -1",
+        "num_batches_tracked must be an integer count >= 0 that can grow by one within int64, "
+        "got -1",
         fn("forward", num_batches_tracked=np.array(-1))),
     Bad("batch_norm_forward", "num_batches_tracked at the int64 maximum", ValueError,
-        "num_batches_tracked must be a count >= 0 that can grow by one within int64, got "
-        "9223372036854775807",
+        "num_batches_tracked must be an integer count >= 0 that can grow by one within int64, "
+        "got 9223372036854775807",
         fn("forward", num_batches_tracked=np.array(np.iinfo(np.int64).max))),
     Bad("batch_norm_forward", "num_batches_tracked read-only, momentum=None", ValueError,
         "num_batches_tracked is updated in place and must be writeable, got a read-only array",
         fn("forward", momentum=None, num_batches_tracked=read_only(np.array(0, np.int64)))),
     Bad("batch_norm_forward", "num_batches_tracked a string, no running statistics", TypeError,
-        "num_batches_tracked must be a numpy.ndarray of one int64 (updated in place), got str",
+        "num_batches_tracked must be an integer count, a numpy.ndarray of one int64 (updated in "
+        "place), got str",
         fn("forward", running_mean=None, running_var=None, num_batches_tracked="3")),
     Bad("batch_norm_forward", "num_batches_tracked the int 0, momentum=None", TypeError,
-        "num_batches_tracked must be a numpy.ndarray of one int64 (updated in place), got int",
+        "num_batches_tracked must be an integer count, a numpy.ndarray of one int64 (updated in "
+        "place), got int",
         fn("forward", momentum=None, num_batches_tracked=0)),
     Bad("batch_norm_forward", "num_batches_tracked a view of out's first 8 bytes", ValueError,
         "out overlaps num_batches_tracked",
@@ -773,12 +822,113 @@ TABLE = [
         "BatchNorm2d.load_state_dict: running_var must have shape (3,), got (4,)",
         load(running_var=lambda: np.ones(4, F32))),
     Bad("BatchNorm2d(3)", "load_state_dict with num_batches_tracked -1", ValueError,
-        "BatchNorm2d.load_state_dict: num_batches_tracked must be a count >= 0 that can grow "
-        "by one within int64, got -1",
+        "BatchNorm2d.load_state_dict: num_batches_tracked must be an integer count >= 0 that "
+        "can grow by one within int64, got -1",
         load(num_batches_tracked=lambda: np.array(-1))),
     Bad("BatchNorm2d(3)", "load_state_dict with a bias of strings", TypeError,
         "BatchNorm2d.load_state_dict: bias",
         load(bias=lambda: np.array(["a", "b", "c"])),),
+
+    # -- issue 20: the backward differentiates the forward that ran
+    Bad("BatchNorm2d(3, memory_saving=True)", "backward after a forward with gamma 0 in "
+        "channel 1, gamma set to 1 since (an optimizer step)", ValueError,
+        "BatchNorm2d.backward: gamma was 0 in channel(s) 1 at the forward",
+        layer(BatchNorm2d, lambda bn, x: bn.backward(np.ones_like(x)), trained=True,
+              setup=lambda bn: bn.gamma.__setitem__(1, 0),
+              then=lambda bn: bn.gamma.__setitem__(1, 1.0), memory_saving=True)),
+    # -- issue 20: every state change is all or nothing, and names the array
+    Bad("BatchNorm2d(3)", "reset_running_stats or reset_parameters with a read-only "
+        "running_var, num_batches_tracked or weight", ValueError,
+        "BatchNorm2d.{method}: {name} is reset in place and must be writeable, got a "
+        "read-only array",
+        lambda method, name: frozen(BatchNorm2d, lambda bn: getattr(bn, method)(), name)(),
+        tuple(grid(method=["reset_running_stats", "reset_parameters"],
+                   name=["running_var", "num_batches_tracked"]))
+        + ({"method": "reset_parameters", "name": "weight"},)),
+    Bad("BatchNorm2d(3)", "load_state_dict into a read-only running_mean or bias", ValueError,
+        "BatchNorm2d.load_state_dict: {name} is loaded in place and must be writeable",
+        lambda name: frozen(BatchNorm2d, lambda bn: bn.load_state_dict(
+            {k: v + 1 for k, v in bn.state_dict().items()}), name)(),
+        tuple(grid(name=["running_mean", "bias"]))),
+    Bad("BatchNorm1d(3)", "gamma or bias assigned a read-only array (np.load(mmap_mode='r'))",
+        ValueError, "BatchNorm1d.{name} is updated in place (load_state_dict, "
+        "reset_parameters, optimizers) and must be writeable, got a read-only array",
+        lambda name: assign(name, lambda: read_only(np.ones(C, F32)))(),
+        tuple(grid(name=["gamma", "bias"]))),
+    Bad("BatchNorm1d(3)", "beta assigned the gamma array itself", ValueError,
+        "BatchNorm1d.beta overlaps weight; it is updated in place and needs memory of its own",
+        layer(BatchNorm1d, lambda bn, x: setattr(bn, "beta", bn.gamma))),
+    # -- issue 20: flags are bools, numbers fit a float, counts are integers
+    Bad("BatchNorm2d(3)", "train(mode) with 1, 'False' or None (the error is a ValueError "
+        "too, as in PyTorch)", TypeError, "BatchNorm2d.train: mode must be True or False, "
+        "got {type}", lambda mode, type: layer(BatchNorm2d, lambda bn, x: bn.train(mode))(),
+        tuple(typed("mode", [1, "False", None]))),
+    Bad("BatchNorm2d", "affine or track_running_stats 1", TypeError,
+        "BatchNorm2d: {flag} must be True or False, got int",
+        lambda flag: construct(BatchNorm2d, num_features=3, **{flag: 1})(),
+        tuple(grid(flag=["affine", "track_running_stats"]))),
+    Bad("BatchNorm2d(3)", "load_state_dict with strict=1", TypeError,
+        "BatchNorm2d.load_state_dict: strict must be True or False, got int",
+        layer(BatchNorm2d, lambda bn, x: bn.load_state_dict(bn.state_dict(), strict=1))),
+    family("negative_slope 10**400 or -10**400 (too large for a float)", ValueError,
+           "negative_slope must be finite, got {shown}",
+           lambda func, sign, shown: function_call(func, activation="leaky_relu",
+                                                   negative_slope=sign * 10**400),
+           grid(EVERY_FUNCTION + FROM_OUTPUT, [dict(sign=1, shown="10000000000000000..."),
+                                               dict(sign=-1, shown="-1000000000000000...")])),
+    Bad("BatchNorm2d", "negative_slope 10**400", ValueError,
+        "BatchNorm2d: negative_slope must be finite, got 10000000000000000...",
+        construct(BatchNorm2d, num_features=3, activation="leaky_relu",
+                  negative_slope=10**400)),
+    Bad("sync_batch_norm_forward", "negative_slope 10**400", ValueError,
+        "negative_slope must be finite, got 10000000000000000...",
+        sync_forward(allreduce=lambda r: r, activation="leaky_relu", negative_slope=10**400)),
+    Bad("BatchNorm2d(3)", "load_state_dict with num_batches_tracked 3.0 or a float64 array",
+        TypeError, "BatchNorm2d.load_state_dict: num_batches_tracked must be an integer count",
+        lambda count: load(num_batches_tracked=lambda: count)(),
+        tuple(grid(count=[3.0, np.array(3.0)]))),
+    Bad("BatchNorm2d(3)", "load_state_dict with num_batches_tracked 2**63 or 2**100",
+        ValueError,
+        "BatchNorm2d.load_state_dict: num_batches_tracked must be an integer count >= 0 that "
+        "can grow by one within int64, got {shown}",
+        lambda power, shown: load(num_batches_tracked=lambda: 2**power)(),
+        ({"power": 63, "shown": "9223372036854775808"},
+         {"power": 100, "shown": "12676506002282294..."})),
+    # -- issue 20: load_state_dict's type errors name the key
+    Bad("BatchNorm2d(3)", "load_state_dict with a list of pairs (not a mapping)", TypeError,
+        "BatchNorm2d.load_state_dict: state_dict must be a mapping of str to arrays (as "
+        "state_dict() returns), got list",
+        layer(BatchNorm2d, lambda bn, x: bn.load_state_dict(list(bn.state_dict().items())))),
+    Bad("BatchNorm2d(3)", "load_state_dict with running_var None, a string, int64 or float16",
+        TypeError, "BatchNorm2d.load_state_dict: running_var must be float32 or float64 values "
+        "(a numpy.ndarray, a torch.Tensor or a list of floats), got {type}",
+        lambda value, type: load(running_var=lambda: value)(),
+        tuple(typed("value", [None, "1.0"])) + (
+            {"value": np.ones(C, np.int64), "type": "ndarray of dtype int64"},
+            {"value": np.ones(C, np.float16), "type": "ndarray of dtype float16"})),
+    # -- issue 20: in place means in place (fastbn.distributed)
+    Bad("merge_records", "b read-only", ValueError,
+        "merge_records: b is updated in place and must be writeable, got a read-only array",
+        merging(lambda: read_only(np.zeros((2 + C, 4))))),
+    Bad("merge_records", "b float32", TypeError,
+        "merge_records: b must have dtype float64, got float32",
+        merging(lambda: np.zeros((2 + C, 4), np.float32))),
+    # -- issue 20: a copy keeps the communicator or is refused
+    Bad("SyncBatchNorm(3)", "pickle.dumps with a comm other than MPI.COMM_WORLD (here a "
+        "wrapper object; a comm.Split group alike, under MPI in test_sync.py)", TypeError,
+        "SyncBatchNorm(3) is bound to a communicator other than MPI.COMM_WORLD, which cannot "
+        "be pickled", layer(SyncBatchNorm, lambda bn, x: pickle.dumps(bn),
+                            then=lambda bn: setattr(bn, "comm", types.SimpleNamespace()),
+                            allreduce=lambda r: r)),
+    # -- issue 20: the synchronized functions compare the activation across ranks
+    Bad("sync_batch_norm_forward", "another rank passes activation 'relu' (two ranks)",
+        ValueError, "sync_batch_norm_forward: the ranks disagree on activation: None on some "
+        "ranks, 'relu' on others", sync_forward(allreduce=other_rank(ACTIVATION=1))),
+    Bad("sync_batch_norm_forward", "another rank passes leaky_relu with negative_slope 0.2",
+        ValueError, "sync_batch_norm_forward: the ranks disagree on negative_slope (of "
+        "activation 'leaky_relu'): 0.1 on some ranks, 0.2 on others",
+        sync_forward(allreduce=other_rank(SLOPE=0.2), activation="leaky_relu",
+                     negative_slope=0.1)),
 
     # -- folding (weight (3, 2, 3, 3) float32, out_axis 0: C = 3)
     Bad("fold_batch_norm", "weight 0-d or 1-D (3,)", ValueError,

@@ -134,10 +134,13 @@ def test_functions_refuse_overlaps_and_change_nothing(call, edit):
                  id="SyncBatchNorm")])
 @pytest.mark.parametrize("target", ["gamma", "beta"])
 def test_layers_refuse_a_parameter_that_is_a_running_statistic(layer, target):
-    """``bn.gamma = bn.running_mean`` is accepted by the setter (a (C,) array of
-    the layer's dtype); the training forward then refuses to write through it."""
+    """``bn.gamma = bn.running_mean`` is refused by the setter (the parameters
+    need memory of their own); set behind its back, the training forward then
+    refuses to write through it."""
     bn = layer()
-    setattr(bn, target, bn.running_mean)
+    with pytest.raises(ValueError, match=f"{target} overlaps running_mean"):
+        setattr(bn, target, bn.running_mean)
+    setattr(bn, f"_{target}", bn.running_mean)
     x = arrays()["x"]
     before = snapshot(running_mean=bn.running_mean, running_var=bn.running_var,
                       count=bn.num_batches_tracked, other=bn.beta if target == "gamma"

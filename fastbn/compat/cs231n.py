@@ -148,7 +148,9 @@ def _forward(x, gamma, beta, bn_param, function, ndim):
         invstd = (1.0 / np.sqrt(running_var.astype(np.float64) + eps)).astype(x.dtype)
     bn_param["running_mean"] = running_mean
     bn_param["running_var"] = running_var
-    return out, _Cache(x, g, mean, invstd, mode, function)
+    # a copy of gamma (C values): an in-place step on it before the backward
+    # does not change the gradient of the forward that ran
+    return out, _Cache(x, g.copy(), mean, invstd, mode, function)
 
 
 def _backward(dout, cache, function):

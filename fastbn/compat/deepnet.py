@@ -78,7 +78,8 @@ class Batchnorm:
     TypeError
         X_dim not made of ints; a dtype other than float32 or float64.
     ValueError
-        Non-positive entries of X_dim; a bad eps.
+        Non-positive entries of X_dim, or more values per sample than
+        memory holds; a bad eps.
     """
 
     def __init__(self, X_dim, *, eps=1e-8, dtype=np.float64, num_threads=None):
@@ -92,6 +93,10 @@ class Batchnorm:
                             f"{type(X_dim).__name__} {X_dim!r}")
         if any(d < 1 for d in dims):
             raise ValueError(f"{who}: X_dim entries must be >= 1, got {X_dim!r}")
+        if math.prod(dims) > np.iinfo(np.intp).max // 8:
+            raise ValueError(f"{who}: X_dim must hold few enough values per sample for gamma "
+                             f"and beta to fit in memory, got {len(dims)} entries whose "
+                             f"product has {len(str(math.prod(dims)))} digits")
         dtype = _checks.float_dtype(dtype, who=who)
         eps = _checks.eps(eps, who=who)
         _checks.num_threads(num_threads, who=who)
@@ -104,7 +109,10 @@ class Batchnorm:
         self.gamma = np.ones((1, self.D), dtype=dtype)
         self.beta = np.zeros((1, self.D), dtype=dtype)
         self.params = [self.gamma, self.beta]
-        self._cache = None  # (X_flat, X.shape, mean, invstd); no copy of X
+        # (X_flat, X.shape, mean, invstd, gamma): no copy of X; a copy of the (D,)
+        # gamma of the forward, so that a solver's in-place step before the
+        # backward does not change the gradient
+        self._cache = None
 
     def _vectors(self, dtype):
         """gamma and beta as (D,) arrays of the input's dtype (views when it is theirs)."""
@@ -141,11 +149,11 @@ class Batchnorm:
         gamma, beta = self._vectors(X.dtype)
         if X.shape[0] == 1:
             # One sample: mean = x, var = 0, xhat = 0 exactly, so out = beta.
-            self._cache = (X_flat, X.shape, None, None)
+            self._cache = (X_flat, X.shape, None, None, None)
             return np.broadcast_to(beta, X_flat.shape).reshape(X.shape).copy()
         out, mean, invstd = _functional.batch_norm_forward(
             X_flat, gamma, beta, eps=self.eps, num_threads=self.num_threads)
-        self._cache = (X_flat, X.shape, mean, invstd)
+        self._cache = (X_flat, X.shape, mean, invstd, gamma.copy())
         return out.reshape(X.shape)
 
     def backward(self, dout):
@@ -157,6 +165,10 @@ class Batchnorm:
             dbeta  = sum(dout, axis=0)
             dgamma = sum(dout * xhat, axis=0)
             dX     = gamma / sqrt(var + eps) / N * (N * dout - dbeta - xhat * dgamma)
+
+        with the gamma of that forward (copied then): a solver's step on
+        :attr:`params` between the forward and the backward does not change
+        the gradient.
 
         Parameters
         ----------
@@ -181,7 +193,7 @@ class Batchnorm:
         """
         if self._cache is None:
             raise RuntimeError("Batchnorm.backward called before forward")
-        X_flat, shape, mean, invstd = self._cache
+        X_flat, shape, mean, invstd, gamma = self._cache
         dout = np.asarray(dout)
         if dout.dtype.kind not in "fiub":
             raise TypeError(f"Batchnorm.backward: dout must hold real numbers, got dtype "
@@ -195,7 +207,6 @@ class Batchnorm:
             dgamma = np.zeros(self.D, dtype=X_flat.dtype)
             dbeta = dout_flat[0].copy()
         else:
-            gamma, _ = self._vectors(X_flat.dtype)
             dX, dgamma, dbeta = _functional.batch_norm_backward(
                 dout_flat, X_flat, gamma, mean, invstd, num_threads=self.num_threads)
             dX = dX.reshape(shape)

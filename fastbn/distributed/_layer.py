@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from fastbn import _checks
-from fastbn.distributed._mpi import _import_mpi, mpi_allreduce
+from fastbn.distributed._mpi import _import_mpi, is_world, mpi_allreduce, refuse_to_pickle
 from fastbn.distributed._passes import _check_allreduce, backward, forward
 from fastbn._saved import Saved, for_batch
 from fastbn.layers import BatchNorm
@@ -23,7 +25,7 @@ class SyncBatchNorm(BatchNorm):
     holds a slice of the global batch, and in training mode each channel is
     normalized with the mean and variance of the global batch, as
     ``torch.nn.SyncBatchNorm`` does. Each training forward makes one
-    ``Allreduce`` of one float64 buffer of ``4 * (8 + C)`` values, and each
+    ``Allreduce`` of one float64 buffer of ``4 * (10 + C)`` values, and each
     backward one more; the per-rank counts, means and variances are merged
     exactly (:func:`merge_records`), so the local batch sizes may differ and
     may be 0. The running statistics are updated with the global statistics
@@ -93,8 +95,18 @@ class SyncBatchNorm(BatchNorm):
     dimensions, a ``dy`` of the wrong shape) still takes part, then every
     rank raises, naming the failing rank(s): no rank hangs. Ranks that are
     in different modes (training on some, eval on others) do hang, as in
-    PyTorch. A pickled (or deep-copied) layer leaves its communicator
-    behind: the copy synchronizes over ``MPI.COMM_WORLD``.
+    PyTorch.
+
+    Copies keep the communicator or are refused, never rebound to another
+    group: ``copy.copy`` and ``copy.deepcopy`` keep ``comm`` (and an
+    ``allreduce``) as they are, so the copy synchronizes over the same
+    ranks (its arrays are copies, as for :class:`fastbn.layers.BatchNorm`).
+    Pickling keeps a layer on ``MPI.COMM_WORLD`` (the unpickled layer
+    synchronizes over the COMM_WORLD of the process that loads it) and a
+    layer with an ``allreduce`` that pickles; a layer on any other
+    communicator (a ``comm.Split`` group, a ``Dup``, a wrapper) raises
+    ``TypeError`` when pickled: pickle its :meth:`state_dict` and build the
+    layer on the communicator again.
 
     Examples
     --------
@@ -277,8 +289,8 @@ class SyncBatchNorm(BatchNorm):
                                          beta=saved.beta, from_output=True, **act,
                                          **self._common())
         else:
-            dx, dgamma, dbeta = backward(dy, saved.x, self._gamma, saved.mean, saved.invstd,
-                                         beta=self._beta, **act, **self._common())
+            dx, dgamma, dbeta = backward(dy, saved.x, saved.gamma, saved.mean, saved.invstd,
+                                         beta=saved.beta, **act, **self._common())
         if self.affine:
             self.dgamma, self.dbeta = dgamma, dbeta
         return dx
@@ -290,8 +302,29 @@ class SyncBatchNorm(BatchNorm):
         return text
 
     def __getstate__(self):
-        # A communicator does not pickle: an unpickled layer uses MPI.COMM_WORLD.
+        # A communicator does not pickle. COMM_WORLD is found again by name (an
+        # unpickled layer binds it on first use); any other is refused rather
+        # than silently replaced by COMM_WORLD. An allreduce pickles as it can.
         state = super().__getstate__()
-        state["comm"] = None
-        state["_allreduce"] = None
+        if self.comm is not None:
+            if not is_world(self.comm):
+                raise refuse_to_pickle(f"{type(self).__name__}({self.num_features})")
+            state["comm"] = None
+            state["_allreduce"] = None
         return state
+
+    def __copy__(self):
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._saved = None
+        return new
+
+    def __deepcopy__(self, memo):
+        # the communicator (and the transport) are shared, never copied or rebound
+        shared = {k: self.__dict__[k] for k in ("comm", "_allreduce", "backend")}
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update({k: v if k in shared else copy.deepcopy(v, memo)
+                             for k, v in self.__dict__.items()})
+        new._saved = None
+        return new

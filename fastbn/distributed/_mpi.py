@@ -8,8 +8,11 @@ user-defined operation. Nothing here knows Batch Normalization.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
+from fastbn import _checks
 from fastbn.distributed._records import HEADER, RECORD, merge_records
 
 __all__ = ["mpi_allreduce"]
@@ -57,6 +60,30 @@ def _mpi_objects(MPI):
     return _mpi_cache["record"], _mpi_cache["op"]
 
 
+def is_world(comm):
+    """comm is ``MPI.COMM_WORLD`` itself (the same handle), the one
+    communicator a new process can find again by name. (An mpi4py
+    communicator means mpi4py.MPI is loaded: this never initializes MPI.)"""
+    MPI = sys.modules.get("mpi4py.MPI")
+    return MPI is not None and isinstance(comm, MPI.Comm) and comm == MPI.COMM_WORLD
+
+
+def _world_allreduce():
+    """An unpickled :class:`mpi_allreduce` of ``MPI.COMM_WORLD``."""
+    return mpi_allreduce(_import_mpi().COMM_WORLD)
+
+
+def refuse_to_pickle(who):
+    """The error of pickling something bound to a communicator other than
+    ``MPI.COMM_WORLD``: a communicator cannot be sent to another process, and
+    binding the copy to COMM_WORLD would synchronize it over other ranks."""
+    return TypeError(f"{who} is bound to a communicator other than MPI.COMM_WORLD, which "
+                     f"cannot be pickled (a copy bound to COMM_WORLD would synchronize over "
+                     f"other ranks); copy.deepcopy keeps the communicator in this process, "
+                     f"and state_dict() pickles the state for a layer built on the "
+                     f"communicator again")
+
+
 def _check_comm(comm):
     """comm must be an intracommunicator (an mpi4py Comm, or an object that wraps one)."""
     missing = [name for name in ("Get_rank", "Get_size", "Allreduce", "allgather")
@@ -94,7 +121,16 @@ class mpi_allreduce:  # noqa: N801 - used like a function: mpi_allreduce(comm)
         comm is not a communicator, or is an intercommunicator.
     ValueError
         comm is ``MPI.COMM_NULL``; or, from a call, another rank's buffer is
-        longer (the ranks passed different ``num_features``).
+        longer (the ranks passed different ``num_features``), or the
+        records are not a writeable C-contiguous float64 array (they are
+        reduced in place; TypeError for another type or dtype).
+
+    Notes
+    -----
+    A copy (``copy.copy``, ``copy.deepcopy``) keeps the communicator. It
+    pickles only when the communicator is ``MPI.COMM_WORLD`` (the unpickled
+    one is bound to the COMM_WORLD of the process that loads it); otherwise
+    pickling raises ``TypeError``.
     """
 
     def __init__(self, comm):
@@ -115,6 +151,17 @@ class mpi_allreduce:  # noqa: N801 - used like a function: mpi_allreduce(comm)
         self._mpi_error, self._truncate = MPI.Exception, MPI.ERR_TRUNCATE
 
     def __call__(self, records):
+        who = "mpi_allreduce"
+        _checks.array("records", records, who=who, what="a numpy.ndarray of float64 (reduced "
+                                                        "in place)")
+        if records.dtype != _F64:
+            raise TypeError(f"{who}: records must have dtype float64, got "
+                            f"{_checks.dtype_name(records.dtype)}")
+        if not records.flags.c_contiguous or records.size % RECORD:
+            raise ValueError(f"{who}: records are reduced in place and must be one C-contiguous "
+                             f"buffer of whole records ({RECORD} values each), got shape "
+                             f"{records.shape} with strides {records.strides}")
+        _checks.in_place("records", records, who=who, what="are reduced in place")
         try:
             self.comm.Allreduce(self._in_place, [records, self._record], op=self._op)
         except self._mpi_error as exc:
@@ -129,3 +176,14 @@ class mpi_allreduce:  # noqa: N801 - used like a function: mpi_allreduce(comm)
 
     def __repr__(self):
         return f"mpi_allreduce(rank {self.rank} of {self.size})"
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self  # the same communicator: a deep copy must not leave its group
+
+    def __reduce__(self):
+        if not is_world(self.comm):
+            raise refuse_to_pickle("an mpi_allreduce")
+        return (_world_allreduce, ())

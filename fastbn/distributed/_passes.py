@@ -82,7 +82,7 @@ def forward(x, gamma, beta, *, allreduce, num_features, eps, running_mean, runni
         act, slope = _checks.activation(activation, negative_slope)
         tracking = rm is not None
         factor = _running.factor(momentum, num_batches_tracked) if tracking else -1.0
-        call.settings(x.dtype.itemsize, eps, factor, unbiased)
+        call.settings(x.dtype.itemsize, eps, factor, unbiased, act, slope)
         kernel, xc, xv, n = _view(x, ca)
         body = call.body
         body[:, 0] = TAG_STATS
@@ -144,9 +144,10 @@ def sync_batch_norm_forward(x, gamma, beta, *, allreduce, num_features, eps=1e-5
     Every rank must make this call together. A rank whose arguments fail
     the checks (or that is interrupted while checking them) still takes
     part in the reduction, then every rank raises. The ranks must agree on
-    the dtype, ``num_features``, ``eps`` and the running statistics'
-    weight (momentum, or the count for ``momentum=None``); the reduction
-    carries them, and every rank raises when they differ.
+    the dtype, ``num_features``, ``eps``, the running statistics'
+    weight (momentum, or the count for ``momentum=None``), ``unbiased``,
+    ``activation`` and ``negative_slope``; the reduction carries them, and
+    every rank raises when they differ.
 
     Parameters
     ----------
@@ -159,7 +160,7 @@ def sync_batch_norm_forward(x, gamma, beta, *, allreduce, num_features, eps=1e-5
         Scale and shift; None means 1 and 0. The same on every rank.
     allreduce : callable
         ``allreduce(records)`` with ``records`` a C-contiguous float64 array
-        of shape ``(8 + C, 4)``: replaces it in place (or returns an array
+        of shape ``(10 + C, 4)``: replaces it in place (or returns an array
         of that shape) with the combination of every rank's array under
         :func:`merge_records`, the same bits on every rank.
         ``mpi_allreduce(comm)`` is that for an mpi4py communicator. Its
@@ -180,7 +181,8 @@ def sync_batch_norm_forward(x, gamma, beta, *, allreduce, num_features, eps=1e-5
     activation : {None, "relu", "leaky_relu"}, default None
     negative_slope : float, default 0.01
         The activation fused into y, as in :func:`fastbn.batch_norm_forward`;
-        the same on every rank (not compared: it changes no reduction).
+        the same on every rank: the reduction carries them (the slope only
+        with "leaky_relu"), and every rank raises when they differ.
     channel_axis : {1, -1}, default 1
     out : ndarray or None
         As in :func:`fastbn.batch_norm_forward`; ``out=x`` works in place.
@@ -201,7 +203,8 @@ def sync_batch_norm_forward(x, gamma, beta, *, allreduce, num_features, eps=1e-5
         arguments fail (the failing rank raises its own error with its rank
         added; the others name the failing rank(s) and the problem). Also
         ``TypeError`` when the ranks pass different dtypes, ``ValueError``
-        when they pass a different ``num_features``, ``eps`` or momentum, and
+        when they pass a different ``num_features``, ``eps``, momentum,
+        ``unbiased``, ``activation`` or ``negative_slope``, and
         ``ValueError("Expected more than 1 value per channel when training,
         ...")`` when the global batch has at most one value per channel.
     RuntimeError
@@ -243,7 +246,7 @@ def backward(dy, x, gamma, mean, invstd, *, allreduce, num_features, channel_axi
             b = None if beta is None else np.ascontiguousarray(beta)
             grad = _GRAD_ACT if act else _GRAD_PLAIN
         transform = (g, b, mu, istd)  # what grad needs
-        call.settings(x.dtype.itemsize)
+        call.settings(x.dtype.itemsize, act=act, slope=slope)
         kernel, xc, xv, n = _view(x, ca)
         dyv = np.ascontiguousarray(dy).reshape(xv.shape)
         body = call.body
@@ -311,7 +314,9 @@ def sync_batch_norm_backward(dy, x, gamma, mean, invstd, *, allreduce, num_featu
     activation : {None, "relu", "leaky_relu"}, default None
     negative_slope : float, default 0.01
         The forward's shift and fused activation, as in
-        :func:`fastbn.batch_norm_backward`; the same on every rank.
+        :func:`fastbn.batch_norm_backward`; the same on every rank (the
+        activation and the slope are compared: every rank raises
+        ``ValueError`` when they differ).
     channel_axis : {1, -1}, default 1
     out : ndarray or None
         For dx; ``out=dy`` works in place.
@@ -365,7 +370,8 @@ def sync_batch_norm_backward_from_output(dy, y, gamma, beta, invstd, *, allreduc
         C, the same on every rank.
     activation : {None, "leaky_relu"}, default None
     negative_slope : float > 0, default 0.01
-        The forward's activation, which must be invertible.
+        The forward's activation, which must be invertible; the same on
+        every rank (compared, as in :func:`sync_batch_norm_backward`).
     channel_axis : {1, -1}, default 1
     out : ndarray or None
         For dx; ``out=dy`` or ``out=y`` works in place.

@@ -5,7 +5,8 @@ happened: a rank whose checks raised (anything, ``KeyboardInterrupt``
 included) writes its failure into the header and a neutral body (count 0).
 After the reduction every rank looks at the header and raises when any
 rank failed or when the ranks disagree on what they must share (the dtype,
-``num_features``, ``eps``, the running statistics' weight):
+``num_features``, ``eps``, the running statistics' weight, ``unbiased``, the
+fused activation and its ``negative_slope``):
 
 - the failing rank raises its own error, its rank added to the message
   (an exception that is not an ``Exception``, such as ``KeyboardInterrupt``,
@@ -23,9 +24,9 @@ import sys
 
 import numpy as np
 
-from fastbn.distributed._records import (DETAIL, EPS, FACTOR, FAILED, FEATURES, FIRST,
-                                         HEADER, ITEMSIZE, RECORD, TAG_FIRST, TAG_RANGE,
-                                         UNBIASED)
+from fastbn.distributed._records import (ACTIVATION, DETAIL, EPS, FACTOR, FAILED, FEATURES,
+                                         FIRST, HEADER, ITEMSIZE, RECORD, SLOPE, TAG_FIRST,
+                                         TAG_RANGE, UNBIASED)
 
 _F64 = np.dtype(np.float64)
 
@@ -36,7 +37,10 @@ _CODES = {"other": _E_OTHER, "not_array": _E_NOT_ARRAY, "dtype": _E_DTYPE, "ndim
 # exception kinds (header record FIRST, p2)
 _KIND_TYPE, _KIND_VALUE, _KIND_OTHER, _KIND_BASE = 1, 2, 3, 4
 _ARGS = ("x", "dy")
-_RANGES = (ITEMSIZE, FEATURES, EPS, FACTOR, UNBIASED)
+_RANGES = (ITEMSIZE, FEATURES, EPS, FACTOR, UNBIASED, ACTIVATION, SLOPE)
+#: the ranges a rank sets from its arguments (left empty when its checks fail)
+_SETTINGS = (ITEMSIZE, EPS, FACTOR, UNBIASED, ACTIVATION, SLOPE)
+_ACTIVATION_NAMES = {0: "None", 1: "'relu'", 2: "'leaky_relu'"}
 
 
 def _dtype_name(code):
@@ -103,14 +107,17 @@ class Collective:
         """The C channel records (a view)."""
         return self.records[HEADER:]
 
-    def settings(self, itemsize, eps=0.0, factor=-1.0, unbiased=True):
-        """This rank's dtype itemsize, eps, running-statistics weight and
-        running-variance convention."""
+    def settings(self, itemsize, eps=0.0, factor=-1.0, unbiased=True, act=0, slope=0.0):
+        """This rank's dtype itemsize, eps, running-statistics weight,
+        running-variance convention and fused activation (its kernel code,
+        and its slope, compared only for leaky_relu)."""
         rec = self.records
         rec[ITEMSIZE, 1:3] = itemsize
         rec[EPS, 1:3] = eps
         rec[FACTOR, 1:3] = factor
         rec[UNBIASED, 1:3] = float(unbiased)
+        rec[ACTIVATION, 1:3] = act
+        rec[SLOPE, 1:3] = slope if act == 2 else 0.0
 
     def fail(self, exc, body):
         """Record a local failure (any BaseException); the body becomes ``body``
@@ -136,7 +143,7 @@ class Collective:
         rec[FAILED, 1:] = (r, r, 1.0)
         rec[FIRST, 1:] = (r, code, exc_kind)
         rec[DETAIL, 1:] = (r, d1, d2)
-        for i in (ITEMSIZE, EPS, FACTOR, UNBIASED):
+        for i in _SETTINGS:
             rec[i, 1:3] = (np.inf, -np.inf)
         rec[HEADER:] = body
 
@@ -168,6 +175,10 @@ class Collective:
         self._agree(FACTOR, "momentum (the running statistics' weight this batch, -1 for "
                             "none)", lambda v: f"{v:g}", ValueError)
         self._agree(UNBIASED, "unbiased", lambda v: str(bool(v)), ValueError)
+        self._agree(ACTIVATION, "activation", lambda v: _ACTIVATION_NAMES.get(int(v), f"{v:g}"),
+                    ValueError)
+        self._agree(SLOPE, "negative_slope (of activation 'leaky_relu')", lambda v: f"{v:g}",
+                    ValueError)
         return rec
 
     def _agree(self, index, what, show, cls):

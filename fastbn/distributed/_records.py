@@ -18,9 +18,13 @@ record    tag            payload (p0, p1, p2)                        merge
                          ranks); -1 without running statistics
 7         TAG_RANGE      unbiased: 1 or 0 (min, max, ranks); 1 in     "
                          the backward
-8 + c     TAG_STATS      count, mean, biased variance of channel c    Chan
+8         TAG_RANGE      activation code: 0 none, 1 relu, 2 leaky     "
+                         relu (min, max, ranks)
+9         TAG_RANGE      negative_slope with leaky relu, else 0       "
+                         (min, max, ranks)
+10 + c    TAG_STATS      count, mean, biased variance of channel c    Chan
           (forward)
-8 + c     TAG_SUM        sum dy, sum dy * (x - mean), count           sum
+10 + c    TAG_SUM        sum dy, sum dy * (x - mean), count           sum
           (backward)
 ========  =============  ==========================================  ==========
 
@@ -35,6 +39,8 @@ computing the sample variance" (1983).
 from __future__ import annotations
 
 import numpy as np
+
+from fastbn import _checks
 
 __all__ = ["merge_records"]
 
@@ -57,7 +63,9 @@ FEATURES = 4        #: TAG_RANGE: num_features (min, max, ranks)
 EPS = 5             #: TAG_RANGE: eps (min, max, ranks); 0 in the backward
 FACTOR = 6          #: TAG_RANGE: the running statistics' weight (min, max, ranks); -1: none
 UNBIASED = 7        #: TAG_RANGE: 1 for the unbiased running variance, 0 for the biased one
-HEADER = 8          #: header records before the C channel records
+ACTIVATION = 8      #: TAG_RANGE: the fused activation's code (min, max, ranks)
+SLOPE = 9           #: TAG_RANGE: negative_slope with leaky_relu, else 0 (min, max, ranks)
+HEADER = 10         #: header records before the C channel records
 
 
 def merge_records(a, b):
@@ -95,15 +103,31 @@ def merge_records(a, b):
     a : array_like of float64, shape (R, 4) or (4 * R,)
         The incoming records. Not modified.
     b : ndarray of float64, same number of values, writeable
-        The records to merge into, updated in place.
+        The records to merge into, updated in place (any layout: a
+        non-contiguous ``b`` is merged through a contiguous copy that is
+        written back).
 
     Returns
     -------
     b : ndarray
         ``b`` itself.
+
+    Raises
+    ------
+    TypeError
+        ``b`` not a float64 ndarray.
+    ValueError
+        ``b`` read-only, or with a zero stride; a and b of different lengths.
     """
+    _checks.array("b", b, who="merge_records", what="a numpy.ndarray of float64 (updated in "
+                                                    "place)")
+    if b.dtype != _F64:
+        raise TypeError(f"merge_records: b must have dtype float64, got "
+                        f"{_checks.dtype_name(b.dtype)}")
+    _checks.in_place("b", b, who="merge_records")
     a = np.asarray(a, dtype=_F64).reshape(-1, RECORD)
-    out = b.reshape(-1, RECORD)
+    copied = not b.flags.c_contiguous
+    out = np.ascontiguousarray(b).reshape(-1, RECORD)  # b itself, or a copy written back
     if out.shape != a.shape:
         raise ValueError(f"merge_records: a and b must hold the same number of records, "
                          f"got {a.shape[0]} and {out.shape[0]}")
@@ -119,6 +143,8 @@ def merge_records(a, b):
                 out[i:j, 1:] = np.nan
             else:
                 merge(a[i:j], out[i:j])
+    if copied:
+        b[...] = out.reshape(b.shape)
     return b
 
 
