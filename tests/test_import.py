@@ -22,6 +22,10 @@ def test_source_tree_without_compiled_modules_says_what_to_do(tmp_path):
     assert result.returncode != 0
     assert "ImportError: fastbn is being imported from its source tree" in result.stderr
     assert "pip install ." in result.stderr
+    # raised from None: one traceback, not Python's circular-import error chained before it
+    assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr
+    assert "circular import" not in result.stderr
+    assert "During handling of the above exception" not in result.stderr
 
 
 def test_version_is_the_installed_distributions():
