@@ -278,6 +278,12 @@ def layer_input(x, *, who, num_features, channel_axis, dtype, ndims, expected):
         raise _error(ValueError, None, f"{who} expects {num_features} channels on axis "
                                        f"{channel_axis}, got input of shape {x.shape}",
                      "channels", x.shape[axis])
+    if dtype is not None and x.dtype != dtype and x.dtype in FLOAT_DTYPES:
+        layer = who.partition("(")[0]  # SyncBatchNorm's who is "SyncBatchNorm(C)"
+        raise _error(TypeError, who, f"x must have the layer's dtype ({dtype}), got "
+                                     f"{x.dtype}: for {x.dtype} input build the layer with "
+                                     f"{layer}({num_features}, dtype=np.{x.dtype}), or pass "
+                                     f"x.astype(np.{dtype})", "dtype", "x", x.dtype.str)
     dtype_of("x", x, dtype, who=who, whose="x" if dtype is None else "layer")
     return axis
 

@@ -343,6 +343,20 @@ def test_wrong_ndim_names_the_class_and_the_shape(cls, shape):
         layer(np.zeros(shape, np.float32))
 
 
+@pytest.mark.parametrize("layer_dtype, x_dtype", [(np.float32, np.float64),
+                                                  (np.float64, np.float32)])
+def test_dtype_mismatch_names_the_fix(layer_dtype, x_dtype):
+    """Input of the other float dtype: the message says how to build the layer for it."""
+    layer = BatchNorm1d(4, dtype=layer_dtype)
+    want, have = np.dtype(layer_dtype).name, np.dtype(x_dtype).name
+    with pytest.raises(TypeError) as raised:
+        layer(np.zeros((5, 4), x_dtype))
+    assert str(raised.value) == (
+        f"BatchNorm1d: x must have the layer's dtype ({want}), got {have}: for {have} input "
+        f"build the layer with BatchNorm1d(4, dtype=np.{have}), or pass x.astype(np.{want})")
+    BatchNorm1d(4, dtype=x_dtype)(np.zeros((5, 4), x_dtype))  # the fix it names works
+
+
 def test_input_errors():
     layer = BatchNorm2d(3)
     with pytest.raises(ValueError, match=r"BatchNorm2d expects 3 channels.*\(2, 4, 5, 5\)"):
