@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import importlib
 import types
+from collections.abc import Mapping
+from typing import Any
+
+from numpy.typing import NDArray
 
 from fastbn import _checks
 
@@ -31,7 +35,18 @@ class LayerState:
     and ``backend``.
     """
 
-    def _state_arrays(self):
+    # set by the layer classes; the arrays are None without affine or
+    # track_running_stats
+    affine: bool
+    track_running_stats: bool
+    _gamma: Any
+    _beta: Any
+    running_mean: Any
+    running_var: Any
+    num_batches_tracked: Any
+    backend: Any
+
+    def _state_arrays(self) -> dict[str, NDArray[Any]]:
         """The layer's own arrays under PyTorch's keys, in PyTorch's order."""
         own = {}
         if self.affine:
@@ -43,7 +58,7 @@ class LayerState:
             own["num_batches_tracked"] = self.num_batches_tracked
         return own
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, NDArray[Any]]:
         """The learnable parameters and running statistics under PyTorch's key names.
 
         Options such as ``activation`` or ``memory_saving`` are not state:
@@ -60,7 +75,7 @@ class LayerState:
         """
         return {key: value.copy() for key, value in self._state_arrays().items()}
 
-    def load_state_dict(self, state_dict, strict=True):
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Copy parameters and running statistics in place from a state dict.
 
         The layer's arrays keep their identity (an optimizer holding them
@@ -96,7 +111,7 @@ class LayerState:
         for target, value in staged:
             target[...] = value
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         # Modules do not pickle: keep a backend module by name. What the last
         # forward kept for its backward is not part of the layer's state.
         state = self.__dict__.copy()
@@ -105,7 +120,7 @@ class LayerState:
             state["backend"] = self.backend.__name__
         return state
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: dict[str, Any]) -> None:
         if isinstance(state.get("backend"), str):
             state["backend"] = importlib.import_module(state["backend"])
         self.__dict__.update({**_OPTION_DEFAULTS, **state})

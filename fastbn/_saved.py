@@ -23,9 +23,10 @@ the derivative of the activation the output was made with.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+from numpy.typing import NDArray
 
 __all__ = ["Saved", "for_batch", "running_invstd", "gradients"]
 
@@ -52,12 +53,13 @@ class Saved(NamedTuple):
     negative_slope: float = 0.01
 
     @property
-    def array(self):
+    def array(self) -> Any:
         """The full-size array kept (x, or y when memory saving): dy must match it."""
         return self.y if self.x is None else self.x
 
 
-def for_batch(layer, x, y, mean, invstd, *, synced=False):
+def for_batch(layer: Any, x: NDArray[Any], y: NDArray[Any], mean: NDArray[Any] | None,
+              invstd: NDArray[Any] | None, *, synced: bool = False) -> Saved:
     """The record of a forward of ``layer`` with batch statistics: x, or with
     the layer's ``memory_saving`` y and copies of its gamma and beta."""
     act = dict(activation=layer.activation, negative_slope=layer.negative_slope)
@@ -69,7 +71,7 @@ def for_batch(layer, x, y, mean, invstd, *, synced=False):
                  beta=None if beta is None else beta.copy(), **act)
 
 
-def running_invstd(running_var, eps, dtype):
+def running_invstd(running_var: NDArray[Any], eps: float, dtype: np.dtype[Any]) -> NDArray[Any]:
     """``1 / sqrt(running_var + eps)`` in float64, rounded to ``dtype``, and
     saturated at its largest finite value as the kernels saturate a batch's
     invstd (no inf, no 0 * inf in the backward)."""
@@ -77,7 +79,9 @@ def running_invstd(running_var, eps, dtype):
     return np.minimum(invstd, np.finfo(dtype).max).astype(dtype)
 
 
-def gradients(backend, saved, dy, gamma, beta, *, param_grads, channel_axis, num_threads):
+def gradients(backend: Any, saved: Saved, dy: NDArray[Any], gamma: NDArray[Any] | None,
+              beta: NDArray[Any] | None, *, param_grads: bool, channel_axis: int,
+              num_threads: int | None) -> Any:
     """(dx, dgamma, dbeta) at the forward ``saved`` records, with ``backend``'s
     functions; ``gamma`` and ``beta`` are the layer's (read when x was kept).
 

@@ -8,7 +8,10 @@ user-defined operation. Nothing here knows Batch Normalization.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from numpy.typing import NDArray
 
 from fastbn.distributed._records import HEADER, RECORD, merge_records
 
@@ -20,10 +23,10 @@ _MPI_HINT = ('fastbn.SyncBatchNorm needs mpi4py and an MPI library: pip install 
              '(Debian/Ubuntu: apt-get install openmpi-bin libopenmpi-dev; conda: conda install '
              '-c conda-forge mpi4py openmpi); then run the script with mpirun -n 2 python -m mpi4py ...')
 
-_mpi_cache: dict = {}
+_mpi_cache: dict[str, Any] = {}
 
 
-def _import_mpi():
+def _import_mpi() -> Any:
     """``mpi4py.MPI``, or an ImportError that says how to install it."""
     try:
         from mpi4py import MPI
@@ -32,19 +35,19 @@ def _import_mpi():
     return MPI
 
 
-def _mpi_merge(inbuf, inoutbuf, datatype):
+def _mpi_merge(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
     """The MPI user function: ``inoutbuf = inbuf (+) inoutbuf`` over whole records."""
     merge_records(np.frombuffer(inbuf, dtype=_F64), np.frombuffer(inoutbuf, dtype=_F64))
 
 
-def _mpi_objects(MPI):
+def _mpi_objects(MPI: Any) -> tuple[Any, Any]:
     """The record datatype (4 contiguous doubles) and the merge operation, made once."""
     if "op" not in _mpi_cache:
         record = MPI.DOUBLE.Create_contiguous(RECORD).Commit()
         op = MPI.Op.Create(_mpi_merge, commute=True)
         _mpi_cache.update(record=record, op=op)
 
-        def free():  # before mpi4py's own finalization (atexit runs last-registered first)
+        def free() -> None:  # before mpi4py's own finalization (atexit runs last-registered first)
             try:
                 if not MPI.Is_finalized():
                     _mpi_cache.pop("op").Free()
@@ -57,7 +60,7 @@ def _mpi_objects(MPI):
     return _mpi_cache["record"], _mpi_cache["op"]
 
 
-def _check_comm(comm):
+def _check_comm(comm: object) -> None:
     """comm must be an intracommunicator (an mpi4py Comm, or an object that wraps one)."""
     missing = [name for name in ("Get_rank", "Get_size", "Allreduce", "allgather")
                if not callable(getattr(comm, name, None))]
@@ -97,7 +100,7 @@ class mpi_allreduce:  # noqa: N801 - used like a function: mpi_allreduce(comm)
         longer (the ranks passed different ``num_features``).
     """
 
-    def __init__(self, comm):
+    def __init__(self, comm: Any) -> None:
         _check_comm(comm)
         MPI = _import_mpi()
         if isinstance(comm, MPI.Comm) and comm == MPI.COMM_NULL:
@@ -114,7 +117,7 @@ class mpi_allreduce:  # noqa: N801 - used like a function: mpi_allreduce(comm)
         self._in_place = MPI.IN_PLACE
         self._mpi_error, self._truncate = MPI.Exception, MPI.ERR_TRUNCATE
 
-    def __call__(self, records):
+    def __call__(self, records: NDArray[np.float64]) -> NDArray[np.float64]:
         try:
             self.comm.Allreduce(self._in_place, [records, self._record], op=self._op)
         except self._mpi_error as exc:
@@ -127,5 +130,5 @@ class mpi_allreduce:  # noqa: N801 - used like a function: mpi_allreduce(comm)
                              f"pass the same [MPI: {exc}]") from None
         return records
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"mpi_allreduce(rank {self.rank} of {self.size})"
