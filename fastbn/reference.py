@@ -46,7 +46,16 @@ def _per_channel(v: Any, ndim: int, channel_axis: int) -> NDArray[np.float64]:
     return np.asarray(v, dtype=np.float64).reshape(shape)
 
 
-def _activated(y, activation, negative_slope):
+def _rounded(a: FloatArray, dtype: np.dtype[Any]) -> FloatArray:
+    """A float64 result rounded once to ``dtype``. A value beyond the dtype's
+    range becomes +-inf, as the kernels' float32 results do (a float32 dx with
+    a saturated invstd, say): that is the result, so it raises no warning."""
+    with np.errstate(over="ignore"):
+        return a.astype(dtype)
+
+
+def _activated(y: FloatArray, activation: Activation,
+               negative_slope: float) -> FloatArray:
     """The fused activation in float64: None, "relu" (numpy.maximum(y, 0)) or
     "leaky_relu" (negative_slope * y where y < 0)."""
     if activation is None:
@@ -140,7 +149,7 @@ def batch_norm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArray,
         batch_var = var * m / (m - 1) if unbiased else var
         running_mean[...] = (1.0 - factor) * running_mean.astype(np.float64) + factor * mean
         running_var[...] = (1.0 - factor) * running_var.astype(np.float64) + factor * batch_var
-    y = y.astype(x.dtype)
+    y = _rounded(y, x.dtype)
     if out is not None:
         out[...] = y
         y = out
@@ -169,7 +178,7 @@ def batch_norm_inference(x: FloatArray, gamma: OptionalArray, beta: OptionalArra
         y = y * _per_channel(gamma, x.ndim, channel_axis)
     if beta is not None:
         y = y + _per_channel(beta, x.ndim, channel_axis)
-    y = _activated(y, activation, negative_slope).astype(x.dtype)
+    y = _rounded(_activated(y, activation, negative_slope), x.dtype)
     if out is not None:
         out[...] = y
         y = out
@@ -219,7 +228,7 @@ def batch_norm_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArray, mea
     dz = _activation_gradient(dy64, g * xhat + b, activation, negative_slope)
     dx, dgamma, dbeta = _backward_from_xhat(dz, xhat, g, invstd_b, axes, m, channel_axis,
                                             training)
-    dx = dx.astype(x.dtype)
+    dx = _rounded(dx, x.dtype)
     if out is not None:
         out[...] = dx
         dx = out
@@ -292,7 +301,7 @@ def batch_norm_backward_from_output(dy: FloatArray, y: FloatArray, gamma: Option
     xhat = (z - b) / g
     invstd_b = _per_channel(invstd, y.ndim, channel_axis)
     dx, dgamma, dbeta = _backward_from_xhat(dz, xhat, g, invstd_b, axes, m, channel_axis, True)
-    dx = dx.astype(y.dtype)
+    dx = _rounded(dx, y.dtype)
     if out is not None:
         out[...] = dx
         dx = out
