@@ -2,6 +2,7 @@
 finite differences, state dicts, and the errors of bad use."""
 
 import pickle
+import pydoc
 
 import numpy as np
 import pytest
@@ -467,3 +468,13 @@ def test_layer_keeps_no_copy_of_its_input():
     x += 1.0            # xhat = (x - mean) * invstd grows by invstd
     layer.backward(dy)
     assert_allclose(layer.dgamma - dgamma, dy.sum(axis=(0, 2, 3)) * invstd, rtol=1e-9)
+
+
+@pytest.mark.parametrize("cls", [BatchNorm1d, BatchNorm2d, BatchNorm3d])
+def test_help_shows_the_signature(cls):
+    """help() shows the constructor's parameters with their types, not object's
+    "Initialize self. See help(type(self))"."""
+    text = pydoc.render_doc(cls, renderer=pydoc.plaintext)
+    assert "Initialize self" not in text
+    assert "__init__(self, num_features: 'int', eps: 'float' = 1e-05" in text
+    assert "dtype: 'DTypeLike' = <class 'numpy.float32'>" in text
