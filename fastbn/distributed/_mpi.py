@@ -29,7 +29,7 @@ _mpi_cache: dict[str, Any] = {}
 def _import_mpi() -> Any:
     """``mpi4py.MPI``, or an ImportError that says how to install it."""
     try:
-        from mpi4py import MPI
+        from mpi4py import MPI  # type: ignore[import-not-found,unused-ignore]  # optional
     except (ImportError, RuntimeError, OSError) as exc:  # mpi4py, or the MPI library it loads
         raise ImportError(f"{_MPI_HINT} ({type(exc).__name__}: {exc})") from exc
     return MPI

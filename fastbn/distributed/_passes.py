@@ -42,7 +42,7 @@ _ANY = (2, 3, 4, 5)
 _ANY_INPUT = "2-D to 5-D input (N, C, ...)"
 
 
-def _check_allreduce(allreduce: object) -> None:
+def _check_allreduce(allreduce: Any) -> None:
     if not callable(allreduce):
         raise TypeError(f"allreduce must be callable (e.g. fastbn.distributed.mpi_allreduce("
                         f"comm)), got {type(allreduce).__name__}")
