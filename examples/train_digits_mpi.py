@@ -7,12 +7,12 @@ Run with::
 
 (as root, in a container say, Open MPI also wants ``--allow-run-as-root``,
 or ``OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1`` in the
-environment; more processes than cores, ``--oversubscribe``). The net, the data, the optimizers and the
-batches are those of ``examples/train_digits.py`` (imported from it): every
-process builds the same net from the same seed and draws the same sequence
-of global batches of ``--batch-size`` images; process r trains on its own
-slice of each batch (the slices may differ in size). Data-parallel
-training then computes the same thing as one process:
+environment; more processes than cores, ``--oversubscribe``). The net, the
+data, the optimizers and the batches are those of ``examples/train_digits.py``
+(imported from it): every process builds the same net from the same seed and
+draws the same sequence of global batches of ``--batch-size`` images; process
+r trains on its own slice of each batch (the slices may differ in size).
+Data-parallel training then computes the same thing as one process:
 
 - the two BatchNorm layers are ``fastbn.SyncBatchNorm``: they normalize
   with the statistics of the whole global batch (one ``Allreduce`` per
