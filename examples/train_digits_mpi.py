@@ -2,16 +2,17 @@
 
 Run with::
 
-    mpirun -n 2 python -m mpi4py examples/train_digits_mpi.py              # 2 processes
-    mpirun -n 3 python -m mpi4py examples/train_digits_mpi.py --compare    # and the 1-process run
+    mpirun -n 2 .venv/bin/python -m mpi4py examples/train_digits_mpi.py            # 2 processes
+    mpirun -n 3 .venv/bin/python -m mpi4py examples/train_digits_mpi.py --compare  # and 1 process
 
-(as root, Open MPI also wants ``--allow-run-as-root``; more processes than
-cores, ``--oversubscribe``). The net, the data, the optimizers and the
-batches are those of ``examples/train_digits.py`` (imported from it): every
-process builds the same net from the same seed and draws the same sequence
-of global batches of ``--batch-size`` images; process r trains on its own
-slice of each batch (the slices may differ in size). Data-parallel
-training then computes the same thing as one process:
+(as root, in a container say, Open MPI also wants ``--allow-run-as-root``,
+or ``OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1`` in the
+environment; more processes than cores, ``--oversubscribe``). The net, the
+data, the optimizers and the batches are those of ``examples/train_digits.py``
+(imported from it): every process builds the same net from the same seed and
+draws the same sequence of global batches of ``--batch-size`` images; process
+r trains on its own slice of each batch (the slices may differ in size).
+Data-parallel training then computes the same thing as one process:
 
 - the two BatchNorm layers are ``fastbn.SyncBatchNorm``: they normalize
   with the statistics of the whole global batch (one ``Allreduce`` per
@@ -28,7 +29,8 @@ training then computes the same thing as one process:
 
 Evaluation (BatchNorm in eval mode, with the running statistics, which are
 the same on every process) runs on each process's share of the images, and
-the correct counts are summed.
+the correct counts are summed. The peak memory reported is that of rank 0's
+first training step, as ``tracemalloc`` traces it (NumPy reports to it).
 
 Needs mpi4py with an MPI library and scikit-learn:
 ``pip install "fastbn[mpi,examples]"`` (Open MPI on Debian/Ubuntu:
@@ -49,6 +51,7 @@ import json  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import tracemalloc  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -133,6 +136,9 @@ def train(comm, epochs=12, batch_size=64, seed=0, optimizer="sgd", lr=None, chan
         losses = []
         for i in range(0, n - batch_size + 1, batch_size):
             idx = order[i:i + batch_size][mine]
+            first = epoch == 1 and i == 0
+            if first:   # the peak memory of one training step, as in train_digits.train
+                tracemalloc.start()
             logits = net.forward(x_train[idx])
             if len(idx):
                 loss, dlogits = single.softmax_cross_entropy(logits, y_train[idx])
@@ -144,6 +150,9 @@ def train(comm, epochs=12, batch_size=64, seed=0, optimizer="sgd", lr=None, chan
             net.backward(dlogits)
             (total,) = sum_over_processes(comm, local_grads(net), [loss_sum])
             opt.step(net.grads)
+            if first:
+                history.step_peak_bytes = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
             losses.append(total / batch_size)
         history.loss.append(float(np.mean(losses)))
         history.train_accuracy.append(accuracy(comm, net, x_train, y_train))
@@ -204,7 +213,8 @@ def main(argv=None):
           "processes at its collectives)")
     print(f"parameters the same on every process: {'yes' if result.same_params else 'NO'}")
     report = {"processes": size, "loss": result.loss, "test_accuracy": result.test_accuracy,
-              "train_accuracy": result.train_accuracy, "same_params": result.same_params}
+              "train_accuracy": result.train_accuracy, "same_params": result.same_params,
+              "step_peak_bytes": result.step_peak_bytes}
     if args.compare:
         one = single.train(bn="fastbn", log=None, **kwargs)
         print(single.summary(one))

@@ -7,15 +7,17 @@ layer classes of :mod:`fastbn.layers`, :func:`fold_batch_norm`
 imported on first use: mpi4py is optional, ``pip install "fastbn[mpi]"``.
 """
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastbn import _runtime
 
 
-def _check_built():
+def _check_built() -> None:
     """An ImportError that says what to do when the compiled modules are missing
     because this is an unbuilt source tree (the usual cause: Python started in
-    the repository, whose fastbn/ shadows the installed package)."""
+    the repository, whose fastbn/ shadows the installed package). It is raised
+    ``from None``: the traceback shows this message alone, not Python's partial
+    import of ``fastbn`` before it."""
     from pathlib import Path
 
     here = Path(__file__).resolve().parent
@@ -23,14 +25,14 @@ def _check_built():
         # The parallel modules, on fastbn's own OpenMP runtime and its wait policy.
         with _runtime.loading():
             from fastbn import _dispatch, _openmp  # noqa: F401
-    except ImportError as error:  # exercised in a child process by tests/test_import.py
+    except ImportError:  # exercised in a child process by tests/test_import.py
         if (here / "_planar.pyx").exists() and not list(here.glob("_openmp.*.so")) \
                 and not list(here.glob("_openmp.*.pyd")):
             raise ImportError(
                 f"fastbn is being imported from its source tree ({here}), whose compiled "
                 f"modules are not built. Install it (`pip install .`) and run Python from "
                 f"another folder, or build it in place (`python setup.py build_ext --inplace`)."
-            ) from error
+            ) from None
         raise
 
 
@@ -63,7 +65,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     # fastbn.SyncBatchNorm: fastbn.distributed is imported on first use only.
     if name == "SyncBatchNorm":
         from fastbn.distributed import SyncBatchNorm

@@ -32,28 +32,30 @@ from __future__ import annotations
 import collections.abc
 import math
 import numbers
+from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike, NDArray
 
 from fastbn import _openmp, _overlap
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _error(cls, who, text, *problem):
+def _error(cls: type[Exception], who: str | None, text: str, *problem: Any) -> Exception:
     """An exception of type cls, prefixed with who, carrying ``problem``."""
     exc = cls(f"{who}: {text}" if who else text)
-    exc.problem = problem or ("other",)
+    exc.problem = problem or ("other",)  # type: ignore[attr-defined]
     return exc
 
 
-def _shown(value, limit=20):
+def _shown(value: object, limit: int = 20) -> str:
     """A value for a message, cut short when its text is long (10**400)."""
     text = repr(value) if isinstance(value, str) else str(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def dtype_name(dtype):
+def dtype_name(dtype: DTypeLike) -> str:
     """A dtype as a message shows it: its name, with the byte order when it
     is not the machine's ('>f4' is "float32 (big-endian)")."""
     dtype = np.dtype(dtype)
@@ -64,12 +66,12 @@ def dtype_name(dtype):
 
 # --------------------------------------------------------------- numbers ----
 
-def is_int(v):
+def is_int(v: object) -> bool:
     """An integer that is not a bool (fast path for the built-in int)."""
     return type(v) is int or (isinstance(v, numbers.Integral) and not isinstance(v, bool))
 
 
-def is_real(v):
+def is_real(v: object) -> bool:
     """A real number that is not a bool (fast path for built-in float and int)."""
     return type(v) is float or is_int(v) or (isinstance(v, numbers.Real)
                                               and not isinstance(v, bool))
@@ -81,7 +83,7 @@ class FlagError(TypeError, ValueError):
     (as NumPy's ``AxisError`` is both a ValueError and an IndexError)."""
 
 
-def flag(value, name, *, who=None):
+def flag(value: Any, name: str, *, who: str | None = None) -> bool:
     """A bool (numpy.bool_ too) as a bool; anything else (an int, a string,
     None) is a :class:`FlagError`, at every entry point: the functions'
     flags, a layer's ``affine``, ``track_running_stats``, ``unbiased``,
@@ -92,7 +94,7 @@ def flag(value, name, *, who=None):
     return bool(value)
 
 
-def _to_float(value):
+def _to_float(value: Any) -> float:
     """A real number as a float; one too large for a float (10**400) as an
     infinity of its sign, so that the range check names it (float() would
     raise a bare OverflowError)."""
@@ -107,7 +109,8 @@ def _to_float(value):
 ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2}
 
 
-def activation(value, negative_slope, *, who=None):
+def activation(value: Any, negative_slope: Any, *,
+               who: str | None = None) -> tuple[int, float]:
     """(kernel code, slope) of a fused activation: None, "relu" or
     "leaky_relu" with a finite real ``negative_slope`` (PyTorch's name)."""
     if value is not None and not isinstance(value, str):
@@ -126,7 +129,7 @@ def activation(value, negative_slope, *, who=None):
     return ACTIVATIONS[value], slope
 
 
-def eps(value, *, who=None, name="eps"):
+def eps(value: Any, *, who: str | None = None, name: str = "eps") -> float:
     """eps as a float, finite and > 0 (an int too large for a float is refused
     like an infinite one)."""
     if not is_real(value):
@@ -138,7 +141,8 @@ def eps(value, *, who=None, name="eps"):
     return result
 
 
-def momentum(value, *, who=None, name="momentum", optional=True):
+def momentum(value: Any, *, who: str | None = None, name: str = "momentum",
+             optional: bool = True) -> float | None:
     """momentum as a float in [0, 1], or None when ``optional``."""
     if value is None and optional:
         return None
@@ -151,7 +155,7 @@ def momentum(value, *, who=None, name="momentum", optional=True):
     return float(value)
 
 
-def num_threads(value, *, who=None):
+def num_threads(value: Any, *, who: str | None = None) -> int | None:
     """A positive int or None, as given (capped at the C int range)."""
     if value is None:
         return None
@@ -164,13 +168,13 @@ def num_threads(value, *, who=None):
     return min(int(value), 2**31 - 1)
 
 
-def threads(value):
+def threads(value: Any) -> int:
     """num_threads checked and resolved: the thread count the kernels get
     (the OpenMP default for None, both capped per processor)."""
     return _openmp.effective_num_threads(num_threads(value))
 
 
-def num_features(value, *, who=None, note=""):
+def num_features(value: Any, *, who: str | None = None, note: str = "") -> int:
     """C as an int >= 1 that NumPy can allocate (C values of 8 bytes)."""
     if not is_int(value):
         raise _error(TypeError, who, f"num_features must be an int{note}, got "
@@ -183,7 +187,7 @@ def num_features(value, *, who=None, note=""):
     return int(value)
 
 
-def channel_axis(value, ndim=None, *, who=None):
+def channel_axis(value: Any, ndim: int | None = None, *, who: str | None = None) -> int:
     """The channel axis: 1 or -1 (as given) when ndim is None; otherwise as
     1 or ndim - 1, accepting 1, -1 and their equivalents for that ndim."""
     if not is_int(value):
@@ -203,7 +207,8 @@ def channel_axis(value, ndim=None, *, who=None):
 _channel_axis = channel_axis  # for the functions with an argument of that name
 
 
-def axis(value, ndim, *, who=None, name="axis", of="the array"):
+def axis(value: Any, ndim: int, *, who: str | None = None, name: str = "axis",
+         of: str = "the array") -> int:
     """Any axis of an array ``of`` ndim dimensions (negative counts from the
     end), returned as an int in [0, ndim)."""
     if not is_int(value):
@@ -215,10 +220,10 @@ def axis(value, ndim, *, who=None, name="axis", of="the array"):
     return int(value) % ndim
 
 
-def float_dtype(value, *, who=None, name="dtype"):
+def float_dtype(value: Any, *, who: str | None = None, name: str = "dtype") -> np.dtype[Any]:
     """A dtype argument (np.float32, 'float64', ...) as float32 or float64."""
     try:
-        dtype = np.dtype(value)
+        dtype: np.dtype[Any] = np.dtype(value)
     except TypeError:
         raise _error(TypeError, who, f"{name} must be float32 or float64, got "
                                      f"{value!r}") from None
@@ -227,7 +232,8 @@ def float_dtype(value, *, who=None, name="dtype"):
     return dtype
 
 
-def memory_saving(value, activation_, negative_slope, *, who=None):
+def memory_saving(value: object, activation_: Any, negative_slope: float, *,
+                  who: str | None = None) -> bool:
     """A layer's ``memory_saving`` flag as a bool. True needs an activation
     the backward from the output can invert: None, or "leaky_relu" with
     ``negative_slope`` > 0 (``activation_`` and ``negative_slope`` already
@@ -245,7 +251,7 @@ def memory_saving(value, activation_, negative_slope, *, who=None):
 
 # ---------------------------------------------------------------- arrays ----
 
-def array(name, a, *, who=None, what="a numpy.ndarray"):
+def array(name: str, a: Any, *, who: str | None = None, what: str = "a numpy.ndarray") -> None:
     """a must be an ndarray, and not a masked array: its mask would be
     ignored and the masked values normalized like the others."""
     if not isinstance(a, np.ndarray):
@@ -257,7 +263,8 @@ def array(name, a, *, who=None, what="a numpy.ndarray"):
                                      f"or {name}.data", "not_array", name)
 
 
-def dtype_of(name, a, dtype, *, who=None, whose="x"):
+def dtype_of(name: str, a: NDArray[Any], dtype: np.dtype[Any] | None, *, who: str | None = None,
+             whose: str = "x") -> None:
     """a (an ndarray) has dtype: float32 or float64 when dtype is None, else
     that dtype (``whose``: x, or the layer, named in the message)."""
     if dtype is None:
@@ -271,7 +278,7 @@ def dtype_of(name, a, dtype, *, who=None, whose="x"):
                                      f"{dtype_name(a.dtype)}", "dtype", name, a.dtype.str)
 
 
-def x(name, a, *, who=None):
+def x(name: str, a: Any, *, who: str | None = None) -> None:
     """a must be a float32/float64 ndarray of 2 to 5 dimensions, none empty."""
     array(name, a, who=who)
     dtype_of(name, a, None, who=who)
@@ -283,7 +290,8 @@ def x(name, a, *, who=None):
                                       f"{a.shape}")
 
 
-def layer_input(x, *, who, num_features, channel_axis, dtype, ndims, expected):
+def layer_input(x: Any, *, who: str, num_features: int, channel_axis: int,
+                dtype: np.dtype[Any] | None, ndims: tuple[int, ...], expected: str) -> int:
     """The input of a layer (or of a synchronized pass): an ndarray with a
     number of dimensions in ``ndims`` (described by ``expected``),
     ``num_features`` channels on the channel axis and dtype ``dtype``
@@ -297,11 +305,18 @@ def layer_input(x, *, who, num_features, channel_axis, dtype, ndims, expected):
         raise _error(ValueError, None, f"{who} expects {num_features} channels on axis "
                                        f"{channel_axis}, got input of shape {x.shape}",
                      "channels", x.shape[axis])
+    if dtype is not None and x.dtype != dtype and x.dtype in FLOAT_DTYPES:
+        layer = who.partition("(")[0]  # SyncBatchNorm's who is "SyncBatchNorm(C)"
+        raise _error(TypeError, who, f"x must have the layer's dtype ({dtype}), got "
+                                     f"{x.dtype}: for {x.dtype} input build the layer with "
+                                     f"{layer}({num_features}, dtype=np.{x.dtype}), or pass "
+                                     f"x.astype(np.{dtype})", "dtype", "x", x.dtype.str)
     dtype_of("x", x, dtype, who=who, whose="x" if dtype is None else "layer")
     return axis
 
 
-def like(name, a, x, *, who=None, what="the last forward's input", whose="x"):
+def like(name: str, a: Any, x: Any, *, who: str | None = None,
+         what: str = "the last forward's input", whose: str = "x") -> None:
     """a (dy) must be an ndarray of x's dtype and shape (``whose``: what the
     message calls x)."""
     array(name, a, who=who)
@@ -311,8 +326,9 @@ def like(name, a, x, *, who=None, what="the last forward's input", whose="x"):
                                       f"{a.shape}", "shape", name)
 
 
-def vector(name, v, dtype, size, *, writeable=False, who=None, what="a numpy.ndarray or None",
-           per="channel", whose="x"):
+def vector(name: str, v: Any, dtype: np.dtype[Any] | None, size: int, *, writeable: bool = False,
+           who: str | None = None, what: str = "a numpy.ndarray or None", per: str = "channel",
+           whose: str = "x") -> NDArray[Any]:
     """A (C,) array of the call's dtype (float32 or float64 for None);
     returns a C-contiguous view or copy. ``what`` is the expected type as the
     message says it, ``per`` what C counts.
@@ -329,7 +345,8 @@ def vector(name, v, dtype, size, *, writeable=False, who=None, what="a numpy.nda
     return v if v.flags.c_contiguous else np.ascontiguousarray(v)
 
 
-def in_place(name, v, *, who=None, what="is updated in place"):
+def in_place(name: str, v: NDArray[Any], *, who: str | None = None,
+             what: str = "is updated in place") -> None:
     """v (an ndarray) can be written in place: writeable, and no zero stride
     (several elements would be one value). ``what`` says why it is written."""
     if not v.flags.writeable:
@@ -341,7 +358,7 @@ def in_place(name, v, *, who=None, what="is updated in place"):
                                       f"value)")
 
 
-def layer_arrays(arrays, *, who, what="is updated in place"):
+def layer_arrays(arrays: dict[str, Any], *, who: str, what: str = "is updated in place") -> None:
     """The arrays a layer method is about to write (name -> array; None
     skipped): each an ndarray that :func:`in_place` accepts, checked all
     before the first is written, so that the method changes all or nothing."""
@@ -353,7 +370,8 @@ def layer_arrays(arrays, *, who, what="is updated in place"):
     disjoint({k: v for k, v in arrays.items() if v is not None}, {}, who=who)
 
 
-def parameter(name, value, dtype, size, others, *, who):
+def parameter(name: str, value: Any, dtype: np.dtype[Any], size: int,
+              others: collections.abc.Mapping[str, NDArray[Any] | None], *, who: str | None) -> NDArray[Any]:
     """An array assigned to a layer's gamma or beta: a (size,) ndarray of the
     layer's dtype that is written in place later (by ``load_state_dict``,
     ``reset_parameters``, an optimizer), so writeable, and sharing no memory
@@ -367,10 +385,11 @@ def parameter(name, value, dtype, size, others, *, who):
     in_place(name, value, who=who, what="is updated in place (load_state_dict, "
                                           "reset_parameters, optimizers)")
     disjoint({name: value}, {k: v for k, v in others.items() if v is not None}, who=who)
-    return value
+    checked: NDArray[Any] = value
+    return checked
 
 
-def zero_channels(gamma):
+def zero_channels(gamma: NDArray[Any] | None) -> str:
     """The channels where gamma (an ndarray, or None) is 0, as a message lists
     them ("1, 4", the first ten then "..."); "" when there is none."""
     if gamma is None or np.all(gamma != 0):
@@ -379,7 +398,7 @@ def zero_channels(gamma):
     return ", ".join(map(str, zeros[:10])) + (", ..." if zeros.size > 10 else "")
 
 
-def saved_gamma(gamma, *, who=None):
+def saved_gamma(gamma: NDArray[Any] | None, *, who: str | None = None) -> None:
     """The gamma (a copy, or None) a memory-saving layer's output was made
     with has no 0: its backward from the output divides by it."""
     zeros = zero_channels(gamma)
@@ -391,7 +410,7 @@ def saved_gamma(gamma, *, who=None):
                                       f"memory_saving=False")
 
 
-def counter(value, *, who=None, name="num_batches_tracked"):
+def counter(value: Any, *, who: str | None = None, name: str = "num_batches_tracked") -> None:
     """One int64 count (PyTorch's buffer), >= 0, that can count one batch more."""
     array(name, value, who=who, what="an integer count, a numpy.ndarray of one int64 "
                                      "(updated in place)")
@@ -405,14 +424,15 @@ def counter(value, *, who=None, name="num_batches_tracked"):
     in_place(name, value, who=who)
 
 
-def count(value, *, who=None, name="num_batches_tracked"):
+def count(value: Any, *, who: str | None = None, name: str = "num_batches_tracked") -> None:
     """A batch count: an int >= 0 that can grow by one within int64."""
     if not 0 <= value < np.iinfo(np.int64).max:
         raise _error(ValueError, who, f"{name} must be an integer count >= 0 that can grow by "
                                       f"one within int64, got {_shown(value)}")
 
 
-def out(value, x, others, in_place, *, who=None, whose="x"):
+def out(value: Any, x: NDArray[Any], others: dict[str, Any], in_place: str | tuple[str, ...],
+        *, who: str | None = None, whose: str = "x") -> None:
     """out must be a writeable C-contiguous array shaped and typed like x.
 
     It may be the array ``others[in_place]`` itself (the result then
@@ -438,13 +458,13 @@ def out(value, x, others, in_place, *, who=None, whose="x"):
                                       f"itself (in place) or memory of its own, nothing else")
 
 
-def _same_memory(a, b):
+def _same_memory(a: NDArray[Any], b: NDArray[Any]) -> bool:
     """True when a and b are the very same elements in the same layout."""
     return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
             and a.shape == b.shape and a.strides == b.strides)
 
 
-def disjoint(written, others, *, who=None):
+def disjoint(written: dict[str, Any], others: dict[str, Any], *, who: str | None = None) -> None:
     """Arrays updated in place (``written``, name -> array) may share memory
     neither with each other nor with the call's other arrays (exactly: arrays
     that interleave without sharing an element are fine)."""
@@ -457,8 +477,9 @@ def disjoint(written, others, *, who=None):
                                           f"updated in place and needs memory of its own")
 
 
-def training_state(x, gamma, beta, running_mean, running_var, momentum, num_batches_tracked,
-                   out_, num_features, *, who=None):
+def training_state(x: NDArray[Any], gamma: Any, beta: Any, running_mean: Any, running_var: Any,
+                   momentum: float | None, num_batches_tracked: Any, out_: Any,
+                   num_features: int, *, who: str | None = None) -> tuple[Any, Any]:
     """The checks of a training forward's state, after x, gamma and beta:
     the running statistics (both or neither), ``num_batches_tracked``, and
     that nothing written in place (they and ``out``) shares memory with
@@ -493,8 +514,9 @@ def training_state(x, gamma, beta, running_mean, running_var, momentum, num_batc
     return rm, rv
 
 
-def forward_args(x, num_features, gamma, beta, eps_, momentum_, num_threads_, running_mean,
-                 running_var, num_batches_tracked, out_):
+def forward_args(x: NDArray[Any], num_features: int, gamma: Any, beta: Any, eps_: Any,
+                 momentum_: Any, num_threads_: Any, running_mean: Any, running_var: Any,
+                 num_batches_tracked: Any, out_: Any) -> tuple[Any, ...]:
     """The checks of a training forward after x's own (single-process and
     synchronized). Returns (eps, momentum, num_threads resolved, gamma, beta,
     running_mean, running_var), the arrays as C-contiguous views or copies
@@ -509,8 +531,9 @@ def forward_args(x, num_features, gamma, beta, eps_, momentum_, num_threads_, ru
     return eps_, momentum_, nthreads, g, b, rm, rv
 
 
-def backward_args(dy, x, num_features, gamma, mean, invstd, out_, num_threads_, *, source,
-                  who=None, beta=None):
+def backward_args(dy: Any, x: NDArray[Any], num_features: int, gamma: Any, mean: Any,
+                  invstd: Any, out_: Any, num_threads_: Any, *, source: str,
+                  who: str | None = None, beta: Any = None) -> tuple[Any, ...]:
     """The checks of a backward after x's own (single-process and
     synchronized); ``source`` names the forward that gave mean and invstd.
     Returns (num_threads resolved, gamma, mean, invstd) as C-contiguous
@@ -531,8 +554,9 @@ def backward_args(dy, x, num_features, gamma, mean, invstd, out_, num_threads_, 
     return nthreads, g, mu, istd
 
 
-def from_output_args(dy, y, num_features, gamma, beta, invstd, act, slope, out_, num_threads_,
-                     *, who=None):
+def from_output_args(dy: Any, y: NDArray[Any], num_features: int, gamma: Any, beta: Any,
+                     invstd: Any, act: int, slope: float, out_: Any, num_threads_: Any,
+                     *, who: str | None = None) -> tuple[Any, ...]:
     """The checks of a backward from the output after y's own: an invertible
     activation (none, or leaky_relu with a slope > 0) and no channel with
     gamma == 0. Returns (num_threads resolved, gamma, beta, invstd) as
@@ -563,8 +587,9 @@ def from_output_args(dy, y, num_features, gamma, beta, invstd, act, slope, out_,
     return nthreads, g, b, istd
 
 
-def fold_args(weight, bias, running_mean, running_var, gamma, beta, eps_, out_axis, *,
-              num_features=None, who=None):
+def fold_args(weight: Any, bias: Any, running_mean: Any, running_var: Any, gamma: Any,
+              beta: Any, eps_: Any, out_axis: Any, *, num_features: int | None = None,
+              who: str | None = None) -> tuple[float, int]:
     """The checks of :func:`fastbn.fold_batch_norm` (and of a layer's
     ``fold_into``, which passes its ``num_features``): weight a float32 or
     float64 ndarray of 2 or more dimensions, none empty; out_axis one of its
@@ -594,14 +619,14 @@ def fold_args(weight, bias, running_mean, running_var, gamma, beta, eps_, out_ax
     return eps(eps_, who=who), ax
 
 
-def _to_numpy(value):
+def _to_numpy(value: Any) -> Any:
     """A state-dict value as an ndarray; torch tensors are detached first."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor, no torch import
         value = value.detach().cpu().numpy()
     return np.asarray(value)
 
 
-def _state_value(key, value, target, *, who):
+def _state_value(key: str, value: Any, target: NDArray[Any], *, who: str) -> NDArray[Any]:
     """One value of a state dict, checked, as an ndarray of ``target``'s shape
     and dtype: float32 or float64 values for the parameters and running
     statistics (the dtypes fastbn takes), an integer count for
@@ -643,10 +668,12 @@ def _state_value(key, value, target, *, who):
                                       f"dtype {target.dtype} (largest "
                                       f"{np.finfo(target.dtype).max:.4g}), got "
                                       f"{np.abs(array_[np.isfinite(array_)]).max():.4g}")
-    return cast
+    result: NDArray[Any] = cast
+    return result
 
 
-def state_values(own, state_dict, strict, *, who):
+def state_values(own: dict[str, Any], state_dict: Any, strict: bool, *,
+                 who: str) -> list[tuple[NDArray[Any], NDArray[Any]]]:
     """The values of ``state_dict`` for a layer's arrays ``own`` (key ->
     array), checked and cast: a list of (array, value) to copy in place.
     ``strict``: exactly the keys of ``own`` (num_batches_tracked may be

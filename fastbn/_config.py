@@ -7,7 +7,7 @@ from fastbn import _dispatch, _openmp, _runtime
 __version__ = "0.2.0"
 
 
-def show_config():
+def show_config() -> None:
     """Print the version, OpenMP status, the OpenMP runtime fastbn's threads
     run on and their wait policy (:mod:`fastbn._runtime`), the default thread
     count, the kernel variant chosen for this CPU and the flags it was

@@ -13,9 +13,12 @@ same order and fuse no multiply-add (``-ffp-contract=off``): they give the
 same bits, for any thread count.
 """
 
+from __future__ import annotations
+
 import importlib
 import math
 import os
+from types import ModuleType
 
 from fastbn import _cpu
 
@@ -24,7 +27,7 @@ __all__ = ["columnar", "planar", "level", "kernel_for"]
 _LEVELS = {"v4": "x86-64-v4 (AVX-512)", "v3": "x86-64-v3 (AVX2, FMA)"}
 
 
-def _variant(name):
+def _variant(name: str) -> tuple[ModuleType, ModuleType] | None:
     """(planar, columnar) of level ``name``, or None when it was not built."""
     try:
         return (importlib.import_module(f"fastbn._planar_{name}"),
@@ -33,7 +36,7 @@ def _variant(name):
         return None
 
 
-def _select():
+def _select() -> tuple[ModuleType, ModuleType, str]:
     choice = os.environ.get("FASTBN_KERNELS", "auto")
     if choice not in ("auto", "baseline", *_LEVELS):
         raise ImportError(f"FASTBN_KERNELS must be 'auto', 'baseline', 'v3' or 'v4', "
@@ -59,7 +62,7 @@ def _select():
 planar, columnar, level = _select()
 
 
-def kernel_for(shape, channel_axis):
+def kernel_for(shape: tuple[int, ...], channel_axis: int) -> tuple[ModuleType, tuple[int, ...]]:
     """(module, view_shape): the kernel family for an input of ``shape`` with
     its channels on ``channel_axis`` (>= 0), and the shape to view it as.
 

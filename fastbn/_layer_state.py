@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import importlib
 import types
+from collections.abc import Mapping
+from typing import Any
+
+from numpy.typing import NDArray
 
 from fastbn import _checks
 
@@ -33,7 +37,18 @@ class LayerState:
     and ``backend``.
     """
 
-    def _state_arrays(self):
+    # set by the layer classes; the arrays are None without affine or
+    # track_running_stats
+    affine: bool
+    track_running_stats: bool
+    _gamma: Any
+    _beta: Any
+    running_mean: Any
+    running_var: Any
+    num_batches_tracked: Any
+    backend: Any
+
+    def _state_arrays(self) -> dict[str, NDArray[Any]]:
         """The layer's own arrays under PyTorch's keys, in PyTorch's order."""
         own = {}
         if self.affine:
@@ -45,7 +60,7 @@ class LayerState:
             own["num_batches_tracked"] = self.num_batches_tracked
         return own
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, NDArray[Any]]:
         """The learnable parameters and running statistics under PyTorch's key names.
 
         Options such as ``activation`` or ``memory_saving`` are not state:
@@ -62,7 +77,7 @@ class LayerState:
         """
         return {key: value.copy() for key, value in self._state_arrays().items()}
 
-    def load_state_dict(self, state_dict, strict=True):
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Copy parameters and running statistics in place from a state dict.
 
         The layer's arrays keep their identity (an optimizer holding them
@@ -108,7 +123,7 @@ class LayerState:
         for target, value in staged:
             target[...] = value
 
-    def reset_running_stats(self):
+    def reset_running_stats(self) -> None:
         """Running mean to 0, running variance to 1, ``num_batches_tracked`` to 0, in place.
 
         Raises
@@ -119,7 +134,7 @@ class LayerState:
         """
         self._reset("reset_running_stats", parameters=False)
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         """Reset the running statistics and set ``gamma`` to 1 and ``beta`` to 0, in place.
 
         Raises
@@ -129,7 +144,7 @@ class LayerState:
         """
         self._reset("reset_parameters", parameters=True)
 
-    def _reset(self, method, *, parameters):
+    def _reset(self, method: str, *, parameters: bool) -> None:
         """Write the initial values into the state arrays (with ``parameters``:
         gamma and beta too), every array checked before the first is written."""
         values = {"running_mean": 0, "running_var": 1, "num_batches_tracked": 0,
@@ -141,7 +156,7 @@ class LayerState:
         for key, array in targets.items():
             array[...] = values[key]
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         # Modules do not pickle: keep a backend module by name. What the last
         # forward kept for its backward is not part of the layer's state.
         state = self.__dict__.copy()
@@ -150,7 +165,7 @@ class LayerState:
             state["backend"] = self.backend.__name__
         return state
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: dict[str, Any]) -> None:
         if isinstance(state.get("backend"), str):
             state["backend"] = importlib.import_module(state["backend"])
         self.__dict__.update({**_OPTION_DEFAULTS, **state})

@@ -7,8 +7,14 @@ result back where the caller's arrays were not contiguous and counts the
 batch (PyTorch's ``num_batches_tracked``).
 """
 
+from __future__ import annotations
 
-def factor(momentum, num_batches_tracked):
+from typing import Any
+
+from numpy.typing import NDArray
+
+
+def factor(momentum: float | None, num_batches_tracked: NDArray[Any] | None) -> float:
     """Weight of the new batch: ``momentum``, or ``1 / (batches seen + 1)``
     for the cumulative average (momentum None)."""
     if momentum is not None:
@@ -17,7 +23,8 @@ def factor(momentum, num_batches_tracked):
     return 1.0 / (count + 1)
 
 
-def commit(running_mean, rm, running_var, rv, num_batches_tracked):
+def commit(running_mean: Any, rm: NDArray[Any], running_var: Any,
+           rv: NDArray[Any], num_batches_tracked: NDArray[Any] | None) -> None:
     """After a successful update of the checked running statistics rm, rv
     (see :func:`fastbn._checks.training_state`): copy them back where the
     caller's arrays were not contiguous (rm, rv are copies then), and count

@@ -36,6 +36,7 @@ compiler's runtime, the serial build) load as before, on the shared runtime.
 """
 
 import contextlib
+from collections.abc import Iterator
 import os
 import statistics
 import sys
@@ -52,7 +53,7 @@ _USER_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 _state = {"runtime": "the shared runtime of the process", "policy": "the runtime's default"}
 
 
-def spin_count(seconds=SPIN_SECONDS):
+def spin_count(seconds: float = SPIN_SECONDS) -> int:
     """Iterations of libgomp's spin loop that take ``seconds`` on this CPU:
     the median of five timings of 400 iterations (about 0.1 ms in all)."""
     from fastbn import _cpu
@@ -61,14 +62,14 @@ def spin_count(seconds=SPIN_SECONDS):
     return max(1, round(seconds / max(per_iteration, 1e-10)))
 
 
-def _sanitizer_loaded():
+def _sanitizer_loaded() -> bool:
     # AddressSanitizer refuses libraries opened with RTLD_DEEPBIND.
     with open("/proc/self/maps") as maps:
         return "libasan" in maps.read()
 
 
 @contextlib.contextmanager
-def loading():
+def loading() -> Iterator[None]:
     """Import fastbn's parallel modules inside this block: they load on
     fastbn's private runtime, with its wait policy (see the module's text)."""
     if not _PRIVATE.is_file():
@@ -95,13 +96,13 @@ def loading():
             os.environ.pop("GOMP_SPINCOUNT", None)
 
 
-def private_runtime():
+def private_runtime() -> str | None:
     """The path of fastbn's private OpenMP runtime, or None when it was built
     without one (it then runs on the process's shared runtime)."""
     return str(_PRIVATE) if _PRIVATE.is_file() else None
 
 
-def describe():
+def describe() -> tuple[str, str]:
     """(runtime, wait policy): the OpenMP runtime fastbn's threads run on,
     and the policy it was given at load."""
     return _state["runtime"], _state["policy"]

@@ -27,9 +27,10 @@ the derivative of the activation the output was made with.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+from numpy.typing import NDArray
 
 __all__ = ["Saved", "for_batch", "forward_params", "running_invstd", "gradients"]
 
@@ -56,12 +57,12 @@ class Saved(NamedTuple):
     negative_slope: float = 0.01
 
     @property
-    def array(self):
+    def array(self) -> Any:
         """The full-size array kept (x, or y when memory saving): dy must match it."""
         return self.y if self.x is None else self.x
 
 
-def forward_params(layer):
+def forward_params(layer: Any) -> dict[str, Any]:
     """Copies of ``layer``'s gamma and beta as a forward runs with them (C
     values each; None without ``affine``), as :class:`Saved` keywords."""
     gamma, beta = layer.gamma, layer.beta
@@ -69,7 +70,8 @@ def forward_params(layer):
                 beta=None if beta is None else beta.copy())
 
 
-def for_batch(layer, x, y, mean, invstd, *, synced=False):
+def for_batch(layer: Any, x: NDArray[Any], y: NDArray[Any], mean: NDArray[Any] | None,
+              invstd: NDArray[Any] | None, *, synced: bool = False) -> Saved:
     """The record of a forward of ``layer`` with batch statistics: x, or with
     the layer's ``memory_saving`` y; and copies of its gamma and beta."""
     act = dict(activation=layer.activation, negative_slope=layer.negative_slope,
@@ -79,7 +81,7 @@ def for_batch(layer, x, y, mean, invstd, *, synced=False):
     return Saved(None, mean, invstd, batch=True, synced=synced, y=y, **act)
 
 
-def running_invstd(running_var, eps, dtype):
+def running_invstd(running_var: NDArray[Any], eps: float, dtype: np.dtype[Any]) -> NDArray[Any]:
     """``1 / sqrt(running_var + eps)`` in float64, rounded to ``dtype``, and
     saturated at its largest finite value as the kernels saturate a batch's
     invstd (no inf, no 0 * inf in the backward)."""
@@ -87,7 +89,8 @@ def running_invstd(running_var, eps, dtype):
     return np.minimum(invstd, np.finfo(dtype).max).astype(dtype)
 
 
-def gradients(backend, saved, dy, *, param_grads, channel_axis, num_threads):
+def gradients(backend: Any, saved: Saved, dy: NDArray[Any], *, param_grads: bool,
+              channel_axis: int, num_threads: int | None) -> Any:
     """(dx, dgamma, dbeta) at the forward ``saved`` records, with ``backend``'s
     functions and the gamma and beta of that forward.
 

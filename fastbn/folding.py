@@ -20,15 +20,20 @@ offset are those eval-mode Batch Normalization applies, in float64.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from numpy.typing import NDArray
 
 from fastbn import _channels, _checks
+from fastbn._typing import FloatArray, OptionalArray
 
 __all__ = ["fold_batch_norm"]
 
 
-def fold_batch_norm(weight, bias, running_mean, running_var, gamma, beta, *, eps=1e-5,
-                    out_axis=0):
+def fold_batch_norm(weight: FloatArray, bias: OptionalArray, running_mean: FloatArray,
+                    running_var: FloatArray, gamma: OptionalArray, beta: OptionalArray, *,
+                    eps: float = 1e-5, out_axis: int = 0) -> tuple[FloatArray, FloatArray]:
     """Fold eval-mode Batch Normalization into the weight and bias of the layer before it.
 
     For a layer ``z = W x + b`` (a convolution, a fully connected layer)
@@ -125,15 +130,18 @@ def fold_batch_norm(weight, bias, running_mean, running_var, gamma, beta, *, eps
     return _fold(weight, bias, running_mean, running_var, gamma, beta, eps, out_axis)
 
 
-def _fold(weight, bias, running_mean, running_var, gamma, beta, eps, out_axis, *,
-          num_features=None, who=None):
+def _fold(weight: NDArray[Any], bias: NDArray[Any] | None, running_mean: NDArray[Any],
+          running_var: NDArray[Any], gamma: NDArray[Any] | None, beta: NDArray[Any] | None,
+          eps: float, out_axis: int, *, num_features: int | None = None,
+          who: str | None = None) -> tuple[NDArray[Any], NDArray[Any]]:
     """:func:`fold_batch_norm`, its messages prefixed with ``who`` (a layer's
     ``fold_into``, which checks that the weight has its ``num_features``)."""
     eps, axis = _checks.fold_args(weight, bias, running_mean, running_var, gamma, beta, eps,
                                   out_axis, num_features=num_features, who=who)
     size = weight.shape[axis]
 
-    def f64(v):  # float32 widens exactly, so the map is that of the arrays as given
+    # float32 widens exactly, so the map is that of the arrays as given
+    def f64(v: NDArray[Any] | None) -> Any:  # an ndarray, or None for None
         return None if v is None else np.ascontiguousarray(v, dtype=np.float64)
 
     # The eval-mode map per channel, y = (z - center) * scale + offset, from

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastbn import _checks, _dispatch, _running
+from fastbn._typing import Activation, Counter, FloatArray, Gradients, OptionalArray, Triple
 
 __all__ = ["batch_norm_forward", "batch_norm_inference", "batch_norm_backward",
            "batch_norm_backward_from_output"]
@@ -31,16 +32,20 @@ _GRAD_PLAIN, _GRAD_ACT, _GRAD_OUTPUT = 0, 1, 2
 
 # --------------------------------------------------------------- output ----
 
-def _output(out, x):
+def _output(out: FloatArray | None, x: FloatArray) -> FloatArray:
     """out, or a new C-contiguous array like x."""
     return np.empty_like(x, order="C") if out is None else out
 
 
 # ---------------------------------------------------------- public API ----
 
-def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_var=None,
-                       momentum=0.1, num_batches_tracked=None, unbiased=True, activation=None,
-                       negative_slope=0.01, channel_axis=1, out=None, num_threads=None):
+def batch_norm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArray, *,
+                       eps: float = 1e-5, running_mean: OptionalArray = None,
+                       running_var: OptionalArray = None, momentum: float | None = 0.1,
+                       num_batches_tracked: Counter = None, unbiased: bool = True,
+                       activation: Activation = None, negative_slope: float = 0.01,
+                       channel_axis: int = 1, out: FloatArray | None = None,
+                       num_threads: int | None = None) -> Triple:
     """Batch Normalization in training mode: normalize with the batch statistics.
 
     For every channel c, over the m values of that channel (m = N times the
@@ -160,9 +165,12 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None, running_v
     return y, mean, invstd
 
 
-def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
-                         activation=None, negative_slope=0.01, channel_axis=1, out=None,
-                         num_threads=None):
+def batch_norm_inference(x: FloatArray, gamma: OptionalArray, beta: OptionalArray,
+                         running_mean: FloatArray, running_var: FloatArray, *,
+                         eps: float = 1e-5, activation: Activation = None,
+                         negative_slope: float = 0.01, channel_axis: int = 1,
+                         out: FloatArray | None = None,
+                         num_threads: int | None = None) -> FloatArray:
     """Batch Normalization in inference mode: normalize with running statistics.
 
     For every channel c::
@@ -230,9 +238,12 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
     return y
 
 
-def batch_norm_backward(dy, x, gamma, mean, invstd, *, beta=None, activation=None,
-                        negative_slope=0.01, training=True, param_grads=True, channel_axis=1,
-                        out=None, num_threads=None):
+def batch_norm_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArray, mean: FloatArray,
+                        invstd: FloatArray, *, beta: OptionalArray = None,
+                        activation: Activation = None, negative_slope: float = 0.01,
+                        training: bool = True, param_grads: bool = True,
+                        channel_axis: int = 1, out: FloatArray | None = None,
+                        num_threads: int | None = None) -> Gradients:
     """Gradients of Batch Normalization, fused in one pass over dy and x.
 
     With ``xhat = (x - mean) * invstd`` recomputed from x (never stored) and
@@ -344,9 +355,12 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, beta=None, activation=Non
     return dx, dgamma, dbeta
 
 
-def batch_norm_backward_from_output(dy, y, gamma, beta, invstd, *, activation=None,
-                                    negative_slope=0.01, channel_axis=1, out=None,
-                                    num_threads=None):
+def batch_norm_backward_from_output(dy: FloatArray, y: FloatArray, gamma: OptionalArray,
+                                    beta: OptionalArray, invstd: FloatArray, *,
+                                    activation: Activation = None,
+                                    negative_slope: float = 0.01, channel_axis: int = 1,
+                                    out: FloatArray | None = None,
+                                    num_threads: int | None = None) -> Triple:
     """Gradients of training-mode Batch Normalization from its output y, without x.
 
     In-Place Activated BatchNorm (Rota Bulò, Porzi & Kontschieder, "In-Place

@@ -20,21 +20,27 @@ new batch, the running variance takes the unbiased batch variance,
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import Any, TypeVar
+
 import numpy as np
+from numpy.typing import DTypeLike, NDArray
 
 from fastbn import _checks
 from fastbn import folding as _folding
 from fastbn import functional as _functional
 from fastbn._layer_state import LayerState
 from fastbn._saved import Saved, for_batch, forward_params, gradients, running_invstd
+from fastbn._typing import Activation, FloatArray
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 _BACKEND_FUNCTIONS = ("batch_norm_forward", "batch_norm_inference", "batch_norm_backward")
 _FROM_OUTPUT = "batch_norm_backward_from_output"
+_Layer = TypeVar("_Layer", bound="BatchNorm")
 
 
-def _check_backend(backend, memory_saving=False):
+def _check_backend(backend: ModuleType | None, memory_saving: bool = False) -> ModuleType:
     """The backend module: fastbn.functional for None, else anything with its
     three functions (four with ``memory_saving``)."""
     if backend is None:
@@ -48,12 +54,12 @@ def _check_backend(backend, memory_saving=False):
     return backend
 
 
-def _parameter(attr, name, doc):
+def _parameter(attr: str, name: str, doc: str) -> property:
     """A property over ``attr`` whose setter checks the array (named ``name`` in errors)."""
-    def get(self):
+    def get(self: BatchNorm) -> Any:
         return getattr(self, attr)
 
-    def set(self, value):
+    def set(self: BatchNorm, value: Any) -> None:
         setattr(self, attr, self._set_param(name, value))
 
     return property(get, set, doc=doc)
@@ -96,7 +102,10 @@ class BatchNorm(LayerState):
         (initialized to 1) and ``num_batches_tracked``. Without them, eval
         mode normalizes with the batch statistics, as PyTorch does.
     dtype : {numpy.float32, numpy.float64}, default numpy.float32
-        dtype of the parameters and statistics; the input must have it.
+        dtype of the parameters and statistics; the input must have it. A
+        float64 net (NumPy's default dtype, as in cs231n) builds its layers
+        with ``dtype=np.float64``; input of the other dtype raises a
+        ``TypeError`` that says so.
     channel_axis : {1, -1}, default 1
         1 for channels first (NCHW and relatives), -1 for channels last.
     num_threads : int > 0 or None, default None
@@ -235,11 +244,17 @@ class BatchNorm(LayerState):
     #: numbers of dimensions the layer accepts, and how to say it in an error
     _ndims: tuple[int, ...] = (2, 3, 4, 5)
     _expected = "2-D to 5-D input (N, C, ...)"
+    dgamma: NDArray[Any] | None
+    dbeta: NDArray[Any] | None
+    _saved: Saved | None
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32, channel_axis=1,
-                 num_threads=None, *, unbiased=True, backend=None, activation=None,
-                 negative_slope=0.01, memory_saving=False):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 dtype: DTypeLike = np.float32, channel_axis: int = 1,
+                 num_threads: int | None = None, *, unbiased: bool = True,
+                 backend: ModuleType | None = None, activation: Activation = None,
+                 negative_slope: float = 0.01, memory_saving: bool = False) -> None:
+        """Build the layer; the parameters are those of the class (``help(type(self))``)."""
         who = type(self).__name__
         # The functions check eps, momentum and num_threads again at every call;
         # checking them here makes a bad layer fail at construction.
@@ -282,7 +297,7 @@ class BatchNorm(LayerState):
 
     # ---------------------------------------------------------- parameters
 
-    def _set_param(self, name, value):
+    def _set_param(self, name: str, value: Any) -> Any:
         if not self.affine:
             if value is not None:
                 raise ValueError(f"{type(self).__name__}(affine=False) has no {name}; "
@@ -303,16 +318,16 @@ class BatchNorm(LayerState):
     bias = _parameter("_beta", "bias", "PyTorch's name for :attr:`beta`.")
 
     @property
-    def params(self):
+    def params(self) -> list[NDArray[Any]]:
         """``[gamma, beta]`` (the arrays themselves), or ``[]`` without ``affine``."""
         return [self._gamma, self._beta] if self.affine else []
 
     @property
-    def grads(self):
+    def grads(self) -> list[NDArray[Any] | None]:
         """``[dgamma, dbeta]`` in the order of :attr:`params` (None before a backward)."""
         return [self.dgamma, self.dbeta] if self.affine else []
 
-    def _share_arrays(self, layer):
+    def _share_arrays(self, layer: BatchNorm) -> None:
         """Take ``layer``'s accepted input, parameter and running-statistics
         arrays (the arrays themselves) and its mode: a layer of another class
         standing in for it (:meth:`fastbn.SyncBatchNorm.from_batch_norm`)."""
@@ -324,7 +339,7 @@ class BatchNorm(LayerState):
 
     # ---------------------------------------------------------------- mode
 
-    def train(self, mode=True):
+    def train(self: _Layer, mode: bool = True) -> _Layer:
         """Set training mode (``mode=True``) or eval mode; returns the layer.
 
         Raises
@@ -336,18 +351,18 @@ class BatchNorm(LayerState):
         self.training = _checks.flag(mode, "mode", who=f"{type(self).__name__}.train")
         return self
 
-    def eval(self):
+    def eval(self: _Layer) -> _Layer:
         """Set eval mode (the same as ``train(False)``); returns the layer."""
         return self.train(False)
 
     # -------------------------------------------------------------- compute
 
-    def _check_input(self, x):
+    def _check_input(self, x: Any) -> None:
         _checks.layer_input(x, who=type(self).__name__, num_features=self.num_features,
                             channel_axis=self.channel_axis, dtype=self.dtype,
                             ndims=self._ndims, expected=self._expected)
 
-    def forward(self, x):
+    def forward(self, x: FloatArray) -> FloatArray:
         """Normalize x and apply the activation; in training mode update the running statistics.
 
         Training mode, or eval mode without running statistics: normalize
@@ -383,7 +398,9 @@ class BatchNorm(LayerState):
         """
         self._check_input(x)
         f = self.backend
-        common = dict(channel_axis=self.channel_axis, num_threads=self.num_threads)
+        common: dict[str, Any] = dict(channel_axis=self.channel_axis,
+                                      num_threads=self.num_threads)
+        y: FloatArray
         if self.activation is not None:  # a backend without the keywords serves the rest
             common.update(activation=self.activation, negative_slope=self.negative_slope)
         if self.training or not self.track_running_stats:
@@ -407,7 +424,7 @@ class BatchNorm(LayerState):
 
     __call__ = forward
 
-    def backward(self, dy):
+    def backward(self, dy: FloatArray) -> FloatArray:
         """Gradient with respect to the input of the last forward; stores dgamma, dbeta.
 
         dy is the gradient with respect to the layer's output, the activated
@@ -475,6 +492,7 @@ class BatchNorm(LayerState):
         if saved.x is None:  # memory saving: the backward divides by the forward's gamma
             _checks.saved_gamma(saved.gamma, who=who)
         # after an eval-mode forward the running statistics are constants
+        dx: FloatArray
         dx, dgamma, dbeta = gradients(self.backend, saved, dy, param_grads=self.affine,
                                       channel_axis=self.channel_axis,
                                       num_threads=self.num_threads)
@@ -484,7 +502,8 @@ class BatchNorm(LayerState):
 
     # --------------------------------------------------------------- state
 
-    def fold_into(self, weight, bias=None, *, out_axis=0):
+    def fold_into(self, weight: FloatArray, bias: FloatArray | None = None, *,
+                  out_axis: int = 0) -> tuple[FloatArray, FloatArray]:
         """Fold this layer's eval-mode normalization into the layer before it.
 
         :func:`fastbn.fold_batch_norm` with this layer's ``running_mean``,
@@ -542,7 +561,7 @@ class BatchNorm(LayerState):
 
     # ------------------------------------------------------------- python
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         momentum = "None" if self.momentum is None else f"{self.momentum:g}"
         extra = ""
         if self.dtype != np.float32:

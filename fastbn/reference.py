@@ -22,26 +22,40 @@ backward from the output cannot invert are refused with the ValueErrors of
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from numpy.typing import NDArray
+
+from fastbn._typing import Activation, Counter, FloatArray, Gradients, OptionalArray, Triple
 
 __all__ = ["batch_norm_forward", "batch_norm_inference", "batch_norm_backward",
            "batch_norm_backward_from_output"]
 
 
-def _reduce_axes(ndim, channel_axis):
+def _reduce_axes(ndim: int, channel_axis: int) -> tuple[tuple[int, ...], int]:
     """Axes summed over: every axis but the channel axis."""
     channel_axis = channel_axis % ndim
     return tuple(a for a in range(ndim) if a != channel_axis), channel_axis
 
 
-def _per_channel(v, ndim, channel_axis):
+def _per_channel(v: Any, ndim: int, channel_axis: int) -> NDArray[np.float64]:
     """Reshape a (C,) vector so that it broadcasts along ``channel_axis``."""
     shape = [1] * ndim
     shape[channel_axis] = -1
     return np.asarray(v, dtype=np.float64).reshape(shape)
 
 
-def _activated(y, activation, negative_slope):
+def _rounded(a: FloatArray, dtype: np.dtype[Any]) -> FloatArray:
+    """A float64 result rounded once to ``dtype``. A value beyond the dtype's
+    range becomes +-inf, as the kernels' float32 results do (a float32 dx with
+    a saturated invstd, say): that is the result, so it raises no warning."""
+    with np.errstate(over="ignore"):
+        return a.astype(dtype)
+
+
+def _activated(y: FloatArray, activation: Activation,
+               negative_slope: float) -> FloatArray:
     """The fused activation in float64: None, "relu" (numpy.maximum(y, 0)) or
     "leaky_relu" (negative_slope * y where y < 0)."""
     if activation is None:
@@ -53,7 +67,8 @@ def _activated(y, activation, negative_slope):
     raise ValueError(f"activation must be None, 'relu' or 'leaky_relu', got {activation!r}")
 
 
-def _activation_gradient(dy, z, activation, negative_slope):
+def _activation_gradient(dy: FloatArray, z: FloatArray, activation: Activation,
+                         negative_slope: float) -> FloatArray:
     """dz = dy * act'(z) in float64: act'(z) is 1 where z > 0, else 0 ("relu")
     or ``negative_slope`` ("leaky_relu"); a NaN z counts as not > 0, as in
     PyTorch's leaky_relu_backward (its relu backward lets dy through at NaN)."""
@@ -66,7 +81,10 @@ def _activation_gradient(dy, z, activation, negative_slope):
     raise ValueError(f"activation must be None, 'relu' or 'leaky_relu', got {activation!r}")
 
 
-def _backward_from_xhat(dz, xhat, g, invstd_b, axes, m, channel_axis, training):
+def _backward_from_xhat(dz: FloatArray, xhat: FloatArray,
+                       g: FloatArray, invstd_b: FloatArray,
+                       axes: tuple[int, ...], m: int, channel_axis: int,
+                       training: bool) -> Triple:
     """(dx, dgamma, dbeta) in float64 from dz, xhat and the broadcastable
     gamma and invstd: the formula of :func:`batch_norm_backward`."""
     ndim = dz.ndim
@@ -80,10 +98,13 @@ def _backward_from_xhat(dz, xhat, g, invstd_b, axes, m, channel_axis, training):
     return dx, dgamma, dbeta
 
 
-def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None,
-                       running_var=None, momentum=0.1, num_batches_tracked=None,
-                       unbiased=True, activation=None, negative_slope=0.01, channel_axis=1,
-                       out=None, num_threads=None):
+def batch_norm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArray, *,
+                       eps: float = 1e-5, running_mean: OptionalArray = None,
+                       running_var: OptionalArray = None, momentum: float | None = 0.1,
+                       num_batches_tracked: Counter = None, unbiased: bool = True,
+                       activation: Activation = None, negative_slope: float = 0.01,
+                       channel_axis: int = 1, out: FloatArray | None = None,
+                       num_threads: int | None = None) -> Triple:
     """Training-mode Batch Normalization, computed in float64.
 
     ``mean = E[x]``, ``var = E[(x - mean)**2]`` (biased) over every axis but
@@ -110,7 +131,7 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None,
     var = ((x64 - _per_channel(mean, x.ndim, channel_axis)) ** 2).mean(axis=axes)
     invstd = 1.0 / np.sqrt(var + eps)
     xhat = (x64 - _per_channel(mean, x.ndim, channel_axis)) * _per_channel(invstd, x.ndim, channel_axis)
-    y = xhat
+    y: FloatArray = xhat
     if gamma is not None:
         y = y * _per_channel(gamma, x.ndim, channel_axis)
     if beta is not None:
@@ -118,6 +139,7 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None,
     y = _activated(y, activation, negative_slope)
     if running_mean is not None and running_var is not None:
         if momentum is None:
+            assert num_batches_tracked is not None, "momentum=None needs num_batches_tracked"
             num_batches_tracked += 1
             factor = 1.0 / float(num_batches_tracked)
         else:
@@ -127,7 +149,7 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None,
         batch_var = var * m / (m - 1) if unbiased else var
         running_mean[...] = (1.0 - factor) * running_mean.astype(np.float64) + factor * mean
         running_var[...] = (1.0 - factor) * running_var.astype(np.float64) + factor * batch_var
-    y = y.astype(x.dtype)
+    y = _rounded(y, x.dtype)
     if out is not None:
         out[...] = y
         y = out
@@ -135,9 +157,12 @@ def batch_norm_forward(x, gamma, beta, *, eps=1e-5, running_mean=None,
     return y, mean.astype(x.dtype), np.minimum(invstd, largest).astype(x.dtype)
 
 
-def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
-                         activation=None, negative_slope=0.01, channel_axis=1, out=None,
-                         num_threads=None):
+def batch_norm_inference(x: FloatArray, gamma: OptionalArray, beta: OptionalArray,
+                         running_mean: FloatArray, running_var: FloatArray, *,
+                         eps: float = 1e-5, activation: Activation = None,
+                         negative_slope: float = 0.01, channel_axis: int = 1,
+                         out: FloatArray | None = None,
+                         num_threads: int | None = None) -> FloatArray:
     """Inference-mode Batch Normalization with the running statistics.
 
     ``y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta``,
@@ -148,21 +173,24 @@ def batch_norm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5,
     x64 = np.asarray(x, dtype=np.float64)
     mean = _per_channel(running_mean, x.ndim, channel_axis)
     invstd = 1.0 / np.sqrt(_per_channel(running_var, x.ndim, channel_axis) + eps)
-    y = (x64 - mean) * invstd
+    y: FloatArray = (x64 - mean) * invstd
     if gamma is not None:
         y = y * _per_channel(gamma, x.ndim, channel_axis)
     if beta is not None:
         y = y + _per_channel(beta, x.ndim, channel_axis)
-    y = _activated(y, activation, negative_slope).astype(x.dtype)
+    y = _rounded(_activated(y, activation, negative_slope), x.dtype)
     if out is not None:
         out[...] = y
         y = out
     return y
 
 
-def batch_norm_backward(dy, x, gamma, mean, invstd, *, beta=None, activation=None,
-                        negative_slope=0.01, training=True, param_grads=True, channel_axis=1,
-                        out=None, num_threads=None):
+def batch_norm_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArray, mean: FloatArray,
+                        invstd: FloatArray, *, beta: OptionalArray = None,
+                        activation: Activation = None, negative_slope: float = 0.01,
+                        training: bool = True, param_grads: bool = True,
+                        channel_axis: int = 1, out: FloatArray | None = None,
+                        num_threads: int | None = None) -> Gradients:
     """Gradients of Batch Normalization (and of a fused activation), in float64.
 
     With ``xhat = (x - mean) * invstd`` and m the number of values per
@@ -200,7 +228,7 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, beta=None, activation=Non
     dz = _activation_gradient(dy64, g * xhat + b, activation, negative_slope)
     dx, dgamma, dbeta = _backward_from_xhat(dz, xhat, g, invstd_b, axes, m, channel_axis,
                                             training)
-    dx = dx.astype(x.dtype)
+    dx = _rounded(dx, x.dtype)
     if out is not None:
         out[...] = dx
         dx = out
@@ -209,9 +237,12 @@ def batch_norm_backward(dy, x, gamma, mean, invstd, *, beta=None, activation=Non
     return dx, dgamma.astype(x.dtype), dbeta.astype(x.dtype)
 
 
-def batch_norm_backward_from_output(dy, y, gamma, beta, invstd, *, activation=None,
-                                    negative_slope=0.01, channel_axis=1, out=None,
-                                    num_threads=None):
+def batch_norm_backward_from_output(dy: FloatArray, y: FloatArray, gamma: OptionalArray,
+                                    beta: OptionalArray, invstd: FloatArray, *,
+                                    activation: Activation = None,
+                                    negative_slope: float = 0.01, channel_axis: int = 1,
+                                    out: FloatArray | None = None,
+                                    num_threads: int | None = None) -> Triple:
     """Training-mode gradients of Batch Normalization from its output, in float64.
 
     In-Place Activated BatchNorm (Rota Bulo, Porzi & Kontschieder, CVPR
@@ -270,7 +301,7 @@ def batch_norm_backward_from_output(dy, y, gamma, beta, invstd, *, activation=No
     xhat = (z - b) / g
     invstd_b = _per_channel(invstd, y.ndim, channel_axis)
     dx, dgamma, dbeta = _backward_from_xhat(dz, xhat, g, invstd_b, axes, m, channel_axis, True)
-    dx = dx.astype(y.dtype)
+    dx = _rounded(dx, y.dtype)
     if out is not None:
         out[...] = dx
         dx = out

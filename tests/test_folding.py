@@ -15,7 +15,7 @@
 - nothing passed is modified and the results are new arrays; equivalent
   out_axis values, non-contiguous and read-only arrays and mixed dtypes give
   the same bits;
-- the docstring examples and the README's example run.
+- the docstring examples run (the guide's example: tests/test_readme.py).
 
 The bad calls are rows of tests/test_hostile.py.
 """
@@ -23,8 +23,6 @@ The bad calls are rows of tests/test_hostile.py.
 from __future__ import annotations
 
 import doctest
-import pathlib
-import re
 
 import numpy as np
 import pytest
@@ -380,14 +378,3 @@ def test_docstring_examples_run(obj):
         runner.run(t)
     assert runner.failures == 0
 
-
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-
-
-def test_readme_example_runs():
-    """The Python block of the README's "Folding for inference" section."""
-    if not README.exists():
-        pytest.skip(f"{README} is not here (a copy of tests/ without the repository)")
-    section = README.read_text().split("## Folding for inference", 1)[1].split("\n## ", 1)[0]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    exec(compile(code, "README.md (Folding for inference)", "exec"), {})

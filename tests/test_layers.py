@@ -2,6 +2,7 @@
 finite differences, state dicts, and the errors of bad use."""
 
 import pickle
+import pydoc
 
 import numpy as np
 import pytest
@@ -343,6 +344,20 @@ def test_wrong_ndim_names_the_class_and_the_shape(cls, shape):
         layer(np.zeros(shape, np.float32))
 
 
+@pytest.mark.parametrize("layer_dtype, x_dtype", [(np.float32, np.float64),
+                                                  (np.float64, np.float32)])
+def test_dtype_mismatch_names_the_fix(layer_dtype, x_dtype):
+    """Input of the other float dtype: the message says how to build the layer for it."""
+    layer = BatchNorm1d(4, dtype=layer_dtype)
+    want, have = np.dtype(layer_dtype).name, np.dtype(x_dtype).name
+    with pytest.raises(TypeError) as raised:
+        layer(np.zeros((5, 4), x_dtype))
+    assert str(raised.value) == (
+        f"BatchNorm1d: x must have the layer's dtype ({want}), got {have}: for {have} input "
+        f"build the layer with BatchNorm1d(4, dtype=np.{have}), or pass x.astype(np.{want})")
+    BatchNorm1d(4, dtype=x_dtype)(np.zeros((5, 4), x_dtype))  # the fix it names works
+
+
 def test_input_errors():
     layer = BatchNorm2d(3)
     with pytest.raises(ValueError, match=r"BatchNorm2d expects 3 channels.*\(2, 4, 5, 5\)"):
@@ -453,3 +468,13 @@ def test_layer_keeps_no_copy_of_its_input():
     x += 1.0            # xhat = (x - mean) * invstd grows by invstd
     layer.backward(dy)
     assert_allclose(layer.dgamma - dgamma, dy.sum(axis=(0, 2, 3)) * invstd, rtol=1e-9)
+
+
+@pytest.mark.parametrize("cls", [BatchNorm1d, BatchNorm2d, BatchNorm3d])
+def test_help_shows_the_signature(cls):
+    """help() shows the constructor's parameters with their types, not object's
+    "Initialize self. See help(type(self))"."""
+    text = pydoc.render_doc(cls, renderer=pydoc.plaintext)
+    assert "Initialize self" not in text
+    assert "__init__(self, num_features: 'int', eps: 'float' = 1e-05" in text
+    assert "dtype: 'DTypeLike' = <class 'numpy.float32'>" in text

@@ -973,6 +973,7 @@ def test_mpi_example_matches_one_process():
     np.testing.assert_allclose(result["loss"], result["one_loss"], rtol=1e-4)
     assert abs(result["test_accuracy"][-1] - result["one_test_accuracy"][-1]) <= 0.01
     assert result["test_accuracy"][-1] > 0.85
+    assert result["step_peak_bytes"] > 0  # the summary's peak memory is measured, not 0.00 MiB
 
 
 @pytest.mark.parametrize("case", ["running_mean is gamma", "running_var is running_mean",

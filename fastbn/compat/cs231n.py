@@ -42,10 +42,14 @@ Network Training by Reducing Internal Covariate Shift", arXiv:1502.03167.
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import Any
+
 import numpy as np
 
 from fastbn import _checks
 from fastbn import functional as _functional
+from fastbn._typing import FloatArray
 
 __all__ = [
     "batchnorm_forward",
@@ -70,16 +74,17 @@ class _Cache:
 
     __slots__ = ("x", "gamma", "mean", "invstd", "mode", "function")
 
-    def __init__(self, x, gamma, mean, invstd, mode, function):
+    def __init__(self, x: FloatArray, gamma: FloatArray, mean: FloatArray, invstd: FloatArray,
+                 mode: str, function: str) -> None:
         self.x, self.gamma, self.mean, self.invstd = x, gamma, mean, invstd
         self.mode, self.function = mode, function
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"<fastbn cs231n cache of {self.function}: mode={self.mode!r}, "
                 f"x {self.x.shape} {self.x.dtype}>")
 
 
-def _as_float_array(name, a):
+def _as_float_array(name: str, a: Any) -> Any:
     """a as a float32 or float64 ndarray; other real dtypes are computed in float64."""
     a = np.asarray(a)
     if a.dtype not in _checks.FLOAT_DTYPES:
@@ -89,7 +94,7 @@ def _as_float_array(name, a):
     return a
 
 
-def _vector(name, v, dtype, size):
+def _vector(name: str, v: Any, dtype: np.dtype[Any], size: int) -> Any:
     """gamma/beta (or a running statistic) cast to dtype, shape (size,)."""
     v = np.asarray(v)
     if v.dtype.kind not in "biuf":
@@ -99,7 +104,7 @@ def _vector(name, v, dtype, size):
     return v.astype(dtype, copy=False)
 
 
-def _mode_and_options(bn_param):
+def _mode_and_options(bn_param: Any) -> tuple[str, float, Any]:
     if not isinstance(bn_param, dict):
         raise TypeError(f"bn_param must be a dict, got {type(bn_param).__name__}")
     mode = bn_param.get("mode")
@@ -112,7 +117,8 @@ def _mode_and_options(bn_param):
     return mode, eps, momentum
 
 
-def _forward(x, gamma, beta, bn_param, function, ndim):
+def _forward(x: Any, gamma: Any, beta: Any, bn_param: dict[str, Any], function: str,
+             ndim: int) -> tuple[FloatArray, _Cache]:
     mode, eps, momentum = _mode_and_options(bn_param)
     x = _as_float_array("x", x)
     if x.ndim != ndim:
@@ -153,7 +159,8 @@ def _forward(x, gamma, beta, bn_param, function, ndim):
     return out, _Cache(x, g.copy(), mean, invstd, mode, function)
 
 
-def _backward(dout, cache, function):
+def _backward(dout: Any, cache: _Cache,
+              function: str) -> tuple[FloatArray, FloatArray, FloatArray]:
     if not isinstance(cache, _Cache):
         raise TypeError(f"{function}: cache must be the cache returned by the fastbn forward, "
                         f"got {type(cache).__name__}")
@@ -170,10 +177,12 @@ def _backward(dout, cache, function):
         scale = cache.gamma.astype(np.float64) * cache.invstd.astype(np.float64)
         shape = (1, -1) + (1,) * (x.ndim - 2)
         np.multiply(dout, scale.astype(x.dtype).reshape(shape), out=dx)
+    assert dgamma is not None and dbeta is not None  # param_grads=True: computed
     return dx, dgamma, dbeta
 
 
-def batchnorm_forward(x, gamma, beta, bn_param):
+def batchnorm_forward(x: FloatArray, gamma: FloatArray, beta: FloatArray,
+                      bn_param: dict[str, Any]) -> tuple[FloatArray, _Cache]:
     """Forward pass for batch normalization, cs231n API.
 
     In 'train' mode the batch mean and biased variance normalize x and
@@ -217,7 +226,8 @@ def batchnorm_forward(x, gamma, beta, bn_param):
     return _forward(x, gamma, beta, bn_param, "batchnorm_forward", 2)
 
 
-def batchnorm_backward(dout, cache):
+def batchnorm_backward(dout: FloatArray,
+                       cache: _Cache) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Backward pass for batch normalization, cs231n API.
 
     After a 'train' forward, with m = N and ``xhat = (x - mean) / sqrt(var +
@@ -252,7 +262,8 @@ def batchnorm_backward(dout, cache):
     return _backward(dout, cache, "batchnorm_backward")
 
 
-def batchnorm_backward_alt(dout, cache):
+def batchnorm_backward_alt(dout: FloatArray,
+                           cache: _Cache) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Backward pass for batch normalization, simplified form; cs231n API.
 
     The same gradients as :func:`batchnorm_backward`, which already computes
@@ -261,7 +272,8 @@ def batchnorm_backward_alt(dout, cache):
     return _backward(dout, cache, "batchnorm_backward_alt")
 
 
-def spatial_batchnorm_forward(x, gamma, beta, bn_param):
+def spatial_batchnorm_forward(x: FloatArray, gamma: FloatArray, beta: FloatArray,
+                              bn_param: dict[str, Any]) -> tuple[FloatArray, _Cache]:
     """Forward pass for spatial batch normalization, cs231n API.
 
     Normalizes each channel over N, H and W: the same as
@@ -289,7 +301,8 @@ def spatial_batchnorm_forward(x, gamma, beta, bn_param):
     return _forward(x, gamma, beta, bn_param, "spatial_batchnorm_forward", 4)
 
 
-def spatial_batchnorm_backward(dout, cache):
+def spatial_batchnorm_backward(dout: FloatArray,
+                               cache: _Cache) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Backward pass for spatial batch normalization, cs231n API.
 
     Parameters
@@ -317,28 +330,28 @@ class Patch:
     A context manager: ``with patch(layers): ...`` undoes the patch on exit.
     """
 
-    def __init__(self, originals):
+    def __init__(self, originals: list[tuple[ModuleType, dict[str, Any]]]) -> None:
         self.originals = originals
 
-    def undo(self):
+    def undo(self) -> None:
         """Put the original functions back (once; later calls do nothing)."""
         for module, functions in reversed(self.originals):  # a module patched twice
             for name, function in functions.items():
                 setattr(module, name, function)
         self.originals = []
 
-    def __enter__(self):
+    def __enter__(self) -> Patch:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.undo()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         where = ", ".join(f"{getattr(m, '__name__', m)}: {len(f)}" for m, f in self.originals)
         return f"<fastbn.compat.cs231n.Patch {where or 'undone'}>"
 
 
-def patch(*modules):
+def patch(*modules: ModuleType) -> Patch:
     """Replace the cs231n batchnorm functions of existing modules by fastbn's.
 
     Every one of the five names (``batchnorm_forward``,

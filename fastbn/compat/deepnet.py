@@ -30,11 +30,14 @@ Section 3.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike, NDArray
 
 from fastbn import _checks
 from fastbn import functional as _functional
+from fastbn._typing import FloatArray
 
 __all__ = ["Batchnorm"]
 
@@ -82,10 +85,12 @@ class Batchnorm:
         memory holds; a bad eps.
     """
 
-    def __init__(self, X_dim, *, eps=1e-8, dtype=np.float64, num_threads=None):
+    def __init__(self, X_dim: int | tuple[int, ...], *, eps: float = 1e-8,
+                 dtype: DTypeLike = np.float64, num_threads: int | None = None) -> None:
+        """Build the layer; the parameters are those of the class (``help(Batchnorm)``)."""
         who = "Batchnorm"
         if _checks.is_int(X_dim):
-            dims = (X_dim,)
+            dims: tuple[Any, ...] = (X_dim,)
         elif isinstance(X_dim, (tuple, list)) and X_dim and all(map(_checks.is_int, X_dim)):
             dims = tuple(X_dim)
         else:
@@ -112,14 +117,14 @@ class Batchnorm:
         # (X_flat, X.shape, mean, invstd, gamma): no copy of X; a copy of the (D,)
         # gamma of the forward, so that a solver's in-place step before the
         # backward does not change the gradient
-        self._cache = None
+        self._cache: tuple[Any, ...] | None = None
 
-    def _vectors(self, dtype):
+    def _vectors(self, dtype: np.dtype[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
         """gamma and beta as (D,) arrays of the input's dtype (views when it is theirs)."""
         return (self.gamma.reshape(-1).astype(dtype, copy=False),
                 self.beta.reshape(-1).astype(dtype, copy=False))
 
-    def forward(self, X):
+    def forward(self, X: FloatArray) -> FloatArray:
         """Normalize every activation over the batch.
 
         Parameters
@@ -156,7 +161,7 @@ class Batchnorm:
         self._cache = (X_flat, X.shape, mean, invstd, gamma.copy())
         return out.reshape(X.shape)
 
-    def backward(self, dout):
+    def backward(self, dout: FloatArray) -> tuple[FloatArray, list[FloatArray]]:
         """Gradients of the last forward.
 
         With xhat = (X_flat - mu) / sqrt(var + eps) (fused form of Ioffe &
@@ -202,6 +207,8 @@ class Batchnorm:
             raise ValueError(f"Batchnorm.backward: dout must have the shape of X {shape}, "
                              f"got {dout.shape}")
         dout_flat = dout.reshape(X_flat.shape).astype(X_flat.dtype, copy=False)
+        dgamma: Any  # (D,) arrays on either branch
+        dbeta: Any
         if mean is None:  # one sample: xhat = 0
             dX = np.zeros(shape, dtype=X_flat.dtype)
             dgamma = np.zeros(self.D, dtype=X_flat.dtype)
@@ -214,5 +221,5 @@ class Batchnorm:
                  dbeta.reshape(1, self.D).astype(self.beta.dtype, copy=False)]
         return dX, grads
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Batchnorm({self.X_dim}, eps={self.eps:g})"

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from fastbn import _checks
 from fastbn.distributed._mpi import _import_mpi, is_world, mpi_allreduce, refuse_to_pickle
 from fastbn.distributed._passes import _check_allreduce, backward, forward
 from fastbn._saved import Saved, for_batch
 from fastbn.layers import BatchNorm
+from fastbn._typing import Activation, Allreduce, FloatArray
 
 __all__ = ["SyncBatchNorm"]
 
@@ -125,10 +128,18 @@ class SyncBatchNorm(BatchNorm):
         dx = bn.backward(np.ones_like(y))  # bn.dgamma, bn.dbeta: global, same on every rank
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32, channel_axis=1,
-                 num_threads=None, *, unbiased=True, activation=None, negative_slope=0.01,
-                 memory_saving=False, comm=None, allreduce=None):
+    #: the communicator (None with a caller's ``allreduce``) and the reduction
+    comm: Any
+    _allreduce: Any
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 dtype: DTypeLike = np.float32, channel_axis: int = 1,
+                 num_threads: int | None = None, *, unbiased: bool = True,
+                 activation: Activation = None, negative_slope: float = 0.01,
+                 memory_saving: bool = False, comm: Any = None,
+                 allreduce: Allreduce | None = None) -> None:
+        """Build the layer (collective); the parameters are those of the class."""
         super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype,
                          channel_axis, num_threads, unbiased=unbiased, activation=activation,
                          negative_slope=negative_slope, memory_saving=memory_saving)
@@ -146,14 +157,14 @@ class SyncBatchNorm(BatchNorm):
             self.comm = comm
             self._agree()
 
-    def _agree(self):
+    def _agree(self) -> None:
         """Every rank built the layer with the same settings (one allgather)."""
         mine = tuple(str(getattr(self, k)) if k == "dtype" else getattr(self, k)
                      for k in _SETTINGS)
         everyone = self.comm.allgather(mine)
         bad = []
         for i, key in enumerate(_SETTINGS):
-            values = {}
+            values: dict[Any, list[int]] = {}
             for rank, theirs in enumerate(everyone):
                 values.setdefault(theirs[i], []).append(rank)
             if len(values) > 1:
@@ -164,14 +175,15 @@ class SyncBatchNorm(BatchNorm):
             raise ValueError(f"{type(self).__name__}: every rank must build the layer with the "
                              f"same settings, got " + " | ".join(bad))
 
-    def _reduction(self):
+    def _reduction(self) -> Any:
         if self._allreduce is None:  # unpickled: the default communicator
             self.comm = _import_mpi().COMM_WORLD
             self._allreduce = mpi_allreduce(self.comm)
         return self._allreduce
 
     @classmethod
-    def from_batch_norm(cls, layer, comm=None, *, allreduce=None):
+    def from_batch_norm(cls, layer: BatchNorm, comm: Any = None, *,
+                        allreduce: Allreduce | None = None) -> SyncBatchNorm:
         """A SyncBatchNorm with the settings, arrays and mode of a BatchNorm layer.
 
         The counterpart of ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``
@@ -201,13 +213,13 @@ class SyncBatchNorm(BatchNorm):
         new._share_arrays(layer)
         return new
 
-    def _common(self):
+    def _common(self) -> dict[str, Any]:
         return dict(allreduce=self._reduction(), num_features=self.num_features,
                     channel_axis=self.channel_axis, num_threads=self.num_threads,
                     dtype=self.dtype, ndims=self._ndims, expected=self._expected,
                     who=f"{type(self).__name__}({self.num_features})")
 
-    def forward(self, x):
+    def forward(self, x: FloatArray) -> FloatArray:
         """Normalize x; in training mode with the global batch statistics (collective).
 
         Training mode: one ``Allreduce``; the running statistics are
@@ -249,7 +261,7 @@ class SyncBatchNorm(BatchNorm):
 
     __call__ = forward
 
-    def backward(self, dy):
+    def backward(self, dy: FloatArray) -> FloatArray:
         """Gradient with respect to this rank's input; stores the global dgamma, dbeta.
 
         After a training-mode forward: one ``Allreduce`` (collective), with
@@ -283,7 +295,8 @@ class SyncBatchNorm(BatchNorm):
                     self.dbeta = np.zeros(self.num_features, self.dtype)
                 return np.empty_like(saved.array, order="C")
             return super().backward(dy)
-        act = dict(activation=saved.activation, negative_slope=saved.negative_slope, out=None)
+        act: dict[str, Any] = dict(activation=saved.activation,
+                                   negative_slope=saved.negative_slope, out=None)
         if saved.x is None:  # memory saving: from this rank's y
             dx, dgamma, dbeta = backward(dy, saved.y, saved.gamma, None, saved.invstd,
                                          beta=saved.beta, from_output=True, **act,
@@ -295,13 +308,13 @@ class SyncBatchNorm(BatchNorm):
             self.dgamma, self.dbeta = dgamma, dbeta
         return dx
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         text = super().__repr__()
         if self.comm is not None and self._allreduce is not None:
             text = text[:-1] + f", rank {self._allreduce.rank} of {self._allreduce.size})"
         return text
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         # A communicator does not pickle. COMM_WORLD is found again by name (an
         # unpickled layer binds it on first use); any other is refused rather
         # than silently replaced by COMM_WORLD. An allreduce pickles as it can.
@@ -313,13 +326,13 @@ class SyncBatchNorm(BatchNorm):
             state["_allreduce"] = None
         return state
 
-    def __copy__(self):
+    def __copy__(self) -> SyncBatchNorm:
         new = type(self).__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._saved = None
         return new
 
-    def __deepcopy__(self, memo):
+    def __deepcopy__(self, memo: dict[int, Any]) -> SyncBatchNorm:
         # the communicator (and the transport) are shared, never copied or rebound
         shared = {k: self.__dict__[k] for k in ("comm", "_allreduce", "backend")}
         new = type(self).__new__(type(self))

@@ -9,8 +9,10 @@ user-defined operation. Nothing here knows Batch Normalization.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from fastbn import _checks
 from fastbn.distributed._records import HEADER, RECORD, merge_records
@@ -23,31 +25,31 @@ _MPI_HINT = ('fastbn.SyncBatchNorm needs mpi4py and an MPI library: pip install 
              '(Debian/Ubuntu: apt-get install openmpi-bin libopenmpi-dev; conda: conda install '
              '-c conda-forge mpi4py openmpi); then run the script with mpirun -n 2 python -m mpi4py ...')
 
-_mpi_cache: dict = {}
+_mpi_cache: dict[str, Any] = {}
 
 
-def _import_mpi():
+def _import_mpi() -> Any:
     """``mpi4py.MPI``, or an ImportError that says how to install it."""
     try:
-        from mpi4py import MPI
+        from mpi4py import MPI  # type: ignore[import-not-found,unused-ignore]  # optional
     except (ImportError, RuntimeError, OSError) as exc:  # mpi4py, or the MPI library it loads
         raise ImportError(f"{_MPI_HINT} ({type(exc).__name__}: {exc})") from exc
     return MPI
 
 
-def _mpi_merge(inbuf, inoutbuf, datatype):
+def _mpi_merge(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
     """The MPI user function: ``inoutbuf = inbuf (+) inoutbuf`` over whole records."""
     merge_records(np.frombuffer(inbuf, dtype=_F64), np.frombuffer(inoutbuf, dtype=_F64))
 
 
-def _mpi_objects(MPI):
+def _mpi_objects(MPI: Any) -> tuple[Any, Any]:
     """The record datatype (4 contiguous doubles) and the merge operation, made once."""
     if "op" not in _mpi_cache:
         record = MPI.DOUBLE.Create_contiguous(RECORD).Commit()
         op = MPI.Op.Create(_mpi_merge, commute=True)
         _mpi_cache.update(record=record, op=op)
 
-        def free():  # before mpi4py's own finalization (atexit runs last-registered first)
+        def free() -> None:  # before mpi4py's own finalization (atexit runs last-registered first)
             try:
                 if not MPI.Is_finalized():
                     _mpi_cache.pop("op").Free()
@@ -60,7 +62,7 @@ def _mpi_objects(MPI):
     return _mpi_cache["record"], _mpi_cache["op"]
 
 
-def is_world(comm):
+def is_world(comm: object) -> bool:
     """comm is ``MPI.COMM_WORLD`` itself (the same handle), the one
     communicator a new process can find again by name. (An mpi4py
     communicator means mpi4py.MPI is loaded: this never initializes MPI.)"""
@@ -68,12 +70,12 @@ def is_world(comm):
     return MPI is not None and isinstance(comm, MPI.Comm) and comm == MPI.COMM_WORLD
 
 
-def _world_allreduce():
+def _world_allreduce() -> mpi_allreduce:
     """An unpickled :class:`mpi_allreduce` of ``MPI.COMM_WORLD``."""
     return mpi_allreduce(_import_mpi().COMM_WORLD)
 
 
-def refuse_to_pickle(who):
+def refuse_to_pickle(who: str) -> TypeError:
     """The error of pickling something bound to a communicator other than
     ``MPI.COMM_WORLD``: a communicator cannot be sent to another process, and
     binding the copy to COMM_WORLD would synchronize it over other ranks."""
@@ -84,7 +86,7 @@ def refuse_to_pickle(who):
                      f"communicator again")
 
 
-def _check_comm(comm):
+def _check_comm(comm: object) -> None:
     """comm must be an intracommunicator (an mpi4py Comm, or an object that wraps one)."""
     missing = [name for name in ("Get_rank", "Get_size", "Allreduce", "allgather")
                if not callable(getattr(comm, name, None))]
@@ -133,7 +135,7 @@ class mpi_allreduce:  # noqa: N801 - used like a function: mpi_allreduce(comm)
     pickling raises ``TypeError``.
     """
 
-    def __init__(self, comm):
+    def __init__(self, comm: Any) -> None:
         _check_comm(comm)
         MPI = _import_mpi()
         if isinstance(comm, MPI.Comm) and comm == MPI.COMM_NULL:
@@ -150,7 +152,7 @@ class mpi_allreduce:  # noqa: N801 - used like a function: mpi_allreduce(comm)
         self._in_place = MPI.IN_PLACE
         self._mpi_error, self._truncate = MPI.Exception, MPI.ERR_TRUNCATE
 
-    def __call__(self, records):
+    def __call__(self, records: NDArray[np.float64]) -> NDArray[np.float64]:
         who = "mpi_allreduce"
         _checks.array("records", records, who=who, what="a numpy.ndarray of float64 (reduced "
                                                         "in place)")
@@ -174,16 +176,16 @@ class mpi_allreduce:  # noqa: N801 - used like a function: mpi_allreduce(comm)
                              f"pass the same [MPI: {exc}]") from None
         return records
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"mpi_allreduce(rank {self.rank} of {self.size})"
 
-    def __copy__(self):
+    def __copy__(self) -> mpi_allreduce:
         return self
 
-    def __deepcopy__(self, memo):
+    def __deepcopy__(self, memo: dict[int, Any]) -> mpi_allreduce:
         return self  # the same communicator: a deep copy must not leave its group
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         if not is_world(self.comm):
             raise refuse_to_pickle("an mpi_allreduce")
         return (_world_allreduce, ())

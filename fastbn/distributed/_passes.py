@@ -19,11 +19,16 @@ inline: nothing is computed here but the choice of what to call.
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import Any
+
 import numpy as np
+from numpy.typing import NDArray
 
 from fastbn import _channels, _checks, _dispatch, _running
 from fastbn.distributed._protocol import Collective
 from fastbn.distributed._records import TAG_STATS, TAG_SUM
+from fastbn._typing import Activation, Allreduce, Counter, FloatArray, OptionalArray, Triple
 
 __all__ = ["sync_batch_norm_backward", "sync_batch_norm_backward_from_output",
            "sync_batch_norm_forward"]
@@ -37,13 +42,13 @@ _ANY = (2, 3, 4, 5)
 _ANY_INPUT = "2-D to 5-D input (N, C, ...)"
 
 
-def _check_allreduce(allreduce):
+def _check_allreduce(allreduce: Any) -> None:
     if not callable(allreduce):
         raise TypeError(f"allreduce must be callable (e.g. fastbn.distributed.mpi_allreduce("
                         f"comm)), got {type(allreduce).__name__}")
 
 
-def _view(x, ca):
+def _view(x: NDArray[Any], ca: int) -> tuple[ModuleType, NDArray[Any], NDArray[Any], int]:
     """(kernel module, C-contiguous x, its kernel view, values per channel)."""
     xc = np.ascontiguousarray(x)
     kernel, view = _dispatch.kernel_for(x.shape, ca)
@@ -51,23 +56,26 @@ def _view(x, ca):
     return kernel, xc, xv, xc.size // x.shape[ca]
 
 
-def _collective(who, allreduce, C, dtype, expected):
+def _collective(who: str, allreduce: Allreduce, C: int, dtype: np.dtype[Any] | None,
+                expected: str) -> Collective:
     """The pass's records and failure protocol (dtype None: float32 or float64)."""
     return Collective(who, allreduce, C, "float32 or float64" if dtype is None else str(dtype),
                       expected)
 
 
-def _first_values(xv):
+def _first_values(xv: NDArray[Any]) -> NDArray[np.float64]:
     """Per channel, its first value: the shift of the sums (as the fused kernels take it)."""
     return np.ascontiguousarray(xv[0, :, 0] if xv.ndim == 3 else xv[0, :], dtype=np.float64)
 
 
 # ------------------------------------------------------------ forward ----
 
-def forward(x, gamma, beta, *, allreduce, num_features, eps, running_mean, running_var,
-            momentum, num_batches_tracked, channel_axis, out, num_threads, unbiased=True,
-            activation=None, negative_slope=0.01, dtype=None, ndims=_ANY,
-            expected=_ANY_INPUT, who="sync_batch_norm_forward"):
+def forward(x: Any, gamma: Any, beta: Any, *, allreduce: Allreduce, num_features: int,
+            eps: Any, running_mean: Any, running_var: Any, momentum: Any,
+            num_batches_tracked: Any, channel_axis: Any, out: Any, num_threads: Any,
+            unbiased: Any = True, activation: Any = None, negative_slope: Any = 0.01,
+            dtype: np.dtype[Any] | None = None, ndims: tuple[int, ...] = _ANY,
+            expected: str = _ANY_INPUT, who: str = "sync_batch_norm_forward") -> Triple:
     """:func:`sync_batch_norm_forward` after its own checks; a layer passes its
     dtype, the input it accepts and its name (``who``)."""
     C = num_features
@@ -117,10 +125,14 @@ def forward(x, gamma, beta, *, allreduce, num_features, eps, running_mean, runni
     return y, mean, invstd
 
 
-def sync_batch_norm_forward(x, gamma, beta, *, allreduce, num_features, eps=1e-5,
-                            running_mean=None, running_var=None, momentum=0.1,
-                            num_batches_tracked=None, unbiased=True, activation=None,
-                            negative_slope=0.01, channel_axis=1, out=None, num_threads=None):
+def sync_batch_norm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArray, *,
+                            allreduce: Allreduce, num_features: int, eps: float = 1e-5,
+                            running_mean: OptionalArray = None,
+                            running_var: OptionalArray = None, momentum: float | None = 0.1,
+                            num_batches_tracked: Counter = None, unbiased: bool = True,
+                            activation: Activation = None, negative_slope: float = 0.01,
+                            channel_axis: int = 1, out: FloatArray | None = None,
+                            num_threads: int | None = None) -> Triple:
     """Training-mode Batch Normalization with the statistics of the global batch.
 
     Every process (rank) passes its own slice ``x`` of the global batch;
@@ -222,9 +234,12 @@ def sync_batch_norm_forward(x, gamma, beta, *, allreduce, num_features, eps=1e-5
 
 # ----------------------------------------------------------- backward ----
 
-def backward(dy, x, gamma, mean, invstd, *, allreduce, num_features, channel_axis, out,
-             num_threads, beta=None, activation=None, negative_slope=0.01, from_output=False,
-             dtype=None, ndims=_ANY, expected=_ANY_INPUT, who="sync_batch_norm_backward"):
+def backward(dy: Any, x: Any, gamma: Any, mean: Any, invstd: Any, *, allreduce: Allreduce,
+             num_features: int, channel_axis: Any, out: Any, num_threads: Any,
+             beta: Any = None, activation: Any = None, negative_slope: Any = 0.01,
+             from_output: bool = False, dtype: np.dtype[Any] | None = None,
+             ndims: tuple[int, ...] = _ANY, expected: str = _ANY_INPUT,
+             who: str = "sync_batch_norm_backward") -> Triple:
     """:func:`sync_batch_norm_backward` after its own checks (see
     :func:`forward`); ``from_output``: x is the forward's output y and mean is
     not used (:func:`sync_batch_norm_backward_from_output`)."""
@@ -274,9 +289,12 @@ def backward(dy, x, gamma, mean, invstd, *, allreduce, num_features, channel_axi
     return dx, dgamma, dbeta
 
 
-def sync_batch_norm_backward(dy, x, gamma, mean, invstd, *, allreduce, num_features,
-                             beta=None, activation=None, negative_slope=0.01, channel_axis=1,
-                             out=None, num_threads=None):
+def sync_batch_norm_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArray,
+                             mean: FloatArray, invstd: FloatArray, *, allreduce: Allreduce,
+                             num_features: int, beta: OptionalArray = None,
+                             activation: Activation = None, negative_slope: float = 0.01,
+                             channel_axis: int = 1, out: FloatArray | None = None,
+                             num_threads: int | None = None) -> Triple:
     """Gradients of :func:`sync_batch_norm_forward`, with one reduction.
 
     With m the global number of values per channel and the global sums of
@@ -343,9 +361,13 @@ def sync_batch_norm_backward(dy, x, gamma, mean, invstd, *, allreduce, num_featu
                     activation=activation, negative_slope=negative_slope)
 
 
-def sync_batch_norm_backward_from_output(dy, y, gamma, beta, invstd, *, allreduce,
-                                         num_features, activation=None, negative_slope=0.01,
-                                         channel_axis=1, out=None, num_threads=None):
+def sync_batch_norm_backward_from_output(dy: FloatArray, y: FloatArray, gamma: OptionalArray,
+                                         beta: OptionalArray, invstd: FloatArray, *,
+                                         allreduce: Allreduce, num_features: int,
+                                         activation: Activation = None,
+                                         negative_slope: float = 0.01, channel_axis: int = 1,
+                                         out: FloatArray | None = None,
+                                         num_threads: int | None = None) -> Triple:
     """Gradients of :func:`sync_batch_norm_forward` from its output y, with one reduction.
 
     :func:`fastbn.batch_norm_backward_from_output` over the global batch

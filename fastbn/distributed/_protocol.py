@@ -21,12 +21,16 @@ The header's records are laid out in :mod:`fastbn.distributed._records`.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import numpy as np
+from numpy.typing import NDArray
 
 from fastbn.distributed._records import (ACTIVATION, DETAIL, EPS, FACTOR, FAILED, FEATURES,
                                          FIRST, HEADER, ITEMSIZE, RECORD, SLOPE, TAG_FIRST,
                                          TAG_RANGE, UNBIASED)
+from fastbn._typing import Allreduce
 
 _F64 = np.dtype(np.float64)
 
@@ -43,7 +47,7 @@ _SETTINGS = (ITEMSIZE, EPS, FACTOR, UNBIASED, ACTIVATION, SLOPE)
 _ACTIVATION_NAMES = {0: "None", 1: "'relu'", 2: "'leaky_relu'"}
 
 
-def _dtype_name(code):
+def _dtype_name(code: float) -> str:
     """The dtype a code of :func:`_dtype_code` stands for, as a message shows it."""
     num, swapped = divmod(int(code), 2)
     for t in set(np.sctypeDict.values()):
@@ -58,13 +62,13 @@ def _dtype_name(code):
     return f"of type number {num}"
 
 
-def _dtype_code(dtype_str):
+def _dtype_code(dtype_str: str) -> int:
     """A dtype (its ``str``, '>f4') as one float: its number and its byte order."""
     dtype = np.dtype(dtype_str)
     return 2 * dtype.num + (0 if dtype.isnative else 1)
 
 
-def _itemsize_name(itemsize):
+def _itemsize_name(itemsize: float) -> str:
     return {4: "float32", 8: "float64"}.get(int(itemsize), f"itemsize {itemsize}")
 
 
@@ -84,7 +88,8 @@ class Collective:
         What the input should be, for messages about another rank's input.
     """
 
-    def __init__(self, who, allreduce, num_features, expected_dtype, expected_input):
+    def __init__(self, who: str, allreduce: Allreduce, num_features: int, expected_dtype: str,
+                 expected_input: str) -> None:
         self.who = who
         self.expected_input = expected_input
         self.expected_dtype = expected_dtype
@@ -92,7 +97,7 @@ class Collective:
         self.rank = getattr(allreduce, "rank", None)
         self.size = getattr(allreduce, "size", None)
         self.C = num_features
-        self.failure = None
+        self.failure: BaseException | None = None
         rec = np.zeros((HEADER + num_features, RECORD))
         rec[FAILED] = (TAG_RANGE, np.inf, -np.inf, 0.0)
         rec[FIRST] = (TAG_FIRST, np.inf, 0.0, 0.0)
@@ -103,11 +108,12 @@ class Collective:
         self.records = rec
 
     @property
-    def body(self):
+    def body(self) -> NDArray[np.float64]:
         """The C channel records (a view)."""
         return self.records[HEADER:]
 
-    def settings(self, itemsize, eps=0.0, factor=-1.0, unbiased=True, act=0, slope=0.0):
+    def settings(self, itemsize: int, eps: float = 0.0, factor: float = -1.0,
+                 unbiased: bool = True, act: int = 0, slope: float = 0.0) -> None:
         """This rank's dtype itemsize, eps, running-statistics weight,
         running-variance convention and fused activation (its kernel code,
         and its slope, compared only for leaky_relu)."""
@@ -119,7 +125,7 @@ class Collective:
         rec[ACTIVATION, 1:3] = act
         rec[SLOPE, 1:3] = slope if act == 2 else 0.0
 
-    def fail(self, exc, body):
+    def fail(self, exc: BaseException, body: tuple[float, ...]) -> None:
         """Record a local failure (any BaseException); the body becomes ``body``
         (a neutral record), the settings this rank could not check empty."""
         self.failure = exc
@@ -147,7 +153,7 @@ class Collective:
             rec[i, 1:3] = (np.inf, -np.inf)
         rec[HEADER:] = body
 
-    def reduce(self, tag):
+    def reduce(self, tag: float) -> NDArray[np.float64]:
         """The one collective; then raise on every rank if any rank failed or
         the ranks disagree. Returns the reduced records."""
         result = self.allreduce(self.records)
@@ -181,13 +187,14 @@ class Collective:
                     ValueError)
         return rec
 
-    def _agree(self, index, what, show, cls):
+    def _agree(self, index: int, what: str, show: Callable[[float], str],
+               cls: type[Exception]) -> None:
         lo, hi = self.records[index, 1], self.records[index, 2]
         if lo != hi:
             raise cls(f"{self.who}: the ranks disagree on {what}: {show(lo)} on some ranks, "
                       f"{show(hi)} on others; every rank must pass the same")
 
-    def _ranks(self, n_bad):
+    def _ranks(self, n_bad: int) -> str:
         first, last = int(self.records[FAILED, 1]), int(self.records[FAILED, 2])
         if self.rank is None:
             return "one rank" if n_bad == 1 else f"{n_bad} ranks"
@@ -197,7 +204,7 @@ class Collective:
             return f"ranks {first} and {last}"
         return f"{n_bad} ranks ({first} to {last})"
 
-    def _describe(self, n_bad):
+    def _describe(self, n_bad: int) -> str:
         """What went wrong on the lowest failing rank, from the header alone
         (FIRST and DETAIL are merged apart, so without rank numbers two failing
         ranks may mix: then only the exception type is said)."""
@@ -220,7 +227,7 @@ class Collective:
         name = {_KIND_TYPE: "TypeError", _KIND_VALUE: "ValueError"}.get(kind, "an error")
         return f"its arguments failed the checks ({name}; the message is on that rank)"
 
-    def _raise(self, n_bad):
+    def _raise(self, n_bad: int) -> NoReturn:
         of = f" of {self.size}" if self.size is not None else ""
         ranks = self._ranks(n_bad)
         note = "every rank raises an error for this call"

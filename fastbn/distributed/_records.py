@@ -39,6 +39,7 @@ computing the sample variance" (1983).
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import NDArray
 
 from fastbn import _checks
 
@@ -68,7 +69,7 @@ SLOPE = 9           #: TAG_RANGE: negative_slope with leaky_relu, else 0 (min, m
 HEADER = 10         #: header records before the C channel records
 
 
-def merge_records(a, b):
+def merge_records(a: NDArray[np.float64], b: NDArray[np.float64]) -> NDArray[np.float64]:
     """Merge the records of ``a`` into ``b`` in place: ``b = a (+) b``.
 
     The reduction operator of the synchronized passes (the ``function`` of
@@ -148,13 +149,13 @@ def merge_records(a, b):
     return b
 
 
-def _canonical_nan(v):
+def _canonical_nan(v: NDArray[np.float64]) -> None:
     """NaN in one form: NaNs of other signs or payloads from two ranks would otherwise
     make a + b and b + a differ in their bits."""
     np.copyto(v, np.nan, where=np.isnan(v))
 
 
-def _merge_stats(a, out):
+def _merge_stats(a: NDArray[np.float64], out: NDArray[np.float64]) -> None:
     na, ma, va = a[:, 1], a[:, 2], a[:, 3]
     nb, mb, vb = out[:, 1].copy(), out[:, 2].copy(), out[:, 3].copy()
     n = na + nb
@@ -179,20 +180,20 @@ def _merge_stats(a, out):
     out[:, 3] = var
 
 
-def _merge_sum(a, out):
+def _merge_sum(a: NDArray[np.float64], out: NDArray[np.float64]) -> None:
     total = a[:, 1:] + out[:, 1:]
     _canonical_nan(total)
     out[:, 1:] = total
 
 
-def _merge_first(a, out):
+def _merge_first(a: NDArray[np.float64], out: NDArray[np.float64]) -> None:
     # header records only, a few: plain Python is quicker than NumPy here
     for i, (pa, pb) in enumerate(zip(a[:, 1:].tolist(), out[:, 1:].tolist())):
         if pa < pb:  # lexicographic
             out[i, 1:] = pa
 
 
-def _merge_range(a, out):
+def _merge_range(a: NDArray[np.float64], out: NDArray[np.float64]) -> None:
     for i, ((a0, a1, a2), (b0, b1, b2)) in enumerate(zip(a[:, 1:].tolist(),
                                                           out[:, 1:].tolist())):
         out[i, 1:] = (min(a0, b0), max(a1, b1), a2 + b2)
