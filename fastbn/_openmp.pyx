@@ -67,11 +67,16 @@ cdef int threads_now(int wanted) noexcept nogil:
 
 
 cdef void note(int verdict) noexcept nogil:
-    """After a call: back off when its loops' verdict (the largest of their
-    ``late``) is 1, reset the back-off when it is 0."""
+    """After a call: its loops' verdict (the largest of their ``late``). Only a
+    call on the full thread count, made after any back-off ended, says
+    something: late (1), it backs off for ``backoff`` and doubles the next
+    one; on time (0), it resets the back-off to its shortest."""
     global calm_until, backoff
+    cdef double now = coarse_now()
+    if now < calm_until:
+        return
     if verdict == 1:
-        calm_until = coarse_now() + backoff
+        calm_until = now + backoff
         backoff = min(2 * backoff, BACKOFF_MAX)
     elif verdict == 0:
         backoff = BACKOFF_MIN

@@ -480,7 +480,7 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Pl
             group_pass(a, b, out, p, u * G, min(p.C, (u + 1) * G), ps)
         note(late(&sh, nt))
         return
-    cdef Shares sums = Shares(nsum, 0), maps = Shares(p.C, 0)
+    cdef Shares sums = Shares(nsum, 0)
     sh = Shares(nu, 0)
     with parallel(num_threads=nt):
         for u in prange(nsum, schedule="dynamic"):
@@ -488,13 +488,12 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Pl
             unit_sums(a, b, p, ps, u, center_of(ps, a, (u // nb) * p.S, u // nb), part)
         barrier()
         for c in prange(p.C, schedule="dynamic"):
-            took(&maps)
             coef[c] = merged_map(part, p, c, ps, a)
         barrier()
         for u in prange(nu, schedule="dynamic"):  # the pairs summed last first: still cached
             took(&sh)
             unit_apply(a, ab, out, p, ps, nu - 1 - u, coef)
-    note(max(late(&sums, nt), late(&maps, nt), late(&sh, nt)))
+    note(max(late(&sums, nt), late(&sh, nt)))
 
 
 cdef inline char* table_of(array mem) noexcept:
@@ -624,7 +623,7 @@ def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[
     cdef Pass ps = backward_pass(0.0, False, cptr(gamma), cptr(beta), cptr(mean), cptr(invstd),
                                  <floating*>NULL, <floating*>NULL, grad, activation,
                                  negative_slope)
-    cdef Shares sh = Shares(nu, 0), merge = Shares(p.C, 0)
+    cdef Shares sh = Shares(nu, 0)
     with nogil:
         with parallel(num_threads=nt):
             for u in prange(nu, schedule="dynamic"):
@@ -632,9 +631,8 @@ def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[
                 unit_sums(ap, bp, &p, &ps, u, center[u // nb], part)
             barrier()
             for c in prange(p.C, schedule="dynamic"):
-                took(&merge)
                 merge_blocks(part, &p, c, &out[c, 0], &out[c, 1])
-        note(max(late(&sh, nt), late(&merge, nt)))
+        note(late(&sh, nt))
 
 
 def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, :, ::1] out,

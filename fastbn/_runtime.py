@@ -63,9 +63,14 @@ def spin_count(seconds: float = SPIN_SECONDS) -> int:
 
 
 def _sanitizer_loaded() -> bool:
-    # AddressSanitizer refuses libraries opened with RTLD_DEEPBIND.
-    with open("/proc/self/maps") as maps:
-        return "libasan" in maps.read()
+    # The sanitizers' runtimes (GCC's libasan/libtsan, Clang's libclang_rt.*)
+    # refuse libraries opened with RTLD_DEEPBIND.
+    try:
+        with open("/proc/self/maps") as maps:
+            text = maps.read()
+    except OSError:
+        return False
+    return any(name in text for name in ("libasan", "libtsan", "libclang_rt"))
 
 
 @contextlib.contextmanager
@@ -76,7 +81,8 @@ def loading() -> Iterator[None]:
         yield
         return
     _state["runtime"] = f"fastbn's own ({_PRIVATE})"
-    user = {name: os.environ[name] for name in _USER_VARIABLES if name in os.environ}
+    # An empty value is no setting (libgomp ignores it, with a warning).
+    user = {name: os.environ[name] for name in _USER_VARIABLES if os.environ.get(name)}
     flags = sys.getdlopenflags()
     try:
         if user:
@@ -87,8 +93,11 @@ def loading() -> Iterator[None]:
             os.environ["GOMP_SPINCOUNT"] = str(count)
             _state["policy"] = (f"spin {SPIN_SECONDS * 1e6:.0f} us, then sleep "
                                 f"(GOMP_SPINCOUNT={count}, set at load)")
-        if not _sanitizer_loaded():
-            sys.setdlopenflags(flags | os.RTLD_DEEPBIND)
+        # Local, never global (a user's RTLD_GLOBAL, set for mpi4py say, would put
+        # fastbn's runtime in the scope of libraries loaded later); DEEPBIND where the
+        # C library has it (glibc; not musl).
+        deepbind = 0 if _sanitizer_loaded() else getattr(os, "RTLD_DEEPBIND", 0)
+        sys.setdlopenflags((flags & ~os.RTLD_GLOBAL) | deepbind)
         yield
     finally:
         sys.setdlopenflags(flags)
