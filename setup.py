@@ -113,9 +113,6 @@ def _private_openmp_runtime(compiler, libs_dir):
     Returns the copy's path, or None (with the reason printed) when this is
     not Linux, the runtime is not libgomp, or patchelf is missing.
     """
-    target = os.path.join(libs_dir, PRIVATE_RUNTIME)
-    if os.path.exists(target):  # a previous build's: this one decides again
-        os.remove(target)
     if not sys.platform.startswith("linux"):
         return None
     # The compiler proper, past launcher words such as ccache; GCC only (Clang's
@@ -139,10 +136,9 @@ def _private_openmp_runtime(compiler, libs_dir):
         print(f"fastbn: linking the shared OpenMP runtime (no private copy: {reason})")
         return None
     os.makedirs(libs_dir, exist_ok=True)
-    partial = target + ".partial"  # replaced whole: a running process may map the old one
-    shutil.copyfile(source, partial)
-    subprocess.run([patchelf, "--set-soname", PRIVATE_RUNTIME, partial], check=True)
-    os.replace(partial, target)
+    target = os.path.join(libs_dir, PRIVATE_RUNTIME)
+    shutil.copyfile(source, target)
+    subprocess.run([patchelf, "--set-soname", PRIVATE_RUNTIME, target], check=True)
     print(f"fastbn: private OpenMP runtime {target} (a copy of {source})")
     return target
 
@@ -163,7 +159,7 @@ class BuildExt(build_ext):
         super().copy_extensions_to_source()
         package = self.get_finalized_command("build_py").get_package_dir("fastbn")
         target = os.path.join(package, "_libs", PRIVATE_RUNTIME)
-        if self._runtime:
+        if self._runtime:  # replaced whole: a running process may map the old one
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.copy2(self._runtime, target + ".partial")
             os.replace(target + ".partial", target)
@@ -191,7 +187,7 @@ class BuildExt(build_ext):
         openmp_compile, openmp_link = [], []
         libs_dir = os.path.join(os.path.dirname(self.get_ext_fullpath("fastbn._openmp")), "_libs")
         stale = os.path.join(libs_dir, PRIVATE_RUNTIME)
-        if not use_openmp and os.path.exists(stale):  # an OpenMP build's, left in build/
+        if os.path.exists(stale):  # a previous build's, left in build/: this one decides again
             os.remove(stale)
         if use_openmp:
             openmp_compile = ["-fopenmp"]
