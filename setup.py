@@ -44,7 +44,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-MODULES = ["_openmp", "_cpu", "_overlap", "_channels", "_planar", "_columnar"]
+MODULES = ["_openmp", "_cpu", "_overlap", "_channels", "_front", "_planar", "_columnar"]
 # The modules with parallel loops; the others are compiled without OpenMP, so
 # that importing them loads no OpenMP runtime (fastbn._runtime relies on it).
 PARALLEL = {"_openmp", "_planar", "_columnar"}

@@ -19,6 +19,8 @@ One module each; ``run.py`` runs them all after its tables (into
   per-call time.
 - ``--fused`` (:mod:`fused`): the forward and backward with a fused ReLU
   against the separate composition.
+- ``--layer`` (:mod:`layer`): a layer's forward and backward against the
+  functional pair on the same arrays.
 - ``--main-job`` (:mod:`main_job`): ``examples/train_digits.py`` with fastbn
   and with the NumPy reference in a fresh process: the BatchNorm speedup and
   the whole run's.
@@ -40,6 +42,7 @@ import beside
 import busy
 import cases
 import fused
+import layer
 import machine
 import main_job
 import step
@@ -51,6 +54,7 @@ SCENARIOS = {
     "beside": (beside, "PyTorch beside fastbn"),
     "back_to_back": (back_to_back, "back-to-back calls"),
     "fused": (fused, "fused ReLU"),
+    "layer": (layer, "layer against the functional pair"),
     "main_job": (main_job, "main job (examples/train_digits.py)"),
 }
 

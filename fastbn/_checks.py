@@ -105,7 +105,7 @@ def _to_float(value: Any) -> float:
 
 
 #: activation names -> the kernels' codes (ACT_NONE, ACT_RELU, ACT_LEAKY_RELU of
-#: fastbn/_stats.pxd)
+#: fastbn/_call.pxd)
 ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2}
 
 

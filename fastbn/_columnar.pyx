@@ -26,22 +26,27 @@ Schedules (one parallel region per call, units handed out dynamically)
 Outputs of at least STREAM_MIN_BYTES that are not written in place go
 through streaming stores (``fastbn._simd``). The conventions are those of
 ``fastbn._planar``: apply steps take (a, b, out) with b NULL in the forward
-(a = x) and b = x in the backward (a = dy); work space is an array that
-frees itself; float32 outputs are computed in float with the split center
+(a = x) and b = x in the backward (a = dy); one entry, ``run``, serves
+the compiled front and mallocs its work space (the ``def`` wrappers of
+fastbn.distributed take an array that frees itself); float32 outputs are computed in float with the split center
 (``fastbn._stats.Coef32``) where float can carry a column's map.
 """
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from cython.view cimport array
+from cpython.pycapsule cimport PyCapsule_New
+from libc.stdlib cimport free, malloc
 
+from fastbn._call cimport (ACT_NONE, DTYPE_FLOAT32, ENTRY_NAME, GRAD_ACT, GRAD_PLAIN, MODE_FORWARD,
+                           MODE_INFERENCE, Call)
 from fastbn._openmp cimport Shares, barrier, late, note, threads_for, took
 from fastbn._simd cimport STREAM_CHUNK, fence, stream, streams
-from fastbn._stats cimport (ACT_NONE, GRAD_ACT, GRAD_PLAIN, Act, Coef, Coef32, Grad, Pass,
+from fastbn._stats cimport (Act, Coef, Coef32, Grad, Pass,
                             activated, activated32, apply_b, backward_pass, finish,
                             forward_pass, grad_dz, grad_of, grad_xc, inference_coef, make_act,
                             needs_sums, to_float)
-from fastbn._views cimport at, cptr, cptr2, wptr, workspace
+from fastbn._views cimport at, cptr, cptr2, workspace
 
 
 cdef enum:
@@ -521,6 +526,36 @@ cdef inline Py_ssize_t pass_bytes(const Grid* g) noexcept nogil:
         2 * g.C * sizeof(double) if g.tile else 2 * g.nblocks * g.C * sizeof(double))
 
 
+cdef void tile_unit(const floating* a, const floating* b, const floating* ab, floating* out,
+                    const Grid* g, const Pass* ps, Py_ssize_t t, const double* center,
+                    const Maps* k, double* scratch, double* total, bint sums) noexcept nogil:
+    """Tile t of the by-tile schedule: its totals, maps and apply."""
+    cdef Py_ssize_t c0 = t * g.tile, c1 = min(g.C, c0 + g.tile), c
+    if sums:
+        tile_totals(a, b, g, c0, c1, center, k, scratch, total)
+    else:
+        zero_totals(g, c0, c1, total)
+    if out != NULL:
+        for c in range(c0, c1):
+            store_map(k, c, finish(ps, total[c], total[g.C + c], center[c], c, a))
+        block_apply(a, ab, out, g, 0, g.M, c0, c1, k)
+
+
+cdef void merge_unit(const floating* a, const Grid* g, const Pass* ps, Py_ssize_t u,
+                     const double* center, const Maps* k, const double* scratch,
+                     double* total, bint sums, bint maps) noexcept nogil:
+    """Columns [u * MERGE_COLUMNS, ...) of the by-row-block schedule: their
+    totals merged in block order, and their maps when ``maps``."""
+    cdef Py_ssize_t c0 = u * MERGE_COLUMNS, c1 = min(g.C, c0 + MERGE_COLUMNS), c
+    if sums:
+        merge_blocks(scratch, g, c0, c1, total)
+    else:
+        zero_totals(g, c0, c1, total)
+    if maps:
+        for c in range(c0, c1):
+            store_map(k, c, finish(ps, total[c], total[g.C + c], center[c], c, a))
+
+
 cdef void run_pass(const floating* a, const floating* b, floating* out, const Grid* g,
                    const Pass* ps, char* mem, int nt) noexcept nogil:
     """Sums, maps and apply in one parallel region (see the module docstring).
@@ -538,47 +573,43 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Gr
     cdef const double* center = total + 2 * C
     cdef double* scratch = total + 3 * C
     cdef Shares sh
+    cdef Py_ssize_t nmerge = (C + MERGE_COLUMNS - 1) // MERGE_COLUMNS
     if g.tile:
         sh = Shares(g.ntiles, 0)
-        with parallel(num_threads=nt):
-            for t in prange(g.ntiles, schedule="dynamic"):
-                took(&sh)
-                c0 = t * g.tile
-                c1 = min(C, c0 + g.tile)
-                if sums:
-                    tile_totals(a, b, g, c0, c1, center, &k, scratch, total)
-                else:
-                    zero_totals(g, c0, c1, total)
-                if out != NULL:
-                    for c in range(c0, c1):
-                        store_map(&k, c, finish(ps, total[c], total[C + c], center[c], c, a))
-                    block_apply(a, ab, out, g, 0, g.M, c0, c1, &k)
+        if nt == 1:  # no parallel region: even a team of one ends in a futex wake
+            for t in range(g.ntiles):
+                tile_unit(a, b, ab, out, g, ps, t, center, &k, scratch, total, sums)
+            return
+        for t in prange(g.ntiles, num_threads=nt, schedule="dynamic"):
+            took(&sh)
+            tile_unit(a, b, ab, out, g, ps, t, center, &k, scratch, total, sums)
         note(late(&sh, nt))
         return
     cdef Shares blocks = Shares(nb if sums else 0, 0)
     sh = Shares(nb if out != NULL else 0, 0)
+    if nt == 1:
+        for blk in range(nb if sums else 0):
+            block_sums(a, b, g, blk, 0, C, center, &k, scratch + 2 * blk * C,
+                       scratch + (2 * blk + 1) * C)
+        for u in range(nmerge):
+            merge_unit(a, g, ps, u, center, &k, scratch, total, sums, out != NULL)
+        for blk in range(nb if out != NULL else 0):
+            block_apply(a, ab, out, g, (nb - 1 - blk) * g.rows_per_block,
+                        min(g.M, (nb - blk) * g.rows_per_block), 0, C, &k)
+        return
     with parallel(num_threads=nt):
         for blk in prange(nb if sums else 0, schedule="dynamic"):
             took(&blocks)
             block_sums(a, b, g, blk, 0, C, center, &k, scratch + 2 * blk * C,
                        scratch + (2 * blk + 1) * C)
         barrier()
-        for u in prange((C + MERGE_COLUMNS - 1) // MERGE_COLUMNS, schedule="dynamic"):
-            c0 = u * MERGE_COLUMNS
-            c1 = min(C, c0 + MERGE_COLUMNS)
-            if sums:
-                merge_blocks(scratch, g, c0, c1, total)
-            else:
-                zero_totals(g, c0, c1, total)
-            if out != NULL:
-                for c in range(c0, c1):
-                    store_map(&k, c, finish(ps, total[c], total[C + c], center[c], c, a))
+        for u in prange(nmerge, schedule="dynamic"):
+            merge_unit(a, g, ps, u, center, &k, scratch, total, sums, out != NULL)
         barrier()
-        if out != NULL:
-            for blk in prange(nb, schedule="dynamic"):
-                took(&sh)
-                block_apply(a, ab, out, g, (nb - 1 - blk) * g.rows_per_block,
-                            min(g.M, (nb - blk) * g.rows_per_block), 0, C, &k)
+        for blk in prange(nb if out != NULL else 0, schedule="dynamic"):
+            took(&sh)
+            block_apply(a, ab, out, g, (nb - 1 - blk) * g.rows_per_block,
+                        min(g.M, (nb - blk) * g.rows_per_block), 0, C, &k)
     note(max(late(&blocks, nt), late(&sh, nt)))
 
 
@@ -595,91 +626,100 @@ cdef inline char* maps_at(char* mem, const Grid* g) noexcept nogil:
     return mem + pass_bytes(g) - MAPS_BYTES * g.C
 
 
-# ----------------------------------------------------------- wrappers ----
+# ------------------------------------------------------------- entry ----
+# The passes of a call (fastbn._call.Call), as in fastbn._planar: ``run`` is
+# the one entry of the compiled front; a work space that cannot be had
+# returns -1 before anything is written.
 
-def forward_train(const floating[:, ::1] x, const floating[::1] gamma,
-                  const floating[::1] beta, floating[:, ::1] y,
-                  floating[::1] mean, floating[::1] invstd,
-                  floating[::1] running_mean, floating[::1] running_var,
-                  double eps, double factor, bint unbiased, int activation,
-                  double negative_slope, int num_threads, bint stream):
-    """Training forward on an (M, C) view; see fastbn.functional."""
-    cdef const floating* xp = &x[0, 0]
-    cdef floating* yp = &y[0, 0]
-    cdef Grid g = make_grid(x.shape[0], x.shape[1], sizeof(floating),
-                            streams(stream, yp, xp, NULL,
-                                    x.shape[0] * x.shape[1] * sizeof(floating)))
-    cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
-    cdef array mem = workspace(pass_bytes(&g), 1)
-    cdef char* wp = mem.data
+cdef int forward_of(const Call* k, const floating* like) noexcept nogil:
+    """Training forward on an (M, C) view."""
+    cdef const floating* xp = <const floating*>k.a
+    cdef floating* yp = <floating*>k.out
+    cdef Grid g = make_grid(k.n, k.c, sizeof(floating),
+                            streams(k.stream, yp, xp, NULL, k.n * k.c * sizeof(floating)))
+    cdef int nt = threads_for(g.M * g.C, nunits(&g), k.num_threads)
+    cdef Pass ps = forward_pass(<double>g.M, k.eps, k.factor, k.unbiased,
+                                <const floating*>k.gamma, <const floating*>k.beta,
+                                <floating*>k.save_mean, <floating*>k.save_invstd,
+                                <floating*>k.running_mean, <floating*>k.running_var)
+    cdef char* wp = <char*>malloc(pass_bytes(&g))
+    if wp == NULL:
+        return -1
     cdef double* center = centers(wp, &g)
-    cdef Pass ps = forward_pass(<double>g.M, eps, factor, unbiased, cptr(gamma), cptr(beta),
-                                &mean[0], &invstd[0], wptr(running_mean), wptr(running_var))
     cdef Py_ssize_t c
-    g.act = make_act(activation, negative_slope)
-    with nogil:
-        for c in range(g.C):
-            center[c] = xp[c]
-        run_pass(xp, NULL, yp, &g, &ps, wp, nt)
+    g.act = make_act(k.act, k.slope)
+    for c in range(g.C):
+        center[c] = xp[c]
+    run_pass(xp, NULL, yp, &g, &ps, wp, nt)
+    free(wp)
+    return 0
 
 
-def inference(const floating[:, ::1] x, const floating[::1] gamma,
-              const floating[::1] beta, const floating[::1] running_mean,
-              const floating[::1] running_var, floating[:, ::1] y,
-              double eps, int activation, double negative_slope, int num_threads,
-              bint stream):
-    """Inference forward on an (M, C) view; see fastbn.functional."""
-    cdef const floating* xp = &x[0, 0]
-    cdef floating* yp = &y[0, 0]
-    cdef Grid g = make_grid(x.shape[0], x.shape[1], sizeof(floating),
-                            streams(stream, yp, xp, NULL,
-                                    x.shape[0] * x.shape[1] * sizeof(floating)))
-    cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)
-    cdef const floating* gp = cptr(gamma)
-    cdef const floating* bp = cptr(beta)
-    cdef array mem = workspace(g.C, MAPS_BYTES)
-    cdef Maps k = maps_in(mem.data, g.C)
+cdef int inference_of(const Call* k, const floating* like) noexcept nogil:
+    """Inference forward on an (M, C) view."""
+    cdef const floating* xp = <const floating*>k.a
+    cdef floating* yp = <floating*>k.out
+    cdef Grid g = make_grid(k.n, k.c, sizeof(floating),
+                            streams(k.stream, yp, xp, NULL, k.n * k.c * sizeof(floating)))
+    cdef int nt = threads_for(g.M * g.C, g.nblocks, k.num_threads)
+    cdef char* mem = <char*>malloc(g.C * MAPS_BYTES)
+    if mem == NULL:
+        return -1
+    cdef Maps maps = maps_in(mem, g.C)
     cdef Py_ssize_t c, blk
     cdef Shares sh = Shares(g.nblocks, 0)
-    g.act = make_act(activation, negative_slope)
-    with nogil:
-        for c in range(g.C):
-            store_map(&k, c, inference_coef(&running_mean[0], &running_var[0], eps, gp, bp, c))
+    g.act = make_act(k.act, k.slope)
+    for c in range(g.C):
+        store_map(&maps, c, inference_coef(<const floating*>k.running_mean,
+                                           <const floating*>k.running_var, k.eps,
+                                           <const floating*>k.gamma, <const floating*>k.beta,
+                                           c))
+    if nt == 1:
+        for blk in range(g.nblocks):
+            block_apply(xp, NULL, yp, &g, blk * g.rows_per_block,
+                        min(g.M, (blk + 1) * g.rows_per_block), 0, g.C, &maps)
+    else:
         for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):
             took(&sh)
             block_apply(xp, NULL, yp, &g, blk * g.rows_per_block,
-                        min(g.M, (blk + 1) * g.rows_per_block), 0, g.C, &k)
+                        min(g.M, (blk + 1) * g.rows_per_block), 0, g.C, &maps)
         note(late(&sh, nt))
+    free(mem)
+    return 0
 
 
-def backward(const floating[:, ::1] dy, const floating[:, ::1] x,
-             const floating[::1] gamma, const floating[::1] beta, const floating[::1] mean,
-             const floating[::1] invstd, floating[:, ::1] dx,
-             floating[::1] dgamma, floating[::1] dbeta, bint frozen, int grad,
-             int activation, double negative_slope, int num_threads, bint stream):
-    """Fused backward on (M, C) views; see fastbn.functional and the planar
-    backward (the same arguments)."""
-    cdef const floating* dyp = &dy[0, 0]
-    cdef const floating* xp = &x[0, 0]
-    cdef floating* dxp = &dx[0, 0]
-    cdef Grid g = make_grid(x.shape[0], x.shape[1], 2 * sizeof(floating),
-                            streams(stream, dxp, dyp, xp,
-                                    x.shape[0] * x.shape[1] * sizeof(floating)))
-    cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
-    cdef array mem = workspace(pass_bytes(&g), 1)
-    cdef char* wp = mem.data
+cdef int backward_of(const Call* k, const floating* like) noexcept nogil:
+    """Fused backward on (M, C) views (the planar backward's arguments)."""
+    cdef const floating* dyp = <const floating*>k.a
+    cdef const floating* xp = <const floating*>k.b
+    cdef floating* dxp = <floating*>k.out
+    cdef Grid g = make_grid(k.n, k.c, 2 * sizeof(floating),
+                            streams(k.stream, dxp, dyp, xp, k.n * k.c * sizeof(floating)))
+    cdef int nt = threads_for(g.M * g.C, nunits(&g), k.num_threads)
+    cdef Pass ps = backward_pass(<double>g.M, k.frozen, <const floating*>k.gamma,
+                                 <const floating*>k.beta, <const floating*>k.mean,
+                                 <const floating*>k.invstd, <floating*>k.dgamma,
+                                 <floating*>k.dbeta, k.grad, k.act, k.slope)
+    cdef const floating* mp = <const floating*>k.mean
+    cdef char* wp = <char*>malloc(pass_bytes(&g))
+    if wp == NULL:
+        return -1
     cdef double* center = centers(wp, &g)
-    cdef Pass ps = backward_pass(<double>g.M, frozen, cptr(gamma), cptr(beta), cptr(mean),
-                                 &invstd[0], wptr(dgamma), wptr(dbeta), grad, activation,
-                                 negative_slope)
-    cdef const floating* mp = cptr(mean)
     cdef Py_ssize_t c
-    with nogil:
-        for c in range(g.C):
-            center[c] = mp[c] if mp != NULL else 0.0
-        transform(&g, &ps, maps_at(wp, &g), dyp)
-        run_pass(dyp, xp, dxp, &g, &ps, wp, nt)
+    for c in range(g.C):
+        center[c] = mp[c] if mp != NULL else 0.0
+    transform(&g, &ps, maps_at(wp, &g), dyp)
+    run_pass(dyp, xp, dxp, &g, &ps, wp, nt)
+    free(wp)
+    return 0
 
+
+include "_entry.pxi"
+
+
+# ----------------------------------------------------------- wrappers ----
+# The two halves of a pass, for fastbn.distributed (a reduction across
+# processes between them).
 
 def sums(const floating[:, ::1] a, const floating[:, ::1] b, const double[::1] center,
          double[:, ::1] out, int num_threads, int grad=GRAD_PLAIN, int activation=ACT_NONE,

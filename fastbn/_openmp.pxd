@@ -75,6 +75,7 @@ cdef inline int late(const Shares* s, int nt) noexcept nogil:
 
 cdef void note(int verdict) noexcept nogil
 cdef int threads_now(int wanted) noexcept nogil
+cdef int resolved_threads(Py_ssize_t requested) noexcept nogil
 
 
 cdef inline int threads_for(Py_ssize_t n_elements, Py_ssize_t n_units,

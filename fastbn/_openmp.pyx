@@ -98,19 +98,22 @@ def in_forked_child():
     return bool(forked_child)
 
 
-def effective_num_threads(num_threads):
-    """Resolve the public ``num_threads`` argument to a thread count.
-
-    None gives the OpenMP default, ``omp_get_max_threads()``, which honours
-    OMP_NUM_THREADS and threadpoolctl; a positive int is used as given.
-    Either way the count is capped at four threads per processor available
-    at import (more only oversubscribes, and a huge count makes the OpenMP
-    runtime fail to create its threads), and it is 1 in a forked child and
-    without OpenMP. The
-    caller has already rejected anything else.
-    """
+cdef int resolved_threads(Py_ssize_t requested) noexcept nogil:
+    """The thread count of a call: ``requested`` (0 for the OpenMP default,
+    ``omp_get_max_threads()``, which honours OMP_NUM_THREADS and
+    threadpoolctl), capped at four threads per processor available at
+    import (more only oversubscribes, and a huge count makes the OpenMP
+    runtime fail to create its threads); 1 in a forked child and without
+    OpenMP."""
     if not FASTBN_HAVE_OPENMP or forked_child:
         return 1
-    if num_threads is None:
-        num_threads = omp_get_max_threads()
-    return max(1, min(num_threads, max_threads_cap))
+    if requested <= 0:
+        requested = omp_get_max_threads()
+    return <int>max(1, min(requested, <Py_ssize_t>max_threads_cap))
+
+
+def effective_num_threads(num_threads):
+    """Resolve the public ``num_threads`` argument (None or an int > 0, the
+    caller has rejected anything else) to a thread count: see
+    ``resolved_threads``."""
+    return resolved_threads(0 if num_threads is None else min(num_threads, 2**31 - 1))

@@ -35,26 +35,32 @@ Outputs of at least STREAM_MIN_BYTES that are not written in place go
 through streaming stores (``fastbn._simd``): no read-for-ownership of a
 cold output buffer.
 
-The three levels (scikit-learn's habit): ``noexcept nogil`` run and block
-functions, the ``prange`` schedules, and thin ``def`` wrappers that take
-memoryviews, allocate the O(C) work space and release the GIL. The caller
-(``fastbn.functional``) has validated everything; nothing here raises
-except MemoryError for the work space.
+The levels (scikit-learn's habit): ``noexcept nogil`` run and block
+functions, the ``prange`` schedules, and one entry, ``run``, that takes a
+``fastbn._call.Call`` from the compiled front (``fastbn._front``, which has
+validated everything), allocates the O(C) work space with malloc and never
+raises; the front reaches it through the capsule ``ENTRY``. The two halves
+of a pass, ``sums`` and ``apply``, are ``def`` wrappers for
+``fastbn.distributed``.
 """
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from cython.view cimport array
+from cpython.pycapsule cimport PyCapsule_New
+from libc.stdlib cimport free, malloc
 
+from fastbn._call cimport (ACT_NONE, DTYPE_FLOAT32, ENTRY_NAME, GRAD_ACT, GRAD_PLAIN, MODE_FORWARD,
+                           MODE_INFERENCE, Call)
 from fastbn._openmp cimport FASTBN_COMPILE_ARGS, Shares, barrier, late, note, threads_for, took
-from fastbn._stats cimport (ACT_NONE, GRAD_ACT, GRAD_PLAIN, Act, Coef, Coef32, Grad, Pass,
+from fastbn._stats cimport (Act, Coef, Coef32, Grad, Pass,
                             activated, activated32, apply_b, backward_pass, center_of, finish,
                             forward_pass, grad_dz, grad_of, grad_xc, inference_coef, make_act,
                             needs_sums, to_float)
 from fastbn._simd cimport (LANES, PREFETCH_BYTES, STREAM_CHUNK, act_sums_f32, act_sums_f64,
                            fence, grad_sums_f32, grad_sums_f64, prefetch_span,
                            shifted_sums_f32, shifted_sums_f64, stream, streams)
-from fastbn._views cimport at, cptr, cptr3, wptr, workspace
+from fastbn._views cimport at, cptr, cptr3, workspace
 
 
 cdef enum:
@@ -475,6 +481,10 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Pl
     cdef Shares sh
     if table == NULL:
         sh = Shares((p.C + G - 1) // G, 0)
+        if nt == 1:  # no parallel region: even a team of one ends in a futex wake
+            for u in range(sh.total):
+                group_pass(a, b, out, p, u * G, min(p.C, (u + 1) * G), ps)
+            return
         for u in prange(sh.total, num_threads=nt, schedule="dynamic"):
             took(&sh)
             group_pass(a, b, out, p, u * G, min(p.C, (u + 1) * G), ps)
@@ -496,107 +506,116 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Pl
     note(max(late(&sums, nt), late(&sh, nt)))
 
 
-cdef inline char* table_of(array mem) noexcept:
-    """The work space's memory, or NULL for none."""
-    return NULL if mem is None else mem.data
+# ------------------------------------------------------------- entry ----
+# The passes of a call (fastbn._call.Call), run by ``run``: the one entry of
+# the compiled front. The front has checked everything; nothing here raises,
+# and a work space that cannot be had returns -1 before anything is written.
+
+cdef int forward_of(const Call* k, const floating* like) noexcept nogil:
+    """Training forward: statistics, normalize (the activation fused) and
+    the running statistics."""
+    cdef const floating* xp = <const floating*>k.a
+    cdef floating* yp = <floating*>k.out
+    cdef Plane p = make_plane(k.n, k.c, k.s,
+                              streams(k.stream, yp, xp, NULL, k.n * k.c * k.s * sizeof(floating)))
+    cdef int nt = threads_for(k.n * k.c * k.s, p.C * p.nblocks, k.num_threads)
+    cdef Py_ssize_t nbytes = table_bytes(&p, sizeof(floating), nt)
+    cdef char* table = NULL
+    cdef Pass ps = forward_pass(<double>(p.N * p.S), k.eps, k.factor, k.unbiased,
+                                <const floating*>k.gamma, <const floating*>k.beta,
+                                <floating*>k.save_mean, <floating*>k.save_invstd,
+                                <floating*>k.running_mean, <floating*>k.running_var)
+    p.act = make_act(k.act, k.slope)
+    if nbytes:
+        table = <char*>malloc(nbytes)
+        if table == NULL:
+            return -1
+    run_pass(xp, <const floating*>NULL, yp, &p, &ps, table, nt)
+    free(table)
+    return 0
+
+
+cdef void inference_unit(const floating* xp, floating* yp, Py_ssize_t S, Py_ssize_t C,
+                         Py_ssize_t r0, Py_ssize_t r1, const Coef* coef, const Coef32* coef32,
+                         const char* ok, bint streaming, const Act* act) noexcept nogil:
+    """Inference of the contiguous (n, c) rows [r0, r1)."""
+    cdef Py_ssize_t r
+    for r in range(r0, r1):
+        # the unit is contiguous: keep PREFETCH_BYTES of it in flight
+        prefetch_span(xp + r * S + PREFETCH_BYTES // sizeof(floating),
+                      min(S * sizeof(floating), <Py_ssize_t>PREFETCH_BYTES))
+        run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
+                  &coef32[r % C] if ok[r % C] else NULL, streaming, act, NULL)
+    if streaming:
+        fence()
+
+
+cdef int inference_of(const Call* k, const floating* like) noexcept nogil:
+    """Inference forward. A unit is a run of whole (n, c) rows of about
+    BLOCK values or more, contiguous in memory."""
+    cdef Py_ssize_t N = k.n, C = k.c, S = k.s, c, u
+    cdef const floating* xp = <const floating*>k.a
+    cdef floating* yp = <floating*>k.out
+    cdef bint streaming = streams(k.stream, yp, xp, NULL, N * C * S * sizeof(floating))
+    cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows
+    cdef Shares sh = Shares(nu, 0)
+    cdef int nt = threads_for(N * C * S, nu, k.num_threads)
+    cdef Act act = make_act(k.act, k.slope)
+    cdef Coef* coef = <Coef*>malloc(C * (sizeof(Coef) + sizeof(Coef32) + 1))
+    if coef == NULL:
+        return -1
+    cdef Coef32* coef32 = <Coef32*>(coef + C)
+    cdef char* ok = <char*>(coef32 + C)
+    for c in range(C):
+        coef[c] = inference_coef(<const floating*>k.running_mean,
+                                 <const floating*>k.running_var, k.eps,
+                                 <const floating*>k.gamma, <const floating*>k.beta, c)
+        ok[c] = floating is float and to_float(&coef[c], &coef32[c])
+    if nt == 1:
+        for u in range(nu):
+            inference_unit(xp, yp, S, C, u * rows, min(N * C, (u + 1) * rows), coef, coef32, ok,
+                           streaming, &act)
+    else:
+        for u in prange(nu, num_threads=nt, schedule="dynamic"):
+            took(&sh)
+            inference_unit(xp, yp, S, C, u * rows, min(N * C, (u + 1) * rows), coef, coef32, ok,
+                           streaming, &act)
+        note(late(&sh, nt))
+    free(coef)
+    return 0
+
+
+cdef int backward_of(const Call* k, const floating* like) noexcept nogil:
+    """Fused backward (a = dy, b = x, or y with GRAD_OUTPUT); frozen: mean
+    and invstd are constants, and without dgamma and dbeta dy alone is read
+    (unless an activation needs x)."""
+    cdef const floating* dyp = <const floating*>k.a
+    cdef const floating* xp = <const floating*>k.b
+    cdef floating* dxp = <floating*>k.out
+    cdef Plane p = make_plane(k.n, k.c, k.s,
+                              streams(k.stream, dxp, dyp, xp, k.n * k.c * k.s * sizeof(floating)))
+    cdef int nt = threads_for(k.n * k.c * k.s, p.C * p.nblocks, k.num_threads)
+    cdef Py_ssize_t nbytes = table_bytes(&p, 2 * sizeof(floating), nt)
+    cdef char* table = NULL
+    cdef Pass ps = backward_pass(<double>(p.N * p.S), k.frozen, <const floating*>k.gamma,
+                                 <const floating*>k.beta, <const floating*>k.mean,
+                                 <const floating*>k.invstd, <floating*>k.dgamma,
+                                 <floating*>k.dbeta, k.grad, k.act, k.slope)
+    if nbytes:
+        table = <char*>malloc(nbytes)
+        if table == NULL:
+            return -1
+    run_pass(dyp, xp, dxp, &p, &ps, table, nt)
+    free(table)
+    return 0
+
+
+include "_entry.pxi"
 
 
 # ----------------------------------------------------------- wrappers ----
-
-def forward_train(const floating[:, :, ::1] x, const floating[::1] gamma,
-                  const floating[::1] beta, floating[:, :, ::1] y,
-                  floating[::1] mean, floating[::1] invstd,
-                  floating[::1] running_mean, floating[::1] running_var,
-                  double eps, double factor, bint unbiased, int activation,
-                  double negative_slope, int num_threads, bint stream):
-    """Training forward on an (N, C, S) view; see fastbn.functional.
-    activation: ACT_NONE, ACT_RELU or ACT_LEAKY_RELU (fastbn._stats), fused
-    into the apply step."""
-    cdef const floating* xp = &x[0, 0, 0]
-    cdef floating* yp = &y[0, 0, 0]
-    cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]
-    cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],
-                              streams(stream, yp, xp, NULL, size * sizeof(floating)))
-    cdef int nt = threads_for(size, p.C * p.nblocks, num_threads)
-    cdef Py_ssize_t nbytes = table_bytes(&p, sizeof(floating), nt)
-    cdef array mem = workspace(nbytes, 1) if nbytes else None
-    cdef char* table = table_of(mem)
-    cdef Pass ps = forward_pass(<double>(p.N * p.S), eps, factor, unbiased, cptr(gamma),
-                                cptr(beta), &mean[0], &invstd[0], wptr(running_mean),
-                                wptr(running_var))
-    p.act = make_act(activation, negative_slope)
-    with nogil:
-        run_pass(xp, <const floating*>NULL, yp, &p, &ps, table, nt)
-
-
-def inference(const floating[:, :, ::1] x, const floating[::1] gamma,
-              const floating[::1] beta, const floating[::1] running_mean,
-              const floating[::1] running_var, floating[:, :, ::1] y,
-              double eps, int activation, double negative_slope, int num_threads,
-              bint stream):
-    """Inference forward on an (N, C, S) view; see fastbn.functional.
-
-    A unit is a run of whole (n, c) rows of about BLOCK values or more,
-    contiguous in memory."""
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, u, r, r1
-    cdef const floating* xp = &x[0, 0, 0]
-    cdef floating* yp = &y[0, 0, 0]
-    cdef bint streaming = streams(stream, yp, xp, NULL, N * C * S * sizeof(floating))
-    cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows
-    cdef Shares sh = Shares(nu, 0)
-    cdef int nt = threads_for(N * C * S, nu, num_threads)
-    cdef const floating* g = cptr(gamma)
-    cdef const floating* bt = cptr(beta)
-    cdef array mem = workspace(C, sizeof(Coef) + sizeof(Coef32) + 1)
-    cdef Coef* coef = <Coef*>mem.data
-    cdef Coef32* coef32 = <Coef32*>(coef + C)
-    cdef char* ok = <char*>(coef32 + C)
-    cdef Act act = make_act(activation, negative_slope)
-    with nogil:
-        for c in range(C):
-            coef[c] = inference_coef(&running_mean[0], &running_var[0], eps, g, bt, c)
-            ok[c] = floating is float and to_float(&coef[c], &coef32[c])
-        for u in prange(nu, num_threads=nt, schedule="dynamic"):
-            took(&sh)
-            r1 = min(N * C, (u + 1) * rows)
-            for r in range(u * rows, r1):
-                # the unit is contiguous: keep PREFETCH_BYTES of it in flight
-                prefetch_span(xp + r * S + PREFETCH_BYTES // sizeof(floating),
-                              min(S * sizeof(floating), <Py_ssize_t>PREFETCH_BYTES))
-                run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
-                          &coef32[r % C] if ok[r % C] else NULL, streaming, &act, NULL)
-            if streaming:
-                fence()
-        note(late(&sh, nt))
-
-
-def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
-             const floating[::1] gamma, const floating[::1] beta, const floating[::1] mean,
-             const floating[::1] invstd, floating[:, :, ::1] dx,
-             floating[::1] dgamma, floating[::1] dbeta, bint frozen, int grad,
-             int activation, double negative_slope, int num_threads, bint stream):
-    """Fused backward on (N, C, S) views; see fastbn.functional. frozen: mean
-    and invstd are constants (eval mode); then dgamma and dbeta may be None
-    (not wanted: dy alone is read, without an activation). grad: GRAD_PLAIN,
-    GRAD_ACT (dy of the activated output; beta, activation and
-    negative_slope give the pre-activation) or GRAD_OUTPUT (x is the
-    output y and mean is None; fastbn._stats.Grad)."""
-    cdef const floating* dyp = &dy[0, 0, 0]
-    cdef const floating* xp = &x[0, 0, 0]
-    cdef floating* dxp = &dx[0, 0, 0]
-    cdef Py_ssize_t size = x.shape[0] * x.shape[1] * x.shape[2]
-    cdef Plane p = make_plane(x.shape[0], x.shape[1], x.shape[2],
-                              streams(stream, dxp, dyp, xp, size * sizeof(floating)))
-    cdef int nt = threads_for(size, p.C * p.nblocks, num_threads)
-    cdef Py_ssize_t nbytes = table_bytes(&p, 2 * sizeof(floating), nt)
-    cdef array mem = workspace(nbytes, 1) if nbytes else None
-    cdef char* table = table_of(mem)
-    cdef Pass ps = backward_pass(<double>(p.N * p.S), frozen, cptr(gamma), cptr(beta),
-                                 cptr(mean), &invstd[0], wptr(dgamma), wptr(dbeta), grad,
-                                 activation, negative_slope)
-    with nogil:
-        run_pass(dyp, xp, dxp, &p, &ps, table, nt)
-
+# The two halves of a pass, for fastbn.distributed (a reduction across
+# processes between them).
 
 def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[::1] center,
          double[:, ::1] out, int num_threads, int grad=GRAD_PLAIN, int activation=ACT_NONE,

@@ -74,11 +74,14 @@ def for_batch(layer: Any, x: NDArray[Any], y: NDArray[Any], mean: NDArray[Any] |
               invstd: NDArray[Any] | None, *, synced: bool = False) -> Saved:
     """The record of a forward of ``layer`` with batch statistics: x, or with
     the layer's ``memory_saving`` y; and copies of its gamma and beta."""
-    act = dict(activation=layer.activation, negative_slope=layer.negative_slope,
-               **forward_params(layer))
+    gamma, beta = layer.gamma, layer.beta
+    gamma = None if gamma is None else gamma.copy()
+    beta = None if beta is None else beta.copy()
     if not layer.memory_saving:
-        return Saved(x, mean, invstd, batch=True, synced=synced, **act)
-    return Saved(None, mean, invstd, batch=True, synced=synced, y=y, **act)
+        return Saved(x, mean, invstd, True, synced, None, gamma, beta, layer.activation,
+                     layer.negative_slope)
+    return Saved(None, mean, invstd, True, synced, y, gamma, beta, layer.activation,
+                 layer.negative_slope)
 
 
 def running_invstd(running_var: NDArray[Any], eps: float, dtype: np.dtype[Any]) -> NDArray[Any]:

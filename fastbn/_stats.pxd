@@ -21,18 +21,7 @@ from libc.float cimport FLT_MAX
 from libc.math cimport fabs, sqrt
 
 
-cdef enum:
-    # fused activations (the codes of fastbn._checks.ACTIVATIONS)
-    ACT_NONE = 0
-    ACT_RELU = 1
-    ACT_LEAKY_RELU = 2
-
-
-cdef enum:
-    # what a backward's two inputs are (Grad)
-    GRAD_PLAIN = 0     # dy and x, as the plain backward reads them
-    GRAD_ACT = 1       # dy of an activated output and x
-    GRAD_OUTPUT = 2    # dy of an activated output and that output y
+from fastbn._call cimport ACT_LEAKY_RELU, ACT_NONE, ACT_RELU, GRAD_ACT, GRAD_OUTPUT, GRAD_PLAIN
 
 
 ctypedef struct Coef:

@@ -1,7 +1,11 @@
 """The public Batch Normalization functions.
 
-Each function checks its arguments, views the input as one of the two kernel
-layouts, allocates or checks the output, and calls the compiled kernel:
+Each function first tries the compiled front (:mod:`fastbn._front`), which
+checks a well-formed call in C and runs it; any other call gets the full
+checks of :mod:`fastbn._checks` (which name what is wrong, or make the
+contiguous copies the call needs) and then the same compiled core. The core
+views the input as one of the two kernel layouts, allocates the outputs and
+calls the kernel of that layout:
 
 - planar ``(N, C, S)``: channel axis 1 with spatial size S > 1 (NCHW and its
   1-D and 3-D relatives), in :mod:`fastbn._planar`;
@@ -17,25 +21,15 @@ every array the caller passed as it was.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 
-from fastbn import _checks, _dispatch, _running
+from fastbn import _checks, _front, _running
 from fastbn._typing import Activation, Counter, FloatArray, Gradients, OptionalArray, Triple
 
 __all__ = ["batch_norm_forward", "batch_norm_inference", "batch_norm_backward",
            "batch_norm_backward_from_output"]
-
-# what a backward's second input is (GRAD_PLAIN, GRAD_ACT, GRAD_OUTPUT of
-# fastbn/_stats.pxd)
-_GRAD_PLAIN, _GRAD_ACT, _GRAD_OUTPUT = 0, 1, 2
-
-
-# --------------------------------------------------------------- output ----
-
-def _output(out: FloatArray | None, x: FloatArray) -> FloatArray:
-    """out, or a new C-contiguous array like x."""
-    return np.empty_like(x, order="C") if out is None else out
-
 
 # ---------------------------------------------------------- public API ----
 
@@ -139,6 +133,11 @@ def batch_norm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArray,
         a bad ``out`` shape or layout, ``eps``, ``momentum``,
         ``channel_axis`` or ``num_threads``.
     """
+    fast = _front.forward(x, gamma, beta, eps, running_mean, running_var, momentum,
+                          num_batches_tracked, unbiased, activation, negative_slope,
+                          channel_axis, out, num_threads)
+    if fast is not None:
+        return fast
     _checks.x("x", x)
     ca = _checks.channel_axis(channel_axis, x.ndim)
     num_features = x.shape[ca]
@@ -150,19 +149,12 @@ def batch_norm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArray,
         num_batches_tracked, out)
     unbiased = _checks.flag(unbiased, "unbiased")
     act, slope = _checks.activation(activation, negative_slope)
-    tracking = rm is not None
-    factor = _running.factor(momentum, num_batches_tracked) if tracking else 0.0
-
-    xc = np.ascontiguousarray(x)
-    y = _output(out, xc)
-    mean = np.empty(num_features, dtype=x.dtype)
-    invstd = np.empty(num_features, dtype=x.dtype)
-    kernel, view = _dispatch.kernel_for(x.shape, ca)
-    kernel.forward_train(xc.reshape(view), g, b, y.reshape(view), mean, invstd, rm, rv, eps,
-                         factor, unbiased, act, slope, nthreads, out is not None)
-    if tracking:
-        _running.commit(running_mean, rm, running_var, rv, num_batches_tracked)
-    return y, mean, invstd
+    result: Triple = _front.forward_unchecked(
+        np.ascontiguousarray(x), g, b, rm, rv, momentum, num_batches_tracked, eps, unbiased,
+        act, slope, ca, out, nthreads)
+    if rm is not None:
+        _running.commit(running_mean, rm, running_var, rv, None)
+    return result
 
 
 def batch_norm_inference(x: FloatArray, gamma: OptionalArray, beta: OptionalArray,
@@ -214,6 +206,10 @@ def batch_norm_inference(x: FloatArray, gamma: OptionalArray, beta: OptionalArra
         Bad shapes, ``out`` shape or layout, ``eps``, ``channel_axis`` or
         ``num_threads``.
     """
+    fast = _front.inference(x, gamma, beta, running_mean, running_var, eps, activation,
+                            negative_slope, channel_axis, out, num_threads)
+    if fast is not None:
+        return fast
     _checks.x("x", x)
     ca = _checks.channel_axis(channel_axis, x.ndim)
     num_features = x.shape[ca]
@@ -229,12 +225,8 @@ def batch_norm_inference(x: FloatArray, gamma: OptionalArray, beta: OptionalArra
     if out is not None:
         _checks.out(out, x, {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean,
                             "running_var": running_var}, in_place="x")
-
-    xc = np.ascontiguousarray(x)
-    y = _output(out, xc)
-    kernel, view = _dispatch.kernel_for(x.shape, ca)
-    kernel.inference(xc.reshape(view), g, b, rm, rv, y.reshape(view), eps, act, slope,
-                     nthreads, out is not None)
+    y: FloatArray = _front.inference_unchecked(np.ascontiguousarray(x), g, b, rm, rv, eps, act,
+                                               slope, ca, out, nthreads)
     return y
 
 
@@ -329,6 +321,10 @@ def batch_norm_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArray, mea
         ``out`` shape or layout, ``channel_axis``, ``num_threads``,
         ``activation`` or ``negative_slope``.
     """
+    fast = _front.backward(dy, x, gamma, mean, invstd, beta, activation, negative_slope,
+                           training, param_grads, channel_axis, out, num_threads)
+    if fast is not None:
+        return fast
     _checks.x("x", x)
     ca = _checks.channel_axis(channel_axis, x.ndim)
     num_features = x.shape[ca]
@@ -339,20 +335,11 @@ def batch_norm_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArray, mea
     b = None if beta is None or not act else np.ascontiguousarray(beta)
     training = _checks.flag(training, "training")
     param_grads = _checks.flag(param_grads, "param_grads")
-    reads_x = training or param_grads or act != 0
-
     dyc = np.ascontiguousarray(dy)
-    xc = np.ascontiguousarray(x) if reads_x else dyc  # not read: no copy of x
-    dx = _output(out, dyc)
-    dgamma = np.empty(num_features, dtype=x.dtype) if reads_x else None
-    dbeta = np.empty(num_features, dtype=x.dtype) if reads_x else None
-    kernel, view = _dispatch.kernel_for(x.shape, ca)
-    kernel.backward(dyc.reshape(view), xc.reshape(view), g, b, mu, istd, dx.reshape(view),
-                    dgamma, dbeta, not training, _GRAD_ACT if act else _GRAD_PLAIN, act, slope,
-                    nthreads, out is not None)
-    if not param_grads:
-        return dx, None, None
-    return dx, dgamma, dbeta
+    xc = np.ascontiguousarray(x) if training or param_grads or act else dyc  # x not read
+    result: Gradients = _front.backward_unchecked(dyc, xc, g, b, mu, istd, act, slope, training,
+                                                  param_grads, False, ca, out, nthreads)
+    return result
 
 
 def batch_norm_backward_from_output(dy: FloatArray, y: FloatArray, gamma: OptionalArray,
@@ -448,18 +435,17 @@ def batch_norm_backward_from_output(dy: FloatArray, y: FloatArray, gamma: Option
     >>> bool(np.allclose(dx, ref[0], atol=1e-5))
     True
     """
+    fast = _front.backward_from_output(dy, y, gamma, beta, invstd, activation, negative_slope,
+                                       channel_axis, out, num_threads)
+    if fast is not None:
+        return fast
     _checks.x("y", y)
     ca = _checks.channel_axis(channel_axis, y.ndim)
     num_features = y.shape[ca]
     act, slope = _checks.activation(activation, negative_slope)
     nthreads, g, b, istd = _checks.from_output_args(dy, y, num_features, gamma, beta, invstd,
                                                     act, slope, out, num_threads)
-    dyc = np.ascontiguousarray(dy)
-    yc = np.ascontiguousarray(y)
-    dx = _output(out, dyc)
-    dgamma = np.empty(num_features, dtype=y.dtype)
-    dbeta = np.empty(num_features, dtype=y.dtype)
-    kernel, view = _dispatch.kernel_for(y.shape, ca)
-    kernel.backward(dyc.reshape(view), yc.reshape(view), g, b, None, istd, dx.reshape(view),
-                    dgamma, dbeta, False, _GRAD_OUTPUT, act, slope, nthreads, out is not None)
-    return dx, dgamma, dbeta
+    result = _front.backward_unchecked(np.ascontiguousarray(dy), np.ascontiguousarray(y), g, b,
+                                       None, istd, act, slope, True, True, True, ca, out,
+                                       nthreads)
+    return cast(Triple, result)  # with param_grads, dgamma and dbeta are arrays

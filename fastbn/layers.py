@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
-from fastbn import _checks
+from fastbn import _checks, _front
 from fastbn import folding as _folding
 from fastbn import functional as _functional
 from fastbn._layer_state import LayerState
@@ -396,15 +396,27 @@ class BatchNorm(LayerState):
             message names the class and the shape), or not C channels on
             the channel axis; training with one value per channel.
         """
+        batch = self.training or not self.track_running_stats
+        tracking = self.training and self.track_running_stats
+        y: FloatArray
+        if batch and self.backend is _functional:  # checked once, in the compiled front
+            fast = _front.forward(x, self._gamma, self._beta, self.eps,
+                                  self.running_mean if tracking else None,
+                                  self.running_var if tracking else None, self.momentum,
+                                  self.num_batches_tracked if tracking else None, self.unbiased,
+                                  self.activation, self.negative_slope, self.channel_axis, None,
+                                  self.num_threads, self._ndims, self.num_features, self.dtype)
+            if fast is not None:
+                y, mean, invstd = fast
+                self._saved = for_batch(self, x, y, mean, invstd)
+                return y
         self._check_input(x)
         f = self.backend
         common: dict[str, Any] = dict(channel_axis=self.channel_axis,
                                       num_threads=self.num_threads)
-        y: FloatArray
         if self.activation is not None:  # a backend without the keywords serves the rest
             common.update(activation=self.activation, negative_slope=self.negative_slope)
-        if self.training or not self.track_running_stats:
-            tracking = self.training and self.track_running_stats
+        if batch:
             y, mean, invstd = f.batch_norm_forward(
                 x, self._gamma, self._beta, eps=self.eps,
                 running_mean=self.running_mean if tracking else None,
@@ -483,8 +495,23 @@ class BatchNorm(LayerState):
             ``memory_saving``, a channel whose gamma was 0 at the forward
             (the message names the channels). Nothing is stored then.
         """
-        who = f"{type(self).__name__}.backward"
         saved = self._saved
+        if saved is not None and self.backend is _functional:  # the compiled front
+            if saved.x is not None:
+                fast = _front.backward(dy, saved.x, saved.gamma, saved.mean, saved.invstd,
+                                       saved.beta, saved.activation, saved.negative_slope,
+                                       saved.batch, self.affine, self.channel_axis, None,
+                                       self.num_threads)
+            else:
+                fast = _front.backward_from_output(dy, saved.y, saved.gamma, saved.beta,
+                                                   saved.invstd, saved.activation,
+                                                   saved.negative_slope, self.channel_axis,
+                                                   None, self.num_threads)
+            if fast is not None:
+                if self.affine:
+                    self.dgamma, self.dbeta = fast[1], fast[2]
+                return fast[0]
+        who = f"{type(self).__name__}.backward"
         if saved is None:
             raise RuntimeError(f"{who} called before forward: there is no input to take the "
                                f"gradient at")

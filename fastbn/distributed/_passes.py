@@ -34,7 +34,7 @@ __all__ = ["sync_batch_norm_backward", "sync_batch_norm_backward_from_output",
            "sync_batch_norm_forward"]
 
 # what a backward's second input is (GRAD_PLAIN, GRAD_ACT, GRAD_OUTPUT of
-# fastbn/_stats.pxd)
+# fastbn/_call.pxd)
 _GRAD_PLAIN, _GRAD_ACT, _GRAD_OUTPUT = 0, 1, 2
 
 _SAME = " (the same on every rank)"

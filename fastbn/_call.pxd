@@ -1,0 +1,65 @@
+# What one kernel call does: the struct the compiled front (fastbn/_front.pyx)
+# fills once its arguments are checked, and the one entry point of each kernel
+# module (``run`` of fastbn/_planar.pyx and fastbn/_columnar.pyx) reads. Each
+# kernel module hands its entry to the front as the capsule ENTRY, so that the
+# front calls the variant fastbn._dispatch chose without any Python in between.
+
+cdef enum:
+    MODE_FORWARD = 0        # training forward: statistics, normalize, running statistics
+    MODE_INFERENCE = 1      # normalize with the running statistics
+    MODE_BACKWARD = 2       # the fused backward (frozen and grad say which)
+
+cdef enum:
+    DTYPE_FLOAT32 = 0
+    DTYPE_FLOAT64 = 1
+
+cdef enum:
+    # fused activations (the codes of fastbn._checks.ACTIVATIONS)
+    ACT_NONE = 0
+    ACT_RELU = 1
+    ACT_LEAKY_RELU = 2
+
+cdef enum:
+    # what a backward's two inputs are (fastbn._stats.Grad)
+    GRAD_PLAIN = 0     # dy and x, as the plain backward reads them
+    GRAD_ACT = 1       # dy of an activated output and x
+    GRAD_OUTPUT = 2    # dy of an activated output and that output y
+
+# The capsule's name (PyCapsule_New / PyCapsule_GetPointer).
+cdef extern from *:
+    """
+    #define FASTBN_ENTRY_NAME "fastbn._call.Entry"
+    """
+    const char* ENTRY_NAME "FASTBN_ENTRY_NAME"
+
+
+cdef struct Call:
+    int mode                 # MODE_*
+    int dtype                # DTYPE_*: every array below but the counts has it
+    Py_ssize_t n, c, s       # the view: planar (N, C, S); columnar (M, C) with s == 1
+    const void* a            # x (forward, inference), dy (backward)
+    const void* b            # backward: x, or y with GRAD_OUTPUT; else NULL
+    void* out                # y or dx; may be a (in place), or b from the output
+    const void* gamma        # (C,) or NULL (1)
+    const void* beta         # (C,) or NULL (0); the backward reads it with an activation only
+    const void* mean         # backward: the forward's mean (NULL from the output)
+    const void* invstd       # backward: the forward's invstd
+    void* save_mean          # forward: written
+    void* save_invstd        # forward: written
+    void* running_mean       # forward: updated, or NULL; inference: read
+    void* running_var
+    void* dgamma             # backward: written, or NULL (frozen, not wanted)
+    void* dbeta
+    double eps               # forward, inference
+    double factor            # forward: weight of the batch in the running statistics
+    bint unbiased            # forward: the running variance takes var * m / (m - 1)
+    bint frozen              # backward: mean and invstd are constants
+    int grad                 # backward: GRAD_PLAIN, GRAD_ACT or GRAD_OUTPUT (fastbn._stats)
+    int act                  # ACT_NONE, ACT_RELU or ACT_LEAKY_RELU (fastbn._stats)
+    double slope             # leaky_relu's negative slope
+    int num_threads          # resolved, >= 1
+    bint stream              # out is the caller's buffer: stream it when large
+
+
+# 0 on success, -1 when the work space could not be allocated (nothing written).
+ctypedef int (*Entry)(const Call*) noexcept nogil

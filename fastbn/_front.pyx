@@ -1,0 +1,543 @@
+"""The compiled front of the public functions: checks, view, dispatch.
+
+Each function of :mod:`fastbn.functional` (and a layer's forward and
+backward) tries the fast path here first. For a well-formed call, the
+checks run in C, once: every array an exact ``numpy.ndarray``,
+C-contiguous, aligned, in native byte order, of the call's dtype and shape;
+every number of its exact built-in type (``float``, ``int``, ``bool``) and
+in range; no written array sharing a byte with another argument, except
+``out`` being the very input it may replace. Then the outputs are
+allocated, one :c:type:`fastbn._call.Call` says what to do, and the entry
+of the kernel family and level that :mod:`fastbn._dispatch` chose runs it
+without the GIL.
+
+Anything else makes the fast path return None, and the caller runs the
+full checks of :mod:`fastbn._checks`, which name what is wrong or make the
+contiguous copies the call needs, then calls the same core here unchecked
+(``*_unchecked``). The fast path refuses more than the full checks, never
+less, so the messages, the exception types and the all-or-nothing rule are
+those of :mod:`fastbn._checks`; the decisions of a call (dtype path, kernel
+family, view, thread count, activation, gradient kind) are made in the
+cores below, once.
+"""
+
+cimport numpy as cnp
+from cpython.pycapsule cimport PyCapsule_GetPointer
+from libc.math cimport isfinite
+from libc.stdint cimport INT64_MAX, int64_t
+
+from fastbn._call cimport (ACT_LEAKY_RELU, ACT_NONE, ACT_RELU, DTYPE_FLOAT32, DTYPE_FLOAT64,
+                           ENTRY_NAME, GRAD_ACT, GRAD_OUTPUT, GRAD_PLAIN, MODE_BACKWARD,
+                           MODE_FORWARD, MODE_INFERENCE, Call, Entry)
+from fastbn._openmp cimport resolved_threads
+
+from fastbn import _dispatch
+
+cnp.import_array()
+
+cdef Entry PLANAR = <Entry>PyCapsule_GetPointer(_dispatch.planar.ENTRY, ENTRY_NAME)
+cdef Entry COLUMNAR = <Entry>PyCapsule_GetPointer(_dispatch.columnar.ENTRY, ENTRY_NAME)
+
+# ------------------------------------------------------------- checks ----
+# Each says whether a value passes the fast path: False sends the call to
+# the full checks. None of them raises.
+
+cdef inline int float_type(object a) noexcept:
+    """The NumPy type number of a float32 or float64 ndarray, else -1."""
+    cdef int t
+    if type(a) is not cnp.ndarray:
+        return -1
+    t = cnp.PyArray_TYPE(<cnp.ndarray>a)
+    return t if t == cnp.NPY_FLOAT or t == cnp.NPY_DOUBLE else -1
+
+
+cdef inline bint plain(object a, int typenum, bint writeable) noexcept:
+    """An exact ndarray of typenum, C-contiguous, aligned, native byte order
+    (and writeable when asked)."""
+    if type(a) is not cnp.ndarray or cnp.PyArray_TYPE(<cnp.ndarray>a) != typenum:
+        return False
+    if writeable:
+        return cnp.PyArray_ISCARRAY(<cnp.ndarray>a)
+    return cnp.PyArray_ISCARRAY_RO(<cnp.ndarray>a)
+
+
+cdef inline bint vector(object v, int typenum, Py_ssize_t c, bint writeable) noexcept:
+    """A plain (C,) array."""
+    return (plain(v, typenum, writeable) and cnp.PyArray_NDIM(<cnp.ndarray>v) == 1
+            and cnp.PyArray_DIMS(<cnp.ndarray>v)[0] == c)
+
+
+cdef inline bint optional_vector(object v, int typenum, Py_ssize_t c) noexcept:
+    return v is None or vector(v, typenum, c, False)
+
+
+cdef inline bint same_shape(cnp.ndarray a, cnp.ndarray b) noexcept:
+    cdef int d
+    if cnp.PyArray_NDIM(a) != cnp.PyArray_NDIM(b):
+        return False
+    for d in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIMS(a)[d] != cnp.PyArray_DIMS(b)[d]:
+            return False
+    return True
+
+
+cdef inline bint apart(object a, object b) noexcept:
+    """Two plain arrays (or None) share no byte: their spans are disjoint."""
+    cdef char* a0
+    cdef char* b0
+    if a is None or b is None:
+        return True
+    a0 = cnp.PyArray_BYTES(<cnp.ndarray>a)
+    b0 = cnp.PyArray_BYTES(<cnp.ndarray>b)
+    return (a0 + cnp.PyArray_NBYTES(<cnp.ndarray>a) <= b0
+            or b0 + cnp.PyArray_NBYTES(<cnp.ndarray>b) <= a0)
+
+
+cdef inline bint result_ok(object out, cnp.ndarray like, int typenum, object in_place,
+                           object in_place2, tuple others) noexcept:
+    """``out`` is None, or a writeable plain array of like's shape that is
+    in_place (or in_place2) itself or shares no byte with it, and shares no
+    byte with any of ``others``."""
+    if out is None:
+        return True
+    if not plain(out, typenum, True) or not same_shape(<cnp.ndarray>out, like):
+        return False
+    for a in (in_place, in_place2):
+        if a is not None and not (cnp.PyArray_BYTES(<cnp.ndarray>out)
+                                  == cnp.PyArray_BYTES(<cnp.ndarray>a) or apart(out, a)):
+            return False
+    for a in others:
+        if not apart(out, a):
+            return False
+    return True
+
+
+cdef inline int channel_axis_of(object value, int ndim) noexcept:
+    """The channel axis (1 or ndim - 1) of an int 1, -1 or an equivalent,
+    else -1."""
+    cdef long v
+    if type(value) is not int or not (-8 < value < 8):
+        return -1
+    v = value
+    if v == 1 or v == 1 - ndim:
+        return 1
+    if v == -1 or v == ndim - 1:
+        return ndim - 1
+    return -1
+
+
+cdef inline int input_of(object x, object channel_axis, tuple ndims=None,
+                         Py_ssize_t num_features=-1, object dtype=None) noexcept:
+    """The channel axis of a plain float input of 2 to 5 dimensions without
+    a zero-size axis, else -1; a layer's constraints too, where given: a
+    number of dimensions in ``ndims``, ``num_features`` channels, and its
+    ``dtype``."""
+    cdef int typenum = float_type(x), ndim, d, ca
+    if typenum < 0 or not cnp.PyArray_ISCARRAY_RO(<cnp.ndarray>x):
+        return -1
+    ndim = cnp.PyArray_NDIM(<cnp.ndarray>x)
+    if ndim < 2 or ndim > 5 or (ndims is not None and ndim not in ndims):
+        return -1
+    for d in range(ndim):
+        if cnp.PyArray_DIMS(<cnp.ndarray>x)[d] == 0:
+            return -1
+    ca = channel_axis_of(channel_axis, ndim)
+    if ca < 0 or (num_features >= 0 and cnp.PyArray_DIMS(<cnp.ndarray>x)[ca] != num_features):
+        return -1
+    if dtype is not None and <object>cnp.PyArray_DESCR(<cnp.ndarray>x) is not dtype:
+        return -1
+    return ca
+
+
+cdef inline int gradient_input_of(object dy, object x, object channel_axis) noexcept:
+    """The channel axis of x (as input_of) when dy is a plain array of x's
+    dtype and shape, else -1."""
+    cdef int ca = input_of(x, channel_axis)
+    if ca < 0 or not plain(dy, cnp.PyArray_TYPE(<cnp.ndarray>x), False):
+        return -1
+    return ca if same_shape(<cnp.ndarray>dy, <cnp.ndarray>x) else -1
+
+
+cdef inline bint positive(object value, double* result) noexcept:
+    """A float, finite and > 0 (eps)."""
+    if type(value) is not float:
+        return False
+    result[0] = <double>value
+    return isfinite(result[0]) and result[0] > 0.0
+
+
+cdef inline bint activation_of(object activation, object slope, int* act,
+                               double* result) noexcept:
+    """None, 'relu' or 'leaky_relu', and a finite float slope."""
+    if activation is None:
+        act[0] = ACT_NONE
+    elif type(activation) is not str:
+        return False
+    elif activation == "relu":
+        act[0] = ACT_RELU
+    elif activation == "leaky_relu":
+        act[0] = ACT_LEAKY_RELU
+    else:
+        return False
+    if type(slope) is not float:
+        return False
+    result[0] = <double>slope
+    return isfinite(result[0])
+
+
+cdef inline int threads_of(object num_threads) noexcept:
+    """The resolved thread count of None or an int > 0, else 0."""
+    if num_threads is None:
+        return resolved_threads(0)
+    if type(num_threads) is not int or num_threads <= 0:
+        return 0
+    return resolved_threads(num_threads if num_threads < 2**31 else 2**31 - 1)
+
+
+cdef inline bint is_bool(object value) noexcept:
+    return value is True or value is False
+
+
+cdef inline bint counter_ok(object count) noexcept:
+    """One writeable int64 count, >= 0, that can grow by one."""
+    cdef int64_t v
+    if (type(count) is not cnp.ndarray or cnp.PyArray_TYPE(<cnp.ndarray>count) != cnp.NPY_INT64
+            or not cnp.PyArray_ISCARRAY(<cnp.ndarray>count)
+            or cnp.PyArray_SIZE(<cnp.ndarray>count) != 1):
+        return False
+    v = (<int64_t*>cnp.PyArray_DATA(<cnp.ndarray>count))[0]
+    return 0 <= v < INT64_MAX
+
+
+# --------------------------------------------------------------- cores ----
+# A call's decisions, made once: the view and kernel family, the dtype
+# path, the outputs; then the kernel entry without the GIL. The arguments
+# are known good (checked above or by fastbn._checks).
+
+cdef inline Entry view(cnp.ndarray x, int ca, Call* k) noexcept:
+    """The kernel family of x with its channels on axis ca, and the view
+    (k.n, k.c, k.s): columnar (M, C) for channels last and for a spatial
+    size of 1, planar (N, C, S) otherwise."""
+    cdef int ndim = cnp.PyArray_NDIM(x), d
+    cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(x)
+    cdef Py_ssize_t size = cnp.PyArray_SIZE(x), spatial = 1
+    k.dtype = DTYPE_FLOAT32 if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT else DTYPE_FLOAT64
+    k.c = dims[ca]
+    k.s = 1
+    if ca == ndim - 1:
+        k.n = size // k.c
+        return COLUMNAR
+    for d in range(2, ndim):
+        spatial *= dims[d]
+    k.n = dims[0]
+    if spatial == 1:
+        return COLUMNAR
+    k.s = spatial
+    return PLANAR
+
+
+cdef inline const void* data_of(object a) noexcept:
+    return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef inline cnp.ndarray like(cnp.ndarray x):
+    """A new C-contiguous array of x's shape and dtype."""
+    return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+
+
+cdef inline cnp.ndarray per_channel(const Call* k, int typenum):
+    cdef cnp.npy_intp c = k.c
+    return cnp.PyArray_EMPTY(1, &c, typenum, 0)
+
+
+cdef inline void run(Entry entry, const Call* k) except *:
+    cdef int rc
+    with nogil:
+        rc = entry(k)
+    if rc != 0:
+        raise MemoryError("fastbn: cannot allocate the work space of a kernel call")
+
+
+cdef tuple forward_core(cnp.ndarray x, object gamma, object beta, object running_mean,
+                        object running_var, object momentum, object num_batches_tracked,
+                        double eps, bint unbiased, int act, double slope, int ca, object out,
+                        int nthreads):
+    cdef Call k
+    cdef Entry entry = view(x, ca, &k)
+    cdef int typenum = cnp.PyArray_TYPE(x)
+    cdef cnp.ndarray y = like(x) if out is None else <cnp.ndarray>out
+    cdef cnp.ndarray mean = per_channel(&k, typenum), invstd = per_channel(&k, typenum)
+    cdef int64_t* count = NULL
+    if num_batches_tracked is not None and running_mean is not None:
+        count = <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>num_batches_tracked)
+    k.mode = MODE_FORWARD
+    k.a = cnp.PyArray_DATA(x)
+    k.b = NULL
+    k.out = cnp.PyArray_DATA(y)
+    k.gamma = data_of(gamma)
+    k.beta = data_of(beta)
+    k.mean = k.invstd = NULL
+    k.save_mean = cnp.PyArray_DATA(mean)
+    k.save_invstd = cnp.PyArray_DATA(invstd)
+    k.running_mean = <void*>data_of(running_mean)
+    k.running_var = <void*>data_of(running_var)
+    k.dgamma = k.dbeta = NULL
+    k.eps = eps
+    # the weight of the batch: momentum, or 1 / (batches seen + 1) (a cumulative average)
+    if running_mean is None:
+        k.factor = 0.0
+    elif momentum is not None:
+        k.factor = <double>momentum
+    else:
+        k.factor = 1.0 / (<double>(count[0] if count != NULL else 0) + 1.0)
+    k.unbiased = unbiased
+    k.frozen = False
+    k.grad = GRAD_PLAIN
+    k.act = act
+    k.slope = slope
+    k.num_threads = nthreads
+    k.stream = out is not None
+    run(entry, &k)
+    if count != NULL:
+        count[0] += 1
+    return y, mean, invstd
+
+
+cdef object inference_core(cnp.ndarray x, object gamma, object beta, object running_mean,
+                           object running_var, double eps, int act, double slope, int ca,
+                           object out, int nthreads):
+    cdef Call k
+    cdef Entry entry = view(x, ca, &k)
+    cdef cnp.ndarray y = like(x) if out is None else <cnp.ndarray>out
+    k.mode = MODE_INFERENCE
+    k.a = cnp.PyArray_DATA(x)
+    k.b = NULL
+    k.out = cnp.PyArray_DATA(y)
+    k.gamma = data_of(gamma)
+    k.beta = data_of(beta)
+    k.mean = k.invstd = NULL
+    k.save_mean = k.save_invstd = NULL
+    k.running_mean = <void*>data_of(running_mean)
+    k.running_var = <void*>data_of(running_var)
+    k.dgamma = k.dbeta = NULL
+    k.eps = eps
+    k.factor = 0.0
+    k.unbiased = k.frozen = False
+    k.grad = GRAD_PLAIN
+    k.act = act
+    k.slope = slope
+    k.num_threads = nthreads
+    k.stream = out is not None
+    run(entry, &k)
+    return y
+
+
+cdef tuple backward_core(cnp.ndarray dy, cnp.ndarray x, object gamma, object beta,
+                         object mean, object invstd, int act, double slope, bint training,
+                         bint param_grads, bint from_output, int ca, object out,
+                         int nthreads):
+    """The backward (from_output: x is the output y and mean is None). With
+    training and param_grads False and no activation, x is not read."""
+    cdef Call k
+    cdef Entry entry = view(x, ca, &k)
+    cdef int typenum = cnp.PyArray_TYPE(x)
+    cdef bint reads_x = training or param_grads or act != ACT_NONE
+    cdef cnp.ndarray dx = like(dy) if out is None else <cnp.ndarray>out
+    cdef object dgamma = per_channel(&k, typenum) if reads_x else None
+    cdef object dbeta = per_channel(&k, typenum) if reads_x else None
+    k.mode = MODE_BACKWARD
+    k.a = cnp.PyArray_DATA(dy)
+    k.b = cnp.PyArray_DATA(x if reads_x else dy)
+    k.out = cnp.PyArray_DATA(dx)
+    k.gamma = data_of(gamma)
+    k.beta = data_of(beta) if act != ACT_NONE or from_output else NULL
+    k.mean = data_of(mean)
+    k.invstd = data_of(invstd)
+    k.save_mean = k.save_invstd = k.running_mean = k.running_var = NULL
+    k.dgamma = <void*>data_of(dgamma)
+    k.dbeta = <void*>data_of(dbeta)
+    k.eps = k.factor = 0.0
+    k.unbiased = False
+    k.frozen = not training
+    k.grad = GRAD_OUTPUT if from_output else GRAD_ACT if act != ACT_NONE else GRAD_PLAIN
+    k.act = act
+    k.slope = slope
+    k.num_threads = nthreads
+    k.stream = out is not None
+    run(entry, &k)
+    if not param_grads:
+        return dx, None, None
+    return dx, dgamma, dbeta
+
+
+# --------------------------------------------------------- fast paths ----
+
+def forward(x, gamma, beta, eps, running_mean, running_var, momentum, num_batches_tracked,
+            unbiased, activation, negative_slope, channel_axis, out, num_threads,
+            tuple ndims=None, Py_ssize_t num_features=-1, object dtype=None):
+    """:func:`fastbn.batch_norm_forward` for a call that passes the fast
+    checks, else None. A layer adds its own constraints: the numbers of
+    dimensions it takes (``ndims``, a tuple), ``num_features`` and its
+    ``dtype``."""
+    cdef int ca = input_of(x, channel_axis, ndims, num_features, dtype), act, nthreads, typenum
+    cdef double e, slope
+    cdef Py_ssize_t c
+    if ca < 0:
+        return None
+    typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    c = cnp.PyArray_DIMS(<cnp.ndarray>x)[ca]
+    if cnp.PyArray_SIZE(<cnp.ndarray>x) // c <= 1 or not positive(eps, &e):
+        return None
+    if not (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0)):
+        return None
+    nthreads = threads_of(num_threads)
+    if nthreads == 0 or not is_bool(unbiased) or not activation_of(activation, negative_slope,
+                                                                   &act, &slope):
+        return None
+    if not (optional_vector(gamma, typenum, c) and optional_vector(beta, typenum, c)):
+        return None
+    if running_mean is not None or running_var is not None:
+        if not (vector(running_mean, typenum, c, True) and vector(running_var, typenum, c, True)
+                and apart(running_mean, running_var)):
+            return None
+        for a in (x, gamma, beta):
+            if not (apart(running_mean, a) and apart(running_var, a)):
+                return None
+        if num_batches_tracked is None:
+            if momentum is None:
+                return None
+        elif not counter_ok(num_batches_tracked):
+            return None
+        else:
+            for a in (x, gamma, beta, running_mean, running_var):
+                if not apart(num_batches_tracked, a):
+                    return None
+    elif num_batches_tracked is not None and not counter_ok(num_batches_tracked):
+        return None
+    if not result_ok(out, <cnp.ndarray>x, typenum, x, None,
+                     (gamma, beta, running_mean, running_var, num_batches_tracked)):
+        return None
+    return forward_core(<cnp.ndarray>x, gamma, beta, running_mean, running_var, momentum,
+                        num_batches_tracked, e, unbiased, act, slope, ca, out, nthreads)
+
+
+def inference(x, gamma, beta, running_mean, running_var, eps, activation, negative_slope,
+              channel_axis, out, num_threads, tuple ndims=None,
+              Py_ssize_t num_features=-1, object dtype=None):
+    """:func:`fastbn.batch_norm_inference` for a call that passes the fast
+    checks, else None (a layer's constraints as in :func:`forward`)."""
+    cdef int ca = input_of(x, channel_axis, ndims, num_features, dtype), act, nthreads, typenum
+    cdef double e, slope
+    cdef Py_ssize_t c
+    if ca < 0:
+        return None
+    typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    c = cnp.PyArray_DIMS(<cnp.ndarray>x)[ca]
+    nthreads = threads_of(num_threads)
+    if nthreads == 0 or not positive(eps, &e) or not activation_of(activation, negative_slope,
+                                                                   &act, &slope):
+        return None
+    if not (optional_vector(gamma, typenum, c) and optional_vector(beta, typenum, c)
+            and vector(running_mean, typenum, c, False) and vector(running_var, typenum, c, False)):
+        return None
+    if not result_ok(out, <cnp.ndarray>x, typenum, x, None,
+                     (gamma, beta, running_mean, running_var)):
+        return None
+    return inference_core(<cnp.ndarray>x, gamma, beta, running_mean, running_var, e, act,
+                          slope, ca, out, nthreads)
+
+
+def backward(dy, x, gamma, mean, invstd, beta, activation, negative_slope, training,
+             param_grads, channel_axis, out, num_threads):
+    """:func:`fastbn.batch_norm_backward` for a call that passes the fast
+    checks, else None."""
+    cdef int ca = gradient_input_of(dy, x, channel_axis), act, nthreads, typenum
+    cdef double slope
+    cdef Py_ssize_t c
+    if ca < 0:
+        return None
+    typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    c = cnp.PyArray_DIMS(<cnp.ndarray>x)[ca]
+    nthreads = threads_of(num_threads)
+    if (nthreads == 0 or not is_bool(training) or not is_bool(param_grads)
+            or not activation_of(activation, negative_slope, &act, &slope)):
+        return None
+    if not (optional_vector(gamma, typenum, c) and optional_vector(beta, typenum, c)
+            and vector(mean, typenum, c, False) and vector(invstd, typenum, c, False)):
+        return None
+    if not result_ok(out, <cnp.ndarray>x, typenum, dy, None, (x, gamma, beta, mean, invstd)):
+        return None
+    return backward_core(<cnp.ndarray>dy, <cnp.ndarray>x, gamma, beta, mean, invstd, act,
+                         slope, training, param_grads, False, ca, out, nthreads)
+
+
+cdef bint nonzero(object gamma) noexcept:
+    """No element of a plain float vector (or None) is 0."""
+    cdef Py_ssize_t i, n
+    if gamma is None:
+        return True
+    n = cnp.PyArray_SIZE(<cnp.ndarray>gamma)
+    if cnp.PyArray_TYPE(<cnp.ndarray>gamma) == cnp.NPY_FLOAT:
+        for i in range(n):
+            if (<float*>cnp.PyArray_DATA(<cnp.ndarray>gamma))[i] == 0:
+                return False
+    else:
+        for i in range(n):
+            if (<double*>cnp.PyArray_DATA(<cnp.ndarray>gamma))[i] == 0:
+                return False
+    return True
+
+
+def backward_from_output(dy, y, gamma, beta, invstd, activation, negative_slope,
+                         channel_axis, out, num_threads):
+    """:func:`fastbn.batch_norm_backward_from_output` for a call that passes
+    the fast checks (an invertible activation, no gamma of 0), else None."""
+    cdef int ca = gradient_input_of(dy, y, channel_axis), act, nthreads, typenum
+    cdef double slope
+    cdef Py_ssize_t c
+    if ca < 0:
+        return None
+    typenum = cnp.PyArray_TYPE(<cnp.ndarray>y)
+    c = cnp.PyArray_DIMS(<cnp.ndarray>y)[ca]
+    nthreads = threads_of(num_threads)
+    if nthreads == 0 or not activation_of(activation, negative_slope, &act, &slope):
+        return None
+    if act == ACT_RELU or (act == ACT_LEAKY_RELU and not slope > 0.0):
+        return None
+    if not (optional_vector(gamma, typenum, c) and optional_vector(beta, typenum, c)
+            and vector(invstd, typenum, c, False) and nonzero(gamma)):
+        return None
+    if not result_ok(out, <cnp.ndarray>y, typenum, dy, y, (gamma, beta, invstd)):
+        return None
+    return backward_core(<cnp.ndarray>dy, <cnp.ndarray>y, gamma, beta, None, invstd, act,
+                         slope, True, True, True, ca, out, nthreads)
+
+
+# ---------------------------------------------------------- unchecked ----
+# The cores for callers that have run the full checks (fastbn._checks) and
+# made the contiguous copies: the arguments as those checks return them.
+
+def forward_unchecked(cnp.ndarray x, gamma, beta, running_mean, running_var, momentum,
+                      num_batches_tracked, double eps, bint unbiased, int act, double slope,
+                      int channel_axis, out, int num_threads):
+    """The core of :func:`forward`; the channel axis as 1 or x.ndim - 1, the
+    thread count resolved, the activation as its code."""
+    return forward_core(x, gamma, beta, running_mean, running_var, momentum,
+                        num_batches_tracked, eps, unbiased, act, slope, channel_axis, out,
+                        num_threads)
+
+
+def inference_unchecked(cnp.ndarray x, gamma, beta, running_mean, running_var, double eps,
+                        int act, double slope, int channel_axis, out, int num_threads):
+    """The core of :func:`inference` (arguments as :func:`forward_unchecked`)."""
+    return inference_core(x, gamma, beta, running_mean, running_var, eps, act, slope,
+                          channel_axis, out, num_threads)
+
+
+def backward_unchecked(cnp.ndarray dy, cnp.ndarray x, gamma, beta, mean, invstd, int act,
+                       double slope, bint training, bint param_grads, bint from_output,
+                       int channel_axis, out, int num_threads):
+    """The core of :func:`backward` and :func:`backward_from_output` (x is
+    y and mean None from the output)."""
+    return backward_core(dy, x, gamma, beta, mean, invstd, act, slope, training, param_grads,
+                         from_output, channel_axis, out, num_threads)

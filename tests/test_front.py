@@ -1,0 +1,119 @@
+"""The compiled front (fastbn._front): well-formed calls take its fast path,
+and the full path (fastbn._checks, then the same core unchecked) gives the
+same bits for the same values."""
+
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn import _front
+
+# (shape, channel_axis, dtype): planar, columnar (N, D), channels last, S == 1
+CASES = [((8, 3, 5, 5), 1, np.float32), ((16, 7), 1, np.float64),
+         ((4, 5, 6, 3), -1, np.float32), ((6, 4, 1, 1), 1, np.float64)]
+
+
+def _arrays(shape, ca, dtype):
+    rng = np.random.default_rng(sum(shape))
+    c = shape[ca]
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    gamma = (rng.random(c) + 0.5).astype(dtype)
+    beta = rng.standard_normal(c).astype(dtype)
+    return x, dy, gamma, beta
+
+
+def _strided(a):
+    """The values of a in a view that is not C-contiguous: the full path."""
+    wide = np.zeros(a.shape + (2,), a.dtype)
+    wide[..., 1] = a
+    return wide[..., 1]
+
+
+@pytest.mark.parametrize("shape, ca, dtype", CASES)
+def test_well_formed_calls_take_the_fast_path(shape, ca, dtype):
+    x, dy, gamma, beta = _arrays(shape, ca, dtype)
+    c = shape[ca]
+    rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
+    count = np.zeros((), np.int64)
+    forward = _front.forward(x, gamma, beta, 1e-5, rm, rv, None, count, True, "leaky_relu",
+                             0.1, ca, None, None)
+    assert forward is not None and int(count) == 1
+    y, mean, invstd = forward
+    assert _front.inference(x, gamma, beta, rm, rv, 1e-5, "relu", 0.01, ca, np.empty_like(x),
+                            2) is not None
+    assert _front.backward(dy, x, gamma, mean, invstd, beta, "leaky_relu", 0.1, True, True, ca,
+                           dy.copy(), None) is not None
+    assert _front.backward_from_output(dy, y, gamma, beta, invstd, "leaky_relu", 0.1, ca, None,
+                                       1) is not None
+
+
+@pytest.mark.parametrize("shape, ca, dtype", CASES)
+def test_other_calls_take_the_full_path(shape, ca, dtype):
+    x, dy, gamma, beta = _arrays(shape, ca, dtype)
+    c = shape[ca]
+    rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
+    args = dict(gamma=gamma, beta=beta, eps=1e-5, running_mean=rm, running_var=rv, momentum=0.1,
+                num_batches_tracked=None, unbiased=True, activation=None, negative_slope=0.01,
+                channel_axis=ca, out=None, num_threads=None)
+    for name, value in [("eps", 1), ("momentum", 1), ("unbiased", np.True_), ("num_threads", 0),
+                        ("gamma", _strided(gamma)), ("running_var", rm), ("out", x.T),
+                        ("gamma", gamma.astype(np.float16)), ("activation", "tanh"),
+                        ("channel_axis", 2 if len(shape) > 3 else 3)]:
+        assert _front.forward(x, **{**args, name: value}) is None, name
+    assert _front.forward(_strided(x), **args) is None
+    assert _front.forward(x, **args, ndims=(len(shape) + 1,)) is None
+    assert _front.forward(x, **args, num_features=c + 1) is None
+    other = np.dtype(np.float64 if dtype == np.float32 else np.float32)
+    assert _front.forward(x, **args, dtype=other) is None
+    assert np.array_equal(rm, np.zeros(c, dtype)), "a refused call wrote the running mean"
+    assert _front.forward(x, **args) is not None
+
+
+@pytest.mark.parametrize("shape, ca, dtype", CASES)
+def test_full_path_gives_the_bits_of_the_fast_path(shape, ca, dtype):
+    x, dy, gamma, beta = _arrays(shape, ca, dtype)
+    c = shape[ca]
+    results = []
+    for wrap in (lambda a: a, _strided):
+        rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
+        count = np.zeros((), np.int64)
+        running = (wrap(rm), wrap(rv))
+        y, mean, invstd = fastbn.batch_norm_forward(
+            wrap(x), wrap(gamma), wrap(beta), running_mean=running[0], running_var=running[1],
+            momentum=None, num_batches_tracked=count, activation="leaky_relu",
+            negative_slope=0.2, channel_axis=ca)
+        inf = fastbn.batch_norm_inference(wrap(x), wrap(gamma), wrap(beta), running[0],
+                                          running[1], activation="relu", channel_axis=ca)
+        grads = fastbn.batch_norm_backward(wrap(dy), wrap(x), wrap(gamma), wrap(mean),
+                                           wrap(invstd), beta=wrap(beta),
+                                           activation="leaky_relu", negative_slope=0.2,
+                                           channel_axis=ca)
+        frozen = fastbn.batch_norm_backward(wrap(dy), wrap(x), wrap(gamma), wrap(mean),
+                                            wrap(invstd), training=False, param_grads=False,
+                                            channel_axis=ca)
+        from_y = fastbn.batch_norm_backward_from_output(
+            wrap(dy), wrap(y), wrap(gamma), wrap(beta), wrap(invstd),
+            activation="leaky_relu", negative_slope=0.2, channel_axis=ca)
+        assert int(count) == 1
+        results.append([y, mean, invstd, np.asarray(running[0]), np.asarray(running[1]), inf,
+                        *grads, frozen[0], *from_y])
+    assert frozen[1] is None and frozen[2] is None
+    for fast, full in zip(*results):
+        np.testing.assert_array_equal(fast, full)
+
+
+def test_layer_fast_path_matches_the_reference():
+    x, dy, _, _ = _arrays((8, 3, 5, 5), 1, np.float64)
+    layer = fastbn.BatchNorm2d(3, dtype=np.float64, activation="relu")
+    oracle = fastbn.BatchNorm2d(3, dtype=np.float64, activation="relu",
+                                backend=fastbn.reference)
+    for bn in (layer, oracle):
+        bn.gamma[...] = np.linspace(0.5, 2, 3)
+    np.testing.assert_allclose(layer(x), oracle(x), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(layer.backward(dy), oracle.backward(dy), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(layer.dgamma, oracle.dgamma, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(layer.num_batches_tracked, oracle.num_batches_tracked)
+    np.testing.assert_allclose(layer.running_var, oracle.running_var, rtol=1e-12)
+    with pytest.raises(ValueError, match="BatchNorm2d expects 4-D input"):
+        layer(x[0])
