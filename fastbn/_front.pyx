@@ -250,10 +250,20 @@ cdef inline cnp.ndarray per_channel(const Call* k, int typenum):
     return cnp.PyArray_EMPTY(1, &c, typenum, 0)
 
 
+cdef enum:
+    # Calls on fewer values run with the GIL held: they take a few
+    # microseconds, less than letting another Python thread in and taking
+    # the GIL back would cost.
+    GIL_FREE_MIN_VALUES = 32768
+
+
 cdef inline void run(Entry entry, const Call* k) except *:
     cdef int rc
-    with nogil:
+    if k.n * k.c * k.s < GIL_FREE_MIN_VALUES:
         rc = entry(k)
+    else:
+        with nogil:
+            rc = entry(k)
     if rc != 0:
         raise MemoryError("fastbn: cannot allocate the work space of a kernel call")
 
