@@ -12,6 +12,8 @@ Environment switches (read at build time):
 - ``FASTBN_SANITIZE=1``: build with ``-fsanitize=address,undefined`` for
   testing (run Python with the ASan runtime preloaded).
 - ``FASTBN_DEBUG=1``: turn Cython's bounds and wraparound checks back on.
+- ``FASTBN_WERROR=1``: make every compiler warning an error (CI: the modules
+  build without a warning, under the flags Python adds, ``-Wall`` among them).
 
 OpenMP runtime: on Linux the modules with parallel loops are linked against
 a private copy of the compiler's libgomp, ``fastbn/_libs/libgomp-fastbn.so.1``
@@ -181,6 +183,8 @@ class BuildExt(build_ext):
         link_args = []
         if _flag("FASTBN_NATIVE"):
             compile_args.append("-march=native")
+        if _flag("FASTBN_WERROR"):
+            compile_args.append("-Werror")
         if _flag("FASTBN_SANITIZE"):
             compile_args += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
             link_args += ["-fsanitize=address,undefined"]

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
-from fastbn import _openmp, _overlap
+from fastbn import _front, _openmp, _overlap
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -104,9 +104,8 @@ def _to_float(value: Any) -> float:
         return math.inf if value > 0 else -math.inf
 
 
-#: activation names -> the kernels' codes (ACT_NONE, ACT_RELU, ACT_LEAKY_RELU of
-#: fastbn/_call.pxd)
-ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2}
+#: activation names -> the kernels' codes (fastbn/_call.pxd, through the compiled front)
+ACTIVATIONS = _front.ACTIVATIONS
 
 
 def activation(value: Any, negative_slope: Any, *,

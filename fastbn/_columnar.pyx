@@ -93,6 +93,8 @@ cdef inline Grid make_grid(Py_ssize_t M, Py_ssize_t C, Py_ssize_t bytes_per_valu
     g.streaming = streaming
     g.act = make_act(ACT_NONE, 0.0)
     g.grad.kind = GRAD_PLAIN
+    g.grad.relu = g.grad.frozen = False
+    g.grad.slope = g.grad.inv_slope = g.grad.center = g.grad.scale = g.grad.offset = 0.0
     g.rows_per_block = max((M + MAX_ROW_BLOCKS - 1) // MAX_ROW_BLOCKS,
                            (BLOCK_VALUES + C - 1) // C)
     g.nblocks = (M + g.rows_per_block - 1) // g.rows_per_block
@@ -422,7 +424,9 @@ cdef inline void row_apply(const floating* a, const floating* b, floating* out,
     never depend on another column's map."""
     cdef Py_ssize_t c, e
     cdef const Act* act = &g.act
-    cdef const Grad* t = NULL if g.grad.kind == GRAD_PLAIN else &g.grad
+    cdef const Grad* t = NULL
+    if g.grad.kind != GRAD_PLAIN:
+        t = &g.grad
     if mode >= 0:
         row_map(a, b, out, c0, c1, k, mode == 1, act, t)
         return

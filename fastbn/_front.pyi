@@ -9,6 +9,11 @@ import numpy.typing as npt
 from fastbn._typing import FloatArray as _Array
 from fastbn._typing import Gradients, Triple
 
+#: activation names -> the kernels' codes (fastbn/_call.pxd)
+ACTIVATIONS: dict[str | None, int]
+#: "plain", "activated", "output" -> the kernels' gradient kinds (fastbn/_call.pxd)
+GRADIENTS: dict[str, int]
+
 def forward(
     x: Any,
     gamma: Any,

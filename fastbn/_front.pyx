@@ -35,6 +35,11 @@ from fastbn import _dispatch
 
 cnp.import_array()
 
+#: activation names -> the kernels' codes (ACT_* of fastbn/_call.pxd), the one table
+ACTIVATIONS = {None: ACT_NONE, "relu": ACT_RELU, "leaky_relu": ACT_LEAKY_RELU}
+#: what a backward's second input is -> the kernels' codes (GRAD_* of fastbn/_call.pxd)
+GRADIENTS = {"plain": GRAD_PLAIN, "activated": GRAD_ACT, "output": GRAD_OUTPUT}
+
 cdef Entry PLANAR = <Entry>PyCapsule_GetPointer(_dispatch.planar.ENTRY, ENTRY_NAME)
 cdef Entry COLUMNAR = <Entry>PyCapsule_GetPointer(_dispatch.columnar.ENTRY, ENTRY_NAME)
 
@@ -168,19 +173,14 @@ cdef inline bint positive(object value, double* result) noexcept:
 
 cdef inline bint activation_of(object activation, object slope, int* act,
                                double* result) noexcept:
-    """None, 'relu' or 'leaky_relu', and a finite float slope."""
-    if activation is None:
-        act[0] = ACT_NONE
-    elif type(activation) is not str:
+    """An activation of ACTIVATIONS and a finite float slope."""
+    cdef object code
+    if activation is not None and type(activation) is not str:
         return False
-    elif activation == "relu":
-        act[0] = ACT_RELU
-    elif activation == "leaky_relu":
-        act[0] = ACT_LEAKY_RELU
-    else:
+    code = (<dict>ACTIVATIONS).get(activation)
+    if code is None or type(slope) is not float:
         return False
-    if type(slope) is not float:
-        return False
+    act[0] = <int>code
     result[0] = <double>slope
     return isfinite(result[0])
 

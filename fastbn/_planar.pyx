@@ -543,7 +543,7 @@ cdef void inference_unit(const floating* xp, floating* yp, Py_ssize_t S, Py_ssiz
     for r in range(r0, r1):
         # the unit is contiguous: keep PREFETCH_BYTES of it in flight
         prefetch_span(xp + r * S + PREFETCH_BYTES // sizeof(floating),
-                      min(S * sizeof(floating), <Py_ssize_t>PREFETCH_BYTES))
+                      min(S * <Py_ssize_t>sizeof(floating), <Py_ssize_t>PREFETCH_BYTES))
         run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
                   &coef32[r % C] if ok[r % C] else NULL, streaming, act, NULL)
     if streaming:

@@ -161,9 +161,11 @@ cdef extern from *:
        from the output y (kind 2): z > 0 where y > 0, and x - center (center
        0) = ((y > 0 ? y : y * inv) - zo) * zs. act'(z) is 1 for z > 0, else
        slope (0 for relu: then dz is 0 even for an infinite dy). The lanes
-       and their order are those of grad_sums. */
+       and their order are those of grad_sums. Unused by the columnar family,
+       which transforms a row of columns at a time. */
     #define FASTBN_ACT_SUMS(S, T)                                                    \
-    static __attribute__((noinline)) void fastbn_act_sums_##S(const T *dy, const T *x,  \
+    static __attribute__((noinline, unused)) void fastbn_act_sums_##S(const T *dy,      \
+                                           const T *x,                               \
                                            Py_ssize_t n,                             \
                                            double center, int kind, int relu,        \
                                            double zc, double zs, double zo,          \

@@ -231,7 +231,9 @@ cdef inline const floating* apply_b(const Pass* ps, const floating* b) noexcept 
     """The apply's second array: none for a frozen backward (dx from dy
     alone), unless an activation's derivative needs x (then the transform
     drops it after use, Grad.frozen)."""
-    return NULL if ps.frozen and ps.grad == GRAD_PLAIN else b
+    if ps.frozen and ps.grad == GRAD_PLAIN:
+        return NULL
+    return b
 
 
 cdef inline double center_of(const Pass* ps, const floating* a, Py_ssize_t offset,

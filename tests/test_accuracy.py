@@ -21,6 +21,8 @@ from fastbn import reference
 
 from helpers import assert_close, dx_scale, layout_id
 
+pytestmark = pytest.mark.kernels  # run again at every kernel level (.ci/run)
+
 EPS = 1e-12
 VAR_RTOL = 1e-5
 

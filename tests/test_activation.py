@@ -18,6 +18,8 @@ from helpers import (DTYPES, SCHEDULE_LAYOUTS, THREADS, assert_bitwise_equal, as
 import fastbn
 from fastbn import reference
 
+pytestmark = pytest.mark.kernels  # run again at every kernel level (.ci/run)
+
 layouts = pytest.mark.parametrize("shape, channel_axis",
                                   [pytest.param(s, ca, id=layout_id(s, ca)) for s, ca in SCHEDULE_LAYOUTS])
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)

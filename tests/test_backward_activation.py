@@ -34,6 +34,8 @@ from helpers import (DTYPES, SCHEDULE_LAYOUTS, STRIDED_LAYOUTS, THREADS, activat
 import fastbn
 from fastbn import reference
 
+pytestmark = pytest.mark.kernels  # run again at every kernel level (.ci/run)
+
 layouts = pytest.mark.parametrize("shape, channel_axis", [pytest.param(s, ca, id=layout_id(s, ca))
                                                          for s, ca in SCHEDULE_LAYOUTS])
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)

@@ -26,6 +26,8 @@ import fastbn
 
 from helpers import DTYPES, assert_bitwise_equal, dtype_id, layout_id, make_inputs, same_fastbn
 
+pytestmark = pytest.mark.kernels  # run again at every kernel level (.ci/run)
+
 SHAPES = [
     ((8, 1, 40000), 1),       # planar by block, blocks cut rows
     ((64, 3, 1000), 1),       # planar, C = 3: by block or by channel; whole-row blocks

@@ -34,6 +34,8 @@ from helpers import (DTYPES, SCHEDULE_LAYOUTS, STRIDED_LAYOUTS, THREADS, activat
 import fastbn
 from fastbn import reference
 
+pytestmark = pytest.mark.kernels  # run again at every kernel level (.ci/run)
+
 layouts = pytest.mark.parametrize("shape, channel_axis", [pytest.param(s, ca, id=layout_id(s, ca))
                                                          for s, ca in SCHEDULE_LAYOUTS])
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -335,10 +337,23 @@ def test_a_slope_that_is_not_positive_is_refused(slope, out_mode):
 @pytest.mark.parametrize("invstd", [[-1.3, 2.0, -0.5], [0.0, -1.3, np.inf]],
                          ids=["negative", "zero-inf"])
 def test_invstd_is_not_checked_specially(invstd):
-    """invstd 0, negative or inf is the caller's business: no error."""
+    """invstd 0, negative or inf is the caller's business: no error. dgamma
+    and dbeta do not use invstd and are the oracle's; dx scales with it: the
+    oracle's where invstd is finite (0, or a flipped sign), no finite value
+    where it is inf (inf * 0 is NaN in the fused map where the oracle's
+    factored form gives inf)."""
     a = activated_case((6, 3, 4, 5), np.float64, 1, "leaky_relu", 0.1)
-    fastbn.batch_norm_backward_from_output(a.dy, a.y, a.gamma, a.beta, np.array(invstd),
-                                           activation="leaky_relu", negative_slope=0.1)
+    invstd = np.array(invstd)
+    kw = dict(activation="leaky_relu", negative_slope=0.1)
+    with np.errstate(all="ignore"):
+        got = fastbn.batch_norm_backward_from_output(a.dy, a.y, a.gamma, a.beta, invstd, **kw)
+        want = reference.batch_norm_backward_from_output(a.dy, a.y, a.gamma, a.beta, invstd,
+                                                         **kw)
+    finite = np.isfinite(invstd)
+    assert_close(got[0][:, finite], want[0][:, finite], np.float64, rtol=1e-9, err_msg="dx")
+    assert not np.isfinite(got[0][:, ~finite]).any()
+    for ours, theirs, name in zip(got[1:], want[1:], ("dgamma", "dbeta")):
+        assert_close(ours, theirs, np.float64, rtol=1e-9, err_msg=name)
 
 
 def test_a_negative_invstd_gives_the_formula():

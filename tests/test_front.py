@@ -8,6 +8,8 @@ import pytest
 import fastbn
 from fastbn import _front
 
+pytestmark = pytest.mark.kernels  # run again at every kernel level (.ci/run)
+
 # (shape, channel_axis, dtype): planar, columnar (N, D), channels last, S == 1
 CASES = [((8, 3, 5, 5), 1, np.float32), ((16, 7), 1, np.float64),
          ((4, 5, 6, 3), -1, np.float32), ((6, 4, 1, 1), 1, np.float64)]

@@ -16,6 +16,8 @@ from fastbn import reference
 from helpers import (DTYPES, THREADS, assert_close, dtype_id, dx_scale, layout_id,
                      make_inputs)
 
+pytestmark = pytest.mark.kernels  # run again at every kernel level (.ci/run)
+
 SMALL_LAYOUTS = [
     ((2, 1), 1),            # N = 2, C = 1
     ((2, 1), -1),

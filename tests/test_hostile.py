@@ -47,7 +47,8 @@ from fastbn import BatchNorm1d, BatchNorm2d
 from fastbn.compat import cs231n, deepnet
 from fastbn.distributed import SyncBatchNorm, _records, merge_records, sync_batch_norm_forward
 
-from helpers import FUNCTIONS, SHAPE, C, call, read_only, same_fastbn, valid_args
+from helpers import (FUNCTIONS, REFERENCE, SHAPE, C, assert_close, call, read_only, same_fastbn,
+                     valid_args)
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "hostile_inputs.md"
 
@@ -1192,9 +1193,23 @@ def test_the_snapshot_sees_a_change():
 
 @pytest.mark.parametrize("func", ENTRY_POINTS)
 def test_valid_arguments_are_accepted(func):
-    """The starting point of the functional rows is a valid call."""
+    """The starting point of the functional rows is a valid call: it computes
+    what the oracle computes with the same arguments, into ``out``, and
+    updates the running statistics and the count as the oracle does."""
     args = valid_args(func)
-    call(func, args)
+    oracle_args = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in args.items()}
+    got = call(func, args)
+    want = call(func, oracle_args, impl=REFERENCE)
+    got, want = (r if isinstance(r, tuple) else (r,) for r in (got, want))
+    assert got[0] is args["out"]
+    assert len(got) == len(want)
+    for ours, theirs in zip(got, want):
+        assert_close(ours, theirs, np.float32, rtol=1e-4)
+    for name in ("running_mean", "running_var"):
+        if name in args:
+            assert_close(args[name], oracle_args[name], rtol=1e-5)
+    if func == "forward":
+        assert int(args["num_batches_tracked"]) == int(oracle_args["num_batches_tracked"]) == 1
 
 
 # ------------------------------------------------- num_threads far too big ----

@@ -22,6 +22,8 @@ import fastbn
 from fastbn import reference
 from fastbn.distributed import SyncBatchNorm
 
+pytestmark = pytest.mark.kernels  # run again at every kernel level (.ci/run)
+
 layouts = pytest.mark.parametrize("shape, channel_axis",
                                   [pytest.param(s, ca, id=layout_id(s, ca)) for s, ca in SCHEDULE_LAYOUTS])
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)

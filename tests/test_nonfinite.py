@@ -29,6 +29,8 @@ from fastbn import BatchNorm1d, BatchNorm2d, reference
 from helpers import (DTYPES, assert_bitwise_equal, assert_close, dtype_id, dx_scale,
                      layout_id, make_inputs)
 
+pytestmark = pytest.mark.kernels  # run again at every kernel level (.ci/run)
+
 BAD = 1   # the channel that gets the non-finite value
 
 

@@ -37,6 +37,8 @@ from fastbn.distributed import (TAG_CONFLICT, TAG_FIRST, TAG_RANGE, TAG_STATS, T
                                 sync_batch_norm_backward_from_output, sync_batch_norm_forward)
 from fastbn.layers import BatchNorm, BatchNorm2d
 
+pytestmark = pytest.mark.kernels  # run again at every kernel level (.ci/run)
+
 HERE = pathlib.Path(__file__).resolve().parent
 WORKER = HERE / "mpi_worker_sync.py"
 EXAMPLE = HERE.parent / "examples" / "train_digits_mpi.py"

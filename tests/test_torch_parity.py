@@ -17,6 +17,8 @@ import fastbn
 
 from helpers import DTYPES, assert_close, dtype_id, dx_scale, layout_id, make_inputs
 
+pytestmark = pytest.mark.kernels  # run again at every kernel level (.ci/run)
+
 torch = pytest.importorskip("torch")
 
 EPS = 1e-5

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fastbn import _channels, _checks, _dispatch, _running
+from fastbn import _channels, _checks, _dispatch, _front, _running
 from fastbn.distributed._protocol import Collective
 from fastbn.distributed._records import TAG_STATS, TAG_SUM
 from fastbn._typing import Activation, Allreduce, Counter, FloatArray, OptionalArray, Triple
@@ -33,9 +33,9 @@ from fastbn._typing import Activation, Allreduce, Counter, FloatArray, OptionalA
 __all__ = ["sync_batch_norm_backward", "sync_batch_norm_backward_from_output",
            "sync_batch_norm_forward"]
 
-# what a backward's second input is (GRAD_PLAIN, GRAD_ACT, GRAD_OUTPUT of
-# fastbn/_call.pxd)
-_GRAD_PLAIN, _GRAD_ACT, _GRAD_OUTPUT = 0, 1, 2
+# what a backward's second input is (the kernels' codes, fastbn/_call.pxd)
+_GRAD_PLAIN, _GRAD_ACT, _GRAD_OUTPUT = (_front.GRADIENTS[k] for k in ("plain", "activated",
+                                                                      "output"))
 
 _SAME = " (the same on every rank)"
 _ANY = (2, 3, 4, 5)
