@@ -14,6 +14,7 @@ ACTIVATIONS: dict[str | None, int]
 #: "plain", "activated", "output" -> the kernels' gradient kinds (fastbn/_call.pxd)
 GRADIENTS: dict[str, int]
 
+def select(planar: Any, columnar: Any) -> None: ...
 def forward(
     x: Any,
     gamma: Any,

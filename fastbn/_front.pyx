@@ -25,6 +25,7 @@ cimport numpy as cnp
 from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.math cimport isfinite
 from libc.stdint cimport INT64_MAX, int64_t
+from libc.string cimport memcpy
 
 from fastbn._call cimport (ACT_LEAKY_RELU, ACT_NONE, ACT_RELU, DTYPE_FLOAT32, DTYPE_FLOAT64,
                            ENTRY_NAME, GRAD_ACT, GRAD_OUTPUT, GRAD_PLAIN, MODE_BACKWARD,
@@ -40,8 +41,20 @@ ACTIVATIONS = {None: ACT_NONE, "relu": ACT_RELU, "leaky_relu": ACT_LEAKY_RELU}
 #: what a backward's second input is -> the kernels' codes (GRAD_* of fastbn/_call.pxd)
 GRADIENTS = {"plain": GRAD_PLAIN, "activated": GRAD_ACT, "output": GRAD_OUTPUT}
 
-cdef Entry PLANAR = <Entry>PyCapsule_GetPointer(_dispatch.planar.ENTRY, ENTRY_NAME)
-cdef Entry COLUMNAR = <Entry>PyCapsule_GetPointer(_dispatch.columnar.ENTRY, ENTRY_NAME)
+cdef Entry PLANAR = NULL
+cdef Entry COLUMNAR = NULL
+
+
+def select(planar, columnar):
+    """Call the kernel entries of the modules ``planar`` and ``columnar``
+    (their ``ENTRY`` capsules): fastbn._dispatch's choice, at import; a
+    test selects another kernel level this way."""
+    global PLANAR, COLUMNAR
+    PLANAR = <Entry>PyCapsule_GetPointer(planar.ENTRY, ENTRY_NAME)
+    COLUMNAR = <Entry>PyCapsule_GetPointer(columnar.ENTRY, ENTRY_NAME)
+
+
+select(_dispatch.planar, _dispatch.columnar)
 
 # ------------------------------------------------------------- checks ----
 # Each says whether a value passes the fast path: False sends the call to
@@ -86,6 +99,19 @@ cdef inline bint same_shape(cnp.ndarray a, cnp.ndarray b) noexcept:
     return True
 
 
+cdef inline bint same_memory(cnp.ndarray a, cnp.ndarray b) noexcept:
+    """The very same elements in the same layout: data, shape and strides
+    (fastbn._checks' rule; a C-contiguous array may have any stride on an
+    axis of length 1)."""
+    cdef int d
+    if cnp.PyArray_BYTES(a) != cnp.PyArray_BYTES(b) or not same_shape(a, b):
+        return False
+    for d in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_STRIDES(a)[d] != cnp.PyArray_STRIDES(b)[d]:
+            return False
+    return True
+
+
 cdef inline bint apart(object a, object b) noexcept:
     """Two plain arrays (or None) share no byte: their spans are disjoint."""
     cdef char* a0
@@ -108,8 +134,8 @@ cdef inline bint result_ok(object out, cnp.ndarray like, int typenum, object in_
     if not plain(out, typenum, True) or not same_shape(<cnp.ndarray>out, like):
         return False
     for a in (in_place, in_place2):
-        if a is not None and not (cnp.PyArray_BYTES(<cnp.ndarray>out)
-                                  == cnp.PyArray_BYTES(<cnp.ndarray>a) or apart(out, a)):
+        if a is not None and not (same_memory(<cnp.ndarray>out, <cnp.ndarray>a)
+                                  or apart(out, a)):
             return False
     for a in others:
         if not apart(out, a):
@@ -277,9 +303,11 @@ cdef tuple forward_core(cnp.ndarray x, object gamma, object beta, object running
     cdef int typenum = cnp.PyArray_TYPE(x)
     cdef cnp.ndarray y = like(x) if out is None else <cnp.ndarray>out
     cdef cnp.ndarray mean = per_channel(&k, typenum), invstd = per_channel(&k, typenum)
-    cdef int64_t* count = NULL
+    cdef char* count = NULL  # the batch count: one int64, read and written with memcpy
+    cdef int64_t seen = 0    # (the full checks take an unaligned one)
     if num_batches_tracked is not None and running_mean is not None:
-        count = <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>num_batches_tracked)
+        count = cnp.PyArray_BYTES(<cnp.ndarray>num_batches_tracked)
+        memcpy(&seen, count, sizeof(int64_t))
     k.mode = MODE_FORWARD
     k.a = cnp.PyArray_DATA(x)
     k.b = NULL
@@ -299,7 +327,7 @@ cdef tuple forward_core(cnp.ndarray x, object gamma, object beta, object running
     elif momentum is not None:
         k.factor = <double>momentum
     else:
-        k.factor = 1.0 / (<double>(count[0] if count != NULL else 0) + 1.0)
+        k.factor = 1.0 / (<double>seen + 1.0)
     k.unbiased = unbiased
     k.frozen = False
     k.grad = GRAD_PLAIN
@@ -309,7 +337,8 @@ cdef tuple forward_core(cnp.ndarray x, object gamma, object beta, object running
     k.stream = out is not None
     run(entry, &k)
     if count != NULL:
-        count[0] += 1
+        seen += 1
+        memcpy(count, &seen, sizeof(int64_t))
     return y, mean, invstd
 
 

@@ -119,3 +119,28 @@ def test_layer_fast_path_matches_the_reference():
     np.testing.assert_allclose(layer.running_var, oracle.running_var, rtol=1e-12)
     with pytest.raises(ValueError, match="BatchNorm2d expects 4-D input"):
         layer(x[0])
+
+
+def test_out_with_other_strides_on_a_unit_axis_is_not_in_place():
+    """out with x's data and shape but another stride on an axis of length 1
+    is not x itself (fastbn._checks' rule): refused on both paths."""
+    a = np.random.default_rng(0).random((4, 3, 5))
+    x, out = a.reshape(4, 3, 1, 5), a[:, :, None, :]
+    assert out.flags.c_contiguous and out.strides != x.strides
+    assert _front.forward(x, None, None, 1e-5, None, None, 0.1, None, True, None, 0.01, 1, out,
+                          None) is None
+    with pytest.raises(ValueError, match="out overlaps x"):
+        fastbn.batch_norm_forward(x, None, None, out=out)
+
+
+def test_an_unaligned_count_is_counted():
+    """The full path takes a num_batches_tracked that is not aligned; the
+    core reads and increments it bytewise (a cumulative average: weight 1)."""
+    x, _, gamma, beta = _arrays((8, 3, 5, 5), 1, np.float64)
+    count = np.frombuffer(bytearray(9), np.int64, offset=1)
+    assert not count.flags.aligned
+    rm, rv = np.full(3, 7.0), np.full(3, 7.0)
+    _, mean, invstd = fastbn.batch_norm_forward(x, gamma, beta, running_mean=rm, running_var=rv,
+                                                momentum=None, num_batches_tracked=count)
+    assert int(count[0]) == 1
+    np.testing.assert_array_equal(rm, mean)

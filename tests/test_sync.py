@@ -190,7 +190,7 @@ NAMES = ("y", "mean", "invstd", "dx", "dgamma", "dbeta", "running_mean", "runnin
 def kernels(request, monkeypatch):
     """Run fastbn.functional and fastbn.distributed on the kernel modules of one
     level (skipped when this CPU lacks the level or the build lacks it)."""
-    from fastbn import _cpu, _dispatch
+    from fastbn import _cpu, _dispatch, _front
     level = request.param
     if level != "baseline" and not _cpu.supports(int(level[1:])):
         pytest.skip(f"this CPU lacks x86-64-{level}")
@@ -200,9 +200,12 @@ def kernels(request, monkeypatch):
         columnar = importlib.import_module("fastbn._columnar" + suffix)
     except ImportError:
         pytest.skip(f"fastbn was built without the {level} kernels")
+    chosen = _dispatch.planar, _dispatch.columnar
     monkeypatch.setattr(_dispatch, "planar", planar)
     monkeypatch.setattr(_dispatch, "columnar", columnar)
-    return level
+    _front.select(planar, columnar)  # the entries the public functions call
+    yield level
+    _front.select(*chosen)
 
 
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
