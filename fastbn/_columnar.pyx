@@ -579,7 +579,7 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Gr
     cdef Shares sh
     cdef Py_ssize_t nmerge = (C + MERGE_COLUMNS - 1) // MERGE_COLUMNS
     if g.tile:
-        sh = Shares(g.ntiles, 0)
+        sh = Shares(g.ntiles, 0, 0)
         if nt == 1:  # no parallel region: even a team of one ends in a futex wake
             for t in range(g.ntiles):
                 tile_unit(a, b, ab, out, g, ps, t, center, &k, scratch, total, sums)
@@ -589,8 +589,8 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Gr
             tile_unit(a, b, ab, out, g, ps, t, center, &k, scratch, total, sums)
         note(late(&sh, nt))
         return
-    cdef Shares blocks = Shares(nb if sums else 0, 0)
-    sh = Shares(nb if out != NULL else 0, 0)
+    cdef Shares blocks = Shares(nb if sums else 0, 0, 0)
+    sh = Shares(nb if out != NULL else 0, 0, 0)
     if nt == 1:
         for blk in range(nb if sums else 0):
             block_sums(a, b, g, blk, 0, C, center, &k, scratch + 2 * blk * C,
@@ -671,7 +671,7 @@ cdef int inference_of(const Call* k, const floating* like) noexcept nogil:
         return -1
     cdef Maps maps = maps_in(mem, g.C)
     cdef Py_ssize_t c, blk
-    cdef Shares sh = Shares(g.nblocks, 0)
+    cdef Shares sh = Shares(g.nblocks, 0, 0)
     g.act = make_act(k.act, k.slope)
     for c in range(g.C):
         store_map(&maps, c, inference_coef(<const floating*>k.running_mean,
@@ -776,7 +776,7 @@ def apply(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] o
                                  <floating*>NULL, <floating*>NULL, grad, activation,
                                  negative_slope)
     cdef Py_ssize_t c, blk
-    cdef Shares sh = Shares(g.nblocks, 0)
+    cdef Shares sh = Shares(g.nblocks, 0, 0)
     g.act = make_act(activation, negative_slope)
     with nogil:
         transform(&g, &ps, mem.data, ap)

@@ -11,6 +11,7 @@ cdef extern from *:
     static inline int omp_get_max_threads(void) { return 1; }
     static inline int omp_get_num_procs(void) { return 1; }
     static inline int omp_get_thread_num(void) { return 0; }
+    static inline int omp_get_num_threads(void) { return 1; }
     #endif
     /* A barrier for the team of the enclosing parallel region. Cython emits
        each prange inside a `with parallel()` block as `omp for nowait`, so the
@@ -30,6 +31,7 @@ cdef extern from *:
     int omp_get_max_threads() noexcept nogil
     int omp_get_num_procs() noexcept nogil
     int omp_get_thread_num() noexcept nogil
+    int omp_get_num_threads() noexcept nogil
     void barrier "fastbn_barrier"() noexcept nogil
 
 
@@ -56,21 +58,27 @@ cdef enum:
 cdef struct Shares:
     Py_ssize_t total    # units of the loop
     Py_ssize_t mine     # units its calling thread took
+    int team            # threads the runtime gave the region (0 before a unit is taken)
 
 
 cdef inline void took(Shares* s) noexcept nogil:
-    """Count a unit when the calling thread of the region takes it."""
+    """Count a unit when the calling thread of the region takes it, and the
+    size of its team (the runtime may give fewer threads than asked for:
+    OMP_DYNAMIC, OMP_THREAD_LIMIT, a nested region)."""
     if omp_get_thread_num() == 0:
         s.mine += 1
+        s.team = omp_get_num_threads()
 
 
 cdef inline int late(const Shares* s, int nt) noexcept nogil:
     """1 when the calling thread took over 1.5 times its share of the loop's
     units (the other threads came late), 0 when not, -1 for a loop of fewer
-    than 2 units a thread (too few to say)."""
-    if nt < 2 or s.total < 2 * nt:
+    than 2 units a thread (too few to say). The share is of the team the
+    region had (``nt`` threads were asked for)."""
+    cdef int n = s.team if s.team > 0 else nt
+    if n < 2 or s.total < 2 * n:
         return -1
-    return 1 if 2 * nt * s.mine > 3 * s.total else 0
+    return 1 if 2 * n * s.mine > 3 * s.total else 0
 
 
 cdef void note(int verdict) noexcept nogil

@@ -480,7 +480,7 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Pl
     cdef Py_ssize_t nsum = nu if needs_sums(ps) else 0
     cdef Shares sh
     if table == NULL:
-        sh = Shares((p.C + G - 1) // G, 0)
+        sh = Shares((p.C + G - 1) // G, 0, 0)
         if nt == 1:  # no parallel region: even a team of one ends in a futex wake
             for u in range(sh.total):
                 group_pass(a, b, out, p, u * G, min(p.C, (u + 1) * G), ps)
@@ -490,8 +490,8 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Pl
             group_pass(a, b, out, p, u * G, min(p.C, (u + 1) * G), ps)
         note(late(&sh, nt))
         return
-    cdef Shares sums = Shares(nsum, 0)
-    sh = Shares(nu, 0)
+    cdef Shares sums = Shares(nsum, 0, 0)
+    sh = Shares(nu, 0, 0)
     with parallel(num_threads=nt):
         for u in prange(nsum, schedule="dynamic"):
             took(&sums)
@@ -558,7 +558,7 @@ cdef int inference_of(const Call* k, const floating* like) noexcept nogil:
     cdef floating* yp = <floating*>k.out
     cdef bint streaming = streams(k.stream, yp, xp, NULL, N * C * S * sizeof(floating))
     cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows
-    cdef Shares sh = Shares(nu, 0)
+    cdef Shares sh = Shares(nu, 0, 0)
     cdef int nt = threads_for(N * C * S, nu, k.num_threads)
     cdef Act act = make_act(k.act, k.slope)
     cdef Coef* coef = <Coef*>malloc(C * (sizeof(Coef) + sizeof(Coef32) + 1))
@@ -642,7 +642,7 @@ def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[
     cdef Pass ps = backward_pass(0.0, False, cptr(gamma), cptr(beta), cptr(mean), cptr(invstd),
                                  <floating*>NULL, <floating*>NULL, grad, activation,
                                  negative_slope)
-    cdef Shares sh = Shares(nu, 0)
+    cdef Shares sh = Shares(nu, 0, 0)
     with nogil:
         with parallel(num_threads=nt):
             for u in prange(nu, schedule="dynamic"):
@@ -679,7 +679,7 @@ def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, 
                                  <floating*>NULL, <floating*>NULL, grad, activation,
                                  negative_slope)
     p.act = make_act(activation, negative_slope)
-    cdef Shares sh = Shares(nu, 0)
+    cdef Shares sh = Shares(nu, 0, 0)
     with nogil:
         for u in prange(nu, num_threads=nt, schedule="dynamic"):
             took(&sh)
