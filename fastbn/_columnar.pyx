@@ -23,6 +23,13 @@ Schedules (one parallel region per call, units handed out dynamically)
   then every row block normalized, the blocks summed last first (they are
   the ones still cached).
 
+Chunks: a pass takes CHUNK_COLUMNS columns at a time, each chunk a grid of
+its own whose rows are the full row apart (``Grid.stride``), so the work
+space, about 120 bytes a column, is one chunk's: with many columns and few
+rows ((2, 10**6)) it used to be 15 times x, allocated and faulted in at every
+call. The row blocks are those of the full width, so a column's sums, and
+its bits, do not depend on its chunk.
+
 Outputs of at least STREAM_MIN_BYTES that are not written in place go
 through streaming stores (``fastbn._simd``). The conventions are those of
 ``fastbn._planar``: apply steps take (a, b, out) with b NULL in the forward
@@ -54,11 +61,14 @@ cdef enum:
     MERGE_COLUMNS = 256         # columns per unit of the merge
     BLOCK_VALUES = 65536        # a row block holds at least this many values (or all rows)
     TILE_BYTES = 512 * 1024     # a tile of the inputs over all rows, cached between its steps
+    TILE_COLUMNS = 1024         # columns per tile at most: several tiles per chunk
+    CHUNK_COLUMNS = 4096        # columns per pass: its work space (about 120 bytes a column)
     MIN_TILE_BYTES = 1024       # narrower row pieces defeat the hardware prefetcher
 
 
 cdef struct Grid:
     Py_ssize_t M, C
+    Py_ssize_t stride             # values from a row to the next (C, or more for a chunk)
     Py_ssize_t rows_per_block, nblocks
     Py_ssize_t tile, ntiles       # columns per tile, tiles (tile == 0: by row block)
     bint streaming
@@ -89,7 +99,7 @@ cdef inline Grid make_grid(Py_ssize_t M, Py_ssize_t C, Py_ssize_t bytes_per_valu
     """bytes_per_value: bytes read per value (itemsize, or twice it for dy and x)."""
     cdef Grid g
     g.M = M
-    g.C = C
+    g.C = g.stride = C
     g.streaming = streaming
     g.act = make_act(ACT_NONE, 0.0)
     g.grad.kind = GRAD_PLAIN
@@ -103,8 +113,28 @@ cdef inline Grid make_grid(Py_ssize_t M, Py_ssize_t C, Py_ssize_t bytes_per_valu
         g.tile = C
     elif g.tile * bytes_per_value < MIN_TILE_BYTES:
         g.tile = 0
+    g.tile = min(g.tile, <Py_ssize_t>TILE_COLUMNS)
     g.ntiles = (C + g.tile - 1) // g.tile if g.tile else 0
     return g
+
+
+cdef inline Grid chunk_of(Grid g, Py_ssize_t width) noexcept nogil:
+    """``width`` of g's columns as a grid of their own, their rows g.stride
+    values apart. The row blocks stay g's, those of the full width: a
+    column's sums do not depend on its chunk."""
+    g.C = width
+    if g.tile:
+        g.tile = min(g.tile, width)
+        g.ntiles = (width + g.tile - 1) // g.tile
+    return g
+
+
+cdef inline const floating* moved(const void* p, Py_ssize_t off,
+                                  const floating* like) noexcept nogil:
+    """A call's array p (of like's type) from value off on; NULL stays NULL."""
+    if p == NULL:
+        return NULL
+    return <const floating*>p + off
 
 
 cdef inline Maps maps_in(char* mem, Py_ssize_t C) noexcept nogil:
@@ -400,17 +430,17 @@ cdef void block_sums(const floating* a, const floating* b, const Grid* g, Py_ssi
     """Columns [c0, c1) of row block blk into sa[c], sb[c]: shifted sums of a
     (b NULL), or sum(a) and sum(a * (b - center)) with a = dy, b = x, of the
     inputs g.grad turns them into."""
-    cdef Py_ssize_t C = g.C, c, off
+    cdef Py_ssize_t S = g.stride, c, off
     cdef Py_ssize_t r0 = blk * g.rows_per_block
     cdef Py_ssize_t r1 = min(g.M, r0 + g.rows_per_block)
     for c in range(c0, c1):
         sa[c] = 0.0
         sb[c] = 0.0
-    off = r0 * C + c0
+    off = r0 * S + c0
     if b == NULL or g.grad.kind == GRAD_PLAIN:
-        rows_sums(a + off, at(b, off), C, r1 - r0, c1 - c0, center + c0, sa + c0, sb + c0)
+        rows_sums(a + off, at(b, off), S, r1 - r0, c1 - c0, center + c0, sa + c0, sb + c0)
     else:
-        grad_rows_sums(a + off, b + off, C, r1 - r0, c1 - c0, center + c0,
+        grad_rows_sums(a + off, b + off, S, r1 - r0, c1 - c0, center + c0,
                        k.grad_center + c0, k.grad_scale + c0, k.grad_offset + c0, &g.grad,
                        sa + c0, sb + c0)
 
@@ -445,7 +475,7 @@ cdef void block_apply(const floating* a, const floating* b, floating* out, const
     """Rows [r0, r1), columns [c0, c1): y from a = x (b NULL), or dx from
     a = dy, b = x; streamed through a stack buffer when g.streaming."""
     cdef floating buf[STREAM_CHUNK]
-    cdef Py_ssize_t C = g.C, r, c, j, m
+    cdef Py_ssize_t C = g.C, S = g.stride, r, c, j, m
     cdef int mode = 1 if floating is float else 0
     if floating is float:
         for c in range(c0, c1):
@@ -454,8 +484,8 @@ cdef void block_apply(const floating* a, const floating* b, floating* out, const
                 break
     if not g.streaming:
         for r in range(r0, r1):
-            row_apply(a + r * C, at(b, r * C), out + r * C + c0, c0, c1, k, mode, g)
-    elif c1 - c0 == C and C <= STREAM_CHUNK:
+            row_apply(a + r * S, at(b, r * S), out + r * S + c0, c0, c1, k, mode, g)
+    elif c1 - c0 == C and C == S and C <= STREAM_CHUNK:
         # whole rows, contiguous: several rows per buffer
         m = STREAM_CHUNK // C
         r = r0
@@ -470,8 +500,8 @@ cdef void block_apply(const floating* a, const floating* b, floating* out, const
             c = c0
             while c < c1:
                 m = min(<Py_ssize_t>STREAM_CHUNK, c1 - c)
-                row_apply(a + r * C, at(b, r * C), buf, c, c + m, k, mode, g)
-                stream(out + r * C + c, buf, m * sizeof(floating))
+                row_apply(a + r * S, at(b, r * S), buf, c, c + m, k, mode, g)
+                stream(out + r * S + c, buf, m * sizeof(floating))
                 c += m
     if g.streaming:
         fence()
@@ -636,84 +666,108 @@ cdef inline char* maps_at(char* mem, const Grid* g) noexcept nogil:
 # returns -1 before anything is written.
 
 cdef int forward_of(const Call* k, const floating* like) noexcept nogil:
-    """Training forward on an (M, C) view."""
+    """Training forward on an (M, C) view, CHUNK_COLUMNS columns at a time:
+    the work space is that of one chunk, allocated before anything is
+    written."""
     cdef const floating* xp = <const floating*>k.a
     cdef floating* yp = <floating*>k.out
-    cdef Grid g = make_grid(k.n, k.c, sizeof(floating),
-                            streams(k.stream, yp, xp, NULL, k.n * k.c * sizeof(floating)))
-    cdef int nt = threads_for(g.M * g.C, nunits(&g), k.num_threads)
-    cdef Pass ps = forward_pass(<double>g.M, k.eps, k.factor, k.unbiased,
-                                <const floating*>k.gamma, <const floating*>k.beta,
-                                <floating*>k.save_mean, <floating*>k.save_invstd,
-                                <floating*>k.running_mean, <floating*>k.running_var)
+    cdef Grid whole = make_grid(k.n, k.c, sizeof(floating),
+                                streams(k.stream, yp, xp, NULL, k.n * k.c * sizeof(floating)))
+    cdef Grid g = chunk_of(whole, min(k.c, <Py_ssize_t>CHUNK_COLUMNS))
     cdef char* wp = <char*>malloc(pass_bytes(&g))
+    cdef double* center
+    cdef Pass ps
+    cdef Py_ssize_t q, c0, c
     if wp == NULL:
         return -1
-    cdef double* center = centers(wp, &g)
-    cdef Py_ssize_t c
-    g.act = make_act(k.act, k.slope)
-    for c in range(g.C):
-        center[c] = xp[c]
-    run_pass(xp, NULL, yp, &g, &ps, wp, nt)
+    for q in range((k.c + CHUNK_COLUMNS - 1) // CHUNK_COLUMNS):
+        c0 = q * CHUNK_COLUMNS
+        g = chunk_of(whole, min(k.c - c0, <Py_ssize_t>CHUNK_COLUMNS))
+        g.act = make_act(k.act, k.slope)
+        ps = forward_pass(<double>g.M, k.eps, k.factor, k.unbiased, moved(k.gamma, c0, like),
+                          moved(k.beta, c0, like), <floating*>moved(k.save_mean, c0, like),
+                          <floating*>moved(k.save_invstd, c0, like),
+                          <floating*>moved(k.running_mean, c0, like),
+                          <floating*>moved(k.running_var, c0, like))
+        center = centers(wp, &g)
+        for c in range(g.C):
+            center[c] = xp[c0 + c]
+        run_pass(xp + c0, NULL, yp + c0, &g, &ps, wp,
+                 threads_for(g.M * g.C, nunits(&g), k.num_threads))
     free(wp)
     return 0
 
 
 cdef int inference_of(const Call* k, const floating* like) noexcept nogil:
-    """Inference forward on an (M, C) view."""
+    """Inference forward on an (M, C) view, CHUNK_COLUMNS columns at a time."""
     cdef const floating* xp = <const floating*>k.a
     cdef floating* yp = <floating*>k.out
-    cdef Grid g = make_grid(k.n, k.c, sizeof(floating),
-                            streams(k.stream, yp, xp, NULL, k.n * k.c * sizeof(floating)))
-    cdef int nt = threads_for(g.M * g.C, g.nblocks, k.num_threads)
-    cdef char* mem = <char*>malloc(g.C * MAPS_BYTES)
+    cdef Grid whole = make_grid(k.n, k.c, sizeof(floating),
+                                streams(k.stream, yp, xp, NULL, k.n * k.c * sizeof(floating)))
+    cdef Grid g
+    cdef char* mem = <char*>malloc(min(k.c, <Py_ssize_t>CHUNK_COLUMNS) * MAPS_BYTES)
+    cdef Maps maps
+    cdef Py_ssize_t q, c0, c, blk
+    cdef int nt
+    cdef Shares sh
     if mem == NULL:
         return -1
-    cdef Maps maps = maps_in(mem, g.C)
-    cdef Py_ssize_t c, blk
-    cdef Shares sh = Shares(g.nblocks, 0, 0)
-    g.act = make_act(k.act, k.slope)
-    for c in range(g.C):
-        store_map(&maps, c, inference_coef(<const floating*>k.running_mean,
-                                           <const floating*>k.running_var, k.eps,
-                                           <const floating*>k.gamma, <const floating*>k.beta,
-                                           c))
-    if nt == 1:
-        for blk in range(g.nblocks):
-            block_apply(xp, NULL, yp, &g, blk * g.rows_per_block,
-                        min(g.M, (blk + 1) * g.rows_per_block), 0, g.C, &maps)
-    else:
-        for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):
-            took(&sh)
-            block_apply(xp, NULL, yp, &g, blk * g.rows_per_block,
-                        min(g.M, (blk + 1) * g.rows_per_block), 0, g.C, &maps)
-        note(late(&sh, nt))
+    for q in range((k.c + CHUNK_COLUMNS - 1) // CHUNK_COLUMNS):
+        c0 = q * CHUNK_COLUMNS
+        g = chunk_of(whole, min(k.c - c0, <Py_ssize_t>CHUNK_COLUMNS))
+        g.act = make_act(k.act, k.slope)
+        maps = maps_in(mem, g.C)
+        for c in range(g.C):
+            store_map(&maps, c, inference_coef(moved(k.running_mean, c0, like),
+                                               moved(k.running_var, c0, like), k.eps,
+                                               moved(k.gamma, c0, like),
+                                               moved(k.beta, c0, like), c))
+        nt = threads_for(g.M * g.C, g.nblocks, k.num_threads)
+        if nt == 1:
+            for blk in range(g.nblocks):
+                block_apply(xp + c0, NULL, yp + c0, &g, blk * g.rows_per_block,
+                            min(g.M, (blk + 1) * g.rows_per_block), 0, g.C, &maps)
+        else:
+            sh = Shares(g.nblocks, 0, 0)
+            for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):
+                took(&sh)
+                block_apply(xp + c0, NULL, yp + c0, &g, blk * g.rows_per_block,
+                            min(g.M, (blk + 1) * g.rows_per_block), 0, g.C, &maps)
+            note(late(&sh, nt))
     free(mem)
     return 0
 
 
 cdef int backward_of(const Call* k, const floating* like) noexcept nogil:
-    """Fused backward on (M, C) views (the planar backward's arguments)."""
+    """Fused backward on (M, C) views (the planar backward's arguments),
+    CHUNK_COLUMNS columns at a time."""
     cdef const floating* dyp = <const floating*>k.a
     cdef const floating* xp = <const floating*>k.b
     cdef floating* dxp = <floating*>k.out
-    cdef Grid g = make_grid(k.n, k.c, 2 * sizeof(floating),
-                            streams(k.stream, dxp, dyp, xp, k.n * k.c * sizeof(floating)))
-    cdef int nt = threads_for(g.M * g.C, nunits(&g), k.num_threads)
-    cdef Pass ps = backward_pass(<double>g.M, k.frozen, <const floating*>k.gamma,
-                                 <const floating*>k.beta, <const floating*>k.mean,
-                                 <const floating*>k.invstd, <floating*>k.dgamma,
-                                 <floating*>k.dbeta, k.grad, k.act, k.slope)
-    cdef const floating* mp = <const floating*>k.mean
+    cdef const floating* mp
+    cdef Grid whole = make_grid(k.n, k.c, 2 * sizeof(floating),
+                                streams(k.stream, dxp, dyp, xp, k.n * k.c * sizeof(floating)))
+    cdef Grid g = chunk_of(whole, min(k.c, <Py_ssize_t>CHUNK_COLUMNS))
     cdef char* wp = <char*>malloc(pass_bytes(&g))
+    cdef double* center
+    cdef Pass ps
+    cdef Py_ssize_t q, c0, c
     if wp == NULL:
         return -1
-    cdef double* center = centers(wp, &g)
-    cdef Py_ssize_t c
-    for c in range(g.C):
-        center[c] = mp[c] if mp != NULL else 0.0
-    transform(&g, &ps, maps_at(wp, &g), dyp)
-    run_pass(dyp, xp, dxp, &g, &ps, wp, nt)
+    for q in range((k.c + CHUNK_COLUMNS - 1) // CHUNK_COLUMNS):
+        c0 = q * CHUNK_COLUMNS
+        g = chunk_of(whole, min(k.c - c0, <Py_ssize_t>CHUNK_COLUMNS))
+        mp = moved(k.mean, c0, like)
+        ps = backward_pass(<double>g.M, k.frozen, moved(k.gamma, c0, like),
+                           moved(k.beta, c0, like), mp, moved(k.invstd, c0, like),
+                           <floating*>moved(k.dgamma, c0, like),
+                           <floating*>moved(k.dbeta, c0, like), k.grad, k.act, k.slope)
+        center = centers(wp, &g)
+        for c in range(g.C):
+            center[c] = mp[c] if mp != NULL else 0.0
+        transform(&g, &ps, maps_at(wp, &g), dyp + c0)
+        run_pass(dyp + c0, xp + c0, dxp + c0, &g, &ps, wp,
+                 threads_for(g.M * g.C, nunits(&g), k.num_threads))
     free(wp)
     return 0
 

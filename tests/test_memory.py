@@ -88,3 +88,48 @@ def test_measurement_sees_a_new_result(big):
     peak = peak_bytes(lambda: fastbn.batch_norm_inference(
         b["x"], None, None, b["rm"], b["rv"], channel_axis=b["channel_axis"]))
     assert peak >= INPUT_BYTES
+
+
+# ------------------------------------------- the kernels' own work space ----
+
+HUGE_C_CHILD = r"""
+import json, resource
+import numpy as np
+import fastbn
+
+x = np.random.default_rng(0).standard_normal((2, 2**20), dtype=np.float32)
+dy, out = x.copy(), np.empty_like(x)
+g, b = np.ones(2**20, np.float32), np.zeros(2**20, np.float32)
+_, mean, invstd = fastbn.batch_norm_forward(x, g, b, out=out)
+calls = {
+    "forward": lambda: fastbn.batch_norm_forward(x, g, b, out=out),
+    "inference": lambda: fastbn.batch_norm_inference(x, g, b, mean, invstd, out=out),
+    "backward": lambda: fastbn.batch_norm_backward(dy, x, g, mean, invstd, out=out),
+}
+faults = {}
+for name, call in calls.items():
+    call()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        call()
+    faults[name] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+print(json.dumps(faults))
+"""
+
+
+def test_huge_c_with_tiny_n_touches_little_new_memory():
+    """(2, 2**20) float32 with out=: the columnar work space (about 120
+    bytes a column) is one chunk's, not C's. The pages a call touches for
+    the first time (minor page faults; its C-sized outputs included) stay
+    below those of x itself: before chunking, a call faulted in 30 times x."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import same_fastbn
+    done = subprocess.run([sys.executable, "-c", HUGE_C_CHILD], capture_output=True,
+                          text=True, timeout=120, **same_fastbn())
+    assert done.returncode == 0, done.stderr[-3000:]
+    x_pages = 2 * 2**20 * 4 // 4096
+    for name, faults in json.loads(done.stdout.strip().splitlines()[-1]).items():
+        assert faults < x_pages, (name, faults)
