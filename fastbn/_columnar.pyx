@@ -23,12 +23,13 @@ Schedules (one parallel region per call, units handed out dynamically)
   then every row block normalized, the blocks summed last first (they are
   the ones still cached).
 
-Chunks: a pass takes CHUNK_COLUMNS columns at a time, each chunk a grid of
-its own whose rows are the full row apart (``Grid.stride``), so the work
-space, about 120 bytes a column, is one chunk's: with many columns and few
-rows ((2, 10**6)) it used to be 15 times x, allocated and faulted in at every
-call. The row blocks are those of the full width, so a column's sums, and
-its bits, do not depend on its chunk.
+Chunks: when a column of x weighs less than its work space (about 120
+bytes: fewer than 32 float32 rows), a pass takes CHUNK_COLUMNS columns at a
+time, each chunk a grid of its own whose rows are the full row apart
+(``Grid.stride``), so the work space is one chunk's: with many columns and
+few rows ((2, 10**6)) it used to be 15 times x, allocated and faulted in at
+every call. The row blocks are those of the full width, so a column's sums,
+and its bits, do not depend on its chunk.
 
 Outputs of at least STREAM_MIN_BYTES that are not written in place go
 through streaming stores (``fastbn._simd``). The conventions are those of
@@ -61,8 +62,8 @@ cdef enum:
     MERGE_COLUMNS = 256         # columns per unit of the merge
     BLOCK_VALUES = 65536        # a row block holds at least this many values (or all rows)
     TILE_BYTES = 512 * 1024     # a tile of the inputs over all rows, cached between its steps
-    TILE_COLUMNS = 1024         # columns per tile at most: several tiles per chunk
-    CHUNK_COLUMNS = 4096        # columns per pass: its work space (about 120 bytes a column)
+    TILE_COLUMNS = 1024         # columns per tile of a chunk at most: several tiles a chunk
+    CHUNK_COLUMNS = 4096        # columns per pass when x has few rows (see chunk_width)
     MIN_TILE_BYTES = 1024       # narrower row pieces defeat the hardware prefetcher
 
 
@@ -113,19 +114,26 @@ cdef inline Grid make_grid(Py_ssize_t M, Py_ssize_t C, Py_ssize_t bytes_per_valu
         g.tile = C
     elif g.tile * bytes_per_value < MIN_TILE_BYTES:
         g.tile = 0
-    g.tile = min(g.tile, <Py_ssize_t>TILE_COLUMNS)
     g.ntiles = (C + g.tile - 1) // g.tile if g.tile else 0
     return g
 
 
+cdef inline Py_ssize_t chunk_width(Py_ssize_t M, Py_ssize_t C, Py_ssize_t itemsize) noexcept nogil:
+    """Columns per pass: all of them when a column of x outweighs its work
+    space (about 120 bytes), else CHUNK_COLUMNS."""
+    return C if M * itemsize >= 128 else min(C, <Py_ssize_t>CHUNK_COLUMNS)
+
+
 cdef inline Grid chunk_of(Grid g, Py_ssize_t width) noexcept nogil:
     """``width`` of g's columns as a grid of their own, their rows g.stride
-    values apart. The row blocks stay g's, those of the full width: a
-    column's sums do not depend on its chunk."""
-    g.C = width
-    if g.tile:
-        g.tile = min(g.tile, width)
+    values apart, in tiles of at most TILE_COLUMNS columns when they are
+    fewer than g's (so that a chunk of few rows still splits across
+    threads). The row blocks stay g's, those of the full width: a column's
+    sums do not depend on its chunk."""
+    if g.tile and width < g.C:
+        g.tile = min(g.tile, width, <Py_ssize_t>TILE_COLUMNS)
         g.ntiles = (width + g.tile - 1) // g.tile
+    g.C = width
     return g
 
 
@@ -666,23 +674,22 @@ cdef inline char* maps_at(char* mem, const Grid* g) noexcept nogil:
 # returns -1 before anything is written.
 
 cdef int forward_of(const Call* k, const floating* like) noexcept nogil:
-    """Training forward on an (M, C) view, CHUNK_COLUMNS columns at a time:
-    the work space is that of one chunk, allocated before anything is
-    written."""
+    """Training forward on an (M, C) view, chunk_width columns at a time: the
+    work space is that of one chunk, allocated before anything is written."""
     cdef const floating* xp = <const floating*>k.a
     cdef floating* yp = <floating*>k.out
     cdef Grid whole = make_grid(k.n, k.c, sizeof(floating),
                                 streams(k.stream, yp, xp, NULL, k.n * k.c * sizeof(floating)))
-    cdef Grid g = chunk_of(whole, min(k.c, <Py_ssize_t>CHUNK_COLUMNS))
+    cdef Py_ssize_t W = chunk_width(k.n, k.c, sizeof(floating)), q, c0, c
+    cdef Grid g = chunk_of(whole, W)
     cdef char* wp = <char*>malloc(pass_bytes(&g))
     cdef double* center
     cdef Pass ps
-    cdef Py_ssize_t q, c0, c
     if wp == NULL:
         return -1
-    for q in range((k.c + CHUNK_COLUMNS - 1) // CHUNK_COLUMNS):
-        c0 = q * CHUNK_COLUMNS
-        g = chunk_of(whole, min(k.c - c0, <Py_ssize_t>CHUNK_COLUMNS))
+    for q in range((k.c + W - 1) // W):
+        c0 = q * W
+        g = chunk_of(whole, min(k.c - c0, W))
         g.act = make_act(k.act, k.slope)
         ps = forward_pass(<double>g.M, k.eps, k.factor, k.unbiased, moved(k.gamma, c0, like),
                           moved(k.beta, c0, like), <floating*>moved(k.save_mean, c0, like),
@@ -699,22 +706,22 @@ cdef int forward_of(const Call* k, const floating* like) noexcept nogil:
 
 
 cdef int inference_of(const Call* k, const floating* like) noexcept nogil:
-    """Inference forward on an (M, C) view, CHUNK_COLUMNS columns at a time."""
+    """Inference forward on an (M, C) view, chunk_width columns at a time."""
     cdef const floating* xp = <const floating*>k.a
     cdef floating* yp = <floating*>k.out
     cdef Grid whole = make_grid(k.n, k.c, sizeof(floating),
                                 streams(k.stream, yp, xp, NULL, k.n * k.c * sizeof(floating)))
+    cdef Py_ssize_t W = chunk_width(k.n, k.c, sizeof(floating)), q, c0, c, blk
     cdef Grid g
-    cdef char* mem = <char*>malloc(min(k.c, <Py_ssize_t>CHUNK_COLUMNS) * MAPS_BYTES)
+    cdef char* mem = <char*>malloc(W * MAPS_BYTES)
     cdef Maps maps
-    cdef Py_ssize_t q, c0, c, blk
     cdef int nt
     cdef Shares sh
     if mem == NULL:
         return -1
-    for q in range((k.c + CHUNK_COLUMNS - 1) // CHUNK_COLUMNS):
-        c0 = q * CHUNK_COLUMNS
-        g = chunk_of(whole, min(k.c - c0, <Py_ssize_t>CHUNK_COLUMNS))
+    for q in range((k.c + W - 1) // W):
+        c0 = q * W
+        g = chunk_of(whole, min(k.c - c0, W))
         g.act = make_act(k.act, k.slope)
         maps = maps_in(mem, g.C)
         for c in range(g.C):
@@ -740,23 +747,23 @@ cdef int inference_of(const Call* k, const floating* like) noexcept nogil:
 
 cdef int backward_of(const Call* k, const floating* like) noexcept nogil:
     """Fused backward on (M, C) views (the planar backward's arguments),
-    CHUNK_COLUMNS columns at a time."""
+    chunk_width columns at a time."""
     cdef const floating* dyp = <const floating*>k.a
     cdef const floating* xp = <const floating*>k.b
     cdef floating* dxp = <floating*>k.out
     cdef const floating* mp
     cdef Grid whole = make_grid(k.n, k.c, 2 * sizeof(floating),
                                 streams(k.stream, dxp, dyp, xp, k.n * k.c * sizeof(floating)))
-    cdef Grid g = chunk_of(whole, min(k.c, <Py_ssize_t>CHUNK_COLUMNS))
+    cdef Py_ssize_t W = chunk_width(k.n, k.c, sizeof(floating)), q, c0, c
+    cdef Grid g = chunk_of(whole, W)
     cdef char* wp = <char*>malloc(pass_bytes(&g))
     cdef double* center
     cdef Pass ps
-    cdef Py_ssize_t q, c0, c
     if wp == NULL:
         return -1
-    for q in range((k.c + CHUNK_COLUMNS - 1) // CHUNK_COLUMNS):
-        c0 = q * CHUNK_COLUMNS
-        g = chunk_of(whole, min(k.c - c0, <Py_ssize_t>CHUNK_COLUMNS))
+    for q in range((k.c + W - 1) // W):
+        c0 = q * W
+        g = chunk_of(whole, min(k.c - c0, W))
         mp = moved(k.mean, c0, like)
         ps = backward_pass(<double>g.M, k.frozen, moved(k.gamma, c0, like),
                            moved(k.beta, c0, like), mp, moved(k.invstd, c0, like),
