@@ -2,7 +2,8 @@
 
 - the ``rng`` fixture: a fresh, seeded random generator per test;
 - the hypothesis profile ``fastbn`` (registered and loaded here);
-- the ``--run-slow`` option and the ``slow`` marker.
+- the ``--run-slow`` option and the ``slow`` marker; the ``kernels`` marker (.ci/run's
+  run at another kernel level selects its tests with it).
 
 The helpers that test modules share are in ``helpers.py``
 (``from helpers import ...``), not here.
@@ -61,6 +62,8 @@ def pytest_configure(config):
     # pyproject.toml (scripts/check_artifacts.sh runs a copy of tests/ alone).
     config.addinivalue_line("markers", "slow: long-running or memory-hungry tests "
                                        "(run with --run-slow)")
+    config.addinivalue_line("markers", "kernels: the tests of the kernels' results, run again "
+                                       "at every kernel level in CI")
 
 
 def pytest_collection_modifyitems(config, items):
