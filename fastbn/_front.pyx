@@ -9,7 +9,7 @@ in range; no written array sharing a byte with another argument, except
 ``out`` being the very input it may replace. Then the outputs are
 allocated, one :c:type:`fastbn._call.Call` says what to do, and the entry
 of the kernel family and level that :mod:`fastbn._dispatch` chose runs it
-without the GIL.
+(without the GIL from GIL_FREE_MIN_VALUES values on).
 
 Anything else makes the fast path return None, and the caller runs the
 full checks of :mod:`fastbn._checks`, which name what is wrong or make the
