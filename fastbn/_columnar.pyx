@@ -50,10 +50,10 @@ from fastbn._call cimport (ACT_NONE, DTYPE_FLOAT32, ENTRY_NAME, GRAD_ACT, GRAD_P
                            MODE_INFERENCE, Call)
 from fastbn._openmp cimport Shares, barrier, late, note, threads_for, took
 from fastbn._simd cimport STREAM_CHUNK, fence, stream, streams
-from fastbn._stats cimport (Act, Coef, Coef32, Grad, Pass,
-                            activated, activated32, apply_b, backward_pass, finish,
-                            forward_pass, grad_dz, grad_of, grad_xc, inference_coef, make_act,
-                            needs_sums, to_float)
+from fastbn._body cimport (Body, BodyDX, BodyDXAct, BodyDXOut, BodyDXRelu, BodyDZ, BodyDZRelu, BodyY,
+                           BodyYAct, real, terms, value)
+from fastbn._stats cimport (Act, Coef, Coef32, Grad, Pass, apply_b, backward_pass, finish,
+                            forward_pass, grad_of, inference_coef, make_act, needs_sums, to_float)
 from fastbn._views cimport at, cptr, cptr2, workspace
 
 
@@ -84,6 +84,7 @@ cdef struct Maps:
     double* scale
     double* slope
     double* offset
+    double* zero                # 0: the double path's lo (fastbn._body)
     float* hi
     float* lo
     float* scale32
@@ -146,13 +147,14 @@ cdef inline const floating* moved(const void* p, Py_ssize_t off,
 
 
 cdef inline Maps maps_in(char* mem, Py_ssize_t C) noexcept nogil:
-    """Carve the per-column maps out of 7 * C doubles, 5 * C floats and C chars."""
+    """Carve the per-column maps out of 8 * C doubles, 5 * C floats and C chars."""
     cdef Maps k
     k.center = <double*>mem
     k.scale = k.center + C
     k.slope = k.scale + C
     k.offset = k.slope + C
-    k.grad_center = k.offset + C
+    k.zero = k.offset + C
+    k.grad_center = k.zero + C
     k.grad_scale = k.grad_center + C
     k.grad_offset = k.grad_scale + C
     k.hi = <float*>(k.grad_offset + C)
@@ -165,7 +167,7 @@ cdef inline Maps maps_in(char* mem, Py_ssize_t C) noexcept nogil:
 
 
 cdef enum:
-    MAPS_BYTES = 7 * sizeof(double) + 5 * sizeof(float) + sizeof(char)   # per column
+    MAPS_BYTES = 8 * sizeof(double) + 5 * sizeof(float) + sizeof(char)   # per column
 
 
 cdef inline void store_map(const Maps* k, Py_ssize_t c, Coef m) noexcept nogil:
@@ -175,6 +177,7 @@ cdef inline void store_map(const Maps* k, Py_ssize_t c, Coef m) noexcept nogil:
     k.scale[c] = m.scale
     k.slope[c] = m.slope
     k.offset[c] = m.offset
+    k.zero[c] = 0.0
     k.ok[c] = to_float(&m, &f)
     k.hi[c] = f.hi
     k.lo[c] = f.lo
@@ -203,232 +206,99 @@ cdef inline void transform(Grid* g, const Pass* ps, char* maps,
 
 # ---------------------------------------------------------------- rows ----
 
-cdef void row_grad_map(const floating* dy, const floating* b, floating* out,
-                              Py_ssize_t c0, Py_ssize_t c1, const Maps* k, bint in_float,
-                              const Grad* t) noexcept nogil:
-    """row_map of the inputs t turns (dy, b) into (grad_dz and grad_xc of
-    fastbn._stats, with the columns' coefficients): out = scale * dz - slope
-    * (x - center) - offset, or out = scale * dz for a frozen backward. One
-    loop per kind, the kind a constant in each."""
-    if t.kind != GRAD_ACT:
-        row_grad_map_of(dy, b, out, c0, c1, k, in_float, t, False, True)
-    elif t.relu:
-        row_grad_map_of(dy, b, out, c0, c1, k, in_float, t, True, False)
-    else:
-        row_grad_map_of(dy, b, out, c0, c1, k, in_float, t, False, False)
-
-
-cdef inline void row_grad_map_of(const floating* dy, const floating* b, floating* out,
-                                 Py_ssize_t c0, Py_ssize_t c1, const Maps* k, bint in_float,
-                                 const Grad* t, bint relu, bint from_y) noexcept nogil:
+cdef inline void row_map_in(const Body* body, const floating* a, const floating* b,
+                            floating* out, Py_ssize_t c0, Py_ssize_t c1, const real* hi,
+                            const real* lo, const real* s, const real* q, const real* o, int kind,
+                            real neg, const Maps* k, const Grad* t) noexcept nogil:
+    """out[c - c0] = value(body, ...) for columns [c0, c1) of one row (a, b
+    point at column 0; fastbn._body): the one loop of every columnar apply;
+    one specialization per body."""
     cdef Py_ssize_t c
     cdef const double* zc = k.grad_center
     cdef const double* zs = k.grad_scale
     cdef const double* zo = k.grad_offset
-    cdef const double* ce = k.center
-    cdef const double* sc = k.scale
-    cdef const double* sl = k.slope
-    cdef const double* of = k.offset
-    cdef const float* hi = k.hi
-    cdef const float* lo = k.lo
-    cdef const float* s = k.scale32
-    cdef const float* q = k.slope32
-    cdef const float* o = k.offset32
-    cdef double neg = t.slope, inv = t.inv_slope
-    if floating is float and in_float:
-        if t.frozen:
-            for c in range(c0, c1):
-                out[c - c0] = <float>grad_dz(dy[c], b[c], zc[c], zs[c], zo[c], neg, relu,
-                                             False) * s[c]
-        elif from_y:
-            for c in range(c0, c1):
-                out[c - c0] = (s[c] * <float>grad_dz(dy[c], b[c], 0.0, zs[c], zo[c], neg, relu,
-                                                     True)
-                               - q[c] * <float>grad_xc(b[c], 0.0, zs[c], zo[c], inv, True)
-                               - o[c])
+    cdef double sl = t.slope if t != NULL else 0.0
+    cdef double inv = t.inv_slope if t != NULL else 0.0
+    for c in range(c0, c1):
+        out[c - c0] = <floating>value(body, a, b, c, hi[c], lo[c], s[c], q[c], o[c], kind, neg,
+                                      zc[c], zs[c], zo[c], sl, inv)
+
+
+cdef inline void row_map_as(const floating* a, const floating* b, floating* out,
+                            Py_ssize_t c0, Py_ssize_t c1, const real* hi, const real* lo,
+                            const real* s, const real* q, const real* o, real neg,
+                            const Maps* k, const Act* act, const Grad* t) noexcept nogil:
+    """row_map in real: the body that (b, act, t) say, each a loop of its own."""
+    if t == NULL:
+        if b != NULL:
+            row_map_in(<BodyDX*>NULL, a, b, out, c0, c1, hi, lo, s, q, o, ACT_NONE, neg, k, t)
+        elif act.kind == ACT_NONE:
+            row_map_in(<BodyY*>NULL, a, b, out, c0, c1, hi, lo, s, q, o, ACT_NONE, neg, k, t)
         else:
-            for c in range(c0, c1):
-                out[c - c0] = (s[c] * <float>grad_dz(dy[c], b[c], zc[c], zs[c], zo[c], neg,
-                                                     relu, False)
-                               - q[c] * ((b[c] - hi[c]) - lo[c]) - o[c])
+            row_map_in(<BodyYAct*>NULL, a, b, out, c0, c1, hi, lo, s, q, o, act.kind, neg, k, t)
+    elif t.frozen and t.relu:
+        row_map_in(<BodyDZRelu*>NULL, a, b, out, c0, c1, hi, lo, s, q, o, ACT_NONE, neg, k, t)
     elif t.frozen:
-        for c in range(c0, c1):
-            out[c - c0] = <floating>(grad_dz(dy[c], b[c], zc[c], zs[c], zo[c], neg, relu, False)
-                                     * sc[c])
+        row_map_in(<BodyDZ*>NULL, a, b, out, c0, c1, hi, lo, s, q, o, ACT_NONE, neg, k, t)
+    elif t.kind != GRAD_ACT:
+        row_map_in(<BodyDXOut*>NULL, a, b, out, c0, c1, hi, lo, s, q, o, ACT_NONE, neg, k, t)
+    elif t.relu:
+        row_map_in(<BodyDXRelu*>NULL, a, b, out, c0, c1, hi, lo, s, q, o, ACT_NONE, neg, k, t)
     else:
-        for c in range(c0, c1):
-            out[c - c0] = <floating>(
-                sc[c] * grad_dz(dy[c], b[c], zc[c], zs[c], zo[c], neg, relu, from_y)
-                - sl[c] * grad_xc(b[c], ce[c], zs[c], zo[c], inv, from_y) - of[c])
+        row_map_in(<BodyDXAct*>NULL, a, b, out, c0, c1, hi, lo, s, q, o, ACT_NONE, neg, k, t)
 
 
 cdef inline void row_map(const floating* a, const floating* b, floating* out,
-                         Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
-                         bint in_float, const Act* act, const Grad* t) noexcept nogil:
+                  Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
+                  bint in_float, const Act* act, const Grad* t) noexcept nogil:
     """out[c - c0] for columns [c0, c1) of one row (a, b point at column 0):
-    act((a - center) * scale + offset) with b NULL (the forward, a = x), or
-    scale * a - slope * (b - center) - offset (the backward, a = dy, b = x).
+    y from a = x (b NULL), or dx from a = dy, b = x (or y), of (a, b) as
+    they are (t NULL) or of the inputs t turns them into (fastbn._body).
     float32 with in_float computes in float (Coef32), else in double."""
-    cdef Py_ssize_t c
-    cdef const double* ce = k.center
-    cdef const double* sc = k.scale
-    cdef const double* sl = k.slope
-    cdef const double* of = k.offset
-    cdef const float* hi = k.hi
-    cdef const float* lo = k.lo
-    cdef const float* s = k.scale32
-    cdef const float* q = k.slope32
-    cdef const float* o = k.offset32
-    cdef int kind = act.kind
-    cdef double neg = act.slope
-    cdef float neg32 = act.slope32
-    if t != NULL:
-        row_grad_map(a, b, out, c0, c1, k, in_float, t)
-    elif floating is float and in_float:
-        if b == NULL and kind == ACT_NONE:
-            for c in range(c0, c1):
-                out[c - c0] = ((a[c] - hi[c]) - lo[c]) * s[c] + o[c]
-        elif b == NULL:
-            for c in range(c0, c1):
-                out[c - c0] = activated32(((a[c] - hi[c]) - lo[c]) * s[c] + o[c], kind, neg32)
-        else:
-            for c in range(c0, c1):
-                out[c - c0] = s[c] * a[c] - q[c] * ((b[c] - hi[c]) - lo[c]) - o[c]
-    elif b == NULL and kind == ACT_NONE:
-        for c in range(c0, c1):
-            out[c - c0] = <floating>((<double>a[c] - ce[c]) * sc[c] + of[c])
-    elif b == NULL:
-        for c in range(c0, c1):
-            out[c - c0] = <floating>activated((<double>a[c] - ce[c]) * sc[c] + of[c], kind,
-                                              neg)
+    if floating is float and in_float:
+        row_map_as(a, b, out, c0, c1, k.hi, k.lo, k.scale32, k.slope32, k.offset32,
+                   act.slope32, k, act, t)
     else:
-        for c in range(c0, c1):
-            out[c - c0] = <floating>(sc[c] * <double>a[c] - sl[c] * (<double>b[c] - ce[c])
-                                     - of[c])
+        row_map_as(a, b, out, c0, c1, k.center, k.zero, k.scale, k.slope, k.offset,
+                   act.slope, k, act, t)
 
 
 # -------------------------------------------------------------- blocks ----
 
-cdef void rows_sums(const floating* a, const floating* b, Py_ssize_t stride, Py_ssize_t nrows,
-                    Py_ssize_t n, const double* center, double* sa, double* sb) noexcept nogil:
-    """Add the sums of nrows rows (stride apart) of n columns into sa[c],
-    sb[c]: shifted sums of a (b NULL), or sum(a) and sum(a * (b - center))
-    with a = dy, b = x; four rows at a time, then one at a time."""
+cdef inline void rows_sums_of(const Body* body, const floating* a, const floating* b,
+                              Py_ssize_t stride, Py_ssize_t nrows, Py_ssize_t n,
+                              const double* center, const double* zc, const double* zs,
+                              const double* zo, double slope, double inv, double* sa,
+                              double* sb) noexcept nogil:
+    """Add the two sums of nrows rows (stride apart) of n columns into sa[c],
+    sb[c], their terms those of fastbn._body.terms for the body (one
+    specialization each): four rows at a time, ``s += (t0 + t1) + (t2 + t3)``,
+    then one at a time."""
     cdef Py_ssize_t r = 0, c
     cdef const floating* a0
-    cdef const floating* a1
-    cdef const floating* a2
-    cdef const floating* a3
     cdef const floating* b0
-    cdef const floating* b1
-    cdef const floating* b2
-    cdef const floating* b3
-    cdef double h, d0, d1, d2, d3
+    cdef double u0, u1, u2, u3, v0, v1, v2, v3
     while r + 4 <= nrows:
         a0 = a + r * stride
-        a1 = a0 + stride
-        a2 = a1 + stride
-        a3 = a2 + stride
-        if b == NULL:
-            for c in range(n):
-                h = center[c]
-                d0 = <double>a0[c] - h
-                d1 = <double>a1[c] - h
-                d2 = <double>a2[c] - h
-                d3 = <double>a3[c] - h
-                sa[c] += (d0 + d1) + (d2 + d3)
-                sb[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        else:
-            b0 = b + r * stride
-            b1 = b0 + stride
-            b2 = b1 + stride
-            b3 = b2 + stride
-            for c in range(n):
-                h = center[c]
-                d0 = a0[c]
-                d1 = a1[c]
-                d2 = a2[c]
-                d3 = a3[c]
-                sa[c] += (d0 + d1) + (d2 + d3)
-                sb[c] += ((d0 * (<double>b0[c] - h) + d1 * (<double>b1[c] - h))
-                          + (d2 * (<double>b2[c] - h) + d3 * (<double>b3[c] - h)))
+        b0 = at(b, r * stride)
+        for c in range(n):
+            terms(body, a0, b0, c, center[c], zc[c], zs[c], zo[c], slope, inv, &u0, &v0)
+            terms(body, a0 + stride, at(b0, stride), c, center[c], zc[c], zs[c], zo[c], slope, inv,
+                  &u1, &v1)
+            terms(body, a0 + 2 * stride, at(b0, 2 * stride), c, center[c], zc[c], zs[c], zo[c],
+                  slope, inv, &u2, &v2)
+            terms(body, a0 + 3 * stride, at(b0, 3 * stride), c, center[c], zc[c], zs[c], zo[c],
+                  slope, inv, &u3, &v3)
+            sa[c] += (u0 + u1) + (u2 + u3)
+            sb[c] += (v0 + v1) + (v2 + v3)
         r += 4
     while r < nrows:
         a0 = a + r * stride
-        if b == NULL:
-            for c in range(n):
-                d0 = <double>a0[c] - center[c]
-                sa[c] += d0
-                sb[c] += d0 * d0
-        else:
-            b0 = b + r * stride
-            for c in range(n):
-                d0 = a0[c]
-                sa[c] += d0
-                sb[c] += d0 * (<double>b0[c] - center[c])
-        r += 1
-
-
-cdef void grad_rows_sums(const floating* a, const floating* b, Py_ssize_t stride,
-                         Py_ssize_t nrows, Py_ssize_t n, const double* center, const double* zc,
-                         const double* zs, const double* zo, const Grad* t, double* sa,
-                         double* sb) noexcept nogil:
-    """rows_sums of the inputs t turns (a = dy, b) into (grad_dz and grad_xc
-    of fastbn._stats, with the columns' coefficients zc, zs, zo): the same
-    rows together and the same order of additions. One loop per kind, the
-    kind a constant in each (no per-value branch on it)."""
-    if t.kind != GRAD_ACT:
-        grad_rows_sums_of(a, b, stride, nrows, n, center, zc, zs, zo, t, sa, sb, False, True)
-    elif t.relu:
-        grad_rows_sums_of(a, b, stride, nrows, n, center, zc, zs, zo, t, sa, sb, True, False)
-    else:
-        grad_rows_sums_of(a, b, stride, nrows, n, center, zc, zs, zo, t, sa, sb, False, False)
-
-
-cdef inline void grad_rows_sums_of(const floating* a, const floating* b, Py_ssize_t stride,
-                                   Py_ssize_t nrows, Py_ssize_t n, const double* center,
-                                   const double* zc, const double* zs, const double* zo,
-                                   const Grad* t, double* sa, double* sb, bint relu,
-                                   bint from_y) noexcept nogil:
-    cdef Py_ssize_t r = 0, c
-    cdef const floating* a0
-    cdef const floating* a1
-    cdef const floating* a2
-    cdef const floating* a3
-    cdef const floating* b0
-    cdef const floating* b1
-    cdef const floating* b2
-    cdef const floating* b3
-    cdef double d0, d1, d2, d3, e0, e1, e2, e3
-    cdef double neg = t.slope, inv = t.inv_slope
-    while r + 4 <= nrows:
-        a0 = a + r * stride
-        a1 = a0 + stride
-        a2 = a1 + stride
-        a3 = a2 + stride
-        b0 = b + r * stride
-        b1 = b0 + stride
-        b2 = b1 + stride
-        b3 = b2 + stride
+        b0 = at(b, r * stride)
         for c in range(n):
-            d0 = grad_dz(a0[c], b0[c], zc[c], zs[c], zo[c], neg, relu, from_y)
-            d1 = grad_dz(a1[c], b1[c], zc[c], zs[c], zo[c], neg, relu, from_y)
-            d2 = grad_dz(a2[c], b2[c], zc[c], zs[c], zo[c], neg, relu, from_y)
-            d3 = grad_dz(a3[c], b3[c], zc[c], zs[c], zo[c], neg, relu, from_y)
-            e0 = grad_xc(b0[c], center[c], zs[c], zo[c], inv, from_y)
-            e1 = grad_xc(b1[c], center[c], zs[c], zo[c], inv, from_y)
-            e2 = grad_xc(b2[c], center[c], zs[c], zo[c], inv, from_y)
-            e3 = grad_xc(b3[c], center[c], zs[c], zo[c], inv, from_y)
-            sa[c] += (d0 + d1) + (d2 + d3)
-            sb[c] += (d0 * e0 + d1 * e1) + (d2 * e2 + d3 * e3)
-        r += 4
-    while r < nrows:
-        a0 = a + r * stride
-        b0 = b + r * stride
-        for c in range(n):
-            d0 = grad_dz(a0[c], b0[c], zc[c], zs[c], zo[c], neg, relu, from_y)
-            sa[c] += d0
-            sb[c] += d0 * grad_xc(b0[c], center[c], zs[c], zo[c], inv, from_y)
+            terms(body, a0, b0, c, center[c], zc[c], zs[c], zo[c], slope, inv, &u0, &v0)
+            sa[c] += u0
+            sb[c] += v0
         r += 1
 
 
@@ -444,13 +314,29 @@ cdef void block_sums(const floating* a, const floating* b, const Grid* g, Py_ssi
     for c in range(c0, c1):
         sa[c] = 0.0
         sb[c] = 0.0
-    off = r0 * S + c0
-    if b == NULL or g.grad.kind == GRAD_PLAIN:
-        rows_sums(a + off, at(b, off), S, r1 - r0, c1 - c0, center + c0, sa + c0, sb + c0)
+    cdef const double* zc = k.grad_center + c0
+    cdef const double* zs = k.grad_scale + c0
+    cdef const double* zo = k.grad_offset + c0
+    cdef const Grad* t = &g.grad
+    cdef const floating* ap = a + r0 * S + c0
+    cdef const floating* bp = at(b, r0 * S + c0)
+    cdef Py_ssize_t n = c1 - c0, nr = r1 - r0
+    # one loop per body, the body a constant in each
+    if b == NULL:
+        rows_sums_of(<BodyY*>NULL, ap, bp, S, nr, n, center + c0, zc, zs, zo,
+                     0.0, 0.0, sa + c0, sb + c0)
+    elif t.kind == GRAD_PLAIN:
+        rows_sums_of(<BodyDX*>NULL, ap, bp, S, nr, n, center + c0, zc, zs, zo,
+                     0.0, 0.0, sa + c0, sb + c0)
+    elif t.kind != GRAD_ACT:
+        rows_sums_of(<BodyDXOut*>NULL, ap, bp, S, nr, n, center + c0, zc, zs, zo,
+                     t.slope, t.inv_slope, sa + c0, sb + c0)
+    elif t.relu:
+        rows_sums_of(<BodyDXRelu*>NULL, ap, bp, S, nr, n, center + c0, zc, zs, zo,
+                     t.slope, t.inv_slope, sa + c0, sb + c0)
     else:
-        grad_rows_sums(a + off, b + off, S, r1 - r0, c1 - c0, center + c0,
-                       k.grad_center + c0, k.grad_scale + c0, k.grad_offset + c0, &g.grad,
-                       sa + c0, sb + c0)
+        rows_sums_of(<BodyDXAct*>NULL, ap, bp, S, nr, n, center + c0, zc, zs, zo,
+                     t.slope, t.inv_slope, sa + c0, sb + c0)
 
 
 cdef inline void row_apply(const floating* a, const floating* b, floating* out,

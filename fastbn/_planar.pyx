@@ -53,10 +53,11 @@ from libc.stdlib cimport free, malloc
 from fastbn._call cimport (ACT_NONE, DTYPE_FLOAT32, ENTRY_NAME, GRAD_ACT, GRAD_PLAIN, MODE_FORWARD,
                            MODE_INFERENCE, Call)
 from fastbn._openmp cimport FASTBN_COMPILE_ARGS, Shares, barrier, late, note, threads_for, took
-from fastbn._stats cimport (Act, Coef, Coef32, Grad, Pass,
-                            activated, activated32, apply_b, backward_pass, center_of, finish,
-                            forward_pass, grad_dz, grad_of, grad_xc, inference_coef, make_act,
-                            needs_sums, to_float)
+from fastbn._body cimport (Body, BodyDX, BodyDXAct, BodyDXOut, BodyDXRelu, BodyDZ, BodyDZRelu, BodyY,
+                           BodyYAct, real, value)
+from fastbn._stats cimport (Act, Coef, Coef32, Grad, Pass, apply_b, backward_pass, center_of,
+                            finish, forward_pass, grad_of, inference_coef, make_act, needs_sums,
+                            to_float)
 from fastbn._simd cimport (LANES, PREFETCH_BYTES, STREAM_CHUNK, act_sums_f32, act_sums_f64,
                            fence, grad_sums_f32, grad_sums_f64, prefetch_span,
                            shifted_sums_f32, shifted_sums_f64, stream, streams)
@@ -156,88 +157,52 @@ cdef inline void run_sums(const floating* a, const floating* b, Py_ssize_t n, do
                      t.inv_slope, acc_a, acc_b)
 
 
-cdef void run_grad_map(const floating* dy, const floating* b, floating* out,
-                              Py_ssize_t n, const Coef* k, const Coef32* f,
-                              const Grad* t) noexcept nogil:
-    """dx of n values from the inputs t turns (dy, b) into (grad_dz and
-    grad_xc of fastbn._stats, in double as the sums take them), then the map
-    of run_map: out = scale * dz - slope * (x - center) - offset, or out =
-    scale * dz for a frozen backward. float32 with f != NULL applies the map
-    in float. out may be dy or b. One loop per kind, the kind a constant in
-    each."""
-    if t.kind != GRAD_ACT:
-        run_grad_map_of(dy, b, out, n, k, f, t, False, True)
-    elif t.relu:
-        run_grad_map_of(dy, b, out, n, k, f, t, True, False)
-    else:
-        run_grad_map_of(dy, b, out, n, k, f, t, False, False)
-
-
-cdef inline void run_grad_map_of(const floating* dy, const floating* b, floating* out,
-                                 Py_ssize_t n, const Coef* k, const Coef32* f, const Grad* t,
-                                 bint relu, bint from_y) noexcept nogil:
+cdef inline void run_map_in(const Body* body, const floating* a, const floating* b,
+                            floating* out, Py_ssize_t n, real hi, real lo, real s, real q, real o,
+                            int kind, real neg, const Grad* t) noexcept nogil:
+    """out[i] = value(body, ...) of n values (fastbn._body): the one loop
+    of every planar apply, one specialization per body."""
     cdef Py_ssize_t i
-    cdef double zc = t.center, zs = t.scale, zo = t.offset, sl = t.slope, inv = t.inv_slope
-    cdef double center = k.center, scale = k.scale, slope = k.slope, offset = k.offset
-    cdef float hi, lo, s, q, o
-    if floating is float and f != NULL:
-        hi, lo, s, q, o = f.hi, f.lo, f.scale, f.slope, f.offset
-        if t.frozen:
-            for i in range(n):
-                out[i] = <float>grad_dz(dy[i], b[i], zc, zs, zo, sl, relu, False) * s
-        elif from_y:
-            for i in range(n):
-                out[i] = (s * <float>grad_dz(dy[i], b[i], zc, zs, zo, sl, relu, True)
-                          - q * <float>grad_xc(b[i], 0.0, zs, zo, inv, True) - o)
+    cdef double zc = 0.0, zs = 0.0, zo = 0.0, sl = 0.0, inv = 0.0
+    if t != NULL:
+        zc, zs, zo, sl, inv = t.center, t.scale, t.offset, t.slope, t.inv_slope
+    for i in range(n):
+        out[i] = <floating>value(body, a, b, i, hi, lo, s, q, o, kind, neg, zc, zs, zo, sl, inv)
+
+
+cdef inline void run_map_as(const floating* a, const floating* b, floating* out, Py_ssize_t n,
+                            real hi, real lo, real s, real q, real o, real neg, const Act* act,
+                            const Grad* t) noexcept nogil:
+    """run_map in real: the body that (b, act, t) say, each a loop of its own."""
+    if t == NULL or t.kind == GRAD_PLAIN:
+        if b != NULL:
+            run_map_in(<BodyDX*>NULL, a, b, out, n, hi, lo, s, q, o, ACT_NONE, neg, t)
+        elif act.kind == ACT_NONE:
+            run_map_in(<BodyY*>NULL, a, b, out, n, hi, lo, s, q, o, ACT_NONE, neg, t)
         else:
-            for i in range(n):
-                out[i] = (s * <float>grad_dz(dy[i], b[i], zc, zs, zo, sl, relu, False)
-                          - q * ((b[i] - hi) - lo) - o)
+            run_map_in(<BodyYAct*>NULL, a, b, out, n, hi, lo, s, q, o, act.kind, neg, t)
+    elif t.frozen and t.relu:
+        run_map_in(<BodyDZRelu*>NULL, a, b, out, n, hi, lo, s, q, o, ACT_NONE, neg, t)
     elif t.frozen:
-        for i in range(n):
-            out[i] = <floating>(grad_dz(dy[i], b[i], zc, zs, zo, sl, relu, False) * scale)
+        run_map_in(<BodyDZ*>NULL, a, b, out, n, hi, lo, s, q, o, ACT_NONE, neg, t)
+    elif t.kind != GRAD_ACT:
+        run_map_in(<BodyDXOut*>NULL, a, b, out, n, hi, lo, s, q, o, ACT_NONE, neg, t)
+    elif t.relu:
+        run_map_in(<BodyDXRelu*>NULL, a, b, out, n, hi, lo, s, q, o, ACT_NONE, neg, t)
     else:
-        for i in range(n):
-            out[i] = <floating>(scale * grad_dz(dy[i], b[i], zc, zs, zo, sl, relu, from_y)
-                                - slope * grad_xc(b[i], center, zs, zo, inv, from_y) - offset)
+        run_map_in(<BodyDXAct*>NULL, a, b, out, n, hi, lo, s, q, o, ACT_NONE, neg, t)
 
 
 cdef inline void run_map(const floating* a, const floating* b, floating* out, Py_ssize_t n,
-                         const Coef* k, const Coef32* f, const Act* act) noexcept nogil:
-    """out = act((a - center) * scale + offset) (b NULL: the forward, a = x),
-    or out = scale * a - slope * (b - center) - offset (the backward, a = dy,
-    b = x). out may be a or b. float32 with f != NULL computes in float
-    (Coef32), anything else in double."""
-    cdef Py_ssize_t i
-    cdef double center = k.center, scale = k.scale, slope = k.slope, offset = k.offset
-    cdef float hi, lo, s, q, o
-    cdef int kind = act.kind
-    cdef double neg = act.slope
-    cdef float neg32 = act.slope32
+                  const Coef* k, const Coef32* f, const Act* act, const Grad* t) noexcept nogil:
+    """n values of an apply (fastbn._body): y from a = x (b NULL), or dx from
+    a = dy and b = x (or y), of (a, b) as they are (t NULL or GRAD_PLAIN) or
+    of the inputs t turns them into. float32 with f != NULL computes in
+    float (Coef32), anything else in double. out may be a or b."""
     if floating is float and f != NULL:
-        hi = f.hi
-        lo = f.lo
-        s = f.scale
-        q = f.slope
-        o = f.offset
-        if b == NULL and kind == ACT_NONE:
-            for i in range(n):
-                out[i] = ((a[i] - hi) - lo) * s + o
-        elif b == NULL:
-            for i in range(n):
-                out[i] = activated32(((a[i] - hi) - lo) * s + o, kind, neg32)
-        else:
-            for i in range(n):
-                out[i] = s * a[i] - q * ((b[i] - hi) - lo) - o
-    elif b == NULL and kind == ACT_NONE:
-        for i in range(n):
-            out[i] = <floating>((<double>a[i] - center) * scale + offset)
-    elif b == NULL:
-        for i in range(n):
-            out[i] = <floating>activated((<double>a[i] - center) * scale + offset, kind, neg)
+        run_map_as(a, b, out, n, f.hi, f.lo, f.scale, f.slope, f.offset, act.slope32, act, t)
     else:
-        for i in range(n):
-            out[i] = <floating>(scale * <double>a[i] - slope * (<double>b[i] - center) - offset)
+        run_map_as(a, b, out, n, k.center, 0.0, k.scale, k.slope, k.offset, act.slope, act, t)
 
 
 cdef inline void run_apply(const floating* a, const floating* b, floating* out, Py_ssize_t n,
@@ -248,19 +213,12 @@ cdef inline void run_apply(const floating* a, const floating* b, floating* out, 
     ``streaming``."""
     cdef floating buf[STREAM_CHUNK]
     cdef Py_ssize_t i = 0, m
-    cdef bint plain = t == NULL or t.kind == GRAD_PLAIN
     if not streaming:
-        if plain:
-            run_map(a, b, out, n, k, f, act)
-        else:
-            run_grad_map(a, b, out, n, k, f, t)
+        run_map(a, b, out, n, k, f, act, t)
         return
     while i < n:
         m = min(<Py_ssize_t>STREAM_CHUNK, n - i)
-        if plain:
-            run_map(a + i, at(b, i), buf, m, k, f, act)
-        else:
-            run_grad_map(a + i, b + i, buf, m, k, f, t)
+        run_map(a + i, at(b, i), buf, m, k, f, act, t)
         stream(out + i, buf, m * sizeof(floating))
         i += m
 

@@ -260,21 +260,6 @@ cdef inline Act make_act(int kind, double slope) noexcept nogil:
     return act
 
 
-cdef inline double activated(double v, int kind, double slope) noexcept nogil:
-    """relu: 0 for v < 0; leaky_relu: v * slope for v < 0; v otherwise (NaN
-    and -0.0 stay as they are, as numpy.maximum(v, 0) keeps them)."""
-    if kind == ACT_NONE or not (v < 0.0):
-        return v
-    return 0.0 if kind == ACT_RELU else v * slope
-
-
-cdef inline float activated32(float v, int kind, float slope) noexcept nogil:
-    """activated in float."""
-    if kind == ACT_NONE or not (v < 0.0):
-        return v
-    return 0.0 if kind == ACT_RELU else v * slope
-
-
 ctypedef struct Grad:
     # A backward's inputs turned into the plain backward's, per channel, value
     # by value, before the sums and before the apply:
@@ -286,6 +271,7 @@ ctypedef struct Grad:
     #                (scale = 1 / gamma, offset = beta): In-Place
     #                Activated BatchNorm (Rota Bulo, Porzi & Kontschieder,
     #                CVPR 2018), x never read.
+    # (fastbn._body.grad_dz and grad_xc, value by value.)
     # act'(z) is 1 for z > 0 and 0 (relu) or slope (leaky_relu, or 1 for no
     # activation) otherwise, NaN included (as PyTorch's leaky_relu_backward;
     # its relu backward lets dy through where the output is NaN).
@@ -317,21 +303,6 @@ cdef inline Grad grad_of(const Pass* ps, Py_ssize_t c, const floating* like) noe
         t.center = (<const floating*>ps.mean)[c] if ps.mean != NULL else 0.0
         t.scale = g * istd
     return t
-
-
-cdef inline double grad_dz(double dy, double v, double zc, double zs, double zo, double slope,
-                           bint relu, bint from_y) noexcept nogil:
-    """dz = dy * act'(z) of one value (Grad): z = (v - zc) * zs + zo from
-    v = x, or, from the output (from_y), z > 0 exactly where v = y > 0."""
-    cdef bint pos = v > 0.0 if from_y else (v - zc) * zs + zo > 0.0
-    return dy if pos else (0.0 if relu else dy * slope)
-
-
-cdef inline double grad_xc(double v, double center, double zs, double zo, double inv,
-                           bint from_y) noexcept nogil:
-    """The second input of the sums, of one value (Grad): x - center from
-    v = x, or, from the output (from_y, center 0), xhat = (act^-1(y) - zo) * zs."""
-    return ((v if v > 0.0 else v * inv) - zo) * zs if from_y else v - center
 
 
 ctypedef struct Coef32:
