@@ -54,6 +54,7 @@ cdef struct Call:
     double factor            # forward: weight of the batch in the running statistics
     bint unbiased            # forward: the running variance takes var * m / (m - 1)
     bint frozen              # backward: mean and invstd are constants
+    bint param_grads         # backward: dgamma and dbeta are written (else frozen: not wanted)
     int grad                 # backward: GRAD_PLAIN, GRAD_ACT or GRAD_OUTPUT (fastbn._stats)
     int act                  # ACT_NONE, ACT_RELU or ACT_LEAKY_RELU (fastbn._stats)
     double slope             # leaky_relu's negative slope

@@ -68,5 +68,5 @@ def backward_map(const double[:, :] sums, double m, const floating[::1] invstd,
     cdef Coef* k = <Coef*>&coef[0, 0]
     cdef Py_ssize_t c
     for c in range(sums.shape[0]):
-        k[c] = backward_coef(sums[c, 0], sums[c, 1], m, cptr(mean), &invstd[0], g,
-                             &dgamma[0], &dbeta[0], c)
+        k[c] = backward_coef(sums[c, 0], sums[c, 1], m, mean is None, cptr(mean), &invstd[0],
+                             g, &dgamma[0], &dbeta[0], c)

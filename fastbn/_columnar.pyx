@@ -46,14 +46,16 @@ from cython.view cimport array
 from cpython.pycapsule cimport PyCapsule_New
 from libc.stdlib cimport free, malloc
 
-from fastbn._call cimport (ACT_NONE, DTYPE_FLOAT32, ENTRY_NAME, GRAD_ACT, GRAD_PLAIN, MODE_FORWARD,
-                           MODE_INFERENCE, Call)
+from fastbn._call cimport (ACT_NONE, DTYPE_FLOAT32, ENTRY_NAME, GRAD_OUTPUT, GRAD_PLAIN,
+                           MODE_BACKWARD, MODE_FORWARD, MODE_INFERENCE, Call)
 from fastbn._openmp cimport Shares, barrier, late, note, threads_for, took
 from fastbn._simd cimport STREAM_CHUNK, fence, stream, streams
 from fastbn._body cimport (Body, BodyDX, BodyDXAct, BodyDXOut, BodyDXRelu, BodyDZ, BodyDZRelu, BodyY,
                            BodyYAct, real, terms, value)
-from fastbn._stats cimport (Act, Coef, Coef32, Grad, Pass, apply_b, backward_pass, finish,
-                            forward_pass, grad_of, inference_coef, make_act, needs_sums, to_float)
+from fastbn._stats cimport (BODY_DX, BODY_DX_ACT, BODY_DX_OUT, BODY_DX_RELU, BODY_DZ, BODY_Y,
+                            BODY_Y_ACT, PASS_FORWARD, PASS_INFERENCE, Act, Coef, Coef32, Grad,
+                            Pass, apply_b, backward_pass, finish, forward_pass, grad_of,
+                            inference_pass, make_act, sums_pass, to_float)
 from fastbn._views cimport at, cptr, cptr2, workspace
 
 
@@ -73,8 +75,10 @@ cdef struct Grid:
     Py_ssize_t rows_per_block, nblocks
     Py_ssize_t tile, ntiles       # columns per tile, tiles (tile == 0: by row block)
     bint streaming
+    int body                      # the pass's apply body and sums body (fastbn._stats.BODY_*)
+    int sums_body
     Act act                       # the activation fused into a forward's apply
-    Grad grad                     # a backward's transform (kind, slopes; per column in Maps)
+    Grad grad                     # a backward's transform (its slopes; per column in Maps)
 
 
 cdef struct Maps:
@@ -91,8 +95,8 @@ cdef struct Maps:
     float* slope32
     float* offset32
     char* ok
-    double* grad_center         # the columns' Grad (center, scale, offset), when g.grad
-    double* grad_scale          # is not GRAD_PLAIN
+    double* grad_center         # the columns' Grad (center, scale, offset), for a
+    double* grad_scale          # backward with GRAD_ACT or GRAD_OUTPUT
     double* grad_offset
 
 
@@ -104,8 +108,7 @@ cdef inline Grid make_grid(Py_ssize_t M, Py_ssize_t C, Py_ssize_t bytes_per_valu
     g.C = g.stride = C
     g.streaming = streaming
     g.act = make_act(ACT_NONE, 0.0)
-    g.grad.kind = GRAD_PLAIN
-    g.grad.relu = g.grad.frozen = False
+    g.body = g.sums_body = BODY_Y
     g.grad.slope = g.grad.inv_slope = g.grad.center = g.grad.scale = g.grad.offset = 0.0
     g.rows_per_block = max((M + MAX_ROW_BLOCKS - 1) // MAX_ROW_BLOCKS,
                            (BLOCK_VALUES + C - 1) // C)
@@ -186,14 +189,17 @@ cdef inline void store_map(const Maps* k, Py_ssize_t c, Coef m) noexcept nogil:
     k.offset32[c] = f.offset
 
 
-cdef inline void transform(Grid* g, const Pass* ps, char* maps,
-                           const floating* like) noexcept nogil:
-    """Set the backward's transform of ps (fastbn._stats.Grad): its kind and
-    slopes in g, its columns' coefficients in the maps at ``maps``
-    (nothing for GRAD_PLAIN)."""
+cdef inline void set_pass(Grid* g, const Pass* ps, char* maps,
+                          const floating* like) noexcept nogil:
+    """What g's steps compute: the pass's bodies and activation, and the
+    backward's transform of ps (fastbn._stats.Grad): its slopes in g, its
+    columns' coefficients in the maps at ``maps`` (nothing for GRAD_PLAIN)."""
     cdef Maps k = maps_in(maps, g.C)
     cdef Grad t
     cdef Py_ssize_t c
+    g.body = ps.body
+    g.sums_body = ps.sums_body
+    g.act = make_act(ps.act, ps.act_slope)
     if ps.grad == GRAD_PLAIN:
         return
     g.grad = grad_of(ps, 0, like)
@@ -217,50 +223,25 @@ cdef inline void row_map_in(const Body* body, const floating* a, const floating*
     cdef const double* zc = k.grad_center
     cdef const double* zs = k.grad_scale
     cdef const double* zo = k.grad_offset
-    cdef double sl = t.slope if t != NULL else 0.0
-    cdef double inv = t.inv_slope if t != NULL else 0.0
+    cdef double sl = t.slope, inv = t.inv_slope
     for c in range(c0, c1):
         out[c - c0] = <floating>value(body, a, b, c, hi[c], lo[c], s[c], q[c], o[c], kind, neg,
                                       zc[c], zs[c], zo[c], sl, inv)
 
 
-cdef inline void row_map_as(const floating* a, const floating* b, floating* out,
-                            Py_ssize_t c0, Py_ssize_t c1, const real* hi, const real* lo,
-                            const real* s, const real* q, const real* o, real neg,
-                            const Maps* k, const Act* act, const Grad* t) noexcept nogil:
-    """row_map in real: the body that (b, act, t) say, each a loop of its own."""
-    if t == NULL:
-        if b != NULL:
-            row_map_in(<BodyDX*>NULL, a, b, out, c0, c1, hi, lo, s, q, o, ACT_NONE, neg, k, t)
-        elif act.kind == ACT_NONE:
-            row_map_in(<BodyY*>NULL, a, b, out, c0, c1, hi, lo, s, q, o, ACT_NONE, neg, k, t)
-        else:
-            row_map_in(<BodyYAct*>NULL, a, b, out, c0, c1, hi, lo, s, q, o, act.kind, neg, k, t)
-    elif t.frozen and t.relu:
-        row_map_in(<BodyDZRelu*>NULL, a, b, out, c0, c1, hi, lo, s, q, o, ACT_NONE, neg, k, t)
-    elif t.frozen:
-        row_map_in(<BodyDZ*>NULL, a, b, out, c0, c1, hi, lo, s, q, o, ACT_NONE, neg, k, t)
-    elif t.kind != GRAD_ACT:
-        row_map_in(<BodyDXOut*>NULL, a, b, out, c0, c1, hi, lo, s, q, o, ACT_NONE, neg, k, t)
-    elif t.relu:
-        row_map_in(<BodyDXRelu*>NULL, a, b, out, c0, c1, hi, lo, s, q, o, ACT_NONE, neg, k, t)
-    else:
-        row_map_in(<BodyDXAct*>NULL, a, b, out, c0, c1, hi, lo, s, q, o, ACT_NONE, neg, k, t)
-
-
-cdef inline void row_map(const floating* a, const floating* b, floating* out,
-                  Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
-                  bint in_float, const Act* act, const Grad* t) noexcept nogil:
-    """out[c - c0] for columns [c0, c1) of one row (a, b point at column 0):
-    y from a = x (b NULL), or dx from a = dy, b = x (or y), of (a, b) as
-    they are (t NULL) or of the inputs t turns them into (fastbn._body).
+cdef inline void row_map(const Body* body, const floating* a, const floating* b,
+                         floating* out, Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
+                         bint in_float, const Grid* g) noexcept nogil:
+    """out[c - c0] for columns [c0, c1) of one row (a, b point at column 0),
+    of the body (fastbn._body): y from a = x, or dx from a = dy, b = x (or
+    y), of (a, b) as they are or of the inputs g.grad turns them into.
     float32 with in_float computes in float (Coef32), else in double."""
     if floating is float and in_float:
-        row_map_as(a, b, out, c0, c1, k.hi, k.lo, k.scale32, k.slope32, k.offset32,
-                   act.slope32, k, act, t)
+        row_map_in(body, a, b, out, c0, c1, k.hi, k.lo, k.scale32, k.slope32, k.offset32,
+                   g.act.kind, g.act.slope32, k, &g.grad)
     else:
-        row_map_as(a, b, out, c0, c1, k.center, k.zero, k.scale, k.slope, k.offset,
-                   act.slope, k, act, t)
+        row_map_in(body, a, b, out, c0, c1, k.center, k.zero, k.scale, k.slope, k.offset,
+                   g.act.kind, g.act.slope, k, &g.grad)
 
 
 # -------------------------------------------------------------- blocks ----
@@ -276,25 +257,36 @@ cdef inline void rows_sums_of(const Body* body, const floating* a, const floatin
     then one at a time."""
     cdef Py_ssize_t r = 0, c
     cdef const floating* a0
-    cdef const floating* b0
+    cdef const floating* a1
+    cdef const floating* a2
+    cdef const floating* a3
+    cdef const floating* b0 = NULL
+    cdef const floating* b1 = NULL
+    cdef const floating* b2 = NULL
+    cdef const floating* b3 = NULL
     cdef double u0, u1, u2, u3, v0, v1, v2, v3
     while r + 4 <= nrows:
         a0 = a + r * stride
-        b0 = at(b, r * stride)
+        a1 = a0 + stride
+        a2 = a1 + stride
+        a3 = a2 + stride
+        if not (Body is BodyY or Body is BodyYAct):  # the bodies that read b
+            b0 = b + r * stride
+            b1 = b0 + stride
+            b2 = b1 + stride
+            b3 = b2 + stride
         for c in range(n):
             terms(body, a0, b0, c, center[c], zc[c], zs[c], zo[c], slope, inv, &u0, &v0)
-            terms(body, a0 + stride, at(b0, stride), c, center[c], zc[c], zs[c], zo[c], slope, inv,
-                  &u1, &v1)
-            terms(body, a0 + 2 * stride, at(b0, 2 * stride), c, center[c], zc[c], zs[c], zo[c],
-                  slope, inv, &u2, &v2)
-            terms(body, a0 + 3 * stride, at(b0, 3 * stride), c, center[c], zc[c], zs[c], zo[c],
-                  slope, inv, &u3, &v3)
+            terms(body, a1, b1, c, center[c], zc[c], zs[c], zo[c], slope, inv, &u1, &v1)
+            terms(body, a2, b2, c, center[c], zc[c], zs[c], zo[c], slope, inv, &u2, &v2)
+            terms(body, a3, b3, c, center[c], zc[c], zs[c], zo[c], slope, inv, &u3, &v3)
             sa[c] += (u0 + u1) + (u2 + u3)
             sb[c] += (v0 + v1) + (v2 + v3)
         r += 4
     while r < nrows:
         a0 = a + r * stride
-        b0 = at(b, r * stride)
+        if not (Body is BodyY or Body is BodyYAct):
+            b0 = b + r * stride
         for c in range(n):
             terms(body, a0, b0, c, center[c], zc[c], zs[c], zo[c], slope, inv, &u0, &v0)
             sa[c] += u0
@@ -322,16 +314,16 @@ cdef void block_sums(const floating* a, const floating* b, const Grid* g, Py_ssi
     cdef const floating* bp = at(b, r0 * S + c0)
     cdef Py_ssize_t n = c1 - c0, nr = r1 - r0
     # one loop per body, the body a constant in each
-    if b == NULL:
+    if g.sums_body == BODY_Y:
         rows_sums_of(<BodyY*>NULL, ap, bp, S, nr, n, center + c0, zc, zs, zo,
                      0.0, 0.0, sa + c0, sb + c0)
-    elif t.kind == GRAD_PLAIN:
+    elif g.sums_body == BODY_DX:
         rows_sums_of(<BodyDX*>NULL, ap, bp, S, nr, n, center + c0, zc, zs, zo,
                      0.0, 0.0, sa + c0, sb + c0)
-    elif t.kind != GRAD_ACT:
+    elif g.sums_body == BODY_DX_OUT:
         rows_sums_of(<BodyDXOut*>NULL, ap, bp, S, nr, n, center + c0, zc, zs, zo,
                      t.slope, t.inv_slope, sa + c0, sb + c0)
-    elif t.relu:
+    elif g.sums_body == BODY_DX_RELU:
         rows_sums_of(<BodyDXRelu*>NULL, ap, bp, S, nr, n, center + c0, zc, zs, zo,
                      t.slope, t.inv_slope, sa + c0, sb + c0)
     else:
@@ -339,35 +331,30 @@ cdef void block_sums(const floating* a, const floating* b, const Grid* g, Py_ssi
                      t.slope, t.inv_slope, sa + c0, sb + c0)
 
 
-cdef inline void row_apply(const floating* a, const floating* b, floating* out,
-                           Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
+cdef inline void row_apply(const Body* body, const floating* a, const floating* b,
+                           floating* out, Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
                            int mode, const Grid* g) noexcept nogil:
-    """row_map over columns [c0, c1), of (a, b) or of the inputs g.grad turns
-    them into: mode 1 all in float, 0 all in double, -1 each column in float
-    where its map allows (k.ok[c]) and in double otherwise: a column's bits
-    never depend on another column's map."""
+    """row_map over columns [c0, c1): mode 1 all in float, 0 all in double,
+    -1 each column in float where its map allows (k.ok[c]) and in double
+    otherwise: a column's bits never depend on another column's map."""
     cdef Py_ssize_t c, e
-    cdef const Act* act = &g.act
-    cdef const Grad* t = NULL
-    if g.grad.kind != GRAD_PLAIN:
-        t = &g.grad
     if mode >= 0:
-        row_map(a, b, out, c0, c1, k, mode == 1, act, t)
+        row_map(body, a, b, out, c0, c1, k, mode == 1, g)
         return
     c = c0
     while c < c1:
         e = c + 1
         while e < c1 and k.ok[e] == k.ok[c]:
             e += 1
-        row_map(a, b, out + (c - c0), c, e, k, k.ok[c], act, t)
+        row_map(body, a, b, out + (c - c0), c, e, k, k.ok[c], g)
         c = e
 
 
-cdef void block_apply(const floating* a, const floating* b, floating* out, const Grid* g,
-                      Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
-                      const Maps* k) noexcept nogil:
-    """Rows [r0, r1), columns [c0, c1): y from a = x (b NULL), or dx from
-    a = dy, b = x; streamed through a stack buffer when g.streaming."""
+cdef inline void block_apply_in(const Body* body, const floating* a, const floating* b,
+                                floating* out, const Grid* g, Py_ssize_t r0, Py_ssize_t r1,
+                                Py_ssize_t c0, Py_ssize_t c1, const Maps* k) noexcept nogil:
+    """block_apply of one body (one specialization each: the body is chosen
+    once per block, not once per row)."""
     cdef floating buf[STREAM_CHUNK]
     cdef Py_ssize_t C = g.C, S = g.stride, r, c, j, m
     cdef int mode = 1 if floating is float else 0
@@ -378,7 +365,7 @@ cdef void block_apply(const floating* a, const floating* b, floating* out, const
                 break
     if not g.streaming:
         for r in range(r0, r1):
-            row_apply(a + r * S, at(b, r * S), out + r * S + c0, c0, c1, k, mode, g)
+            row_apply(body, a + r * S, at(b, r * S), out + r * S + c0, c0, c1, k, mode, g)
     elif c1 - c0 == C and C == S and C <= STREAM_CHUNK:
         # whole rows, contiguous: several rows per buffer
         m = STREAM_CHUNK // C
@@ -386,7 +373,8 @@ cdef void block_apply(const floating* a, const floating* b, floating* out, const
         while r < r1:
             m = min(m, r1 - r)
             for j in range(m):
-                row_apply(a + (r + j) * C, at(b, (r + j) * C), &buf[j * C], 0, C, k, mode, g)
+                row_apply(body, a + (r + j) * C, at(b, (r + j) * C), &buf[j * C], 0, C, k, mode,
+                          g)
             stream(out + r * C, buf, m * C * sizeof(floating))
             r += m
     else:
@@ -394,11 +382,35 @@ cdef void block_apply(const floating* a, const floating* b, floating* out, const
             c = c0
             while c < c1:
                 m = min(<Py_ssize_t>STREAM_CHUNK, c1 - c)
-                row_apply(a + r * S, at(b, r * S), buf, c, c + m, k, mode, g)
+                row_apply(body, a + r * S, at(b, r * S), buf, c, c + m, k, mode, g)
                 stream(out + r * S + c, buf, m * sizeof(floating))
                 c += m
     if g.streaming:
         fence()
+
+
+cdef void block_apply(const floating* a, const floating* b, floating* out, const Grid* g,
+                      Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
+                      const Maps* k) noexcept nogil:
+    """Rows [r0, r1), columns [c0, c1) of g's apply body: y from a = x, or dx
+    from a = dy, b = x (or y); streamed through a stack buffer when
+    g.streaming."""
+    if g.body == BODY_Y:
+        block_apply_in(<BodyY*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+    elif g.body == BODY_Y_ACT:
+        block_apply_in(<BodyYAct*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+    elif g.body == BODY_DX:
+        block_apply_in(<BodyDX*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+    elif g.body == BODY_DX_ACT:
+        block_apply_in(<BodyDXAct*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+    elif g.body == BODY_DX_RELU:
+        block_apply_in(<BodyDXRelu*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+    elif g.body == BODY_DX_OUT:
+        block_apply_in(<BodyDXOut*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+    elif g.body == BODY_DZ:
+        block_apply_in(<BodyDZ*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+    else:
+        block_apply_in(<BodyDZRelu*>NULL, a, b, out, g, r0, r1, c0, c1, k)
 
 
 cdef inline void zero_totals(const Grid* g, Py_ssize_t c0, Py_ssize_t c1,
@@ -447,10 +459,11 @@ cdef inline Py_ssize_t nunits(const Grid* g) noexcept nogil:
     return g.ntiles if g.tile else g.nblocks
 
 
-cdef inline Py_ssize_t pass_bytes(const Grid* g) noexcept nogil:
-    """Work space of run_pass: totals, centers, the scratch (2 * C doubles by
-    tile, the table by row block), then the maps."""
+cdef inline Py_ssize_t pass_bytes(const Grid* g, bint sums) noexcept nogil:
+    """Work space of run_pass: totals, centers, the scratch of the sums (2 *
+    C doubles by tile, the table by row block), then the maps."""
     return g.C * (MAPS_BYTES + 3 * sizeof(double)) + (
+        0 if not sums else
         2 * g.C * sizeof(double) if g.tile else 2 * g.nblocks * g.C * sizeof(double))
 
 
@@ -463,7 +476,7 @@ cdef void tile_unit(const floating* a, const floating* b, const floating* ab, fl
         tile_totals(a, b, g, c0, c1, center, k, scratch, total)
     else:
         zero_totals(g, c0, c1, total)
-    if out != NULL:
+    if ps.apply:
         for c in range(c0, c1):
             store_map(k, c, finish(ps, total[c], total[g.C + c], center[c], c, a))
         block_apply(a, ab, out, g, 0, g.M, c0, c1, k)
@@ -490,13 +503,14 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Gr
 
     mem: pass_bytes(g): 2 * C doubles of totals, C of centers (already set
     by the caller), the scratch, then the maps.
-    out NULL (and ps NULL): the sums only, left in ``totals(mem, g)`` (C of
-    the first sum, then C of the second). A frozen backward without
-    parameter gradients skips the sums."""
+    Without ps.apply (the synchronized passes' first half), the sums only,
+    left in ``totals(mem, g)`` (C of the first sum, then C of the second);
+    without ps.sums (a frozen backward without parameter gradients), the
+    apply only."""
     cdef Py_ssize_t C = g.C, u, t, c, c0, c1, blk, nb = g.nblocks
-    cdef bint sums = ps == NULL or needs_sums(ps)
-    cdef const floating* ab = b if ps == NULL else apply_b(ps, b)
-    cdef Maps k = maps_in(maps_at(mem, g), C)
+    cdef bint sums = ps.sums, apply = ps.apply
+    cdef const floating* ab = apply_b(ps, b)
+    cdef Maps k = maps_in(maps_at(mem, g, ps.sums), C)
     cdef double* total = totals(mem, g)
     cdef const double* center = total + 2 * C
     cdef double* scratch = total + 3 * C
@@ -514,14 +528,14 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Gr
         note(late(&sh, nt))
         return
     cdef Shares blocks = Shares(nb if sums else 0, 0, 0)
-    sh = Shares(nb if out != NULL else 0, 0, 0)
+    sh = Shares(nb if apply else 0, 0, 0)
     if nt == 1:
         for blk in range(nb if sums else 0):
             block_sums(a, b, g, blk, 0, C, center, &k, scratch + 2 * blk * C,
                        scratch + (2 * blk + 1) * C)
         for u in range(nmerge):
-            merge_unit(a, g, ps, u, center, &k, scratch, total, sums, out != NULL)
-        for blk in range(nb if out != NULL else 0):
+            merge_unit(a, g, ps, u, center, &k, scratch, total, sums, apply)
+        for blk in range(nb if apply else 0):
             block_apply(a, ab, out, g, (nb - 1 - blk) * g.rows_per_block,
                         min(g.M, (nb - blk) * g.rows_per_block), 0, C, &k)
         return
@@ -532,9 +546,9 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Gr
                        scratch + (2 * blk + 1) * C)
         barrier()
         for u in prange(nmerge, schedule="dynamic"):
-            merge_unit(a, g, ps, u, center, &k, scratch, total, sums, out != NULL)
+            merge_unit(a, g, ps, u, center, &k, scratch, total, sums, apply)
         barrier()
-        for blk in prange(nb if out != NULL else 0, schedule="dynamic"):
+        for blk in prange(nb if apply else 0, schedule="dynamic"):
             took(&sh)
             block_apply(a, ab, out, g, (nb - 1 - blk) * g.rows_per_block,
                         min(g.M, (nb - blk) * g.rows_per_block), 0, C, &k)
@@ -549,9 +563,9 @@ cdef inline double* centers(char* mem, const Grid* g) noexcept nogil:
     return totals(mem, g) + 2 * g.C
 
 
-cdef inline char* maps_at(char* mem, const Grid* g) noexcept nogil:
+cdef inline char* maps_at(char* mem, const Grid* g, bint sums) noexcept nogil:
     """The maps follow the doubles: totals, centers and the scratch."""
-    return mem + pass_bytes(g) - MAPS_BYTES * g.C
+    return mem + pass_bytes(g, sums) - MAPS_BYTES * g.C
 
 
 # ------------------------------------------------------------- entry ----
@@ -559,107 +573,61 @@ cdef inline char* maps_at(char* mem, const Grid* g) noexcept nogil:
 # the one entry of the compiled front; a work space that cannot be had
 # returns -1 before anything is written.
 
-cdef int forward_of(const Call* k, const floating* like) noexcept nogil:
-    """Training forward on an (M, C) view, chunk_width columns at a time: the
-    work space is that of one chunk, allocated before anything is written."""
-    cdef const floating* xp = <const floating*>k.a
-    cdef floating* yp = <floating*>k.out
-    cdef Grid whole = make_grid(k.n, k.c, sizeof(floating),
-                                streams(k.stream, yp, xp, NULL, k.n * k.c * sizeof(floating)))
+cdef Pass pass_of(const Call* k, Py_ssize_t c0, double m, const floating* like) noexcept nogil:
+    """The call's pass over columns c0 and on (fastbn._stats), m values per column."""
+    if k.mode == MODE_FORWARD:
+        return forward_pass(m, k.eps, k.factor, k.unbiased, moved(k.gamma, c0, like),
+                            moved(k.beta, c0, like), <floating*>moved(k.save_mean, c0, like),
+                            <floating*>moved(k.save_invstd, c0, like),
+                            <floating*>moved(k.running_mean, c0, like),
+                            <floating*>moved(k.running_var, c0, like), k.act, k.slope)
+    if k.mode == MODE_INFERENCE:
+        return inference_pass(k.eps, moved(k.gamma, c0, like), moved(k.beta, c0, like),
+                              moved(k.running_mean, c0, like), moved(k.running_var, c0, like),
+                              k.act, k.slope)
+    return backward_pass(m, k.frozen, k.param_grads, moved(k.gamma, c0, like),
+                         moved(k.beta, c0, like), moved(k.mean, c0, like),
+                         moved(k.invstd, c0, like), <floating*>moved(k.dgamma, c0, like),
+                         <floating*>moved(k.dbeta, c0, like), k.grad, k.act, k.slope)
+
+
+cdef int call_of(const Call* k, const floating* like) noexcept nogil:
+    """The call on an (M, C) view (fastbn._call.Call: a = x or dy, b = x or
+    y in the backward), chunk_width columns at a time: the work space is
+    that of one chunk, allocated before anything is written. Inference is
+    the pass without sums, by row block."""
+    cdef const floating* ap = <const floating*>k.a
+    cdef const floating* bp = <const floating*>k.b if k.mode == MODE_BACKWARD else NULL
+    cdef floating* op = <floating*>k.out
+    cdef Grid whole = make_grid(k.n, k.c, (2 if bp != NULL else 1) * sizeof(floating),
+                                streams(k.stream, op, ap, bp, k.n * k.c * sizeof(floating)))
     cdef Py_ssize_t W = chunk_width(k.n, k.c, sizeof(floating)), q, c0, c
-    cdef Grid g = chunk_of(whole, W)
-    cdef char* wp = <char*>malloc(pass_bytes(&g))
-    cdef double* center
-    cdef Pass ps
-    if wp == NULL:
-        return -1
-    for q in range((k.c + W - 1) // W):
-        c0 = q * W
-        g = chunk_of(whole, min(k.c - c0, W))
-        g.act = make_act(k.act, k.slope)
-        ps = forward_pass(<double>g.M, k.eps, k.factor, k.unbiased, moved(k.gamma, c0, like),
-                          moved(k.beta, c0, like), <floating*>moved(k.save_mean, c0, like),
-                          <floating*>moved(k.save_invstd, c0, like),
-                          <floating*>moved(k.running_mean, c0, like),
-                          <floating*>moved(k.running_var, c0, like))
-        center = centers(wp, &g)
-        for c in range(g.C):
-            center[c] = xp[c0 + c]
-        run_pass(xp + c0, NULL, yp + c0, &g, &ps, wp,
-                 threads_for(g.M * g.C, nunits(&g), k.num_threads))
-    free(wp)
-    return 0
-
-
-cdef int inference_of(const Call* k, const floating* like) noexcept nogil:
-    """Inference forward on an (M, C) view, chunk_width columns at a time."""
-    cdef const floating* xp = <const floating*>k.a
-    cdef floating* yp = <floating*>k.out
-    cdef Grid whole = make_grid(k.n, k.c, sizeof(floating),
-                                streams(k.stream, yp, xp, NULL, k.n * k.c * sizeof(floating)))
-    cdef Py_ssize_t W = chunk_width(k.n, k.c, sizeof(floating)), q, c0, c, blk
     cdef Grid g
-    cdef char* mem = <char*>malloc(W * MAPS_BYTES)
-    cdef Maps maps
-    cdef int nt
-    cdef Shares sh
-    if mem == NULL:
-        return -1
-    for q in range((k.c + W - 1) // W):
-        c0 = q * W
-        g = chunk_of(whole, min(k.c - c0, W))
-        g.act = make_act(k.act, k.slope)
-        maps = maps_in(mem, g.C)
-        for c in range(g.C):
-            store_map(&maps, c, inference_coef(moved(k.running_mean, c0, like),
-                                               moved(k.running_var, c0, like), k.eps,
-                                               moved(k.gamma, c0, like),
-                                               moved(k.beta, c0, like), c))
-        nt = threads_for(g.M * g.C, g.nblocks, k.num_threads)
-        if nt == 1:
-            for blk in range(g.nblocks):
-                block_apply(xp + c0, NULL, yp + c0, &g, blk * g.rows_per_block,
-                            min(g.M, (blk + 1) * g.rows_per_block), 0, g.C, &maps)
-        else:
-            sh = Shares(g.nblocks, 0, 0)
-            for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):
-                took(&sh)
-                block_apply(xp + c0, NULL, yp + c0, &g, blk * g.rows_per_block,
-                            min(g.M, (blk + 1) * g.rows_per_block), 0, g.C, &maps)
-            note(late(&sh, nt))
-    free(mem)
-    return 0
-
-
-cdef int backward_of(const Call* k, const floating* like) noexcept nogil:
-    """Fused backward on (M, C) views (the planar backward's arguments),
-    chunk_width columns at a time."""
-    cdef const floating* dyp = <const floating*>k.a
-    cdef const floating* xp = <const floating*>k.b
-    cdef floating* dxp = <floating*>k.out
-    cdef const floating* mp
-    cdef Grid whole = make_grid(k.n, k.c, 2 * sizeof(floating),
-                                streams(k.stream, dxp, dyp, xp, k.n * k.c * sizeof(floating)))
-    cdef Py_ssize_t W = chunk_width(k.n, k.c, sizeof(floating)), q, c0, c
-    cdef Grid g = chunk_of(whole, W)
-    cdef char* wp = <char*>malloc(pass_bytes(&g))
+    cdef Pass ps = pass_of(k, 0, <double>k.n, like)
+    cdef char* wp
     cdef double* center
-    cdef Pass ps
+    cdef const floating* mean
+    if ps.kind == PASS_INFERENCE:
+        whole.tile = whole.ntiles = 0      # no sums to keep cached: by row block
+    g = chunk_of(whole, W)
+    wp = <char*>malloc(pass_bytes(&g, ps.sums))
     if wp == NULL:
         return -1
     for q in range((k.c + W - 1) // W):
         c0 = q * W
         g = chunk_of(whole, min(k.c - c0, W))
-        mp = moved(k.mean, c0, like)
-        ps = backward_pass(<double>g.M, k.frozen, moved(k.gamma, c0, like),
-                           moved(k.beta, c0, like), mp, moved(k.invstd, c0, like),
-                           <floating*>moved(k.dgamma, c0, like),
-                           <floating*>moved(k.dbeta, c0, like), k.grad, k.act, k.slope)
+        ps = pass_of(k, c0, <double>g.M, like)
         center = centers(wp, &g)
+        mean = <const floating*>ps.mean
         for c in range(g.C):
-            center[c] = mp[c] if mp != NULL else 0.0
-        transform(&g, &ps, maps_at(wp, &g), dyp + c0)
-        run_pass(dyp + c0, xp + c0, dxp + c0, &g, &ps, wp,
+            if ps.kind == PASS_FORWARD:
+                center[c] = ap[c0 + c]     # the shift: a value of the column
+            elif ps.kind == PASS_INFERENCE or ps.grad == GRAD_OUTPUT:
+                center[c] = 0.0
+            else:
+                center[c] = mean[c]
+        set_pass(&g, &ps, maps_at(wp, &g, ps.sums), ap + c0)
+        run_pass(ap + c0, at(bp, c0), op + c0, &g, &ps, wp,
                  threads_for(g.M * g.C, nunits(&g), k.num_threads))
     free(wp)
     return 0
@@ -682,21 +650,21 @@ def sums(const floating[:, ::1] a, const floating[:, ::1] b, const double[::1] c
     cdef Grid g = make_grid(a.shape[0], a.shape[1],
                             sizeof(floating) if b is None else 2 * sizeof(floating), False)
     cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
-    cdef array mem = workspace(pass_bytes(&g), 1)
+    cdef array mem = workspace(pass_bytes(&g, True), 1)
     cdef char* wp = mem.data
     cdef double* total = totals(wp, &g)
     cdef double* cp = centers(wp, &g)
     cdef const floating* ap = &a[0, 0]
     cdef const floating* bp = cptr2(b)
-    cdef Pass ps = backward_pass(0.0, False, cptr(gamma), cptr(beta), cptr(mean), cptr(invstd),
-                                 <floating*>NULL, <floating*>NULL, grad, activation,
-                                 negative_slope)
+    cdef Pass ps = sums_pass(b is None, cptr(gamma), cptr(beta), cptr(mean), cptr(invstd), grad,
+                             activation, negative_slope)
     cdef Py_ssize_t c
+    ps.apply = False
     with nogil:
         for c in range(g.C):
             cp[c] = center[c]
-        transform(&g, &ps, maps_at(wp, &g), ap)
-        run_pass(ap, bp, NULL, &g, NULL, wp, nt)
+        set_pass(&g, &ps, maps_at(wp, &g, True), ap)
+        run_pass(ap, bp, NULL, &g, &ps, wp, nt)
         for c in range(g.C):
             out[c, 0] = total[c]
             out[c, 1] = total[g.C + c]
@@ -719,14 +687,12 @@ def apply(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] o
     cdef array mem = workspace(g.C, MAPS_BYTES)
     cdef Maps k = maps_in(mem.data, g.C)
     cdef const Coef* maps = <const Coef*>&coef[0, 0]
-    cdef Pass ps = backward_pass(0.0, False, cptr(gamma), cptr(beta), cptr(mean), cptr(invstd),
-                                 <floating*>NULL, <floating*>NULL, grad, activation,
-                                 negative_slope)
+    cdef Pass ps = sums_pass(b is None, cptr(gamma), cptr(beta), cptr(mean), cptr(invstd), grad,
+                             activation, negative_slope)
     cdef Py_ssize_t c, blk
     cdef Shares sh = Shares(g.nblocks, 0, 0)
-    g.act = make_act(activation, negative_slope)
     with nogil:
-        transform(&g, &ps, mem.data, ap)
+        set_pass(&g, &ps, mem.data, ap)
         for c in range(g.C):
             store_map(&k, c, maps[c])
         for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):

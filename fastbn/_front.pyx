@@ -329,7 +329,7 @@ cdef tuple forward_core(cnp.ndarray x, object gamma, object beta, object running
     else:
         k.factor = 1.0 / (<double>seen + 1.0)
     k.unbiased = unbiased
-    k.frozen = False
+    k.frozen = k.param_grads = False
     k.grad = GRAD_PLAIN
     k.act = act
     k.slope = slope
@@ -361,7 +361,7 @@ cdef object inference_core(cnp.ndarray x, object gamma, object beta, object runn
     k.dgamma = k.dbeta = NULL
     k.eps = eps
     k.factor = 0.0
-    k.unbiased = k.frozen = False
+    k.unbiased = k.frozen = k.param_grads = False
     k.grad = GRAD_PLAIN
     k.act = act
     k.slope = slope
@@ -398,6 +398,7 @@ cdef tuple backward_core(cnp.ndarray dy, cnp.ndarray x, object gamma, object bet
     k.eps = k.factor = 0.0
     k.unbiased = False
     k.frozen = not training
+    k.param_grads = reads_x
     k.grad = GRAD_OUTPUT if from_output else GRAD_ACT if act != ACT_NONE else GRAD_PLAIN
     k.act = act
     k.slope = slope

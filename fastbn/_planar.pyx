@@ -50,14 +50,15 @@ from cython.view cimport array
 from cpython.pycapsule cimport PyCapsule_New
 from libc.stdlib cimport free, malloc
 
-from fastbn._call cimport (ACT_NONE, DTYPE_FLOAT32, ENTRY_NAME, GRAD_ACT, GRAD_PLAIN, MODE_FORWARD,
-                           MODE_INFERENCE, Call)
+from fastbn._call cimport (ACT_NONE, DTYPE_FLOAT32, ENTRY_NAME, GRAD_ACT, GRAD_OUTPUT, GRAD_PLAIN,
+                           MODE_FORWARD, MODE_INFERENCE, Call)
 from fastbn._openmp cimport FASTBN_COMPILE_ARGS, Shares, barrier, late, note, threads_for, took
 from fastbn._body cimport (Body, BodyDX, BodyDXAct, BodyDXOut, BodyDXRelu, BodyDZ, BodyDZRelu, BodyY,
                            BodyYAct, real, value)
-from fastbn._stats cimport (Act, Coef, Coef32, Grad, Pass, apply_b, backward_pass, center_of,
-                            finish, forward_pass, grad_of, inference_coef, make_act, needs_sums,
-                            to_float)
+from fastbn._stats cimport (BODY_DX, BODY_DX_ACT, BODY_DX_OUT, BODY_DX_RELU, BODY_DZ, BODY_Y,
+                            BODY_Y_ACT, Act, Coef, Coef32, Grad, Pass, apply_b, backward_pass,
+                            center_of, finish, forward_pass, grad_of, inference_pass, make_act,
+                            sums_pass, to_float)
 from fastbn._simd cimport (LANES, PREFETCH_BYTES, STREAM_CHUNK, act_sums_f32, act_sums_f64,
                            fence, grad_sums_f32, grad_sums_f64, prefetch_span,
                            shifted_sums_f32, shifted_sums_f64, stream, streams)
@@ -78,6 +79,8 @@ cdef struct Plane:
     Py_ssize_t blocks_per_row    # when S >= BLOCK: blocks per row
     Py_ssize_t nblocks           # blocks per channel
     bint streaming               # the output is streamed
+    int body                     # the pass's apply body and sums body (fastbn._stats.BODY_*)
+    int sums_body
     Act act                      # the activation fused into a forward's apply
 
 
@@ -90,6 +93,7 @@ cdef inline Plane make_plane(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     p.row_stride = C * S
     p.streaming = streaming
     p.act = make_act(ACT_NONE, 0.0)
+    p.body = p.sums_body = BODY_Y
     if S < BLOCK:
         p.rows_per_block = BLOCK // S
         p.blocks_per_row = 0
@@ -99,6 +103,13 @@ cdef inline Plane make_plane(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
         p.blocks_per_row = (S + BLOCK - 1) // BLOCK
         p.nblocks = N * p.blocks_per_row
     return p
+
+
+cdef inline void set_pass(Plane* p, const Pass* ps) noexcept nogil:
+    """What p's steps compute: the pass's bodies and activation."""
+    p.body = ps.body
+    p.sums_body = ps.sums_body
+    p.act = make_act(ps.act, ps.act_slope)
 
 
 cdef inline void block_span(const Plane* p, Py_ssize_t b, Py_ssize_t* n0, Py_ssize_t* n1,
@@ -140,21 +151,25 @@ cdef inline void run_grad_sums(const floating* dy, const floating* x, Py_ssize_t
         grad_sums_f64(dy, x, n, center, acc_g, acc_c)
 
 
-cdef inline void run_sums(const floating* a, const floating* b, Py_ssize_t n, double center,
-                          const Grad* t, double* acc_a, double* acc_b) noexcept nogil:
-    """A run's sums: shifted sums of a (b NULL), else the backward's sums of
-    (a, b) as they are (t NULL or GRAD_PLAIN) or of the inputs t turns them
-    into (fastbn._stats.Grad), lane by lane as the plain sums."""
-    if b == NULL:
+cdef inline void run_sums(int body, const floating* a, const floating* b, Py_ssize_t n,
+                          double center, const Grad* t, double* acc_a,
+                          double* acc_b) noexcept nogil:
+    """A run's sums for the sums body (fastbn._stats.BODY_*): shifted sums of
+    a (BODY_Y), else the backward's sums of (a, b) as they are (BODY_DX) or
+    of the inputs t turns them into (fastbn._stats.Grad), lane by lane as the
+    plain sums."""
+    if body == BODY_Y:
         run_shifted_sums(a, n, center, acc_a, acc_b)
-    elif t == NULL or t.kind == GRAD_PLAIN:
+    elif body == BODY_DX:
         run_grad_sums(a, b, n, center, acc_a, acc_b)
     elif floating is float:
-        act_sums_f32(a, b, n, center, t.kind, t.relu, t.center, t.scale, t.offset, t.slope,
-                     t.inv_slope, acc_a, acc_b)
+        act_sums_f32(a, b, n, center, GRAD_OUTPUT if body == BODY_DX_OUT else GRAD_ACT,
+                     body == BODY_DX_RELU, t.center, t.scale, t.offset, t.slope, t.inv_slope,
+                     acc_a, acc_b)
     else:
-        act_sums_f64(a, b, n, center, t.kind, t.relu, t.center, t.scale, t.offset, t.slope,
-                     t.inv_slope, acc_a, acc_b)
+        act_sums_f64(a, b, n, center, GRAD_OUTPUT if body == BODY_DX_OUT else GRAD_ACT,
+                     body == BODY_DX_RELU, t.center, t.scale, t.offset, t.slope, t.inv_slope,
+                     acc_a, acc_b)
 
 
 cdef inline void run_map_in(const Body* body, const floating* a, const floating* b,
@@ -170,55 +185,56 @@ cdef inline void run_map_in(const Body* body, const floating* a, const floating*
         out[i] = <floating>value(body, a, b, i, hi, lo, s, q, o, kind, neg, zc, zs, zo, sl, inv)
 
 
-cdef inline void run_map_as(const floating* a, const floating* b, floating* out, Py_ssize_t n,
-                            real hi, real lo, real s, real q, real o, real neg, const Act* act,
-                            const Grad* t) noexcept nogil:
-    """run_map in real: the body that (b, act, t) say, each a loop of its own."""
-    if t == NULL or t.kind == GRAD_PLAIN:
-        if b != NULL:
-            run_map_in(<BodyDX*>NULL, a, b, out, n, hi, lo, s, q, o, ACT_NONE, neg, t)
-        elif act.kind == ACT_NONE:
-            run_map_in(<BodyY*>NULL, a, b, out, n, hi, lo, s, q, o, ACT_NONE, neg, t)
-        else:
-            run_map_in(<BodyYAct*>NULL, a, b, out, n, hi, lo, s, q, o, act.kind, neg, t)
-    elif t.frozen and t.relu:
-        run_map_in(<BodyDZRelu*>NULL, a, b, out, n, hi, lo, s, q, o, ACT_NONE, neg, t)
-    elif t.frozen:
-        run_map_in(<BodyDZ*>NULL, a, b, out, n, hi, lo, s, q, o, ACT_NONE, neg, t)
-    elif t.kind != GRAD_ACT:
-        run_map_in(<BodyDXOut*>NULL, a, b, out, n, hi, lo, s, q, o, ACT_NONE, neg, t)
-    elif t.relu:
-        run_map_in(<BodyDXRelu*>NULL, a, b, out, n, hi, lo, s, q, o, ACT_NONE, neg, t)
+cdef inline void run_map_as(int body, const floating* a, const floating* b, floating* out,
+                            Py_ssize_t n, real hi, real lo, real s, real q, real o, real neg,
+                            int kind, const Grad* t) noexcept nogil:
+    """run_map in real: one loop per body."""
+    if body == BODY_Y:
+        run_map_in(<BodyY*>NULL, a, b, out, n, hi, lo, s, q, o, kind, neg, t)
+    elif body == BODY_Y_ACT:
+        run_map_in(<BodyYAct*>NULL, a, b, out, n, hi, lo, s, q, o, kind, neg, t)
+    elif body == BODY_DX:
+        run_map_in(<BodyDX*>NULL, a, b, out, n, hi, lo, s, q, o, kind, neg, t)
+    elif body == BODY_DX_ACT:
+        run_map_in(<BodyDXAct*>NULL, a, b, out, n, hi, lo, s, q, o, kind, neg, t)
+    elif body == BODY_DX_RELU:
+        run_map_in(<BodyDXRelu*>NULL, a, b, out, n, hi, lo, s, q, o, kind, neg, t)
+    elif body == BODY_DX_OUT:
+        run_map_in(<BodyDXOut*>NULL, a, b, out, n, hi, lo, s, q, o, kind, neg, t)
+    elif body == BODY_DZ:
+        run_map_in(<BodyDZ*>NULL, a, b, out, n, hi, lo, s, q, o, kind, neg, t)
     else:
-        run_map_in(<BodyDXAct*>NULL, a, b, out, n, hi, lo, s, q, o, ACT_NONE, neg, t)
+        run_map_in(<BodyDZRelu*>NULL, a, b, out, n, hi, lo, s, q, o, kind, neg, t)
 
 
-cdef inline void run_map(const floating* a, const floating* b, floating* out, Py_ssize_t n,
-                  const Coef* k, const Coef32* f, const Act* act, const Grad* t) noexcept nogil:
-    """n values of an apply (fastbn._body): y from a = x (b NULL), or dx from
-    a = dy and b = x (or y), of (a, b) as they are (t NULL or GRAD_PLAIN) or
-    of the inputs t turns them into. float32 with f != NULL computes in
-    float (Coef32), anything else in double. out may be a or b."""
+cdef inline void run_map(int body, const floating* a, const floating* b, floating* out,
+                         Py_ssize_t n, const Coef* k, const Coef32* f, const Act* act,
+                         const Grad* t) noexcept nogil:
+    """n values of an apply with the body (fastbn._body): y from a = x, or
+    dx from a = dy and b = x (or y), of (a, b) as they are or of the inputs
+    t turns them into. float32 with f != NULL computes in float (Coef32),
+    anything else in double. out may be a or b."""
     if floating is float and f != NULL:
-        run_map_as(a, b, out, n, f.hi, f.lo, f.scale, f.slope, f.offset, act.slope32, act, t)
+        run_map_as(body, a, b, out, n, f.hi, f.lo, f.scale, f.slope, f.offset, act.slope32,
+                   act.kind, t)
     else:
-        run_map_as(a, b, out, n, k.center, 0.0, k.scale, k.slope, k.offset, act.slope, act, t)
+        run_map_as(body, a, b, out, n, k.center, 0.0, k.scale, k.slope, k.offset, act.slope,
+                   act.kind, t)
 
 
-cdef inline void run_apply(const floating* a, const floating* b, floating* out, Py_ssize_t n,
-                           const Coef* k, const Coef32* f, bint streaming, const Act* act,
-                           const Grad* t) noexcept nogil:
-    """run_map into out, of (a, b) as they are (t NULL or GRAD_PLAIN), or
-    run_grad_map; through a stack buffer and streaming stores when
+cdef inline void run_apply(int body, const floating* a, const floating* b, floating* out,
+                           Py_ssize_t n, const Coef* k, const Coef32* f, bint streaming,
+                           const Act* act, const Grad* t) noexcept nogil:
+    """run_map into out; through a stack buffer and streaming stores when
     ``streaming``."""
     cdef floating buf[STREAM_CHUNK]
     cdef Py_ssize_t i = 0, m
     if not streaming:
-        run_map(a, b, out, n, k, f, act, t)
+        run_map(body, a, b, out, n, k, f, act, t)
         return
     while i < n:
         m = min(<Py_ssize_t>STREAM_CHUNK, n - i)
-        run_map(a + i, at(b, i), buf, m, k, f, act, t)
+        run_map(body, a + i, at(b, i), buf, m, k, f, act, t)
         stream(out + i, buf, m * sizeof(floating))
         i += m
 
@@ -244,7 +260,7 @@ cdef void block_sums(const floating* a, const floating* b, const Plane* p, Py_ss
     block_span(p, blk, &n0, &n1, &s0, &s1)
     for n in range(n0, n1):
         off = n * p.row_stride + c * p.S + s0
-        run_sums(a + off, at(b, off), s1 - s0, center, t, acc_a, acc_b)
+        run_sums(p.sums_body, a + off, at(b, off), s1 - s0, center, t, acc_a, acc_b)
     for k in range(LANES):
         ta += acc_a[k]
         tb += acc_b[k]
@@ -262,7 +278,8 @@ cdef void block_apply(const floating* a, const floating* b, floating* out, const
     block_span(p, blk, &n0, &n1, &s0, &s1)
     for n in range(n0, n1):
         off = n * p.row_stride + c * p.S + s0
-        run_apply(a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming, &p.act, t)
+        run_apply(p.body, a + off, at(b, off), out + off, s1 - s0, k, fp, p.streaming, &p.act,
+                  t)
     if p.streaming:
         fence()
 
@@ -313,7 +330,8 @@ cdef void group_sums(const floating* a, const floating* b, const Plane* p, Py_ss
         for n in range(n0, n1):
             for j in range(G):
                 off = n * p.row_stride + (c0 + j) * p.S + s0
-                run_sums(a + off, at(b, off), s1 - s0, center[j], (&t[j] if t != NULL else NULL),
+                run_sums(p.sums_body, a + off, at(b, off), s1 - s0, center[j],
+                         (&t[j] if t != NULL else NULL),
                          &lanes[2 * j * LANES], &lanes[(2 * j + 1) * LANES])
         for j in range(G):
             ta = 0.0
@@ -343,8 +361,9 @@ cdef void group_apply(const floating* a, const floating* b, floating* out, const
         base = n * p.row_stride + c0 * p.S
         for j in range(G):
             off = base + j * p.S
-            run_apply(a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off, p.S,
-                      &coef[j], &f[j] if ok[j] else NULL, False, &p.act, (&t[j] if t != NULL else NULL))
+            run_apply(p.body, a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off,
+                      p.S, &coef[j], &f[j] if ok[j] else NULL, False, &p.act,
+                      (&t[j] if t != NULL else NULL))
         if p.streaming:
             stream(out + base, buf, G * p.S * sizeof(floating))
     if p.streaming:
@@ -366,7 +385,7 @@ cdef void group_pass(const floating* a, const floating* b, floating* out, const 
         totals[2 * j] = totals[2 * j + 1] = 0.0
         if t != NULL:
             grad[j] = grad_of(ps, c0 + j, a)
-    if needs_sums(ps):
+    if ps.sums:
         group_sums(a, b, p, c0, c1, center, t, totals)
     for j in range(c1 - c0):
         coef[j] = finish(ps, totals[2 * j], totals[2 * j + 1], center[j], c0 + j, a)
@@ -395,7 +414,7 @@ cdef Coef merged_map(const double* part, const Plane* p, Py_ssize_t c, const Pas
     """Channel c's map from the (channel, block) table of sums (the sums are
     locals of this function: private to the thread that calls it)."""
     cdef double s0 = 0.0, s1 = 0.0
-    if needs_sums(ps):
+    if ps.sums:
         merge_blocks(part, p, c, &s0, &s1)
     return finish(ps, s0, s1, center_of(ps, a, c * p.S, c), c, a)
 
@@ -435,7 +454,7 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Pl
     cdef Coef* coef = <Coef*>table
     cdef double* part = <double*>(coef + p.C)
     cdef const floating* ab = apply_b(ps, b)
-    cdef Py_ssize_t nsum = nu if needs_sums(ps) else 0
+    cdef Py_ssize_t nsum = nu if ps.sums else 0
     cdef Shares sh
     if table == NULL:
         sh = Shares((p.C + G - 1) // G, 0, 0)
@@ -482,8 +501,9 @@ cdef int forward_of(const Call* k, const floating* like) noexcept nogil:
     cdef Pass ps = forward_pass(<double>(p.N * p.S), k.eps, k.factor, k.unbiased,
                                 <const floating*>k.gamma, <const floating*>k.beta,
                                 <floating*>k.save_mean, <floating*>k.save_invstd,
-                                <floating*>k.running_mean, <floating*>k.running_var)
-    p.act = make_act(k.act, k.slope)
+                                <floating*>k.running_mean, <floating*>k.running_var, k.act,
+                                k.slope)
+    set_pass(&p, &ps)
     if nbytes:
         table = <char*>malloc(nbytes)
         if table == NULL:
@@ -495,14 +515,15 @@ cdef int forward_of(const Call* k, const floating* like) noexcept nogil:
 
 cdef void inference_unit(const floating* xp, floating* yp, Py_ssize_t S, Py_ssize_t C,
                          Py_ssize_t r0, Py_ssize_t r1, const Coef* coef, const Coef32* coef32,
-                         const char* ok, bint streaming, const Act* act) noexcept nogil:
+                         const char* ok, bint streaming, int body,
+                         const Act* act) noexcept nogil:
     """Inference of the contiguous (n, c) rows [r0, r1)."""
     cdef Py_ssize_t r
     for r in range(r0, r1):
         # the unit is contiguous: keep PREFETCH_BYTES of it in flight
         prefetch_span(xp + r * S + PREFETCH_BYTES // sizeof(floating),
                       min(S * <Py_ssize_t>sizeof(floating), <Py_ssize_t>PREFETCH_BYTES))
-        run_apply(xp + r * S, NULL, yp + r * S, S, &coef[r % C],
+        run_apply(body, xp + r * S, NULL, yp + r * S, S, &coef[r % C],
                   &coef32[r % C] if ok[r % C] else NULL, streaming, act, NULL)
     if streaming:
         fence()
@@ -518,26 +539,27 @@ cdef int inference_of(const Call* k, const floating* like) noexcept nogil:
     cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows
     cdef Shares sh = Shares(nu, 0, 0)
     cdef int nt = threads_for(N * C * S, nu, k.num_threads)
-    cdef Act act = make_act(k.act, k.slope)
+    cdef Pass ps = inference_pass(k.eps, <const floating*>k.gamma, <const floating*>k.beta,
+                                  <const floating*>k.running_mean,
+                                  <const floating*>k.running_var, k.act, k.slope)
+    cdef Act act = make_act(ps.act, ps.act_slope)
     cdef Coef* coef = <Coef*>malloc(C * (sizeof(Coef) + sizeof(Coef32) + 1))
     if coef == NULL:
         return -1
     cdef Coef32* coef32 = <Coef32*>(coef + C)
     cdef char* ok = <char*>(coef32 + C)
     for c in range(C):
-        coef[c] = inference_coef(<const floating*>k.running_mean,
-                                 <const floating*>k.running_var, k.eps,
-                                 <const floating*>k.gamma, <const floating*>k.beta, c)
+        coef[c] = finish(&ps, 0.0, 0.0, 0.0, c, xp)
         ok[c] = floating is float and to_float(&coef[c], &coef32[c])
     if nt == 1:
         for u in range(nu):
             inference_unit(xp, yp, S, C, u * rows, min(N * C, (u + 1) * rows), coef, coef32, ok,
-                           streaming, &act)
+                           streaming, ps.body, &act)
     else:
         for u in prange(nu, num_threads=nt, schedule="dynamic"):
             took(&sh)
             inference_unit(xp, yp, S, C, u * rows, min(N * C, (u + 1) * rows), coef, coef32, ok,
-                           streaming, &act)
+                           streaming, ps.body, &act)
         note(late(&sh, nt))
     free(coef)
     return 0
@@ -555,10 +577,12 @@ cdef int backward_of(const Call* k, const floating* like) noexcept nogil:
     cdef int nt = threads_for(k.n * k.c * k.s, p.C * p.nblocks, k.num_threads)
     cdef Py_ssize_t nbytes = table_bytes(&p, 2 * sizeof(floating), nt)
     cdef char* table = NULL
-    cdef Pass ps = backward_pass(<double>(p.N * p.S), k.frozen, <const floating*>k.gamma,
-                                 <const floating*>k.beta, <const floating*>k.mean,
-                                 <const floating*>k.invstd, <floating*>k.dgamma,
-                                 <floating*>k.dbeta, k.grad, k.act, k.slope)
+    cdef Pass ps = backward_pass(<double>(p.N * p.S), k.frozen, k.param_grads,
+                                 <const floating*>k.gamma, <const floating*>k.beta,
+                                 <const floating*>k.mean, <const floating*>k.invstd,
+                                 <floating*>k.dgamma, <floating*>k.dbeta, k.grad, k.act,
+                                 k.slope)
+    set_pass(&p, &ps)
     if nbytes:
         table = <char*>malloc(nbytes)
         if table == NULL:
@@ -566,6 +590,15 @@ cdef int backward_of(const Call* k, const floating* like) noexcept nogil:
     run_pass(dyp, xp, dxp, &p, &ps, table, nt)
     free(table)
     return 0
+
+
+cdef int call_of(const Call* k, const floating* like) noexcept nogil:
+    """The call k (fastbn._call.Call) on its (N, C, S) view."""
+    if k.mode == MODE_FORWARD:
+        return forward_of(k, like)
+    if k.mode == MODE_INFERENCE:
+        return inference_of(k, like)
+    return backward_of(k, like)
 
 
 include "_entry.pxi"
@@ -597,10 +630,10 @@ def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[
     cdef Py_ssize_t c, u
     cdef array mem = workspace(2 * nu, sizeof(double))
     cdef double* part = <double*>mem.data
-    cdef Pass ps = backward_pass(0.0, False, cptr(gamma), cptr(beta), cptr(mean), cptr(invstd),
-                                 <floating*>NULL, <floating*>NULL, grad, activation,
-                                 negative_slope)
+    cdef Pass ps = sums_pass(b is None, cptr(gamma), cptr(beta), cptr(mean), cptr(invstd), grad,
+                             activation, negative_slope)
     cdef Shares sh = Shares(nu, 0, 0)
+    set_pass(&p, &ps)
     with nogil:
         with parallel(num_threads=nt):
             for u in prange(nu, schedule="dynamic"):
@@ -633,10 +666,9 @@ def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, 
     cdef int nt = threads_for(size, nu, num_threads)
     cdef const Coef* k = <const Coef*>&coef[0, 0]
     cdef Py_ssize_t u
-    cdef Pass ps = backward_pass(0.0, False, cptr(gamma), cptr(beta), cptr(mean), cptr(invstd),
-                                 <floating*>NULL, <floating*>NULL, grad, activation,
-                                 negative_slope)
-    p.act = make_act(activation, negative_slope)
+    cdef Pass ps = sums_pass(b is None, cptr(gamma), cptr(beta), cptr(mean), cptr(invstd), grad,
+                             activation, negative_slope)
+    set_pass(&p, &ps)
     cdef Shares sh = Shares(nu, 0, 0)
     with nogil:
         for u in prange(nu, num_threads=nt, schedule="dynamic"):

@@ -103,37 +103,39 @@ cdef inline Coef inference_coef(const floating* running_mean, const floating* ru
     return k
 
 
-cdef inline Coef backward_coef(double sdy, double sdyc, double m,
+cdef inline Coef backward_coef(double sdy, double sdyc, double m, bint from_output,
                                const floating* mean, const floating* invstd,
                                const floating* gamma,
                                floating* dgamma_out, floating* dbeta_out,
                                Py_ssize_t c) noexcept nogil:
-    """Store dgamma[c] and dbeta[c] and return the map that gives dx. mean
-    NULL: the backward from the output, whose second input is xhat itself
-    (sdyc = sum(dy * xhat), center 0): invstd then only scales dx."""
+    """Store dgamma[c] and dbeta[c] and return the map that gives dx.
+    from_output: the backward from the output, whose second input is xhat
+    itself (sdyc = sum(dy * xhat), center 0; mean is not read): invstd then
+    only scales dx."""
     cdef Coef k
     cdef double istd = invstd[c]
-    cdef double dgamma = istd * sdyc if mean != NULL else sdyc
+    cdef double dgamma = sdyc if from_output else istd * sdyc
     cdef double a = istd * (<double>gamma[c] if gamma != NULL else 1.0)
     dgamma_out[c] = <floating>dgamma
     dbeta_out[c] = <floating>sdy
-    k.center = mean[c] if mean != NULL else 0.0
+    k.center = 0.0 if from_output else mean[c]
     k.scale = a
-    k.slope = a * (istd if mean != NULL else 1.0) * dgamma / m
+    k.slope = a * (1.0 if from_output else istd) * dgamma / m
     k.offset = a * sdy / m
     return k
 
 
-cdef inline Coef frozen_coef(double sdy, double sdyc, const floating* invstd,
-                             const floating* gamma, floating* dgamma_out, floating* dbeta_out,
+cdef inline Coef frozen_coef(double sdy, double sdyc, bint param_grads,
+                             const floating* invstd, const floating* gamma,
+                             floating* dgamma_out, floating* dbeta_out,
                              Py_ssize_t c) noexcept nogil:
     """The backward with mean and invstd as constants (eval mode, frozen
     statistics): dx = gamma * invstd * dy, the map applied to dy alone
     (center 0, offset 0: x is not read, so a non-finite x leaves dx alone);
-    dgamma = invstd * sdyc and dbeta = sdy stored unless dgamma_out is NULL."""
+    dgamma = invstd * sdyc and dbeta = sdy stored when param_grads."""
     cdef Coef k
     cdef double istd = invstd[c]
-    if dgamma_out != NULL:
+    if param_grads:
         dgamma_out[c] = <floating>(istd * sdyc)
         dbeta_out[c] = <floating>sdy
     k.center = 0.0
@@ -143,38 +145,90 @@ cdef inline Coef frozen_coef(double sdy, double sdyc, const floating* invstd,
     return k
 
 
+cdef enum:
+    # What a pass is (Pass.kind).
+    PASS_FORWARD = 0       # shifted sums of x, the statistics, y
+    PASS_BACKWARD = 1      # sums of (dy, x), dgamma and dbeta, dx
+    PASS_FROZEN = 2        # mean and invstd constants: dx = gamma * invstd * dy (through the
+                           # activation); the sums only for dgamma and dbeta, when wanted
+    PASS_INFERENCE = 3     # the running statistics' map applied to x
+
+
+cdef enum:
+    # What one value of a pass's apply or sums computes (Pass.body, Pass.sums_body):
+    # the fused type Body of fastbn._body as a value; a kernel turns it into
+    # the specialization (one loop each).
+    BODY_Y = 0             # BodyY
+    BODY_Y_ACT = 1         # BodyYAct
+    BODY_DX = 2            # BodyDX
+    BODY_DX_ACT = 3        # BodyDXAct
+    BODY_DX_RELU = 4       # BodyDXRelu
+    BODY_DX_OUT = 5        # BodyDXOut
+    BODY_DZ = 6            # BodyDZ
+    BODY_DZ_RELU = 7       # BodyDZRelu
+
+
 ctypedef struct Pass:
-    # What a training pass needs to finish its channels (forward or
-    # backward); the arrays have the call's dtype (void* here, because a
-    # struct cannot be fused), and NULL where absent.
-    bint backward
-    bint frozen            # backward with mean and invstd as constants (frozen_coef)
+    # What a pass does, said once (kind, body, sums_body, sums, reads_b),
+    # and what it needs to finish its channels; the arrays have the call's
+    # dtype (void* here, because a struct cannot be fused), and NULL where
+    # absent (the running statistics when not tracked, gamma and beta when
+    # not affine): no NULL stands for a mode.
+    int kind               # PASS_*
+    int body               # BODY_*: each value of the apply
+    int sums_body          # BODY_*: each value of the sums (BODY_Y: the shifted sums of x)
+    bint sums              # the sums are taken (all but a frozen backward without dgamma)
+    bint apply             # the apply runs (all but the synchronized passes' first half)
+    bint reads_b           # the apply reads the second input (x, or y from the output)
     bint unbiased          # forward: the running variance takes var * m / (m - 1)
     int grad               # backward: GRAD_PLAIN, GRAD_ACT or GRAD_OUTPUT (see Grad)
-    int act                # backward with an activation: ACT_RELU or ACT_LEAKY_RELU
+    int act                # the activation: ACT_NONE, ACT_RELU or ACT_LEAKY_RELU
     double act_slope       # its negative slope
     double m               # values per channel
-    double eps, factor     # forward only
+    double eps, factor     # forward, inference
     const void* gamma
-    const void* beta       # forward; backward with an activation
-    void* mean             # forward: written; backward: read (the sums' center), NULL from y
+    const void* beta       # forward, inference; backward with an activation
+    void* mean             # forward: written; backward: read (the sums' center; not from y)
     void* invstd           # forward: written; backward: read
-    void* running_mean     # forward only, updated
+    void* running_mean     # forward: updated when tracked; inference: read
     void* running_var
-    void* dgamma           # backward only, written (NULL when frozen: not wanted)
+    void* dgamma           # backward: written when sums
     void* dbeta
+
+
+cdef inline int forward_body(int act) noexcept nogil:
+    return BODY_Y if act == ACT_NONE else BODY_Y_ACT
+
+
+cdef inline int backward_body(bint frozen, int grad, int act) noexcept nogil:
+    """The apply's body of a backward: dx from (dy, x), through the
+    activation's derivative (GRAD_ACT), from the output (GRAD_OUTPUT), or
+    from dy alone when frozen."""
+    if frozen:
+        if grad == GRAD_PLAIN:
+            return BODY_Y              # gamma * invstd * dy: the map with center 0
+        return BODY_DZ_RELU if act == ACT_RELU else BODY_DZ
+    if grad == GRAD_PLAIN:
+        return BODY_DX
+    if grad == GRAD_OUTPUT:
+        return BODY_DX_OUT
+    return BODY_DX_RELU if act == ACT_RELU else BODY_DX_ACT
 
 
 cdef inline Pass forward_pass(double m, double eps, double factor, bint unbiased,
                               const floating* gamma, const floating* beta, floating* mean,
                               floating* invstd, floating* running_mean,
-                              floating* running_var) noexcept nogil:
+                              floating* running_var, int act, double act_slope) noexcept nogil:
     cdef Pass ps
-    ps.backward = ps.frozen = False
+    ps.kind = PASS_FORWARD
+    ps.body = forward_body(act)
+    ps.sums_body = BODY_Y
+    ps.sums = ps.apply = True
+    ps.reads_b = False
     ps.unbiased = unbiased
     ps.grad = GRAD_PLAIN
-    ps.act = ACT_NONE
-    ps.act_slope = 0.0
+    ps.act = act
+    ps.act_slope = act_slope
     ps.m, ps.eps, ps.factor = m, eps, factor
     ps.gamma, ps.beta = gamma, beta
     ps.mean, ps.invstd = mean, invstd
@@ -183,15 +237,32 @@ cdef inline Pass forward_pass(double m, double eps, double factor, bint unbiased
     return ps
 
 
-cdef inline Pass backward_pass(double m, bint frozen, const floating* gamma,
+cdef inline Pass inference_pass(double eps, const floating* gamma, const floating* beta,
+                                const floating* running_mean, const floating* running_var,
+                                int act, double act_slope) noexcept nogil:
+    cdef Pass ps = forward_pass(0.0, eps, 0.0, False, gamma, beta, <floating*>NULL,
+                                <floating*>NULL, <floating*>running_mean,
+                                <floating*>running_var, act, act_slope)
+    ps.kind = PASS_INFERENCE
+    ps.sums = False
+    return ps
+
+
+cdef inline Pass backward_pass(double m, bint frozen, bint param_grads, const floating* gamma,
                                const floating* beta, const floating* mean,
                                const floating* invstd, floating* dgamma, floating* dbeta,
                                int grad, int act, double act_slope) noexcept nogil:
-    """mean NULL: the backward from the output (GRAD_OUTPUT), whose second
-    input is already centered (x - mean)."""
+    """grad GRAD_OUTPUT: the backward from the output, whose second input is
+    y (the sums center on 0; mean is not read); param_grads: dgamma and
+    dbeta are written (a training backward always writes them)."""
     cdef Pass ps
-    ps.backward = True
-    ps.frozen = frozen
+    ps.kind = PASS_FROZEN if frozen else PASS_BACKWARD
+    ps.body = backward_body(frozen, grad, act)
+    # a frozen backward's sums are those of the training backward
+    ps.sums_body = backward_body(False, grad, act)
+    ps.sums = param_grads or not frozen
+    ps.apply = True
+    ps.reads_b = ps.body != BODY_Y
     ps.unbiased = False
     ps.grad = grad
     ps.act = act
@@ -204,45 +275,56 @@ cdef inline Pass backward_pass(double m, bint frozen, const floating* gamma,
     return ps
 
 
+cdef inline Pass sums_pass(bint forward, const floating* gamma, const floating* beta,
+                           const floating* mean, const floating* invstd, int grad, int act,
+                           double act_slope) noexcept nogil:
+    """The pass whose halves the synchronized passes run (fastbn.distributed:
+    the sums, a reduction across processes, then the apply with maps made
+    from the global sums): a forward, or a training backward."""
+    if forward:
+        return forward_pass(0.0, 0.0, 0.0, False, gamma, beta, <floating*>NULL,
+                            <floating*>NULL, <floating*>NULL, <floating*>NULL, act, act_slope)
+    return backward_pass(0.0, False, True, gamma, beta, mean, invstd, <floating*>NULL,
+                         <floating*>NULL, grad, act, act_slope)
+
+
 cdef inline Coef finish(const Pass* ps, double s0, double s1, double center, Py_ssize_t c,
                         const floating* like) noexcept nogil:
     """Channel c's map from its two sums around center (forward: the shifted
-    sums; backward: sum(dy), sum(dy * (x - mean))); ``like`` is any array of
-    the call, for its dtype."""
-    if ps.frozen:
-        return frozen_coef(s0, s1, <const floating*>ps.invstd, <const floating*>ps.gamma,
-                           <floating*>ps.dgamma, <floating*>ps.dbeta, c)
-    if ps.backward:
-        return backward_coef(s0, s1, ps.m, <const floating*>ps.mean,
+    sums; backward: sum(dy), sum(dy * (x - mean))), or from the running
+    statistics (inference); ``like`` is any array of the call, for its
+    dtype."""
+    if ps.kind == PASS_FROZEN:
+        return frozen_coef(s0, s1, ps.sums, <const floating*>ps.invstd,
+                           <const floating*>ps.gamma, <floating*>ps.dgamma,
+                           <floating*>ps.dbeta, c)
+    if ps.kind == PASS_BACKWARD:
+        return backward_coef(s0, s1, ps.m, ps.grad == GRAD_OUTPUT, <const floating*>ps.mean,
                              <const floating*>ps.invstd, <const floating*>ps.gamma,
                              <floating*>ps.dgamma, <floating*>ps.dbeta, c)
+    if ps.kind == PASS_INFERENCE:
+        return inference_coef(<const floating*>ps.running_mean,
+                              <const floating*>ps.running_var, ps.eps,
+                              <const floating*>ps.gamma, <const floating*>ps.beta, c)
     return forward_coef(s0, s1, ps.m, center, ps.eps, <const floating*>ps.gamma,
                         <const floating*>ps.beta, <floating*>ps.mean, <floating*>ps.invstd,
                         <floating*>ps.running_mean, <floating*>ps.running_var, ps.factor,
                         ps.unbiased, c)
 
 
-cdef inline bint needs_sums(const Pass* ps) noexcept nogil:
-    """False for a frozen backward without parameter gradients: the apply alone."""
-    return not (ps.frozen and ps.dgamma == NULL)
-
-
 cdef inline const floating* apply_b(const Pass* ps, const floating* b) noexcept nogil:
-    """The apply's second array: none for a frozen backward (dx from dy
-    alone), unless an activation's derivative needs x (then the transform
-    drops it after use, Grad.frozen)."""
-    if ps.frozen and ps.grad == GRAD_PLAIN:
-        return NULL
-    return b
+    """The apply's second array, NULL when the apply reads none (a forward;
+    a frozen backward's dx from dy alone)."""
+    return b if ps.reads_b else NULL
 
 
 cdef inline double center_of(const Pass* ps, const floating* a, Py_ssize_t offset,
                              Py_ssize_t c) noexcept nogil:
     """Channel c's center of the sums: its value a[offset] in the forward
     (a value of the data: the shift), its mean in the backward."""
-    if ps.backward:
-        return (<const floating*>ps.mean)[c] if ps.mean != NULL else 0.0
-    return a[offset]
+    if ps.kind == PASS_FORWARD:
+        return a[offset]
+    return 0.0 if ps.grad == GRAD_OUTPUT else (<const floating*>ps.mean)[c]
 
 
 ctypedef struct Act:
@@ -275,32 +357,28 @@ ctypedef struct Grad:
     # act'(z) is 1 for z > 0 and 0 (relu) or slope (leaky_relu, or 1 for no
     # activation) otherwise, NaN included (as PyTorch's leaky_relu_backward;
     # its relu backward lets dy through where the output is NaN).
-    int kind
-    bint relu
-    bint frozen            # the apply maps dz alone (a frozen backward)
+    # Which of these a value goes through is the pass's body (Pass.body).
     double slope, inv_slope
     double center, scale, offset
 
 
 cdef inline Grad grad_of(const Pass* ps, Py_ssize_t c, const floating* like) noexcept nogil:
-    """Channel c's Grad (kind GRAD_PLAIN: nothing to do); ``like`` is any
-    array of the call, for its dtype."""
+    """Channel c's Grad (of a backward with GRAD_ACT or GRAD_OUTPUT); ``like``
+    is any array of the call, for its dtype."""
     cdef Grad t
     cdef const floating* gamma = <const floating*>ps.gamma
     cdef const floating* beta = <const floating*>ps.beta
     cdef double g = <double>gamma[c] if gamma != NULL else 1.0
     cdef double istd = (<const floating*>ps.invstd)[c]
-    t.kind = ps.grad
-    t.relu = ps.act == ACT_RELU
-    t.frozen = ps.frozen
-    t.slope = ps.act_slope if ps.act == ACT_LEAKY_RELU else (0.0 if t.relu else 1.0)
+    t.slope = (ps.act_slope if ps.act == ACT_LEAKY_RELU
+               else 0.0 if ps.act == ACT_RELU else 1.0)
     t.inv_slope = 1.0 / t.slope if t.slope != 0.0 else 0.0
     t.offset = <double>beta[c] if beta != NULL else 0.0
     if ps.grad == GRAD_OUTPUT:
         t.center = 0.0
         t.scale = 1.0 / g
     else:
-        t.center = (<const floating*>ps.mean)[c] if ps.mean != NULL else 0.0
+        t.center = (<const floating*>ps.mean)[c]
         t.scale = g * istd
     return t
 
