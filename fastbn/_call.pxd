@@ -10,6 +10,12 @@ cdef enum:
     MODE_BACKWARD = 2       # the fused backward (frozen and grad say which)
 
 cdef enum:
+    # which steps of its pass a call runs (Call.steps)
+    STEP_SUMS = 1           # the per-channel sums (alone: into Call.totals)
+    STEP_APPLY = 2          # the apply (alone: with the maps of Call.maps)
+    STEPS_ALL = 3           # every public function: sums, maps, apply
+
+cdef enum:
     DTYPE_FLOAT32 = 0
     DTYPE_FLOAT64 = 1
 
@@ -35,6 +41,8 @@ cdef extern from *:
 
 cdef struct Call:
     int mode                 # MODE_*
+    int steps                # STEP_*: STEPS_ALL, or one half of a training pass (the
+                             # synchronized passes of fastbn.distributed reduce in between)
     int dtype                # DTYPE_*: every array below but the counts has it
     Py_ssize_t n, c, s       # the view: planar (N, C, S); columnar (M, C) with s == 1
     const void* a            # x (forward, inference), dy (backward)
@@ -50,6 +58,8 @@ cdef struct Call:
     void* running_var
     void* dgamma             # backward: written, or NULL (frozen, not wanted)
     void* dbeta
+    double* totals           # STEP_SUMS alone: (C, 2) written, the two sums of each channel
+    const double* maps       # STEP_APPLY alone: (C, 4) read, each channel's Coef (fastbn._stats)
     double eps               # forward, inference
     double factor            # forward: weight of the batch in the running statistics
     bint unbiased            # forward: the running variance takes var * m / (m - 1)

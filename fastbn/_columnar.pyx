@@ -42,21 +42,19 @@ fastbn.distributed take an array that frees itself); float32 outputs are compute
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange
-from cython.view cimport array
 from cpython.pycapsule cimport PyCapsule_New
 from libc.stdlib cimport free, malloc
 
-from fastbn._call cimport (ACT_NONE, DTYPE_FLOAT32, ENTRY_NAME, GRAD_OUTPUT, GRAD_PLAIN,
-                           MODE_BACKWARD, MODE_FORWARD, MODE_INFERENCE, Call)
+from fastbn._call cimport (ACT_NONE, DTYPE_FLOAT32, DTYPE_FLOAT64, ENTRY_NAME, GRAD_OUTPUT,
+                           GRAD_PLAIN, MODE_BACKWARD, MODE_FORWARD, STEP_APPLY, STEP_SUMS, Call)
 from fastbn._openmp cimport Shares, barrier, late, note, threads_for, took
 from fastbn._simd cimport STREAM_CHUNK, fence, stream, streams
 from fastbn._body cimport (Body, BodyDX, BodyDXAct, BodyDXOut, BodyDXRelu, BodyDZ, BodyDZRelu, BodyY,
                            BodyYAct, real, terms, value)
 from fastbn._stats cimport (BODY_DX, BODY_DX_ACT, BODY_DX_OUT, BODY_DX_RELU, BODY_DZ, BODY_Y,
                             BODY_Y_ACT, PASS_FORWARD, PASS_INFERENCE, Act, Coef, Coef32, Grad,
-                            Pass, apply_b, backward_pass, finish, forward_pass, grad_of,
-                            inference_pass, make_act, sums_pass, to_float)
-from fastbn._views cimport at, cptr, cptr2, workspace
+                            Pass, apply_b, call_pass, finish, grad_of, make_act, to_float)
+from fastbn._views cimport at, moved
 
 
 cdef enum:
@@ -139,14 +137,6 @@ cdef inline Grid chunk_of(Grid g, Py_ssize_t width) noexcept nogil:
         g.ntiles = (width + g.tile - 1) // g.tile
     g.C = width
     return g
-
-
-cdef inline const floating* moved(const void* p, Py_ssize_t off,
-                                  const floating* like) noexcept nogil:
-    """A call's array p (of like's type) from value off on; NULL stays NULL."""
-    if p == NULL:
-        return NULL
-    return <const floating*>p + off
 
 
 cdef inline Maps maps_in(char* mem, Py_ssize_t C) noexcept nogil:
@@ -573,42 +563,24 @@ cdef inline char* maps_at(char* mem, const Grid* g, bint sums) noexcept nogil:
 # the one entry of the compiled front; a work space that cannot be had
 # returns -1 before anything is written.
 
-cdef Pass pass_of(const Call* k, Py_ssize_t c0, double m, const floating* like) noexcept nogil:
-    """The call's pass over columns c0 and on (fastbn._stats), m values per column."""
-    if k.mode == MODE_FORWARD:
-        return forward_pass(m, k.eps, k.factor, k.unbiased, moved(k.gamma, c0, like),
-                            moved(k.beta, c0, like), <floating*>moved(k.save_mean, c0, like),
-                            <floating*>moved(k.save_invstd, c0, like),
-                            <floating*>moved(k.running_mean, c0, like),
-                            <floating*>moved(k.running_var, c0, like), k.act, k.slope)
-    if k.mode == MODE_INFERENCE:
-        return inference_pass(k.eps, moved(k.gamma, c0, like), moved(k.beta, c0, like),
-                              moved(k.running_mean, c0, like), moved(k.running_var, c0, like),
-                              k.act, k.slope)
-    return backward_pass(m, k.frozen, k.param_grads, moved(k.gamma, c0, like),
-                         moved(k.beta, c0, like), moved(k.mean, c0, like),
-                         moved(k.invstd, c0, like), <floating*>moved(k.dgamma, c0, like),
-                         <floating*>moved(k.dbeta, c0, like), k.grad, k.act, k.slope)
-
-
 cdef int call_of(const Call* k, const floating* like) noexcept nogil:
     """The call on an (M, C) view (fastbn._call.Call: a = x or dy, b = x or
     y in the backward), chunk_width columns at a time: the work space is
     that of one chunk, allocated before anything is written. Inference is
-    the pass without sums, by row block."""
+    the pass without sums, by row block; so is the apply alone (k.steps)."""
     cdef const floating* ap = <const floating*>k.a
     cdef const floating* bp = <const floating*>k.b if k.mode == MODE_BACKWARD else NULL
-    cdef floating* op = <floating*>k.out
+    cdef floating* op = <floating*>k.out      # NULL for the sums alone
     cdef Grid whole = make_grid(k.n, k.c, (2 if bp != NULL else 1) * sizeof(floating),
                                 streams(k.stream, op, ap, bp, k.n * k.c * sizeof(floating)))
     cdef Py_ssize_t W = chunk_width(k.n, k.c, sizeof(floating)), q, c0, c
     cdef Grid g
-    cdef Pass ps = pass_of(k, 0, <double>k.n, like)
+    cdef Pass ps = call_pass(k, 0, <double>k.n, like)
     cdef char* wp
     cdef double* center
     cdef const floating* mean
-    if ps.kind == PASS_INFERENCE:
-        whole.tile = whole.ntiles = 0      # no sums to keep cached: by row block
+    if not ps.sums:
+        whole.tile = whole.ntiles = 0      # nothing to keep cached between steps: by row block
     g = chunk_of(whole, W)
     wp = <char*>malloc(pass_bytes(&g, ps.sums))
     if wp == NULL:
@@ -616,7 +588,7 @@ cdef int call_of(const Call* k, const floating* like) noexcept nogil:
     for q in range((k.c + W - 1) // W):
         c0 = q * W
         g = chunk_of(whole, min(k.c - c0, W))
-        ps = pass_of(k, c0, <double>g.M, like)
+        ps = call_pass(k, c0, <double>g.M, like)
         center = centers(wp, &g)
         mean = <const floating*>ps.mean
         for c in range(g.C):
@@ -627,76 +599,13 @@ cdef int call_of(const Call* k, const floating* like) noexcept nogil:
             else:
                 center[c] = mean[c]
         set_pass(&g, &ps, maps_at(wp, &g, ps.sums), ap + c0)
-        run_pass(ap + c0, at(bp, c0), op + c0, &g, &ps, wp,
+        run_pass(ap + c0, at(bp, c0), <floating*>at(op, c0), &g, &ps, wp,
                  threads_for(g.M * g.C, nunits(&g), k.num_threads))
+        for c in range(g.C if not ps.apply else 0):   # the sums alone
+            ps.totals[2 * c] = totals(wp, &g)[c]
+            ps.totals[2 * c + 1] = totals(wp, &g)[g.C + c]
     free(wp)
     return 0
 
 
 include "_entry.pxi"
-
-
-# ----------------------------------------------------------- wrappers ----
-# The two halves of a pass, for fastbn.distributed (a reduction across
-# processes between them).
-
-def sums(const floating[:, ::1] a, const floating[:, ::1] b, const double[::1] center,
-         double[:, ::1] out, int num_threads, int grad=GRAD_PLAIN, int activation=ACT_NONE,
-         double negative_slope=0.0, const floating[::1] gamma=None,
-         const floating[::1] beta=None, const floating[::1] mean=None,
-         const floating[::1] invstd=None):
-    """Per-column sums of an (M, C) view into out (C, 2), in double; see the
-    planar sums (the same arguments)."""
-    cdef Grid g = make_grid(a.shape[0], a.shape[1],
-                            sizeof(floating) if b is None else 2 * sizeof(floating), False)
-    cdef int nt = threads_for(g.M * g.C, nunits(&g), num_threads)
-    cdef array mem = workspace(pass_bytes(&g, True), 1)
-    cdef char* wp = mem.data
-    cdef double* total = totals(wp, &g)
-    cdef double* cp = centers(wp, &g)
-    cdef const floating* ap = &a[0, 0]
-    cdef const floating* bp = cptr2(b)
-    cdef Pass ps = sums_pass(b is None, cptr(gamma), cptr(beta), cptr(mean), cptr(invstd), grad,
-                             activation, negative_slope)
-    cdef Py_ssize_t c
-    ps.apply = False
-    with nogil:
-        for c in range(g.C):
-            cp[c] = center[c]
-        set_pass(&g, &ps, maps_at(wp, &g, True), ap)
-        run_pass(ap, bp, NULL, &g, &ps, wp, nt)
-        for c in range(g.C):
-            out[c, 0] = total[c]
-            out[c, 1] = total[g.C + c]
-
-
-def apply(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] out,
-          const double[:, ::1] coef, int activation, double negative_slope, int num_threads,
-          bint stream, int grad=GRAD_PLAIN, const floating[::1] gamma=None,
-          const floating[::1] beta=None, const floating[::1] mean=None,
-          const floating[::1] invstd=None):
-    """The second half of each pass on an (M, C) view, with the per-column
-    map coef (C, 4); see the planar apply (the same arguments)."""
-    cdef const floating* ap = &a[0, 0]
-    cdef const floating* bp = cptr2(b)
-    cdef floating* op = &out[0, 0]
-    cdef Grid g = make_grid(a.shape[0], a.shape[1], sizeof(floating),
-                            streams(stream, op, ap, bp,
-                                    a.shape[0] * a.shape[1] * sizeof(floating)))
-    cdef int nt = threads_for(g.M * g.C, g.nblocks, num_threads)
-    cdef array mem = workspace(g.C, MAPS_BYTES)
-    cdef Maps k = maps_in(mem.data, g.C)
-    cdef const Coef* maps = <const Coef*>&coef[0, 0]
-    cdef Pass ps = sums_pass(b is None, cptr(gamma), cptr(beta), cptr(mean), cptr(invstd), grad,
-                             activation, negative_slope)
-    cdef Py_ssize_t c, blk
-    cdef Shares sh = Shares(g.nblocks, 0, 0)
-    with nogil:
-        set_pass(&g, &ps, mem.data, ap)
-        for c in range(g.C):
-            store_map(&k, c, maps[c])
-        for blk in prange(g.nblocks, num_threads=nt, schedule="dynamic"):
-            took(&sh)
-            block_apply(ap, bp, op, &g, blk * g.rows_per_block,
-                        min(g.M, (blk + 1) * g.rows_per_block), 0, g.C, &k)
-        note(late(&sh, nt))

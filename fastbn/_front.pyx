@@ -28,7 +28,7 @@ from libc.stdint cimport INT64_MAX, int64_t
 from libc.string cimport memcpy
 
 from fastbn._call cimport (ACT_LEAKY_RELU, ACT_NONE, ACT_RELU, DTYPE_FLOAT32, DTYPE_FLOAT64,
-                           ENTRY_NAME, GRAD_ACT, GRAD_OUTPUT, GRAD_PLAIN, MODE_BACKWARD,
+                           ENTRY_NAME, GRAD_ACT, GRAD_OUTPUT, GRAD_PLAIN, MODE_BACKWARD, STEPS_ALL,
                            MODE_FORWARD, MODE_INFERENCE, Call, Entry)
 from fastbn._openmp cimport resolved_threads
 
@@ -309,6 +309,9 @@ cdef tuple forward_core(cnp.ndarray x, object gamma, object beta, object running
         count = cnp.PyArray_BYTES(<cnp.ndarray>num_batches_tracked)
         memcpy(&seen, count, sizeof(int64_t))
     k.mode = MODE_FORWARD
+    k.steps = STEPS_ALL
+    k.totals = NULL
+    k.maps = NULL
     k.a = cnp.PyArray_DATA(x)
     k.b = NULL
     k.out = cnp.PyArray_DATA(y)
@@ -349,6 +352,9 @@ cdef object inference_core(cnp.ndarray x, object gamma, object beta, object runn
     cdef Entry entry = view(x, ca, &k)
     cdef cnp.ndarray y = like(x) if out is None else <cnp.ndarray>out
     k.mode = MODE_INFERENCE
+    k.steps = STEPS_ALL
+    k.totals = NULL
+    k.maps = NULL
     k.a = cnp.PyArray_DATA(x)
     k.b = NULL
     k.out = cnp.PyArray_DATA(y)
@@ -385,6 +391,9 @@ cdef tuple backward_core(cnp.ndarray dy, cnp.ndarray x, object gamma, object bet
     cdef object dgamma = per_channel(&k, typenum) if reads_x else None
     cdef object dbeta = per_channel(&k, typenum) if reads_x else None
     k.mode = MODE_BACKWARD
+    k.steps = STEPS_ALL
+    k.totals = NULL
+    k.maps = NULL
     k.a = cnp.PyArray_DATA(dy)
     k.b = cnp.PyArray_DATA(x if reads_x else dy)
     k.out = cnp.PyArray_DATA(dx)

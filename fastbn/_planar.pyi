@@ -17,9 +17,8 @@ _Array = npt.NDArray[np.float32] | npt.NDArray[np.float64]
 ENTRY: object
 
 def sums(
-    a: _Array,  # const floating[:, :, ::1] (planar), [:, ::1] (columnar)
-    b: _Array | None,  # like a, or None
-    center: npt.NDArray[np.float64],  # const double[::1], (C,)
+    a: _Array,  # C-contiguous (N, C, S) (planar), (M, C) (columnar)
+    b: _Array | None,  # like a, or None; sums around a's first values (b None), else the mean
     out: npt.NDArray[np.float64],  # double[:, ::1], (C, 2), written
     num_threads: int,
     grad: int = ...,  # 0 plain (a = dy, b = x), 1 dy of an activated output, 2 b is y
@@ -31,7 +30,7 @@ def sums(
     invstd: _Array | None = ...,
 ) -> None: ...
 def apply(
-    a: _Array,  # const floating[:, :, ::1] (planar), [:, ::1] (columnar)
+    a: _Array,  # C-contiguous (N, C, S) (planar), (M, C) (columnar)
     b: _Array | None,  # like a, or None
     out: _Array,  # like a, written; may be a
     coef: npt.NDArray[np.float64],  # const double[:, ::1], (C, 4)

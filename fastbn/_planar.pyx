@@ -46,23 +46,22 @@ of a pass, ``sums`` and ``apply``, are ``def`` wrappers for
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange
-from cython.view cimport array
 from cpython.pycapsule cimport PyCapsule_New
 from libc.stdlib cimport free, malloc
 
-from fastbn._call cimport (ACT_NONE, DTYPE_FLOAT32, ENTRY_NAME, GRAD_ACT, GRAD_OUTPUT, GRAD_PLAIN,
-                           MODE_FORWARD, MODE_INFERENCE, Call)
+from fastbn._call cimport (ACT_NONE, DTYPE_FLOAT32, DTYPE_FLOAT64, ENTRY_NAME, GRAD_ACT,
+                           GRAD_OUTPUT, GRAD_PLAIN, MODE_BACKWARD, MODE_FORWARD, STEP_APPLY,
+                           STEP_SUMS, Call)
 from fastbn._openmp cimport FASTBN_COMPILE_ARGS, Shares, barrier, late, note, threads_for, took
 from fastbn._body cimport (Body, BodyDX, BodyDXAct, BodyDXOut, BodyDXRelu, BodyDZ, BodyDZRelu, BodyY,
                            BodyYAct, real, value)
 from fastbn._stats cimport (BODY_DX, BODY_DX_ACT, BODY_DX_OUT, BODY_DX_RELU, BODY_DZ, BODY_Y,
-                            BODY_Y_ACT, Act, Coef, Coef32, Grad, Pass, apply_b, backward_pass,
-                            center_of, finish, forward_pass, grad_of, inference_pass, make_act,
-                            sums_pass, to_float)
+                            BODY_Y_ACT, PASS_FORWARD, PASS_INFERENCE, Act, Coef, Coef32, Grad, Pass,
+                            apply_b, call_pass, center_of, finish, grad_of, make_act, to_float)
 from fastbn._simd cimport (LANES, PREFETCH_BYTES, STREAM_CHUNK, act_sums_f32, act_sums_f64,
                            fence, grad_sums_f32, grad_sums_f64, prefetch_span,
                            shifted_sums_f32, shifted_sums_f64, stream, streams)
-from fastbn._views cimport at, cptr, cptr3, workspace
+from fastbn._views cimport at
 
 
 cdef enum:
@@ -399,12 +398,32 @@ cdef inline bint by_group(Py_ssize_t ngroups, int nthreads) noexcept nogil:
     return nthreads == 1 or ngroups % nthreads == 0 or ngroups >= 4 * nthreads
 
 
-cdef inline Py_ssize_t table_bytes(const Plane* p, Py_ssize_t bytes_per_value,
-                                   int nt) noexcept nogil:
-    """Work space of run_pass: 0 by channel group (nothing needed), else the
-    (channel, block) table of sums and the maps."""
-    cdef Py_ssize_t G = group_size(p, bytes_per_value)
-    if by_group((p.C + G - 1) // G, nt):
+cdef inline Py_ssize_t units_of(const Plane* p, const Pass* ps) noexcept nogil:
+    """Units of a pass, for its thread count: (channel, block) pairs, or runs
+    of rows for the apply alone (apply_units)."""
+    if not ps.sums:
+        return (p.N * p.C + row_run(p) - 1) // row_run(p)
+    return p.C * p.nblocks
+
+
+cdef inline Py_ssize_t row_run(const Plane* p) noexcept nogil:
+    """(n, c) rows per unit of the apply alone: about BLOCK values."""
+    return max(1, BLOCK // p.S)
+
+
+cdef inline Py_ssize_t value_bytes(const Pass* ps, Py_ssize_t itemsize) noexcept nogil:
+    """Bytes a pass reads per value: x, or dy and x (or y)."""
+    return itemsize if ps.kind == PASS_FORWARD or ps.kind == PASS_INFERENCE else 2 * itemsize
+
+
+cdef inline Py_ssize_t pass_bytes(const Plane* p, const Pass* ps, Py_ssize_t itemsize,
+                                  int nt) noexcept nogil:
+    """Work space of run_pass: the maps of the apply alone; nothing by
+    channel group; else the (channel, block) table of sums and the maps."""
+    cdef Py_ssize_t G = group_size(p, value_bytes(ps, itemsize))
+    if not ps.sums:
+        return p.C * (sizeof(Coef) + sizeof(Coef32) + 1)
+    if ps.apply and by_group((p.C + G - 1) // G, nt):
         return 0
     return 2 * p.C * p.nblocks * sizeof(double) + p.C * sizeof(Coef)
 
@@ -443,238 +462,133 @@ cdef void unit_apply(const floating* a, const floating* b, floating* out, const 
                 NULL if ps.grad == GRAD_PLAIN else &t)
 
 
+cdef void apply_unit(const floating* a, const floating* b, floating* out, const Plane* p,
+                     const Pass* ps, Py_ssize_t r0, Py_ssize_t r1, const Coef* coef,
+                     const Coef32* coef32, const char* ok) noexcept nogil:
+    """The apply alone over the contiguous (n, c) rows [r0, r1)."""
+    cdef Py_ssize_t r, c, S = p.S
+    cdef Grad t
+    for r in range(r0, r1):
+        c = r % p.C
+        if ps.grad != GRAD_PLAIN:
+            t = grad_of(ps, c, a)
+        # the unit is contiguous: keep PREFETCH_BYTES of it in flight
+        prefetch_span(a + r * S + PREFETCH_BYTES // sizeof(floating),
+                      min(S * <Py_ssize_t>sizeof(floating), <Py_ssize_t>PREFETCH_BYTES))
+        run_apply(p.body, a + r * S, at(b, r * S), out + r * S, S, &coef[c],
+                  &coef32[c] if ok[c] else NULL, p.streaming, &p.act,
+                  NULL if ps.grad == GRAD_PLAIN else &t)
+    if p.streaming:
+        fence()
+
+
+cdef void apply_pass(const floating* a, const floating* b, floating* out, const Plane* p,
+                     const Pass* ps, char* mem, int nt) noexcept nogil:
+    """A pass without sums (inference, the frozen backward without parameter
+    gradients, the apply alone): the maps first, then units of whole (n, c)
+    rows, contiguous in memory; ``mem`` of pass_bytes()."""
+    cdef Py_ssize_t rows = row_run(p), nu = units_of(p, ps), c, u
+    cdef Coef* coef = <Coef*>mem
+    cdef Coef32* coef32 = <Coef32*>(coef + p.C)
+    cdef char* ok = <char*>(coef32 + p.C)
+    cdef Shares sh = Shares(nu, 0, 0)
+    for c in range(p.C):
+        coef[c] = finish(ps, 0.0, 0.0, 0.0, c, a)
+        ok[c] = floating is float and to_float(&coef[c], &coef32[c])
+    if nt == 1:  # no parallel region: even a team of one ends in a futex wake
+        for u in range(nu):
+            apply_unit(a, b, out, p, ps, u * rows, min(p.N * p.C, (u + 1) * rows), coef, coef32,
+                       ok)
+        return
+    for u in prange(nu, num_threads=nt, schedule="dynamic"):
+        took(&sh)
+        apply_unit(a, b, out, p, ps, u * rows, min(p.N * p.C, (u + 1) * rows), coef, coef32, ok)
+    note(late(&sh, nt))
+
+
+cdef void group_schedule(const floating* a, const floating* b, floating* out, const Plane* p,
+                         const Pass* ps, int nt) noexcept nogil:
+    """A pass by channel group (group_pass): one sweep from memory."""
+    cdef Py_ssize_t G = group_size(p, value_bytes(ps, sizeof(floating))), u
+    cdef Shares sh = Shares((p.C + G - 1) // G, 0, 0)
+    if nt == 1:
+        for u in range(sh.total):
+            group_pass(a, b, out, p, u * G, min(p.C, (u + 1) * G), ps)
+        return
+    for u in prange(sh.total, num_threads=nt, schedule="dynamic"):
+        took(&sh)
+        group_pass(a, b, out, p, u * G, min(p.C, (u + 1) * G), ps)
+    note(late(&sh, nt))
+
+
 cdef void run_pass(const floating* a, const floating* b, floating* out, const Plane* p,
-                   const Pass* ps, char* table, int nt) noexcept nogil:
-    """A pass of sums, maps and apply (forward: a = x, b NULL; backward: a = dy,
-    b = x; a frozen backward without parameter gradients skips the sums): by
-    channel group when ``table`` is NULL, else by (channel, block) with
-    ``table`` of table_bytes() for the sums and the maps."""
-    cdef Py_ssize_t G = group_size(p, sizeof(floating) if b == NULL else 2 * sizeof(floating))
+                   const Pass* ps, char* mem, int nt) noexcept nogil:
+    """A pass of sums, maps and apply (forward: a = x; backward: a = dy,
+    b = x or y), with ``mem`` of pass_bytes(): the apply alone when the pass
+    takes no sums (apply_pass); by channel group when mem is NULL; else by
+    (channel, block) with the table of sums and the maps in mem (the sums
+    alone leave their totals in ps.totals)."""
     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb, c, u
-    cdef Coef* coef = <Coef*>table
+    cdef Coef* coef = <Coef*>mem
     cdef double* part = <double*>(coef + p.C)
     cdef const floating* ab = apply_b(ps, b)
-    cdef Py_ssize_t nsum = nu if ps.sums else 0
-    cdef Shares sh
-    if table == NULL:
-        sh = Shares((p.C + G - 1) // G, 0, 0)
-        if nt == 1:  # no parallel region: even a team of one ends in a futex wake
-            for u in range(sh.total):
-                group_pass(a, b, out, p, u * G, min(p.C, (u + 1) * G), ps)
-            return
-        for u in prange(sh.total, num_threads=nt, schedule="dynamic"):
-            took(&sh)
-            group_pass(a, b, out, p, u * G, min(p.C, (u + 1) * G), ps)
-        note(late(&sh, nt))
+    if not ps.sums:
+        apply_pass(a, ab, out, p, ps, mem, nt)
         return
-    cdef Shares sums = Shares(nsum, 0, 0)
-    sh = Shares(nu, 0, 0)
+    if mem == NULL:
+        group_schedule(a, b, out, p, ps, nt)
+        return
+    cdef Shares sums = Shares(nu, 0, 0)
+    cdef Shares sh = Shares(nu if ps.apply else 0, 0, 0)
     with parallel(num_threads=nt):
-        for u in prange(nsum, schedule="dynamic"):
+        for u in prange(nu, schedule="dynamic"):
             took(&sums)
             unit_sums(a, b, p, ps, u, center_of(ps, a, (u // nb) * p.S, u // nb), part)
         barrier()
         for c in prange(p.C, schedule="dynamic"):
-            coef[c] = merged_map(part, p, c, ps, a)
+            if ps.apply:
+                coef[c] = merged_map(part, p, c, ps, a)
+            else:  # the sums alone
+                merge_blocks(part, p, c, &ps.totals[2 * c], &ps.totals[2 * c + 1])
         barrier()
-        for u in prange(nu, schedule="dynamic"):  # the pairs summed last first: still cached
+        for u in prange(sh.total, schedule="dynamic"):  # the pairs summed last first: cached
             took(&sh)
             unit_apply(a, ab, out, p, ps, nu - 1 - u, coef)
     note(max(late(&sums, nt), late(&sh, nt)))
 
 
 # ------------------------------------------------------------- entry ----
-# The passes of a call (fastbn._call.Call), run by ``run``: the one entry of
-# the compiled front. The front has checked everything; nothing here raises,
-# and a work space that cannot be had returns -1 before anything is written.
-
-cdef int forward_of(const Call* k, const floating* like) noexcept nogil:
-    """Training forward: statistics, normalize (the activation fused) and
-    the running statistics."""
-    cdef const floating* xp = <const floating*>k.a
-    cdef floating* yp = <floating*>k.out
-    cdef Plane p = make_plane(k.n, k.c, k.s,
-                              streams(k.stream, yp, xp, NULL, k.n * k.c * k.s * sizeof(floating)))
-    cdef int nt = threads_for(k.n * k.c * k.s, p.C * p.nblocks, k.num_threads)
-    cdef Py_ssize_t nbytes = table_bytes(&p, sizeof(floating), nt)
-    cdef char* table = NULL
-    cdef Pass ps = forward_pass(<double>(p.N * p.S), k.eps, k.factor, k.unbiased,
-                                <const floating*>k.gamma, <const floating*>k.beta,
-                                <floating*>k.save_mean, <floating*>k.save_invstd,
-                                <floating*>k.running_mean, <floating*>k.running_var, k.act,
-                                k.slope)
-    set_pass(&p, &ps)
-    if nbytes:
-        table = <char*>malloc(nbytes)
-        if table == NULL:
-            return -1
-    run_pass(xp, <const floating*>NULL, yp, &p, &ps, table, nt)
-    free(table)
-    return 0
-
-
-cdef void inference_unit(const floating* xp, floating* yp, Py_ssize_t S, Py_ssize_t C,
-                         Py_ssize_t r0, Py_ssize_t r1, const Coef* coef, const Coef32* coef32,
-                         const char* ok, bint streaming, int body,
-                         const Act* act) noexcept nogil:
-    """Inference of the contiguous (n, c) rows [r0, r1)."""
-    cdef Py_ssize_t r
-    for r in range(r0, r1):
-        # the unit is contiguous: keep PREFETCH_BYTES of it in flight
-        prefetch_span(xp + r * S + PREFETCH_BYTES // sizeof(floating),
-                      min(S * <Py_ssize_t>sizeof(floating), <Py_ssize_t>PREFETCH_BYTES))
-        run_apply(body, xp + r * S, NULL, yp + r * S, S, &coef[r % C],
-                  &coef32[r % C] if ok[r % C] else NULL, streaming, act, NULL)
-    if streaming:
-        fence()
-
-
-cdef int inference_of(const Call* k, const floating* like) noexcept nogil:
-    """Inference forward. A unit is a run of whole (n, c) rows of about
-    BLOCK values or more, contiguous in memory."""
-    cdef Py_ssize_t N = k.n, C = k.c, S = k.s, c, u
-    cdef const floating* xp = <const floating*>k.a
-    cdef floating* yp = <floating*>k.out
-    cdef bint streaming = streams(k.stream, yp, xp, NULL, N * C * S * sizeof(floating))
-    cdef Py_ssize_t rows = max(1, BLOCK // S), nu = (N * C + rows - 1) // rows
-    cdef Shares sh = Shares(nu, 0, 0)
-    cdef int nt = threads_for(N * C * S, nu, k.num_threads)
-    cdef Pass ps = inference_pass(k.eps, <const floating*>k.gamma, <const floating*>k.beta,
-                                  <const floating*>k.running_mean,
-                                  <const floating*>k.running_var, k.act, k.slope)
-    cdef Act act = make_act(ps.act, ps.act_slope)
-    cdef Coef* coef = <Coef*>malloc(C * (sizeof(Coef) + sizeof(Coef32) + 1))
-    if coef == NULL:
-        return -1
-    cdef Coef32* coef32 = <Coef32*>(coef + C)
-    cdef char* ok = <char*>(coef32 + C)
-    for c in range(C):
-        coef[c] = finish(&ps, 0.0, 0.0, 0.0, c, xp)
-        ok[c] = floating is float and to_float(&coef[c], &coef32[c])
-    if nt == 1:
-        for u in range(nu):
-            inference_unit(xp, yp, S, C, u * rows, min(N * C, (u + 1) * rows), coef, coef32, ok,
-                           streaming, ps.body, &act)
-    else:
-        for u in prange(nu, num_threads=nt, schedule="dynamic"):
-            took(&sh)
-            inference_unit(xp, yp, S, C, u * rows, min(N * C, (u + 1) * rows), coef, coef32, ok,
-                           streaming, ps.body, &act)
-        note(late(&sh, nt))
-    free(coef)
-    return 0
-
-
-cdef int backward_of(const Call* k, const floating* like) noexcept nogil:
-    """Fused backward (a = dy, b = x, or y with GRAD_OUTPUT); frozen: mean
-    and invstd are constants, and without dgamma and dbeta dy alone is read
-    (unless an activation needs x)."""
-    cdef const floating* dyp = <const floating*>k.a
-    cdef const floating* xp = <const floating*>k.b
-    cdef floating* dxp = <floating*>k.out
-    cdef Plane p = make_plane(k.n, k.c, k.s,
-                              streams(k.stream, dxp, dyp, xp, k.n * k.c * k.s * sizeof(floating)))
-    cdef int nt = threads_for(k.n * k.c * k.s, p.C * p.nblocks, k.num_threads)
-    cdef Py_ssize_t nbytes = table_bytes(&p, 2 * sizeof(floating), nt)
-    cdef char* table = NULL
-    cdef Pass ps = backward_pass(<double>(p.N * p.S), k.frozen, k.param_grads,
-                                 <const floating*>k.gamma, <const floating*>k.beta,
-                                 <const floating*>k.mean, <const floating*>k.invstd,
-                                 <floating*>k.dgamma, <floating*>k.dbeta, k.grad, k.act,
-                                 k.slope)
-    set_pass(&p, &ps)
-    if nbytes:
-        table = <char*>malloc(nbytes)
-        if table == NULL:
-            return -1
-    run_pass(dyp, xp, dxp, &p, &ps, table, nt)
-    free(table)
-    return 0
-
+# The call (fastbn._call.Call), run by ``run``: the one entry of the
+# compiled front and of the def wrappers. The front has checked
+# everything; nothing here raises, and a work space that cannot be had
+# returns -1 before anything is written.
 
 cdef int call_of(const Call* k, const floating* like) noexcept nogil:
-    """The call k (fastbn._call.Call) on its (N, C, S) view."""
-    if k.mode == MODE_FORWARD:
-        return forward_of(k, like)
-    if k.mode == MODE_INFERENCE:
-        return inference_of(k, like)
-    return backward_of(k, like)
+    """The call k on its (N, C, S) view: a = x or dy, b = x or y in the
+    backward (a frozen backward without parameter gradients reads dy alone
+    unless an activation needs x)."""
+    cdef const floating* ap = <const floating*>k.a
+    cdef const floating* bp = <const floating*>k.b if k.mode == MODE_BACKWARD else NULL
+    cdef floating* op = <floating*>k.out      # NULL for the sums alone
+    cdef Py_ssize_t size = k.n * k.c * k.s
+    cdef Plane p = make_plane(k.n, k.c, k.s,
+                              op != NULL and streams(k.stream, op, ap, bp,
+                                                     size * sizeof(floating)))
+    cdef Pass ps = call_pass(k, 0, <double>(k.n * k.s), like)
+    cdef int nt = threads_for(size, units_of(&p, &ps), k.num_threads)
+    cdef Py_ssize_t nbytes = pass_bytes(&p, &ps, sizeof(floating), nt)
+    cdef char* mem = NULL
+    set_pass(&p, &ps)
+    if nbytes:
+        mem = <char*>malloc(nbytes)
+        if mem == NULL:
+            return -1
+    run_pass(ap, bp, op, &p, &ps, mem, nt)
+    free(mem)
+    return 0
 
 
 include "_entry.pxi"
-
-
-# ----------------------------------------------------------- wrappers ----
-# The two halves of a pass, for fastbn.distributed (a reduction across
-# processes between them).
-
-def sums(const floating[:, :, ::1] a, const floating[:, :, ::1] b, const double[::1] center,
-         double[:, ::1] out, int num_threads, int grad=GRAD_PLAIN, int activation=ACT_NONE,
-         double negative_slope=0.0, const floating[::1] gamma=None,
-         const floating[::1] beta=None, const floating[::1] mean=None,
-         const floating[::1] invstd=None):
-    """Per-channel sums of an (N, C, S) view into out (C, 2), in double.
-
-    b None: ``sum(a - center)`` and ``sum((a - center)**2)``; otherwise
-    ``sum(a)`` and ``sum(a * (b - center))`` (a = dy, b = x), of the inputs
-    ``grad`` turns (a, b) into (see backward: GRAD_ACT or GRAD_OUTPUT, with
-    gamma, beta, mean and invstd). The first half of each pass, for a
-    reduction across processes in between; the same sums, to the bit, as
-    the fused kernels take.
-    """
-    cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2], False)
-    cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
-    cdef int nt = threads_for(p.N * p.C * p.S, nu, num_threads)
-    cdef const floating* ap = &a[0, 0, 0]
-    cdef const floating* bp = cptr3(b)
-    cdef Py_ssize_t c, u
-    cdef array mem = workspace(2 * nu, sizeof(double))
-    cdef double* part = <double*>mem.data
-    cdef Pass ps = sums_pass(b is None, cptr(gamma), cptr(beta), cptr(mean), cptr(invstd), grad,
-                             activation, negative_slope)
-    cdef Shares sh = Shares(nu, 0, 0)
-    set_pass(&p, &ps)
-    with nogil:
-        with parallel(num_threads=nt):
-            for u in prange(nu, schedule="dynamic"):
-                took(&sh)
-                unit_sums(ap, bp, &p, &ps, u, center[u // nb], part)
-            barrier()
-            for c in prange(p.C, schedule="dynamic"):
-                merge_blocks(part, &p, c, &out[c, 0], &out[c, 1])
-        note(late(&sh, nt))
-
-
-def apply(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, :, ::1] out,
-          const double[:, ::1] coef, int activation, double negative_slope, int num_threads,
-          bint stream, int grad=GRAD_PLAIN, const floating[::1] gamma=None,
-          const floating[::1] beta=None, const floating[::1] mean=None,
-          const floating[::1] invstd=None):
-    """The second half of each pass on an (N, C, S) view, with the per-channel
-    map coef (C, 4) = (center, scale, slope, offset), see fastbn._stats.Coef:
-    b None: out = act((a - center) * scale + offset) (the activation fused
-    into a forward); otherwise out = scale * a - slope * (b - center) -
-    offset (a = dy, b = x), of the inputs ``grad`` turns (a, b) into (see
-    sums; ``activation`` is then the one whose derivative it applies)."""
-    cdef const floating* ap = &a[0, 0, 0]
-    cdef const floating* bp = cptr3(b)
-    cdef floating* op = &out[0, 0, 0]
-    cdef Py_ssize_t size = a.shape[0] * a.shape[1] * a.shape[2]
-    cdef Plane p = make_plane(a.shape[0], a.shape[1], a.shape[2],
-                              streams(stream, op, ap, bp, size * sizeof(floating)))
-    cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb
-    cdef int nt = threads_for(size, nu, num_threads)
-    cdef const Coef* k = <const Coef*>&coef[0, 0]
-    cdef Py_ssize_t u
-    cdef Pass ps = sums_pass(b is None, cptr(gamma), cptr(beta), cptr(mean), cptr(invstd), grad,
-                             activation, negative_slope)
-    set_pass(&p, &ps)
-    cdef Shares sh = Shares(nu, 0, 0)
-    with nogil:
-        for u in prange(nu, num_threads=nt, schedule="dynamic"):
-            took(&sh)
-            unit_apply(ap, bp, op, &p, &ps, u, k)
-        note(late(&sh, nt))
 
 
 def compile_args():

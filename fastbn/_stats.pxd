@@ -21,7 +21,9 @@ from libc.float cimport FLT_MAX
 from libc.math cimport fabs, sqrt
 
 
-from fastbn._call cimport ACT_LEAKY_RELU, ACT_NONE, ACT_RELU, GRAD_ACT, GRAD_OUTPUT, GRAD_PLAIN
+from fastbn._call cimport (ACT_LEAKY_RELU, ACT_NONE, ACT_RELU, GRAD_ACT, GRAD_OUTPUT, GRAD_PLAIN,
+                           MODE_FORWARD, MODE_INFERENCE, STEP_APPLY, STEP_SUMS, Call)
+from fastbn._views cimport moved
 
 
 ctypedef struct Coef:
@@ -179,6 +181,9 @@ ctypedef struct Pass:
     int sums_body          # BODY_*: each value of the sums (BODY_Y: the shifted sums of x)
     bint sums              # the sums are taken (all but a frozen backward without dgamma)
     bint apply             # the apply runs (all but the synchronized passes' first half)
+    bint given_maps        # the apply alone, with the maps ``maps`` (the second half)
+    const void* maps       # given_maps: a Coef per channel
+    double* totals         # the sums alone (not apply): (C, 2) written
     bint reads_b           # the apply reads the second input (x, or y from the output)
     bint unbiased          # forward: the running variance takes var * m / (m - 1)
     int grad               # backward: GRAD_PLAIN, GRAD_ACT or GRAD_OUTPUT (see Grad)
@@ -224,6 +229,8 @@ cdef inline Pass forward_pass(double m, double eps, double factor, bint unbiased
     ps.body = forward_body(act)
     ps.sums_body = BODY_Y
     ps.sums = ps.apply = True
+    ps.given_maps = False
+    ps.maps = ps.totals = NULL
     ps.reads_b = False
     ps.unbiased = unbiased
     ps.grad = GRAD_PLAIN
@@ -262,6 +269,8 @@ cdef inline Pass backward_pass(double m, bint frozen, bint param_grads, const fl
     ps.sums_body = backward_body(False, grad, act)
     ps.sums = param_grads or not frozen
     ps.apply = True
+    ps.given_maps = False
+    ps.maps = ps.totals = NULL
     ps.reads_b = ps.body != BODY_Y
     ps.unbiased = False
     ps.grad = grad
@@ -275,25 +284,47 @@ cdef inline Pass backward_pass(double m, bint frozen, bint param_grads, const fl
     return ps
 
 
-cdef inline Pass sums_pass(bint forward, const floating* gamma, const floating* beta,
-                           const floating* mean, const floating* invstd, int grad, int act,
-                           double act_slope) noexcept nogil:
-    """The pass whose halves the synchronized passes run (fastbn.distributed:
-    the sums, a reduction across processes, then the apply with maps made
-    from the global sums): a forward, or a training backward."""
-    if forward:
-        return forward_pass(0.0, 0.0, 0.0, False, gamma, beta, <floating*>NULL,
-                            <floating*>NULL, <floating*>NULL, <floating*>NULL, act, act_slope)
-    return backward_pass(0.0, False, True, gamma, beta, mean, invstd, <floating*>NULL,
-                         <floating*>NULL, grad, act, act_slope)
+cdef inline Pass call_pass(const Call* k, Py_ssize_t c0, double m,
+                           const floating* like) noexcept nogil:
+    """The pass of the call k over its channels c0 and on (fastbn._call.Call),
+    m values per channel; ``like`` is any array of the call, for its dtype.
+    A call of one step runs half of a training pass: the sums into
+    k.totals, or the apply with the maps k.maps (fastbn.distributed reduces
+    across processes in between)."""
+    cdef Pass ps
+    if k.mode == MODE_FORWARD:
+        ps = forward_pass(m, k.eps, k.factor, k.unbiased, moved(k.gamma, c0, like),
+                          moved(k.beta, c0, like), <floating*>moved(k.save_mean, c0, like),
+                          <floating*>moved(k.save_invstd, c0, like),
+                          <floating*>moved(k.running_mean, c0, like),
+                          <floating*>moved(k.running_var, c0, like), k.act, k.slope)
+    elif k.mode == MODE_INFERENCE:
+        ps = inference_pass(k.eps, moved(k.gamma, c0, like), moved(k.beta, c0, like),
+                            moved(k.running_mean, c0, like), moved(k.running_var, c0, like),
+                            k.act, k.slope)
+    else:
+        ps = backward_pass(m, k.frozen, k.param_grads, moved(k.gamma, c0, like),
+                           moved(k.beta, c0, like), moved(k.mean, c0, like),
+                           moved(k.invstd, c0, like), <floating*>moved(k.dgamma, c0, like),
+                           <floating*>moved(k.dbeta, c0, like), k.grad, k.act, k.slope)
+    if not (k.steps & STEP_APPLY):
+        ps.apply = False
+        ps.totals = k.totals + 2 * c0
+    if not (k.steps & STEP_SUMS):
+        ps.sums = False
+        ps.given_maps = True
+        ps.maps = <const Coef*>k.maps + c0
+    return ps
 
 
 cdef inline Coef finish(const Pass* ps, double s0, double s1, double center, Py_ssize_t c,
                         const floating* like) noexcept nogil:
     """Channel c's map from its two sums around center (forward: the shifted
     sums; backward: sum(dy), sum(dy * (x - mean))), or from the running
-    statistics (inference); ``like`` is any array of the call, for its
-    dtype."""
+    statistics (inference), or the given map (the apply alone); ``like`` is
+    any array of the call, for its dtype."""
+    if ps.given_maps:
+        return (<const Coef*>ps.maps)[c]
     if ps.kind == PASS_FROZEN:
         return frozen_coef(s0, s1, ps.sums, <const floating*>ps.invstd,
                            <const floating*>ps.gamma, <floating*>ps.dgamma,

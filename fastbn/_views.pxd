@@ -24,6 +24,14 @@ cdef inline const floating* at(const floating* a, Py_ssize_t off) noexcept nogil
     return a + off
 
 
+cdef inline const floating* moved(const void* p, Py_ssize_t off,
+                                  const floating* like) noexcept nogil:
+    """A call's array p (of like's type) from value off on; NULL stays NULL."""
+    if p == NULL:
+        return NULL
+    return <const floating*>p + off
+
+
 cdef inline const floating* cptr3(const floating[:, :, ::1] v) noexcept:
     if v is None:
         return NULL

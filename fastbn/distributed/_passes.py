@@ -64,7 +64,7 @@ def _collective(who: str, allreduce: Allreduce, C: int, dtype: np.dtype[Any] | N
 
 
 def _first_values(xv: NDArray[Any]) -> NDArray[np.float64]:
-    """Per channel, its first value: the shift of the sums (as the fused kernels take it)."""
+    """Per channel, its first value: the shift of the kernels' sums of x."""
     return np.ascontiguousarray(xv[0, :, 0] if xv.ndim == 3 else xv[0, :], dtype=np.float64)
 
 
@@ -95,11 +95,10 @@ def forward(x: Any, gamma: Any, beta: Any, *, allreduce: Allreduce, num_features
         body = call.body
         body[:, 0] = TAG_STATS
         if n:  # local statistics as the fused kernel finishes them
-            center = _first_values(xv)
             sums = np.empty((C, 2))
-            kernel.sums(xv, None, center, sums, nthreads)
+            kernel.sums(xv, None, sums, nthreads)   # around each channel's first value
             body[:, 1] = n
-            _channels.moments(sums, center, n, body[:, 2:4])
+            _channels.moments(sums, _first_values(xv), n, body[:, 2:4])
     except BaseException as exc:  # noqa: BLE001 - told to every rank, raised after the collective
         call.fail(exc, (TAG_STATS, 0.0, 0.0, 0.0))
     call.reduce(TAG_STATS)
@@ -269,8 +268,7 @@ def backward(dy: Any, x: Any, gamma: Any, mean: Any, invstd: Any, *, allreduce: 
         body[:, 3] = n
         if n:
             sums = np.empty((C, 2))
-            center = np.zeros(C) if mu is None else mu.astype(np.float64)
-            kernel.sums(dyv, xv, center, sums, nthreads, grad, act, slope, *transform)
+            kernel.sums(dyv, xv, sums, nthreads, grad, act, slope, *transform)
             body[:, 1:3] = sums
     except BaseException as exc:  # noqa: BLE001 - told to every rank, raised after the collective
         call.fail(exc, (TAG_SUM, 0.0, 0.0, 0.0))
