@@ -26,7 +26,7 @@ def factor(momentum: float | None, num_batches_tracked: NDArray[Any] | None) -> 
 def commit(running_mean: Any, rm: NDArray[Any], running_var: Any,
            rv: NDArray[Any], num_batches_tracked: NDArray[Any] | None) -> None:
     """After a successful update of the checked running statistics rm, rv
-    (see :func:`fastbn._checks.training_state`): copy them back where the
+    (see :func:`fastbn._arguments.training_state`): copy them back where the
     caller's arrays were not contiguous (rm, rv are copies then), and count
     the batch."""
     if rm is not running_mean:

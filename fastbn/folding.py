@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fastbn import _channels, _checks
+from fastbn import _arguments, _channels
 from fastbn._typing import FloatArray, OptionalArray
 
 __all__ = ["fold_batch_norm"]
@@ -130,14 +130,27 @@ def fold_batch_norm(weight: FloatArray, bias: OptionalArray, running_mean: Float
     return _fold(weight, bias, running_mean, running_var, gamma, beta, eps, out_axis)
 
 
+def fold_layer(layer: Any, weight: NDArray[Any], bias: NDArray[Any] | None,
+               out_axis: int) -> tuple[NDArray[Any], NDArray[Any]]:
+    """A layer's ``fold_into``: :func:`fold_batch_norm` with the layer's
+    running statistics, gamma, beta and eps."""
+    who = f"{type(layer).__name__}.fold_into"
+    if not layer.track_running_stats:
+        raise ValueError(f"{who}: the layer has no running statistics to fold "
+                         f"(track_running_stats=False normalizes with each batch's "
+                         f"statistics, also in eval mode)")
+    return _fold(weight, bias, layer.running_mean, layer.running_var, layer._gamma, layer._beta,
+                 layer.eps, out_axis, num_features=layer.num_features, who=who)
+
+
 def _fold(weight: NDArray[Any], bias: NDArray[Any] | None, running_mean: NDArray[Any],
           running_var: NDArray[Any], gamma: NDArray[Any] | None, beta: NDArray[Any] | None,
           eps: float, out_axis: int, *, num_features: int | None = None,
           who: str | None = None) -> tuple[NDArray[Any], NDArray[Any]]:
     """:func:`fold_batch_norm`, its messages prefixed with ``who`` (a layer's
     ``fold_into``, which checks that the weight has its ``num_features``)."""
-    eps, axis = _checks.fold_args(weight, bias, running_mean, running_var, gamma, beta, eps,
-                                  out_axis, num_features=num_features, who=who)
+    eps, axis = _arguments.fold_args(weight, bias, running_mean, running_var, gamma, beta, eps,
+                                     out_axis, num_features=num_features, who=who)
     size = weight.shape[axis]
 
     # float32 widens exactly, so the map is that of the arrays as given

@@ -25,7 +25,7 @@ from typing import cast
 
 import numpy as np
 
-from fastbn import _checks, _front, _running
+from fastbn import _arguments, _checks, _front, _running
 from fastbn._typing import Activation, Counter, FloatArray, Gradients, OptionalArray, Triple
 
 __all__ = ["batch_norm_forward", "batch_norm_inference", "batch_norm_backward",
@@ -144,7 +144,7 @@ def batch_norm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArray,
     if x.size // num_features <= 1:
         raise ValueError("Expected more than 1 value per channel when training, "
                          f"got input size {x.shape}")
-    eps, momentum, nthreads, g, b, rm, rv = _checks.forward_args(
+    eps, momentum, nthreads, g, b, rm, rv = _arguments.forward_args(
         x, num_features, gamma, beta, eps, momentum, num_threads, running_mean, running_var,
         num_batches_tracked, out)
     unbiased = _checks.flag(unbiased, "unbiased")
@@ -328,7 +328,7 @@ def batch_norm_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArray, mea
     _checks.x("x", x)
     ca = _checks.channel_axis(channel_axis, x.ndim)
     num_features = x.shape[ca]
-    nthreads, g, mu, istd = _checks.backward_args(dy, x, num_features, gamma, mean, invstd, out,
+    nthreads, g, mu, istd = _arguments.backward_args(dy, x, num_features, gamma, mean, invstd, out,
                                                   num_threads, source="batch_norm_forward",
                                                   beta=beta)
     act, slope = _checks.activation(activation, negative_slope)
@@ -443,7 +443,7 @@ def batch_norm_backward_from_output(dy: FloatArray, y: FloatArray, gamma: Option
     ca = _checks.channel_axis(channel_axis, y.ndim)
     num_features = y.shape[ca]
     act, slope = _checks.activation(activation, negative_slope)
-    nthreads, g, b, istd = _checks.from_output_args(dy, y, num_features, gamma, beta, invstd,
+    nthreads, g, b, istd = _arguments.from_output_args(dy, y, num_features, gamma, beta, invstd,
                                                     act, slope, out, num_threads)
     result = _front.backward_unchecked(np.ascontiguousarray(dy), np.ascontiguousarray(y), g, b,
                                        None, istd, act, slope, True, True, True, ca, out,

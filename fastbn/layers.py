@@ -1,27 +1,20 @@
 """Batch Normalization layers with PyTorch's semantics, on NumPy arrays.
 
-:class:`BatchNorm1d`, :class:`BatchNorm2d` and :class:`BatchNorm3d` (and the
-rank-agnostic :class:`BatchNorm`) hold the parameters, the running statistics
-and the train/eval switch of ``torch.nn.BatchNorm*d`` and do their arithmetic
-through the public functions of :mod:`fastbn.functional` (or of any module
-with the same signatures, such as :mod:`fastbn.reference`, passed as
-``backend=``); the layer itself computes nothing of full size. A layer may
-fuse a ReLU or leaky ReLU into its output (``activation=``) and, in memory
-saving mode, keep its output instead of its input for the backward (In-Place
-ABN; what a forward keeps is :mod:`fastbn._saved`'s record). The state dict
-and pickling are :mod:`fastbn._layer_state`'s.
-
-The formulas are those of Ioffe & Szegedy (2015), "Batch Normalization:
-Accelerating Deep Network Training by Reducing Internal Covariate Shift",
-arXiv:1502.03167; the running statistics follow PyTorch (momentum weights the
-new batch, the running variance takes the unbiased batch variance,
-``momentum=None`` is a cumulative average over ``num_batches_tracked``).
+:class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d` and the
+rank-agnostic :class:`BatchNorm` are ``torch.nn.BatchNorm*d`` (Ioffe &
+Szegedy 2015, arXiv:1502.03167; the running statistics as PyTorch keeps
+them) computing through :mod:`fastbn.functional`, or any module with its
+signatures (``backend=``, e.g. :mod:`fastbn.reference`): the layer itself
+computes nothing of full size. It may fuse a ReLU or leaky ReLU into its
+output and, saving memory, keep its output for the backward (In-Place ABN;
+the record is :mod:`fastbn._saved`'s). Its parameters, mode, state dict and
+pickling are :mod:`fastbn._layer_state`'s.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 from numpy.typing import DTypeLike, NDArray
@@ -29,40 +22,12 @@ from numpy.typing import DTypeLike, NDArray
 from fastbn import _checks, _front
 from fastbn import folding as _folding
 from fastbn import functional as _functional
-from fastbn._layer_state import LayerState
+from fastbn._layer_state import LayerState, check_backend
 from fastbn._saved import Saved, for_batch, forward_params, gradients, running_invstd
 from fastbn._typing import Activation, FloatArray
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
-_BACKEND_FUNCTIONS = ("batch_norm_forward", "batch_norm_inference", "batch_norm_backward")
-_FROM_OUTPUT = "batch_norm_backward_from_output"
-_Layer = TypeVar("_Layer", bound="BatchNorm")
-
-
-def _check_backend(backend: ModuleType | None, memory_saving: bool = False) -> ModuleType:
-    """The backend module: fastbn.functional for None, else anything with its
-    three functions (four with ``memory_saving``)."""
-    if backend is None:
-        return _functional
-    needed = _BACKEND_FUNCTIONS + ((_FROM_OUTPUT,) if memory_saving else ())
-    missing = [name for name in needed if not callable(getattr(backend, name, None))]
-    if missing:
-        raise TypeError(f"backend must provide {', '.join(needed)} with the "
-                        f"signatures of fastbn.functional (e.g. fastbn.functional or "
-                        f"fastbn.reference), got {backend!r} without {', '.join(missing)}")
-    return backend
-
-
-def _parameter(attr: str, name: str, doc: str) -> property:
-    """A property over ``attr`` whose setter checks the array (named ``name`` in errors)."""
-    def get(self: BatchNorm) -> Any:
-        return getattr(self, attr)
-
-    def set(self: BatchNorm, value: Any) -> None:
-        setattr(self, attr, self._set_param(name, value))
-
-    return property(get, set, doc=doc)
 
 
 class BatchNorm(LayerState):
@@ -279,88 +244,13 @@ class BatchNorm(LayerState):
         self.activation = activation
         self.memory_saving = _checks.memory_saving(memory_saving, activation,
                                                    self.negative_slope, who=who)
-        self.backend = _check_backend(backend, self.memory_saving)
+        self.backend = check_backend(backend, self.memory_saving)
         self.training = True
 
-        c = self.num_features
-        self._gamma = np.ones(c, dtype=dtype) if self.affine else None
-        self._beta = np.zeros(c, dtype=dtype) if self.affine else None
-        if self.track_running_stats:
-            self.running_mean = np.zeros(c, dtype=dtype)
-            self.running_var = np.ones(c, dtype=dtype)
-            self.num_batches_tracked = np.zeros((), dtype=np.int64)
-        else:
-            self.running_mean = self.running_var = self.num_batches_tracked = None
-        self.dgamma = None
-        self.dbeta = None
+        self._new_state()
         self._saved = None  # what the last forward left for the backward (Saved)
 
-    # ---------------------------------------------------------- parameters
-
-    def _set_param(self, name: str, value: Any) -> Any:
-        if not self.affine:
-            if value is not None:
-                raise ValueError(f"{type(self).__name__}(affine=False) has no {name}; "
-                                 f"got an array to assign")
-            return None
-        who = type(self).__name__
-        own = "_gamma" if name in ("gamma", "weight") else "_beta"
-        others = {key: array for key, array in self._state_arrays().items()
-                  if array is not getattr(self, own)}
-        return _checks.parameter(f"{who}.{name}", value, self.dtype, self.num_features,
-                                 others, who=None)
-
-    gamma = _parameter("_gamma", "gamma", "Scale, shape (C,), the layer's dtype; None without "
-                       "``affine``.")
-    beta = _parameter("_beta", "beta", "Shift, shape (C,), the layer's dtype; None without "
-                      "``affine``.")
-    weight = _parameter("_gamma", "weight", "PyTorch's name for :attr:`gamma`.")
-    bias = _parameter("_beta", "bias", "PyTorch's name for :attr:`beta`.")
-
-    @property
-    def params(self) -> list[NDArray[Any]]:
-        """``[gamma, beta]`` (the arrays themselves), or ``[]`` without ``affine``."""
-        return [self._gamma, self._beta] if self.affine else []
-
-    @property
-    def grads(self) -> list[NDArray[Any] | None]:
-        """``[dgamma, dbeta]`` in the order of :attr:`params` (None before a backward)."""
-        return [self.dgamma, self.dbeta] if self.affine else []
-
-    def _share_arrays(self, layer: BatchNorm) -> None:
-        """Take ``layer``'s accepted input, parameter and running-statistics
-        arrays (the arrays themselves) and its mode: a layer of another class
-        standing in for it (:meth:`fastbn.SyncBatchNorm.from_batch_norm`)."""
-        self._ndims, self._expected = layer._ndims, layer._expected
-        self._gamma, self._beta = layer._gamma, layer._beta
-        self.running_mean, self.running_var = layer.running_mean, layer.running_var
-        self.num_batches_tracked = layer.num_batches_tracked
-        self.training = layer.training
-
-    # ---------------------------------------------------------------- mode
-
-    def train(self: _Layer, mode: bool = True) -> _Layer:
-        """Set training mode (``mode=True``) or eval mode; returns the layer.
-
-        Raises
-        ------
-        TypeError
-            ``mode`` is not a bool (``numpy.bool_`` is one); the exception
-            is a ValueError too, as PyTorch's. The mode is not changed.
-        """
-        self.training = _checks.flag(mode, "mode", who=f"{type(self).__name__}.train")
-        return self
-
-    def eval(self: _Layer) -> _Layer:
-        """Set eval mode (the same as ``train(False)``); returns the layer."""
-        return self.train(False)
-
     # -------------------------------------------------------------- compute
-
-    def _check_input(self, x: Any) -> None:
-        _checks.layer_input(x, who=type(self).__name__, num_features=self.num_features,
-                            channel_axis=self.channel_axis, dtype=self.dtype,
-                            ndims=self._ndims, expected=self._expected)
 
     def forward(self, x: FloatArray) -> FloatArray:
         """Normalize x and apply the activation; in training mode update the running statistics.
@@ -461,18 +351,12 @@ class BatchNorm(LayerState):
         beta) / gamma`` with the gamma and beta of that forward, and act'
         read from the sign of y.
 
-        After an eval-mode forward with running statistics the normalization
-        is a fixed affine map, and with ``invstd = 1 / sqrt(running_var +
-        eps)`` and ``xhat = (x - running_mean) * invstd``::
-
-            dbeta  = sum(dz)
-            dgamma = sum(dz * xhat)
-            dx     = dz * gamma * invstd
-
-        using the running statistics as they were at that forward: one
-        kernel pass, :func:`fastbn.batch_norm_backward` with
-        ``training=False`` (without ``affine`` dgamma and dbeta are not
-        computed, and without an activation too only dy is read).
+        After an eval-mode forward with running statistics (as they were
+        then) the map is affine: dbeta and dgamma as above with ``xhat = (x
+        - running_mean) * invstd``, ``invstd = 1 / sqrt(running_var + eps)``,
+        and ``dx = dz * gamma * invstd`` (:func:`fastbn.batch_norm_backward`
+        with ``training=False``; without ``affine`` no dgamma and dbeta, and
+        without an activation too only dy is read).
 
         Parameters
         ----------
@@ -577,37 +461,7 @@ class BatchNorm(LayerState):
         >>> W_f.shape, b_f.dtype
         ((3, 5), dtype('float32'))
         """
-        who = f"{type(self).__name__}.fold_into"
-        if not self.track_running_stats:
-            raise ValueError(f"{who}: the layer has no running statistics to fold "
-                             f"(track_running_stats=False normalizes with each batch's "
-                             f"statistics, also in eval mode)")
-        return _folding._fold(weight, bias, self.running_mean, self.running_var, self._gamma,
-                              self._beta, self.eps, out_axis, num_features=self.num_features,
-                              who=who)
-
-    # ------------------------------------------------------------- python
-
-    def __repr__(self) -> str:
-        momentum = "None" if self.momentum is None else f"{self.momentum:g}"
-        extra = ""
-        if self.dtype != np.float32:
-            extra += f", dtype={self.dtype.name}"
-        if self.channel_axis != 1:
-            extra += f", channel_axis={self.channel_axis}"
-        if not self.unbiased:
-            extra += ", unbiased=False"
-        if self.activation is not None:
-            extra += f", activation={self.activation!r}"
-        if self.negative_slope != 0.01:
-            extra += f", negative_slope={self.negative_slope:g}"
-        if self.memory_saving:
-            extra += ", memory_saving=True"
-        if self.backend is not _functional:
-            extra += f", backend={getattr(self.backend, '__name__', self.backend)!s}"
-        return (f"{type(self).__name__}({self.num_features}, eps={self.eps:g}, "
-                f"momentum={momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}{extra})")
+        return _folding.fold_layer(self, weight, bias, out_axis)
 
 
 class BatchNorm1d(BatchNorm):

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fastbn import _channels, _checks, _dispatch, _front, _running
+from fastbn import _arguments, _channels, _checks, _dispatch, _front, _running
 from fastbn.distributed._protocol import Collective
 from fastbn.distributed._records import TAG_STATS, TAG_SUM
 from fastbn._typing import Activation, Allreduce, Counter, FloatArray, OptionalArray, Triple
@@ -83,7 +83,7 @@ def forward(x: Any, gamma: Any, beta: Any, *, allreduce: Allreduce, num_features
     try:
         ca = _checks.layer_input(x, who=who, num_features=C, channel_axis=channel_axis,
                                  dtype=dtype, ndims=ndims, expected=expected)
-        eps, momentum, nthreads, g, b, rm, rv = _checks.forward_args(
+        eps, momentum, nthreads, g, b, rm, rv = _arguments.forward_args(
             x, C, gamma, beta, eps, momentum, num_threads, running_mean, running_var,
             num_batches_tracked, out)
         unbiased = _checks.flag(unbiased, "unbiased")
@@ -249,12 +249,12 @@ def backward(dy: Any, x: Any, gamma: Any, mean: Any, invstd: Any, *, allreduce: 
                                  dtype=dtype, ndims=ndims, expected=expected)
         act, slope = _checks.activation(activation, negative_slope, who=who)
         if from_output:
-            nthreads, g, b, istd = _checks.from_output_args(dy, x, C, gamma, beta, invstd, act,
+            nthreads, g, b, istd = _arguments.from_output_args(dy, x, C, gamma, beta, invstd, act,
                                                             slope, out, num_threads, who=who)
             mu = None  # no mean: the second input is xhat itself
             grad = _GRAD_OUTPUT
         else:
-            nthreads, g, mu, istd = _checks.backward_args(
+            nthreads, g, mu, istd = _arguments.backward_args(
                 dy, x, C, gamma, mean, invstd, out, num_threads,
                 source="sync_batch_norm_forward", who=who, beta=beta)
             b = None if beta is None else np.ascontiguousarray(beta)

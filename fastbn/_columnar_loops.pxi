@@ -1,0 +1,242 @@
+# The loops of the columnar kernels (included by fastbn/_columnar.pyx, whose
+# cimports, Grid and Maps they use): rows of columns, blocks of rows. The
+# schedules, which hand these out to the threads, and the entry stay in
+# _columnar.pyx.
+
+# ---------------------------------------------------------------- rows ----
+
+cdef inline void row_map_in(const Body* body, const floating* a, const floating* b,
+                            floating* out, Py_ssize_t c0, Py_ssize_t c1, const real* hi,
+                            const real* lo, const real* s, const real* q, const real* o, int kind,
+                            real neg, const Maps* k, const Grad* t) noexcept nogil:
+    """out[c - c0] = value(body, ...) for columns [c0, c1) of one row (a, b
+    point at column 0; fastbn._body): the one loop of every columnar apply;
+    one specialization per body."""
+    cdef Py_ssize_t c
+    cdef const double* zc = k.grad_center
+    cdef const double* zs = k.grad_scale
+    cdef const double* zo = k.grad_offset
+    cdef double sl = t.slope, inv = t.inv_slope
+    for c in range(c0, c1):
+        out[c - c0] = <floating>value(body, a, b, c, hi[c], lo[c], s[c], q[c], o[c], kind, neg,
+                                      zc[c], zs[c], zo[c], sl, inv)
+
+
+cdef inline void row_map(const Body* body, const floating* a, const floating* b,
+                         floating* out, Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
+                         bint in_float, const Grid* g) noexcept nogil:
+    """out[c - c0] for columns [c0, c1) of one row (a, b point at column 0),
+    of the body (fastbn._body): y from a = x, or dx from a = dy, b = x (or
+    y), of (a, b) as they are or of the inputs g.grad turns them into.
+    float32 with in_float computes in float (Coef32), else in double."""
+    if floating is float and in_float:
+        row_map_in(body, a, b, out, c0, c1, k.hi, k.lo, k.scale32, k.slope32, k.offset32,
+                   g.act.kind, g.act.slope32, k, &g.grad)
+    else:
+        row_map_in(body, a, b, out, c0, c1, k.center, k.zero, k.scale, k.slope, k.offset,
+                   g.act.kind, g.act.slope, k, &g.grad)
+
+
+# -------------------------------------------------------------- blocks ----
+
+cdef inline void rows_sums_of(const Body* body, const floating* a, const floating* b,
+                              Py_ssize_t stride, Py_ssize_t nrows, Py_ssize_t n,
+                              const double* center, const double* zc, const double* zs,
+                              const double* zo, double slope, double inv, double* sa,
+                              double* sb) noexcept nogil:
+    """Add the two sums of nrows rows (stride apart) of n columns into sa[c],
+    sb[c], their terms those of fastbn._body.terms for the body (one
+    specialization each): four rows at a time, ``s += (t0 + t1) + (t2 + t3)``,
+    then one at a time."""
+    cdef Py_ssize_t r = 0, c
+    cdef const floating* a0
+    cdef const floating* a1
+    cdef const floating* a2
+    cdef const floating* a3
+    cdef const floating* b0 = NULL
+    cdef const floating* b1 = NULL
+    cdef const floating* b2 = NULL
+    cdef const floating* b3 = NULL
+    cdef double u0, u1, u2, u3, v0, v1, v2, v3
+    while r + 4 <= nrows:
+        a0 = a + r * stride
+        a1 = a0 + stride
+        a2 = a1 + stride
+        a3 = a2 + stride
+        if not (Body is BodyY or Body is BodyYAct):  # the bodies that read b
+            b0 = b + r * stride
+            b1 = b0 + stride
+            b2 = b1 + stride
+            b3 = b2 + stride
+        for c in range(n):
+            terms(body, a0, b0, c, center[c], zc[c], zs[c], zo[c], slope, inv, &u0, &v0)
+            terms(body, a1, b1, c, center[c], zc[c], zs[c], zo[c], slope, inv, &u1, &v1)
+            terms(body, a2, b2, c, center[c], zc[c], zs[c], zo[c], slope, inv, &u2, &v2)
+            terms(body, a3, b3, c, center[c], zc[c], zs[c], zo[c], slope, inv, &u3, &v3)
+            sa[c] += (u0 + u1) + (u2 + u3)
+            sb[c] += (v0 + v1) + (v2 + v3)
+        r += 4
+    while r < nrows:
+        a0 = a + r * stride
+        if not (Body is BodyY or Body is BodyYAct):
+            b0 = b + r * stride
+        for c in range(n):
+            terms(body, a0, b0, c, center[c], zc[c], zs[c], zo[c], slope, inv, &u0, &v0)
+            sa[c] += u0
+            sb[c] += v0
+        r += 1
+
+
+cdef void block_sums(const floating* a, const floating* b, const Grid* g, Py_ssize_t blk,
+                     Py_ssize_t c0, Py_ssize_t c1, const double* center, const Maps* k,
+                     double* sa, double* sb) noexcept nogil:
+    """Columns [c0, c1) of row block blk into sa[c], sb[c]: shifted sums of a
+    (b NULL), or sum(a) and sum(a * (b - center)) with a = dy, b = x, of the
+    inputs g.grad turns them into."""
+    cdef Py_ssize_t S = g.stride, c, off
+    cdef Py_ssize_t r0 = blk * g.rows_per_block
+    cdef Py_ssize_t r1 = min(g.M, r0 + g.rows_per_block)
+    for c in range(c0, c1):
+        sa[c] = 0.0
+        sb[c] = 0.0
+    cdef const double* zc = k.grad_center + c0
+    cdef const double* zs = k.grad_scale + c0
+    cdef const double* zo = k.grad_offset + c0
+    cdef const Grad* t = &g.grad
+    cdef const floating* ap = a + r0 * S + c0
+    cdef const floating* bp = at(b, r0 * S + c0)
+    cdef Py_ssize_t n = c1 - c0, nr = r1 - r0
+    # one loop per body, the body a constant in each
+    if g.sums_body == BODY_Y:
+        rows_sums_of(<BodyY*>NULL, ap, bp, S, nr, n, center + c0, zc, zs, zo,
+                     0.0, 0.0, sa + c0, sb + c0)
+    elif g.sums_body == BODY_DX:
+        rows_sums_of(<BodyDX*>NULL, ap, bp, S, nr, n, center + c0, zc, zs, zo,
+                     0.0, 0.0, sa + c0, sb + c0)
+    elif g.sums_body == BODY_DX_OUT:
+        rows_sums_of(<BodyDXOut*>NULL, ap, bp, S, nr, n, center + c0, zc, zs, zo,
+                     t.slope, t.inv_slope, sa + c0, sb + c0)
+    elif g.sums_body == BODY_DX_RELU:
+        rows_sums_of(<BodyDXRelu*>NULL, ap, bp, S, nr, n, center + c0, zc, zs, zo,
+                     t.slope, t.inv_slope, sa + c0, sb + c0)
+    else:
+        rows_sums_of(<BodyDXAct*>NULL, ap, bp, S, nr, n, center + c0, zc, zs, zo,
+                     t.slope, t.inv_slope, sa + c0, sb + c0)
+
+
+cdef inline void row_apply(const Body* body, const floating* a, const floating* b,
+                           floating* out, Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
+                           int mode, const Grid* g) noexcept nogil:
+    """row_map over columns [c0, c1): mode 1 all in float, 0 all in double,
+    -1 each column in float where its map allows (k.ok[c]) and in double
+    otherwise: a column's bits never depend on another column's map."""
+    cdef Py_ssize_t c, e
+    if mode >= 0:
+        row_map(body, a, b, out, c0, c1, k, mode == 1, g)
+        return
+    c = c0
+    while c < c1:
+        e = c + 1
+        while e < c1 and k.ok[e] == k.ok[c]:
+            e += 1
+        row_map(body, a, b, out + (c - c0), c, e, k, k.ok[c], g)
+        c = e
+
+
+cdef inline void block_apply_in(const Body* body, const floating* a, const floating* b,
+                                floating* out, const Grid* g, Py_ssize_t r0, Py_ssize_t r1,
+                                Py_ssize_t c0, Py_ssize_t c1, const Maps* k) noexcept nogil:
+    """block_apply of one body (one specialization each: the body is chosen
+    once per block, not once per row)."""
+    cdef floating buf[STREAM_CHUNK]
+    cdef Py_ssize_t C = g.C, S = g.stride, r, c, j, m
+    cdef int mode = 1 if floating is float else 0
+    if floating is float:
+        for c in range(c0, c1):
+            if not k.ok[c]:
+                mode = -1
+                break
+    if not g.streaming:
+        for r in range(r0, r1):
+            row_apply(body, a + r * S, at(b, r * S), out + r * S + c0, c0, c1, k, mode, g)
+    elif c1 - c0 == C and C == S and C <= STREAM_CHUNK:
+        # whole rows, contiguous: several rows per buffer
+        m = STREAM_CHUNK // C
+        r = r0
+        while r < r1:
+            m = min(m, r1 - r)
+            for j in range(m):
+                row_apply(body, a + (r + j) * C, at(b, (r + j) * C), &buf[j * C], 0, C, k, mode,
+                          g)
+            stream(out + r * C, buf, m * C * sizeof(floating))
+            r += m
+    else:
+        for r in range(r0, r1):
+            c = c0
+            while c < c1:
+                m = min(<Py_ssize_t>STREAM_CHUNK, c1 - c)
+                row_apply(body, a + r * S, at(b, r * S), buf, c, c + m, k, mode, g)
+                stream(out + r * S + c, buf, m * sizeof(floating))
+                c += m
+    if g.streaming:
+        fence()
+
+
+cdef void block_apply(const floating* a, const floating* b, floating* out, const Grid* g,
+                      Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
+                      const Maps* k) noexcept nogil:
+    """Rows [r0, r1), columns [c0, c1) of g's apply body: y from a = x, or dx
+    from a = dy, b = x (or y); streamed through a stack buffer when
+    g.streaming."""
+    if g.body == BODY_Y:
+        block_apply_in(<BodyY*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+    elif g.body == BODY_Y_ACT:
+        block_apply_in(<BodyYAct*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+    elif g.body == BODY_DX:
+        block_apply_in(<BodyDX*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+    elif g.body == BODY_DX_ACT:
+        block_apply_in(<BodyDXAct*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+    elif g.body == BODY_DX_RELU:
+        block_apply_in(<BodyDXRelu*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+    elif g.body == BODY_DX_OUT:
+        block_apply_in(<BodyDXOut*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+    elif g.body == BODY_DZ:
+        block_apply_in(<BodyDZ*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+    else:
+        block_apply_in(<BodyDZRelu*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+
+
+cdef inline void zero_totals(const Grid* g, Py_ssize_t c0, Py_ssize_t c1,
+                             double* total) noexcept nogil:
+    cdef Py_ssize_t c
+    for c in range(c0, c1):
+        total[c] = 0.0
+        total[g.C + c] = 0.0
+
+
+cdef void tile_totals(const floating* a, const floating* b, const Grid* g, Py_ssize_t c0,
+                      Py_ssize_t c1, const double* center, const Maps* k, double* part,
+                      double* total) noexcept nogil:
+    """Totals over all row blocks, in block order, for columns [c0, c1):
+    total[c], total[C + c]; part is 2 * C doubles of scratch."""
+    cdef Py_ssize_t C = g.C, c, blk
+    zero_totals(g, c0, c1, total)
+    for blk in range(g.nblocks):
+        block_sums(a, b, g, blk, c0, c1, center, k, part, part + C)
+        for c in range(c0, c1):
+            total[c] += part[c]
+            total[C + c] += part[C + c]
+
+
+cdef void merge_blocks(const double* table, const Grid* g, Py_ssize_t c0, Py_ssize_t c1,
+                       double* total) noexcept nogil:
+    """Totals from the per-row-block table, in block order: the same sums as
+    tile_totals."""
+    cdef Py_ssize_t C = g.C, c, blk
+    for c in range(c0, c1):
+        total[c] = 0.0
+        total[C + c] = 0.0
+    for blk in range(g.nblocks):
+        for c in range(c0, c1):
+            total[c] += table[2 * blk * C + c]
+            total[C + c] += table[(2 * blk + 1) * C + c]
