@@ -38,6 +38,7 @@ import threadpoolctl
 
 import fastbn
 import numpy_formula
+import peers
 from fastbn import reference
 
 try:
@@ -164,9 +165,12 @@ REFERENCE = Implementation("reference", "reference", warmup_calls=1, max_reps=9)
 NUMPY = Implementation("numpy", "NumPy formula")
 
 
+PEERS = [Implementation(name, label) for name, label in peers.available()]
+
+
 def implementations():
     """Implementations in timing order: the reference first (it is the oracle)."""
-    return [REFERENCE] + ([TORCH] if torch is not None else []) + [FASTBN, FASTBN_OUT]
+    return [REFERENCE] + ([TORCH] if torch is not None else []) + PEERS + [FASTBN, FASTBN_OUT]
 
 
 def log(message):
@@ -293,6 +297,8 @@ def pre_activation(x, gamma, beta, mean, invstd, channel_axis):
 
 def as_array(result, shape):
     """A result of any implementation as an ndarray in the layout of x."""
+    if not isinstance(result, np.ndarray):
+        return peers.as_numpy(result, shape)
     if torch is not None and isinstance(result, torch.Tensor):
         if shape.channels_last:
             result = result.permute(0, 2, 3, 1)
@@ -303,7 +309,8 @@ def as_array(result, shape):
 # --------------------------------------------------------------- calls ----
 
 def make_call(impl, op, w, num_threads):
-    """``call(i)``: one ``op`` by ``impl`` on copy ``i`` of workload ``w``.
+    """``call(i)``: one ``op`` by ``impl`` on copy ``i`` of workload ``w`` (None:
+    a peer that lacks the case).
 
     Forward calls update running statistics (each implementation has its
     own), as a training step does. The backward takes the mean and invstd of
@@ -311,6 +318,8 @@ def make_call(impl, op, w, num_threads):
     """
     if impl.name == "torch":
         return _torch_call(op, w)
+    if impl in PEERS:  # None where the peer lacks the case
+        return peers.make_call(impl.name, op, w, num_threads)
     module = {"reference": reference, "numpy": numpy_formula}.get(impl.name, fastbn)
     out = w.out if impl.name == "fastbn_out" else [None] * w.copies
     kw = {"channel_axis": w.shape.channel_axis, "num_threads": num_threads}

@@ -17,9 +17,12 @@ import numpy as np
 from cases import OPERATION_TITLES, OPERATIONS, TINY_SHAPES
 from machine import format_bytes
 
-IMPL_ORDER = ("fastbn_out", "fastbn", "torch", "reference")
+IMPL_ORDER = ("fastbn_out", "fastbn", "torch", "onednn", "jax", "onnxruntime", "reference")
 IMPL_LABELS = {"fastbn_out": "fastbn (out=)", "fastbn": "fastbn", "torch": "PyTorch",
+               "onednn": "oneDNN", "jax": "JAX/Flax", "onnxruntime": "ONNX Runtime",
                "reference": "reference"}
+#: the other implementations a user might pick, each with a speedup column when it ran
+PEERS = ("torch", "onednn", "jax", "onnxruntime")
 FASTBN_VARIANTS = {"fastbn_out": "out=", "fastbn": "fresh"}
 
 # The issue's targets.
@@ -78,11 +81,12 @@ def _memory_cell(impls, names):
 def markdown_tables(records):
     """One Markdown table per operation; rows are shape, dtype, threads."""
     cases = group_cases(records)
-    has_torch = any("torch" in impls for impls in cases.values())
-    impls_shown = [n for n in IMPL_ORDER if n != "torch" or has_torch]
+    ran = {name for impls in cases.values() for name in impls}
+    impls_shown = [n for n in IMPL_ORDER if n in ran]
+    peers = [n for n in PEERS if n in ran]
     header = (["shape", "dtype", "x size", "threads", "data"]
               + [IMPL_LABELS[n] for n in impls_shown]
-              + (["speedup vs PyTorch (out= / fresh)"] if has_torch else [])
+              + [f"speedup vs {IMPL_LABELS[n]} (out= / fresh)" for n in peers]
               + ["speedup vs reference (out= / fresh)",
                  "peak RSS growth (" + " / ".join(IMPL_LABELS[n] for n in impls_shown) + ")"])
     blocks = []
@@ -99,8 +103,7 @@ def markdown_tables(records):
             cells = [first["shape_label"], first["dtype"], format_bytes(first["nbytes"]),
                      str(first["threads"]), first["data"] + (" †" if busy else "")]
             cells += [_impl_cell(impls.get(n)) for n in impls_shown]
-            if has_torch:
-                cells.append(_speedup_cell(impls, "torch"))
+            cells += [_speedup_cell(impls, n) for n in peers]
             cells.append(_speedup_cell(impls, "reference"))
             cells.append(_memory_cell(impls, impls_shown))
             lines.append("| " + " | ".join(cells) + " |")
@@ -187,7 +190,13 @@ def legend(settings, copy_bandwidth):
         "`torch.ops.aten.native_batch_norm_backward` (backward; the frozen rows with "
         "`train=False` and its output mask); NHWC rows give PyTorch "
         "a channels_last tensor; reference: `fastbn.reference` (NumPy, float64 "
-        "accumulation). Forward calls update running statistics.",
+        "accumulation). Forward calls update running statistics. The other peers "
+        "(benchmarks/peers.py, when installed): oneDNN through PyTorch's mkldnn tensors "
+        "(4-D float32 training, 4-D and 5-D inference, its own layout converted before "
+        "timing), ONNX Runtime's BatchNormalization (inference, not channels last, "
+        "`intra_op_num_threads` = the row's threads), JAX/Flax's `linen.BatchNorm` under "
+        "`jax.jit` (forward, inference, and the backward as `jax.vjp`; all cores only, as "
+        "XLA fixes its thread pool at import); — where a peer lacks the case.",
         "",
         "Backward through a fused ReLU: fastbn's `batch_norm_backward(..., beta=beta, "
         "activation=\"relu\")`, one pass that recomputes the pre-activation z from x, against "
@@ -370,7 +379,8 @@ def write_chart(path, records, copy_bandwidth, title):
     threads = sorted({r["threads"] for r in records})
     ops = [op for op in OPERATIONS if any(k[0] == op for k in cases)]
     impls = [n for n in IMPL_ORDER if any(r["implementation"] == n for r in records)]
-    colors = dict(zip(IMPL_ORDER, ("tab:blue", "tab:cyan", "tab:orange", "tab:gray")))
+    colors = dict(zip(IMPL_ORDER, ("tab:blue", "tab:cyan", "tab:orange", "tab:red",
+                                   "tab:green", "tab:purple", "tab:gray")))
     width = 0.8 / len(impls)
 
     fig, axes = plt.subplots(len(ops), len(threads), squeeze=False, sharey=True,
