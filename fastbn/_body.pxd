@@ -56,16 +56,10 @@ ctypedef fused Body:
     BodyDZRelu
 
 
-cdef inline double activated(double v, int kind, double slope) noexcept nogil:
-    """relu: 0 for v < 0; leaky_relu: v * slope for v < 0; v otherwise (NaN
-    and -0.0 stay as they are, as numpy.maximum(v, 0) keeps them)."""
-    if kind == ACT_NONE or not (v < 0.0):
-        return v
-    return 0.0 if kind == ACT_RELU else v * slope
-
-
 cdef inline real activated_as(real v, int kind, real slope) noexcept nogil:
-    """activated, in the type of v."""
+    """relu: 0 for v < 0; leaky_relu: v * slope for v < 0; v otherwise (NaN
+    and -0.0 stay as they are, as numpy.maximum(v, 0) keeps them), in the
+    type of v."""
     if kind == ACT_NONE or not (v < 0.0):
         return v
     return 0.0 if kind == ACT_RELU else v * slope
