@@ -58,6 +58,17 @@ cdef struct Call:
     void* running_var
     void* dgamma             # backward: written, or NULL (frozen, not wanted)
     void* dbeta
+    void* r                  # Batch Renormalization: the forward writes r and d, the
+    void* d                  # backward reads them; NULL in the plain layer
+    double rmax, rmin, dmax  # the forward's clipping of r to [rmin, rmax] and d to [-dmax, dmax]
+    bint renorm              # Batch Renormalization (Ioffe 2017): r, d, rmax, rmin, dmax
+    Py_ssize_t groups        # Ghost Batch Normalization: the training pass runs on each of
+                             # that many consecutive row blocks (virtual batches) of n / groups
+                             # rows; save_mean, save_invstd, r, d (forward) and mean, invstd,
+                             # r, d (backward) are (groups, C); 1 for the plain layer
+    double* moments          # a forward of one group: (C, 2) written, each channel's mean and
+                             # running-variance contribution, instead of updating the running
+                             # statistics (set by the group driver only, else NULL)
     double* totals           # STEP_SUMS alone: (C, 2) written, the two sums of each channel
     const double* maps       # STEP_APPLY alone: (C, 4) read, each channel's Coef (fastbn._stats)
     double eps               # forward, inference

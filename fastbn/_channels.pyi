@@ -26,6 +26,11 @@ def forward_map(
     factor: float,
     unbiased: bool,
     coef: _Doubles,  # double[:, ::1], (C, 4), written
+    r: _Array | None = None,  # Batch Renormalization: written, with d
+    d: _Array | None = None,
+    rmax: float = 1.0,
+    rmin: float = 1.0,
+    dmax: float = 0.0,
 ) -> None: ...
 def backward_map(
     sums: _Doubles,  # const double[:, :], (C, 2): (sum dy, sum dy * (x - mean))
@@ -36,4 +41,6 @@ def backward_map(
     dgamma: _Array,  # written
     dbeta: _Array,  # written
     coef: _Doubles,  # double[:, ::1], (C, 4), written
+    r: _Array | None = None,  # Batch Renormalization: read, with d
+    d: _Array | None = None,
 ) -> None: ...

@@ -15,8 +15,19 @@ float64. ``None`` is accepted where the fused kernels accept NULL.
 
 from cython cimport floating
 
+from fastbn._call cimport ACT_NONE, GRAD_OUTPUT, GRAD_PLAIN
+from fastbn._pass cimport Pass, backward_pass, forward_pass
 from fastbn._stats cimport Coef, backward_coef, moments as channel_moments, stats_coef
 from fastbn._views cimport cptr, wptr
+
+
+cdef void renorm_of(Pass* ps, floating[::1] r, floating[::1] d, double rmax, double rmin,
+                    double dmax):
+    """Batch Renormalization in the pass ps when r is given (d with it)."""
+    if r is not None:
+        ps.renorm = True
+        ps.r, ps.d = &r[0], &d[0]
+        ps.rmax, ps.rmin, ps.dmax = rmax, rmin, dmax
 
 
 def moments(const double[:, ::1] sums, const double[::1] center, double m,
@@ -39,34 +50,41 @@ def forward_map(const double[:, :] stats, double m, double eps,
                 floating[::1] mean, floating[::1] invstd,
                 const floating[::1] gamma, const floating[::1] beta,
                 floating[::1] running_mean, floating[::1] running_var,
-                double factor, bint unbiased, double[:, ::1] coef):
+                double factor, bint unbiased, double[:, ::1] coef,
+                floating[::1] r=None, floating[::1] d=None, double rmax=1.0,
+                double rmin=1.0, double dmax=0.0):
     """From the (mean, var) of every channel over m values (stats (C, 2)):
     write mean and invstd, update the running statistics (both or None)
     with weight factor (the variance corrected by m / (m - 1) when unbiased),
-    and write the maps coef (C, 4) for ``apply``.
+    and write the maps coef (C, 4) for ``apply``. With r and d (C,): Batch
+    Renormalization, r and d written (clipped to [rmin, rmax] and [-dmax,
+    dmax]) from the running statistics before their update.
     (The first array of the call's dtype is never None: Cython picks the
     specialization from it.)"""
-    cdef const floating* g = cptr(gamma)
-    cdef const floating* b = cptr(beta)
-    cdef floating* rm = wptr(running_mean)
-    cdef floating* rv = wptr(running_var)
+    cdef Pass ps = forward_pass(m, eps, factor, unbiased, cptr(gamma), cptr(beta), &mean[0],
+                                &invstd[0], wptr(running_mean), wptr(running_var), ACT_NONE, 0.0)
     cdef Coef* k = <Coef*>&coef[0, 0]
     cdef Py_ssize_t c
+    renorm_of(&ps, r, d, rmax, rmin, dmax)
     for c in range(stats.shape[0]):
-        k[c] = stats_coef(stats[c, 0], stats[c, 1], m, eps, g, b, &mean[0], &invstd[0],
-                          rm, rv, factor, unbiased, c)
+        k[c] = stats_coef(&ps, stats[c, 0], stats[c, 1], c, &mean[0])
 
 
 def backward_map(const double[:, :] sums, double m, const floating[::1] invstd,
                  const floating[::1] mean, const floating[::1] gamma,
-                 floating[::1] dgamma, floating[::1] dbeta, double[:, ::1] coef):
+                 floating[::1] dgamma, floating[::1] dbeta, double[:, ::1] coef,
+                 floating[::1] r=None, floating[::1] d=None):
     """From the sums (C, 2) ``sum(dy)``, ``sum(dy * (x - mean))`` over m
     values: write dgamma and dbeta and the maps coef (C, 4) that give dx.
     mean None: the sums are ``sum(dy)``, ``sum(dy * xhat)`` (from the output).
+    With r and d (C,): the backward of Batch Renormalization (not from the
+    output).
     (invstd, never None, comes first: Cython picks the specialization from it.)"""
-    cdef const floating* g = cptr(gamma)
+    cdef Pass ps = backward_pass(m, False, True, cptr(gamma), <const floating*>NULL, cptr(mean),
+                                 &invstd[0], &dgamma[0], &dbeta[0],
+                                 GRAD_OUTPUT if mean is None else GRAD_PLAIN, ACT_NONE, 0.0)
     cdef Coef* k = <Coef*>&coef[0, 0]
     cdef Py_ssize_t c
+    renorm_of(&ps, r, d, 1.0, 1.0, 0.0)
     for c in range(sums.shape[0]):
-        k[c] = backward_coef(sums[c, 0], sums[c, 1], m, mean is None, cptr(mean), &invstd[0],
-                             g, &dgamma[0], &dbeta[0], c)
+        k[c] = backward_coef(&ps, sums[c, 0], sums[c, 1], c, &invstd[0])

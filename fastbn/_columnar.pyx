@@ -45,16 +45,16 @@ from cython.parallel cimport parallel, prange
 from cpython.pycapsule cimport PyCapsule_New
 from libc.stdlib cimport free, malloc
 
-from fastbn._call cimport (ACT_NONE, DTYPE_FLOAT32, DTYPE_FLOAT64, ENTRY_NAME, GRAD_OUTPUT,
+from fastbn._call cimport (ACT_NONE, DTYPE_FLOAT32, DTYPE_FLOAT64, ENTRY_NAME,
                            GRAD_PLAIN, MODE_BACKWARD, MODE_FORWARD, STEP_APPLY, STEP_SUMS, Call)
 from fastbn._openmp cimport Shares, barrier, late, note, threads_for, took
 from fastbn._simd cimport STREAM_CHUNK, fence, stream, streams
 from fastbn._body cimport (Body, BodyDX, BodyDXAct, BodyDXOut, BodyDXRelu, BodyDZ, BodyDZRelu, BodyY,
                            BodyYAct, real, terms, value)
-from fastbn._stats cimport (BODY_DX, BODY_DX_ACT, BODY_DX_OUT, BODY_DX_RELU, BODY_DZ, BODY_Y,
-                            BODY_Y_ACT, PASS_FORWARD, PASS_INFERENCE, Act, Coef, Coef32, Grad,
-                            Pass, apply_b, call_pass, finish, grad_of, make_act, to_float)
-from fastbn._views cimport at, moved
+from fastbn._pass cimport (BODY_DX, BODY_DX_ACT, BODY_DX_OUT, BODY_DX_RELU, BODY_DZ, BODY_Y,
+                           BODY_Y_ACT, Pass, apply_b, call_pass, center_of)
+from fastbn._stats cimport Act, Coef, Coef32, Grad, finish, grad_of, make_act, to_float
+from fastbn._views cimport at
 
 
 cdef enum:
@@ -342,7 +342,6 @@ cdef int call_of(const Call* k, const floating* like) noexcept nogil:
     cdef Pass ps = call_pass(k, 0, <double>k.n, like)
     cdef char* wp
     cdef double* center
-    cdef const floating* mean
     if not ps.sums:
         whole.tile = whole.ntiles = 0      # nothing to keep cached between steps: by row block
     g = chunk_of(whole, W)
@@ -354,14 +353,8 @@ cdef int call_of(const Call* k, const floating* like) noexcept nogil:
         g = chunk_of(whole, min(k.c - c0, W))
         ps = call_pass(k, c0, <double>g.M, like)
         center = centers(wp, &g)
-        mean = <const floating*>ps.mean
         for c in range(g.C):
-            if ps.kind == PASS_FORWARD:
-                center[c] = ap[c0 + c]     # the shift: a value of the column
-            elif ps.kind == PASS_INFERENCE or ps.grad == GRAD_OUTPUT:
-                center[c] = 0.0
-            else:
-                center[c] = mean[c]
+            center[c] = center_of(&ps, ap + c0, c, c)
         set_pass(&g, &ps, maps_at(wp, &g, ps.sums), ap + c0)
         run_pass(ap + c0, at(bp, c0), <floating*>at(op, c0), &g, &ps, wp,
                  threads_for(g.M * g.C, nunits(&g), k.num_threads))

@@ -5,6 +5,10 @@
 # of a training pass through the same entry.
 
 cimport numpy as cnp
+from libc.stdlib cimport free, malloc
+
+from fastbn._stats cimport groups_update
+from fastbn._views cimport moved
 
 cnp.import_array()
 
@@ -12,8 +16,67 @@ cdef int run(const Call* k) noexcept nogil:
     """The call k (fastbn._call.Entry): 0, or -1 when its work space could
     not be allocated (nothing written)."""
     if k.dtype == DTYPE_FLOAT32:
-        return call_of(k, <const float*>NULL)
-    return call_of(k, <const double*>NULL)
+        return run_groups(k, <const float*>NULL) if k.groups > 1 else call_of(k, <const float*>NULL)
+    return run_groups(k, <const double*>NULL) if k.groups > 1 else call_of(k, <const double*>NULL)
+
+
+cdef int run_groups(const Call* k, const floating* like) noexcept nogil:
+    """Ghost Batch Normalization (Hoffer, Hubara & Soudry 2017, "Train
+    longer, generalize better", arXiv:1705.08741, Algorithm 1): the training
+    pass k on each of its k.groups consecutive row blocks (virtual batches),
+    in order, each with its own statistics ((groups, C) arrays). The running
+    statistics update once, from the average of the groups' moments;
+    dgamma and dbeta are summed over the groups in double and rounded once.
+    0, or -1 when a work space could not be allocated (then the running
+    statistics, dgamma and dbeta are not written)."""
+    cdef Call gk = k[0]
+    cdef Py_ssize_t G = k.groups, C = k.c, j, c
+    cdef Py_ssize_t size = (k.n // G) * k.c * k.s     # values per group
+    cdef bint forward = k.mode == MODE_FORWARD
+    cdef bint tracked = forward and k.running_mean != NULL
+    cdef double* work = NULL   # forward: the (G, C, 2) moments; backward: dgamma, dbeta per group
+    cdef floating* grads
+    cdef double dg, db
+    cdef int rc = 0
+    gk.groups = 1
+    gk.n = k.n // G
+    if tracked or not forward:
+        work = <double*>malloc(2 * G * C * sizeof(double))
+        if work == NULL:
+            return -1
+    grads = <floating*>work
+    for j in range(G):
+        gk.a = <const floating*>k.a + j * size
+        gk.out = <floating*>k.out + j * size
+        if forward:
+            gk.save_mean = <floating*>k.save_mean + j * C
+            gk.save_invstd = <floating*>k.save_invstd + j * C
+            gk.moments = work + 2 * j * C if tracked else NULL
+        else:
+            gk.b = <const floating*>k.b + j * size
+            gk.mean = moved(k.mean, j * C, like)          # NULL from the output
+            gk.invstd = <const floating*>k.invstd + j * C
+            gk.dgamma = grads + 2 * j * C
+            gk.dbeta = grads + (2 * j + 1) * C
+        if k.renorm:
+            gk.r = <floating*>k.r + j * C
+            gk.d = <floating*>k.d + j * C
+        rc = call_of(&gk, like)
+        if rc != 0:
+            break
+    if rc == 0 and tracked:
+        groups_update(work, G, C, k.factor, <floating*>k.running_mean,
+                      <floating*>k.running_var)
+    elif rc == 0 and not forward:
+        for c in range(C):
+            dg = db = 0.0
+            for j in range(G):
+                dg += grads[2 * j * C + c]
+                db += grads[(2 * j + 1) * C + c]
+            (<floating*>k.dgamma)[c] = <floating>dg
+            (<floating*>k.dbeta)[c] = <floating>db
+    free(work)
+    return rc
 
 
 ENTRY = PyCapsule_New(<void*>run, ENTRY_NAME, NULL)
@@ -43,9 +106,10 @@ cdef const void* data_of(object arr, cnp.ndarray like, str name) except? NULL:
 
 cdef Call half_call(cnp.ndarray a, object b, int steps, int num_threads, int grad,
                     int activation, double negative_slope, object gamma, object beta,
-                    object mean, object invstd) except *:
+                    object mean, object invstd, object r, object d) except *:
     """The Call of one half (steps) of a training pass: a forward (b None,
-    a = x) or a backward (a = dy, b = x or y), on a's kernel view."""
+    a = x) or a backward (a = dy, b = x or y), on a's kernel view; with r
+    and d, a backward of Batch Renormalization."""
     cdef Call k
     if a.ndim not in (2, 3) or cnp.PyArray_TYPE(a) not in (cnp.NPY_FLOAT, cnp.NPY_DOUBLE):
         raise ValueError(f"a: expected a 2-D or 3-D float32 or float64 array, got "
@@ -67,6 +131,15 @@ cdef Call half_call(cnp.ndarray a, object b, int steps, int num_threads, int gra
     k.dgamma = k.dbeta = NULL
     k.totals = NULL
     k.maps = NULL
+    k.r = <void*>data_of(r, a, "r")
+    k.d = <void*>data_of(d, a, "d")
+    k.rmax = k.rmin = 1.0
+    k.dmax = 0.0
+    k.renorm = r is not None
+    if k.renorm and (b is None or k.d == NULL):
+        raise ValueError("r and d: the backward of Batch Renormalization takes both")
+    k.groups = 1
+    k.moments = NULL
     k.eps = k.factor = 0.0
     k.unbiased = k.frozen = False
     k.param_grads = True
@@ -88,16 +161,18 @@ cdef void run_half(Call* k) except *:
 
 def sums(cnp.ndarray a, object b, double[:, ::1] out, int num_threads, int grad=GRAD_PLAIN,
          int activation=ACT_NONE, double negative_slope=0.0, object gamma=None,
-         object beta=None, object mean=None, object invstd=None):
+         object beta=None, object mean=None, object invstd=None, object r=None,
+         object d=None):
     """Per-channel sums of a kernel view (N, C, S) or (M, C) into out (C, 2),
     in double: b None, ``sum(a - a0)`` and ``sum((a - a0)**2)`` around a0,
     the channel's first value (a[0, c, 0] or a[0, c]); otherwise ``sum(a)``
     and ``sum(a * (b - mean))`` (a = dy, b = x; b = y and center 0 with
     GRAD_OUTPUT) of the inputs ``grad`` turns (a, b) into (with gamma,
-    beta, mean and invstd). The first half of a training pass; the same
-    sums, to the bit, as the fused passes take."""
+    beta, mean and invstd, and r and d of Batch Renormalization). The first
+    half of a training pass; the same sums, to the bit, as the fused passes
+    take."""
     cdef Call k = half_call(a, b, STEP_SUMS, num_threads, grad, activation, negative_slope,
-                            gamma, beta, mean, invstd)
+                            gamma, beta, mean, invstd, r, d)
     if out.shape[0] != k.c or out.shape[1] != 2:
         raise ValueError(f"out: expected ({k.c}, 2), got ({out.shape[0]}, {out.shape[1]})")
     k.totals = &out[0, 0]
@@ -106,7 +181,8 @@ def sums(cnp.ndarray a, object b, double[:, ::1] out, int num_threads, int grad=
 
 def apply(cnp.ndarray a, object b, object out, const double[:, ::1] coef, int activation,
           double negative_slope, int num_threads, bint stream, int grad=GRAD_PLAIN,
-          object gamma=None, object beta=None, object mean=None, object invstd=None):
+          object gamma=None, object beta=None, object mean=None, object invstd=None,
+          object r=None, object d=None):
     """The second half of a training pass with the per-channel maps coef (C,
     4) = (center, scale, slope, offset) (fastbn._stats.Coef): b None, out =
     act((a - center) * scale + offset), the activation fused into a
@@ -114,7 +190,7 @@ def apply(cnp.ndarray a, object b, object out, const double[:, ::1] coef, int ac
     dy, b = x) of the inputs ``grad`` turns (a, b) into (see sums). out is
     like a, and may be a; streamed when ``stream`` and large."""
     cdef Call k = half_call(a, b, STEP_APPLY, num_threads, grad, activation, negative_slope,
-                            gamma, beta, mean, invstd)
+                            gamma, beta, mean, invstd, r, d)
     if coef.shape[0] != k.c or coef.shape[1] != 4:
         raise ValueError(f"coef: expected ({k.c}, 4), got ({coef.shape[0]}, {coef.shape[1]})")
     k.out = <void*>data_of(out, a, "out")

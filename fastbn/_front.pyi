@@ -122,3 +122,41 @@ def backward_unchecked(
     out: _Array | None,
     num_threads: int,
 ) -> Gradients: ...
+def variant_forward_unchecked(
+    x: _Array,
+    gamma: _Array | None,
+    beta: _Array | None,
+    running_mean: _Array | None,
+    running_var: _Array | None,
+    momentum: float | None,
+    num_batches_tracked: npt.NDArray[np.int64] | None,
+    eps: float,
+    unbiased: bool,
+    act: int,
+    slope: float,
+    channel_axis: int,
+    out: _Array | None,
+    num_threads: int,
+    renorm: bool,  # Batch Renormalization: also r and d are returned
+    rmax: float,
+    rmin: float,
+    dmax: float,
+    groups: int,  # Ghost Batch Normalization: virtual batches (1: the batch)
+    grouped: bool,  # the statistics are (groups, C)
+) -> Any: ...  # (y, mean, invstd), and r, d with renorm
+def variant_backward_unchecked(
+    dy: _Array,
+    x: _Array,
+    gamma: _Array | None,
+    beta: _Array | None,
+    mean: _Array,
+    invstd: _Array,
+    r: _Array | None,
+    d: _Array | None,
+    act: int,
+    slope: float,
+    channel_axis: int,
+    out: _Array | None,
+    num_threads: int,
+    groups: int,
+) -> Triple: ...

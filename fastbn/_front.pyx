@@ -118,24 +118,64 @@ cdef inline void run(Entry entry, const Call* k) except *:
         raise MemoryError("fastbn: cannot allocate the work space of a kernel call")
 
 
+cdef struct Variant:
+    # The BatchNorm variants of fastbn.variants, for the cores below.
+    bint renorm                # Batch Renormalization: r and d, clipped as below
+    double rmax, rmin, dmax
+    Py_ssize_t groups          # Ghost Batch Normalization: virtual batches (1: the batch)
+    bint grouped               # the statistics are (groups, C) arrays (else (C,))
+
+cdef Variant PLAIN
+PLAIN.renorm = PLAIN.grouped = False
+PLAIN.rmax = PLAIN.rmin = 1.0
+PLAIN.dmax = 0.0
+PLAIN.groups = 1
+
+
+cdef inline void variant_of(Call* k, const Variant* v) noexcept:
+    """The call's fields that the plain layer does not use: none of the
+    halves of a pass, the variant v."""
+    k.steps = STEPS_ALL
+    k.totals = NULL
+    k.maps = NULL
+    k.moments = NULL
+    k.r = k.d = NULL
+    k.renorm = v.renorm
+    k.rmax, k.rmin, k.dmax = v.rmax, v.rmin, v.dmax
+    k.groups = v.groups
+
+
+cdef inline cnp.ndarray statistic(const Call* k, int typenum, const Variant* v):
+    """A new per-channel statistic: (C,), or (groups, C) for a grouped variant."""
+    cdef cnp.npy_intp dims[2]
+    dims[0] = v.groups
+    dims[1] = k.c
+    if v.grouped:
+        return cnp.PyArray_EMPTY(2, dims, typenum, 0)
+    return cnp.PyArray_EMPTY(1, &dims[1], typenum, 0)
+
+
 cdef tuple forward_core(cnp.ndarray x, object gamma, object beta, object running_mean,
                         object running_var, object momentum, object num_batches_tracked,
                         double eps, bint unbiased, int act, double slope, int ca, object out,
-                        int nthreads):
+                        int nthreads, const Variant* v=&PLAIN):
+    """(y, mean, invstd), and r and d with Batch Renormalization."""
     cdef Call k
     cdef Entry entry = view(x, ca, &k)
     cdef int typenum = cnp.PyArray_TYPE(x)
     cdef cnp.ndarray y = like(x) if out is None else <cnp.ndarray>out
-    cdef cnp.ndarray mean = per_channel(&k, typenum), invstd = per_channel(&k, typenum)
+    cdef cnp.ndarray mean = statistic(&k, typenum, v), invstd = statistic(&k, typenum, v)
+    cdef cnp.ndarray r = statistic(&k, typenum, v) if v.renorm else None
+    cdef cnp.ndarray d = statistic(&k, typenum, v) if v.renorm else None
     cdef char* count = NULL  # the batch count: one int64, read and written with memcpy
     cdef int64_t seen = 0    # (the full checks take an unaligned one)
     if num_batches_tracked is not None and running_mean is not None:
         count = cnp.PyArray_BYTES(<cnp.ndarray>num_batches_tracked)
         memcpy(&seen, count, sizeof(int64_t))
     k.mode = MODE_FORWARD
-    k.steps = STEPS_ALL
-    k.totals = NULL
-    k.maps = NULL
+    variant_of(&k, v)
+    k.r = <void*>data_of(r)
+    k.d = <void*>data_of(d)
     k.a = cnp.PyArray_DATA(x)
     k.b = NULL
     k.out = cnp.PyArray_DATA(y)
@@ -166,6 +206,8 @@ cdef tuple forward_core(cnp.ndarray x, object gamma, object beta, object running
     if count != NULL:
         seen += 1
         memcpy(count, &seen, sizeof(int64_t))
+    if v.renorm:
+        return y, mean, invstd, r, d
     return y, mean, invstd
 
 
@@ -176,9 +218,7 @@ cdef object inference_core(cnp.ndarray x, object gamma, object beta, object runn
     cdef Entry entry = view(x, ca, &k)
     cdef cnp.ndarray y = like(x) if out is None else <cnp.ndarray>out
     k.mode = MODE_INFERENCE
-    k.steps = STEPS_ALL
-    k.totals = NULL
-    k.maps = NULL
+    variant_of(&k, &PLAIN)
     k.a = cnp.PyArray_DATA(x)
     k.b = NULL
     k.out = cnp.PyArray_DATA(y)
@@ -204,9 +244,12 @@ cdef object inference_core(cnp.ndarray x, object gamma, object beta, object runn
 cdef tuple backward_core(cnp.ndarray dy, cnp.ndarray x, object gamma, object beta,
                          object mean, object invstd, int act, double slope, bint training,
                          bint param_grads, bint from_output, int ca, object out,
-                         int nthreads):
+                         int nthreads, const Variant* v=&PLAIN, object r=None, object d=None):
     """The backward (from_output: x is the output y and mean is None). With
-    training and param_grads False and no activation, x is not read."""
+    training and param_grads False and no activation, x is not read. A
+    variant's backward is a training one, with r and d for Batch
+    Renormalization and (groups, C) statistics for Ghost Batch
+    Normalization."""
     cdef Call k
     cdef Entry entry = view(x, ca, &k)
     cdef int typenum = cnp.PyArray_TYPE(x)
@@ -215,9 +258,9 @@ cdef tuple backward_core(cnp.ndarray dy, cnp.ndarray x, object gamma, object bet
     cdef object dgamma = per_channel(&k, typenum) if reads_x else None
     cdef object dbeta = per_channel(&k, typenum) if reads_x else None
     k.mode = MODE_BACKWARD
-    k.steps = STEPS_ALL
-    k.totals = NULL
-    k.maps = NULL
+    variant_of(&k, v)
+    k.r = <void*>data_of(r)
+    k.d = <void*>data_of(d)
     k.a = cnp.PyArray_DATA(dy)
     k.b = cnp.PyArray_DATA(x if reads_x else dy)
     k.out = cnp.PyArray_DATA(dx)
@@ -414,3 +457,39 @@ def backward_unchecked(cnp.ndarray dy, cnp.ndarray x, gamma, beta, mean, invstd,
     y and mean None from the output)."""
     return backward_core(dy, x, gamma, beta, mean, invstd, act, slope, training, param_grads,
                          from_output, channel_axis, out, num_threads)
+
+
+cdef Variant variant(bint renorm, double rmax, double rmin, double dmax, Py_ssize_t groups,
+                     bint grouped):
+    cdef Variant v
+    v.renorm = renorm
+    v.rmax, v.rmin, v.dmax = rmax, rmin, dmax
+    v.groups = groups
+    v.grouped = grouped
+    return v
+
+
+def variant_forward_unchecked(cnp.ndarray x, gamma, beta, running_mean, running_var, momentum,
+                              num_batches_tracked, double eps, bint unbiased, int act,
+                              double slope, int channel_axis, out, int num_threads,
+                              bint renorm, double rmax, double rmin, double dmax,
+                              Py_ssize_t groups, bint grouped):
+    """The core of the variants' forwards (fastbn.variants): arguments as
+    :func:`forward_unchecked`, then Batch Renormalization's clipping (when
+    ``renorm``) and Ghost Batch Normalization's number of virtual batches,
+    the statistics (groups, C) when ``grouped``."""
+    cdef Variant v = variant(renorm, rmax, rmin, dmax, groups, grouped)
+    return forward_core(x, gamma, beta, running_mean, running_var, momentum,
+                        num_batches_tracked, eps, unbiased, act, slope, channel_axis, out,
+                        num_threads, &v)
+
+
+def variant_backward_unchecked(cnp.ndarray dy, cnp.ndarray x, gamma, beta, mean, invstd, r, d,
+                               int act, double slope, int channel_axis, out, int num_threads,
+                               Py_ssize_t groups):
+    """The core of the variants' backwards (fastbn.variants): the training
+    backward with r and d (Batch Renormalization, else None) and the
+    statistics of ``groups`` virtual batches."""
+    cdef Variant v = variant(r is not None, 1.0, 1.0, 0.0, groups, groups > 1)
+    return backward_core(dy, x, gamma, beta, mean, invstd, act, slope, True, True, False,
+                         channel_axis, out, num_threads, &v, r, d)

@@ -28,6 +28,8 @@ def sums(
     beta: _Array | None = ...,
     mean: _Array | None = ...,
     invstd: _Array | None = ...,
+    r: _Array | None = ...,  # Batch Renormalization's backward: r and d, both or neither
+    d: _Array | None = ...,
 ) -> None: ...
 def apply(
     a: _Array,  # C-contiguous (N, C, S) (planar), (M, C) (columnar)
@@ -43,5 +45,7 @@ def apply(
     beta: _Array | None = ...,
     mean: _Array | None = ...,
     invstd: _Array | None = ...,
+    r: _Array | None = ...,  # Batch Renormalization's backward: r and d, both or neither
+    d: _Array | None = ...,
 ) -> None: ...
 def compile_args() -> str: ...

@@ -55,9 +55,10 @@ from fastbn._call cimport (ACT_NONE, DTYPE_FLOAT32, DTYPE_FLOAT64, ENTRY_NAME, G
 from fastbn._openmp cimport FASTBN_COMPILE_ARGS, Shares, barrier, late, note, threads_for, took
 from fastbn._body cimport (Body, BodyDX, BodyDXAct, BodyDXOut, BodyDXRelu, BodyDZ, BodyDZRelu, BodyY,
                            BodyYAct, real, value)
-from fastbn._stats cimport (BODY_DX, BODY_DX_ACT, BODY_DX_OUT, BODY_DX_RELU, BODY_DZ, BODY_Y,
-                            BODY_Y_ACT, PASS_FORWARD, PASS_INFERENCE, Act, Coef, Coef32, Grad, Pass,
-                            apply_b, call_pass, center_of, finish, grad_of, make_act, to_float)
+from fastbn._pass cimport (BODY_DX, BODY_DX_ACT, BODY_DX_OUT, BODY_DX_RELU, BODY_DZ, BODY_Y,
+                           BODY_Y_ACT, PASS_FORWARD, PASS_INFERENCE, Pass, apply_b, call_pass,
+                           center_of)
+from fastbn._stats cimport Act, Coef, Coef32, Grad, finish, grad_of, make_act, to_float
 from fastbn._simd cimport (LANES, PREFETCH_BYTES, STREAM_CHUNK, act_sums_f32, act_sums_f64,
                            fence, grad_sums_f32, grad_sums_f64, prefetch_span,
                            shifted_sums_f32, shifted_sums_f64, stream, streams)

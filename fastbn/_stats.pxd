@@ -15,15 +15,25 @@
 #   dx = gamma*invstd/m * (m*dy - dbeta - xhat*dgamma)
 #      = a*dy - b*(x - mean) - c,
 #   a = gamma*invstd,  b = a*invstd*dgamma/m,  c = a*dbeta/m.
+#
+# Batch Renormalization (Ioffe 2017, "Batch Renormalization: Towards
+# Reducing Minibatch Dependence in Batch-Normalized Models",
+# arXiv:1702.03275, Algorithm 1), with sigma = sqrt(running_var + eps) of
+# the running statistics before this batch's update:
+#   r = clip(sqrt(var + eps) / sigma, rmin, rmax),
+#   d = clip((mean - running_mean) / sigma, -dmax, dmax),
+#   y = gamma * (xhat * r + d) + beta: the plain map with gamma * r for
+#   gamma and beta + gamma * d for beta.
+# r and d are constants for the gradient: dx is the plain backward's with
+# gamma * r, dgamma = r * sum(dy * xhat) + d * sum(dy), dbeta = sum(dy).
 
 from cython cimport floating
 from libc.float cimport FLT_MAX
 from libc.math cimport fabs, sqrt
 
 
-from fastbn._call cimport (ACT_LEAKY_RELU, ACT_NONE, ACT_RELU, GRAD_ACT, GRAD_OUTPUT, GRAD_PLAIN,
-                           MODE_FORWARD, MODE_INFERENCE, STEP_APPLY, STEP_SUMS, Call)
-from fastbn._views cimport moved
+from fastbn._call cimport ACT_LEAKY_RELU, ACT_RELU, GRAD_OUTPUT
+from fastbn._pass cimport PASS_BACKWARD, PASS_FROZEN, PASS_INFERENCE, Pass
 
 
 ctypedef struct Coef:
@@ -46,32 +56,57 @@ cdef inline void moments(double s, double q, double m, double shift, double* mea
     var[0] = v
 
 
-cdef inline Coef stats_coef(double mean, double var, double m, double eps,
-                            const floating* gamma, const floating* beta,
-                            floating* mean_out, floating* invstd_out,
-                            floating* running_mean, floating* running_var,
-                            double factor, bint unbiased, Py_ssize_t c) noexcept nogil:
-    """Channel c's affine map from its mean and biased variance over m values;
-    stores mean and invstd and updates the running statistics (with the
-    variance var * m / (m - 1) when unbiased, PyTorch's, else var, Keras'),
-    weighted by factor). The stored invstd is
-    saturated at the largest float when 1/sqrt(var + eps) exceeds it (a
-    constant channel with a tiny eps): the map itself keeps the exact
-    double."""
+cdef inline double clipped(double v, double lo, double hi) noexcept nogil:
+    """v clipped to [lo, hi]; NaN stays NaN (as numpy.clip)."""
+    if v < lo:
+        return lo
+    if v > hi:
+        return hi
+    return v
+
+
+cdef inline Coef stats_coef(const Pass* ps, double mean, double var, Py_ssize_t c,
+                            const floating* like) noexcept nogil:
+    """Channel c's affine map from its mean and biased variance over ps.m
+    values; stores mean and invstd, and r and d with Batch Renormalization,
+    and updates the running statistics (with the variance var * m / (m -
+    1) when unbiased, PyTorch's, else var, Keras', weighted by factor), or
+    for a ghost group stores that mean and variance in ps.moments instead.
+    The stored invstd is saturated at the largest float when 1/sqrt(var +
+    eps) exceeds it (a constant channel with a tiny eps): the map itself
+    keeps the exact double. ``like`` is any array of the call, for its
+    dtype."""
+    cdef const floating* gamma = <const floating*>ps.gamma
+    cdef const floating* beta = <const floating*>ps.beta
+    cdef floating* running_mean = <floating*>ps.running_mean
+    cdef floating* running_var = <floating*>ps.running_var
+    cdef double invstd = 1.0 / sqrt(var + ps.eps), m = ps.m, factor = ps.factor
+    cdef double g = <double>gamma[c] if gamma != NULL else 1.0, sigma, r, d
     cdef Coef k
-    cdef double invstd = 1.0 / sqrt(var + eps)
     k.center = mean
-    k.scale = invstd * (<double>gamma[c] if gamma != NULL else 1.0)
+    k.scale = invstd * g
     k.slope = 0.0
     k.offset = <double>beta[c] if beta != NULL else 0.0
-    mean_out[c] = <floating>mean
+    if ps.renorm:  # r and d as stored, so that the backward reads what the forward used
+        sigma = sqrt(<double>running_var[c] + ps.eps)
+        r = <floating>clipped(sqrt(var + ps.eps) / sigma, ps.rmin, ps.rmax)
+        d = <floating>clipped((mean - <double>running_mean[c]) / sigma, -ps.dmax, ps.dmax)
+        (<floating*>ps.r)[c] = <floating>r
+        (<floating*>ps.d)[c] = <floating>d
+        k.scale = k.scale * r
+        if d != 0.0:  # rmax = 1 and dmax = 0 keep the plain layer's bits, -0.0 included
+            k.offset = k.offset + g * d
+    (<floating*>ps.mean)[c] = <floating>mean
     if floating is float:  # saturate: an infinite invstd would make xhat = 0 * inf = NaN
-        invstd_out[c] = <float>(FLT_MAX if invstd > FLT_MAX else invstd)  # NaN stays NaN
+        (<float*>ps.invstd)[c] = <float>(FLT_MAX if invstd > FLT_MAX else invstd)  # NaN stays
     else:  # finite: eps >= the smallest double gives invstd < 1e162
-        invstd_out[c] = invstd
-    if running_mean != NULL:
+        (<double*>ps.invstd)[c] = invstd
+    if ps.moments != NULL:
+        ps.moments[2 * c] = mean
+        ps.moments[2 * c + 1] = var * m / (m - 1.0) if ps.unbiased else var
+    elif running_mean != NULL:
         running_mean[c] = <floating>((1.0 - factor) * running_mean[c] + factor * mean)
-        if unbiased:
+        if ps.unbiased:
             running_var[c] = <floating>((1.0 - factor) * running_var[c]
                                         + factor * var * m / (m - 1.0))
         else:
@@ -79,17 +114,32 @@ cdef inline Coef stats_coef(double mean, double var, double m, double eps,
     return k
 
 
-cdef inline Coef forward_coef(double s, double q, double m, double shift, double eps,
-                              const floating* gamma, const floating* beta,
-                              floating* mean_out, floating* invstd_out,
-                              floating* running_mean, floating* running_var,
-                              double factor, bint unbiased, Py_ssize_t c) noexcept nogil:
+cdef inline void groups_update(const double* moments, Py_ssize_t groups, Py_ssize_t C,
+                               double factor, floating* running_mean,
+                               floating* running_var) noexcept nogil:
+    """Ghost Batch Normalization's running update, once per call: with the
+    (groups, C, 2) moments of the groups (stats_coef), the average over the
+    groups of their means and of their variances (Keras' rule), in order."""
+    cdef Py_ssize_t c, j
+    cdef double mean, var
+    for c in range(C):
+        mean = var = 0.0
+        for j in range(groups):
+            mean += moments[2 * (j * C + c)]
+            var += moments[2 * (j * C + c) + 1]
+        mean /= <double>groups
+        var /= <double>groups
+        running_mean[c] = <floating>((1.0 - factor) * running_mean[c] + factor * mean)
+        running_var[c] = <floating>((1.0 - factor) * running_var[c] + factor * var)
+
+
+cdef inline Coef forward_coef(const Pass* ps, double s, double q, double shift, Py_ssize_t c,
+                              const floating* like) noexcept nogil:
     """Finish channel c's statistics from its shifted sums, store them and
     return the affine map."""
     cdef double mean, var
-    moments(s, q, m, shift, &mean, &var)
-    return stats_coef(mean, var, m, eps, gamma, beta, mean_out, invstd_out, running_mean,
-                      running_var, factor, unbiased, c)
+    moments(s, q, ps.m, shift, &mean, &var)
+    return stats_coef(ps, mean, var, c, like)
 
 
 cdef inline Coef inference_coef(const floating* running_mean, const floating* running_var,
@@ -105,27 +155,34 @@ cdef inline Coef inference_coef(const floating* running_mean, const floating* ru
     return k
 
 
-cdef inline Coef backward_coef(double sdy, double sdyc, double m, bint from_output,
-                               const floating* mean, const floating* invstd,
-                               const floating* gamma,
-                               floating* dgamma_out, floating* dbeta_out,
-                               Py_ssize_t c) noexcept nogil:
-    """Store dgamma[c] and dbeta[c] and return the map that gives dx.
-    from_output: the backward from the output, whose second input is xhat
-    itself (sdyc = sum(dy * xhat), center 0; mean is not read): invstd then
-    only scales dx."""
-    cdef Coef k
-    cdef double istd = invstd[c]
-    cdef double dgamma = sdyc if from_output else istd * sdyc
+cdef inline Coef backward_coef(const Pass* ps, double sdy, double sdyc, Py_ssize_t c,
+                               const floating* like) noexcept nogil:
+    """Store dgamma[c] and dbeta[c] and return the map that gives dx. From
+    the output (GRAD_OUTPUT) the second input is xhat itself (sdyc =
+    sum(dy * xhat), center 0; mean is not read): invstd then only scales
+    dx. With Batch Renormalization (never from the output) gamma * r
+    scales dx and dgamma = r * sum(dy * xhat) + d * sum(dy)."""
+    cdef const floating* gamma = <const floating*>ps.gamma
+    cdef bint from_output = ps.grad == GRAD_OUTPUT
+    cdef double istd = (<const floating*>ps.invstd)[c]
+    cdef double sxhat = sdyc if from_output else istd * sdyc   # sum(dy * xhat)
     cdef double a = istd * (<double>gamma[c] if gamma != NULL else 1.0)
-    dgamma_out[c] = <floating>dgamma
-    dbeta_out[c] = <floating>sdy
-    k.center = 0.0 if from_output else mean[c]
+    cdef double dgamma = sxhat, r, d
+    cdef Coef k
+    if ps.renorm:
+        r = (<const floating*>ps.r)[c]
+        d = (<const floating*>ps.d)[c]
+        a = a * r
+        dgamma = r * sxhat
+        if d != 0.0:
+            dgamma = dgamma + d * sdy
+    (<floating*>ps.dgamma)[c] = <floating>dgamma
+    (<floating*>ps.dbeta)[c] = <floating>sdy
+    k.center = 0.0 if from_output else (<const floating*>ps.mean)[c]
     k.scale = a
-    k.slope = a * (1.0 if from_output else istd) * dgamma / m
-    k.offset = a * sdy / m
+    k.slope = a * (1.0 if from_output else istd) * sxhat / ps.m
+    k.offset = a * sdy / ps.m
     return k
-
 
 cdef inline Coef frozen_coef(double sdy, double sdyc, bint param_grads,
                              const floating* invstd, const floating* gamma,
@@ -147,176 +204,6 @@ cdef inline Coef frozen_coef(double sdy, double sdyc, bint param_grads,
     return k
 
 
-cdef enum:
-    # What a pass is (Pass.kind).
-    PASS_FORWARD = 0       # shifted sums of x, the statistics, y
-    PASS_BACKWARD = 1      # sums of (dy, x), dgamma and dbeta, dx
-    PASS_FROZEN = 2        # mean and invstd constants: dx = gamma * invstd * dy (through the
-                           # activation); the sums only for dgamma and dbeta, when wanted
-    PASS_INFERENCE = 3     # the running statistics' map applied to x
-
-
-cdef enum:
-    # What one value of a pass's apply or sums computes (Pass.body, Pass.sums_body):
-    # the fused type Body of fastbn._body as a value; a kernel turns it into
-    # the specialization (one loop each).
-    BODY_Y = 0             # BodyY
-    BODY_Y_ACT = 1         # BodyYAct
-    BODY_DX = 2            # BodyDX
-    BODY_DX_ACT = 3        # BodyDXAct
-    BODY_DX_RELU = 4       # BodyDXRelu
-    BODY_DX_OUT = 5        # BodyDXOut
-    BODY_DZ = 6            # BodyDZ
-    BODY_DZ_RELU = 7       # BodyDZRelu
-
-
-ctypedef struct Pass:
-    # What a pass does, said once (kind, body, sums_body, sums, reads_b),
-    # and what it needs to finish its channels; the arrays have the call's
-    # dtype (void* here, because a struct cannot be fused), and NULL where
-    # absent (the running statistics when not tracked, gamma and beta when
-    # not affine): no NULL stands for a mode.
-    int kind               # PASS_*
-    int body               # BODY_*: each value of the apply
-    int sums_body          # BODY_*: each value of the sums (BODY_Y: the shifted sums of x)
-    bint sums              # the sums are taken (all but a frozen backward without dgamma)
-    bint apply             # the apply runs (all but the synchronized passes' first half)
-    bint given_maps        # the apply alone, with the maps ``maps`` (the second half)
-    const void* maps       # given_maps: a Coef per channel
-    double* totals         # the sums alone (not apply): (C, 2) written
-    bint reads_b           # the apply reads the second input (x, or y from the output)
-    bint unbiased          # forward: the running variance takes var * m / (m - 1)
-    int grad               # backward: GRAD_PLAIN, GRAD_ACT or GRAD_OUTPUT (see Grad)
-    int act                # the activation: ACT_NONE, ACT_RELU or ACT_LEAKY_RELU
-    double act_slope       # its negative slope
-    double m               # values per channel
-    double eps, factor     # forward, inference
-    const void* gamma
-    const void* beta       # forward, inference; backward with an activation
-    void* mean             # forward: written; backward: read (the sums' center; not from y)
-    void* invstd           # forward: written; backward: read
-    void* running_mean     # forward: updated when tracked; inference: read
-    void* running_var
-    void* dgamma           # backward: written when sums
-    void* dbeta
-
-
-cdef inline int forward_body(int act) noexcept nogil:
-    return BODY_Y if act == ACT_NONE else BODY_Y_ACT
-
-
-cdef inline int backward_body(bint frozen, int grad, int act) noexcept nogil:
-    """The apply's body of a backward: dx from (dy, x), through the
-    activation's derivative (GRAD_ACT), from the output (GRAD_OUTPUT), or
-    from dy alone when frozen."""
-    if frozen:
-        if grad == GRAD_PLAIN:
-            return BODY_Y              # gamma * invstd * dy: the map with center 0
-        return BODY_DZ_RELU if act == ACT_RELU else BODY_DZ
-    if grad == GRAD_PLAIN:
-        return BODY_DX
-    if grad == GRAD_OUTPUT:
-        return BODY_DX_OUT
-    return BODY_DX_RELU if act == ACT_RELU else BODY_DX_ACT
-
-
-cdef inline Pass forward_pass(double m, double eps, double factor, bint unbiased,
-                              const floating* gamma, const floating* beta, floating* mean,
-                              floating* invstd, floating* running_mean,
-                              floating* running_var, int act, double act_slope) noexcept nogil:
-    cdef Pass ps
-    ps.kind = PASS_FORWARD
-    ps.body = forward_body(act)
-    ps.sums_body = BODY_Y
-    ps.sums = ps.apply = True
-    ps.given_maps = False
-    ps.maps = ps.totals = NULL
-    ps.reads_b = False
-    ps.unbiased = unbiased
-    ps.grad = GRAD_PLAIN
-    ps.act = act
-    ps.act_slope = act_slope
-    ps.m, ps.eps, ps.factor = m, eps, factor
-    ps.gamma, ps.beta = gamma, beta
-    ps.mean, ps.invstd = mean, invstd
-    ps.running_mean, ps.running_var = running_mean, running_var
-    ps.dgamma = ps.dbeta = NULL
-    return ps
-
-
-cdef inline Pass inference_pass(double eps, const floating* gamma, const floating* beta,
-                                const floating* running_mean, const floating* running_var,
-                                int act, double act_slope) noexcept nogil:
-    cdef Pass ps = forward_pass(0.0, eps, 0.0, False, gamma, beta, <floating*>NULL,
-                                <floating*>NULL, <floating*>running_mean,
-                                <floating*>running_var, act, act_slope)
-    ps.kind = PASS_INFERENCE
-    ps.sums = False
-    return ps
-
-
-cdef inline Pass backward_pass(double m, bint frozen, bint param_grads, const floating* gamma,
-                               const floating* beta, const floating* mean,
-                               const floating* invstd, floating* dgamma, floating* dbeta,
-                               int grad, int act, double act_slope) noexcept nogil:
-    """grad GRAD_OUTPUT: the backward from the output, whose second input is
-    y (the sums center on 0; mean is not read); param_grads: dgamma and
-    dbeta are written (a training backward always writes them)."""
-    cdef Pass ps
-    ps.kind = PASS_FROZEN if frozen else PASS_BACKWARD
-    ps.body = backward_body(frozen, grad, act)
-    # a frozen backward's sums are those of the training backward
-    ps.sums_body = backward_body(False, grad, act)
-    ps.sums = param_grads or not frozen
-    ps.apply = True
-    ps.given_maps = False
-    ps.maps = ps.totals = NULL
-    ps.reads_b = ps.body != BODY_Y
-    ps.unbiased = False
-    ps.grad = grad
-    ps.act = act
-    ps.act_slope = act_slope
-    ps.m, ps.eps, ps.factor = m, 0.0, 0.0
-    ps.gamma, ps.beta = gamma, beta
-    ps.mean, ps.invstd = <void*>mean, <void*>invstd
-    ps.running_mean = ps.running_var = NULL
-    ps.dgamma, ps.dbeta = dgamma, dbeta
-    return ps
-
-
-cdef inline Pass call_pass(const Call* k, Py_ssize_t c0, double m,
-                           const floating* like) noexcept nogil:
-    """The pass of the call k over its channels c0 and on (fastbn._call.Call),
-    m values per channel; ``like`` is any array of the call, for its dtype.
-    A call of one step runs half of a training pass: the sums into
-    k.totals, or the apply with the maps k.maps (fastbn.distributed reduces
-    across processes in between)."""
-    cdef Pass ps
-    if k.mode == MODE_FORWARD:
-        ps = forward_pass(m, k.eps, k.factor, k.unbiased, moved(k.gamma, c0, like),
-                          moved(k.beta, c0, like), <floating*>moved(k.save_mean, c0, like),
-                          <floating*>moved(k.save_invstd, c0, like),
-                          <floating*>moved(k.running_mean, c0, like),
-                          <floating*>moved(k.running_var, c0, like), k.act, k.slope)
-    elif k.mode == MODE_INFERENCE:
-        ps = inference_pass(k.eps, moved(k.gamma, c0, like), moved(k.beta, c0, like),
-                            moved(k.running_mean, c0, like), moved(k.running_var, c0, like),
-                            k.act, k.slope)
-    else:
-        ps = backward_pass(m, k.frozen, k.param_grads, moved(k.gamma, c0, like),
-                           moved(k.beta, c0, like), moved(k.mean, c0, like),
-                           moved(k.invstd, c0, like), <floating*>moved(k.dgamma, c0, like),
-                           <floating*>moved(k.dbeta, c0, like), k.grad, k.act, k.slope)
-    if not (k.steps & STEP_APPLY):
-        ps.apply = False
-        ps.totals = k.totals + 2 * c0
-    if not (k.steps & STEP_SUMS):
-        ps.sums = False
-        ps.given_maps = True
-        ps.maps = <const Coef*>k.maps + c0
-    return ps
-
-
 cdef inline Coef finish(const Pass* ps, double s0, double s1, double center, Py_ssize_t c,
                         const floating* like) noexcept nogil:
     """Channel c's map from its two sums around center (forward: the shifted
@@ -330,32 +217,12 @@ cdef inline Coef finish(const Pass* ps, double s0, double s1, double center, Py_
                            <const floating*>ps.gamma, <floating*>ps.dgamma,
                            <floating*>ps.dbeta, c)
     if ps.kind == PASS_BACKWARD:
-        return backward_coef(s0, s1, ps.m, ps.grad == GRAD_OUTPUT, <const floating*>ps.mean,
-                             <const floating*>ps.invstd, <const floating*>ps.gamma,
-                             <floating*>ps.dgamma, <floating*>ps.dbeta, c)
+        return backward_coef(ps, s0, s1, c, like)
     if ps.kind == PASS_INFERENCE:
         return inference_coef(<const floating*>ps.running_mean,
                               <const floating*>ps.running_var, ps.eps,
                               <const floating*>ps.gamma, <const floating*>ps.beta, c)
-    return forward_coef(s0, s1, ps.m, center, ps.eps, <const floating*>ps.gamma,
-                        <const floating*>ps.beta, <floating*>ps.mean, <floating*>ps.invstd,
-                        <floating*>ps.running_mean, <floating*>ps.running_var, ps.factor,
-                        ps.unbiased, c)
-
-
-cdef inline const floating* apply_b(const Pass* ps, const floating* b) noexcept nogil:
-    """The apply's second array, NULL when the apply reads none (a forward;
-    a frozen backward's dx from dy alone)."""
-    return b if ps.reads_b else NULL
-
-
-cdef inline double center_of(const Pass* ps, const floating* a, Py_ssize_t offset,
-                             Py_ssize_t c) noexcept nogil:
-    """Channel c's center of the sums: its value a[offset] in the forward
-    (a value of the data: the shift), its mean in the backward."""
-    if ps.kind == PASS_FORWARD:
-        return a[offset]
-    return 0.0 if ps.grad == GRAD_OUTPUT else (<const floating*>ps.mean)[c]
+    return forward_coef(ps, s0, s1, center, c, like)
 
 
 ctypedef struct Act:
@@ -411,6 +278,10 @@ cdef inline Grad grad_of(const Pass* ps, Py_ssize_t c, const floating* like) noe
     else:
         t.center = (<const floating*>ps.mean)[c]
         t.scale = g * istd
+        if ps.renorm:  # z = gamma * (xhat * r + d) + beta
+            t.scale = t.scale * (<const floating*>ps.r)[c]
+            if (<const floating*>ps.d)[c] != 0.0:
+                t.offset = t.offset + g * (<const floating*>ps.d)[c]
     return t
 
 
