@@ -44,6 +44,8 @@ from fastbn.folding import fold_batch_norm
 from fastbn.functional import (batch_norm_backward, batch_norm_backward_from_output,
                                batch_norm_forward, batch_norm_inference)
 from fastbn.layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from fastbn.variants import (batch_renorm_backward, batch_renorm_forward,
+                             ghost_batch_norm_backward, ghost_batch_norm_forward)
 
 if TYPE_CHECKING:  # imported on first use (mpi4py is optional): see __getattr__
     from fastbn.distributed import SyncBatchNorm
@@ -59,7 +61,11 @@ __all__ = [
     "batch_norm_backward_from_output",
     "batch_norm_forward",
     "batch_norm_inference",
+    "batch_renorm_backward",
+    "batch_renorm_forward",
     "fold_batch_norm",
+    "ghost_batch_norm_backward",
+    "ghost_batch_norm_forward",
     "reference",
     "show_config",
 ]

@@ -24,6 +24,7 @@ from numpy.typing import NDArray
 
 from fastbn import _checks
 from fastbn import functional as _functional
+from fastbn._layer_variants import backend_functions, load_options, state_entries
 from fastbn._typing import Activation
 from fastbn._checks import FLOAT_DTYPES, _error, count, dtype_name, flag, is_int, layer_arrays
 
@@ -33,24 +34,27 @@ _Layer = TypeVar("_Layer", bound="LayerState")
 
 #: options added after layers were first pickled, with the value an older
 #: pickle stands for
-_OPTION_DEFAULTS = {"activation": None, "negative_slope": 0.01, "memory_saving": False}
+_OPTION_DEFAULTS = {"activation": None, "negative_slope": 0.01, "memory_saving": False,
+                    "renorm": False, "renorm_clipping": None, "virtual_batch_size": None}
 
 
 _BACKEND_FUNCTIONS = ("batch_norm_forward", "batch_norm_inference", "batch_norm_backward")
 _FROM_OUTPUT = "batch_norm_backward_from_output"
 
 
-def check_backend(backend: types.ModuleType | None, memory_saving: bool = False) -> types.ModuleType:
+def check_backend(backend: types.ModuleType | None, memory_saving: bool = False,
+                  variants: tuple[str, ...] = ()) -> types.ModuleType:
     """The backend module: fastbn.functional for None, else anything with its
-    three functions (four with ``memory_saving``)."""
+    three functions (four with ``memory_saving``), and the ``variants``'
+    functions (fastbn.variants) a layer's options need."""
     if backend is None:
         return _functional
-    needed = _BACKEND_FUNCTIONS + ((_FROM_OUTPUT,) if memory_saving else ())
+    needed = _BACKEND_FUNCTIONS + ((_FROM_OUTPUT,) if memory_saving else ()) + variants
     missing = [name for name in needed if not callable(getattr(backend, name, None))]
     if missing:
         raise TypeError(f"backend must provide {', '.join(needed)} with the "
-                        f"signatures of fastbn.functional (e.g. fastbn.functional or "
-                        f"fastbn.reference), got {backend!r} without {', '.join(missing)}")
+                        f"signatures of fastbn.functional and fastbn.variants (e.g. "
+                        f"fastbn.functional or fastbn.reference), got {backend!r} without {', '.join(missing)}")
     return backend
 
 
@@ -100,6 +104,9 @@ class LayerState:
     activation: Activation
     negative_slope: float
     memory_saving: bool
+    renorm: bool
+    renorm_clipping: dict[str, float] | None
+    virtual_batch_size: int | None
 
     def _new_state(self) -> None:
         """The initial parameters (gamma 1, beta 0) and running statistics (mean
@@ -201,7 +208,10 @@ class LayerState:
 
         Options such as ``activation`` or ``memory_saving`` are not state:
         they are not in it (a PyTorch layer's state loads into a fastbn
-        layer with any options, and back).
+        layer with any options, and back). The variants' options are, as
+        they change what training computes: ``renorm_clipping`` with
+        ``renorm`` and ``virtual_batch_size`` when set (PyTorch, which has
+        neither, loads such a state with ``strict=False``).
 
         Returns
         -------
@@ -209,9 +219,12 @@ class LayerState:
             Copies, in PyTorch's order: ``weight`` and ``bias`` (with
             ``affine``), ``running_mean``, ``running_var`` and
             ``num_batches_tracked`` (0-d int64; with
-            ``track_running_stats``).
+            ``track_running_stats``); then ``renorm_clipping`` (float64
+            (3,): rmax, rmin, dmax; with ``renorm``) and
+            ``virtual_batch_size`` (0-d int64; when set).
         """
-        return {key: value.copy() for key, value in self._state_arrays().items()}
+        return {**{key: value.copy() for key, value in self._state_arrays().items()},
+                **state_entries(self)}
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Copy parameters and running statistics in place from a state dict.
@@ -230,8 +243,12 @@ class LayerState:
             ``num_batches_tracked`` as :meth:`state_dict` gives them: float32
             or float64 values (ndarrays, torch tensors, lists of floats) for
             the first four, an integer count for ``num_batches_tracked``.
+            ``renorm_clipping`` and ``virtual_batch_size``, when present,
+            set the layer's options (renorm on with that clipping; the
+            virtual batch size); when absent the options stay.
         strict : bool, default True
-            Require exactly the keys of :meth:`state_dict`.
+            Require exactly the keys of :meth:`state_dict` (the options'
+            keys may be absent or present).
 
         Raises
         ------
@@ -254,10 +271,18 @@ class LayerState:
         Nothing is modified when an error is raised: every value and every
         array to be written is checked before the first is written.
         """
-        staged = state_values(self._state_arrays(), state_dict, strict,
-                                      who=f"{type(self).__name__}.load_state_dict")
+        who = f"{type(self).__name__}.load_state_dict"
+        state_dict, options = load_options(self, state_dict, who=who)
+        staged = state_values(self._state_arrays(), state_dict, strict, who=who)
+        if options:
+            check_backend(self.backend if self.backend is not _functional else None,
+                          self.memory_saving,
+                          backend_functions(options.get("renorm", self.renorm),
+                                            options.get("virtual_batch_size",
+                                                        self.virtual_batch_size)))
         for target, value in staged:
             target[...] = value
+        self.__dict__.update(options)
 
     def reset_running_stats(self) -> None:
         """Running mean to 0, running variance to 1, ``num_batches_tracked`` to 0, in place.
@@ -321,6 +346,10 @@ class LayerState:
             extra += f", negative_slope={self.negative_slope:g}"
         if self.memory_saving:
             extra += ", memory_saving=True"
+        if self.renorm:
+            extra += f", renorm=True, renorm_clipping={self.renorm_clipping}"
+        if self.virtual_batch_size is not None:
+            extra += f", virtual_batch_size={self.virtual_batch_size}"
         if self.backend is not _functional:
             extra += f", backend={getattr(self.backend, '__name__', self.backend)!s}"
         return (f"{type(self).__name__}({self.num_features}, eps={self.eps:g}, "

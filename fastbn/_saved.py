@@ -6,7 +6,7 @@ full size is copied. Every record holds copies of the gamma and beta the
 forward ran with (C values each), and the backward reads those, not the
 layer's arrays: an optimizer step on the parameters between a forward and
 its backward (in place or by assignment) does not change the gradient,
-which is always that of the forward as it ran. Three kinds:
+which is always that of the forward as it ran. Four kinds:
 
 - batch statistics (training mode, or eval mode without running
   statistics): the input x itself, the batch mean and invstd; the backward
@@ -17,6 +17,9 @@ which is always that of the forward as it ran. Three kinds:
   recovers the normalized input from y (In-Place ABN: Rota Bulò, Porzi and
   Kontschieder, "In-Place Activated BatchNorm for Memory-Optimized Training
   of DNNs", CVPR 2018, arXiv:1712.02616);
+- a training forward of Batch Renormalization or Ghost Batch
+  Normalization (fastbn.variants): x, the batch (or groups') statistics,
+  and r and d; the backward is that of the variant;
 - running statistics (eval mode): x, a copy of the running mean and
   ``invstd = 1 / sqrt(running_var + eps)``, constants; the backward is
   :func:`fastbn.batch_norm_backward` with ``training=False``.
@@ -55,6 +58,11 @@ class Saved(NamedTuple):
     #: the activation fused into the forward's output, and its slope
     activation: str | None = None
     negative_slope: float = 0.01
+    #: Batch Renormalization: the forward's r and d (fastbn.variants), else None
+    r: np.ndarray | None = None
+    d: np.ndarray | None = None
+    #: Ghost Batch Normalization: mean and invstd are (groups, C)
+    grouped: bool = False
 
     @property
     def array(self) -> Any:
@@ -107,6 +115,12 @@ def gradients(backend: Any, saved: Saved, dy: NDArray[Any], *, param_grads: bool
                                                        saved.invstd, **act, **common)
     if act:
         act["beta"] = saved.beta
+    if saved.r is not None:
+        return backend.batch_renorm_backward(dy, saved.x, saved.gamma, saved.mean, saved.invstd,
+                                             saved.r, saved.d, **act, **common)
+    if saved.grouped:
+        return backend.ghost_batch_norm_backward(dy, saved.x, saved.gamma, saved.mean,
+                                                 saved.invstd, **act, **common)
     return backend.batch_norm_backward(dy, saved.x, saved.gamma, saved.mean, saved.invstd,
                                        training=saved.batch, param_grads=param_grads,
                                        **act, **common)

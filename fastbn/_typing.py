@@ -24,7 +24,10 @@ Counter: TypeAlias = Optional[NDArray[np.int64]]
 Allreduce: TypeAlias = Callable[[NDArray[np.float64]], Optional[NDArray[np.float64]]]
 #: What a forward returns: y, mean, invstd.
 Triple: TypeAlias = tuple[FloatArray, FloatArray, FloatArray]
+#: What Batch Renormalization's forward returns: y, mean, invstd, r, d.
+Renormed: TypeAlias = tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]
 #: What a backward returns: dx, dgamma, dbeta (the last two None when not computed).
 Gradients: TypeAlias = tuple[FloatArray, Optional[FloatArray], Optional[FloatArray]]
 
-__all__ = ["Activation", "Allreduce", "Counter", "FloatArray", "Gradients", "OptionalArray", "Triple"]
+__all__ = ["Activation", "Allreduce", "Counter", "FloatArray", "Gradients", "OptionalArray", "Renormed",
+           "Triple"]

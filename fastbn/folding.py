@@ -130,17 +130,61 @@ def fold_batch_norm(weight: FloatArray, bias: OptionalArray, running_mean: Float
     return _fold(weight, bias, running_mean, running_var, gamma, beta, eps, out_axis)
 
 
-def fold_layer(layer: Any, weight: NDArray[Any], bias: NDArray[Any] | None,
-               out_axis: int) -> tuple[NDArray[Any], NDArray[Any]]:
-    """A layer's ``fold_into``: :func:`fold_batch_norm` with the layer's
-    running statistics, gamma, beta and eps."""
-    who = f"{type(layer).__name__}.fold_into"
-    if not layer.track_running_stats:
+def fold_into(self: Any, weight: NDArray[Any], bias: NDArray[Any] | None = None, *,
+              out_axis: int = 0) -> tuple[NDArray[Any], NDArray[Any]]:
+    """Fold this layer's eval-mode normalization into the layer before it.
+
+    :func:`fastbn.fold_batch_norm` with this layer's ``running_mean``,
+    ``running_var``, ``gamma``, ``beta`` and ``eps``: the layer with the
+    returned weight and bias gives, alone, what it followed by this
+    layer in eval mode gives (the layer's mode does not matter). A
+    layer's ``activation`` is not folded: apply it after the folded
+    layer.
+
+    Parameters
+    ----------
+    weight : ndarray of float32 or float64, 2 or more dimensions
+        The weight of the layer before, with this layer's C channels on
+        ``out_axis``: (O, I, kh, kw) or (O, I) with ``out_axis=0``, an
+        (I, O) matrix with ``out_axis=-1``. Its dtype need not be the
+        layer's.
+    bias : ndarray, shape (C,), float32 or float64, or None
+        Its bias; None for none.
+    out_axis : int, default 0
+        The axis of ``weight`` that indexes the output channels.
+
+    Returns
+    -------
+    folded_weight : ndarray, shape and dtype of weight
+    folded_bias : ndarray, shape (C,), dtype of weight
+        New arrays; neither the layer nor the arguments are modified.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`fastbn.fold_batch_norm`, the message starting with
+        ``"<class>.fold_into: "``; also ValueError when the weight does
+        not have C channels on ``out_axis``, or when the layer keeps no
+        running statistics (``track_running_stats=False``: it normalizes
+        with each batch's statistics, which no fixed weight reproduces).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn import BatchNorm1d
+    >>> bn = BatchNorm1d(3)
+    >>> W = np.ones((3, 5), np.float32)   # a linear layer's (O, I) weight
+    >>> W_f, b_f = bn.fold_into(W)        # fresh statistics: scale 1/sqrt(1 + 1e-5)
+    >>> W_f.shape, b_f.dtype
+    ((3, 5), dtype('float32'))
+    """
+    who = f"{type(self).__name__}.fold_into"
+    if not self.track_running_stats:
         raise ValueError(f"{who}: the layer has no running statistics to fold "
                          f"(track_running_stats=False normalizes with each batch's "
                          f"statistics, also in eval mode)")
-    return _fold(weight, bias, layer.running_mean, layer.running_var, layer._gamma, layer._beta,
-                 layer.eps, out_axis, num_features=layer.num_features, who=who)
+    return _fold(weight, bias, self.running_mean, self.running_var, self._gamma, self._beta,
+                 self.eps, out_axis, num_features=self.num_features, who=who)
 
 
 def _fold(weight: NDArray[Any], bias: NDArray[Any] | None, running_mean: NDArray[Any],

@@ -12,6 +12,10 @@ calls the kernel of that layout:
 - columnar ``(M, C)``: 2-D input, channels-last input, and channel axis 1
   with S == 1, in :mod:`fastbn._columnar`.
 
+Batch Renormalization and Ghost Batch Normalization are
+:mod:`fastbn.variants`' (here too, so that this module is the layers'
+whole backend).
+
 The formulas are those of Ioffe & Szegedy (2015), "Batch Normalization:
 Accelerating Deep Network Training by Reducing Internal Covariate Shift",
 arXiv:1502.03167; the running statistics follow PyTorch's ``BatchNorm``.
@@ -27,9 +31,12 @@ import numpy as np
 
 from fastbn import _arguments, _checks, _front, _running
 from fastbn._typing import Activation, Counter, FloatArray, Gradients, OptionalArray, Triple
+from fastbn.variants import (batch_renorm_backward, batch_renorm_forward,
+                             ghost_batch_norm_backward, ghost_batch_norm_forward)
 
 __all__ = ["batch_norm_forward", "batch_norm_inference", "batch_norm_backward",
-           "batch_norm_backward_from_output"]
+           "batch_norm_backward_from_output", "batch_renorm_forward", "batch_renorm_backward",
+           "ghost_batch_norm_forward", "ghost_batch_norm_backward"]
 
 # ---------------------------------------------------------- public API ----
 

@@ -22,7 +22,9 @@ from numpy.typing import DTypeLike, NDArray
 from fastbn import _checks, _front
 from fastbn import folding as _folding
 from fastbn import functional as _functional
+from fastbn import _layer_variants as _variants
 from fastbn._layer_state import LayerState, check_backend
+from fastbn._layer_variants import backend_functions, check_options
 from fastbn._saved import Saved, for_batch, forward_params, gradients, running_invstd
 from fastbn._typing import Activation, FloatArray
 
@@ -112,6 +114,24 @@ class BatchNorm(LayerState):
         invertible activation: None, or "leaky_relu" with
         ``negative_slope > 0``. Eval mode with running statistics keeps x,
         as without it. See the Notes for what the caller must not do.
+        Not with ``renorm`` or ``virtual_batch_size``.
+    renorm : bool, keyword-only, default False
+        Batch Renormalization in training mode (Ioffe 2017,
+        arXiv:1702.03275; Keras' option of that name): the batch statistics
+        corrected towards the running ones by ``r`` and ``d``
+        (:func:`fastbn.batch_renorm_forward`), for small or non-i.i.d.
+        batches. Needs ``track_running_stats``. Eval mode is unchanged.
+    renorm_clipping : dict or None, keyword-only, default None
+        With ``renorm``: the keys "rmax" (default 3), "rmin" (default 1 /
+        rmax) and "dmax" (default 5), Keras' names and defaults; r is
+        clipped to [rmin, rmax] and d to [-dmax, dmax].
+    virtual_batch_size : int or None, keyword-only, default None
+        Ghost Batch Normalization in training mode (Hoffer et al. 2017,
+        arXiv:1705.08741; Keras' option of that name): each virtual batch
+        of that many consecutive samples is normalized by its own
+        statistics (:func:`fastbn.ghost_batch_norm_forward`); it must divide
+        every training batch's size. With ``renorm`` too, each virtual
+        batch is renormalized. Eval mode is unchanged.
 
     Attributes
     ----------
@@ -144,8 +164,9 @@ class BatchNorm(LayerState):
         A non-integer ``num_features``, a ``dtype`` other than float32 or
         float64, an ``activation`` that is not None or a string, a
         ``negative_slope`` that is not a real number, an ``affine``,
-        ``track_running_stats``, ``unbiased`` or ``memory_saving`` that is
-        not a bool (an error that is a ValueError too, as PyTorch's
+        ``track_running_stats``, ``unbiased``, ``memory_saving`` or
+        ``renorm`` that is not a bool, a ``renorm_clipping`` that is not a
+        dict or a ``virtual_batch_size`` that is not an int (an error that is a ValueError too, as PyTorch's
         ``train(mode)`` raises), or a ``backend`` without the functions the
         layer calls.
     ValueError
@@ -154,12 +175,18 @@ class BatchNorm(LayerState):
         "leaky_relu"; a non-finite ``negative_slope`` (or one too large for
         a float, such as ``10**400``); ``memory_saving``
         with "relu", or with "leaky_relu" and ``negative_slope <= 0`` (the
-        output does not determine the input).
+        output does not determine the input); ``renorm_clipping`` without
+        ``renorm``, a bad clipping bound (rmax < 1, rmin outside [0, 1],
+        dmax < 0, NaN, an unknown key), ``renorm`` without
+        ``track_running_stats``, a ``virtual_batch_size`` < 1, and
+        ``memory_saving`` with ``renorm`` or ``virtual_batch_size``.
 
     See Also
     --------
     fastbn.batch_norm_forward, fastbn.batch_norm_inference,
     fastbn.batch_norm_backward : the functions the layer calls.
+    fastbn.batch_renorm_forward, fastbn.ghost_batch_norm_forward : and with
+        ``renorm`` or ``virtual_batch_size``, in training mode.
 
     Notes
     -----
@@ -218,7 +245,9 @@ class BatchNorm(LayerState):
                  dtype: DTypeLike = np.float32, channel_axis: int = 1,
                  num_threads: int | None = None, *, unbiased: bool = True,
                  backend: ModuleType | None = None, activation: Activation = None,
-                 negative_slope: float = 0.01, memory_saving: bool = False) -> None:
+                 negative_slope: float = 0.01, memory_saving: bool = False,
+                 renorm: bool = False, renorm_clipping: dict[str, float] | None = None,
+                 virtual_batch_size: int | None = None) -> None:
         """Build the layer; the parameters are those of the class (``help(type(self))``)."""
         who = type(self).__name__
         # The functions check eps, momentum and num_threads again at every call;
@@ -244,7 +273,12 @@ class BatchNorm(LayerState):
         self.activation = activation
         self.memory_saving = _checks.memory_saving(memory_saving, activation,
                                                    self.negative_slope, who=who)
-        self.backend = check_backend(backend, self.memory_saving)
+        self.renorm, self.renorm_clipping, self.virtual_batch_size = check_options(
+            renorm, renorm_clipping, virtual_batch_size,
+            track_running_stats=self.track_running_stats, memory_saving=self.memory_saving,
+            who=who)
+        self.backend = check_backend(backend, self.memory_saving,
+                                     backend_functions(self.renorm, self.virtual_batch_size))
         self.training = True
 
         self._new_state()
@@ -284,11 +318,16 @@ class BatchNorm(LayerState):
         ValueError
             x with a number of dimensions the class does not accept (the
             message names the class and the shape), or not C channels on
-            the channel axis; training with one value per channel.
+            the channel axis; training with one value per channel; in
+            training mode, a batch size that ``virtual_batch_size`` does not
+            divide.
         """
         batch = self.training or not self.track_running_stats
         tracking = self.training and self.track_running_stats
         y: FloatArray
+        if self.training and (self.renorm or self.virtual_batch_size is not None):
+            y = _variants.forward(self, x, tracking)
+            return y
         if batch and self.backend is _functional:  # checked once, in the compiled front
             fast = _front.forward(x, self._gamma, self._beta, self.eps,
                                   self.running_mean if tracking else None,
@@ -380,7 +419,8 @@ class BatchNorm(LayerState):
             (the message names the channels). Nothing is stored then.
         """
         saved = self._saved
-        if saved is not None and self.backend is _functional:  # the compiled front
+        if (saved is not None and self.backend is _functional and saved.r is None
+                and not saved.grouped):  # the plain layer's compiled front
             if saved.x is not None:
                 fast = _front.backward(dy, saved.x, saved.gamma, saved.mean, saved.invstd,
                                        saved.beta, saved.activation, saved.negative_slope,
@@ -413,55 +453,7 @@ class BatchNorm(LayerState):
 
     # --------------------------------------------------------------- state
 
-    def fold_into(self, weight: FloatArray, bias: FloatArray | None = None, *,
-                  out_axis: int = 0) -> tuple[FloatArray, FloatArray]:
-        """Fold this layer's eval-mode normalization into the layer before it.
-
-        :func:`fastbn.fold_batch_norm` with this layer's ``running_mean``,
-        ``running_var``, ``gamma``, ``beta`` and ``eps``: the layer with the
-        returned weight and bias gives, alone, what it followed by this
-        layer in eval mode gives (the layer's mode does not matter). A
-        layer's ``activation`` is not folded: apply it after the folded
-        layer.
-
-        Parameters
-        ----------
-        weight : ndarray of float32 or float64, 2 or more dimensions
-            The weight of the layer before, with this layer's C channels on
-            ``out_axis``: (O, I, kh, kw) or (O, I) with ``out_axis=0``, an
-            (I, O) matrix with ``out_axis=-1``. Its dtype need not be the
-            layer's.
-        bias : ndarray, shape (C,), float32 or float64, or None
-            Its bias; None for none.
-        out_axis : int, default 0
-            The axis of ``weight`` that indexes the output channels.
-
-        Returns
-        -------
-        folded_weight : ndarray, shape and dtype of weight
-        folded_bias : ndarray, shape (C,), dtype of weight
-            New arrays; neither the layer nor the arguments are modified.
-
-        Raises
-        ------
-        TypeError, ValueError
-            As :func:`fastbn.fold_batch_norm`, the message starting with
-            ``"<class>.fold_into: "``; also ValueError when the weight does
-            not have C channels on ``out_axis``, or when the layer keeps no
-            running statistics (``track_running_stats=False``: it normalizes
-            with each batch's statistics, which no fixed weight reproduces).
-
-        Examples
-        --------
-        >>> import numpy as np
-        >>> from fastbn import BatchNorm1d
-        >>> bn = BatchNorm1d(3)
-        >>> W = np.ones((3, 5), np.float32)   # a linear layer's (O, I) weight
-        >>> W_f, b_f = bn.fold_into(W)        # fresh statistics: scale 1/sqrt(1 + 1e-5)
-        >>> W_f.shape, b_f.dtype
-        ((3, 5), dtype('float32'))
-        """
-        return _folding.fold_layer(self, weight, bias, out_axis)
+    fold_into = _folding.fold_into
 
 
 class BatchNorm1d(BatchNorm):

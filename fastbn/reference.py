@@ -14,6 +14,10 @@ arXiv:1712.02616, Section 3.2. The running statistics follow PyTorch's
 ``torch.nn.BatchNorm2d``: the new batch is weighted by ``momentum`` and the
 running variance takes the unbiased batch variance.
 
+Batch Renormalization: Ioffe, NIPS 2017, arXiv:1702.03275, Algorithm 1;
+Ghost Batch Normalization: Hoffer, Hubara & Soudry, NIPS 2017,
+arXiv:1705.08741, with Keras' running update (the groups' average).
+
 The oracle checks no input beyond what it needs to compute (the values the
 backward from the output cannot invert are refused with the ValueErrors of
 :mod:`fastbn.functional`); the argument checking lives in
@@ -22,15 +26,18 @@ backward from the output cannot invert are refused with the ValueErrors of
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from fastbn._typing import Activation, Counter, FloatArray, Gradients, OptionalArray, Triple
+from fastbn._typing import (Activation, Counter, FloatArray, Gradients, OptionalArray, Renormed,
+                            Triple)
 
 __all__ = ["batch_norm_forward", "batch_norm_inference", "batch_norm_backward",
-           "batch_norm_backward_from_output"]
+           "batch_norm_backward_from_output", "batch_renorm_forward", "batch_renorm_backward",
+           "ghost_batch_norm_forward", "ghost_batch_norm_backward"]
 
 
 def _reduce_axes(ndim: int, channel_axis: int) -> tuple[tuple[int, ...], int]:
@@ -52,6 +59,14 @@ def _rounded(a: FloatArray, dtype: np.dtype[Any]) -> FloatArray:
     a saturated invstd, say): that is the result, so it raises no warning."""
     with np.errstate(over="ignore"):
         return a.astype(dtype)
+
+
+def _into(out: FloatArray | None, result: FloatArray) -> FloatArray:
+    """result, written into out when given (and out returned)."""
+    if out is None:
+        return result
+    out[...] = result
+    return out
 
 
 def _activated(y: FloatArray, activation: Activation,
@@ -150,9 +165,7 @@ def batch_norm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArray,
         running_mean[...] = (1.0 - factor) * running_mean.astype(np.float64) + factor * mean
         running_var[...] = (1.0 - factor) * running_var.astype(np.float64) + factor * batch_var
     y = _rounded(y, x.dtype)
-    if out is not None:
-        out[...] = y
-        y = out
+    y = _into(out, y)
     largest = np.finfo(x.dtype).max  # invstd saturates there, as fastbn's does
     return y, mean.astype(x.dtype), np.minimum(invstd, largest).astype(x.dtype)
 
@@ -179,9 +192,7 @@ def batch_norm_inference(x: FloatArray, gamma: OptionalArray, beta: OptionalArra
     if beta is not None:
         y = y + _per_channel(beta, x.ndim, channel_axis)
     y = _rounded(_activated(y, activation, negative_slope), x.dtype)
-    if out is not None:
-        out[...] = y
-        y = out
+    y = _into(out, y)
     return y
 
 
@@ -229,9 +240,7 @@ def batch_norm_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArray, mea
     dx, dgamma, dbeta = _backward_from_xhat(dz, xhat, g, invstd_b, axes, m, channel_axis,
                                             training)
     dx = _rounded(dx, x.dtype)
-    if out is not None:
-        out[...] = dx
-        dx = out
+    dx = _into(out, dx)
     if not param_grads:
         return dx, None, None
     return dx, dgamma.astype(x.dtype), dbeta.astype(x.dtype)
@@ -302,8 +311,182 @@ def batch_norm_backward_from_output(dy: FloatArray, y: FloatArray, gamma: Option
     invstd_b = _per_channel(invstd, y.ndim, channel_axis)
     dx, dgamma, dbeta = _backward_from_xhat(dz, xhat, g, invstd_b, axes, m, channel_axis, True)
     dx = _rounded(dx, y.dtype)
-    if out is not None:
-        out[...] = dx
-        dx = out
+    dx = _into(out, dx)
     return dx, dgamma.astype(y.dtype), dbeta.astype(y.dtype)
 
+
+
+def _variant_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArray,
+                     running_mean: OptionalArray, running_var: OptionalArray,
+                     clip: tuple[float, float | None, float] | None, groups: int, eps: float,
+                     momentum: float | None, num_batches_tracked: Counter, unbiased: bool,
+                     activation: Activation, negative_slope: float,
+                     channel_axis: int) -> tuple[FloatArray, ...]:
+    """Batch Renormalization (clip = (rmax, rmin, dmax)) and Ghost Batch
+    Normalization (groups virtual batches along axis 0), in float64: y and
+    the (groups, C) mean, invstd and, with clip, r and d."""
+    axes, channel_axis = _reduce_axes(x.ndim, channel_axis)
+    parts = np.split(np.asarray(x, dtype=np.float64), groups, axis=0)
+    m = parts[0].size // x.shape[channel_axis]
+    g = np.ones(x.shape[channel_axis]) if gamma is None else np.asarray(gamma, np.float64)
+    b = np.zeros(x.shape[channel_axis]) if beta is None else np.asarray(beta, np.float64)
+    mean = np.stack([p.mean(axis=axes) for p in parts])
+    var = np.stack([((p - _per_channel(mu, x.ndim, channel_axis)) ** 2).mean(axis=axes)
+                    for p, mu in zip(parts, mean)])
+    invstd = 1.0 / np.sqrt(var + eps)
+    r, d = np.ones_like(mean), np.zeros_like(mean)
+    if clip is not None:
+        assert running_mean is not None and running_var is not None
+        rmax, rmin, dmax = clip
+        sigma = np.sqrt(running_var.astype(np.float64) + eps)
+        with np.errstate(invalid="ignore"):
+            r = np.clip(np.sqrt(var + eps) / sigma, 1.0 / rmax if rmin is None else rmin, rmax)
+            d = np.clip((mean - running_mean) / sigma, -dmax, dmax)
+        r, d = r.astype(x.dtype).astype(np.float64), d.astype(x.dtype).astype(np.float64)
+    ys = []
+    for p, mu, istd, rj, dj in zip(parts, mean, invstd, r, d):
+        xhat = (p - _per_channel(mu, x.ndim, channel_axis)) * _per_channel(istd, x.ndim,
+                                                                             channel_axis)
+        z = (_per_channel(g, x.ndim, channel_axis)
+             * (xhat * _per_channel(rj, x.ndim, channel_axis)
+                + _per_channel(dj, x.ndim, channel_axis)) + _per_channel(b, x.ndim, channel_axis))
+        ys.append(_activated(z, activation, negative_slope))
+    if running_mean is not None and running_var is not None:
+        count = 0 if num_batches_tracked is None else int(num_batches_tracked) + 1
+        if num_batches_tracked is not None:
+            num_batches_tracked += 1
+        factor = 1.0 / count if momentum is None else momentum
+        batch_var = (var * m / (m - 1) if unbiased else var).mean(axis=0)
+        running_mean[...] = (1.0 - factor) * running_mean.astype(np.float64) \
+            + factor * mean.mean(axis=0)
+        running_var[...] = (1.0 - factor) * running_var.astype(np.float64) + factor * batch_var
+    largest = np.finfo(x.dtype).max
+    stats = [mean.astype(x.dtype), np.minimum(invstd, largest).astype(x.dtype)]
+    if clip is not None:
+        stats += [r.astype(x.dtype), d.astype(x.dtype)]
+    return (_rounded(np.concatenate(ys), x.dtype), *stats)
+
+
+def _variant_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArray,
+                      stats: tuple[FloatArray, ...], beta: OptionalArray,
+                      activation: Activation, negative_slope: float,
+                      channel_axis: int) -> Triple:
+    """The backward of both variants in float64: stats (groups, C) or (C,),
+    (mean, invstd) or (mean, invstd, r, d); per group the training backward
+    with gamma * r, dgamma = r * sum(dz * xhat) + d * sum(dz)."""
+    axes, channel_axis = _reduce_axes(x.ndim, channel_axis)
+    c = x.shape[channel_axis]
+    mean, invstd = (np.asarray(s, np.float64).reshape(-1, c) for s in stats[:2])
+    r, d = ((np.asarray(s, np.float64).reshape(-1, c) for s in stats[2:]) if len(stats) == 4
+            else (np.ones_like(mean), np.zeros_like(mean)))
+    groups = mean.shape[0]
+    xs = np.split(np.asarray(x, dtype=np.float64), groups, axis=0)
+    dys = np.split(np.asarray(dy, dtype=np.float64), groups, axis=0)
+    g = np.ones(c) if gamma is None else np.asarray(gamma, np.float64)
+    b = np.zeros(c) if beta is None else np.asarray(beta, np.float64)
+    m = xs[0].size // c
+    dxs, dgamma, dbeta = [], np.zeros(c), np.zeros(c)
+    pc = partial(_per_channel, ndim=x.ndim, channel_axis=channel_axis)
+    for j in range(groups):
+        xhat = (xs[j] - pc(mean[j])) * pc(invstd[j])
+        dz = _activation_gradient(dys[j], pc(g) * (xhat * pc(r[j]) + pc(d[j])) + pc(b),
+                                  activation, negative_slope)
+        dx, sum_dz_xhat, sum_dz = _backward_from_xhat(dz, xhat, pc(g * r[j]), pc(invstd[j]),
+                                                      axes, m, channel_axis, True)
+        dxs.append(dx)
+        dgamma += r[j] * sum_dz_xhat + d[j] * sum_dz
+        dbeta += sum_dz
+    return _rounded(np.concatenate(dxs), x.dtype), dgamma.astype(x.dtype), dbeta.astype(x.dtype)
+
+
+def batch_renorm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArray,
+                         running_mean: FloatArray, running_var: FloatArray, *,
+                         rmax: float = 3.0, rmin: float | None = None, dmax: float = 5.0,
+                         virtual_batch_size: int | None = None, eps: float = 1e-5,
+                         momentum: float | None = 0.1, num_batches_tracked: Counter = None,
+                         unbiased: bool = True, activation: Activation = None,
+                         negative_slope: float = 0.01, channel_axis: int = 1,
+                         out: FloatArray | None = None,
+                         num_threads: int | None = None) -> Renormed:
+    """Batch Renormalization in training mode (Ioffe 2017, Algorithm 1), in float64.
+
+    With ``sigma = sqrt(running_var + eps)`` before the update,
+    ``r = clip(sqrt(var + eps) / sigma, rmin, rmax)``, ``d = clip((mean -
+    running_mean) / sigma, -dmax, dmax)`` (rounded to x's dtype) and
+    ``y = act(gamma * (xhat * r + d) + beta)``; the running statistics
+    update as in :func:`batch_norm_forward`. With ``virtual_batch_size``,
+    per virtual batch as :func:`ghost_batch_norm_forward`.
+
+    Returns
+    -------
+    y, mean, invstd, r, d
+        y like x; the rest (C,), or (groups, C) with ``virtual_batch_size``.
+    """
+    del num_threads
+    groups = 1 if virtual_batch_size is None else x.shape[0] // virtual_batch_size
+    y, mean, invstd, r, d = _variant_forward(x, gamma, beta, running_mean, running_var,
+                                             (rmax, rmin, dmax), groups, eps, momentum,
+                                             num_batches_tracked, unbiased, activation,
+                                             negative_slope, channel_axis)
+    if virtual_batch_size is None:
+        mean, invstd, r, d = mean[0], invstd[0], r[0], d[0]
+    return _into(out, y), mean, invstd, r, d
+
+
+def batch_renorm_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArray,
+                          mean: FloatArray, invstd: FloatArray, r: FloatArray, d: FloatArray,
+                          *, beta: OptionalArray = None, activation: Activation = None,
+                          negative_slope: float = 0.01, channel_axis: int = 1,
+                          out: FloatArray | None = None,
+                          num_threads: int | None = None) -> Triple:
+    """Gradients of Batch Renormalization in float64: the training backward
+    with ``gamma * r`` for gamma, ``dgamma = r * sum(dz * xhat) + d *
+    sum(dz)``, ``dbeta = sum(dz)``; per group with (groups, C) statistics.
+    Returns dx (like x), dgamma and dbeta (C,)."""
+    del num_threads
+    dx, dgamma, dbeta = _variant_backward(dy, x, gamma, (mean, invstd, r, d), beta, activation,
+                                          negative_slope, channel_axis)
+    return _into(out, dx), dgamma, dbeta
+
+
+def ghost_batch_norm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArray,
+                             virtual_batch_size: int, *, eps: float = 1e-5,
+                             running_mean: OptionalArray = None,
+                             running_var: OptionalArray = None, momentum: float | None = 0.1,
+                             num_batches_tracked: Counter = None, unbiased: bool = True,
+                             activation: Activation = None, negative_slope: float = 0.01,
+                             channel_axis: int = 1, out: FloatArray | None = None,
+                             num_threads: int | None = None) -> Triple:
+    """Ghost Batch Normalization in training mode (Hoffer et al. 2017), in float64.
+
+    Each of the ``N / virtual_batch_size`` consecutive virtual batches is
+    normalized by its own statistics; the running statistics update once
+    with the average over the groups of their means and (unbiased per group
+    when ``unbiased``) variances.
+
+    Returns
+    -------
+    y : like x
+    mean, invstd : (groups, C)
+    """
+    del num_threads
+    y, mean, invstd = _variant_forward(x, gamma, beta, running_mean, running_var, None,
+                                       x.shape[0] // virtual_batch_size, eps, momentum,
+                                       num_batches_tracked, unbiased, activation,
+                                       negative_slope, channel_axis)
+    return _into(out, y), mean, invstd
+
+
+def ghost_batch_norm_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArray,
+                              mean: FloatArray, invstd: FloatArray, *,
+                              beta: OptionalArray = None, activation: Activation = None,
+                              negative_slope: float = 0.01, channel_axis: int = 1,
+                              out: FloatArray | None = None,
+                              num_threads: int | None = None) -> Triple:
+    """Gradients of Ghost Batch Normalization in float64: the training
+    backward of each virtual batch with its (groups, C) statistics; dgamma
+    and dbeta summed over the groups. Returns dx (like x), dgamma, dbeta (C,)."""
+    del num_threads
+    dx, dgamma, dbeta = _variant_backward(dy, x, gamma, (mean, invstd), beta, activation,
+                                          negative_slope, channel_axis)
+    return _into(out, dx), dgamma, dbeta

@@ -209,6 +209,42 @@ def layer(cls, action, *, trained=False, mode="train", setup=None, then=None, **
     return make
 
 
+def variant(func, **changes):
+    """A row's call of fastbn.<func> (a BatchNorm variant, fastbn.variants)
+    on valid float32 arguments with ``changes``: x (4, 3, 5, 2), and for the
+    backwards the statistics of a valid forward (renorm: as (C,); ghost:
+    two virtual batches)."""
+    def make():
+        rng = np.random.default_rng(3)
+        x = rng.standard_normal(SHAPE).astype(np.float32)
+        args = dict(x=x, gamma=np.ones(C, np.float32), beta=np.zeros(C, np.float32))
+        if func == "batch_renorm_forward":
+            args.update(running_mean=np.zeros(C, np.float32), running_var=np.ones(C, np.float32))
+        elif func == "ghost_batch_norm_forward":
+            args.update(virtual_batch_size=2)
+        else:
+            args["dy"] = rng.standard_normal(SHAPE).astype(np.float32)
+            if func == "batch_renorm_backward":
+                stats = fastbn.batch_renorm_forward(x, args["gamma"], args["beta"],
+                                                    np.zeros(C, np.float32),
+                                                    np.ones(C, np.float32))[1:]
+                args.update(zip(("mean", "invstd", "r", "d"), stats))
+            else:
+                stats = fastbn.ghost_batch_norm_forward(x, args["gamma"], args["beta"], 2)[1:]
+                args.update(zip(("mean", "invstd"), stats))
+        for name, value in changes.items():
+            args[name] = value(args) if callable(value) else value
+        if func.endswith("backward"):
+            positional = [args.pop(k) for k in ("dy", "x", "gamma", "mean", "invstd")]
+            if func == "batch_renorm_backward":
+                positional += [args.pop("r"), args.pop("d")]
+            everything = dict(args, dy=positional[0], x=positional[1], mean=positional[3],
+                              invstd=positional[4])
+            return (lambda: getattr(fastbn, func)(*positional, **args)), everything
+        return (lambda: getattr(fastbn, func)(**args)), dict(args)
+    return make
+
+
 def construct(cls, **kwargs):
     """A constructor call with bad arguments."""
     def make():
@@ -708,6 +744,71 @@ TABLE = [
     Bad("batch_norm_backward", "dy a masked array", TypeError,
         "dy must be a numpy.ndarray, got a numpy.ma.MaskedArray",
         fn("backward", dy=lambda a: np.ma.masked_array(a["dy"]))),
+
+    # -- Batch Renormalization and Ghost Batch Normalization (fastbn.variants)
+    Bad("batch_renorm_forward", "rmax 0.5 (< 1)", ValueError,
+        "rmax must be >= 1 (r is clipped to [rmin, rmax], around 1), got 0.5",
+        variant("batch_renorm_forward", rmax=0.5)),
+    Bad("batch_renorm_forward", "rmin 2.0 (> 1)", ValueError,
+        "rmin must be in [0, 1] (r is clipped to [rmin, rmax], around 1), got 2.0",
+        variant("batch_renorm_forward", rmin=2.0)),
+    Bad("batch_renorm_forward", "dmax -1.0", ValueError,
+        "dmax must be >= 0 (d is clipped to [-dmax, dmax]), got -1.0",
+        variant("batch_renorm_forward", dmax=-1.0)),
+    Bad("batch_renorm_forward", "rmax NaN", ValueError, "rmax must not be NaN",
+        variant("batch_renorm_forward", rmax=float("nan"))),
+    Bad("batch_renorm_forward", "dmax the string '5'", TypeError,
+        "dmax must be a real number, got str", variant("batch_renorm_forward", dmax="5")),
+    Bad("batch_renorm_forward", "running_var None", TypeError,
+        "running_mean and running_var are required by Batch Renormalization",
+        variant("batch_renorm_forward", running_var=None)),
+    Bad("batch_renorm_backward", "r None", TypeError,
+        "r (from the forward) is required, got None", variant("batch_renorm_backward", r=None)),
+    Bad("batch_renorm_backward", "d of shape (4,)", ValueError,
+        "d must have shape (3,), that of mean (3,), got (4,)",
+        variant("batch_renorm_backward", d=np.zeros(4, np.float32))),
+    Bad("ghost_batch_norm_forward", "virtual_batch_size 3 does not divide N = 4", ValueError,
+        "virtual_batch_size=3 must be > 0 and divide the batch size N=4",
+        variant("ghost_batch_norm_forward", virtual_batch_size=3)),
+    Bad("ghost_batch_norm_forward", "groups of one sample and one value per channel",
+        ValueError, "virtual_batch_size=1 gives groups of 1 value per channel for x of shape "
+                    "(4, 3)",
+        variant("ghost_batch_norm_forward", virtual_batch_size=1,
+                x=lambda a: a["x"][:, :, 0, 0].copy(), out=None)),
+    Bad("ghost_batch_norm_forward", "virtual_batch_size the float 2.0", TypeError,
+        "virtual_batch_size must be an int, got float",
+        variant("ghost_batch_norm_forward", virtual_batch_size=2.0)),
+    Bad("ghost_batch_norm_backward", "mean (C,), not (groups, C)", ValueError,
+        "mean must have shape (groups, 3), got (3,)",
+        variant("ghost_batch_norm_backward", mean=lambda a: a["mean"][0].copy())),
+    Bad("ghost_batch_norm_backward", "3 groups for N = 4", ValueError,
+        "mean has 3 groups, which must divide the batch size N=4",
+        variant("ghost_batch_norm_backward", mean=np.zeros((3, 3), np.float32),
+                invstd=np.ones((3, 3), np.float32))),
+    Bad("BatchNorm2d", "renorm_clipping without renorm", ValueError,
+        "BatchNorm2d: renorm_clipping needs renorm=True, got renorm=False",
+        construct(BatchNorm2d, num_features=3, renorm_clipping={"rmax": 2.0})),
+    Bad("BatchNorm2d", "renorm_clipping with the key 'rmx'", ValueError,
+        "BatchNorm2d: renorm_clipping takes the keys 'rmax', 'rmin' and 'dmax', got 'rmx'",
+        construct(BatchNorm2d, num_features=3, renorm=True, renorm_clipping={"rmx": 2.0})),
+    Bad("BatchNorm2d", "renorm_clipping rmax 0.5", ValueError, "BatchNorm2d: rmax must be >= 1",
+        construct(BatchNorm2d, num_features=3, renorm=True, renorm_clipping={"rmax": 0.5})),
+    Bad("BatchNorm2d", "renorm without running statistics", ValueError,
+        "BatchNorm2d: renorm=True needs track_running_stats=True",
+        construct(BatchNorm2d, num_features=3, renorm=True, track_running_stats=False)),
+    Bad("BatchNorm2d", "virtual_batch_size 0", ValueError,
+        "BatchNorm2d: virtual_batch_size must be > 0 or None, got 0",
+        construct(BatchNorm2d, num_features=3, virtual_batch_size=0)),
+    Bad("BatchNorm2d", "memory_saving with virtual_batch_size", ValueError,
+        "BatchNorm2d: memory_saving=True is not available with renorm or virtual_batch_size",
+        construct(BatchNorm2d, num_features=3, memory_saving=True, virtual_batch_size=2)),
+    Bad("BatchNorm2d(3, virtual_batch_size=3)", "a training batch of N = 4", ValueError,
+        "virtual_batch_size=3 must be > 0 and divide the batch size N=4",
+        layer(BatchNorm2d, lambda bn, x: bn(x), virtual_batch_size=3)),
+    Bad("BatchNorm2d(3)", "load_state_dict with renorm_clipping rmax 0.5", ValueError,
+        "BatchNorm2d.load_state_dict: rmax must be >= 1",
+        layer(BatchNorm2d, lambda bn, x: bn.load_state_dict(
+            {**bn.state_dict(), "renorm_clipping": np.array([0.5, 1.0, 1.0])}))),
 
     # -- layers
     Bad("BatchNorm2d(3)", "x 3-D", ValueError,

@@ -18,7 +18,8 @@ from fastbn._typing import Activation, Allreduce, FloatArray
 __all__ = ["SyncBatchNorm"]
 
 _SETTINGS = ("num_features", "dtype", "channel_axis", "eps", "momentum", "affine",
-             "track_running_stats", "unbiased", "activation", "negative_slope", "memory_saving")
+             "track_running_stats", "unbiased", "activation", "negative_slope", "memory_saving",
+             "renorm", "renorm_clipping", "virtual_batch_size")
 
 
 class SyncBatchNorm(BatchNorm):
@@ -57,6 +58,15 @@ class SyncBatchNorm(BatchNorm):
         layer keeps this rank's y instead of x and its training backward
         is :func:`sync_batch_norm_backward_from_output`, which raises on
         every rank when gamma has a zero.
+    renorm, renorm_clipping, virtual_batch_size : keyword-only
+        As in :class:`fastbn.layers.BatchNorm`; the same on every rank
+        (checked at construction). ``renorm`` runs over the global batch:
+        r and d come from the global statistics and the running ones (one
+        ``Allreduce`` per pass, as without it). Ghost groups stay per
+        rank: with ``virtual_batch_size`` each rank normalizes the virtual
+        batches of its own slice by their own statistics, without
+        communication, and updates its running statistics from them alone
+        (the ranks' running statistics then differ, as their slices do).
     comm : mpi4py.MPI.Intracomm or None, keyword-only
         The processes to synchronize over; None is ``MPI.COMM_WORLD``. Any
         intracommunicator works (``comm.Split`` for groups of ranks). Or an
@@ -137,12 +147,16 @@ class SyncBatchNorm(BatchNorm):
                  dtype: DTypeLike = np.float32, channel_axis: int = 1,
                  num_threads: int | None = None, *, unbiased: bool = True,
                  activation: Activation = None, negative_slope: float = 0.01,
-                 memory_saving: bool = False, comm: Any = None,
+                 memory_saving: bool = False, renorm: bool = False,
+                 renorm_clipping: dict[str, float] | None = None,
+                 virtual_batch_size: int | None = None, comm: Any = None,
                  allreduce: Allreduce | None = None) -> None:
         """Build the layer (collective); the parameters are those of the class."""
         super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype,
                          channel_axis, num_threads, unbiased=unbiased, activation=activation,
-                         negative_slope=negative_slope, memory_saving=memory_saving)
+                         negative_slope=negative_slope, memory_saving=memory_saving,
+                         renorm=renorm, renorm_clipping=renorm_clipping,
+                         virtual_batch_size=virtual_batch_size)
         cls = type(self).__name__
         if allreduce is not None:
             if comm is not None:
@@ -159,8 +173,8 @@ class SyncBatchNorm(BatchNorm):
 
     def _agree(self) -> None:
         """Every rank built the layer with the same settings (one allgather)."""
-        mine = tuple(str(getattr(self, k)) if k == "dtype" else getattr(self, k)
-                     for k in _SETTINGS)
+        mine = tuple(str(v) if k == "dtype" else tuple(v.items()) if isinstance(v, dict) else v
+                     for k, v in ((k, getattr(self, k)) for k in _SETTINGS))
         everyone = self.comm.allgather(mine)
         bad = []
         for i, key in enumerate(_SETTINGS):
@@ -209,7 +223,8 @@ class SyncBatchNorm(BatchNorm):
                   layer.track_running_stats, layer.dtype, layer.channel_axis,
                   layer.num_threads, unbiased=layer.unbiased, activation=layer.activation,
                   negative_slope=layer.negative_slope, memory_saving=layer.memory_saving,
-                  comm=comm, allreduce=allreduce)
+                  renorm=layer.renorm, renorm_clipping=layer.renorm_clipping,
+                  virtual_batch_size=layer.virtual_batch_size, comm=comm, allreduce=allreduce)
         new._share_arrays(layer)
         return new
 
@@ -224,7 +239,9 @@ class SyncBatchNorm(BatchNorm):
 
         Training mode: one ``Allreduce``; the running statistics are
         updated with the global statistics; the layer's ``activation`` is
-        fused into y. Eval mode: as :meth:`fastbn.layers.BatchNorm.forward`,
+        fused into y; with ``renorm``, Batch Renormalization over the global
+        batch. With ``virtual_batch_size``, training mode is the rank's own
+        Ghost Batch Normalization, with no communication. Eval mode: as :meth:`fastbn.layers.BatchNorm.forward`,
         with no communication.
 
         Parameters
@@ -242,21 +259,27 @@ class SyncBatchNorm(BatchNorm):
             On every rank, when the input of any rank fails the checks;
             ``ValueError`` when the global batch has one value per channel.
         """
-        if not self.training:
-            if isinstance(x, np.ndarray) and x.size == 0:  # an empty slice: nothing to do
+        if not self.training or self.virtual_batch_size is not None:  # no communication
+            if isinstance(x, np.ndarray) and x.size == 0 and not self.training:  # empty slice
                 self._check_input(x)
                 self._saved = Saved(x, None, None, batch=False)
                 return np.empty_like(x, order="C")
             return super().forward(x)
         tracking = self.track_running_stats
-        y, mean, invstd = forward(
+        clip = self.renorm_clipping
+        y: FloatArray
+        y, mean, invstd, *rd = forward(
             x, self._gamma, self._beta, eps=self.eps,
             running_mean=self.running_mean if tracking else None,
             running_var=self.running_var if tracking else None, momentum=self.momentum,
             unbiased=self.unbiased,
             num_batches_tracked=self.num_batches_tracked if tracking else None, out=None,
-            activation=self.activation, negative_slope=self.negative_slope, **self._common())
+            activation=self.activation, negative_slope=self.negative_slope,
+            renorm=(clip["rmax"], clip["rmin"], clip["dmax"]) if clip else None,
+            **self._common())
         self._saved = for_batch(self, x, y, mean, invstd, synced=True)  # memory_saving: y
+        if rd:
+            self._saved = self._saved._replace(r=rd[0], d=rd[1])
         return y
 
     __call__ = forward
@@ -303,7 +326,8 @@ class SyncBatchNorm(BatchNorm):
                                          **self._common())
         else:
             dx, dgamma, dbeta = backward(dy, saved.x, saved.gamma, saved.mean, saved.invstd,
-                                         beta=saved.beta, **act, **self._common())
+                                         beta=saved.beta, r=saved.r, d=saved.d, **act,
+                                         **self._common())
         if self.affine:
             self.dgamma, self.dbeta = dgamma, dbeta
         return dx

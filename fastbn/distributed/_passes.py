@@ -75,9 +75,13 @@ def forward(x: Any, gamma: Any, beta: Any, *, allreduce: Allreduce, num_features
             num_batches_tracked: Any, channel_axis: Any, out: Any, num_threads: Any,
             unbiased: Any = True, activation: Any = None, negative_slope: Any = 0.01,
             dtype: np.dtype[Any] | None = None, ndims: tuple[int, ...] = _ANY,
-            expected: str = _ANY_INPUT, who: str = "sync_batch_norm_forward") -> Triple:
+            expected: str = _ANY_INPUT, who: str = "sync_batch_norm_forward",
+            renorm: tuple[float, float, float] | None = None) -> Any:
     """:func:`sync_batch_norm_forward` after its own checks; a layer passes its
-    dtype, the input it accepts and its name (``who``)."""
+    dtype, the input it accepts and its name (``who``), and with ``renorm``
+    (rmax, rmin, dmax, checked) Batch Renormalization over the global batch:
+    (y, mean, invstd, r, d), r and d from the global statistics and the
+    running ones (fastbn.variants.batch_renorm_forward)."""
     C = num_features
     call = _collective(who, allreduce, C, dtype, expected)
     try:
@@ -113,15 +117,16 @@ def forward(x: Any, gamma: Any, beta: Any, *, allreduce: Allreduce, num_features
     mean = np.empty(C, x.dtype)
     invstd = np.empty(C, x.dtype)
     coef = np.empty((C, 4))
+    rd = (np.empty(C, x.dtype), np.empty(C, x.dtype)) if renorm else ()
     with np.errstate(all="ignore"):
         _channels.forward_map(body[:, 2:4], m, eps, mean, invstd, g, b, rm, rv,
-                              factor if tracking else 0.0, unbiased, coef)
+                              factor if tracking else 0.0, unbiased, coef, *rd, *(renorm or ()))
     y = np.empty_like(xc, order="C") if out is None else out
     if n:
         kernel.apply(xv, None, y.reshape(xv.shape), coef, act, slope, nthreads, out is not None)
     if tracking:
         _running.commit(running_mean, rm, running_var, rv, num_batches_tracked)
-    return y, mean, invstd
+    return (y, mean, invstd, *rd)
 
 
 def sync_batch_norm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArray, *,
@@ -223,12 +228,14 @@ def sync_batch_norm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalA
         backward on others).
     """
     _check_allreduce(allreduce)
-    return forward(x, gamma, beta, allreduce=allreduce,
-                   num_features=_checks.num_features(num_features, note=_SAME), eps=eps,
-                   running_mean=running_mean, running_var=running_var, momentum=momentum,
-                   num_batches_tracked=num_batches_tracked, channel_axis=channel_axis,
-                   out=out, num_threads=num_threads, unbiased=unbiased, activation=activation,
-                   negative_slope=negative_slope)
+    result: Triple = forward(
+        x, gamma, beta, allreduce=allreduce,
+        num_features=_checks.num_features(num_features, note=_SAME), eps=eps,
+        running_mean=running_mean, running_var=running_var, momentum=momentum,
+        num_batches_tracked=num_batches_tracked, channel_axis=channel_axis, out=out,
+        num_threads=num_threads, unbiased=unbiased, activation=activation,
+        negative_slope=negative_slope)
+    return result
 
 
 # ----------------------------------------------------------- backward ----
@@ -238,10 +245,12 @@ def backward(dy: Any, x: Any, gamma: Any, mean: Any, invstd: Any, *, allreduce: 
              beta: Any = None, activation: Any = None, negative_slope: Any = 0.01,
              from_output: bool = False, dtype: np.dtype[Any] | None = None,
              ndims: tuple[int, ...] = _ANY, expected: str = _ANY_INPUT,
-             who: str = "sync_batch_norm_backward") -> Triple:
+             who: str = "sync_batch_norm_backward", r: Any = None, d: Any = None) -> Triple:
     """:func:`sync_batch_norm_backward` after its own checks (see
     :func:`forward`); ``from_output``: x is the forward's output y and mean is
-    not used (:func:`sync_batch_norm_backward_from_output`)."""
+    not used (:func:`sync_batch_norm_backward_from_output`); r and d: the
+    backward of Batch Renormalization (a layer's record, as the forward
+    returned them)."""
     C = num_features
     call = _collective(who, allreduce, C, dtype, expected)
     try:
@@ -259,7 +268,7 @@ def backward(dy: Any, x: Any, gamma: Any, mean: Any, invstd: Any, *, allreduce: 
                 source="sync_batch_norm_forward", who=who, beta=beta)
             b = None if beta is None else np.ascontiguousarray(beta)
             grad = _GRAD_ACT if act else _GRAD_PLAIN
-        transform = (g, b, mu, istd)  # what grad needs
+        transform = (g, b, mu, istd, r, d)  # what grad needs
         call.settings(x.dtype.itemsize, act=act, slope=slope)
         kernel, xc, xv, n = _view(x, ca)
         dyv = np.ascontiguousarray(dy).reshape(xv.shape)
@@ -279,7 +288,7 @@ def backward(dy: Any, x: Any, gamma: Any, mean: Any, invstd: Any, *, allreduce: 
     dbeta = np.empty(C, x.dtype)
     coef = np.empty((C, 4))
     with np.errstate(all="ignore"):
-        _channels.backward_map(body[:, 1:3], body[0, 3], istd, mu, g, dgamma, dbeta, coef)
+        _channels.backward_map(body[:, 1:3], body[0, 3], istd, mu, g, dgamma, dbeta, coef, r, d)
     dx = np.empty_like(xc, order="C") if out is None else out
     if n:
         kernel.apply(dyv, xv, dx.reshape(xv.shape), coef, act, slope, nthreads,
