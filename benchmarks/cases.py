@@ -49,7 +49,8 @@ except ImportError:  # the suite runs without PyTorch, minus its column
 EPS = 1e-5
 MOMENTUM = 0.1
 OPERATIONS = ("forward", "inference", "backward", "frozen", "frozen_dx", "backward_relu",
-              "from_output")
+              "from_output", "renorm_forward", "renorm_backward", "ghost_forward",
+              "ghost_backward")
 OPERATION_TITLES = {"forward": "Training forward", "inference": "Inference",
                     "backward": "Backward",
                     "frozen": "Frozen backward (eval mode: dx, dgamma, dbeta)",
@@ -57,16 +58,29 @@ OPERATION_TITLES = {"forward": "Training forward", "inference": "Inference",
                     "backward_relu": "Backward, fused ReLU (PyTorch: threshold_backward + "
                                      "backward)",
                     "from_output": "Backward from the output y, no activation (PyTorch: "
-                                   "from x)"}
+                                   "from x)",
+                    "renorm_forward": "Batch Renormalization, training forward (PyTorch: none)",
+                    "renorm_backward": "Batch Renormalization, backward (PyTorch: none)",
+                    "ghost_forward": "Ghost Batch Normalization, virtual batches of N/8, "
+                                     "training forward (PyTorch: none)",
+                    "ghost_backward": "Ghost Batch Normalization, virtual batches of N/8, "
+                                      "backward (PyTorch: none)"}
+# The variants (fastbn.variants) and the plain operation each is judged
+# against, with the largest time ratio the issue allows (fastbn to fastbn).
+VARIANT_OF = {"renorm_forward": ("forward", 1.1), "renorm_backward": ("backward", 1.1),
+              "ghost_forward": ("forward", 1.2), "ghost_backward": ("backward", 1.2)}
+GHOST_GROUPS = 8
 # Minimal traffic of one call, in multiples of x.nbytes: forward and
 # inference read x and write y; the backward reads x and dy and writes dx;
 # the frozen backward without parameter gradients reads dy and writes dx;
 # the backward from the output reads y in place of x.
 TRAFFIC_FACTOR = {"forward": 2, "inference": 2, "backward": 3, "frozen": 3, "frozen_dx": 2,
-                  "backward_relu": 3, "from_output": 3}
+                  "backward_relu": 3, "from_output": 3, "renorm_forward": 2,
+                  "renorm_backward": 3, "ghost_forward": 2, "ghost_backward": 3}
 # Operations timed on float32 shapes only (not on the float64 subset), to
-# keep the full run's length: the two backward variants of issue 11.
-FLOAT32_ONLY = frozenset({"backward_relu", "from_output"})
+# keep the full run's length: the two backward variants of issue 11 and the
+# BatchNorm variants of issue 22.
+FLOAT32_ONLY = frozenset({"backward_relu", "from_output"}) | frozenset(VARIANT_OF)
 
 # Inputs smaller than this are timed hot (they fit in the per-core cache).
 COLD_MIN_BYTES = 1 << 20
@@ -316,6 +330,8 @@ def make_call(impl, op, w, num_threads):
     own), as a training step does. The backward takes the mean and invstd of
     a forward on the same x (PyTorch: its own saved statistics).
     """
+    if op in VARIANT_OF:  # fastbn's and the oracle's only
+        return _variant_call(impl, op, w, num_threads)
     if impl.name == "torch":
         return _torch_call(op, w)
     if impl in PEERS:  # None where the peer lacks the case
@@ -351,6 +367,37 @@ def make_call(impl, op, w, num_threads):
         return lambda i: module.batch_norm_backward_from_output(dy[i], y[i], g, b, invstd,
                                                                 out=out[i], **kw)[0]
     raise ValueError(f"unknown operation {op!r}")
+
+
+def _variant_call(impl, op, w, num_threads):
+    """A BatchNorm variant's call (fastbn.variants), by fastbn or the oracle;
+    None for the others, and for ghost BN when N is not a multiple of
+    GHOST_GROUPS. The backward takes the statistics of fastbn's forward."""
+    if impl.name not in ("fastbn", "fastbn_out", "reference"):
+        return None
+    module = reference if impl.name == "reference" else fastbn
+    out = w.out if impl.name == "fastbn_out" else [None] * w.copies
+    kw = {"channel_axis": w.shape.channel_axis, "num_threads": num_threads}
+    g, b, x, dy = w.gamma, w.beta, w.x, w.dy
+    rm, rv = w.running_mean.copy(), w.running_var.copy()
+    n = w.shape.dims[0]
+    if op.startswith("ghost"):
+        if n % GHOST_GROUPS:
+            return None
+        v = n // GHOST_GROUPS
+        if op == "ghost_forward":
+            return lambda i: module.ghost_batch_norm_forward(
+                x[i], g, b, v, eps=EPS, running_mean=rm, running_var=rv, momentum=MOMENTUM,
+                out=out[i], **kw)[0]
+        stats = fastbn.ghost_batch_norm_forward(x[0], g, b, v, **kw)[1:]
+        return lambda i: module.ghost_batch_norm_backward(dy[i], x[i], g, *stats, out=out[i],
+                                                          **kw)[0]
+    if op == "renorm_forward":  # momentum 0: the running statistics are written but stay
+        # as they are, so r and d (which read them) are the same after any number of calls
+        return lambda i: module.batch_renorm_forward(x[i], g, b, rm, rv, eps=EPS,
+                                                     momentum=0.0, out=out[i], **kw)[0]
+    stats = fastbn.batch_renorm_forward(x[0], g, b, rm.copy(), rv.copy(), **kw)[1:]
+    return lambda i: module.batch_renorm_backward(dy[i], x[i], g, *stats, out=out[i], **kw)[0]
 
 
 def _torch_call(op, w):

@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from cases import OPERATION_TITLES, OPERATIONS, TINY_SHAPES
+from cases import OPERATION_TITLES, OPERATIONS, TINY_SHAPES, VARIANT_OF
 from machine import format_bytes
 
 IMPL_ORDER = ("fastbn_out", "fastbn", "torch", "onednn", "jax", "onnxruntime", "reference")
@@ -320,6 +320,29 @@ def evaluate_targets(records, all_cores):
                      lambda rows: not slower(rows), slower_detail)
     target["slower_cases"] = [_where(r) for r in slower(_judged(rows)[0])]
     targets.append(target)
+
+    def ratios(variant, plain):
+        """(fastbn's time of the variant / of the plain operation, the case) per case."""
+        times = {(r["shape_label"], r["dtype"], r["threads"]): r for r in best
+                 if r["operation"] == plain}
+        return [(r["median_s"] / times[k]["median_s"], r) for r in best
+                if r["operation"] == variant
+                and (k := (r["shape_label"], r["dtype"], r["threads"])) in times]
+
+    for op, (plain, limit) in VARIANT_OF.items():
+        pairs = ratios(op, plain)
+        rows = [dict(r, ratio=q) for q, r in pairs]
+
+        def ratio_detail(rows, limit=limit):
+            worst = max(rows, key=lambda r: r["ratio"])
+            passing = sum(r["ratio"] <= limit for r in rows)
+            return (f"{passing}/{len(rows)} cases pass; geomean "
+                    f"{_geomean([r['ratio'] for r in rows]):.2f}×, worst {worst['ratio']:.2f}× "
+                    f"({_where(worst)})")
+        targets.append(_target(
+            f"{op} <= {limit:g}× fastbn's {plain} (x >= 4 MiB)",
+            [r for r in rows if r["nbytes"] >= TARGET_MIN_BYTES],
+            lambda rows, limit=limit: all(r["ratio"] <= limit for r in rows), ratio_detail))
 
     tiny_labels = {s.label for s in TINY_SHAPES}
 

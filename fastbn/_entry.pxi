@@ -5,6 +5,7 @@
 # of a training pass through the same entry.
 
 cimport numpy as cnp
+from cython.parallel cimport prange
 from libc.stdlib cimport free, malloc
 
 from fastbn._stats cimport groups_update
@@ -24,46 +25,61 @@ cdef int run_groups(const Call* k, const floating* like) noexcept nogil:
     """Ghost Batch Normalization (Hoffer, Hubara & Soudry 2017, "Train
     longer, generalize better", arXiv:1705.08741, Algorithm 1): the training
     pass k on each of its k.groups consecutive row blocks (virtual batches),
-    in order, each with its own statistics ((groups, C) arrays). The running
-    statistics update once, from the average of the groups' moments;
-    dgamma and dbeta are summed over the groups in double and rounded once.
-    0, or -1 when a work space could not be allocated (then the running
-    statistics, dgamma and dbeta are not written)."""
-    cdef Call gk = k[0]
+    each with its own statistics ((groups, C) arrays). With at least as many
+    groups as threads, the groups share the threads out, one thread each
+    (one parallel region, not one per group); otherwise they run in order,
+    each on all the threads. Either way a group's bits are those of its own
+    call. The running statistics update once, from the average of the
+    groups' moments; dgamma and dbeta are summed over the groups in double,
+    in order, and rounded once. 0, or -1 when a work space could not be
+    allocated (then the running statistics, dgamma and dbeta are not
+    written)."""
     cdef Py_ssize_t G = k.groups, C = k.c, j, c
     cdef Py_ssize_t size = (k.n // G) * k.c * k.s     # values per group
     cdef bint forward = k.mode == MODE_FORWARD
     cdef bint tracked = forward and k.running_mean != NULL
-    cdef double* work = NULL   # forward: the (G, C, 2) moments; backward: dgamma, dbeta per group
-    cdef floating* grads
+    cdef bint shared = G >= k.num_threads > 1
+    # forward: the (G, C, 2) moments; backward: dgamma and dbeta per group
+    cdef double* work = <double*>malloc(2 * G * C * sizeof(double))
+    cdef Call* calls = <Call*>malloc(G * sizeof(Call))
+    cdef int* rcs = <int*>malloc(G * sizeof(int))
+    cdef floating* grads = <floating*>work
     cdef double dg, db
     cdef int rc = 0
-    gk.groups = 1
-    gk.n = k.n // G
-    if tracked or not forward:
-        work = <double*>malloc(2 * G * C * sizeof(double))
-        if work == NULL:
-            return -1
-    grads = <floating*>work
+    if work == NULL or calls == NULL or rcs == NULL:
+        free(work)
+        free(calls)
+        free(rcs)
+        return -1
     for j in range(G):
-        gk.a = <const floating*>k.a + j * size
-        gk.out = <floating*>k.out + j * size
+        calls[j] = k[0]
+        calls[j].groups = 1
+        calls[j].n = k.n // G
+        calls[j].num_threads = 1 if shared else k.num_threads
+        calls[j].a = <const floating*>k.a + j * size
+        calls[j].out = <floating*>k.out + j * size
         if forward:
-            gk.save_mean = <floating*>k.save_mean + j * C
-            gk.save_invstd = <floating*>k.save_invstd + j * C
-            gk.moments = work + 2 * j * C if tracked else NULL
+            calls[j].save_mean = <floating*>k.save_mean + j * C
+            calls[j].save_invstd = <floating*>k.save_invstd + j * C
+            calls[j].moments = work + 2 * j * C if tracked else NULL
         else:
-            gk.b = <const floating*>k.b + j * size
-            gk.mean = moved(k.mean, j * C, like)          # NULL from the output
-            gk.invstd = <const floating*>k.invstd + j * C
-            gk.dgamma = grads + 2 * j * C
-            gk.dbeta = grads + (2 * j + 1) * C
+            calls[j].b = <const floating*>k.b + j * size
+            calls[j].mean = moved(k.mean, j * C, like)          # NULL from the output
+            calls[j].invstd = <const floating*>k.invstd + j * C
+            calls[j].dgamma = grads + 2 * j * C
+            calls[j].dbeta = grads + (2 * j + 1) * C
         if k.renorm:
-            gk.r = <floating*>k.r + j * C
-            gk.d = <floating*>k.d + j * C
-        rc = call_of(&gk, like)
-        if rc != 0:
-            break
+            calls[j].r = <floating*>k.r + j * C
+            calls[j].d = <floating*>k.d + j * C
+    if shared:
+        for j in prange(G, num_threads=k.num_threads, schedule="static"):
+            rcs[j] = call_of(&calls[j], like)
+    else:
+        for j in range(G):
+            rcs[j] = call_of(&calls[j], like)
+    for j in range(G):
+        if rcs[j] != 0:
+            rc = -1
     if rc == 0 and tracked:
         groups_update(work, G, C, k.factor, <floating*>k.running_mean,
                       <floating*>k.running_var)
@@ -76,6 +92,8 @@ cdef int run_groups(const Call* k, const floating* like) noexcept nogil:
             (<floating*>k.dgamma)[c] = <floating>dg
             (<floating*>k.dbeta)[c] = <floating>db
     free(work)
+    free(calls)
+    free(rcs)
     return rc
 
 
