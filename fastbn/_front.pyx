@@ -288,6 +288,58 @@ cdef tuple backward_core(cnp.ndarray dy, cnp.ndarray x, object gamma, object bet
 
 # --------------------------------------------------------- fast paths ----
 
+cdef struct Args:
+    # A call's numbers once its fast checks passed.
+    int ca, act, nthreads
+    double eps, slope
+
+
+cdef int forward_args(Args* r, x, gamma, beta, eps, running_mean, running_var, momentum,
+                      num_batches_tracked, unbiased, activation, negative_slope, channel_axis,
+                      out, num_threads, tuple ndims, Py_ssize_t num_features,
+                      object dtype) except -2:
+    """The fast checks of a training forward: 0 with r filled in, or -1."""
+    cdef int typenum
+    cdef Py_ssize_t c
+    r.ca = input_of(x, channel_axis, ndims, num_features, dtype)
+    if r.ca < 0:
+        return -1
+    typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    c = cnp.PyArray_DIMS(<cnp.ndarray>x)[r.ca]
+    if cnp.PyArray_SIZE(<cnp.ndarray>x) // c <= 1 or not positive(eps, &r.eps):
+        return -1
+    if not (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0)):
+        return -1
+    r.nthreads = threads_of(num_threads)
+    if r.nthreads == 0 or not is_bool(unbiased) or not activation_of(
+            activation, negative_slope, &r.act, &r.slope):
+        return -1
+    if not (optional_vector(gamma, typenum, c) and optional_vector(beta, typenum, c)):
+        return -1
+    if running_mean is not None or running_var is not None:
+        if not (vector(running_mean, typenum, c, True) and vector(running_var, typenum, c, True)
+                and apart(running_mean, running_var)):
+            return -1
+        for a in (x, gamma, beta):
+            if not (apart(running_mean, a) and apart(running_var, a)):
+                return -1
+        if num_batches_tracked is None:
+            if momentum is None:
+                return -1
+        elif not counter_ok(num_batches_tracked):
+            return -1
+        else:
+            for a in (x, gamma, beta, running_mean, running_var):
+                if not apart(num_batches_tracked, a):
+                    return -1
+    elif num_batches_tracked is not None and not counter_ok(num_batches_tracked):
+        return -1
+    if not result_ok(out, <cnp.ndarray>x, typenum, x, None,
+                     (gamma, beta, running_mean, running_var, num_batches_tracked)):
+        return -1
+    return 0
+
+
 def forward(x, gamma, beta, eps, running_mean, running_var, momentum, num_batches_tracked,
             unbiased, activation, negative_slope, channel_axis, out, num_threads,
             tuple ndims=None, Py_ssize_t num_features=-1, object dtype=None):
@@ -295,46 +347,14 @@ def forward(x, gamma, beta, eps, running_mean, running_var, momentum, num_batche
     checks, else None. A layer adds its own constraints: the numbers of
     dimensions it takes (``ndims``, a tuple), ``num_features`` and its
     ``dtype``."""
-    cdef int ca = input_of(x, channel_axis, ndims, num_features, dtype), act, nthreads, typenum
-    cdef double e, slope
-    cdef Py_ssize_t c
-    if ca < 0:
-        return None
-    typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
-    c = cnp.PyArray_DIMS(<cnp.ndarray>x)[ca]
-    if cnp.PyArray_SIZE(<cnp.ndarray>x) // c <= 1 or not positive(eps, &e):
-        return None
-    if not (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0)):
-        return None
-    nthreads = threads_of(num_threads)
-    if nthreads == 0 or not is_bool(unbiased) or not activation_of(activation, negative_slope,
-                                                                   &act, &slope):
-        return None
-    if not (optional_vector(gamma, typenum, c) and optional_vector(beta, typenum, c)):
-        return None
-    if running_mean is not None or running_var is not None:
-        if not (vector(running_mean, typenum, c, True) and vector(running_var, typenum, c, True)
-                and apart(running_mean, running_var)):
-            return None
-        for a in (x, gamma, beta):
-            if not (apart(running_mean, a) and apart(running_var, a)):
-                return None
-        if num_batches_tracked is None:
-            if momentum is None:
-                return None
-        elif not counter_ok(num_batches_tracked):
-            return None
-        else:
-            for a in (x, gamma, beta, running_mean, running_var):
-                if not apart(num_batches_tracked, a):
-                    return None
-    elif num_batches_tracked is not None and not counter_ok(num_batches_tracked):
-        return None
-    if not result_ok(out, <cnp.ndarray>x, typenum, x, None,
-                     (gamma, beta, running_mean, running_var, num_batches_tracked)):
+    cdef Args a
+    if forward_args(&a, x, gamma, beta, eps, running_mean, running_var, momentum,
+                    num_batches_tracked, unbiased, activation, negative_slope, channel_axis,
+                    out, num_threads, ndims, num_features, dtype) < 0:
         return None
     return forward_core(<cnp.ndarray>x, gamma, beta, running_mean, running_var, momentum,
-                        num_batches_tracked, e, unbiased, act, slope, ca, out, nthreads)
+                        num_batches_tracked, a.eps, unbiased, a.act, a.slope, a.ca, out,
+                        a.nthreads)
 
 
 def inference(x, gamma, beta, running_mean, running_var, eps, activation, negative_slope,
@@ -363,28 +383,43 @@ def inference(x, gamma, beta, running_mean, running_var, eps, activation, negati
                           slope, ca, out, nthreads)
 
 
+cdef int gradient_args(Args* r, dy, x, gamma, beta, activation, negative_slope,
+                       channel_axis, num_threads) except -2:
+    """The fast checks that every backward makes (x is y from the output):
+    0 with r filled in (not r.eps), or -1."""
+    cdef int typenum
+    cdef Py_ssize_t c
+    r.ca = gradient_input_of(dy, x, channel_axis)
+    if r.ca < 0:
+        return -1
+    typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    c = cnp.PyArray_DIMS(<cnp.ndarray>x)[r.ca]
+    r.nthreads = threads_of(num_threads)
+    if r.nthreads == 0 or not activation_of(activation, negative_slope, &r.act, &r.slope):
+        return -1
+    if not (optional_vector(gamma, typenum, c) and optional_vector(beta, typenum, c)):
+        return -1
+    return 0
+
+
 def backward(dy, x, gamma, mean, invstd, beta, activation, negative_slope, training,
              param_grads, channel_axis, out, num_threads):
     """:func:`fastbn.batch_norm_backward` for a call that passes the fast
     checks, else None."""
-    cdef int ca = gradient_input_of(dy, x, channel_axis), act, nthreads, typenum
-    cdef double slope
+    cdef Args a
+    cdef int typenum
     cdef Py_ssize_t c
-    if ca < 0:
+    if (gradient_args(&a, dy, x, gamma, beta, activation, negative_slope, channel_axis,
+                      num_threads) < 0 or not is_bool(training) or not is_bool(param_grads)):
         return None
     typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
-    c = cnp.PyArray_DIMS(<cnp.ndarray>x)[ca]
-    nthreads = threads_of(num_threads)
-    if (nthreads == 0 or not is_bool(training) or not is_bool(param_grads)
-            or not activation_of(activation, negative_slope, &act, &slope)):
-        return None
-    if not (optional_vector(gamma, typenum, c) and optional_vector(beta, typenum, c)
-            and vector(mean, typenum, c, False) and vector(invstd, typenum, c, False)):
+    c = cnp.PyArray_DIMS(<cnp.ndarray>x)[a.ca]
+    if not (vector(mean, typenum, c, False) and vector(invstd, typenum, c, False)):
         return None
     if not result_ok(out, <cnp.ndarray>x, typenum, dy, None, (x, gamma, beta, mean, invstd)):
         return None
-    return backward_core(<cnp.ndarray>dy, <cnp.ndarray>x, gamma, beta, mean, invstd, act,
-                         slope, training, param_grads, False, ca, out, nthreads)
+    return backward_core(<cnp.ndarray>dy, <cnp.ndarray>x, gamma, beta, mean, invstd, a.act,
+                         a.slope, training, param_grads, False, a.ca, out, a.nthreads)
 
 
 cdef bint nonzero(object gamma) noexcept:
@@ -408,25 +443,126 @@ def backward_from_output(dy, y, gamma, beta, invstd, activation, negative_slope,
                          channel_axis, out, num_threads):
     """:func:`fastbn.batch_norm_backward_from_output` for a call that passes
     the fast checks (an invertible activation, no gamma of 0), else None."""
-    cdef int ca = gradient_input_of(dy, y, channel_axis), act, nthreads, typenum
-    cdef double slope
-    cdef Py_ssize_t c
-    if ca < 0:
+    cdef Args a
+    cdef int typenum
+    if gradient_args(&a, dy, y, gamma, beta, activation, negative_slope, channel_axis,
+                     num_threads) < 0:
+        return None
+    if a.act == ACT_RELU or (a.act == ACT_LEAKY_RELU and not a.slope > 0.0):
         return None
     typenum = cnp.PyArray_TYPE(<cnp.ndarray>y)
-    c = cnp.PyArray_DIMS(<cnp.ndarray>y)[ca]
-    nthreads = threads_of(num_threads)
-    if nthreads == 0 or not activation_of(activation, negative_slope, &act, &slope):
-        return None
-    if act == ACT_RELU or (act == ACT_LEAKY_RELU and not slope > 0.0):
-        return None
-    if not (optional_vector(gamma, typenum, c) and optional_vector(beta, typenum, c)
-            and vector(invstd, typenum, c, False) and nonzero(gamma)):
+    if not (vector(invstd, typenum, cnp.PyArray_DIMS(<cnp.ndarray>y)[a.ca], False)
+            and nonzero(gamma)):
         return None
     if not result_ok(out, <cnp.ndarray>y, typenum, dy, y, (gamma, beta, invstd)):
         return None
-    return backward_core(<cnp.ndarray>dy, <cnp.ndarray>y, gamma, beta, None, invstd, act,
-                         slope, True, True, True, ca, out, nthreads)
+    return backward_core(<cnp.ndarray>dy, <cnp.ndarray>y, gamma, beta, None, invstd, a.act,
+                         a.slope, True, True, True, a.ca, out, a.nthreads)
+
+
+cdef bint clipping_of(tuple clip, Variant* v) noexcept:
+    """Batch Renormalization's clipping (rmax, rmin, dmax) as floats: rmax
+    >= 1, rmin None (1 / rmax) or in [0, 1], dmax >= 0 (rmax and dmax may
+    be inf), else False."""
+    if clip is None or len(clip) != 3:
+        return False
+    rmax, rmin, dmax = clip
+    if type(rmax) is not float or type(dmax) is not float:
+        return False
+    v.rmax, v.dmax = <double>rmax, <double>dmax
+    if rmin is None:
+        v.rmin = 1.0 / v.rmax
+    elif type(rmin) is float:
+        v.rmin = <double>rmin
+    else:
+        return False
+    return v.rmax >= 1.0 and 0.0 <= v.rmin <= 1.0 and v.dmax >= 0.0
+
+
+cdef Py_ssize_t groups_of(object virtual_batch_size, cnp.ndarray x, int ca) noexcept:
+    """The virtual batches of x: 1 for None; for an int that divides N and
+    leaves each group more than one value per channel, N / it; else 0."""
+    cdef Py_ssize_t n = cnp.PyArray_DIMS(x)[0], v
+    if virtual_batch_size is None:
+        return 1
+    if type(virtual_batch_size) is not int or not 0 < virtual_batch_size <= n:
+        return 0
+    v = virtual_batch_size
+    if n % v or v * (cnp.PyArray_SIZE(x) // n) // cnp.PyArray_DIMS(x)[ca] <= 1:
+        return 0
+    return n // v
+
+
+cdef Py_ssize_t statistics_of(tuple stats, int typenum, Py_ssize_t c, Py_ssize_t n,
+                              bint grouped) noexcept:
+    """The number of groups of a variant backward's statistics: each a plain
+    (C,) array, or (groups, C) when ``grouped``, with groups dividing n and
+    the same shape for all; else 0."""
+    cdef Py_ssize_t g = 1
+    for a in stats:
+        if not grouped:
+            if not vector(a, typenum, c, False):
+                return 0
+            continue
+        if (not plain(a, typenum, False) or cnp.PyArray_NDIM(<cnp.ndarray>a) != 2
+                or cnp.PyArray_DIMS(<cnp.ndarray>a)[1] != c):
+            return 0
+        g = cnp.PyArray_DIMS(<cnp.ndarray>a)[0]
+        if g != cnp.PyArray_DIMS(<cnp.ndarray>stats[0])[0]:
+            return 0
+    return g if g > 0 and n % g == 0 else 0
+
+
+def variant_forward(x, gamma, beta, running_mean, running_var, momentum, num_batches_tracked,
+                    eps, unbiased, activation, negative_slope, channel_axis, out, num_threads,
+                    tuple clip, virtual_batch_size):
+    """The forward of :mod:`fastbn.variants` for a call that passes the fast
+    checks, else None: Batch Renormalization with ``clip`` (rmax, rmin,
+    dmax), Ghost Batch Normalization with a ``virtual_batch_size``."""
+    cdef Args a
+    cdef Variant v = PLAIN
+    if forward_args(&a, x, gamma, beta, eps, running_mean, running_var, momentum,
+                    num_batches_tracked, unbiased, activation, negative_slope, channel_axis,
+                    out, num_threads, None, -1, None) < 0:
+        return None
+    if clip is not None:
+        if running_mean is None or not clipping_of(clip, &v):
+            return None
+        v.renorm = True
+    v.groups = groups_of(virtual_batch_size, <cnp.ndarray>x, a.ca)
+    if v.groups == 0:
+        return None
+    v.grouped = virtual_batch_size is not None
+    return forward_core(<cnp.ndarray>x, gamma, beta, running_mean, running_var, momentum,
+                        num_batches_tracked, a.eps, unbiased, a.act, a.slope, a.ca, out,
+                        a.nthreads, &v)
+
+
+def variant_backward(dy, x, gamma, mean, invstd, r, d, beta, activation, negative_slope,
+                     channel_axis, out, num_threads, bint renorm, grouped):
+    """The backward of :mod:`fastbn.variants` for a call that passes the
+    fast checks, else None: with r and d when ``renorm``; the statistics
+    (groups, C) when ``grouped``, (C,) when False, either when None (by
+    mean's number of dimensions)."""
+    cdef Args a
+    cdef int typenum
+    cdef Variant v = PLAIN
+    cdef tuple stats = (mean, invstd, r, d) if renorm else (mean, invstd)
+    if gradient_args(&a, dy, x, gamma, beta, activation, negative_slope, channel_axis,
+                     num_threads) < 0:
+        return None
+    typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    if grouped is None:
+        grouped = type(mean) is cnp.ndarray and cnp.PyArray_NDIM(<cnp.ndarray>mean) == 2
+    v.renorm = renorm
+    v.groups = statistics_of(stats, typenum, cnp.PyArray_DIMS(<cnp.ndarray>x)[a.ca],
+                             cnp.PyArray_DIMS(<cnp.ndarray>x)[0], grouped)
+    if v.groups == 0:
+        return None
+    if not result_ok(out, <cnp.ndarray>x, typenum, dy, None, (x, gamma, beta) + stats):
+        return None
+    return backward_core(<cnp.ndarray>dy, <cnp.ndarray>x, gamma, beta, mean, invstd, a.act,
+                         a.slope, True, True, False, a.ca, out, a.nthreads, &v, r, d)
 
 
 # ---------------------------------------------------------- unchecked ----

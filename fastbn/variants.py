@@ -41,6 +41,12 @@ def _forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: Any,
              negative_slope: Any, channel_axis: Any, out: Any, num_threads: Any) -> Any:
     """The forward of both variants: Batch Renormalization when ``clip`` is
     (rmax, rmin, dmax), virtual batches when ``virtual_batch_size``."""
+    fast = _front.variant_forward(x, gamma, beta, running_mean, running_var, momentum,
+                                  num_batches_tracked, eps, unbiased, activation,
+                                  negative_slope, channel_axis, out, num_threads, clip,
+                                  virtual_batch_size)
+    if fast is not None:
+        return fast
     _checks.x("x", x)
     ca = _checks.channel_axis(channel_axis, x.ndim)
     num_features = x.shape[ca]
@@ -73,6 +79,12 @@ def _backward(dy: Any, x: Any, gamma: Any, stats: tuple[Any, ...], grouped: bool
     """The backward of both variants: stats is (mean, invstd) or (mean,
     invstd, r, d); grouped None takes (groups, C) statistics when mean has
     2 dimensions."""
+    r, d = stats[2:] if len(stats) == 4 else (None, None)
+    fast = _front.variant_backward(dy, x, gamma, stats[0], stats[1], r, d, beta, activation,
+                                   negative_slope, channel_axis, out, num_threads,
+                                   len(stats) == 4, grouped)
+    if fast is not None:
+        return fast
     _checks.x("x", x)
     ca = _checks.channel_axis(channel_axis, x.ndim)
     num_features = x.shape[ca]
@@ -88,7 +100,8 @@ def _backward(dy: Any, x: Any, gamma: Any, stats: tuple[Any, ...], grouped: bool
     if out is not None:
         _checks.out(out, x, {"dy": dy, "x": x, "gamma": gamma, "beta": beta,
                              **dict(zip(names, stats))}, in_place="dy")
-    r, d = (checked[2], checked[3]) if len(checked) == 4 else (None, None)
+    if len(checked) == 4:
+        r, d = checked[2], checked[3]
     result: Triple = _front.variant_backward_unchecked(
         np.ascontiguousarray(dy), np.ascontiguousarray(x), g, b if act else None, checked[0],
         checked[1], r, d, act, slope, ca, out, nthreads, groups)

@@ -144,3 +144,61 @@ def test_an_unaligned_count_is_counted():
                                                 momentum=None, num_batches_tracked=count)
     assert int(count[0]) == 1
     np.testing.assert_array_equal(rm, mean)
+
+
+# Batch Renormalization (clip), Ghost BN (virtual_batch_size) and both
+VARIANTS = [((3.0, None, 5.0), None), (None, 2), ((2.0, 0.25, 0.5), 2)]
+
+
+@pytest.mark.parametrize("clip, virtual_batch_size", VARIANTS)
+@pytest.mark.parametrize("shape, ca, dtype", CASES)
+def test_variants_fast_and_full_paths(shape, ca, dtype, clip, virtual_batch_size):
+    """Well-formed variant calls take the fast path, other ones the full
+    path, and the full path gives the fast path's bits."""
+    x, dy, gamma, beta = _arrays(shape, ca, dtype)
+    c = shape[ca]
+    results = []
+    for wrap in (lambda a: a, _strided):
+        rm, rv = wrap(np.full(c, 2.5, dtype)), wrap(np.full(c, 3.0, dtype))
+        args = (wrap(gamma), wrap(beta), rm, rv, 0.1, None, 1e-5, True, "relu", 0.01, ca, None,
+                None)
+        fast = _front.variant_forward(wrap(x), *args, clip, virtual_batch_size)
+        assert (fast is None) == (wrap is _strided)
+        forward = fast or fastbn.variants._forward(
+            wrap(x), wrap(gamma), wrap(beta), rm, rv, clip, virtual_batch_size, 1e-5, 0.1,
+            None, True, "relu", 0.01, ca, None, None)
+        stats = [wrap(s) for s in forward[1:]]
+        r, d = stats[2:] if clip else (None, None)
+        fast = _front.variant_backward(wrap(dy), wrap(x), wrap(gamma), stats[0], stats[1], r,
+                                       d, wrap(beta), "relu", 0.01, ca, None, 1, clip is not None,
+                                       None)
+        assert (fast is None) == (wrap is _strided)
+        grads = fast or fastbn.variants._backward(
+            wrap(dy), wrap(x), wrap(gamma), tuple(stats), None, wrap(beta), "relu", 0.01, ca,
+            None, 1)
+        results.append([*forward, np.asarray(rm), np.asarray(rv), *grads])
+    for fast, full in zip(*results):
+        np.testing.assert_array_equal(fast, full)
+    rm = np.zeros(c, dtype)
+    args = dict(gamma=gamma, beta=beta, running_mean=rm, running_var=np.ones(c, dtype),
+                momentum=0.1, num_batches_tracked=None, eps=1e-5, unbiased=True,
+                activation=None, negative_slope=0.01, channel_axis=ca, out=None,
+                num_threads=None, clip=clip, virtual_batch_size=virtual_batch_size)
+    refused = [("eps", 1), ("running_var", rm)]
+    if clip:
+        refused += [("clip", (3, None, 5.0)), ("clip", (0.5, None, 5.0)),
+                    ("clip", (3.0, 1.5, 5.0)), ("clip", (3.0, None, -1.0)),
+                    ("clip", (float("nan"), None, 5.0)), ("running_mean", None)]
+    if virtual_batch_size:
+        refused += [("virtual_batch_size", v) for v in (shape[0] - 1, 0, 2.0, True, shape[0] * 2)]
+    for name, value in refused:
+        assert _front.variant_forward(x, **{**args, name: value}) is None, (name, value)
+    assert np.array_equal(rm, np.zeros(c, dtype)), "a refused call wrote the running mean"
+    stats = results[0][1:5 if clip else 3]
+    grouped = virtual_batch_size is not None
+    for bad in ([np.concatenate([s, s[:1]]) for s in stats] if grouped  # G + 1 groups
+                else [s[None] for s in stats],
+                [stats[0], stats[1].astype(np.float16), *stats[2:]]):
+        assert _front.variant_backward(dy, x, gamma, *bad[:2], *(bad[2:] or (None, None)),
+                                       beta, None, 0.01, ca, None, None, clip is not None,
+                                       grouped) is None
