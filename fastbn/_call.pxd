@@ -80,7 +80,8 @@ cdef struct Call:
     int act                  # ACT_NONE, ACT_RELU or ACT_LEAKY_RELU (fastbn._stats)
     double slope             # leaky_relu's negative slope
     int num_threads          # resolved, >= 1
-    bint stream              # out is the caller's buffer: stream it when large
+    bint stream              # out is the caller's buffer: stream it when large (the entry's
+                             # run decides it once, by the size of the whole call)
 
 
 # 0 on success, -1 when the work space could not be allocated (nothing written).

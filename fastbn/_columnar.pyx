@@ -48,7 +48,7 @@ from libc.stdlib cimport free, malloc
 from fastbn._call cimport (ACT_NONE, DTYPE_FLOAT32, DTYPE_FLOAT64, ENTRY_NAME,
                            GRAD_PLAIN, MODE_BACKWARD, MODE_FORWARD, STEP_APPLY, STEP_SUMS, Call)
 from fastbn._openmp cimport Shares, barrier, late, note, threads_for, took
-from fastbn._simd cimport STREAM_CHUNK, fence, stream, streams
+from fastbn._simd cimport STREAM_CHUNK, fence, stream
 from fastbn._body cimport (Body, BodyDX, BodyDXAct, BodyDXOut, BodyDXRelu, BodyDZ, BodyDZRelu, BodyY,
                            BodyYAct, real, terms, value)
 from fastbn._pass cimport (BODY_DX, BODY_DX_ACT, BODY_DX_OUT, BODY_DX_RELU, BODY_DZ, BODY_Y,
@@ -336,7 +336,7 @@ cdef int call_of(const Call* k, const floating* like) noexcept nogil:
     cdef const floating* bp = <const floating*>k.b if k.mode == MODE_BACKWARD else NULL
     cdef floating* op = <floating*>k.out      # NULL for the sums alone
     cdef Grid whole = make_grid(k.n, k.c, (2 if bp != NULL else 1) * sizeof(floating),
-                                streams(k.stream, op, ap, bp, k.n * k.c * sizeof(floating)))
+                                op != NULL and k.stream)
     cdef Py_ssize_t W = chunk_width(k.n, k.c, sizeof(floating)), q, c0, c
     cdef Grid g
     cdef Pass ps = call_pass(k, 0, <double>k.n, like)

@@ -8,6 +8,7 @@ cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.stdlib cimport free, malloc
 
+from fastbn._simd cimport streams
 from fastbn._stats cimport groups_update
 from fastbn._views cimport moved
 
@@ -15,10 +16,15 @@ cnp.import_array()
 
 cdef int run(const Call* k) noexcept nogil:
     """The call k (fastbn._call.Entry): 0, or -1 when its work space could
-    not be allocated (nothing written)."""
+    not be allocated (nothing written). Whether the output streams is
+    decided here, once, by the size of the whole call (a ghost group's
+    call streams as its batch's would)."""
+    cdef Call c = k[0]
+    c.stream = streams(k.stream, k.out, k.a, k.b if k.mode == MODE_BACKWARD else NULL,
+                       k.n * k.c * k.s * (4 if k.dtype == DTYPE_FLOAT32 else 8))
     if k.dtype == DTYPE_FLOAT32:
-        return run_groups(k, <const float*>NULL) if k.groups > 1 else call_of(k, <const float*>NULL)
-    return run_groups(k, <const double*>NULL) if k.groups > 1 else call_of(k, <const double*>NULL)
+        return run_groups(&c, <const float*>NULL) if c.groups > 1 else call_of(&c, <const float*>NULL)
+    return run_groups(&c, <const double*>NULL) if c.groups > 1 else call_of(&c, <const double*>NULL)
 
 
 cdef int run_groups(const Call* k, const floating* like) noexcept nogil:

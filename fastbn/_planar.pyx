@@ -61,7 +61,7 @@ from fastbn._pass cimport (BODY_DX, BODY_DX_ACT, BODY_DX_OUT, BODY_DX_RELU, BODY
 from fastbn._stats cimport Act, Coef, Coef32, Grad, finish, grad_of, make_act, to_float
 from fastbn._simd cimport (LANES, PREFETCH_BYTES, STREAM_CHUNK, act_sums_f32, act_sums_f64,
                            fence, grad_sums_f32, grad_sums_f64, prefetch_span,
-                           shifted_sums_f32, shifted_sums_f64, stream, streams)
+                           shifted_sums_f32, shifted_sums_f64, stream)
 from fastbn._views cimport at
 
 
@@ -312,9 +312,7 @@ cdef int call_of(const Call* k, const floating* like) noexcept nogil:
     cdef const floating* bp = <const floating*>k.b if k.mode == MODE_BACKWARD else NULL
     cdef floating* op = <floating*>k.out      # NULL for the sums alone
     cdef Py_ssize_t size = k.n * k.c * k.s
-    cdef Plane p = make_plane(k.n, k.c, k.s,
-                              op != NULL and streams(k.stream, op, ap, bp,
-                                                     size * sizeof(floating)))
+    cdef Plane p = make_plane(k.n, k.c, k.s, op != NULL and k.stream)
     cdef Pass ps = call_pass(k, 0, <double>(k.n * k.s), like)
     cdef int nt = threads_for(size, units_of(&p, &ps), k.num_threads)
     cdef Py_ssize_t nbytes = pass_bytes(&p, &ps, sizeof(floating), nt)
