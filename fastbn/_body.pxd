@@ -3,19 +3,23 @@
 # columns with a map per column: both inline the same function, so the same
 # value gets the same bits in either family).
 #
-# Two template parameters, as Cython fused types: ``floating``, the type the
-# arrays store, and ``real``, the type the map is applied in. float32 data
-# are applied in float where float can carry the map (fastbn._stats.Coef32:
-# the center split into hi + lo), in double otherwise; float64 data in
-# double, with lo = 0 (x - 0 is x exactly, so the expressions are the
-# double path's). Which body and which activation a loop applies are
+# Two template parameters, as Cython fused types: ``storage``, the type the
+# arrays store (fastbn._simd: float32, float64, float16, bfloat16), and
+# ``real``, the type the map is applied in. float32 and 16-bit data are
+# applied in float where float can carry the map (fastbn._stats.Coef32: the
+# center split into hi + lo), in double otherwise; float64 data in double,
+# with lo = 0 (x - 0 is x exactly, so the expressions are the double
+# path's). A value is read through ``load`` (exact) and written through
+# ``put`` (one rounding, to nearest even). Which body and which activation a loop applies are
 # constants of its caller (an argument the inlined loop sees as a
 # literal), so the compiler emits one loop per kind, with no per-value
 # branch on it.
 
-from cython cimport floating
-
 from fastbn._call cimport ACT_NONE, ACT_RELU
+from fastbn._half cimport (bfloat, bfloat_load, bfloat_narrow, bfloat_of_double, bfloat_of_float,
+                           bfloat_widen, half, half_load, half_narrow, half_of_double,
+                           half_of_float, half_widen)
+from fastbn._simd cimport storage
 
 
 ctypedef fused real:
@@ -56,6 +60,50 @@ ctypedef fused Body:
     BodyDZRelu
 
 
+cdef inline double load(const storage* p, Py_ssize_t i) noexcept nogil:
+    """Value i of p, exactly (a float16 or bfloat16 widens through float)."""
+    if storage is half:
+        return half_load(p[i])
+    elif storage is bfloat:
+        return bfloat_load(p[i])
+    else:
+        return p[i]
+
+
+cdef inline void put(storage* p, Py_ssize_t i, real v) noexcept nogil:
+    """p[i] = v, rounded once to p's type (to nearest even)."""
+    if storage is half:
+        if real is float:
+            p[i] = half_of_float(v)
+        else:
+            p[i] = half_of_double(v)
+    elif storage is bfloat:
+        if real is float:
+            p[i] = bfloat_of_float(v)
+        else:
+            p[i] = bfloat_of_double(v)
+    else:
+        p[i] = <storage>v
+
+
+cdef inline void widen(const storage* p, float* out, Py_ssize_t n) noexcept nogil:
+    """out[i] = p[i] of n 16-bit values, exactly, in the target's vector
+    conversions (fastbn._half); the loops apply 16-bit data a block at a
+    time through it and ``narrow``. Not used for float32 and float64."""
+    if storage is half:
+        half_widen(p, out, n)
+    elif storage is bfloat:
+        bfloat_widen(p, out, n)
+
+
+cdef inline void narrow(const float* v, storage* p, Py_ssize_t n) noexcept nogil:
+    """p[i] = v[i] of n values, each rounded once to p's 16-bit type."""
+    if storage is half:
+        half_narrow(v, p, n)
+    elif storage is bfloat:
+        bfloat_narrow(v, p, n)
+
+
 cdef inline real activated_as(real v, int kind, real slope) noexcept nogil:
     """relu: 0 for v < 0; leaky_relu: v * slope for v < 0; v otherwise (NaN
     and -0.0 stay as they are, as numpy.maximum(v, 0) keeps them), in the
@@ -81,7 +129,7 @@ cdef inline double grad_xc(double v, double center, double zs, double zo, double
     return ((v if v > 0.0 else v * inv) - zo) * zs if from_y else v - center
 
 
-cdef inline real value(const Body* body, const floating* a, const floating* b, Py_ssize_t i,
+cdef inline real value(const Body* body, const storage* a, const storage* b, Py_ssize_t i,
                        real hi, real lo, real s, real q, real o, int kind, real neg,
                        double zc, double zs, double zo, double slope,
                        double inv) noexcept nogil:
@@ -89,27 +137,27 @@ cdef inline real value(const Body* body, const floating* a, const floating* b, P
     the forward's activation (kind, neg) and the backward's transform (zc,
     zs, zo, slope, inv: fastbn._stats.Grad, in double as the sums take it)."""
     if Body is BodyY:
-        return ((<real>a[i] - hi) - lo) * s + o
+        return ((<real>load(a, i) - hi) - lo) * s + o
     elif Body is BodyYAct:
-        return activated_as(((<real>a[i] - hi) - lo) * s + o, kind, neg)
+        return activated_as(((<real>load(a, i) - hi) - lo) * s + o, kind, neg)
     elif Body is BodyDX:
-        return s * <real>a[i] - q * ((<real>b[i] - hi) - lo) - o
+        return s * <real>load(a, i) - q * ((<real>load(b, i) - hi) - lo) - o
     elif Body is BodyDZ:
-        return <real>grad_dz(a[i], b[i], zc, zs, zo, slope, False, False) * s
+        return <real>grad_dz(load(a, i), load(b, i), zc, zs, zo, slope, False, False) * s
     elif Body is BodyDZRelu:
-        return <real>grad_dz(a[i], b[i], zc, zs, zo, slope, True, False) * s
+        return <real>grad_dz(load(a, i), load(b, i), zc, zs, zo, slope, True, False) * s
     elif Body is BodyDXOut:
-        return (s * <real>grad_dz(a[i], b[i], zc, zs, zo, slope, False, True)
-                - q * <real>grad_xc(b[i], 0.0, zs, zo, inv, True) - o)
+        return (s * <real>grad_dz(load(a, i), load(b, i), zc, zs, zo, slope, False, True)
+                - q * <real>grad_xc(load(b, i), 0.0, zs, zo, inv, True) - o)
     elif Body is BodyDXRelu:
-        return (s * <real>grad_dz(a[i], b[i], zc, zs, zo, slope, True, False)
-                - q * ((<real>b[i] - hi) - lo) - o)
+        return (s * <real>grad_dz(load(a, i), load(b, i), zc, zs, zo, slope, True, False)
+                - q * ((<real>load(b, i) - hi) - lo) - o)
     else:
-        return (s * <real>grad_dz(a[i], b[i], zc, zs, zo, slope, False, False)
-                - q * ((<real>b[i] - hi) - lo) - o)
+        return (s * <real>grad_dz(load(a, i), load(b, i), zc, zs, zo, slope, False, False)
+                - q * ((<real>load(b, i) - hi) - lo) - o)
 
 
-cdef inline void terms(const Body* body, const floating* a, const floating* b, Py_ssize_t i,
+cdef inline void terms(const Body* body, const storage* a, const storage* b, Py_ssize_t i,
                        double center, double zc, double zs, double zo, double slope,
                        double inv, double* u, double* v) noexcept nogil:
     """Value i's terms of a pass's two sums, in double: (a - center, its
@@ -118,18 +166,18 @@ cdef inline void terms(const Body* body, const floating* a, const floating* b, P
     they are; BodyDXAct, BodyDXRelu, BodyDXOut: dz, and x - center or xhat)."""
     cdef double d
     if Body is BodyY or Body is BodyYAct:
-        d = <double>a[i] - center
+        d = load(a, i) - center
         u[0] = d
         v[0] = d * d
     elif Body is BodyDX:
-        d = a[i]
+        d = load(a, i)
         u[0] = d
-        v[0] = d * (<double>b[i] - center)
+        v[0] = d * (load(b, i) - center)
     elif Body is BodyDXOut:
-        d = grad_dz(a[i], b[i], zc, zs, zo, slope, False, True)
+        d = grad_dz(load(a, i), load(b, i), zc, zs, zo, slope, False, True)
         u[0] = d
-        v[0] = d * grad_xc(b[i], center, zs, zo, inv, True)
+        v[0] = d * grad_xc(load(b, i), center, zs, zo, inv, True)
     else:
-        d = grad_dz(a[i], b[i], zc, zs, zo, slope, Body is BodyDXRelu or Body is BodyDZRelu, False)
+        d = grad_dz(load(a, i), load(b, i), zc, zs, zo, slope, Body is BodyDXRelu or Body is BodyDZRelu, False)
         u[0] = d
-        v[0] = d * grad_xc(b[i], center, zs, zo, inv, False)
+        v[0] = d * grad_xc(load(b, i), center, zs, zo, inv, False)

@@ -16,8 +16,12 @@ cdef enum:
     STEPS_ALL = 3           # every public function: sums, maps, apply
 
 cdef enum:
+    # the data's type (a, b, out); the other arrays are float64 with
+    # float64 data and float32 with any other
     DTYPE_FLOAT32 = 0
     DTYPE_FLOAT64 = 1
+    DTYPE_FLOAT16 = 2
+    DTYPE_BFLOAT16 = 3
 
 cdef enum:
     # fused activations (the codes of fastbn._checks.ACTIVATIONS)
@@ -43,7 +47,8 @@ cdef struct Call:
     int mode                 # MODE_*
     int steps                # STEP_*: STEPS_ALL, or one half of a training pass (the
                              # synchronized passes of fastbn.distributed reduce in between)
-    int dtype                # DTYPE_*: every array below but the counts has it
+    int dtype                # DTYPE_*: of a, b and out; the parameters' and statistics'
+                             # type is float64 with float64 data, float32 otherwise
     Py_ssize_t n, c, s       # the view: planar (N, C, S); columnar (M, C) with s == 1
     const void* a            # x (forward, inference), dy (backward)
     const void* b            # backward: x, or y with GRAD_OUTPUT; else NULL

@@ -40,21 +40,21 @@ fastbn.distributed take an array that frees itself); float32 outputs are compute
 (``fastbn._stats.Coef32``) where float can carry a column's map.
 """
 
-from cython cimport floating
 from cython.parallel cimport parallel, prange
 from cpython.pycapsule cimport PyCapsule_New
 from libc.stdlib cimport free, malloc
 
-from fastbn._call cimport (ACT_NONE, DTYPE_FLOAT32, DTYPE_FLOAT64, ENTRY_NAME,
+from fastbn._call cimport (ACT_NONE, DTYPE_BFLOAT16, DTYPE_FLOAT16, DTYPE_FLOAT32, DTYPE_FLOAT64, ENTRY_NAME,
                            GRAD_PLAIN, MODE_BACKWARD, MODE_FORWARD, STEP_APPLY, STEP_SUMS, Call)
 from fastbn._openmp cimport Shares, barrier, late, note, threads_for, took
-from fastbn._simd cimport STREAM_CHUNK, fence, stream
+from fastbn._simd cimport STREAM_CHUNK, fence, storage, stream
 from fastbn._body cimport (Body, BodyDX, BodyDXAct, BodyDXOut, BodyDXRelu, BodyDZ, BodyDZRelu, BodyY,
-                           BodyYAct, real, terms, value)
+                           BodyYAct, narrow, put, real, terms, value, widen)
 from fastbn._pass cimport (BODY_DX, BODY_DX_ACT, BODY_DX_OUT, BODY_DX_RELU, BODY_DZ, BODY_Y,
                            BODY_Y_ACT, Pass, apply_b, call_pass, center_of)
 from fastbn._stats cimport Act, Coef, Coef32, Grad, finish, grad_of, make_act, to_float
 from fastbn._views cimport at
+from fastbn._half cimport HALF_BLOCK, bfloat, half
 
 
 cdef enum:
@@ -180,7 +180,7 @@ cdef inline void store_map(const Maps* k, Py_ssize_t c, Coef m) noexcept nogil:
 
 
 cdef inline void set_pass(Grid* g, const Pass* ps, char* maps,
-                          const floating* like) noexcept nogil:
+                          const storage* like) noexcept nogil:
     """What g's steps compute: the pass's bodies and activation, and the
     backward's transform of ps (fastbn._stats.Grad): its slopes in g, its
     columns' coefficients in the maps at ``maps`` (nothing for GRAD_PLAIN)."""
@@ -221,7 +221,7 @@ cdef inline Py_ssize_t pass_bytes(const Grid* g, bint sums) noexcept nogil:
         2 * g.C * sizeof(double) if g.tile else 2 * g.nblocks * g.C * sizeof(double))
 
 
-cdef void tile_unit(const floating* a, const floating* b, const floating* ab, floating* out,
+cdef void tile_unit(const storage* a, const storage* b, const storage* ab, storage* out,
                     const Grid* g, const Pass* ps, Py_ssize_t t, const double* center,
                     const Maps* k, double* scratch, double* total, bint sums) noexcept nogil:
     """Tile t of the by-tile schedule: its totals, maps and apply."""
@@ -236,7 +236,7 @@ cdef void tile_unit(const floating* a, const floating* b, const floating* ab, fl
         block_apply(a, ab, out, g, 0, g.M, c0, c1, k)
 
 
-cdef void merge_unit(const floating* a, const Grid* g, const Pass* ps, Py_ssize_t u,
+cdef void merge_unit(const storage* a, const Grid* g, const Pass* ps, Py_ssize_t u,
                      const double* center, const Maps* k, const double* scratch,
                      double* total, bint sums, bint maps) noexcept nogil:
     """Columns [u * MERGE_COLUMNS, ...) of the by-row-block schedule: their
@@ -251,7 +251,7 @@ cdef void merge_unit(const floating* a, const Grid* g, const Pass* ps, Py_ssize_
             store_map(k, c, finish(ps, total[c], total[g.C + c], center[c], c, a))
 
 
-cdef void run_pass(const floating* a, const floating* b, floating* out, const Grid* g,
+cdef void run_pass(const storage* a, const storage* b, storage* out, const Grid* g,
                    const Pass* ps, char* mem, int nt) noexcept nogil:
     """Sums, maps and apply in one parallel region (see the module docstring).
 
@@ -263,7 +263,7 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Gr
     apply only."""
     cdef Py_ssize_t C = g.C, u, t, c, c0, c1, blk, nb = g.nblocks
     cdef bint sums = ps.sums, apply = ps.apply
-    cdef const floating* ab = apply_b(ps, b)
+    cdef const storage* ab = apply_b(ps, b)
     cdef Maps k = maps_in(maps_at(mem, g, ps.sums), C)
     cdef double* total = totals(mem, g)
     cdef const double* center = total + 2 * C
@@ -327,17 +327,17 @@ cdef inline char* maps_at(char* mem, const Grid* g, bint sums) noexcept nogil:
 # the one entry of the compiled front; a work space that cannot be had
 # returns -1 before anything is written.
 
-cdef int call_of(const Call* k, const floating* like) noexcept nogil:
+cdef int call_of(const Call* k, const storage* like) noexcept nogil:
     """The call on an (M, C) view (fastbn._call.Call: a = x or dy, b = x or
     y in the backward), chunk_width columns at a time: the work space is
     that of one chunk, allocated before anything is written. Inference is
     the pass without sums, by row block; so is the apply alone (k.steps)."""
-    cdef const floating* ap = <const floating*>k.a
-    cdef const floating* bp = <const floating*>k.b if k.mode == MODE_BACKWARD else NULL
-    cdef floating* op = <floating*>k.out      # NULL for the sums alone
-    cdef Grid whole = make_grid(k.n, k.c, (2 if bp != NULL else 1) * sizeof(floating),
+    cdef const storage* ap = <const storage*>k.a
+    cdef const storage* bp = <const storage*>k.b if k.mode == MODE_BACKWARD else NULL
+    cdef storage* op = <storage*>k.out      # NULL for the sums alone
+    cdef Grid whole = make_grid(k.n, k.c, (2 if bp != NULL else 1) * sizeof(storage),
                                 op != NULL and k.stream)
-    cdef Py_ssize_t W = chunk_width(k.n, k.c, sizeof(floating)), q, c0, c
+    cdef Py_ssize_t W = chunk_width(k.n, k.c, sizeof(storage)), q, c0, c
     cdef Grid g
     cdef Pass ps = call_pass(k, 0, <double>k.n, like)
     cdef char* wp
@@ -356,7 +356,7 @@ cdef int call_of(const Call* k, const floating* like) noexcept nogil:
         for c in range(g.C):
             center[c] = center_of(&ps, ap + c0, c, c)
         set_pass(&g, &ps, maps_at(wp, &g, ps.sums), ap + c0)
-        run_pass(ap + c0, at(bp, c0), <floating*>at(op, c0), &g, &ps, wp,
+        run_pass(ap + c0, at(bp, c0), <storage*>at(op, c0), &g, &ps, wp,
                  threads_for(g.M * g.C, nunits(&g), k.num_threads))
         for c in range(g.C if not ps.apply else 0):   # the sums alone
             ps.totals[2 * c] = totals(wp, &g)[c]

@@ -5,31 +5,67 @@
 
 # ---------------------------------------------------------------- rows ----
 
-cdef inline void row_map_in(const Body* body, const floating* a, const floating* b,
-                            floating* out, Py_ssize_t c0, Py_ssize_t c1, const real* hi,
+cdef inline void row_map_values(const Body* body, const storage* a, const storage* b,
+                                storage* out, Py_ssize_t n, const real* hi, const real* lo,
+                                const real* s, const real* q, const real* o, int kind, real neg,
+                                const double* zc, const double* zs, const double* zo,
+                                double sl, double inv) noexcept nogil:
+    """out[c] = value(body, ...) for n columns of one row (fastbn._body),
+    every pointer at the first column: the one loop of every columnar
+    apply; one specialization per body."""
+    cdef Py_ssize_t c
+    for c in range(n):
+        put(out, c, value(body, a, b, c, hi[c], lo[c], s[c], q[c], o[c], kind, neg,
+                          zc[c], zs[c], zo[c], sl, inv))
+
+
+cdef inline void row_map_blocks(const Body* body, const storage* a, const storage* b,
+                                storage* out, Py_ssize_t n, const float* hi, const float* lo,
+                                const float* s, const float* q, const float* o, int kind,
+                                float neg, const double* zc, const double* zs,
+                                const double* zo, double sl, double inv) noexcept nogil:
+    """row_map_values of 16-bit data in float, HALF_BLOCK columns at a time:
+    widened into float buffers, applied as float32 data is, narrowed into
+    out (the same bits as one value at a time, in vector conversions)."""
+    cdef float wa[HALF_BLOCK]
+    cdef float wb[HALF_BLOCK]
+    cdef float wo[HALF_BLOCK]
+    cdef Py_ssize_t j = 0, m
+    while j < n:
+        m = min(<Py_ssize_t>HALF_BLOCK, n - j)
+        widen(a + j, wa, m)
+        if not (Body is BodyY or Body is BodyYAct):  # the bodies that read b
+            widen(b + j, wb, m)
+        row_map_values(body, <const float*>wa, <const float*>wb, wo, m, hi + j, lo + j, s + j,
+                       q + j, o + j, kind, neg, zc + j, zs + j, zo + j, sl, inv)
+        narrow(wo, out + j, m)
+        j += m
+
+
+cdef inline void row_map_in(const Body* body, const storage* a, const storage* b,
+                            storage* out, Py_ssize_t c0, Py_ssize_t c1, const real* hi,
                             const real* lo, const real* s, const real* q, const real* o, int kind,
                             real neg, const Maps* k, const Grad* t) noexcept nogil:
     """out[c - c0] = value(body, ...) for columns [c0, c1) of one row (a, b
-    point at column 0; fastbn._body): the one loop of every columnar apply;
-    one specialization per body."""
-    cdef Py_ssize_t c
-    cdef const double* zc = k.grad_center
-    cdef const double* zs = k.grad_scale
-    cdef const double* zo = k.grad_offset
-    cdef double sl = t.slope, inv = t.inv_slope
-    for c in range(c0, c1):
-        out[c - c0] = <floating>value(body, a, b, c, hi[c], lo[c], s[c], q[c], o[c], kind, neg,
-                                      zc[c], zs[c], zo[c], sl, inv)
+    point at column 0); 16-bit data in float through float blocks."""
+    if (storage is half or storage is bfloat) and real is float:
+        row_map_blocks(body, a + c0, at(b, c0), out, c1 - c0, hi + c0, lo + c0, s + c0, q + c0,
+                       o + c0, kind, neg, k.grad_center + c0, k.grad_scale + c0,
+                       k.grad_offset + c0, t.slope, t.inv_slope)
+    else:
+        row_map_values(body, a + c0, at(b, c0), out, c1 - c0, hi + c0, lo + c0, s + c0, q + c0,
+                       o + c0, kind, neg, k.grad_center + c0, k.grad_scale + c0,
+                       k.grad_offset + c0, t.slope, t.inv_slope)
 
 
-cdef inline void row_map(const Body* body, const floating* a, const floating* b,
-                         floating* out, Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
+cdef inline void row_map(const Body* body, const storage* a, const storage* b,
+                         storage* out, Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
                          bint in_float, const Grid* g) noexcept nogil:
     """out[c - c0] for columns [c0, c1) of one row (a, b point at column 0),
     of the body (fastbn._body): y from a = x, or dx from a = dy, b = x (or
     y), of (a, b) as they are or of the inputs g.grad turns them into.
     float32 with in_float computes in float (Coef32), else in double."""
-    if floating is float and in_float:
+    if storage is not double and in_float:
         row_map_in(body, a, b, out, c0, c1, k.hi, k.lo, k.scale32, k.slope32, k.offset32,
                    g.act.kind, g.act.slope32, k, &g.grad)
     else:
@@ -39,24 +75,24 @@ cdef inline void row_map(const Body* body, const floating* a, const floating* b,
 
 # -------------------------------------------------------------- blocks ----
 
-cdef inline void rows_sums_of(const Body* body, const floating* a, const floating* b,
-                              Py_ssize_t stride, Py_ssize_t nrows, Py_ssize_t n,
-                              const double* center, const double* zc, const double* zs,
-                              const double* zo, double slope, double inv, double* sa,
-                              double* sb) noexcept nogil:
+cdef inline void rows_sums_values(const Body* body, const storage* a, const storage* b,
+                                  Py_ssize_t stride, Py_ssize_t nrows, Py_ssize_t n,
+                                  const double* center, const double* zc, const double* zs,
+                                  const double* zo, double slope, double inv, double* sa,
+                                  double* sb) noexcept nogil:
     """Add the two sums of nrows rows (stride apart) of n columns into sa[c],
     sb[c], their terms those of fastbn._body.terms for the body (one
     specialization each): four rows at a time, ``s += (t0 + t1) + (t2 + t3)``,
     then one at a time."""
     cdef Py_ssize_t r = 0, c
-    cdef const floating* a0
-    cdef const floating* a1
-    cdef const floating* a2
-    cdef const floating* a3
-    cdef const floating* b0 = NULL
-    cdef const floating* b1 = NULL
-    cdef const floating* b2 = NULL
-    cdef const floating* b3 = NULL
+    cdef const storage* a0
+    cdef const storage* a1
+    cdef const storage* a2
+    cdef const storage* a3
+    cdef const storage* b0 = NULL
+    cdef const storage* b1 = NULL
+    cdef const storage* b2 = NULL
+    cdef const storage* b3 = NULL
     cdef double u0, u1, u2, u3, v0, v1, v2, v3
     while r + 4 <= nrows:
         a0 = a + r * stride
@@ -87,7 +123,45 @@ cdef inline void rows_sums_of(const Body* body, const floating* a, const floatin
         r += 1
 
 
-cdef void block_sums(const floating* a, const floating* b, const Grid* g, Py_ssize_t blk,
+cdef inline void rows_sums_blocks(const Body* body, const storage* a, const storage* b,
+                                  Py_ssize_t stride, Py_ssize_t nrows, Py_ssize_t n,
+                                  const double* center, const double* zc, const double* zs,
+                                  const double* zo, double slope, double inv, double* sa,
+                                  double* sb) noexcept nogil:
+    """rows_sums_values of 16-bit data: each step's rows (four, then one at
+    a time) widened HALF_BLOCK columns at a time into float buffers; every
+    column adds the same terms in the same order."""
+    cdef float w[8 * HALF_BLOCK]             # four rows of a, then four of b
+    cdef Py_ssize_t r = 0, j, m, i, nr
+    while r < nrows:
+        nr = 4 if r + 4 <= nrows else 1
+        j = 0
+        while j < n:
+            m = min(<Py_ssize_t>HALF_BLOCK, n - j)
+            for i in range(nr):
+                widen(a + (r + i) * stride + j, w + i * HALF_BLOCK, m)
+                if not (Body is BodyY or Body is BodyYAct):  # the bodies that read b
+                    widen(b + (r + i) * stride + j, w + (4 + i) * HALF_BLOCK, m)
+            rows_sums_values(body, <const float*>w, <const float*>(w + 4 * HALF_BLOCK),
+                             HALF_BLOCK, nr, m, center + j, zc + j, zs + j, zo + j, slope, inv,
+                             sa + j, sb + j)
+            j += m
+        r += nr
+
+
+cdef inline void rows_sums_of(const Body* body, const storage* a, const storage* b,
+                              Py_ssize_t stride, Py_ssize_t nrows, Py_ssize_t n,
+                              const double* center, const double* zc, const double* zs,
+                              const double* zo, double slope, double inv, double* sa,
+                              double* sb) noexcept nogil:
+    """rows_sums_values; 16-bit data through float blocks."""
+    if storage is half or storage is bfloat:
+        rows_sums_blocks(body, a, b, stride, nrows, n, center, zc, zs, zo, slope, inv, sa, sb)
+    else:
+        rows_sums_values(body, a, b, stride, nrows, n, center, zc, zs, zo, slope, inv, sa, sb)
+
+
+cdef void block_sums(const storage* a, const storage* b, const Grid* g, Py_ssize_t blk,
                      Py_ssize_t c0, Py_ssize_t c1, const double* center, const Maps* k,
                      double* sa, double* sb) noexcept nogil:
     """Columns [c0, c1) of row block blk into sa[c], sb[c]: shifted sums of a
@@ -103,8 +177,8 @@ cdef void block_sums(const floating* a, const floating* b, const Grid* g, Py_ssi
     cdef const double* zs = k.grad_scale + c0
     cdef const double* zo = k.grad_offset + c0
     cdef const Grad* t = &g.grad
-    cdef const floating* ap = a + r0 * S + c0
-    cdef const floating* bp = at(b, r0 * S + c0)
+    cdef const storage* ap = a + r0 * S + c0
+    cdef const storage* bp = at(b, r0 * S + c0)
     cdef Py_ssize_t n = c1 - c0, nr = r1 - r0
     # one loop per body, the body a constant in each
     if g.sums_body == BODY_Y:
@@ -124,8 +198,8 @@ cdef void block_sums(const floating* a, const floating* b, const Grid* g, Py_ssi
                      t.slope, t.inv_slope, sa + c0, sb + c0)
 
 
-cdef inline void row_apply(const Body* body, const floating* a, const floating* b,
-                           floating* out, Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
+cdef inline void row_apply(const Body* body, const storage* a, const storage* b,
+                           storage* out, Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
                            int mode, const Grid* g) noexcept nogil:
     """row_map over columns [c0, c1): mode 1 all in float, 0 all in double,
     -1 each column in float where its map allows (k.ok[c]) and in double
@@ -143,15 +217,15 @@ cdef inline void row_apply(const Body* body, const floating* a, const floating* 
         c = e
 
 
-cdef inline void block_apply_in(const Body* body, const floating* a, const floating* b,
-                                floating* out, const Grid* g, Py_ssize_t r0, Py_ssize_t r1,
+cdef inline void block_apply_in(const Body* body, const storage* a, const storage* b,
+                                storage* out, const Grid* g, Py_ssize_t r0, Py_ssize_t r1,
                                 Py_ssize_t c0, Py_ssize_t c1, const Maps* k) noexcept nogil:
     """block_apply of one body (one specialization each: the body is chosen
     once per block, not once per row)."""
-    cdef floating buf[STREAM_CHUNK]
+    cdef storage buf[STREAM_CHUNK]
     cdef Py_ssize_t C = g.C, S = g.stride, r, c, j, m
-    cdef int mode = 1 if floating is float else 0
-    if floating is float:
+    cdef int mode = 1 if storage is not double else 0
+    if storage is not double:
         for c in range(c0, c1):
             if not k.ok[c]:
                 mode = -1
@@ -168,7 +242,7 @@ cdef inline void block_apply_in(const Body* body, const floating* a, const float
             for j in range(m):
                 row_apply(body, a + (r + j) * C, at(b, (r + j) * C), &buf[j * C], 0, C, k, mode,
                           g)
-            stream(out + r * C, buf, m * C * sizeof(floating))
+            stream(out + r * C, buf, m * C * sizeof(storage))
             r += m
     else:
         for r in range(r0, r1):
@@ -176,13 +250,13 @@ cdef inline void block_apply_in(const Body* body, const floating* a, const float
             while c < c1:
                 m = min(<Py_ssize_t>STREAM_CHUNK, c1 - c)
                 row_apply(body, a + r * S, at(b, r * S), buf, c, c + m, k, mode, g)
-                stream(out + r * S + c, buf, m * sizeof(floating))
+                stream(out + r * S + c, buf, m * sizeof(storage))
                 c += m
     if g.streaming:
         fence()
 
 
-cdef void block_apply(const floating* a, const floating* b, floating* out, const Grid* g,
+cdef void block_apply(const storage* a, const storage* b, storage* out, const Grid* g,
                       Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
                       const Maps* k) noexcept nogil:
     """Rows [r0, r1), columns [c0, c1) of g's apply body: y from a = x, or dx
@@ -214,7 +288,7 @@ cdef inline void zero_totals(const Grid* g, Py_ssize_t c0, Py_ssize_t c1,
         total[g.C + c] = 0.0
 
 
-cdef void tile_totals(const floating* a, const floating* b, const Grid* g, Py_ssize_t c0,
+cdef void tile_totals(const storage* a, const storage* b, const Grid* g, Py_ssize_t c0,
                       Py_ssize_t c1, const double* center, const Maps* k, double* part,
                       double* total) noexcept nogil:
     """Totals over all row blocks, in block order, for columns [c0, c1):

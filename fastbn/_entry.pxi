@@ -8,9 +8,11 @@ cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.stdlib cimport free, malloc
 
+from fastbn._pass cimport param, param_at, set_param
 from fastbn._simd cimport streams
 from fastbn._stats cimport groups_update
-from fastbn._views cimport moved
+
+from fastbn import _dtypes
 
 cnp.import_array()
 
@@ -18,16 +20,30 @@ cdef int run(const Call* k) noexcept nogil:
     """The call k (fastbn._call.Entry): 0, or -1 when its work space could
     not be allocated (nothing written). Whether the output streams is
     decided here, once, by the size of the whole call (a ghost group's
-    call streams as its batch's would)."""
+    call streams as its batch's would). 16-bit outputs never stream: their
+    applies run through float blocks (fastbn._body.widen), and streaming
+    stores behind them measured up to 1.8x slower than stores through the
+    cache ((64, 64, 56, 56) float16 inference with out=, 1 and 2 threads)."""
     cdef Call c = k[0]
-    c.stream = streams(k.stream, k.out, k.a, k.b if k.mode == MODE_BACKWARD else NULL,
-                       k.n * k.c * k.s * (4 if k.dtype == DTYPE_FLOAT32 else 8))
+    cdef Py_ssize_t itemsize = (8 if k.dtype == DTYPE_FLOAT64 else 4 if k.dtype == DTYPE_FLOAT32
+                                else 2)
+    c.stream = itemsize > 2 and streams(k.stream, k.out, k.a,
+                                        k.b if k.mode == MODE_BACKWARD else NULL,
+                                        k.n * k.c * k.s * itemsize)
     if k.dtype == DTYPE_FLOAT32:
-        return run_groups(&c, <const float*>NULL) if c.groups > 1 else call_of(&c, <const float*>NULL)
-    return run_groups(&c, <const double*>NULL) if c.groups > 1 else call_of(&c, <const double*>NULL)
+        return run_as(&c, <const float*>NULL)
+    if k.dtype == DTYPE_FLOAT64:
+        return run_as(&c, <const double*>NULL)
+    if k.dtype == DTYPE_FLOAT16:
+        return run_as(&c, <const half*>NULL)
+    return run_as(&c, <const bfloat*>NULL)
 
 
-cdef int run_groups(const Call* k, const floating* like) noexcept nogil:
+cdef inline int run_as(const Call* k, const storage* like) noexcept nogil:
+    return run_groups(k, like) if k.groups > 1 else call_of(k, like)
+
+
+cdef int run_groups(const Call* k, const storage* like) noexcept nogil:
     """Ghost Batch Normalization (Hoffer, Hubara & Soudry 2017, "Train
     longer, generalize better", arXiv:1705.08741, Algorithm 1): the training
     pass k on each of its k.groups consecutive row blocks (virtual batches),
@@ -49,7 +65,6 @@ cdef int run_groups(const Call* k, const floating* like) noexcept nogil:
     cdef double* work = <double*>malloc(2 * G * C * sizeof(double))
     cdef Call* calls = <Call*>malloc(G * sizeof(Call))
     cdef int* rcs = <int*>malloc(G * sizeof(int))
-    cdef floating* grads = <floating*>work
     cdef double dg, db
     cdef int rc = 0
     if work == NULL or calls == NULL or rcs == NULL:
@@ -62,21 +77,21 @@ cdef int run_groups(const Call* k, const floating* like) noexcept nogil:
         calls[j].groups = 1
         calls[j].n = k.n // G
         calls[j].num_threads = 1 if shared else k.num_threads
-        calls[j].a = <const floating*>k.a + j * size
-        calls[j].out = <floating*>k.out + j * size
+        calls[j].a = <const storage*>k.a + j * size
+        calls[j].out = <storage*>k.out + j * size
         if forward:
-            calls[j].save_mean = <floating*>k.save_mean + j * C
-            calls[j].save_invstd = <floating*>k.save_invstd + j * C
+            calls[j].save_mean = param_at(k.save_mean, j * C, like)
+            calls[j].save_invstd = param_at(k.save_invstd, j * C, like)
             calls[j].moments = work + 2 * j * C if tracked else NULL
         else:
-            calls[j].b = <const floating*>k.b + j * size
-            calls[j].mean = moved(k.mean, j * C, like)          # NULL from the output
-            calls[j].invstd = <const floating*>k.invstd + j * C
-            calls[j].dgamma = grads + 2 * j * C
-            calls[j].dbeta = grads + (2 * j + 1) * C
+            calls[j].b = <const storage*>k.b + j * size
+            calls[j].mean = param_at(<void*>k.mean, j * C, like)    # NULL from the output
+            calls[j].invstd = param_at(<void*>k.invstd, j * C, like)
+            calls[j].dgamma = param_at(work, 2 * j * C, like)     # in the parameters' type
+            calls[j].dbeta = param_at(work, (2 * j + 1) * C, like)
         if k.renorm:
-            calls[j].r = <floating*>k.r + j * C
-            calls[j].d = <floating*>k.d + j * C
+            calls[j].r = param_at(k.r, j * C, like)
+            calls[j].d = param_at(k.d, j * C, like)
     if shared:
         for j in prange(G, num_threads=k.num_threads, schedule="static"):
             rcs[j] = call_of(&calls[j], like)
@@ -86,17 +101,18 @@ cdef int run_groups(const Call* k, const floating* like) noexcept nogil:
     for j in range(G):
         if rcs[j] != 0:
             rc = -1
-    if rc == 0 and tracked:
-        groups_update(work, G, C, k.factor, <floating*>k.running_mean,
-                      <floating*>k.running_var)
+    if rc == 0 and tracked and storage is double:
+        groups_update(work, G, C, k.factor, <double*>k.running_mean, <double*>k.running_var)
+    elif rc == 0 and tracked:
+        groups_update(work, G, C, k.factor, <float*>k.running_mean, <float*>k.running_var)
     elif rc == 0 and not forward:
         for c in range(C):
             dg = db = 0.0
             for j in range(G):
-                dg += grads[2 * j * C + c]
-                db += grads[(2 * j + 1) * C + c]
-            (<floating*>k.dgamma)[c] = <floating>dg
-            (<floating*>k.dbeta)[c] = <floating>db
+                dg += param(work, 2 * j * C + c, like)
+                db += param(work, (2 * j + 1) * C + c, like)
+            set_param(k.dgamma, c, dg, like)
+            set_param(k.dbeta, c, db, like)
     free(work)
     free(calls)
     free(rcs)
@@ -112,17 +128,22 @@ ENTRY = PyCapsule_New(<void*>run, ENTRY_NAME, NULL)
 # front's calls are. Private: fastbn.distributed has checked the values;
 # these check only what memory safety needs (types, dtypes, contiguity).
 
-cdef const void* data_of(object arr, cnp.ndarray like, str name) except? NULL:
+cdef const void* data_of(object arr, cnp.ndarray like, str name, bint param=False) except? NULL:
     """arr's data (NULL for None), once it is a C-contiguous array of
-    like's dtype with like's channels (or, a second input, like's shape)."""
+    like's dtype (of its parameters' dtype when ``param``:
+    fastbn._dtypes) with like's channels (or, a second input, like's
+    shape)."""
     cdef cnp.ndarray a
     cdef tuple shape = (<object>like).shape
+    cdef object dtype = (<object>like).dtype
     if arr is None:
         return NULL
     a = <cnp.ndarray?>arr
-    if (cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(like) or not cnp.PyArray_IS_C_CONTIGUOUS(a)
+    if param:
+        dtype = _dtypes.parameters(dtype)
+    if ((<object>a).dtype != dtype or not cnp.PyArray_IS_C_CONTIGUOUS(a)
             or (<object>a).shape != (shape if a.ndim != 1 else shape[1:2])):
-        raise ValueError(f"{name}: expected a C-contiguous {like.dtype} array of shape "
+        raise ValueError(f"{name}: expected a C-contiguous {dtype} array of shape "
                          f"{shape if a.ndim != 1 else shape[1:2]}, got {arr.dtype} "
                          f"{arr.shape}")
     return cnp.PyArray_DATA(a)
@@ -135,28 +156,31 @@ cdef Call half_call(cnp.ndarray a, object b, int steps, int num_threads, int gra
     a = x) or a backward (a = dy, b = x or y), on a's kernel view; with r
     and d, a backward of Batch Renormalization."""
     cdef Call k
-    if a.ndim not in (2, 3) or cnp.PyArray_TYPE(a) not in (cnp.NPY_FLOAT, cnp.NPY_DOUBLE):
-        raise ValueError(f"a: expected a 2-D or 3-D float32 or float64 array, got "
-                         f"{(<object>a).dtype} with {a.ndim} dimensions")
+    cdef object dtype = (<object>a).dtype
+    if a.ndim not in (2, 3) or not _dtypes.is_data(dtype):
+        raise ValueError(f"a: expected a 2-D or 3-D array of dtype {_dtypes.DATA_NAMES}, "
+                         f"got {dtype} with {a.ndim} dimensions")
     k.a = data_of(a, a, "a")
     k.b = data_of(b, a, "b")
     k.mode = MODE_FORWARD if b is None else MODE_BACKWARD
     k.steps = steps
-    k.dtype = DTYPE_FLOAT32 if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT else DTYPE_FLOAT64
+    k.dtype = (DTYPE_FLOAT32 if dtype == _dtypes.FLOAT32 else DTYPE_FLOAT64
+               if dtype == _dtypes.FLOAT64 else DTYPE_FLOAT16 if dtype == _dtypes.FLOAT16
+               else DTYPE_BFLOAT16)
     k.n = a.shape[0]
     k.c = a.shape[1]
     k.s = a.shape[2] if a.ndim == 3 else 1
     k.out = NULL
-    k.gamma = data_of(gamma, a, "gamma")
-    k.beta = data_of(beta, a, "beta")
-    k.mean = data_of(mean, a, "mean")
-    k.invstd = data_of(invstd, a, "invstd")
+    k.gamma = data_of(gamma, a, "gamma", True)
+    k.beta = data_of(beta, a, "beta", True)
+    k.mean = data_of(mean, a, "mean", True)
+    k.invstd = data_of(invstd, a, "invstd", True)
     k.save_mean = k.save_invstd = k.running_mean = k.running_var = NULL
     k.dgamma = k.dbeta = NULL
     k.totals = NULL
     k.maps = NULL
-    k.r = <void*>data_of(r, a, "r")
-    k.d = <void*>data_of(d, a, "d")
+    k.r = <void*>data_of(r, a, "r", True)
+    k.d = <void*>data_of(d, a, "d", True)
     k.rmax = k.rmin = 1.0
     k.dmax = 0.0
     k.renorm = r is not None

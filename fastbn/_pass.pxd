@@ -6,8 +6,10 @@
 
 from cython cimport floating
 
+from fastbn._body cimport load
 from fastbn._call cimport (ACT_NONE, ACT_RELU, GRAD_OUTPUT, GRAD_PLAIN, MODE_FORWARD,
                            MODE_INFERENCE, STEP_APPLY, STEP_SUMS, Call)
+from fastbn._simd cimport storage
 from fastbn._views cimport moved
 
 
@@ -165,10 +167,11 @@ cdef inline Pass backward_pass(double m, bint frozen, bint param_grads, const fl
     return ps
 
 
-cdef inline Pass call_pass(const Call* k, Py_ssize_t c0, double m,
-                           const floating* like) noexcept nogil:
+cdef inline Pass call_pass_in(const Call* k, Py_ssize_t c0, double m,
+                              const floating* like) noexcept nogil:
     """The pass of the call k over its channels c0 and on (fastbn._call.Call),
-    m values per channel; ``like`` is any array of the call, for its dtype.
+    m values per channel; ``like`` is any parameter array of the call, for
+    its dtype.
     A call of one step runs half of a training pass: the sums into
     k.totals, or the apply with the maps k.maps (fastbn.distributed reduces
     across processes in between)."""
@@ -205,19 +208,53 @@ cdef inline Pass call_pass(const Call* k, Py_ssize_t c0, double m,
     return ps
 
 
-cdef inline const floating* apply_b(const Pass* ps, const floating* b) noexcept nogil:
+cdef inline Pass call_pass(const Call* k, Py_ssize_t c0, double m,
+                           const storage* data) noexcept nogil:
+    """call_pass_in with the parameters' type of data's (fastbn._call: float64
+    for float64 data, float32 otherwise)."""
+    if storage is double:
+        return call_pass_in(k, c0, m, <const double*>NULL)
+    else:
+        return call_pass_in(k, c0, m, <const float*>NULL)
+
+
+cdef inline double param(const void* p, Py_ssize_t c, const storage* data) noexcept nogil:
+    """Value c of a parameter or statistic p of a call on data."""
+    if storage is double:
+        return (<const double*>p)[c]
+    else:
+        return (<const float*>p)[c]
+
+
+cdef inline void* param_at(void* p, Py_ssize_t off, const storage* data) noexcept nogil:
+    """A parameter or statistic p of a call on data from value off on; NULL
+    stays NULL."""
+    if p == NULL:
+        return NULL
+    return <char*>p + off * (sizeof(double) if storage is double else sizeof(float))
+
+
+cdef inline void set_param(void* p, Py_ssize_t c, double v, const storage* data) noexcept nogil:
+    """p[c] = v, rounded to the parameters' type of a call on data."""
+    if storage is double:
+        (<double*>p)[c] = v
+    else:
+        (<float*>p)[c] = <float>v
+
+
+cdef inline const storage* apply_b(const Pass* ps, const storage* b) noexcept nogil:
     """The apply's second array, NULL when the apply reads none (a forward;
     a frozen backward's dx from dy alone)."""
     return b if ps.reads_b else NULL
 
 
-cdef inline double center_of(const Pass* ps, const floating* a, Py_ssize_t offset,
+cdef inline double center_of(const Pass* ps, const storage* a, Py_ssize_t offset,
                              Py_ssize_t c) noexcept nogil:
     """Channel c's center of the sums: its value a[offset] in the forward
     (a value of the data: the shift), its mean in the backward, 0 from the
     output and in inference (no sums)."""
     if ps.kind == PASS_FORWARD:
-        return a[offset]
+        return load(a, offset)
     if ps.kind == PASS_INFERENCE:
         return 0.0
-    return 0.0 if ps.grad == GRAD_OUTPUT else (<const floating*>ps.mean)[c]
+    return 0.0 if ps.grad == GRAD_OUTPUT else param(ps.mean, c, a)

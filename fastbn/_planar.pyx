@@ -44,25 +44,27 @@ of a pass, ``sums`` and ``apply``, are ``def`` wrappers for
 ``fastbn.distributed``.
 """
 
-from cython cimport floating
 from cython.parallel cimport parallel, prange
 from cpython.pycapsule cimport PyCapsule_New
 from libc.stdlib cimport free, malloc
 
-from fastbn._call cimport (ACT_NONE, DTYPE_FLOAT32, DTYPE_FLOAT64, ENTRY_NAME, GRAD_ACT,
+from fastbn._call cimport (ACT_NONE, DTYPE_BFLOAT16, DTYPE_FLOAT16, DTYPE_FLOAT32, DTYPE_FLOAT64, ENTRY_NAME, GRAD_ACT,
                            GRAD_OUTPUT, GRAD_PLAIN, MODE_BACKWARD, MODE_FORWARD, STEP_APPLY,
                            STEP_SUMS, Call)
 from fastbn._openmp cimport FASTBN_COMPILE_ARGS, Shares, barrier, late, note, threads_for, took
 from fastbn._body cimport (Body, BodyDX, BodyDXAct, BodyDXOut, BodyDXRelu, BodyDZ, BodyDZRelu, BodyY,
-                           BodyYAct, real, value)
+                           BodyYAct, narrow, put, real, value, widen)
 from fastbn._pass cimport (BODY_DX, BODY_DX_ACT, BODY_DX_OUT, BODY_DX_RELU, BODY_DZ, BODY_Y,
                            BODY_Y_ACT, PASS_FORWARD, PASS_INFERENCE, Pass, apply_b, call_pass,
                            center_of)
 from fastbn._stats cimport Act, Coef, Coef32, Grad, finish, grad_of, make_act, to_float
-from fastbn._simd cimport (LANES, PREFETCH_BYTES, STREAM_CHUNK, act_sums_f32, act_sums_f64,
-                           fence, grad_sums_f32, grad_sums_f64, prefetch_span,
-                           shifted_sums_f32, shifted_sums_f64, stream)
+from fastbn._simd cimport (LANES, PREFETCH_BYTES, STREAM_CHUNK, act_sums_bf16, act_sums_f16,
+                           act_sums_f32, act_sums_f64, fence, grad_sums_bf16,
+                           grad_sums_f16, grad_sums_f32, grad_sums_f64, prefetch_span,
+                           shifted_sums_bf16, shifted_sums_f16, shifted_sums_f32,
+                           shifted_sums_f64, storage, stream)
 from fastbn._views cimport at
+from fastbn._half cimport HALF_BLOCK, bfloat, half
 
 
 cdef enum:
@@ -170,7 +172,7 @@ cdef inline Py_ssize_t pass_bytes(const Plane* p, const Pass* ps, Py_ssize_t ite
 
 
 cdef Coef merged_map(const double* part, const Plane* p, Py_ssize_t c, const Pass* ps,
-                     const floating* a) noexcept nogil:
+                     const storage* a) noexcept nogil:
     """Channel c's map from the (channel, block) table of sums (the sums are
     locals of this function: private to the thread that calls it)."""
     cdef double s0 = 0.0, s1 = 0.0
@@ -179,7 +181,7 @@ cdef Coef merged_map(const double* part, const Plane* p, Py_ssize_t c, const Pas
     return finish(ps, s0, s1, center_of(ps, a, c * p.S, c), c, a)
 
 
-cdef void unit_sums(const floating* a, const floating* b, const Plane* p, const Pass* ps,
+cdef void unit_sums(const storage* a, const storage* b, const Plane* p, const Pass* ps,
                     Py_ssize_t u, double center, double* part) noexcept nogil:
     """block_sums of unit u = (channel, block) of the table schedule around
     center into part[2u], part[2u + 1] (the channel's Grad is a local:
@@ -192,7 +194,7 @@ cdef void unit_sums(const floating* a, const floating* b, const Plane* p, const 
                &part[2 * u], &part[2 * u + 1])
 
 
-cdef void unit_apply(const floating* a, const floating* b, floating* out, const Plane* p,
+cdef void unit_apply(const storage* a, const storage* b, storage* out, const Plane* p,
                      const Pass* ps, Py_ssize_t u, const Coef* coef) noexcept nogil:
     """block_apply of unit u = (channel, block) with the channel's map."""
     cdef Py_ssize_t c = u // p.nblocks
@@ -203,7 +205,7 @@ cdef void unit_apply(const floating* a, const floating* b, floating* out, const 
                 NULL if ps.grad == GRAD_PLAIN else &t)
 
 
-cdef void apply_unit(const floating* a, const floating* b, floating* out, const Plane* p,
+cdef void apply_unit(const storage* a, const storage* b, storage* out, const Plane* p,
                      const Pass* ps, Py_ssize_t r0, Py_ssize_t r1, const Coef* coef,
                      const Coef32* coef32, const char* ok) noexcept nogil:
     """The apply alone over the contiguous (n, c) rows [r0, r1)."""
@@ -214,8 +216,8 @@ cdef void apply_unit(const floating* a, const floating* b, floating* out, const 
         if ps.grad != GRAD_PLAIN:
             t = grad_of(ps, c, a)
         # the unit is contiguous: keep PREFETCH_BYTES of it in flight
-        prefetch_span(a + r * S + PREFETCH_BYTES // sizeof(floating),
-                      min(S * <Py_ssize_t>sizeof(floating), <Py_ssize_t>PREFETCH_BYTES))
+        prefetch_span(a + r * S + PREFETCH_BYTES // sizeof(storage),
+                      min(S * <Py_ssize_t>sizeof(storage), <Py_ssize_t>PREFETCH_BYTES))
         run_apply(p.body, a + r * S, at(b, r * S), out + r * S, S, &coef[c],
                   &coef32[c] if ok[c] else NULL, p.streaming, &p.act,
                   NULL if ps.grad == GRAD_PLAIN else &t)
@@ -223,7 +225,7 @@ cdef void apply_unit(const floating* a, const floating* b, floating* out, const 
         fence()
 
 
-cdef void apply_pass(const floating* a, const floating* b, floating* out, const Plane* p,
+cdef void apply_pass(const storage* a, const storage* b, storage* out, const Plane* p,
                      const Pass* ps, char* mem, int nt) noexcept nogil:
     """A pass without sums (inference, the frozen backward without parameter
     gradients, the apply alone): the maps first, then units of whole (n, c)
@@ -235,7 +237,7 @@ cdef void apply_pass(const floating* a, const floating* b, floating* out, const 
     cdef Shares sh = Shares(nu, 0, 0)
     for c in range(p.C):
         coef[c] = finish(ps, 0.0, 0.0, 0.0, c, a)
-        ok[c] = floating is float and to_float(&coef[c], &coef32[c])
+        ok[c] = storage is not double and to_float(&coef[c], &coef32[c])
     if nt == 1:  # no parallel region: even a team of one ends in a futex wake
         for u in range(nu):
             apply_unit(a, b, out, p, ps, u * rows, min(p.N * p.C, (u + 1) * rows), coef, coef32,
@@ -247,10 +249,10 @@ cdef void apply_pass(const floating* a, const floating* b, floating* out, const 
     note(late(&sh, nt))
 
 
-cdef void group_schedule(const floating* a, const floating* b, floating* out, const Plane* p,
+cdef void group_schedule(const storage* a, const storage* b, storage* out, const Plane* p,
                          const Pass* ps, int nt) noexcept nogil:
     """A pass by channel group (group_pass): one sweep from memory."""
-    cdef Py_ssize_t G = group_size(p, value_bytes(ps, sizeof(floating))), u
+    cdef Py_ssize_t G = group_size(p, value_bytes(ps, sizeof(storage))), u
     cdef Shares sh = Shares((p.C + G - 1) // G, 0, 0)
     if nt == 1:
         for u in range(sh.total):
@@ -262,7 +264,7 @@ cdef void group_schedule(const floating* a, const floating* b, floating* out, co
     note(late(&sh, nt))
 
 
-cdef void run_pass(const floating* a, const floating* b, floating* out, const Plane* p,
+cdef void run_pass(const storage* a, const storage* b, storage* out, const Plane* p,
                    const Pass* ps, char* mem, int nt) noexcept nogil:
     """A pass of sums, maps and apply (forward: a = x; backward: a = dy,
     b = x or y), with ``mem`` of pass_bytes(): the apply alone when the pass
@@ -272,7 +274,7 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Pl
     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb, c, u
     cdef Coef* coef = <Coef*>mem
     cdef double* part = <double*>(coef + p.C)
-    cdef const floating* ab = apply_b(ps, b)
+    cdef const storage* ab = apply_b(ps, b)
     if not ps.sums:
         apply_pass(a, ab, out, p, ps, mem, nt)
         return
@@ -304,18 +306,18 @@ cdef void run_pass(const floating* a, const floating* b, floating* out, const Pl
 # everything; nothing here raises, and a work space that cannot be had
 # returns -1 before anything is written.
 
-cdef int call_of(const Call* k, const floating* like) noexcept nogil:
+cdef int call_of(const Call* k, const storage* like) noexcept nogil:
     """The call k on its (N, C, S) view: a = x or dy, b = x or y in the
     backward (a frozen backward without parameter gradients reads dy alone
     unless an activation needs x)."""
-    cdef const floating* ap = <const floating*>k.a
-    cdef const floating* bp = <const floating*>k.b if k.mode == MODE_BACKWARD else NULL
-    cdef floating* op = <floating*>k.out      # NULL for the sums alone
+    cdef const storage* ap = <const storage*>k.a
+    cdef const storage* bp = <const storage*>k.b if k.mode == MODE_BACKWARD else NULL
+    cdef storage* op = <storage*>k.out      # NULL for the sums alone
     cdef Py_ssize_t size = k.n * k.c * k.s
     cdef Plane p = make_plane(k.n, k.c, k.s, op != NULL and k.stream)
     cdef Pass ps = call_pass(k, 0, <double>(k.n * k.s), like)
     cdef int nt = threads_for(size, units_of(&p, &ps), k.num_threads)
-    cdef Py_ssize_t nbytes = pass_bytes(&p, &ps, sizeof(floating), nt)
+    cdef Py_ssize_t nbytes = pass_bytes(&p, &ps, sizeof(storage), nt)
     cdef char* mem = NULL
     set_pass(&p, &ps)
     if nbytes:

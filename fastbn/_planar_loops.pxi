@@ -6,49 +6,70 @@
 # ---------------------------------------------------------------- runs ----
 # A run is n contiguous values of one channel.
 
-cdef inline void run_shifted_sums(const floating* x, Py_ssize_t n, double shift,
+cdef inline void run_shifted_sums(const storage* x, Py_ssize_t n, double shift,
                                   double* acc_s, double* acc_q) noexcept nogil:
     """acc_s[k] += x[i] - shift, acc_q[k] += (x[i] - shift)**2, k = i % LANES
     (in the order fastbn._simd states)."""
-    if floating is float:
+    if storage is float:
         shifted_sums_f32(x, n, shift, acc_s, acc_q)
-    else:
+    elif storage is double:
         shifted_sums_f64(x, n, shift, acc_s, acc_q)
+    elif storage is half:
+        shifted_sums_f16(x, n, shift, acc_s, acc_q)
+    else:
+        shifted_sums_bf16(x, n, shift, acc_s, acc_q)
 
 
-cdef inline void run_grad_sums(const floating* dy, const floating* x, Py_ssize_t n,
+cdef inline void run_grad_sums(const storage* dy, const storage* x, Py_ssize_t n,
                                double center, double* acc_g, double* acc_c) noexcept nogil:
     """acc_g[k] += dy[i], acc_c[k] += dy[i] * (x[i] - center), k = i % LANES."""
-    if floating is float:
+    if storage is float:
         grad_sums_f32(dy, x, n, center, acc_g, acc_c)
-    else:
+    elif storage is double:
         grad_sums_f64(dy, x, n, center, acc_g, acc_c)
+    elif storage is half:
+        grad_sums_f16(dy, x, n, center, acc_g, acc_c)
+    else:
+        grad_sums_bf16(dy, x, n, center, acc_g, acc_c)
 
 
-cdef inline void run_sums(int body, const floating* a, const floating* b, Py_ssize_t n,
+cdef inline void run_act_sums(const storage* dy, const storage* x, Py_ssize_t n, double center,
+                              int kind, bint relu, const Grad* t, double* acc_g,
+                              double* acc_c) noexcept nogil:
+    """The sums of the inputs t turns (dy, x) into (fastbn._stats.Grad),
+    lane by lane as the plain sums."""
+    if storage is float:
+        act_sums_f32(dy, x, n, center, kind, relu, t.center, t.scale, t.offset, t.slope,
+                     t.inv_slope, acc_g, acc_c)
+    elif storage is double:
+        act_sums_f64(dy, x, n, center, kind, relu, t.center, t.scale, t.offset, t.slope,
+                     t.inv_slope, acc_g, acc_c)
+    elif storage is half:
+        act_sums_f16(dy, x, n, center, kind, relu, t.center, t.scale, t.offset, t.slope,
+                     t.inv_slope, acc_g, acc_c)
+    else:
+        act_sums_bf16(dy, x, n, center, kind, relu, t.center, t.scale, t.offset, t.slope,
+                      t.inv_slope, acc_g, acc_c)
+
+
+cdef inline void run_sums(int body, const storage* a, const storage* b, Py_ssize_t n,
                           double center, const Grad* t, double* acc_a,
                           double* acc_b) noexcept nogil:
     """A run's sums for the sums body (fastbn._stats.BODY_*): shifted sums of
     a (BODY_Y), else the backward's sums of (a, b) as they are (BODY_DX) or
-    of the inputs t turns them into (fastbn._stats.Grad), lane by lane as the
-    plain sums."""
+    of the inputs t turns them into."""
     if body == BODY_Y:
         run_shifted_sums(a, n, center, acc_a, acc_b)
     elif body == BODY_DX:
         run_grad_sums(a, b, n, center, acc_a, acc_b)
-    elif floating is float:
-        act_sums_f32(a, b, n, center, GRAD_OUTPUT if body == BODY_DX_OUT else GRAD_ACT,
-                     body == BODY_DX_RELU, t.center, t.scale, t.offset, t.slope, t.inv_slope,
-                     acc_a, acc_b)
     else:
-        act_sums_f64(a, b, n, center, GRAD_OUTPUT if body == BODY_DX_OUT else GRAD_ACT,
-                     body == BODY_DX_RELU, t.center, t.scale, t.offset, t.slope, t.inv_slope,
-                     acc_a, acc_b)
+        run_act_sums(a, b, n, center, GRAD_OUTPUT if body == BODY_DX_OUT else GRAD_ACT,
+                     body == BODY_DX_RELU, t, acc_a, acc_b)
 
 
-cdef inline void run_map_in(const Body* body, const floating* a, const floating* b,
-                            floating* out, Py_ssize_t n, real hi, real lo, real s, real q, real o,
-                            int kind, real neg, const Grad* t) noexcept nogil:
+cdef inline void run_map_values(const Body* body, const storage* a, const storage* b,
+                                storage* out, Py_ssize_t n, real hi, real lo, real s, real q,
+                                real o, int kind, real neg, const Grad* t) noexcept nogil:
     """out[i] = value(body, ...) of n values (fastbn._body): the one loop
     of every planar apply, one specialization per body."""
     cdef Py_ssize_t i
@@ -56,10 +77,42 @@ cdef inline void run_map_in(const Body* body, const floating* a, const floating*
     if t != NULL:
         zc, zs, zo, sl, inv = t.center, t.scale, t.offset, t.slope, t.inv_slope
     for i in range(n):
-        out[i] = <floating>value(body, a, b, i, hi, lo, s, q, o, kind, neg, zc, zs, zo, sl, inv)
+        put(out, i, value(body, a, b, i, hi, lo, s, q, o, kind, neg, zc, zs, zo, sl, inv))
 
 
-cdef inline void run_map_as(int body, const floating* a, const floating* b, floating* out,
+cdef inline void run_map_blocks(const Body* body, const storage* a, const storage* b,
+                                storage* out, Py_ssize_t n, float hi, float lo, float s,
+                                float q, float o, int kind, float neg,
+                                const Grad* t) noexcept nogil:
+    """run_map_values of 16-bit data in float, HALF_BLOCK values at a time:
+    widened into float buffers, applied as float32 data is, narrowed into
+    out (the same bits as one value at a time, in vector conversions)."""
+    cdef float wa[HALF_BLOCK]
+    cdef float wb[HALF_BLOCK]
+    cdef float wo[HALF_BLOCK]
+    cdef Py_ssize_t j = 0, m
+    while j < n:
+        m = min(<Py_ssize_t>HALF_BLOCK, n - j)
+        widen(a + j, wa, m)
+        if not (Body is BodyY or Body is BodyYAct):  # the bodies that read b
+            widen(b + j, wb, m)
+        run_map_values(body, <const float*>wa, <const float*>wb, wo, m, hi, lo, s, q, o,
+                       kind, neg, t)
+        narrow(wo, out + j, m)
+        j += m
+
+
+cdef inline void run_map_in(const Body* body, const storage* a, const storage* b,
+                            storage* out, Py_ssize_t n, real hi, real lo, real s, real q, real o,
+                            int kind, real neg, const Grad* t) noexcept nogil:
+    """run_map_values, through float blocks for 16-bit data in float."""
+    if (storage is half or storage is bfloat) and real is float:
+        run_map_blocks(body, a, b, out, n, hi, lo, s, q, o, kind, neg, t)
+    else:
+        run_map_values(body, a, b, out, n, hi, lo, s, q, o, kind, neg, t)
+
+
+cdef inline void run_map_as(int body, const storage* a, const storage* b, storage* out,
                             Py_ssize_t n, real hi, real lo, real s, real q, real o, real neg,
                             int kind, const Grad* t) noexcept nogil:
     """run_map in real: one loop per body."""
@@ -81,14 +134,14 @@ cdef inline void run_map_as(int body, const floating* a, const floating* b, floa
         run_map_in(<BodyDZRelu*>NULL, a, b, out, n, hi, lo, s, q, o, kind, neg, t)
 
 
-cdef inline void run_map(int body, const floating* a, const floating* b, floating* out,
+cdef inline void run_map(int body, const storage* a, const storage* b, storage* out,
                          Py_ssize_t n, const Coef* k, const Coef32* f, const Act* act,
                          const Grad* t) noexcept nogil:
     """n values of an apply with the body (fastbn._body): y from a = x, or
     dx from a = dy and b = x (or y), of (a, b) as they are or of the inputs
     t turns them into. float32 with f != NULL computes in float (Coef32),
     anything else in double. out may be a or b."""
-    if floating is float and f != NULL:
+    if storage is not double and f != NULL:
         run_map_as(body, a, b, out, n, f.hi, f.lo, f.scale, f.slope, f.offset, act.slope32,
                    act.kind, t)
     else:
@@ -96,12 +149,12 @@ cdef inline void run_map(int body, const floating* a, const floating* b, floatin
                    act.kind, t)
 
 
-cdef inline void run_apply(int body, const floating* a, const floating* b, floating* out,
+cdef inline void run_apply(int body, const storage* a, const storage* b, storage* out,
                            Py_ssize_t n, const Coef* k, const Coef32* f, bint streaming,
                            const Act* act, const Grad* t) noexcept nogil:
     """run_map into out; through a stack buffer and streaming stores when
     ``streaming``."""
-    cdef floating buf[STREAM_CHUNK]
+    cdef storage buf[STREAM_CHUNK]
     cdef Py_ssize_t i = 0, m
     if not streaming:
         run_map(body, a, b, out, n, k, f, act, t)
@@ -109,13 +162,13 @@ cdef inline void run_apply(int body, const floating* a, const floating* b, float
     while i < n:
         m = min(<Py_ssize_t>STREAM_CHUNK, n - i)
         run_map(body, a + i, at(b, i), buf, m, k, f, act, t)
-        stream(out + i, buf, m * sizeof(floating))
+        stream(out + i, buf, m * sizeof(storage))
         i += m
 
 
 # -------------------------------------------------------------- blocks ----
 
-cdef void block_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t c,
+cdef void block_sums(const storage* a, const storage* b, const Plane* p, Py_ssize_t c,
                      Py_ssize_t blk, double center, const Grad* t, double* sa,
                      double* sb) noexcept nogil:
     """Sums over block blk of channel c.
@@ -142,13 +195,13 @@ cdef void block_sums(const floating* a, const floating* b, const Plane* p, Py_ss
     sb[0] = tb
 
 
-cdef void block_apply(const floating* a, const floating* b, floating* out, const Plane* p,
+cdef void block_apply(const storage* a, const storage* b, storage* out, const Plane* p,
                       Py_ssize_t c, Py_ssize_t blk, const Coef* k, const Grad* t) noexcept nogil:
     """Block blk of channel c: y from x (a = x, b == NULL), or dx from a = dy,
     b = x (or y, t GRAD_OUTPUT)."""
     cdef Py_ssize_t n0, n1, s0, s1, n, off
     cdef Coef32 f
-    cdef const Coef32* fp = &f if (floating is float and to_float(k, &f)) else NULL
+    cdef const Coef32* fp = &f if (storage is not double and to_float(k, &f)) else NULL
     block_span(p, blk, &n0, &n1, &s0, &s1)
     for n in range(n0, n1):
         off = n * p.row_stride + c * p.S + s0
@@ -186,7 +239,7 @@ cdef inline Py_ssize_t group_size(const Plane* p, Py_ssize_t bytes_per_value) no
     return min(g, p.C)
 
 
-cdef void group_sums(const floating* a, const floating* b, const Plane* p, Py_ssize_t c0,
+cdef void group_sums(const storage* a, const storage* b, const Plane* p, Py_ssize_t c0,
                      Py_ssize_t c1, const double* center, const Grad* t,
                      double* totals) noexcept nogil:
     """totals[2j], totals[2j + 1] for channel c0 + j of the group: the block
@@ -217,11 +270,11 @@ cdef void group_sums(const floating* a, const floating* b, const Plane* p, Py_ss
             totals[2 * j + 1] += tb
 
 
-cdef void group_apply(const floating* a, const floating* b, floating* out, const Plane* p,
+cdef void group_apply(const storage* a, const storage* b, storage* out, const Plane* p,
                       Py_ssize_t c0, Py_ssize_t c1, const Coef* coef,
                       const Grad* t) noexcept nogil:
     """The group's output, slab by slab (streamed whole when streaming)."""
-    cdef floating buf[GROUP_VALUES]
+    cdef storage buf[GROUP_VALUES]
     cdef Coef32 f[GROUP_MAX]
     cdef bint ok[GROUP_MAX]
     cdef Py_ssize_t G = c1 - c0, blk, n, j, base, off
@@ -230,7 +283,7 @@ cdef void group_apply(const floating* a, const floating* b, floating* out, const
             block_apply(a, b, out, p, c0, blk, coef, t)
         return
     for j in range(G):
-        ok[j] = floating is float and to_float(&coef[j], &f[j])
+        ok[j] = storage is not double and to_float(&coef[j], &f[j])
     for n in range(p.N):
         base = n * p.row_stride + c0 * p.S
         for j in range(G):
@@ -239,12 +292,12 @@ cdef void group_apply(const floating* a, const floating* b, floating* out, const
                       p.S, &coef[j], &f[j] if ok[j] else NULL, False, &p.act,
                       (&t[j] if t != NULL else NULL))
         if p.streaming:
-            stream(out + base, buf, G * p.S * sizeof(floating))
+            stream(out + base, buf, G * p.S * sizeof(storage))
     if p.streaming:
         fence()
 
 
-cdef void group_pass(const floating* a, const floating* b, floating* out, const Plane* p,
+cdef void group_pass(const storage* a, const storage* b, storage* out, const Plane* p,
                      Py_ssize_t c0, Py_ssize_t c1, const Pass* ps) noexcept nogil:
     """Both sums, the maps, then the apply, of channels [c0, c1): one sweep
     from memory (forward: a = x, b NULL; backward: a = dy, b = x)."""

@@ -21,10 +21,14 @@
 # the streaming stores before the thread's next synchronization (the end of
 # a work unit). Without SSE2 (non-x86 builds) streaming is a plain copy.
 
+from fastbn._half cimport bfloat, half
+
+
 cdef extern from *:
     """
     #include <stdint.h>
     #include <string.h>
+    #include <math.h>
     #if defined(__SSE2__)
     #include <immintrin.h>
     #endif
@@ -77,6 +81,43 @@ cdef extern from *:
         return v;
     }
 
+    /* VW values at p as doubles, for the lane sums */
+    static inline fastbn_vd fastbn_load_f16(const fastbn_half *p)
+    {
+    #if defined(__AVX512F__) && defined(__F16C__)
+        return (fastbn_vd)_mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
+    #elif defined(__AVX__) && defined(__F16C__)
+        return (fastbn_vd)_mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p)));
+    #else
+        fastbn_vd v;
+        for (int k = 0; k < FASTBN_VW; k++)
+            v[k] = fastbn_half_load(p[k]);
+        return v;
+    #endif
+    }
+
+    static inline fastbn_vd fastbn_load_bf16(const fastbn_bfloat *p)
+    {
+    #if defined(__AVX512F__)
+        return (fastbn_vd)_mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16)));
+    #elif defined(__AVX2__)
+        return (fastbn_vd)_mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(
+            _mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)p)), 16)));
+    #else
+        fastbn_vd v;
+        for (int k = 0; k < FASTBN_VW; k++)
+            v[k] = fastbn_bfloat_load(p[k]);
+        return v;
+    #endif
+    }
+
+    /* one value as double, for the sums' last values */
+    static inline double fastbn_widen_f32(float v) { return v; }
+    static inline double fastbn_widen_f64(double v) { return v; }
+    static inline double fastbn_widen_f16(fastbn_half v) { return fastbn_half_load(v); }
+    static inline double fastbn_widen_bf16(fastbn_bfloat v) { return fastbn_bfloat_load(v); }
+
     /* acc[k] += v[k] for the VW lanes of one vector (lane by lane) */
     static inline void fastbn_add_into(double *acc, fastbn_vd v)
     {
@@ -114,7 +155,7 @@ cdef extern from *:
             }                                                                        \
         }                                                                            \
         for (k = 0; i < n; i++, k++) {                                               \
-            d = (double)x[i] - shift;                                                \
+            d = fastbn_widen_##S(x[i]) - shift;                                      \
             acc_s[k] += d;                                                           \
             acc_q[k] += d * d;                                                       \
         }                                                                            \
@@ -150,9 +191,9 @@ cdef extern from *:
             }                                                                        \
         }                                                                            \
         for (k = 0; i < n; i++, k++) {                                               \
-            g = (double)dy[i];                                                       \
+            g = fastbn_widen_##S(dy[i]);                                             \
             acc_g[k] += g;                                                           \
-            acc_c[k] += g * ((double)x[i] - center);                                 \
+            acc_c[k] += g * (fastbn_widen_##S(x[i]) - center);                       \
         }                                                                            \
     }
 
@@ -212,8 +253,8 @@ cdef extern from *:
             }                                                                        \
         }                                                                            \
         for (k = 0; i < n; i++, k++) {                                               \
-            g = (double)dy[i];                                                       \
-            d = (double)x[i];                                                        \
+            g = fastbn_widen_##S(dy[i]);                                             \
+            d = fastbn_widen_##S(x[i]);                                              \
             if (kind == 1) {                                                         \
                 pos = (d - zc) * zs + zo > 0.0;                                      \
                 c = d - center;                                                      \
@@ -233,6 +274,12 @@ cdef extern from *:
     FASTBN_SHIFTED_SUMS(f64, double)
     FASTBN_GRAD_SUMS(f32, float)
     FASTBN_GRAD_SUMS(f64, double)
+    FASTBN_ACT_SUMS(f16, fastbn_half)
+    FASTBN_ACT_SUMS(bf16, fastbn_bfloat)
+    FASTBN_SHIFTED_SUMS(f16, fastbn_half)
+    FASTBN_SHIFTED_SUMS(bf16, fastbn_bfloat)
+    FASTBN_GRAD_SUMS(f16, fastbn_half)
+    FASTBN_GRAD_SUMS(bf16, fastbn_bfloat)
 
     /* Prefetch the lines of [p, p + nbytes) into the cache. */
     static inline void fastbn_prefetch_span(const void *p, Py_ssize_t nbytes)
@@ -299,9 +346,36 @@ cdef extern from *:
         const double* dy, const double* x, Py_ssize_t n, double center, int kind, int relu,
         double zc, double zs, double zo, double slope, double inv, double* acc_g,
         double* acc_c) noexcept nogil
+    void shifted_sums_f16 "fastbn_shifted_sums_f16"(
+        const half* x, Py_ssize_t n, double shift, double* acc_s, double* acc_q) noexcept nogil
+    void shifted_sums_bf16 "fastbn_shifted_sums_bf16"(
+        const bfloat* x, Py_ssize_t n, double shift, double* acc_s, double* acc_q) noexcept nogil
+    void grad_sums_f16 "fastbn_grad_sums_f16"(
+        const half* dy, const half* x, Py_ssize_t n, double center, double* acc_g,
+        double* acc_c) noexcept nogil
+    void grad_sums_bf16 "fastbn_grad_sums_bf16"(
+        const bfloat* dy, const bfloat* x, Py_ssize_t n, double center, double* acc_g,
+        double* acc_c) noexcept nogil
+    void act_sums_f16 "fastbn_act_sums_f16"(
+        const half* dy, const half* x, Py_ssize_t n, double center, int kind, int relu,
+        double zc, double zs, double zo, double slope, double inv, double* acc_g,
+        double* acc_c) noexcept nogil
+    void act_sums_bf16 "fastbn_act_sums_bf16"(
+        const bfloat* dy, const bfloat* x, Py_ssize_t n, double center, int kind, int relu,
+        double zc, double zs, double zo, double slope, double inv, double* acc_g,
+        double* acc_c) noexcept nogil
     void stream "fastbn_stream"(void* dst, const void* src, Py_ssize_t nbytes) noexcept nogil
     void fence "fastbn_fence"() noexcept nogil
     void prefetch_span "fastbn_prefetch_span"(const void* p, Py_ssize_t nbytes) noexcept nogil
+
+
+# What the kernels store: float32, float64, and the two 16-bit types whose
+# statistics and parameters are float32 (fastbn._stats: ``param_like``).
+ctypedef fused storage:
+    float
+    double
+    half
+    bfloat
 
 
 cdef enum:

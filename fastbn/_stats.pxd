@@ -34,6 +34,7 @@ from libc.math cimport fabs, sqrt
 
 from fastbn._call cimport ACT_LEAKY_RELU, ACT_RELU, GRAD_OUTPUT
 from fastbn._pass cimport PASS_BACKWARD, PASS_FROZEN, PASS_INFERENCE, Pass
+from fastbn._simd cimport storage
 
 
 ctypedef struct Coef:
@@ -204,12 +205,12 @@ cdef inline Coef frozen_coef(double sdy, double sdyc, bint param_grads,
     return k
 
 
-cdef inline Coef finish(const Pass* ps, double s0, double s1, double center, Py_ssize_t c,
-                        const floating* like) noexcept nogil:
+cdef inline Coef finish_in(const Pass* ps, double s0, double s1, double center, Py_ssize_t c,
+                           const floating* like) noexcept nogil:
     """Channel c's map from its two sums around center (forward: the shifted
     sums; backward: sum(dy), sum(dy * (x - mean))), or from the running
     statistics (inference), or the given map (the apply alone); ``like`` is
-    any array of the call, for its dtype."""
+    any parameter array of the call, for its dtype."""
     if ps.given_maps:
         return (<const Coef*>ps.maps)[c]
     if ps.kind == PASS_FROZEN:
@@ -260,9 +261,9 @@ ctypedef struct Grad:
     double center, scale, offset
 
 
-cdef inline Grad grad_of(const Pass* ps, Py_ssize_t c, const floating* like) noexcept nogil:
+cdef inline Grad grad_in(const Pass* ps, Py_ssize_t c, const floating* like) noexcept nogil:
     """Channel c's Grad (of a backward with GRAD_ACT or GRAD_OUTPUT); ``like``
-    is any array of the call, for its dtype."""
+    is any parameter array of the call, for its dtype."""
     cdef Grad t
     cdef const floating* gamma = <const floating*>ps.gamma
     cdef const floating* beta = <const floating*>ps.beta
@@ -283,6 +284,25 @@ cdef inline Grad grad_of(const Pass* ps, Py_ssize_t c, const floating* like) noe
             if (<const floating*>ps.d)[c] != 0.0:
                 t.offset = t.offset + g * (<const floating*>ps.d)[c]
     return t
+
+
+# The kernels' entries to the two above, from the data's type: the
+# parameters and statistics are float64 with float64 data, float32 with any
+# other (PyTorch's rule for float16 and bfloat16 input).
+
+cdef inline Coef finish(const Pass* ps, double s0, double s1, double center, Py_ssize_t c,
+                        const storage* data) noexcept nogil:
+    if storage is double:
+        return finish_in(ps, s0, s1, center, c, <const double*>NULL)
+    else:
+        return finish_in(ps, s0, s1, center, c, <const float*>NULL)
+
+
+cdef inline Grad grad_of(const Pass* ps, Py_ssize_t c, const storage* data) noexcept nogil:
+    if storage is double:
+        return grad_in(ps, c, <const double*>NULL)
+    else:
+        return grad_in(ps, c, <const float*>NULL)
 
 
 ctypedef struct Coef32:

@@ -3,6 +3,8 @@
 
 from cython cimport floating
 
+from fastbn._simd cimport storage
+
 
 cdef inline const floating* cptr(const floating[::1] v) noexcept:
     if v is None:
@@ -16,7 +18,7 @@ cdef inline floating* wptr(floating[::1] v) noexcept:
     return &v[0]
 
 
-cdef inline const floating* at(const floating* a, Py_ssize_t off) noexcept nogil:
+cdef inline const storage* at(const storage* a, Py_ssize_t off) noexcept nogil:
     """a + off, or NULL for an absent array."""
     if a == NULL:
         return NULL

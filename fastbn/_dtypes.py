@@ -1,0 +1,66 @@
+"""The dtypes of fastbn's arrays, in one place.
+
+The data (x, dy, y, out) may be float32, float64, float16 or bfloat16. The
+parameters and statistics (gamma, beta, the running statistics, mean,
+invstd, dgamma, dbeta) are float64 with float64 data and float32 with any
+other, as in PyTorch's CPU BatchNorm: 16-bit data is stored in 16 bits and
+computed on in float32 and float64, its parameters stay float32.
+
+bfloat16 is the NumPy dtype of ``ml_dtypes`` (the one JAX uses), an
+optional dependency: fastbn never imports it (its import takes a good part
+of a second); a bfloat16 array can only exist once the program has imported
+it, so it is looked up where it is, in ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+FLOAT32 = np.dtype(np.float32)
+FLOAT64 = np.dtype(np.float64)
+FLOAT16 = np.dtype(np.float16)
+#: the dtypes of parameters and statistics, and of float32/float64 data
+PARAMETER_DTYPES = (FLOAT32, FLOAT64)
+#: the data dtypes as messages list them
+DATA_NAMES = "float32, float64, float16 or bfloat16"
+
+
+def bfloat16() -> np.dtype[Any] | None:
+    """ml_dtypes' bfloat16 dtype, or None when the program has not imported
+    ml_dtypes (then no array has that dtype)."""
+    module = sys.modules.get("ml_dtypes")
+    return None if module is None else np.dtype(module.bfloat16)
+
+
+def is_half(dtype: np.dtype[Any]) -> bool:
+    """float16 or bfloat16 (native byte order)."""
+    if dtype == FLOAT16:
+        return True
+    if dtype.kind != "V" or dtype.itemsize != 2:
+        return False
+    b = bfloat16()
+    return b is not None and dtype == b
+
+
+def is_data(dtype: np.dtype[Any]) -> bool:
+    """A dtype the data may have (native byte order)."""
+    return dtype in PARAMETER_DTYPES or is_half(dtype)
+
+
+def parameters(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """The dtype of the parameters and statistics of data of ``dtype``:
+    float64 for float64, float32 for float32, float16 and bfloat16."""
+    return FLOAT64 if dtype == FLOAT64 else FLOAT32
+
+
+#: the dtypes by the number :func:`size_code` gives them (SyncBatchNorm's ranks compare it)
+SIZE_NAMES = {2: "float16", 3: "bfloat16", 4: "float32", 8: "float64"}
+
+
+def size_code(dtype: np.dtype[Any]) -> int:
+    """A data dtype as one number, the same in every process: its size in
+    bytes, 3 for bfloat16 (to tell it from float16)."""
+    return 3 if dtype != FLOAT16 and is_half(dtype) else dtype.itemsize
