@@ -45,6 +45,10 @@ try:
     import torch
 except ImportError:  # the suite runs without PyTorch, minus its column
     torch = None
+try:
+    import ml_dtypes
+except ImportError:  # the suite runs without it, minus the bfloat16 rows
+    ml_dtypes = None
 
 EPS = 1e-5
 MOMENTUM = 0.1
@@ -126,9 +130,21 @@ FLOAT64_SHAPES = (
     Shape((8, 16, 8, 8)),
     Shape((64, 128)),
 )
+# float16 and bfloat16 (issue 19: 16-bit data, float32 parameters) on the large
+# shapes of each family and one tiny one.
+HALF_SHAPES = (
+    Shape((64, 64, 56, 56)),
+    Shape((32, 256, 14, 14)),
+    Shape((4096, 1024)),
+    Shape((64, 56, 56, 64), channels_last=True),
+    Shape((8, 16, 8, 8)),
+)
 QUICK_SHAPES = (Shape((32, 256, 14, 14)), Shape((4096, 1024)), Shape((8, 16, 8, 8)),
                 Shape((64, 128)))
 QUICK_FLOAT64_SHAPES = (Shape((64, 128)),)
+QUICK_HALF_SHAPES = (Shape((4096, 1024)),)
+#: the 16-bit dtypes timed (bfloat16 where ml_dtypes is installed)
+HALF_DTYPES = (np.dtype(np.float16),) + ((np.dtype(ml_dtypes.bfloat16),) if ml_dtypes else ())
 TINY_SHAPES = (Shape((8, 16, 8, 8)), Shape((64, 128)))
 
 
@@ -138,11 +154,20 @@ def operations(dtype):
                  if np.dtype(dtype) == np.float32 or op not in FLOAT32_ONLY)
 
 
-def suite(quick):
-    """The (shape, dtype) pairs to run, float32 first."""
-    f32, f64 = (QUICK_SHAPES, QUICK_FLOAT64_SHAPES) if quick else (SHAPES, FLOAT64_SHAPES)
-    return ([(s, np.dtype(np.float32)) for s in f32]
-            + [(s, np.dtype(np.float64)) for s in f64])
+def suite(quick, dtypes=None):
+    """The (shape, dtype) pairs to run, float32 first, then float64 and the
+    16-bit dtypes; only those named in ``dtypes`` (names) when given."""
+    f32, f64, f16 = ((QUICK_SHAPES, QUICK_FLOAT64_SHAPES, QUICK_HALF_SHAPES) if quick
+                     else (SHAPES, FLOAT64_SHAPES, HALF_SHAPES))
+    pairs = ([(s, np.dtype(np.float32)) for s in f32]
+             + [(s, np.dtype(np.float64)) for s in f64]
+             + [(s, d) for s in f16 for d in HALF_DTYPES])
+    return [(s, d) for s, d in pairs if dtypes is None or d.name in dtypes]
+
+
+def parameter_dtype(dtype):
+    """float64 for float64 data, float32 for the others (fastbn's and PyTorch's rule)."""
+    return np.dtype(np.float64 if dtype == np.float64 else np.float32)
 
 
 @contextlib.contextmanager
@@ -229,20 +254,21 @@ class Workload:
         self.shape = shape
         self.dtype = np.dtype(dtype)
         c = shape.num_features
-        x0 = rng.standard_normal(shape.dims, dtype=self.dtype)
-        dy0 = rng.standard_normal(shape.dims, dtype=self.dtype)
+        p = parameter_dtype(self.dtype)
+        x0 = rng.standard_normal(shape.dims, dtype=p).astype(self.dtype)
+        dy0 = rng.standard_normal(shape.dims, dtype=p).astype(self.dtype)
         self.nbytes = x0.nbytes
         self.cold = self.nbytes >= COLD_MIN_BYTES
         self.copies = max(1, math.ceil(flush_bytes / (2 * self.nbytes))) if self.cold else 1
         self.x = [x0] + [x0.copy() for _ in range(self.copies - 1)]
         self.dy = [dy0] + [dy0.copy() for _ in range(self.copies - 1)]
         self.out = [np.full_like(x0, 0.0) for _ in range(self.copies)]
-        self.gamma = rng.uniform(0.5, 1.5, c).astype(self.dtype)
-        self.beta = rng.standard_normal(c).astype(self.dtype)
-        self.running_mean = (0.1 * rng.standard_normal(c)).astype(self.dtype)
-        self.running_var = rng.uniform(0.5, 2.0, c).astype(self.dtype)
+        self.gamma = rng.uniform(0.5, 1.5, c).astype(p)
+        self.beta = rng.standard_normal(c).astype(p)
+        self.running_mean = (0.1 * rng.standard_normal(c)).astype(p)
+        self.running_var = rng.uniform(0.5, 2.0, c).astype(p)
         self.running_invstd = (1.0 / np.sqrt(self.running_var.astype(np.float64) + EPS)
-                               ).astype(self.dtype)
+                               ).astype(p)
         _, self.mean, self.invstd = fastbn.batch_norm_forward(
             x0, self.gamma, self.beta, eps=EPS, channel_axis=shape.channel_axis)
         self._y = None
@@ -283,7 +309,10 @@ class Workload:
         memory format (``permute(0, 3, 1, 2)`` of the NHWC array).
         """
         def view(a):
-            t = torch.from_numpy(a)
+            if a.dtype.kind == "V":  # ml_dtypes' bfloat16: the same bits as torch's
+                t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+            else:
+                t = torch.from_numpy(a)
             return t.permute(0, 3, 1, 2) if self.shape.channels_last else t
 
         names = names or ("x", "dy")
@@ -334,8 +363,8 @@ def make_call(impl, op, w, num_threads):
         return _variant_call(impl, op, w, num_threads)
     if impl.name == "torch":
         return _torch_call(op, w)
-    if impl in PEERS:  # None where the peer lacks the case
-        return peers.make_call(impl.name, op, w, num_threads)
+    if impl in PEERS:  # None where the peer lacks the case (16-bit data: all of them here)
+        return None if w.dtype.itemsize == 2 else peers.make_call(impl.name, op, w, num_threads)
     module = {"reference": reference, "numpy": numpy_formula}.get(impl.name, fastbn)
     out = w.out if impl.name == "fastbn_out" else [None] * w.copies
     kw = {"channel_axis": w.shape.channel_axis, "num_threads": num_threads}

@@ -77,7 +77,8 @@ def as_numpy(result, shape):
             result = result.to_dense()
         if shape.channels_last:
             result = result.permute(0, 2, 3, 1)
-        return result.numpy()
+        # bfloat16 has no NumPy dtype in torch: widened (exactly) for the comparison
+        return (result.float() if result.dtype == torch.bfloat16 else result).numpy()
     if isinstance(result, list):  # ONNX Runtime
         result = result[0]
     return np.asarray(result)

@@ -44,6 +44,9 @@ from cases import TRAFFIC_FACTOR, Workload, as_array, log, make_call
 from report import format_time
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+# the largest difference from the oracle, relative to max |y|, that is no warning:
+# a few units in the last place of each dtype (float64: 1e-9)
+TOLERANCE = {"float32": 1e-3, "float16": 4e-3, "bfloat16": 3e-2}
 COPY_MIN_BYTES = 256 * 2**20
 
 
@@ -58,6 +61,9 @@ def parse_args(argv):
     parser.add_argument("--threads", type=lambda s: [int(t) for t in s.split(",")],
                         default=None,
                         help="comma-separated thread counts (default: 1 and all cores)")
+    parser.add_argument("--dtypes", type=lambda s: s.split(","), default=None,
+                        help="comma-separated dtypes to time (default: float32, float64, "
+                             "float16 and, with ml_dtypes, bfloat16)")
     parser.add_argument("--no-scenarios", action="store_true",
                         help="skip the scenarios (busy neighbour, training step, PyTorch beside "
                              "fastbn, back-to-back calls, fused ReLU, main job)")
@@ -90,7 +96,7 @@ def run_case(op, w, threads, settings):
             oracle = y
         scale = max(1.0, float(np.max(np.abs(oracle))))
         error = float(np.max(np.abs(y - oracle))) / scale
-        tolerance = 1e-3 if w.dtype == np.float32 else 1e-9
+        tolerance = TOLERANCE.get(w.dtype.name, 1e-9)
         if not error <= tolerance:
             log(f"  WARNING: {impl.label} differs from the reference by {error:.3g} "
                 f"(relative to max |y|) on {op} {w.label}")
@@ -227,7 +233,8 @@ def main(argv=None):
     waiter = QuietWaiter(args.wait_quiet, idle_load)
     machine_info = machine.describe(cases.torch)
     copy = machine.CopyBandwidth(max(settings["flush_bytes"], COPY_MIN_BYTES))
-    records = run_suite(cases.suite(args.quick), threads_list, settings, copy, waiter, started)
+    records = run_suite(cases.suite(args.quick, args.dtypes), threads_list, settings, copy,
+                        waiter, started)
     copy.close()
     copy_bandwidth = {t: copy.result(t) for t in threads_list}
     for r in records:

@@ -37,9 +37,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
-from fastbn import _front, _openmp, _overlap
+from fastbn import _dtypes, _front, _openmp, _overlap
 
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: float32 and float64: the dtypes of parameters (and of the adapters' data)
+FLOAT_DTYPES = _dtypes.PARAMETER_DTYPES
 
 
 def _error(cls: type[Exception], who: str | None, text: str, *problem: Any) -> Exception:
@@ -264,21 +265,36 @@ def array(name: str, a: Any, *, who: str | None = None, what: str = "a numpy.nda
 
 def dtype_of(name: str, a: NDArray[Any], dtype: np.dtype[Any] | None, *, who: str | None = None,
              whose: str = "x") -> None:
-    """a (an ndarray) has dtype: float32 or float64 when dtype is None, else
-    that dtype (``whose``: x, or the layer, named in the message)."""
+    """a (an ndarray) has dtype: a data dtype when dtype is None (float32,
+    float64, float16, bfloat16: fastbn._dtypes), else that dtype
+    (``whose``: x, or the layer, named in the message; or the text that
+    says which dtype it is)."""
     if dtype is None:
-        if a.dtype not in FLOAT_DTYPES:
-            raise _error(TypeError, who, f"{name} must have dtype float32 or float64, got "
+        if not _dtypes.is_data(a.dtype):
+            raise _error(TypeError, who, f"{name} must have dtype {_dtypes.DATA_NAMES}, got "
                                          f"{dtype_name(a.dtype)}", "dtype", name, a.dtype.str)
     elif a.dtype != dtype:
-        expected = f"the layer's dtype ({dtype})" if whose == "layer" else \
-            f"the dtype of {whose} ({dtype})"
+        expected = (f"the layer's dtype ({dtype})" if whose == "layer" else
+                    f"dtype {dtype}, {whose}" if " " in whose else
+                    f"the dtype of {whose} ({dtype})")
         raise _error(TypeError, who, f"{name} must have {expected}, got "
                                      f"{dtype_name(a.dtype)}", "dtype", name, a.dtype.str)
 
 
+def parameter_dtype(name: str, a: NDArray[Any], dtype: np.dtype[Any] | None, *,
+                    who: str | None = None, whose: str = "x") -> None:
+    """a (an ndarray) has the parameter dtype of data of ``dtype``
+    (fastbn._dtypes.parameters: float32 for 16-bit data; any data dtype for
+    None)."""
+    if dtype is not None and _dtypes.is_half(dtype):
+        whose = f"the parameter dtype of {dtype} {whose}"
+    dtype_of(name, a, None if dtype is None else _dtypes.parameters(dtype), who=who,
+             whose=whose)
+
+
 def x(name: str, a: Any, *, who: str | None = None) -> None:
-    """a must be a float32/float64 ndarray of 2 to 5 dimensions, none empty."""
+    """a must be an ndarray of a data dtype (fastbn._dtypes) and 2 to 5
+    dimensions, none empty."""
     array(name, a, who=who)
     dtype_of(name, a, None, who=who)
     if not 2 <= a.ndim <= 5:
@@ -293,8 +309,10 @@ def layer_input(x: Any, *, who: str, num_features: int, channel_axis: int,
                 dtype: np.dtype[Any] | None, ndims: tuple[int, ...], expected: str) -> int:
     """The input of a layer (or of a synchronized pass): an ndarray with a
     number of dimensions in ``ndims`` (described by ``expected``),
-    ``num_features`` channels on the channel axis and dtype ``dtype``
-    (float32 or float64 for None). Returns the channel axis (>= 0)."""
+    ``num_features`` channels on the channel axis, and a dtype whose
+    parameters are ``dtype`` (fastbn._dtypes: a float32 layer takes
+    float32, float16 and bfloat16 input; any data dtype for None). Returns
+    the channel axis (>= 0)."""
     array("x", x, who=who)
     if x.ndim not in ndims:
         raise _error(ValueError, None, f"{who} expects {expected}, got {x.ndim}-D input of "
@@ -304,13 +322,16 @@ def layer_input(x: Any, *, who: str, num_features: int, channel_axis: int,
         raise _error(ValueError, None, f"{who} expects {num_features} channels on axis "
                                        f"{channel_axis}, got input of shape {x.shape}",
                      "channels", x.shape[axis])
-    if dtype is not None and x.dtype != dtype and x.dtype in FLOAT_DTYPES:
+    if dtype is not None and not _dtypes.is_data(x.dtype):
+        dtype_of("x", x, dtype, who=who, whose="layer")  # "the layer's dtype (float32)"
+    dtype_of("x", x, None, who=who)
+    if dtype is not None and _dtypes.parameters(x.dtype) != dtype:
         layer = who.partition("(")[0]  # SyncBatchNorm's who is "SyncBatchNorm(C)"
-        raise _error(TypeError, who, f"x must have the layer's dtype ({dtype}), got "
-                                     f"{x.dtype}: for {x.dtype} input build the layer with "
-                                     f"{layer}({num_features}, dtype=np.{x.dtype}), or pass "
+        wanted = _dtypes.parameters(x.dtype)  # float32 for 16-bit input
+        raise _error(TypeError, who, f"x must have the layer's dtype ({dtype}), got {x.dtype}: "
+                                     f"for {x.dtype} input build the layer with "
+                                     f"{layer}({num_features}, dtype=np.{wanted}), or pass "
                                      f"x.astype(np.{dtype})", "dtype", "x", x.dtype.str)
-    dtype_of("x", x, dtype, who=who, whose="x" if dtype is None else "layer")
     return axis
 
 
@@ -328,14 +349,15 @@ def like(name: str, a: Any, x: Any, *, who: str | None = None,
 def vector(name: str, v: Any, dtype: np.dtype[Any] | None, size: int, *, writeable: bool = False,
            who: str | None = None, what: str = "a numpy.ndarray or None", per: str = "channel",
            whose: str = "x") -> NDArray[Any]:
-    """A (C,) array of the call's dtype (float32 or float64 for None);
-    returns a C-contiguous view or copy. ``what`` is the expected type as the
-    message says it, ``per`` what C counts.
+    """A (C,) array of the parameter dtype of data of ``dtype``
+    (fastbn._dtypes.parameters: float32 for 16-bit data; any data dtype for
+    None); returns a C-contiguous view or copy. ``what`` is the expected
+    type as the message says it, ``per`` what C counts.
 
     ``writeable``: it is updated in place, so it must be writeable and may
     not have a zero stride (several channels would write one value)."""
     array(name, v, who=who, what=what)
-    dtype_of(name, v, dtype, who=who, whose=whose)
+    parameter_dtype(name, v, dtype, who=who, whose=whose)
     if v.shape != (size,):
         raise _error(ValueError, who, f"{name} must have shape ({size},) (one value per "
                                       f"{per}), got shape {v.shape}")

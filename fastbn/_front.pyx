@@ -27,12 +27,13 @@ from libc.math cimport isfinite
 from libc.stdint cimport INT64_MAX, int64_t
 from libc.string cimport memcpy
 
-from fastbn._call cimport (ACT_LEAKY_RELU, ACT_NONE, ACT_RELU, DTYPE_FLOAT32, DTYPE_FLOAT64,
+from fastbn._call cimport (ACT_LEAKY_RELU, ACT_NONE, ACT_RELU, DTYPE_BFLOAT16, DTYPE_FLOAT16,
+                           DTYPE_FLOAT32, DTYPE_FLOAT64,
                            ENTRY_NAME, GRAD_ACT, GRAD_OUTPUT, GRAD_PLAIN, MODE_BACKWARD, STEPS_ALL,
                            MODE_FORWARD, MODE_INFERENCE, Call, Entry)
 from fastbn._openmp cimport resolved_threads
 
-from fastbn import _dispatch
+from fastbn import _dispatch, _dtypes
 
 cnp.import_array()
 
@@ -71,7 +72,9 @@ cdef inline Entry view(cnp.ndarray x, int ca, Call* k) noexcept:
     cdef int ndim = cnp.PyArray_NDIM(x), d
     cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(x)
     cdef Py_ssize_t size = cnp.PyArray_SIZE(x), spatial = 1
-    k.dtype = DTYPE_FLOAT32 if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT else DTYPE_FLOAT64
+    cdef int t = cnp.PyArray_TYPE(x)
+    k.dtype = (DTYPE_FLOAT32 if t == cnp.NPY_FLOAT else DTYPE_FLOAT64 if t == cnp.NPY_DOUBLE
+               else DTYPE_FLOAT16 if t == cnp.NPY_FLOAT16 else DTYPE_BFLOAT16)
     k.c = dims[ca]
     k.s = 1
     if ca == ndim - 1:
@@ -162,7 +165,7 @@ cdef tuple forward_core(cnp.ndarray x, object gamma, object beta, object running
     """(y, mean, invstd), and r and d with Batch Renormalization."""
     cdef Call k
     cdef Entry entry = view(x, ca, &k)
-    cdef int typenum = cnp.PyArray_TYPE(x)
+    cdef int typenum = param_type(cnp.PyArray_TYPE(x))
     cdef cnp.ndarray y = like(x) if out is None else <cnp.ndarray>out
     cdef cnp.ndarray mean = statistic(&k, typenum, v), invstd = statistic(&k, typenum, v)
     cdef cnp.ndarray r = statistic(&k, typenum, v) if v.renorm else None
@@ -252,7 +255,7 @@ cdef tuple backward_core(cnp.ndarray dy, cnp.ndarray x, object gamma, object bet
     Normalization."""
     cdef Call k
     cdef Entry entry = view(x, ca, &k)
-    cdef int typenum = cnp.PyArray_TYPE(x)
+    cdef int typenum = param_type(cnp.PyArray_TYPE(x))
     cdef bint reads_x = training or param_grads or act != ACT_NONE
     cdef cnp.ndarray dx = like(dy) if out is None else <cnp.ndarray>out
     cdef object dgamma = per_channel(&k, typenum) if reads_x else None
@@ -299,12 +302,13 @@ cdef int forward_args(Args* r, x, gamma, beta, eps, running_mean, running_var, m
                       out, num_threads, tuple ndims, Py_ssize_t num_features,
                       object dtype) except -2:
     """The fast checks of a training forward: 0 with r filled in, or -1."""
-    cdef int typenum
+    cdef int typenum, pt
     cdef Py_ssize_t c
     r.ca = input_of(x, channel_axis, ndims, num_features, dtype)
     if r.ca < 0:
         return -1
     typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    pt = param_type(typenum)
     c = cnp.PyArray_DIMS(<cnp.ndarray>x)[r.ca]
     if cnp.PyArray_SIZE(<cnp.ndarray>x) // c <= 1 or not positive(eps, &r.eps):
         return -1
@@ -314,10 +318,10 @@ cdef int forward_args(Args* r, x, gamma, beta, eps, running_mean, running_var, m
     if r.nthreads == 0 or not is_bool(unbiased) or not activation_of(
             activation, negative_slope, &r.act, &r.slope):
         return -1
-    if not (optional_vector(gamma, typenum, c) and optional_vector(beta, typenum, c)):
+    if not (optional_vector(gamma, pt, c) and optional_vector(beta, pt, c)):
         return -1
     if running_mean is not None or running_var is not None:
-        if not (vector(running_mean, typenum, c, True) and vector(running_var, typenum, c, True)
+        if not (vector(running_mean, pt, c, True) and vector(running_var, pt, c, True)
                 and apart(running_mean, running_var)):
             return -1
         for a in (x, gamma, beta):
@@ -362,19 +366,20 @@ def inference(x, gamma, beta, running_mean, running_var, eps, activation, negati
               Py_ssize_t num_features=-1, object dtype=None):
     """:func:`fastbn.batch_norm_inference` for a call that passes the fast
     checks, else None (a layer's constraints as in :func:`forward`)."""
-    cdef int ca = input_of(x, channel_axis, ndims, num_features, dtype), act, nthreads, typenum
+    cdef int ca = input_of(x, channel_axis, ndims, num_features, dtype), act, nthreads, typenum, pt
     cdef double e, slope
     cdef Py_ssize_t c
     if ca < 0:
         return None
     typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    pt = param_type(typenum)
     c = cnp.PyArray_DIMS(<cnp.ndarray>x)[ca]
     nthreads = threads_of(num_threads)
     if nthreads == 0 or not positive(eps, &e) or not activation_of(activation, negative_slope,
                                                                    &act, &slope):
         return None
-    if not (optional_vector(gamma, typenum, c) and optional_vector(beta, typenum, c)
-            and vector(running_mean, typenum, c, False) and vector(running_var, typenum, c, False)):
+    if not (optional_vector(gamma, pt, c) and optional_vector(beta, pt, c)
+            and vector(running_mean, pt, c, False) and vector(running_var, pt, c, False)):
         return None
     if not result_ok(out, <cnp.ndarray>x, typenum, x, None,
                      (gamma, beta, running_mean, running_var)):
@@ -387,17 +392,18 @@ cdef int gradient_args(Args* r, dy, x, gamma, beta, activation, negative_slope,
                        channel_axis, num_threads) except -2:
     """The fast checks that every backward makes (x is y from the output):
     0 with r filled in (not r.eps), or -1."""
-    cdef int typenum
+    cdef int typenum, pt
     cdef Py_ssize_t c
     r.ca = gradient_input_of(dy, x, channel_axis)
     if r.ca < 0:
         return -1
     typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    pt = param_type(typenum)
     c = cnp.PyArray_DIMS(<cnp.ndarray>x)[r.ca]
     r.nthreads = threads_of(num_threads)
     if r.nthreads == 0 or not activation_of(activation, negative_slope, &r.act, &r.slope):
         return -1
-    if not (optional_vector(gamma, typenum, c) and optional_vector(beta, typenum, c)):
+    if not (optional_vector(gamma, pt, c) and optional_vector(beta, pt, c)):
         return -1
     return 0
 
@@ -407,14 +413,15 @@ def backward(dy, x, gamma, mean, invstd, beta, activation, negative_slope, train
     """:func:`fastbn.batch_norm_backward` for a call that passes the fast
     checks, else None."""
     cdef Args a
-    cdef int typenum
+    cdef int typenum, pt
     cdef Py_ssize_t c
     if (gradient_args(&a, dy, x, gamma, beta, activation, negative_slope, channel_axis,
                       num_threads) < 0 or not is_bool(training) or not is_bool(param_grads)):
         return None
     typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    pt = param_type(typenum)
     c = cnp.PyArray_DIMS(<cnp.ndarray>x)[a.ca]
-    if not (vector(mean, typenum, c, False) and vector(invstd, typenum, c, False)):
+    if not (vector(mean, pt, c, False) and vector(invstd, pt, c, False)):
         return None
     if not result_ok(out, <cnp.ndarray>x, typenum, dy, None, (x, gamma, beta, mean, invstd)):
         return None
@@ -444,14 +451,15 @@ def backward_from_output(dy, y, gamma, beta, invstd, activation, negative_slope,
     """:func:`fastbn.batch_norm_backward_from_output` for a call that passes
     the fast checks (an invertible activation, no gamma of 0), else None."""
     cdef Args a
-    cdef int typenum
+    cdef int typenum, pt
     if gradient_args(&a, dy, y, gamma, beta, activation, negative_slope, channel_axis,
                      num_threads) < 0:
         return None
     if a.act == ACT_RELU or (a.act == ACT_LEAKY_RELU and not a.slope > 0.0):
         return None
     typenum = cnp.PyArray_TYPE(<cnp.ndarray>y)
-    if not (vector(invstd, typenum, cnp.PyArray_DIMS(<cnp.ndarray>y)[a.ca], False)
+    pt = param_type(typenum)
+    if not (vector(invstd, pt, cnp.PyArray_DIMS(<cnp.ndarray>y)[a.ca], False)
             and nonzero(gamma)):
         return None
     if not result_ok(out, <cnp.ndarray>y, typenum, dy, y, (gamma, beta, invstd)):
@@ -545,17 +553,18 @@ def variant_backward(dy, x, gamma, mean, invstd, r, d, beta, activation, negativ
     (groups, C) when ``grouped``, (C,) when False, either when None (by
     mean's number of dimensions)."""
     cdef Args a
-    cdef int typenum
+    cdef int typenum, pt
     cdef Variant v = PLAIN
     cdef tuple stats = (mean, invstd, r, d) if renorm else (mean, invstd)
     if gradient_args(&a, dy, x, gamma, beta, activation, negative_slope, channel_axis,
                      num_threads) < 0:
         return None
     typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    pt = param_type(typenum)
     if grouped is None:
         grouped = type(mean) is cnp.ndarray and cnp.PyArray_NDIM(<cnp.ndarray>mean) == 2
     v.renorm = renorm
-    v.groups = statistics_of(stats, typenum, cnp.PyArray_DIMS(<cnp.ndarray>x)[a.ca],
+    v.groups = statistics_of(stats, pt, cnp.PyArray_DIMS(<cnp.ndarray>x)[a.ca],
                              cnp.PyArray_DIMS(<cnp.ndarray>x)[0], grouped)
     if v.groups == 0:
         return None

@@ -7,13 +7,40 @@
 # Each says whether a value passes the fast path: False sends the call to
 # the full checks. None of them raises.
 
+cdef extern from "numpy/ndarraytypes.h":
+    enum: NPY_USERDEF          # the first type number of a dtype a library registers
+
+cdef int BFLOAT16 = -1         # the type number of ml_dtypes' bfloat16, once seen
+
+
+cdef inline int bfloat16_type() noexcept:
+    """The type number of ml_dtypes' bfloat16, or -1 while the program has
+    not imported ml_dtypes (fastbn._dtypes)."""
+    global BFLOAT16
+    cdef object dtype
+    if BFLOAT16 < 0:
+        dtype = _dtypes.bfloat16()
+        if dtype is not None:
+            BFLOAT16 = (<cnp.dtype>dtype).type_num
+    return BFLOAT16
+
+
 cdef inline int float_type(object a) noexcept:
-    """The NumPy type number of a float32 or float64 ndarray, else -1."""
+    """The NumPy type number of an ndarray of a data dtype (float32,
+    float64, float16, bfloat16), else -1."""
     cdef int t
     if type(a) is not cnp.ndarray:
         return -1
     t = cnp.PyArray_TYPE(<cnp.ndarray>a)
-    return t if t == cnp.NPY_FLOAT or t == cnp.NPY_DOUBLE else -1
+    if t == cnp.NPY_FLOAT or t == cnp.NPY_DOUBLE or t == cnp.NPY_FLOAT16:
+        return t
+    return t if t >= NPY_USERDEF and t == bfloat16_type() else -1
+
+
+cdef inline int param_type(int typenum) noexcept:
+    """The type number of the parameters and statistics of data of typenum:
+    float64 for float64, else float32 (fastbn._dtypes)."""
+    return cnp.NPY_DOUBLE if typenum == cnp.NPY_DOUBLE else cnp.NPY_FLOAT
 
 
 cdef inline bint plain(object a, int typenum, bint writeable) noexcept:
@@ -122,7 +149,7 @@ cdef inline int input_of(object x, object channel_axis, tuple ndims=None,
     ca = channel_axis_of(channel_axis, ndim)
     if ca < 0 or (num_features >= 0 and cnp.PyArray_DIMS(<cnp.ndarray>x)[ca] != num_features):
         return -1
-    if dtype is not None and <object>cnp.PyArray_DESCR(<cnp.ndarray>x) is not dtype:
+    if dtype is not None and param_type(typenum) != (<cnp.dtype>dtype).type_num:
         return -1
     return ca
 

@@ -22,11 +22,11 @@ from typing import Any, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from fastbn import _checks
+from fastbn import _checks, _dtypes
 from fastbn import functional as _functional
 from fastbn._layer_variants import backend_functions, load_options, state_entries
 from fastbn._typing import Activation
-from fastbn._checks import FLOAT_DTYPES, _error, count, dtype_name, flag, is_int, layer_arrays
+from fastbn._checks import _error, count, dtype_name, flag, is_int, layer_arrays
 
 __all__ = ["LayerState"]
 
@@ -360,28 +360,33 @@ class LayerState:
 # ------------------------------------------------------- state dict values
 
 def _to_numpy(value: Any) -> Any:
-    """A state-dict value as an ndarray; torch tensors are detached first."""
+    """A state-dict value as an ndarray; torch tensors are detached first,
+    and a bfloat16 one (a dtype NumPy has only through ml_dtypes) widened
+    to float32, exactly."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor, no torch import
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        value = value.numpy()
     return np.asarray(value)
 
 
 def _state_value(key: str, value: Any, target: NDArray[Any], *, who: str) -> NDArray[Any]:
     """One value of a state dict, checked, as an ndarray of ``target``'s shape
-    and dtype: float32 or float64 values for the parameters and running
-    statistics (the dtypes fastbn takes), an integer count for
+    and dtype: float values for the parameters and running statistics (of
+    any dtype fastbn takes: a half-precision model's load), an integer count for
     ``num_batches_tracked``."""
     counts = key == "num_batches_tracked"
     expected = ("an integer count (an int, or an integer array or tensor holding one)"
-                if counts else "float32 or float64 values (a numpy.ndarray, a torch.Tensor or "
-                               "a list of floats)")
+                if counts else f"{_dtypes.DATA_NAMES} values (a numpy.ndarray, a "
+                               f"torch.Tensor or a list of floats)")
     if value is None or isinstance(value, (str, bytes)):
         raise _error(TypeError, who, f"{key} must be {expected}, got {type(value).__name__}")
     if counts and is_int(value):  # however large: the range check says it
         count(value, who=who, name=key)
     try:
         array_ = _to_numpy(value)
-    except (TypeError, RuntimeError) as exc:  # a torch dtype without a NumPy one (bfloat16)
+    except (TypeError, RuntimeError) as exc:  # a torch dtype without a NumPy one (float8)
         raise _error(TypeError, who, f"{key} must be {expected}, got {type(value).__name__} "
                                      f"({exc})") from None
     except ValueError as exc:  # a ragged list
@@ -390,7 +395,7 @@ def _state_value(key: str, value: Any, target: NDArray[Any], *, who: str) -> NDA
     kind = array_.dtype.kind
     if counts and kind == "O" and array_.size == 1 and is_int(array_.reshape(-1)[0]):
         count(array_.reshape(-1)[0], who=who, name=key)  # an int beyond int64: out of range
-    if (kind not in "iu") if counts else (array_.dtype not in FLOAT_DTYPES):
+    if (kind not in "iu") if counts else not _dtypes.is_data(array_.dtype):
         held = " of dtype" if hasattr(value, "dtype") else " holding values of dtype"
         raise _error(TypeError, who, f"{key} must be {expected}, got "
                                      f"{type(value).__name__}{held} "

@@ -13,7 +13,7 @@ from typing import Any
 
 from numpy.typing import NDArray
 
-from fastbn._checks import _error, _shown, array, dtype_of, is_int, is_real
+from fastbn._checks import _error, _shown, array, is_int, is_real, parameter_dtype
 
 __all__ = ["clipping", "groups", "renorm_clipping", "statistics"]
 
@@ -96,7 +96,7 @@ def statistics(names: tuple[str, ...], arrays: tuple[Any, ...], x: NDArray[Any],
                num_features: int, *, grouped: bool,
                who: str | None = None) -> tuple[int, list[NDArray[Any]]]:
     """A variant backward's per-channel inputs (mean, invstd and r, d), as
-    the forward returned them: each an ndarray of x's dtype, (C,), or
+    the forward returned them: each an ndarray of x's parameter dtype, (C,), or
     (groups, C) when ``grouped``, with groups dividing x's batch size.
     Returns (groups, the arrays C-contiguous)."""
     checked = []
@@ -105,7 +105,7 @@ def statistics(names: tuple[str, ...], arrays: tuple[Any, ...], x: NDArray[Any],
         if a is None:
             raise _error(TypeError, who, f"{name} (from the forward) is required, got None")
         array(name, a, who=who)
-        dtype_of(name, a, x.dtype, who=who)
+        parameter_dtype(name, a, x.dtype, who=who)
         expected = f"(groups, {num_features})" if grouped else f"({num_features},)"
         if (a.ndim != (2 if grouped else 1) or a.shape[-1] != num_features
                 or (shape is not None and a.shape != shape)):

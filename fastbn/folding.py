@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fastbn import _arguments, _channels
+from fastbn import _arguments, _channels, _dtypes
 from fastbn._typing import FloatArray, OptionalArray
 
 __all__ = ["fold_batch_norm"]
@@ -56,17 +56,17 @@ def fold_batch_norm(weight: FloatArray, bias: OptionalArray, running_mean: Float
 
     Parameters
     ----------
-    weight : ndarray of float32 or float64, 2 or more dimensions
+    weight : ndarray of float32, float64, float16 or bfloat16, 2 or more dimensions
         The layer's weight, with its C output channels on ``out_axis``: a
         convolution's (O, I, kh, kw) or a linear layer's (O, I) with
         ``out_axis=0`` (PyTorch's layouts), a NumPy net's (I, O) matrix
         (``y = x @ W``) with ``out_axis=-1``. No axis may be of size 0.
-    bias : ndarray, shape (C,), float32 or float64, or None
+    bias : ndarray, shape (C,), float32, float64, float16 or bfloat16, or None
         The layer's bias; None for a layer without one (a bias of 0).
-    running_mean, running_var : ndarray, shape (C,), float32 or float64
+    running_mean, running_var : ndarray, shape (C,), float32, float64, float16 or bfloat16
         The Batch Normalization's running statistics (its mean and its
         variance, in the units of the layer's output and their square).
-    gamma, beta : ndarray, shape (C,), float32 or float64, or None
+    gamma, beta : ndarray, shape (C,), float32, float64, float16 or bfloat16, or None
         Its scale and shift; None means 1 and 0 (``affine=False``).
     eps : float, default 1e-5
         Added to the variance, as in the Batch Normalization; finite and > 0.
@@ -81,16 +81,16 @@ def fold_batch_norm(weight: FloatArray, bias: OptionalArray, running_mean: Float
 
     Returns
     -------
-    folded_weight : ndarray, shape and dtype of weight
+    folded_weight : ndarray, shape of weight, its dtype (float32 for a 16-bit weight)
         A new array.
-    folded_bias : ndarray, shape (C,), dtype of weight
+    folded_bias : ndarray, shape (C,), folded_weight's dtype
         A new array (also when ``bias`` is None).
 
     Raises
     ------
     TypeError
         weight or a per-channel array not an ndarray (or a masked array),
-        or not float32 or float64; out_axis not an int, eps not a number.
+        or of none of those dtypes; out_axis not an int, eps not a number.
     ValueError
         weight with fewer than 2 dimensions or a zero-size axis; out_axis
         not an axis of weight; a per-channel array not of shape (C,) with
@@ -143,20 +143,20 @@ def fold_into(self: Any, weight: NDArray[Any], bias: NDArray[Any] | None = None,
 
     Parameters
     ----------
-    weight : ndarray of float32 or float64, 2 or more dimensions
+    weight : ndarray of float32, float64, float16 or bfloat16, 2 or more dimensions
         The weight of the layer before, with this layer's C channels on
         ``out_axis``: (O, I, kh, kw) or (O, I) with ``out_axis=0``, an
         (I, O) matrix with ``out_axis=-1``. Its dtype need not be the
         layer's.
-    bias : ndarray, shape (C,), float32 or float64, or None
+    bias : ndarray, shape (C,), float32, float64, float16 or bfloat16, or None
         Its bias; None for none.
     out_axis : int, default 0
         The axis of ``weight`` that indexes the output channels.
 
     Returns
     -------
-    folded_weight : ndarray, shape and dtype of weight
-    folded_bias : ndarray, shape (C,), dtype of weight
+    folded_weight : ndarray, shape of weight, its dtype (float32 for a 16-bit weight)
+    folded_bias : ndarray, shape (C,), folded_weight's dtype
         New arrays; neither the layer nor the arguments are modified.
 
     Raises
@@ -215,5 +215,5 @@ def _fold(weight: NDArray[Any], bias: NDArray[Any] | None, running_mean: NDArray
     folded_weight = np.multiply(weight, scale.reshape(shape), dtype=np.float64)
     z0 = np.zeros(size) if bias is None else f64(bias)
     folded_bias = (z0 - center) * scale + offset
-    return (folded_weight.astype(weight.dtype, copy=False),
-            folded_bias.astype(weight.dtype, copy=False))
+    dtype = _dtypes.parameters(weight.dtype)  # float32 for a 16-bit weight
+    return folded_weight.astype(dtype, copy=False), folded_bias.astype(dtype, copy=False)

@@ -16,6 +16,19 @@ Batch Renormalization and Ghost Batch Normalization are
 :mod:`fastbn.variants`' (here too, so that this module is the layers'
 whole backend).
 
+Dtypes. The data (x, dy, y, ``out``) are float32, float64, float16 or
+bfloat16 (``ml_dtypes.bfloat16``, JAX's NumPy dtype; ``pip install
+"fastbn[bfloat16]"``). Every per-channel array (gamma, beta, the running
+statistics, mean, invstd, dgamma, dbeta) has x's *parameter dtype*: float64
+for float64 x, float32 for float32, float16 and bfloat16 x (PyTorch's rule
+for its CPU BatchNorm). 16-bit data is read exactly, summed in float64
+lanes as float32 data is, and each output value is computed in float32 and
+rounded once to the 16-bit dtype (to nearest even): y and dx are within one
+unit in the last place of the float64 oracle's result on the same inputs,
+plus a float32 rounding of the channel's scale. A float16 result beyond
+float16's range (65504) is +-inf, as IEEE 754 rounds it (a large gamma or
+beta can do it); NaN propagates as in float32.
+
 The formulas are those of Ioffe & Szegedy (2015), "Batch Normalization:
 Accelerating Deep Network Training by Reducing Internal Covariate Shift",
 arXiv:1502.03167; the running statistics follow PyTorch's ``BatchNorm``.
@@ -63,16 +76,16 @@ def batch_norm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArray,
 
     Parameters
     ----------
-    x : ndarray of float32 or float64
+    x : ndarray of float32, float64, float16 or bfloat16
         (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W) with
         ``channel_axis=1``; the channel axis last with ``channel_axis=-1``.
         Read-only input is fine; non-contiguous input is copied first.
-    gamma, beta : ndarray, shape (C,), dtype of x, or None
+    gamma, beta : ndarray, shape (C,), x's parameter dtype, or None
         Scale and shift. None means 1 and 0 (no affine transform).
     eps : float, default 1e-5
         Added to the variance, in float64; finite and > 0. It need not be
         representable in x's dtype (scaled data take a scaled eps).
-    running_mean, running_var : ndarray, shape (C,), dtype of x, or None
+    running_mean, running_var : ndarray, shape (C,), x's parameter dtype, or None
         Running statistics, both or neither, one value per channel (a
         zero-stride view is refused), updated in place as in PyTorch:
         ``running = (1 - f) * running + f * batch`` with ``f = momentum``;
@@ -111,9 +124,9 @@ def batch_norm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArray,
     Returns
     -------
     y : ndarray, shape and dtype of x (``out`` when given)
-    mean : ndarray, shape (C,), dtype of x
+    mean : ndarray, shape (C,), x's parameter dtype
         The batch mean, to pass to :func:`batch_norm_backward`.
-    invstd : ndarray, shape (C,), dtype of x
+    invstd : ndarray, shape (C,), x's parameter dtype
         ``1 / sqrt(var + eps)``, to pass to :func:`batch_norm_backward`.
         Saturated at the dtype's largest finite value when it exceeds it
         (float32, a constant channel and eps below about 1e-76): it stays
@@ -126,8 +139,9 @@ def batch_norm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArray,
     TypeError
         An argument of the wrong type or dtype (the policy of
         :mod:`fastbn._checks`): not an ndarray (or a masked array, whose
-        mask would be ignored), x not float32 or float64, another array
-        (``out`` included) not of x's dtype, ``num_batches_tracked`` not
+        mask would be ignored), x not float32, float64, float16 or bfloat16,
+        dy or ``out`` not of x's dtype, a per-channel array not of x's
+        parameter dtype (float32 for 16-bit x), ``num_batches_tracked`` not
         int64, a number argument that is not a number.
     ValueError
         x with fewer than 2 or more than 5 dimensions or a zero-size axis;
@@ -182,13 +196,13 @@ def batch_norm_inference(x: FloatArray, gamma: OptionalArray, beta: OptionalArra
 
     Parameters
     ----------
-    x : ndarray of float32 or float64
+    x : ndarray of float32, float64, float16 or bfloat16
         (N, C, ...) with ``channel_axis=1`` or (N, ..., C) with
         ``channel_axis=-1``, 2 to 5 dimensions. Non-contiguous input is
         copied first.
-    gamma, beta : ndarray, shape (C,), dtype of x, or None
+    gamma, beta : ndarray, shape (C,), x's parameter dtype, or None
         Scale and shift; None means 1 and 0.
-    running_mean, running_var : ndarray, shape (C,), dtype of x
+    running_mean, running_var : ndarray, shape (C,), x's parameter dtype
         The statistics to normalize with. Not modified.
     eps : float, default 1e-5
         Added to the variance; finite and > 0.
@@ -285,15 +299,15 @@ def batch_norm_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArray, mea
     ----------
     dy : ndarray
         Gradient of the loss with respect to y; shape and dtype of x.
-    x : ndarray of float32 or float64
+    x : ndarray of float32, float64, float16 or bfloat16
         The forward's input, 2 to 5 dimensions.
-    gamma : ndarray, shape (C,), dtype of x, or None
+    gamma : ndarray, shape (C,), x's parameter dtype, or None
         None means a scale of 1 (no affine); dgamma and dbeta are still
         returned, as the gradients of an implicit gamma = 1 and beta = 0.
-    mean, invstd : ndarray, shape (C,), dtype of x
+    mean, invstd : ndarray, shape (C,), x's parameter dtype
         As returned by :func:`batch_norm_forward` (training), or the
         running mean and ``1 / sqrt(running_var + eps)`` (``training=False``).
-    beta : ndarray, shape (C,), dtype of x, or None, keyword-only
+    beta : ndarray, shape (C,), x's parameter dtype, or None, keyword-only
         The forward's shift, needed for the pre-activation z with an
         ``activation``; None means 0. Ignored without an activation.
     activation : {None, "relu", "leaky_relu"}, default None
@@ -315,7 +329,7 @@ def batch_norm_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArray, mea
     Returns
     -------
     dx : ndarray, shape and dtype of x (``out`` when given)
-    dgamma, dbeta : ndarray, shape (C,), dtype of x, or None
+    dgamma, dbeta : ndarray, shape (C,), x's parameter dtype, or None
         None with ``param_grads=False``.
 
     Raises
@@ -391,13 +405,13 @@ def batch_norm_backward_from_output(dy: FloatArray, y: FloatArray, gamma: Option
     ----------
     dy : ndarray
         Gradient of the loss with respect to y; shape and dtype of y.
-    y : ndarray of float32 or float64
+    y : ndarray of float32, float64, float16 or bfloat16
         The output of :func:`batch_norm_forward` (training mode, the same
         ``activation`` and ``negative_slope``), 2 to 5 dimensions.
-    gamma, beta : ndarray, shape (C,), dtype of y, or None
+    gamma, beta : ndarray, shape (C,), y's parameter dtype, or None
         The forward's scale and shift; None means 1 and 0. gamma must have
         no zero.
-    invstd : ndarray, shape (C,), dtype of y
+    invstd : ndarray, shape (C,), y's parameter dtype
         As returned by :func:`batch_norm_forward`.
     activation : {None, "leaky_relu"}, default None
         The forward's fused activation; it must be invertible: "relu" is
@@ -413,7 +427,7 @@ def batch_norm_backward_from_output(dy: FloatArray, y: FloatArray, gamma: Option
     Returns
     -------
     dx : ndarray, shape and dtype of y (``out`` when given)
-    dgamma, dbeta : ndarray, shape (C,), dtype of y
+    dgamma, dbeta : ndarray, shape (C,), y's parameter dtype
 
     Raises
     ------

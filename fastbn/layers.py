@@ -69,10 +69,12 @@ class BatchNorm(LayerState):
         (initialized to 1) and ``num_batches_tracked``. Without them, eval
         mode normalizes with the batch statistics, as PyTorch does.
     dtype : {numpy.float32, numpy.float64}, default numpy.float32
-        dtype of the parameters and statistics; the input must have it. A
-        float64 net (NumPy's default dtype, as in cs231n) builds its layers
-        with ``dtype=np.float64``; input of the other dtype raises a
-        ``TypeError`` that says so.
+        dtype of the parameters and statistics. A float32 layer takes
+        float32, float16 and bfloat16 input (16-bit activations with float32
+        parameters, as PyTorch's mixed precision); a float64 layer takes
+        float64 input. A float64 net (NumPy's default dtype, as in cs231n)
+        builds its layers with ``dtype=np.float64``; input of another dtype
+        raises a ``TypeError`` that says so.
     channel_axis : {1, -1}, default 1
         1 for channels first (NCHW and relatives), -1 for channels last.
     num_threads : int > 0 or None, default None

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fastbn._dtypes import parameters as _parameters
 from fastbn._typing import (Activation, Counter, FloatArray, Gradients, OptionalArray, Renormed,
                             Triple)
 
@@ -134,7 +135,8 @@ def batch_norm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArray,
     Returns
     -------
     y : ndarray, shape and dtype of x
-    mean, invstd : ndarray, shape (C,), dtype of x
+    mean, invstd : ndarray, shape (C,), the parameter dtype of x (float32
+        for float16 and bfloat16 x)
         The batch mean and ``1 / sqrt(var + eps)``, the latter saturated at
         the dtype's largest finite value.
     """
@@ -166,8 +168,9 @@ def batch_norm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArray,
         running_var[...] = (1.0 - factor) * running_var.astype(np.float64) + factor * batch_var
     y = _rounded(y, x.dtype)
     y = _into(out, y)
-    largest = np.finfo(x.dtype).max  # invstd saturates there, as fastbn's does
-    return y, mean.astype(x.dtype), np.minimum(invstd, largest).astype(x.dtype)
+    p = _parameters(x.dtype)
+    largest = np.finfo(p).max  # invstd saturates there, as fastbn's does
+    return y, mean.astype(p), np.minimum(invstd, largest).astype(p)
 
 
 def batch_norm_inference(x: FloatArray, gamma: OptionalArray, beta: OptionalArray,
@@ -222,7 +225,7 @@ def batch_norm_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArray, mea
     Returns
     -------
     dx : ndarray, shape and dtype of x
-    dgamma, dbeta : ndarray, shape (C,), dtype of x, or None with
+    dgamma, dbeta : ndarray, shape (C,), the parameter dtype of x, or None with
         ``param_grads=False``
     """
     del num_threads
@@ -243,7 +246,7 @@ def batch_norm_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArray, mea
     dx = _into(out, dx)
     if not param_grads:
         return dx, None, None
-    return dx, dgamma.astype(x.dtype), dbeta.astype(x.dtype)
+    return dx, dgamma.astype(_parameters(x.dtype)), dbeta.astype(_parameters(x.dtype))
 
 
 def batch_norm_backward_from_output(dy: FloatArray, y: FloatArray, gamma: OptionalArray,
@@ -271,7 +274,7 @@ def batch_norm_backward_from_output(dy: FloatArray, y: FloatArray, gamma: Option
     Returns
     -------
     dx : ndarray, shape and dtype of y
-    dgamma, dbeta : ndarray, shape (C,), dtype of y
+    dgamma, dbeta : ndarray, shape (C,), the parameter dtype of y
 
     Raises
     ------
@@ -312,7 +315,7 @@ def batch_norm_backward_from_output(dy: FloatArray, y: FloatArray, gamma: Option
     dx, dgamma, dbeta = _backward_from_xhat(dz, xhat, g, invstd_b, axes, m, channel_axis, True)
     dx = _rounded(dx, y.dtype)
     dx = _into(out, dx)
-    return dx, dgamma.astype(y.dtype), dbeta.astype(y.dtype)
+    return dx, dgamma.astype(_parameters(y.dtype)), dbeta.astype(_parameters(y.dtype))
 
 
 
@@ -326,6 +329,7 @@ def _variant_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArray,
     Normalization (groups virtual batches along axis 0), in float64: y and
     the (groups, C) mean, invstd and, with clip, r and d."""
     axes, channel_axis = _reduce_axes(x.ndim, channel_axis)
+    pd = _parameters(x.dtype)
     parts = np.split(np.asarray(x, dtype=np.float64), groups, axis=0)
     m = parts[0].size // x.shape[channel_axis]
     g = np.ones(x.shape[channel_axis]) if gamma is None else np.asarray(gamma, np.float64)
@@ -342,7 +346,7 @@ def _variant_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArray,
         with np.errstate(invalid="ignore"):
             r = np.clip(np.sqrt(var + eps) / sigma, 1.0 / rmax if rmin is None else rmin, rmax)
             d = np.clip((mean - running_mean) / sigma, -dmax, dmax)
-        r, d = r.astype(x.dtype).astype(np.float64), d.astype(x.dtype).astype(np.float64)
+        r, d = r.astype(pd).astype(np.float64), d.astype(pd).astype(np.float64)
     ys = []
     for p, mu, istd, rj, dj in zip(parts, mean, invstd, r, d):
         xhat = (p - _per_channel(mu, x.ndim, channel_axis)) * _per_channel(istd, x.ndim,
@@ -360,10 +364,10 @@ def _variant_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArray,
         running_mean[...] = (1.0 - factor) * running_mean.astype(np.float64) \
             + factor * mean.mean(axis=0)
         running_var[...] = (1.0 - factor) * running_var.astype(np.float64) + factor * batch_var
-    largest = np.finfo(x.dtype).max
-    stats = [mean.astype(x.dtype), np.minimum(invstd, largest).astype(x.dtype)]
+    largest = np.finfo(pd).max
+    stats = [mean.astype(pd), np.minimum(invstd, largest).astype(pd)]
     if clip is not None:
-        stats += [r.astype(x.dtype), d.astype(x.dtype)]
+        stats += [r.astype(pd), d.astype(pd)]
     return (_rounded(np.concatenate(ys), x.dtype), *stats)
 
 
@@ -396,7 +400,8 @@ def _variant_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArray,
         dxs.append(dx)
         dgamma += r[j] * sum_dz_xhat + d[j] * sum_dz
         dbeta += sum_dz
-    return _rounded(np.concatenate(dxs), x.dtype), dgamma.astype(x.dtype), dbeta.astype(x.dtype)
+    p = _parameters(x.dtype)
+    return _rounded(np.concatenate(dxs), x.dtype), dgamma.astype(p), dbeta.astype(p)
 
 
 def batch_renorm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArray,

@@ -138,7 +138,7 @@ def batch_renorm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArra
     ----------
     x, gamma, beta
         As in :func:`fastbn.batch_norm_forward`.
-    running_mean, running_var : ndarray, shape (C,), dtype of x
+    running_mean, running_var : ndarray, shape (C,), x's parameter dtype
         Required: r and d compare the batch with them. Updated in place.
     rmax : float >= 1, default 3
     rmin : float in [0, 1] or None, default None (1 / rmax)
@@ -155,7 +155,7 @@ def batch_renorm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArra
     Returns
     -------
     y : ndarray, shape and dtype of x (``out`` when given)
-    mean, invstd, r, d : ndarray, dtype of x, shape (C,), or (groups, C)
+    mean, invstd, r, d : ndarray, x's parameter dtype, shape (C,), or (groups, C)
         with ``virtual_batch_size``: the batch statistics and the
         corrections, for :func:`batch_renorm_backward`.
 
@@ -211,10 +211,10 @@ def batch_renorm_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArray,
     ----------
     dy : ndarray
         Gradient of the loss with respect to y; shape and dtype of x.
-    x : ndarray of float32 or float64
+    x : ndarray of float32, float64, float16 or bfloat16
         The forward's input.
-    gamma : ndarray, shape (C,), dtype of x, or None
-    mean, invstd, r, d : ndarray, dtype of x
+    gamma : ndarray, shape (C,), x's parameter dtype, or None
+    mean, invstd, r, d : ndarray, x's parameter dtype
         As :func:`batch_renorm_forward` returned them: (C,), or (groups, C)
         after a forward with ``virtual_batch_size``.
     beta, activation, negative_slope, channel_axis, out, num_threads
@@ -223,7 +223,7 @@ def batch_renorm_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArray,
     Returns
     -------
     dx : ndarray, shape and dtype of x (``out`` when given)
-    dgamma, dbeta : ndarray, shape (C,), dtype of x
+    dgamma, dbeta : ndarray, shape (C,), x's parameter dtype
 
     Raises
     ------
@@ -269,7 +269,7 @@ def ghost_batch_norm_forward(x: FloatArray, gamma: OptionalArray, beta: Optional
     Returns
     -------
     y : ndarray, shape and dtype of x (``out`` when given)
-    mean, invstd : ndarray, shape (groups, C), dtype of x
+    mean, invstd : ndarray, shape (groups, C), x's parameter dtype
         Each group's statistics, for :func:`ghost_batch_norm_backward`.
 
     Raises
@@ -305,7 +305,7 @@ def ghost_batch_norm_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArra
     ----------
     dy, x, gamma
         As in :func:`fastbn.batch_norm_backward`.
-    mean, invstd : ndarray, shape (groups, C), dtype of x
+    mean, invstd : ndarray, shape (groups, C), x's parameter dtype
         As :func:`ghost_batch_norm_forward` returned them.
     beta, activation, negative_slope, channel_axis, out, num_threads
         As in :func:`fastbn.batch_norm_backward`.
@@ -313,7 +313,7 @@ def ghost_batch_norm_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArra
     Returns
     -------
     dx : ndarray, shape and dtype of x (``out`` when given)
-    dgamma, dbeta : ndarray, shape (C,), dtype of x
+    dgamma, dbeta : ndarray, shape (C,), x's parameter dtype
 
     Raises
     ------

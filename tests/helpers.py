@@ -79,7 +79,9 @@ def per_channel(v, ndim, channel_axis):
 
 
 def make_inputs(shape, dtype, channel_axis=1, rng=None, *, offset=0.0, spread=1.0):
-    """Arrays for one call of each function, all C-contiguous and of ``dtype``.
+    """Arrays for one call of each function, all C-contiguous: x and dy of
+    ``dtype``, the per-channel arrays of its parameter dtype (float32 for
+    float16 and bfloat16).
 
     Every channel gets its own mean (about ``offset``) and standard deviation
     (about ``spread``), so that per-channel mistakes show. Returns a
@@ -100,16 +102,17 @@ def make_inputs(shape, dtype, channel_axis=1, rng=None, *, offset=0.0, spread=1.
     x64 = x.astype(np.float64)
     mean = x64.mean(axis=axes)
     var = x64.var(axis=axes)
+    p = np.dtype(np.float64 if dtype == np.float64 else np.float32)  # float32 for 16-bit x
     return SimpleNamespace(
         C=C,
         x=x,
         dy=np.ascontiguousarray(rng.standard_normal(shape), dtype=dtype),
-        gamma=rng.uniform(0.5, 1.5, C).astype(dtype) * rng.choice([-1, 1], C).astype(dtype),
-        beta=rng.standard_normal(C).astype(dtype),
-        running_mean=(offset + rng.standard_normal(C)).astype(dtype),
-        running_var=rng.uniform(0.5, 2.0, C).astype(dtype) * spread**2,
-        mean=mean.astype(dtype),
-        invstd=(1.0 / np.sqrt(var + 1e-5)).astype(dtype),
+        gamma=rng.uniform(0.5, 1.5, C).astype(p) * rng.choice([-1, 1], C).astype(p),
+        beta=rng.standard_normal(C).astype(p),
+        running_mean=(offset + rng.standard_normal(C)).astype(p),
+        running_var=rng.uniform(0.5, 2.0, C).astype(p) * spread**2,
+        mean=mean.astype(p),
+        invstd=(1.0 / np.sqrt(var + 1e-5)).astype(p),
     )
 
 

@@ -136,7 +136,13 @@ PER_CHANNEL = [dict(func=f, name=n) for f, names in (
     ("forward", ("gamma", "beta", "running_mean", "running_var")),
     ("inference", ("gamma", "beta", "running_mean", "running_var")),
     ("backward", ("gamma", "mean", "invstd"))) for n in names]
-BAD_DTYPES = ("int32", "int64", "uint8", "float16", "complex64", "complex128", "bool", "object")
+BAD_DTYPES = ("int32", "int64", "uint8", "complex64", "complex128", "bool", "object")
+
+
+def _bfloat16():
+    """ml_dtypes' bfloat16 (a test requirement, imported where a row uses it)."""
+    import ml_dtypes
+    return ml_dtypes.bfloat16
 
 
 def overlapping(a, shift):
@@ -452,11 +458,11 @@ TABLE = [
 
     # -- functions: dtypes
     family("x of dtype " + ", ".join(BAD_DTYPES[:-1]) + " or " + BAD_DTYPES[-1], TypeError,
-           "x must have dtype float32 or float64, got {dtype}",
+           "x must have dtype float32, float64, float16 or bfloat16, got {dtype}",
            lambda func, dtype: function_call(func, x=lambda a: a["x"].astype(dtype)),
            grid(EVERY_FUNCTION, dtype=BAD_DTYPES)),
     Bad("batch_norm_forward", "x big-endian float32 ('>f4')", TypeError,
-        "x must have dtype float32 or float64, got float32 (big-endian)",
+        "x must have dtype float32, float64, float16 or bfloat16, got float32 (big-endian)",
         fn("forward", x=lambda a: a["x"].astype(">f4"))),
     family("dy or a per-channel array of another float dtype than x: float64 with x float32, "
            "float32 with x float64, float16 with x float32", TypeError,
@@ -469,6 +475,20 @@ TABLE = [
     Bad("batch_norm_backward", "mean int64", TypeError,
         "mean must have the dtype of x (float32), got int64",
         fn("backward", mean=np.zeros(3, np.int64))),
+    # -- issue 19: 16-bit data, float32 parameters
+    Bad("batch_norm_forward", "out float16 with x float32 (a 16-bit out is no cast)", TypeError,
+        "out must have the dtype of x (float32), got float16",
+        fn("forward", out=lambda a: np.empty(a["x"].shape, np.float16))),
+    Bad("batch_norm_backward", "dy bfloat16 with x float16 (mixed 16-bit dtypes)", TypeError,
+        "dy must have the dtype of x (float16), got bfloat16",
+        lambda: function_call("backward", valid=dict(dtype="float16"),
+                              dy=lambda a: a["dy"].astype(_bfloat16()))),
+    family("a per-channel array float16 with x float16 (its parameters are float32)",
+           TypeError, "{name} must have dtype float32, the parameter dtype of float16 x, got "
+           "float16", lambda func, name: function_call(
+               func, valid=dict(dtype="float16"), **{name: lambda a: a[name].astype(np.float16)}),
+           [dict(func="forward", name="gamma"), dict(func="inference", name="running_var"),
+            dict(func="backward", name="invstd")]),
 
     # -- functions: flags
     Bad("batch_norm_forward", "unbiased the string 'False'", TypeError,
@@ -561,10 +581,10 @@ TABLE = [
            lambda func, shape: function_call(func, y=np.ones(shape, F32),
                                              dy=np.ones(shape, F32)),
            grid(FROM_OUTPUT, shape=[(12,), (2, 3, 1, 1, 1, 2)])),
-    family("y of dtype int64, float16 or bool", TypeError,
-           "y must have dtype float32 or float64, got {dtype}",
+    family("y of dtype int64, int16 or bool", TypeError,
+           "y must have dtype float32, float64, float16 or bfloat16, got {dtype}",
            lambda func, dtype: function_call(func, y=lambda a: a["y"].astype(dtype)),
-           grid(FROM_OUTPUT, dtype=["int64", "float16", "bool"])),
+           grid(FROM_OUTPUT, dtype=["int64", "int16", "bool"])),
     Bad("batch_norm_backward_from_output", "y a list", TypeError,
         "y must be a numpy.ndarray, got list",
         fn("backward_from_output", y=lambda a: a["y"].tolist())),
@@ -1001,13 +1021,13 @@ TABLE = [
         "BatchNorm2d.load_state_dict: state_dict must be a mapping of str to arrays (as "
         "state_dict() returns), got list",
         layer(BatchNorm2d, lambda bn, x: bn.load_state_dict(list(bn.state_dict().items())))),
-    Bad("BatchNorm2d(3)", "load_state_dict with running_var None, a string, int64 or float16",
-        TypeError, "BatchNorm2d.load_state_dict: running_var must be float32 or float64 values "
+    Bad("BatchNorm2d(3)", "load_state_dict with running_var None, a string, int64 or int16",
+        TypeError, "BatchNorm2d.load_state_dict: running_var must be float32, float64, float16 or bfloat16 values "
         "(a numpy.ndarray, a torch.Tensor or a list of floats), got {type}",
         lambda value, type: load(running_var=lambda: value)(),
         tuple(typed("value", [None, "1.0"])) + (
             {"value": np.ones(C, np.int64), "type": "ndarray of dtype int64"},
-            {"value": np.ones(C, np.float16), "type": "ndarray of dtype float16"})),
+            {"value": np.ones(C, np.int16), "type": "ndarray of dtype int16"})),
     # -- issue 20: in place means in place (fastbn.distributed)
     Bad("merge_records", "b read-only", ValueError,
         "merge_records: b is updated in place and must be writeable, got a read-only array",
@@ -1039,10 +1059,10 @@ TABLE = [
     Bad("fold_batch_norm", "weight with a zero-size axis (3, 0)", ValueError,
         "weight must not have a zero-size axis, got shape (3, 0)",
         folding(weight=np.ones((3, 0), F32))),
-    Bad("fold_batch_norm", "weight of dtype int64, float16, complex64 or bool", TypeError,
-        "weight must have dtype float32 or float64, got {dtype}",
+    Bad("fold_batch_norm", "weight of dtype int64, int16, complex64 or bool", TypeError,
+        "weight must have dtype float32, float64, float16 or bfloat16, got {dtype}",
         lambda dtype: fold_call(weight=lambda a: a["weight"].astype(dtype)),
-        tuple(grid(dtype=["int64", "float16", "complex64", "bool"]))),
+        tuple(grid(dtype=["int64", "int16", "complex64", "bool"]))),
     Bad("fold_batch_norm", "weight a list", TypeError, "weight must be a numpy.ndarray, got list",
         folding(weight=lambda a: a["weight"].tolist())),
     Bad("fold_batch_norm", "running_mean, running_var, bias, gamma or beta of shape (4,), (2,) "
@@ -1056,10 +1076,10 @@ TABLE = [
         ValueError,
         "running_mean must have shape (2,) (one value per channel on out_axis 1 of weight), got "
         "shape (3,)", folding(out_axis=1)),
-    Bad("fold_batch_norm", "running_var or gamma int64 or float16", TypeError,
-        "{name} must have dtype float32 or float64, got {dtype}",
+    Bad("fold_batch_norm", "running_var or gamma int64 or int16", TypeError,
+        "{name} must have dtype float32, float64, float16 or bfloat16, got {dtype}",
         lambda name, dtype: fold_call(**{name: lambda a: a[name].astype(dtype)}),
-        tuple(grid(name=["running_var", "gamma"], dtype=["int64", "float16"]))),
+        tuple(grid(name=["running_var", "gamma"], dtype=["int64", "int16"]))),
     Bad("fold_batch_norm", "running_mean None", TypeError,
         "running_mean must be a numpy.ndarray, got NoneType", folding(running_mean=None)),
     Bad("fold_batch_norm", "out_axis 4, -5 or 100 (weight 4-D)", ValueError,
@@ -1085,7 +1105,7 @@ TABLE = [
         "BatchNorm2d.fold_into: out_axis must be an axis of weight, in [-2, 1] for its 2 "
         "dimensions, got 2", fold_into(lambda: np.ones((C, 4), F32), out_axis=2)),
     Bad("BatchNorm2d(3)", "fold_into a weight int64", TypeError,
-        "BatchNorm2d.fold_into: weight must have dtype float32 or float64, got int64",
+        "BatchNorm2d.fold_into: weight must have dtype float32, float64, float16 or bfloat16, got int64",
         fold_into(lambda: np.ones((C, 4), np.int64))),
 
     # -- adapters: cs231n

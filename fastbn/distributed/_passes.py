@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fastbn import _arguments, _channels, _checks, _dispatch, _front, _running
+from fastbn import _arguments, _channels, _checks, _dispatch, _dtypes, _front, _running
 from fastbn.distributed._protocol import Collective
 from fastbn.distributed._records import TAG_STATS, TAG_SUM
 from fastbn._typing import Activation, Allreduce, Counter, FloatArray, OptionalArray, Triple
@@ -58,8 +58,8 @@ def _view(x: NDArray[Any], ca: int) -> tuple[ModuleType, NDArray[Any], NDArray[A
 
 def _collective(who: str, allreduce: Allreduce, C: int, dtype: np.dtype[Any] | None,
                 expected: str) -> Collective:
-    """The pass's records and failure protocol (dtype None: float32 or float64)."""
-    return Collective(who, allreduce, C, "float32 or float64" if dtype is None else str(dtype),
+    """The pass's records and failure protocol (dtype None: any data dtype)."""
+    return Collective(who, allreduce, C, _dtypes.DATA_NAMES if dtype is None else str(dtype),
                       expected)
 
 
@@ -94,7 +94,7 @@ def forward(x: Any, gamma: Any, beta: Any, *, allreduce: Allreduce, num_features
         act, slope = _checks.activation(activation, negative_slope)
         tracking = rm is not None
         factor = _running.factor(momentum, num_batches_tracked) if tracking else -1.0
-        call.settings(x.dtype.itemsize, eps, factor, unbiased, act, slope)
+        call.settings(_dtypes.size_code(x.dtype), eps, factor, unbiased, act, slope)
         kernel, xc, xv, n = _view(x, ca)
         body = call.body
         body[:, 0] = TAG_STATS
@@ -114,10 +114,11 @@ def forward(x: Any, gamma: Any, beta: Any, *, allreduce: Allreduce, num_features
         raise ValueError(f"Expected more than 1 value per channel when training, got input "
                          f"size {x.shape}{where} and {int(m)} value(s) per channel over all "
                          f"ranks")
-    mean = np.empty(C, x.dtype)
-    invstd = np.empty(C, x.dtype)
+    p = _dtypes.parameters(x.dtype)
+    mean = np.empty(C, p)
+    invstd = np.empty(C, p)
     coef = np.empty((C, 4))
-    rd = (np.empty(C, x.dtype), np.empty(C, x.dtype)) if renorm else ()
+    rd = (np.empty(C, p), np.empty(C, p)) if renorm else ()
     with np.errstate(all="ignore"):
         _channels.forward_map(body[:, 2:4], m, eps, mean, invstd, g, b, rm, rv,
                               factor if tracking else 0.0, unbiased, coef, *rd, *(renorm or ()))
@@ -167,12 +168,12 @@ def sync_batch_norm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalA
 
     Parameters
     ----------
-    x : ndarray of float32 or float64
+    x : ndarray of float32, float64, float16 or bfloat16
         This rank's slice: (N, C), (N, C, L), (N, C, H, W) or
         (N, C, D, H, W) with ``channel_axis=1``, channels last with
         ``channel_axis=-1``. N (or any axis but the channels) may be 0. The
         same dtype on every rank.
-    gamma, beta : ndarray, shape (C,), dtype of x, or None
+    gamma, beta : ndarray, shape (C,), x's parameter dtype, or None
         Scale and shift; None means 1 and 0. The same on every rank.
     allreduce : callable
         ``allreduce(records)`` with ``records`` a C-contiguous float64 array
@@ -186,7 +187,7 @@ def sync_batch_norm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalA
         C, the same on every rank: it sizes the reduction buffer, so that a
         rank whose x has another channel count still joins the reduction.
     eps : float, default 1e-5
-    running_mean, running_var : ndarray, shape (C,), dtype of x, or None
+    running_mean, running_var : ndarray, shape (C,), x's parameter dtype, or None
         Updated in place as in :func:`fastbn.batch_norm_forward`, with the
         global statistics and the unbiased variance ``var * m / (m - 1)``;
         given identical on every rank, they stay identical to the bit.
@@ -208,7 +209,7 @@ def sync_batch_norm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalA
     Returns
     -------
     y : ndarray, shape and dtype of x (``out`` when given)
-    mean, invstd : ndarray, shape (C,), dtype of x
+    mean, invstd : ndarray, shape (C,), x's parameter dtype
         The global batch statistics, the same on every rank, for
         :func:`sync_batch_norm_backward`.
 
@@ -269,7 +270,7 @@ def backward(dy: Any, x: Any, gamma: Any, mean: Any, invstd: Any, *, allreduce: 
             b = None if beta is None else np.ascontiguousarray(beta)
             grad = _GRAD_ACT if act else _GRAD_PLAIN
         transform = (g, b, mu, istd, r, d)  # what grad needs
-        call.settings(x.dtype.itemsize, act=act, slope=slope)
+        call.settings(_dtypes.size_code(x.dtype), act=act, slope=slope)
         kernel, xc, xv, n = _view(x, ca)
         dyv = np.ascontiguousarray(dy).reshape(xv.shape)
         body = call.body
@@ -284,8 +285,8 @@ def backward(dy: Any, x: Any, gamma: Any, mean: Any, invstd: Any, *, allreduce: 
     call.reduce(TAG_SUM)
     body = call.body
 
-    dgamma = np.empty(C, x.dtype)
-    dbeta = np.empty(C, x.dtype)
+    dgamma = np.empty(C, _dtypes.parameters(x.dtype))
+    dbeta = np.empty(C, _dtypes.parameters(x.dtype))
     coef = np.empty((C, 4))
     with np.errstate(all="ignore"):
         _channels.backward_map(body[:, 1:3], body[0, 3], istd, mu, g, dgamma, dbeta, coef, r, d)
@@ -329,7 +330,7 @@ def sync_batch_norm_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArray
     x : ndarray
         This rank's input of the forward.
     gamma : ndarray, shape (C,), or None
-    mean, invstd : ndarray, shape (C,), dtype of x
+    mean, invstd : ndarray, shape (C,), x's parameter dtype
         As returned by :func:`sync_batch_norm_forward`.
     allreduce : callable
         As in :func:`sync_batch_norm_forward`.
@@ -350,7 +351,7 @@ def sync_batch_norm_backward(dy: FloatArray, x: FloatArray, gamma: OptionalArray
     Returns
     -------
     dx : ndarray, shape and dtype of x
-    dgamma, dbeta : ndarray, shape (C,), dtype of x
+    dgamma, dbeta : ndarray, shape (C,), x's parameter dtype
         The same on every rank.
 
     Raises
@@ -391,7 +392,7 @@ def sync_batch_norm_backward_from_output(dy: FloatArray, y: FloatArray, gamma: O
         This rank's output of :func:`sync_batch_norm_forward`.
     gamma, beta : ndarray, shape (C,), or None
         The forward's; gamma must have no zero.
-    invstd : ndarray, shape (C,), dtype of y
+    invstd : ndarray, shape (C,), y's parameter dtype
         As returned by :func:`sync_batch_norm_forward`.
     allreduce : callable
         As in :func:`sync_batch_norm_forward`.
@@ -409,7 +410,7 @@ def sync_batch_norm_backward_from_output(dy: FloatArray, y: FloatArray, gamma: O
     Returns
     -------
     dx : ndarray, shape and dtype of y
-    dgamma, dbeta : ndarray, shape (C,), dtype of y
+    dgamma, dbeta : ndarray, shape (C,), y's parameter dtype
         The same on every rank.
 
     Raises

@@ -30,6 +30,7 @@ from numpy.typing import NDArray
 from fastbn.distributed._records import (ACTIVATION, DETAIL, EPS, FACTOR, FAILED, FEATURES,
                                          FIRST, HEADER, ITEMSIZE, RECORD, SLOPE, TAG_FIRST,
                                          TAG_RANGE, UNBIASED)
+from fastbn import _dtypes
 from fastbn._typing import Allreduce
 
 _F64 = np.dtype(np.float64)
@@ -69,7 +70,7 @@ def _dtype_code(dtype_str: str) -> int:
 
 
 def _itemsize_name(itemsize: float) -> str:
-    return {4: "float32", 8: "float64"}.get(int(itemsize), f"itemsize {itemsize}")
+    return _dtypes.SIZE_NAMES.get(int(itemsize), f"itemsize {itemsize}")
 
 
 class Collective:
