@@ -129,22 +129,29 @@ cdef inline void rows_sums_blocks(const Body* body, const storage* a, const stor
                                   const double* zo, double slope, double inv, double* sa,
                                   double* sb) noexcept nogil:
     """rows_sums_values of 16-bit data: each step's rows (four, then one at
-    a time) widened HALF_BLOCK columns at a time into float buffers; every
-    column adds the same terms in the same order."""
+    a time) widened HALF_BLOCK columns at a time into float buffers (whole
+    contiguous rows of at most HALF_BLOCK columns: all of a step's rows in
+    one conversion); every column adds the same terms in the same order."""
     cdef float w[8 * HALF_BLOCK]             # four rows of a, then four of b
+    cdef bint whole = stride == n and n <= HALF_BLOCK
+    cdef Py_ssize_t bs = n if whole else HALF_BLOCK     # the buffers' row stride
     cdef Py_ssize_t r = 0, j, m, i, nr
     while r < nrows:
         nr = 4 if r + 4 <= nrows else 1
         j = 0
         while j < n:
             m = min(<Py_ssize_t>HALF_BLOCK, n - j)
-            for i in range(nr):
-                widen(a + (r + i) * stride + j, w + i * HALF_BLOCK, m)
+            if whole:
+                widen(a + r * stride, w, nr * n)
                 if not (Body is BodyY or Body is BodyYAct):  # the bodies that read b
-                    widen(b + (r + i) * stride + j, w + (4 + i) * HALF_BLOCK, m)
-            rows_sums_values(body, <const float*>w, <const float*>(w + 4 * HALF_BLOCK),
-                             HALF_BLOCK, nr, m, center + j, zc + j, zs + j, zo + j, slope, inv,
-                             sa + j, sb + j)
+                    widen(b + r * stride, w + 4 * HALF_BLOCK, nr * n)
+            else:
+                for i in range(nr):
+                    widen(a + (r + i) * stride + j, w + i * bs, m)
+                    if not (Body is BodyY or Body is BodyYAct):
+                        widen(b + (r + i) * stride + j, w + 4 * HALF_BLOCK + i * bs, m)
+            rows_sums_values(body, <const float*>w, <const float*>(w + 4 * HALF_BLOCK), bs, nr,
+                             m, center + j, zc + j, zs + j, zo + j, slope, inv, sa + j, sb + j)
             j += m
         r += nr
 
@@ -217,6 +224,31 @@ cdef inline void row_apply(const Body* body, const storage* a, const storage* b,
         c = e
 
 
+cdef inline void rows_map_blocks(const Body* body, const storage* a, const storage* b,
+                                 storage* out, Py_ssize_t r0, Py_ssize_t r1, const Maps* k,
+                                 const Grid* g) noexcept nogil:
+    """Whole contiguous rows [r0, r1) of fewer than HALF_BLOCK columns, of
+    16-bit data applied in float: as many rows as fill a block widened and
+    narrowed at once, each row applied as row_map_values applies it (the
+    same bits as row by row, with one conversion loop per block)."""
+    cdef float wa[HALF_BLOCK]
+    cdef float wb[HALF_BLOCK]
+    cdef float wo[HALF_BLOCK]
+    cdef Py_ssize_t C = g.C, per = HALF_BLOCK // g.C, r = r0, n, j
+    while r < r1:
+        n = min(per, r1 - r)
+        widen(a + r * C, wa, n * C)
+        if not (Body is BodyY or Body is BodyYAct):  # the bodies that read b
+            widen(b + r * C, wb, n * C)
+        for j in range(n):
+            row_map_values(body, <const float*>&wa[j * C], <const float*>&wb[j * C], &wo[j * C],
+                           C, k.hi, k.lo, k.scale32, k.slope32, k.offset32, g.act.kind,
+                           g.act.slope32, k.grad_center, k.grad_scale, k.grad_offset,
+                           g.grad.slope, g.grad.inv_slope)
+        narrow(wo, out + r * C, n * C)
+        r += n
+
+
 cdef inline void block_apply_in(const Body* body, const storage* a, const storage* b,
                                 storage* out, const Grid* g, Py_ssize_t r0, Py_ssize_t r1,
                                 Py_ssize_t c0, Py_ssize_t c1, const Maps* k) noexcept nogil:
@@ -230,7 +262,9 @@ cdef inline void block_apply_in(const Body* body, const storage* a, const storag
             if not k.ok[c]:
                 mode = -1
                 break
-    if not g.streaming:
+    if (storage is half or storage is bfloat) and mode == 1 and c1 - c0 == C == S < HALF_BLOCK:
+        rows_map_blocks(body, a, b, out, r0, r1, k, g)
+    elif not g.streaming:
         for r in range(r0, r1):
             row_apply(body, a + r * S, at(b, r * S), out + r * S + c0, c0, c1, k, mode, g)
     elif c1 - c0 == C and C == S and C <= STREAM_CHUNK:
