@@ -154,11 +154,14 @@ def operations(dtype):
                  if np.dtype(dtype) == np.float32 or op not in FLOAT32_ONLY)
 
 
-def suite(quick, dtypes=None):
+def suite(quick, dtypes=None, half_shapes=False):
     """The (shape, dtype) pairs to run, float32 first, then float64 and the
-    16-bit dtypes; only those named in ``dtypes`` (names) when given."""
+    16-bit dtypes; only those named in ``dtypes`` (names) when given; every
+    dtype on the 16-bit shapes with ``half_shapes`` (16-bit against 32-bit)."""
     f32, f64, f16 = ((QUICK_SHAPES, QUICK_FLOAT64_SHAPES, QUICK_HALF_SHAPES) if quick
                      else (SHAPES, FLOAT64_SHAPES, HALF_SHAPES))
+    if half_shapes:
+        f32 = f64 = f16
     pairs = ([(s, np.dtype(np.float32)) for s in f32]
              + [(s, np.dtype(np.float64)) for s in f64]
              + [(s, d) for s in f16 for d in HALF_DTYPES])

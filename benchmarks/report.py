@@ -28,6 +28,7 @@ FASTBN_VARIANTS = {"fastbn_out": "out=", "fastbn": "fresh"}
 # The issue's targets.
 TARGET_COPY_FRACTION = 60.0    # percent of copy bandwidth ...
 TARGET_MIN_BYTES = 4 * 2**20   # ... for x of at least 4 MiB, float32, all cores
+TARGET_HALF_RATIO = 0.6        # 16-bit data: at most this share of the float32 time
 TARGET_GEOMEAN_SPEEDUP = 2.0   # over PyTorch, forward and backward
 TARGET_FLOOR_VS_TORCH = 0.95   # no case slower than this fraction of PyTorch's speed
 TARGET_TINY_SECONDS = 5e-6     # one call on the tiny shapes
@@ -343,6 +344,27 @@ def evaluate_targets(records, all_cores):
             f"{op} <= {limit:g}× fastbn's {plain} (x >= 4 MiB)",
             [r for r in rows if r["nbytes"] >= TARGET_MIN_BYTES],
             lambda rows, limit=limit: all(r["ratio"] <= limit for r in rows), ratio_detail))
+
+    # 16-bit data (issue 19): fastbn's time against its own float32 time on the same shape
+    f32 = {(r["operation"], r["shape_label"], r["threads"]): r for r in best
+           if r["dtype"] == "float32"}
+    half_rows = [dict(r, ratio=r["median_s"] / f32[k]["median_s"]) for r in best
+                 if r["dtype"] in ("float16", "bfloat16")
+                 and r["operation"] in ("forward", "inference", "backward")
+                 and (k := (r["operation"], r["shape_label"], r["threads"])) in f32
+                 and f32[k]["nbytes"] >= TARGET_MIN_BYTES]
+
+    def half_detail(rows):
+        worst = max(rows, key=lambda r: r["ratio"])
+        passing = sum(r["ratio"] <= TARGET_HALF_RATIO for r in rows)
+        return (f"{passing}/{len(rows)} cases pass; geomean "
+                f"{_geomean([r['ratio'] for r in rows]):.2f}×, worst {worst['ratio']:.2f}× "
+                f"({_where(worst)})")
+    if half_rows:
+        targets.append(_target(
+            f"float16/bfloat16 forward, inference, backward <= {TARGET_HALF_RATIO:g}× "
+            f"fastbn's float32 time (float32 x >= 4 MiB)", half_rows,
+            lambda rows: all(r["ratio"] <= TARGET_HALF_RATIO for r in rows), half_detail))
 
     tiny_labels = {s.label for s in TINY_SHAPES}
 

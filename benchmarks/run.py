@@ -64,6 +64,9 @@ def parse_args(argv):
     parser.add_argument("--dtypes", type=lambda s: s.split(","), default=None,
                         help="comma-separated dtypes to time (default: float32, float64, "
                              "float16 and, with ml_dtypes, bfloat16)")
+    parser.add_argument("--half-shapes", action="store_true",
+                        help="time every dtype on the float16/bfloat16 shapes only (their "
+                             "float32 rows are what --check compares them with)")
     parser.add_argument("--no-scenarios", action="store_true",
                         help="skip the scenarios (busy neighbour, training step, PyTorch beside "
                              "fastbn, back-to-back calls, fused ReLU, main job)")
@@ -233,8 +236,8 @@ def main(argv=None):
     waiter = QuietWaiter(args.wait_quiet, idle_load)
     machine_info = machine.describe(cases.torch)
     copy = machine.CopyBandwidth(max(settings["flush_bytes"], COPY_MIN_BYTES))
-    records = run_suite(cases.suite(args.quick, args.dtypes), threads_list, settings, copy,
-                        waiter, started)
+    records = run_suite(cases.suite(args.quick, args.dtypes, args.half_shapes), threads_list,
+                        settings, copy, waiter, started)
     copy.close()
     copy_bandwidth = {t: copy.result(t) for t in threads_list}
     for r in records:

@@ -281,6 +281,27 @@ def test_sync_batch_norm_on_one_rank_is_the_single_process_bits(dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", HALVES)
+def test_sync_batch_norm_layer_over_two_ranks(dtype, rng):
+    """The layer on 16-bit input, its parameters float32: two ranks' halves
+    of a batch give the single-process layer's y (within one 16-bit ulp:
+    the ranks' sums merge in another order) and running statistics."""
+    v = half_inputs((8, 5, 4, 4), 1, dtype, rng)
+
+    def work(rank, allreduce):
+        layer = fastbn.SyncBatchNorm(5, allreduce=allreduce)
+        y = layer.forward(v.x[4 * rank:4 * rank + 4])
+        return y, layer.running_mean, layer.running_var, layer.gamma.dtype
+    results = values(run_ranks(2, work)[0])
+    single = fastbn.BatchNorm2d(5)
+    y = single.forward(v.x)
+    assert results[0][3] == F32
+    assert_half_close(np.concatenate([r[0] for r in results]), y, 1, "y")
+    for r in results:
+        np.testing.assert_allclose(r[1], single.running_mean, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(r[2], single.running_var, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", HALVES)
 def test_folding_a_half_weight_gives_float32(dtype, rng):
     v = half_inputs((8, 4), 1, dtype, rng)
     weight = rng.standard_normal((4, 6)).astype(dtype)
