@@ -134,9 +134,10 @@ def fold_args(weight: Any, bias: Any, running_mean: Any, running_var: Any, gamma
               beta: Any, eps_: Any, out_axis: Any, *, num_features: int | None = None,
               who: str | None = None) -> tuple[float, int]:
     """The checks of :func:`fastbn.fold_batch_norm` (and of a layer's
-    ``fold_into``, which passes its ``num_features``): weight a float32 or
-    float64 ndarray of 2 or more dimensions, none empty; out_axis one of its
-    axes; the per-channel arrays (C,) float32 or float64 (any mix), C being
+    ``fold_into``, which passes its ``num_features``): weight an ndarray of
+    a data dtype (fastbn._dtypes) of 2 or more dimensions, none empty;
+    out_axis one of its axes; the per-channel arrays (C,) of data dtypes
+    (any mix), C being
     ``weight.shape[out_axis]``, the running statistics required and the rest
     optional. Returns (eps, out_axis as an int in [0, weight.ndim))."""
     array("weight", weight, who=who)

@@ -272,13 +272,14 @@ def dtype_of(name: str, a: NDArray[Any], dtype: np.dtype[Any] | None, *, who: st
     if dtype is None:
         if not _dtypes.is_data(a.dtype):
             raise _error(TypeError, who, f"{name} must have dtype {_dtypes.DATA_NAMES}, got "
-                                         f"{dtype_name(a.dtype)}", "dtype", name, a.dtype.str)
+                                         f"{dtype_name(a.dtype)}", "dtype", name,
+                         _dtypes.tag(a.dtype))
     elif a.dtype != dtype:
         expected = (f"the layer's dtype ({dtype})" if whose == "layer" else
                     f"dtype {dtype}, {whose}" if " " in whose else
                     f"the dtype of {whose} ({dtype})")
         raise _error(TypeError, who, f"{name} must have {expected}, got "
-                                     f"{dtype_name(a.dtype)}", "dtype", name, a.dtype.str)
+                                     f"{dtype_name(a.dtype)}", "dtype", name, _dtypes.tag(a.dtype))
 
 
 def parameter_dtype(name: str, a: NDArray[Any], dtype: np.dtype[Any] | None, *,
@@ -331,7 +332,7 @@ def layer_input(x: Any, *, who: str, num_features: int, channel_axis: int,
         raise _error(TypeError, who, f"x must have the layer's dtype ({dtype}), got {x.dtype}: "
                                      f"for {x.dtype} input build the layer with "
                                      f"{layer}({num_features}, dtype=np.{wanted}), or pass "
-                                     f"x.astype(np.{dtype})", "dtype", "x", x.dtype.str)
+                                     f"x.astype(np.{dtype})", "dtype", "x", _dtypes.tag(x.dtype))
     return axis
 
 

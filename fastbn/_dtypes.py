@@ -50,6 +50,12 @@ def is_data(dtype: np.dtype[Any]) -> bool:
     return dtype in PARAMETER_DTYPES or is_half(dtype)
 
 
+def tag(dtype: np.dtype[Any]) -> str:
+    """A dtype as a string another process reads back: its ``str`` ('<f4'),
+    or "bfloat16" (whose ``str``, '<V2', names no dtype)."""
+    return "bfloat16" if dtype.kind == "V" and is_half(dtype) else dtype.str
+
+
 def parameters(dtype: np.dtype[Any]) -> np.dtype[Any]:
     """The dtype of the parameters and statistics of data of ``dtype``:
     float64 for float64, float32 for float32, float16 and bfloat16."""

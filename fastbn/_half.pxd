@@ -55,8 +55,11 @@ cdef extern from *:
         double a = fabs(d), k;
         int e;
         uint16_t sign = signbit(d) ? 0x8000u : 0;
-        if (a != a)
-            h.bits = 0x7e00u | sign;
+        uint64_t u;
+        if (a != a) {                      /* quiet NaN, the payload's top bits kept (as F16C) */
+            memcpy(&u, &d, sizeof u);
+            h.bits = (uint16_t)(0x7e00u | sign | ((u >> 42) & 0x3ffu));
+        }
         else if (a >= 65520.0)             /* the midpoint of 65504 and 2^16: ties go to inf */
             h.bits = 0x7c00u | sign;
         else if (a < 0x1p-14)              /* subnormal: the nearest multiple of 2^-24 */

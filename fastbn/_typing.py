@@ -1,7 +1,8 @@
 """Type aliases of fastbn's public signatures (for readers, mypy and help()).
 
-The dtype rules the aliases cannot state (float32 or float64, every array of
-a call sharing that dtype) are checked at run time by :mod:`fastbn._checks`.
+The dtype rules the aliases cannot state (float32, float64, float16 or
+bfloat16 data, per-channel arrays of the data's parameter dtype:
+:mod:`fastbn._dtypes`) are checked at run time by :mod:`fastbn._checks`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Literal, Optional, TypeAlias
 import numpy as np
 from numpy.typing import NDArray
 
-#: An array of float32 or float64 values.
+#: An array of float values (float32, float64, float16; bfloat16 at run time).
 FloatArray: TypeAlias = NDArray[np.floating[Any]]
 #: A per-channel (C,) array or None, such as gamma and beta (None: no affine map).
 OptionalArray: TypeAlias = Optional[FloatArray]

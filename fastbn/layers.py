@@ -300,7 +300,7 @@ class BatchNorm(LayerState):
 
         Parameters
         ----------
-        x : ndarray, the layer's dtype
+        x : ndarray, the layer's dtype (a float32 layer: float16 and bfloat16 too)
             (N, C, ...) with ``channel_axis=1``, (N, ..., C) with
             ``channel_axis=-1``; the number of dimensions the class accepts.
             A reference to it (not a copy) is kept for :meth:`backward`,
@@ -316,7 +316,7 @@ class BatchNorm(LayerState):
         Raises
         ------
         TypeError
-            x not an ndarray or not of the layer's dtype.
+            x not an ndarray or not of a dtype the layer takes.
         ValueError
             x with a number of dimensions the class does not accept (the
             message names the class and the shape), or not C channels on

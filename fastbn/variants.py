@@ -128,7 +128,7 @@ def batch_renorm_forward(x: FloatArray, gamma: OptionalArray, beta: OptionalArra
         d      = clip((mean - running_mean) / sigma, -dmax, dmax)
         y      = act(gamma * ((x - mean) * invstd * r + d) + beta)
 
-    r and d are rounded to x's dtype and y uses the rounded values; they
+    r and d are rounded to x's parameter dtype and y uses the rounded values; they
     are constants for the gradient (:func:`batch_renorm_backward`). The
     running statistics are then updated as in :func:`fastbn.batch_norm_forward`
     (``momentum``, ``unbiased``). ``rmax=1, dmax=0`` is the plain forward,

@@ -234,6 +234,29 @@ def test_float16_overflow_is_inf_and_nan_stays_nan(rng):
     assert np.array_equal(np.isnan(mean), np.isnan(mean32))
 
 
+def test_a_float16_nan_keeps_its_payload_at_every_kernel_level(rng):
+    """The 16-bit store keeps a NaN's payload (quieted) as F16C does, so the
+    portable kernels give the x86-64-v3/v4 bits; float32 keeps it too."""
+    x = rng.standard_normal((13, 3)).astype(np.float16)
+    bits = x.view(np.uint16)
+    bits[4, 1] = 0x7D01          # a signaling NaN with a payload
+    bits[7, 2] = 0xFE13
+    ones, zeros = np.ones(3, np.float32), np.zeros(3, np.float32)
+    y = fastbn.batch_norm_inference(x, ones, zeros, zeros, ones, channel_axis=-1)
+    got = y.view(np.uint16)
+    assert got[4, 1] == 0x7F01 and got[7, 2] == 0xFE13
+
+
+def test_the_oracle_rounds_bfloat16_once():
+    """A float64 just above a bfloat16 midpoint rounds up (through float32
+    rounded to nearest it would land on the midpoint and round to even)."""
+    if ml_dtypes is None:
+        pytest.skip("needs ml_dtypes")
+    v = np.array([1 + 2.0**-8 + 2.0**-40, -(1 + 2.0**-8 + 2.0**-40), 1 + 2.0**-8])
+    got = reference._rounded(v, np.dtype(ml_dtypes.bfloat16)).astype(np.float64)
+    assert got.tolist() == [1 + 2.0**-7, -(1 + 2.0**-7), 1.0]
+
+
 # -------------------------------------------------- layers, sync, folding ----
 
 @pytest.mark.parametrize("options", [{}, {"memory_saving": True}, {"activation": "relu"},
@@ -299,6 +322,21 @@ def test_sync_batch_norm_layer_over_two_ranks(dtype, rng):
     for r in results:
         np.testing.assert_allclose(r[1], single.running_mean, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(r[2], single.running_var, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+def test_a_rank_with_16_bit_x_in_a_float64_layer_is_named_on_every_rank(dtype, rng):
+    """Its dtype travels to the other ranks by name (bfloat16's type number
+    differs between processes): every rank raises, saying which."""
+    x = rng.standard_normal((4, 3, 5)).astype(np.float64)
+
+    def work(rank, allreduce):
+        layer = fastbn.SyncBatchNorm(3, dtype=np.float64, allreduce=allreduce)
+        return layer.forward(x.astype(dtype) if rank == 1 else x)
+    results, _ = run_ranks(2, work)
+    for exc in results:
+        assert isinstance(exc, TypeError), exc
+        assert dtype.name in str(exc), str(exc)
 
 
 @pytest.mark.parametrize("dtype", HALVES)

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from fastbn import _checks
+from fastbn import _checks, _dtypes
 from fastbn import functional as _functional
 from fastbn._typing import FloatArray
 
@@ -85,10 +85,11 @@ class _Cache:
 
 
 def _as_float_array(name: str, a: Any) -> Any:
-    """a as a float32 or float64 ndarray; other real dtypes are computed in float64."""
+    """a as a float32 or float64 ndarray; other real dtypes (float16 and
+    bfloat16 included) are computed in float64."""
     a = np.asarray(a)
     if a.dtype not in _checks.FLOAT_DTYPES:
-        if a.dtype.kind not in "biuf":
+        if a.dtype.kind not in "biuf" and not _dtypes.is_half(a.dtype):
             raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
         a = a.astype(np.float64)
     return a
@@ -97,7 +98,7 @@ def _as_float_array(name: str, a: Any) -> Any:
 def _vector(name: str, v: Any, dtype: np.dtype[Any], size: int) -> Any:
     """gamma/beta (or a running statistic) cast to dtype, shape (size,)."""
     v = np.asarray(v)
-    if v.dtype.kind not in "biuf":
+    if v.dtype.kind not in "biuf" and not _dtypes.is_half(v.dtype):
         raise TypeError(f"{name} must hold real numbers, got dtype {v.dtype}")
     if v.shape != (size,):
         raise ValueError(f"{name} must have shape ({size},), got {v.shape}")

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
-from fastbn import _checks
+from fastbn import _checks, _dtypes
 from fastbn import functional as _functional
 from fastbn._typing import FloatArray
 
@@ -202,7 +202,7 @@ class Batchnorm:
             raise RuntimeError("Batchnorm.backward called before forward")
         X_flat, shape, mean, invstd, gamma = self._cache
         dout = np.asarray(dout)
-        if dout.dtype.kind not in "fiub":
+        if dout.dtype.kind not in "fiub" and not _dtypes.is_half(dout.dtype):
             raise TypeError(f"Batchnorm.backward: dout must hold real numbers, got dtype "
                             f"{dout.dtype}")
         if dout.shape != shape:

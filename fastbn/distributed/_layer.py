@@ -246,7 +246,7 @@ class SyncBatchNorm(BatchNorm):
 
         Parameters
         ----------
-        x : ndarray, the layer's dtype
+        x : ndarray, the layer's dtype (a float32 layer: float16 and bfloat16 too)
             This rank's slice of the batch; its N may be 0.
 
         Returns

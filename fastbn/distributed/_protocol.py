@@ -48,8 +48,14 @@ _SETTINGS = (ITEMSIZE, EPS, FACTOR, UNBIASED, ACTIVATION, SLOPE)
 _ACTIVATION_NAMES = {0: "None", 1: "'relu'", 2: "'leaky_relu'"}
 
 
+# bfloat16's code: ml_dtypes registers it at a type number that depends on the process
+_BFLOAT16_CODE = -2
+
+
 def _dtype_name(code: float) -> str:
     """The dtype a code of :func:`_dtype_code` stands for, as a message shows it."""
+    if int(code) == _BFLOAT16_CODE:
+        return "bfloat16"
     num, swapped = divmod(int(code), 2)
     for t in set(np.sctypeDict.values()):
         try:
@@ -64,7 +70,10 @@ def _dtype_name(code: float) -> str:
 
 
 def _dtype_code(dtype_str: str) -> int:
-    """A dtype (its ``str``, '>f4') as one float: its number and its byte order."""
+    """A dtype (its ``str``, '>f4') as one float: its number and its byte order
+    (bfloat16, whose ``str`` is '<V2', is told by its name)."""
+    if dtype_str == "bfloat16":
+        return _BFLOAT16_CODE
     dtype = np.dtype(dtype_str)
     return 2 * dtype.num + (0 if dtype.isnative else 1)
 
