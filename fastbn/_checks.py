@@ -228,7 +228,9 @@ def float_dtype(value: Any, *, who: str | None = None, name: str = "dtype") -> n
         raise _error(TypeError, who, f"{name} must be float32 or float64, got "
                                      f"{value!r}") from None
     if dtype not in FLOAT_DTYPES:
-        raise _error(TypeError, who, f"{name} must be float32 or float64, got {dtype}")
+        hint = (f": the parameters' dtype; a float32 layer takes {dtype} input"
+                if _dtypes.is_half(dtype) else "")
+        raise _error(TypeError, who, f"{name} must be float32 or float64, got {dtype}{hint}")
     return dtype
 
 

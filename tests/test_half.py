@@ -214,6 +214,9 @@ def test_mixed_dtypes_are_refused(dtype, rng):
                                         rf"{dtype.name} input build the layer with "
                                         rf"BatchNorm1d\(3, dtype=np.float32\)"):
         fastbn.BatchNorm1d(3, dtype=np.float64).forward(v.x)
+    with pytest.raises(TypeError, match=rf"dtype must be float32 or float64, got {dtype.name}: "
+                                        rf"the parameters' dtype; a float32 layer takes"):
+        fastbn.BatchNorm1d(3, dtype=dtype)
 
 
 def test_float16_overflow_is_inf_and_nan_stays_nan(rng):
