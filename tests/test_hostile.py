@@ -140,9 +140,9 @@ BAD_DTYPES = ("int32", "int64", "uint8", "complex64", "complex128", "bool", "obj
 
 
 def _bfloat16():
-    """ml_dtypes' bfloat16 (a test requirement, imported where a row uses it)."""
-    import ml_dtypes
-    return ml_dtypes.bfloat16
+    """ml_dtypes' bfloat16 (in the test extra), imported where a row uses it;
+    the row is skipped without it (scripts/sanitize.sh's environment)."""
+    return pytest.importorskip("ml_dtypes").bfloat16
 
 
 def overlapping(a, shift):
@@ -1288,7 +1288,10 @@ def test_the_snapshot_sees_a_change():
     rebinding an attribute of a layer, is seen by the check (so it can fail)."""
     arrays_checked = 0
     for case, variant in ((case, v) for case in TABLE for v in case.variants):
-        thunk, objects = case.make(**variant)
+        try:
+            thunk, objects = case.make(**variant)
+        except pytest.skip.Exception:  # a row of an optional dtype (bfloat16) without it
+            continue
         frozen = freeze(objects)
         assert_thawed_equal(frozen)
         for where, obj, _ in frozen:
