@@ -16,9 +16,8 @@
 # branch on it.
 
 from fastbn._call cimport ACT_NONE, ACT_RELU
-from fastbn._half cimport (bfloat, bfloat_load, bfloat_narrow, bfloat_of_double, bfloat_of_float,
-                           bfloat_widen, half, half_load, half_narrow, half_of_double,
-                           half_of_float, half_widen)
+from fastbn._half cimport (bfloat, bfloat_load, bfloat_narrow, bfloat_of_double, bfloat_widen,
+                           half, half_load, half_narrow, half_of_double, half_widen)
 from fastbn._simd cimport storage
 
 
@@ -71,17 +70,13 @@ cdef inline double load(const storage* p, Py_ssize_t i) noexcept nogil:
 
 
 cdef inline void put(storage* p, Py_ssize_t i, real v) noexcept nogil:
-    """p[i] = v, rounded once to p's type (to nearest even)."""
+    """p[i] = v, rounded once to p's type (to nearest even; a float widens
+    to double exactly). 16-bit data applied in float are stored a block at a
+    time (``narrow``), so one value at a time they come from double."""
     if storage is half:
-        if real is float:
-            p[i] = half_of_float(v)
-        else:
-            p[i] = half_of_double(v)
+        p[i] = half_of_double(v)
     elif storage is bfloat:
-        if real is float:
-            p[i] = bfloat_of_float(v)
-        else:
-            p[i] = bfloat_of_double(v)
+        p[i] = bfloat_of_double(v)
     else:
         p[i] = <storage>v
 

@@ -61,12 +61,3 @@ def parameters(dtype: np.dtype[Any]) -> np.dtype[Any]:
     float64 for float64, float32 for float32, float16 and bfloat16."""
     return FLOAT64 if dtype == FLOAT64 else FLOAT32
 
-
-#: the dtypes by the number :func:`size_code` gives them (SyncBatchNorm's ranks compare it)
-SIZE_NAMES = {2: "float16", 3: "bfloat16", 4: "float32", 8: "float64"}
-
-
-def size_code(dtype: np.dtype[Any]) -> int:
-    """A data dtype as one number, the same in every process: its size in
-    bytes, 3 for bfloat16 (to tell it from float16)."""
-    return 3 if dtype != FLOAT16 and is_half(dtype) else dtype.itemsize

@@ -163,12 +163,10 @@ cdef extern from *:
     ctypedef struct bfloat "fastbn_bfloat":
         unsigned short bits
     float half_load "fastbn_half_load"(half h) noexcept nogil
-    half half_of_float "fastbn_half_store_float"(float v) noexcept nogil
     half half_of_double "fastbn_half_store_double"(double v) noexcept nogil
     void half_widen "fastbn_half_widen"(const half* p, float* out, Py_ssize_t n) noexcept nogil
     void half_narrow "fastbn_half_narrow"(const float* v, half* p, Py_ssize_t n) noexcept nogil
     float bfloat_load "fastbn_bfloat_load"(bfloat b) noexcept nogil
-    bfloat bfloat_of_float "fastbn_bfloat_store_float"(float v) noexcept nogil
     bfloat bfloat_of_double "fastbn_bfloat_store_double"(double v) noexcept nogil
     void bfloat_widen "fastbn_bfloat_widen"(const bfloat* p, float* out, Py_ssize_t n) noexcept nogil
     void bfloat_narrow "fastbn_bfloat_narrow"(const float* v, bfloat* p, Py_ssize_t n) noexcept nogil

@@ -94,7 +94,7 @@ def forward(x: Any, gamma: Any, beta: Any, *, allreduce: Allreduce, num_features
         act, slope = _checks.activation(activation, negative_slope)
         tracking = rm is not None
         factor = _running.factor(momentum, num_batches_tracked) if tracking else -1.0
-        call.settings(_dtypes.size_code(x.dtype), eps, factor, unbiased, act, slope)
+        call.settings(x.dtype, eps, factor, unbiased, act, slope)
         kernel, xc, xv, n = _view(x, ca)
         body = call.body
         body[:, 0] = TAG_STATS
@@ -270,7 +270,7 @@ def backward(dy: Any, x: Any, gamma: Any, mean: Any, invstd: Any, *, allreduce: 
             b = None if beta is None else np.ascontiguousarray(beta)
             grad = _GRAD_ACT if act else _GRAD_PLAIN
         transform = (g, b, mu, istd, r, d)  # what grad needs
-        call.settings(_dtypes.size_code(x.dtype), act=act, slope=slope)
+        call.settings(x.dtype, act=act, slope=slope)
         kernel, xc, xv, n = _view(x, ca)
         dyv = np.ascontiguousarray(dy).reshape(xv.shape)
         body = call.body

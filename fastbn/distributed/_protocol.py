@@ -28,7 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fastbn.distributed._records import (ACTIVATION, DETAIL, EPS, FACTOR, FAILED, FEATURES,
-                                         FIRST, HEADER, ITEMSIZE, RECORD, SLOPE, TAG_FIRST,
+                                         FIRST, HEADER, DTYPE, RECORD, SLOPE, TAG_FIRST,
                                          TAG_RANGE, UNBIASED)
 from fastbn import _dtypes
 from fastbn._typing import Allreduce
@@ -42,9 +42,9 @@ _CODES = {"other": _E_OTHER, "not_array": _E_NOT_ARRAY, "dtype": _E_DTYPE, "ndim
 # exception kinds (header record FIRST, p2)
 _KIND_TYPE, _KIND_VALUE, _KIND_OTHER, _KIND_BASE = 1, 2, 3, 4
 _ARGS = ("x", "dy")
-_RANGES = (ITEMSIZE, FEATURES, EPS, FACTOR, UNBIASED, ACTIVATION, SLOPE)
+_RANGES = (DTYPE, FEATURES, EPS, FACTOR, UNBIASED, ACTIVATION, SLOPE)
 #: the ranges a rank sets from its arguments (left empty when its checks fail)
-_SETTINGS = (ITEMSIZE, EPS, FACTOR, UNBIASED, ACTIVATION, SLOPE)
+_SETTINGS = (DTYPE, EPS, FACTOR, UNBIASED, ACTIVATION, SLOPE)
 _ACTIVATION_NAMES = {0: "None", 1: "'relu'", 2: "'leaky_relu'"}
 
 
@@ -76,10 +76,6 @@ def _dtype_code(dtype_str: str) -> int:
         return _BFLOAT16_CODE
     dtype = np.dtype(dtype_str)
     return 2 * dtype.num + (0 if dtype.isnative else 1)
-
-
-def _itemsize_name(itemsize: float) -> str:
-    return _dtypes.SIZE_NAMES.get(int(itemsize), f"itemsize {itemsize}")
 
 
 class Collective:
@@ -122,13 +118,13 @@ class Collective:
         """The C channel records (a view)."""
         return self.records[HEADER:]
 
-    def settings(self, itemsize: int, eps: float = 0.0, factor: float = -1.0,
+    def settings(self, dtype: np.dtype[Any], eps: float = 0.0, factor: float = -1.0,
                  unbiased: bool = True, act: int = 0, slope: float = 0.0) -> None:
-        """This rank's dtype itemsize, eps, running-statistics weight,
+        """This rank's dtype of x, eps, running-statistics weight,
         running-variance convention and fused activation (its kernel code,
         and its slope, compared only for leaky_relu)."""
         rec = self.records
-        rec[ITEMSIZE, 1:3] = itemsize
+        rec[DTYPE, 1:3] = _dtype_code(_dtypes.tag(dtype))
         rec[EPS, 1:3] = eps
         rec[FACTOR, 1:3] = factor
         rec[UNBIASED, 1:3] = float(unbiased)
@@ -186,7 +182,7 @@ class Collective:
         n_bad = int(rec[FAILED, 3])
         if n_bad:
             self._raise(n_bad)
-        self._agree(ITEMSIZE, "the dtype of x", _itemsize_name, TypeError)
+        self._agree(DTYPE, "the dtype of x", _dtype_name, TypeError)
         self._agree(EPS, "eps", lambda v: f"{v:g}", ValueError)
         self._agree(FACTOR, "momentum (the running statistics' weight this batch, -1 for "
                             "none)", lambda v: f"{v:g}", ValueError)
