@@ -342,6 +342,22 @@ def test_a_rank_with_16_bit_x_in_a_float64_layer_is_named_on_every_rank(dtype, r
         assert dtype.name in str(exc), str(exc)
 
 
+def test_ranks_with_float16_and_bfloat16_disagree_on_the_dtype(rng):
+    """The two 16-bit dtypes have the same size: the ranks tell them apart."""
+    if ml_dtypes is None:
+        pytest.skip("needs ml_dtypes")
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+
+    def work(rank, allreduce):
+        dtype = np.float16 if rank else ml_dtypes.bfloat16
+        return sync_batch_norm_forward(x.astype(dtype), None, None, allreduce=allreduce,
+                                       num_features=3)
+    results, _ = run_ranks(2, work)
+    for exc in results:
+        assert isinstance(exc, TypeError), exc
+        assert "disagree on the dtype of x: bfloat16 on some ranks, float16 on others" in str(exc)
+
+
 @pytest.mark.parametrize("dtype", HALVES)
 def test_folding_a_half_weight_gives_float32(dtype, rng):
     v = half_inputs((8, 4), 1, dtype, rng)
