@@ -160,7 +160,7 @@ cdef inline void run_apply(int body, const storage* a, const storage* b, storage
         run_map(body, a, b, out, n, k, f, act, t)
         return
     while i < n:
-        m = min(<Py_ssize_t>STREAM_CHUNK, n - i)
+        m = stream_end(out, i, n, sizeof(storage)) - i
         run_map(body, a + i, at(b, i), buf, m, k, f, act, t)
         stream(out + i, buf, m * sizeof(storage))
         i += m

@@ -387,6 +387,17 @@ cdef enum:
     STREAM_CHUNK = 512
 
 
+cdef inline Py_ssize_t stream_end(const void* out, Py_ssize_t i, Py_ssize_t end,
+                                  Py_ssize_t itemsize) noexcept nogil:
+    """Where the streamed piece of out starting at value i ends: STREAM_CHUNK
+    values on, back to the start of a cache line (so the next piece starts
+    on one: a line split between two pieces would take a normal store from
+    each, read for ownership first), and at most end."""
+    cdef Py_ssize_t e = i + STREAM_CHUNK
+    e -= <Py_ssize_t>((<size_t>(<const char*>out + e * itemsize)) & 63) // itemsize
+    return min(e, end)
+
+
 cdef inline bint streams(bint wanted, const void* out, const void* a, const void* b,
                          Py_ssize_t nbytes) noexcept nogil:
     """Stream an output that is wanted streamed, large and not written over

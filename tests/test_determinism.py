@@ -108,27 +108,33 @@ def test_in_place_equals_out_of_place(dtype, rng):
 
 
 STREAMED = [
-    ((8, 64, 56, 56), 1),      # planar, one channel per group, long rows
-    ((128, 256, 7, 7), 1),     # planar, groups of 41 channels: slabs streamed whole
-    ((4, 3, 300, 300), 1),     # planar by block
-    ((4096, 512), 1),          # columnar by row block, several rows per streamed piece
-    ((256, 8192), 1),          # columnar by tile, rows longer than a streamed piece
-    ((16, 32, 32, 64), -1),    # channels last
+    ((8, 64, 56, 56), 1, np.float32),    # planar, one channel per group, long rows
+    ((128, 256, 7, 7), 1, np.float32),   # planar, groups of 41 channels: slabs streamed whole;
+                                         # inference: pieces across rows of 49 values
+    ((96, 128, 7, 7), 1, np.float64),
+    ((4, 3, 300, 300), 1, np.float32),   # planar by block
+    ((4096, 512), 1, np.float32),        # columnar by row block, pieces across rows
+    ((1024, 600), 1, np.float64),
+    ((256, 8192), 1, np.float32),        # columnar by tile, rows longer than a streamed piece
+    ((16, 32, 32, 64), -1, np.float32),  # channels last
 ]
 
 
-@pytest.mark.parametrize("shape, channel_axis",
-                         [pytest.param(s, ca, id=layout_id(s, ca)) for s, ca in STREAMED])
+@pytest.mark.parametrize("shape, channel_axis, dtype",
+                         [pytest.param(s, ca, dt, id=f"{layout_id(s, ca)}-{np.dtype(dt).name}")
+                          for s, ca, dt in STREAMED])
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
-def test_streamed_out_equals_fresh(shape, channel_axis, offset, rng):
+def test_streamed_out_equals_fresh(shape, channel_axis, dtype, offset, rng):
     """Outputs of 4 MiB and more written to an ``out=`` buffer go through
-    streaming stores; they equal the fresh (normally stored) results to the
-    bit, with the buffer aligned to a cache line or one value off it."""
-    a = make_inputs(shape, np.float32, channel_axis, rng)
+    streaming stores, in pieces that end on cache lines; they equal the
+    fresh (normally stored) results to the bit, with the buffer aligned to
+    a cache line or one value off it, and nothing around it is written."""
+    a = make_inputs(shape, dtype, channel_axis, rng)
     assert a.x.nbytes >= 4 * 2**20
     expected = run_all(a, channel_axis, 2)
-    pool = np.full(a.x.size + 32, np.nan, np.float32)
-    base = (-pool.ctypes.data % 64) // 4 + offset
+    size = np.dtype(dtype).itemsize
+    pool = np.full(a.x.size + 64 // size * 2, np.nan, dtype)
+    base = (-pool.ctypes.data % 64) // size + offset
     out = pool[base:base + a.x.size].reshape(shape)
     _, mean, invstd = fastbn.batch_norm_forward(a.x, a.gamma, a.beta, channel_axis=channel_axis,
                                                 out=out, num_threads=2)
