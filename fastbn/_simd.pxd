@@ -389,13 +389,15 @@ cdef enum:
 
 cdef inline Py_ssize_t stream_end(const void* out, Py_ssize_t i, Py_ssize_t end,
                                   Py_ssize_t itemsize) noexcept nogil:
-    """Where the streamed piece of out starting at value i ends: STREAM_CHUNK
-    values on, back to the start of a cache line (so the next piece starts
-    on one: a line split between two pieces would take a normal store from
-    each, read for ownership first), and at most end."""
+    """Where the streamed piece of out starting at value i ends: at end if
+    that is at most STREAM_CHUNK values on, else STREAM_CHUNK values on,
+    back to the start of a cache line (so the next piece starts on one: a
+    line split between two pieces would take a normal store from each,
+    read for ownership first)."""
     cdef Py_ssize_t e = i + STREAM_CHUNK
-    e -= <Py_ssize_t>((<size_t>(<const char*>out + e * itemsize)) & 63) // itemsize
-    return min(e, end)
+    if e >= end:
+        return end
+    return e - <Py_ssize_t>((<size_t>(<const char*>out + e * itemsize)) & 63) // itemsize
 
 
 cdef inline bint streams(bint wanted, const void* out, const void* a, const void* b,
