@@ -22,6 +22,9 @@ float32 NumPy formula), ``measure.py`` (timing and peak memory),
 scenarios, one module each: ``busy.py`` with ``neighbours.py``, ``step.py``,
 ``beside.py`` with ``beside_child.py``, ``back_to_back.py``, ``fused.py``,
 ``main_job.py``).
+
+``ab.py`` compares two builds on one call in interleaved fresh processes:
+the way to tell a kernel change from this VM's noise.
 """
 
 from __future__ import annotations
