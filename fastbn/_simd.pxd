@@ -393,7 +393,9 @@ cdef inline Py_ssize_t stream_end(const void* out, Py_ssize_t i, Py_ssize_t end,
     that is at most STREAM_CHUNK values on, else STREAM_CHUNK values on,
     back to the start of a cache line (so the next piece starts on one: a
     line split between two pieces would take a normal store from each,
-    read for ownership first)."""
+    read for ownership first). An out not aligned to its item size (NumPy
+    allows one) gets pieces that end off the line, as before: the values
+    are the same either way."""
     cdef Py_ssize_t e = i + STREAM_CHUNK
     if e >= end:
         return end

@@ -110,11 +110,11 @@ def test_in_place_equals_out_of_place(dtype, rng):
 STREAMED = [
     ((8, 64, 56, 56), 1, np.float32),    # planar, one channel per group, long rows
     ((128, 256, 7, 7), 1, np.float32),   # planar, groups of 41 channels: slabs streamed whole;
-                                         # inference: pieces across rows of 49 values
-    ((96, 128, 7, 7), 1, np.float64),
+                                         # inference, frozen dx: pieces across rows of 49 values
+    ((96, 128, 7, 7), 1, np.float64),    # the same in float64 (pieces end on lines: 8 values)
     ((4, 3, 300, 300), 1, np.float32),   # planar by block
-    ((4096, 512), 1, np.float32),        # columnar by row block, pieces across rows
-    ((1024, 600), 1, np.float64),
+    ((4096, 512), 1, np.float32),        # columnar by row block, several rows per streamed piece
+    ((1024, 600), 1, np.float64),        # columnar, rows longer than a streamed piece, float64
     ((256, 8192), 1, np.float32),        # columnar by tile, rows longer than a streamed piece
     ((16, 32, 32, 64), -1, np.float32),  # channels last
 ]
@@ -145,6 +145,15 @@ def test_streamed_out_equals_fresh(shape, channel_axis, dtype, offset, rng):
     fastbn.batch_norm_inference(a.x, a.gamma, a.beta, a.running_mean, a.running_var,
                                 channel_axis=channel_axis, out=out, num_threads=2)
     assert_bitwise_equal(out, expected["inference y"], err_msg="inference y")
+    for activation in (None, "relu", "leaky_relu"):   # the apply alone, from dy and x
+        fresh = fastbn.batch_norm_backward(a.dy, a.x, a.gamma, mean, invstd, beta=a.beta,
+                                           activation=activation, training=False,
+                                           param_grads=False, channel_axis=channel_axis,
+                                           num_threads=2)[0]
+        fastbn.batch_norm_backward(a.dy, a.x, a.gamma, mean, invstd, beta=a.beta,
+                                   activation=activation, training=False, param_grads=False,
+                                   channel_axis=channel_axis, out=out, num_threads=2)
+        assert_bitwise_equal(out, fresh, err_msg=f"frozen dx, activation {activation}")
     assert np.isnan(pool[:base]).all() and np.isnan(pool[base + a.x.size:]).all()
 
 
