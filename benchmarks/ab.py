@@ -5,9 +5,10 @@ process to the next (where its memory lands), so two builds timed in one
 process each tell little. This runs the same call in ``--processes`` fresh
 processes per build, alternating A, B, A, B, each timing the call on inputs
 and ``out=`` buffers rotating through copies larger than the last-level
-cache, and prints the minimum and the median of the per-process medians
-(float32, ``out=``). Run it with the same build as A and B first: the ratio
-it prints then is the noise (about 0.9-1.1 here).
+cache (the workloads, calls and timing of ``run.py``), and prints the
+minimum and the median of the per-process medians (float32, ``out=``). Run
+it with the same build as A and B first: the ratio it prints then is the
+noise (about 0.9-1.1 here).
 
     python benchmarks/ab.py --a /path/to/old/checkout --b . --op inference \\
         --threads 2 --shape 32,2048,7,7
@@ -20,54 +21,32 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
-ROTATE_BYTES = 96 * 2**20       # inputs and outputs of the rotating copies, at least
+TARGET_SECONDS = 0.3            # of timed calls per process, as run.py's full suite
 
 
-def child(op: str, threads: int, shape: tuple[int, ...], channels_last: bool) -> float:
-    """The median time of the call, in seconds, in this process."""
+def child(op: str, threads: int, dims: tuple[int, ...], channels_last: bool) -> float:
+    """The median time of the call, in seconds, in this process: fastbn with
+    ``out=`` on run.py's workload of the shape (rotating copies twice the
+    last-level cache) and run.py's call, timed by run.py's median_time."""
     import numpy as np
 
-    import fastbn
+    import cases
+    import machine
+    import measure
 
-    axis = -1 if channels_last or len(shape) == 2 else 1
-    rng = np.random.default_rng(0)
-    nbytes = int(np.prod(shape)) * 4
-    copies = max(2, -(-ROTATE_BYTES // (3 * nbytes)))
-    xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(copies)]
-    dys = [rng.standard_normal(shape, dtype=np.float32) for _ in range(copies)]
-    outs = [np.empty_like(xs[0]) for _ in range(copies)]
-    C = shape[axis]
-    gamma, beta = np.ones(C, np.float32), np.zeros(C, np.float32)
-    running_mean, running_var = np.zeros(C, np.float32), np.ones(C, np.float32)
-    _, mean, invstd = fastbn.batch_norm_forward(xs[0], gamma, beta, channel_axis=axis)
-
-    def call(i: int) -> None:
-        x, dy, out = xs[i % copies], dys[i % copies], outs[i % copies]
-        if op == "forward":
-            fastbn.batch_norm_forward(x, gamma, beta, channel_axis=axis, out=out,
-                                      num_threads=threads)
-        elif op == "inference":
-            fastbn.batch_norm_inference(x, gamma, beta, running_mean, running_var,
-                                        channel_axis=axis, out=out, num_threads=threads)
-        else:
-            fastbn.batch_norm_backward(dy, x, gamma, mean, invstd, channel_axis=axis, out=out,
-                                       num_threads=threads)
-
-    times = []
-    for i in range(max(20, 4 * copies)):
-        start = time.perf_counter()
-        call(i)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[copies:])
+    w = cases.Workload(cases.Shape(dims, channels_last), np.float32,
+                       2 * machine.last_level_cache_bytes())
+    call = cases.make_call(cases.FASTBN_OUT, op, w, threads)
+    return measure.median_time(call, w.copies, TARGET_SECONDS)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--a", required=True, help="checkout (built in place) of build A")
     parser.add_argument("--b", required=True, help="checkout (built in place) of build B")
-    parser.add_argument("--op", choices=["forward", "inference", "backward"], default="forward")
+    parser.add_argument("--op", default="forward",
+                        help="an operation of run.py (cases.OPERATIONS, cases.VARIANT_OF)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shape", required=True, help="comma-separated, e.g. 64,64,56,56")
     parser.add_argument("--channels-last", action="store_true")
