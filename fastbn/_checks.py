@@ -39,9 +39,6 @@ from numpy.typing import DTypeLike, NDArray
 
 from fastbn import _dtypes, _front, _openmp, _overlap
 
-#: float32 and float64: the dtypes of parameters (and of the adapters' data)
-FLOAT_DTYPES = _dtypes.PARAMETER_DTYPES
-
 
 def _error(cls: type[Exception], who: str | None, text: str, *problem: Any) -> Exception:
     """An exception of type cls, prefixed with who, carrying ``problem``."""
@@ -227,7 +224,7 @@ def float_dtype(value: Any, *, who: str | None = None, name: str = "dtype") -> n
     except TypeError:
         raise _error(TypeError, who, f"{name} must be float32 or float64, got "
                                      f"{value!r}") from None
-    if dtype not in FLOAT_DTYPES:
+    if dtype not in _dtypes.PARAMETER_DTYPES:
         hint = (f": the parameters' dtype; a float32 layer takes {dtype} input"
                 if _dtypes.is_half(dtype) else "")
         raise _error(TypeError, who, f"{name} must be float32 or float64, got {dtype}{hint}")

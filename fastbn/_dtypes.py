@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from fastbn._typing import FloatArray
+
 FLOAT32 = np.dtype(np.float32)
 FLOAT64 = np.dtype(np.float64)
 FLOAT16 = np.dtype(np.float16)
@@ -61,3 +63,26 @@ def parameters(dtype: np.dtype[Any]) -> np.dtype[Any]:
     float64 for float64, float32 for float32, float16 and bfloat16."""
     return FLOAT64 if dtype == FLOAT64 else FLOAT32
 
+
+def rounded(a: FloatArray, dtype: np.dtype[Any]) -> FloatArray:
+    """A float64 result rounded once to ``dtype``: the last step of each
+    function of :mod:`fastbn.reference`. A value beyond the dtype's range
+    becomes +-inf, as the kernels' float32 results do (a float32 dx with a
+    saturated invstd, say): that is the result, so it raises no warning.
+    bfloat16 goes through float32 rounded to odd, which rounds to bfloat16
+    as the float64 value does (ml_dtypes before 0.7 rounds float64 to
+    bfloat16 through float32 rounded to nearest: twice)."""
+    with np.errstate(over="ignore"):
+        return (_to_odd_float32(a) if np.dtype(dtype).kind == "V" else a).astype(dtype)
+
+
+def _to_odd_float32(a: FloatArray) -> FloatArray:
+    """a rounded to float32 toward zero, its last bit set where that was
+    inexact (rounding to odd; float32 has more than bfloat16's 8 + 2 bits)."""
+    f = np.asarray(a, dtype=np.float64).astype(np.float32)
+    back = f.astype(np.float64)
+    inexact = np.isfinite(a) & (back != a)
+    toward_zero = np.where(np.abs(back) > np.abs(a), np.nextafter(f, np.float32(0)), f)
+    odd = (toward_zero.view(np.uint32) | np.uint32(1)).view(np.float32)
+    result: FloatArray = np.where(inexact, odd, f)
+    return result

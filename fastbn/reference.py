@@ -33,6 +33,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fastbn._dtypes import parameters as _parameters
+from fastbn._dtypes import rounded as _rounded
 from fastbn._typing import (Activation, Counter, FloatArray, Gradients, OptionalArray, Renormed,
                             Triple)
 
@@ -52,29 +53,6 @@ def _per_channel(v: Any, ndim: int, channel_axis: int) -> NDArray[np.float64]:
     shape = [1] * ndim
     shape[channel_axis] = -1
     return np.asarray(v, dtype=np.float64).reshape(shape)
-
-
-def _rounded(a: FloatArray, dtype: np.dtype[Any]) -> FloatArray:
-    """A float64 result rounded once to ``dtype``. A value beyond the dtype's
-    range becomes +-inf, as the kernels' float32 results do (a float32 dx with
-    a saturated invstd, say): that is the result, so it raises no warning.
-    bfloat16 goes through float32 rounded to odd, which rounds to bfloat16
-    as the float64 value does (ml_dtypes before 0.7 rounds float64 to
-    bfloat16 through float32 rounded to nearest: twice)."""
-    with np.errstate(over="ignore"):
-        return (_to_odd_float32(a) if np.dtype(dtype).kind == "V" else a).astype(dtype)
-
-
-def _to_odd_float32(a: FloatArray) -> FloatArray:
-    """a rounded to float32 toward zero, its last bit set where that was
-    inexact (rounding to odd; float32 has more than bfloat16's 8 + 2 bits)."""
-    f = np.asarray(a, dtype=np.float64).astype(np.float32)
-    back = f.astype(np.float64)
-    inexact = np.isfinite(a) & (back != a)
-    toward_zero = np.where(np.abs(back) > np.abs(a), np.nextafter(f, np.float32(0)), f)
-    odd = (toward_zero.view(np.uint32) | np.uint32(1)).view(np.float32)
-    result: FloatArray = np.where(inexact, odd, f)
-    return result
 
 
 def _into(out: FloatArray | None, result: FloatArray) -> FloatArray:

@@ -17,7 +17,7 @@ import pytest
 from helpers import assert_bitwise_equal, make_inputs, run_ranks, values
 
 import fastbn
-from fastbn import reference
+from fastbn import _dtypes, reference
 from fastbn.distributed import sync_batch_norm_backward, sync_batch_norm_forward
 
 try:
@@ -256,7 +256,7 @@ def test_the_oracle_rounds_bfloat16_once():
     if ml_dtypes is None:
         pytest.skip("needs ml_dtypes")
     v = np.array([1 + 2.0**-8 + 2.0**-40, -(1 + 2.0**-8 + 2.0**-40), 1 + 2.0**-8])
-    got = reference._rounded(v, np.dtype(ml_dtypes.bfloat16)).astype(np.float64)
+    got = _dtypes.rounded(v, np.dtype(ml_dtypes.bfloat16)).astype(np.float64)
     assert got.tolist() == [1 + 2.0**-7, -(1 + 2.0**-7), 1.0]
 
 

@@ -88,7 +88,7 @@ def _as_float_array(name: str, a: Any) -> Any:
     """a as a float32 or float64 ndarray; other real dtypes (float16 and
     bfloat16 included) are computed in float64."""
     a = np.asarray(a)
-    if a.dtype not in _checks.FLOAT_DTYPES:
+    if a.dtype not in _dtypes.PARAMETER_DTYPES:
         if a.dtype.kind not in "biuf" and not _dtypes.is_half(a.dtype):
             raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
         a = a.astype(np.float64)

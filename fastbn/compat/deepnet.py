@@ -149,7 +149,7 @@ class Batchnorm:
         if X.ndim < 1 or X.shape[0] < 1 or X.size != X.shape[0] * self.D:
             raise ValueError(f"Batchnorm: X must have shape (N, {', '.join(map(str, self.X_dim))})"
                              f" or hold {self.D} values per sample, got shape {X.shape}")
-        if X.dtype not in _checks.FLOAT_DTYPES:  # deepnet's nets are float32 or float64
+        if X.dtype not in _dtypes.PARAMETER_DTYPES:  # deepnet's nets are float32 or float64
             raise TypeError(f"Batchnorm: X must have dtype float32 or float64, got "
                             f"{_checks.dtype_name(X.dtype)}")
         X_flat = X.reshape(X.shape[0], self.D)
