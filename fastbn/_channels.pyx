@@ -16,8 +16,9 @@ float64. ``None`` is accepted where the fused kernels accept NULL.
 from cython cimport floating
 
 from fastbn._call cimport ACT_NONE, GRAD_OUTPUT, GRAD_PLAIN
-from fastbn._pass cimport Pass, backward_pass, forward_pass
-from fastbn._stats cimport Coef, backward_coef, moments as channel_moments, stats_coef
+from fastbn._pass cimport PASS_BACKWARD, Pass, backward_pass, forward_pass
+from fastbn._stats cimport (MAP_BLOCK, Coef, CoefBlock, backward_block, coef_at,
+                            moments as channel_moments, stats_block)
 from fastbn._views cimport cptr, wptr
 
 
@@ -28,6 +29,29 @@ cdef void renorm_of(Pass* ps, floating[::1] r, floating[::1] d, double rmax, dou
         ps.renorm = True
         ps.r, ps.d = &r[0], &d[0]
         ps.rmax, ps.rmin, ps.dmax = rmax, rmin, dmax
+
+
+cdef void finish_channels(const Pass* ps, const double[:, :] pairs, Coef* coef,
+                          const floating* like) noexcept nogil:
+    """The maps coef of every channel, MAP_BLOCK at a time, from its pair of
+    values (C, 2) as the kernels finish them (fastbn._stats): a forward's
+    (mean, var), a backward's sums."""
+    cdef double a[MAP_BLOCK]
+    cdef double b[MAP_BLOCK]
+    cdef CoefBlock k
+    cdef Py_ssize_t c0 = 0, j, n
+    while c0 < pairs.shape[0]:
+        n = min(<Py_ssize_t>MAP_BLOCK, pairs.shape[0] - c0)
+        for j in range(n):
+            a[j] = pairs[c0 + j, 0]
+            b[j] = pairs[c0 + j, 1]
+        if ps.kind == PASS_BACKWARD:
+            backward_block(ps, a, b, c0, n, &k, like)
+        else:
+            stats_block(ps, a, b, c0, n, &k, like)
+        for j in range(n):
+            coef[c0 + j] = coef_at(&k, j)
+        c0 += n
 
 
 def moments(const double[:, ::1] sums, const double[::1] center, double m,
@@ -63,11 +87,9 @@ def forward_map(const double[:, :] stats, double m, double eps,
     specialization from it.)"""
     cdef Pass ps = forward_pass(m, eps, factor, unbiased, cptr(gamma), cptr(beta), &mean[0],
                                 &invstd[0], wptr(running_mean), wptr(running_var), ACT_NONE, 0.0)
-    cdef Coef* k = <Coef*>&coef[0, 0]
-    cdef Py_ssize_t c
     renorm_of(&ps, r, d, rmax, rmin, dmax)
-    for c in range(stats.shape[0]):
-        k[c] = stats_coef(&ps, stats[c, 0], stats[c, 1], c, &mean[0])
+    with nogil:
+        finish_channels(&ps, stats, <Coef*>&coef[0, 0], &mean[0])
 
 
 def backward_map(const double[:, :] sums, double m, const floating[::1] invstd,
@@ -83,8 +105,6 @@ def backward_map(const double[:, :] sums, double m, const floating[::1] invstd,
     cdef Pass ps = backward_pass(m, False, True, cptr(gamma), <const floating*>NULL, cptr(mean),
                                  &invstd[0], &dgamma[0], &dbeta[0],
                                  GRAD_OUTPUT if mean is None else GRAD_PLAIN, ACT_NONE, 0.0)
-    cdef Coef* k = <Coef*>&coef[0, 0]
-    cdef Py_ssize_t c
     renorm_of(&ps, r, d, 1.0, 1.0, 0.0)
-    for c in range(sums.shape[0]):
-        k[c] = backward_coef(&ps, sums[c, 0], sums[c, 1], c, &invstd[0])
+    with nogil:
+        finish_channels(&ps, sums, <Coef*>&coef[0, 0], &invstd[0])

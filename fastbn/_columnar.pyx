@@ -43,16 +43,19 @@ fastbn.distributed take an array that frees itself); float32 outputs are compute
 from cython.parallel cimport parallel, prange
 from cpython.pycapsule cimport PyCapsule_New
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memset
 
 from fastbn._call cimport (ACT_NONE, DTYPE_BFLOAT16, DTYPE_FLOAT16, DTYPE_FLOAT32, DTYPE_FLOAT64, ENTRY_NAME,
                            GRAD_PLAIN, MODE_BACKWARD, MODE_FORWARD, STEP_APPLY, STEP_SUMS, Call)
-from fastbn._openmp cimport Shares, barrier, late, note, threads_for, took
+from fastbn._openmp cimport (Shares, barrier, late, note, omp_get_thread_num, threads_for,
+                             took)
 from fastbn._simd cimport STREAM_CHUNK, fence, storage, stream
 from fastbn._body cimport (Body, BodyDX, BodyDXAct, BodyDXOut, BodyDXRelu, BodyDZ, BodyDZRelu, BodyY,
                            BodyYAct, narrow, put, real, terms, value, widen)
 from fastbn._pass cimport (BODY_DX, BODY_DX_ACT, BODY_DX_OUT, BODY_DX_RELU, BODY_DZ, BODY_Y,
                            BODY_Y_ACT, Pass, apply_b, call_pass, center_of)
-from fastbn._stats cimport Act, Coef, Coef32, Grad, finish, grad_of, make_act, to_float
+from fastbn._stats cimport (MAP_BLOCK, Act, Coef32, CoefBlock, Grad, coef32_of, finish_block,
+                            fits_float, grad_of, make_act)
 from fastbn._views cimport at
 from fastbn._half cimport HALF_BLOCK, bfloat, half
 
@@ -163,20 +166,51 @@ cdef enum:
     MAPS_BYTES = 8 * sizeof(double) + 5 * sizeof(float) + sizeof(char)   # per column
 
 
-cdef inline void store_map(const Maps* k, Py_ssize_t c, Coef m) noexcept nogil:
+cdef inline void store_maps(const Maps* k, Py_ssize_t c0, Py_ssize_t n,
+                            const CoefBlock* m) noexcept nogil:
+    """Columns [c0, c0 + n) of k from a block of maps: in double, and in
+    float where float can carry them (0 where not: never read)."""
+    cdef float hi[MAP_BLOCK]
+    cdef float lo[MAP_BLOCK]
+    cdef float scale[MAP_BLOCK]
+    cdef float slope[MAP_BLOCK]
+    cdef float offset[MAP_BLOCK]
+    cdef char ok[MAP_BLOCK]
     cdef Coef32 f
-    f.hi = f.lo = f.scale = f.slope = f.offset = 0.0
-    k.center[c] = m.center
-    k.scale[c] = m.scale
-    k.slope[c] = m.slope
-    k.offset[c] = m.offset
-    k.zero[c] = 0.0
-    k.ok[c] = to_float(&m, &f)
-    k.hi[c] = f.hi
-    k.lo[c] = f.lo
-    k.scale32[c] = f.scale
-    k.slope32[c] = f.slope
-    k.offset32[c] = f.offset
+    cdef Py_ssize_t j
+    for j in range(n):
+        ok[j] = fits_float(m.center[j], m.scale[j], m.slope[j], m.offset[j])
+        f = coef32_of(m.center[j], m.scale[j], m.slope[j], m.offset[j])
+        hi[j] = f.hi if ok[j] else 0.0
+        lo[j] = f.lo if ok[j] else 0.0
+        scale[j] = f.scale if ok[j] else 0.0
+        slope[j] = f.slope if ok[j] else 0.0
+        offset[j] = f.offset if ok[j] else 0.0
+    memcpy(k.center + c0, m.center, n * sizeof(double))
+    memcpy(k.scale + c0, m.scale, n * sizeof(double))
+    memcpy(k.slope + c0, m.slope, n * sizeof(double))
+    memcpy(k.offset + c0, m.offset, n * sizeof(double))
+    memset(k.zero + c0, 0, n * sizeof(double))
+    memcpy(k.hi + c0, hi, n * sizeof(float))
+    memcpy(k.lo + c0, lo, n * sizeof(float))
+    memcpy(k.scale32 + c0, scale, n * sizeof(float))
+    memcpy(k.slope32 + c0, slope, n * sizeof(float))
+    memcpy(k.offset32 + c0, offset, n * sizeof(float))
+    memcpy(k.ok + c0, ok, n)
+
+
+cdef inline void finish_maps(const Pass* ps, const double* total, const double* center,
+                             Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
+                             const storage* a) noexcept nogil:
+    """The maps of columns [c0, c1) from their totals (total[c], total[C +
+    c]) around center[c], MAP_BLOCK columns at a time (fastbn._stats)."""
+    cdef CoefBlock m
+    cdef Py_ssize_t c = c0, n
+    while c < c1:
+        n = min(<Py_ssize_t>MAP_BLOCK, c1 - c)
+        finish_block(ps, total + c, total + C + c, center + c, c, n, &m, a)
+        store_maps(k, c, n, &m)
+        c += n
 
 
 cdef inline void set_pass(Grid* g, const Pass* ps, char* maps,
@@ -206,7 +240,7 @@ include "_columnar_loops.pxi"
 # ---------------------------------------------------------- schedules ----
 #
 # A pass: sums of (a, b) around center, the per-column maps (``Pass`` and
-# ``finish`` of fastbn._stats), the apply.
+# ``finish_block`` of fastbn._stats), the apply.
 
 cdef inline Py_ssize_t nunits(const Grid* g) noexcept nogil:
     """Units of the first step: tiles, or row blocks."""
@@ -225,14 +259,13 @@ cdef void tile_unit(const storage* a, const storage* b, const storage* ab, stora
                     const Grid* g, const Pass* ps, Py_ssize_t t, const double* center,
                     const Maps* k, double* scratch, double* total, bint sums) noexcept nogil:
     """Tile t of the by-tile schedule: its totals, maps and apply."""
-    cdef Py_ssize_t c0 = t * g.tile, c1 = min(g.C, c0 + g.tile), c
+    cdef Py_ssize_t c0 = t * g.tile, c1 = min(g.C, c0 + g.tile)
     if sums:
         tile_totals(a, b, g, c0, c1, center, k, scratch, total)
     else:
         zero_totals(g, c0, c1, total)
     if ps.apply:
-        for c in range(c0, c1):
-            store_map(k, c, finish(ps, total[c], total[g.C + c], center[c], c, a))
+        finish_maps(ps, total, center, g.C, c0, c1, k, a)
         block_apply(a, ab, out, g, 0, g.M, c0, c1, k)
 
 
@@ -241,14 +274,13 @@ cdef void merge_unit(const storage* a, const Grid* g, const Pass* ps, Py_ssize_t
                      double* total, bint sums, bint maps) noexcept nogil:
     """Columns [u * MERGE_COLUMNS, ...) of the by-row-block schedule: their
     totals merged in block order, and their maps when ``maps``."""
-    cdef Py_ssize_t c0 = u * MERGE_COLUMNS, c1 = min(g.C, c0 + MERGE_COLUMNS), c
+    cdef Py_ssize_t c0 = u * MERGE_COLUMNS, c1 = min(g.C, c0 + MERGE_COLUMNS)
     if sums:
         merge_blocks(scratch, g, c0, c1, total)
     else:
         zero_totals(g, c0, c1, total)
     if maps:
-        for c in range(c0, c1):
-            store_map(k, c, finish(ps, total[c], total[g.C + c], center[c], c, a))
+        finish_maps(ps, total, center, g.C, c0, c1, k, a)
 
 
 cdef void run_pass(const storage* a, const storage* b, storage* out, const Grid* g,
@@ -327,40 +359,60 @@ cdef inline char* maps_at(char* mem, const Grid* g, bint sums) noexcept nogil:
 # the one entry of the compiled front; a work space that cannot be had
 # returns -1 before anything is written.
 
+cdef void chunk_pass(const Call* k, const Grid* whole, Py_ssize_t W, Py_ssize_t q, char* wp,
+                     int nt, const storage* like) noexcept nogil:
+    """Chunk q of the call (its columns [q * W, q * W + W)) on nt threads,
+    with the work space wp."""
+    cdef const storage* ap = <const storage*>k.a + q * W
+    cdef const storage* bp = at(<const storage*>k.b if k.mode == MODE_BACKWARD else NULL, q * W)
+    cdef storage* op = <storage*>at(<storage*>k.out, q * W)      # NULL for the sums alone
+    cdef Grid g = chunk_of(whole[0], min(k.c - q * W, W))
+    cdef Pass ps = call_pass(k, q * W, <double>g.M, like)
+    cdef double* center = centers(wp, &g)
+    cdef Py_ssize_t c
+    for c in range(g.C):
+        center[c] = center_of(&ps, ap, c, c)
+    set_pass(&g, &ps, maps_at(wp, &g, ps.sums), ap)
+    run_pass(ap, bp, op, &g, &ps, wp, nt)
+    for c in range(g.C if not ps.apply else 0):   # the sums alone
+        ps.totals[2 * c] = totals(wp, &g)[c]
+        ps.totals[2 * c + 1] = totals(wp, &g)[g.C + c]
+
+
 cdef int call_of(const Call* k, const storage* like) noexcept nogil:
     """The call on an (M, C) view (fastbn._call.Call: a = x or dy, b = x or
     y in the backward), chunk_width columns at a time: the work space is
     that of one chunk, allocated before anything is written. Inference is
-    the pass without sums, by row block; so is the apply alone (k.steps)."""
-    cdef const storage* ap = <const storage*>k.a
-    cdef const storage* bp = <const storage*>k.b if k.mode == MODE_BACKWARD else NULL
-    cdef storage* op = <storage*>k.out      # NULL for the sums alone
-    cdef Grid whole = make_grid(k.n, k.c, (2 if bp != NULL else 1) * sizeof(storage),
-                                op != NULL and k.stream)
-    cdef Py_ssize_t W = chunk_width(k.n, k.c, sizeof(storage)), q, c0, c
-    cdef Grid g
+    the pass without sums, by row block; so is the apply alone (k.steps).
+    Several chunks (few rows, many columns) are shared out to the threads,
+    each run whole by one thread in a work space of its own; one chunk is
+    split across the threads by run_pass."""
+    cdef Grid whole = make_grid(k.n, k.c, (2 if k.mode == MODE_BACKWARD else 1) * sizeof(storage),
+                                k.out != NULL and k.stream)
+    cdef Py_ssize_t W = chunk_width(k.n, k.c, sizeof(storage)), nq = (k.c + W - 1) // W, q
     cdef Pass ps = call_pass(k, 0, <double>k.n, like)
+    cdef Grid g
+    cdef Py_ssize_t size
+    cdef int nt = threads_for(k.n * k.c, nq, k.num_threads) if nq > 1 else 1
+    cdef Shares sh = Shares(nq, 0, 0)
     cdef char* wp
-    cdef double* center
     if not ps.sums:
         whole.tile = whole.ntiles = 0      # nothing to keep cached between steps: by row block
     g = chunk_of(whole, W)
-    wp = <char*>malloc(pass_bytes(&g, ps.sums))
+    size = pass_bytes(&g, ps.sums)
+    wp = <char*>malloc(nt * size)
     if wp == NULL:
         return -1
-    for q in range((k.c + W - 1) // W):
-        c0 = q * W
-        g = chunk_of(whole, min(k.c - c0, W))
-        ps = call_pass(k, c0, <double>g.M, like)
-        center = centers(wp, &g)
-        for c in range(g.C):
-            center[c] = center_of(&ps, ap + c0, c, c)
-        set_pass(&g, &ps, maps_at(wp, &g, ps.sums), ap + c0)
-        run_pass(ap + c0, at(bp, c0), <storage*>at(op, c0), &g, &ps, wp,
-                 threads_for(g.M * g.C, nunits(&g), k.num_threads))
-        for c in range(g.C if not ps.apply else 0):   # the sums alone
-            ps.totals[2 * c] = totals(wp, &g)[c]
-            ps.totals[2 * c + 1] = totals(wp, &g)[g.C + c]
+    if nq == 1:
+        chunk_pass(k, &whole, W, 0, wp, threads_for(g.M * g.C, nunits(&g), k.num_threads), like)
+    elif nt == 1:
+        for q in range(nq):
+            chunk_pass(k, &whole, W, q, wp, 1, like)
+    else:
+        for q in prange(nq, num_threads=nt, schedule="dynamic"):
+            took(&sh)
+            chunk_pass(k, &whole, W, q, wp + omp_get_thread_num() * size, 1, like)
+        note(late(&sh, nt))
     free(wp)
     return 0
 

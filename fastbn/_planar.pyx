@@ -57,7 +57,8 @@ from fastbn._body cimport (Body, BodyDX, BodyDXAct, BodyDXOut, BodyDXRelu, BodyD
 from fastbn._pass cimport (BODY_DX, BODY_DX_ACT, BODY_DX_OUT, BODY_DX_RELU, BODY_DZ, BODY_Y,
                            BODY_Y_ACT, PASS_FORWARD, PASS_INFERENCE, Pass, apply_b, call_pass,
                            center_of)
-from fastbn._stats cimport Act, Coef, Coef32, Grad, finish, grad_of, make_act, to_float
+from fastbn._stats cimport (MAP_BLOCK, Act, Coef, Coef32, CoefBlock, Grad, coef_at, finish_block,
+                            grad_of, make_act, to_float)
 from fastbn._simd cimport (LANES, PREFETCH_BYTES, STREAM_CHUNK, act_sums_bf16, act_sums_f16,
                            act_sums_f32, act_sums_f64, fence, grad_sums_bf16,
                            grad_sums_f16, grad_sums_f32, grad_sums_f64, prefetch_span,
@@ -175,10 +176,12 @@ cdef Coef merged_map(const double* part, const Plane* p, Py_ssize_t c, const Pas
                      const storage* a) noexcept nogil:
     """Channel c's map from the (channel, block) table of sums (the sums are
     locals of this function: private to the thread that calls it)."""
-    cdef double s0 = 0.0, s1 = 0.0
+    cdef double s0 = 0.0, s1 = 0.0, center = center_of(ps, a, c * p.S, c)
+    cdef CoefBlock k
     if ps.sums:
         merge_blocks(part, p, c, &s0, &s1)
-    return finish(ps, s0, s1, center_of(ps, a, c * p.S, c), c, a)
+    finish_block(ps, &s0, &s1, &center, c, 1, &k, a)
+    return coef_at(&k, 0)
 
 
 cdef void unit_sums(const storage* a, const storage* b, const Plane* p, const Pass* ps,
@@ -258,8 +261,11 @@ cdef void apply_pass(const storage* a, const storage* b, storage* out, const Pla
     cdef Coef32* coef32 = <Coef32*>(coef + p.C)
     cdef char* ok = <char*>(coef32 + p.C)
     cdef Shares sh = Shares(nu, 0, 0)
+    cdef CoefBlock k
     for c in range(p.C):
-        coef[c] = finish(ps, 0.0, 0.0, 0.0, c, a)
+        if c % MAP_BLOCK == 0:  # no sums: none is read
+            finish_block(ps, NULL, NULL, NULL, c, min(<Py_ssize_t>MAP_BLOCK, p.C - c), &k, a)
+        coef[c] = coef_at(&k, c % MAP_BLOCK)
         ok[c] = storage is not double and to_float(&coef[c], &coef32[c])
     if nt == 1:  # no parallel region: even a team of one ends in a futex wake
         for u in range(nu):

@@ -303,6 +303,9 @@ cdef void group_pass(const storage* a, const storage* b, storage* out, const Pla
     from memory (forward: a = x, b NULL; backward: a = dy, b = x)."""
     cdef double center[GROUP_MAX]
     cdef double totals[2 * GROUP_MAX]
+    cdef double s0[GROUP_MAX]
+    cdef double s1[GROUP_MAX]
+    cdef CoefBlock k
     cdef Coef coef[GROUP_MAX]
     cdef Grad grad[GROUP_MAX]
     cdef const Grad* t = NULL if ps.grad == GRAD_PLAIN else grad
@@ -315,5 +318,9 @@ cdef void group_pass(const storage* a, const storage* b, storage* out, const Pla
     if ps.sums:
         group_sums(a, b, p, c0, c1, center, t, totals)
     for j in range(c1 - c0):
-        coef[j] = finish(ps, totals[2 * j], totals[2 * j + 1], center[j], c0 + j, a)
+        s0[j] = totals[2 * j]
+        s1[j] = totals[2 * j + 1]
+    finish_block(ps, s0, s1, center, c0, c1 - c0, &k, a)      # GROUP_MAX <= MAP_BLOCK
+    for j in range(c1 - c0):
+        coef[j] = coef_at(&k, j)
     group_apply(a, apply_b(ps, b), out, p, c0, c1, coef, t)

@@ -66,60 +66,11 @@ cdef inline double clipped(double v, double lo, double hi) noexcept nogil:
     return v
 
 
-cdef inline Coef stats_coef(const Pass* ps, double mean, double var, Py_ssize_t c,
-                            const floating* like) noexcept nogil:
-    """Channel c's affine map from its mean and biased variance over ps.m
-    values; stores mean and invstd, and r and d with Batch Renormalization,
-    and updates the running statistics (with the variance var * m / (m -
-    1) when unbiased, PyTorch's, else var, Keras', weighted by factor), or
-    for a ghost group stores that mean and variance in ps.moments instead.
-    The stored invstd is saturated at the largest float when 1/sqrt(var +
-    eps) exceeds it (a constant channel with a tiny eps): the map itself
-    keeps the exact double. ``like`` is any array of the call, for its
-    dtype."""
-    cdef const floating* gamma = <const floating*>ps.gamma
-    cdef const floating* beta = <const floating*>ps.beta
-    cdef floating* running_mean = <floating*>ps.running_mean
-    cdef floating* running_var = <floating*>ps.running_var
-    cdef double invstd = 1.0 / sqrt(var + ps.eps), m = ps.m, factor = ps.factor
-    cdef double g = <double>gamma[c] if gamma != NULL else 1.0, sigma, r, d
-    cdef Coef k
-    k.center = mean
-    k.scale = invstd * g
-    k.slope = 0.0
-    k.offset = <double>beta[c] if beta != NULL else 0.0
-    if ps.renorm:  # r and d as stored, so that the backward reads what the forward used
-        sigma = sqrt(<double>running_var[c] + ps.eps)
-        r = <floating>clipped(sqrt(var + ps.eps) / sigma, ps.rmin, ps.rmax)
-        d = <floating>clipped((mean - <double>running_mean[c]) / sigma, -ps.dmax, ps.dmax)
-        (<floating*>ps.r)[c] = <floating>r
-        (<floating*>ps.d)[c] = <floating>d
-        k.scale = k.scale * r
-        if d != 0.0:  # rmax = 1 and dmax = 0 keep the plain layer's bits, -0.0 included
-            k.offset = k.offset + g * d
-    (<floating*>ps.mean)[c] = <floating>mean
-    if floating is float:  # saturate: an infinite invstd would make xhat = 0 * inf = NaN
-        (<float*>ps.invstd)[c] = <float>(FLT_MAX if invstd > FLT_MAX else invstd)  # NaN stays
-    else:  # finite: eps >= the smallest double gives invstd < 1e162
-        (<double*>ps.invstd)[c] = invstd
-    if ps.moments != NULL:
-        ps.moments[2 * c] = mean
-        ps.moments[2 * c + 1] = var * m / (m - 1.0) if ps.unbiased else var
-    elif running_mean != NULL:
-        running_mean[c] = <floating>((1.0 - factor) * running_mean[c] + factor * mean)
-        if ps.unbiased:
-            running_var[c] = <floating>((1.0 - factor) * running_var[c]
-                                        + factor * var * m / (m - 1.0))
-        else:
-            running_var[c] = <floating>((1.0 - factor) * running_var[c] + factor * var)
-    return k
-
-
 cdef inline void groups_update(const double* moments, Py_ssize_t groups, Py_ssize_t C,
                                double factor, floating* running_mean,
                                floating* running_var) noexcept nogil:
     """Ghost Batch Normalization's running update, once per call: with the
-    (groups, C, 2) moments of the groups (stats_coef), the average over the
+    (groups, C, 2) moments of the groups (stats_block), the average over the
     groups of their means and of their variances (Keras' rule), in order."""
     cdef Py_ssize_t c, j
     cdef double mean, var
@@ -132,98 +83,6 @@ cdef inline void groups_update(const double* moments, Py_ssize_t groups, Py_ssiz
         var /= <double>groups
         running_mean[c] = <floating>((1.0 - factor) * running_mean[c] + factor * mean)
         running_var[c] = <floating>((1.0 - factor) * running_var[c] + factor * var)
-
-
-cdef inline Coef forward_coef(const Pass* ps, double s, double q, double shift, Py_ssize_t c,
-                              const floating* like) noexcept nogil:
-    """Finish channel c's statistics from its shifted sums, store them and
-    return the affine map."""
-    cdef double mean, var
-    moments(s, q, ps.m, shift, &mean, &var)
-    return stats_coef(ps, mean, var, c, like)
-
-
-cdef inline Coef inference_coef(const floating* running_mean, const floating* running_var,
-                                double eps, const floating* gamma, const floating* beta,
-                                Py_ssize_t c) noexcept nogil:
-    """The affine map of channel c from the running statistics."""
-    cdef Coef k
-    k.center = running_mean[c]
-    k.scale = (1.0 / sqrt(<double>running_var[c] + eps)) * (
-        <double>gamma[c] if gamma != NULL else 1.0)
-    k.slope = 0.0
-    k.offset = <double>beta[c] if beta != NULL else 0.0
-    return k
-
-
-cdef inline Coef backward_coef(const Pass* ps, double sdy, double sdyc, Py_ssize_t c,
-                               const floating* like) noexcept nogil:
-    """Store dgamma[c] and dbeta[c] and return the map that gives dx. From
-    the output (GRAD_OUTPUT) the second input is xhat itself (sdyc =
-    sum(dy * xhat), center 0; mean is not read): invstd then only scales
-    dx. With Batch Renormalization (never from the output) gamma * r
-    scales dx and dgamma = r * sum(dy * xhat) + d * sum(dy)."""
-    cdef const floating* gamma = <const floating*>ps.gamma
-    cdef bint from_output = ps.grad == GRAD_OUTPUT
-    cdef double istd = (<const floating*>ps.invstd)[c]
-    cdef double sxhat = sdyc if from_output else istd * sdyc   # sum(dy * xhat)
-    cdef double a = istd * (<double>gamma[c] if gamma != NULL else 1.0)
-    cdef double dgamma = sxhat, r, d
-    cdef Coef k
-    if ps.renorm:
-        r = (<const floating*>ps.r)[c]
-        d = (<const floating*>ps.d)[c]
-        a = a * r
-        dgamma = r * sxhat
-        if d != 0.0:
-            dgamma = dgamma + d * sdy
-    (<floating*>ps.dgamma)[c] = <floating>dgamma
-    (<floating*>ps.dbeta)[c] = <floating>sdy
-    k.center = 0.0 if from_output else (<const floating*>ps.mean)[c]
-    k.scale = a
-    k.slope = a * (1.0 if from_output else istd) * sxhat / ps.m
-    k.offset = a * sdy / ps.m
-    return k
-
-cdef inline Coef frozen_coef(double sdy, double sdyc, bint param_grads,
-                             const floating* invstd, const floating* gamma,
-                             floating* dgamma_out, floating* dbeta_out,
-                             Py_ssize_t c) noexcept nogil:
-    """The backward with mean and invstd as constants (eval mode, frozen
-    statistics): dx = gamma * invstd * dy, the map applied to dy alone
-    (center 0, offset 0: x is not read, so a non-finite x leaves dx alone);
-    dgamma = invstd * sdyc and dbeta = sdy stored when param_grads."""
-    cdef Coef k
-    cdef double istd = invstd[c]
-    if param_grads:
-        dgamma_out[c] = <floating>(istd * sdyc)
-        dbeta_out[c] = <floating>sdy
-    k.center = 0.0
-    k.scale = istd * (<double>gamma[c] if gamma != NULL else 1.0)
-    k.slope = 0.0
-    k.offset = 0.0
-    return k
-
-
-cdef inline Coef finish_in(const Pass* ps, double s0, double s1, double center, Py_ssize_t c,
-                           const floating* like) noexcept nogil:
-    """Channel c's map from its two sums around center (forward: the shifted
-    sums; backward: sum(dy), sum(dy * (x - mean))), or from the running
-    statistics (inference), or the given map (the apply alone); ``like`` is
-    any parameter array of the call, for its dtype."""
-    if ps.given_maps:
-        return (<const Coef*>ps.maps)[c]
-    if ps.kind == PASS_FROZEN:
-        return frozen_coef(s0, s1, ps.sums, <const floating*>ps.invstd,
-                           <const floating*>ps.gamma, <floating*>ps.dgamma,
-                           <floating*>ps.dbeta, c)
-    if ps.kind == PASS_BACKWARD:
-        return backward_coef(ps, s0, s1, c, like)
-    if ps.kind == PASS_INFERENCE:
-        return inference_coef(<const floating*>ps.running_mean,
-                              <const floating*>ps.running_var, ps.eps,
-                              <const floating*>ps.gamma, <const floating*>ps.beta, c)
-    return forward_coef(ps, s0, s1, center, c, like)
 
 
 ctypedef struct Act:
@@ -286,17 +145,9 @@ cdef inline Grad grad_in(const Pass* ps, Py_ssize_t c, const floating* like) noe
     return t
 
 
-# The kernels' entries to the two above, from the data's type: the
-# parameters and statistics are float64 with float64 data, float32 with any
-# other (PyTorch's rule for float16 and bfloat16 input).
-
-cdef inline Coef finish(const Pass* ps, double s0, double s1, double center, Py_ssize_t c,
-                        const storage* data) noexcept nogil:
-    if storage is double:
-        return finish_in(ps, s0, s1, center, c, <const double*>NULL)
-    else:
-        return finish_in(ps, s0, s1, center, c, <const float*>NULL)
-
+# The kernels' entries to grad_in and finish_block_in, from the data's type:
+# the parameters and statistics are float64 with float64 data, float32 with
+# any other (PyTorch's rule for float16 and bfloat16 input).
 
 cdef inline Grad grad_of(const Pass* ps, Py_ssize_t c, const storage* data) noexcept nogil:
     if storage is double:
@@ -323,15 +174,258 @@ cdef inline bint float_safe(double v) noexcept nogil:
     return v == 0.0 or (fabs(v) > 7.888609052210118e-31 and fabs(v) < 1.2676506002282294e+30)
 
 
+cdef inline bint fits_float(double center, double scale, double slope,
+                            double offset) noexcept nogil:
+    """Float arithmetic can carry the map (center, scale, slope, offset)."""
+    return float_safe(center) & float_safe(scale) & float_safe(slope) & float_safe(offset)
+
+
+cdef inline Coef32 coef32_of(double center, double scale, double slope,
+                             double offset) noexcept nogil:
+    """The map in float (a map that fits_float)."""
+    cdef Coef32 f
+    f.hi = <float>center
+    f.lo = <float>(center - <double>f.hi)
+    f.scale = <float>scale
+    f.slope = <float>slope
+    f.offset = <float>offset
+    return f
+
+
 cdef inline bint to_float(const Coef* k, Coef32* f) noexcept nogil:
     """The map k in float (Coef32); False when float cannot carry it (then
     the caller applies k in double)."""
-    if not (float_safe(k.center) and float_safe(k.scale) and float_safe(k.slope)
-            and float_safe(k.offset)):
+    if not fits_float(k.center, k.scale, k.slope, k.offset):
         return False
-    f.hi = <float>k.center
-    f.lo = <float>(k.center - <double>f.hi)
-    f.scale = <float>k.scale
-    f.slope = <float>k.slope
-    f.offset = <float>k.offset
+    f[0] = coef32_of(k.center, k.scale, k.slope, k.offset)
     return True
+
+
+# ------------------------------------------------------ finishing channels ----
+# A pass finishes its channels a block of at most MAP_BLOCK at a time: each
+# step is a loop over the block's channels that reads arrays and writes
+# only the block's own local arrays (or one output array), so the compiler
+# vectorizes it (divisions and square roots included) and no step waits on
+# another channel's. The arithmetic of a channel is the same expressions in
+# the same order whatever the block, so its bits do not depend on it.
+
+cdef enum:
+    MAP_BLOCK = 64         # channels finished together
+
+
+ctypedef struct CoefBlock:
+    # The maps (Coef) of the channels of a block, field by field.
+    double center[MAP_BLOCK]
+    double scale[MAP_BLOCK]
+    double slope[MAP_BLOCK]
+    double offset[MAP_BLOCK]
+
+
+cdef inline void load_block(const floating* p, Py_ssize_t c0, Py_ssize_t n, double fill,
+                            double* out) noexcept nogil:
+    """out[j] = p[c0 + j] of n channels, or ``fill`` where p is NULL."""
+    cdef Py_ssize_t j
+    if p == NULL:
+        for j in range(n):
+            out[j] = fill
+    else:
+        for j in range(n):
+            out[j] = <double>p[c0 + j]
+
+
+cdef inline void store_block(floating* p, Py_ssize_t c0, Py_ssize_t n,
+                             const double* v) noexcept nogil:
+    """p[c0 + j] = v[j] of n channels, rounded once to p's type."""
+    cdef Py_ssize_t j
+    for j in range(n):
+        p[c0 + j] = <floating>v[j]
+
+
+cdef inline void stats_block(const Pass* ps, const double* mean, const double* var,
+                             Py_ssize_t c0, Py_ssize_t n, CoefBlock* k,
+                             const floating* like) noexcept nogil:
+    """The affine maps of channels [c0, c0 + n) from their means and biased
+    variances over ps.m values; stores mean and invstd, and r and d with
+    Batch Renormalization, and updates the running statistics (with the
+    variance var * m / (m - 1) when unbiased, PyTorch's, else var, Keras',
+    weighted by factor), or for a ghost group stores each mean and variance
+    in ps.moments instead. The stored invstd is saturated at the largest
+    float when 1/sqrt(var + eps) exceeds it (a constant channel with a tiny
+    eps): the map itself keeps the exact double. ``like`` is any array of
+    the call, for its dtype."""
+    cdef double g[MAP_BLOCK]
+    cdef double rm[MAP_BLOCK]
+    cdef double rv[MAP_BLOCK]
+    cdef double invstd[MAP_BLOCK]
+    cdef double r[MAP_BLOCK]
+    cdef double d[MAP_BLOCK]
+    cdef double eps = ps.eps, m = ps.m, factor = ps.factor, sigma
+    cdef floating* running_mean = <floating*>ps.running_mean
+    cdef floating* running_var = <floating*>ps.running_var
+    cdef Py_ssize_t j
+    load_block(<const floating*>ps.gamma, c0, n, 1.0, g)
+    load_block(<const floating*>ps.beta, c0, n, 0.0, k.offset)
+    for j in range(n):
+        invstd[j] = 1.0 / sqrt(var[j] + eps)
+        k.center[j] = mean[j]
+        k.scale[j] = invstd[j] * g[j]
+        k.slope[j] = 0.0
+    if ps.renorm:  # r and d as stored, so that the backward reads what the forward used
+        load_block(<const floating*>running_mean, c0, n, 0.0, rm)
+        load_block(<const floating*>running_var, c0, n, 1.0, rv)
+        for j in range(n):
+            sigma = sqrt(rv[j] + eps)
+            r[j] = <floating>clipped(sqrt(var[j] + eps) / sigma, ps.rmin, ps.rmax)
+            d[j] = <floating>clipped((mean[j] - rm[j]) / sigma, -ps.dmax, ps.dmax)
+            k.scale[j] = k.scale[j] * r[j]
+            # rmax = 1 and dmax = 0 keep the plain layer's bits, -0.0 included
+            k.offset[j] = k.offset[j] + g[j] * d[j] if d[j] != 0.0 else k.offset[j]
+        store_block(<floating*>ps.r, c0, n, r)
+        store_block(<floating*>ps.d, c0, n, d)
+    store_block(<floating*>ps.mean, c0, n, mean)
+    for j in range(n):
+        if floating is float:  # saturate: an infinite invstd would make xhat = 0 * inf = NaN
+            (<float*>ps.invstd)[c0 + j] = <float>(FLT_MAX if invstd[j] > FLT_MAX
+                                                  else invstd[j])  # NaN stays
+        else:  # finite: eps >= the smallest double gives invstd < 1e162
+            (<double*>ps.invstd)[c0 + j] = invstd[j]
+    if ps.moments != NULL:
+        for j in range(n):
+            ps.moments[2 * (c0 + j)] = mean[j]
+            ps.moments[2 * (c0 + j) + 1] = var[j] * m / (m - 1.0) if ps.unbiased else var[j]
+    elif running_mean != NULL:
+        for j in range(n):
+            running_mean[c0 + j] = <floating>((1.0 - factor) * running_mean[c0 + j]
+                                              + factor * mean[j])
+        if ps.unbiased:
+            for j in range(n):
+                running_var[c0 + j] = <floating>((1.0 - factor) * running_var[c0 + j]
+                                                 + factor * var[j] * m / (m - 1.0))
+        else:
+            for j in range(n):
+                running_var[c0 + j] = <floating>((1.0 - factor) * running_var[c0 + j]
+                                                 + factor * var[j])
+
+
+cdef inline void backward_block(const Pass* ps, const double* sdy, const double* sdyc,
+                                Py_ssize_t c0, Py_ssize_t n, CoefBlock* k,
+                                const floating* like) noexcept nogil:
+    """Store dgamma and dbeta of channels [c0, c0 + n) and their maps that
+    give dx, from sdy = sum(dy) and sdyc = sum(dy * (x - mean)). From the
+    output (GRAD_OUTPUT) the second sum is sum(dy * xhat) (center 0; mean
+    is not read): invstd then only scales dx. With Batch Renormalization
+    (never from the output) gamma * r scales dx and dgamma = r * sum(dy *
+    xhat) + d * sum(dy); without it r = 1 and d = 0, whose products are
+    exact, so the bits are the plain backward's."""
+    cdef double istd[MAP_BLOCK]
+    cdef double g[MAP_BLOCK]
+    cdef double r[MAP_BLOCK]
+    cdef double d[MAP_BLOCK]
+    cdef double dgamma[MAP_BLOCK]
+    cdef double m = ps.m, sxhat, a
+    cdef bint from_output = ps.grad == GRAD_OUTPUT
+    cdef Py_ssize_t j
+    load_block(<const floating*>ps.invstd, c0, n, 0.0, istd)
+    load_block(<const floating*>ps.gamma, c0, n, 1.0, g)
+    load_block(<const floating*>ps.r, c0, n, 1.0, r)
+    load_block(<const floating*>ps.d, c0, n, 0.0, d)
+    load_block(<const floating*>(NULL if from_output else ps.mean), c0, n, 0.0, k.center)
+    for j in range(n):
+        sxhat = sdyc[j] if from_output else istd[j] * sdyc[j]     # sum(dy * xhat)
+        a = istd[j] * g[j] * r[j]
+        dgamma[j] = r[j] * sxhat + d[j] * sdy[j] if d[j] != 0.0 else r[j] * sxhat
+        k.scale[j] = a
+        k.slope[j] = a * (1.0 if from_output else istd[j]) * sxhat / m
+        k.offset[j] = a * sdy[j] / m
+    store_block(<floating*>ps.dgamma, c0, n, dgamma)
+    store_block(<floating*>ps.dbeta, c0, n, sdy)
+
+
+cdef inline void frozen_block(const Pass* ps, const double* sdy, const double* sdyc,
+                              Py_ssize_t c0, Py_ssize_t n, CoefBlock* k,
+                              const floating* like) noexcept nogil:
+    """The backward with mean and invstd as constants (eval mode, frozen
+    statistics): dx = gamma * invstd * dy, the map applied to dy alone
+    (center 0, offset 0: x is not read, so a non-finite x leaves dx alone);
+    dgamma = invstd * sdyc and dbeta = sdy stored when the sums are taken."""
+    cdef double istd[MAP_BLOCK]
+    cdef double g[MAP_BLOCK]
+    cdef double dgamma[MAP_BLOCK]
+    cdef Py_ssize_t j
+    load_block(<const floating*>ps.invstd, c0, n, 0.0, istd)
+    load_block(<const floating*>ps.gamma, c0, n, 1.0, g)
+    for j in range(n):
+        k.center[j] = 0.0
+        k.scale[j] = istd[j] * g[j]
+        k.slope[j] = 0.0
+        k.offset[j] = 0.0
+    if ps.sums:  # else sdy and sdyc are not read
+        for j in range(n):
+            dgamma[j] = istd[j] * sdyc[j]
+        store_block(<floating*>ps.dgamma, c0, n, dgamma)
+        store_block(<floating*>ps.dbeta, c0, n, sdy)
+
+
+cdef inline void inference_block(const Pass* ps, Py_ssize_t c0, Py_ssize_t n, CoefBlock* k,
+                                 const floating* like) noexcept nogil:
+    """The affine maps of channels [c0, c0 + n) from the running statistics."""
+    cdef double g[MAP_BLOCK]
+    cdef double rv[MAP_BLOCK]
+    cdef Py_ssize_t j
+    load_block(<const floating*>ps.running_mean, c0, n, 0.0, k.center)
+    load_block(<const floating*>ps.running_var, c0, n, 0.0, rv)
+    load_block(<const floating*>ps.gamma, c0, n, 1.0, g)
+    load_block(<const floating*>ps.beta, c0, n, 0.0, k.offset)
+    for j in range(n):
+        k.scale[j] = (1.0 / sqrt(rv[j] + ps.eps)) * g[j]
+        k.slope[j] = 0.0
+
+
+cdef inline void finish_block_in(const Pass* ps, const double* s0, const double* s1,
+                                 const double* center, Py_ssize_t c0, Py_ssize_t n,
+                                 CoefBlock* k, const floating* like) noexcept nogil:
+    """The maps of channels [c0, c0 + n), n <= MAP_BLOCK, from their two
+    sums around their centers (s0[j], s1[j], center[j] of channel c0 + j;
+    forward: the shifted sums; backward: sum(dy), sum(dy * (x - mean))), or
+    from the running statistics (inference), or the given maps (the apply
+    alone; the sums are not read then); ``like`` is any parameter array of
+    the call, for its dtype."""
+    cdef double mean[MAP_BLOCK]
+    cdef double var[MAP_BLOCK]
+    cdef const Coef* given = <const Coef*>ps.maps
+    cdef Py_ssize_t j
+    if ps.given_maps:
+        for j in range(n):
+            k.center[j] = given[c0 + j].center
+            k.scale[j] = given[c0 + j].scale
+            k.slope[j] = given[c0 + j].slope
+            k.offset[j] = given[c0 + j].offset
+    elif ps.kind == PASS_FROZEN:
+        frozen_block(ps, s0, s1, c0, n, k, like)
+    elif ps.kind == PASS_BACKWARD:
+        backward_block(ps, s0, s1, c0, n, k, like)
+    elif ps.kind == PASS_INFERENCE:
+        inference_block(ps, c0, n, k, like)
+    else:
+        for j in range(n):
+            moments(s0[j], s1[j], ps.m, center[j], &mean[j], &var[j])
+        stats_block(ps, mean, var, c0, n, k, like)
+
+
+cdef inline void finish_block(const Pass* ps, const double* s0, const double* s1,
+                              const double* center, Py_ssize_t c0, Py_ssize_t n, CoefBlock* k,
+                              const storage* data) noexcept nogil:
+    if storage is double:
+        finish_block_in(ps, s0, s1, center, c0, n, k, <const double*>NULL)
+    else:
+        finish_block_in(ps, s0, s1, center, c0, n, k, <const float*>NULL)
+
+
+cdef inline Coef coef_at(const CoefBlock* k, Py_ssize_t j) noexcept nogil:
+    """The map of channel j of the block."""
+    cdef Coef m
+    m.center = k.center[j]
+    m.scale = k.scale[j]
+    m.slope = k.slope[j]
+    m.offset = k.offset[j]
+    return m
