@@ -169,7 +169,8 @@ cdef enum:
 cdef inline void store_maps(const Maps* k, Py_ssize_t c0, Py_ssize_t n,
                             const CoefBlock* m) noexcept nogil:
     """Columns [c0, c0 + n) of k from a block of maps: in double, and in
-    float where float can carry them (0 where not: never read)."""
+    float with k.ok saying where float can carry them (elsewhere the float
+    maps are never read)."""
     cdef float hi[MAP_BLOCK]
     cdef float lo[MAP_BLOCK]
     cdef float scale[MAP_BLOCK]
@@ -181,16 +182,15 @@ cdef inline void store_maps(const Maps* k, Py_ssize_t c0, Py_ssize_t n,
     for j in range(n):
         ok[j] = fits_float(m.center[j], m.scale[j], m.slope[j], m.offset[j])
         f = coef32_of(m.center[j], m.scale[j], m.slope[j], m.offset[j])
-        hi[j] = f.hi if ok[j] else 0.0
-        lo[j] = f.lo if ok[j] else 0.0
-        scale[j] = f.scale if ok[j] else 0.0
-        slope[j] = f.slope if ok[j] else 0.0
-        offset[j] = f.offset if ok[j] else 0.0
+        hi[j] = f.hi
+        lo[j] = f.lo
+        scale[j] = f.scale
+        slope[j] = f.slope
+        offset[j] = f.offset
     memcpy(k.center + c0, m.center, n * sizeof(double))
     memcpy(k.scale + c0, m.scale, n * sizeof(double))
     memcpy(k.slope + c0, m.slope, n * sizeof(double))
     memcpy(k.offset + c0, m.offset, n * sizeof(double))
-    memset(k.zero + c0, 0, n * sizeof(double))
     memcpy(k.hi + c0, hi, n * sizeof(float))
     memcpy(k.lo + c0, lo, n * sizeof(float))
     memcpy(k.scale32 + c0, scale, n * sizeof(float))
@@ -217,13 +217,15 @@ cdef inline void set_pass(Grid* g, const Pass* ps, char* maps,
                           const storage* like) noexcept nogil:
     """What g's steps compute: the pass's bodies and activation, and the
     backward's transform of ps (fastbn._stats.Grad): its slopes in g, its
-    columns' coefficients in the maps at ``maps`` (nothing for GRAD_PLAIN)."""
+    columns' coefficients in the maps at ``maps`` (nothing for GRAD_PLAIN);
+    the maps' zero column (the double path's lo)."""
     cdef Maps k = maps_in(maps, g.C)
     cdef Grad t
     cdef Py_ssize_t c
     g.body = ps.body
     g.sums_body = ps.sums_body
     g.act = make_act(ps.act, ps.act_slope)
+    memset(k.zero, 0, g.C * sizeof(double))
     if ps.grad == GRAD_PLAIN:
         return
     g.grad = grad_of(ps, 0, like)
@@ -399,7 +401,7 @@ cdef int call_of(const Call* k, const storage* like) noexcept nogil:
     if not ps.sums:
         whole.tile = whole.ntiles = 0      # nothing to keep cached between steps: by row block
     g = chunk_of(whole, W)
-    size = pass_bytes(&g, ps.sums)
+    size = (pass_bytes(&g, ps.sums) + 63) // 64 * 64      # a thread's own lines
     wp = <char*>malloc(nt * size)
     if wp == NULL:
         return -1

@@ -171,7 +171,7 @@ cdef inline bint float_safe(double v) noexcept nogil:
     """v can be applied in float arithmetic without overflow or underflow
     (0, or a magnitude in (2**-100, 2**100)); False for NaN and Inf, which
     then take the double path."""
-    return v == 0.0 or (fabs(v) > 7.888609052210118e-31 and fabs(v) < 1.2676506002282294e+30)
+    return (v == 0.0) | ((fabs(v) > 7.888609052210118e-31) & (fabs(v) < 1.2676506002282294e+30))
 
 
 cdef inline bint fits_float(double center, double scale, double slope,
