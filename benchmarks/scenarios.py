@@ -21,6 +21,8 @@ One module each; ``run.py`` runs them all after its tables (into
   against the separate composition.
 - ``--layer`` (:mod:`layer`): a layer's forward and backward against the
   functional pair on the same arrays.
+- ``--wide`` (:mod:`wide`): huge C with tiny N ((2, 10**6), (8, 262144)),
+  fastbn against PyTorch.
 - ``--main-job`` (:mod:`main_job`): ``examples/train_digits.py`` with fastbn
   and with the NumPy reference in a fresh process: the BatchNorm speedup and
   the whole run's.
@@ -46,6 +48,7 @@ import layer
 import machine
 import main_job
 import step
+import wide
 
 # flag -> (module, title); the order in which they run and print.
 SCENARIOS = {
@@ -55,6 +58,7 @@ SCENARIOS = {
     "back_to_back": (back_to_back, "back-to-back calls"),
     "fused": (fused, "fused ReLU"),
     "layer": (layer, "layer against the functional pair"),
+    "wide": (wide, "huge C, tiny N"),
     "main_job": (main_job, "main job (examples/train_digits.py)"),
 }
 

@@ -166,37 +166,44 @@ cdef enum:
     MAPS_BYTES = 8 * sizeof(double) + 5 * sizeof(float) + sizeof(char)   # per column
 
 
-cdef inline void store_maps(const Maps* k, Py_ssize_t c0, Py_ssize_t n,
-                            const CoefBlock* m) noexcept nogil:
-    """Columns [c0, c0 + n) of k from a block of maps: in double, and in
-    float with k.ok saying where float can carry them (elsewhere the float
-    maps are never read)."""
+cdef inline void store_maps(const Maps* k, Py_ssize_t c0, Py_ssize_t n, const CoefBlock* m,
+                            bint in_float) noexcept nogil:
+    """Columns [c0, c0 + n) of k from a block of maps, for data applied in
+    float where float can carry the map (``in_float``: float32 and 16-bit
+    data) or in double: the float maps and k.ok when in_float, the double
+    maps (and the zero column) unless every column is applied in float. The
+    apply reads no other (fastbn._columnar_loops.row_apply)."""
     cdef float hi[MAP_BLOCK]
     cdef float lo[MAP_BLOCK]
     cdef float scale[MAP_BLOCK]
     cdef float slope[MAP_BLOCK]
     cdef float offset[MAP_BLOCK]
     cdef char ok[MAP_BLOCK]
+    cdef bint all_ok = in_float
     cdef Coef32 f
     cdef Py_ssize_t j
-    for j in range(n):
-        ok[j] = fits_float(m.center[j], m.scale[j], m.slope[j], m.offset[j])
-        f = coef32_of(m.center[j], m.scale[j], m.slope[j], m.offset[j])
-        hi[j] = f.hi
-        lo[j] = f.lo
-        scale[j] = f.scale
-        slope[j] = f.slope
-        offset[j] = f.offset
-    memcpy(k.center + c0, m.center, n * sizeof(double))
-    memcpy(k.scale + c0, m.scale, n * sizeof(double))
-    memcpy(k.slope + c0, m.slope, n * sizeof(double))
-    memcpy(k.offset + c0, m.offset, n * sizeof(double))
-    memcpy(k.hi + c0, hi, n * sizeof(float))
-    memcpy(k.lo + c0, lo, n * sizeof(float))
-    memcpy(k.scale32 + c0, scale, n * sizeof(float))
-    memcpy(k.slope32 + c0, slope, n * sizeof(float))
-    memcpy(k.offset32 + c0, offset, n * sizeof(float))
-    memcpy(k.ok + c0, ok, n)
+    if in_float:
+        for j in range(n):
+            ok[j] = fits_float(m.center[j], m.scale[j], m.slope[j], m.offset[j])
+            all_ok = all_ok & ok[j]
+            f = coef32_of(m.center[j], m.scale[j], m.slope[j], m.offset[j])
+            hi[j] = f.hi
+            lo[j] = f.lo
+            scale[j] = f.scale
+            slope[j] = f.slope
+            offset[j] = f.offset
+        memcpy(k.hi + c0, hi, n * sizeof(float))
+        memcpy(k.lo + c0, lo, n * sizeof(float))
+        memcpy(k.scale32 + c0, scale, n * sizeof(float))
+        memcpy(k.slope32 + c0, slope, n * sizeof(float))
+        memcpy(k.offset32 + c0, offset, n * sizeof(float))
+        memcpy(k.ok + c0, ok, n)
+    if not all_ok:
+        memcpy(k.center + c0, m.center, n * sizeof(double))
+        memcpy(k.scale + c0, m.scale, n * sizeof(double))
+        memcpy(k.slope + c0, m.slope, n * sizeof(double))
+        memcpy(k.offset + c0, m.offset, n * sizeof(double))
+        memset(k.zero + c0, 0, n * sizeof(double))
 
 
 cdef inline void finish_maps(const Pass* ps, const double* total, const double* center,
@@ -209,7 +216,7 @@ cdef inline void finish_maps(const Pass* ps, const double* total, const double* 
     while c < c1:
         n = min(<Py_ssize_t>MAP_BLOCK, c1 - c)
         finish_block(ps, total + c, total + C + c, center + c, c, n, &m, a)
-        store_maps(k, c, n, &m)
+        store_maps(k, c, n, &m, storage is not double)
         c += n
 
 
@@ -217,15 +224,13 @@ cdef inline void set_pass(Grid* g, const Pass* ps, char* maps,
                           const storage* like) noexcept nogil:
     """What g's steps compute: the pass's bodies and activation, and the
     backward's transform of ps (fastbn._stats.Grad): its slopes in g, its
-    columns' coefficients in the maps at ``maps`` (nothing for GRAD_PLAIN);
-    the maps' zero column (the double path's lo)."""
+    columns' coefficients in the maps at ``maps`` (nothing for GRAD_PLAIN)."""
     cdef Maps k = maps_in(maps, g.C)
     cdef Grad t
     cdef Py_ssize_t c
     g.body = ps.body
     g.sums_body = ps.sums_body
     g.act = make_act(ps.act, ps.act_slope)
-    memset(k.zero, 0, g.C * sizeof(double))
     if ps.grad == GRAD_PLAIN:
         return
     g.grad = grad_of(ps, 0, like)
@@ -264,8 +269,6 @@ cdef void tile_unit(const storage* a, const storage* b, const storage* ab, stora
     cdef Py_ssize_t c0 = t * g.tile, c1 = min(g.C, c0 + g.tile)
     if sums:
         tile_totals(a, b, g, c0, c1, center, k, scratch, total)
-    else:
-        zero_totals(g, c0, c1, total)
     if ps.apply:
         finish_maps(ps, total, center, g.C, c0, c1, k, a)
         block_apply(a, ab, out, g, 0, g.M, c0, c1, k)
@@ -279,9 +282,7 @@ cdef void merge_unit(const storage* a, const Grid* g, const Pass* ps, Py_ssize_t
     cdef Py_ssize_t c0 = u * MERGE_COLUMNS, c1 = min(g.C, c0 + MERGE_COLUMNS)
     if sums:
         merge_blocks(scratch, g, c0, c1, total)
-    else:
-        zero_totals(g, c0, c1, total)
-    if maps:
+    if maps:  # without sums, from the running statistics or given maps: no total is read
         finish_maps(ps, total, center, g.C, c0, c1, k, a)
 
 

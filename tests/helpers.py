@@ -54,7 +54,7 @@ SCHEDULE_LAYOUTS = [
     ((2, 3, 40000), 1),      # planar, by (channel, block)
     ((2, 3, 5, 2, 3), -1),   # channels last, 5-D
     ((4099, 40), 1),         # columnar, by row block
-    ((3, 50021), 1),         # columnar, by tile
+    ((3, 90001), 1),         # columnar, few rows: chunks of one tile, shared out to threads
     ((5, 3), 1),             # columnar, tiny
 ]
 

@@ -12,7 +12,8 @@ fastbn/_openmp.pxd), and some to switch schedule with the thread count:
 - columnar, by tile: (100, 16384) and (128, 3072), tiles of whole pages per
   row over all rows;
 - columnar, by row block: (65536, 16), few columns, and (4096, 1024), rows
-  too many for a tile; channels last and (N, C, 1, 1) inputs.
+  too many for a tile; channels last and (N, C, 1, 1) inputs;
+- columnar, few rows: (8, 40000), chunks of columns, one thread each.
 """
 
 import subprocess
@@ -39,6 +40,7 @@ SHAPES = [
     ((65536, 16), 1),         # columnar, few columns: by row block
     ((4096, 64), 1),          # columnar
     ((128, 3072), 1),         # columnar, 3 tiles
+    ((8, 40000), 1),          # columnar, few rows: chunks shared out to the threads
     ((16, 32, 32, 48), -1),   # channels last: columnar by row block
     ((65536, 8, 1, 1), 1),    # (N, C, 1, 1): columnar by row block
 ]
