@@ -26,10 +26,11 @@ Schedules (one parallel region per call, units handed out dynamically)
 Chunks: when a column of x weighs less than its work space (about 120
 bytes: fewer than 32 float32 rows), a pass takes CHUNK_COLUMNS columns at a
 time, each chunk a grid of its own whose rows are the full row apart
-(``Grid.stride``), so the work space is one chunk's: with many columns and
-few rows ((2, 10**6)) it used to be 15 times x, allocated and faulted in at
-every call. The row blocks are those of the full width, so a column's sums,
-and its bits, do not depend on its chunk.
+(``Grid.stride``), so the work space is one chunk's per thread: with many
+columns and few rows ((2, 10**6)) it used to be 15 times x, allocated and
+faulted in at every call. The chunks are shared out to the threads, each
+run whole by one. The row blocks are those of the full width, so a column's
+sums, and its bits, do not depend on its chunk or its thread.
 
 Outputs of at least STREAM_MIN_BYTES that are not written in place go
 through streaming stores (``fastbn._simd``). The conventions are those of
@@ -385,11 +386,11 @@ cdef void chunk_pass(const Call* k, const Grid* whole, Py_ssize_t W, Py_ssize_t 
 cdef int call_of(const Call* k, const storage* like) noexcept nogil:
     """The call on an (M, C) view (fastbn._call.Call: a = x or dy, b = x or
     y in the backward), chunk_width columns at a time: the work space is
-    that of one chunk, allocated before anything is written. Inference is
-    the pass without sums, by row block; so is the apply alone (k.steps).
-    Several chunks (few rows, many columns) are shared out to the threads,
-    each run whole by one thread in a work space of its own; one chunk is
-    split across the threads by run_pass."""
+    that of one chunk per thread, allocated before anything is written.
+    Inference is the pass without sums, by row block; so is the apply alone
+    (k.steps). Several chunks (few rows, many columns) are shared out to the
+    threads, each run whole by one thread in a work space of its own; one
+    chunk is split across the threads by run_pass."""
     cdef Grid whole = make_grid(k.n, k.c, (2 if k.mode == MODE_BACKWARD else 1) * sizeof(storage),
                                 k.out != NULL and k.stream)
     cdef Py_ssize_t W = chunk_width(k.n, k.c, sizeof(storage)), nq = (k.c + W - 1) // W, q
@@ -402,7 +403,7 @@ cdef int call_of(const Call* k, const storage* like) noexcept nogil:
     if not ps.sums:
         whole.tile = whole.ntiles = 0      # nothing to keep cached between steps: by row block
     g = chunk_of(whole, W)
-    size = (pass_bytes(&g, ps.sums) + 63) // 64 * 64      # a thread's own lines
+    size = (pass_bytes(&g, ps.sums) + 63) // 64 * 64      # whole lines a thread
     wp = <char*>malloc(nt * size)
     if wp == NULL:
         return -1

@@ -65,7 +65,7 @@ ctypedef struct Pass:
     void* running_var
     void* dgamma           # backward: written when sums
     void* dbeta
-    bint renorm            # Batch Renormalization (fastbn._stats.renorm_coef): r and d
+    bint renorm            # Batch Renormalization (fastbn._stats.stats_block): r and d
     double rmax, rmin, dmax  # forward: r clipped to [rmin, rmax], d to [-dmax, dmax]
     void* r                # forward: written; backward: read (renorm only, else NULL)
     void* d

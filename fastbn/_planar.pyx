@@ -71,7 +71,7 @@ from fastbn._half cimport HALF_BLOCK, bfloat, half
 cdef enum:
     BLOCK = 16384                     # values per block of a channel (summation order)
     GROUP_VALUES = 2048               # values of one sample a group's slab aims at
-    GROUP_MAX = 64                    # channels per group at most
+    GROUP_MAX = MAP_BLOCK             # channels per group at most: one block to finish
     GROUP_CACHE_BYTES = 1024 * 1024   # a group's inputs, cached between its two steps
 
 

@@ -320,7 +320,7 @@ cdef void group_pass(const storage* a, const storage* b, storage* out, const Pla
     for j in range(c1 - c0):
         s0[j] = totals[2 * j]
         s1[j] = totals[2 * j + 1]
-    finish_block(ps, s0, s1, center, c0, c1 - c0, &k, a)      # GROUP_MAX <= MAP_BLOCK
+    finish_block(ps, s0, s1, center, c0, c1 - c0, &k, a)      # GROUP_MAX == MAP_BLOCK
     for j in range(c1 - c0):
         coef[j] = coef_at(&k, j)
     group_apply(a, apply_b(ps, b), out, p, c0, c1, coef, t)
