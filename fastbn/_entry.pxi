@@ -20,16 +20,16 @@ cdef int run(const Call* k) noexcept nogil:
     """The call k (fastbn._call.Entry): 0, or -1 when its work space could
     not be allocated (nothing written). Whether the output streams is
     decided here, once, by the size of the whole call (a ghost group's
-    call streams as its batch's would). 16-bit outputs never stream: their
-    applies run through float blocks (fastbn._body.widen), and streaming
-    stores behind them measured up to 1.8x slower than stores through the
-    cache ((64, 64, 56, 56) float16 inference with out=, 1 and 2 threads)."""
+    call streams as its batch's would), for every dtype: 16-bit outputs
+    streamed ran (64, 64, 56, 56) float16 inference with out= in 0.65x the
+    time of stores through the cache, on inputs colder than the last-level
+    cache (benchmarks/ab.py; an earlier reading of 1.8x the other way was
+    taken on buffers that stayed in that cache)."""
     cdef Call c = k[0]
     cdef Py_ssize_t itemsize = (8 if k.dtype == DTYPE_FLOAT64 else 4 if k.dtype == DTYPE_FLOAT32
                                 else 2)
-    c.stream = itemsize > 2 and streams(k.stream, k.out, k.a,
-                                        k.b if k.mode == MODE_BACKWARD else NULL,
-                                        k.n * k.c * k.s * itemsize)
+    c.stream = streams(k.stream, k.out, k.a, k.b if k.mode == MODE_BACKWARD else NULL,
+                       k.n * k.c * k.s * itemsize)
     if k.dtype == DTYPE_FLOAT32:
         return run_as(&c, <const float*>NULL)
     if k.dtype == DTYPE_FLOAT64:

@@ -23,6 +23,11 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
+try:
+    import ml_dtypes
+except ImportError:  # bfloat16 is an optional extra
+    ml_dtypes = None
+
 import fastbn
 
 from helpers import DTYPES, assert_bitwise_equal, dtype_id, layout_id, make_inputs, same_fastbn
@@ -119,12 +124,25 @@ STREAMED = [
     ((1024, 600), 1, np.float64),        # columnar, rows longer than a streamed piece, float64
     ((256, 8192), 1, np.float32),        # columnar by tile, rows longer than a streamed piece
     ((16, 32, 32, 64), -1, np.float32),  # channels last
+    ((8, 64, 64, 64), 1, np.float16),    # 16-bit planar: pieces of float blocks, streamed
+    ((8, 3, 300, 300), 1, "bfloat16"),   # 16-bit planar by block
+    ((4096, 600), 1, np.float16),        # 16-bit columnar, rows longer than a float block
+    ((16, 32, 32, 128), -1, "bfloat16"), # 16-bit channels last, several rows per float block
 ]
 
 
+def streamed_param(shape, channel_axis, dtype):
+    """A STREAMED row as a test parameter; bfloat16 rows skipped without ml_dtypes."""
+    if dtype != "bfloat16":
+        return pytest.param(shape, channel_axis, np.dtype(dtype),
+                            id=f"{layout_id(shape, channel_axis)}-{np.dtype(dtype).name}")
+    return pytest.param(shape, channel_axis, np.dtype(ml_dtypes.bfloat16) if ml_dtypes else None,
+                        id=f"{layout_id(shape, channel_axis)}-bfloat16",
+                        marks=pytest.mark.skipif(ml_dtypes is None, reason="needs ml_dtypes"))
+
+
 @pytest.mark.parametrize("shape, channel_axis, dtype",
-                         [pytest.param(s, ca, dt, id=f"{layout_id(s, ca)}-{np.dtype(dt).name}")
-                          for s, ca, dt in STREAMED])
+                         [streamed_param(s, ca, dt) for s, ca, dt in STREAMED])
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
 def test_streamed_out_equals_fresh(shape, channel_axis, dtype, offset, rng):
     """Outputs of 4 MiB and more written to an ``out=`` buffer go through
