@@ -50,8 +50,10 @@ cdef int run_groups(const Call* k, const storage* like) noexcept nogil:
     each with its own statistics ((groups, C) arrays). With at least as many
     groups as threads, the groups share the threads out, one thread each
     (one parallel region, not one per group); otherwise they run in order,
-    each on all the threads. Either way a group's bits are those of its own
-    call. The running statistics update once, from the average of the
+    each on all the threads. The threads are those threads_for gives the
+    whole batch: a batch too small for two (a tiny call) runs its groups
+    on the calling thread, waking none. Either way a group's bits are
+    those of its own call. The running statistics update once, from the average of the
     groups' moments; dgamma and dbeta are summed over the groups in double,
     in order, and rounded once. 0, or -1 when a work space could not be
     allocated (then the running statistics, dgamma and dbeta are not
@@ -60,7 +62,8 @@ cdef int run_groups(const Call* k, const storage* like) noexcept nogil:
     cdef Py_ssize_t size = (k.n // G) * k.c * k.s     # values per group
     cdef bint forward = k.mode == MODE_FORWARD
     cdef bint tracked = forward and k.running_mean != NULL
-    cdef bint shared = G >= k.num_threads > 1
+    cdef int nt = threads_for(k.n * k.c * k.s, G, k.num_threads)
+    cdef bint shared = G >= nt > 1
     # forward: the (G, C, 2) moments; backward: dgamma and dbeta per group
     cdef double* work = <double*>malloc(2 * G * C * sizeof(double))
     cdef Call* calls = <Call*>malloc(G * sizeof(Call))
@@ -93,7 +96,7 @@ cdef int run_groups(const Call* k, const storage* like) noexcept nogil:
             calls[j].r = param_at(k.r, j * C, like)
             calls[j].d = param_at(k.d, j * C, like)
     if shared:
-        for j in prange(G, num_threads=k.num_threads, schedule="static"):
+        for j in prange(G, num_threads=nt, schedule="static"):
             rcs[j] = call_of(&calls[j], like)
     else:
         for j in range(G):
