@@ -183,12 +183,21 @@ cdef void block_sums(const storage* a, const storage* b, const Grid* g, Py_ssize
     """Columns [c0, c1) of row block blk into sa[c], sb[c]: shifted sums of a
     (b NULL), or sum(a) and sum(a * (b - center)) with a = dy, b = x, of the
     inputs g.grad turns them into."""
-    cdef Py_ssize_t S = g.stride, c, off
-    cdef Py_ssize_t r0 = blk * g.rows_per_block
-    cdef Py_ssize_t r1 = min(g.M, r0 + g.rows_per_block)
+    cdef Py_ssize_t c
     for c in range(c0, c1):
         sa[c] = 0.0
         sb[c] = 0.0
+    add_block_sums(a, b, g, blk, c0, c1, center, k, sa, sb)
+
+
+cdef void add_block_sums(const storage* a, const storage* b, const Grid* g, Py_ssize_t blk,
+                         Py_ssize_t c0, Py_ssize_t c1, const double* center, const Maps* k,
+                         double* sa, double* sb) noexcept nogil:
+    """block_sums added into sa[c], sb[c] as they are: the block's rows four
+    at a time, then one at a time (rows_sums_values)."""
+    cdef Py_ssize_t S = g.stride
+    cdef Py_ssize_t r0 = blk * g.rows_per_block
+    cdef Py_ssize_t r1 = min(g.M, r0 + g.rows_per_block)
     cdef const double* zc = k.grad_center + c0
     cdef const double* zs = k.grad_scale + c0
     cdef const double* zo = k.grad_offset + c0
@@ -346,9 +355,17 @@ cdef void tile_totals(const storage* a, const storage* b, const Grid* g, Py_ssiz
                       Py_ssize_t c1, const double* center, const Maps* k, double* part,
                       double* total) noexcept nogil:
     """Totals over all row blocks, in block order, for columns [c0, c1):
-    total[c], total[C + c]; part is 2 * C doubles of scratch."""
+    total[c], total[C + c]; part is 2 * C doubles of scratch. Blocks of one
+    row (few rows, C of 65536 or more) add their terms straight into the
+    totals: a block's sum of one term is 0 + t, which is t but for the sign
+    of a zero, and a total that starts at +0 is never -0, so the bits are
+    the same without the pass through part."""
     cdef Py_ssize_t C = g.C, c, blk
     zero_totals(g, c0, c1, total)
+    if g.rows_per_block == 1:
+        for blk in range(g.nblocks):
+            add_block_sums(a, b, g, blk, c0, c1, center, k, total, total + C)
+        return
     for blk in range(g.nblocks):
         block_sums(a, b, g, blk, c0, c1, center, k, part, part + C)
         for c in range(c0, c1):

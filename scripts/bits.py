@@ -32,6 +32,7 @@ SHAPES = [
     ((4096, 64), 1),           # columnar, row blocks
     ((100, 3000), 1),          # columnar, tiles
     ((2, 9000), 1),            # columnar, chunks of few rows
+    ((3, 70000), 1),           # columnar, C >= 65536 and few rows: row blocks of one row
     ((8, 10, 10, 24), -1),     # channels last
     ((70000, 24), 1),          # columnar, streamed out=
 ]
