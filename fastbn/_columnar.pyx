@@ -21,7 +21,8 @@ Schedules (one parallel region per call, units handed out dynamically)
 - by row block, otherwise (many rows): every row block's per-column sums
   into a table of MAX_ROW_BLOCKS x C, a merge per column in block order,
   then every row block normalized, the blocks summed last first (they are
-  the ones still cached).
+  the ones still cached). A pass without sums (inference) on one thread
+  applies all rows in one sweep, by piece (below).
 
 Pieces: within a block (or a tile), the sums and the apply take
 PIECE_COLUMNS columns at a time across all of the block's rows, so that
@@ -336,6 +337,9 @@ cdef void run_pass(const storage* a, const storage* b, storage* out, const Grid*
                        scratch + (2 * blk + 1) * C)
         for u in range(nmerge):
             merge_unit(a, g, ps, u, center, &k, scratch, total, sums, apply)
+        if apply and not sums:  # nothing cached to favour: all rows at once, by piece
+            block_apply(a, ab, out, g, 0, g.M, 0, C, &k)
+            return
         for blk in range(nb if apply else 0):
             block_apply(a, ab, out, g, (nb - 1 - blk) * g.rows_per_block,
                         min(g.M, (nb - blk) * g.rows_per_block), 0, C, &k)
