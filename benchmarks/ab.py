@@ -56,7 +56,8 @@ def main() -> None:
     parser.add_argument("--shape", required=True, help="comma-separated, e.g. 64,64,56,56")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--dtype", default="float32",
-                        help="float32, float64, float16 or bfloat16 (with ml_dtypes)")
+                        choices=("float32", "float64", "float16", "bfloat16"),
+                        help="bfloat16 needs ml_dtypes")
     parser.add_argument("--processes", type=int, default=6, help="per build")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -123,6 +123,14 @@ def run_case(op, w, threads, settings):
     for r in records:
         r["speedup"] = {peer: t / r["median_s"] for peer, t in medians.items()
                         if peer != r["implementation"]}
+    if op in cases.VARIANT_OF and records:  # against the plain operation, in alternation
+        ratio = measure.paired_ratio(make_call(cases.FASTBN_OUT, op, w, threads),
+                                     make_call(cases.FASTBN_OUT, cases.VARIANT_OF[op][0], w,
+                                               threads),
+                                     w.copies, settings["target_seconds"])
+        for r in records:
+            if r["implementation"] == cases.FASTBN_OUT.name:
+                r["paired_ratio"] = ratio
     return records
 
 
