@@ -38,8 +38,10 @@ def child(op: str, threads: int, dims: tuple[int, ...], channels_last: bool,
     import machine
     import measure
 
-    dtype = next(d for d in (np.dtype(np.float32), np.dtype(np.float64)) + cases.HALF_DTYPES
-                 if d.name == dtype_name)
+    dtype = next((d for d in (np.dtype(np.float32), np.dtype(np.float64)) + cases.HALF_DTYPES
+                  if d.name == dtype_name), None)
+    if dtype is None:
+        raise SystemExit(f"--dtype {dtype_name}: needs ml_dtypes (pip install ml_dtypes)")
     w = cases.Workload(cases.Shape(dims, channels_last), dtype,
                        2 * machine.last_level_cache_bytes())
     call = cases.make_call(cases.FASTBN_OUT, op, w, threads)

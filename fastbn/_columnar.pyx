@@ -80,7 +80,7 @@ cdef enum:
     CHUNK_COLUMNS = 4096        # columns per pass when x has few rows (see chunk_width)
     MIN_TILE_BYTES = 1024       # narrower row pieces defeat the hardware prefetcher
     PIECE_COLUMNS = 1024        # columns the sums and the apply take across a block's rows
-                                # at a time: their sums, or maps (about 10 KiB), stay in L1
+                                # at a time: their float maps (about 21 KiB) stay in L1
 
 
 cdef struct Grid:

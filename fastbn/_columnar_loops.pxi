@@ -194,7 +194,7 @@ cdef void add_block_sums(const storage* a, const storage* b, const Grid* g, Py_s
                          Py_ssize_t c0, Py_ssize_t c1, const double* center, const Maps* k,
                          double* sa, double* sb) noexcept nogil:
     """block_sums added into sa[c], sb[c] as they are: the block's rows four
-    at a time, then one at a time (rows_sums_values)."""
+    at a time, then one at a time (rows_sums_of)."""
     cdef Py_ssize_t S = g.stride
     cdef Py_ssize_t r0 = blk * g.rows_per_block
     cdef Py_ssize_t r1 = min(g.M, r0 + g.rows_per_block)
