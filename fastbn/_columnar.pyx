@@ -53,7 +53,6 @@ fastbn.distributed take an array that frees itself); float32 outputs are compute
 
 from cython.parallel cimport parallel, prange
 from cpython.pycapsule cimport PyCapsule_New
-from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
 from fastbn._call cimport (ACT_NONE, DTYPE_BFLOAT16, DTYPE_FLOAT16, DTYPE_FLOAT32, DTYPE_FLOAT64, ENTRY_NAME,
@@ -398,42 +397,64 @@ cdef void chunk_pass(const Call* k, const Grid* whole, Py_ssize_t W, Py_ssize_t 
         ps.totals[2 * c + 1] = totals(wp, &g)[g.C + c]
 
 
-cdef int call_of(const Call* k, const storage* like) noexcept nogil:
-    """The call on an (M, C) view (fastbn._call.Call: a = x or dy, b = x or
-    y in the backward), chunk_width columns at a time: the work space is
-    that of one chunk per thread, allocated before anything is written.
-    Inference is the pass without sums, by row block; so is the apply alone
-    (k.steps). Several chunks (few rows, many columns) are shared out to the
-    threads, each run whole by one thread in a work space of its own; one
-    chunk is split across the threads by run_pass."""
+cdef inline Grid whole_grid(const Call* k, const storage* like) noexcept nogil:
+    """The grid of call k over all its columns (a pass without sums, as
+    inference, goes by row block: nothing to keep cached between steps)."""
     cdef Grid whole = make_grid(k.n, k.c, (2 if k.mode == MODE_BACKWARD else 1) * sizeof(storage),
                                 k.out != NULL and k.stream)
+    if not call_pass(k, 0, <double>k.n, like).sums:
+        whole.tile = whole.ntiles = 0
+    return whole
+
+
+cdef inline Py_ssize_t chunk_bytes(const Call* k, const Grid* g,
+                                   const storage* like) noexcept nogil:
+    """The work space of a chunk g of call k, in whole cache lines."""
+    return (pass_bytes(g, call_pass(k, 0, <double>k.n, like).sums) + 63) // 64 * 64
+
+
+cdef int call_threads(const Call* k, const storage* like) noexcept nogil:
+    """The threads for call k now (fastbn._openmp.threads_for: fewer while
+    the cores are busy), decided once per call: those that share its
+    chunks, or those that split its one chunk."""
+    cdef Py_ssize_t W = chunk_width(k.n, k.c, sizeof(storage)), nq = (k.c + W - 1) // W
+    cdef Grid g = chunk_of(whole_grid(k, like), W)
+    if nq > 1:
+        return threads_for(k.n * k.c, nq, k.num_threads)
+    return threads_for(g.M * g.C, nunits(&g), k.num_threads)
+
+
+cdef Py_ssize_t call_bytes(const Call* k, int nt, const storage* like) noexcept nogil:
+    """Bytes of call k's work space on nt threads: that of one chunk per
+    thread (one in all when the threads split one chunk)."""
+    cdef Py_ssize_t W = chunk_width(k.n, k.c, sizeof(storage))
+    cdef Grid g = chunk_of(whole_grid(k, like), W)
+    return (nt if W < k.c else 1) * chunk_bytes(k, &g, like)
+
+
+cdef void call_in(const Call* k, int nt, char* mem, const storage* like) noexcept nogil:
+    """The call on an (M, C) view (fastbn._call.Call: a = x or dy, b = x or
+    y in the backward), chunk_width columns at a time, on nt threads, in
+    the work space mem of call_bytes. Inference is the pass without sums,
+    by row block; so is the apply alone (k.steps). Several chunks (few
+    rows, many columns) are shared out to the threads, each run whole by
+    one thread in a work space of its own; one chunk is split across the
+    threads by run_pass."""
+    cdef Grid whole = whole_grid(k, like)
     cdef Py_ssize_t W = chunk_width(k.n, k.c, sizeof(storage)), nq = (k.c + W - 1) // W, q
-    cdef Pass ps = call_pass(k, 0, <double>k.n, like)
-    cdef Grid g
-    cdef Py_ssize_t size
-    cdef int nt = threads_for(k.n * k.c, nq, k.num_threads) if nq > 1 else 1
+    cdef Grid g = chunk_of(whole, W)
+    cdef Py_ssize_t size = chunk_bytes(k, &g, like)
     cdef Shares sh = Shares(nq, 0, 0)
-    cdef char* wp
-    if not ps.sums:
-        whole.tile = whole.ntiles = 0      # nothing to keep cached between steps: by row block
-    g = chunk_of(whole, W)
-    size = (pass_bytes(&g, ps.sums) + 63) // 64 * 64      # whole lines a thread
-    wp = <char*>malloc(nt * size)
-    if wp == NULL:
-        return -1
     if nq == 1:
-        chunk_pass(k, &whole, W, 0, wp, threads_for(g.M * g.C, nunits(&g), k.num_threads), like)
+        chunk_pass(k, &whole, W, 0, mem, nt, like)
     elif nt == 1:
         for q in range(nq):
-            chunk_pass(k, &whole, W, q, wp, 1, like)
+            chunk_pass(k, &whole, W, q, mem, 1, like)
     else:
         for q in prange(nq, num_threads=nt, schedule="dynamic"):
             took(&sh)
-            chunk_pass(k, &whole, W, q, wp + omp_get_thread_num() * size, 1, like)
+            chunk_pass(k, &whole, W, q, mem + omp_get_thread_num() * size, 1, like)
         note(late(&sh, nt))
-    free(wp)
-    return 0
 
 
 include "_entry.pxi"

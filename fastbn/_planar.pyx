@@ -46,12 +46,12 @@ of a pass, ``sums`` and ``apply``, are ``def`` wrappers for
 
 from cython.parallel cimport parallel, prange
 from cpython.pycapsule cimport PyCapsule_New
-from libc.stdlib cimport free, malloc
 
 from fastbn._call cimport (ACT_NONE, DTYPE_BFLOAT16, DTYPE_FLOAT16, DTYPE_FLOAT32, DTYPE_FLOAT64, ENTRY_NAME, GRAD_ACT,
                            GRAD_OUTPUT, GRAD_PLAIN, MODE_BACKWARD, MODE_FORWARD, STEP_APPLY,
                            STEP_SUMS, Call)
-from fastbn._openmp cimport FASTBN_COMPILE_ARGS, Shares, barrier, late, note, threads_for, took
+from fastbn._openmp cimport (FASTBN_COMPILE_ARGS, Shares, barrier, late, note, omp_get_thread_num,
+                             threads_for, took)
 from fastbn._body cimport (Body, BodyDX, BodyDXAct, BodyDXOut, BodyDXRelu, BodyDZ, BodyDZRelu, BodyY,
                            BodyYAct, narrow, put, real, value, widen)
 from fastbn._pass cimport (BODY_DX, BODY_DX_ACT, BODY_DX_OUT, BODY_DX_RELU, BODY_DZ, BODY_Y,
@@ -160,14 +160,21 @@ cdef inline Py_ssize_t value_bytes(const Pass* ps, Py_ssize_t itemsize) noexcept
     return itemsize if ps.kind == PASS_FORWARD or ps.kind == PASS_INFERENCE else 2 * itemsize
 
 
+cdef inline bint grouped(const Plane* p, const Pass* ps, Py_ssize_t itemsize,
+                         int nt) noexcept nogil:
+    """A pass of sums and apply on nt threads goes by channel group (one
+    sweep from memory, no work space) rather than by (channel, block)."""
+    cdef Py_ssize_t G = group_size(p, value_bytes(ps, itemsize))
+    return ps.sums and ps.apply and by_group((p.C + G - 1) // G, nt)
+
+
 cdef inline Py_ssize_t pass_bytes(const Plane* p, const Pass* ps, Py_ssize_t itemsize,
                                   int nt) noexcept nogil:
     """Work space of run_pass: the maps of the apply alone; nothing by
     channel group; else the (channel, block) table of sums and the maps."""
-    cdef Py_ssize_t G = group_size(p, value_bytes(ps, itemsize))
     if not ps.sums:
         return p.C * (sizeof(Coef) + sizeof(Coef32) + 1)
-    if ps.apply and by_group((p.C + G - 1) // G, nt):
+    if grouped(p, ps, itemsize, nt):
         return 0
     return 2 * p.C * p.nblocks * sizeof(double) + p.C * sizeof(Coef)
 
@@ -297,7 +304,7 @@ cdef void run_pass(const storage* a, const storage* b, storage* out, const Plane
                    const Pass* ps, char* mem, int nt) noexcept nogil:
     """A pass of sums, maps and apply (forward: a = x; backward: a = dy,
     b = x or y), with ``mem`` of pass_bytes(): the apply alone when the pass
-    takes no sums (apply_pass); by channel group when mem is NULL; else by
+    takes no sums (apply_pass); by channel group when ``grouped``; else by
     (channel, block) with the table of sums and the maps in mem (the sums
     alone leave their totals in ps.totals)."""
     cdef Py_ssize_t nb = p.nblocks, nu = p.C * nb, c, u
@@ -307,7 +314,7 @@ cdef void run_pass(const storage* a, const storage* b, storage* out, const Plane
     if not ps.sums:
         apply_pass(a, ab, out, p, ps, mem, nt)
         return
-    if mem == NULL:
+    if grouped(p, ps, sizeof(storage), nt):
         group_schedule(a, b, out, p, ps, nt)
         return
     cdef Shares sums = Shares(nu, 0, 0)
@@ -335,27 +342,34 @@ cdef void run_pass(const storage* a, const storage* b, storage* out, const Plane
 # everything; nothing here raises, and a work space that cannot be had
 # returns -1 before anything is written.
 
-cdef int call_of(const Call* k, const storage* like) noexcept nogil:
-    """The call k on its (N, C, S) view: a = x or dy, b = x or y in the
-    backward (a frozen backward without parameter gradients reads dy alone
-    unless an activation needs x)."""
+cdef int call_threads(const Call* k, const storage* like) noexcept nogil:
+    """The threads for call k now (fastbn._openmp.threads_for: fewer while
+    the cores are busy), decided once per call."""
+    cdef Plane p = make_plane(k.n, k.c, k.s, False)
+    cdef Pass ps = call_pass(k, 0, <double>(k.n * k.s), like)
+    return threads_for(k.n * k.c * k.s, units_of(&p, &ps), k.num_threads)
+
+
+cdef Py_ssize_t call_bytes(const Call* k, int nt, const storage* like) noexcept nogil:
+    """Bytes of call k's work space on nt threads (O(C), whole cache lines;
+    0 for none)."""
+    cdef Plane p = make_plane(k.n, k.c, k.s, False)
+    cdef Pass ps = call_pass(k, 0, <double>(k.n * k.s), like)
+    return (pass_bytes(&p, &ps, sizeof(storage), nt) + 63) // 64 * 64
+
+
+cdef void call_in(const Call* k, int nt, char* mem, const storage* like) noexcept nogil:
+    """The call k on its (N, C, S) view (a = x or dy, b = x or y in the
+    backward; a frozen backward without parameter gradients reads dy alone
+    unless an activation needs x) on nt threads, in the work space mem of
+    call_bytes."""
     cdef const storage* ap = <const storage*>k.a
     cdef const storage* bp = <const storage*>k.b if k.mode == MODE_BACKWARD else NULL
     cdef storage* op = <storage*>k.out      # NULL for the sums alone
-    cdef Py_ssize_t size = k.n * k.c * k.s
     cdef Plane p = make_plane(k.n, k.c, k.s, op != NULL and k.stream)
     cdef Pass ps = call_pass(k, 0, <double>(k.n * k.s), like)
-    cdef int nt = threads_for(size, units_of(&p, &ps), k.num_threads)
-    cdef Py_ssize_t nbytes = pass_bytes(&p, &ps, sizeof(storage), nt)
-    cdef char* mem = NULL
     set_pass(&p, &ps)
-    if nbytes:
-        mem = <char*>malloc(nbytes)
-        if mem == NULL:
-            return -1
     run_pass(ap, bp, op, &p, &ps, mem, nt)
-    free(mem)
-    return 0
 
 
 include "_entry.pxi"
