@@ -84,6 +84,8 @@ cdef enum:
 
 cdef struct Grid:
     Py_ssize_t M, C
+    Py_ssize_t ld                 # doubles from one per-column array of the work space to
+                                  # the next (work_stride)
     Py_ssize_t stride             # values from a row to the next (C, or more for a chunk)
     Py_ssize_t rows_per_block, nblocks
     Py_ssize_t tile, ntiles       # columns per tile, tiles (tile == 0: by row block)
@@ -119,6 +121,7 @@ cdef inline Grid make_grid(Py_ssize_t M, Py_ssize_t C, Py_ssize_t bytes_per_valu
     cdef Grid g
     g.M = M
     g.C = g.stride = C
+    g.ld = work_stride(C)
     g.streaming = streaming
     g.act = make_act(ACT_NONE, 0.0)
     g.body = g.sums_body = BODY_Y
@@ -151,31 +154,46 @@ cdef inline Grid chunk_of(Grid g, Py_ssize_t width) noexcept nogil:
         g.tile = min(g.tile, width, <Py_ssize_t>TILE_COLUMNS)
         g.ntiles = (width + g.tile - 1) // g.tile
     g.C = width
+    g.ld = work_stride(width)
     return g
 
 
-cdef inline Maps maps_in(char* mem, Py_ssize_t C) noexcept nogil:
-    """Carve the per-column maps out of 8 * C doubles, 5 * C floats and C chars."""
+cdef inline Py_ssize_t work_stride(Py_ssize_t C) noexcept nogil:
+    """Doubles from one per-column array of the work space (totals, centers,
+    block sums, maps) to the next: C in whole cache lines, and an odd
+    number of them, so that no two arrays start at the same offset in a
+    4 KiB page. A loop that stores into one array and loads from another
+    at the same page offset waits on the store (4K aliasing): with C a
+    multiple of 512 every array did, and adding the block sums into the
+    totals took about 10% of a (256, 4096) forward."""
+    cdef Py_ssize_t lines = (C + 7) // 8
+    return 8 * (lines + 1 - lines % 2)
+
+
+cdef inline Maps maps_in(char* mem, const Grid* g) noexcept nogil:
+    """Carve g's per-column maps out of 8 arrays of doubles, 5 of floats
+    (g.ld apart: bytes as the doubles') and C chars (maps_bytes)."""
     cdef Maps k
+    cdef Py_ssize_t ld = g.ld
     k.center = <double*>mem
-    k.scale = k.center + C
-    k.slope = k.scale + C
-    k.offset = k.slope + C
-    k.zero = k.offset + C
-    k.grad_center = k.zero + C
-    k.grad_scale = k.grad_center + C
-    k.grad_offset = k.grad_scale + C
-    k.hi = <float*>(k.grad_offset + C)
-    k.lo = k.hi + C
-    k.scale32 = k.lo + C
-    k.slope32 = k.scale32 + C
-    k.offset32 = k.slope32 + C
-    k.ok = <char*>(k.offset32 + C)
+    k.scale = k.center + ld
+    k.slope = k.scale + ld
+    k.offset = k.slope + ld
+    k.zero = k.offset + ld
+    k.grad_center = k.zero + ld
+    k.grad_scale = k.grad_center + ld
+    k.grad_offset = k.grad_scale + ld
+    k.hi = <float*>(k.grad_offset + ld)
+    k.lo = k.hi + 2 * ld
+    k.scale32 = k.lo + 2 * ld
+    k.slope32 = k.scale32 + 2 * ld
+    k.offset32 = k.slope32 + 2 * ld
+    k.ok = <char*>(k.offset32 + 2 * ld)
     return k
 
 
-cdef enum:
-    MAPS_BYTES = 8 * sizeof(double) + 5 * sizeof(float) + sizeof(char)   # per column
+cdef inline Py_ssize_t maps_bytes(const Grid* g) noexcept nogil:
+    return (8 + 5) * g.ld * sizeof(double) + g.C
 
 
 cdef inline void store_maps(const Maps* k, Py_ssize_t c0, Py_ssize_t n, const CoefBlock* m,
@@ -219,15 +237,15 @@ cdef inline void store_maps(const Maps* k, Py_ssize_t c0, Py_ssize_t n, const Co
 
 
 cdef inline void finish_maps(const Pass* ps, const double* total, const double* center,
-                             Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
+                             Py_ssize_t ld, Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
                              const storage* a) noexcept nogil:
-    """The maps of columns [c0, c1) from their totals (total[c], total[C +
+    """The maps of columns [c0, c1) from their totals (total[c], total[ld +
     c]) around center[c], MAP_BLOCK columns at a time (fastbn._stats)."""
     cdef CoefBlock m
     cdef Py_ssize_t c = c0, n
     while c < c1:
         n = min(<Py_ssize_t>MAP_BLOCK, c1 - c)
-        finish_block(ps, total + c, total + C + c, center + c, c, n, &m, a)
+        finish_block(ps, total + c, total + ld + c, center + c, c, n, &m, a)
         store_maps(k, c, n, &m, storage is not double)
         c += n
 
@@ -237,7 +255,7 @@ cdef inline void set_pass(Grid* g, const Pass* ps, char* maps,
     """What g's steps compute: the pass's bodies and activation, and the
     backward's transform of ps (fastbn._stats.Grad): its slopes in g, its
     columns' coefficients in the maps at ``maps`` (nothing for GRAD_PLAIN)."""
-    cdef Maps k = maps_in(maps, g.C)
+    cdef Maps k = maps_in(maps, g)
     cdef Grad t
     cdef Py_ssize_t c
     g.body = ps.body
@@ -267,11 +285,11 @@ cdef inline Py_ssize_t nunits(const Grid* g) noexcept nogil:
 
 
 cdef inline Py_ssize_t pass_bytes(const Grid* g, bint sums) noexcept nogil:
-    """Work space of run_pass: totals, centers, the scratch of the sums (2 *
-    C doubles by tile, the table by row block), then the maps."""
-    return g.C * (MAPS_BYTES + 3 * sizeof(double)) + (
-        0 if not sums else
-        2 * g.C * sizeof(double) if g.tile else 2 * g.nblocks * g.C * sizeof(double))
+    """Work space of run_pass: totals (2 arrays), centers, the scratch of the
+    sums (2 arrays by tile, 2 a block by row block), then the maps; the
+    arrays g.ld doubles apart."""
+    return 3 * g.ld * sizeof(double) + maps_bytes(g) + (
+        0 if not sums else (2 if g.tile else 2 * g.nblocks) * g.ld * sizeof(double))
 
 
 cdef void tile_unit(const storage* a, const storage* b, const storage* ab, storage* out,
@@ -282,7 +300,7 @@ cdef void tile_unit(const storage* a, const storage* b, const storage* ab, stora
     if sums:
         tile_totals(a, b, g, c0, c1, center, k, scratch, total)
     if ps.apply:
-        finish_maps(ps, total, center, g.C, c0, c1, k, a)
+        finish_maps(ps, total, center, g.ld, c0, c1, k, a)
         block_apply(a, ab, out, g, 0, g.M, c0, c1, k)
 
 
@@ -295,7 +313,7 @@ cdef void merge_unit(const storage* a, const Grid* g, const Pass* ps, Py_ssize_t
     if sums:
         merge_blocks(scratch, g, c0, c1, total)
     if maps:  # without sums, from the running statistics or given maps: no total is read
-        finish_maps(ps, total, center, g.C, c0, c1, k, a)
+        finish_maps(ps, total, center, g.ld, c0, c1, k, a)
 
 
 cdef void run_pass(const storage* a, const storage* b, storage* out, const Grid* g,
@@ -308,13 +326,13 @@ cdef void run_pass(const storage* a, const storage* b, storage* out, const Grid*
     left in ``totals(mem, g)`` (C of the first sum, then C of the second);
     without ps.sums (a frozen backward without parameter gradients), the
     apply only."""
-    cdef Py_ssize_t C = g.C, u, t, c, c0, c1, blk, nb = g.nblocks
+    cdef Py_ssize_t C = g.C, ld = g.ld, u, t, c, c0, c1, blk, nb = g.nblocks
     cdef bint sums = ps.sums, apply = ps.apply
     cdef const storage* ab = apply_b(ps, b)
-    cdef Maps k = maps_in(maps_at(mem, g, ps.sums), C)
+    cdef Maps k = maps_in(maps_at(mem, g, ps.sums), g)
     cdef double* total = totals(mem, g)
-    cdef const double* center = total + 2 * C
-    cdef double* scratch = total + 3 * C
+    cdef const double* center = total + 2 * ld
+    cdef double* scratch = total + 3 * ld
     cdef Shares sh
     cdef Py_ssize_t nmerge = (C + MERGE_COLUMNS - 1) // MERGE_COLUMNS
     if g.tile:
@@ -332,8 +350,8 @@ cdef void run_pass(const storage* a, const storage* b, storage* out, const Grid*
     sh = Shares(nb if apply else 0, 0, 0)
     if nt == 1:
         for blk in range(nb if sums else 0):
-            block_sums(a, b, g, blk, 0, C, center, &k, scratch + 2 * blk * C,
-                       scratch + (2 * blk + 1) * C)
+            block_sums(a, b, g, blk, 0, C, center, &k, scratch + 2 * blk * ld,
+                       scratch + (2 * blk + 1) * ld)
         for u in range(nmerge):
             merge_unit(a, g, ps, u, center, &k, scratch, total, sums, apply)
         if apply and not sums:  # nothing cached to favour: all rows at once, by piece
@@ -346,8 +364,8 @@ cdef void run_pass(const storage* a, const storage* b, storage* out, const Grid*
     with parallel(num_threads=nt):
         for blk in prange(nb if sums else 0, schedule="dynamic"):
             took(&blocks)
-            block_sums(a, b, g, blk, 0, C, center, &k, scratch + 2 * blk * C,
-                       scratch + (2 * blk + 1) * C)
+            block_sums(a, b, g, blk, 0, C, center, &k, scratch + 2 * blk * ld,
+                       scratch + (2 * blk + 1) * ld)
         barrier()
         for u in prange(nmerge, schedule="dynamic"):
             merge_unit(a, g, ps, u, center, &k, scratch, total, sums, apply)
@@ -364,12 +382,12 @@ cdef inline double* totals(char* mem, const Grid* g) noexcept nogil:
 
 
 cdef inline double* centers(char* mem, const Grid* g) noexcept nogil:
-    return totals(mem, g) + 2 * g.C
+    return totals(mem, g) + 2 * g.ld
 
 
 cdef inline char* maps_at(char* mem, const Grid* g, bint sums) noexcept nogil:
     """The maps follow the doubles: totals, centers and the scratch."""
-    return mem + pass_bytes(g, sums) - MAPS_BYTES * g.C
+    return mem + pass_bytes(g, sums) - maps_bytes(g)
 
 
 # ------------------------------------------------------------- entry ----
@@ -394,7 +412,7 @@ cdef void chunk_pass(const Call* k, const Grid* whole, Py_ssize_t W, Py_ssize_t 
     run_pass(ap, bp, op, &g, &ps, wp, nt)
     for c in range(g.C if not ps.apply else 0):   # the sums alone
         ps.totals[2 * c] = totals(wp, &g)[c]
-        ps.totals[2 * c + 1] = totals(wp, &g)[g.C + c]
+        ps.totals[2 * c + 1] = totals(wp, &g)[g.ld + c]
 
 
 cdef inline Grid whole_grid(const Call* k, const storage* like) noexcept nogil:

@@ -348,40 +348,38 @@ cdef inline void zero_totals(const Grid* g, Py_ssize_t c0, Py_ssize_t c1,
     cdef Py_ssize_t c
     for c in range(c0, c1):
         total[c] = 0.0
-        total[g.C + c] = 0.0
+        total[g.ld + c] = 0.0
 
 
 cdef void tile_totals(const storage* a, const storage* b, const Grid* g, Py_ssize_t c0,
                       Py_ssize_t c1, const double* center, const Maps* k, double* part,
                       double* total) noexcept nogil:
     """Totals over all row blocks, in block order, for columns [c0, c1):
-    total[c], total[C + c]; part is 2 * C doubles of scratch. Blocks of one
+    total[c], total[g.ld + c]; part is 2 * g.ld doubles of scratch. Blocks of one
     row (few rows, C of 65536 or more) add their terms straight into the
     totals: a block's sum of one term is 0 + t, which is t but for the sign
     of a zero, and a total that starts at +0 is never -0, so the bits are
     the same without the pass through part."""
-    cdef Py_ssize_t C = g.C, c, blk
+    cdef Py_ssize_t ld = g.ld, c, blk
     zero_totals(g, c0, c1, total)
     if g.rows_per_block == 1:
         for blk in range(g.nblocks):
-            add_block_sums(a, b, g, blk, c0, c1, center, k, total, total + C)
+            add_block_sums(a, b, g, blk, c0, c1, center, k, total, total + ld)
         return
     for blk in range(g.nblocks):
-        block_sums(a, b, g, blk, c0, c1, center, k, part, part + C)
+        block_sums(a, b, g, blk, c0, c1, center, k, part, part + ld)
         for c in range(c0, c1):
             total[c] += part[c]
-            total[C + c] += part[C + c]
+            total[ld + c] += part[ld + c]
 
 
 cdef void merge_blocks(const double* table, const Grid* g, Py_ssize_t c0, Py_ssize_t c1,
                        double* total) noexcept nogil:
     """Totals from the per-row-block table, in block order: the same sums as
     tile_totals."""
-    cdef Py_ssize_t C = g.C, c, blk
-    for c in range(c0, c1):
-        total[c] = 0.0
-        total[C + c] = 0.0
+    cdef Py_ssize_t ld = g.ld, c, blk
+    zero_totals(g, c0, c1, total)
     for blk in range(g.nblocks):
         for c in range(c0, c1):
-            total[c] += table[2 * blk * C + c]
-            total[C + c] += table[(2 * blk + 1) * C + c]
+            total[c] += table[2 * blk * ld + c]
+            total[ld + c] += table[(2 * blk + 1) * ld + c]
