@@ -158,23 +158,29 @@ cdef inline Grid chunk_of(Grid g, Py_ssize_t width) noexcept nogil:
     return g
 
 
+cdef inline Py_ssize_t odd_lines(Py_ssize_t nbytes) noexcept nogil:
+    """nbytes rounded up to an odd number of cache lines."""
+    cdef Py_ssize_t lines = (nbytes + 63) // 64
+    return 64 * (lines + 1 - lines % 2)
+
+
 cdef inline Py_ssize_t work_stride(Py_ssize_t C) noexcept nogil:
     """Doubles from one per-column array of the work space (totals, centers,
-    block sums, maps) to the next: C in whole cache lines, and an odd
-    number of them, so that no two arrays start at the same offset in a
-    4 KiB page. A loop that stores into one array and loads from another
-    at the same page offset waits on the store (4K aliasing): with C a
-    multiple of 512 every array did, and adding the block sums into the
-    totals took about 10% of a (256, 4096) forward."""
-    cdef Py_ssize_t lines = (C + 7) // 8
-    return 8 * (lines + 1 - lines % 2)
+    block sums, double maps) to the next: an odd number of cache lines, so
+    that no two arrays start at the same offset in a 4 KiB page (the float
+    maps likewise, maps_in). A loop that stores into one array and loads
+    from another at the same page offset waits on the store (4K aliasing):
+    with C a multiple of 512 every array did, and adding the block sums
+    into the totals took about 10% of a (256, 4096) forward."""
+    return odd_lines(C * sizeof(double)) // sizeof(double)
 
 
 cdef inline Maps maps_in(char* mem, const Grid* g) noexcept nogil:
-    """Carve g's per-column maps out of 8 arrays of doubles, 5 of floats
-    (g.ld apart: bytes as the doubles') and C chars (maps_bytes)."""
+    """Carve g's per-column maps out of 8 arrays of doubles (g.ld apart), 5
+    of floats (an odd number of cache lines apart) and C chars
+    (maps_bytes)."""
     cdef Maps k
-    cdef Py_ssize_t ld = g.ld
+    cdef Py_ssize_t ld = g.ld, lf = odd_lines(g.C * sizeof(float)) // sizeof(float)
     k.center = <double*>mem
     k.scale = k.center + ld
     k.slope = k.scale + ld
@@ -184,16 +190,16 @@ cdef inline Maps maps_in(char* mem, const Grid* g) noexcept nogil:
     k.grad_scale = k.grad_center + ld
     k.grad_offset = k.grad_scale + ld
     k.hi = <float*>(k.grad_offset + ld)
-    k.lo = k.hi + 2 * ld
-    k.scale32 = k.lo + 2 * ld
-    k.slope32 = k.scale32 + 2 * ld
-    k.offset32 = k.slope32 + 2 * ld
-    k.ok = <char*>(k.offset32 + 2 * ld)
+    k.lo = k.hi + lf
+    k.scale32 = k.lo + lf
+    k.slope32 = k.scale32 + lf
+    k.offset32 = k.slope32 + lf
+    k.ok = <char*>(k.offset32 + lf)
     return k
 
 
 cdef inline Py_ssize_t maps_bytes(const Grid* g) noexcept nogil:
-    return (8 + 5) * g.ld * sizeof(double) + g.C
+    return 8 * g.ld * sizeof(double) + 5 * odd_lines(g.C * sizeof(float)) + g.C
 
 
 cdef inline void store_maps(const Maps* k, Py_ssize_t c0, Py_ssize_t n, const CoefBlock* m,
