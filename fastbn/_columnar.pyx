@@ -167,11 +167,12 @@ cdef inline Py_ssize_t odd_lines(Py_ssize_t nbytes) noexcept nogil:
 cdef inline Py_ssize_t work_stride(Py_ssize_t C) noexcept nogil:
     """Doubles from one per-column array of the work space (totals, centers,
     block sums, double maps) to the next: an odd number of cache lines, so
-    that no two arrays start at the same offset in a 4 KiB page (the float
-    maps likewise, maps_in). A loop that stores into one array and loads
-    from another at the same page offset waits on the store (4K aliasing):
-    with C a multiple of 512 every array did, and adding the block sums
-    into the totals took about 10% of a (256, 4096) forward."""
+    that arrays fewer than 64 apart never start at the same offset in a
+    4 KiB page (the float maps likewise, maps_in). A loop that stores into
+    one array and loads from another at the same page offset waits on the
+    store (4K aliasing): with C a multiple of 512 every array did, and
+    adding the block sums into the totals took about 10% of a warm
+    (256, 4096) forward."""
     return odd_lines(C * sizeof(double)) // sizeof(double)
 
 
@@ -326,10 +327,11 @@ cdef void run_pass(const storage* a, const storage* b, storage* out, const Grid*
                    const Pass* ps, char* mem, int nt) noexcept nogil:
     """Sums, maps and apply in one parallel region (see the module docstring).
 
-    mem: pass_bytes(g): 2 * C doubles of totals, C of centers (already set
-    by the caller), the scratch, then the maps.
-    Without ps.apply (the synchronized passes' first half), the sums only,
-    left in ``totals(mem, g)`` (C of the first sum, then C of the second);
+    mem: pass_bytes(g): two arrays of totals and one of centers (already
+    set by the caller), the scratch, then the maps, the arrays g.ld doubles
+    apart. Without ps.apply (the synchronized passes' first half), the sums
+    only, left in ``totals(mem, g)`` (the first sum at [c], the second at
+    [g.ld + c]);
     without ps.sums (a frozen backward without parameter gradients), the
     apply only."""
     cdef Py_ssize_t C = g.C, ld = g.ld, u, t, c, c0, c1, blk, nb = g.nblocks

@@ -102,7 +102,8 @@ cdef int run_groups(const Call* k, const storage* like) noexcept nogil:
         calls[j].num_threads = 1 if shared else k.num_threads
         calls[j].a = <const storage*>k.a + j * size
         calls[j].out = <storage*>k.out + j * size
-    # every group's call has the same shape: its threads are decided once
+    # every group's call has the same shape (and mode: the pointers set below
+    # do not change what its pass does): its threads are decided once
     group_nt = call_threads(&calls[0], like)
     space = call_bytes(&calls[0], group_nt, like)
     mem = <char*>malloc(head + (nt if shared else 1) * space)
@@ -126,7 +127,7 @@ cdef int run_groups(const Call* k, const storage* like) noexcept nogil:
             calls[j].d = param_at(k.d, j * C, like)
     if shared:
         for j in prange(G, num_threads=nt, schedule="static"):
-            call_in(&calls[j], 1, mem + head + omp_get_thread_num() * space, like)
+            call_in(&calls[j], group_nt, mem + head + omp_get_thread_num() * space, like)
     else:
         for j in range(G):
             call_in(&calls[j], group_nt, mem + head, like)
