@@ -59,6 +59,17 @@ SCHEDULE_LAYOUTS = [
 ]
 
 
+def under_asan():
+    """AddressSanitizer is loaded in this process (scripts/sanitize.sh, and
+    so in its children): its allocator keeps freed memory in quarantine, so
+    resident sizes and page faults do not measure fastbn there."""
+    try:
+        with open("/proc/self/maps") as f:
+            return "libasan" in f.read()
+    except OSError:
+        return False
+
+
 def dtype_id(dtype):
     """A short test id for a dtype: 'float32' or 'float64'."""
     return np.dtype(dtype).name

@@ -31,19 +31,11 @@ import fastbn
 from fastbn import BatchNorm1d, BatchNorm2d
 from fastbn.compat import cs231n, deepnet
 
-from helpers import make_inputs
+from helpers import make_inputs, under_asan
 
 CALLS = 20_000
 WARM_UP = 2_000
 LIMIT = 2 * 2**20
-
-
-def _under_asan():
-    try:
-        with open("/proc/self/maps") as f:
-            return "libasan" in f.read()
-    except OSError:
-        return False
 
 
 def rss():
@@ -54,7 +46,7 @@ def rss():
 
 needs_statm = pytest.mark.skipif(not os.path.exists("/proc/self/statm"),
                                  reason="needs Linux /proc/self/statm")
-not_under_asan = pytest.mark.skipif(_under_asan(), reason="AddressSanitizer keeps freed "
+not_under_asan = pytest.mark.skipif(under_asan(), reason="AddressSanitizer keeps freed "
                                     "memory in quarantine: RSS is not a leak measure there")
 
 
