@@ -72,8 +72,8 @@ cdef struct Call:
                              # rows; save_mean, save_invstd, r, d (forward) and mean, invstd,
                              # r, d (backward) are (groups, C); 1 for the plain layer
     double* moments          # a forward of one group: (C, 2) written, each channel's mean and
-                             # running-variance contribution, instead of updating the running
-                             # statistics (set by the group driver only, else NULL)
+                             # biased variance, instead of updating the running statistics
+                             # (set by the group driver only, else NULL)
     double* totals           # STEP_SUMS alone: (C, 2) written, the two sums of each channel
     const double* maps       # STEP_APPLY alone: (C, 4) read, each channel's Coef (fastbn._stats)
     double eps               # forward, inference

@@ -18,7 +18,7 @@ from cython cimport floating
 from fastbn._call cimport ACT_NONE, GRAD_OUTPUT, GRAD_PLAIN
 from fastbn._pass cimport PASS_BACKWARD, Pass, backward_pass, forward_pass
 from fastbn._stats cimport (MAP_BLOCK, Coef, CoefBlock, backward_block, coef_at,
-                            moments as channel_moments, stats_block)
+                            exact_inverse, moments as channel_moments, stats_block)
 from fastbn._views cimport cptr, wptr
 
 
@@ -63,9 +63,9 @@ def moments(const double[:, ::1] sums, const double[::1] center, double m,
     ``(mean, var)``.
     """
     cdef Py_ssize_t c
-    cdef double mean, var
+    cdef double mean, var, inv_m = exact_inverse(m)
     for c in range(sums.shape[0]):
-        channel_moments(sums[c, 0], sums[c, 1], m, center[c], &mean, &var)
+        channel_moments(sums[c, 0], sums[c, 1], m, inv_m, center[c], &mean, &var)
         out[c, 0] = mean
         out[c, 1] = var
 

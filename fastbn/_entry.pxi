@@ -132,9 +132,11 @@ cdef int run_groups(const Call* k, const storage* like) noexcept nogil:
         for j in range(G):
             call_in(&calls[j], group_nt, mem + head, like)
     if tracked and storage is double:
-        groups_update(work, G, C, k.factor, <double*>k.running_mean, <double*>k.running_var)
+        groups_update(work, G, C, calls[0].n * k.s, k.unbiased, k.factor,
+                      <double*>k.running_mean, <double*>k.running_var)
     elif tracked:
-        groups_update(work, G, C, k.factor, <float*>k.running_mean, <float*>k.running_var)
+        groups_update(work, G, C, calls[0].n * k.s, k.unbiased, k.factor,
+                      <float*>k.running_mean, <float*>k.running_var)
     elif not forward:
         for c in range(C):
             dg = db = 0.0

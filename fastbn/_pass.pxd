@@ -70,7 +70,7 @@ ctypedef struct Pass:
     void* r                # forward: written; backward: read (renorm only, else NULL)
     void* d
     double* moments        # a forward of one ghost group: (C, 2) written, each channel's
-                           # mean and running-variance term, instead of the running update
+                           # mean and biased variance, instead of the running update
 
 
 cdef inline int forward_body(int act) noexcept nogil:
