@@ -31,7 +31,11 @@ float), stay in L1 from row to row; a column's terms are added in the same
 order either way. Rows of 4096 columns and more used to read their maps
 from L2 at every row: ghost groups of (256, 4096) and huge-C inference
 (8, 262144) ran 0.75-0.85x and 0.74-0.77x the time with them
-(benchmarks/ab.py, 2 threads, AMD EPYC).
+(benchmarks/ab.py, 2 threads, AMD EPYC). A tile's streamed apply, right
+after its sums, takes TILE_PIECE_COLUMNS: ghost groups of (256, 4096) then
+ran 0.81-0.90x the time, (256, 8192) float16 0.87x (AMD EPYC, in-process
+A/B); from memory (one sweep, row blocks) or unstreamed, 512 was as fast
+or slower (half a row of (4096, 1024) at a time: up to 2x slower).
 
 Chunks: when a column of x weighs less than its work space (about 120
 bytes: fewer than 32 float32 rows), a pass takes CHUNK_COLUMNS columns at a
@@ -80,6 +84,7 @@ cdef enum:
     MIN_TILE_BYTES = 1024       # narrower row pieces defeat the hardware prefetcher
     PIECE_COLUMNS = 1024        # columns the sums and the apply take across a block's rows
                                 # at a time: their float maps (about 21 KiB) stay in L1
+    TILE_PIECE_COLUMNS = 512    # the same for a tile's streamed apply after its sums
 
 
 cdef struct Grid:
@@ -308,7 +313,8 @@ cdef void tile_unit(const storage* a, const storage* b, const storage* ab, stora
         tile_totals(a, b, g, c0, c1, center, k, scratch, total)
     if ps.apply:
         finish_maps(ps, total, center, g.ld, c0, c1, k, a)
-        block_apply(a, ab, out, g, 0, g.M, c0, c1, k)
+        block_apply(a, ab, out, g, 0, g.M, c0, c1, k,
+                    TILE_PIECE_COLUMNS if sums and g.streaming else PIECE_COLUMNS)
 
 
 cdef void merge_unit(const storage* a, const Grid* g, const Pass* ps, Py_ssize_t u,
@@ -363,11 +369,11 @@ cdef void run_pass(const storage* a, const storage* b, storage* out, const Grid*
         for u in range(nmerge):
             merge_unit(a, g, ps, u, center, &k, scratch, total, sums, apply)
         if apply and not sums:  # nothing cached to favour: all rows at once, by piece
-            block_apply(a, ab, out, g, 0, g.M, 0, C, &k)
+            block_apply(a, ab, out, g, 0, g.M, 0, C, &k, PIECE_COLUMNS)
             return
         for blk in range(nb if apply else 0):
             block_apply(a, ab, out, g, (nb - 1 - blk) * g.rows_per_block,
-                        min(g.M, (nb - blk) * g.rows_per_block), 0, C, &k)
+                        min(g.M, (nb - blk) * g.rows_per_block), 0, C, &k, PIECE_COLUMNS)
         return
     with parallel(num_threads=nt):
         for blk in prange(nb if sums else 0, schedule="dynamic"):
@@ -381,7 +387,7 @@ cdef void run_pass(const storage* a, const storage* b, storage* out, const Grid*
         for blk in prange(nb if apply else 0, schedule="dynamic"):
             took(&sh)
             block_apply(a, ab, out, g, (nb - 1 - blk) * g.rows_per_block,
-                        min(g.M, (nb - blk) * g.rows_per_block), 0, C, &k)
+                        min(g.M, (nb - blk) * g.rows_per_block), 0, C, &k, PIECE_COLUMNS)
     note(max(late(&blocks, nt), late(&sh, nt)))
 
 

@@ -272,7 +272,8 @@ cdef inline void rows_map_blocks(const Body* body, const storage* a, const stora
 
 cdef inline void block_apply_in(const Body* body, const storage* a, const storage* b,
                                 storage* out, const Grid* g, Py_ssize_t r0, Py_ssize_t r1,
-                                Py_ssize_t c0, Py_ssize_t c1, const Maps* k) noexcept nogil:
+                                Py_ssize_t c0, Py_ssize_t c1, const Maps* k,
+                                Py_ssize_t piece) noexcept nogil:
     """block_apply of one body (one specialization each: the body is chosen
     once per block, not once per row)."""
     cdef storage buf[STREAM_CHUNK]
@@ -288,7 +289,7 @@ cdef inline void block_apply_in(const Body* body, const storage* a, const storag
     elif not g.streaming:
         p = c0
         while p < c1:      # by piece across the rows: the piece's maps stay in L1
-            e = min(p + <Py_ssize_t>PIECE_COLUMNS, c1)
+            e = min(p + piece, c1)
             for r in range(r0, r1):
                 row_apply(body, a + r * S, at(b, r * S), out + r * S + p, p, e, k, mode, g)
             p = e
@@ -306,7 +307,7 @@ cdef inline void block_apply_in(const Body* body, const storage* a, const storag
     else:
         p = c0
         while p < c1:
-            e = min(p + <Py_ssize_t>PIECE_COLUMNS, c1)
+            e = min(p + piece, c1)
             for r in range(r0, r1):
                 c = p
                 while c < e:
@@ -321,26 +322,27 @@ cdef inline void block_apply_in(const Body* body, const storage* a, const storag
 
 cdef void block_apply(const storage* a, const storage* b, storage* out, const Grid* g,
                       Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
-                      const Maps* k) noexcept nogil:
+                      const Maps* k, Py_ssize_t piece) noexcept nogil:
     """Rows [r0, r1), columns [c0, c1) of g's apply body: y from a = x, or dx
-    from a = dy, b = x (or y); streamed through a stack buffer when
-    g.streaming."""
+    from a = dy, b = x (or y); ``piece`` columns at a time across the rows
+    (PIECE_COLUMNS, or TILE_PIECE_COLUMNS);
+    streamed through a stack buffer when g.streaming."""
     if g.body == BODY_Y:
-        block_apply_in(<BodyY*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+        block_apply_in(<BodyY*>NULL, a, b, out, g, r0, r1, c0, c1, k, piece)
     elif g.body == BODY_Y_ACT:
-        block_apply_in(<BodyYAct*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+        block_apply_in(<BodyYAct*>NULL, a, b, out, g, r0, r1, c0, c1, k, piece)
     elif g.body == BODY_DX:
-        block_apply_in(<BodyDX*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+        block_apply_in(<BodyDX*>NULL, a, b, out, g, r0, r1, c0, c1, k, piece)
     elif g.body == BODY_DX_ACT:
-        block_apply_in(<BodyDXAct*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+        block_apply_in(<BodyDXAct*>NULL, a, b, out, g, r0, r1, c0, c1, k, piece)
     elif g.body == BODY_DX_RELU:
-        block_apply_in(<BodyDXRelu*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+        block_apply_in(<BodyDXRelu*>NULL, a, b, out, g, r0, r1, c0, c1, k, piece)
     elif g.body == BODY_DX_OUT:
-        block_apply_in(<BodyDXOut*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+        block_apply_in(<BodyDXOut*>NULL, a, b, out, g, r0, r1, c0, c1, k, piece)
     elif g.body == BODY_DZ:
-        block_apply_in(<BodyDZ*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+        block_apply_in(<BodyDZ*>NULL, a, b, out, g, r0, r1, c0, c1, k, piece)
     else:
-        block_apply_in(<BodyDZRelu*>NULL, a, b, out, g, r0, r1, c0, c1, k)
+        block_apply_in(<BodyDZRelu*>NULL, a, b, out, g, r0, r1, c0, c1, k, piece)
 
 
 cdef inline void zero_totals(const Grid* g, Py_ssize_t c0, Py_ssize_t c1,
