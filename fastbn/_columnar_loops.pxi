@@ -325,8 +325,9 @@ cdef void block_apply(const storage* a, const storage* b, storage* out, const Gr
                       const Maps* k, Py_ssize_t piece) noexcept nogil:
     """Rows [r0, r1), columns [c0, c1) of g's apply body: y from a = x, or dx
     from a = dy, b = x (or y); ``piece`` columns at a time across the rows
-    (PIECE_COLUMNS, or TILE_PIECE_COLUMNS);
-    streamed through a stack buffer when g.streaming."""
+    (PIECE_COLUMNS, or TILE_PIECE_COLUMNS; whole rows of at most STREAM_CHUNK
+    values and 16-bit rows in float blocks go by rows); streamed through a
+    stack buffer when g.streaming."""
     if g.body == BODY_Y:
         block_apply_in(<BodyY*>NULL, a, b, out, g, r0, r1, c0, c1, k, piece)
     elif g.body == BODY_Y_ACT:

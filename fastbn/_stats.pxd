@@ -47,9 +47,10 @@ ctypedef struct Coef:
 
 
 cdef inline double exact_inverse(double m) noexcept nogil:
-    """1/m when m is a power of two, else 0 (over)."""
+    """1/m when m is a count that is a power of two (1/m then exact and
+    normal), else 0 (over)."""
     cdef int e
-    return 1.0 / m if frexp(m, &e) == 0.5 else 0.0
+    return 1.0 / m if m >= 1.0 and frexp(m, &e) == 0.5 else 0.0
 
 
 cdef inline double over(double v, double m, double inv_m) noexcept nogil:

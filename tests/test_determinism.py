@@ -123,8 +123,9 @@ STREAMED = [
     ((4096, 512), 1, np.float32),        # columnar by row block, several rows per streamed piece
     ((1024, 600), 1, np.float64),        # columnar, rows longer than a streamed piece, float64
     ((256, 8192), 1, np.float32),        # columnar by tile, rows longer than a streamed piece
-    ((64, 16500), 1, np.float32),        # columnar tiles of 2048 columns, streamed by pieces
-                                         # of 512 (TILE_PIECE_COLUMNS), the last tile narrower
+    ((64, 16500), 1, np.float32),        # columnar tiles of 2048 columns (forward) and 1024
+                                         # (backward) streamed by pieces of 512
+                                         # (TILE_PIECE_COLUMNS), the last tile narrower
     ((16, 32, 32, 64), -1, np.float32),  # channels last
     ((8, 64, 64, 64), 1, np.float16),    # 16-bit planar: pieces of float blocks, streamed
     ((8, 3, 300, 300), 1, "bfloat16"),   # 16-bit planar by block
