@@ -5,7 +5,8 @@
   the workload's input copies.
 - :func:`median_time`: the median of :func:`time_calls`, as the scenarios use it.
 - :func:`paired_ratio`: two calls' median times, as a ratio, timed in
-  alternation (a BatchNorm variant against the plain operation).
+  alternation (a BatchNorm variant against the plain operation), the median
+  of several such samples.
 - :func:`peak_rss_growth`: how far the process's resident set rises above its
   level before one call, read from the kernel's high-water mark (VmHWM)
   after resetting it through ``/proc/self/clear_refs``. Unlike tracemalloc it
@@ -57,32 +58,45 @@ def time_calls(call, copies, *, warmup_calls, max_reps, min_reps=5, target_secon
     return times * 1e-9, index
 
 
-def paired_ratio(call, base, copies, target_seconds):
+def paired_ratio(call, base, copies, target_seconds, samples=1, seed=0):
     """median(time of ``call``) / median(time of ``base``), the two timed in
     alternation, call by call, on the same rotating copies (each after two
     warm-up calls), for about ``target_seconds`` in all: a slow spell of a
     shared machine slows both alike, where two medians taken seconds apart
-    can differ by 1.5x on their own."""
-    for i in range(2):
-        call(i % copies)
-        base(i % copies)
-    t0 = time.perf_counter_ns()
-    call(0)
-    typical = (time.perf_counter_ns() - t0) * 1e-9
-    reps = int(min(max(target_seconds / 2 / max(typical, 1e-9), 5), 2000))
-    times = np.empty((2, reps), dtype=np.int64)
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for r in range(reps):
-            for j, f in enumerate((call, base)):   # each on a copy the other did not warm
-                t0 = time.perf_counter_ns()
-                f((2 * r + j) % copies)
-                times[j, r] = time.perf_counter_ns() - t0
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return float(np.median(times[0]) / np.median(times[1]))
+    can differ by 1.5x on their own. Which of the two goes first is drawn
+    at random for each pair, so that neither always runs after the other.
+
+    With ``samples`` > 1, the median of that many such ratios, each over
+    ``target_seconds``: on a 2-core VM one sample of 0.3 s spread over
+    about +-0.1 (Ghost BN's forward against the plain forward read
+    0.87-1.24 within a minute), where the median of five varied by a few
+    hundredths. Returns ``(median ratio, the samples)``."""
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for _ in range(samples):
+        for i in range(2):
+            call(i % copies)
+            base(i % copies)
+        t0 = time.perf_counter_ns()
+        call(0)
+        typical = (time.perf_counter_ns() - t0) * 1e-9
+        reps = int(min(max(target_seconds / 2 / max(typical, 1e-9), 5), 2000))
+        times = np.empty((2, reps), dtype=np.int64)
+        first = rng.integers(0, 2, reps)
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for r in range(reps):
+                for j in (first[r], 1 - first[r]):  # each on a copy the other did not warm
+                    f = base if j else call
+                    t0 = time.perf_counter_ns()
+                    f((2 * r + j) % copies)
+                    times[j, r] = time.perf_counter_ns() - t0
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        ratios.append(float(np.median(times[0]) / np.median(times[1])))
+    return float(np.median(ratios)), ratios
 
 
 def median_time(call, copies, target_seconds, *, max_reps=2000):

@@ -334,6 +334,8 @@ def evaluate_targets(records, all_cores):
                 if r["operation"] == variant
                 and (k := (r["shape_label"], r["dtype"], r["threads"])) in times]
 
+    samples = max((len(r.get("paired_samples", [0])) for r in records if "paired_ratio" in r),
+                  default=1)
     for op, (plain, limit) in VARIANT_OF.items():
         pairs = ratios(op, plain)
         rows = [dict(r, ratio=q) for q, r in pairs]
@@ -341,7 +343,8 @@ def evaluate_targets(records, all_cores):
         def ratio_detail(rows, limit=limit, plain=plain):
             worst = max(rows, key=lambda r: r["ratio"])
             passing = sum(r["ratio"] <= limit for r in rows)
-            return (f"{passing}/{len(rows)} cases pass (each timed in alternation with "
+            return (f"{passing}/{len(rows)} cases pass (each the median of "
+                    f"{samples} samples timed in alternation with "
                     f"{plain}); geomean "
                     f"{_geomean([r['ratio'] for r in rows]):.2f}×, worst {worst['ratio']:.2f}× "
                     f"({_where(worst)})")

@@ -124,13 +124,14 @@ def run_case(op, w, threads, settings):
         r["speedup"] = {peer: t / r["median_s"] for peer, t in medians.items()
                         if peer != r["implementation"]}
     if op in cases.VARIANT_OF and records:  # against the plain operation, in alternation
-        ratio = measure.paired_ratio(make_call(cases.FASTBN_OUT, op, w, threads),
-                                     make_call(cases.FASTBN_OUT, cases.VARIANT_OF[op][0], w,
-                                               threads),
-                                     w.copies, settings["target_seconds"])
+        ratio, samples = measure.paired_ratio(
+            make_call(cases.FASTBN_OUT, op, w, threads),
+            make_call(cases.FASTBN_OUT, cases.VARIANT_OF[op][0], w, threads),
+            w.copies, settings["target_seconds"], samples=settings["paired_samples"])
         for r in records:
             if r["implementation"] == cases.FASTBN_OUT.name:
                 r["paired_ratio"] = ratio
+                r["paired_samples"] = samples
     return records
 
 
@@ -223,6 +224,7 @@ def main(argv=None):
         "quick": args.quick,
         "threads": threads_list,
         "target_seconds": 0.05 if args.quick else 0.3,
+        "paired_samples": 1 if args.quick else 5,   # variants against the plain operation
         "min_reps": 5,
         "reference_max_reps": cases.REFERENCE.max_reps,
         "last_level_cache_bytes": llc,
