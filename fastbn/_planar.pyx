@@ -287,16 +287,18 @@ cdef void apply_pass(const storage* a, const storage* b, storage* out, const Pla
 
 cdef void group_schedule(const storage* a, const storage* b, storage* out, const Plane* p,
                          const Pass* ps, int nt) noexcept nogil:
-    """A pass by channel group (group_pass): one sweep from memory."""
+    """A pass by channel group (group_pass): one sweep from memory. A thread
+    that takes group u likely takes group u + nt next (the threads take
+    the groups about in turn): group_pass prefetches that one."""
     cdef Py_ssize_t G = group_size(p, value_bytes(ps, sizeof(storage))), u
     cdef Shares sh = Shares((p.C + G - 1) // G, 0, 0)
     if nt == 1:
         for u in range(sh.total):
-            group_pass(a, b, out, p, u * G, min(p.C, (u + 1) * G), ps)
+            group_pass(a, b, out, p, u * G, min(p.C, (u + 1) * G), ps, min(p.C, (u + 1) * G))
         return
     for u in prange(sh.total, num_threads=nt, schedule="dynamic"):
         took(&sh)
-        group_pass(a, b, out, p, u * G, min(p.C, (u + 1) * G), ps)
+        group_pass(a, b, out, p, u * G, min(p.C, (u + 1) * G), ps, min(p.C, (u + nt) * G))
     note(late(&sh, nt))
 
 

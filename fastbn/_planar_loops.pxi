@@ -271,9 +271,11 @@ cdef void group_sums(const storage* a, const storage* b, const Plane* p, Py_ssiz
 
 
 cdef void group_apply(const storage* a, const storage* b, storage* out, const Plane* p,
-                      Py_ssize_t c0, Py_ssize_t c1, const Coef* coef,
-                      const Grad* t) noexcept nogil:
-    """The group's output, slab by slab (streamed whole when streaming)."""
+                      Py_ssize_t c0, Py_ssize_t c1, const Coef* coef, const Grad* t,
+                      Py_ssize_t ahead) noexcept nogil:
+    """The group's output, slab by slab (streamed whole when streaming); with
+    each slab, the same sample's slab of the group of as many channels from
+    channel ``ahead`` on is prefetched from a (none when ahead is C)."""
     cdef storage buf[GROUP_VALUES]
     cdef Coef32 f[GROUP_MAX]
     cdef bint ok[GROUP_MAX]
@@ -286,6 +288,9 @@ cdef void group_apply(const storage* a, const storage* b, storage* out, const Pl
         ok[j] = storage is not double and to_float(&coef[j], &f[j])
     for n in range(p.N):
         base = n * p.row_stride + c0 * p.S
+        if ahead < p.C:
+            prefetch_span(a + n * p.row_stride + ahead * p.S,
+                          min(G, p.C - ahead) * p.S * sizeof(storage))
         for j in range(G):
             off = base + j * p.S
             run_apply(p.body, a + off, at(b, off), &buf[j * p.S] if p.streaming else out + off,
@@ -298,9 +303,17 @@ cdef void group_apply(const storage* a, const storage* b, storage* out, const Pl
 
 
 cdef void group_pass(const storage* a, const storage* b, storage* out, const Plane* p,
-                     Py_ssize_t c0, Py_ssize_t c1, const Pass* ps) noexcept nogil:
+                     Py_ssize_t c0, Py_ssize_t c1, const Pass* ps,
+                     Py_ssize_t ahead) noexcept nogil:
     """Both sums, the maps, then the apply, of channels [c0, c1): one sweep
-    from memory (forward: a = x, b NULL; backward: a = dy, b = x)."""
+    from memory (forward: a = x, b NULL; backward: a = dy, b = x). A
+    forward's apply prefetches the group from channel ``ahead`` on (the
+    one its thread likely sums next; C for none), so that memory works
+    while the cached group is normalized. Float32 only: its forward ran
+    in 0.93-0.98x the time with it (plain and Ghost BN, (32, 2048, 7, 7) to
+    (16, 128, 28, 28), 1 and 2 threads), where float64 read 0.94-1.10x,
+    float16 1.02-1.06x (its conversions, not memory, bound it) and a
+    backward, prefetching dy and x, 1.02-1.11x."""
     cdef double center[GROUP_MAX]
     cdef double totals[2 * GROUP_MAX]
     cdef double s0[GROUP_MAX]
@@ -323,4 +336,5 @@ cdef void group_pass(const storage* a, const storage* b, storage* out, const Pla
     finish_block(ps, s0, s1, center, c0, c1 - c0, &k, a)      # GROUP_MAX == MAP_BLOCK
     for j in range(c1 - c0):
         coef[j] = coef_at(&k, j)
-    group_apply(a, apply_b(ps, b), out, p, c0, c1, coef, t)
+    group_apply(a, apply_b(ps, b), out, p, c0, c1, coef, t,
+                ahead if ps.kind == PASS_FORWARD and storage is float else p.C)
