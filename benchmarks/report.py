@@ -343,8 +343,9 @@ def evaluate_targets(records, all_cores):
         def ratio_detail(rows, limit=limit, plain=plain):
             worst = max(rows, key=lambda r: r["ratio"])
             passing = sum(r["ratio"] <= limit for r in rows)
-            return (f"{passing}/{len(rows)} cases pass (each the median of "
-                    f"{samples} samples timed in alternation with "
+            each = (f"each the median of {samples} samples" if samples > 1
+                    else "each one sample")
+            return (f"{passing}/{len(rows)} cases pass ({each} timed in alternation with "
                     f"{plain}); geomean "
                     f"{_geomean([r['ratio'] for r in rows]):.2f}×, worst {worst['ratio']:.2f}× "
                     f"({_where(worst)})")

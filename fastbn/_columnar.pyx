@@ -20,7 +20,7 @@ Schedules (one parallel region per call, units handed out dynamically)
   writes dx for) the tile while it is still cached: one sweep from memory.
   A tile is at most TILE_BYTES and TILE_COLUMNS wide, so that its block
   sums and maps stay in L1 and L2 (few rows, many columns): tiles of 4096
-  columns (ghost groups of (256, 4096), 32 rows each) took 1.04-1.08x the
+  columns (ghost groups of (256, 4096), 32 rows each) took 1.03-1.08x the
   time of tiles of 1024 in the ghost forward at 1 thread, (32, 65536)
   1.10x at 1 thread, its backward 1.09x at 2 (AMD EPYC, in-process A/B in
   random order); as fast elsewhere.
