@@ -157,9 +157,9 @@ cdef inline Py_ssize_t chunk_width(Py_ssize_t M, Py_ssize_t C, Py_ssize_t itemsi
 
 cdef inline Grid chunk_of(Grid g, Py_ssize_t width) noexcept nogil:
     """``width`` of g's columns as a grid of their own, their rows g.stride
-    values apart, in g's tiles (of at most TILE_COLUMNS columns: a chunk of
-    few rows still splits across threads). The row blocks stay g's, those
-    of the full width: a column's sums do not depend on its chunk."""
+    values apart, in g's tiles (a chunk narrower than a tile is one tile).
+    The row blocks stay g's, those of the full width: a column's sums do
+    not depend on its chunk."""
     if g.tile and width < g.C:
         g.tile = min(g.tile, width)
         g.ntiles = (width + g.tile - 1) // g.tile

@@ -310,7 +310,7 @@ cdef void group_pass(const storage* a, const storage* b, storage* out, const Pla
     forward's apply prefetches the group from channel ``ahead`` on (the
     one its thread likely sums next; C for none), so that memory works
     while the cached group is normalized. Float32 only: its forward ran
-    in 0.93-0.98x the time with it (plain and Ghost BN, (32, 2048, 7, 7) to
+    in 0.92-0.98x the time with it (plain and Ghost BN, (32, 2048, 7, 7) to
     (16, 128, 28, 28), 1 and 2 threads), where float64 read 0.94-1.10x,
     float16 1.02-1.06x (its conversions, not memory, bound it) and a
     backward, prefetching dy and x, 1.02-1.11x."""
