@@ -87,6 +87,9 @@ cdef struct Call:
     int num_threads          # resolved, >= 1
     bint stream              # out is the caller's buffer: stream it when large (the entry's
                              # run decides it once, by the size of the whole call)
+    bint cold                # x of the whole call (a ghost group's: its batch's) is at least
+                             # STREAM_MIN_BYTES, more than the per-core caches hold: it comes
+                             # from memory (set by the entry's run, as stream)
 
 
 # 0 on success, -1 when the work space could not be allocated (nothing written).

@@ -10,7 +10,7 @@ from cython.parallel cimport prange
 from libc.stdlib cimport free, malloc
 
 from fastbn._pass cimport param, param_at, set_param
-from fastbn._simd cimport streams
+from fastbn._simd cimport STREAM_MIN_BYTES, streams
 from fastbn._stats cimport groups_update
 
 from fastbn import _dtypes
@@ -19,9 +19,10 @@ cnp.import_array()
 
 cdef int run(const Call* k) noexcept nogil:
     """The call k (fastbn._call.Entry): 0, or -1 when its work space could
-    not be allocated (nothing written). Whether the output streams is
-    decided here, once, by the size of the whole call (a ghost group's
-    call streams as its batch's would), for every dtype: 16-bit outputs
+    not be allocated (nothing written). Whether the output streams, and
+    whether the data are cold, is decided here, once, by the size of the
+    whole call (a ghost group's call streams as its batch's would), for
+    every dtype: 16-bit outputs
     streamed ran (64, 64, 56, 56) float16 inference with out= in 0.65x the
     time of stores through the cache, on inputs colder than the last-level
     cache (benchmarks/ab.py; an earlier reading of 1.8x the other way was
@@ -29,8 +30,9 @@ cdef int run(const Call* k) noexcept nogil:
     cdef Call c = k[0]
     cdef Py_ssize_t itemsize = (8 if k.dtype == DTYPE_FLOAT64 else 4 if k.dtype == DTYPE_FLOAT32
                                 else 2)
-    c.stream = streams(k.stream, k.out, k.a, k.b if k.mode == MODE_BACKWARD else NULL,
-                       k.n * k.c * k.s * itemsize)
+    cdef Py_ssize_t nbytes = k.n * k.c * k.s * itemsize
+    c.stream = streams(k.stream, k.out, k.a, k.b if k.mode == MODE_BACKWARD else NULL, nbytes)
+    c.cold = nbytes >= STREAM_MIN_BYTES
     if k.dtype == DTYPE_FLOAT32:
         return run_as(&c, <const float*>NULL)
     if k.dtype == DTYPE_FLOAT64:

@@ -233,9 +233,20 @@ cdef void merge_blocks(const double* part, const Plane* p, Py_ssize_t c,
 cdef inline Py_ssize_t group_size(const Plane* p, Py_ssize_t bytes_per_value) noexcept nogil:
     """Channels per group: a slab of about GROUP_VALUES values, and the
     whole group small enough to stay cached between its sums and its
-    normalization. One channel when S is large."""
-    cdef Py_ssize_t g = min(<Py_ssize_t>GROUP_MAX, max(1, GROUP_VALUES // p.S))
+    normalization. One channel when S is large. With p.l1_groups, fewer
+    when the group then fits GROUP_L1_BYTES (half the L1 cache: the rest
+    holds its lanes and its output), in slabs of GROUP_SLAB_BYTES or more,
+    two channels or more, and a multiple of 8 from 8 on (whole vectors in
+    the finish). The group size changes no bit: a channel's sums are its
+    own (group_sums)."""
+    cdef Py_ssize_t g = min(<Py_ssize_t>GROUP_MAX, max(1, GROUP_VALUES // p.S)), g1
     g = min(g, max(1, GROUP_CACHE_BYTES // (p.N * p.S * bytes_per_value)))
+    if p.l1_groups:
+        g1 = GROUP_L1_BYTES // (p.N * p.S * bytes_per_value)
+        if g1 >= 8:
+            g1 = g1 // 8 * 8
+        if g1 >= 2 and g1 * p.S * bytes_per_value >= GROUP_SLAB_BYTES:
+            g = min(g, g1)
     return min(g, p.C)
 
 

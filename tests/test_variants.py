@@ -185,22 +185,34 @@ def test_the_reductions_to_the_plain_layer_are_its_bits(shape, channel_axis, vbs
         assert_bitwise_equal(g, p, f"ghost {name}")
 
 
-def test_ghost_groups_are_plain_batches(rng):
+@pytest.mark.parametrize("shape, dtype, vbs, num_threads", [
+    ((12, 5, 3, 3), np.float64, 4, None),
+    # 6 MiB of float32, groups of 4 samples: the batch is cold, so its groups
+    # take channel groups sized to the L1 cache (fastbn._planar.l1_sized),
+    # where the slices alone, cached, take the usual ones
+    ((32, 256, 14, 14), np.float32, 4, 1),
+    ((32, 256, 14, 14), np.float32, 4, 2),
+], ids=["small", "cold-1thread", "cold-2threads"])
+def test_ghost_groups_are_plain_batches(shape, dtype, vbs, num_threads, rng):
     """Each virtual batch's y and statistics are the plain forward of that
     slice, to the bit; the running statistics take the groups' average."""
-    a = make_inputs((12, 5, 3, 3), np.float64, 1, rng)
+    a = make_inputs(shape, dtype, 1, rng)
+    G = shape[0] // vbs
     rm, rv = a.running_mean.copy(), a.running_var.copy()
-    y, mean, invstd = fastbn.ghost_batch_norm_forward(a.x, a.gamma, a.beta, 4, running_mean=rm,
-                                                      running_var=rv, momentum=0.5)
-    for j in range(3):
-        part = slice(4 * j, 4 * j + 4)
-        yj, mj, ij = fastbn.batch_norm_forward(a.x[part], a.gamma, a.beta)
+    y, mean, invstd = fastbn.ghost_batch_norm_forward(
+        a.x, a.gamma, a.beta, vbs, running_mean=rm, running_var=rv, momentum=0.5,
+        num_threads=num_threads)
+    for j in range(G):
+        part = slice(vbs * j, vbs * j + vbs)
+        yj, mj, ij = fastbn.batch_norm_forward(a.x[part], a.gamma, a.beta,
+                                               num_threads=num_threads)
         assert_bitwise_equal(y[part], yj)
         assert_bitwise_equal(mean[j], mj)
         assert_bitwise_equal(invstd[j], ij)
-    groups = a.x.reshape(3, 4, 5, 9)
+    groups = a.x.astype(np.float64).reshape(G, vbs, shape[1], -1)
     var = groups.var(axis=(1, 3), ddof=1).mean(axis=0)
-    assert_close(rm, 0.5 * a.running_mean + 0.5 * groups.mean(axis=(1, 3)).mean(axis=0))
+    mean_of_means = groups.mean(axis=(1, 3)).mean(axis=0)
+    assert_close(rm, 0.5 * a.running_mean + 0.5 * mean_of_means)
     assert_close(rv, 0.5 * a.running_var + 0.5 * var)
 
 
