@@ -364,9 +364,10 @@ cdef inline bint l1_sized(const Call* k, const Pass* ps, int nt,
     prefetches (group_pass) is the one it takes next. In-process A/B,
     random order: Ghost BN forward (32, 2048, 7, 7) and (32, 256, 14, 14),
     v = 4, 0.90-0.98x the time at 1 and 2 threads, with out= or without.
-    Not for float64 (1.07-1.20x: it prefetches nothing), 16-bit (0.97-0.99x),
-    several threads on one call (the plain (4, 2048, 14, 14) 1.04x at 2:
-    a thread's next group is a guess) nor cached data (the plain (4, 256,
+    Not for float64 (1.07-1.20x: it prefetches nothing), 16-bit (0.97-0.99x:
+    it prefetches nothing either, and gains too little for a rule of its
+    own), several threads on one call (the plain (4, 2048, 14, 14) 1.04x at
+    2: a thread's next group is a guess) nor cached data (the plain (4, 256,
     14, 14) and (8, 16, 8, 8) 1.06-1.08x: more groups, nothing to gain)."""
     return k.cold and nt == 1 and ps.kind == PASS_FORWARD and storage is float
 
