@@ -358,12 +358,13 @@ cdef int call_threads(const Call* k, const storage* like) noexcept nogil:
 
 cdef inline bint l1_sized(const Call* k, const Pass* ps, int nt,
                           const storage* like) noexcept nogil:
-    """A float32 forward of cold data on one thread (a ghost group's, with
-    as many groups as threads) takes groups sized to the L1 cache
-    (group_size): its apply then rereads them from L1, and the group it
-    prefetches (group_pass) is the one it takes next. In-process A/B,
-    random order: Ghost BN forward (32, 2048, 7, 7) and (32, 256, 14, 14),
-    v = 4, 0.90-0.98x the time at 1 and 2 threads, with out= or without.
+    """A float32 forward of cold data on one thread (a ghost group's whenever
+    the groups are at least as many as the threads) takes groups sized to
+    the L1 cache (group_size): its apply then rereads them from L1, and the
+    group it prefetches (group_pass) is the one it takes next. In-process
+    A/B, random order, v = 4, at 1 and 2 threads, with out= or without:
+    Ghost BN forward (32, 2048, 7, 7) 0.87-0.93x the time, (32, 256, 14, 14)
+    0.88-1.00x.
     Not for float64 (1.07-1.20x: it prefetches nothing), 16-bit (0.97-0.99x:
     it prefetches nothing either, and gains too little for a rule of its
     own), several threads on one call (the plain (4, 2048, 14, 14) 1.04x at
